@@ -1,0 +1,424 @@
+"""Calibration with ONNX Runtime.
+
+Data comes from an .npz (arrays keyed by input name, first axis = samples), a directory of .npz, an
+.npy (single-input models), or is generated. Every batch is reduced at once into running statistics
+(`Reducer`s), so memory does not grow with the number of samples. When the requested activations of one
+batch would exceed the memory budget, the tensors are split into groups and each group gets its own pass.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+from tqdm import tqdm
+
+from . import ort as ortx
+from .errors import OnnxoptError
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+METHODS = ("max", "percentile", "entropy", "mse")
+
+
+# ---------------------------------------------------------------- data
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # ints, or str / None for dynamic dims
+    dtype: np.dtype
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+    return specs
+
+
+def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """`name:1x4x128x128` strings -> {name: shape}."""
+    out = {}
+    for item in items or ():
+        m = re.fullmatch(r"(.+):(\d+(?:x\d+)*)?", item.strip())
+        if not m:
+            raise OnnxoptError(f"bad --shapes entry '{item}'; write name:1x4x128x128")
+        out[m.group(1)] = tuple(int(v) for v in m.group(2).split("x")) if m.group(2) else ()
+    return out
+
+
+class CalibData:
+    """An iterable of feed dicts. Sources are read lazily, one file at a time."""
+
+    def __init__(self, specs: Sequence[InputSpec], sources: Sequence, batch_size: int = 1, limit: int | None = None,
+                 describe: str = "data"):
+        self.specs = list(specs)
+        self._sources = list(sources)  # callables returning {name: array with leading sample axis}
+        self.batch_size = batch_size
+        self.limit = limit
+        self.describe = describe
+        self._n = None
+
+    # -- constructors
+    @classmethod
+    def from_path(cls, path, specs: Sequence[InputSpec], batch_size: int = 1, limit: int | None = None) -> "CalibData":
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(p.glob("*.npz"))
+            if not files:
+                raise OnnxoptError(f"{p}: directory has no .npz files; put one .npz per chunk of samples there")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise OnnxoptError(f"{p}: calibration data not found; pass an .npz, .npy or a directory of .npz")
+        for f in files:
+            if f.suffix not in (".npz", ".npy"):
+                raise OnnxoptError(f"{f}: calibration data must be .npz (arrays keyed by input name) or .npy")
+        sources = [(lambda f=f: _read_file(f, specs)) for f in files]
+        data = cls(specs, sources, batch_size, limit, describe=str(p))
+        data._validate(sources[0]())
+        return data
+
+    @classmethod
+    def random(cls, specs: Sequence[InputSpec], n: int, seed: int = 0, shapes: dict | None = None,
+               batch_size: int = 1) -> "CalibData":
+        shapes = shapes or {}
+        concrete = {}
+        for s in specs:
+            shp = shapes.get(s.name)
+            if shp is None:
+                if any(not isinstance(d, int) or d <= 0 for d in s.shape):
+                    raise OnnxoptError(f"input '{s.name}' has dynamic shape {_fmt(s.shape)}; give --shapes {s.name}:1x...")
+                shp = s.shape
+            concrete[s.name] = tuple(shp)
+
+        def gen():
+            rng = np.random.default_rng(seed)
+            out = {}
+            for s in specs:
+                shp = (n,) + concrete[s.name]
+                if s.dtype.kind == "f":
+                    out[s.name] = rng.standard_normal(shp).astype(s.dtype)
+                elif s.dtype.kind == "b":
+                    out[s.name] = np.ones(shp, dtype=s.dtype)
+                else:  # token ids, masks, indices: small non-negative ints keep them valid
+                    out[s.name] = rng.integers(0, 2, size=shp).astype(s.dtype)
+            return out
+
+        return cls(specs, [gen], batch_size, None, describe=f"random(n={n}, seed={seed})")
+
+    # -- iteration
+    def _validate(self, arrays: dict) -> None:
+        names = {s.name for s in self.specs}
+        missing = names - set(arrays)
+        if missing:
+            raise OnnxoptError(f"{self.describe}: no array for model input(s) {sorted(missing)}; keys found: {sorted(arrays)}")
+        for s in self.specs:
+            a = arrays[s.name]
+            if a.dtype != s.dtype and not (a.dtype.kind == s.dtype.kind == "f"):
+                raise OnnxoptError(f"{self.describe}: input '{s.name}' has dtype {a.dtype}, the model expects {s.dtype}; convert the array")
+            if a.ndim == len(s.shape) + 1:  # [samples, *input shape]
+                shp = a.shape[1:]
+            elif a.ndim == len(s.shape):
+                shp = a.shape
+            else:
+                raise OnnxoptError(f"{self.describe}: input '{s.name}' has shape {_fmt(a.shape)}, the model expects {_fmt(s.shape)} (optionally with a leading sample axis)")
+            for i, (d, e) in enumerate(zip(shp, s.shape)):
+                if isinstance(e, int) and e > 0 and d != e and not (i == 0 and a.ndim == len(s.shape)):
+                    raise OnnxoptError(f"{self.describe}: input '{s.name}' has shape {_fmt(a.shape)}, the model expects {_fmt(s.shape)}; dimension {i} differs")
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        produced = 0
+        for src in self._sources:
+            arrays = src()
+            self._validate(arrays)
+            for feed in self._split(arrays):
+                if self.limit is not None and produced >= self.limit:
+                    return
+                produced += 1
+                yield feed
+
+    def _split(self, arrays: dict) -> Iterator[dict]:
+        # With a leading sample axis, each sample is a whole feed; otherwise chunk along the batch axis.
+        spec = self.specs[0]
+        a0 = arrays[spec.name]
+        stacked = a0.ndim == len(spec.shape) + 1
+        n = a0.shape[0]
+        step = 1 if stacked else self.batch_size
+        for i in range(0, n, step):
+            feed = {}
+            for s in self.specs:
+                a = arrays[s.name]
+                v = a[i] if stacked else a[i:i + step]
+                feed[s.name] = np.ascontiguousarray(v.astype(s.dtype, copy=False))
+            yield feed
+
+    def __len__(self) -> int:
+        if self._n is None:
+            self._n = sum(1 for _ in self)
+        return self._n
+
+
+def _read_file(f: Path, specs) -> dict:
+    try:
+        if f.suffix == ".npy":
+            if len(specs) != 1:
+                raise OnnxoptError(f"{f}: an .npy serves single-input models only; this one has inputs {[s.name for s in specs]}, use .npz")
+            return {specs[0].name: np.load(f, mmap_mode="r")}
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+    except OnnxoptError:
+        raise
+    except Exception as e:
+        raise OnnxoptError(f"{f}: cannot read calibration data ({type(e).__name__}); the file may be corrupt or truncated") from None
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) if d not in (None, "") else "?" for d in shape) or "scalar"
+
+
+# ---------------------------------------------------------------- reducers
+class Reducer:
+    """Folds each batch of one tensor into a running statistic."""
+
+    def update(self, x: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class AbsMax(Reducer):
+    def __init__(self):
+        self.value = 0.0
+
+    def update(self, x):
+        if x.size:
+            self.value = max(self.value, float(np.max(np.abs(x))))
+
+
+class ChannelAbsMax(Reducer):
+    """Per-channel max |x| along `axis` (-1 for MatMul inputs, 1 for Conv inputs)."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.value = None
+
+    def update(self, x):
+        x = np.moveaxis(np.abs(x), self.axis, -1).reshape(-1, x.shape[self.axis])
+        m = x.max(axis=0).astype(np.float64)
+        self.value = m if self.value is None else np.maximum(self.value, m)
+
+
+class Histogram(Reducer):
+    """Histogram of |x| over [0, range); the range doubles (merging bin pairs) when a batch exceeds it,
+    so the memory is fixed whatever the number of batches."""
+
+    def __init__(self, bins: int = 4096):
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.range = 0.0
+        self.amax = 0.0
+
+    def update(self, x):
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        if not a.size:
+            return
+        m = float(a.max())
+        self.amax = max(self.amax, m)
+        if m == 0.0 and self.range == 0.0:
+            self.counts[0] += a.size
+            return
+        if self.range == 0.0:
+            self.range = m * (1 + 1e-6)
+        while m >= self.range:
+            c = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([c, np.zeros(self.bins - c.size)])
+            self.range *= 2
+        idx = np.minimum((a * (self.bins / self.range)).astype(np.int64), self.bins - 1)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    @property
+    def edges(self):
+        return np.linspace(0.0, self.range, self.bins + 1)
+
+
+# ---------------------------------------------------------------- amax from statistics
+def amax_from_histogram(h: Histogram, method: str, qtype: str = "int8", percentile: float = 99.99) -> float:
+    """Clip range for symmetric quantization to `qtype` ('int8' or 'fp8'), chosen by `method`."""
+    if h.amax == 0.0:
+        return 0.0
+    if method == "max":
+        return h.amax
+    total = h.counts.sum()
+    centers = (h.edges[:-1] + h.edges[1:]) / 2
+    if method == "percentile":
+        cdf = np.cumsum(h.counts) / total
+        i = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(min(h.edges[min(i + 1, h.bins)], h.amax))
+    candidates = _candidates(h)
+    if method == "mse":
+        errs = [_quant_mse(centers, h.counts, c, qtype) for c in candidates]
+        return float(candidates[int(np.argmin(errs))])
+    if method == "entropy":
+        return _entropy_amax(h, qtype)
+    raise OnnxoptError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+
+
+def _candidates(h: Histogram) -> np.ndarray:
+    last = int(np.nonzero(h.counts)[0].max()) + 1
+    stop = h.edges[last]
+    return np.unique(np.concatenate([np.geomspace(stop * 1e-3, stop, 160), [h.amax]]))
+
+
+def _quant_mse(x: np.ndarray, w: np.ndarray, amax: float, qtype: str) -> float:
+    if qtype == "fp8":
+        s = amax / FP8_MAX
+        q = np.clip(x / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * s
+    else:
+        s = amax / 127.0
+        q = np.clip(np.round(x / s), -127, 127) * s
+    return float(np.sum(w * (x - q) ** 2))
+
+
+def _entropy_amax(h: Histogram, qtype: str) -> float:
+    """TensorRT's KL-divergence calibration over the |x| histogram (128 levels for INT8)."""
+    levels = 128
+    counts = h.counts
+    nz = np.nonzero(counts)[0]
+    last = int(nz.max()) + 1
+    # Work on 2048 bins like TensorRT; fold finer histograms.
+    factor = max(1, h.bins // 2048)
+    counts = counts.reshape(-1, factor).sum(axis=1)
+    last = min(counts.size, math.ceil(last / factor))
+    width = h.range / counts.size
+    best, best_i = np.inf, last
+    start = levels
+    for i in range(start, last + 1, max(1, (last - start) // 256 or 1)):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()
+        nzmask = p > 0
+        # Quantize the first i bins into `levels` bins, spreading each back over its non-empty source bins.
+        idx = (np.arange(i) * levels) // i
+        qsum = np.bincount(idx, weights=counts[:i], minlength=levels)
+        qnz = np.bincount(idx, weights=(counts[:i] > 0).astype(np.float64), minlength=levels)
+        q = np.where(counts[:i] > 0, qsum[idx] / np.maximum(qnz[idx], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if qs == 0:
+            continue
+        pn, qn = p / ps, q / qs
+        mask = nzmask & (qn > 0)
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask]))) + (1e9 if np.any(nzmask & (qn == 0)) else 0.0)
+        if kl < best:
+            best, best_i = kl, i
+    return float(min((best_i + 0.5) * width, h.amax))
+
+
+# ---------------------------------------------------------------- running the model
+def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str]) -> dict[str, int]:
+    """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        if vi.name in feed:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in feed[vi.name].shape:
+                dims.add().dim_value = int(d)
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        pass
+    sizes = {}
+    batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        if tt.elem_type and all(d > 0 for d in dims):
+            sizes[vi.name] = int(np.prod(dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+    return {n: sizes.get(n, 4 * batch) for n in names}
+
+
+def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    groups, cur, used = [], [], 0
+    for name, b in sizes.items():
+        if cur and used + b > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(name)
+        used += b
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
+            provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+            desc: str = "calibrating") -> None:
+    """Run `model` over `data` and feed every batch of each named tensor to its reducers.
+
+    Graph inputs are taken from the feeds; other tensors become extra graph outputs. Tensors are split
+    into groups so that one batch of one group stays within `memory_budget_mb`.
+    """
+    names = list(reducers)
+    if not names:
+        return
+    inputs = {vi.name for vi in model.graph.input}
+    fetch = [n for n in names if n not in inputs]
+    first = next(iter(data), None)
+    if first is None:
+        raise OnnxoptError(f"{data.describe}: no calibration samples")
+    sizes = _estimate_bytes(model, first, fetch) if fetch else {}
+    groups = _groups(sizes, memory_budget_mb * 2**20) if fetch else [[]]
+    if len(groups) > 1:
+        log.info("calibrating %d tensors in %d passes to stay within %d MB", len(fetch), len(groups), memory_budget_mb)
+    n_batches = len(data)
+    bar = tqdm(total=n_batches * len(groups), desc=desc, unit="batch", disable=not progress, leave=False)
+    for group in groups:
+        sess = ortx.session(_with_outputs(model, group), provider=provider, level="basic")
+        out_names = [o.name for o in sess.get_outputs()]
+        for feed in data:
+            if group:
+                results = sess.run(group, feed)
+                for name, value in zip(group, results):
+                    for r in reducers[name]:
+                        r.update(value)
+                del results
+            else:
+                sess.run(out_names[:1], feed)
+            bar.update(1)
+        del sess
+    for name in names:
+        if name in inputs:
+            for feed in data:
+                for r in reducers[name]:
+                    r.update(feed[name])
+    bar.close()
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    return m
+
+
+def collect_graph(graph, data: CalibData, reducers: dict[str, Sequence[Reducer]], **kwargs) -> None:
+    """`collect` over an onnx-graphsurgeon graph (exported without touching lazy weights)."""
+    import onnx_graphsurgeon as gs
+    model = gs.export_onnx(graph, do_type_check=False)
+    collect(model, data, reducers, **kwargs)

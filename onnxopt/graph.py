@@ -1,0 +1,73 @@
+"""Small onnx-graphsurgeon helpers shared by the passes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_PASS_THROUGH = ("Cast", "Transpose", "DequantizeLinear", "Identity")
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t.inputs else None
+
+
+def weight_of(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
+    """The initializer behind `t`, looking through Cast, Transpose, DequantizeLinear and Identity.
+    Returns (constant, chain of nodes passed through, nearest first)."""
+    chain = []
+    while True:
+        if isinstance(t, gs.Constant):
+            return t, chain
+        p = producer(t)
+        if p is None or p.op not in _PASS_THROUGH or not p.inputs:
+            return None, chain
+        if p.op == "Constant":
+            return None, chain
+        chain.append(p)
+        t = p.inputs[0]
+
+
+def weight_input_channel_axis(node: gs.Node) -> int:
+    """Axis of the weight (input 1) that runs over the layer's input channels (the reduction axis)."""
+    if node.op == "Conv":
+        return 1
+    if node.op == "ConvTranspose":
+        return 0
+    if node.op == "Gemm":
+        return 1 if node.attrs.get("transB", 0) else 0
+    return -2  # MatMul B [..., K, N]
+
+
+def weight_output_channel_axis(node: gs.Node) -> int:
+    """Axis of the weight (input 1) that runs over the layer's output channels (per-channel scales)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return -1  # MatMul B [..., K, N]
+
+
+def activation_channel_axis(node: gs.Node) -> int:
+    """Channel axis of the layer's data input (input 0)."""
+    if node.op in ("Conv", "ConvTranspose"):
+        return 1
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return 0
+    return -1
+
+
+def is_float(t: gs.Tensor) -> bool:
+    dt = t.dtype
+    if dt is None:
+        return False
+    try:
+        return np.dtype(dt).kind == "f"
+    except TypeError:
+        return False
+
+
+def consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list(t.outputs)

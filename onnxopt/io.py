@@ -1,0 +1,222 @@
+"""Model I/O: the only place that touches protobuf files on disk.
+
+Weights stay lazy: a model is parsed without its external data, and each external tensor is read on
+demand (one at a time) when a pass needs its values or when the model is saved. Saving is atomic
+(temporary files, then rename) and switches to external data above 2 GB.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper, helper, numpy_helper
+
+from .errors import OnnxoptError
+
+log = logging.getLogger(__name__)
+
+# onnxruntime(-gpu) 1.31 reads IR versions up to 13; onnx 1.23 stamps 14.
+MAX_IR_VERSION = 13
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+_ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map external weights
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse a model without loading external data; external locations become absolute paths
+    so that tensors can be read lazily from anywhere."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxoptError(f"{path}: no such model file; check the path")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise OnnxoptError(f"{path}: not a readable ONNX model ({type(e).__name__}); the file may be corrupt or truncated, re-export it") from None
+    if not model.graph.node:
+        raise OnnxoptError(f"{path}: the model has no nodes; the file may be truncated, re-export it")
+    base = path.resolve().parent
+    for t in _all_tensors(model):
+        if external_data_helper.uses_external_data(t):
+            info = external_data_helper.ExternalDataInfo(t)
+            loc = base / info.location
+            if not loc.is_file():
+                raise OnnxoptError(f"{path}: external data file '{info.location}' for tensor '{t.name}' is missing; keep the model's data files beside it")
+            need = (info.offset or 0) + (info.length or 0)
+            if info.length and loc.stat().st_size < need:
+                raise OnnxoptError(f"{path}: external data file '{info.location}' is truncated (tensor '{t.name}' needs {need} bytes); re-export the model")
+            _set_location(t, str(loc))
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def _set_location(t: onnx.TensorProto, location: str) -> None:
+    for e in t.external_data:
+        if e.key == "location":
+            e.value = location
+            return
+    t.external_data.add(key="location", value=location)
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    if external_data_helper.uses_external_data(t):
+        info = external_data_helper.ExternalDataInfo(t)
+        if info.length:
+            return int(info.length)
+        n = int(np.prod(t.dims)) if t.dims else 1
+        return n * _itemsize(t.data_type)
+    return t.ByteSize()
+
+
+def _itemsize(data_type: int) -> int:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+def read_external(t: onnx.TensorProto) -> bytes:
+    info = external_data_helper.ExternalDataInfo(t)
+    with open(info.location, "rb") as f:
+        f.seek(info.offset or 0)
+        return f.read(info.length) if info.length else f.read()
+
+
+def to_array(t: onnx.TensorProto) -> np.ndarray:
+    """Values of a tensor, reading external data (with an absolute location) on demand."""
+    if external_data_helper.uses_external_data(t):
+        tmp = onnx.TensorProto()
+        tmp.CopyFrom(t)
+        del tmp.external_data[:]
+        tmp.data_location = onnx.TensorProto.DEFAULT
+        tmp.raw_data = read_external(t)
+        return numpy_helper.to_array(tmp)
+    return numpy_helper.to_array(t)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Approximate size of the model with all its weights."""
+    return sum(tensor_bytes(t) for t in _all_tensors(model)) + model.graph.ByteSize() // 4
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """onnx-graphsurgeon graph whose constants load lazily (external ones through `to_array`)."""
+    graph = gs.import_onnx(model)
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues):
+            tensor._values = _LazyExternal(tensor._values.tensor)
+    return graph
+
+
+class _LazyExternal(gs.ir.tensor.LazyValues):
+    """gs LazyValues that can read external data stored at an absolute location."""
+
+    def load(self):
+        return to_array(self.tensor)
+
+
+def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    kwargs = {}
+    if opset is not None:
+        graph.opset = max(graph.opset, opset)
+    model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    return model
+
+
+def stamp_ir_version(model: onnx.ModelProto) -> None:
+    """Lowest IR version that the opsets and data types need, never above what ORT 1.31 reads."""
+    need = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    types = {t.data_type for t in _all_tensors(model)}
+    types |= {vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    P = onnx.TensorProto
+    if types & {P.FLOAT8E4M3FN, P.FLOAT8E4M3FNUZ, P.FLOAT8E5M2, P.FLOAT8E5M2FNUZ}:
+        need = max(need, 9)
+    if types & {P.INT4, P.UINT4}:
+        need = max(need, 10)
+    model.ir_version = min(max(need, 7), MAX_IR_VERSION)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+         input_path: str | os.PathLike | None = None) -> Path:
+    """Write `model` atomically. External data is used automatically above 2 GB (or when asked);
+    external tensors of the source are streamed one at a time into the new data file."""
+    path = Path(path)
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise OnnxoptError(f"output path {path} is the input; choose another -o so that the input stays untouched")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp_ir_version(model)
+    if external_data is None:
+        external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_data = None
+    try:
+        if external_data:
+            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                for t in _all_tensors(model):
+                    _move_to_file(t, f, data_name)
+        else:
+            for t in _all_tensors(model):
+                if external_data_helper.uses_external_data(t):
+                    raw = read_external(t)
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    t.raw_data = raw
+            if model.ByteSize() > 2**31 - 1:
+                raise OnnxoptError("model exceeds 2 GB; save it with external data")
+        with open(tmp_model, "wb") as f:
+            f.write(model.SerializeToString())
+        if tmp_data:
+            os.replace(tmp_data, path.parent / data_name)
+        os.replace(tmp_model, path)
+    except BaseException:
+        for p in (tmp_model, tmp_data):
+            if p and os.path.exists(p):
+                os.unlink(p)
+        raise
+    log.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
+    return path
+
+
+def _move_to_file(t: onnx.TensorProto, f, data_name: str) -> None:
+    if external_data_helper.uses_external_data(t):
+        raw = read_external(t)
+    elif t.HasField("raw_data"):
+        raw = t.raw_data
+    else:
+        if t.ByteSize() < 1024:
+            return
+        raw = numpy_helper.to_array(t).tobytes()
+        t.ClearField(_field_for(t))
+    if len(raw) < 1024 and not external_data_helper.uses_external_data(t):
+        return
+    pad = (-f.tell()) % _ALIGN
+    f.write(b"\0" * pad)
+    offset = f.tell()
+    f.write(raw)
+    del t.external_data[:]
+    t.ClearField("raw_data")
+    external_data_helper.set_external_data(t, location=data_name, offset=offset, length=len(raw))
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _field_for(t: onnx.TensorProto) -> str:
+    return helper.tensor_dtype_to_field(t.data_type)
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
+    if Path(output).resolve() == Path(input_path).resolve():
+        raise OnnxoptError(f"output path {output} is the input; choose another -o so that the input stays untouched")
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
