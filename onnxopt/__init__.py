@@ -1,8 +1,14 @@
 """onnxopt: ONNX graph rewriting for TensorRT deployment."""
 import logging as _logging
 
+from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER
+
+from .autocast import convert
+from .compare import compare
 from .errors import OnnxoptError
+from .quant import QuantConfig, QuantResult, quantize
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
+_GS_LOGGER.severity = _GS_LOGGER.ERROR  # its INFO/WARNING chatter is not for our users
 
-__all__ = ["OnnxoptError"]
+__all__ = ["OnnxoptError", "QuantConfig", "QuantResult", "quantize", "convert", "compare"]

@@ -71,3 +71,10 @@ def is_float(t: gs.Tensor) -> bool:
 
 def consumers(t: gs.Tensor) -> list[gs.Node]:
     return list(t.outputs)
+
+
+def read_values(const: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them on the graph, so that big lazy weights are read,
+    used and released one at a time."""
+    v = const._values
+    return v.load() if isinstance(v, gs.ir.tensor.LazyValues) else v

@@ -220,3 +220,12 @@ def opset_of(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 0
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference, tolerant of ops it does not know (types matter more than shapes here)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:  # a failing inference still leaves the model usable
+        log.warning("shape inference failed (%s); continuing with the types the model declares", str(e).splitlines()[0][:200])
+        return model

@@ -1,0 +1,211 @@
+"""Autocast: everything that is not quantized runs in FP16 (or BF16), because TensorRT 10/11 networks
+are strongly typed and take each layer's precision from its tensor types.
+
+`to_low_precision` relabels float32 tensors of the data path, converts float32 constants, and inserts
+Casts at the borders of FP32 islands (ops that must stay FP32, shape subgraphs) and at graph I/O.
+`fp32_view` is the inverse for evaluation on CPUs: Q/DQ semantics are unchanged, only the FP16
+rounding of unquantized ops is not simulated.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from . import io
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
+_ONNX = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "fp32": TensorProto.FLOAT}
+_F32 = np.dtype(np.float32)
+# Inputs that ONNX pins to float32 whatever the data type (op, input index).
+_FIXED_FP32_INPUTS = {("Resize", 2), ("Upsample", 1)}
+_SHAPE_SOURCES = ("Shape", "Size")
+# Ops whose float attribute tensors follow the data type.
+_DTYPE_ATTR_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike")
+
+
+def _is_f32(t: gs.Tensor) -> bool:
+    if isinstance(t, gs.Constant):
+        return t.dtype == _F32 or np.dtype(t.dtype) == _F32
+    return t.dtype is not None and np.dtype(t.dtype) == _F32 if not isinstance(t.dtype, int) else t.dtype == TensorProto.FLOAT
+
+
+def shape_nodes(graph: gs.Graph) -> set[int]:
+    """Nodes that compute shapes: fed by Shape/Size (directly or through other shape nodes) and by
+    nothing but constants otherwise. They stay untouched by quantization and autocast."""
+    derived: set[str] = set()
+    nodes: set[int] = set()
+    for node in graph.toposort().nodes:  # toposort is stable and needed for the forward walk
+        if node.op in _SHAPE_SOURCES:
+            derived.update(o.name for o in node.outputs)
+            nodes.add(id(node))
+            continue
+        var_inputs = [t for t in node.inputs if isinstance(t, gs.Variable) and t.name]
+        if var_inputs and all(t.name in derived for t in var_inputs):
+            derived.update(o.name for o in node.outputs)
+            nodes.add(id(node))
+    return nodes
+
+
+def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), keep_fp32_nodes=(),
+                     io_dtype: str | None = None) -> dict:
+    """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown precision {dtype}")
+    if dtype == "fp32":
+        return {"dtype": "fp32", "casts": 0}
+    low = DTYPES[dtype]
+    low_onnx = _ONNX[dtype]
+    keep = shape_nodes(graph)
+    keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    graph_inputs = {t.name for t in graph.inputs}
+    orig_outputs = {t.name: t.dtype for t in graph.outputs}
+
+    # 1. Relabel outputs of converted nodes and their dtype attributes.
+    for node in graph.nodes:
+        if id(node) in keep:
+            continue
+        if node.op == "Cast" and node.attrs.get("to") == TensorProto.FLOAT:
+            node.attrs["to"] = low_onnx
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            c = node.attrs["value"]
+            if _is_f32(c):
+                node.attrs["value"] = gs.Constant(c.name, _to_low(c.values, low))
+        if node.op == "ConstantOfShape" and isinstance(node.attrs.get("value"), gs.Constant):
+            c = node.attrs["value"]
+            if _is_f32(c) and any(_is_f32(o) for o in node.outputs):
+                node.attrs["value"] = gs.Constant(c.name, _to_low(c.values, low))
+        if node.op in _DTYPE_ATTR_OPS and node.attrs.get("dtype", TensorProto.FLOAT) == TensorProto.FLOAT:
+            node.attrs["dtype"] = low_onnx
+        for o in node.outputs:
+            if _is_f32(o):
+                o.dtype = low
+
+    # 2. Fix every edge: convert constants, cast variables whose type now differs from what the consumer runs in.
+    converted: dict[tuple[str, str], gs.Tensor] = {}
+    casts = 0
+    for node in list(graph.nodes):
+        node_low = id(node) not in keep
+        for i, t in enumerate(node.inputs):
+            if t is None or not t.name:
+                continue
+            fixed = (node.op, i) in _FIXED_FP32_INPUTS
+            want = low if node_low and not fixed else _F32
+            if isinstance(t, gs.Constant):
+                if want == low and _is_f32(t):
+                    node.inputs[i] = _low_constant(t, low, converted)
+                continue
+            have = _dtype(t)
+            if have is None or have == want or not _is_floatish(have):
+                continue
+            if t.name in graph_inputs and io_dtype == dtype and want == low:
+                continue  # the graph input itself becomes low precision below
+            key = (t.name, str(want))
+            if key not in converted:
+                out = gs.Variable(f"{t.name}_cast_{np.dtype(want).name}", dtype=want, shape=t.shape)
+                graph.nodes.append(gs.Node("Cast", name=f"{t.name}_Cast_{np.dtype(want).name}", inputs=[t], outputs=[out],
+                                           attrs={"to": _ONNX["fp32"] if want == _F32 else low_onnx}))
+                converted[key] = out
+                casts += 1
+            node.inputs[i] = converted[key]
+
+    # 3. Graph I/O keeps its dtype unless io_dtype says otherwise.
+    for t in graph.inputs:
+        if io_dtype == dtype and _is_f32(t):
+            t.dtype = low
+    new_outputs = []
+    for t in graph.outputs:
+        orig = orig_outputs[t.name]
+        if io_dtype == dtype or orig is None or _dtype(t) == np.dtype(orig):
+            new_outputs.append(t)
+            continue
+        inner = gs.Variable(f"{t.name}_{np.dtype(_dtype(t)).name}", dtype=_dtype(t), shape=t.shape)
+        for p in list(t.inputs):
+            p.outputs[p.outputs.index(t)] = inner
+        t.dtype = orig
+        graph.nodes.append(gs.Node("Cast", name=f"{t.name}_Cast_out", inputs=[inner], outputs=[t], attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(orig))}))
+        casts += 1
+        new_outputs.append(t)
+    graph.outputs = new_outputs
+    graph.cleanup().toposort()
+    log.info("autocast to %s: %d casts, %d nodes kept in fp32", dtype, casts, len(keep))
+    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep)}
+
+
+def _dtype(t: gs.Tensor):
+    if t.dtype is None:
+        return None
+    if isinstance(t.dtype, int):
+        return np.dtype(helper.tensor_dtype_to_np_dtype(t.dtype))
+    return np.dtype(t.dtype)
+
+
+def _is_floatish(dt) -> bool:
+    return dt in (_F32, DTYPES["fp16"], DTYPES["bf16"], np.dtype(np.float64))
+
+
+def _to_low(values: np.ndarray, low: np.dtype) -> np.ndarray:
+    # Saturate instead of overflowing to inf: masks like finfo(float32).min must stay finite.
+    fmax = float(np.finfo(np.float16).max) if low == DTYPES["fp16"] else float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    return np.asarray(np.clip(np.asarray(values), -fmax, fmax).astype(low))
+
+
+def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
+    # One converted copy per constant, shared by all low-precision consumers; the FP32 original
+    # stays only if an FP32 island still reads it (cleanup drops it otherwise).
+    key = (c.name, "const")
+    if key not in cache:
+        name = c.name
+        c.name = f"{name}_fp32"
+        cache[key] = gs.Constant(name, _to_low(c.values, low))
+    return cache[key]
+
+
+# ---------------------------------------------------------------- FP32 view for evaluation
+def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    lows = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def fix_tensor(t):
+        if t.data_type in lows:
+            arr = io.to_array(t).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def walk(g):
+        for t in g.initializer:
+            fix_tensor(t)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type in lows:
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT
+        for n in g.node:
+            for a in n.attribute:
+                if n.op_type == "Cast" and a.name == "to" and a.i in lows:
+                    a.i = TensorProto.FLOAT
+                elif a.name == "dtype" and a.i in lows:
+                    a.i = TensorProto.FLOAT
+                elif a.type == onnx.AttributeProto.TENSOR:
+                    fix_tensor(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+    walk(m.graph)
+    return m
+
+
+# ---------------------------------------------------------------- file-level API
+def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
+    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
+    io.check_output_path(output, model_path)
+    model = io.load(model_path)
+    graph = io.import_graph(io.infer_shapes(model))
+    to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
+    out = io.export_graph(graph)
+    return io.save(out, output, input_path=model_path)

@@ -1,0 +1,106 @@
+"""Output fidelity of a candidate model against a reference, evaluated with ORT at ORT_DISABLE_ALL."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from . import io
+from . import ort as ortx
+from .calib import CalibData, input_specs
+from .errors import OnnxoptError
+
+log = logging.getLogger(__name__)
+
+
+def metrics(ref: np.ndarray, cand: np.ndarray) -> dict:
+    """Cosine similarity, SNR in dB (signal = ref, noise = cand - ref), and max abs error."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    c = np.asarray(cand, dtype=np.float64).ravel()
+    if r.shape != c.shape:
+        raise OnnxoptError(f"output shapes differ: {np.shape(ref)} vs {np.shape(cand)}")
+    finite = bool(np.all(np.isfinite(c)))
+    noise = float(np.sum((c - r) ** 2))
+    signal = float(np.sum(r ** 2))
+    denom = np.linalg.norm(r) * np.linalg.norm(c)
+    cos = float(np.dot(r, c) / denom) if denom > 0 else float(noise == 0.0)
+    snr = float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    return {"cosine": cos if finite else float("nan"), "snr_db": snr if finite else float("nan"),
+            "max_abs": float(np.max(np.abs(c - r))) if r.size else 0.0}
+
+
+class _Accum:
+    """Streaming version of `metrics` over many batches."""
+
+    def __init__(self):
+        self.dot = self.rr = self.cc = self.noise = 0.0
+        self.max_abs = 0.0
+        self.finite = True
+
+    def update(self, r, c):
+        r = np.asarray(r, np.float64).ravel()
+        c = np.asarray(c, np.float64).ravel()
+        self.finite &= bool(np.all(np.isfinite(c)))
+        self.dot += float(r @ c)
+        self.rr += float(r @ r)
+        self.cc += float(c @ c)
+        self.noise += float(np.sum((c - r) ** 2))
+        if r.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(c - r))))
+
+    def result(self) -> dict:
+        if not self.finite:
+            return {"cosine": float("nan"), "snr_db": float("nan"), "max_abs": float("nan")}
+        denom = np.sqrt(self.rr * self.cc)
+        cos = self.dot / denom if denom > 0 else float(self.noise == 0)
+        snr = float("inf") if self.noise == 0 else 10 * np.log10(self.rr / self.noise)
+        return {"cosine": float(cos), "snr_db": float(snr), "max_abs": self.max_abs}
+
+
+def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
+    """ORT_DISABLE_ALL session; FP16/BF16 graphs that the CPU provider cannot run get an FP32 view."""
+    try:
+        return ortx.session(model, provider=provider, level="disable"), False
+    except OnnxoptError as e:
+        from .autocast import fp32_view
+        log.info("evaluating an FP32 view (%s)", e)
+        return ortx.session(fp32_view(model), provider=provider, level="disable"), True
+
+
+def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4, seed: int = 1,
+            shapes: dict | None = None, provider: str = "cpu") -> dict:
+    """Per-output cosine, SNR and max abs error of `cand` against `ref` over `data`."""
+    ref_m = ref if isinstance(ref, onnx.ModelProto) else io.load(ref)
+    cand_m = cand if isinstance(cand, onnx.ModelProto) else io.load(cand)
+    specs = input_specs(ref_m)
+    if data is None:
+        data = CalibData.random(specs, n_random, seed=seed, shapes=shapes)
+    elif not isinstance(data, CalibData):
+        data = CalibData.from_path(data, specs)
+    rs, _ = evaluation_session(ref_m, provider)
+    cs, viewed = evaluation_session(cand_m, provider)
+    outs = [o.name for o in rs.get_outputs()]
+    cand_outs = {o.name for o in cs.get_outputs()}
+    missing = [o for o in outs if o not in cand_outs]
+    if missing:
+        raise OnnxoptError(f"candidate lacks outputs {missing}; compare models of the same network")
+    cand_inputs = {i.name: i.type for i in cs.get_inputs()}
+    acc = {o: _Accum() for o in outs}
+    for feed in data:
+        r = rs.run(outs, feed)
+        cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
+                 for k, v in feed.items()}
+        c = cs.run(outs, cfeed)
+        for o, a, b in zip(outs, r, c):
+            acc[o].update(a, b)
+    return {o: a.result() for o, a in acc.items()}
+
+
+def _match(v: np.ndarray, ort_type: str | None) -> np.ndarray:
+    # Candidates may take FP16 I/O (--io-dtype fp16): feed them what they expect.
+    if ort_type == "tensor(float16)" and v.dtype != np.float16:
+        return v.astype(np.float16)
+    if ort_type == "tensor(float)" and v.dtype != np.float32:
+        return v.astype(np.float32)
+    return v

@@ -1,0 +1,220 @@
+"""Where Q/DQ go, for TensorRT. Each rule is a small function that returns None when the node may be
+quantized, or the reason it must not be; `plan` runs them and records every decision.
+
+TensorRT fuses DequantizeLinear into the consuming Conv/ConvTranspose/MatMul/Gemm when every data input
+of that layer is Q/DQ'd (weights pre-quantized behind a DequantizeLinear, activations per tensor), and
+fuses a residual Add into the Conv when the Add's other input is Q/DQ'd as well.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import graph as G
+from ..autocast import shape_nodes
+
+# Head sizes of TensorRT's fused multi-head-attention kernels.
+MHA_HEAD_SIZES = (16, 32, 40, 64, 80, 96, 104, 128, 160, 192, 256)
+MIN_GEMM_DIM = 16
+
+
+@dataclass
+class Context:
+    config: object
+    shape_nodes: set
+    exclude: list
+
+
+@dataclass
+class Plan:
+    nodes: list = field(default_factory=list)                # quantized layers
+    activations: dict = field(default_factory=dict)          # tensor name -> [(node, input index)]
+    weights: list = field(default_factory=list)              # (node, input index, constant, axis)
+    skipped: dict = field(default_factory=dict)              # node name -> reason
+    residuals: list = field(default_factory=list)            # (add node, input index)
+    shared_scales: list = field(default_factory=list)        # groups of tensor names sharing one scale
+    fixed_amax: dict = field(default_factory=dict)           # tensor name -> amax known without calibration
+
+
+# ---------------------------------------------------------------- rules (None = go ahead)
+def rule_op_type(node, ctx):
+    """Only the layers TensorRT runs in low precision are quantized (norms and softmax stay high precision)."""
+    return None if node.op in ctx.config.op_types and node.op in G.WEIGHT_OPS else f"op {node.op} is not quantized"
+
+
+def rule_user_exclude(node, ctx):
+    """--exclude REGEX on node names."""
+    for rx in ctx.exclude:
+        if rx.search(node.name or ""):
+            return f"excluded by --exclude {rx.pattern}"
+    return None
+
+
+def rule_float_data(node, ctx):
+    """Integer tensors are never quantized (index math, token ids)."""
+    for t in node.inputs[:2]:
+        if not G.is_float(t):
+            return f"input {t.name} is not a float tensor"
+    return None
+
+
+def rule_not_shape_subgraph(node, ctx):
+    """Shape computations are left alone."""
+    return "part of a shape subgraph" if id(node) in ctx.shape_nodes else None
+
+
+def rule_not_prequantized(node, ctx):
+    """A weight already behind a DequantizeLinear is not quantized twice."""
+    for t in node.inputs[:2]:
+        if t.inputs and t.inputs[0].op == "DequantizeLinear":
+            return "already quantized"
+    return None
+
+
+def rule_gemm_size(node, ctx):
+    """Small GEMMs (K or N < 16) and GEMV (M = 1) run faster in FP16 than with Q/DQ on TensorRT."""
+    if node.op not in ("MatMul", "Gemm"):
+        return None
+    k, n, m = _gemm_dims(node)
+    if k is not None and k < MIN_GEMM_DIM:
+        return f"K={k} < {MIN_GEMM_DIM}"
+    if n is not None and n < MIN_GEMM_DIM:
+        return f"N={n} < {MIN_GEMM_DIM}"
+    if m == 1:
+        return "GEMV (M=1)"
+    return None
+
+
+def rule_mha(node, ctx):
+    """Activation-by-activation MatMuls (attention BMMs) follow the MHA setting, and only for head sizes
+    that TensorRT's fused MHA supports."""
+    if node.op != "MatMul" or _is_weight(node.inputs[1]):
+        return None
+    if not ctx.config.quantize_mha:
+        return "MHA quantization is off"
+    k, n, _ = _gemm_dims(node)
+    head = _head_size(node, k, n)
+    if head is not None and head not in MHA_HEAD_SIZES:
+        return f"head size {head} not supported by TensorRT's fused MHA"
+    return None
+
+
+RULES = (rule_op_type, rule_user_exclude, rule_not_shape_subgraph, rule_float_data, rule_not_prequantized,
+         rule_gemm_size, rule_mha)
+
+
+# ---------------------------------------------------------------- planning
+def plan(graph: gs.Graph, config) -> Plan:
+    ctx = Context(config, shape_nodes(graph), [re.compile(p) for p in config.exclude])
+    p = Plan()
+    for node in graph.nodes:
+        if node.op not in G.WEIGHT_OPS:
+            continue
+        reason = next((r for r in (rule(node, ctx) for rule in RULES) if r), None)
+        if reason:
+            p.skipped[node.name] = reason
+            continue
+        p.nodes.append(node)
+        for idx in (0, 1):
+            t = node.inputs[idx]
+            if idx == 1 and _is_weight(t):
+                const, _ = G.weight_of(t)
+                axis = G.weight_output_channel_axis(node) % len(const.shape)
+                p.weights.append((node, idx, const, axis))
+            else:
+                p.activations.setdefault(t.name, []).append((node, idx))
+    _plan_residual_adds(graph, p)
+    _plan_concat_sharing(graph, p)
+    _plan_softmax_outputs(graph, p, config)
+    return p
+
+
+def _plan_residual_adds(graph, p: Plan) -> None:
+    """Q/DQ the skip input of an Add fed by a quantized Conv, so that TensorRT fuses Conv+Add."""
+    convs = {id(n) for n in p.nodes if n.op in ("Conv", "ConvTranspose")}
+    for node in graph.nodes:
+        if node.op != "Add" or len(node.inputs) != 2:
+            continue
+        from_conv = [bool(t.inputs) and id(t.inputs[0]) in convs for t in node.inputs]
+        if not any(from_conv):
+            continue
+        idx = 1 if from_conv[0] else 0
+        skip = node.inputs[idx]
+        if isinstance(skip, gs.Constant) or not G.is_float(skip) or _same_shape(node.inputs) is False:
+            continue
+        p.activations.setdefault(skip.name, []).append((node, idx))
+        p.residuals.append((node, idx))
+
+
+def _plan_concat_sharing(graph, p: Plan) -> None:
+    """Where Concat inputs get Q/DQ, they share one scale (TensorRT then moves the Q across the Concat)."""
+    for node in graph.nodes:
+        if node.op != "Concat":
+            continue
+        group = [t.name for t in node.inputs if t.name in p.activations]
+        if node.outputs[0].name in p.activations:
+            group.append(node.outputs[0].name)
+        if len(group) >= 2:
+            p.shared_scales.append(group)
+
+
+def _plan_softmax_outputs(graph, p: Plan, config) -> None:
+    """A Softmax output lies in [0, 1]; for FP8 its amax is 1 without calibration, which also spares
+    calibrating the largest tensors of attention (batch x heads x tokens²)."""
+    if config.mode != "fp8":
+        return
+    for name, uses in p.activations.items():
+        t = uses[0][0].inputs[uses[0][1]]
+        if t.inputs and t.inputs[0].op == "Softmax":
+            p.fixed_amax[name] = 1.0
+
+
+# ---------------------------------------------------------------- helpers
+def _is_weight(t) -> bool:
+    const, chain = G.weight_of(t)
+    return const is not None and not any(n.op == "DequantizeLinear" for n in chain)
+
+
+def _static(shape, i):
+    try:
+        d = shape[i]
+    except (TypeError, IndexError):
+        return None
+    return d if isinstance(d, (int, np.integer)) and d > 0 else None
+
+
+def _gemm_dims(node):
+    """(K, N, M) where known statically."""
+    a, b = node.inputs[0], node.inputs[1]
+    ta = node.attrs.get("transA", 0) if node.op == "Gemm" else 0
+    tb = node.attrs.get("transB", 0) if node.op == "Gemm" else 0
+    bshape = b.shape if b.shape is not None else None
+    ashape = a.shape
+    k = n = m = None
+    if bshape is not None and len(bshape) >= 2:
+        k = _static(bshape, -1 if tb else -2)
+        n = _static(bshape, -2 if tb else -1)
+    if ashape is not None and len(ashape) >= 2:
+        k = k or _static(ashape, -2 if ta else -1)
+        dims = list(ashape[:-2]) + [ashape[-1] if ta else ashape[-2]]
+        if all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+            m = int(np.prod(dims))
+    return k, n, m
+
+
+def _head_size(node, k, n):
+    """BMM1 (Q·Kᵀ) reduces over the head size; BMM2 (P·V) produces it."""
+    a = node.inputs[0]
+    if a.inputs and a.inputs[0].op == "Softmax":
+        return n
+    return k
+
+
+def _same_shape(tensors):
+    shapes = [t.shape for t in tensors]
+    if any(s is None for s in shapes):
+        return None
+    return all(len(s) == len(shapes[0]) for s in shapes)

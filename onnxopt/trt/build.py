@@ -1,0 +1,234 @@
+"""TensorRT engines from ONNX through Polygraphy's loaders.
+
+    network_from_onnx_path(path, strongly_typed=...)          # polygraphy.backend.trt.loader.NetworkFromOnnxPath
+    CreateConfig(fp16=, bf16=, int8=, fp8=, sparse_weights=, profiles=[Profile().add(name, min, opt, max)],
+                 load_timing_cache=, builder_optimization_level=, memory_pool_limits=)   # ...trt.config
+    engine_from_network(network, config=, save_timing_cache=)   # ...trt.loader.EngineFromNetwork
+    save_engine(engine, path=)                                  # ...trt.loader.SaveEngine
+
+Typing: TensorRT 11 builds strongly typed networks only (its precision BuilderFlags are gone, and the
+STRONGLY_TYPED creation flag is accepted and ignored). TensorRT 10 builds weakly typed by default here,
+with the precision flags that the graph's own types need (FP16/BF16 tensors, INT8/FP8 Q/DQ); ask for
+`strongly_typed=True` to build it as TensorRT 11 would (then no precision flag may be set).
+
+Nothing here imports tensorrt at module level; `precision_of` and `parse_profiles` are pure ONNX.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from .. import io
+from ..errors import OnnxoptError
+from ..graph import WEIGHT_OPS, weight_input_channel_axis, weight_of
+from . import import_tensorrt, major_version
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+
+_INT8 = {TensorProto.INT8, TensorProto.UINT8}
+_FP8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
+_INT4 = {TensorProto.INT4, TensorProto.UINT4}
+
+
+@dataclass
+class BuildConfig:
+    profiles: dict[str, tuple[Shape, Shape, Shape]] | None = None  # input -> (min, opt, max)
+    timing_cache: str | os.PathLike | None = None  # loaded if present, then saved (merged) after the build
+    opt_level: int | None = None                   # builder optimization level 0..5; None: TensorRT's default (3)
+    workspace_mb: int | None = None                # workspace memory pool limit; None: TensorRT's default
+    sparse_weights: bool | None = None             # None: on when the graph holds 2:4-sparse weights
+    strongly_typed: bool | None = None             # None: TensorRT >= 11 strongly typed, 10 weakly typed + flags
+
+
+@dataclass
+class Precision:
+    """Reduced-precision types that a graph uses (what a weakly typed TensorRT 10 build must enable)."""
+    fp16: bool = False
+    bf16: bool = False
+    int8: bool = False   # INT8/UINT8 Q/DQ
+    fp8: bool = False    # FP8 Q/DQ
+    int4: bool = False   # INT4 weight DequantizeLinear (needs no builder flag: kINT4 is for plugins)
+
+    @property
+    def low_float(self) -> bool:
+        return self.fp16 or self.bf16
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    seconds: float
+    tensorrt: str
+    strongly_typed: bool
+    sparse_weights: bool
+    precision_flags: dict = field(default_factory=dict)  # the CreateConfig precision flags that were set
+
+
+# ---------------------------------------------------------------- pure ONNX helpers
+def parse_profiles(items: Sequence[str]) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """`name:min/opt/max` (e.g. `sample:1x4x64x64/2x4x128x128/2x4x128x128`) or `name:shape` (a fixed
+    shape: min = opt = max) -> {name: (min, opt, max)}."""
+    out = {}
+    for item in items or ():
+        m = re.fullmatch(r"(.+):(\d+(?:x\d+)*)(?:/(\d+(?:x\d+)*)/(\d+(?:x\d+)*))?", item.strip())
+        if not m:
+            raise OnnxoptError(f"bad --shapes entry '{item}'; write name:MINxDIMS/OPTxDIMS/MAXxDIMS (e.g. sample:1x4x64x64/2x4x128x128/2x4x128x128) or name:1x4x128x128")
+        dims = [tuple(int(v) for v in g.split("x")) for g in m.groups()[1:] if g is not None]
+        lo, opt, hi = (dims * 3)[:3] if len(dims) == 1 else dims
+        if not (len(lo) == len(opt) == len(hi)):
+            raise OnnxoptError(f"--shapes {item}: min, opt and max must have the same rank")
+        if any(a > b for a, b in zip(lo, opt)) or any(a > b for a, b in zip(opt, hi)):
+            raise OnnxoptError(f"--shapes {item}: need min <= opt <= max in every dimension")
+        out[m.group(1)] = (lo, opt, hi)
+    return out
+
+
+def _graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _graphs(sub)
+
+
+def precision_of(model: onnx.ModelProto) -> Precision:
+    """Which reduced-precision types the graph uses: FP16/BF16 anywhere (tensors, casts, I/O), and the
+    integer/FP8 types of its Q/DQ pairs. Reads no weight values."""
+    types: dict[str, int] = {}
+    used: set[int] = set()
+    graphs = list(_graphs(model.graph))
+    for g in graphs:
+        for t in g.initializer:
+            types[t.name] = t.data_type
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type"):
+                types[vi.name] = vi.type.tensor_type.elem_type
+        for n in g.node:
+            for a in n.attribute:
+                if n.op_type == "Constant" and a.name == "value":
+                    types[n.output[0]] = a.t.data_type
+                elif n.op_type == "Cast" and a.name == "to":
+                    used.add(a.i)
+    used |= set(types.values())
+    quant: set[int] = set()
+    for g in graphs:
+        for n in g.node:
+            if n.op_type == "QuantizeLinear":
+                if len(n.input) > 2 and n.input[2]:
+                    quant.add(types.get(n.input[2], TensorProto.UINT8))
+                else:  # opset 21's output_dtype; uint8 when absent
+                    od = next((a.i for a in n.attribute if a.name == "output_dtype"), 0)
+                    quant.add(od or TensorProto.UINT8)
+            elif n.op_type == "DequantizeLinear" and n.input[0] in types:
+                quant.add(types[n.input[0]])
+    return Precision(fp16=TensorProto.FLOAT16 in used, bf16=TensorProto.BFLOAT16 in used,
+                     int8=bool(quant & _INT8), fp8=bool(quant & _FP8), int4=bool(quant & _INT4))
+
+
+def has_sparse_weights(model: onnx.ModelProto) -> bool:
+    """Whether some Conv/MatMul/Gemm weight is 2:4 sparse along its input channels (what TensorRT's
+    SPARSE_WEIGHTS tactics use). Weights are read one at a time."""
+    graph = io.import_graph(model)
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        w, chain = weight_of(node.inputs[1])
+        if w is None or any(n.op == "Transpose" for n in chain):
+            continue
+        try:
+            values = np.asarray(w.values)
+        except Exception:  # packed types that numpy cannot hold
+            continue
+        if values.ndim >= 2 and is_2_4(values, weight_input_channel_axis(node)):
+            return True
+    return False
+
+
+def is_2_4(w: np.ndarray, axis: int) -> bool:
+    """At most 2 non-zeros in every group of 4 consecutive elements along `axis` (and some non-zero)."""
+    v = np.moveaxis(w, axis, -1)
+    if v.shape[-1] % 4 or not v.size:
+        return False
+    groups = (v.reshape(-1, 4) != 0).sum(axis=1)
+    return bool(groups.max() <= 2 and groups.any())
+
+
+# ---------------------------------------------------------------- build
+def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildConfig | None = None) -> BuildResult:
+    """Build a TensorRT engine (plan) from an ONNX file with Polygraphy, and save it atomically."""
+    config = config or BuildConfig()
+    model, output = Path(model), Path(output)
+    io.check_output_path(output, model)
+    proto = io.load(model)  # checks the file (and its external data) before TensorRT sees it
+    if config.opt_level is not None and not 0 <= config.opt_level <= 5:
+        raise OnnxoptError(f"--opt-level {config.opt_level}: TensorRT's builder optimization level is 0..5")
+    trt = import_tensorrt()
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.exception import PolygraphyException
+
+    major = major_version(trt)
+    strongly = config.strongly_typed if config.strongly_typed is not None else major >= 11
+    if major >= 11 and not strongly:
+        raise OnnxoptError(f"TensorRT {trt.__version__} builds strongly typed networks only; drop --weakly-typed")
+    prec = precision_of(proto)
+    # Strongly typed networks take their precision from the graph; precision flags are refused there.
+    flags = {} if strongly else {k: v for k, v in (("fp16", prec.fp16), ("bf16", prec.bf16), ("int8", prec.int8), ("fp8", prec.fp8)) if v}
+    sparse = config.sparse_weights if config.sparse_weights is not None else has_sparse_weights(proto)
+    del proto
+    profiles = None
+    if config.profiles:
+        profile = Profile()
+        for name, (lo, opt, hi) in config.profiles.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        profiles = [profile]
+    pools = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_mb) << 20} if config.workspace_mb else None
+    cache = str(config.timing_cache) if config.timing_cache else None
+    log.info("building %s with TensorRT %s (%s typed%s%s)", model, trt.__version__, "strongly" if strongly else "weakly",
+             ", " + "+".join(flags) if flags else "", ", sparse weights" if sparse else "")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    t0 = time.perf_counter()
+    try:
+        network = network_from_onnx_path(str(model), strongly_typed=strongly)
+        builder_config = CreateConfig(**flags, sparse_weights=sparse, profiles=profiles, load_timing_cache=cache,
+                                      builder_optimization_level=config.opt_level, memory_pool_limits=pools)
+        engine = engine_from_network(network, config=builder_config, save_timing_cache=cache)
+        save_engine(engine, path=tmp)
+        del engine, network
+        os.replace(tmp, output)
+    except PolygraphyException as e:
+        raise OnnxoptError(f"TensorRT could not build {model.name}: {_first_line(e)}; run with -vv for TensorRT's log") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    seconds = time.perf_counter() - t0
+    log.info("wrote %s in %.1f s", output, seconds)
+    return BuildResult(output, seconds, trt.__version__, strongly, sparse, flags)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [s for s in str(e).strip().splitlines() if s.strip()]
+    return lines[0][:400] if lines else type(e).__name__
+
+
+def result_dict(r: BuildResult) -> dict:
+    d = asdict(r)
+    d["path"] = str(r.path)
+    return d

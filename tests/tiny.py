@@ -1,0 +1,91 @@
+"""Tiny in-code models for tests (built with onnx.helper, seeded)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+
+def _init(rng, name, shape, scale=None):
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+    scale = scale if scale is not None else 1.0 / np.sqrt(fan_in)
+    return nh.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def cnn(opset: int = 17, batch="N") -> onnx.ModelProto:
+    """Conv -> Relu -> Conv (+ residual Add) -> Concat -> Conv -> GlobalAveragePool -> Flatten -> Gemm(transB) -> Softmax."""
+    rng = np.random.default_rng(0)
+    inits = [_init(rng, "w1", (16, 3, 3, 3)), _init(rng, "b1", (16,), 0.1), _init(rng, "w2", (16, 16, 3, 3)),
+             _init(rng, "b2", (16,), 0.1), _init(rng, "w3", (32, 32, 1, 1)), _init(rng, "wd", (32, 16, 2, 2)),
+             _init(rng, "fc", (10, 16)), _init(rng, "fcb", (10,), 0.1)]
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Add", ["r1", "c2"], ["a"], name="residual"),
+        h.make_node("Concat", ["a", "r1"], ["cat"], name="concat", axis=1),
+        h.make_node("Conv", ["cat", "w3"], ["c3"], name="conv3"),
+        h.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        h.make_node("ConvTranspose", ["r3", "wd"], ["d"], name="deconv", strides=[1, 1]),
+        h.make_node("GlobalAveragePool", ["d"], ["gap"], name="gap"),
+        h.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        h.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], name="fc", transB=1),
+        h.make_node("Softmax", ["logits"], ["y"], name="softmax"),
+    ]
+    g = h.make_graph(nodes, "cnn", [h.make_tensor_value_info("x", T.FLOAT, [batch, 3, 16, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [batch, 10])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def transformer(opset: int = 17, d: int = 64, heads: int = 2, seq: int = 16) -> onnx.ModelProto:
+    """One pre-LN attention block + MLP with int64 token ids, an embedding Gather and a shape subgraph."""
+    rng = np.random.default_rng(1)
+    hd = d // heads
+    inits = [_init(rng, "emb", (50, d), 1.0), _init(rng, "ln_g", (d,), 0.1), _init(rng, "ln_b", (d,), 0.1)]
+    inits[1] = nh.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), "ln_g")
+    for n in ("wq", "wk", "wv", "wo"):
+        inits.append(_init(rng, n, (d, d)))
+    inits += [_init(rng, "w_up", (d, 4 * d)), _init(rng, "b_up", (4 * d,), 0.1), _init(rng, "w_dn", (4 * d, d))]
+    inits += [nh.from_array(np.array([0, 0, heads, hd], np.int64), "split_shape"),
+              nh.from_array(np.array([0, 0, d], np.int64), "merge_shape"),
+              nh.from_array(np.array(1.0 / np.sqrt(hd), np.float32), "qk_scale")]
+    nodes = [
+        h.make_node("Gather", ["emb", "ids"], ["x0"], name="embed"),
+        h.make_node("LayerNormalization", ["x0", "ln_g", "ln_b"], ["ln"], name="ln1", axis=-1),
+        h.make_node("MatMul", ["ln", "wq"], ["q0"], name="q_proj"),
+        h.make_node("MatMul", ["ln", "wk"], ["k0"], name="k_proj"),
+        h.make_node("MatMul", ["ln", "wv"], ["v0"], name="v_proj"),
+    ]
+    for n in ("q", "k", "v"):
+        nodes += [h.make_node("Reshape", [f"{n}0", "split_shape"], [f"{n}1"], name=f"{n}_split"),
+                  h.make_node("Transpose", [f"{n}1"], [f"{n}2"], name=f"{n}_heads",
+                              perm=[0, 2, 3, 1] if n == "k" else [0, 2, 1, 3])]
+    nodes += [
+        h.make_node("MatMul", ["q2", "k2"], ["s0"], name="attn_qk"),
+        h.make_node("Mul", ["s0", "qk_scale"], ["s1"], name="attn_scale"),
+        h.make_node("Softmax", ["s1"], ["p"], name="attn_softmax", axis=-1),
+        h.make_node("MatMul", ["p", "v2"], ["o0"], name="attn_pv"),
+        h.make_node("Transpose", ["o0"], ["o1"], name="o_merge_t", perm=[0, 2, 1, 3]),
+        h.make_node("Reshape", ["o1", "merge_shape"], ["o2"], name="o_merge"),
+        h.make_node("MatMul", ["o2", "wo"], ["o3"], name="o_proj"),
+        h.make_node("Add", ["x0", "o3"], ["x1"], name="res1"),
+        h.make_node("MatMul", ["x1", "w_up"], ["u0"], name="mlp_up"),
+        h.make_node("Add", ["u0", "b_up"], ["u1"], name="mlp_up_bias"),
+        h.make_node("Gelu", ["u1"], ["u2"], name="gelu") if opset >= 20 else h.make_node("Relu", ["u1"], ["u2"], name="act"),
+        h.make_node("MatMul", ["u2", "w_dn"], ["u3"], name="mlp_down"),
+        h.make_node("Add", ["x1", "u3"], ["y"], name="res2"),
+    ]
+    g = h.make_graph(nodes, "transformer", [h.make_tensor_value_info("ids", T.INT64, ["N", seq])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", seq, d])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
