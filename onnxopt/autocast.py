@@ -66,6 +66,8 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     keep = shape_nodes(graph)
     keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
     graph_inputs = {t.name for t in graph.inputs}
+    names = {n.name for n in graph.nodes} | set(graph.tensors())
+    unique = lambda base: _unique(base, names)  # noqa: E731
     orig_outputs = {t.name: t.dtype for t in graph.outputs}
 
     # 1. Relabel outputs of converted nodes and their dtype attributes.
@@ -109,8 +111,8 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
                 continue  # the graph input itself becomes low precision below
             key = (t.name, str(want))
             if key not in converted:
-                out = gs.Variable(f"{t.name}_cast_{np.dtype(want).name}", dtype=want, shape=t.shape)
-                graph.nodes.append(gs.Node("Cast", name=f"{t.name}_Cast_{np.dtype(want).name}", inputs=[t], outputs=[out],
+                out = gs.Variable(unique(f"{t.name}_cast_{np.dtype(want).name}"), dtype=want, shape=t.shape)
+                graph.nodes.append(gs.Node("Cast", name=unique(f"{t.name}_Cast_{np.dtype(want).name}"), inputs=[t], outputs=[out],
                                            attrs={"to": _ONNX["fp32"] if want == _F32 else low_onnx}))
                 converted[key] = out
                 casts += 1
@@ -126,17 +128,25 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
         if io_dtype == dtype or orig is None or _dtype(t) == np.dtype(orig):
             new_outputs.append(t)
             continue
-        inner = gs.Variable(f"{t.name}_{np.dtype(_dtype(t)).name}", dtype=_dtype(t), shape=t.shape)
+        inner = gs.Variable(unique(f"{t.name}_{np.dtype(_dtype(t)).name}"), dtype=_dtype(t), shape=t.shape)
         for p in list(t.inputs):
             p.outputs[p.outputs.index(t)] = inner
         t.dtype = orig
-        graph.nodes.append(gs.Node("Cast", name=f"{t.name}_Cast_out", inputs=[inner], outputs=[t], attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(orig))}))
+        graph.nodes.append(gs.Node("Cast", name=unique(f"{t.name}_Cast_out"), inputs=[inner], outputs=[t], attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(orig))}))
         casts += 1
         new_outputs.append(t)
     graph.outputs = new_outputs
     graph.cleanup().toposort()
     log.info("autocast to %s: %d casts, %d nodes kept in fp32", dtype, casts, len(keep))
     return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep)}
+
+
+def _unique(base: str, taken: set) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
 
 
 def _dtype(t: gs.Tensor):

@@ -277,7 +277,7 @@ def amax_from_histogram(h: Histogram, method: str, qtype: str = "int8", percenti
 
 def _candidates(h: Histogram) -> np.ndarray:
     last = int(np.nonzero(h.counts)[0].max()) + 1
-    stop = h.edges[last]
+    stop = min(h.edges[last], h.amax)
     return np.unique(np.concatenate([np.geomspace(stop * 1e-3, stop, 160), [h.amax]]))
 
 

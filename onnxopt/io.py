@@ -202,7 +202,8 @@ def _move_to_file(t: onnx.TensorProto, f, data_name: str) -> None:
     f.write(raw)
     del t.external_data[:]
     t.ClearField("raw_data")
-    external_data_helper.set_external_data(t, location=data_name, offset=offset, length=len(raw))
+    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+        t.external_data.add(key=k, value=v)
     t.data_location = onnx.TensorProto.EXTERNAL
 
 

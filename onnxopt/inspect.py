@@ -1,0 +1,136 @@
+"""What a graph holds: op histogram, Q/DQ coverage of the layers TensorRT quantizes, and a lint of
+placements TensorRT cannot fuse."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from . import io
+
+# Ops that may consume a DequantizeLinear output without breaking TensorRT's fusions: the quantized layers,
+# a residual Add, and the data-movement / pooling ops that TensorRT propagates Q/DQ through.
+_QDQ_CONSUMERS = set(G.WEIGHT_OPS) | {"Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape",
+                                      "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Gather",
+                                      "Resize", "Pad", "Identity", "Relu"}
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    op: str
+    inputs_quantized: list
+    weight_params: int
+    weight_quantized: bool
+
+    @property
+    def quantized(self) -> bool:
+        return all(self.inputs_quantized)
+
+
+@dataclass
+class Inspection:
+    ops: Counter
+    layers: list
+    lint: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        q = [l for l in self.layers if l.quantized]
+        wp = sum(l.weight_params for l in self.layers)
+        wq = sum(l.weight_params for l in self.layers if l.weight_quantized)
+        return {"layers": len(self.layers), "quantized_layers": len(q),
+                "weight_params": wp, "quantized_weight_params": wq,
+                "quantized_weight_share": (wq / wp) if wp else 0.0, "lint": list(self.lint),
+                "ops": dict(self.ops.most_common())}
+
+
+def _is_dq(t) -> bool:
+    return bool(t.inputs) and t.inputs[0].op == "DequantizeLinear"
+
+
+def _weight_params(node) -> tuple[int, bool]:
+    """(parameters of the layer's weight input, whether they are stored quantized)."""
+    if len(node.inputs) < 2:
+        return 0, False
+    t = node.inputs[1]
+    const, chain = G.weight_of(t)
+    if const is None:
+        return 0, False
+    n = int(np.prod(const.shape)) if const.shape is not None else 0
+    quantized = any(c.op == "DequantizeLinear" for c in chain)
+    return n, bool(quantized)
+
+
+def inspect_graph(graph: gs.Graph) -> Inspection:
+    ops = Counter(n.op for n in graph.nodes)
+    layers = []
+    for node in graph.nodes:
+        if node.op not in G.WEIGHT_OPS:
+            continue
+        data_inputs = [t for t in node.inputs[:2] if t is not None and t.name]
+        n, wq = _weight_params(node)
+        layers.append(LayerInfo(node.name, node.op, [_is_dq(t) for t in data_inputs], n, wq))
+    return Inspection(ops, layers, lint(graph))
+
+
+def lint(graph: gs.Graph) -> list[str]:
+    """Placements that TensorRT cannot fuse or will reject, one line each."""
+    issues = []
+    for node in graph.nodes:
+        if node.op in G.WEIGHT_OPS:
+            flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
+            if any(flags) and not all(flags):
+                issues.append(f"{node.name} ({node.op}): only some data inputs have Q/DQ; TensorRT runs it unquantized")
+        elif node.op == "QuantizeLinear":
+            outs = node.outputs[0].outputs
+            if not outs or any(c.op != "DequantizeLinear" for c in outs):
+                issues.append(f"{node.name}: QuantizeLinear not followed by DequantizeLinear")
+            scale = node.inputs[1]
+            if isinstance(scale, gs.Constant) and scale.shape is not None and int(np.prod(scale.shape)) != 1:
+                issues.append(f"{node.name}: activation scale is not per-tensor")
+            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and np.any(np.asarray(node.inputs[2].values, dtype=np.float32) != 0):
+                issues.append(f"{node.name}: non-zero zero point; TensorRT needs symmetric quantization")
+        elif node.op == "DequantizeLinear":
+            src = node.inputs[0]
+            if not isinstance(src, gs.Constant) and not (src.inputs and src.inputs[0].op == "QuantizeLinear"):
+                issues.append(f"{node.name}: DequantizeLinear input is neither a constant nor a QuantizeLinear")
+            for c in node.outputs[0].outputs:
+                if c.op not in _QDQ_CONSUMERS:
+                    issues.append(f"{node.name}: feeds {c.op} '{c.name}', which TensorRT does not fuse with Q/DQ")
+            if isinstance(src, gs.Constant):
+                for c in node.outputs[0].outputs:
+                    if c.op in G.WEIGHT_OPS and c.inputs.index(node.outputs[0]) == 1:
+                        axis = node.attrs.get("axis", 1)
+                        want = G.weight_output_channel_axis(c) % max(len(src.shape), 1)
+                        bs = node.attrs.get("block_size", 0)
+                        scale = node.inputs[1]
+                        per_channel = scale.shape is not None and len(scale.shape) >= 1 and int(np.prod(scale.shape)) > 1
+                        if per_channel and not bs and axis % len(src.shape) != want:
+                            issues.append(f"{node.name}: weight scale axis {axis} is not the output-channel axis {want} of {c.name}")
+    return issues
+
+
+def inspect_path(path) -> Inspection:
+    model = io.load(path)
+    return inspect_graph(io.import_graph(model))
+
+
+def format_report(ins: Inspection, show_layers: bool = False) -> str:
+    s = ins.summary()
+    lines = ["ops:"]
+    lines += [f"  {op:<24}{n:>6}" for op, n in s["ops"].items()]
+    lines.append(f"quantizable layers (Conv/ConvTranspose/MatMul/Gemm): {s['layers']}, quantized: {s['quantized_layers']}")
+    lines.append(f"weight parameters: {s['weight_params']:,}, stored quantized: {s['quantized_weight_params']:,} "
+                 f"({100 * s['quantized_weight_share']:.1f}%)")
+    if show_layers:
+        for l in ins.layers:
+            lines.append(f"  {'Q' if l.quantized else '-'} {l.op:<14} {l.name}  params={l.weight_params:,}")
+    if ins.lint:
+        lines.append(f"lint: {len(ins.lint)} issue(s)")
+        lines += [f"  {x}" for x in ins.lint]
+    else:
+        lines.append("lint: clean")
+    return "\n".join(lines)

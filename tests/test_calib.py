@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+
+import tiny
+from onnxopt import calib, io
+from onnxopt.errors import OnnxoptError
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    return io.load(tiny.save(tiny.cnn(), tmp_path / "m.onnx"))
+
+
+def test_npz_directory_and_npy_sources(tmp_path, cnn):
+    specs = calib.input_specs(cnn)
+    x = np.random.default_rng(0).standard_normal((5, 1, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=x[:3])
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "0.npz", x=x[:3])
+    np.savez(tmp_path / "d" / "1.npz", x=x[3:])
+    np.save(tmp_path / "x.npy", x)
+    assert len(calib.CalibData.from_path(tmp_path / "a.npz", specs)) == 3
+    feeds = list(calib.CalibData.from_path(tmp_path / "d", specs))
+    assert len(feeds) == 5 and feeds[4]["x"].shape == (1, 3, 16, 16)
+    np.testing.assert_array_equal(feeds[4]["x"], x[4])
+    assert len(calib.CalibData.from_path(tmp_path / "x.npy", specs, limit=2)) == 2
+    # Without a sample axis, the first axis is the batch, chunked by batch_size.
+    np.savez(tmp_path / "b.npz", x=x[:, 0])
+    assert [f["x"].shape[0] for f in calib.CalibData.from_path(tmp_path / "b.npz", specs, batch_size=2)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros((2, 1, 3, 16, 16), np.float32)}, "no array for model input"),
+    ({"x": np.zeros((2, 1, 3, 16, 16), np.int64)}, "dtype int64"),
+    ({"x": np.zeros((2, 1, 3, 8, 16), np.float32)}, "dimension 2 differs"),
+    ({"x": np.zeros((2, 3), np.float32)}, "the model expects"),
+])
+def test_bad_calibration_data_says_what_is_wrong(tmp_path, cnn, arrays, message):
+    np.savez(tmp_path / "c.npz", **arrays)
+    with pytest.raises(OnnxoptError, match=message):
+        calib.CalibData.from_path(tmp_path / "c.npz", calib.input_specs(cnn))
+
+
+def test_corrupt_npz(tmp_path, cnn):
+    (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(OnnxoptError, match="cannot read calibration data"):
+        calib.CalibData.from_path(tmp_path / "c.npz", calib.input_specs(cnn))
+
+
+def test_random_data_needs_shapes_for_dynamic_dims(cnn):
+    specs = calib.input_specs(cnn)
+    with pytest.raises(OnnxoptError, match="--shapes x:"):
+        calib.CalibData.random(specs, 2)
+    data = calib.CalibData.random(specs, 3, shapes=calib.parse_shapes(["x:2x3x16x16"]))
+    feeds = list(data)
+    assert len(feeds) == 3 and feeds[0]["x"].shape == (2, 3, 16, 16)
+    again = list(calib.CalibData.random(specs, 3, shapes={"x": (2, 3, 16, 16)}))
+    np.testing.assert_array_equal(feeds[2]["x"], again[2]["x"])
+
+
+def test_histogram_grows_its_range_and_keeps_counts():
+    rng = np.random.default_rng(0)
+    h = calib.Histogram(bins=1024)
+    chunks = [rng.standard_normal(5000) * s for s in (0.1, 1.0, 7.0)]
+    for c in chunks:
+        h.update(c)
+    allv = np.abs(np.concatenate(chunks))
+    assert h.counts.sum() == allv.size
+    assert h.amax == pytest.approx(allv.max())
+    assert h.range >= allv.max()
+    # Percentile from the histogram is within one bin of numpy's.
+    p = calib.amax_from_histogram(h, "percentile", percentile=99.0)
+    assert abs(p - np.percentile(allv, 99.0)) <= 2 * h.range / h.bins
+
+
+@pytest.mark.parametrize("qtype", ["int8", "fp8"])
+def test_mse_and_entropy_clip_outliers_but_max_does_not(qtype):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(200_000), [80.0]])
+    h = calib.Histogram()
+    h.update(x)
+    assert calib.amax_from_histogram(h, "max", qtype) == pytest.approx(80.0)
+    mse = calib.amax_from_histogram(h, "mse", qtype)
+    assert mse <= 80.0
+    if qtype == "int8":
+        assert mse < 60.0  # one outlier's clipping error still weighs against 200k rounding errors
+        assert calib.amax_from_histogram(h, "entropy", qtype) < 20.0
+
+
+def test_collect_in_several_passes_matches_one_pass(tmp_path, cnn):
+    data = calib.CalibData.random(calib.input_specs(cnn), 3, shapes={"x": (2, 3, 16, 16)})
+    names = ["c1", "r1", "c2", "a", "cat", "r3", "logits"]
+    one = {n: [calib.AbsMax()] for n in names}
+    many = {n: [calib.AbsMax()] for n in names}
+    calib.collect(cnn, data, one, progress=False)
+    calib.collect(cnn, data, many, progress=False, memory_budget_mb=0)  # one tensor per pass
+    for n in names:
+        assert one[n][0].value > 0
+        assert one[n][0].value == pytest.approx(many[n][0].value)
+
+
+def test_channel_absmax_axis():
+    r = calib.ChannelAbsMax(axis=1)
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    x[:, 1] = -5.0
+    r.update(x)
+    np.testing.assert_array_equal(r.value, [0.0, 5.0, 0.0])

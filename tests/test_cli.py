@@ -1,0 +1,108 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto as T
+from onnx import helper as h
+
+import tiny
+from onnxopt.cli import main
+
+
+def run(*args):
+    r = CliRunner().invoke(main, ["-q", *map(str, args)])
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    return tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+
+
+@pytest.fixture
+def calib(tmp_path):
+    p = tmp_path / "calib.npz"
+    np.savez(p, x=np.random.default_rng(0).standard_normal((4, 1, 3, 16, 16)).astype(np.float32))
+    return p
+
+
+def test_quantize_inspect_compare_convert(tmp_path, cnn, calib):
+    code, out = run("quantize", cnn, "--int8", "--calib", calib, "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, out
+    assert "4 layers quantized, 1 skipped" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["mode"] == "int8" and report["skipped"] == {"fc": "N=10 < 16"}
+    code, out = run("inspect", tmp_path / "q.onnx", "--layers", "--json", tmp_path / "i.json")
+    assert code == 0 and "quantized: 4" in out and "lint: clean" in out
+    assert json.loads((tmp_path / "i.json").read_text())["quantized_layers"] == 4
+    code, out = run("compare", cnn, tmp_path / "q.onnx", "--data", calib)
+    assert code == 0
+    cos = float(out.splitlines()[1].split()[1])
+    assert cos > 0.999
+    code, out = run("convert", cnn, "--fp16", "-o", tmp_path / "f.onnx")
+    assert code == 0 and (tmp_path / "f.onnx").exists()
+
+
+def test_default_output_name_and_fp8_default(tmp_path, cnn):
+    code, out = run("quantize", cnn, "--calib-random", 2, "--shapes", "x:1x3x16x16")
+    assert code == 0, out
+    assert (tmp_path / "m.fp8.onnx").exists()
+
+
+def _one_line_error(code, out, *needles):
+    assert code == 2
+    lines = [l for l in out.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_bad_inputs_get_one_line(tmp_path, cnn, calib):
+    digest = hashlib.sha256(open(cnn, "rb").read()).hexdigest()
+    _one_line_error(*run("quantize", cnn, "--calib", calib, "-o", cnn), "is the input")
+    assert hashlib.sha256(open(cnn, "rb").read()).hexdigest() == digest
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x00\x01\x02 definitely not protobuf" * 3)
+    _one_line_error(*run("quantize", corrupt, "--calib", calib), "corrupt.onnx")
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(open(cnn, "rb").read()[:300])
+    _one_line_error(*run("inspect", trunc), "trunc.onnx")
+    _one_line_error(*run("inspect", tmp_path / "nope.onnx"), "no such model file")
+
+    ext = tmp_path / "ext.onnx"
+    onnx.save(tiny.cnn(), str(ext), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    (tmp_path / "ext.bin").unlink()
+    _one_line_error(*run("quantize", ext, "--calib", calib), "external data", "missing")
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((2, 1, 3, 8, 8), np.float32))
+    _one_line_error(*run("quantize", cnn, "--calib", wrong), "shape", "expects")
+    np.savez(wrong, x=np.zeros((2, 1, 3, 16, 16), np.int32))
+    _one_line_error(*run("quantize", cnn, "--calib", wrong), "dtype int32")
+    _one_line_error(*run("quantize", cnn, "--calib-random", 2), "--shapes x:")
+    _one_line_error(*run("quantize", cnn), "no calibration data")
+
+    old = tmp_path / "old.onnx"
+    tiny.save(tiny.cnn(opset=5), old)
+    _one_line_error(*run("quantize", old, "--calib", calib), "opset 5 is not supported")
+
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)])
+    relu = tiny.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "relu.onnx")
+    _one_line_error(*run("quantize", relu, "--calib", calib, "-o", tmp_path / "r.onnx"), "nothing to quantize")
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"junk")
+    p = subprocess.run([sys.executable, "-m", "onnxopt", "quantize", str(bad), "--calib-random", "1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and p.stderr.startswith("error: ")

@@ -1,0 +1,76 @@
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny
+from onnxopt import io, ort
+from onnxopt.errors import OnnxoptError
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_roundtrip_inline_stamps_ir_that_ort_reads(tmp_path):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    m = io.load(src)
+    m.ir_version = 14  # what onnx 1.23 would stamp
+    out = io.save(m, tmp_path / "o.onnx")
+    saved = onnx.load(str(out))
+    assert saved.ir_version <= io.MAX_IR_VERSION
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert ort.session(io.load(out)).run(None, {"x": x})[0].shape == (1, 10)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_external_data_roundtrip_is_lazy_and_page_aligned(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save(tiny.cnn(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    m = io.load(src)
+    # Loading reads no weights: external tensors keep only their (absolute) locations.
+    assert all(not t.raw_data for t in m.graph.initializer)
+    out = io.save(m, tmp_path / "sub" / "copy.onnx", external_data=True)
+    saved = onnx.load(str(out), load_external_data=False)
+    infos = [onnx.external_data_helper.ExternalDataInfo(t) for t in saved.graph.initializer
+             if onnx.external_data_helper.uses_external_data(t)]
+    assert infos and all(i.location == "copy.onnx.data" and i.offset % 4096 == 0 for i in infos)
+    ref = onnx.load(str(src))
+    got = onnx.load(str(out))
+    for a, b in zip(ref.graph.initializer, got.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_missing_and_truncated_external_data(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save(tiny.cnn(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0)
+    data = tmp_path / "ext.bin"
+    raw = data.read_bytes()
+    data.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(OnnxoptError, match="truncated"):
+        io.load(src)
+    data.unlink()
+    with pytest.raises(OnnxoptError, match="missing"):
+        io.load(src)
+
+
+def test_corrupt_and_truncated_model(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(OnnxoptError, match="not a readable ONNX model|no nodes"):
+        io.load(bad)
+    good = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(open(good, "rb").read()[:200])
+    with pytest.raises(OnnxoptError):
+        io.load(cut)
+
+
+def test_output_equal_to_input_is_refused_and_input_untouched(tmp_path):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    before = _digest(src)
+    with pytest.raises(OnnxoptError, match="is the input"):
+        io.save(io.load(src), src, input_path=src)
+    assert _digest(src) == before

@@ -1,0 +1,233 @@
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import tiny
+import onnxopt
+from onnxopt import QuantConfig, io
+from onnxopt.errors import OnnxoptError
+from onnxopt.quant import rules
+
+SHAPES = {"cnn": {"x": (2, 3, 16, 16)}, "tr": {"ids": (2, 16)}}
+
+
+def _graph(model):
+    return io.import_graph(io.infer_shapes(model))
+
+
+def _q(tmp_path, model, mode, **kw):
+    src = tiny.save(model, tmp_path / "m.onnx")
+    shapes = SHAPES["cnn" if model.graph.name == "cnn" else "tr"]
+    res = onnxopt.quantize(src, tmp_path / f"m.{mode}.onnx", config=QuantConfig(mode=mode, progress=False, **kw),
+                           calib_random=8, shapes=shapes)
+    return src, res, shapes
+
+
+def _consumers(model, name):
+    return [n for n in model.graph.node if name in n.input]
+
+
+# ---------------------------------------------------------------- rules, one test each
+def _plan(model, **kw):
+    return rules.plan(_graph(model), QuantConfig(**kw))
+
+
+def test_rule_op_types_and_norms_stay_high_precision():
+    p = _plan(tiny.transformer())
+    names = {n.name for n in p.nodes}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_up", "mlp_down", "attn_qk", "attn_pv"} == names
+    assert all(n.op != "LayerNormalization" and n.op != "Softmax" for n in p.nodes)
+    p = _plan(tiny.transformer(), op_types=("Conv",))
+    assert not p.nodes and "op MatMul is not quantized" in p.skipped.values()
+
+
+def test_rule_user_exclude_by_regex():
+    p = _plan(tiny.transformer(), exclude=("mlp_.*",))
+    assert p.skipped["mlp_up"].startswith("excluded") and p.skipped["mlp_down"].startswith("excluded")
+
+
+def test_rule_small_gemm_and_gemv():
+    p = _plan(tiny.cnn())
+    assert p.skipped["fc"] == "N=10 < 16"
+    p = _plan(tiny.transformer(seq=1))  # M = batch * 1 with a dynamic batch: not provably GEMV
+    assert "q_proj" in {n.name for n in p.nodes}
+    m = tiny.transformer(seq=1)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    p = _plan(m)
+    assert p.skipped["q_proj"] == "GEMV (M=1)"
+
+
+def test_rule_integer_and_shape_subgraph_untouched():
+    # A float MatMul inside a shape computation: Shape -> Cast(float) -> MatMul(const) -> Cast(int64) -> Reshape.
+    w = nh.from_array(np.eye(2, dtype=np.float32) * 1.0, "w")
+    big = nh.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "big")
+    nodes = [h.make_node("Shape", ["x"], ["s"], name="shape"),
+             h.make_node("Cast", ["s"], ["sf"], name="tofloat", to=T.FLOAT),
+             h.make_node("Unsqueeze", ["sf", "ax"], ["sf2"], name="unsq"),
+             h.make_node("MatMul", ["sf2", "w"], ["sm"], name="shape_matmul"),
+             h.make_node("Squeeze", ["sm", "ax"], ["sm2"], name="sq"),
+             h.make_node("Cast", ["sm2"], ["si"], name="toint", to=T.INT64),
+             h.make_node("Reshape", ["x", "si"], ["xr"], name="reshape"),
+             h.make_node("MatMul", ["xr", "big"], ["y"], name="data_matmul")]
+    ax = nh.from_array(np.array([0], np.int64), "ax")
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 32])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [w, big, ax])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    p = _plan(m)
+    assert {n.name for n in p.nodes} == {"data_matmul"}
+    assert p.skipped["shape_matmul"] in ("part of a shape subgraph",) or p.skipped["shape_matmul"].startswith("K=")
+
+
+def test_rule_mha_head_size_and_switch():
+    p = _plan(tiny.transformer(d=64, heads=2))  # head size 32: supported
+    assert {"attn_qk", "attn_pv"} <= {n.name for n in p.nodes}
+    p = _plan(tiny.transformer(d=72, heads=2))  # head size 36: not a fused-MHA size
+    assert "head size 36" in p.skipped["attn_qk"]
+    p = _plan(tiny.transformer(), quantize_mha=False)
+    assert p.skipped["attn_pv"] == "MHA quantization is off"
+
+
+def test_rule_residual_add_gets_skip_input_quantized_and_concat_shares_scale():
+    p = _plan(tiny.cnn())
+    assert [(n.name, i) for n, i in p.residuals] == [("residual", 0)]
+    assert any({"r1", "cat"} <= set(g) for g in p.shared_scales)
+
+
+@pytest.mark.parametrize("op, shape, attrs, axis", [
+    ("Conv", (8, 4, 3, 3), {}, 0),
+    ("ConvTranspose", (4, 8, 3, 3), {}, 1),
+    ("MatMul", (4, 32), {}, 1),
+    ("Gemm", (32, 4), {"transB": 1}, 0),
+    ("Gemm", (4, 32), {"transB": 0}, 1),
+])
+def test_weight_axis_is_output_channel(tmp_path, op, shape, attrs, axis):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w *= (np.arange(shape[axis]) + 1).reshape([-1 if i == axis else 1 for i in range(len(shape))])  # distinct channel ranges
+    conv = op in ("Conv", "ConvTranspose")
+    xshape = [2, 4, 8, 8] if conv else ["N", 4]
+    node = h.make_node(op, ["x", "w"], ["y"], name="layer", **attrs)
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("x", T.FLOAT, xshape)], [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    rules.MIN_GEMM_DIM, old = 4, rules.MIN_GEMM_DIM
+    try:
+        src = tiny.save(m, tmp_path / "m.onnx")
+        res = onnxopt.quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2,
+                               shapes={"x": (2, 4, 8, 8) if conv else (2, 4)})
+    finally:
+        rules.MIN_GEMM_DIM = old
+    q = onnx.load(str(res.path))
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w"))
+    assert h.get_attribute_value(next(a for a in dq.attribute if a.name == "axis")) == axis
+    inits = {t.name: nh.to_array(t) for t in q.graph.initializer}
+    qw = inits[dq.input[0]]
+    assert qw.dtype == np.int8 and qw.shape == shape and np.abs(qw).max() == 127
+    scale = inits[dq.input[1]].astype(np.float32)
+    assert scale.shape == (shape[axis],) and inits[dq.input[1]].dtype == np.float16
+    deq = qw.astype(np.float32) * scale.reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    np.testing.assert_allclose(deq, w, atol=float(scale.max()) / 2 + 1e-6)
+
+
+# ---------------------------------------------------------------- numerics and graph structure
+@pytest.mark.parametrize("which", ["cnn", "tr"])
+@pytest.mark.parametrize("mode, floor", [("int8", 0.999), ("fp8", 0.995)])
+def test_quantized_graph_is_close_to_fp32(tmp_path, which, mode, floor):
+    model = tiny.cnn() if which == "cnn" else tiny.transformer()
+    src, res, shapes = _q(tmp_path, model, mode)
+    m = onnxopt.compare(src, res.path, shapes=shapes, n_random=4)
+    (metrics,) = m.values()
+    assert metrics["cosine"] >= floor
+    q = onnx.load(str(res.path))
+    assert q.ir_version <= io.MAX_IR_VERSION
+    assert all(o.version >= (19 if mode == "fp8" else 13) for o in q.opset_import if o.domain == "")
+    qtype = T.FLOAT8E4M3FN if mode == "fp8" else T.INT8
+    inits = {t.name: t for t in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert inits[n.input[2]].data_type == qtype and not nh.to_array(inits[n.input[2]]).astype(np.float32).any()
+            assert inits[n.input[1]].data_type == T.FLOAT16  # scales follow the FP16 graph
+    # Weights are stored pre-quantized: no float initializer feeds a quantized layer's weight input.
+    for n in q.graph.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and n.input[1] in inits:
+            assert n.name in res.report["skipped"]
+    # Graph I/O keeps its dtype; the rest is FP16.
+    assert q.graph.output[0].type.tensor_type.elem_type == T.FLOAT
+    assert {t.data_type for t in q.graph.initializer} <= {T.FLOAT16, T.INT8, T.FLOAT8E4M3FN, T.INT64}
+
+
+def test_lint_clean_and_coverage_full_on_outputs(tmp_path):
+    from onnxopt.inspect import inspect_path
+    for model in (tiny.cnn(), tiny.transformer()):
+        _, res, _ = _q(tmp_path, model, "fp8")
+        ins = inspect_path(res.path)
+        s = ins.summary()
+        assert ins.lint == []
+        assert s["quantized_layers"] == s["layers"] - len(res.report["skipped"])
+
+
+def test_lint_flags_partial_and_asymmetric_placements():
+    from onnxopt.inspect import lint
+    w = nh.from_array(np.ones((16, 16), np.int8), "wq")
+    s = nh.from_array(np.array(0.1, np.float32), "s")
+    zp = nh.from_array(np.array(3, np.int8), "zp")
+    nodes = [h.make_node("DequantizeLinear", ["wq", "s"], ["w"], name="wdq"),
+             h.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+             h.make_node("QuantizeLinear", ["y", "s", "zp"], ["yq"], name="q"),
+             h.make_node("DequantizeLinear", ["yq", "s", "zp"], ["yd"], name="dq"),
+             h.make_node("Softmax", ["yd"], ["z"], name="sm")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 16])], [h.make_tensor_value_info("z", T.FLOAT, None)], [w, s, zp])
+    issues = lint(io.import_graph(h.make_model(g, opset_imports=[h.make_opsetid("", 19)])))
+    text = "\n".join(issues)
+    assert "mm (MatMul): only some data inputs" in text
+    assert "non-zero zero point" in text
+    assert "feeds Softmax" in text
+
+
+def test_fp8_softmax_output_amax_is_one(tmp_path):
+    _, res, _ = _q(tmp_path, tiny.transformer(), "fp8")
+    assert res.report["activations"]["p"] == 1.0
+
+
+def test_fp16_input_model_works_like_fp32(tmp_path):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    fp16 = onnxopt.convert(src, tmp_path / "m16.onnx")
+    res = onnxopt.quantize(fp16, tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=4,
+                           shapes=SHAPES["cnn"])
+    (m,) = onnxopt.compare(src, res.path, shapes=SHAPES["cnn"]).values()
+    assert m["cosine"] > 0.999
+
+
+def test_opset_is_raised_for_fp8(tmp_path):
+    _, res, _ = _q(tmp_path, tiny.cnn(opset=13), "fp8")
+    assert [o.version for o in onnx.load(str(res.path)).opset_import if o.domain == ""] == [19]
+
+
+def test_unsupported_opset_and_nothing_to_quantize(tmp_path):
+    with pytest.raises(OnnxoptError, match="opset 5 is not supported"):
+        _q(tmp_path, tiny.cnn(opset=5), "int8")
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    src = tiny.save(m, tmp_path / "relu.onnx")
+    with pytest.raises(OnnxoptError, match="nothing to quantize"):
+        onnxopt.quantize(src, tmp_path / "out.onnx", calib_random=1)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_shared_weight_quantized_once(tmp_path):
+    rng = np.random.default_rng(0)
+    w = nh.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")
+    nodes = [h.make_node("MatMul", ["x", "w"], ["a"], name="m1"), h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("MatMul", ["b", "w"], ["y"], name="m2")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 32])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
+    src = tiny.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    res = onnxopt.quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"x": (4, 32)})
+    q = onnx.load(str(res.path))
+    fp8 = [t for t in q.graph.initializer if t.data_type == T.FLOAT8E4M3FN and len(t.dims) == 2]
+    assert len(fp8) == 1
+    assert nh.to_array(fp8[0]).dtype == ml_dtypes.float8_e4m3fn
