@@ -97,6 +97,29 @@ def to_array(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t)
 
 
+def embedded_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of weights held inside the protobuf (not in external files)."""
+    return sum(t.ByteSize() for t in _all_tensors(model) if not external_data_helper.uses_external_data(t))
+
+
+def externalize(model: onnx.ModelProto, workdir: str | os.PathLike) -> onnx.ModelProto:
+    """Move embedded weights to an external-data file in `workdir` and return the lazily loaded model.
+    Passes then copy and serialize only the graph, never the weights (ORT reads them from the file)."""
+    path = Path(workdir) / "model.onnx"
+    save(model, path, external_data=True)  # clears each tensor's payload as it is written
+    return load(path)
+
+
+def internalize(model: onnx.ModelProto) -> None:
+    """Read every external tensor into the protobuf (for models that must outlive their data files)."""
+    for t in _all_tensors(model):
+        if external_data_helper.uses_external_data(t):
+            raw = read_external(t)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = raw
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """Approximate size of the model with all its weights."""
     return sum(tensor_bytes(t) for t in _all_tensors(model)) + model.graph.ByteSize() // 4
@@ -162,12 +185,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
                 for t in _all_tensors(model):
                     _move_to_file(t, f, data_name)
         else:
-            for t in _all_tensors(model):
-                if external_data_helper.uses_external_data(t):
-                    raw = read_external(t)
-                    del t.external_data[:]
-                    t.data_location = onnx.TensorProto.DEFAULT
-                    t.raw_data = raw
+            internalize(model)
             if model.ByteSize() > 2**31 - 1:
                 raise OnnxoptError("model exceeds 2 GB; save it with external data")
         with open(tmp_model, "wb") as f:

@@ -5,6 +5,7 @@ Order of the passes (techniques stack): sparsify -> smooth -> calibrate -> Q/DQ 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,9 +71,18 @@ class QuantResult:
     path: Path | None = None
 
 
-def prepare(model, mode: str) -> onnx.ModelProto:
-    """Load (lazily), check the opset and raise it to what the mode needs, infer shapes."""
+EXTERNALIZE_BYTES = 256 * 2**20
+
+
+def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
+    """Load (lazily), check the opset and raise it to what the mode needs, infer shapes.
+    Big embedded weights move to an external file in `workdir` first, so that no pass copies them."""
     m = model if isinstance(model, onnx.ModelProto) else io.load(model)
+    if workdir is not None and io.embedded_bytes(m) > EXTERNALIZE_BYTES:
+        if isinstance(model, onnx.ModelProto):
+            m = onnx.ModelProto()
+            m.CopyFrom(model)  # the caller's model stays intact
+        m = io.externalize(m, workdir)
     opset = io.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); re-export the model with opset 17")
@@ -83,7 +93,23 @@ def prepare(model, mode: str) -> onnx.ModelProto:
 
 
 def _convert_opset(m: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    from onnx import version_converter
+    """Raise the default-domain opset. When no op of the model changed between the two versions, only the
+    import changes (fast on big graphs); otherwise onnx's version converter rewrites the nodes."""
+    from onnx import defs, version_converter
+    current = io.opset_of(m)
+    ops = {n.op_type for n in m.graph.node if n.domain in ("", "ai.onnx")}
+    try:
+        unchanged = all(defs.get_schema(op, target).since_version <= current for op in ops)
+    except Exception:
+        unchanged = False
+    if unchanged:
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        for o in out.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = target
+        log.info("raised opset %d -> %d (no op changed)", current, target)
+        return out
     try:
         out = version_converter.convert_version(m, target)
     except Exception as e:
@@ -111,7 +137,12 @@ def quantize(model, output=None, *, config: QuantConfig | None = None, data=None
     t0 = time.perf_counter()
     if output is not None and not isinstance(model, onnx.ModelProto):
         io.check_output_path(output, model)
-    m = prepare(model, config.mode)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work:
+        return _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
+
+
+def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0) -> QuantResult:
+    m = prepare(model, config.mode, work)
     fp32 = _fp32_source(m)
     data = load_data(data, fp32, calib_random=calib_random, seed=seed, shapes=shapes, limit=config.calib_batches)
     graph = io.import_graph(fp32)
@@ -144,6 +175,9 @@ def quantize(model, output=None, *, config: QuantConfig | None = None, data=None
         t = time.perf_counter()
         path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
         timings["save"] = time.perf_counter() - t
+        out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
+    else:
+        io.internalize(out)  # the work directory is about to go
     timings["total"] = time.perf_counter() - t0
     return QuantResult(out, report, path)
 
