@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
+from . import graph as G
 from . import io
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
     if key not in cache:
         name = c.name
         c.name = f"{name}_fp32"
-        cache[key] = gs.Constant(name, _to_low(c.values, low))
+        cache[key] = gs.Constant(name, _to_low(G.read_values(c), low))
     return cache[key]
 
 

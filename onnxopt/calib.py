@@ -386,7 +386,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     n_batches = len(data)
     bar = tqdm(total=n_batches * len(groups), desc=desc, unit="batch", disable=not progress, leave=False)
     for group in groups:
-        sess = ortx.session(_with_outputs(model, group), provider=provider, level="basic")
+        sess = ortx.session(_with_outputs(model, group), provider=provider, level="basic", prepack=False)
         out_names = [o.name for o in sess.get_outputs()]
         for feed in data:
             if group:

@@ -170,6 +170,7 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
                                                    keep_fp32_ops=config.keep_fp32_ops)
     timings["autocast"] = time.perf_counter() - t
     out = io.export_graph(graph, opset=MIN_OPSET[config.mode])
+    del graph  # the exported protobuf now owns the weights; keep one copy
     path = None
     if output is not None:
         t = time.perf_counter()
