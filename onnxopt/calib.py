@@ -220,6 +220,26 @@ class ChannelAbsMax(Reducer):
         self.value = m if self.value is None else np.maximum(self.value, m)
 
 
+class ChannelMean(Reducer):
+    """Per-channel mean along `axis` (running sum and count)."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.sum = None
+        self.count = 0
+
+    def update(self, x):
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        s = flat.sum(axis=0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += flat.shape[0]
+
+    @property
+    def value(self):
+        return None if self.sum is None else self.sum / max(self.count, 1)
+
+
 class Histogram(Reducer):
     """Histogram of |x| over [0, range); the range doubles (merging bin pairs) when a batch exceeds it,
     so the memory is fixed whatever the number of batches."""

@@ -129,8 +129,12 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """onnx-graphsurgeon graph whose constants load lazily (external ones through `to_array`)."""
     graph = gs.import_onnx(model)
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant) and isinstance(tensor._values, gs.ir.tensor.LazyValues):
-            tensor._values = _LazyExternal(tensor._values.tensor)
+        if isinstance(tensor, gs.Constant):
+            # Locations live in the TensorProto that LazyValues exports as is; a constant given new values
+            # must not inherit "external" without a location.
+            tensor.data_location = None
+            if isinstance(tensor._values, gs.ir.tensor.LazyValues):
+                tensor._values = _LazyExternal(tensor._values.tensor)
     return graph
 
 

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 import onnxopt
-from onnxopt import QuantConfig, io
+from onnxopt import QuantConfig, io, ort
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import rules
 
@@ -48,6 +48,43 @@ def test_rule_op_types_and_norms_stay_high_precision():
 def test_rule_user_exclude_by_regex():
     p = _plan(tiny.transformer(), exclude=("mlp_.*",))
     assert p.skipped["mlp_up"].startswith("excluded") and p.skipped["mlp_down"].startswith("excluded")
+
+
+def test_rule_conv_kernels_follow_tensorrt():
+    # conv1: 3 -> 16 channels at the network input; conv2: 16 -> 16.
+    p = _plan(tiny.cnn(), mode="int8")
+    assert {"conv1", "conv2", "conv3", "deconv"} <= {n.name for n in p.nodes}
+    p = _plan(tiny.cnn(), mode="fp8")
+    assert "no TensorRT fp8 kernel" in p.skipped["conv1"]
+    assert p.skipped["conv2"] == "16 channels or fewer: FP16 is faster than FP8"
+    assert "conv3" in {n.name for n in p.nodes}
+    # Depthwise: INT8 has kernels for 3x3 with a multiple of 8 outputs; FP8 has none.
+    w = nh.from_array(np.random.default_rng(0).standard_normal((32, 1, 3, 3)).astype(np.float32), "w")
+    g = h.make_graph([h.make_node("Conv", ["x", "w"], ["y"], name="dw", group=32, pads=[1, 1, 1, 1])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 32, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    assert [n.name for n in _plan(m, mode="int8").nodes] == ["dw"]
+    assert "dw" in _plan(m, mode="fp8").skipped
+
+
+def test_bias_correction_removes_the_mean_shift_of_weight_quantization(tmp_path):
+    # A depthwise conv on inputs with a large mean: weight rounding shifts every output by ΔW·E[x].
+    rng = np.random.default_rng(0)
+    w = nh.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32), "w")
+    b = nh.from_array(np.zeros(32, np.float32), "b")
+    g = h.make_graph([h.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=32, pads=[1, 1, 1, 1])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 32, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w, b])
+    src = tiny.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    x = (5.0 + rng.standard_normal((8, 1, 32, 8, 8))).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    errs = {}
+    for bc in (False, True):
+        res = onnxopt.quantize(src, tmp_path / f"q{bc}.onnx", config=QuantConfig(mode="int8", bias_correction=bc, high_precision="fp32",
+                                                                                    progress=False), data=tmp_path / "c.npz")
+        ref = ort.session(io.load(src)).run(None, {"x": x[0]})[0]
+        got = ort.session(io.load(res.path)).run(None, {"x": x[0]})[0]
+        errs[bc] = np.abs((got - ref)[..., 1:-1, 1:-1].mean(axis=(0, 2, 3))).mean()  # per-channel mean error, inside the padding
+    assert errs[True] < 0.5 * errs[False]
 
 
 def test_rule_small_gemm_and_gemv():
@@ -92,7 +129,7 @@ def test_rule_mha_head_size_and_switch():
 
 
 def test_rule_residual_add_gets_skip_input_quantized_and_concat_shares_scale():
-    p = _plan(tiny.cnn())
+    p = _plan(tiny.cnn(), mode="int8")
     assert [(n.name, i) for n, i in p.residuals] == [("residual", 0)]
     assert any({"r1", "cat"} <= set(g) for g in p.shared_scales)
 

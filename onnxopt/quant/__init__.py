@@ -17,13 +17,13 @@ import onnx_graphsurgeon as gs
 from .. import autocast, calib, io
 from .. import graph as G
 from ..errors import OnnxoptError
-from . import qdq, rules
+from . import bias_correction, qdq, rules
 
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "fp8", "int4")
 DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
-MIN_OPSET = {"int8": 13, "fp8": 19, "int4": 21}
+MIN_OPSET = {"int8": 19, "fp8": 19, "int4": 21}  # FP16 scales on Q/DQ need opset 19
 SUPPORTED_OPSETS = range(7, 24)
 
 
@@ -38,6 +38,7 @@ class QuantConfig:
     io_dtype: str | None = None                # None keeps graph I/O dtypes
     quantize_mha: bool = True                  # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
+    bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
     smoothquant: float | str | None = None     # alpha, "auto", or None
     awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
     block_size: int = 128                      # int4; 0 = per-channel
@@ -209,23 +210,32 @@ def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, 
         plan = rules.plan(graph, config)
 
     t = time.perf_counter()
-    amax = calibrate(graph, data, plan, config)
+    amax, means = calibrate(graph, data, plan, config)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     tensors = graph.tensors()
     layers = {}
+    inputs_before_qdq = {id(n): n.inputs[0].name for n in plan.nodes}
     for name, uses in plan.activations.items():
         scale = qdq.activation_scale(amax[name], config.mode, config.high_precision)
         qdq.insert_activation_qdq(graph, tensors[name], uses, scale, config.mode)
     done: dict[str, gs.Variable] = {}
+    shared = {c.name for _, _, c, _ in plan.weights if len(c.outputs) > 1}
     for node, idx, const, axis in plan.weights:
         key = const.name
         if key not in done:
             src = node.inputs[idx]
             values = _fold_chain(src) if src is not const else None
-            done[key], info = qdq.quantize_weight(graph, const, axis, config.mode, config.high_precision, values)
-            layers[node.name] = info
+            mean = means.get(inputs_before_qdq[id(node)]) if key not in shared else None
+            corrected = {}
+
+            def on_error(w, w_deq, node=node, mean=mean):
+                if mean is not None:
+                    corrected["bias_correction"] = bias_correction.apply(graph, node, w, w_deq, mean)
+            done[key], info = qdq.quantize_weight(graph, const, axis, config.mode, config.high_precision, values,
+                                                  on_error=on_error if mean is not None else None)
+            layers[node.name] = {**info, **corrected}
         node.inputs[idx] = done[key]
     timings["qdq"] = time.perf_counter() - t
     report["layers"] = {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes}
@@ -249,18 +259,27 @@ def _fold_chain(t: gs.Tensor) -> np.ndarray:
     return w
 
 
-def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: QuantConfig) -> dict[str, float]:
-    """Clip range of each planned activation, by the configured method; Concat groups share the largest."""
+def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: QuantConfig):
+    """Clip range of each planned activation, by the configured method (Concat groups share the largest),
+    and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data."""
     method = config.method
-    todo = [n for n in plan.activations if n not in plan.fixed_amax]
-    reducers = {n: [calib.AbsMax() if method == "max" else calib.Histogram()] for n in todo}
+    ranges = {n: calib.AbsMax() if method == "max" else calib.Histogram()
+              for n in plan.activations if n not in plan.fixed_amax}
+    mean_r = {}
+    if config.bias_correction:
+        for node, _, _, _ in plan.weights:
+            mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node)))
+    reducers: dict[str, list] = {}
+    for group in (ranges, mean_r):
+        for n, r in group.items():
+            reducers.setdefault(n, []).append(r)
     calib.collect_graph(graph, data, reducers, provider=config.provider, memory_budget_mb=config.memory_budget_mb,
                         progress=config.progress)
     amax = dict(plan.fixed_amax)
-    for name, (r,) in reducers.items():
+    for name, r in ranges.items():
         amax[name] = r.value if method == "max" else calib.amax_from_histogram(r, method, config.mode, config.percentile)
     for group in plan.shared_scales:
         shared = max(amax[n] for n in group)
         for n in group:
             amax[n] = shared
-    return amax
+    return amax, {n: r.value for n, r in mean_r.items() if r.value is not None}

@@ -42,9 +42,10 @@ def insert_activation_qdq(graph: gs.Graph, tensor: gs.Tensor, uses, scale: np.nd
 
 
 def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, high_precision: str,
-                    values: np.ndarray | None = None) -> tuple[gs.Variable, dict]:
+                    values: np.ndarray | None = None, on_error=None) -> tuple[gs.Variable, dict]:
     """Per-output-channel symmetric weights: a quantized initializer feeding a DequantizeLinear.
-    `values` replaces the constant's own values (e.g. a weight folded through a Transpose)."""
+    `values` replaces the constant's own values (e.g. a weight folded through a Transpose);
+    `on_error(w, w_dequantized)` sees both arrays before they are released (bias correction)."""
     f = FORMATS[fmt]
     w = np.asarray(G.read_values(const) if values is None else values, dtype=np.float32)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
@@ -53,6 +54,8 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     bshape = [1] * w.ndim
     bshape[axis] = -1
     q = f.cast(w / scale.reshape(bshape))
+    if on_error is not None:
+        on_error(w, q.astype(np.float32) * scale.reshape(bshape))
     name = const.name
     qc = gs.Constant(f"{name}_quantized", q)
     sc = gs.Constant(f"{name}_scale", scale)

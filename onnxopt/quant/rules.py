@@ -19,6 +19,7 @@ from ..autocast import shape_nodes
 # Head sizes of TensorRT's fused multi-head-attention kernels.
 MHA_HEAD_SIZES = (16, 32, 40, 64, 80, 96, 104, 128, 160, 192, 256)
 MIN_GEMM_DIM = 16
+MAX_INT8_MHA_SEQ = 512
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Context:
     config: object
     shape_nodes: set
     exclude: list
+    graph_inputs: set
 
 
 @dataclass
@@ -99,16 +101,47 @@ def rule_mha(node, ctx):
     head = _head_size(node, k, n)
     if head is not None and head not in MHA_HEAD_SIZES:
         return f"head size {head} not supported by TensorRT's fused MHA"
+    seq = _seq_len(node, k, n)
+    if ctx.config.mode == "int8" and seq is not None and seq > MAX_INT8_MHA_SEQ:
+        return f"sequence length {seq} > {MAX_INT8_MHA_SEQ}: no fused INT8 MHA"
+    return None
+
+
+def rule_conv_kernels(node, ctx):
+    """TensorRT's quantized Conv kernels want at least 16 input and output channels. INT8 also covers dense
+    convs with a multiple of 8 channels (at the network input or next to a wide side, square filters) and
+    depthwise convs with a multiple of 8 outputs and filters of 3 or more. FP8 needs filters of at most 32
+    taps and more than 16 channels each way (below that FP16 kernels are faster)."""
+    if node.op != "Conv" or node.inputs[1].shape is None:
+        return None
+    shape = list(node.inputs[1].shape)
+    oc, ic, kernel = shape[0], shape[1], shape[2:]
+    group = int(node.attrs.get("group", 1))
+    mode = ctx.config.mode
+    if oc < 16 or ic < 16:
+        if mode == "int8":
+            at_input = not node.inputs[0].inputs or node.inputs[0].name in ctx.graph_inputs
+            if group == 1 and (oc % 8 == 0 or ic % 8 == 0) and (at_input or oc >= 16 or ic >= 16) and len(set(kernel)) <= 1:
+                return None
+            if group > 1 and oc % 8 == 0 and all(k >= 3 for k in kernel):
+                return None
+        return f"{ic} input / {oc} output channels per group: no TensorRT {mode} kernel"
+    if mode == "fp8":
+        taps = int(np.prod(kernel)) if kernel else 1
+        if taps > 32:
+            return f"{taps}-tap filter: no TensorRT FP8 kernel"
+        if oc <= 16 or ic <= 16:
+            return "16 channels or fewer: FP16 is faster than FP8"
     return None
 
 
 RULES = (rule_op_type, rule_user_exclude, rule_not_shape_subgraph, rule_float_data, rule_not_prequantized,
-         rule_gemm_size, rule_mha)
+         rule_conv_kernels, rule_gemm_size, rule_mha)
 
 
 # ---------------------------------------------------------------- planning
 def plan(graph: gs.Graph, config) -> Plan:
-    ctx = Context(config, shape_nodes(graph), [re.compile(p) for p in config.exclude])
+    ctx = Context(config, shape_nodes(graph), [re.compile(p) for p in config.exclude], {t.name for t in graph.inputs})
     p = Plan()
     for node in graph.nodes:
         if node.op not in G.WEIGHT_OPS:
@@ -211,6 +244,14 @@ def _head_size(node, k, n):
     if a.inputs and a.inputs[0].op == "Softmax":
         return n
     return k
+
+
+def _seq_len(node, k, n):
+    """Key length: BMM1 (Q·Kᵀ) produces it, BMM2 (P·V) reduces over it."""
+    a = node.inputs[0]
+    if a.inputs and a.inputs[0].op == "Softmax":
+        return k
+    return n
 
 
 def _same_shape(tensors):

@@ -1,0 +1,210 @@
+"""INT4 blockwise weight-only quantization of MatMul/Gemm weights (activations stay high precision).
+
+Weights are symmetric INT4 in blocks of `block_size` along K (the reduction axis; 0 = one block per
+output channel), stored packed (onnx INT4) and fed to a DequantizeLinear with `axis` and `block_size`
+(opset 21). Optionally AWQ (onnxopt.awq) first scales input channels and searches per-block clip ratios.
+Layers matching `int8_layers` keep per-channel INT8 weights instead.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .. import fold
+from .. import graph as G
+from ..errors import OnnxoptError
+from . import qdq
+
+log = logging.getLogger(__name__)
+
+QMIN, QMAX = -8, 7
+INT8_MAX = 127.0
+AWQ_METHODS = ("none", "lite", "clip", "full")
+OPS = ("MatMul", "Gemm")
+
+
+# ---------------------------------------------------------------- numerics, [K, N] layout
+def _blocks(k: int, block_size: int) -> int:
+    return block_size if block_size > 0 else k
+
+
+def block_scales(w_kn: np.ndarray, block_size: int, clip: np.ndarray | float | None = None,
+                 high_precision: str = "fp32") -> np.ndarray:
+    """Per (block along K, output column) scale [ceil(K/B), N]: max|W| in the block (times its clip ratio) / 7."""
+    k, n = w_kn.shape
+    b = _blocks(k, block_size)
+    nb = -(-k // b)
+    a = np.abs(w_kn)
+    if nb * b != k:
+        a = np.concatenate([a, np.zeros((nb * b - k, n), a.dtype)])
+    amax = a.reshape(nb, b, n).max(axis=1)
+    if clip is not None:
+        amax = amax * clip
+    return qdq.round_scale(np.where(amax > 0, amax / QMAX, 1.0), high_precision)
+
+
+def _expand(scale: np.ndarray, k: int, block_size: int) -> np.ndarray:
+    return np.repeat(scale, _blocks(k, block_size), axis=0)[:k]
+
+
+def quantize_blocks(w_kn: np.ndarray, block_size: int, clip=None, high_precision: str = "fp32"):
+    """(INT4 values as int8 [K, N], scales [ceil(K/B), N])."""
+    scale = block_scales(w_kn, block_size, clip, high_precision)
+    q = np.clip(np.rint(w_kn / _expand(scale, w_kn.shape[0], block_size)), QMIN, QMAX).astype(np.int8)
+    return q, scale
+
+
+def fake_quant(w_kn: np.ndarray, block_size: int, clip=None, high_precision: str = "fp32") -> np.ndarray:
+    """Quantize-dequantize (what the DequantizeLinear will give back)."""
+    q, scale = quantize_blocks(w_kn, block_size, clip, high_precision)
+    return q.astype(np.float32) * _expand(scale, w_kn.shape[0], block_size)
+
+
+def fake_quant_int8(w_kn: np.ndarray, high_precision: str = "fp32") -> np.ndarray:
+    """Per-output-channel symmetric INT8 quantize-dequantize."""
+    amax = np.abs(w_kn).max(axis=0)
+    scale = qdq.round_scale(np.where(amax > 0, amax / INT8_MAX, 1.0), high_precision)
+    return np.clip(np.rint(w_kn / scale), -INT8_MAX, INT8_MAX) * scale
+
+
+# ---------------------------------------------------------------- layers
+def to_kn(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """The weight as [K, N] (reduction axis first)."""
+    return w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w
+
+
+def select_layers(graph: gs.Graph, config) -> tuple[list[tuple[gs.Node, int]], dict[str, str]]:
+    """(node, bits) for each MatMul/Gemm with a 2-D constant FP weight; bits 8 where int8_layers matches.
+    Also returns node name -> reason for the layers left alone."""
+    exclude = [re.compile(p) for p in config.exclude]
+    try:
+        int8 = re.compile(config.int8_layers) if config.int8_layers else None
+    except re.error as e:
+        raise OnnxoptError(f"--int8-layers '{config.int8_layers}' is not a valid regular expression ({e})") from None
+    layers, skipped = [], {}
+    for n in graph.nodes:
+        if n.op not in OPS or n.op not in config.op_types:
+            continue
+        reason = None
+        if any(p.search(n.name or "") for p in exclude):
+            reason = "excluded by --exclude"
+        elif len(n.inputs) < 2 or not G.is_float(n.inputs[0]):
+            reason = "input is not a float tensor"
+        elif n.op == "Gemm" and n.attrs.get("transA", 0):
+            reason = "Gemm with transA"
+        else:
+            try:
+                if len(fold.effective_shape(n)) != 2:
+                    reason = "weight is not 2-D"
+            except OnnxoptError as e:
+                reason = "already quantized" if "already quantized" in str(e) else "weight is not a constant"
+        if reason:
+            skipped[n.name] = reason
+            continue
+        layers.append((n, 8 if int8 is not None and int8.search(n.name or "") else 4))
+    return layers, skipped
+
+
+def _check(config) -> None:
+    if config.awq not in AWQ_METHODS:
+        raise OnnxoptError(f"unknown --awq '{config.awq}'; use one of {', '.join(AWQ_METHODS)}")
+    b = config.block_size
+    if b < 0 or (b and (b < 16 or b & (b - 1))):
+        raise OnnxoptError(f"--block-size {b}: use 128, 64, 32 (a power of two >= 16) or 0 for per-channel")
+
+
+def _int4_constant(name: str, q: np.ndarray) -> gs.Constant:
+    # onnx-graphsurgeon cannot serialize ml_dtypes.int4 arrays itself; hand it the packed TensorProto.
+    return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(q.astype(ml_dtypes.int4), name)))
+
+
+def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, block_size: int, clip, high_precision: str,
+                 names: set) -> tuple[gs.Variable, dict]:
+    """Quantized weight + DequantizeLinear in the node's own weight layout; returns the DQ output."""
+    trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    k, n = w_kn.shape
+    base = _unique(f"{node.inputs[1].name}_int{bits}", names)
+    if bits == 4:
+        q, scale = quantize_blocks(w_kn, block_size, clip, high_precision)
+        info = {"bits": 4, "block_size": block_size, "blocks": int(scale.shape[0])}
+        if block_size:
+            attrs = {"axis": 1 if trans else 0, "block_size": int(block_size)}
+        else:  # one block per output channel: per-axis scales
+            scale = scale[0]
+            attrs = {"axis": 0 if trans else 1}
+        if trans:
+            q, scale = q.T, scale.T
+        qc = _int4_constant(base, np.ascontiguousarray(q))
+        packed = (q.size + 1) // 2
+    else:
+        amax = np.abs(w_kn).max(axis=0)
+        scale = qdq.round_scale(np.where(amax > 0, amax / INT8_MAX, 1.0), high_precision)
+        q = np.clip(np.rint(w_kn / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        attrs = {"axis": 0 if trans else 1}
+        if trans:
+            q = q.T
+        qc = gs.Constant(base, np.ascontiguousarray(q))
+        info = {"bits": 8, "per_channel": True}
+        packed = q.size
+    dtype = node.inputs[1].dtype if G.is_float(node.inputs[1]) else np.float32
+    sc = gs.Constant(_unique(base + "_scale", names), np.ascontiguousarray(scale.astype(np.float32)))
+    out = gs.Variable(_unique(base + "_dequantized", names), dtype=dtype, shape=list(q.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=_unique(base + "_DequantizeLinear", names),
+                               inputs=[qc, sc], outputs=[out], attrs=attrs))
+    info["bytes"] = int(packed + sc.values.nbytes)
+    return out, info
+
+
+def _unique(base: str, names: set) -> str:
+    name, i = base, 0
+    while name in names:
+        i += 1
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
+
+
+# ---------------------------------------------------------------- entry point
+def quantize_int4(graph: gs.Graph, data, config) -> dict:
+    """INT4 weight-only quantization of `graph` in place (AWQ per config.awq first). Returns the report."""
+    _check(config)
+    t0 = time.perf_counter()
+    layers, skipped = select_layers(graph, config)
+    if not layers:
+        raise OnnxoptError("nothing to quantize to INT4: no MatMul or Gemm with a constant 2-D weight"
+                           + (f" ({'; '.join(sorted(set(skipped.values()))[:3])})" if skipped else ""))
+    hp = getattr(config, "high_precision", "fp16")
+    report: dict = {"block_size": config.block_size, "awq": config.awq, "layers": {}, "skipped": skipped}
+    clips: dict[str, np.ndarray] = {}
+    if config.awq != "none":
+        from .. import awq
+        if data is None:
+            raise OnnxoptError(f"--awq {config.awq} needs calibration data; pass --calib (or --calib-random N), or use --awq none")
+        awq_report, clips = awq.apply(graph, data, layers, method=config.awq, block_size=config.block_size,
+                                      high_precision=hp, provider=config.provider,
+                                      memory_budget_mb=config.memory_budget_mb, progress=config.progress)
+        report["awq_search"] = awq_report
+    names = set(graph.tensors()) | {n.name for n in graph.nodes}
+    done: dict[int, tuple[gs.Variable, dict]] = {}
+    before = after = 0
+    for node, bits in layers:
+        key = id(node.inputs[1])
+        if key not in done:
+            w = to_kn(node, fold.effective_weight(node))
+            before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
+            done[key] = write_weight(graph, node, w, bits, config.block_size, clips.get(node.name), hp, names)
+            after += done[key][1]["bytes"]
+        out, info = done[key]
+        node.inputs[1] = out
+        report["layers"][node.name] = {"op": node.op, **info}
+    report["weight_bytes"] = {"before": int(before), "after": int(after)}
+    report["time_s"] = round(time.perf_counter() - t0, 3)
+    log.info("int4: %d layers (%d kept INT8), weights %.1f -> %.1f MB in %.1f s", len(layers),
+             sum(b == 8 for _, b in layers), before / 2**20, after / 2**20, report["time_s"])
+    return report
