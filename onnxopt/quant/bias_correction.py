@@ -9,6 +9,11 @@ import onnx_graphsurgeon as gs
 from .. import graph as G
 
 
+# Convolutions and Gemm see the same weight error at every position, the case the method was made for;
+# transformer MatMuls mix padded and real tokens, whose means differ, and gain nothing measurable.
+OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
 def input_axis(node: gs.Node) -> int:
     return G.activation_channel_axis(node)
 
