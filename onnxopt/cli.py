@@ -34,9 +34,29 @@ def handle_errors(fn):
 @click.pass_context
 def main(ctx, verbose, quiet):
     """onnxopt: quantize, sparsify and convert ONNX graphs for TensorRT."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = {"progress": not quiet}
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"progress": True}
+    _set_verbosity(ctx, verbose, quiet)
+
+
+def _set_verbosity(ctx, verbose: int, quiet: bool) -> None:
+    if not (verbose or quiet):
+        return
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.getLogger().setLevel(level)
+    root = ctx.find_root()
+    if quiet and root.obj is not None:
+        root.obj["progress"] = False
+
+
+def _verbosity_after_command(cmd: click.Command) -> None:
+    """-v / -q are accepted after the subcommand too (`onnxopt quantize m.onnx -q`)."""
+    cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                                   help="More logging (-vv for debug).",
+                                   callback=lambda ctx, _, v: _set_verbosity(ctx, v, False)))
+    cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                                   help="Only errors; no progress bars.",
+                                   callback=lambda ctx, _, v: _set_verbosity(ctx, 0, v)))
 
 
 def progress_enabled() -> bool:
@@ -85,6 +105,11 @@ def _write_json(path, obj) -> None:
 @click.option("--high-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here.")
+@click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
+              help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both (full, default) or RTN (none).")
+@click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
+@click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.pass_context
 @handle_errors
 def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_method, percentile,
@@ -132,6 +157,19 @@ def _given(ctx, field_name: str) -> bool:
     return src is not None and src.name == "COMMANDLINE"
 
 
+def _sq_alpha(value):
+    """--smoothquant value: None, 'auto' or a float in [0, 1]."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None if value is None else "auto"
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is neither a number in [0, 1] nor 'auto'") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise click.BadParameter(f"alpha {alpha} is outside [0, 1]")
+    return alpha
+
+
 def _extra_quant_fields(extra: dict) -> dict:
     """Options that other capabilities add to `quantize` (sparsity, SmoothQuant, AWQ) map 1:1 to QuantConfig fields."""
     return {k: v for k, v in extra.items() if v is not None}
@@ -156,14 +194,21 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
+@click.option("--sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
 @handle_errors
-def inspect(model, layers, json_path):
+def inspect(model, layers, json_path, show_sparsity):
     """Op histogram, Q/DQ coverage and a TensorRT placement lint of MODEL."""
     from .inspect import format_report, inspect_path
     ins = inspect_path(model)
     click.echo(format_report(ins, show_layers=layers))
+    summary = ins.summary()
+    if show_sparsity:
+        from . import io, sparsity
+        rows = sparsity.report(io.import_graph(io.load(model)))
+        click.echo(sparsity.format_report(rows))
+        summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
     if json_path:
-        _write_json(json_path, ins.summary())
+        _write_json(json_path, summary)
 
 
 @main.command()
@@ -260,7 +305,7 @@ def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weig
     """Build a TensorRT engine from MODEL with Polygraphy (needs the trt extra)."""
     from .trt.build import build as run
     res = run(model, output, config=_build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed))
-    flags = "+".join(sorted(res.precision_flags)) or "no precision flags"
+    flags = "+".join(res.precision_flags) or "no precision flags"
     click.echo(f"wrote {res.path} in {res.seconds:.1f} s (TensorRT {res.tensorrt}, "
                f"{'strongly typed' if res.strongly_typed else 'weakly typed, ' + flags}"
                f"{', sparse weights' if res.sparse_weights else ''})")
@@ -333,6 +378,10 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
     path = diffusion.save_npz(arrays, output)
     click.echo(diffusion.describe(arrays))
     click.echo(f"wrote {path} ({len(arrays['sample'])} samples)")
+
+
+for _cmd in list(main.commands.values()):
+    _verbosity_after_command(_cmd)
 
 
 if __name__ == "__main__":
