@@ -191,14 +191,27 @@ def _fmt(shape) -> str:
 
 
 # ---------------------------------------------------------------- reducers
+@dataclass(frozen=True)
+class PreReduce:
+    """A reduction ONNX Runtime can run inside the graph, so that only its small result is fetched:
+    `op` over every axis but `keep_axis` (None: all axes), of |x| when `absolute`."""
+    op: str
+    absolute: bool
+    keep_axis: int | None = None
+
+
 class Reducer:
     """Folds each batch of one tensor into a running statistic."""
+
+    pre_reduce: PreReduce | None = None  # set by reducers whose statistic survives an in-graph reduction
 
     def update(self, x: np.ndarray) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class AbsMax(Reducer):
+    pre_reduce = PreReduce("ReduceMax", True)
+
     def __init__(self):
         self.value = 0.0
 
@@ -213,6 +226,7 @@ class ChannelAbsMax(Reducer):
     def __init__(self, axis: int = -1):
         self.axis = axis
         self.value = None
+        self.pre_reduce = PreReduce("ReduceMax", True, axis)
 
     def update(self, x):
         x = np.moveaxis(np.abs(x), self.axis, -1).reshape(-1, x.shape[self.axis])
@@ -227,6 +241,7 @@ class ChannelMean(Reducer):
         self.axis = axis
         self.sum = None
         self.count = 0
+        self.pre_reduce = PreReduce("ReduceMean", False, axis)  # a mean of equal-sized batch means
 
     def update(self, x):
         x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
@@ -388,48 +403,93 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             desc: str = "calibrating") -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
-    Graph inputs are taken from the feeds; other tensors become extra graph outputs. Tensors are split
-    into groups so that one batch of one group stays within `memory_budget_mb`.
+    Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean) get it added to
+    the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
+    outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
+    Graph inputs are taken from the feeds.
     """
-    names = list(reducers)
-    if not names:
+    if not reducers:
         return
     inputs = {vi.name for vi in model.graph.input}
-    fetch = [n for n in names if n not in inputs]
     first = next(iter(data), None)
     if first is None:
         raise OnnxoptError(f"{data.describe}: no calibration samples")
+    ranks = _ranks(model)
+    full: dict[str, list] = {}
+    reduced, aux_nodes = [], []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for name, rs in reducers.items():
+        for r in rs:
+            spec = r.pre_reduce
+            rank = ranks.get(name)
+            if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
+                full.setdefault(name, []).append(r)
+                continue
+            out = f"{name}__calib{len(reduced)}"
+            aux_nodes += _reduce_nodes(name, out, spec, rank, opset)
+            reduced.append((out, r))
+    fetch = [n for n in full if n not in inputs]
     sizes = _estimate_bytes(model, first, fetch) if fetch else {}
     groups = _groups(sizes, memory_budget_mb * 2**20) if fetch else [[]]
     if len(groups) > 1:
-        log.info("calibrating %d tensors in %d passes to stay within %d MB", len(fetch), len(groups), memory_budget_mb)
+        log.info("calibrating %d whole tensors in %d passes to stay within %d MB", len(fetch), len(groups), memory_budget_mb)
     n_batches = len(data)
     bar = tqdm(total=n_batches * len(groups), desc=desc, unit="batch", disable=not progress, leave=False)
-    for group in groups:
-        sess = ortx.session(_with_outputs(model, group), provider=provider, level="basic", prepack=False)
-        out_names = [o.name for o in sess.get_outputs()]
+    for gi, group in enumerate(groups):
+        small = [o for o, _ in reduced] if gi == 0 else []
+        sess = ortx.session(_with_outputs(model, group + small, aux_nodes if small else ()), provider=provider,
+                            level="basic", prepack=False)
+        names = group + small
         for feed in data:
-            if group:
-                results = sess.run(group, feed)
-                for name, value in zip(group, results):
-                    for r in reducers[name]:
-                        r.update(value)
-                del results
-            else:
-                sess.run(out_names[:1], feed)
+            results = sess.run(names, feed) if names else sess.run([sess.get_outputs()[0].name], feed)
+            for name, value in zip(group, results):
+                for r in full[name]:
+                    r.update(value)
+            for (_, r), value in zip(reduced if small else (), results[len(group):]):
+                r.update(value)
+            del results
             bar.update(1)
         del sess
-    for name in names:
+    for name, rs in full.items():
         if name in inputs:
             for feed in data:
-                for r in reducers[name]:
+                for r in rs:
                     r.update(feed[name])
     bar.close()
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = len(tt.shape.dim)
+    return out
+
+
+def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int) -> list:
+    src = name
+    nodes = []
+    if spec.absolute:
+        nodes.append(helper.make_node("Abs", [name], [f"{out}_abs"], name=f"{out}_Abs"))
+        src = f"{out}_abs"
+    if spec.keep_axis is None:
+        nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
+        return nodes
+    axes = [i for i in range(rank) if i != spec.keep_axis % rank]
+    if opset >= 18:
+        nodes.append(helper.make_node("Constant", [], [f"{out}_axes"], name=f"{out}_axes",
+                                      value=helper.make_tensor(f"{out}_axes_value", onnx.TensorProto.INT64, [len(axes)], axes)))
+        nodes.append(helper.make_node(spec.op, [src, f"{out}_axes"], [out], name=f"{out}_{spec.op}", keepdims=1))
+    else:
+        nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", axes=axes, keepdims=1))
+    return nodes
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str], nodes: Sequence = ()) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    m.graph.node.extend(nodes)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:

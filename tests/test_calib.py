@@ -90,13 +90,38 @@ def test_mse_and_entropy_clip_outliers_but_max_does_not(qtype):
 def test_collect_in_several_passes_matches_one_pass(tmp_path, cnn):
     data = calib.CalibData.random(calib.input_specs(cnn), 3, shapes={"x": (2, 3, 16, 16)})
     names = ["c1", "r1", "c2", "a", "cat", "r3", "logits"]
-    one = {n: [calib.AbsMax()] for n in names}
-    many = {n: [calib.AbsMax()] for n in names}
+    one = {n: [calib.Histogram()] for n in names}
+    many = {n: [calib.Histogram()] for n in names}
     calib.collect(cnn, data, one, progress=False)
-    calib.collect(cnn, data, many, progress=False, memory_budget_mb=0)  # one tensor per pass
+    calib.collect(cnn, data, many, progress=False, memory_budget_mb=0)  # one whole tensor per pass
     for n in names:
-        assert one[n][0].value > 0
-        assert one[n][0].value == pytest.approx(many[n][0].value)
+        assert one[n][0].amax > 0
+        assert one[n][0].amax == pytest.approx(many[n][0].amax)
+        np.testing.assert_array_equal(one[n][0].counts, many[n][0].counts)
+
+
+class _Fetched(calib.Reducer):
+    """Keeps whole tensors (test reference for the in-graph reductions)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def update(self, x):
+        self.batches.append(np.array(x))
+
+
+def test_in_graph_reductions_match_whole_tensors(cnn):
+    data = calib.CalibData.random(calib.input_specs(cnn), 3, shapes={"x": (2, 3, 16, 16)})
+    names = ["c1", "cat", "logits"]
+    red = {n: [calib.AbsMax(), calib.ChannelAbsMax(1), calib.ChannelMean(1), _Fetched()] for n in names}
+    calib.collect(cnn, data, red, progress=False)
+    for n in names:
+        amax, chmax, mean, fetched = red[n]
+        allv = np.concatenate(fetched.batches)
+        assert amax.value == pytest.approx(float(np.abs(allv).max()), rel=1e-6)
+        axes = tuple(i for i in range(allv.ndim) if i != 1)
+        np.testing.assert_allclose(chmax.value, np.abs(allv).max(axis=axes), rtol=1e-6)
+        np.testing.assert_allclose(mean.value, allv.mean(axis=axes), rtol=1e-5, atol=1e-6)
 
 
 def test_channel_absmax_axis():
