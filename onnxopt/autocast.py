@@ -8,6 +8,7 @@ rounding of unquantized ops is not simulated.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -219,4 +220,6 @@ def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = N
     graph = io.import_graph(io.infer_shapes(model))
     to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
     out = io.export_graph(graph)
+    del graph
+    gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
     return io.save(out, output, input_path=model_path)

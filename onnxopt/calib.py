@@ -64,17 +64,19 @@ class CalibData:
     """An iterable of feed dicts. Sources are read lazily, one file at a time."""
 
     def __init__(self, specs: Sequence[InputSpec], sources: Sequence, batch_size: int = 1, limit: int | None = None,
-                 describe: str = "data"):
+                 describe: str = "data", max_batch: int | None = None):
         self.specs = list(specs)
         self._sources = list(sources)  # callables returning {name: array with leading sample axis}
         self.batch_size = batch_size
         self.limit = limit
         self.describe = describe
+        self.max_batch = max_batch  # split feeds along a dynamic batch axis (e.g. CFG pairs) to bound activations
         self._n = None
 
     # -- constructors
     @classmethod
-    def from_path(cls, path, specs: Sequence[InputSpec], batch_size: int = 1, limit: int | None = None) -> "CalibData":
+    def from_path(cls, path, specs: Sequence[InputSpec], batch_size: int = 1, limit: int | None = None,
+                  max_batch: int | None = None) -> "CalibData":
         p = Path(path)
         if p.is_dir():
             files = sorted(p.glob("*.npz"))
@@ -88,13 +90,13 @@ class CalibData:
             if f.suffix not in (".npz", ".npy"):
                 raise OnnxoptError(f"{f}: calibration data must be .npz (arrays keyed by input name) or .npy")
         sources = [(lambda f=f: _read_file(f, specs)) for f in files]
-        data = cls(specs, sources, batch_size, limit, describe=str(p))
+        data = cls(specs, sources, batch_size, limit, describe=str(p), max_batch=max_batch)
         data._validate(sources[0]())
         return data
 
     @classmethod
     def random(cls, specs: Sequence[InputSpec], n: int, seed: int = 0, shapes: dict | None = None,
-               batch_size: int = 1) -> "CalibData":
+               batch_size: int = 1, max_batch: int | None = None) -> "CalibData":
         shapes = shapes or {}
         concrete = {}
         for s in specs:
@@ -118,7 +120,7 @@ class CalibData:
                     out[s.name] = rng.integers(0, 2, size=shp).astype(s.dtype)
             return out
 
-        return cls(specs, [gen], batch_size, None, describe=f"random(n={n}, seed={seed})")
+        return cls(specs, [gen], batch_size, None, describe=f"random(n={n}, seed={seed})", max_batch=max_batch)
 
     # -- iteration
     def _validate(self, arrays: dict) -> None:
@@ -145,11 +147,11 @@ class CalibData:
         for src in self._sources:
             arrays = src()
             self._validate(arrays)
-            for feed in self._split(arrays):
+            for sample in self._split(arrays):
                 if self.limit is not None and produced >= self.limit:
                     return
                 produced += 1
-                yield feed
+                yield from self._chunks(sample)
 
     def _split(self, arrays: dict) -> Iterator[dict]:
         # With a leading sample axis, each sample is a whole feed; otherwise chunk along the batch axis.
@@ -165,6 +167,19 @@ class CalibData:
                 v = a[i] if stacked else a[i:i + step]
                 feed[s.name] = np.ascontiguousarray(v.astype(s.dtype, copy=False))
             yield feed
+
+    def _chunks(self, feed: dict) -> Iterator[dict]:
+        """Split a feed along axis 0 into batches of at most `max_batch`, for inputs whose batch axis is
+        dynamic; inputs that do not carry the batch (a broadcast timestep, say) are passed whole."""
+        dynamic = {s.name for s in self.specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)}
+        sizes = {v.shape[0] for k, v in feed.items() if k in dynamic and v.ndim}
+        n = max(sizes, default=0)
+        if not self.max_batch or n <= self.max_batch:
+            yield feed
+            return
+        for i in range(0, n, self.max_batch):
+            yield {k: (v[i:i + self.max_batch] if k in dynamic and v.ndim and v.shape[0] == n else v)
+                   for k, v in feed.items()}
 
     def __len__(self) -> int:
         if self._n is None:
@@ -438,7 +453,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     for gi, group in enumerate(groups):
         small = [o for o, _ in reduced] if gi == 0 else []
         sess = ortx.session(_with_outputs(model, group + small, aux_nodes if small else ()), provider=provider,
-                            level="basic", prepack=False)
+                            level="basic", lean=True)
         names = group + small
         for feed in data:
             results = sess.run(names, feed) if names else sess.run([sess.get_outputs()[0].name], feed)

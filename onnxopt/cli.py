@@ -97,6 +97,7 @@ def _write_json(path, obj) -> None:
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="Clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, default=99.99, show_default=True)
 @click.option("--calib-batches", type=int, help="Use at most N calibration batches.")
+@click.option("--calib-max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory).")
 @click.option("--calib-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--memory-budget", type=int, default=4096, show_default=True, help="MB of activations fetched per calibration pass.")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave unquantized (repeatable).")
@@ -110,11 +111,13 @@ def _write_json(path, obj) -> None:
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both (full, default) or RTN (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
+@click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
+@click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses --calib).")
 @click.pass_context
 @handle_errors
 def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_method, percentile,
-             calib_batches, calib_provider, memory_budget, exclude, op_types, no_mha, high_precision, io_dtype, report_path,
-             **extra):
+             calib_batches, calib_max_batch, calib_provider, memory_budget, exclude, op_types, no_mha, high_precision, io_dtype,
+             report_path, **extra):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     import dataclasses
 
@@ -125,7 +128,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     fields = dict(mode=mode, calib_method=calib_method, percentile=percentile, exclude=tuple(exclude),
                   op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()), high_precision=high_precision,
                   io_dtype=io_dtype, quantize_mha=not no_mha, provider=calib_provider, memory_budget_mb=memory_budget,
-                  calib_batches=calib_batches, progress=progress_enabled())
+                  calib_batches=calib_batches, calib_max_batch=calib_max_batch, progress=progress_enabled())
     fields.update(_extra_quant_fields(extra))
     if preset:
         from . import presets
@@ -147,7 +150,8 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 
 _PARAM_FOR_FIELD = {"calib_method": "calib_method", "percentile": "percentile", "exclude": "exclude", "op_types": "op_types",
                     "high_precision": "high_precision", "io_dtype": "io_dtype", "quantize_mha": "no_mha",
-                    "provider": "calib_provider", "memory_budget_mb": "memory_budget", "calib_batches": "calib_batches"}
+                    "provider": "calib_provider", "memory_budget_mb": "memory_budget", "calib_batches": "calib_batches",
+                    "calib_max_batch": "calib_max_batch"}
 
 
 def _given(ctx, field_name: str) -> bool:

@@ -19,7 +19,7 @@ _PROTO_LIMIT = 1_800_000_000
 
 
 def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disable",
-            threads: int = 0, prepack: bool = True) -> ort.InferenceSession:
+            threads: int = 0, lean: bool = False) -> ort.InferenceSession:
     """An InferenceSession for a model whose external tensors carry absolute locations (see io.load).
 
     ORT refuses absolute external-data paths, so locations are made relative to their folder, which the
@@ -35,8 +35,10 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    if not prepack:  # prepacked GEMM weights are a second copy of every MatMul weight
-        so.add_session_config_entry("session.disable_prepacking", "1")
+    if lean:  # memory over speed (calibration of big models)
+        so.add_session_config_entry("session.disable_prepacking", "1")  # packed GEMM weights: a 2nd copy
+        so.enable_cpu_mem_arena = False  # the arena keeps its high-water mark for the session's life
+        so.enable_mem_pattern = False    # planned buffers are sized for the largest shapes seen
     m = onnx.ModelProto()
     m.CopyFrom(model)
     io.stamp_ir_version(m)

@@ -130,3 +130,13 @@ def test_channel_absmax_axis():
     x[:, 1] = -5.0
     r.update(x)
     np.testing.assert_array_equal(r.value, [0.0, 5.0, 0.0])
+
+
+def test_max_batch_splits_dynamic_batch_and_keeps_broadcast_inputs():
+    specs = [calib.InputSpec("x", ("N", 4), np.dtype(np.float32)), calib.InputSpec("t", (1,), np.dtype(np.float32))]
+    x = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 samples of batch 2 (a CFG pair)
+    t = np.ones((3, 1), np.float32)
+    data = calib.CalibData(specs, [lambda: {"x": x, "t": t}], max_batch=1)
+    feeds = list(data)
+    assert len(feeds) == 6 and all(f["x"].shape == (1, 4) and f["t"].shape == (1,) for f in feeds)
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x.reshape(6, 4))

@@ -4,6 +4,7 @@ Order of the passes (techniques stack): sparsify -> smooth -> calibrate -> Q/DQ 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import time
@@ -48,6 +49,7 @@ class QuantConfig:
     provider: str = "cpu"                      # calibration execution provider
     memory_budget_mb: int = 4096
     calib_batches: int | None = None           # use at most this many calibration batches
+    calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
 
     def __post_init__(self):
@@ -120,14 +122,14 @@ def _convert_opset(m: onnx.ModelProto, target: int) -> onnx.ModelProto:
 
 
 def load_data(data, model: onnx.ModelProto, *, calib_random: int | None = None, seed: int = 0,
-              shapes: dict | None = None, limit: int | None = None) -> calib.CalibData:
+              shapes: dict | None = None, limit: int | None = None, max_batch: int | None = None) -> calib.CalibData:
     specs = calib.input_specs(model)
     if isinstance(data, calib.CalibData):
         return data
     if data is not None:
-        return calib.CalibData.from_path(data, specs, limit=limit)
+        return calib.CalibData.from_path(data, specs, limit=limit, max_batch=max_batch)
     if calib_random:
-        return calib.CalibData.random(specs, calib_random, seed=seed, shapes=shapes)
+        return calib.CalibData.random(specs, calib_random, seed=seed, shapes=shapes, max_batch=max_batch)
     raise OnnxoptError("no calibration data; pass --calib FILE.npz (or a directory) or --calib-random N")
 
 
@@ -145,7 +147,8 @@ def quantize(model, output=None, *, config: QuantConfig | None = None, data=None
 def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0) -> QuantResult:
     m = prepare(model, config.mode, work)
     fp32 = _fp32_source(m)
-    data = load_data(data, fp32, calib_random=calib_random, seed=seed, shapes=shapes, limit=config.calib_batches)
+    data = load_data(data, fp32, calib_random=calib_random, seed=seed, shapes=shapes, limit=config.calib_batches,
+                     max_batch=config.calib_max_batch)
     graph = io.import_graph(fp32)
     report: dict = {"mode": config.mode, "config": {k: v for k, v in asdict(config).items()}}
     timings = report.setdefault("timings_s", {})
@@ -172,6 +175,7 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
     timings["autocast"] = time.perf_counter() - t
     out = io.export_graph(graph, opset=MIN_OPSET[config.mode])
     del graph  # the exported protobuf now owns the weights; keep one copy
+    gc.collect()  # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
     path = None
     if output is not None:
         t = time.perf_counter()
