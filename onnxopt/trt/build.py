@@ -20,17 +20,15 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
 from onnx import TensorProto
 
 from .. import io
 from ..errors import OnnxoptError
-from ..graph import WEIGHT_OPS, weight_input_channel_axis, weight_of
 from . import import_tensorrt, major_version
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,7 @@ class BuildResult:
     tensorrt: str
     strongly_typed: bool
     sparse_weights: bool
-    precision_flags: dict = field(default_factory=dict)  # the CreateConfig precision flags that were set
+    precision_flags: tuple[str, ...] = ()  # the CreateConfig precision flags that were set (weakly typed builds)
 
 
 # ---------------------------------------------------------------- pure ONNX helpers
@@ -141,31 +139,10 @@ def precision_of(model: onnx.ModelProto) -> Precision:
 
 
 def has_sparse_weights(model: onnx.ModelProto) -> bool:
-    """Whether some Conv/MatMul/Gemm weight is 2:4 sparse along its input channels (what TensorRT's
-    SPARSE_WEIGHTS tactics use). Weights are read one at a time."""
-    graph = io.import_graph(model)
-    for node in graph.nodes:
-        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
-            continue
-        w, chain = weight_of(node.inputs[1])
-        if w is None or any(n.op == "Transpose" for n in chain):
-            continue
-        try:
-            values = np.asarray(w.values)
-        except Exception:  # packed types that numpy cannot hold
-            continue
-        if values.ndim >= 2 and is_2_4(values, weight_input_channel_axis(node)):
-            return True
-    return False
-
-
-def is_2_4(w: np.ndarray, axis: int) -> bool:
-    """At most 2 non-zeros in every group of 4 consecutive elements along `axis` (and some non-zero)."""
-    v = np.moveaxis(w, axis, -1)
-    if v.shape[-1] % 4 or not v.size:
-        return False
-    groups = (v.reshape(-1, 4) != 0).sum(axis=1)
-    return bool(groups.max() <= 2 and groups.any())
+    """Whether `onnxopt inspect`'s 2:4 report finds a 2:4-sparse Conv/MatMul/Gemm weight (along input
+    channels, looking through DequantizeLinear): what TensorRT's SPARSE_WEIGHTS tactics can use."""
+    from .. import sparsity
+    return any(r["is_2_4"] for r in sparsity.report(io.import_graph(model), "2:4"))
 
 
 # ---------------------------------------------------------------- build
@@ -187,7 +164,9 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
         raise OnnxoptError(f"TensorRT {trt.__version__} builds strongly typed networks only; drop --weakly-typed")
     prec = precision_of(proto)
     # Strongly typed networks take their precision from the graph; precision flags are refused there.
-    flags = {} if strongly else {k: v for k, v in (("fp16", prec.fp16), ("bf16", prec.bf16), ("int8", prec.int8), ("fp8", prec.fp8)) if v}
+    weak = not strongly
+    fp16, bf16, int8, fp8 = weak and prec.fp16, weak and prec.bf16, weak and prec.int8, weak and prec.fp8
+    flags = tuple(name for name, on in (("fp16", fp16), ("bf16", bf16), ("int8", int8), ("fp8", fp8)) if on)
     sparse = config.sparse_weights if config.sparse_weights is not None else has_sparse_weights(proto)
     del proto
     profiles = None
@@ -207,7 +186,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     t0 = time.perf_counter()
     try:
         network = network_from_onnx_path(str(model), strongly_typed=strongly)
-        builder_config = CreateConfig(**flags, sparse_weights=sparse, profiles=profiles, load_timing_cache=cache,
+        builder_config = CreateConfig(fp16=fp16, bf16=bf16, int8=int8, fp8=fp8, sparse_weights=sparse, profiles=profiles, load_timing_cache=cache,
                                       builder_optimization_level=config.opt_level, memory_pool_limits=pools)
         engine = engine_from_network(network, config=builder_config, save_timing_cache=cache)
         save_engine(engine, path=tmp)
@@ -227,8 +206,3 @@ def _first_line(e: Exception) -> str:
     lines = [s for s in str(e).strip().splitlines() if s.strip()]
     return lines[0][:400] if lines else type(e).__name__
 
-
-def result_dict(r: BuildResult) -> dict:
-    d = asdict(r)
-    d["path"] = str(r.path)
-    return d
