@@ -131,7 +131,8 @@ def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, bl
     k, n = w_kn.shape
     base = _unique(f"{node.inputs[1].name}_int{bits}", names)
     if bits == 4:
-        q, scale = quantize_blocks(w_kn, block_size, clip, high_precision)
+        # `clip` is either per-block clip ratios, or the (values, scales) that error-feedback rounding chose.
+        q, scale = clip if isinstance(clip, tuple) else quantize_blocks(w_kn, block_size, clip, high_precision)
         info = {"bits": 4, "block_size": block_size, "blocks": int(scale.shape[0])}
         if block_size:
             attrs = {"axis": 1 if trans else 0, "block_size": int(block_size)}

@@ -1,0 +1,339 @@
+"""AWQ for INT4 weight-only layers: activation-aware input-channel scales and per-block clip ratios.
+
+- lite: per activation (layers that read it share one s), s = x^a / w^(1-a) with x the mean |X_j| over the
+  calibration data and w the mean block-normalized |W_j|; a is searched on a grid (0.1, refined by 0.05)
+  by the layers' output MSE against FP32, and s is folded into the graph by `fold.fold_input_scale` (the
+  same folding as SmoothQuant).
+- clip: per (block, output channel) clip ratio of the INT4 scale, searched by output MSE: each block on its
+  own, then coordinate descent over the blocks of each output channel.
+- full: lite, then clip on the scaled weights.
+
+One streaming calibration pass collects, per activation, the channel means and the Gram matrix X^T X over
+all rows (bounded row samples instead when the Gram matrices would not fit the memory budget); every
+output MSE is then tr(D^T H D) for a weight error D, without stored activations.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from . import calib, fold
+from .errors import OnnxoptError
+from .graph import activation_channel_axis
+from .quant import int4 as q4
+from .smoothquant import RowSample
+
+log = logging.getLogger(__name__)
+
+ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
+CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
+CLIP_SWEEPS = 2           # coordinate-descent passes over the blocks of a column
+ROWS = 2048               # sampled input rows per activation when Gram matrices would not fit the budget
+_S_RANGE = (1e-4, 1e4)
+
+
+class ChannelMeanAbs(calib.Reducer):
+    """Mean |x| per channel along `axis`, streaming."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.sum = None
+        self.count = 0
+
+    def update(self, x):
+        x = np.moveaxis(np.abs(np.asarray(x, dtype=np.float32)), self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        s = x.sum(axis=0, dtype=np.float64)
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += len(x)
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / max(self.count, 1)
+
+
+class Gram(calib.Reducer):
+    """H = X^T X over all rows (channel axis last), streaming: the layer output error of any weight
+    change D is tr(D^T H D), so searches need no stored activations. Rows are buffered (about 8 MB)
+    so that the products are few and large."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.h = None
+        self.buf: list[np.ndarray] = []
+        self.rows = 0
+        self.total_rows = 0
+
+    def update(self, x):
+        x = np.moveaxis(np.asarray(x, dtype=np.float32), self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        self.buf.append(x)
+        self.rows += len(x)
+        self.total_rows += len(x)
+        if self.rows * x.shape[1] >= 2**21:
+            self._flush()
+
+    def _flush(self):
+        if not self.buf:
+            return
+        x = np.concatenate(self.buf)
+        self.buf, self.rows = [], 0
+        g = x.T @ x
+        if self.h is None:
+            self.h = g
+        else:
+            self.h += g
+
+    @property
+    def value(self) -> np.ndarray | None:
+        self._flush()
+        return self.h
+
+
+def _quant(w_kn: np.ndarray, bits: int, block_size: int, hp: str, clip=None) -> np.ndarray:
+    return q4.fake_quant(w_kn, block_size, clip, hp) if bits == 4 else q4.fake_quant_int8(w_kn, hp)
+
+
+def _weight_norm_mean(w_kn: np.ndarray, block_size: int) -> np.ndarray:
+    """Mean over output channels of |W| normalized by its block's max: how large row j is within its blocks."""
+    k, n = w_kn.shape
+    b = block_size or k
+    nb = -(-k // b)
+    a = np.abs(w_kn)
+    pad = np.concatenate([a, np.zeros((nb * b - k, n), a.dtype)]) if nb * b != k else a
+    amax = pad.reshape(nb, b, n).max(axis=1, keepdims=True)
+    norm = (pad.reshape(nb, b, n) / np.maximum(amax, 1e-12)).reshape(nb * b, n)[:k]
+    return norm.mean(axis=1)
+
+
+def _rel_error(h: np.ndarray, w: np.ndarray, deq: np.ndarray, norm: float) -> float:
+    """||X (deq - W)||^2 / ||X W||^2 through the Gram matrix H = X^T X."""
+    d = deq - w
+    return float(np.sum((h @ d) * d, dtype=np.float64)) / norm
+
+
+def _block_candidates(wb: np.ndarray, hp: str, ratios=CLIP_RATIOS) -> np.ndarray:
+    """Quantize-dequantize of one block [B, N] at every clip ratio: [ratios, B, N]."""
+    amax = np.abs(wb).max(axis=0)
+    r = np.asarray(ratios, np.float32)[:, None]
+    scale = q4.qdq.round_scale(np.where(amax > 0, amax * r / q4.QMAX, 1.0), hp)[:, None, :]
+    return np.clip(np.rint(wb[None] / scale), q4.QMIN, q4.QMAX) * scale
+
+
+def search_scale(h: np.ndarray, x_mean: np.ndarray, weights: list[tuple[np.ndarray, int]], block_size: int,
+                 hp: str = "fp32") -> tuple[float | None, np.ndarray, dict]:
+    """AWQ-lite: the s (one per input channel) minimizing sum over layers of ||X W - (X/s) Q(W s)||^2 / ||X W||^2,
+    with H = X^T X; alpha on a 0.1 grid, then refined by 0.05. `weights` holds (W [K, N], bits).
+    Returns (alpha, or None for no scaling, s, errors)."""
+    norms = [max(float(np.sum((h @ w) * w, dtype=np.float64)), 1e-30) for w, _ in weights]
+    w_mean = np.mean([_weight_norm_mean(w, block_size) for w, _ in weights], axis=0)
+    xm = np.maximum(x_mean, 1e-8)
+    wm = np.maximum(w_mean, 1e-8)
+
+    def loss(s):
+        sc = s[:, None].astype(np.float32)
+        return sum(_rel_error(h, w, _quant(w * sc, bits, block_size, hp) / sc, nrm) for (w, bits), nrm in zip(weights, norms))
+
+    def scales(a):
+        s = xm ** a / wm ** (1.0 - a)
+        return np.clip(s / math.sqrt(float(s.max() * s.min())), *_S_RANGE)
+
+    tried = {}
+    for a in ALPHAS[::2]:
+        tried[a] = loss(scales(a))
+    best = min(tried, key=tried.get)
+    for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
+        if 0.0 <= a <= 1.0 and a not in tried:
+            tried[a] = loss(scales(a))
+    best = min(tried, key=tried.get)
+    base = loss(np.ones_like(xm))
+    if base <= tried[best]:
+        return None, np.ones_like(xm), {"unscaled": base, "scaled": base}
+    return float(best), scales(best), {"unscaled": base, "scaled": tried[best]}
+
+
+def _quad(hbb: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """c_r[:, n]^T H c_r[:, n] for every r and n, as one matrix product. c: [R, B, N] -> [R, N]."""
+    r, b, n = c.shape
+    flat = np.ascontiguousarray(c.transpose(1, 0, 2)).reshape(b, r * n)
+    return np.einsum("bk,bk->k", hbb @ flat, flat).reshape(r, n)
+
+
+def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp32",
+                sweeps: int = CLIP_SWEEPS) -> tuple[np.ndarray, dict]:
+    """Per (block, output channel) clip ratio of the INT4 scale. First each block alone minimizes its own
+    output error d_b^T H_bb d_b; then coordinate descent over the blocks minimizes each column's whole
+    output error d^T H d (the blocks of one column interact through H)."""
+    k, n = w_kn.shape
+    b = block_size or k
+    nb = -(-k // b)
+    ratios = np.asarray(CLIP_RATIOS, np.float32)
+    cols = np.arange(n)
+    choice = np.zeros((nb, n), np.int64)
+    d = np.empty_like(w_kn)
+    d_rtn = np.empty_like(w_kn)
+    own = []
+    for i in range(nb):
+        sl = slice(i * b, min((i + 1) * b, k))
+        c = _block_candidates(w_kn[sl], hp) - w_kn[sl][None]  # [R, B, N]: weight error at each ratio
+        err = _quad(h[sl, sl], c)                               # [R, N]: c^T H_bb c
+        choice[i] = np.argmin(err, axis=0)
+        d[sl] = np.take_along_axis(c, choice[i][None, None, :], axis=0)[0]
+        d_rtn[sl] = c[0]
+        own.append(err)
+    if nb > 1 and sweeps:
+        g = h @ d                                               # H d, kept current
+        for _ in range(sweeps):
+            moved = 0
+            for i in range(nb):
+                sl = slice(i * b, min((i + 1) * b, k))
+                c, db = _block_candidates(w_kn[sl], hp) - w_kn[sl][None], d[sl]  # recomputed: R copies of W are big
+                hd = h[sl, sl] @ db                             # H_bb d_b
+                # Error change when block i switches from d_b to c_r, all else fixed:
+                # 2 (c_r - d_b).g_b + c_r^T H c_r - 2 c_r^T H d_b + d_b^T H d_b
+                cur = np.einsum("bn,bn->n", db, hd)
+                change = (2 * np.einsum("rbn,bn->rn", c, g[sl] - hd) - 2 * np.einsum("bn,bn->n", db, g[sl])
+                          + own[i] + cur)
+                best = np.argmin(change, axis=0)
+                upd = change[best, cols] < -1e-12 * np.abs(cur).max(initial=1.0)
+                if upd.any():
+                    choice[i] = np.where(upd, best, choice[i])
+                    new = np.take_along_axis(c, choice[i][None, None, :], axis=0)[0]
+                    g += h[:, sl] @ (new - db)
+                    d[sl] = new
+                    moved += int(upd.sum())
+            if not moved:
+                break
+    norm = max(float(np.sum((h @ w_kn) * w_kn, dtype=np.float64)), 1e-30)
+    info = {"rtn": _rel_error(h, w_kn, w_kn + d_rtn, norm), "clip": _rel_error(h, w_kn, w_kn + d, norm),
+            "mean_ratio": float(ratios[choice].mean())}
+    return ratios[choice], info
+
+
+def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: int, damp: float = 0.01,
+               lazy: int = 128) -> np.ndarray:
+    """INT4 values for W [K, N] with fixed block scales, rounded one input channel at a time with the
+    error of each fed back into the channels not yet rounded (GPTQ, Frantar et al. 2023), so that the
+    layer output error ||X (W - Q)||, not the weight error, is what the rounding minimizes."""
+    k, n = w_kn.shape
+    # Channels with the largest activations first: their rounding error is absorbed by the most others.
+    perm = np.argsort(-np.diag(h), kind="stable")
+    inv_perm = np.argsort(perm)
+    w = w_kn[perm].astype(np.float64)
+    hh = h[np.ix_(perm, perm)].astype(np.float64)
+    dead = np.diag(hh) == 0
+    hh[dead, dead] = 1.0
+    w[dead] = 0.0
+    hh[np.diag_indices(k)] += damp * float(np.mean(np.diag(hh)))
+    u = np.linalg.cholesky(np.linalg.inv(hh)).T  # upper factor of H^-1
+    s = q4._expand(scale, k, block_size).astype(np.float64)[perm]
+    q = np.zeros((k, n), np.int8)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1, err = w[i1:i2].copy(), np.zeros((i2 - i1, n))
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            qi = np.clip(np.rint(w1[i] / s[i1 + i]), q4.QMIN, q4.QMAX)
+            q[i1 + i] = qi
+            e = (w1[i] - qi * s[i1 + i]) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    return q[inv_perm]
+
+
+def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
+          block_size: int = 128, high_precision: str = "fp16", provider: str = "cpu", memory_budget_mb: int = 4096,
+          progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """AWQ on `layers` ((node, bits) pairs) of `graph`: scales folded in place, clip ratios returned
+    (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback
+    (`gptq_round`) and returns (q, scale) pairs instead of clip ratios. Returns (report, clips)."""
+    if method not in ("lite", "clip", "full"):
+        raise OnnxoptError(f"unknown AWQ method '{method}'; use lite, clip or full")
+    t0 = time.perf_counter()
+    bits = {id(n): b for n, b in layers}
+    groups: dict[str, list[gs.Node]] = {}
+    for n, _ in layers:
+        groups.setdefault(n.inputs[0].name, []).append(n)
+    # Gram matrices over all data when they fit half the budget; else Gram matrices of sampled rows.
+    widths = {name: fold.input_channels(nodes[0], fold.effective_shape(nodes[0])) for name, nodes in groups.items()}
+    use_gram = sum(4 * c * c + 2**23 for c in widths.values()) <= memory_budget_mb * 2**20 // 2  # + row buffers
+    n_batches = len(data)
+    reducers: dict[str, list] = {}
+    stats = {}
+    for i, (name, nodes) in enumerate(groups.items()):
+        axis = activation_channel_axis(nodes[0])
+        if any(activation_channel_axis(n) != axis for n in nodes):
+            raise OnnxoptError(f"layers reading '{name}' disagree on its channel axis")
+        rows = ROWS if use_gram else int(np.clip(memory_budget_mb * 2**20 // 8 // max(sum(widths.values()), 1), 64, ROWS))
+        stats[name] = (ChannelMeanAbs(axis), Gram(axis) if use_gram else RowSample(axis, rows, n_batches, seed=i))
+        reducers[name] = list(stats[name])
+    calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
+                        desc="awq: calibrating")
+
+    def gram(name):
+        r = stats[name][1]
+        if use_gram:
+            return r.value
+        x = r.value
+        return (x.T @ x) if len(x) else None
+
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
+    report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if use_gram else "sampled rows"}
+    clips: dict[str, np.ndarray] = {}
+    x_scale: dict[str, np.ndarray] = {}
+    hs: dict[str, np.ndarray] = {}
+    if method in ("lite", "full"):
+        # Downstream first: a fold into a producer rescales its output columns before its own search.
+        for name in tqdm(order, desc="awq: scale search", disable=not progress, leave=False):
+            nodes = groups[name]
+            mean = stats[name][0].value
+            h = hs[name] = gram(name)
+            if mean is None or h is None:
+                continue
+            ws = [(q4.to_kn(n, fold.effective_weight(n)), bits[id(n)]) for n in nodes]
+            alpha, s, errs = search_scale(h, mean, ws, block_size, high_precision)
+            entry = {"activation": name, "layers": [n.name for n in nodes], "alpha": alpha, "error": errs}
+            if alpha is not None:
+                entry["fold"] = fold.fold_input_scale(graph, nodes, s)
+                x_scale[name] = s
+            else:
+                entry["fold"] = "not scaled: scaling did not lower the output error"
+            report["groups"].append(entry)
+            for n in nodes:
+                report["layers"][n.name] = {"alpha": alpha}
+            if method == "lite":
+                hs.pop(name)
+    if method in ("clip", "full"):
+        todo = [(name, n) for name in order for n in groups[name] if bits[id(n)] == 4]
+        for j, (name, n) in enumerate(tqdm(todo, desc="awq: clip search", disable=not progress, leave=False)):
+            h = hs[name] if name in hs else gram(name)
+            if h is None:
+                continue
+            if name in x_scale:  # the layer now reads X / s
+                inv = (1.0 / x_scale[name]).astype(np.float32)
+                h = h * inv[:, None] * inv[None, :]
+            w = q4.to_kn(n, fold.effective_weight(n))
+            clips[n.name], info = search_clip(h, w, block_size, high_precision)
+            report["layers"].setdefault(n.name, {})["clip"] = info
+            # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
+            # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
+            rows = getattr(stats[name][1], "total_rows", 0)
+            if method == "full" and rows >= w.shape[0]:
+                scale = q4.block_scales(w, block_size, clips[n.name], high_precision)
+                q = gptq_round(w, h, scale, block_size)
+                deq = q.astype(np.float32) * q4._expand(scale, w.shape[0], block_size)
+                nrm = max(_rel_error(h, w, np.zeros_like(w), 1.0), 1e-30)
+                report["layers"][n.name]["gptq_error"] = _rel_error(h, w, deq, nrm)
+                clips[n.name] = (q, scale)
+            if j + 1 == len(todo) or todo[j + 1][0] != name:
+                hs.pop(name, None)
+    report["time_s"] = round(time.perf_counter() - t0, 3)
+    log.info("awq-%s: %d activations, %d layers, %.1f s", method, len(groups), len(layers), report["time_s"])
+    return report, clips

@@ -1,0 +1,318 @@
+"""SmoothQuant for INT8 W8A8: migrate activation outliers into the weights, s_j = max|X_j|^a / max|W_j|^(1-a).
+
+Per-input-channel activation maxima are collected in one streaming calibration pass. With alpha "auto",
+the same pass keeps a bounded sample of each layer's input rows (Conv: im2col patches) from the first few
+batches, and alpha is chosen per activation by the simulated INT8 Q/DQ error of the layers' outputs
+against FP32 (per-tensor activation scale from the smoothed max, per-channel weight scales). Layers that
+read one activation (Q, K, V) share one s. The scales are folded by `fold.fold_input_scale`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from . import calib, fold
+from .errors import OnnxoptError
+from .graph import activation_channel_axis
+
+log = logging.getLogger(__name__)
+
+ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
+_S_RANGE = (1e-4, 1e4)
+_FLOOR = 1e-5
+SEARCH_BATCHES = 8        # "a few calibration batches" for auto alpha
+SEARCH_ROWS = 1024        # rows (or patches) kept per layer for the search, fewer under a tight budget
+
+
+# ---------------------------------------------------------------- sampling reducers
+class RowSample(calib.Reducer):
+    """Up to `rows` rows of the activation (channel axis last), drawn evenly from the first `batches`
+    batches; the rest of the data is ignored, so memory is bounded."""
+
+    def __init__(self, axis: int, rows: int, batches: int, seed: int = 0):
+        self.axis, self.rows, self.batches = axis, rows, max(1, batches)
+        self.rng = np.random.default_rng(seed)
+        self.parts: list[np.ndarray] = []
+        self.seen = 0
+
+    def update(self, x):
+        if self.seen >= self.batches or x.size == 0:
+            return
+        self.seen += 1
+        x2 = np.moveaxis(np.asarray(x), self.axis, -1)
+        x2 = x2.reshape(-1, x2.shape[-1])
+        k = min(len(x2), math.ceil(self.rows / self.batches))
+        idx = np.sort(self.rng.choice(len(x2), k, replace=False))
+        self.parts.append(x2[idx].astype(np.float32))
+
+    @property
+    def value(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
+
+
+class PatchSample(RowSample):
+    """Like RowSample, for a Conv input: im2col patches [rows, C * prod(kernel)] at random output positions,
+    in the weight's (channel, kernel position) order."""
+
+    def __init__(self, node: gs.Node, kernel: tuple[int, ...], rows: int, batches: int, seed: int = 0):
+        super().__init__(1, rows, batches, seed)
+        nd = len(kernel)
+        self.kernel = tuple(kernel)
+        self.strides = list(node.attrs.get("strides", [1] * nd))
+        self.dilations = list(node.attrs.get("dilations", [1] * nd))
+        self.pads = list(node.attrs.get("pads", [0] * (2 * nd)))
+        self.auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        if isinstance(self.auto_pad, bytes):
+            self.auto_pad = self.auto_pad.decode()
+
+    def _pads(self, sp):
+        nd = len(sp)
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            begin, end = [], []
+            for d in range(nd):
+                total = max((math.ceil(sp[d] / self.strides[d]) - 1) * self.strides[d]
+                            + (self.kernel[d] - 1) * self.dilations[d] + 1 - sp[d], 0)
+                small = total // 2
+                begin.append(small if self.auto_pad == "SAME_UPPER" else total - small)
+                end.append(total - begin[-1])
+            return begin, end
+        if self.auto_pad == "VALID":
+            return [0] * nd, [0] * nd
+        return self.pads[:nd], self.pads[nd:]
+
+    def update(self, x):
+        if self.seen >= self.batches or x.size == 0:
+            return
+        self.seen += 1
+        x = np.asarray(x)
+        n, c, sp = x.shape[0], x.shape[1], x.shape[2:]
+        nd = len(sp)
+        begin, end = self._pads(sp)
+        xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+        out = [(sp[d] + begin[d] + end[d] - self.dilations[d] * (self.kernel[d] - 1) - 1) // self.strides[d] + 1
+               for d in range(nd)]
+        total = n * int(np.prod(out))
+        k = min(total, math.ceil(self.rows / self.batches))
+        coords = np.unravel_index(self.rng.choice(total, k, replace=False), (n, *out))
+        kgrid = np.indices(self.kernel).reshape(nd, -1)
+        idx = (coords[0][:, None, None], np.arange(c)[None, :, None]) + tuple(
+            (coords[1 + d] * self.strides[d])[:, None, None] + (kgrid[d] * self.dilations[d])[None, None, :]
+            for d in range(nd))
+        self.parts.append(xp[idx].reshape(k, -1).astype(np.float32))
+
+
+# ---------------------------------------------------------------- groups
+@dataclass
+class Group:
+    """Layers that read one activation (input 0) and so share one scale vector."""
+    activation: str
+    layers: list[gs.Node]
+    axis: int
+    order: int = 0
+    absmax: calib.ChannelAbsMax | None = None
+    samplers: list = field(default_factory=list)  # one per layer, or empty
+
+
+def find_groups(graph: gs.Graph, plan=None, exclude: tuple[str, ...] = (),
+                op_types: tuple[str, ...] = fold.CONSUMER_OPS) -> list[Group]:
+    """Groups of weight layers by shared activation, from `plan.activations` (the quantizer's plan) or,
+    without a plan, from every Conv/ConvTranspose/MatMul/Gemm with a constant weight."""
+    if plan is not None:
+        readers = {name: [n for n, i in rs if i == 0] for name, rs in plan.activations.items()}
+        weighted = {id(w[0]) for w in getattr(plan, "weights", ()) if w[1] == 1}
+    else:
+        pats = [re.compile(p) for p in exclude]
+        readers, weighted = {}, set()
+        for n in graph.nodes:
+            if n.op in op_types and n.op in fold.CONSUMER_OPS and len(n.inputs) > 1 and not any(p.search(n.name) for p in pats):
+                readers.setdefault(n.inputs[0].name, []).append(n)
+                weighted.add(id(n))
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    groups = []
+    for name, nodes in readers.items():
+        layers, seen = [], set()
+        for n in nodes:
+            if id(n) in seen or n.op not in fold.CONSUMER_OPS or id(n) not in weighted or n.inputs[0].name != name:
+                continue
+            try:
+                fold.weight_chain(n, 1)
+            except OnnxoptError:
+                continue
+            seen.add(id(n))
+            layers.append(n)
+        if not layers:
+            continue
+        axes = {activation_channel_axis(n) for n in layers}
+        if len(axes) != 1:
+            log.info("'%s': readers disagree on the channel axis; not smoothed", name)
+            continue
+        groups.append(Group(name, layers, axes.pop(), min(position.get(id(n), 0) for n in layers)))
+    return groups
+
+
+# ---------------------------------------------------------------- scales
+def scales(act_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), clipped; channels that are all zero keep s = 1."""
+    a = np.maximum(act_max, _FLOOR)
+    w = np.maximum(w_max, _FLOOR)
+    s = np.clip(a ** alpha / w ** (1.0 - alpha), *_S_RANGE)
+    return np.where((act_max > 0) & (w_max > 0), s, 1.0)
+
+
+@dataclass
+class _Layer:
+    """A layer's weight as [groups, rows, outputs] with the input channel of each row, its sampled
+    inputs [samples, groups, rows] and FP32 outputs."""
+    w3: np.ndarray
+    chan: np.ndarray
+    col_group: int
+    x: np.ndarray
+    y_ref: np.ndarray
+    y_norm: float
+
+
+def _layer(node: gs.Node, sample: np.ndarray) -> _Layer:
+    w = fold.effective_weight(node)
+    w3 = fold.weight_matrix(node, w)
+    g, r, _ = w3.shape
+    c = fold.input_channels(node, w.shape)
+    cg = c // g
+    kk = r // cg
+    col_group = 1
+    if node.op == "ConvTranspose":  # columns run over (output channel, kernel position)
+        col_group = int(np.prod(w.shape[2:]))
+        kk = 1
+    chan = np.arange(g)[:, None] * cg + np.arange(r)[None, :] // kk
+    x = sample.reshape(len(sample), g, r).transpose(1, 0, 2)  # [g, m, r]
+    y = np.matmul(x, w3)
+    return _Layer(w3, chan, col_group, x, y, float(np.sum(y.astype(np.float64) ** 2)) or 1.0)
+
+
+def _qdq_int8(v: np.ndarray, scale) -> np.ndarray:
+    return np.clip(np.rint(v / scale), -127, 127) * scale
+
+
+def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray) -> float:
+    """Sum over layers of ||Y_qdq - Y_fp32||^2 / ||Y_fp32||^2 with INT8 activations (per-tensor scale from
+    the smoothed max) and INT8 weights (per output channel) after smoothing by `s`."""
+    a_scale = max(float(np.max(act_max / s)), 1e-12) / 127.0
+    err = 0.0
+    for L in layers:
+        srow = s[L.chan].astype(np.float32)  # [g, r]
+        xq = _qdq_int8(L.x / srow[:, None, :], a_scale)
+        ws = L.w3 * srow[:, :, None]
+        g, r, o = ws.shape
+        amax = np.abs(ws).reshape(g, r, o // L.col_group, L.col_group).max(axis=(1, 3))
+        w_scale = np.repeat(np.maximum(amax, 1e-12) / 127.0, L.col_group, axis=1)[:, None, :]
+        y = np.matmul(xq, _qdq_int8(ws, w_scale))
+        err += float(np.sum((y - L.y_ref).astype(np.float64) ** 2)) / L.y_norm
+    return err
+
+
+def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray) -> tuple[float | None, np.ndarray, dict]:
+    """alpha on a 0.1 grid, refined by 0.05 around the best; None (no smoothing) when that is better still."""
+    tried = {a: simulated_error(layers, act_max, scales(act_max, w_max, a)) for a in ALPHAS[::2]}
+    best = min(tried, key=tried.get)
+    for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
+        if 0.0 <= a <= 1.0 and a not in tried:
+            tried[a] = simulated_error(layers, act_max, scales(act_max, w_max, a))
+    best = min(tried, key=tried.get)
+    base = simulated_error(layers, act_max, np.ones_like(act_max))
+    if base <= tried[best]:
+        return None, np.ones_like(act_max), {"unsmoothed": base, "smoothed": base}
+    return float(best), scales(act_max, w_max, best), {"unsmoothed": base, "smoothed": tried[best]}
+
+
+# ---------------------------------------------------------------- entry point
+def _parse_alpha(value) -> float | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise OnnxoptError(f"--smoothquant takes a number in [0, 1] or 'auto', got '{value}'") from None
+    if not 0.0 <= a <= 1.0:
+        raise OnnxoptError(f"--smoothquant alpha must lie in [0, 1], got {a}")
+    return a
+
+
+def smooth(graph: gs.Graph, data: calib.CalibData | None, plan, config) -> dict:
+    """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers,
+    alpha fixed (config.smoothquant = float) or searched per activation ('auto'). Returns the report."""
+    t0 = time.perf_counter()
+    alpha = _parse_alpha(config.smoothquant)
+    if data is None:
+        raise OnnxoptError("SmoothQuant needs calibration data: pass --calib FILE (or --calib-random N)")
+    groups = find_groups(graph, plan, getattr(config, "exclude", ()), getattr(config, "op_types", fold.CONSUMER_OPS))
+    report = {"alpha": alpha, "groups": [], "alphas": {}, "inserted_muls": 0}
+    if not groups:
+        log.info("smoothquant: no layer to smooth")
+        return report
+    progress = getattr(config, "progress", True)
+    batches = min(SEARCH_BATCHES, len(data)) if alpha == "auto" else 0
+    rows = SEARCH_ROWS
+    if batches:
+        width = 0  # floats per sampled row, summed over all layers
+        for g in groups:
+            for n in g.layers:
+                shape = fold.effective_shape(n)
+                width += int(np.prod(shape[1:])) if n.op == "Conv" else fold.input_channels(n, shape)
+        budget = getattr(config, "memory_budget_mb", 4096) * 2**20 // 4
+        rows = int(np.clip(budget // 4 // max(width, 1), 64, SEARCH_ROWS))
+    reducers: dict[str, list] = {}
+    for i, g in enumerate(groups):
+        g.absmax = calib.ChannelAbsMax(g.axis)
+        reducers.setdefault(g.activation, []).append(g.absmax)
+        if batches:
+            rows_sampler = None  # MatMul/Gemm/ConvTranspose readers of one activation share their rows
+            for n in g.layers:
+                if n.op == "Conv":
+                    sampler = PatchSample(n, tuple(fold.effective_shape(n)[2:]), rows, batches, seed=i)
+                elif rows_sampler is None:
+                    sampler = rows_sampler = RowSample(g.axis, rows, batches, seed=i)
+                else:
+                    g.samplers.append(rows_sampler)
+                    continue
+                g.samplers.append(sampler)
+                reducers[g.activation].append(sampler)
+    calib.collect_graph(graph, data, reducers, provider=getattr(config, "provider", "cpu"),
+                        memory_budget_mb=getattr(config, "memory_budget_mb", 4096), progress=progress,
+                        desc="smoothquant: calibrating")
+
+    # Downstream groups first: folding into a producer rescales that layer's output channels, which
+    # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
+    for g in tqdm(sorted(groups, key=lambda g: -g.order), desc="smoothquant: alpha search" if batches else "smoothquant",
+                  disable=not progress, leave=False):
+        act_max = g.absmax.value
+        if act_max is None:
+            continue
+        w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
+        entry = {"activation": g.activation, "layers": [n.name for n in g.layers]}
+        if batches:
+            layers = [_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
+            chosen, s, entry["error"] = search_alpha(layers, act_max, w_max)
+            del layers
+            g.samplers.clear()
+        else:
+            chosen, s = alpha, scales(act_max, w_max, alpha)
+        entry["alpha"] = chosen
+        if chosen is None:
+            entry["fold"] = "not smoothed: smoothing did not lower the simulated error"
+        else:
+            entry["fold"] = fold.fold_input_scale(graph, g.layers, s)
+            entry["s_range"] = [float(s.min()), float(s.max())]
+            report["inserted_muls"] += entry["fold"].startswith("inserted")
+        for n in g.layers:
+            report["alphas"][n.name] = chosen
+        report["groups"].append(entry)
+    report["time_s"] = round(time.perf_counter() - t0, 3)
+    log.info("smoothquant: %d activation(s), %d inserted Mul(s), %.1f s", len(report["groups"]),
+             report["inserted_muls"], report["time_s"])
+    return report
