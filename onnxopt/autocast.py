@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -216,10 +217,11 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
     io.check_output_path(output, model_path)
-    model = io.load(model_path)
-    graph = io.import_graph(io.infer_shapes(model))
-    to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
-    out = io.export_graph(graph)
-    del graph
-    gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
-    return io.save(out, output, input_path=model_path)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work:
+        model = io.externalize_if_large(io.load(model_path), work)
+        graph = io.import_graph(io.infer_shapes(model))
+        to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
+        out = io.export_graph(graph)
+        del graph, model
+        gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
+        return io.save(out, output, input_path=model_path)

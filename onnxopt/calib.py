@@ -344,7 +344,11 @@ def _quant_mse(x: np.ndarray, w: np.ndarray, amax: float, qtype: str) -> float:
 def _entropy_amax(h: Histogram, qtype: str) -> float:
     """TensorRT's KL-divergence calibration over the |x| histogram (128 levels for INT8)."""
     levels = 128
-    counts = h.counts
+    counts = h.counts.copy()
+    # A spike in the first bin (the zeros of a ReLU output) would make KL favour tiny ranges; TensorRT's
+    # calibrator flattens it the same way.
+    if counts.size > 1:
+        counts[0] = counts[1]
     nz = np.nonzero(counts)[0]
     last = int(nz.max()) + 1
     # Work on 2048 bins like TensorRT; fold finer histograms.

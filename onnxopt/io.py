@@ -102,6 +102,20 @@ def embedded_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in _all_tensors(model) if not external_data_helper.uses_external_data(t))
 
 
+EXTERNALIZE_BYTES = 32 * 2**20  # above this, copies of the protobuf would dominate peak memory
+
+
+def externalize_if_large(model: onnx.ModelProto, workdir, copy: bool = False) -> onnx.ModelProto:
+    """`externalize` when the embedded weights exceed EXTERNALIZE_BYTES (`copy` keeps the caller's model intact)."""
+    if embedded_bytes(model) <= EXTERNALIZE_BYTES:
+        return model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        model = m
+    return externalize(model, workdir)
+
+
 def externalize(model: onnx.ModelProto, workdir: str | os.PathLike) -> onnx.ModelProto:
     """Move embedded weights to an external-data file in `workdir` and return the lazily loaded model.
     Passes then copy and serialize only the graph, never the weights (ORT reads them from the file)."""

@@ -74,18 +74,12 @@ class QuantResult:
     path: Path | None = None
 
 
-EXTERNALIZE_BYTES = 256 * 2**20
-
-
 def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
     """Load (lazily), check the opset and raise it to what the mode needs, infer shapes.
     Big embedded weights move to an external file in `workdir` first, so that no pass copies them."""
     m = model if isinstance(model, onnx.ModelProto) else io.load(model)
-    if workdir is not None and io.embedded_bytes(m) > EXTERNALIZE_BYTES:
-        if isinstance(model, onnx.ModelProto):
-            m = onnx.ModelProto()
-            m.CopyFrom(model)  # the caller's model stays intact
-        m = io.externalize(m, workdir)
+    if workdir is not None:
+        m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
     opset = io.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); re-export the model with opset 17")
