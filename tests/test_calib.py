@@ -140,3 +140,12 @@ def test_max_batch_splits_dynamic_batch_and_keeps_broadcast_inputs():
     feeds = list(data)
     assert len(feeds) == 6 and all(f["x"].shape == (1, 4) and f["t"].shape == (1,) for f in feeds)
     np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x.reshape(6, 4))
+
+
+def test_entropy_ignores_the_zero_spike_of_relu_outputs():
+    # 75% exact zeros (a ReLU6 output): KL must still keep most of the 0..6 range.
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.zeros(300_000), rng.uniform(0, 6, 100_000)])
+    h = calib.Histogram()
+    h.update(x)
+    assert calib.amax_from_histogram(h, "entropy", "int8") > 4.0
