@@ -435,7 +435,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         raise OnnxoptError(f"{data.describe}: no calibration samples")
     ranks = _ranks(model)
     full: dict[str, list] = {}
-    reduced, aux_nodes = [], []
+    reduced, aux_nodes = [], {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for name, rs in reducers.items():
         for r in rs:
@@ -445,7 +445,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                 full.setdefault(name, []).append(r)
                 continue
             out = f"{name}__calib{len(reduced)}"
-            aux_nodes += _reduce_nodes(name, out, spec, rank, opset)
+            aux_nodes.setdefault(name, []).extend(_reduce_nodes(name, out, spec, rank, opset))
             reduced.append((out, r))
     fetch = [n for n in full if n not in inputs]
     sizes = _estimate_bytes(model, first, fetch) if fetch else {}
@@ -456,7 +456,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar = tqdm(total=n_batches * len(groups), desc=desc, unit="batch", disable=not progress, leave=False)
     for gi, group in enumerate(groups):
         small = [o for o, _ in reduced] if gi == 0 else []
-        sess = ortx.session(_with_outputs(model, group + small, aux_nodes if small else ()), provider=provider,
+        sess = ortx.session(_with_outputs(model, group + small, aux_nodes if small else {}), provider=provider,
                             level="basic", lean=True)
         names = group + small
         for feed in data:
@@ -505,10 +505,23 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
     return nodes
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str], nodes: Sequence = ()) -> onnx.ModelProto:
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str], after: dict | None = None) -> onnx.ModelProto:
+    """`model` with extra graph outputs; `after` maps a tensor to nodes placed right after its producer, so
+    that (with priority-based execution) each reduction runs, and its input is freed, as early as possible."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m.graph.node.extend(nodes)
+    if after:
+        nodes = []
+        for n in m.graph.node:
+            nodes.append(n)
+            for o in n.output:
+                nodes.extend(after.get(o, ()))
+        placed = {o for n in m.graph.node for o in n.output}
+        for name, extra in after.items():  # tensors without a producer node (initializers)
+            if name not in placed:
+                nodes.extend(extra)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:

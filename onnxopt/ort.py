@@ -39,6 +39,8 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
         so.add_session_config_entry("session.disable_prepacking", "1")  # packed GEMM weights: a 2nd copy
         so.enable_cpu_mem_arena = False  # the arena keeps its high-water mark for the session's life
         so.enable_mem_pattern = False    # planned buffers are sized for the largest shapes seen
+        # Run nodes in graph order, so that a reduction placed after its producer frees that tensor early.
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     m = onnx.ModelProto()
     m.CopyFrom(model)
     io.stamp_ir_version(m)
