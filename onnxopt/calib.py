@@ -213,6 +213,7 @@ class PreReduce:
     op: str
     absolute: bool
     keep_axis: int | None = None
+    rank: int | None = None  # the tensor's rank when shape inference may not know it (Conv inputs)
 
 
 class Reducer:
@@ -238,10 +239,10 @@ class AbsMax(Reducer):
 class ChannelAbsMax(Reducer):
     """Per-channel max |x| along `axis` (-1 for MatMul inputs, 1 for Conv inputs)."""
 
-    def __init__(self, axis: int = -1):
+    def __init__(self, axis: int = -1, rank: int | None = None):
         self.axis = axis
         self.value = None
-        self.pre_reduce = PreReduce("ReduceMax", True, axis)
+        self.pre_reduce = PreReduce("ReduceMax", True, axis, rank)
 
     def update(self, x):
         x = np.moveaxis(np.abs(x), self.axis, -1).reshape(-1, x.shape[self.axis])
@@ -252,11 +253,11 @@ class ChannelAbsMax(Reducer):
 class ChannelMean(Reducer):
     """Per-channel mean along `axis` (running sum and count)."""
 
-    def __init__(self, axis: int = -1):
+    def __init__(self, axis: int = -1, rank: int | None = None):
         self.axis = axis
         self.sum = None
         self.count = 0
-        self.pre_reduce = PreReduce("ReduceMean", False, axis)  # a mean of equal-sized batch means
+        self.pre_reduce = PreReduce("ReduceMean", False, axis, rank)  # a mean of equal-sized batch means
 
     def update(self, x):
         x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
@@ -440,7 +441,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     for name, rs in reducers.items():
         for r in rs:
             spec = r.pre_reduce
-            rank = ranks.get(name)
+            rank = ranks.get(name) or (spec.rank if spec is not None else None)
             if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
                 full.setdefault(name, []).append(r)
                 continue

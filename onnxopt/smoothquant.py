@@ -268,7 +268,9 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan, config) -> dict:
         rows = int(np.clip(budget // 4 // max(width, 1), 64, SEARCH_ROWS))
     reducers: dict[str, list] = {}
     for i, g in enumerate(groups):
-        g.absmax = calib.ChannelAbsMax(g.axis)
+        conv = next((n for n in g.layers if n.op in ("Conv", "ConvTranspose")), None)
+        rank = len(fold.effective_shape(conv)) if conv is not None else None  # a conv input has its weight's rank
+        g.absmax = calib.ChannelAbsMax(g.axis, rank)
         reducers.setdefault(g.activation, []).append(g.absmax)
         if batches:
             rows_sampler = None  # MatMul/Gemm/ConvTranspose readers of one activation share their rows

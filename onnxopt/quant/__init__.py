@@ -268,7 +268,8 @@ def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: 
         for node, _, _, _ in plan.weights:
             if node.op not in bias_correction.OPS:
                 continue
-            mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node)))
+            mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node),
+                                                                     bias_correction.input_rank(node)))
     reducers: dict[str, list] = {}
     for group in (ranges, mean_r):
         for n, r in group.items():

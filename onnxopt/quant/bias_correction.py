@@ -18,6 +18,14 @@ def input_axis(node: gs.Node) -> int:
     return G.activation_channel_axis(node)
 
 
+def input_rank(node: gs.Node) -> int | None:
+    """A convolution's input has its weight's rank, whatever shape inference managed to tell."""
+    w = node.inputs[1]
+    if node.op in ("Conv", "ConvTranspose") and w.shape is not None:
+        return len(w.shape)
+    return None
+
+
 def output_shift(node: gs.Node, dw: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     """Expected change of each output channel for a weight change `dw` and input channel means `mean`."""
     if node.op == "Conv":
