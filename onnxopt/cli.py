@@ -108,7 +108,7 @@ def _write_json(path, obj) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here.")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
-@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both (full, default) or RTN (none).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
