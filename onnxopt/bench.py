@@ -402,19 +402,9 @@ def _polygraphy_quiet():
 # ---------------------------------------------------------------- output
 def write_report(result: dict, path: str | os.PathLike) -> Path:
     """JSON, written atomically (non-finite numbers as strings: JSON has no inf/nan)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(result), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    return Path(path)
 
 
 def _jsonable(x):

@@ -74,13 +74,10 @@ def _default_output(model: str, suffix: str) -> str:
 
 def _write_json(path, obj) -> None:
     import json
-    import os
-    import tempfile
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".report.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+
+    from .io import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 @main.command()

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from . import io
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -225,16 +225,8 @@ def save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise OnnxoptError(f"{path}: calibration data is written as .npz; name the output *.npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with io.atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

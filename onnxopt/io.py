@@ -6,6 +6,7 @@ demand (one at a time) when a pass needs its values or when the model is saved. 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 MAX_IR_VERSION = 13
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map external weights
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:

@@ -1,6 +1,5 @@
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh

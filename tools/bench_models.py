@@ -162,7 +162,6 @@ def prepare_bert(out: Path, n_calib: int, n_eval: int, seq: int = 128) -> Prepar
 
 
 def prepare_cnn(out: Path, n_calib: int, n_eval: int, size: int = 56, width: int = 64, depth: int = 8) -> Prepared:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxopt import io

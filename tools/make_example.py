@@ -3,7 +3,6 @@
     python tools/make_example.py example/
 writes example/model.onnx (a pre-LN transformer block with token ids), calib.npz and eval.npz.
 """
-import os
 import sys
 from pathlib import Path
 
