@@ -142,7 +142,7 @@ def has_sparse_weights(model: onnx.ModelProto) -> bool:
     """Whether `onnxopt inspect`'s 2:4 report finds a 2:4-sparse Conv/MatMul/Gemm weight (along input
     channels, looking through DequantizeLinear): what TensorRT's SPARSE_WEIGHTS tactics can use."""
     from .. import sparsity
-    return any(r["is_2_4"] for r in sparsity.report(io.import_graph(model), "2:4"))
+    return any(r["is_2_4"] for r in sparsity.report(io.import_graph(model), "2:4", flops=False))
 
 
 # ---------------------------------------------------------------- build
