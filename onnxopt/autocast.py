@@ -35,9 +35,7 @@ _DTYPE_ATTR_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomU
 
 
 def _is_f32(t: gs.Tensor) -> bool:
-    if isinstance(t, gs.Constant):
-        return t.dtype == _F32 or np.dtype(t.dtype) == _F32
-    return t.dtype is not None and np.dtype(t.dtype) == _F32 if not isinstance(t.dtype, int) else t.dtype == TensorProto.FLOAT
+    return _dtype(t) == _F32
 
 
 def shape_nodes(graph: gs.Graph) -> set[int]:

@@ -202,8 +202,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     """Write `model` atomically. External data is used automatically above 2 GB (or when asked);
     external tensors of the source are streamed one at a time into the new data file."""
     path = Path(path)
-    if input_path is not None and path.resolve() == Path(input_path).resolve():
-        raise OnnxoptError(f"output path {path} is the input; choose another -o so that the input stays untouched")
+    if input_path is not None:
+        check_output_path(path, input_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp_ir_version(model)
     if external_data is None:
