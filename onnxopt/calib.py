@@ -8,8 +8,10 @@ batch would exceed the memory budget, the tensors are split into groups and each
 from __future__ import annotations
 
 import logging
+import heapq
 import math
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,9 +19,10 @@ from typing import Iterator, Sequence
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 from tqdm import tqdm
 
+from . import io
 from . import ort as ortx
 from .errors import OnnxoptError
 
@@ -214,12 +217,16 @@ class PreReduce:
     absolute: bool
     keep_axis: int | None = None
     rank: int | None = None  # the tensor's rank when shape inference may not know it (Conv inputs)
+    fraction: float | None = None  # TopK: keep this fraction of the elements of all batches (and the count)
 
 
 class Reducer:
     """Folds each batch of one tensor into a running statistic."""
 
     pre_reduce: PreReduce | None = None  # set by reducers whose statistic survives an in-graph reduction
+
+    def start(self, batches: int) -> None:
+        """Called once before the first batch with the number of batches to come."""
 
     def update(self, x: np.ndarray) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -302,6 +309,48 @@ class Histogram(Reducer):
     @property
     def edges(self):
         return np.linspace(0.0, self.range, self.bins + 1)
+
+
+class TopAbs(Reducer):
+    """The largest |x| over all batches, as many as the `percentile` of all elements needs: an exact
+    percentile from a few values per tensor. In the graph, TopK keeps them per batch (with the element
+    count), so one pass fetches kilobytes instead of whole activations."""
+
+    def __init__(self, percentile: float = 99.99):
+        if not 0.0 < percentile <= 100.0:
+            raise OnnxoptError(f"percentile {percentile} is out of range; use a value in (0, 100], e.g. 99.99")
+        self.percentile = percentile
+        self.fraction = 1.0 - percentile / 100.0
+        self.pre_reduce = PreReduce("TopK", True, fraction=self.fraction)
+        self.batches = 1
+        self.count = 0
+        self.cap = 1
+        self.top = np.zeros(0, np.float32)
+
+    def start(self, batches: int) -> None:
+        self.batches = max(1, batches)
+
+    def update(self, x, n=None):
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        n = a.size if n is None else int(np.asarray(n).ravel()[0])
+        self.count += n
+        # Enough for any total count: no batch holds more than the largest one seen.
+        self.cap = max(self.cap, top_k(n, self.fraction, self.batches))
+        a = np.concatenate([self.top, a])
+        self.top = a if a.size <= self.cap else np.partition(a, a.size - self.cap)[a.size - self.cap:]
+
+    @property
+    def value(self) -> float:
+        if not self.count or not self.top.size:
+            return 0.0
+        rank = self.count - max(1, math.ceil(self.percentile / 100.0 * self.count - 1e-9))  # 0 = the largest
+        top = np.sort(self.top)[::-1]
+        return float(top[min(rank, top.size - 1)])
+
+
+def top_k(n: int, fraction: float, batches: int) -> int:
+    """Values a batch of `n` elements contributes to a percentile over `batches` such batches."""
+    return math.ceil(fraction * n * batches) + 2
 
 
 # ---------------------------------------------------------------- amax from statistics
@@ -420,12 +469,14 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
             provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
-            desc: str = "calibrating") -> None:
+            desc: str = "calibrating", stages: int | None = None) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean) get it added to
     the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
+    Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
+    stage holds only its own weights, and the tensors that cross into later stages wait on disk.
     Graph inputs are taken from the feeds.
     """
     if not reducers:
@@ -434,48 +485,269 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     first = next(iter(data), None)
     if first is None:
         raise OnnxoptError(f"{data.describe}: no calibration samples")
+    budget = memory_budget_mb * 2**20
     ranks = _ranks(model)
     full: dict[str, list] = {}
     reduced, aux_nodes = [], {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    n_batches = len(data)
     for name, rs in reducers.items():
         for r in rs:
+            r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
             if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
                 full.setdefault(name, []).append(r)
                 continue
-            out = f"{name}__calib{len(reduced)}"
-            aux_nodes.setdefault(name, []).extend(_reduce_nodes(name, out, spec, rank, opset))
-            reduced.append((out, r))
+            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
+            aux_nodes.setdefault(name, []).extend(nodes)
+            reduced.append((name, outs, r))
+    if stages is None:
+        stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
-    sizes = _estimate_bytes(model, first, fetch) if fetch else {}
-    groups = _groups(sizes, memory_budget_mb * 2**20) if fetch else [[]]
-    if len(groups) > 1:
-        log.info("calibrating %d whole tensors in %d passes to stay within %d MB", len(fetch), len(groups), memory_budget_mb)
-    n_batches = len(data)
-    bar = tqdm(total=n_batches * len(groups), desc=desc, unit="batch", disable=not progress, leave=False)
-    for gi, group in enumerate(groups):
-        small = [o for o, _ in reduced] if gi == 0 else []
-        sess = ortx.session(_with_outputs(model, group + small, aux_nodes if small else {}), provider=provider,
-                            level="basic", lean=True)
-        names = group + small
-        for feed in data:
-            results = sess.run(names, feed) if names else sess.run([sess.get_outputs()[0].name], feed)
-            for name, value in zip(group, results):
-                for r in full[name]:
-                    r.update(value)
-            for (_, r), value in zip(reduced if small else (), results[len(group):]):
-                r.update(value)
-            del results
-            bar.update(1)
-        del sess
+    sizes = _estimate_bytes(model, first, fetch + (_tensor_names(model) if stages > 1 else [])) if fetch or stages > 1 else {}
+    plan = split_stages(model, stages, sizes)
+    where = stage_index(plan)
+    # Per stage: the whole tensors it produces, in groups under the budget (one pass each).
+    passes = []
+    for si, st in enumerate(plan):
+        mine = {n: sizes[n] for n in fetch if where.get(n, 0) == si}
+        for gi, group in enumerate(_groups(mine, budget) or [[]]):
+            passes.append((si, gi, group))
+    if len(passes) > len(plan):
+        log.info("calibrating %d whole tensors in %d passes to stay within %d MB", len(fetch), len(passes), memory_budget_mb)
+    if len(plan) > 1:
+        log.info("calibrating in %d stages of at most %.2f GB of weights (budget %d MB)", len(plan),
+                 max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
+    bar = tqdm(total=n_batches * len(passes), desc=desc, unit="batch", disable=not progress, leave=False)
+    with _BoundaryCache(len(plan) > 1) as cache:
+        for si, gi, group in passes:
+            st = plan[si]
+            small = [(outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
+            keep = st.outputs if gi == 0 else []
+            aux = {n: v for n, v in aux_nodes.items() if gi == 0 and where.get(n, 0) == si}
+            names = list(dict.fromkeys(list(group) + [o for outs, _ in small for o in outs] + keep))
+            sess = ortx.session(_stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
+            if not names:
+                names = [sess.get_outputs()[0].name]
+            for bi, feed in enumerate(data):
+                feed = {k: v for k, v in feed.items() if k in st.inputs}
+                feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
+                got = dict(zip(names, sess.run(names, feed)))
+                for name in group:
+                    for r in full[name]:
+                        r.update(got[name])
+                for outs, r in small:
+                    r.update(*(got[o] for o in outs))
+                if keep:
+                    cache.save(bi, {n: got[n] for n in keep})
+                del got, feed
+                bar.update(1)
+            del sess
     for name, rs in full.items():
         if name in inputs:
             for feed in data:
                 for r in rs:
                     r.update(feed[name])
     bar.close()
+
+
+# ---------------------------------------------------------------- stages
+STAGE_MIN_BYTES = 64 * 2**20
+MAX_STAGES = 16
+
+
+@dataclass
+class Stage:
+    """A run of nodes in topological order: `inputs` are what it reads from the graph inputs and from earlier
+    stages, `outputs` what later stages read from it."""
+    nodes: list
+    inputs: list
+    outputs: list
+    weight_bytes: int
+    produces: set
+
+
+def stage_count(model: onnx.ModelProto, budget: int) -> int:
+    """Stages needed so that each holds at most `budget` bytes of weights (1 for graphs with subgraphs)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        return 1
+    total = sum(io.tensor_bytes(t) for t in model.graph.initializer)
+    return int(min(MAX_STAGES, max(1, math.ceil(total / max(budget, STAGE_MIN_BYTES)))))
+
+
+def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None) -> list[Stage]:
+    """Cut the graph into `n` stages of about equal weight bytes. Each cut is placed, among the positions
+    near its target, where the fewest activation bytes cross it (`sizes`: tensor name -> bytes)."""
+    nodes = _toposort(model.graph.node)
+    inits = {t.name: io.tensor_bytes(t) for t in model.graph.initializer}
+    w = np.array([sum(inits.get(i, 0) for i in set(nd.input)) for nd in nodes], dtype=np.float64)
+    n = max(1, min(n, len(nodes)))
+    cuts = [0]
+    if n > 1:
+        cum = np.cumsum(w)
+        live = _live_bytes(model, nodes, sizes or {})
+        for j in range(1, n):
+            target = cum[-1] * j / n
+            slack = cum[-1] / n * 0.15
+            cand = [p for p in range(cuts[-1] + 1, len(nodes)) if abs(cum[p - 1] - target) <= slack]
+            if not cand:
+                cand = [int(np.searchsorted(cum, target)) + 1]
+            p = min(cand, key=lambda p: (live[p], abs(cum[p - 1] - target)))
+            if cuts[-1] < p < len(nodes):
+                cuts.append(p)
+    cuts.append(len(nodes))
+    graph_inputs = [vi.name for vi in model.graph.input if vi.name not in inits]
+    later_use = {}  # tensor -> last stage that reads it
+    stage_of_node = []
+    for si in range(len(cuts) - 1):
+        stage_of_node += [si] * (cuts[si + 1] - cuts[si])
+    for nd, si in zip(nodes, stage_of_node):
+        for i in _reads(nd):
+            later_use[i] = max(later_use.get(i, -1), si)
+    plan = []
+    for si in range(len(cuts) - 1):
+        part = nodes[cuts[si]:cuts[si + 1]]
+        produces = {o for nd in part for o in nd.output if o}
+        reads = []
+        for nd in part:
+            for i in _reads(nd):
+                if i and i not in produces and i not in inits and i not in reads:
+                    reads.append(i)
+        outs = [o for o in sorted(produces) if later_use.get(o, -1) > si]
+        wb = int(sum(inits.get(i, 0) for i in {i for nd in part for i in nd.input}))
+        plan.append(Stage(part, [i for i in reads if i in graph_inputs] + [i for i in reads if i not in graph_inputs],
+                          outs, wb, produces))
+    return plan
+
+
+def stage_index(plan: list[Stage]) -> dict[str, int]:
+    """Tensor -> the stage that produces it, or else the first stage that reads it (initializers)."""
+    where = {}
+    for si, st in reversed(list(enumerate(plan))):
+        for nd in st.nodes:
+            where.update((i, si) for i in nd.input if i)
+    for si, st in enumerate(plan):
+        where.update((o, si) for o in st.produces)
+    return where
+
+
+def _reads(node) -> list[str]:
+    return [i for i in node.input if i]
+
+
+def _toposort(nodes) -> list:
+    """Kahn's algorithm, keeping the given order where it is already valid (exporters emit module order)."""
+    nodes = list(nodes)
+    producer = {o: i for i, nd in enumerate(nodes) for o in nd.output if o}
+    deps = [{producer[i] for i in _reads(nd) if i in producer and producer[i] != k} for k, nd in enumerate(nodes)]
+    if all(all(d < k for d in ds) for k, ds in enumerate(deps)):
+        return nodes
+    users = [[] for _ in nodes]
+    for k, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(k)
+    pending = [len(ds) for ds in deps]
+    ready = [k for k, c in enumerate(pending) if c == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for u in users[k]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise OnnxoptError("the graph has a cycle; check the model with onnx.checker")
+    return order
+
+
+def _live_bytes(model, nodes, sizes: dict) -> np.ndarray:
+    """live[p]: bytes of the tensors produced before node p and read at or after it (a cut before p)."""
+    outputs = {vi.name for vi in model.graph.output}
+    default = max(sizes.values(), default=4)
+    made, last = {}, {}
+    for k, nd in enumerate(nodes):
+        for i in _reads(nd):
+            last[i] = k
+        for o in nd.output:
+            if o:
+                made[o] = k
+    diff = np.zeros(len(nodes) + 2)
+    for t, a in made.items():
+        b = len(nodes) if t in outputs else last.get(t)
+        if b is None or b <= a:
+            continue
+        diff[a + 1] += sizes.get(t, default)
+        diff[b + 1] -= sizes.get(t, default)
+    return np.cumsum(diff)
+
+
+def _tensor_names(model) -> list[str]:
+    return [o for nd in model.graph.node for o in nd.output if o]
+
+
+def _stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "_BoundaryCache") -> onnx.ModelProto:
+    """The sub-model of one stage: its nodes (plus reductions), the initializers they read, its inputs
+    (typed from the model or from the cached arrays of the first batch) and `outputs`."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.name = model.graph.name
+    m.graph.node.extend(st.nodes)
+    used = {i for nd in st.nodes for i in nd.input}
+    m.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    known = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+    graph_inputs = {vi.name: vi for vi in model.graph.input}
+    for name in st.inputs:
+        if name in graph_inputs:
+            m.graph.input.append(graph_inputs[name])
+            continue
+        # A tensor from an earlier stage: type and rank from its cached array, dims left free.
+        a = cache.peek(name)
+        m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim))
+    m.graph.value_info.extend(vi for n, vi in known.items() if n in st.produces and n not in outputs)
+    out = outputs or [o.name for o in model.graph.output if o.name in st.produces] or [st.nodes[-1].output[0]]
+    return _with_outputs(m, out, after)
+
+
+class _BoundaryCache:
+    """Tensors that cross from one stage into a later one, one .npy per tensor and batch in a temporary
+    directory, read back memory-mapped."""
+
+    def __init__(self, enabled: bool):
+        self.dir = None
+        self.enabled = enabled
+        self.index: dict[str, int] = {}
+        self.bytes = 0
+
+    def __enter__(self):
+        if self.enabled:
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-stages-")
+            self.dir = Path(self._tmp.name)
+        return self
+
+    def __exit__(self, *exc):
+        if self.dir is not None:
+            log.info("stage boundaries took %.2f GB on disk", self.bytes / 1e9)
+            self._tmp.cleanup()
+
+    def _path(self, batch: int, name: str) -> Path:
+        k = self.index.setdefault(name, len(self.index))
+        return self.dir / f"{batch}_{k}.npy"
+
+    def save(self, batch: int, arrays: dict) -> None:
+        for name, a in arrays.items():
+            np.save(self._path(batch, name), a)
+            self.bytes += a.nbytes
+
+    def load(self, batch: int, names: Sequence[str]) -> dict:
+        return {n: np.load(self._path(batch, n), mmap_mode="r") for n in names}
+
+    def peek(self, name: str) -> np.ndarray:
+        return np.load(self._path(0, name), mmap_mode="r")
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -487,23 +759,51 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int) -> list:
+def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1):
+    """Nodes computing `spec` of tensor `name`, and their output names (what the reducer's update takes)."""
     src = name
     nodes = []
     if spec.absolute:
         nodes.append(helper.make_node("Abs", [name], [f"{out}_abs"], name=f"{out}_Abs"))
         src = f"{out}_abs"
+    if spec.op == "TopK":
+        return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
-        return nodes
+        return nodes, [out]
     axes = [i for i in range(rank) if i != spec.keep_axis % rank]
     if opset >= 18:
-        nodes.append(helper.make_node("Constant", [], [f"{out}_axes"], name=f"{out}_axes",
-                                      value=helper.make_tensor(f"{out}_axes_value", onnx.TensorProto.INT64, [len(axes)], axes)))
+        nodes.append(_const(f"{out}_axes", np.array(axes, np.int64)))
         nodes.append(helper.make_node(spec.op, [src, f"{out}_axes"], [out], name=f"{out}_{spec.op}", keepdims=1))
     else:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", axes=axes, keepdims=1))
-    return nodes
+    return nodes, [out]
+
+
+def _topk_nodes(src: str, out: str, scale: float) -> list:
+    """The k = min(n, ceil(scale * n) + 2) largest of the flattened `src` (`top_k` in the graph), and n."""
+    p = f"{out}_"
+    mk = helper.make_node
+    return [
+        _const(p + "flat_shape", np.array([-1], np.int64)),
+        mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
+        mk("Size", [src], [f"{out}_n"], name=p + "Size"),
+        mk("Cast", [f"{out}_n"], [p + "nd"], name=p + "Cast", to=onnx.TensorProto.DOUBLE),
+        _const(p + "scale", np.array(scale, np.float64)),
+        mk("Mul", [p + "nd", p + "scale"], [p + "kd"], name=p + "Mul"),
+        mk("Ceil", [p + "kd"], [p + "kc"], name=p + "Ceil"),
+        mk("Cast", [p + "kc"], [p + "ki"], name=p + "CastK", to=onnx.TensorProto.INT64),
+        _const(p + "two", np.array(2, np.int64)),
+        mk("Add", [p + "ki", p + "two"], [p + "k2"], name=p + "Add"),
+        mk("Min", [p + "k2", f"{out}_n"], [p + "km"], name=p + "Min"),
+        _const(p + "k_shape", np.array([1], np.int64)),
+        mk("Reshape", [p + "km", p + "k_shape"], [p + "k"], name=p + "ReshapeK"),
+        mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+    ]
+
+
+def _const(name: str, value: np.ndarray):
+    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name + "_value"))
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str], after: dict | None = None) -> onnx.ModelProto:

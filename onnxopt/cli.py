@@ -96,7 +96,7 @@ def _write_json(path, obj) -> None:
 @click.option("--calib-batches", type=int, help="Use at most N calibration batches.")
 @click.option("--calib-max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory).")
 @click.option("--calib-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--memory-budget", type=int, default=4096, show_default=True, help="MB of activations fetched per calibration pass.")
+@click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory: MB of weights ONNX Runtime holds at once (bigger models run in stages) and of whole activations fetched per pass.")
 @click.option("--exclude", multiple=True, help="Regex on node names to leave unquantized (repeatable).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
 @click.option("--no-mha", is_flag=True, help="Leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")

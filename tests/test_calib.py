@@ -149,3 +149,73 @@ def test_entropy_ignores_the_zero_spike_of_relu_outputs():
     h = calib.Histogram()
     h.update(x)
     assert calib.amax_from_histogram(h, "entropy", "int8") > 4.0
+
+
+def _stats(model, data, names, **kwargs):
+    red = {n: [calib.AbsMax(), calib.ChannelMean(-1, 3) if n.startswith("ln") else calib.AbsMax(), calib.Histogram(),
+               calib.TopAbs(99.0)] for n in names}
+    calib.collect(model, data, red, progress=False, **kwargs)
+    return red
+
+
+@pytest.mark.parametrize("stages", [2, 3, 5])
+def test_staged_calibration_matches_one_stage(tmp_path, stages):
+    """Big models run in stages (weights of one stage at a time, boundary tensors on disk); the
+    statistics must not change."""
+    m = io.load(tiny.save(tiny.transformer(), tmp_path / "t.onnx"))
+    data = calib.CalibData.from_path(_token_npz(tmp_path, m), calib.input_specs(m))
+    names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "LayerNormalization", "Add") for o in n.output]
+    one = _stats(m, data, names, stages=1)
+    many = _stats(m, data, names, stages=stages, memory_budget_mb=0)
+    plan = calib.split_stages(m, stages)
+    assert len(plan) == stages and sum(len(s.nodes) for s in plan) == len(m.graph.node)
+    assert any(s.outputs for s in plan[:-1])
+    for n in names:
+        for a, b in zip(one[n], many[n]):
+            if isinstance(a, calib.Histogram):
+                np.testing.assert_array_equal(a.counts, b.counts)
+            elif isinstance(a, calib.TopAbs):
+                assert a.value == b.value and a.count == b.count
+            else:
+                np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+
+
+def _token_npz(tmp_path, m):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s in calib.input_specs(m):
+        shape = tuple(d if isinstance(d, int) and d > 0 else 2 for d in s.shape)
+        arrays[s.name] = (rng.integers(0, 50, (3,) + shape) if s.dtype.kind == "i" else rng.standard_normal((3,) + shape)).astype(s.dtype)
+    np.savez(tmp_path / "d.npz", **arrays)
+    return tmp_path / "d.npz"
+
+
+def test_stage_count_follows_the_weight_budget(cnn):
+    assert calib.stage_count(cnn, 2**30) == 1
+    weights = sum(io.tensor_bytes(t) for t in cnn.graph.initializer)
+    assert calib.stage_count(cnn, 0) == 1  # budgets below 64 MB are raised to it
+    big = calib.STAGE_MIN_BYTES
+    assert calib.stage_count(cnn, big) == 1 and weights < big
+
+
+def test_stage_cut_avoids_big_activations(cnn):
+    # Near the weight midpoint (after conv2) the cut may cross {r1, c2}, {r1, a} or {cat}: it takes the
+    # fewest bytes.
+    sizes = {o: 100 for n in cnn.graph.node for o in n.output}
+    assert calib.split_stages(cnn, 2, sizes)[0].outputs == ["cat"]
+    sizes["cat"] = 10**9
+    assert calib.split_stages(cnn, 2, sizes)[0].outputs in (["c2", "r1"], ["a", "r1"])
+
+
+@pytest.mark.parametrize("pct", [99.99, 99.0, 50.0])
+def test_top_abs_gives_the_exact_percentile_in_one_pass(cnn, pct):
+    data = calib.CalibData.random(calib.input_specs(cnn), 4, shapes={"x": (2, 3, 16, 16)}, seed=3)
+    names = ["c1", "cat", "logits"]
+    red = {n: [calib.TopAbs(pct), _Fetched()] for n in names}
+    red["x"] = [calib.TopAbs(pct), _Fetched()]  # graph inputs take the whole-tensor path
+    calib.collect(cnn, data, red, progress=False)
+    for n, (top, fetched) in red.items():
+        allv = np.abs(np.concatenate([b.ravel() for b in fetched.batches]))
+        assert top.count == allv.size
+        assert top.value == np.percentile(allv, pct, method="inverted_cdf"), n
+        assert top.top.size <= calib.top_k(allv.size // 4, 1 - pct / 100, 4)  # a few values, not the tensor

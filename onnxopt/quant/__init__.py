@@ -47,7 +47,7 @@ class QuantConfig:
     sparsity: str | None = None                # "2:4": sparsify before quantization
     sparsity_method: str = "magnitude"         # "magnitude" | "sparsegpt"
     provider: str = "cpu"                      # calibration execution provider
-    memory_budget_mb: int = 4096
+    memory_budget_mb: int = 4096               # calibration: weights held at once (else stages), whole activations per pass
     calib_batches: int | None = None           # use at most this many calibration batches
     calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
@@ -261,8 +261,13 @@ def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: 
     """Clip range of each planned activation, by the configured method (Concat groups share the largest),
     and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data."""
     method = config.method
-    ranges = {n: calib.AbsMax() if method == "max" else calib.Histogram()
-              for n in plan.activations if n not in plan.fixed_amax}
+    def reducer():
+        if method == "max":
+            return calib.AbsMax()
+        if method == "percentile":  # exact, from the top values each batch keeps in the graph
+            return calib.TopAbs(config.percentile)
+        return calib.Histogram()
+    ranges = {n: reducer() for n in plan.activations if n not in plan.fixed_amax}
     mean_r = {}
     if config.bias_correction:
         for node, _, _, _ in plan.weights:
@@ -278,7 +283,7 @@ def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: 
                         progress=config.progress)
     amax = dict(plan.fixed_amax)
     for name, r in ranges.items():
-        amax[name] = r.value if method == "max" else calib.amax_from_histogram(r, method, config.mode, config.percentile)
+        amax[name] = calib.amax_from_histogram(r, method, config.mode) if isinstance(r, calib.Histogram) else r.value
     for group in plan.shared_scales:
         shared = max(amax[n] for n in group)
         for n in group:
