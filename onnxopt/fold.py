@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from . import io
 from .errors import OnnxoptError
 from .graph import activation_channel_axis, producer, read_values
 
@@ -203,10 +204,11 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
     readers: list = []
     private = _terminal_users(graph, const, readers) and {(id(n), i) for n, i in readers} == {(id(n), i) for n, i in users}
     if private:
-        const.values = new
+        io.set_values(const, new)
         return
     # Shared with other readers: clone the constant and its chain for these users only.
     t = gs.Constant(names.new(const.name + "_scaled"), new)
+    io.set_values(t, new)
     for n in reversed(chain):
         out = gs.Variable(names.new(n.outputs[0].name + "_scaled"), dtype=n.outputs[0].dtype, shape=n.outputs[0].shape)
         graph.nodes.append(gs.Node(n.op, name=names.new(n.name + "_scaled"), attrs=dict(n.attrs), inputs=[t], outputs=[out]))
@@ -394,7 +396,7 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
         for n in consumers:
             n.inputs[0] = xs
         how = f"inserted Mul '{xs.inputs[0].name}'"
-        log.info("'%s': no foldable producer; %s", x.name, how)
+        log.debug("'%s': no foldable producer; %s", x.name, how)
         return how
     if others:
         c = gs.Constant(names.new(x.name + "_restore_scale"), _act_shape(s, axis, rank).astype(dtype))
@@ -406,7 +408,5 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
                     n.inputs[i] = xr
         graph.nodes.append(mul)
         how += f"; restoring Mul '{mul.name}' for {len(others)} other reader(s)"
-        log.info("'%s': folded into %s", x.name, how)
-    else:
-        log.debug("'%s': folded into %s", x.name, how)
+    log.debug("'%s': folded into %s", x.name, how)
     return "folded into " + how

@@ -7,6 +7,7 @@ demand (one at a time) when a pass needs its values or when the model is saved. 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import tempfile
@@ -173,6 +174,42 @@ class _LazyExternal(gs.ir.tensor.LazyValues):
 
     def load(self):
         return to_array(self.tensor)
+
+
+SPILL_BYTES = 1 << 20
+_SPILL: contextvars.ContextVar = contextvars.ContextVar("onnxopt_spill", default=None)
+
+
+@contextlib.contextmanager
+def spilling(workdir: str | os.PathLike):
+    """Within this block, `set_values` writes big new weights to a file in `workdir` and keeps them lazy,
+    so passes that rewrite every weight (SmoothQuant, AWQ, 2:4) never hold them all in memory, and the
+    graphs exported for ONNX Runtime carry file references instead of copies."""
+    path = Path(workdir) / f"spill-{os.getpid()}-{id(object())}.data"
+    with open(path, "w+b") as f:
+        token = _SPILL.set(f)
+        try:
+            yield path
+        finally:
+            _SPILL.reset(token)
+
+
+def set_values(const: gs.Constant, values: np.ndarray) -> None:
+    """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand."""
+    f = _SPILL.get()
+    values = np.asarray(values)
+    if f is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiu":
+        const.values = values
+        return
+    offset = -f.seek(0, os.SEEK_END) % _ALIGN + f.tell()
+    f.seek(offset)
+    f.write(np.ascontiguousarray(values).tobytes())
+    f.flush()
+    t = onnx.TensorProto(name=const.name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
+                         dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
+    for k, v in (("location", f.name), ("offset", str(offset)), ("length", str(values.nbytes))):
+        t.external_data.add(key=k, value=v)
+    const._values = _LazyExternal(t)
 
 
 def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,7 @@ def _prune_magnitude(unit: _Unit, n: int, m: int) -> None:
         score = np.abs(v.astype(np.float32))
         keep = keep_mask(score, unit.axis, n, m)
         v[~keep] = 0
-    unit.const.values = v
+    io.set_values(unit.const, v)
 
 
 # ---------------------------------------------------------------- SparseGPT
@@ -686,7 +687,7 @@ def _apply_sparsegpt(p: _SGPlan, hs: list[Hessian], n, m, damp, block, progress,
     if not is_n_m(out, unit.axis, n, m):  # the rows view guarantees the groups; keep the output exact regardless
         log.warning("%s: SparseGPT result not %d:%d along axis %d; projecting by magnitude", name, n, m, unit.axis)
         out[~keep_mask(np.abs(out.astype(np.float32)), unit.axis, n, m)] = 0
-    unit.const.values = out
+    io.set_values(unit.const, out)
     mag = np.where(keep_mask(np.abs(W), 1, n, m), W, 0.0)
     err, err_mag = _output_errors(W, [out.reshape(-1)[p.rows], mag], H)
     for u in unit.uses:
@@ -788,9 +789,10 @@ def sparsify_model(input_path, output_path, *, data: calib.CalibData | str | Pat
         data = calib.CalibData.from_path(data, calib.input_specs(model), limit=calib_limit)
     elif data is None and calib_random:
         data = calib.CalibData.random(calib.input_specs(model), calib_random, seed=seed, shapes=shapes)
-    graph = io.import_graph(model)
-    report = sparsify(graph, data=data, **kwargs)
-    io.save(io.export_graph(graph), output_path, input_path=input_path)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
+        graph = io.import_graph(model)
+        report = sparsify(graph, data=data, **kwargs)
+        io.save(io.export_graph(graph), output_path, input_path=input_path)
     return report
 
 

@@ -268,3 +268,25 @@ def test_shared_weight_quantized_once(tmp_path):
     fp8 = [t for t in q.graph.initializer if t.data_type == T.FLOAT8E4M3FN and len(t.dims) == 2]
     assert len(fp8) == 1
     assert nh.to_array(fp8[0]).dtype == ml_dtypes.float8_e4m3fn
+
+
+def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monkeypatch):
+    """SmoothQuant and 2:4 rewrite every weight; inside `quantize` the new values go to a file in the work
+    directory (io.spilling) instead of memory. The output must not change."""
+    src = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
+    cfg = QuantConfig(mode="int8", smoothquant=0.8, sparsity="2:4", progress=False)
+    kept = onnxopt.quantize(src, tmp_path / "mem.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
+    spilled_to = []
+    real_set = io.set_values
+
+    def spy(const, values):
+        real_set(const, values)
+        spilled_to.append(type(const._values).__name__)
+    monkeypatch.setattr(io, "SPILL_BYTES", 0)
+    monkeypatch.setattr(io, "set_values", spy)
+    spilled = onnxopt.quantize(src, tmp_path / "disk.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
+    assert spilled_to and set(spilled_to) == {"_LazyExternal"}
+    a, b = io.load(kept.path), io.load(spilled.path)
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        assert ta.name == tb.name
+        np.testing.assert_array_equal(io.to_array(ta), io.to_array(tb))
