@@ -1,7 +1,9 @@
 """Output fidelity of a candidate model against a reference, evaluated with ORT at ORT_DISABLE_ALL."""
 from __future__ import annotations
 
+import gc
 import logging
+import tempfile
 
 import numpy as np
 import onnx
@@ -78,22 +80,32 @@ def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4
         data = CalibData.random(specs, n_random, seed=seed, shapes=shapes)
     elif not isinstance(data, CalibData):
         data = CalibData.from_path(data, specs)
-    rs, _ = evaluation_session(ref_m, provider)
-    cs, viewed = evaluation_session(cand_m, provider)
-    outs = [o.name for o in rs.get_outputs()]
-    cand_outs = {o.name for o in cs.get_outputs()}
-    missing = [o for o in outs if o not in cand_outs]
+    outs = [o.name for o in ref_m.graph.output]
+    missing = [o for o in outs if o not in {o.name for o in cand_m.graph.output}]
     if missing:
         raise OnnxoptError(f"candidate lacks outputs {missing}; compare models of the same network")
-    cand_inputs = {i.name: i.type for i in cs.get_inputs()}
     acc = {o: _Accum() for o in outs}
-    for feed in data:
-        r = rs.run(outs, feed)
-        cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
-                 for k, v in feed.items()}
-        c = cs.run(outs, cfeed)
-        for o, a, b in zip(outs, r, c):
-            acc[o].update(a, b)
+    # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
+    # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
+    with tempfile.TemporaryDirectory(prefix="onnxopt-compare-") as d:
+        rs, _ = evaluation_session(ref_m, provider)
+        n = 0
+        for i, feed in enumerate(data):
+            for j, a in enumerate(rs.run(outs, feed)):
+                np.save(f"{d}/{i}_{j}.npy", a)
+            n = i + 1
+        del rs
+        gc.collect()
+        cs, viewed = evaluation_session(cand_m, provider)
+        cand_inputs = {i.name: i.type for i in cs.get_inputs()}
+        for i, feed in enumerate(data):
+            if i >= n:
+                break
+            cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
+                     for k, v in feed.items()}
+            for j, (o, c) in enumerate(zip(outs, cs.run(outs, cfeed))):
+                acc[o].update(np.load(f"{d}/{i}_{j}.npy"), c)
+        del cs
     return {o: a.result() for o, a in acc.items()}
 
 

@@ -218,7 +218,48 @@ def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
     if opset is not None:
         graph.opset = max(graph.opset, opset)
     model = gs.export_onnx(graph, do_type_check=False, **kwargs)
+    _weights_before_use(model.graph)
     return model
+
+
+def _weights_before_use(g: onnx.GraphProto) -> None:
+    """Move nodes that read only weights (a weight's DequantizeLinear, Cast, Transpose) to just before
+    their first reader. graphsurgeon's toposort puts them all together; executed in graph order, that
+    would hold every dequantized weight at once."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return  # subgraphs read outer tensors implicitly; keep the order
+    static = {t.name for t in g.initializer}
+    is_static = []
+    for n in g.node:
+        st = all(i in static for i in n.input if i)
+        is_static.append(st)
+        if st:
+            static.update(o for o in n.output if o)
+    if not any(is_static):
+        return
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output if o}
+    order, placed = [], [False] * len(g.node)
+
+    def place(k):
+        stack = [(k, False)]
+        while stack:
+            j, ready = stack.pop()
+            if placed[j]:
+                continue
+            if ready:
+                placed[j] = True
+                order.append(j)
+                continue
+            stack.append((j, True))
+            stack.extend((producer[i], False) for i in g.node[j].input if i in producer and is_static[producer[i]])
+
+    for k, n in enumerate(g.node):
+        if not is_static[k]:
+            place(k)
+    order += [k for k in range(len(g.node)) if not placed[k]]  # weights read only by graph outputs
+    nodes = [g.node[k] for k in order]
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def stamp_ir_version(model: onnx.ModelProto) -> None:

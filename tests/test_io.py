@@ -74,3 +74,21 @@ def test_output_equal_to_input_is_refused_and_input_untouched(tmp_path):
     with pytest.raises(OnnxoptError, match="is the input"):
         io.save(io.load(src), src, input_path=src)
     assert _digest(src) == before
+
+
+def test_exported_graphs_dequantize_each_weight_just_before_its_layer(tmp_path):
+    """graphsurgeon's toposort groups all weight DequantizeLinear nodes; export_graph moves each to just
+    before its reader, so ORT (graph order) never holds every dequantized weight at once."""
+    import onnxopt
+    src = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
+    res = onnxopt.quantize(src, tmp_path / "q.onnx", config=onnxopt.QuantConfig(mode="int8", progress=False),
+                           calib_random=2, shapes={"ids": (2, 16)})
+    m = io.load(res.path)
+    inits = {t.name for t in m.graph.initializer}
+    nodes = list(m.graph.node)
+    weight_dq = [k for k, n in enumerate(nodes) if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) >= 4
+    for k in weight_dq:
+        first_reader = min(j for j, n in enumerate(nodes) if nodes[k].output[0] in n.input)
+        assert first_reader - k <= 3, f"{nodes[k].name} runs {first_reader - k} nodes before its reader"
+    onnx.checker.check_model(m)
