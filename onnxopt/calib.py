@@ -2,13 +2,15 @@
 
 Data comes from an .npz (arrays keyed by input name, first axis = samples), a directory of .npz, an
 .npy (single-input models), or is generated. Every batch is reduced at once into running statistics
-(`Reducer`s), so memory does not grow with the number of samples. When the requested activations of one
-batch would exceed the memory budget, the tensors are split into groups and each group gets its own pass.
+(`Reducer`s), so memory does not grow with the number of samples; most reductions run inside the graph.
+Models with more weights than the memory budget run in stages (one stage's weights in ONNX Runtime at a
+time, boundary tensors on disk). When the whole activations a reducer needs would exceed the budget in one
+batch, the tensors are split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
-import logging
 import heapq
+import logging
 import math
 import re
 import tempfile

@@ -218,13 +218,14 @@ def inspect(model, layers, json_path, show_sparsity):
 @click.option("--data", type=click.Path(), help="Evaluation data (.npz / .npy / directory); default: generated.")
 @click.option("--random", "n_random", type=int, default=4, show_default=True, help="Generated samples when --data is absent.")
 @click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data.")
+@click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
 @handle_errors
-def compare(reference, candidate, data, n_random, shapes, json_path):
+def compare(reference, candidate, data, n_random, shapes, max_batch, json_path):
     """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL)."""
     from .calib import parse_shapes
     from .compare import compare as run
-    res = run(reference, candidate, data, n_random=n_random, shapes=parse_shapes(shapes))
+    res = run(reference, candidate, data, n_random=n_random, shapes=parse_shapes(shapes), max_batch=max_batch)
     click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
     for name, m in res.items():
         click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,15 +72,22 @@ def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
 
 
 def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4, seed: int = 1,
-            shapes: dict | None = None, provider: str = "cpu") -> dict:
-    """Per-output cosine, SNR and max abs error of `cand` against `ref` over `data`."""
-    ref_m = ref if isinstance(ref, onnx.ModelProto) else io.load(ref)
-    cand_m = cand if isinstance(cand, onnx.ModelProto) else io.load(cand)
+            shapes: dict | None = None, provider: str = "cpu", max_batch: int | None = None) -> dict:
+    """Per-output cosine, SNR and max abs error of `cand` against `ref` over `data`. `max_batch` splits
+    feeds along a dynamic batch axis (a CFG pair, say): the same comparison with less activation memory."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-compare-") as work:
+        return _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, Path(work))
+
+
+def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work: Path) -> dict:
+    # Embedded weights go to files first, so that session creation does not copy them.
+    ref_m = ref if isinstance(ref, onnx.ModelProto) else io.externalize_if_large(io.load(ref), work / "ref")
+    cand_m = cand if isinstance(cand, onnx.ModelProto) else io.externalize_if_large(io.load(cand), work / "cand")
     specs = input_specs(ref_m)
     if data is None:
-        data = CalibData.random(specs, n_random, seed=seed, shapes=shapes)
+        data = CalibData.random(specs, n_random, seed=seed, shapes=shapes, max_batch=max_batch)
     elif not isinstance(data, CalibData):
-        data = CalibData.from_path(data, specs)
+        data = CalibData.from_path(data, specs, max_batch=max_batch)
     outs = [o.name for o in ref_m.graph.output]
     missing = [o for o in outs if o not in {o.name for o in cand_m.graph.output}]
     if missing:
@@ -87,25 +95,22 @@ def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4
     acc = {o: _Accum() for o in outs}
     # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
     # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
-    with tempfile.TemporaryDirectory(prefix="onnxopt-compare-") as d:
-        rs, _ = evaluation_session(ref_m, provider)
-        n = 0
-        for i, feed in enumerate(data):
-            for j, a in enumerate(rs.run(outs, feed)):
-                np.save(f"{d}/{i}_{j}.npy", a)
-            n = i + 1
-        del rs
-        gc.collect()
-        cs, viewed = evaluation_session(cand_m, provider)
-        cand_inputs = {i.name: i.type for i in cs.get_inputs()}
-        for i, feed in enumerate(data):
-            if i >= n:
-                break
-            cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
-                     for k, v in feed.items()}
-            for j, (o, c) in enumerate(zip(outs, cs.run(outs, cfeed))):
-                acc[o].update(np.load(f"{d}/{i}_{j}.npy"), c)
-        del cs
+    rs, _ = evaluation_session(ref_m, provider)
+    n = 0
+    for i, feed in enumerate(data):
+        for j, a in enumerate(rs.run(outs, feed)):
+            np.save(work / f"{i}_{j}.npy", a)
+        n = i + 1
+    del rs
+    gc.collect()
+    cs, viewed = evaluation_session(cand_m, provider)
+    cand_inputs = {i.name: i.type for i in cs.get_inputs()}
+    for i, feed in zip(range(n), data):
+        cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
+                 for k, v in feed.items()}
+        for j, (o, c) in enumerate(zip(outs, cs.run(outs, cfeed))):
+            acc[o].update(np.load(work / f"{i}_{j}.npy"), c)
+    del cs
     return {o: a.result() for o, a in acc.items()}
 
 

@@ -44,6 +44,13 @@ def test_quantize_inspect_compare_convert(tmp_path, cnn, calib):
     assert code == 0
     cos = float(out.splitlines()[1].split()[1])
     assert cos > 0.999
+    pairs = tmp_path / "pairs.npz"  # samples of batch 2 (a CFG pair), compared one image at a time
+    np.savez(pairs, x=np.random.default_rng(1).standard_normal((3, 2, 3, 16, 16)).astype(np.float32))
+    whole = run("compare", cnn, tmp_path / "q.onnx", "--data", pairs, "--json", tmp_path / "c2.json")
+    split = run("compare", cnn, tmp_path / "q.onnx", "--data", pairs, "--max-batch", "1", "--json", tmp_path / "c1.json")
+    assert whole[0] == split[0] == 0
+    a, b = (json.loads((tmp_path / f).read_text())["y"] for f in ("c2.json", "c1.json"))
+    assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-6) and a["max_abs"] == pytest.approx(b["max_abs"], rel=1e-3)
     code, out = run("convert", cnn, "--fp16", "-o", tmp_path / "f.onnx")
     assert code == 0 and (tmp_path / "f.onnx").exists()
 
