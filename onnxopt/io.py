@@ -185,9 +185,9 @@ def spilling(workdir: str | os.PathLike):
     """Within this block, `set_values` writes big new weights to a file in `workdir` and keeps them lazy,
     so passes that rewrite every weight (SmoothQuant, AWQ, 2:4) never hold them all in memory, and the
     graphs exported for ONNX Runtime carry file references instead of copies."""
-    path = Path(workdir) / f"spill-{os.getpid()}-{id(object())}.data"
-    with open(path, "w+b") as f:
-        token = _SPILL.set(f)
+    fd, path = tempfile.mkstemp(prefix="spill-", suffix=".data", dir=workdir)
+    with os.fdopen(fd, "w+b") as f:
+        token = _SPILL.set((f, path))
         try:
             yield path
         finally:
@@ -196,18 +196,20 @@ def spilling(workdir: str | os.PathLike):
 
 def set_values(const: gs.Constant, values: np.ndarray) -> None:
     """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand."""
-    f = _SPILL.get()
+    spill = _SPILL.get()
     values = np.asarray(values)
-    if f is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiu":
+    if spill is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiu":
         const.values = values
         return
-    offset = -f.seek(0, os.SEEK_END) % _ALIGN + f.tell()
+    f, path = spill
+    end = f.seek(0, os.SEEK_END)
+    offset = end + (-end) % _ALIGN  # page-aligned, like io.save
     f.seek(offset)
     f.write(np.ascontiguousarray(values).tobytes())
     f.flush()
     t = onnx.TensorProto(name=const.name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
                          dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
-    for k, v in (("location", f.name), ("offset", str(offset)), ("length", str(values.nbytes))):
+    for k, v in (("location", path), ("offset", str(offset)), ("length", str(values.nbytes))):
         t.external_data.add(key=k, value=v)
     const._values = _LazyExternal(t)
 
