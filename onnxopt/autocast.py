@@ -175,7 +175,9 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
     if key not in cache:
         name = c.name
         c.name = f"{name}_fp32"
-        cache[key] = gs.Constant(name, _to_low(G.read_values(c), low))
+        low_values = _to_low(G.read_values(c), low)
+        cache[key] = gs.Constant(name, low_values)
+        io.set_values(cache[key], low_values)  # spilled inside quantize()/convert(): one copy of the weights
     return cache[key]
 
 
@@ -215,7 +217,7 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
     io.check_output_path(output, model_path)
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work:
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
         model = io.externalize_if_large(io.load(model_path), work)
         graph = io.import_graph(io.infer_shapes(model))
         to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)

@@ -198,7 +198,7 @@ def set_values(const: gs.Constant, values: np.ndarray) -> None:
     """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand."""
     spill = _SPILL.get()
     values = np.asarray(values)
-    if spill is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiu":
+    if spill is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiuV":  # V: ml_dtypes FP8
         const.values = values
         return
     f, path = spill

@@ -270,11 +270,12 @@ def test_shared_weight_quantized_once(tmp_path):
     assert nh.to_array(fp8[0]).dtype == ml_dtypes.float8_e4m3fn
 
 
-def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monkeypatch):
-    """SmoothQuant and 2:4 rewrite every weight; inside `quantize` the new values go to a file in the work
-    directory (io.spilling) instead of memory. The output must not change."""
+@pytest.mark.parametrize("cfg", [QuantConfig(mode="int8", smoothquant=0.8, sparsity="2:4", progress=False),
+                                 QuantConfig(mode="fp8", progress=False)], ids=["int8-sq-2:4", "fp8"])
+def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monkeypatch, cfg):
+    """SmoothQuant, 2:4, weight quantization and FP16 conversion make new weights; inside `quantize` they
+    go to a file in the work directory (io.spilling) instead of memory. The output must not change."""
     src = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
-    cfg = QuantConfig(mode="int8", smoothquant=0.8, sparsity="2:4", progress=False)
     kept = onnxopt.quantize(src, tmp_path / "mem.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
     spilled_to = []
     real_set = io.set_values
@@ -287,6 +288,7 @@ def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monke
     spilled = onnxopt.quantize(src, tmp_path / "disk.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
     assert spilled_to and set(spilled_to) == {"_LazyExternal"}
     a, b = io.load(kept.path), io.load(spilled.path)
+    assert len(a.graph.initializer) == len(b.graph.initializer)
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
-        assert ta.name == tb.name
+        assert (ta.name, ta.data_type) == (tb.name, tb.data_type)
         np.testing.assert_array_equal(io.to_array(ta), io.to_array(tb))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
+from .. import io
 from . import fp8, int8
 
 FORMATS = {"int8": int8, "fp8": fp8}
@@ -58,6 +59,7 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
         on_error(w, q.astype(np.float32) * scale.reshape(bshape))
     name = const.name
     qc = gs.Constant(f"{name}_quantized", q)
+    io.set_values(qc, q)  # to the work directory's spill file inside quantize(): one copy of the weights
     sc = gs.Constant(f"{name}_scale", scale)
     zp = gs.Constant(f"{name}_zero_point", f.zero_point(scale.shape))
     out = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=list(w.shape))
