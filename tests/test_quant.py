@@ -254,6 +254,8 @@ def test_unsupported_opset_and_nothing_to_quantize(tmp_path):
     with pytest.raises(OnnxoptError, match="nothing to quantize"):
         onnxopt.quantize(src, tmp_path / "out.onnx", calib_random=1)
     assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(OnnxoptError, match="percentile 150 is out of range"):
+        QuantConfig(mode="int8", calib_method="percentile", percentile=150)
 
 
 def test_shared_weight_quantized_once(tmp_path):

@@ -57,6 +57,8 @@ class QuantConfig:
             raise OnnxoptError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
         if self.calib_method is not None and self.calib_method not in calib.METHODS:
             raise OnnxoptError(f"unknown calibration method '{self.calib_method}'; use one of {', '.join(calib.METHODS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
         if self.high_precision not in autocast.DTYPES:
             raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use fp16, bf16 or fp32")
         self.exclude = tuple(self.exclude or ())
