@@ -175,9 +175,7 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
     if key not in cache:
         name = c.name
         c.name = f"{name}_fp32"
-        low_values = _to_low(G.read_values(c), low)
-        cache[key] = gs.Constant(name, low_values)
-        io.set_values(cache[key], low_values)  # spilled inside quantize()/convert(): one copy of the weights
+        cache[key] = io.constant(name, _to_low(G.read_values(c), low))  # spilled in quantize()/convert()
     return cache[key]
 
 

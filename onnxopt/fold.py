@@ -207,8 +207,7 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
         io.set_values(const, new)
         return
     # Shared with other readers: clone the constant and its chain for these users only.
-    t = gs.Constant(names.new(const.name + "_scaled"), new)
-    io.set_values(t, new)
+    t = io.constant(names.new(const.name + "_scaled"), new)
     for n in reversed(chain):
         out = gs.Variable(names.new(n.outputs[0].name + "_scaled"), dtype=n.outputs[0].dtype, shape=n.outputs[0].shape)
         graph.nodes.append(gs.Node(n.op, name=names.new(n.name + "_scaled"), attrs=dict(n.attrs), inputs=[t], outputs=[out]))

@@ -214,6 +214,13 @@ def set_values(const: gs.Constant, values: np.ndarray) -> None:
     const._values = _LazyExternal(t)
 
 
+def constant(name: str, values: np.ndarray) -> gs.Constant:
+    """A new graphsurgeon constant whose values go through `set_values` (spilled inside `spilling`)."""
+    c = gs.Constant(name, values)
+    set_values(c, values)
+    return c
+
+
 def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     kwargs = {}

@@ -136,7 +136,7 @@ def quantize(model, output=None, *, config: QuantConfig | None = None, data=None
     t0 = time.perf_counter()
     if output is not None and not isinstance(model, onnx.ModelProto):
         io.check_output_path(output, model)
-    # Weights that passes rewrite (2:4, SmoothQuant) spill to the work directory and stay lazy.
+    # New weights (2:4, SmoothQuant, quantized, FP16) spill to the work directory and stay lazy.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
         return _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
 

@@ -58,8 +58,7 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     if on_error is not None:
         on_error(w, q.astype(np.float32) * scale.reshape(bshape))
     name = const.name
-    qc = gs.Constant(f"{name}_quantized", q)
-    io.set_values(qc, q)  # to the work directory's spill file inside quantize(): one copy of the weights
+    qc = io.constant(f"{name}_quantized", q)  # spilled inside quantize(): no second copy at export
     sc = gs.Constant(f"{name}_scale", scale)
     zp = gs.Constant(f"{name}_zero_point", f.zero_point(scale.shape))
     out = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=list(w.shape))
