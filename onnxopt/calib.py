@@ -507,7 +507,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
-    sizes = _estimate_bytes(model, first, fetch + (_tensor_names(model) if stages > 1 else [])) if fetch or stages > 1 else {}
+    # Bytes per tensor for one batch: to group fetched tensors under the budget and to place stage cuts.
+    wanted = fetch + (_tensor_names(model) if stages > 1 else [])
+    sizes = _estimate_bytes(model, first, wanted) if wanted else {}
     plan = split_stages(model, stages, sizes)
     where = stage_index(plan)
     # Per stage: the whole tensors it produces, in groups under the budget (one pass each).
@@ -572,7 +574,7 @@ class Stage:
 
 def stage_count(model: onnx.ModelProto, budget: int) -> int:
     """Stages needed so that each holds at most `budget` bytes of weights (1 for graphs with subgraphs)."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+    if io.has_subgraphs(model.graph):
         return 1
     total = sum(io.tensor_bytes(t) for t in model.graph.initializer)
     return int(min(MAX_STAGES, max(1, math.ceil(total / max(budget, STAGE_MIN_BYTES)))))
@@ -614,7 +616,7 @@ def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None) -> l
         reads = []
         for nd in part:
             for i in _reads(nd):
-                if i and i not in produces and i not in inits and i not in reads:
+                if i not in produces and i not in inits and i not in reads:
                     reads.append(i)
         outs = [o for o in sorted(produces) if later_use.get(o, -1) > si]
         wb = int(sum(inits.get(i, 0) for i in {i for nd in part for i in nd.input}))

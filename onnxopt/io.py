@@ -231,12 +231,17 @@ def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
     return model
 
 
+def has_subgraphs(g: onnx.GraphProto) -> bool:
+    """Whether a node holds a subgraph (If/Loop/Scan), whose reads of outer tensors are implicit."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute)
+
+
 def _weights_before_use(g: onnx.GraphProto) -> None:
     """Move nodes that read only weights (a weight's DequantizeLinear, Cast, Transpose) to just before
     their first reader. graphsurgeon's toposort puts them all together; executed in graph order, that
     would hold every dequantized weight at once."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return  # subgraphs read outer tensors implicitly; keep the order
+    if has_subgraphs(g):
+        return  # implicit reads of outer tensors: keep the order
     static = {t.name for t in g.initializer}
     is_static = []
     for n in g.node:
