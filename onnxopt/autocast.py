@@ -8,9 +8,7 @@ rounding of unquantized ops is not simulated.
 """
 from __future__ import annotations
 
-import gc
 import logging
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -214,12 +212,6 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 # ---------------------------------------------------------------- file-level API
 def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
-    io.check_output_path(output, model_path)
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
-        model = io.externalize_if_large(io.load(model_path), work)
-        graph = io.import_graph(io.infer_shapes(model))
-        to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
-        out = io.export_graph(graph)
-        del graph, model
-        gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
-        return io.save(out, output, input_path=model_path)
+    from .passes import Autocast  # the pipeline builds on this module; the file-level API builds on it
+    from .pipeline import Runner
+    return Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)], progress=False).run(model_path, output).path

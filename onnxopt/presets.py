@@ -1,4 +1,5 @@
-"""Model recipes: QuantConfigs that encode what the field does for a given network.
+"""Model recipes: what the field does for a given network, as pipeline recipes (`recipe`: passes for
+`onnxopt.run`) and as the flat QuantConfigs behind them (`config`, what `quantize --preset` starts from).
 
 SDXL UNet (as models/sdxl_unet.py exports it, or any legacy-exporter export of diffusers'
 UNet2DConditionModel, whose node names follow the module tree: /time_embedding/linear_1/Gemm,
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from . import recipes
 from .errors import OnnxoptError
-from .quant import QuantConfig
+from .pipeline import Recipe
+from .recipes import QuantConfig
 
 # The field's usual exclusions for diffusion UNets (time/text conditioning MLPs, first and last conv):
 # small layers, sensitive to error, no speed to gain.
@@ -64,3 +67,8 @@ def config(name: str, mode: str = "fp8", **overrides) -> QuantConfig:
     if name not in PRESETS:
         raise OnnxoptError(f"unknown preset '{name}'; use one of {', '.join(PRESETS)}")
     return PRESETS[name](mode, **overrides)
+
+
+def recipe(name: str, mode: str = "fp8", **overrides) -> Recipe:
+    """Passes of preset `name` for `mode` (plus its calibration batch split), for `onnxopt.run`."""
+    return recipes.recipe(config(name, mode, **overrides))

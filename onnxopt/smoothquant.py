@@ -243,19 +243,20 @@ def _parse_alpha(value) -> float | str:
     return a
 
 
-def smooth(graph: gs.Graph, data: calib.CalibData | None, plan, config) -> dict:
-    """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers,
-    alpha fixed (config.smoothquant = float) or searched per activation ('auto'). Returns the report."""
+def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: float | str = 0.5, exclude=(),
+           op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True) -> dict:
+    """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers (`plan`,
+    else every weight layer of `op_types` not matching `exclude`), alpha fixed (a float) or searched per
+    activation ('auto'). Returns the report."""
     t0 = time.perf_counter()
-    alpha = _parse_alpha(config.smoothquant)
+    alpha = _parse_alpha(alpha)
     if data is None:
         raise OnnxoptError("SmoothQuant needs calibration data: pass --calib FILE (or --calib-random N)")
-    groups = find_groups(graph, plan, getattr(config, "exclude", ()), getattr(config, "op_types", fold.CONSUMER_OPS))
+    groups = find_groups(graph, plan, exclude, op_types)
     report = {"alpha": alpha, "groups": [], "alphas": {}, "inserted_muls": 0}
     if not groups:
         log.info("smoothquant: no layer to smooth")
         return report
-    progress = getattr(config, "progress", True)
     batches = min(SEARCH_BATCHES, len(data)) if alpha == "auto" else 0
     rows = SEARCH_ROWS
     if batches:
@@ -264,7 +265,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan, config) -> dict:
             for n in g.layers:
                 shape = fold.effective_shape(n)
                 width += int(np.prod(shape[1:])) if n.op == "Conv" else fold.input_channels(n, shape)
-        budget = getattr(config, "memory_budget_mb", 4096) * 2**20 // 4
+        budget = memory_budget_mb * 2**20 // 4
         rows = int(np.clip(budget // 4 // max(width, 1), 64, SEARCH_ROWS))
     reducers: dict[str, list] = {}
     for i, g in enumerate(groups):
@@ -284,8 +285,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan, config) -> dict:
                     continue
                 g.samplers.append(sampler)
                 reducers[g.activation].append(sampler)
-    calib.collect_graph(graph, data, reducers, provider=getattr(config, "provider", "cpu"),
-                        memory_budget_mb=getattr(config, "memory_budget_mb", 4096), progress=progress,
+    calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
 
     # Downstream groups first: folding into a producer rescales that layer's output channels, which

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -780,20 +779,16 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
 
 def sparsify_model(input_path, output_path, *, data: calib.CalibData | str | Path | None = None,
                    calib_limit: int | None = None, calib_random: int | None = None, shapes: dict | None = None,
-                   seed: int = 0, **kwargs) -> dict:
+                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+                   **options) -> dict:
     """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
-    (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead."""
-    io.check_output_path(output_path, input_path)
-    model = io.load(input_path)
-    if isinstance(data, (str, Path)):
-        data = calib.CalibData.from_path(data, calib.input_specs(model), limit=calib_limit)
-    elif data is None and calib_random:
-        data = calib.CalibData.random(calib.input_specs(model), calib_random, seed=seed, shapes=shapes)
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
-        graph = io.import_graph(model)
-        report = sparsify(graph, data=data, **kwargs)
-        io.save(io.export_graph(graph), output_path, input_path=input_path)
-    return report
+    (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are
+    the Sparsify pass's (pattern, method, exclude, min_params, damp, block, sequential)."""
+    from .passes import Sparsify  # the pipeline builds on this module; the file-level API builds on it
+    from .pipeline import Runner
+    runner = Runner([Sparsify(**options)], data=data, calib_random=calib_random, seed=seed, shapes=shapes,
+                    calib_batches=calib_limit, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
+    return runner.run(input_path, output_path).report["sparsity"]
 
 
 # ---------------------------------------------------------------- inspection

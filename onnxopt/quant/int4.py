@@ -79,17 +79,18 @@ def to_kn(node: gs.Node, w: np.ndarray) -> np.ndarray:
     return w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w
 
 
-def select_layers(graph: gs.Graph, config) -> tuple[list[tuple[gs.Node, int]], dict[str, str]]:
+def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str | None = None
+                  ) -> tuple[list[tuple[gs.Node, int]], dict[str, str]]:
     """(node, bits) for each MatMul/Gemm with a 2-D constant FP weight; bits 8 where int8_layers matches.
     Also returns node name -> reason for the layers left alone."""
-    exclude = [re.compile(p) for p in config.exclude]
+    exclude = [re.compile(p) for p in exclude]
     try:
-        int8 = re.compile(config.int8_layers) if config.int8_layers else None
+        int8 = re.compile(int8_layers) if int8_layers else None
     except re.error as e:
-        raise OnnxoptError(f"--int8-layers '{config.int8_layers}' is not a valid regular expression ({e})") from None
+        raise OnnxoptError(f"--int8-layers '{int8_layers}' is not a valid regular expression ({e})") from None
     layers, skipped = [], {}
     for n in graph.nodes:
-        if n.op not in OPS or n.op not in config.op_types:
+        if n.op not in OPS or n.op not in op_types:
             continue
         reason = None
         if any(p.search(n.name or "") for p in exclude):
@@ -111,10 +112,10 @@ def select_layers(graph: gs.Graph, config) -> tuple[list[tuple[gs.Node, int]], d
     return layers, skipped
 
 
-def _check(config) -> None:
-    if config.awq not in AWQ_METHODS:
-        raise OnnxoptError(f"unknown --awq '{config.awq}'; use one of {', '.join(AWQ_METHODS)}")
-    b = config.block_size
+def check_options(awq: str, block_size: int) -> None:
+    if awq not in AWQ_METHODS:
+        raise OnnxoptError(f"unknown --awq '{awq}'; use one of {', '.join(AWQ_METHODS)}")
+    b = block_size
     if b < 0 or (b and (b < 16 or b & (b - 1))):
         raise OnnxoptError(f"--block-size {b}: use 128, 64, 32 (a power of two >= 16) or 0 for per-channel")
 
@@ -172,24 +173,26 @@ def _unique(base: str, names: set) -> str:
 
 
 # ---------------------------------------------------------------- entry point
-def quantize_int4(graph: gs.Graph, data, config) -> dict:
-    """INT4 weight-only quantization of `graph` in place (AWQ per config.awq first). Returns the report."""
-    _check(config)
+def quantize_int4(graph: gs.Graph, data=None, *, block_size: int = 128, awq: str = "none", int8_layers: str | None = None,
+                  exclude=(), op_types=OPS, high_precision: str = "fp16", clips: dict | None = None, provider: str = "cpu",
+                  memory_budget_mb: int = 4096, progress: bool = True) -> dict:
+    """INT4 weight-only quantization of `graph` in place. `clips` are what a preceding AWQ pass chose
+    (node name -> clip ratios or (q, scale)); `awq` other than "none" runs AWQ here first. Returns the report."""
+    check_options(awq, block_size)
     t0 = time.perf_counter()
-    layers, skipped = select_layers(graph, config)
+    layers, skipped = select_layers(graph, exclude=exclude, op_types=op_types, int8_layers=int8_layers)
     if not layers:
         raise OnnxoptError("nothing to quantize to INT4: no MatMul or Gemm with a constant 2-D weight"
                            + (f" ({'; '.join(sorted(set(skipped.values()))[:3])})" if skipped else ""))
-    hp = getattr(config, "high_precision", "fp16")
-    report: dict = {"block_size": config.block_size, "awq": config.awq, "layers": {}, "skipped": skipped}
-    clips: dict[str, np.ndarray] = {}
-    if config.awq != "none":
-        from .. import awq
+    hp = high_precision
+    report: dict = {"block_size": block_size, "awq": awq, "layers": {}, "skipped": skipped}
+    clips = dict(clips or {})
+    if awq != "none":
+        from .. import awq as awq_mod
         if data is None:
-            raise OnnxoptError(f"--awq {config.awq} needs calibration data; pass --calib (or --calib-random N), or use --awq none")
-        awq_report, clips = awq.apply(graph, data, layers, method=config.awq, block_size=config.block_size,
-                                      high_precision=hp, provider=config.provider,
-                                      memory_budget_mb=config.memory_budget_mb, progress=config.progress)
+            raise OnnxoptError(f"--awq {awq} needs calibration data; pass --calib (or --calib-random N), or use --awq none")
+        awq_report, clips = awq_mod.apply(graph, data, layers, method=awq, block_size=block_size, high_precision=hp,
+                                          provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
         report["awq_search"] = awq_report
     names = set(graph.tensors()) | {n.name for n in graph.nodes}
     done: dict[int, tuple[gs.Variable, dict]] = {}
@@ -199,7 +202,7 @@ def quantize_int4(graph: gs.Graph, data, config) -> dict:
         if key not in done:
             w = to_kn(node, fold.effective_weight(node))
             before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
-            done[key] = write_weight(graph, node, w, bits, config.block_size, clips.get(node.name), hp, names)
+            done[key] = write_weight(graph, node, w, bits, block_size, clips.get(node.name), hp, names)
             after += done[key][1]["bytes"]
         out, info = done[key]
         node.inputs[1] = out

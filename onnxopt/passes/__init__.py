@@ -1,0 +1,13 @@
+"""One pass per technique, each with typed options checked when it is built. Stack them in a recipe:
+
+    onnxopt.run([Sparsify("2:4"), SmoothQuant(0.8), QDQ("int8"), Autocast("fp16")], "m.onnx", "out.onnx",
+                data="calib.npz")
+"""
+from .autocast import Autocast
+from .awq import AWQ
+from .int4 import Int4
+from .qdq import QDQ
+from .smoothquant import SmoothQuant
+from .sparsify import Sparsify
+
+__all__ = ["Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "Autocast"]

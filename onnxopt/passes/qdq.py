@@ -1,0 +1,154 @@
+"""QDQ pass: INT8/FP8 W8A8. Plan where TensorRT fuses Q/DQ (quant.rules), calibrate activation ranges and
+the bias-correction means in one pass over the data, insert Q/DQ, fold weight-quantization error into biases."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import calib
+from .. import graph as G
+from ..errors import OnnxoptError
+from ..quant import bias_correction, qdq, rules
+from .base import PassBase, check_choice, check_regexes, one_quantizer
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "fp8")
+DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+@dataclass
+class QDQ(PassBase):
+    mode: str = "fp8"                  # "int8" | "fp8"
+    calib_method: str | None = None    # "max" | "percentile" | "entropy" | "mse"; None = mode default
+    percentile: float = 99.99
+    exclude: tuple = ()                # regexes on node names left unquantized
+    op_types: tuple = WEIGHT_OPS
+    quantize_mha: bool = True          # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
+    bias_correction: bool = True       # fold -ΔW·E[x] of weight quantization into the bias
+    name = "qdq"
+    min_opset = 19                     # FP16 scales on Q/DQ need opset 19
+    quantizes = True
+
+    def __post_init__(self):
+        check_choice(self.mode, MODES, "Q/DQ mode")
+        if self.calib_method is not None:
+            check_choice(self.calib_method, calib.METHODS, "calibration method")
+        if not 0.0 < self.percentile <= 100.0:
+            raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
+        self.exclude = check_regexes(self.exclude, "--exclude")
+        self.op_types = tuple(self.op_types)
+        unknown = [o for o in self.op_types if o not in WEIGHT_OPS]
+        if unknown or not self.op_types:
+            raise OnnxoptError(f"--op-types {','.join(self.op_types) or '(empty)'}: use some of {','.join(WEIGHT_OPS)}")
+
+    @property
+    def method(self) -> str:
+        return self.calib_method or DEFAULT_METHOD[self.mode]
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def check_recipe(self, recipe, index: int) -> None:
+        one_quantizer(recipe)
+
+    def run(self, ctx) -> dict:
+        graph, data = ctx.graph, ctx.require_data(f"--{self.mode}")
+        plan = rules.plan(graph, self)
+        if not plan.nodes:
+            reasons = sorted(set(plan.skipped.values()))[:3]
+            raise OnnxoptError("nothing to quantize: no Conv, ConvTranspose, MatMul or Gemm passes the placement rules"
+                               + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing was written")
+        amax, means = self.calibrate(ctx, plan)
+        layers = self._insert(graph, plan, amax, means, ctx.high_precision)
+        bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
+        log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
+                 len(plan.activations), len(plan.weights), len(plan.skipped))
+        return {"mode": self.mode, "method": self.method,
+                "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes},
+                "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
+                "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm}}
+
+    def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
+        tensors = graph.tensors()
+        layers = {}
+        inputs_before_qdq = {id(n): n.inputs[0].name for n in plan.nodes}
+        for name, uses in plan.activations.items():
+            scale = qdq.activation_scale(amax[name], self.mode, hp)
+            qdq.insert_activation_qdq(graph, tensors[name], uses, scale, self.mode)
+        done: dict[str, gs.Variable] = {}
+        shared = {c.name for _, _, c, _ in plan.weights if len(c.outputs) > 1}
+        for node, idx, const, axis in plan.weights:
+            key = const.name
+            if key not in done:
+                src = node.inputs[idx]
+                values = _fold_chain(src) if src is not const else None
+                mean = means.get(inputs_before_qdq[id(node)]) if key not in shared else None
+                corrected = {}
+
+                def on_error(w, w_deq, node=node, mean=mean):
+                    corrected["bias_correction"] = bias_correction.apply(graph, node, w, w_deq, mean)
+                done[key], info = qdq.quantize_weight(graph, const, axis, self.mode, hp, values,
+                                                      on_error=on_error if mean is not None else None)
+                layers[node.name] = {**info, **corrected}
+            node.inputs[idx] = done[key]
+        return layers
+
+    def calibrate(self, ctx, plan):
+        """Clip range of each planned activation, by the configured method (Concat groups share the largest),
+        and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
+        which also feeds the reducers other passes registered in `ctx.extra_reducers`."""
+        method = self.method
+
+        def reducer():
+            if method == "max":
+                return calib.AbsMax()
+            if method == "percentile":  # exact, from the top values each batch keeps in the graph
+                return calib.TopAbs(self.percentile)
+            return calib.Histogram()
+        ranges = {n: reducer() for n in plan.activations if n not in plan.fixed_amax}
+        mean_r = {}
+        if self.bias_correction:
+            for node, _, _, _ in plan.weights:
+                if node.op not in bias_correction.OPS:
+                    continue
+                mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node),
+                                                                         bias_correction.input_rank(node)))
+        reducers: dict[str, list] = {}
+        for group in (ranges, mean_r):
+            for n, r in group.items():
+                reducers.setdefault(n, []).append(r)
+        for n, rs in ctx.extra_reducers.items():
+            reducers.setdefault(n, []).extend(rs)
+        calib.collect_graph(ctx.graph, ctx.data, reducers, provider=ctx.provider,
+                            memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        amax = dict(plan.fixed_amax)
+        for name, r in ranges.items():
+            amax[name] = calib.amax_from_histogram(r, method, self.mode) if isinstance(r, calib.Histogram) else r.value
+        for group in plan.shared_scales:
+            shared = max(amax[n] for n in group)
+            for n in group:
+                amax[n] = shared
+        return amax, {n: r.value for n, r in mean_r.items() if r.value is not None}
+
+
+def _has_weight(node: gs.Node) -> bool:
+    return rules._is_weight(node.inputs[1])
+
+
+def _fold_chain(t: gs.Tensor) -> np.ndarray:
+    """Values of a weight seen through Cast/Transpose/Identity, so the quantized initializer is what the layer consumes."""
+    const, chain = G.weight_of(t)
+    w = G.read_values(const)
+    for node in reversed(chain):
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            w = np.transpose(w, perm) if perm is not None else w.T
+        elif node.op == "Cast":
+            w = w.astype(np.float32)
+    return w

@@ -1,0 +1,43 @@
+"""SmoothQuant pass: move activation outliers into the weights before INT8 Q/DQ (onnxopt.smoothquant)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import fold, smoothquant
+from ..errors import OnnxoptError
+from ..quant import rules
+from .base import PassBase, after, check_regexes
+
+
+@dataclass
+class SmoothQuant(PassBase):
+    """Before a QDQ("int8") pass, smooths exactly the layers that pass will quantize; alone, every weight
+    layer of `op_types` not matching `exclude`."""
+    alpha: float | str = "auto"      # migration strength in [0, 1], or "auto" (per-activation search)
+    exclude: tuple = ()
+    op_types: tuple = fold.CONSUMER_OPS
+    name = "smoothquant"
+
+    def __post_init__(self):
+        self.alpha = smoothquant._parse_alpha(self.alpha)
+        self.exclude = check_regexes(self.exclude, "--exclude")
+        self.op_types = tuple(self.op_types)
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def check_recipe(self, recipe, index: int) -> None:
+        from .int4 import Int4
+        from .qdq import QDQ
+        nxt = after(recipe, index, (QDQ, Int4))
+        if nxt and not (isinstance(nxt[0], QDQ) and nxt[0].mode == "int8"):
+            raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+
+    def run(self, ctx) -> dict:
+        from .qdq import QDQ
+        data = ctx.require_data("SmoothQuant")
+        qdq = ctx.following(QDQ, self)
+        plan = rules.plan(ctx.graph, qdq) if qdq is not None else None
+        return smoothquant.smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
+                                  provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)

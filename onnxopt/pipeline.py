@@ -1,0 +1,289 @@
+"""One pipeline of composable passes.
+
+A recipe is a list of passes (see `onnxopt.passes`): each pass has typed options, checked when it is
+built, and a `run(ctx) -> dict` that rewrites `ctx.graph` in place and returns its report section.
+The `Runner` owns everything around the passes: loading (lazy, opset raised to what the passes need,
+FP32 view of FP16/BF16 inputs), calibration data, the weight spill, export, per-pass timings, the report
+and the atomic save. quantize, sparsify and convert all run through it.
+
+    onnxopt.run([Sparsify("2:4"), SmoothQuant(0.8), QDQ("int8"), Autocast("fp16")], "m.onnx", "out.onnx",
+                data="calib.npz")
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import autocast, calib, io
+from .errors import OnnxoptError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = range(7, 24)
+PROVIDERS = ("cpu", "cuda")
+
+
+@runtime_checkable
+class Pass(Protocol):
+    """A graph rewrite. Options are dataclass fields checked in __post_init__ (raising OnnxoptError)."""
+    name: ClassVar[str]          # report section and timing key
+    min_opset: ClassVar[int]     # default-domain opset the rewritten graph needs (0: any)
+
+    @property
+    def needs_data(self) -> bool: ...
+
+    def check_recipe(self, recipe: Sequence["Pass"], index: int) -> None:
+        """Raise OnnxoptError when this pass cannot run at `index` of `recipe` (e.g. AWQ without Int4 after it)."""
+
+    def run(self, ctx: "Context") -> dict: ...
+
+
+@dataclass
+class Context:
+    """What a pass sees: the graph it rewrites in place and the run's shared settings and state."""
+    graph: gs.Graph
+    data: calib.CalibData | None
+    workdir: Path
+    recipe: tuple
+    memory_budget_mb: int = 4096
+    provider: str = "cpu"
+    allow_cpu_fallback: bool = False
+    progress: bool = True
+    high_precision: str = "fp32"   # precision of what is not quantized (the recipe's Autocast), for scale rounding
+    report: dict = field(default_factory=dict)
+    # Shared statistics between passes, e.g. "awq_clips" (AWQ -> Int4); `extra_reducers` (tensor name ->
+    # calib reducers) are merged into the Q/DQ pass's single calibration pass.
+    stats: dict = field(default_factory=dict)
+    extra_reducers: dict = field(default_factory=dict)
+
+    def require_data(self, who: str) -> calib.CalibData:
+        if self.data is None:
+            raise OnnxoptError(f"{who} needs calibration data; pass --calib FILE.npz (or --calib-random N)")
+        return self.data
+
+    def following(self, pass_type: type, after: "Pass"):
+        """The first pass of `pass_type` after `after` in the recipe (None if there is none)."""
+        seen = False
+        for p in self.recipe:
+            if p is after:
+                seen = True
+            elif seen and isinstance(p, pass_type):
+                return p
+        return None
+
+
+@dataclass
+class Recipe:
+    """Passes plus the data setting a model family needs (presets return these)."""
+    passes: tuple
+    max_batch: int | None = None   # split calibration feeds to at most this batch
+
+    def __post_init__(self):
+        self.passes = tuple(self.passes)
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+def check_recipe(passes: Sequence) -> tuple:
+    passes = tuple(passes)
+    if not passes:
+        raise OnnxoptError("empty recipe; give at least one pass, e.g. [QDQ('fp8'), Autocast('fp16')]")
+    for p in passes:
+        if not isinstance(p, Pass):
+            raise OnnxoptError(f"{p!r} is not a pass (needs name, min_opset, needs_data, check_recipe and run); "
+                               "use the classes in onnxopt.passes")
+    for i, p in enumerate(passes):
+        p.check_recipe(passes, i)
+    return passes
+
+
+def _positive(value, what: str, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise OnnxoptError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class Runner:
+    """Runs a recipe on a model file (or ModelProto). All settings are checked when it is built, before any
+    model is read. `verify(path, report)` (optional) runs after the save, e.g. a finite-output check."""
+    recipe: Sequence
+    data: object = None                     # .npz / .npy / directory path, or a calib.CalibData
+    calib_random: int | None = None         # generate N samples instead of `data`
+    seed: int = 0
+    shapes: dict | None = None              # input name -> shape for generated data
+    calib_batches: int | None = None        # use at most N calibration batches
+    max_batch: int | None = None            # split calibration feeds to at most this batch
+    provider: str = "cpu"
+    allow_cpu_fallback: bool = False
+    memory_budget_mb: int = 4096
+    progress: bool = True
+    verify: Callable | None = None
+
+    def __post_init__(self):
+        if isinstance(self.recipe, Recipe):
+            self.max_batch = self.max_batch if self.max_batch is not None else self.recipe.max_batch
+            self.recipe = self.recipe.passes
+        self.recipe = check_recipe(self.recipe)
+        if self.data is not None and self.calib_random is not None:
+            raise OnnxoptError("--calib and --calib-random both given; use one source of calibration data")
+        if isinstance(self.data, (str, os.PathLike)) and not Path(self.data).exists():
+            raise OnnxoptError(f"calibration data {self.data} does not exist; pass an .npz, .npy or a directory of .npz")
+        _positive(self.calib_random, "--calib-random")
+        _positive(self.calib_batches, "--calib-batches")
+        _positive(self.max_batch, "--max-batch")
+        _positive(self.memory_budget_mb, "--memory-budget")
+        _positive(self.seed, "--seed", allow_zero=True)
+        if self.provider not in PROVIDERS:
+            raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
+        if self.needs_data and self.data is None and not self.calib_random:
+            who = ", ".join(p.name for p in self.recipe if p.needs_data)
+            raise OnnxoptError(f"{who} needs calibration data; pass --calib FILE.npz (or a directory) or --calib-random N")
+
+    @property
+    def needs_data(self) -> bool:
+        return any(p.needs_data for p in self.recipe)
+
+    @property
+    def min_opset(self) -> int:
+        return max(p.min_opset for p in self.recipe)
+
+    def run(self, model, output=None) -> Result:
+        """Run the recipe on `model` (path or ModelProto); save to `output` if given."""
+        t0 = time.perf_counter()
+        if output is not None and not isinstance(model, onnx.ModelProto):
+            io.check_output_path(output, model)
+        # New weights (2:4, SmoothQuant, quantized, FP16) spill to the work directory and stay lazy.
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
+            return self._run(model, output, Path(work), t0)
+
+    def _run(self, model, output, work: Path, t0: float) -> Result:
+        m = load(model, self.min_opset, work)
+        fp32 = fp32_source(m)
+        data = self._data(fp32) if (self.needs_data or self.data is not None or self.calib_random) else None
+        report: dict = {"recipe": [describe(p) for p in self.recipe], "timings_s": {}}
+        ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
+                      provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
+                      high_precision=_high_precision(self.recipe), report=report)
+        del m, fp32
+        timings = report["timings_s"]
+        for p in self.recipe:
+            t = time.perf_counter()
+            log.info("pass %s", p.name)
+            report[p.name] = section = p.run(ctx)
+            timings[p.name] = time.perf_counter() - t
+            if isinstance(section, dict) and "coverage" in section:
+                report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
+        out = io.export_graph(ctx.graph, opset=self.min_opset or None)
+        ctx.graph = None  # the exported protobuf now owns the weights; keep one copy
+        gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
+        path = None
+        if output is not None:
+            t = time.perf_counter()
+            path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
+            timings["save"] = time.perf_counter() - t
+            out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
+            report["output_bytes"] = output_bytes(path)
+            if self.verify is not None:
+                report["verify"] = self.verify(path, report)
+        else:
+            io.internalize(out)  # the work directory is about to go
+        timings["total"] = time.perf_counter() - t0
+        return Result(out, report, path)
+
+    def _data(self, model: onnx.ModelProto) -> calib.CalibData | None:
+        if isinstance(self.data, calib.CalibData):
+            return self.data
+        specs = calib.input_specs(model)
+        if self.data is not None:
+            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch)
+        if self.calib_random:
+            return calib.CalibData.random(specs, self.calib_random, seed=self.seed, shapes=self.shapes,
+                                          max_batch=self.max_batch)
+        return None
+
+
+def run(recipe, model, output=None, *, data=None, **settings) -> Result:
+    """Run `recipe` (a list of passes or a Recipe) on `model` and save to `output`. `settings` are Runner
+    fields: calib_random, seed, shapes, calib_batches, max_batch, provider, memory_budget_mb, progress."""
+    return Runner(recipe, data=data, **settings).run(model, output)
+
+
+def describe(p) -> dict:
+    opts = asdict(p) if is_dataclass(p) else {}
+    return {"pass": p.name, **opts}
+
+
+def _high_precision(recipe) -> str:
+    """The precision the recipe's autocast pass gives the unquantized rest (scales are rounded to it)."""
+    return next((p.high_precision for p in recipe if getattr(p, "high_precision", None)), "fp32")
+
+
+def output_bytes(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+# ---------------------------------------------------------------- loading
+def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
+    """Load (lazily), check the opset and raise it to `min_opset`, infer shapes. Big embedded weights move to
+    an external file in `workdir` first, so that no pass copies them."""
+    m = model if isinstance(model, onnx.ModelProto) else io.load(model)
+    if workdir is not None:
+        m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
+    opset = io.opset_of(m)
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
+                           "re-export the model with opset 17")
+    if opset < min_opset:
+        m = convert_opset(m, min_opset)
+    return io.infer_shapes(m)
+
+
+def convert_opset(m: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Raise the default-domain opset. When no op of the model changed between the two versions, only the
+    import changes (fast on big graphs); otherwise onnx's version converter rewrites the nodes."""
+    from onnx import defs, version_converter
+    current = io.opset_of(m)
+    ops = {n.op_type for n in m.graph.node if n.domain in ("", "ai.onnx")}
+    try:
+        unchanged = all(defs.get_schema(op, target).since_version <= current for op in ops)
+    except Exception:
+        unchanged = False
+    if unchanged:
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        for o in out.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = target
+        log.info("raised opset %d -> %d (no op changed)", current, target)
+        return out
+    try:
+        out = version_converter.convert_version(m, target)
+    except Exception as e:
+        raise OnnxoptError(f"cannot convert opset {current} to {target} ({str(e).splitlines()[0][:120]}); "
+                           f"re-export the model with opset {target}") from None
+    log.info("converted opset %d -> %d", current, target)
+    return out
+
+
+def fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
+    """FP16/BF16 input models are calibrated and rewritten through their FP32 view."""
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    if any(t.data_type in low for t in m.graph.initializer) or any(v.type.tensor_type.elem_type in low for v in m.graph.input):
+        log.info("low-precision input model: working on its FP32 view")
+        return io.infer_shapes(autocast.fp32_view(m))
+    return m

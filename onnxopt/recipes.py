@@ -1,0 +1,102 @@
+"""QuantConfig, the flat option set of `onnxopt quantize`, and the recipe it stands for.
+
+`recipe(config)` turns it into passes: [Sparsify] -> [SmoothQuant] -> QDQ | [AWQ] -> Int4 -> Autocast;
+`runner(config, ...)` adds the data and resource settings. `quantize()` keeps the original Python API.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import onnx
+
+from . import autocast, calib, pipeline
+from .errors import OnnxoptError
+from .passes import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify
+
+MODES = ("int8", "fp8", "int4")
+DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
+MIN_OPSET = {"int8": QDQ.min_opset, "fp8": QDQ.min_opset, "int4": Int4.min_opset}
+QuantResult = pipeline.Result
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "fp8"                          # "int8" | "fp8" | "int4"
+    calib_method: str | None = None            # "max" | "percentile" | "entropy" | "mse"; None = mode default
+    percentile: float = 99.99
+    exclude: tuple = ()                        # regexes on node names
+    op_types: tuple = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+    high_precision: str = "fp16"               # "fp16" | "bf16" | "fp32"
+    io_dtype: str | None = None                # None keeps graph I/O dtypes
+    quantize_mha: bool = True                  # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
+    keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
+    bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
+    smoothquant: float | str | None = None     # alpha, "auto", or None
+    awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
+    block_size: int = 128                      # int4; 0 = per-channel
+    int8_layers: str | None = None             # int4: regex of layers kept at per-channel INT8 weights
+    sparsity: str | None = None                # "2:4": sparsify before quantization
+    sparsity_method: str = "magnitude"         # "magnitude" | "sparsegpt"
+    provider: str = "cpu"                      # calibration execution provider
+    memory_budget_mb: int = 4096               # calibration: weights held at once (else stages), whole activations per pass
+    calib_batches: int | None = None           # use at most this many calibration batches
+    calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise OnnxoptError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+        if self.calib_method is not None and self.calib_method not in calib.METHODS:
+            raise OnnxoptError(f"unknown calibration method '{self.calib_method}'; use one of {', '.join(calib.METHODS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
+        if self.high_precision not in autocast.DTYPES:
+            raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use fp16, bf16 or fp32")
+        self.exclude = tuple(self.exclude or ())
+        self.op_types = tuple(self.op_types)
+
+    @property
+    def method(self) -> str:
+        return self.calib_method or DEFAULT_METHOD.get(self.mode, "max")
+
+
+def recipe(config: QuantConfig) -> pipeline.Recipe:
+    """The passes `config` stands for, each checked as it is built."""
+    c = config
+    passes = []
+    if c.sparsity:
+        passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
+    if c.mode == "int4":
+        if c.awq != "none":
+            passes.append(AWQ(c.awq))
+        passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types))
+    else:
+        if c.smoothquant is not None:
+            passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))
+        passes.append(QDQ(c.mode, calib_method=c.calib_method, percentile=c.percentile, exclude=c.exclude,
+                          op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction))
+    passes.append(Autocast(c.high_precision, io_dtype=c.io_dtype, keep_fp32_ops=c.keep_fp32_ops))
+    return pipeline.Recipe(passes, max_batch=c.calib_max_batch)
+
+
+def runner(config: QuantConfig, *, data=None, calib_random: int | None = None, seed: int = 0, shapes: dict | None = None,
+           allow_cpu_fallback: bool = False) -> pipeline.Runner:
+    """A Runner for `config`, fully checked (no model is read)."""
+    return pipeline.Runner(recipe(config), data=data, calib_random=calib_random, seed=seed, shapes=shapes,
+                           calib_batches=config.calib_batches, provider=config.provider,
+                           allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=config.memory_budget_mb,
+                           progress=config.progress)
+
+
+def quantize(model, output=None, *, config: QuantConfig | None = None, data=None, calib_random: int | None = None,
+             seed: int = 0, shapes: dict | None = None) -> pipeline.Result:
+    """Quantize `model` (path or ModelProto) and save it to `output` if given."""
+    config = config or QuantConfig()
+    res = runner(config, data=data, calib_random=calib_random, seed=seed, shapes=shapes).run(model, output)
+    res.report = {"mode": config.mode, "config": asdict(config), **res.report}
+    return res
+
+
+def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
+    """Load (lazily), check the opset and raise it to what `mode` needs, infer shapes."""
+    return pipeline.load(model, MIN_OPSET[mode], workdir)
