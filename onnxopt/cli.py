@@ -27,7 +27,23 @@ def handle_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Bad option values (click's usage errors) print one `error:` line too, exit 2, like every user error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            names, c = [], e.ctx
+            while c is not None and c.parent is not None:
+                names.insert(0, c.info_name)
+                c = c.parent
+            where = f" (see onnxopt {' '.join(names)} --help)" if names else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
 @click.version_option(package_name="onnxopt")
@@ -80,6 +96,57 @@ def _write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
+def _merge_alias(new, old, default=None):
+    """Value of an option that also has a hidden old spelling (kept for one release)."""
+    return new if new is not None else old if old is not None else default
+
+
+def _check_input(model: str) -> None:
+    from pathlib import Path
+    if not Path(model).is_file():
+        raise OnnxoptError(f"{model} does not exist or is not a file; give the path of an .onnx model")
+
+
+def _summary(text: str, path, ctx_report: dict | None = None) -> None:
+    """The one line every command ends with (stdout, unless -q)."""
+    if not progress_enabled():
+        return
+    from pathlib import Path
+    size = (ctx_report or {}).get("output_bytes")
+    if size is None and path is not None and Path(path).exists():
+        size = Path(path).stat().st_size
+    click.echo(f"{text}; wrote {path}" + (f" ({size / 1e6:.1f} MB)" if size is not None else ""))
+
+
+def _shared_run_options(fn):
+    """Calibration-data and ONNX Runtime options shared by quantize and sparsify (one vocabulary)."""
+    for opt in reversed([
+        click.option("--calib", "calib_path", type=click.Path(), help=".npz (arrays keyed by input name, first axis = samples), .npy, or a directory of .npz."),
+        click.option("--calib-random", type=int, help="Calibrate on N generated samples instead of --calib (smoke tests)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random."),
+        click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable)."),
+        click.option("--calib-batches", type=int, help="Use at most N calibration batches."),
+        click.option("--max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory)."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
+        click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU when --provider cuda is not available instead of failing."),
+        click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory in MB: weights ONNX Runtime holds at once (bigger models run in stages), whole activations fetched per pass, Hessians."),
+        click.option("--exclude", multiple=True, help="Regex on node names to leave alone (repeatable)."),
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
+            memory_budget):
+    """The Runner of a command, every setting checked here, before any model is read."""
+    from .calib import parse_shapes
+    from .pipeline import Runner
+    return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
+                  calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
+                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled())
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
@@ -87,75 +154,133 @@ def _write_json(path, obj) -> None:
 @click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 W8A8 (default).")
 @click.option("--int4", "mode", flag_value="int4", help="INT4 blockwise weight-only.")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
-@click.option("--calib", "calib_path", type=click.Path(), help=".npz (arrays keyed by input name, first axis = samples), .npy, or a directory of .npz.")
-@click.option("--calib-random", type=int, help="Calibrate on N generated samples instead.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random.")
-@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
-@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="Clip-range method (default: max for FP8, mse for INT8).")
-@click.option("--percentile", type=float, default=99.99, show_default=True)
-@click.option("--calib-batches", type=int, help="Use at most N calibration batches.")
-@click.option("--calib-max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory).")
-@click.option("--calib-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory: MB of weights ONNX Runtime holds at once (bigger models run in stages) and of whole activations fetched per pass.")
-@click.option("--exclude", multiple=True, help="Regex on node names to leave unquantized (repeatable).")
+@_shared_run_options
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
+@click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
-@click.option("--no-mha", is_flag=True, help="Leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
+@click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
 @click.option("--high-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs (default: keep them).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here.")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
-@click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses --calib).")
+@click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
+@click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
+@click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
 @handle_errors
-def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_method, percentile,
-             calib_batches, calib_max_batch, calib_provider, memory_budget, exclude, op_types, no_mha, high_precision, io_dtype,
-             report_path, **extra):
+def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
+             allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
-    import dataclasses
-
-    from . import calib as calib_mod
-    from .quant import QuantConfig
-    from .quant import quantize as run
+    from . import recipes
     mode = mode or "fp8"
-    fields = dict(mode=mode, calib_method=calib_method, percentile=percentile, exclude=tuple(exclude),
-                  op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()), high_precision=high_precision,
-                  io_dtype=io_dtype, quantize_mha=not no_mha, provider=calib_provider, memory_budget_mb=memory_budget,
-                  calib_batches=calib_batches, calib_max_batch=calib_max_batch, progress=progress_enabled())
-    fields.update(_extra_quant_fields(extra))
-    if preset:
-        from . import presets
-        base = presets.config(preset, mode)
-        explicit = {k: v for k, v in fields.items() if _given(ctx, k)}
-        config = dataclasses.replace(base, **{k: v for k, v in explicit.items()}, progress=progress_enabled())
-        if exclude:
-            config = dataclasses.replace(config, exclude=tuple(base.exclude) + tuple(exclude))
-    else:
-        config = QuantConfig(**fields)
-    output = output or _default_output(model, mode)
-    result = run(model, output, config=config, data=calib_path, calib_random=calib_random, seed=seed,
-                 shapes=calib_mod.parse_shapes(shapes))
+    provider, max_batch = _merge_alias(provider, old_provider), _merge_alias(max_batch, old_max_batch)
+    _check_mode_options(mode, options)
+    config = _quant_config(ctx, mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
+                           calib_batches=calib_batches, calib_max_batch=max_batch, **options)
+    recipe = recipes.recipe(config)
+    runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
+                     calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
+                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb)
+    _check_input(model)
+    result = runner.run(model, output or _default_output(model, mode))
+    result.report = {"mode": mode, **result.report}
     if report_path:
         _write_json(report_path, result.report)
-    cov = result.report.get("coverage")
-    click.echo(f"wrote {result.path}" + (f" ({cov['quantized']} layers quantized, {cov['skipped']} skipped)" if cov else ""))
+    _summary(_describe_quantize(result.report, mode), result.path, result.report)
 
 
-_PARAM_FOR_FIELD = {"calib_method": "calib_method", "percentile": "percentile", "exclude": "exclude", "op_types": "op_types",
-                    "high_precision": "high_precision", "io_dtype": "io_dtype", "quantize_mha": "no_mha",
-                    "provider": "calib_provider", "memory_budget_mb": "memory_budget", "calib_batches": "calib_batches",
-                    "calib_max_batch": "calib_max_batch"}
+_INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
+_W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
+
+
+def _check_mode_options(mode: str, o: dict) -> None:
+    """Options that do not fit the mode are errors, not silently ignored."""
+    if mode != "int4":
+        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int4 only (weight-only INT4); drop {_it(given)} or use --int4")
+    else:
+        given = [flag for k, flag in _W8A8_ONLY.items() if o.get(k)] + (["--percentile"] if o.get("percentile") is not None else [])
+        if o.get("smoothquant") is not None:
+            given.append("--smoothquant")
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
+    if mode == "fp8" and o.get("smoothquant") is not None:
+        raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+    if o.get("percentile") is not None and o.get("calib_method") not in (None, "percentile"):
+        raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {o['calib_method']}")
+    if o.get("sparsity_method") and not o.get("sparsity"):
+        raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
+    if o.get("io_dtype") and o.get("high_precision") == "fp32":
+        raise OnnxoptError("--io-dtype converts graph inputs/outputs to low precision, which --high-precision fp32 does not use")
+
+
+def _apply(given: list) -> str:
+    return "applies" if len(given) == 1 else "apply"
+
+
+def _it(given: list) -> str:
+    return "it" if len(given) == 1 else "them"
+
+
+def _quant_config(ctx, mode, preset, **fields):
+    """QuantConfig of the command line: a preset's recipe with the options the user gave on top."""
+    import dataclasses
+
+    from .recipes import QuantConfig
+    no_mha = fields.pop("no_mha")
+    op_types = fields.pop("op_types")
+    fields.update(quantize_mha=not no_mha, op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()),
+                  progress=progress_enabled())
+    if fields.get("sparsity") and not fields.get("sparsity_method"):
+        fields["sparsity_method"] = "magnitude"
+    if not preset:
+        return QuantConfig(mode=mode, **{k: v for k, v in fields.items() if v is not None})
+    from . import presets
+    base = presets.config(preset, mode)
+    explicit = {k: v for k, v in fields.items() if _given(ctx, k) and v is not None}
+    config = dataclasses.replace(base, **explicit, progress=progress_enabled())
+    if fields.get("exclude"):
+        config = dataclasses.replace(config, exclude=tuple(base.exclude) + tuple(fields["exclude"]))
+    return config
+
+
+def _describe_quantize(report: dict, mode: str) -> str:
+    cov = report.get("coverage", {})
+    q, s = cov.get("quantized", 0), cov.get("skipped", 0)
+    if mode == "int4":
+        sec = report.get("int4", {})
+        extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",
+                 f"AWQ {sec.get('awq')}" if sec.get("awq", "none") != "none" else "round-to-nearest"]
+        if cov.get("int8"):
+            extra.append(f"{cov['int8']} kept INT8")
+        text = f"quantized {q}/{q + s} layers to int4 weight-only ({', '.join(extra)}), {s} skipped"
+    else:
+        bmm = cov.get("attention_bmms", 0)
+        text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
+        if report.get("smoothquant"):
+            text += f"; SmoothQuant on {len(report['smoothquant'].get('groups', []))} activations"
+    sp = report.get("sparsity")
+    if sp:
+        text += f"; {sp['pruned']} layers pruned to {sp['pattern']} ({sp['method']})"
+    return text
+
+
+_PARAM_FOR_FIELD = {"quantize_mha": "no_mha", "provider": "provider", "memory_budget_mb": "memory_budget",
+                    "calib_max_batch": "max_batch"}
 
 
 def _given(ctx, field_name: str) -> bool:
     """Whether the user set the option behind a QuantConfig field (so it overrides the preset)."""
     param = _PARAM_FOR_FIELD.get(field_name, field_name)
     src = ctx.get_parameter_source(param)
-    return src is not None and src.name == "COMMANDLINE"
+    old = {"provider": "old_provider", "max_batch": "old_max_batch"}.get(param)
+    src_old = ctx.get_parameter_source(old) if old else None
+    return any(s is not None and s.name == "COMMANDLINE" for s in (src, src_old))
 
 
 def _sq_alpha(value):
@@ -171,11 +296,6 @@ def _sq_alpha(value):
     return alpha
 
 
-def _extra_quant_fields(extra: dict) -> dict:
-    """Options that other capabilities add to `quantize` (sparsity, SmoothQuant, AWQ) map 1:1 to QuantConfig fields."""
-    return {k: v for k, v in extra.items() if v is not None}
-
-
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
@@ -183,12 +303,20 @@ def _extra_quant_fields(extra: dict) -> dict:
 @click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here.")
 @handle_errors
-def convert(model, output, dtype, io_dtype, keep_fp32_ops):
+def convert(model, output, dtype, io_dtype, keep_fp32_ops, report_path):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16."""
-    from .autocast import convert as run
-    path = run(model, output or _default_output(model, dtype), dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops))
-    click.echo(f"wrote {path}")
+    from .passes import Autocast
+    from .pipeline import Runner
+    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops))], progress=progress_enabled())
+    _check_input(model)
+    result = runner.run(model, output or _default_output(model, dtype))
+    if report_path:
+        _write_json(report_path, result.report)
+    ac = result.report["autocast"]
+    _summary(f"converted to {dtype} ({ac.get('casts', 0)} casts inserted, {ac.get('fp32_nodes', 0)} nodes kept in FP32)",
+             result.path, result.report)
 
 
 @main.command()
@@ -236,43 +364,42 @@ def compare(reference, candidate, data, n_random, shapes, max_batch, json_path):
 # ---- sparsify
 @main.command("sparsify")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output model path.")
-@click.option("--pattern", default="2:4", show_default=True, help="N:M: at most N non-zeros in every M input channels.")
-@click.option("--method", type=click.Choice(["magnitude", "sparsegpt"]), default="magnitude", show_default=True,
-              help="magnitude: keep the largest |w|; sparsegpt: minimise layer-output error (needs --calib).")
-@click.option("--calib", "calib_path", type=click.Path(), help="Calibration data: .npz, .npy or a directory of .npz.")
-@click.option("--calib-limit", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--calib-random", type=int, default=None, help="Use N random samples instead of --calib (testing only).")
-@click.option("--shapes", multiple=True, help="Input shapes for random data, name:1x3x224x224 (repeatable).")
-@click.option("--exclude", multiple=True, help="Regex on node names to leave dense (repeatable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.sparse.onnx).")
+@click.option("--sparsity", "pattern", metavar="N:M", help="N:M: at most N non-zeros in every M input channels (default 2:4).")
+@click.option("--sparsity-method", "method", type=click.Choice(["magnitude", "sparsegpt"]),
+              help="magnitude (default): keep the largest |w|; sparsegpt: minimise layer-output error (needs --calib).")
+@_shared_run_options
 @click.option("--min-params", type=int, default=4096, show_default=True, help="Skip weights with fewer values.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="SparseGPT damping, a fraction of mean diag(H).")
 @click.option("--block", type=int, default=128, show_default=True, help="SparseGPT lazy-update block (columns).")
 @click.option("--one-shot", is_flag=True, help="SparseGPT: calibrate all layers on the dense graph (faster, less accurate).")
-@click.option("--calib-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--memory-budget", type=int, default=4096, show_default=True, help="MB for Hessians and activations.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--pattern", "old_pattern", hidden=True, help="Old spelling of --sparsity.")
+@click.option("--method", "old_method", type=click.Choice(["magnitude", "sparsegpt"]), hidden=True, help="Old spelling of --sparsity-method.")
+@click.option("--calib-limit", "old_calib_limit", type=int, hidden=True, help="Old spelling of --calib-batches.")
+@click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @handle_errors
-def sparsify_cmd(model, output, pattern, method, calib_path, calib_limit, calib_random, shapes, exclude, min_params,
-                 damp, block, one_shot, calib_provider, memory_budget, report_path):
+def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
+                 allow_cpu_fallback, memory_budget, exclude, report_path, min_params, damp, block, one_shot, old_pattern,
+                 old_method, old_calib_limit, old_provider):
     """Prune Conv/ConvTranspose/MatMul/Gemm weights to 2:4 along input channels (TensorRT sparse tensor cores)."""
-    import json
-
-    from . import calib, sparsity
-    if method == "sparsegpt" and not (calib_path or calib_random):
-        raise OnnxoptError("--method sparsegpt needs calibration data; pass --calib (or --calib-random N for a smoke test)")
-    rep = sparsity.sparsify_model(model, output, data=calib_path, calib_limit=calib_limit, calib_random=calib_random,
-                                  shapes=calib.parse_shapes(shapes), pattern=pattern, method=method, exclude=exclude,
-                                  min_params=min_params, damp=damp, block=block, sequential=not one_shot,
-                                  provider=calib_provider, memory_budget_mb=memory_budget, progress=progress_enabled())
+    from .passes import Sparsify
+    sp = Sparsify(_merge_alias(pattern, old_pattern, "2:4"), method=_merge_alias(method, old_method, "magnitude"),
+                  exclude=tuple(exclude), min_params=min_params, damp=damp, block=block, sequential=not one_shot)
+    runner = _runner([sp], calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
+                     calib_batches=_merge_alias(calib_batches, old_calib_limit), max_batch=max_batch,
+                     provider=_merge_alias(provider, old_provider), allow_cpu_fallback=allow_cpu_fallback,
+                     memory_budget=memory_budget)
+    _check_input(model)
+    result = runner.run(model, output or _default_output(model, "sparse"))
+    rep = result.report["sparsity"]
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump(rep, f, indent=1)
+        _write_json(report_path, rep)
     for r in rep["layers"]:
         if r["status"] == "skipped":
             click.echo(f"skipped {r['name']}: {r['reason']}", err=True)
-    click.echo(f"{output}: {rep['pruned']} layers pruned to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
-               f"{rep['already']} already sparse; {100 * rep['sparse_param_share']:.1f}% of weight parameters sparse")
+    _summary(f"{rep['pruned']} layers pruned to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
+             f"{rep['already']} already sparse; {100 * rep['sparse_param_share']:.1f}% of weight parameters sparse",
+             result.path, result.report)
 
 
 # ---- build / bench (trt)

@@ -1,7 +1,6 @@
 """INT4 blockwise weight-only quantization (packing, DequantizeLinear, ORT) and AWQ (scales, clip)."""
 from __future__ import annotations
 
-import types
 
 import ml_dtypes
 import numpy as np
@@ -34,7 +33,12 @@ def _config(**kw):
     base = dict(awq="none", block_size=128, int8_layers=None, exclude=(), op_types=("Conv", "ConvTranspose", "MatMul", "Gemm"),
                 high_precision="fp32", provider="cpu", memory_budget_mb=256, progress=False)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return base
+
+
+def _select(graph, **kw):
+    c = _config(**kw)
+    return int4.select_layers(graph, exclude=c["exclude"], op_types=c["op_types"], int8_layers=c["int8_layers"])
 
 
 def _mlp(k=256, n=96, outliers=(), gemm=False, seq=24):
@@ -72,7 +76,7 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     q_ref, s_ref = int4.quantize_blocks(w, block)
 
     graph = io.import_graph(m)
-    report = int4.quantize_int4(graph, None, _config(block_size=block))
+    report = int4.quantize_int4(graph, None, **_config(block_size=block))
     assert report["layers"]["fc1"]["bits"] == 4
     out = io.export_graph(graph, opset=21)
     onnx.checker.check_model(out)
@@ -101,7 +105,7 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
 def test_int8_layers_keep_per_channel_int8():
     m = _mlp()
     graph = io.import_graph(m)
-    report = int4.quantize_int4(graph, None, _config(int8_layers="fc2"))
+    report = int4.quantize_int4(graph, None, **_config(int8_layers="fc2"))
     assert report["layers"]["fc2"]["bits"] == 8 and report["layers"]["fc1"]["bits"] == 4
     out = io.export_graph(graph, opset=21)
     inits = {t.name: t for t in out.graph.initializer}
@@ -110,7 +114,7 @@ def test_int8_layers_keep_per_channel_int8():
     assert inits[w2q.input[0]].data_type == TensorProto.INT8
     assert {a.name: helper.get_attribute_value(a) for a in w2q.attribute} == {"axis": 1}
     all4 = io.import_graph(m)
-    int4.quantize_int4(all4, None, _config())
+    int4.quantize_int4(all4, None, **_config())
     feed = _feed(m)
     ref = _run(m, feed)[0]
     assert _rel(_run(out, feed)[0], ref) < _rel(_run(io.export_graph(all4, opset=21), feed)[0], ref)
@@ -119,13 +123,13 @@ def test_int8_layers_keep_per_channel_int8():
 def test_bad_options_are_user_errors():
     m = _mlp()
     with pytest.raises(OnnxoptError, match="block-size"):
-        int4.quantize_int4(io.import_graph(m), None, _config(block_size=100))
+        int4.quantize_int4(io.import_graph(m), None, **_config(block_size=100))
     with pytest.raises(OnnxoptError, match="awq"):
-        int4.quantize_int4(io.import_graph(m), None, _config(awq="best"))
+        int4.quantize_int4(io.import_graph(m), None, **_config(awq="best"))
     with pytest.raises(OnnxoptError, match="calibration data"):
-        int4.quantize_int4(io.import_graph(m), None, _config(awq="full"))
+        int4.quantize_int4(io.import_graph(m), None, **_config(awq="full"))
     with pytest.raises(OnnxoptError, match="int8-layers"):
-        int4.quantize_int4(io.import_graph(m), None, _config(int8_layers="("))
+        int4.quantize_int4(io.import_graph(m), None, **_config(int8_layers="("))
 
 
 # ---------------------------------------------------------------- AWQ
@@ -141,7 +145,7 @@ def test_awq_beats_rtn_on_activation_outliers(gemm):
     errs = {}
     for method in ("none", "lite", "clip", "full"):
         graph = io.import_graph(m)
-        report = int4.quantize_int4(graph, _data(m), _config(awq=method))
+        report = int4.quantize_int4(graph, _data(m), **_config(awq=method))
         errs[method] = _layer_error(io.export_graph(graph, opset=21), feed, ref)
         if method in ("lite", "full"):
             group = next(g for g in report["awq_search"]["groups"] if g["layers"] == ["fc1"])
@@ -154,7 +158,7 @@ def test_awq_beats_rtn_on_activation_outliers(gemm):
 def test_awq_scaled_fp32_graph_is_exact_before_quantization():
     m = _mlp(outliers=(3, 50, 130))
     graph = io.import_graph(m)
-    layers, _ = int4.select_layers(graph, _config())
+    layers, _ = _select(graph)
     report, clips = awq.apply(graph, _data(m), layers, method="full", block_size=128, high_precision="fp32", progress=False)
     assert any(g["alpha"] is not None for g in report["groups"])
     # Clip ratios, or (INT4 values, scales) where error-feedback rounding ran (enough rows for fc2's K).
@@ -241,14 +245,14 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
     feed = _feed(m)
     ref = _run(m, feed)[1]
     graph = io.import_graph(m)
-    layers, _ = int4.select_layers(graph, _config())
+    layers, _ = _select(graph)
     report, clips = awq.apply(graph, _data(m), layers, method="full", block_size=128, high_precision="fp32",
                               memory_budget_mb=0, progress=False)
     assert report["statistics"] == "sampled rows" and set(clips) == {"fc1", "fc2"}
     for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
     rtn = io.import_graph(m)
-    int4.quantize_int4(rtn, None, _config())
+    int4.quantize_int4(rtn, None, **_config())
     graph2 = io.import_graph(m)
-    int4.quantize_int4(graph2, _data(m), _config(awq="full", memory_budget_mb=0))
+    int4.quantize_int4(graph2, _data(m), **_config(awq="full", memory_budget_mb=0))
     assert _layer_error(io.export_graph(graph2, opset=21), feed, ref) < _layer_error(io.export_graph(rtn, opset=21), feed, ref)

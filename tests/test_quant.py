@@ -191,7 +191,7 @@ def test_quantized_graph_is_close_to_fp32(tmp_path, which, mode, floor):
     # Weights are stored pre-quantized: no float initializer feeds a quantized layer's weight input.
     for n in q.graph.node:
         if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and n.input[1] in inits:
-            assert n.name in res.report["skipped"]
+            assert n.name in res.report["qdq"]["skipped"]
     # Graph I/O keeps its dtype; the rest is FP16.
     assert q.graph.output[0].type.tensor_type.elem_type == T.FLOAT
     assert {t.data_type for t in q.graph.initializer} <= {T.FLOAT16, T.INT8, T.FLOAT8E4M3FN, T.INT64}
@@ -204,7 +204,7 @@ def test_lint_clean_and_coverage_full_on_outputs(tmp_path):
         ins = inspect_path(res.path)
         s = ins.summary()
         assert ins.lint == []
-        assert s["quantized_layers"] == s["layers"] - len(res.report["skipped"])
+        assert s["quantized_layers"] == s["layers"] - len(res.report["qdq"]["skipped"])
 
 
 def test_lint_flags_partial_and_asymmetric_placements():
@@ -227,7 +227,7 @@ def test_lint_flags_partial_and_asymmetric_placements():
 
 def test_fp8_softmax_output_amax_is_one(tmp_path):
     _, res, _ = _q(tmp_path, tiny.transformer(), "fp8")
-    assert res.report["activations"]["p"] == 1.0
+    assert res.report["qdq"]["activations"]["p"] == 1.0
 
 
 def test_fp16_input_model_works_like_fp32(tmp_path):

@@ -188,8 +188,7 @@ def _outlier_block(C=32, N=24, T=16):
 
 
 def _config(alpha):
-    return types.SimpleNamespace(smoothquant=alpha, exclude=(), op_types=fold.CONSUMER_OPS, provider="cpu",
-                                 memory_budget_mb=256, progress=False)
+    return dict(alpha=alpha, exclude=(), op_types=fold.CONSUMER_OPS, provider="cpu", memory_budget_mb=256, progress=False)
 
 
 def _data(model, n=8, seed=1):
@@ -200,7 +199,7 @@ def _data(model, n=8, seed=1):
 def test_smooth_is_exact_in_fp32_and_reports_alphas(alpha):
     m = _outlier_block()
     graph = io.import_graph(m)
-    report = smoothquant.smooth(graph, _data(m), None, _config(alpha))
+    report = smoothquant.smooth(graph, _data(m), None, **_config(alpha))
     assert set(report["alphas"]) == {"q", "k", "v", "fc2"}
     qkv = next(g for g in report["groups"] if g["activation"] == "h")
     assert qkv["layers"] == ["q", "k", "v"] and "LayerNormalization" in qkv["fold"]
@@ -237,7 +236,7 @@ def test_smooth_auto_lowers_int8_error_in_ort():
         return _rel(_run(io.export_graph(g), feed)[0], ref)
 
     graph = io.import_graph(m)
-    smoothquant.smooth(graph, _data(m), None, _config("auto"))
+    smoothquant.smooth(graph, _data(m), None, **_config("auto"))
     smoothed = io.export_graph(graph)
     assert int8_q_error(smoothed) < 0.5 * int8_q_error(m)
 
@@ -258,7 +257,7 @@ def test_smooth_conv_patches_and_plan_groups():
     plan = types.SimpleNamespace(
         activations={"h": [(nodes["conv2"], 0), (nodes["pw"], 0)], "x": [(nodes["conv1"], 0)]},
         weights=[(nodes[k], 1, nodes[k].inputs[1], 0) for k in ("conv1", "conv2", "pw")])
-    report = smoothquant.smooth(graph, _data(m, 4), plan, _config("auto"))
+    report = smoothquant.smooth(graph, _data(m, 4), plan, **_config("auto"))
     h = next(g for g in report["groups"] if g["activation"] == "h")
     assert h["layers"] == ["conv2", "pw"] and h["alpha"] is not None and "Mul 'mul'" in h["fold"]
     feed = {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}
@@ -287,9 +286,9 @@ def test_patch_sample_matches_conv():
 def test_bad_alpha_is_a_user_error():
     m = _outlier_block()
     with pytest.raises(OnnxoptError, match="alpha"):
-        smoothquant.smooth(io.import_graph(m), _data(m), None, _config(1.5))
+        smoothquant.smooth(io.import_graph(m), _data(m), None, **_config(1.5))
     with pytest.raises(OnnxoptError, match="calibration data"):
-        smoothquant.smooth(io.import_graph(m), None, None, _config("auto"))
+        smoothquant.smooth(io.import_graph(m), None, None, **_config("auto"))
 
 
 def test_cli_smoothquant_flag_and_value(tmp_path):
@@ -323,7 +322,7 @@ def test_smooth_conv_graph_with_quantizer_plan():
     graph = io.import_graph(m)
     config = QuantConfig(mode="int8", smoothquant="auto", progress=False, memory_budget_mb=256)
     plan = rules.plan(graph, config)
-    report = smoothquant.smooth(graph, _data(m, 4), plan, config)
+    report = smoothquant.smooth(graph, _data(m, 4), plan, alpha="auto", memory_budget_mb=256, progress=False)
     smoothed = {n for g in report["groups"] for n in g["layers"]}
     assert smoothed and smoothed <= {n.name for n in plan.nodes}
     assert all(("alpha" in g) and g["fold"] for g in report["groups"])

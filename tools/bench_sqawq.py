@@ -49,11 +49,11 @@ def folding(prep) -> list[dict]:
         t = time.perf_counter()
         if mode == "int8":
             config = QuantConfig(mode="int8", smoothquant="auto", progress=False)
-            rep = smoothquant.smooth(graph, data, rules.plan(graph, config), config)
+            rep = smoothquant.smooth(graph, data, rules.plan(graph, config), alpha="auto", progress=False)
             groups = rep["groups"]
         else:
             config = QuantConfig(mode="int4", progress=False)
-            layers, _ = int4.select_layers(graph, config)
+            layers, _ = int4.select_layers(graph, exclude=config.exclude, op_types=config.op_types)
             rep, _ = awq.apply(graph, data, layers, method="full", block_size=128, progress=False)
             groups = rep["groups"]
         wall = time.perf_counter() - t

@@ -38,5 +38,5 @@ class AWQ(PassBase):
         report, clips = awq.apply(ctx.graph, ctx.require_data(f"--awq {self.method}"), layers, method=self.method,
                                   block_size=target.block_size, high_precision=ctx.high_precision,
                                   provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        ctx.stats["awq_clips"] = clips
+        ctx.stats["awq_clips"], ctx.stats["awq_method"] = clips, self.method
         return report

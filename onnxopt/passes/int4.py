@@ -37,6 +37,7 @@ class Int4(PassBase):
                                   exclude=self.exclude, op_types=self.op_types, high_precision=ctx.high_precision,
                                   clips=clips, provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb,
                                   progress=ctx.progress)
+        report["awq"] = ctx.stats.pop("awq_method", "none")
         report["coverage"] = {"quantized": len(report["layers"]), "skipped": len(report["skipped"]),
                               "int8": sum(v.get("bits") == 8 for v in report["layers"].values())}
         return report

@@ -64,9 +64,9 @@ class QDQ(PassBase):
             reasons = sorted(set(plan.skipped.values()))[:3]
             raise OnnxoptError("nothing to quantize: no Conv, ConvTranspose, MatMul or Gemm passes the placement rules"
                                + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing was written")
+        bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
         amax, means = self.calibrate(ctx, plan)
         layers = self._insert(graph, plan, amax, means, ctx.high_precision)
-        bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
         log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
                  len(plan.activations), len(plan.weights), len(plan.skipped))
         return {"mode": self.mode, "method": self.method,
