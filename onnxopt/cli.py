@@ -104,7 +104,7 @@ def _merge_alias(new, old, default=None):
 def _check_input(model: str) -> None:
     from pathlib import Path
     if not Path(model).is_file():
-        raise OnnxoptError(f"{model} does not exist or is not a file; give the path of an .onnx model")
+        raise OnnxoptError(f"{model}: no such model file; check the path")
 
 
 def _summary(text: str, path, ctx_report: dict | None = None) -> None:
@@ -115,7 +115,8 @@ def _summary(text: str, path, ctx_report: dict | None = None) -> None:
     size = (ctx_report or {}).get("output_bytes")
     if size is None and path is not None and Path(path).exists():
         size = Path(path).stat().st_size
-    click.echo(f"{text}; wrote {path}" + (f" ({size / 1e6:.1f} MB)" if size is not None else ""))
+    shown = "" if size is None else f" ({size / 1e6:.1f} MB)" if size >= 1e5 else f" ({size / 1e3:.1f} kB)"
+    click.echo(f"{text}; wrote {path}{shown}")
 
 
 def _shared_run_options(fn):

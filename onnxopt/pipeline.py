@@ -151,7 +151,8 @@ class Runner:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
         if self.needs_data and self.data is None and not self.calib_random:
             who = ", ".join(p.name for p in self.recipe if p.needs_data)
-            raise OnnxoptError(f"{who} needs calibration data; pass --calib FILE.npz (or a directory) or --calib-random N")
+            raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
+                               "(or a directory) or --calib-random N")
 
     @property
     def needs_data(self) -> bool:

@@ -14,9 +14,14 @@ import tiny
 from onnxopt.cli import main
 
 
-def run(*args):
-    r = CliRunner().invoke(main, ["-q", *map(str, args)])
+def run(*args, quiet=True):
+    r = CliRunner().invoke(main, ["-q"] * quiet + list(map(str, args)))
     return r.exit_code, r.output
+
+
+def _last_line(out: str) -> str:
+    """The summary line, past any progress-bar residue (CliRunner mixes stderr into the output)."""
+    return [line.strip() for line in out.splitlines() if line.strip()][-1]
 
 
 @pytest.fixture
@@ -32,11 +37,14 @@ def calib(tmp_path):
 
 
 def test_quantize_inspect_compare_convert(tmp_path, cnn, calib):
-    code, out = run("quantize", cnn, "--int8", "--calib", calib, "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")
+    code, out = run("quantize", cnn, "--int8", "--calib", calib, "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json",
+                    quiet=False)
     assert code == 0, out
-    assert "4 layers quantized, 1 skipped" in out
+    summary = _last_line(out)
+    assert summary.startswith("quantized 4/5 layers to int8, 1 skipped; wrote ") and summary.endswith(" kB)")
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["mode"] == "int8" and report["skipped"] == {"fc": "N=10 < 16"}
+    assert report["mode"] == "int8" and report["qdq"]["skipped"] == {"fc": "N=10 < 16"}
+    assert [p["pass"] for p in report["recipe"]] == ["qdq", "autocast"] and report["coverage"]["quantized"] == 4
     code, out = run("inspect", tmp_path / "q.onnx", "--layers", "--json", tmp_path / "i.json")
     assert code == 0 and "quantized: 4" in out and "lint: clean" in out
     assert json.loads((tmp_path / "i.json").read_text())["quantized_layers"] == 4
@@ -51,8 +59,11 @@ def test_quantize_inspect_compare_convert(tmp_path, cnn, calib):
     assert whole[0] == split[0] == 0
     a, b = (json.loads((tmp_path / f).read_text())["y"] for f in ("c2.json", "c1.json"))
     assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-6) and a["max_abs"] == pytest.approx(b["max_abs"], rel=1e-3)
-    code, out = run("convert", cnn, "--fp16", "-o", tmp_path / "f.onnx")
+    code, out = run("convert", cnn, "--fp16", "-o", tmp_path / "f.onnx", quiet=False)
     assert code == 0 and (tmp_path / "f.onnx").exists()
+    assert _last_line(out).startswith("converted to fp16 (")
+    code, out = run("convert", cnn, "--fp16", "-o", tmp_path / "f2.onnx")  # -q: no summary
+    assert code == 0 and out == ""
 
 
 def test_default_output_name_and_fp8_default(tmp_path, cnn):

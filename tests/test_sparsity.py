@@ -310,7 +310,7 @@ def test_cli_sparsify(tmp_path):
     io.save(_zoo(rng), src)
     raw = src.read_bytes()
     out, rep = tmp_path / "s.onnx", tmp_path / "r.json"
-    r = CliRunner().invoke(main, ["-q", "sparsify", str(src), "-o", str(out), "--min-params", "0",
+    r = CliRunner().invoke(main, ["sparsify", str(src), "-o", str(out), "--min-params", "0",
                                   "--exclude", "^mm_q$", "--report", str(rep)])
     assert r.exit_code == 0, r.output
     assert "7 layers pruned" in r.output and "skipped mm_q: excluded" in r.output
