@@ -182,6 +182,8 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     _check_mode_options(mode, options)
     config = _quant_config(ctx, mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
+    if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
+        raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
@@ -212,8 +214,6 @@ def _check_mode_options(mode: str, o: dict) -> None:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
     if mode == "fp8" and o.get("smoothquant") is not None:
         raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
-    if o.get("percentile") is not None and o.get("calib_method") not in (None, "percentile"):
-        raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {o['calib_method']}")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
     if o.get("io_dtype") and o.get("high_precision") == "fp32":
