@@ -3,6 +3,7 @@ the bias-correction means in one pass over the data, insert Q/DQ, fold weight-qu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,14 +66,18 @@ class QDQ(PassBase):
             raise OnnxoptError("nothing to quantize: no Conv, ConvTranspose, MatMul or Gemm passes the placement rules"
                                + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing was written")
         bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
+        t0 = time.perf_counter()
         amax, means = self.calibrate(ctx, plan)
+        t1 = time.perf_counter()
         layers = self._insert(graph, plan, amax, means, ctx.high_precision)
+        timings = {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}
         log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
                  len(plan.activations), len(plan.weights), len(plan.skipped))
         return {"mode": self.mode, "method": self.method,
                 "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes},
                 "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
-                "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm}}
+                "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
+                "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
         tensors = graph.tensors()
