@@ -267,7 +267,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
             text += f"; SmoothQuant on {len(report['smoothquant'].get('groups', []))} activations"
     sp = report.get("sparsity")
     if sp:
-        text += f"; {sp['pruned']} layers pruned to {sp['pattern']} ({sp['method']})"
+        text += f"; pruned {sp['pruned']} layers to {sp['pattern']} ({sp['method']})"
     return text
 
 
@@ -395,11 +395,11 @@ def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed,
     rep = result.report["sparsity"]
     if report_path:
         _write_json(report_path, rep)
-    for r in rep["layers"]:
+    for r in rep["layers"] if progress_enabled() else ():  # -q: errors only
         if r["status"] == "skipped":
             click.echo(f"skipped {r['name']}: {r['reason']}", err=True)
-    _summary(f"{rep['pruned']} layers pruned to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
-             f"{rep['already']} already sparse; {100 * rep['sparse_param_share']:.1f}% of weight parameters sparse",
+    _summary(f"pruned {rep['pruned']} layers to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
+             f"{rep['already']} already {rep['pattern']}; {100 * rep['sparse_param_share']:.1f}% of weight parameters sparse",
              result.path, result.report)
 
 

@@ -124,3 +124,34 @@ def test_real_process_prints_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def test_int4_and_sparsity_runs_say_what_they_did(tmp_path):
+    src = tiny.save(tiny.transformer(), tmp_path / "tr.onnx")
+    code, out = run("quantize", src, "--int4", "--awq", "none", "--block-size", "32", "--int8-layers", "mlp_down",
+                    quiet=False)
+    assert code == 0, out
+    assert _last_line(out).startswith("quantized 6/8 layers to int4 weight-only (block 32, round-to-nearest, 1 kept INT8), "
+                                      "2 skipped; wrote ")  # the attention BMMs have no weight
+    assert (tmp_path / "tr.int4.onnx").exists()
+    code, out = run("quantize", src, "--int8", "--sparsity", "2:4", "--calib-random", 2, "--shapes", "ids:2x16",
+                    "-o", tmp_path / "s.onnx", quiet=False)
+    assert code == 0, out
+    assert "0 skipped; pruned 6 layers to 2:4 (magnitude); wrote " in _last_line(out)
+    code, out = run("sparsify", src, "--min-params", 0, quiet=False)
+    assert code == 0, out
+    assert _last_line(out).startswith("pruned 6 layers to 2:4 (magnitude), 0 skipped")
+    assert (tmp_path / "tr.sparse.onnx").exists()
+
+
+def test_old_spellings_still_work(tmp_path, cnn, calib):
+    code, out = run("quantize", cnn, "--int8", "--calib", calib, "--calib-provider", "cpu", "--calib-max-batch", 1,
+                    "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["qdq"]["coverage"]["quantized"] == 4
+    src = tiny.save(tiny.transformer(), tmp_path / "tr.onnx")
+    code, out = run("sparsify", src, "--pattern", "2:4", "--method", "sparsegpt", "--calib-random", 2, "--shapes", "ids:2x16",
+                    "--calib-provider", "cpu", "--min-params", 0, "-o", tmp_path / "sp.onnx", "--report", tmp_path / "sp.json")
+    assert code == 0, out
+    assert json.loads((tmp_path / "sp.json").read_text())["method"] == "sparsegpt"

@@ -313,7 +313,7 @@ def test_cli_sparsify(tmp_path):
     r = CliRunner().invoke(main, ["sparsify", str(src), "-o", str(out), "--min-params", "0",
                                   "--exclude", "^mm_q$", "--report", str(rep)])
     assert r.exit_code == 0, r.output
-    assert "7 layers pruned" in r.output and "skipped mm_q: excluded" in r.output
+    assert "pruned 7 layers to 2:4 (magnitude), 1 skipped" in r.output and "skipped mm_q: excluded" in r.output
     assert src.read_bytes() == raw
     rows = {x["name"]: x for x in sparsity.report(io.import_graph(io.load(out)))}
     assert all(x["is_2_4"] for n, x in rows.items() if n != "mm_q") and not rows["mm_q"]["is_2_4"]
