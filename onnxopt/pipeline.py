@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, io
+from . import autocast, calib, io, ort
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class Runner:
         _positive(self.seed, "--seed", allow_zero=True)
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
+        self.provider = _checked_provider(self.provider, self.allow_cpu_fallback)
         if self.needs_data and self.data is None and not self.calib_random:
             who = ", ".join(p.name for p in self.recipe if p.needs_data)
             raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
@@ -223,6 +224,15 @@ def run(recipe, model, output=None, *, data=None, **settings) -> Result:
     """Run `recipe` (a list of passes or a Recipe) on `model` and save to `output`. `settings` are Runner
     fields: calib_random, seed, shapes, calib_batches, max_batch, provider, memory_budget_mb, progress."""
     return Runner(recipe, data=data, **settings).run(model, output)
+
+
+def _checked_provider(name: str, allow_fallback: bool) -> str:
+    """An unavailable provider is an error before any work (or "cpu" with the fallback allowed), once
+    `ort.check_provider(name, allow_fallback) -> [ORT provider names]` is there."""
+    check = getattr(ort, "check_provider", None)
+    if check is None or name == "cpu":
+        return name
+    return name if "CUDAExecutionProvider" in check(name, allow_fallback) else "cpu"
 
 
 def describe(p) -> dict:
