@@ -142,6 +142,8 @@ class Runner:
             raise OnnxoptError("--calib and --calib-random both given; use one source of calibration data")
         if isinstance(self.data, (str, os.PathLike)) and not Path(self.data).exists():
             raise OnnxoptError(f"calibration data {self.data} does not exist; pass an .npz, .npy or a directory of .npz")
+        if self.calib_batches is not None and self.calib_random is not None:
+            raise OnnxoptError("--calib-batches limits --calib data; with --calib-random, N itself is the number of samples")
         if self.shapes and not self.calib_random:
             raise OnnxoptError("--shapes sets the shapes of generated data; use it with --calib-random N")
         _positive(self.calib_random, "--calib-random")

@@ -61,6 +61,7 @@ CASES = {
     "io-dtype with fp32": (Q + ("--io-dtype", "fp16", "--high-precision", "fp32"), "--io-dtype"),
     "unknown op type": (Q + ("--op-types", "Conv,Foo"), "--op-types"),
     "bad shapes": (QR + ("--shapes", "x=1x3"), "bad --shapes entry"),
+    "calib-batches with generated data": (QR + ("--calib-batches", "2"), "--calib-batches limits --calib data"),
     "shapes without generated data": (Q + ("--shapes", "x:1x3x8x8"), "--shapes sets the shapes of generated data"),
     "missing calib file": (("quantize", "{model}", "--calib", "{dir}/nope.npz"), "does not exist"),
     "no calibration data": (("quantize", "{model}"), "no calibration data"),
