@@ -28,6 +28,30 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map external weights
 
 
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: read it the only other way, by setting and restoring it
+    os.umask(mask)
+    return mask
+
+
+def output_mode(path: str | os.PathLike) -> int:
+    """The mode a plain open() would leave `path` with: an existing file keeps its own, a new one gets
+    0666 less the umask (mkstemp creates 0600, which other users and containers cannot read)."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o7777
+    return 0o666 & ~_umask()
+
+
+def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file onto `path`, giving it the mode `output_mode` says."""
+    os.chmod(tmp, output_mode(path))
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
@@ -37,7 +61,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -317,8 +341,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         with open(tmp_model, "wb") as f:
             f.write(model.SerializeToString())
         if tmp_data:
-            os.replace(tmp_data, path.parent / data_name)
-        os.replace(tmp_model, path)
+            replace(tmp_data, path.parent / data_name)
+        replace(tmp_model, path)
     except BaseException:
         for p in (tmp_model, tmp_data):
             if p and os.path.exists(p):
