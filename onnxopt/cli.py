@@ -191,15 +191,71 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops):
     click.echo(f"wrote {path}")
 
 
-@main.command()
+# ---- inspect / compare / bench / calib-data: shared bits (engineer C)
+class _OneLineErrors(click.Command):
+    """Bad option values (click's usage errors) print one `error:` line, not the usage block."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+def _alias(new, old, new_name: str, old_name: str):
+    """Merge a hidden old spelling into its new option."""
+    if old is not None and old is not False:
+        if new not in (None, False) and new != old:
+            raise OnnxoptError(f"{old_name} is the old name of {new_name}; give only {new_name}")
+        return old
+    return new
+
+
+def _check_report(report, *inputs) -> None:
+    from pathlib import Path
+    if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
+        raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+
+
+def _summary(text: str) -> None:
+    """The one line every command ends with (not under -q)."""
+    if progress_enabled():
+        click.echo(text)
+
+
+def _size(path) -> str:
+    import os
+    return f"{os.path.getsize(path) / 2**20:.1f} MB"
+
+
+_PROVIDER_OPTIONS = [
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                 help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu and a CUDA 13 stack)."),
+    click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU, with one warning, when the provider is not available (default: an error)."),
+]
+
+
+def _provider_options(fn):
+    for opt in reversed(_PROVIDER_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command(cls=_OneLineErrors)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
-@click.option("--sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
+@click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state and format.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
+@click.option("--check-sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
+@click.option("--sparsity", "old_sparsity", is_flag=True, hidden=True, help="Old name of --check-sparsity.")
 @handle_errors
-def inspect(model, layers, json_path, show_sparsity):
-    """Op histogram, Q/DQ coverage and a TensorRT placement lint of MODEL."""
+def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity):
+    """Op histogram, Q/DQ coverage (W8A8 and weight-only formats) and a TensorRT placement lint of MODEL."""
     from .inspect import format_report, inspect_path
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    show_sparsity = show_sparsity or old_sparsity
+    _check_report(report_path, model)
     ins = inspect_path(model)
     click.echo(format_report(ins, show_layers=layers))
     summary = ins.summary()
@@ -208,29 +264,43 @@ def inspect(model, layers, json_path, show_sparsity):
         rows = sparsity.report(io.import_graph(io.load(model)))
         click.echo(sparsity.format_report(rows))
         summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
-    if json_path:
-        _write_json(json_path, summary)
+    if report_path:
+        _write_json(report_path, summary)
+    formats = ", ".join(f"{f} {n}" for f, n in summary["formats"].items())
+    _summary(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
+             f"{f' ({formats})' if formats else ''}, lint {'clean' if not summary['lint'] else str(len(summary['lint'])) + ' issue(s)'}"
+             + (f"; wrote {report_path}" if report_path else ""))
 
 
-@main.command()
+@main.command(cls=_OneLineErrors)
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), help="Evaluation data (.npz / .npy / directory); default: generated.")
-@click.option("--random", "n_random", type=int, default=4, show_default=True, help="Generated samples when --data is absent.")
-@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data.")
+@click.option("--random", "n_random", type=click.IntRange(min=1), default=4, show_default=True, help="Generated samples when --data is absent.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the generated samples (calibrate on another one).")
+@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
+@_provider_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
 @handle_errors
-def compare(reference, candidate, data, n_random, shapes, max_batch, json_path):
+def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provider, allow_cpu_fallback, report_path, old_json):
     """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL)."""
     from .calib import parse_shapes
     from .compare import compare as run
-    res = run(reference, candidate, data, n_random=n_random, shapes=parse_shapes(shapes), max_batch=max_batch)
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    _check_report(report_path, reference, candidate)
+    res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
+              provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
     for name, m in res.items():
         click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")
-    if json_path:
-        _write_json(json_path, res)
+    if report_path:
+        _write_json(report_path, res)
+    worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
+    _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
+             f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
+             + (f"; wrote {report_path}" if report_path else ""))
 
 
 # ---- sparsify
