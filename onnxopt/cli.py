@@ -383,7 +383,7 @@ def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weig
                f"{', sparse weights' if res.sparse_weights else ''})")
 
 
-@main.command()
+@main.command(cls=_OneLineErrors)
 @click.argument("baseline", type=click.Path(dir_okay=False))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(["auto", "trt", "onnxrt"]), default="auto", show_default=True,
@@ -401,21 +401,53 @@ def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weig
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxrt: intra-op threads (0: ORT's default).")
 @click.option("--ort-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="onnxrt: optimization level of the timed session (fidelity always uses 'disable').")
+@_provider_options
 @_build_options
+@click.pass_context
 @handle_errors
-def bench(baseline, candidates, backend, warmup, iters, data, samples, shapes, seed, report_path, labels, work_dir,
-          no_fp16_baseline, threads, ort_level, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
+def bench(ctx, baseline, candidates, backend, warmup, iters, data, samples, shapes, seed, report_path, labels, work_dir,
+          no_fp16_baseline, threads, ort_level, provider, allow_cpu_fallback, timing_cache, opt_level, workspace,
+          sparse_weights, strongly_typed):
     """Time BASELINE and each CANDIDATE; print speedup, size and output fidelity against the baseline."""
     from .bench import BenchConfig, format_table
     from .bench import bench as run
+    _check_bench_options(ctx, backend)
+    _check_report(report_path, baseline, *candidates)
     build_config = _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
     config = BenchConfig(backend=backend, warmup=warmup, iters=iters, samples=samples, profiles=build_config.profiles,
-                         seed=seed, threads=threads, ort_level=ort_level, fp16_baseline=not no_fp16_baseline,
+                         seed=seed, threads=threads, ort_level=ort_level, provider=provider,
+                         allow_cpu_fallback=allow_cpu_fallback, fp16_baseline=not no_fp16_baseline,
                          work_dir=work_dir, build=build_config)
     result = run(baseline, candidates, config=config, data=data, labels=labels or None, report=report_path)
     click.echo(format_table(result))
-    if report_path:
-        click.echo(f"wrote {report_path}", err=True)
+    _summary(_bench_summary(result) + (f"; wrote {report_path}" if report_path else ""))
+
+
+_BACKEND_ONLY = {"onnxrt": ("threads", "ort_level", "provider", "allow_cpu_fallback"),
+                 "trt": ("no_fp16_baseline", "timing_cache", "opt_level", "workspace", "sparse_weights", "strongly_typed")}
+
+
+def _check_bench_options(ctx, backend: str) -> None:
+    """An option of the other backend is an error (it would be ignored)."""
+    for owner, params in _BACKEND_ONLY.items():
+        if backend in ("auto", owner):
+            continue
+        given = [p for p in params if (src := ctx.get_parameter_source(p)) is not None and src.name == "COMMANDLINE"]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise OnnxoptError(f"{flag} applies to the {owner} backend only; drop it or use --backend {owner}")
+
+
+def _bench_summary(result: dict) -> str:
+    m = result["machine"]
+    where = f"{result['backend']} ({m['provider']})" if result["backend"] == "onnxrt" else result["backend"]
+    cands = result["candidates"]
+    best = max(cands, key=lambda r: r["speedup"] if r["speedup"] == r["speedup"] else float("-inf"))
+    cos = [r["fidelity"]["cosine"] for r in cands if r.get("fidelity")]
+    worst = f", worst cosine {min(cos):.6f}" if cos and all(c == c for c in cos) else ""
+    return (f"benchmarked {1 + len(cands)} models on {where}: best speedup {best['speedup']:.2f}x ({best['label']}) "
+            f"over {result['baseline']['label']}{worst}")
+
 
 # ---- calib-data (diffusion)
 @main.group("calib-data")
@@ -423,33 +455,52 @@ def calib_data():
     """Write calibration data (.npz for `quantize --calib`) for a model family."""
 
 
-@calib_data.command("sdxl")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
-@click.option("--samples", type=int, default=8, show_default=True, help="UNet calls (synthetic), or steps kept per prompt (--pipeline).")
-@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps of the schedule the samples are spread over.")
-@click.option("--height", type=int, default=1024, show_default=True, help="Image height in pixels (latents are 8x smaller).")
-@click.option("--width", type=int, default=1024, show_default=True)
+@calib_data.command("sdxl", cls=_OneLineErrors)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="sdxl_calib.npz", show_default=True, help="Output .npz.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="UNet calls (synthetic), or steps kept per prompt (--pipeline).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=30, show_default=True, help="Denoising steps of the schedule the samples are spread over.")
+@click.option("--height", type=click.IntRange(min=8), default=1024, show_default=True, help="Image height in pixels, a multiple of 8 (latents are 8x smaller).")
+@click.option("--width", type=click.IntRange(min=8), default=1024, show_default=True, help="Image width in pixels, a multiple of 8.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (use another one for held-out evaluation data).")
 @click.option("--pipeline", type=click.Path(exists=True, file_okay=False), help="Local diffusers SDXL pipeline folder: record its real UNet inputs instead.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="With --pipeline: text file, one prompt per line.")
-@click.option("--device", default="cpu", show_default=True, help="With --pipeline: torch device.")
+@click.option("--device", help="With --pipeline: torch device (default: cpu).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write shapes and ranges of the arrays as JSON to this file.")
 @handle_errors
-def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device):
+def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device, report_path):
     """SDXL UNet inputs at noise levels across the schedule, CFG batch 2, 1024x1024 time ids."""
     from . import diffusion
+    if not output.endswith(".npz"):
+        raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
+    if not pipeline and (prompts or device):
+        raise OnnxoptError(f"{'--prompts' if prompts else '--device'} applies only with --pipeline DIR (recording a real pipeline)")
+    if height % 8 or width % 8:
+        raise OnnxoptError(f"--height {height} --width {width}: both must be multiples of 8 (latents are 8x smaller)")
     if pipeline:
         if not prompts:
             raise OnnxoptError("--pipeline needs --prompts FILE (one prompt per line)")
-        lines = [ln.strip() for ln in open(prompts, encoding="utf-8") if ln.strip()]
-        pipe = diffusion.load_pipeline(pipeline, device)
+        with open(prompts, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        if not lines:
+            raise OnnxoptError(f"--prompts {prompts}: the file has no prompts; write one prompt per line")
+        pipe = diffusion.load_pipeline(pipeline, device or "cpu")
         arrays = diffusion.record_unet_inputs(pipe, lines, steps=steps, per_prompt=samples, seed=seed,
                                               height=height, width=width)
     else:
         arrays = diffusion.synthesize_sdxl(samples, steps=steps, seed=seed,
                                            shapes=diffusion.SDXLShapes(height=height, width=width))
     path = diffusion.save_npz(arrays, output)
-    click.echo(diffusion.describe(arrays))
-    click.echo(f"wrote {path} ({len(arrays['sample'])} samples)")
+    _summary(diffusion.describe(arrays))
+    if report_path:
+        _write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
+                                  "arrays": {k: {"shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
+                                                 "std": float(v.std())} for k, v in arrays.items()}})
+    _summary(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
+             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {_size(path)})"
+             + (f"; wrote {report_path}" if report_path else ""))
+
+
+_verbosity_after_command(calib_data_sdxl)
 
 
 for _cmd in list(main.commands.values()):

@@ -160,7 +160,8 @@ def run(sess: ort.InferenceSession, outputs, feed: dict, *, model: onnx.ModelPro
         raise run_error(e, model, feed, label) from None
 
 
-def run_error(e: Exception, model: onnx.ModelProto | None, feed: dict, label: str) -> OnnxoptError:
+def run_error(e: Exception, model: onnx.ModelProto | None, feed: dict | list[dict], label: str) -> OnnxoptError:
+    """One line for an ORT failure while running `model` on `feed` (or on one of several feeds)."""
     msg = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e)).strip()
     found = _NODE_FAILED.search(msg)
     if found and model is not None and found.group(1) == "Gather":
@@ -171,7 +172,7 @@ def run_error(e: Exception, model: onnx.ModelProto | None, feed: dict, label: st
     return OnnxoptError(f"ONNX Runtime failed running {label}: {msg[:400]}; check the input data against what the model expects")
 
 
-def _gather_hint(model: onnx.ModelProto, node_name: str, feed: dict) -> str | None:
+def _gather_hint(model: onnx.ModelProto, node_name: str, feed: dict | list[dict]) -> str | None:
     """'input X indexes the N-row table of Gather G ...' when the failing Gather reads a constant table
     with indices that come from a graph input (possibly through Cast/Reshape/...)."""
     nodes = {n.name: n for n in model.graph.node}
@@ -188,9 +189,14 @@ def _gather_hint(model: onnx.ModelProto, node_name: str, feed: dict) -> str | No
     t = node.input[1]
     while t in producer and producer[t].op_type in _PASS_INDEX:
         t = producer[t].input[0]
-    if t not in feed:
+    feeds = [feed] if isinstance(feed, dict) else list(feed)
+    vals = [np.asarray(f[t]) for f in feeds if t in f]
+    if not vals:
         return None
-    v = np.asarray(feed[t])
-    got = f" (got {v.min()}..{v.max()})" if v.size and v.dtype.kind in "iu" else ""
+    got = ""
+    if all(v.size and v.dtype.kind in "iu" for v in vals):
+        got = f" (got {min(v.min() for v in vals)}..{max(v.max() for v in vals)}"
+        bad = [i + 1 for i, v in enumerate(vals) if v.min() < 0 or v.max() >= rows]
+        got += f" in sample(s) {', '.join(map(str, bad[:5]))})" if len(vals) > 1 and bad else ")"
     return (f"input '{t}' indexes the {rows}-row table '{table.name}' of Gather '{node_name}', which accepts "
             f"values in [0, {rows - 1}]{got}; give '{t}' values in that range (e.g. token ids of this model's vocabulary)")
