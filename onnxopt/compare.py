@@ -107,6 +107,10 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     missing = [o for o in outs if o not in {o.name for o in cand_m.graph.output}]
     if missing:
         raise OnnxoptError(f"candidate lacks outputs {missing}; compare models of the same network")
+    inits = {t.name for t in cand_m.graph.initializer}
+    extra = [i.name for i in cand_m.graph.input if i.name not in inits and i.name not in {s.name for s in specs}]
+    if extra:
+        raise OnnxoptError(f"candidate takes inputs {extra} that the reference does not; compare models of the same network")
     acc = {o: _Accum() for o in outs}
     # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
     # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
