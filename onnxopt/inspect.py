@@ -185,7 +185,9 @@ def format_report(ins: Inspection, show_layers: bool = False) -> str:
     lines = ["ops:"]
     lines += [f"  {op:<24}{n:>6}" for op, n in s["ops"].items()]
     formats = ", ".join(f"{f} {n}" for f, n in s["formats"].items())
-    lines.append(f"quantizable layers (Conv/ConvTranspose/MatMul/Gemm): {s['layers']}, quantized: {s['quantized_layers']}"
+    with_weights = sum(1 for l in ins.layers if l.weight_params)
+    lines.append(f"quantizable layers (Conv/ConvTranspose/MatMul/Gemm): {s['layers']} ({with_weights} with weights), "
+                 f"quantized: {s['quantized_layers']}"
                  + (f" ({formats})" if formats else ""))
     lines.append(f"weight parameters: {s['weight_params']:,}, stored quantized: {s['quantized_weight_params']:,} "
                  f"({100 * s['quantized_weight_share']:.1f}%)")
