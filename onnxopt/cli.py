@@ -450,7 +450,27 @@ def _bench_summary(result: dict) -> str:
 
 
 # ---- calib-data (diffusion)
-@main.group("calib-data")
+class _OneLineGroupErrors(click.Group):
+    """A group whose usage errors (unknown subcommand, bad option) are one `error:` line."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # the bare group: its help, as click prints it
+                raise
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+@main.group("calib-data", cls=_OneLineGroupErrors)
 def calib_data():
     """Write calibration data (.npz for `quantize --calib`) for a model family."""
 

@@ -107,6 +107,8 @@ CASES = [
     ("calib-data sdxl -o {d}/c.npz --pipeline {d}/pipe --prompts {d}/prompts.txt", "model_index.json"),
     ("calib-data sdxl -o {d}/c.npz --pipeline {d}/pipe_ok --prompts {d}/prompts.txt --device gpu", "not a torch device"),
     ("calib-data sdxl -o {d}/c.npz --seed x", "--seed"),
+    ("calib-data sdlx -o {d}/c.npz", "No such command 'sdlx'"),
+    ("calib-data --bogus sdxl", "No such option"),
 ]
 
 
