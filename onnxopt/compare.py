@@ -117,7 +117,7 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     rs, _ = evaluation_session(ref_m, provider)
     n = 0
     for i, feed in enumerate(track(data, desc="compare: reference", enabled=progress, unit="batch")):
-        for j, a in enumerate(ortx.run(rs, outs, feed, model=ref_m, label=f"the reference on batch {i + 1}")):
+        for j, a in enumerate(ortx.run(rs, outs, feed, model=ref_m, label=f"{_name(ref, 'the reference')} on batch {i + 1}")):
             np.save(work / f"{i}_{j}.npy", a)
         n = i + 1
     if n == 0:
@@ -129,13 +129,17 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     for i, feed in track(zip(range(n), data), total=n, desc="compare: candidate", enabled=progress, unit="batch"):
         cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
                  for k, v in feed.items()}
-        got = ortx.run(cs, outs, cfeed, model=cand_m, label=f"the candidate on batch {i + 1}")
+        got = ortx.run(cs, outs, cfeed, model=cand_m, label=f"{_name(cand, 'the candidate')} on batch {i + 1}")
         for j, (o, c) in enumerate(zip(outs, got)):
             acc[o].update(np.load(work / f"{i}_{j}.npy"), c)
     del cs
     res = Comparison((o, a.result()) for o, a in acc.items())
     res.samples = n
     return res
+
+
+def _name(model, default: str) -> str:
+    return default if isinstance(model, onnx.ModelProto) else f"{default} {Path(model).name}"
 
 
 def _match(v: np.ndarray, ort_type: str | None) -> np.ndarray:

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import onnx
 import onnxruntime as ort
 from onnx import external_data_helper
