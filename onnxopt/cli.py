@@ -214,8 +214,12 @@ def _alias(new, old, new_name: str, old_name: str):
 
 def _check_report(report, *inputs) -> None:
     from pathlib import Path
+
+    from .io import check_writable
     if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
         raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+    if report:
+        check_writable(report, "--report")
 
 
 def _summary(text: str) -> None:
@@ -489,9 +493,16 @@ def calib_data():
 @handle_errors
 def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device, report_path):
     """SDXL UNet inputs at noise levels across the schedule, CFG batch 2, 1024x1024 time ids."""
+    import os
+
     from . import diffusion
     if not output.endswith(".npz"):
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
+    if report_path and os.path.abspath(report_path) == os.path.abspath(output):
+        raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
+    _check_report(report_path)
+    from .io import check_writable
+    check_writable(output, "-o")
     if not pipeline and (prompts or device):
         raise OnnxoptError(f"{'--prompts' if prompts else '--device'} applies only with --pipeline DIR (recording a real pipeline)")
     if height % 8 or width % 8:

@@ -52,12 +52,33 @@ def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _mkstemp(path: Path, suffix: str = ".tmp", name: str | None = None) -> tuple[int, str]:
+    """A temporary file beside `path` (creating its folder); a place that cannot be written is a user error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{name or path.name}.", suffix=suffix, dir=path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise OnnxoptError(f"cannot write {path}: a file is in the way of its folder; choose another location") from None
+    except OSError as e:
+        raise OnnxoptError(f"cannot write {path} ({e.strerror or type(e).__name__}); choose a writable location") from None
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Fail before any work when `path` cannot be written (its nearest existing folder is a file or read-only)."""
+    p = Path(path).absolute().parent
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = _mkstemp(path, suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -320,17 +341,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     path = Path(path)
     if input_path is not None:
         check_output_path(path, input_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stamp_ir_version(model)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_model = _mkstemp(path)
     os.close(fd)
     tmp_data = None
     try:
         if external_data:
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp_data = _mkstemp(path, name=data_name)
             with os.fdopen(fd, "wb") as f:
                 for t in _all_tensors(model):
                     _move_to_file(t, f, data_name)

@@ -108,6 +108,10 @@ CASES = [
     ("calib-data sdxl -o {d}/c.npz --pipeline {d}/pipe_ok --prompts {d}/prompts.txt --device gpu", "not a torch device"),
     ("calib-data sdxl -o {d}/c.npz --seed x", "--seed"),
     ("calib-data sdlx -o {d}/c.npz", "No such command 'sdlx'"),
+    ("calib-data sdxl -o {d}/c.npz --report {d}/c.npz", "is the -o output too"),
+    ("calib-data sdxl -o {d}/t.onnx/c.npz", "is a file, not a folder"),
+    ("inspect {d}/t.onnx --report {d}/t.onnx/r.json", "is a file, not a folder"),
+    ("compare {d}/t.onnx {d}/t2.onnx --report {d}/empty.txt/r.json", "is a file, not a folder"),
     ("calib-data --bogus sdxl", "No such option"),
 ]
 

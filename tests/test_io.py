@@ -138,3 +138,13 @@ def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
     with io.atomic_path(out) as tmp:
         tmp.write_bytes(b"x")
     assert _mode(out) == 0o640
+
+
+def test_unwritable_location_is_a_user_error(tmp_path):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    with pytest.raises(OnnxoptError, match="a file is in the way"):
+        io.save(io.load(src), tmp_path / "m.onnx" / "o.onnx")
+    with pytest.raises(OnnxoptError, match="m.onnx is a file, not a folder"):
+        io.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
+    io.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
