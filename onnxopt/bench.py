@@ -61,6 +61,7 @@ class BenchConfig:
     threads: int = 0             # onnxrt intra-op threads; 0 = ORT's default (one per physical core)
     ort_level: str = "all"       # onnxrt optimization level of the timed session
     provider: str = "cpu"        # onnxrt execution provider
+    allow_cpu_fallback: bool = False  # onnxrt: run on the CPU (one warning) when `provider` is unavailable
     fp16_baseline: bool = True   # trt: convert an FP32 baseline to FP16 first
     work_dir: str | os.PathLike | None = None  # engines and the FP16 baseline; None = a temporary folder
     build: BuildConfig = field(default_factory=BuildConfig)  # trt engine builds
@@ -100,13 +101,13 @@ class OnnxrtBackend:
                 except OnnxoptError as e:
                     errors.append(f"level '{level}': " + re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e)))
                     continue
-                if errors:
-                    log.warning("%s: %s; timed at level '%s'", model.name, errors[0], level)
+                if errors:  # the table's note says it too: log it only at INFO, so it is printed once
+                    log.info("%s: %s; timed at level '%s'", model.name, errors[0], level)
                     self.timing_notes[str(model)] = f"timed at ORT level '{level}': {errors[0]}"
                 return sess
             # e.g. FP16 kernels or FP16 Q/DQ scales that the CPU provider lacks
             from .autocast import fp32_view
-            log.warning("%s: %s; timing its FP32 view instead", model.name, errors[0])
+            log.info("%s: %s; timing its FP32 view instead", model.name, errors[0])
             self.timing_notes[str(model)] = f"timed on its FP32 view: {errors[0]}"
             return ortx.session(fp32_view(m), provider=c.provider, level=c.ort_level, threads=c.threads)
         return OnnxrtRunner(make)
@@ -115,6 +116,7 @@ class OnnxrtBackend:
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
         def make():
+            self.active = model  # which model a failure in Polygraphy's Comparator came from
             sess, viewed = evaluation_session(io.load(model), self.config.provider)
             if viewed:
                 self.views.add(str(model))
@@ -185,6 +187,11 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
     if len(labels) != len(paths):
         raise OnnxoptError(f"{len(labels)} labels for {len(paths)} models; give one label per model")
     backend = make_backend(config)
+    if backend.name == "onnxrt":
+        providers = ortx.check_provider(config.provider, config.allow_cpu_fallback)
+        if "CUDAExecutionProvider" not in providers:
+            config = dataclasses.replace(config, provider="cpu")
+            backend.config = config
     entries = [_Entry(lab, p, p) for lab, p in zip(labels, paths)]
 
     tmp = None
@@ -211,7 +218,8 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
             rows = []
             for e in entries:
                 log.info("timing %s", e.label)
-                times = backend.time(backend.timing_runner(e.artifact), feeds[0], config.warmup, config.iters)
+                with _run_errors(backend, e.artifact, e.label, feeds[0]):
+                    times = backend.time(backend.timing_runner(e.artifact), feeds[0], config.warmup, config.iters)
                 rows.append(_row(e, times, _batch(feeds[0])))
             fidelity = _fidelity(backend, entries, feeds)
     finally:
@@ -248,6 +256,19 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
     if report is not None:
         write_report(result, report)
     return result
+
+
+@contextlib.contextmanager
+def _run_errors(backend, model: Path, label: str, feed: dict | list[dict]):
+    """An ONNX Runtime failure while running a model becomes one OnnxoptError line (which input, what range)."""
+    try:
+        yield
+    except OnnxoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT's pybind exceptions share no useful base class
+        if backend.name != "onnxrt" or not type(e).__module__.startswith("onnxruntime"):
+            raise
+        raise ortx.run_error(e, io.load(model), feed, label) from None
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -338,7 +359,13 @@ def _fidelity(backend, entries: list[_Entry], feeds: list[dict]) -> list[dict | 
     from polygraphy.comparator import Comparator
 
     runners = [backend.fidelity_runner(e.artifact) for e in entries]
-    results = Comparator.run(runners, data_loader=feeds)
+    try:
+        results = Comparator.run(runners, data_loader=feeds)
+    except Exception as err:  # noqa: BLE001 - see _run_errors
+        model = Path(getattr(backend, "active", entries[0].artifact))
+        label = next((e.label for e in entries if e.artifact == model), model.name)
+        with _run_errors(backend, model, label, feeds):
+            raise err
     outs = [[it for it in iterations] for _, iterations in results]
     base = outs[0]
     names = list(base[0].keys())

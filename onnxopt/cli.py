@@ -320,15 +320,75 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops, report_path):
              result.path, result.report)
 
 
-@main.command()
+# ---- inspect / compare / bench / calib-data: shared bits (engineer C)
+class _OneLineErrors(click.Command):
+    """Bad option values (click's usage errors) print one `error:` line, not the usage block."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+def _alias(new, old, new_name: str, old_name: str):
+    """Merge a hidden old spelling into its new option."""
+    if old is not None and old is not False:
+        if new not in (None, False) and new != old:
+            raise OnnxoptError(f"{old_name} is the old name of {new_name}; give only {new_name}")
+        return old
+    return new
+
+
+def _check_report(report, *inputs) -> None:
+    from pathlib import Path
+
+    from .io import check_writable
+    if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
+        raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+    if report:
+        check_writable(report, "--report")
+
+
+def _summary(text: str) -> None:
+    """The one line every command ends with (not under -q)."""
+    if progress_enabled():
+        click.echo(text)
+
+
+def _size(path) -> str:
+    import os
+    return f"{os.path.getsize(path) / 2**20:.1f} MB"
+
+
+_PROVIDER_OPTIONS = [
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                 help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu and a CUDA 13 stack)."),
+    click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU, with one warning, when the provider is not available (default: an error)."),
+]
+
+
+def _provider_options(fn):
+    for opt in reversed(_PROVIDER_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command(cls=_OneLineErrors)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
-@click.option("--sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
+@click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state and format.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
+@click.option("--check-sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
+@click.option("--sparsity", "old_sparsity", is_flag=True, hidden=True, help="Old name of --check-sparsity.")
 @handle_errors
-def inspect(model, layers, json_path, show_sparsity):
-    """Op histogram, Q/DQ coverage and a TensorRT placement lint of MODEL."""
+def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity):
+    """Op histogram, Q/DQ coverage (W8A8 and weight-only formats) and a TensorRT placement lint of MODEL."""
     from .inspect import format_report, inspect_path
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    show_sparsity = show_sparsity or old_sparsity
+    _check_report(report_path, model)
     ins = inspect_path(model)
     click.echo(format_report(ins, show_layers=layers))
     summary = ins.summary()
@@ -337,29 +397,43 @@ def inspect(model, layers, json_path, show_sparsity):
         rows = sparsity.report(io.import_graph(io.load(model)))
         click.echo(sparsity.format_report(rows))
         summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
-    if json_path:
-        _write_json(json_path, summary)
+    if report_path:
+        _write_json(report_path, summary)
+    formats = ", ".join(f"{f} {n}" for f, n in summary["formats"].items())
+    _summary(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
+             f"{f' ({formats})' if formats else ''}, lint {'clean' if not summary['lint'] else str(len(summary['lint'])) + ' issue(s)'}"
+             + (f"; wrote {report_path}" if report_path else ""))
 
 
-@main.command()
+@main.command(cls=_OneLineErrors)
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), help="Evaluation data (.npz / .npy / directory); default: generated.")
-@click.option("--random", "n_random", type=int, default=4, show_default=True, help="Generated samples when --data is absent.")
-@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data.")
+@click.option("--random", "n_random", type=click.IntRange(min=1), default=4, show_default=True, help="Generated samples when --data is absent.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the generated samples (calibrate on another one).")
+@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON.")
+@_provider_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
 @handle_errors
-def compare(reference, candidate, data, n_random, shapes, max_batch, json_path):
+def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provider, allow_cpu_fallback, report_path, old_json):
     """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL)."""
     from .calib import parse_shapes
     from .compare import compare as run
-    res = run(reference, candidate, data, n_random=n_random, shapes=parse_shapes(shapes), max_batch=max_batch)
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    _check_report(report_path, reference, candidate)
+    res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
+              provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
     for name, m in res.items():
         click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")
-    if json_path:
-        _write_json(json_path, res)
+    if report_path:
+        _write_json(report_path, res)
+    worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
+    _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
+             f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
+             + (f"; wrote {report_path}" if report_path else ""))
 
 
 # ---- sparsify
@@ -441,7 +515,7 @@ def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weig
                f"{', sparse weights' if res.sparse_weights else ''})")
 
 
-@main.command()
+@main.command(cls=_OneLineErrors)
 @click.argument("baseline", type=click.Path(dir_okay=False))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(["auto", "trt", "onnxrt"]), default="auto", show_default=True,
@@ -459,55 +533,133 @@ def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weig
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxrt: intra-op threads (0: ORT's default).")
 @click.option("--ort-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="onnxrt: optimization level of the timed session (fidelity always uses 'disable').")
+@_provider_options
 @_build_options
+@click.pass_context
 @handle_errors
-def bench(baseline, candidates, backend, warmup, iters, data, samples, shapes, seed, report_path, labels, work_dir,
-          no_fp16_baseline, threads, ort_level, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
+def bench(ctx, baseline, candidates, backend, warmup, iters, data, samples, shapes, seed, report_path, labels, work_dir,
+          no_fp16_baseline, threads, ort_level, provider, allow_cpu_fallback, timing_cache, opt_level, workspace,
+          sparse_weights, strongly_typed):
     """Time BASELINE and each CANDIDATE; print speedup, size and output fidelity against the baseline."""
     from .bench import BenchConfig, format_table
     from .bench import bench as run
+    _check_bench_options(ctx, backend)
+    _check_report(report_path, baseline, *candidates)
     build_config = _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
     config = BenchConfig(backend=backend, warmup=warmup, iters=iters, samples=samples, profiles=build_config.profiles,
-                         seed=seed, threads=threads, ort_level=ort_level, fp16_baseline=not no_fp16_baseline,
+                         seed=seed, threads=threads, ort_level=ort_level, provider=provider,
+                         allow_cpu_fallback=allow_cpu_fallback, fp16_baseline=not no_fp16_baseline,
                          work_dir=work_dir, build=build_config)
     result = run(baseline, candidates, config=config, data=data, labels=labels or None, report=report_path)
     click.echo(format_table(result))
-    if report_path:
-        click.echo(f"wrote {report_path}", err=True)
+    _summary(_bench_summary(result) + (f"; wrote {report_path}" if report_path else ""))
+
+
+_BACKEND_ONLY = {"onnxrt": ("threads", "ort_level", "provider", "allow_cpu_fallback"),
+                 "trt": ("no_fp16_baseline", "timing_cache", "opt_level", "workspace", "sparse_weights", "strongly_typed")}
+
+
+def _check_bench_options(ctx, backend: str) -> None:
+    """An option of the other backend is an error (it would be ignored)."""
+    for owner, params in _BACKEND_ONLY.items():
+        if backend in ("auto", owner):
+            continue
+        given = [p for p in params if (src := ctx.get_parameter_source(p)) is not None and src.name == "COMMANDLINE"]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise OnnxoptError(f"{flag} applies to the {owner} backend only; drop it or use --backend {owner}")
+
+
+def _bench_summary(result: dict) -> str:
+    m = result["machine"]
+    where = f"{result['backend']} ({m['provider']})" if result["backend"] == "onnxrt" else result["backend"]
+    cands = result["candidates"]
+    best = max(cands, key=lambda r: r["speedup"] if r["speedup"] == r["speedup"] else float("-inf"))
+    cos = [r["fidelity"]["cosine"] for r in cands if r.get("fidelity")]
+    worst = f", worst cosine {min(cos):.6f}" if cos and all(c == c for c in cos) else ""
+    return (f"benchmarked {1 + len(cands)} models on {where}: best speedup {best['speedup']:.2f}x ({best['label']}) "
+            f"over {result['baseline']['label']}{worst}")
+
 
 # ---- calib-data (diffusion)
-@main.group("calib-data")
+class _OneLineGroupErrors(click.Group):
+    """A group whose usage errors (unknown subcommand, bad option) are one `error:` line."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # the bare group: its help, as click prints it
+                raise
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            ctx.exit(2)
+
+
+@main.group("calib-data", cls=_OneLineGroupErrors)
 def calib_data():
     """Write calibration data (.npz for `quantize --calib`) for a model family."""
 
 
-@calib_data.command("sdxl")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .npz.")
-@click.option("--samples", type=int, default=8, show_default=True, help="UNet calls (synthetic), or steps kept per prompt (--pipeline).")
-@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps of the schedule the samples are spread over.")
-@click.option("--height", type=int, default=1024, show_default=True, help="Image height in pixels (latents are 8x smaller).")
-@click.option("--width", type=int, default=1024, show_default=True)
+@calib_data.command("sdxl", cls=_OneLineErrors)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="sdxl_calib.npz", show_default=True, help="Output .npz.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="UNet calls (synthetic), or steps kept per prompt (--pipeline).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=30, show_default=True, help="Denoising steps of the schedule the samples are spread over.")
+@click.option("--height", type=click.IntRange(min=8), default=1024, show_default=True, help="Image height in pixels, a multiple of 8 (latents are 8x smaller).")
+@click.option("--width", type=click.IntRange(min=8), default=1024, show_default=True, help="Image width in pixels, a multiple of 8.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed (use another one for held-out evaluation data).")
 @click.option("--pipeline", type=click.Path(exists=True, file_okay=False), help="Local diffusers SDXL pipeline folder: record its real UNet inputs instead.")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="With --pipeline: text file, one prompt per line.")
-@click.option("--device", default="cpu", show_default=True, help="With --pipeline: torch device.")
+@click.option("--device", help="With --pipeline: torch device (default: cpu).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write shapes and ranges of the arrays as JSON to this file.")
 @handle_errors
-def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device):
+def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device, report_path):
     """SDXL UNet inputs at noise levels across the schedule, CFG batch 2, 1024x1024 time ids."""
+    import os
+
     from . import diffusion
+    if not output.endswith(".npz"):
+        raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
+    if report_path and os.path.abspath(report_path) == os.path.abspath(output):
+        raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
+    _check_report(report_path)
+    from .io import check_writable
+    check_writable(output, "-o")
+    if not pipeline and (prompts or device):
+        raise OnnxoptError(f"{'--prompts' if prompts else '--device'} applies only with --pipeline DIR (recording a real pipeline)")
+    if height % 8 or width % 8:
+        raise OnnxoptError(f"--height {height} --width {width}: both must be multiples of 8 (latents are 8x smaller)")
     if pipeline:
         if not prompts:
             raise OnnxoptError("--pipeline needs --prompts FILE (one prompt per line)")
-        lines = [ln.strip() for ln in open(prompts, encoding="utf-8") if ln.strip()]
-        pipe = diffusion.load_pipeline(pipeline, device)
+        with open(prompts, encoding="utf-8", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        if not lines:
+            raise OnnxoptError(f"--prompts {prompts}: the file has no prompts; write one prompt per line")
+        pipe = diffusion.load_pipeline(pipeline, device or "cpu")
         arrays = diffusion.record_unet_inputs(pipe, lines, steps=steps, per_prompt=samples, seed=seed,
                                               height=height, width=width)
     else:
         arrays = diffusion.synthesize_sdxl(samples, steps=steps, seed=seed,
                                            shapes=diffusion.SDXLShapes(height=height, width=width))
     path = diffusion.save_npz(arrays, output)
-    click.echo(diffusion.describe(arrays))
-    click.echo(f"wrote {path} ({len(arrays['sample'])} samples)")
+    _summary(diffusion.describe(arrays))
+    if report_path:
+        _write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
+                                  "arrays": {k: {"shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
+                                                 "std": float(v.std())} for k, v in arrays.items()}})
+    _summary(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
+             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {_size(path)})"
+             + (f"; wrote {report_path}" if report_path else ""))
+
+
+_verbosity_after_command(calib_data_sdxl)
 
 
 for _cmd in list(main.commands.values()):

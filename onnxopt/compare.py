@@ -13,6 +13,7 @@ from . import io
 from . import ort as ortx
 from .calib import CalibData, input_specs
 from .errors import OnnxoptError
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,28 @@ def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
 
 
 def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4, seed: int = 1,
-            shapes: dict | None = None, provider: str = "cpu", max_batch: int | None = None) -> dict:
+            shapes: dict | None = None, provider: str = "cpu", max_batch: int | None = None,
+            allow_cpu_fallback: bool = False, progress: bool = False) -> dict:
     """Per-output cosine, SNR and max abs error of `cand` against `ref` over `data`. `max_batch` splits
-    feeds along a dynamic batch axis (a CFG pair, say): the same comparison with less activation memory."""
+    feeds along a dynamic batch axis (a CFG pair, say): the same comparison with less activation memory.
+    `provider` "cuda" runs both models on ORT's CUDA provider (an error if ORT cannot use it, unless
+    `allow_cpu_fallback`)."""
+    ran_on = "cuda" if "CUDAExecutionProvider" in ortx.check_provider(provider, allow_cpu_fallback) else "cpu"
+    if n_random < 1:
+        raise OnnxoptError(f"--random {n_random}: compare needs at least 1 sample")
     with tempfile.TemporaryDirectory(prefix="onnxopt-compare-") as work:
-        return _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, Path(work))
+        res = _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, Path(work), progress)
+    res.provider = ran_on
+    return res
 
 
-def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work: Path) -> dict:
+class Comparison(dict):
+    """{output: metrics}, plus how many batches were compared and on which provider."""
+    samples: int = 0
+    provider: str = "cpu"
+
+
+def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work: Path, progress: bool = False) -> dict:
     # Embedded weights go to files first, so that session creation does not copy them.
     ref_m = ref if isinstance(ref, onnx.ModelProto) else io.externalize_if_large(io.load(ref), work / "ref")
     cand_m = cand if isinstance(cand, onnx.ModelProto) else io.externalize_if_large(io.load(cand), work / "cand")
@@ -92,26 +107,39 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     missing = [o for o in outs if o not in {o.name for o in cand_m.graph.output}]
     if missing:
         raise OnnxoptError(f"candidate lacks outputs {missing}; compare models of the same network")
+    inits = {t.name for t in cand_m.graph.initializer}
+    extra = [i.name for i in cand_m.graph.input if i.name not in inits and i.name not in {s.name for s in specs}]
+    if extra:
+        raise OnnxoptError(f"candidate takes inputs {extra} that the reference does not; compare models of the same network")
     acc = {o: _Accum() for o in outs}
     # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
     # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
     rs, _ = evaluation_session(ref_m, provider)
     n = 0
-    for i, feed in enumerate(data):
-        for j, a in enumerate(rs.run(outs, feed)):
+    for i, feed in enumerate(track(data, desc="compare: reference", enabled=progress, unit="batch")):
+        for j, a in enumerate(ortx.run(rs, outs, feed, model=ref_m, label=f"{_name(ref, 'the reference')} on batch {i + 1}")):
             np.save(work / f"{i}_{j}.npy", a)
         n = i + 1
+    if n == 0:
+        raise OnnxoptError(f"{getattr(data, 'describe', data)}: no samples to compare; give data with at least one sample")
     del rs
     gc.collect()
     cs, viewed = evaluation_session(cand_m, provider)
     cand_inputs = {i.name: i.type for i in cs.get_inputs()}
-    for i, feed in zip(range(n), data):
+    for i, feed in track(zip(range(n), data), total=n, desc="compare: candidate", enabled=progress, unit="batch"):
         cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
                  for k, v in feed.items()}
-        for j, (o, c) in enumerate(zip(outs, cs.run(outs, cfeed))):
+        got = ortx.run(cs, outs, cfeed, model=cand_m, label=f"{_name(cand, 'the candidate')} on batch {i + 1}")
+        for j, (o, c) in enumerate(zip(outs, got)):
             acc[o].update(np.load(work / f"{i}_{j}.npy"), c)
     del cs
-    return {o: a.result() for o, a in acc.items()}
+    res = Comparison((o, a.result()) for o, a in acc.items())
+    res.samples = n
+    return res
+
+
+def _name(model, default: str) -> str:
+    return default if isinstance(model, onnx.ModelProto) else f"{default} {Path(model).name}"
 
 
 def _match(v: np.ndarray, ort_type: str | None) -> np.ndarray:

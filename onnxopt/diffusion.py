@@ -11,6 +11,7 @@ Neither torch nor diffusers is imported here at module import time: `synthesize_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -205,18 +206,49 @@ def record_unet_inputs(pipe: Any, prompts: Sequence[str | dict], *, steps: int =
 
 def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
     """A local diffusers SDXL pipeline folder, in FP32 (FP16 on CUDA)."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-
     p = Path(path)
-    if not (p / "model_index.json").is_file():
+    if not (p / "model_index.json").is_file():  # before the slow, chatty diffusers import
         raise OnnxoptError(f"{path}: not a diffusers pipeline folder (model_index.json missing)")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    import torch
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise OnnxoptError(f"--device {device}: not a torch device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OnnxoptError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    try:
+        with _quiet_hf():
+            from diffusers import StableDiffusionXLPipeline
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise OnnxoptError(f"{path}: cannot load the pipeline ({str(e).splitlines()[0][:200]})") from None
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_hf():
+    """transformers and diffusers warn about optional backends, deprecations and accelerate while a
+    pipeline loads, with a progress bar even into a log file; keep all that for -v."""
+    import warnings
+
+    import diffusers
+    import transformers
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    levels = transformers.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        transformers.logging.set_verbosity(levels[0])
+        diffusers.utils.logging.set_verbosity(levels[1])
+        diffusers.utils.logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- files

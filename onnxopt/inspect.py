@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import graph as G
@@ -25,10 +26,15 @@ class LayerInfo:
     inputs_quantized: list
     weight_params: int
     weight_quantized: bool
+    format: str = ""  # "int8", "fp8", "int4" (W and A quantized), "W4A16"/"W8A16" (weight-only), "" (not quantized)
 
     @property
     def quantized(self) -> bool:
-        return all(self.inputs_quantized)
+        return all(self.inputs_quantized) or self.weight_only
+
+    @property
+    def weight_only(self) -> bool:
+        return self.format.startswith("W")
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Inspection:
         wp = sum(l.weight_params for l in self.layers)
         wq = sum(l.weight_params for l in self.layers if l.weight_quantized)
         return {"layers": len(self.layers), "quantized_layers": len(q),
+                "weight_only_layers": sum(l.weight_only for l in q),
+                "formats": dict(Counter(l.format for l in q).most_common()),
                 "weight_params": wp, "quantized_weight_params": wq,
                 "quantized_weight_share": (wq / wp) if wp else 0.0, "lint": list(self.lint),
                 "ops": dict(self.ops.most_common())}
@@ -64,6 +72,60 @@ def _weight_params(node) -> tuple[int, bool]:
     return n, bool(quantized)
 
 
+_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "float8_e4m3fn": 8, "float8_e5m2": 8,
+         "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8}
+
+
+def _type_name(dtype) -> str:
+    """numpy/ml_dtypes name of a graphsurgeon dtype (which is an ONNX enum for FP8 constants)."""
+    try:
+        if isinstance(dtype, int):
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        return np.dtype(dtype).name
+    except (TypeError, KeyError, ValueError):
+        return str(dtype)
+
+
+def _stored_type(node) -> str:
+    """Type the layer's weight is stored in behind its DequantizeLinear ('' when it is not)."""
+    if len(node.inputs) < 2:
+        return ""
+    const, chain = G.weight_of(node.inputs[1])
+    if const is None or not any(c.op == "DequantizeLinear" for c in chain):
+        return ""
+    return _type_name(const.dtype)
+
+
+def _activation_type(t) -> str:
+    """Type behind an activation's DequantizeLinear: its QuantizeLinear's zero point (uint8 without one)."""
+    src = t.inputs[0].inputs[0]
+    q = src.inputs[0] if src.inputs else None
+    if q is None or q.op != "QuantizeLinear":
+        return ""
+    if len(q.inputs) > 2 and q.inputs[2] is not None and q.inputs[2].dtype is not None:
+        return _type_name(q.inputs[2].dtype)
+    return "uint8"
+
+
+def layer_format(node) -> str:
+    """"int8"/"fp8"/"int4" when weight and activation are quantized; "W4A16"/"W8A16" for a quantized
+    weight feeding a MatMul/Gemm whose activation has no Q/DQ (weight-only: TensorRT dequantizes the
+    weight into the FP16 GEMM); "" otherwise."""
+    stored = _stored_type(node)
+    data = [t for t in node.inputs[:2] if t is not None and t.name]
+    if data and all(_is_dq(t) for t in data):
+        kind = stored or _activation_type(node.inputs[0])  # no weight: an attention BMM
+        return "fp8" if kind.startswith("float8") else kind.lstrip("u")
+    if node.op in ("MatMul", "Gemm") and not _is_dq(node.inputs[0]) and stored in _BITS:
+        return f"W{_BITS[stored]}A16"
+    return ""
+
+
+def weight_only(node) -> bool:
+    """A weight-only quantized layer (W4A16, W8A16): Q/DQ on the weight alone is the intended placement."""
+    return layer_format(node).startswith("W")
+
+
 def inspect_graph(graph: gs.Graph) -> Inspection:
     ops = Counter(n.op for n in graph.nodes)
     layers = []
@@ -72,7 +134,7 @@ def inspect_graph(graph: gs.Graph) -> Inspection:
             continue
         data_inputs = [t for t in node.inputs[:2] if t is not None and t.name]
         n, wq = _weight_params(node)
-        layers.append(LayerInfo(node.name, node.op, [_is_dq(t) for t in data_inputs], n, wq))
+        layers.append(LayerInfo(node.name, node.op, [_is_dq(t) for t in data_inputs], n, wq, layer_format(node)))
     return Inspection(ops, layers, lint(graph))
 
 
@@ -82,7 +144,7 @@ def lint(graph: gs.Graph) -> list[str]:
     for node in graph.nodes:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
-            if any(flags) and not all(flags):
+            if any(flags) and not all(flags) and not weight_only(node):
                 issues.append(f"{node.name} ({node.op}): only some data inputs have Q/DQ; TensorRT runs it unquantized")
         elif node.op == "QuantizeLinear":
             outs = node.outputs[0].outputs
@@ -122,12 +184,16 @@ def format_report(ins: Inspection, show_layers: bool = False) -> str:
     s = ins.summary()
     lines = ["ops:"]
     lines += [f"  {op:<24}{n:>6}" for op, n in s["ops"].items()]
-    lines.append(f"quantizable layers (Conv/ConvTranspose/MatMul/Gemm): {s['layers']}, quantized: {s['quantized_layers']}")
+    formats = ", ".join(f"{f} {n}" for f, n in s["formats"].items())
+    with_weights = sum(1 for l in ins.layers if l.weight_params)
+    lines.append(f"quantizable layers (Conv/ConvTranspose/MatMul/Gemm): {s['layers']} ({with_weights} with weights), "
+                 f"quantized: {s['quantized_layers']}"
+                 + (f" ({formats})" if formats else ""))
     lines.append(f"weight parameters: {s['weight_params']:,}, stored quantized: {s['quantized_weight_params']:,} "
                  f"({100 * s['quantized_weight_share']:.1f}%)")
     if show_layers:
         for l in ins.layers:
-            lines.append(f"  {'Q' if l.quantized else '-'} {l.op:<14} {l.name}  params={l.weight_params:,}")
+            lines.append(f"  {'Q' if l.quantized else '-'} {l.op:<14} {l.format or 'float':<6} {l.name}  params={l.weight_params:,}")
     if ins.lint:
         lines.append(f"lint: {len(ins.lint)} issue(s)")
         lines += [f"  {x}" for x in ins.lint]

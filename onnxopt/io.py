@@ -28,16 +28,61 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map external weights
 
 
+def _umask() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: read it the only other way, by setting and restoring it
+    os.umask(mask)
+    return mask
+
+
+def output_mode(path: str | os.PathLike) -> int:
+    """The mode a plain open() would leave `path` with: an existing file keeps its own, a new one gets
+    0666 less the umask (mkstemp creates 0600, which other users and containers cannot read)."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.stat(path).st_mode & 0o7777
+    return 0o666 & ~_umask()
+
+
+def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished temporary file onto `path`, giving it the mode `output_mode` says."""
+    os.chmod(tmp, output_mode(path))
+    os.replace(tmp, path)
+
+
+def _mkstemp(path: Path, suffix: str = ".tmp", name: str | None = None) -> tuple[int, str]:
+    """A temporary file beside `path` (creating its folder); a place that cannot be written is a user error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{name or path.name}.", suffix=suffix, dir=path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise OnnxoptError(f"cannot write {path}: a file is in the way of its folder; choose another location") from None
+    except OSError as e:
+        raise OnnxoptError(f"cannot write {path} ({e.strerror or type(e).__name__}); choose a writable location") from None
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Fail before any work when `path` cannot be written (its nearest existing folder is a file or read-only)."""
+    p = Path(path).absolute().parent
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = _mkstemp(path, suffix)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -296,17 +341,16 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     path = Path(path)
     if input_path is not None:
         check_output_path(path, input_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stamp_ir_version(model)
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    fd, tmp_model = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_model = _mkstemp(path)
     os.close(fd)
     tmp_data = None
     try:
         if external_data:
-            fd, tmp_data = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp_data = _mkstemp(path, name=data_name)
             with os.fdopen(fd, "wb") as f:
                 for t in _all_tensors(model):
                     _move_to_file(t, f, data_name)
@@ -317,8 +361,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         with open(tmp_model, "wb") as f:
             f.write(model.SerializeToString())
         if tmp_data:
-            os.replace(tmp_data, path.parent / data_name)
-        os.replace(tmp_model, path)
+            replace(tmp_data, path.parent / data_name)
+        replace(tmp_model, path)
     except BaseException:
         for p in (tmp_model, tmp_data):
             if p and os.path.exists(p):

@@ -1,10 +1,15 @@
 """ONNX Runtime sessions over lazily loaded models (external data stays on disk)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import external_data_helper
@@ -16,6 +21,69 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 _PROTO_LIMIT = 1_800_000_000
+_EP = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_INSTALL = "install onnxruntime-gpu with a CUDA 13 stack (CUDA 13 runtime, cuBLAS, cuDNN 9)"
+log = logging.getLogger(__name__)
+_fallen_back: set[str] = set()  # providers the user allowed to fall back to the CPU
+
+
+def check_provider(name: str, allow_fallback: bool = False) -> list[str]:
+    """ORT providers for `name` ("cpu" | "cuda"), after checking that ORT really runs on it: with
+    onnxruntime-gpu but no CUDA libraries, ORT prints an error and silently uses the CPU. An unavailable
+    provider is an OnnxoptError naming what to install, or with `allow_fallback` one warning and the CPU."""
+    if name not in PROVIDERS:
+        raise OnnxoptError(f"unknown provider '{name}'; use one of {', '.join(PROVIDERS)}")
+    reason = _unavailable(name)
+    if reason is None:
+        return list(PROVIDERS[name])
+    if not allow_fallback:
+        raise OnnxoptError(f"ONNX Runtime cannot use {name.upper()} here ({reason}); {_INSTALL}, "
+                           f"or pass --allow-cpu-fallback to run on the CPU")
+    if name not in _fallen_back:
+        log.warning("ONNX Runtime cannot use %s here (%s); running on the CPU", name.upper(), reason)
+        _fallen_back.add(name)
+    return list(PROVIDERS["cpu"])
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(name: str) -> str | None:
+    """Why ORT cannot run on `name` (None: it can), found by creating a session on a one-node model."""
+    ep = _EP[name]
+    if ep not in ort.get_available_providers():
+        return f"this onnxruntime build has no {ep}"
+    g = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    err = []
+    with _captured_stderr(err):
+        try:
+            got = ort.InferenceSession(m.SerializeToString(), providers=PROVIDERS[name]).get_providers()
+        except Exception as e:  # noqa: BLE001 - any failure means the provider is unusable
+            return _first_line(e)
+    if ep in got:
+        return None
+    found = re.search(r"with error: ([^\n\x1b]+)", "".join(err))
+    return found.group(1).strip()[:200] if found else f"{ep} failed to start"
+
+
+@contextlib.contextmanager
+def _captured_stderr(into: list):
+    """ORT's C++ logger writes to file descriptor 2: keep its red lines for the one-line error instead."""
+    with tempfile.TemporaryFile("w+") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            into.append(f.read())
+
+
+def _providers(provider: str) -> list[str]:
+    return list(PROVIDERS["cpu"]) if provider in _fallen_back else check_provider(provider)
 
 
 def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disable",
@@ -26,13 +94,10 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
     session is told about. ORT_DISABLE_ALL (the default) simulates Q/DQ exactly; higher levels fuse them
     into integer kernels.
     """
-    if provider not in PROVIDERS:
-        raise OnnxoptError(f"unknown provider '{provider}'; use one of {', '.join(PROVIDERS)}")
-    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise OnnxoptError("the CUDA execution provider is not available here; use --calib-provider cpu")
+    providers = _providers(provider)
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, which become one error line; no red log lines
     if threads:
         so.intra_op_num_threads = threads
     if level == "disable":
@@ -54,28 +119,83 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
             folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
     try:
         if m.ByteSize() > _PROTO_LIMIT:
-            return _session_via_file(m, so, provider)
+            return _session_via_file(m, so, providers)
         if folders:
             base = os.path.commonpath(list(folders))
             for t in io._all_tensors(m):
                 if external_data_helper.uses_external_data(t):
                     io._set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
-        return ort.InferenceSession(m.SerializeToString(), so, providers=PROVIDERS[provider])
+        return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
     except OnnxoptError:
         raise
     except Exception as e:
         raise OnnxoptError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
 
 
-def _session_via_file(m: onnx.ModelProto, so, provider: str) -> ort.InferenceSession:
+def _session_via_file(m: onnx.ModelProto, so, providers: list[str]) -> ort.InferenceSession:
     # Weights changed in memory beyond protobuf's 2 GB: stream them to a temporary external-data file.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as d:
         path = Path(d) / "model.onnx"
         io.save(m, path, external_data=True)
-        return ort.InferenceSession(str(path), so, providers=PROVIDERS[provider])
+        return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def _first_line(e: Exception) -> str:
     s = str(e).strip().splitlines()
     return s[0][:400] if s else type(e).__name__
+
+
+_NODE_FAILED = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
+_PASS_INDEX = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice", "Transpose")
+
+
+def run(sess: ort.InferenceSession, outputs, feed: dict, *, model: onnx.ModelProto | None = None,
+        label: str = "the model") -> list:
+    """`sess.run`, with an ORT failure turned into one OnnxoptError line that says which input to fix."""
+    try:
+        return sess.run(outputs, feed)
+    except Exception as e:  # noqa: BLE001 - ORT's pybind exceptions share no useful base class
+        raise run_error(e, model, feed, label) from None
+
+
+def run_error(e: Exception, model: onnx.ModelProto | None, feed: dict | list[dict], label: str) -> OnnxoptError:
+    """One line for an ORT failure while running `model` on `feed` (or on one of several feeds)."""
+    msg = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e)).strip()
+    found = _NODE_FAILED.search(msg)
+    if found and model is not None and found.group(1) == "Gather":
+        hint = _gather_hint(model, found.group(2), feed)
+        if hint:
+            return OnnxoptError(f"ONNX Runtime failed running {label}: {hint}")
+    msg = " ".join(msg.split())
+    return OnnxoptError(f"ONNX Runtime failed running {label}: {msg[:400]}; check the input data against what the model expects")
+
+
+def _gather_hint(model: onnx.ModelProto, node_name: str, feed: dict | list[dict]) -> str | None:
+    """'input X indexes the N-row table of Gather G ...' when the failing Gather reads a constant table
+    with indices that come from a graph input (possibly through Cast/Reshape/...)."""
+    nodes = {n.name: n for n in model.graph.node}
+    node = nodes.get(node_name)
+    if node is None or len(node.input) < 2:
+        return None
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    table = inits.get(node.input[0])
+    if table is None or not table.dims:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    rows = int(table.dims[axis])
+    t = node.input[1]
+    while t in producer and producer[t].op_type in _PASS_INDEX:
+        t = producer[t].input[0]
+    feeds = [feed] if isinstance(feed, dict) else list(feed)
+    vals = [np.asarray(f[t]) for f in feeds if t in f]
+    if not vals:
+        return None
+    got = ""
+    if all(v.size and v.dtype.kind in "iu" for v in vals):
+        got = f" (got {min(v.min() for v in vals)}..{max(v.max() for v in vals)}"
+        bad = [i + 1 for i, v in enumerate(vals) if v.min() < 0 or v.max() >= rows]
+        got += f" in sample(s) {', '.join(map(str, bad[:5]))})" if len(vals) > 1 and bad else ")"
+    return (f"input '{t}' indexes the {rows}-row table '{table.name}' of Gather '{node_name}', which accepts "
+            f"values in [0, {rows - 1}]{got}; give '{t}' values in that range (e.g. token ids of this model's vocabulary)")

@@ -159,6 +159,34 @@ def test_cli_bench(models, tmp_path):
         assert label in r.output
     rep = json.loads(out.read_text())
     assert [c["label"] for c in rep["candidates"]] == ["fp16", "int8", "fp8"] and rep["samples"] == 2
+    best = max(rep["candidates"], key=lambda c: c["speedup"])
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"benchmarked 4 models on onnxrt (cpu): best speedup {best['speedup']:.2f}x ({best['label']}) over fp32")
+    assert last.endswith(f"; wrote {out}")
+
+
+def test_cli_bench_fp8_fallback_said_once(tmp_path):
+    """ORT's level 'all' cannot load this FP8 graph; the bench says so once (the table's note), not also as a log line."""
+    base = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
+    quantize(base, tmp_path / "t8.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 16)})
+    r = CliRunner().invoke(main, ["bench", base, str(tmp_path / "t8.onnx"), "--backend", "onnxrt", "--warmup", "0",
+                                  "--iters", "1", "--samples", "1", "--shapes", "ids:1x16"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("timed at ORT level 'basic'") == 1 and "WARNING" not in r.output
+
+
+def test_cli_bench_cuda_fallback(models, monkeypatch):
+    from onnxopt import ort
+    d, base, cands, data = models
+    monkeypatch.setattr(ort, "_unavailable", lambda name: "no CUDA libraries" if name == "cuda" else None)
+    monkeypatch.setattr(ort, "_fallen_back", set())
+    args = ["bench", str(base), str(cands[1]), "--backend", "onnxrt", "--warmup", "0", "--iters", "1", "--data", str(data),
+            "--provider", "cuda"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.output.startswith("error: ONNX Runtime cannot use CUDA here (no CUDA libraries); install onnxruntime-gpu")
+    r = CliRunner().invoke(main, args + ["--allow-cpu-fallback"])
+    assert r.exit_code == 0, r.output
+    assert "ONNX Runtime 1." in r.output and " cpu, " in r.output and "on onnxrt (cpu)" in r.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -155,3 +155,35 @@ def test_old_spellings_still_work(tmp_path, cnn, calib):
                     "--calib-provider", "cpu", "--min-params", 0, "-o", tmp_path / "sp.onnx", "--report", tmp_path / "sp.json")
     assert code == 0, out
     assert json.loads((tmp_path / "sp.json").read_text())["method"] == "sparsegpt"
+
+
+def test_analysis_commands_end_with_one_summary_line_and_no_bar_junk(tmp_path, cnn, calib):
+    """Not a terminal (CliRunner): no progress bars or carriage returns; the last line says what was done;
+    -q drops it. Old option spellings still work."""
+    q = tmp_path / "q.onnx"
+    assert run("quantize", cnn, "--int8", "--calib", calib, "-o", q)[0] == 0
+    plain = lambda *a: CliRunner().invoke(main, list(map(str, a)))  # noqa: E731
+    r = plain("compare", cnn, q, "--data", calib, "--report", tmp_path / "c.json")
+    assert r.exit_code == 0 and "\r" not in r.output and "%|" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    cos = json.loads((tmp_path / "c.json").read_text())["y"]["cosine"]
+    assert last.startswith(f"compared 1 output(s) over 4 batch(es) on cpu: worst cosine {cos:.6f} (y)")
+    r = plain("inspect", q, "--json", tmp_path / "i.json", "--sparsity")
+    assert r.exit_code == 0 and (tmp_path / "i.json").exists() and "sparsity" in json.loads((tmp_path / "i.json").read_text())
+    assert r.output.strip().splitlines()[-1] == f"inspected {q}: 4/5 layers quantized (int8 4), lint clean; wrote {tmp_path / 'i.json'}"
+    r = plain("calib-data", "sdxl", "-o", tmp_path / "s.npz", "--samples", 1, "--height", 64, "--width", 64, "-q")
+    assert r.exit_code == 0 and r.output == "" and np.load(tmp_path / "s.npz")["sample"].shape == (1, 2, 4, 8, 8)
+    r = plain("calib-data", "sdxl", "-o", tmp_path / "s.npz", "--samples", 1, "--height", 64, "--width", 64)
+    assert r.output.strip().splitlines()[-1].startswith(f"wrote {tmp_path / 's.npz'} (1 samples of 5 UNet inputs, synthetic 64x64")
+
+
+def test_progress_logs_plain_lines_off_a_terminal(monkeypatch, caplog):
+    import logging
+
+    from onnxopt import progress
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="onnxopt"):
+        assert list(progress.track(range(3), total=3, desc="compare: reference", unit="batch")) == [0, 1, 2]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in msgs[:3]] == [f"compare: reference: {i}/3 batch" for i in (1, 2, 3)]
+    assert msgs[-1].startswith("compare: reference: done, 3 batch")

@@ -92,3 +92,59 @@ def test_exported_graphs_dequantize_each_weight_just_before_its_layer(tmp_path):
         first_reader = min(j for j, n in enumerate(nodes) if nodes[k].output[0] in n.input)
         assert first_reader - k <= 3, f"{nodes[k].name} runs {first_reader - k} nodes before its reader"
     onnx.checker.check_model(m)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, then restore it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+def _mode(p):
+    return os.stat(p).st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask,want", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_mode_open_gives(tmp_path, umask, mask, want):
+    from onnxopt import diffusion
+    from onnxopt.bench import write_report
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    umask(mask)
+    inline = io.save(io.load(src), tmp_path / "inline.onnx")
+    ext = io.save(io.load(src), tmp_path / "ext.onnx", external_data=True)
+    report = write_report({"a": 1}, tmp_path / "r.json")
+    npz = diffusion.save_npz({"x": np.zeros(3, np.float32)}, tmp_path / "c.npz")
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert _mode(tmp_path / "plain") == want
+    for p in (inline, ext, tmp_path / "ext.onnx.data", report, npz):
+        assert _mode(p) == want, p
+    # what was written is what ORT reads back
+    assert ort.session(io.load(ext)).run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
+
+
+def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    io.save(io.load(src), out, external_data=True)
+    os.chmod(out, 0o640)
+    os.chmod(tmp_path / "o.onnx.data", 0o604)
+    umask(0o077)
+    io.save(io.load(src), out, external_data=True)
+    assert _mode(out) == 0o640 and _mode(tmp_path / "o.onnx.data") == 0o604
+    with io.atomic_path(out) as tmp:
+        tmp.write_bytes(b"x")
+    assert _mode(out) == 0o640
+
+
+def test_unwritable_location_is_a_user_error(tmp_path):
+    src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
+    with pytest.raises(OnnxoptError, match="a file is in the way"):
+        io.save(io.load(src), tmp_path / "m.onnx" / "o.onnx")
+    with pytest.raises(OnnxoptError, match="m.onnx is a file, not a folder"):
+        io.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
+    io.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

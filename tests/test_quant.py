@@ -209,11 +209,13 @@ def test_lint_clean_and_coverage_full_on_outputs(tmp_path):
 
 def test_lint_flags_partial_and_asymmetric_placements():
     from onnxopt.inspect import lint
-    w = nh.from_array(np.ones((16, 16), np.int8), "wq")
+    # Q/DQ on the activation only (a quantized weight alone would be weight-only W8A16, which is fine)
+    w = nh.from_array(np.ones((16, 16), np.float32), "w")
     s = nh.from_array(np.array(0.1, np.float32), "s")
     zp = nh.from_array(np.array(3, np.int8), "zp")
-    nodes = [h.make_node("DequantizeLinear", ["wq", "s"], ["w"], name="wdq"),
-             h.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    nodes = [h.make_node("QuantizeLinear", ["x", "s"], ["xq"], name="xq"),
+             h.make_node("DequantizeLinear", ["xq", "s"], ["xd"], name="xdq"),
+             h.make_node("MatMul", ["xd", "w"], ["y"], name="mm"),
              h.make_node("QuantizeLinear", ["y", "s", "zp"], ["yq"], name="q"),
              h.make_node("DequantizeLinear", ["yq", "s", "zp"], ["yd"], name="dq"),
              h.make_node("Softmax", ["yd"], ["z"], name="sm")]
