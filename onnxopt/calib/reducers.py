@@ -1,0 +1,158 @@
+"""Reducers: streaming statistics of one tensor, folded batch by batch (memory independent of the data size).
+
+A reducer whose statistic survives an in-graph reduction declares it (`PreReduce`), so that ONNX Runtime computes
+it right after the tensor's producer and only the small result is fetched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import OnnxoptError
+
+
+@dataclass(frozen=True)
+class PreReduce:
+    """A reduction ONNX Runtime can run inside the graph, so that only its small result is fetched:
+    `op` over every axis but `keep_axis` (None: all axes), of |x| when `absolute`."""
+    op: str
+    absolute: bool
+    keep_axis: int | None = None
+    rank: int | None = None  # the tensor's rank when shape inference may not know it (Conv inputs)
+    fraction: float | None = None  # TopK: keep this fraction of the elements of all batches (and the count)
+
+
+class Reducer:
+    """Folds each batch of one tensor into a running statistic."""
+
+    pre_reduce: PreReduce | None = None  # set by reducers whose statistic survives an in-graph reduction
+
+    def start(self, batches: int) -> None:
+        """Called once before the first batch with the number of batches to come."""
+
+    def update(self, x: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class AbsMax(Reducer):
+    pre_reduce = PreReduce("ReduceMax", True)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def update(self, x):
+        if x.size:
+            self.value = max(self.value, float(np.max(np.abs(x))))
+
+
+class ChannelAbsMax(Reducer):
+    """Per-channel max |x| along `axis` (-1 for MatMul inputs, 1 for Conv inputs)."""
+
+    def __init__(self, axis: int = -1, rank: int | None = None):
+        self.axis = axis
+        self.value = None
+        self.pre_reduce = PreReduce("ReduceMax", True, axis, rank)
+
+    def update(self, x):
+        x = np.moveaxis(np.abs(x), self.axis, -1).reshape(-1, x.shape[self.axis])
+        m = x.max(axis=0).astype(np.float64)
+        self.value = m if self.value is None else np.maximum(self.value, m)
+
+
+class ChannelMean(Reducer):
+    """Per-channel mean along `axis` (running sum and count)."""
+
+    def __init__(self, axis: int = -1, rank: int | None = None):
+        self.axis = axis
+        self.sum = None
+        self.count = 0
+        self.pre_reduce = PreReduce("ReduceMean", False, axis, rank)  # a mean of equal-sized batch means
+
+    def update(self, x):
+        x = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        s = flat.sum(axis=0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += flat.shape[0]
+
+    @property
+    def value(self):
+        return None if self.sum is None else self.sum / max(self.count, 1)
+
+
+class Histogram(Reducer):
+    """Histogram of |x| over [0, range); the range doubles (merging bin pairs) when a batch exceeds it,
+    so the memory is fixed whatever the number of batches."""
+
+    def __init__(self, bins: int = 4096):
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.range = 0.0
+        self.amax = 0.0
+
+    def update(self, x):
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        if not a.size:
+            return
+        m = float(a.max())
+        self.amax = max(self.amax, m)
+        if m == 0.0 and self.range == 0.0:
+            self.counts[0] += a.size
+            return
+        if self.range == 0.0:
+            self.range = m * (1 + 1e-6)
+        while m >= self.range:
+            c = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.concatenate([c, np.zeros(self.bins - c.size)])
+            self.range *= 2
+        idx = np.minimum((a * (self.bins / self.range)).astype(np.int64), self.bins - 1)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    @property
+    def edges(self):
+        return np.linspace(0.0, self.range, self.bins + 1)
+
+
+class TopAbs(Reducer):
+    """The largest |x| over all batches, as many as the `percentile` of all elements needs: an exact
+    percentile from a few values per tensor. In the graph, TopK keeps them per batch (with the element
+    count), so one pass fetches kilobytes instead of whole activations."""
+
+    def __init__(self, percentile: float = 99.99):
+        if not 0.0 < percentile <= 100.0:
+            raise OnnxoptError(f"percentile {percentile} is out of range; use a value in (0, 100], e.g. 99.99")
+        self.percentile = percentile
+        self.fraction = 1.0 - percentile / 100.0
+        self.pre_reduce = PreReduce("TopK", True, fraction=self.fraction)
+        self.batches = 1
+        self.count = 0
+        self.cap = 1
+        self.top = np.zeros(0, np.float32)
+
+    def start(self, batches: int) -> None:
+        self.batches = max(1, batches)
+
+    def update(self, x, n=None):
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        n = a.size if n is None else int(np.asarray(n).ravel()[0])
+        self.count += n
+        # Enough for any total count: no batch holds more than the largest one seen.
+        self.cap = max(self.cap, top_k(n, self.fraction, self.batches))
+        a = np.concatenate([self.top, a])
+        self.top = a if a.size <= self.cap else np.partition(a, a.size - self.cap)[a.size - self.cap:]
+
+    @property
+    def value(self) -> float:
+        if not self.count or not self.top.size:
+            return 0.0
+        rank = self.count - max(1, math.ceil(self.percentile / 100.0 * self.count - 1e-9))  # 0 = the largest
+        top = np.sort(self.top)[::-1]
+        return float(top[min(rank, top.size - 1)])
+
+
+def top_k(n: int, fraction: float, batches: int) -> int:
+    """Values a batch of `n` elements contributes to a percentile over `batches` such batches."""
+    return math.ceil(fraction * n * batches) + 2
+
