@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OnnxoptError
+from .im2col import CHUNK_BYTES, ConvView, im2col
 
 
 @dataclass(frozen=True)
@@ -156,3 +157,105 @@ def top_k(n: int, fraction: float, batches: int) -> int:
     """Values a batch of `n` elements contributes to a percentile over `batches` such batches."""
     return math.ceil(fraction * n * batches) + 2
 
+
+
+# ---------------------------------------------------------------- second moments (SparseGPT, AWQ)
+class Hessian(Reducer):
+    """Streaming H = XᵀX (float64) of a layer input seen as rows X[rows, dim]: the last axis of a MatMul input
+    (the first with `trans`, Gemm transA), the im2col patches of a Conv input (`conv`)."""
+
+    def __init__(self, dim: int, conv: ConvView | None = None, trans: bool = False):
+        self.dim, self.conv, self.trans = dim, conv, trans
+        self.H = np.zeros((dim, dim), dtype=np.float64)
+        self.n = 0
+        self._buf, self._buf_rows = [], 0  # small batches are gathered into one product (fewer BLAS calls)
+
+    def update(self, x):
+        for rows in self._rows(np.asarray(x)):
+            self._buf.append(np.asarray(rows, dtype=np.float32))
+            self._buf_rows += rows.shape[0]
+            if self._buf_rows * self.dim * 4 >= CHUNK_BYTES:
+                self._flush()
+
+    def _flush(self):
+        if self._buf:
+            rows = np.concatenate(self._buf) if len(self._buf) > 1 else np.ascontiguousarray(self._buf[0])
+            self._buf, self._buf_rows = [], 0
+            self.H += (rows.T @ rows).astype(np.float64)
+            self.n += rows.shape[0]
+
+    def _rows(self, x):
+        if self.conv is None:
+            x = x.T if self.trans else x.reshape(-1, x.shape[-1])
+            step = max(1, CHUNK_BYTES // (4 * x.shape[1]))
+            for i in range(0, x.shape[0], step):
+                yield x[i:i + step]
+            return
+        yield from im2col(x, self.conv, self.dim)
+
+    @property
+    def rows(self) -> int:
+        return self.n + self._buf_rows
+
+    @property
+    def mean(self) -> np.ndarray:
+        self._flush()
+        return self.H / max(self.n, 1)
+
+
+class ChannelMeanAbs(Reducer):
+    """Mean |x| per channel along `axis`, streaming."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.sum = None
+        self.count = 0
+
+    def update(self, x):
+        x = np.moveaxis(np.abs(np.asarray(x, dtype=np.float32)), self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        s = x.sum(axis=0, dtype=np.float64)
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += len(x)
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / max(self.count, 1)
+
+
+class Gram(Reducer):
+    """H = X^T X over all rows (channel axis last), float32, streaming: the layer output error of any weight
+    change D is tr(D^T H D), so searches need no stored activations. Rows are buffered (about 8 MB)
+    so that the products are few and large."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.h = None
+        self.buf: list[np.ndarray] = []
+        self.rows = 0
+        self.total_rows = 0
+
+    def update(self, x):
+        x = np.moveaxis(np.asarray(x, dtype=np.float32), self.axis, -1)
+        x = x.reshape(-1, x.shape[-1])
+        self.buf.append(x)
+        self.rows += len(x)
+        self.total_rows += len(x)
+        if self.rows * x.shape[1] >= 2**21:
+            self._flush()
+
+    def _flush(self):
+        if not self.buf:
+            return
+        x = np.concatenate(self.buf)
+        self.buf, self.rows = [], 0
+        g = x.T @ x
+        if self.h is None:
+            self.h = g
+        else:
+            self.h += g
+
+    @property
+    def value(self) -> np.ndarray | None:
+        self._flush()
+        return self.h
