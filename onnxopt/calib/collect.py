@@ -19,7 +19,7 @@ from .. import ort as ortx
 from ..errors import OnnxoptError
 from .data import CalibData
 from .reducers import PreReduce, Reducer
-from .stages import _BoundaryCache, _stage_model, _tensor_names, split_stages, stage_count, stage_index
+from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, split_stages, stage_count, stage_index
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
             provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
-            desc: str = "calibrating", stages: int | None = None) -> None:
+            desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean) get it added to
@@ -72,10 +72,12 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
-    Graph inputs are taken from the feeds.
+    Graph inputs are taken from the feeds. `only_needed` runs just the nodes the named tensors depend on.
     """
     if not reducers:
         return
+    if only_needed:
+        model = needed_only(model, list(reducers))
     inputs = {vi.name for vi in model.graph.input}
     first = next(iter(data), None)
     if first is None:
@@ -111,6 +113,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         mine = {n: sizes[n] for n in fetch if where.get(n, 0) == si}
         for gi, group in enumerate(_groups(mine, budget) or [[]]):
             passes.append((si, gi, group))
+    if not fetch and not reduced:  # every tensor is a graph input: nothing to run
+        passes = []
     if len(passes) > len(plan):
         log.info("calibrating %d whole tensors in %d passes to stay within %d MB", len(fetch), len(passes), memory_budget_mb)
     if len(plan) > 1:

@@ -87,6 +87,33 @@ def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None) -> l
     return plan
 
 
+def needed_only(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """`model` reduced to the nodes that the tensors `names` depend on, with those (that nodes produce) as its
+    outputs. Graphs with subgraphs stay whole: their reads of outer tensors are implicit."""
+    if io.has_subgraphs(model.graph):
+        return model
+    nodes = model.graph.node
+    producer = {o: i for i, nd in enumerate(nodes) for o in nd.output if o}
+    need, stack = set(), [n for n in names if n in producer]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in need:
+            need.add(i)
+            stack.extend(_reads(nodes[i]))
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.name = model.graph.name
+    m.graph.node.extend(nodes[i] for i in sorted(need))
+    used = {t for k in need for t in nodes[k].input} | set(names)
+    m.graph.initializer.extend(t for t in model.graph.initializer if t.name in used)
+    m.graph.input.extend(vi for vi in model.graph.input if vi.name in used)
+    m.graph.value_info.extend(vi for vi in model.graph.value_info if vi.name in producer and producer[vi.name] in need)
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n in producer)
+    return m
+
+
 def stage_index(plan: list[Stage]) -> dict[str, int]:
     """Tensor -> the stage that produces it, or else the first stage that reads it (initializers)."""
     where = {}
