@@ -408,3 +408,27 @@ def test_cli_quantize_with_sparsity(tmp_path):
     assert len(rows) == 3 and all(x["is_2_4"] for x in rows)
     r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calib-random", "4", "--sparsity", "4"])
     assert r.exit_code == 2 and "pattern" in r.output
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_no_pruned_weight_stays_in_memory(tmp_path, monkeypatch, method):
+    """Inside io.spilling, pruned weights go to the spill file; the graph holds no weight array afterwards
+    (SparseGPT reads weights through graph.read_values, never through the caching `.values`)."""
+    import onnx_graphsurgeon as gs
+    rng = np.random.default_rng(20)
+    monkeypatch.setattr(io, "SPILL_BYTES", 1 << 15)  # small weights spill like big ones
+    k, hidden = 64, 256
+    inits = [_w(rng, (k, hidden), "w1"), _w(rng, (hidden, k), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]
+    model = _model(nodes, [_vi("x", ["n", k])], [_vi("y", ["n", k])], inits)
+    data = calib.CalibData.random(calib.input_specs(model), 4, shapes={"x": (8, k)})
+    with io.spilling(tmp_path):
+        graph = _graph(model)
+        rep = sparsity.sparsify(graph, method=method, data=data, progress=False)
+        assert rep["pruned"] == 2 and all(r["method"] == method for r in rep["layers"])
+        for name in ("w1", "w2"):
+            const = graph.tensors()[name]
+            assert isinstance(const._values, gs.ir.tensor.LazyValues), name
+            assert sparsity.is_2_4(const._values.load(), 0)
