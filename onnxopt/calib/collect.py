@@ -134,7 +134,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             for bi, feed in enumerate(data):
                 feed = {k: v for k, v in feed.items() if k in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
-                got = dict(zip(names, sess.run(names, feed)))
+                got = _run(sess, names, feed, data, bi)
                 for name in group:
                     for r in full[name]:
                         r.update(got[name])
@@ -152,6 +152,18 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                     r.update(feed[name])
     bar.close()
 
+
+
+def _run(sess, names, feed, data, batch: int) -> dict:
+    """One ORT run; a failure (token ids out of an embedding's range, say) becomes one error line."""
+    try:
+        return dict(zip(names, sess.run(names, feed)))
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        ranges = "; ".join(f"'{s.name}' accepts {s.values.describe()}" for s in getattr(data, "specs", ())
+                           if s.values is not None and s.values.kind != "unknown")
+        raise OnnxoptError(f"ONNX Runtime failed on calibration batch {batch} of {data.describe}: {lines[0][:300]}; "
+                           f"check that the data fits the model's inputs" + (f" ({ranges})" if ranges else "")) from None
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from ..errors import OnnxoptError
+from .inputs import IntRange, integer_ranges
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,19 @@ class InputSpec:
     name: str
     shape: tuple  # ints, or str / None for dynamic dims
     dtype: np.dtype
+    values: IntRange | None = None  # integer inputs of a model: what they accept (None: not known, e.g. an engine's)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     inits = {t.name for t in model.graph.initializer}
+    ranges = integer_ranges(model)
     specs = []
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        specs.append(InputSpec(vi.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), ranges.get(vi.name)))
     return specs
 
 
@@ -90,6 +93,11 @@ class CalibData:
                 shp = s.shape
             concrete[s.name] = tuple(shp)
 
+        for s in specs:
+            if s.dtype.kind in "iu" and s.values is not None and s.values.kind == "unknown":
+                raise OnnxoptError(f"integer input '{s.name}': no valid range found for random values (it indexes no "
+                                   f"embedding table and is no mask); calibrate on real data with --calib FILE")
+
         def gen():
             rng = np.random.default_rng(seed)
             out = {}
@@ -99,8 +107,8 @@ class CalibData:
                     out[s.name] = rng.standard_normal(shp).astype(s.dtype)
                 elif s.dtype.kind == "b":
                     out[s.name] = np.ones(shp, dtype=s.dtype)
-                else:  # token ids, masks, indices: small non-negative ints keep them valid
-                    out[s.name] = rng.integers(0, 2, size=shp).astype(s.dtype)
+                else:
+                    out[s.name] = _random_ints(rng, s, shp)
             return out
 
         return cls(specs, [gen], batch_size, None, describe=f"random(n={n}, seed={seed})", max_batch=max_batch)
@@ -124,6 +132,7 @@ class CalibData:
             for i, (d, e) in enumerate(zip(shp, s.shape)):
                 if isinstance(e, int) and e > 0 and d != e and not (i == 0 and a.ndim == len(s.shape)):
                     raise OnnxoptError(f"{self.describe}: input '{s.name}' has shape {_fmt(a.shape)}, the model expects {_fmt(s.shape)}; dimension {i} differs")
+        _check_ranges(self.specs, arrays, self.describe)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         produced = 0
@@ -168,6 +177,33 @@ class CalibData:
         if self._n is None:
             self._n = sum(1 for _ in self)
         return self._n
+
+
+def _random_ints(rng, s: InputSpec, shape) -> np.ndarray:
+    """Token ids from the embedding's rows; masks mostly 1 (a padded tail of 0s on the last axis); 0/1 when the
+    model was not analysed."""
+    r = s.values
+    if r is not None and r.kind == "index":
+        return rng.integers(r.low, r.high, size=shape).astype(s.dtype)
+    if r is not None and r.kind == "mask" and len(shape) > 1:
+        keep = rng.integers(-(-shape[-1] // 2), shape[-1] + 1, size=shape[:-1] + (1,))
+        return (np.arange(shape[-1]) < keep).astype(s.dtype)
+    if r is not None and r.kind == "mask":
+        return np.ones(shape, dtype=s.dtype)
+    return rng.integers(0, 2, size=shape).astype(s.dtype)
+
+
+def _check_ranges(specs, arrays: dict, describe: str) -> None:
+    """Integer inputs that index an embedding must hold valid rows: ONNX Runtime would fail mid-run otherwise."""
+    for s in specs:
+        r = s.values
+        a = arrays.get(s.name)
+        if r is None or r.kind != "index" or a is None or not a.size or a.dtype.kind not in "iu":
+            continue
+        lo, hi = int(a.min()), int(a.max())
+        if lo < r.low or hi >= r.high:
+            raise OnnxoptError(f"{describe}: input '{s.name}' holds values in [{lo}, {hi}], the model accepts "
+                               f"{r.describe()}; fix the calibration data")
 
 
 def _read_file(f: Path, specs) -> dict:
