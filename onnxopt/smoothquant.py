@@ -73,19 +73,8 @@ class PatchSample(RowSample):
             self.auto_pad = self.auto_pad.decode()
 
     def _pads(self, sp):
-        nd = len(sp)
-        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for d in range(nd):
-                total = max((math.ceil(sp[d] / self.strides[d]) - 1) * self.strides[d]
-                            + (self.kernel[d] - 1) * self.dilations[d] + 1 - sp[d], 0)
-                small = total // 2
-                begin.append(small if self.auto_pad == "SAME_UPPER" else total - small)
-                end.append(total - begin[-1])
-            return begin, end
-        if self.auto_pad == "VALID":
-            return [0] * nd, [0] * nd
-        return self.pads[:nd], self.pads[nd:]
+        view = calib.ConvView(self.kernel, tuple(self.strides), tuple(self.pads), tuple(self.dilations), self.auto_pad)
+        return view.padding(sp)  # the padding rule of calib.im2col
 
     def update(self, x):
         if self.seen >= self.batches or x.size == 0:

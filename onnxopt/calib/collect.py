@@ -83,22 +83,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     if first is None:
         raise OnnxoptError(f"{data.describe}: no calibration samples")
     budget = memory_budget_mb * 2**20
-    ranks = _ranks(model)
-    full: dict[str, list] = {}
-    reduced, aux_nodes = [], {}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     n_batches = len(data)
-    for name, rs in reducers.items():
-        for r in rs:
-            r.start(n_batches)
-            spec = r.pre_reduce
-            rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
-                full.setdefault(name, []).append(r)
-                continue
-            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
-            aux_nodes.setdefault(name, []).extend(nodes)
-            reduced.append((name, outs, r))
+    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches)
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
@@ -152,6 +138,27 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                     r.update(feed[name])
     bar.close()
 
+
+
+def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
+    """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
+    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer)."""
+    ranks = _ranks(model)
+    full: dict[str, list] = {}
+    reduced, aux_nodes = [], {}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for name, rs in reducers.items():
+        for r in rs:
+            r.start(n_batches)
+            spec = r.pre_reduce
+            rank = ranks.get(name) or (spec.rank if spec is not None else None)
+            if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
+                full.setdefault(name, []).append(r)
+                continue
+            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
+            aux_nodes.setdefault(name, []).extend(nodes)
+            reduced.append((name, outs, r))
+    return full, reduced, aux_nodes
 
 
 def _run(sess, names, feed, data, batch: int) -> dict:
