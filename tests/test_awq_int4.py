@@ -252,3 +252,12 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
     graph2 = io.import_graph(m)
     int4.quantize_int4(graph2, _data(m), _config(awq="full", memory_budget_mb=0))
     assert _layer_error(io.export_graph(graph2, opset=21), feed, ref) < _layer_error(io.export_graph(rtn, opset=21), feed, ref)
+
+
+def test_awq_does_not_import_the_int4_writer():
+    """No import circle: AWQ's searches use quant.blockwise; only the INT4 writer imports awq."""
+    import subprocess
+    import sys
+    code = "import sys, onnxopt.awq; assert 'onnxopt.quant.int4' not in sys.modules, 'awq imports quant.int4'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
