@@ -23,12 +23,11 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from . import calib, fold, obs
-from .calib import ChannelMeanAbs, Gram
+from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .graph import activation_channel_axis
 from .quant import blockwise as q4
 from .quant import qdq
-from .smoothquant import RowSample
 
 log = logging.getLogger(__name__)
 
