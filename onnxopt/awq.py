@@ -170,7 +170,7 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
     w = w_kn[perm].astype(np.float64)
     hh, dead = obs.undead(h[np.ix_(perm, perm)])
     w[dead] = 0.0
-    u = obs.hinv_upper(hh, damp)  # raises obs.SingularHessian (the caller keeps plain rounding)
+    u = obs.hinv_upper(hh, damp, via_cholesky=False)  # raises obs.SingularHessian: the caller keeps plain rounding
     s = q4.expand(scale, k, block_size).astype(np.float64)[perm]
     q = np.zeros((k, n), np.int8)
     for i1 in range(0, k, lazy):

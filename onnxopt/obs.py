@@ -30,9 +30,11 @@ def undead(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return H, dead
 
 
-def hinv_upper(H: np.ndarray, damp: float) -> np.ndarray:
+def hinv_upper(H: np.ndarray, damp: float, *, via_cholesky: bool = True) -> np.ndarray:
     """Upper Cholesky factor of the damped H⁻¹, raising the damping tenfold until H is positive definite.
-    `H` must already have its dead inputs fixed (`undead`)."""
+    `H` must already have its dead inputs fixed (`undead`). H⁻¹ comes from H's Cholesky factor (SparseGPT, the
+    reference route), or with `via_cholesky=False` from a direct inverse (GPTQ's route here: it keeps INT4
+    results bit-identical to earlier releases)."""
     if not np.all(np.isfinite(H)):
         raise SingularHessian("the Hessian holds NaN or inf (non-finite calibration activations)")
     mean = float(np.mean(np.diag(H)))
@@ -43,9 +45,11 @@ def hinv_upper(H: np.ndarray, damp: float) -> np.ndarray:
         Hd = H.copy()
         Hd[idx] += max(damp, 1e-8) * (10 ** k) * mean
         try:
-            L = np.linalg.cholesky(Hd)
-            Linv = np.linalg.inv(L)
-            U = np.linalg.cholesky(Linv.T @ Linv).T
+            if via_cholesky:
+                Linv = np.linalg.inv(np.linalg.cholesky(Hd))
+                U = np.linalg.cholesky(Linv.T @ Linv).T
+            else:
+                U = np.linalg.cholesky(np.linalg.inv(Hd)).T
         except np.linalg.LinAlgError:
             continue
         if np.all(np.isfinite(U)):

@@ -119,3 +119,10 @@ def test_gptq_keeps_the_searched_scales_when_the_hessian_is_singular(caplog):
     assert entry["gptq"].startswith("skipped") and "without error feedback" in caplog.text
     with pytest.raises(obs.SingularHessian):
         awq.gptq_round(w, h, blockwise.block_scales(w, 16), 16)
+
+
+def test_both_routes_to_the_inverse_agree():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 24))
+    h = x.T @ x
+    np.testing.assert_allclose(obs.hinv_upper(h, 0.01), obs.hinv_upper(h, 0.01, via_cholesky=False), rtol=1e-7, atol=1e-10)
