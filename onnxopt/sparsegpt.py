@@ -59,14 +59,11 @@ def sparsegpt_prune(W: np.ndarray, H: np.ndarray, n: int = 2, m: int = 4, damp: 
     return W
 
 
-
 def _output_errors(W: np.ndarray, pruned: list[np.ndarray], H: np.ndarray) -> list[float]:
     """Layer-output errors ||(W - Wp) X||² relative to ||W X||², from H = XᵀX (float32 is plenty for a report)."""
     D = np.concatenate([W] + [W - np.asarray(p, dtype=np.float64) for p in pruned]).astype(np.float32)
     e = np.sum((D @ H.astype(np.float32)) * D, axis=1).reshape(len(pruned) + 1, -1).sum(axis=1)
     return [float(x / e[0]) if e[0] > 0 else 0.0 for x in e[1:]]
-
-
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,6 @@ class _HKey:
     dim: int
     conv: calib.ConvView | None = None
     trans: bool = False  # Gemm transA: the input is [K, M]
-
 
 
 def _rows_view(node: gs.Node, eff_shape: tuple, conv_ok: bool = True):
@@ -108,10 +104,8 @@ def _effective_index(const_shape, chain) -> np.ndarray:
 def _hkey(node: gs.Node, eff_shape: tuple) -> _HKey:
     x = node.inputs[0]
     if node.op == "Conv":
-        nd = len(eff_shape) - 2
         kernel = tuple(int(k) for k in (node.attrs.get("kernel_shape") or eff_shape[2:]))
-        view = calib.ConvView.of(node, kernel)
-        return _HKey(x.name, int(eff_shape[1] * np.prod(kernel)), view)
+        return _HKey(x.name, int(eff_shape[1] * np.prod(kernel)), calib.ConvView.of(node, kernel))
     if node.op == "Gemm":
         k = eff_shape[1] if node.attrs.get("transB", 0) else eff_shape[0]
         return _HKey(x.name, int(k), None, bool(node.attrs.get("transA", 0)))
@@ -291,4 +285,3 @@ def _apply_sparsegpt(p: _SGPlan, hs: list[calib.Hessian], n, m, damp, block, pro
     for u in unit.uses:
         rows[id(u.node)].update(output_error=round(err, 6), output_error_magnitude=round(err_mag, 6))
     log.info("%s: relative output error %.4f (magnitude %.4f)", name, err, err_mag)
-

@@ -77,7 +77,6 @@ def _plan(graph, n, m, exclude, min_params):
     return rows, list(units.values())
 
 
-
 # ---------------------------------------------------------------- magnitude
 def _prune_magnitude(unit: _Unit, n: int, m: int) -> None:
     v = np.array(G.read_values(unit.const), copy=True)

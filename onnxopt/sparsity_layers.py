@@ -142,7 +142,6 @@ def _other_uses(graph: gs.Graph, const: gs.Constant) -> list[str]:
     return other
 
 
-
 # ---------------------------------------------------------------- values behind DequantizeLinear
 def _dq_parts(dq: gs.Node):
     scale = dq.inputs[1] if len(dq.inputs) > 1 else None
@@ -173,12 +172,9 @@ def _dq_fields(dq: gs.Node, q: np.ndarray):
     return s, z
 
 
-
-
 def _effective_nonzero(const: gs.Constant, dq: gs.Node | None) -> np.ndarray:
     v = G.read_values(const)
     if dq is None or _dq_parts(dq) is None or dq.inputs[0] is not const:
         return _nonzero(v)
     _, z = _dq_fields(dq, v)
     return np.asarray(v).astype(np.float32) != np.asarray(z).astype(np.float32)
-

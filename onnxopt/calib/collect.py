@@ -139,7 +139,6 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-
 def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
     ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer)."""
@@ -229,10 +228,8 @@ def _const(name: str, value: np.ndarray):
     return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name + "_value"))
 
 
-
 def collect_graph(graph, data: CalibData, reducers: dict[str, Sequence[Reducer]], **kwargs) -> None:
     """`collect` over an onnx-graphsurgeon graph (exported without touching lazy weights)."""
     import onnx_graphsurgeon as gs
     model = gs.export_onnx(graph, do_type_check=False)
     collect(model, data, reducers, **kwargs)
-

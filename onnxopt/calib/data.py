@@ -222,4 +222,3 @@ def _read_file(f: Path, specs) -> dict:
 
 def _fmt(shape) -> str:
     return "x".join(str(d) if d not in (None, "") else "?" for d in shape) or "scalar"
-

@@ -85,4 +85,3 @@ def _entropy_amax(h: Histogram, qtype: str) -> float:
         if kl < best:
             best, best_i = kl, i
     return float(min((best_i + 0.5) * width, h.amax))
-

@@ -158,7 +158,6 @@ def top_k(n: int, fraction: float, batches: int) -> int:
     return math.ceil(fraction * n * batches) + 2
 
 
-
 # ---------------------------------------------------------------- second moments (SparseGPT, AWQ)
 class Hessian(Reducer):
     """Streaming H = XᵀX (float64) of a layer input seen as rows X[rows, dim]: the last axis of a MatMul input

@@ -243,7 +243,6 @@ class _BoundaryCache:
         return np.load(self._path(0, name), mmap_mode="r")
 
 
-
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str], after: dict | None = None) -> onnx.ModelProto:
     """`model` with extra graph outputs; `after` maps a tensor to nodes placed right after its producer, so
     that (with priority-based execution) each reduction runs, and its input is freed, as early as possible."""
@@ -266,4 +265,3 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str], after: dict | No
         if n not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=n))
     return m
-
