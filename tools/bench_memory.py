@@ -2,13 +2,13 @@
 the number of calibration samples, and on a large model stays near the cost of holding the model plus
 running it in ONNX Runtime.
 
-    python tools/bench_memory.py [--cases samples,large] [--large-gb 1.0] [--json out.json]
+    python tools/bench_memory.py [--cases samples,large,sparsegpt] [--large-gb 1.0] [--json out.json]
 
 Cases (each run in its own subprocess, peak RSS = VmHWM of that process):
 - samples: EfficientNet-Lite0 quantized with 16 and with 256 calibration images (chunked .npz directory,
   16 images per file, so the input data is streamed as well).
 - sparsegpt: MiniLM (real weights, /work/cache/real/minilm or `--minilm DIR` with model.onnx, calib.npz)
-  pruned 2:4 by SparseGPT; the pruned weights must not stay in memory (peak RSS near magnitude pruning's).
+  pruned 2:4 by magnitude and by SparseGPT (`sparsity.sparsify_model`): peak RSS of each.
 - large: a generated ~1 GB FP32 model (a stack of 4096x4096 MatMul+Relu layers, external data) quantized
   to FP8, against a bound of 2 x model size + the peak RSS of an ORT inference session of the FP32 model
   measured alone.
