@@ -90,3 +90,13 @@ def test_cli_quantize_with_ids_out_of_range(tmp_path):
     r = CliRunner().invoke(main, ["-q", "quantize", src, "-o", str(tmp_path / "o.onnx"), "--int8", "--calib", str(bad)])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "accepts [0, 50)" in r.output, r.output
     assert onnx.load(src).SerializeToString() == before
+
+
+def test_8_bit_inputs_take_their_whole_range():
+    nodes = [h.make_node("Cast", ["img"], ["f"], to=T.FLOAT), h.make_node("Mul", ["f", "s"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("img", T.UINT8, [1, 3, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(np.array(1 / 255, np.float32), "s")])
+    spec = calib.input_specs(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))[0]
+    assert (spec.values.kind, spec.values.low, spec.values.high) == ("range", 0, 256)
+    x = next(iter(calib.CalibData.random([spec], 1)))["img"]
+    assert x.dtype == np.uint8 and x.max() > 200

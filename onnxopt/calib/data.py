@@ -183,7 +183,7 @@ def _random_ints(rng, s: InputSpec, shape) -> np.ndarray:
     """Token ids from the embedding's rows; masks mostly 1 (a padded tail of 0s on the last axis); 0/1 when the
     model was not analysed."""
     r = s.values
-    if r is not None and r.kind == "index":
+    if r is not None and r.kind in ("index", "range"):
         return rng.integers(r.low, r.high, size=shape).astype(s.dtype)
     if r is not None and r.kind == "mask" and len(shape) > 1:
         keep = rng.integers(-(-shape[-1] // 2), shape[-1] + 1, size=shape[:-1] + (1,))

@@ -1,6 +1,7 @@
 """What values an integer model input accepts, read from the graph: token ids that index an embedding table
 (a Gather on a constant, possibly through Cast/Reshape/Unsqueeze or a constant offset) accept [0, rows);
-inputs that only gate or mask (Mul, Where, a Cast to float, or a name with "mask") take 0/1. Random
+inputs that only gate or mask (Mul, Where, a Cast to float, or a name with "mask") take 0/1; 8-bit inputs
+(image bytes) take their whole range. Random
 calibration data is drawn from these ranges, and real data is checked against them before any run."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 # Ops that hand an integer tensor's values on unchanged (data input 0); Gather's data input counts too.
 _VALUE_OPS = ("Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Slice", "Concat", "Tile",
@@ -16,13 +17,14 @@ _VALUE_OPS = ("Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand"
 _MASK_OPS = ("Mul", "Where", "Not", "And", "Or", "Equal", "Greater", "Less")
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
                 onnx.TensorProto.BOOL)
+_BYTES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 _MAX_DEPTH = 12
 
 
 @dataclass(frozen=True)
 class IntRange:
-    """Values [low, high) an integer input accepts. kind: "index" (an embedding's rows), "mask" (0/1, mostly 1)
-    or "unknown" (no range found: random data is refused)."""
+    """Values [low, high) an integer input accepts. kind: "index" (an embedding's rows), "range" (the whole 8-bit
+    range: image bytes), "mask" (0/1, mostly 1) or "unknown" (no range found: random data is refused)."""
     kind: str
     low: int = 0
     high: int = 2
@@ -51,6 +53,9 @@ def integer_ranges(model: onnx.ModelProto) -> dict[str, IntRange]:
             high = min(hi for _, hi, _ in gathers)
             why = "indexes " + ", ".join(sorted({w for _, _, w in gathers}))
             out[vi.name] = IntRange("index", low, high, why) if low < high else IntRange("unknown", why="indexes tables whose ranges do not overlap")
+        elif et in _BYTES and "mask" not in vi.name.lower():  # pixels and the like: every value is valid
+            info = np.iinfo(helper.tensor_dtype_to_np_dtype(et))
+            out[vi.name] = IntRange("range", int(info.min), int(info.max) + 1, "every 8-bit value")
         elif "mask" in vi.name.lower() or (others and all(_masks(nd, i) for nd, i in others)):
             out[vi.name] = IntRange("mask", 0, 2, "a mask")
         else:
