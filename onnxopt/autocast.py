@@ -66,7 +66,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
-    unique = lambda base: _unique(base, names)  # noqa: E731
+    unique = lambda base: G.unique_name(base, names)  # noqa: E731
     orig_outputs = {t.name: t.dtype for t in graph.outputs}
 
     # 1. Relabel outputs of converted nodes and their dtype attributes.
@@ -138,14 +138,6 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     graph.cleanup().toposort()
     log.info("autocast to %s: %d casts, %d nodes kept in fp32", dtype, casts, len(keep))
     return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep)}
-
-
-def _unique(base: str, taken: set) -> str:
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name)
-    return name
 
 
 def _dtype(t: gs.Tensor):

@@ -22,11 +22,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from . import calib, fold
+from . import calib, fold, obs
+from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .graph import activation_channel_axis
-from .quant import int4 as q4
-from .smoothquant import RowSample
+from .quant import blockwise as q4
+from .quant import qdq
 
 log = logging.getLogger(__name__)
 
@@ -35,64 +36,6 @@ CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 .. 0.5
 CLIP_SWEEPS = 2           # coordinate-descent passes over the blocks of a column
 ROWS = 2048               # sampled input rows per activation when Gram matrices would not fit the budget
 _S_RANGE = (1e-4, 1e4)
-
-
-class ChannelMeanAbs(calib.Reducer):
-    """Mean |x| per channel along `axis`, streaming."""
-
-    def __init__(self, axis: int = -1):
-        self.axis = axis
-        self.sum = None
-        self.count = 0
-
-    def update(self, x):
-        x = np.moveaxis(np.abs(np.asarray(x, dtype=np.float32)), self.axis, -1)
-        x = x.reshape(-1, x.shape[-1])
-        s = x.sum(axis=0, dtype=np.float64)
-        self.sum = s if self.sum is None else self.sum + s
-        self.count += len(x)
-
-    @property
-    def value(self) -> np.ndarray | None:
-        return None if self.sum is None else self.sum / max(self.count, 1)
-
-
-class Gram(calib.Reducer):
-    """H = X^T X over all rows (channel axis last), streaming: the layer output error of any weight
-    change D is tr(D^T H D), so searches need no stored activations. Rows are buffered (about 8 MB)
-    so that the products are few and large."""
-
-    def __init__(self, axis: int = -1):
-        self.axis = axis
-        self.h = None
-        self.buf: list[np.ndarray] = []
-        self.rows = 0
-        self.total_rows = 0
-
-    def update(self, x):
-        x = np.moveaxis(np.asarray(x, dtype=np.float32), self.axis, -1)
-        x = x.reshape(-1, x.shape[-1])
-        self.buf.append(x)
-        self.rows += len(x)
-        self.total_rows += len(x)
-        if self.rows * x.shape[1] >= 2**21:
-            self._flush()
-
-    def _flush(self):
-        if not self.buf:
-            return
-        x = np.concatenate(self.buf)
-        self.buf, self.rows = [], 0
-        g = x.T @ x
-        if self.h is None:
-            self.h = g
-        else:
-            self.h += g
-
-    @property
-    def value(self) -> np.ndarray | None:
-        self._flush()
-        return self.h
 
 
 def _quant(w_kn: np.ndarray, bits: int, block_size: int, hp: str, clip=None) -> np.ndarray:
@@ -121,7 +64,7 @@ def _block_candidates(wb: np.ndarray, hp: str, ratios=CLIP_RATIOS) -> np.ndarray
     """Quantize-dequantize of one block [B, N] at every clip ratio: [ratios, B, N]."""
     amax = np.abs(wb).max(axis=0)
     r = np.asarray(ratios, np.float32)[:, None]
-    scale = q4.qdq.round_scale(np.where(amax > 0, amax * r / q4.QMAX, 1.0), hp)[:, None, :]
+    scale = qdq.round_scale(np.where(amax > 0, amax * r / q4.QMAX, 1.0), hp)[:, None, :]
     return np.clip(np.rint(wb[None] / scale), q4.QMIN, q4.QMAX) * scale
 
 
@@ -225,13 +168,10 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
     perm = np.argsort(-np.diag(h), kind="stable")
     inv_perm = np.argsort(perm)
     w = w_kn[perm].astype(np.float64)
-    hh = h[np.ix_(perm, perm)].astype(np.float64)
-    dead = np.diag(hh) == 0
-    hh[dead, dead] = 1.0
+    hh, dead = obs.undead(h[np.ix_(perm, perm)])
     w[dead] = 0.0
-    hh[np.diag_indices(k)] += damp * float(np.mean(np.diag(hh)))
-    u = np.linalg.cholesky(np.linalg.inv(hh)).T  # upper factor of H^-1
-    s = q4._expand(scale, k, block_size).astype(np.float64)[perm]
+    u = obs.hinv_upper(hh, damp, via_cholesky=False)  # raises obs.SingularHessian: the caller keeps plain rounding
+    s = q4.expand(scale, k, block_size).astype(np.float64)[perm]
     q = np.zeros((k, n), np.int8)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
@@ -245,6 +185,22 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
             err[i] = e
         w[i2:] -= u[i1:i2, i2:].T @ err
     return q[inv_perm]
+
+
+def _error_feedback(node, w, h, clips, block_size, hp, entry: dict) -> None:
+    """Replace the clip ratios of `node` by (values, scales) rounded with error feedback, or keep them (plain
+    rounding with the searched scales) when the Hessian is not positive definite even with more damping."""
+    scale = q4.block_scales(w, block_size, clips[node.name], hp)
+    try:
+        q = gptq_round(w, h, scale, block_size)
+    except obs.SingularHessian as e:
+        log.warning("awq: %s: %s; keeping the searched scales without error feedback", node.name, e)
+        entry["gptq"] = f"skipped: {e}"
+        return
+    deq = q.astype(np.float32) * q4.expand(scale, w.shape[0], block_size)
+    nrm = max(_rel_error(h, w, np.zeros_like(w), 1.0), 1e-30)
+    entry["gptq_error"] = _rel_error(h, w, deq, nrm)
+    clips[node.name] = (q, scale)
 
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
@@ -326,12 +282,7 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
             # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
             rows = getattr(stats[name][1], "total_rows", 0)
             if method == "full" and rows >= w.shape[0]:
-                scale = q4.block_scales(w, block_size, clips[n.name], high_precision)
-                q = gptq_round(w, h, scale, block_size)
-                deq = q.astype(np.float32) * q4._expand(scale, w.shape[0], block_size)
-                nrm = max(_rel_error(h, w, np.zeros_like(w), 1.0), 1e-30)
-                report["layers"][n.name]["gptq_error"] = _rel_error(h, w, deq, nrm)
-                clips[n.name] = (q, scale)
+                _error_feedback(n, w, h, clips, block_size, high_precision, report["layers"][n.name])
             if j + 1 == len(todo) or todo[j + 1][0] != name:
                 hs.pop(name, None)
     report["time_s"] = round(time.perf_counter() - t0, 3)

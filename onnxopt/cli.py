@@ -107,13 +107,16 @@ def _check_input(model: str) -> None:
         raise OnnxoptError(f"{model}: no such model file; check the path")
 
 
-def _summary(text: str, path, ctx_report: dict | None = None) -> None:
-    """The one line every command ends with (stdout, unless -q)."""
+def _summary(text: str, path=None, ctx_report: dict | None = None) -> None:
+    """The one line every command ends with (stdout, unless -q); `path`: the file it wrote."""
     if not progress_enabled():
+        return
+    if path is None:
+        click.echo(text)
         return
     from pathlib import Path
     size = (ctx_report or {}).get("output_bytes")
-    if size is None and path is not None and Path(path).exists():
+    if size is None and Path(path).exists():
         size = Path(path).stat().st_size
     shown = "" if size is None else f" ({size / 1e6:.1f} MB)" if size >= 1e5 else f" ({size / 1e3:.1f} kB)"
     click.echo(f"{text}; wrote {path}{shown}")
@@ -349,12 +352,6 @@ def _check_report(report, *inputs) -> None:
         raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
     if report:
         check_writable(report, "--report")
-
-
-def _summary(text: str) -> None:
-    """The one line every command ends with (not under -q)."""
-    if progress_enabled():
-        click.echo(text)
 
 
 def _size(path) -> str:

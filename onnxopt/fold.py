@@ -16,12 +16,11 @@ import onnx_graphsurgeon as gs
 
 from . import io
 from .errors import OnnxoptError
-from .graph import activation_channel_axis, producer, read_values
+from .graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
 log = logging.getLogger(__name__)
 
 CONSUMER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-_PASS_THROUGH = ("Cast", "Transpose", "Identity")
 _NORMS_LAST = ("LayerNormalization",)  # scale/bias over the trailing axes
 _NORMS_CHANNEL = ("BatchNormalization", "InstanceNormalization", "GroupNormalization")  # scale/bias on axis 1
 _MAX_DEPTH = 3  # Add(bias) -> Mul(gamma) -> ... chains followed upwards
@@ -33,15 +32,12 @@ _HOMOGENEOUS = ("Relu", "LeakyRelu", "MaxPool")
 def weight_chain(node: gs.Node, index: int = 1) -> tuple[gs.Constant, list[gs.Node]]:
     """The initializer feeding `node.inputs[index]` through Cast/Transpose/Identity (nearest node first).
     Raises when there is none or it is already quantized (behind a DequantizeLinear)."""
-    t, chain = node.inputs[index], []
-    while not isinstance(t, gs.Constant):
-        p = producer(t)
-        if p is None or p.op not in _PASS_THROUGH:
-            what = "already quantized (DequantizeLinear)" if p is not None and p.op == "DequantizeLinear" else "not a constant"
-            raise OnnxoptError(f"node '{node.name}': input {index} is {what}; scales can only be folded into FP weights")
-        chain.append(p)
-        t = p.inputs[0]
-    return t, chain
+    const, chain = weight_of(node.inputs[index])
+    if const is None or any(p.op not in VIEW_OPS for p in chain):
+        dq = any(p.op == "DequantizeLinear" for p in chain)
+        what = "already quantized (DequantizeLinear)" if dq else "not a constant"
+        raise OnnxoptError(f"node '{node.name}': input {index} is {what}; scales can only be folded into FP weights")
+    return const, chain
 
 
 def _perm(n: gs.Node, rank: int) -> list[int]:
@@ -160,15 +156,10 @@ def output_channels(node: gs.Node, shape) -> int:
 # ---------------------------------------------------------------- scaling one constant input in place
 class _Names:
     def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+        self.used = taken_names(graph)
 
     def new(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        return unique_name(base, self.used)
 
 
 def _terminal_users(graph: gs.Graph, t: gs.Tensor, out: list) -> bool:
@@ -179,7 +170,7 @@ def _terminal_users(graph: gs.Graph, t: gs.Tensor, out: list) -> bool:
         for i, inp in enumerate(n.inputs):
             if inp is not t:
                 continue
-            if n.op in _PASS_THROUGH and i == 0:
+            if n.op in VIEW_OPS and i == 0:
                 if not _terminal_users(graph, n.outputs[0], out):
                     return False
             else:

@@ -5,7 +5,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-_PASS_THROUGH = ("Cast", "Transpose", "DequantizeLinear", "Identity")
+VIEW_OPS = ("Cast", "Transpose", "Identity")  # show a constant's values to a layer (cast or permuted)
+PASS_THROUGH = VIEW_OPS + ("DequantizeLinear",)  # what lies between a layer and its weight initializer
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:
@@ -20,9 +21,7 @@ def weight_of(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
         if isinstance(t, gs.Constant):
             return t, chain
         p = producer(t)
-        if p is None or p.op not in _PASS_THROUGH or not p.inputs:
-            return None, chain
-        if p.op == "Constant":
+        if p is None or p.op not in PASS_THROUGH or not p.inputs:
             return None, chain
         chain.append(p)
         t = p.inputs[0]
@@ -78,3 +77,18 @@ def read_values(const: gs.Constant) -> np.ndarray:
     used and released one at a time."""
     v = const._values
     return v.load() if isinstance(v, gs.ir.tensor.LazyValues) else v
+
+
+def unique_name(base: str, taken: set) -> str:
+    """`base`, or `base_1`, `base_2`, ... whichever is not in `taken` (which then holds it)."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def taken_names(graph: gs.Graph) -> set:
+    """Every tensor and node name of `graph`: new names must avoid them."""
+    return set(graph.tensors()) | {n.name for n in graph.nodes}

@@ -9,7 +9,6 @@ read one activation (Q, K, V) share one s. The scales are folded by `fold.fold_i
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from . import calib, fold
+from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
 from .graph import activation_channel_axis
 
@@ -29,83 +29,6 @@ _S_RANGE = (1e-4, 1e4)
 _FLOOR = 1e-5
 SEARCH_BATCHES = 8        # "a few calibration batches" for auto alpha
 SEARCH_ROWS = 1024        # rows (or patches) kept per layer for the search, fewer under a tight budget
-
-
-# ---------------------------------------------------------------- sampling reducers
-class RowSample(calib.Reducer):
-    """Up to `rows` rows of the activation (channel axis last), drawn evenly from the first `batches`
-    batches; the rest of the data is ignored, so memory is bounded."""
-
-    def __init__(self, axis: int, rows: int, batches: int, seed: int = 0):
-        self.axis, self.rows, self.batches = axis, rows, max(1, batches)
-        self.rng = np.random.default_rng(seed)
-        self.parts: list[np.ndarray] = []
-        self.seen = 0
-
-    def update(self, x):
-        if self.seen >= self.batches or x.size == 0:
-            return
-        self.seen += 1
-        x2 = np.moveaxis(np.asarray(x), self.axis, -1)
-        x2 = x2.reshape(-1, x2.shape[-1])
-        k = min(len(x2), math.ceil(self.rows / self.batches))
-        idx = np.sort(self.rng.choice(len(x2), k, replace=False))
-        self.parts.append(x2[idx].astype(np.float32))
-
-    @property
-    def value(self) -> np.ndarray:
-        return np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
-
-
-class PatchSample(RowSample):
-    """Like RowSample, for a Conv input: im2col patches [rows, C * prod(kernel)] at random output positions,
-    in the weight's (channel, kernel position) order."""
-
-    def __init__(self, node: gs.Node, kernel: tuple[int, ...], rows: int, batches: int, seed: int = 0):
-        super().__init__(1, rows, batches, seed)
-        nd = len(kernel)
-        self.kernel = tuple(kernel)
-        self.strides = list(node.attrs.get("strides", [1] * nd))
-        self.dilations = list(node.attrs.get("dilations", [1] * nd))
-        self.pads = list(node.attrs.get("pads", [0] * (2 * nd)))
-        self.auto_pad = node.attrs.get("auto_pad", "NOTSET")
-        if isinstance(self.auto_pad, bytes):
-            self.auto_pad = self.auto_pad.decode()
-
-    def _pads(self, sp):
-        nd = len(sp)
-        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for d in range(nd):
-                total = max((math.ceil(sp[d] / self.strides[d]) - 1) * self.strides[d]
-                            + (self.kernel[d] - 1) * self.dilations[d] + 1 - sp[d], 0)
-                small = total // 2
-                begin.append(small if self.auto_pad == "SAME_UPPER" else total - small)
-                end.append(total - begin[-1])
-            return begin, end
-        if self.auto_pad == "VALID":
-            return [0] * nd, [0] * nd
-        return self.pads[:nd], self.pads[nd:]
-
-    def update(self, x):
-        if self.seen >= self.batches or x.size == 0:
-            return
-        self.seen += 1
-        x = np.asarray(x)
-        n, c, sp = x.shape[0], x.shape[1], x.shape[2:]
-        nd = len(sp)
-        begin, end = self._pads(sp)
-        xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
-        out = [(sp[d] + begin[d] + end[d] - self.dilations[d] * (self.kernel[d] - 1) - 1) // self.strides[d] + 1
-               for d in range(nd)]
-        total = n * int(np.prod(out))
-        k = min(total, math.ceil(self.rows / self.batches))
-        coords = np.unravel_index(self.rng.choice(total, k, replace=False), (n, *out))
-        kgrid = np.indices(self.kernel).reshape(nd, -1)
-        idx = (coords[0][:, None, None], np.arange(c)[None, :, None]) + tuple(
-            (coords[1 + d] * self.strides[d])[:, None, None] + (kgrid[d] * self.dilations[d])[None, None, :]
-            for d in range(nd))
-        self.parts.append(xp[idx].reshape(k, -1).astype(np.float32))
 
 
 # ---------------------------------------------------------------- groups

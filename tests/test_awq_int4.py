@@ -256,3 +256,52 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
     graph2 = io.import_graph(m)
     int4.quantize_int4(graph2, _data(m), **_config(awq="full", memory_budget_mb=0))
     assert _layer_error(io.export_graph(graph2, opset=21), feed, ref) < _layer_error(io.export_graph(rtn, opset=21), feed, ref)
+
+
+def test_no_module_level_import_circle():
+    """No import circle anywhere in the package (module-level imports, read from the source): AWQ's searches
+    use quant.blockwise; only the INT4 writer imports awq."""
+    import ast
+    from pathlib import Path
+
+    import onnxopt
+    root = Path(onnxopt.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        mods[".".join(parts)] = f
+    edges = {}
+    for name, f in mods.items():
+        pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.parse(f.read_text()).body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.ImportFrom):
+                base = pkg
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rpartition(".")[0]
+                mod = (base + ("." + node.module if node.module else "")) if node.level else (node.module or "")
+                for a in node.names:
+                    deps.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        edges[name] = {d for d in deps if d in mods and d != name}
+    assert "onnxopt.quant.int4" not in edges["onnxopt.awq"]
+
+    state = {}
+
+    def visit(n, path):
+        state[n] = 1
+        for d in edges[n]:
+            if state.get(d) == 1:
+                # a package importing its own submodule (and back) is how packages work; real circles are between peers
+                cyc = path[path.index(d):] + [d]
+                if not all(c == d or c.startswith(d + ".") or d.startswith(c + ".") for c in cyc):
+                    raise AssertionError(" -> ".join(cyc))
+            elif d not in state:
+                visit(d, path + [d])
+        state[n] = 2
+    for n in edges:
+        if n not in state:
+            visit(n, [n])

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, io, sparsity
+from onnxopt import calib, io, sparsegpt, sparsity
 from onnxopt import ort as oort
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
@@ -282,8 +282,8 @@ def test_hessian_im2col_matches_conv():
         y = oort.session(m).run(None, {"x": x})[0]
         g = _graph(m)
         n = g.nodes[0]
-        key = sparsity._hkey(n, w.shape)
-        rows = np.concatenate(list(sparsity._im2col(x, key.conv, key.dim)))
+        key = sparsegpt._hkey(n, w.shape)
+        rows = np.concatenate(list(calib.im2col(x, key.conv, key.dim)))
         wr = w.transpose(0, 2, 3, 1).reshape(5, -1)
         got = (rows @ wr.T).reshape(2, y.shape[2], y.shape[3], 5).transpose(0, 3, 1, 2)
         np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
@@ -390,11 +390,11 @@ def test_batched_feeds_merge_only_dynamic_batches():
     specs = [calib.InputSpec("x", ("N", 4), np.dtype(np.float32))]
     x = np.arange(40, dtype=np.float32).reshape(10, 1, 4)
     data = calib.CalibData(specs, [lambda: {"x": x}])
-    merged = list(sparsity._Batched(data, max_batch=4))
+    merged = list(sparsegpt._Batched(data, max_batch=4))
     assert [b["x"].shape[0] for b in merged] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in merged]), x[:, 0])
     fixed = calib.CalibData([calib.InputSpec("x", (1, 4), np.dtype(np.float32))], [lambda: {"x": x}])
-    assert len(list(sparsity._Batched(fixed))) == 10
+    assert len(list(sparsegpt._Batched(fixed))) == 10
 
 
 def test_cli_quantize_with_sparsity(tmp_path):
@@ -408,3 +408,27 @@ def test_cli_quantize_with_sparsity(tmp_path):
     assert len(rows) == 3 and all(x["is_2_4"] for x in rows)
     r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calib-random", "4", "--sparsity", "4"])
     assert r.exit_code == 2 and "pattern" in r.output
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_no_pruned_weight_stays_in_memory(tmp_path, monkeypatch, method):
+    """Inside io.spilling, pruned weights go to the spill file; the graph holds no weight array afterwards
+    (SparseGPT reads weights through graph.read_values, never through the caching `.values`)."""
+    import onnx_graphsurgeon as gs
+    rng = np.random.default_rng(20)
+    monkeypatch.setattr(io, "SPILL_BYTES", 1 << 15)  # small weights spill like big ones
+    k, hidden = 64, 256
+    inits = [_w(rng, (k, hidden), "w1"), _w(rng, (hidden, k), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]
+    model = _model(nodes, [_vi("x", ["n", k])], [_vi("y", ["n", k])], inits)
+    data = calib.CalibData.random(calib.input_specs(model), 4, shapes={"x": (8, k)})
+    with io.spilling(tmp_path):
+        graph = _graph(model)
+        rep = sparsity.sparsify(graph, method=method, data=data, progress=False)
+        assert rep["pruned"] == 2 and all(r["method"] == method for r in rep["layers"])
+        for name in ("w1", "w2"):
+            const = graph.tensors()[name]
+            assert isinstance(const._values, gs.ir.tensor.LazyValues), name
+            assert sparsity.is_2_4(const._values.load(), 0)

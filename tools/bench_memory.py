@@ -2,11 +2,13 @@
 the number of calibration samples, and on a large model stays near the cost of holding the model plus
 running it in ONNX Runtime.
 
-    python tools/bench_memory.py [--cases samples,large] [--large-gb 1.0] [--json out.json]
+    python tools/bench_memory.py [--cases samples,large,sparsegpt] [--large-gb 1.0] [--json out.json]
 
 Cases (each run in its own subprocess, peak RSS = VmHWM of that process):
 - samples: EfficientNet-Lite0 quantized with 16 and with 256 calibration images (chunked .npz directory,
   16 images per file, so the input data is streamed as well).
+- sparsegpt: MiniLM (real weights, /work/cache/real/minilm or `--minilm DIR` with model.onnx, calib.npz)
+  pruned 2:4 by magnitude and by SparseGPT (`sparsity.sparsify_model`): peak RSS of each.
 - large: a generated ~1 GB FP32 model (a stack of 4096x4096 MatMul+Relu layers, external data) quantized
   to FP8, against a bound of 2 x model size + the peak RSS of an ORT inference session of the FP32 model
   measured alone.
@@ -104,6 +106,9 @@ def _work(spec: dict) -> dict:
         from onnxopt import QuantConfig, quantize
         quantize(spec["model"], spec["out"], config=QuantConfig(mode="fp8", calib_method="max", progress=False),
                  data=spec["data"])
+    elif spec["kind"] == "sparsify":
+        from onnxopt import sparsity
+        sparsity.sparsify_model(spec["model"], spec["out"], data=spec["data"], method=spec["method"], progress=False)
     else:  # ORT inference of the model alone, one batch
         from onnxopt import io as oio
         from onnxopt import ort as oort
@@ -150,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", default="16,256", help="calibration sample counts for the 'samples' case")
     ap.add_argument("--large-gb", type=float, default=1.0)
     ap.add_argument("--work", default=str(rm.DEFAULT_WORK))
+    ap.add_argument("--minilm", default="/work/cache/real/minilm", help="directory with MiniLM model.onnx and calib.npz")
     ap.add_argument("--json", default=None)
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args(argv)
@@ -166,6 +172,13 @@ def main(argv=None) -> int:
             res = run({"kind": "quantize", "model": str(prep.model), "data": str(data),
                        "out": str(runs / f"effnet_fp8_{n}.onnx")}, args.timeout)
             rows.append({"case": f"effnet FP8 calib, {n} samples", "samples": n, "model_mb": rm.file_mb(prep.model), **res})
+    if "sparsegpt" in cases:
+        d = Path(args.minilm)
+        for method in ("magnitude", "sparsegpt"):
+            print(f"[minilm 2:4 {method}] ...", file=sys.stderr, flush=True)
+            res = run({"kind": "sparsify", "method": method, "model": str(d / "model.onnx"), "data": str(d / "calib.npz"),
+                       "out": str(runs / f"minilm_{method}.onnx")}, args.timeout)
+            rows.append({"case": f"MiniLM 2:4 {method}", "samples": 64, "model_mb": rm.file_mb(d / "model.onnx"), **res})
     if "large" in cases:
         model = large_model(work / "large" / "model.onnx", args.large_gb)
         data = large_calib(work / "large" / "calib.npz")

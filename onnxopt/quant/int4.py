@@ -16,69 +16,24 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .. import awq as awq_search
 from .. import fold
 from .. import graph as G
 from ..errors import OnnxoptError
 from . import qdq
+from .blockwise import INT8_MAX, QMAX, QMIN, block_scales, expand, fake_quant, fake_quant_int8, quantize_blocks, to_kn
+
+__all__ = ["INT8_MAX", "QMAX", "QMIN", "block_scales", "fake_quant", "fake_quant_int8", "quantize_blocks", "to_kn",
+           "select_layers", "write_weight", "quantize_int4"]
 
 log = logging.getLogger(__name__)
 
-QMIN, QMAX = -8, 7
-INT8_MAX = 127.0
 AWQ_METHODS = ("none", "lite", "clip", "full")
 OPS = ("MatMul", "Gemm")
-
-
-# ---------------------------------------------------------------- numerics, [K, N] layout
-def _blocks(k: int, block_size: int) -> int:
-    return block_size if block_size > 0 else k
-
-
-def block_scales(w_kn: np.ndarray, block_size: int, clip: np.ndarray | float | None = None,
-                 high_precision: str = "fp32") -> np.ndarray:
-    """Per (block along K, output column) scale [ceil(K/B), N]: max|W| in the block (times its clip ratio) / 7."""
-    k, n = w_kn.shape
-    b = _blocks(k, block_size)
-    nb = -(-k // b)
-    a = np.abs(w_kn)
-    if nb * b != k:
-        a = np.concatenate([a, np.zeros((nb * b - k, n), a.dtype)])
-    amax = a.reshape(nb, b, n).max(axis=1)
-    if clip is not None:
-        amax = amax * clip
-    return qdq.round_scale(np.where(amax > 0, amax / QMAX, 1.0), high_precision)
-
-
-def _expand(scale: np.ndarray, k: int, block_size: int) -> np.ndarray:
-    return np.repeat(scale, _blocks(k, block_size), axis=0)[:k]
-
-
-def quantize_blocks(w_kn: np.ndarray, block_size: int, clip=None, high_precision: str = "fp32"):
-    """(INT4 values as int8 [K, N], scales [ceil(K/B), N])."""
-    scale = block_scales(w_kn, block_size, clip, high_precision)
-    q = np.clip(np.rint(w_kn / _expand(scale, w_kn.shape[0], block_size)), QMIN, QMAX).astype(np.int8)
-    return q, scale
-
-
-def fake_quant(w_kn: np.ndarray, block_size: int, clip=None, high_precision: str = "fp32") -> np.ndarray:
-    """Quantize-dequantize (what the DequantizeLinear will give back)."""
-    q, scale = quantize_blocks(w_kn, block_size, clip, high_precision)
-    return q.astype(np.float32) * _expand(scale, w_kn.shape[0], block_size)
-
-
-def fake_quant_int8(w_kn: np.ndarray, high_precision: str = "fp32") -> np.ndarray:
-    """Per-output-channel symmetric INT8 quantize-dequantize."""
-    amax = np.abs(w_kn).max(axis=0)
-    scale = qdq.round_scale(np.where(amax > 0, amax / INT8_MAX, 1.0), high_precision)
-    return np.clip(np.rint(w_kn / scale), -INT8_MAX, INT8_MAX) * scale
+_expand = expand
 
 
 # ---------------------------------------------------------------- layers
-def to_kn(node: gs.Node, w: np.ndarray) -> np.ndarray:
-    """The weight as [K, N] (reduction axis first)."""
-    return w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w
-
-
 def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str | None = None
                   ) -> tuple[list[tuple[gs.Node, int]], dict[str, str]]:
     """(node, bits) for each MatMul/Gemm with a 2-D constant FP weight; bits 8 where int8_layers matches.
@@ -130,7 +85,7 @@ def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, bl
     """Quantized weight + DequantizeLinear in the node's own weight layout; returns the DQ output."""
     trans = node.op == "Gemm" and node.attrs.get("transB", 0)
     k, n = w_kn.shape
-    base = _unique(f"{node.inputs[1].name}_int{bits}", names)
+    base = G.unique_name(f"{node.inputs[1].name}_int{bits}", names)
     if bits == 4:
         # `clip` is either per-block clip ratios, or the (values, scales) that error-feedback rounding chose.
         q, scale = clip if isinstance(clip, tuple) else quantize_blocks(w_kn, block_size, clip, high_precision)
@@ -155,21 +110,12 @@ def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, bl
         info = {"bits": 8, "per_channel": True}
         packed = q.size
     dtype = node.inputs[1].dtype if G.is_float(node.inputs[1]) else np.float32
-    sc = gs.Constant(_unique(base + "_scale", names), np.ascontiguousarray(scale.astype(np.float32)))
-    out = gs.Variable(_unique(base + "_dequantized", names), dtype=dtype, shape=list(q.shape))
-    graph.nodes.append(gs.Node("DequantizeLinear", name=_unique(base + "_DequantizeLinear", names),
+    sc = gs.Constant(G.unique_name(base + "_scale", names), np.ascontiguousarray(scale.astype(np.float32)))
+    out = gs.Variable(G.unique_name(base + "_dequantized", names), dtype=dtype, shape=list(q.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(base + "_DequantizeLinear", names),
                                inputs=[qc, sc], outputs=[out], attrs=attrs))
     info["bytes"] = int(packed + sc.values.nbytes)
     return out, info
-
-
-def _unique(base: str, names: set) -> str:
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    names.add(name)
-    return name
 
 
 # ---------------------------------------------------------------- entry point
@@ -188,13 +134,12 @@ def quantize_int4(graph: gs.Graph, data=None, *, block_size: int = 128, awq: str
     report: dict = {"block_size": block_size, "awq": awq, "layers": {}, "skipped": skipped}
     clips = dict(clips or {})
     if awq != "none":
-        from .. import awq as awq_mod
         if data is None:
             raise OnnxoptError(f"--awq {awq} needs calibration data; pass --calib (or --calib-random N), or use --awq none")
-        awq_report, clips = awq_mod.apply(graph, data, layers, method=awq, block_size=block_size, high_precision=hp,
+        awq_report, clips = awq_search.apply(graph, data, layers, method=awq, block_size=block_size, high_precision=hp,
                                           provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
         report["awq_search"] = awq_report
-    names = set(graph.tensors()) | {n.name for n in graph.nodes}
+    names = G.taken_names(graph)
     done: dict[int, tuple[gs.Variable, dict]] = {}
     before = after = 0
     for node, bits in layers:

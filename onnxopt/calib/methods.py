@@ -1,0 +1,87 @@
+"""Clip ranges (amax) from an |x| histogram: max, percentile, entropy (TensorRT's KL) and mse."""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import OnnxoptError
+from .reducers import Histogram
+
+FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+METHODS = ("max", "percentile", "entropy", "mse")
+
+
+def amax_from_histogram(h: Histogram, method: str, qtype: str = "int8", percentile: float = 99.99) -> float:
+    """Clip range for symmetric quantization to `qtype` ('int8' or 'fp8'), chosen by `method`."""
+    if h.amax == 0.0:
+        return 0.0
+    if method == "max":
+        return h.amax
+    total = h.counts.sum()
+    centers = (h.edges[:-1] + h.edges[1:]) / 2
+    if method == "percentile":
+        cdf = np.cumsum(h.counts) / total
+        i = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(min(h.edges[min(i + 1, h.bins)], h.amax))
+    candidates = _candidates(h)
+    if method == "mse":
+        errs = [_quant_mse(centers, h.counts, c, qtype) for c in candidates]
+        return float(candidates[int(np.argmin(errs))])
+    if method == "entropy":
+        return _entropy_amax(h, qtype)
+    raise OnnxoptError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
+
+
+def _candidates(h: Histogram) -> np.ndarray:
+    last = int(np.nonzero(h.counts)[0].max()) + 1
+    stop = min(h.edges[last], h.amax)
+    return np.unique(np.concatenate([np.geomspace(stop * 1e-3, stop, 160), [h.amax]]))
+
+
+def _quant_mse(x: np.ndarray, w: np.ndarray, amax: float, qtype: str) -> float:
+    if qtype == "fp8":
+        s = amax / FP8_MAX
+        q = np.clip(x / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * s
+    else:
+        s = amax / 127.0
+        q = np.clip(np.round(x / s), -127, 127) * s
+    return float(np.sum(w * (x - q) ** 2))
+
+
+def _entropy_amax(h: Histogram, qtype: str) -> float:
+    """TensorRT's KL-divergence calibration over the |x| histogram (128 levels for INT8)."""
+    levels = 128
+    counts = h.counts.copy()
+    # A spike in the first bin (the zeros of a ReLU output) would make KL favour tiny ranges; TensorRT's
+    # calibrator flattens it the same way.
+    if counts.size > 1:
+        counts[0] = counts[1]
+    nz = np.nonzero(counts)[0]
+    last = int(nz.max()) + 1
+    # Work on 2048 bins like TensorRT; fold finer histograms.
+    factor = max(1, h.bins // 2048)
+    counts = counts.reshape(-1, factor).sum(axis=1)
+    last = min(counts.size, math.ceil(last / factor))
+    width = h.range / counts.size
+    best, best_i = np.inf, last
+    start = levels
+    for i in range(start, last + 1, max(1, (last - start) // 256 or 1)):
+        p = counts[:i].copy()
+        p[i - 1] += counts[i:].sum()
+        nzmask = p > 0
+        # Quantize the first i bins into `levels` bins, spreading each back over its non-empty source bins.
+        idx = (np.arange(i) * levels) // i
+        qsum = np.bincount(idx, weights=counts[:i], minlength=levels)
+        qnz = np.bincount(idx, weights=(counts[:i] > 0).astype(np.float64), minlength=levels)
+        q = np.where(counts[:i] > 0, qsum[idx] / np.maximum(qnz[idx], 1), 0.0)
+        ps, qs = p.sum(), q.sum()
+        if qs == 0:
+            continue
+        pn, qn = p / ps, q / qs
+        mask = nzmask & (qn > 0)
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask]))) + (1e9 if np.any(nzmask & (qn == 0)) else 0.0)
+        if kl < best:
+            best, best_i = kl, i
+    return float(min((best_i + 0.5) * width, h.amax))
