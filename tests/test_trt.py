@@ -101,9 +101,7 @@ def test_build_fp16_engine(cnn, tmp_path):
     res = build(fp16, tmp_path / "fp16.plan", config=cfg)
     assert res.path.stat().st_size > 0 and cache.stat().st_size > 0
     assert res.tensorrt == trt.__version__
-    major = int(trt.__version__.split(".")[0])
-    assert res.strongly_typed == (major >= 11)
-    assert res.precision_flags == (() if major >= 11 else ("fp16",))
+    assert res.strongly_typed and res.precision_flags == ()  # strongly typed by default on 10 and 11
     assert not res.sparse_weights
 
 
