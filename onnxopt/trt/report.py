@@ -28,12 +28,12 @@ from .. import graph as G
 
 _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], Constants: \[(?P<consts>.*?)\], "
                      r"Outputs: \[(?P<outputs>.*?)\], TacticName: (?P<tactic>[^,]*),.*?Metadata: (?P<meta>.*)$")
-_DTYPE = re.compile(r"Dimensions: \[([0-9,]*)\][^}]*?Datatype: (\w+)")
+_DTYPE = re.compile(r"Dimensions: \[([-0-9,]*)\][^}]*?Datatype: (\w+)")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
 _QUANT = {"Int8": "int8", "FP8": "fp8", "Int4": "int4", "FP4": "fp4", "UInt8": "int8"}
 _LOW = {"Half": "fp16", "BFloat16": "bf16", "Float": "fp32"}
-_COMPUTE = ("gemm", "correlation", "convolution", "conv", "deconvolution", "runtime")
+_COMPUTE = ("gemm", "correlation", "convolution", "conv", "deconvolution", "runtime", "runtime_fusion")
 PADDING_MIN_BYTES = 4096  # a smaller quantized constant in an elementwise kernel is noise, not bloat
 SCALE_WARNING = re.compile(r"[Cc]onverting .*scales? to fp32")
 ATTENTION_KERNEL = "_gemm_mha"
@@ -97,8 +97,8 @@ def parse_log(lines) -> BuildLog:
         if m:
             if m["type"] in ("signal", "wait"):
                 continue
-            qbytes = sum(int(np.prod([int(d) for d in dims.split(",") if d])) * (1 if dt in ("Int8", "FP8", "UInt8") else 0)
-                         for dims, dt in _DTYPE.findall(m["consts"]))
+            qbytes = sum(int(np.prod([max(int(d), 0) for d in dims.split(",") if d])) for dims, dt in _DTYPE.findall(m["consts"])
+                         if dt in ("Int8", "FP8", "UInt8"))
             out.kernels.append(Kernel(m["name"], m["type"], _dtypes(m["inputs"], False), _dtypes(m["consts"], True),
                                       _dtypes(m["outputs"], False), m["tactic"].strip(), _ONNX_LAYER.findall(m["meta"]), qbytes))
             continue

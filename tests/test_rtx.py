@@ -1,0 +1,156 @@
+"""TensorRT-RTX: the builder-log parser on recorded logs (everywhere), and real CPU-only engine builds of the
+example transformer in FP16/FP8/INT8/INT4 with asserts on the engine report (marker `rtx`; skipped where
+tensorrt_rtx is absent)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from onnxopt import QuantConfig, io, quantize
+from onnxopt.autocast import convert
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+from onnxopt.trt import rtx_available
+from onnxopt.trt import report as R
+from onnxopt.trt.rtx import _cannot_compile, parse_targets
+
+DATA = Path(__file__).parent / "data" / "rtx"
+needs_rtx = [pytest.mark.rtx, pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")]
+
+
+def rtx_test(fn):
+    for m in needs_rtx:
+        fn = m(fn)
+    return fn
+
+
+def _log(name):
+    return R.parse_log((DATA / f"{name}.log").read_text())
+
+
+# ---------------------------------------------------------------- recorded logs (no TensorRT-RTX needed)
+def test_parse_fp8_log():
+    log = _log("example_fp8")
+    assert log.weights_memory == 821252 and not log.errors
+    by = {k.name: k for k in log.kernels}
+    assert by["v_proj_myl0_2"].type == "gemm" and by["v_proj_myl0_2"].precision == "fp8"
+    assert by["v_proj_myl0_2"].layers[0] == "v_proj" and by["v_proj_myl0_2"].computes
+    mha = [k for k in log.kernels if k.attention]
+    assert len(mha) == 1 and mha[0].precision == "fp8"
+    assert {"attn_qk", "attn_pv", "attn_softmax"} <= set(mha[0].layers)
+    assert all(k.type not in ("signal", "wait") for k in log.kernels)
+
+
+def test_parse_int8_and_int4_logs():
+    int8 = _log("example_int8")
+    qkv = next(k for k in int8.kernels if k.name.startswith("v_proj+k_proj+q_proj"))
+    assert qkv.precision == "int8" and {"q_proj", "k_proj", "v_proj"} <= set(qkv.layers)
+    assert [k.precision for k in int8.kernels if k.attention] == ["int8"]
+    int4 = _log("example_int4")
+    fc = [k for k in int4.kernels if "ReplCastMulCastFc" in k.name]
+    assert len(fc) == 4 and all(k.precision == "int4-weight" and k.computes for k in fc)
+    assert [k.precision for k in int4.kernels if k.attention] == ["fp16"]  # weight-only: attention stays FP16
+
+
+def test_parse_effnet_int8_log():
+    log = _log("effnet_int8")
+    assert sum(bool(R.SCALE_WARNING.search(w)) for w in log.warnings) == 2
+    stem = next(k for k in log.kernels if k.name.startswith("/_conv_stem/Conv"))
+    assert stem.type == "correlation" and stem.precision == "int8" and stem.computes
+    pads = [k for k in log.kernels if not k.computes and k.quantized_constant_bytes >= R.PADDING_MIN_BYTES]
+    assert any("/_blocks.0/_depthwise_conv/Conv" in k.layers for k in pads)
+    b0 = next(k for k in pads if "/_blocks.0/_depthwise_conv/Conv" in k.layers)
+    assert b0.quantized_constant_bytes == 32 * 3 * 112 * 112  # 32 channels padded 1 -> 4 with zeros
+
+
+def test_cannot_compile_targets():
+    lines = (DATA / "example_fp8_sm80_error.log").read_text().splitlines()
+    got = _cannot_compile(lines)
+    assert set(got) == {(8, 0), (8, 6)} and "fp8_e4m3" in got[(8, 0)]
+    assert parse_targets([]) == [(8, 0), (8, 6), (8, 9), (12, 0)] and parse_targets(["12.0"]) == [(12, 0)]
+    with pytest.raises(OnnxoptError, match="MAJOR.MINOR"):
+        parse_targets(["sm89"])
+
+
+def test_report_on_recorded_log():
+    """The engine report of the example's FP8 graph, from the recorded log of its build."""
+    model = tiny.transformer(d=256, heads=4, seq=64)
+    q = quantize(model, config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)}).model
+    rep = R.engine_report(q, _log("example_fp8"), engine_bytes=1000)
+    assert rep["quantized_layers"] == rep["quantized_in_quantized_kernels"] == 8 and not rep["fallbacks"]
+    assert rep["attention"] == {"blocks": 1, "quantized_blocks": 1, "fused_by_precision": {"fp8": 1}, "fused_quantized": 1,
+                                "unfused": [], "quantized_unfused": []}
+    assert rep["weights"]["engine_weights_memory"] == 821252 and 0 <= rep["weights"]["file_quantized_bytes"] - (4 * 256 * 256 + 2 * 256 * 1024) < 4096  # + zero points
+    assert "8/8" in R.format_report(rep) and json.dumps(rep)
+
+
+def test_build_rtx_rejects_bad_options(tmp_path):
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--backend", "rtx"])
+    assert r.exit_code == 2 and "no such model file" in r.output
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 2 and "need --backend rtx" in r.output
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--backend", "rtx", "--compute-capability", "9"])
+    assert r.exit_code == 2 and "bad compute capability" in r.output
+
+
+# ---------------------------------------------------------------- real TensorRT-RTX builds (CPU only)
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rtx")
+    base = d / "model.onnx"
+    io.save(tiny.transformer(d=256, heads=4, seq=64), base)
+    return d, base
+
+
+def _quantized(d, base, mode):
+    out = d / f"model.{mode}.onnx"
+    if not out.exists():
+        if mode == "fp16":
+            convert(base, out)
+        else:
+            extra = {"awq": "none", "block_size": 32} if mode == "int4" else {}
+            quantize(base, out, config=QuantConfig(mode=mode, progress=False, **extra), calib_random=4, shapes={"ids": (1, 64)})
+    return out
+
+
+@rtx_test
+@pytest.mark.parametrize("mode", ["fp16", "fp8", "int8", "int4"])
+def test_example_engine(example, mode, tmp_path):
+    d, base = example
+    src = _quantized(d, base, mode)
+    r = CliRunner().invoke(main, ["-q", "build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+                                  "--shapes", "ids:1x64/2x64/2x64", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["engine_bytes"] == (tmp_path / "m.plan").stat().st_size > 0
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == {"fp16": 0, "fp8": 8, "int8": 8, "int4": 6}[mode]
+    att = rep["attention"]
+    assert att["blocks"] == 1 and att["fused_by_precision"] == {"int4": {"fp16": 1}}.get(mode, {mode: 1})
+    assert not att["quantized_unfused"] and not rep["int4_dq_kernels"] and rep["scale_warnings"] == 0
+    assert rep["dropped_targets"] == ({"8.0": "FP8 needs SM 8.9 or newer", "8.6": "FP8 needs SM 8.9 or newer"} if mode == "fp8" else {})
+    assert rep["targets"] == (["8.9", "12.0"] if mode == "fp8" else ["8.0", "8.6", "8.9", "12.0"])
+    tw = rep["weights"]["engine_weights_memory"]
+    assert tw < {"fp16": 1.1, "fp8": 0.55, "int8": 0.55, "int4": 0.3}[mode] * rep["weights"]["fp16_bytes"]
+    assert "quantized layers in quantized kernels" in r.output
+
+
+@rtx_test
+def test_fp8_retry_drops_named_targets(example, tmp_path):
+    """Asked for SM 8.0 only, an FP8 graph has nothing left to build for: one error line, exit 2."""
+    d, base = example
+    r = CliRunner().invoke(main, ["build", str(_quantized(d, base, "fp8")), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+                                  "--compute-capability", "8.0"])
+    assert r.exit_code == 2 and "FP8 needs 8.9 or 12.0" in r.output and not (tmp_path / "m.plan").exists()
+
+
+@rtx_test
+def test_inspect_engine(example, tmp_path):
+    d, base = example
+    r = CliRunner().invoke(main, ["inspect", str(_quantized(d, base, "int8")), "--engine", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "fused attention kernels: 1 int8" in r.output
+    assert json.loads((tmp_path / "s.json").read_text())["engine"]["quantized_in_quantized_kernels"] == 8
