@@ -326,7 +326,9 @@ def build(model, output, backend, shapes, targets, report_path, log_path, timing
         rtx.parse_targets(targets)  # a bad value is an error before any work
         res = rtx.build(model, output, config=config, targets=list(targets) or None, log_path=log_path)
         rep = report.report_for(model, res)
-        click.echo(report.format_report(rep), err=True)
+        level = logging.getLogger().getEffectiveLevel()
+        if level < logging.ERROR:  # the table on stderr; stdout keeps the one summary line
+            click.echo(report.format_report(rep, all_layers=level <= logging.INFO), err=True)
         if report_path:
             _write_json(report_path, rep)
         click.echo(f"built TensorRT-RTX {res.tensorrt_rtx} engine for SM {', '.join(rep['targets'])} in {res.seconds:.1f} s: "

@@ -154,3 +154,48 @@ def test_inspect_engine(example, tmp_path):
     assert r.exit_code == 0, r.output
     assert "fused attention kernels: 1 int8" in r.output
     assert json.loads((tmp_path / "s.json").read_text())["engine"]["quantized_in_quantized_kernels"] == 8
+
+
+# ---------------------------------------------------------------- finding 1: attention NaN guards
+def guarded_transformer(**kw):
+    """tiny.transformer with SDPA's export guard: P' = Where(IsNaN(P), 0, P) between Softmax and ·V."""
+    from onnx import helper as h, numpy_helper as nh
+    import numpy as np
+    m = tiny.transformer(**kw)
+    g = m.graph
+    pv = next(n for n in g.node if n.name == "attn_pv")
+    pv.input[0] = "p_safe"
+    g.initializer.append(nh.from_array(np.array(0.0, np.float32), "nan_zero"))
+    i = [n.name for n in g.node].index("attn_pv")
+    g.node.insert(i, h.make_node("Where", ["p_nan", "nan_zero", "p"], ["p_safe"], name="attn_guard"))
+    g.node.insert(i, h.make_node("IsNaN", ["p"], ["p_nan"], name="attn_isnan"))
+    return m
+
+
+def test_attention_guard_removed_and_equal(tmp_path):
+    import numpy as np
+    from onnxopt import attention_guard, ort
+    m = guarded_transformer()
+    graph = io.import_graph(m)
+    assert [w.name for w in attention_guard.find(graph)] == ["attn_guard"]
+    assert attention_guard.remove(graph) == 1 and not attention_guard.find(graph)
+    assert not any(n.op in ("IsNaN", "Where") for n in graph.nodes)
+    pv = next(n for n in graph.nodes if n.name == "attn_pv")
+    assert pv.inputs[0].inputs[0].op == "Softmax"
+    ids = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int64)
+    ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    assert np.array_equal(ref, got)  # finite inputs: the guard never fires
+    q = quantize(guarded_transformer(), config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 16)})
+    assert q.report["attention_guards_removed"] == 1 and not any(n.op_type == "IsNaN" for n in q.model.graph.node)
+
+
+@rtx_test
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_guarded_attention_fuses(mode, tmp_path):
+    src = tmp_path / "guarded.onnx"
+    io.save(guarded_transformer(d=256, heads=4, seq=64), src)
+    quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=2, shapes={"ids": (1, 64)})
+    rep = R.engine_report_of(tmp_path / "q.onnx")
+    assert rep["attention"]["fused_by_precision"] == {mode: 1} and not rep["attention"]["quantized_unfused"]
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8

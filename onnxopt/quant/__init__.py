@@ -196,6 +196,9 @@ def _fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
 
 def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, report: dict) -> None:
     timings = report["timings_s"]
+    if config.quantize_mha:  # Where(IsNaN(softmax)) guards keep TensorRT from fusing quantized attention
+        from .. import attention_guard
+        report["attention_guards_removed"] = attention_guard.remove(graph)
     plan = rules.plan(graph, config)
     if not plan.nodes:
         reasons = sorted(set(plan.skipped.values()))[:3]

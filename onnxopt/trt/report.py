@@ -293,10 +293,11 @@ def _main_kernel(layer: QuantLayer, kernels: list[Kernel]) -> Kernel | None:
     return max(kernels, key=rank)
 
 
-def format_report(rep: dict) -> str:
-    """A readable table of the report."""
-    lines = [f"{'layer':<40}{'op':<10}{'graph':<18}{'engine kernel':<18}ok"]
-    for r in rep["layers"]:
+def format_report(rep: dict, all_layers: bool = False) -> str:
+    """A readable table of the report: the layers not in quantized kernels (every layer with `all_layers`)."""
+    rows = [r for r in rep["layers"] if all_layers or not r["quantized_kernel"]]
+    lines = [f"{'layer':<40}{'op':<10}{'graph':<18}{'engine kernel':<18}ok"] if rows else []
+    for r in rows:
         lines.append(f"{r['name'][:39]:<40}{r['op']:<10}{r['graph']:<18}{r['engine']:<18}{'yes' if r['quantized_kernel'] else 'NO'}")
     a, w = rep["attention"], rep["weights"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "none"

@@ -154,8 +154,7 @@ def _capture(lines: list[str]):
         def emit(self, record):
             msg = record.getMessage()
             lines.append(msg)
-            if msg.startswith(("[E]", "[!]")):
-                log.debug("%s", msg)
+            log.debug("%s", msg)  # -vv shows the builder's log as it runs
 
     pl = logging.getLogger("Polygraphy")
     handler = _Collect(level=1)
