@@ -331,8 +331,9 @@ def build(model, output, backend, shapes, targets, report_path, log_path, timing
             click.echo(report.format_report(rep, all_layers=level <= logging.INFO), err=True)
         if report_path:
             _write_json(report_path, rep)
-        click.echo(f"built TensorRT-RTX {res.tensorrt_rtx} engine for SM {', '.join(rep['targets'])} in {res.seconds:.1f} s: "
-                   f"{report.summary_line(rep)}; wrote {res.path} ({res.engine_bytes / 1e6:.1f} MB)")
+        if level < logging.ERROR:
+            click.echo(f"built TensorRT-RTX {res.tensorrt_rtx} engine for SM {', '.join(rep['targets'])} in {res.seconds:.1f} s: "
+                       f"{report.summary_line(rep)}; wrote {res.path} ({res.engine_bytes / 1e6:.1f} MB)")
         return
     if targets or report_path or log_path:
         raise OnnxoptError("--compute-capability, --report and --log need --backend rtx")

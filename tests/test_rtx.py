@@ -122,7 +122,7 @@ def _quantized(d, base, mode):
 def test_example_engine(example, mode, tmp_path):
     d, base = example
     src = _quantized(d, base, mode)
-    r = CliRunner().invoke(main, ["-q", "build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+    r = CliRunner().invoke(main, ["build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
                                   "--shapes", "ids:1x64/2x64/2x64", "--report", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
@@ -198,4 +198,33 @@ def test_guarded_attention_fuses(mode, tmp_path):
     quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=2, shapes={"ids": (1, 64)})
     rep = R.engine_report_of(tmp_path / "q.onnx")
     assert rep["attention"]["fused_by_precision"] == {mode: 1} and not rep["attention"]["quantized_unfused"]
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8
+
+
+# ---------------------------------------------------------------- finding 2: SmoothQuant folds the attention-output scale into V
+def test_attention_output_scale_folds_into_v():
+    import numpy as np
+    from onnxopt import fold, ort
+    m = tiny.transformer(d=64, heads=2, seq=16)
+    graph = io.import_graph(m)
+    o_proj = next(n for n in graph.nodes if n.name == "o_proj")
+    s = np.random.default_rng(0).uniform(0.2, 5.0, 64)
+    how = fold.fold_input_scale(graph, [o_proj], s)
+    assert how.startswith("folded into MatMul 'v_proj' (weight) (through attention softmax·V 'attn_pv')"), how
+    assert not any(n.op == "Mul" and "smooth" in n.name for n in graph.nodes)
+    ids = np.random.default_rng(1).integers(0, 50, (2, 16)).astype(np.int64)
+    ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@rtx_test
+def test_int8_smoothquant_attention_fuses(example, tmp_path):
+    d, base = example
+    res = quantize(base, tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
+                   calib_random=4, shapes={"ids": (1, 64)})
+    folds = {g["activation"]: g["fold"] for g in res.report["smoothquant"]["groups"]}
+    assert "through attention softmax·V" in folds["o2"] and "inserted" not in folds["o2"]
+    rep = R.engine_report_of(tmp_path / "sq.onnx")
+    assert rep["attention"]["fused_by_precision"] == {"int8": 1}
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8
