@@ -228,3 +228,14 @@ def test_int8_smoothquant_attention_fuses(example, tmp_path):
     rep = R.engine_report_of(tmp_path / "sq.onnx")
     assert rep["attention"]["fused_by_precision"] == {"int8": 1}
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8
+
+
+# ---------------------------------------------------------------- finding 4: scale initializers
+def test_qdq_scales_honest_names():
+    """Q and its DQ read one scale initializer, named for what it is (no FP16 tensor called *_fp32)."""
+    q = quantize(tiny.transformer(), config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes={"ids": (1, 16)}).model
+    types = {t.name: t.data_type for t in q.graph.initializer}
+    assert not [n for n, dt in types.items() if n.endswith("_fp32") and dt != 1]
+    qs = {n.output[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in qs]
+    assert dqs and all(n.input[1] == qs[n.input[0]] for n in dqs)
