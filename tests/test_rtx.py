@@ -14,6 +14,7 @@ from onnxopt import QuantConfig, io, quantize
 from onnxopt.autocast import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
+from onnxopt.inspect import engine_findings, lint
 from onnxopt.trt import rtx_available
 from onnxopt.trt import report as R
 from onnxopt.trt.rtx import _cannot_compile, parse_targets
@@ -136,6 +137,7 @@ def test_example_engine(example, mode, tmp_path):
     tw = rep["weights"]["engine_weights_memory"]
     assert tw < {"fp16": 1.1, "fp8": 0.55, "int8": 0.55, "int4": 0.3}[mode] * rep["weights"]["fp16_bytes"]
     assert "quantized layers in quantized kernels" in r.output
+    assert not R.disagreements(engine_findings(io.import_graph(io.load(src))), rep)
 
 
 @rtx_test
@@ -239,3 +241,63 @@ def test_qdq_scales_honest_names():
     qs = {n.output[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in qs]
     assert dqs and all(n.input[1] == qs[n.input[0]] for n in dqs)
+
+
+# ---------------------------------------------------------------- the lint agrees with the builder
+def _agree(path):
+    rep = R.engine_report_of(path)
+    graph = io.import_graph(io.load(path))
+    assert not R.disagreements(engine_findings(graph), rep)
+    return rep, lint(graph)
+
+
+@rtx_test
+def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
+    """Counterfactuals of findings 1 and 2: the guard kept, and SmoothQuant's Mul on the attention output."""
+    from onnxopt import attention_guard, fold
+    monkeypatch.setattr(attention_guard, "remove", lambda graph: 0)
+    io.save(guarded_transformer(d=256, heads=4, seq=64), tmp_path / "g.onnx")
+    quantize(tmp_path / "g.onnx", tmp_path / "gq.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)})
+    rep, issues = _agree(tmp_path / "gq.onnx")
+    assert rep["attention"]["quantized_unfused"] == ["attn_softmax"]
+    assert any("attn_softmax (Softmax): quantized attention will not fuse: IsNaN/Where between Softmax" in x for x in issues)
+    monkeypatch.setattr(fold, "_fold_attention_output", lambda *a: None)
+    io.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
+    quantize(tmp_path / "t.onnx", tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
+             calib_random=2, shapes={"ids": (1, 64)})
+    rep, issues = _agree(tmp_path / "sq.onnx")
+    assert rep["attention"]["quantized_unfused"] == ["attn_softmax"] and rep["attention"]["fused_quantized"] == 0
+    assert any("between softmax·V and its QuantizeLinear" in x for x in issues)
+
+
+def depthwise_net():
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.3, "w_in"),
+             nh.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3, "w_dw"),
+             nh.from_array(rng.standard_normal((32, 32, 1, 1)).astype(np.float32) * 0.3, "w_out")]
+    g = h.make_graph([h.make_node("Conv", ["x", "w_in"], ["a"], name="pw_in"), h.make_node("Relu", ["a"], ["b"], name="r1"),
+                      h.make_node("Conv", ["b", "w_dw"], ["c"], name="dw", group=32, pads=[1, 1, 1, 1]),
+                      h.make_node("Relu", ["c"], ["d"], name="r2"), h.make_node("Conv", ["d", "w_out"], ["y"], name="pw_out")], "dwnet",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, 16, 32, 32])], [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 32, 32])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@rtx_test
+def test_int8_depthwise_stays_fp16_and_lint_agrees(tmp_path, monkeypatch):
+    """Finding 3: with the rule, the depthwise conv stays FP16 and the builder adds no padding; without it
+    (the counterfactual) the builder pads it and the lint says so."""
+    from onnxopt.quant import rules
+    io.save(depthwise_net(), tmp_path / "dw.onnx")
+    res = quantize(tmp_path / "dw.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    assert res.report["skipped"]["dw"].startswith("INT8 depthwise conv")
+    rep, issues = _agree(tmp_path / "q.onnx")
+    assert rep["padding"]["depthwise_layers"] == [] and rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2
+    monkeypatch.setattr(rules, "RULES", tuple(r for r in rules.RULES if r is not rules.rule_int8_depthwise))
+    quantize(tmp_path / "dw.onnx", tmp_path / "q2.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    rep2, issues2 = _agree(tmp_path / "q2.onnx")
+    assert rep2["padding"]["depthwise_layers"] == ["dw"] and any("dw (Conv): INT8 depthwise conv" in x for x in issues2)
+    assert rep2["weights"]["engine_weights_memory"] > rep["weights"]["engine_weights_memory"]

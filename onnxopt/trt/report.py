@@ -321,6 +321,21 @@ def format_report(rep: dict, all_layers: bool = False) -> str:
     return "\n".join(lines)
 
 
+def disagreements(findings, rep: dict) -> list[str]:
+    """Where `inspect.engine_findings` (the lint) and the engine report disagree; empty when they agree."""
+    out = []
+    lint_att, eng_att = set(findings.attention_unfused), set(rep["attention"]["quantized_unfused"])
+    if lint_att != eng_att:
+        out.append(f"unfused quantized attention: lint {sorted(lint_att)}, engine {sorted(eng_att)}")
+    lint_dw, eng_dw = set(findings.depthwise_bloat), set(rep["padding"]["depthwise_layers"])
+    if lint_dw != eng_dw:
+        out.append(f"INT8 depthwise padding: lint {sorted(lint_dw)}, engine {sorted(eng_dw)}")
+    missed = set(rep["fallbacks"]) - set(findings.fp16_layers)
+    if missed:
+        out.append(f"quantized layers the engine runs unquantized, not flagged by the lint: {sorted(missed)}")
+    return out
+
+
 def report_for(model_path, result) -> dict:
     """The engine report of an `rtx.build` result for the ONNX file it was built from."""
     from .. import io
