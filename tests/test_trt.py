@@ -128,3 +128,14 @@ def test_bench_trt(cnn, tmp_path):
     assert int8["cosine"] > 0.99 and fp8["cosine"] > 0.98
     assert json.loads((tmp_path / "r.json").read_text())["backend"] == "trt"
     assert "| cnn (fp16) (baseline) |" in format_table(res)
+
+
+def test_tensorrt_rtx_is_not_read_as_tensorrt_1():
+    from types import SimpleNamespace
+
+    from onnxopt.trt import is_rtx, major_version
+    rtx = SimpleNamespace(__name__="tensorrt_rtx_bindings", __version__="1.7.1.116")
+    assert is_rtx(rtx) and not is_rtx(SimpleNamespace(__name__="tensorrt", __version__="10.13.0"))
+    assert major_version(SimpleNamespace(__name__="tensorrt", __version__="11.0.1")) == 11
+    with pytest.raises(OnnxoptError, match="TensorRT-RTX 1.7.1.116 is not full TensorRT; build with --backend rtx"):
+        major_version(rtx)
