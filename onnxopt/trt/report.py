@@ -17,7 +17,7 @@ against the file's quantized bytes and an FP16 graph's.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
