@@ -288,8 +288,7 @@ def _main_kernel(layer: QuantLayer, kernels: list[Kernel]) -> Kernel | None:
         return None
     def rank(k: Kernel):
         own = k.name.split("_myl")[0].split("+")
-        return (layer.name in own, k.attention and layer.attention, k.type in ("gemm", "conv", "convolution", "runtime") or "Fc" in k.name or "Conv" in k.name,
-                k.precision not in _LOW.values())
+        return (layer.name in own, k.attention and layer.attention, k.computes, k.precision not in _LOW.values())
     return max(kernels, key=rank)
 
 
