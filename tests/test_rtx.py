@@ -123,7 +123,7 @@ def _quantized(d, base, mode):
 def test_example_engine(example, mode, tmp_path):
     d, base = example
     src = _quantized(d, base, mode)
-    r = CliRunner().invoke(main, ["build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+    r = CliRunner().invoke(main, ["-v", "build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
                                   "--shapes", "ids:1x64/2x64/2x64", "--report", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
