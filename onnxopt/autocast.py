@@ -161,7 +161,7 @@ def _to_low(values: np.ndarray, low: np.dtype) -> np.ndarray:
 def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
     # One converted copy per constant, shared by all low-precision consumers; the FP32 original
     # stays only if an FP32 island still reads it (cleanup drops it otherwise).
-    key = (c.name, "const")
+    key = (id(c), "const")  # not the name: it changes below, and a second reader must find this copy
     if key not in cache:
         name = c.name
         c.name = f"{name}_fp32"

@@ -379,9 +379,12 @@ def _provider_options(fn):
 @click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
 @click.option("--check-sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
 @click.option("--sparsity", "old_sparsity", is_flag=True, hidden=True, help="Old name of --check-sparsity.")
+@click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT-RTX engine on the CPU (rtx extra) and print its engine report.")
+@click.option("--engine-shapes", multiple=True, help="With --engine: input shapes, name:1x128 or name:MIN/OPT/MAX (repeatable; dynamic dims default to 1).")
 @handle_errors
-def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity):
-    """Op histogram, Q/DQ coverage (W8A8 and weight-only formats) and a TensorRT placement lint of MODEL."""
+def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, engine, engine_shapes):
+    """Op histogram, Q/DQ coverage (W8A8 and weight-only formats), a TensorRT placement lint of MODEL and,
+    with --engine, the report of a TensorRT-RTX engine built from it."""
     from .inspect import format_report, inspect_path
     report_path = _alias(report_path, old_json, "--report", "--json")
     show_sparsity = show_sparsity or old_sparsity
@@ -389,6 +392,12 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity):
     ins = inspect_path(model)
     click.echo(format_report(ins, show_layers=layers))
     summary = ins.summary()
+    if engine or engine_shapes:
+        from .trt.report import engine_report_of
+        rep = engine_report_of(model, _build_config(engine_shapes, None, None, None, None, None))
+        from .trt.report import format_report as format_engine
+        click.echo(format_engine(rep))
+        summary["engine"] = rep
     if show_sparsity:
         from . import io, sparsity
         rows = sparsity.report(io.import_graph(io.load(model)))
@@ -490,7 +499,7 @@ def _build_options(fn):
         click.option("--opt-level", type=click.IntRange(0, 5), help="Builder optimization level (TensorRT's default: 3)."),
         click.option("--workspace", type=click.IntRange(min=1), help="Workspace memory pool limit in MiB."),
         click.option("--sparse-weights/--no-sparse-weights", default=None, help="Sparse tensor-core tactics (default: on when the graph holds 2:4 weights)."),
-        click.option("--strongly-typed/--weakly-typed", default=None, help="Default: strongly typed on TensorRT 11 (its only mode); weakly typed with the graph's precision flags on TensorRT 10."),
+        click.option("--strongly-typed/--weakly-typed", default=None, help="Default: strongly typed (the graph's types decide); --weakly-typed only on TensorRT 10, with the graph's precision flags."),
     ]):
         fn = opt(fn)
     return fn
@@ -498,14 +507,38 @@ def _build_options(fn):
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Engine (plan) to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine (plan) to write (default: MODEL.plan).")
+@click.option("--backend", type=click.Choice(["trt", "rtx"]), default="trt", show_default=True,
+              help="trt: full TensorRT 10/11 (trt extra); rtx: TensorRT-RTX, built on the CPU for RTX GPUs (rtx extra).")
 @click.option("--shapes", multiple=True, help=_SHAPES_HELP)
+@click.option("--compute-capability", "targets", multiple=True, metavar="MAJOR.MINOR",
+              help="rtx: target GPU (repeatable; default 8.0 8.6 8.9 12.0; FP8 graphs drop 8.0/8.6).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="rtx: write the engine report (JSON) here.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), help="rtx: write the builder's verbose log here.")
 @_build_options
 @handle_errors
-def build(model, output, shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
-    """Build a TensorRT engine from MODEL with Polygraphy (needs the trt extra)."""
+def build(model, output, backend, shapes, targets, report_path, log_path, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
+    """Build a TensorRT (trt) or TensorRT-RTX (rtx) engine from MODEL with Polygraphy."""
+    config = _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
+    output = output or (model[:-5] if model.endswith(".onnx") else model) + ".plan"
+    if backend == "rtx":
+        from .trt import report, rtx
+        rtx.parse_targets(targets)  # a bad value is an error before any work
+        res = rtx.build(model, output, config=config, targets=list(targets) or None, log_path=log_path)
+        rep = report.report_for(model, res)
+        level = logging.getLogger().getEffectiveLevel()
+        if level < logging.ERROR:  # the table on stderr; stdout keeps the one summary line
+            click.echo(report.format_report(rep, all_layers=level <= logging.INFO), err=True)
+        if report_path:
+            _write_json(report_path, rep)
+        if level < logging.ERROR:
+            click.echo(f"built TensorRT-RTX {res.tensorrt_rtx} engine for SM {', '.join(rep['targets'])} in {res.seconds:.1f} s: "
+                       f"{report.summary_line(rep)}; wrote {res.path} ({res.engine_bytes / 1e6:.1f} MB)")
+        return
+    if targets or report_path or log_path:
+        raise OnnxoptError("--compute-capability, --report and --log need --backend rtx")
     from .trt.build import build as run
-    res = run(model, output, config=_build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed))
+    res = run(model, output, config=config)
     flags = "+".join(res.precision_flags) or "no precision flags"
     click.echo(f"wrote {res.path} in {res.seconds:.1f} s (TensorRT {res.tensorrt}, "
                f"{'strongly typed' if res.strongly_typed else 'weakly typed, ' + flags}"

@@ -251,6 +251,8 @@ def _fold_into(graph: gs.Graph, x: gs.Tensor, inv: np.ndarray, axis: int, rank: 
                 return None
             inner = _fold_into(graph, a, inv, axis, rank, names, depth + 1)
             return None if inner is None else f"{inner} (through {p.op} '{p.name}')"
+        if p.op == "Reshape" and last:
+            return _fold_attention_output(graph, p, inv, names, depth)
         if p.op in ("MatMul", "Gemm") and last:
             if p.op == "MatMul" and _const_input(graph, p) != 1:
                 return None
@@ -272,6 +274,37 @@ def _fold_into(graph: gs.Graph, x: gs.Tensor, inv: np.ndarray, axis: int, rank: 
     except OnnxoptError:
         return None
     return None
+
+
+def _fold_attention_output(graph, merge: gs.Node, inv: np.ndarray, names: _Names, depth: int) -> str | None:
+    """Attention output O = merge(P · split(V)) (split: Reshape [.., H, hd] + Transpose 0,2,1,3; merge: the
+    inverse) is linear in V, channel c = head * hd + j on both sides: 1/s goes into V's producer (the V
+    projection's weight columns and bias) instead of a Mul that would split TensorRT's fused attention."""
+    chain = [merge.inputs[0]]
+    t_out = producer(chain[0])
+    if t_out is None or t_out.op != "Transpose" or list(t_out.attrs.get("perm", ())) != [0, 2, 1, 3]:
+        return None
+    pv = producer(t_out.inputs[0])
+    if pv is None or pv.op != "MatMul":
+        return None
+    t_v = producer(pv.inputs[1])
+    if t_v is None or t_v.op != "Transpose" or list(t_v.attrs.get("perm", ())) != [0, 2, 1, 3]:
+        return None
+    split = producer(t_v.inputs[0])
+    if split is None or split.op != "Reshape":
+        return None
+    v = split.inputs[0]
+    chain += [t_out.inputs[0], pv.inputs[1], t_v.inputs[0], v]
+    outputs = {id(o) for o in graph.outputs}
+    if any(len(t.outputs) != 1 or id(t) in outputs for t in chain):
+        return None  # another reader would see the factor
+    shape = split.inputs[1]
+    if isinstance(shape, gs.Constant):
+        dims = np.asarray(shape.values).reshape(-1)
+        if len(dims) != 4 or (dims[-1] > 0 and dims[-2] > 0 and dims[-1] * dims[-2] != inv.size):
+            return None
+    inner = _fold_into(graph, v, inv, -1, 3, names, depth + 1)
+    return None if inner is None else f"{inner} (through attention softmax·V '{pv.name}')"
 
 
 def _is_const(node: gs.Node, i: int) -> bool:

@@ -138,9 +138,90 @@ def inspect_graph(graph: gs.Graph) -> Inspection:
     return Inspection(ops, layers, lint(graph))
 
 
+# What the TensorRT(-RTX) builder showed (see onnxopt.trt.report; tests/test_rtx.py checks that this lint
+# and the engine report agree): fused quantized attention needs the Softmax to feed its QuantizeLinear
+# directly and softmax·V to reach the next QuantizeLinear through layout ops only; INT8 depthwise convs
+# are padded to 4 channels per group with activation-sized constants.
+_LAYOUT = ("Transpose", "Reshape")
+
+
+@dataclass
+class EngineFindings:
+    attention_unfused: dict = field(default_factory=dict)  # softmax node name -> why
+    fp16_layers: dict = field(default_factory=dict)        # layer name -> why it stays FP16 despite Q/DQ
+    depthwise_bloat: set = field(default_factory=set)      # INT8 depthwise conv names
+
+
+def _quant_type(dq) -> str | None:
+    zp = dq.inputs[2] if len(dq.inputs) > 2 else None
+    dt = getattr(zp, "dtype", None) if zp is not None else None
+    if dt is None and isinstance(dq.inputs[0], gs.Constant):
+        dt = dq.inputs[0].dtype
+    try:
+        return np.dtype(dt).name if dt is not None and not isinstance(dt, int) else str(dt)
+    except TypeError:
+        return str(dt)
+
+
+def engine_findings(graph: gs.Graph) -> EngineFindings:
+    """Where the builder will not do what the Q/DQ ask: unfused quantized attention, layers left in FP16,
+    INT8 depthwise padding."""
+    f = EngineFindings()
+    for node in graph.nodes:
+        if node.op in G.WEIGHT_OPS:
+            flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
+            if any(flags) and not all(flags):
+                f.fp16_layers[node.name] = "only some data inputs have Q/DQ"
+            if node.op == "Conv" and all(flags) and flags and int(node.attrs.get("group", 1)) > 1:
+                w, _ = G.weight_of(node.inputs[1])
+                dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+                if w is not None and w.shape is not None and len(w.shape) > 1 and w.shape[1] == 1 and dq is not None \
+                        and "int8" in (_quant_type(dq) or ""):
+                    f.depthwise_bloat.add(node.name)
+        elif node.op == "Softmax":
+            why = _attention_break(node)
+            if why:
+                f.attention_unfused[node.name] = why
+    return f
+
+
+def _attention_break(sm) -> str | None:
+    """Why a quantized attention block around Softmax `sm` will not fuse, or None."""
+    outs = [c for t in sm.outputs for c in t.outputs]
+    direct_q = any(c.op == "QuantizeLinear" for c in outs)
+    # Quantized attention: a QuantizeLinear reads the probabilities, directly or behind other ops.
+    seen, frontier, hops = [], list(outs), 0
+    while frontier and hops < 4 and not direct_q:
+        nxt = []
+        for c in frontier:
+            if c.op == "QuantizeLinear":
+                return f"{'/'.join(dict.fromkeys(n.op for n in seen))} between Softmax and its QuantizeLinear"
+            if c.op in ("MatMul",):
+                continue
+            seen.append(c)
+            nxt += [cc for t in c.outputs for cc in t.outputs]
+        frontier, hops = nxt, hops + 1
+    if not direct_q:
+        return None
+    pv = next((c.outputs[0].outputs[0] for c in outs if c.op == "QuantizeLinear" and c.outputs[0].outputs
+               and c.outputs[0].outputs[0].op == "DequantizeLinear" and c.outputs[0].outputs[0].outputs[0].outputs), None)
+    mm = next((c for c in pv.outputs[0].outputs if c.op == "MatMul"), None) if pv is not None else None
+    t = mm.outputs[0] if mm is not None else None
+    while t is not None and len(t.outputs) == 1 and t.outputs[0].op in _LAYOUT:
+        t = t.outputs[0].outputs[0]
+    if t is not None and len(t.outputs) == 1 and t.outputs[0].op in ("Mul", "Div", "Add") and \
+            any(c.op == "QuantizeLinear" for o in t.outputs[0].outputs for c in o.outputs):
+        return f"{t.outputs[0].op} '{t.outputs[0].name}' between softmax·V and its QuantizeLinear"
+    return None
+
+
 def lint(graph: gs.Graph) -> list[str]:
     """Placements that TensorRT cannot fuse or will reject, one line each."""
     issues = []
+    found = engine_findings(graph)
+    issues += [f"{n} (Softmax): quantized attention will not fuse: {why}" for n, why in found.attention_unfused.items()]
+    issues += [f"{n} (Conv): INT8 depthwise conv: TensorRT pads it to 4 channels per group (an engine larger than FP16)"
+               for n in sorted(found.depthwise_bloat)]
     for node in graph.nodes:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]

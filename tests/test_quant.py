@@ -58,21 +58,22 @@ def test_rule_conv_kernels_follow_tensorrt():
     assert "no TensorRT fp8 kernel" in p.skipped["conv1"]
     assert p.skipped["conv2"] == "16 channels or fewer: FP16 is faster than FP8"
     assert "conv3" in {n.name for n in p.nodes}
-    # Depthwise: INT8 has kernels for 3x3 with a multiple of 8 outputs; FP8 has none.
+    # Depthwise: INT8 stays FP16 (TensorRT pads it to 4 channels per group: a larger engine); FP8 has no kernel.
     w = nh.from_array(np.random.default_rng(0).standard_normal((32, 1, 3, 3)).astype(np.float32), "w")
     g = h.make_graph([h.make_node("Conv", ["x", "w"], ["y"], name="dw", group=32, pads=[1, 1, 1, 1])], "g",
                      [h.make_tensor_value_info("x", T.FLOAT, ["N", 32, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
-    assert [n.name for n in _plan(m, mode="int8").nodes] == ["dw"]
+    assert _plan(m, mode="int8").skipped["dw"].startswith("INT8 depthwise conv: TensorRT pads it")
     assert "dw" in _plan(m, mode="fp8").skipped
 
 
 def test_bias_correction_removes_the_mean_shift_of_weight_quantization(tmp_path):
-    # A depthwise conv on inputs with a large mean: weight rounding shifts every output by ΔW·E[x].
+    # A grouped conv (2 channels per group; INT8 depthwise stays FP16) on inputs with a large mean: weight
+    # rounding shifts every output by ΔW·E[x].
     rng = np.random.default_rng(0)
-    w = nh.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32), "w")
+    w = nh.from_array(rng.standard_normal((32, 2, 3, 3)).astype(np.float32), "w")
     b = nh.from_array(np.zeros(32, np.float32), "b")
-    g = h.make_graph([h.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=32, pads=[1, 1, 1, 1])], "g",
+    g = h.make_graph([h.make_node("Conv", ["x", "w", "b"], ["y"], name="dw", group=16, pads=[1, 1, 1, 1])], "g",
                      [h.make_tensor_value_info("x", T.FLOAT, ["N", 32, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)], [w, b])
     src = tiny.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "m.onnx")
     x = (5.0 + rng.standard_normal((8, 1, 32, 8, 8))).astype(np.float32)

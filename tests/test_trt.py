@@ -101,9 +101,7 @@ def test_build_fp16_engine(cnn, tmp_path):
     res = build(fp16, tmp_path / "fp16.plan", config=cfg)
     assert res.path.stat().st_size > 0 and cache.stat().st_size > 0
     assert res.tensorrt == trt.__version__
-    major = int(trt.__version__.split(".")[0])
-    assert res.strongly_typed == (major >= 11)
-    assert res.precision_flags == (() if major >= 11 else ("fp16",))
+    assert res.strongly_typed and res.precision_flags == ()  # strongly typed by default on 10 and 11
     assert not res.sparse_weights
 
 
@@ -130,3 +128,14 @@ def test_bench_trt(cnn, tmp_path):
     assert int8["cosine"] > 0.99 and fp8["cosine"] > 0.98
     assert json.loads((tmp_path / "r.json").read_text())["backend"] == "trt"
     assert "| cnn (fp16) (baseline) |" in format_table(res)
+
+
+def test_tensorrt_rtx_is_not_read_as_tensorrt_1():
+    from types import SimpleNamespace
+
+    from onnxopt.trt import is_rtx, major_version
+    rtx = SimpleNamespace(__name__="tensorrt_rtx_bindings", __version__="1.7.1.116")
+    assert is_rtx(rtx) and not is_rtx(SimpleNamespace(__name__="tensorrt", __version__="10.13.0"))
+    assert major_version(SimpleNamespace(__name__="tensorrt", __version__="11.0.1")) == 11
+    with pytest.raises(OnnxoptError, match="TensorRT-RTX 1.7.1.116 is not full TensorRT; build with --backend rtx"):
+        major_version(rtx)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib
+from .. import attention_guard, calib
 from .. import graph as G
 from ..errors import OnnxoptError
 from ..quant import bias_correction, qdq, rules
@@ -60,6 +60,7 @@ class QDQ(PassBase):
 
     def run(self, ctx) -> dict:
         graph, data = ctx.graph, ctx.require_data(f"--{self.mode}")
+        guards = attention_guard.remove(graph) if self.quantize_mha else 0  # they keep TensorRT from fusing quantized MHA
         plan = rules.plan(graph, self)
         if not plan.nodes:
             reasons = sorted(set(plan.skipped.values()))[:3]
@@ -77,6 +78,7 @@ class QDQ(PassBase):
                 "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes},
                 "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
                 "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
+                "attention_guards_removed": guards,
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:

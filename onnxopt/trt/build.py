@@ -6,10 +6,10 @@
     engine_from_network(network, config=, save_timing_cache=)   # ...trt.loader.EngineFromNetwork
     save_engine(engine, path=)                                  # ...trt.loader.SaveEngine
 
-Typing: TensorRT 11 builds strongly typed networks only (its precision BuilderFlags are gone, and the
-STRONGLY_TYPED creation flag is accepted and ignored). TensorRT 10 builds weakly typed by default here,
-with the precision flags that the graph's own types need (FP16/BF16 tensors, INT8/FP8 Q/DQ); ask for
-`strongly_typed=True` to build it as TensorRT 11 would (then no precision flag may be set).
+Typing: strongly typed by default: the graph's own types (FP16 tensors, INT8/FP8 Q/DQ) are what
+onnxopt placed, and TensorRT 11 builds strongly typed networks only (its precision BuilderFlags are gone).
+On TensorRT 10, `strongly_typed=False` builds weakly typed with the precision flags that the graph's types
+need. TensorRT-RTX (versions 1.x) is refused here: it is the `rtx` module's backend.
 
 Nothing here imports tensorrt at module level; `precision_of` and `parse_profiles` are pure ONNX.
 """
@@ -47,7 +47,7 @@ class BuildConfig:
     opt_level: int | None = None                   # builder optimization level 0..5; None: TensorRT's default (3)
     workspace_mb: int | None = None                # workspace memory pool limit; None: TensorRT's default
     sparse_weights: bool | None = None             # None: on when the graph holds 2:4-sparse weights
-    strongly_typed: bool | None = None             # None: TensorRT >= 11 strongly typed, 10 weakly typed + flags
+    strongly_typed: bool | None = None             # None: strongly typed; False (TensorRT 10 only): weakly typed + flags
 
 
 @dataclass
@@ -159,7 +159,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     from polygraphy.exception import PolygraphyException
 
     major = major_version(trt)
-    strongly = config.strongly_typed if config.strongly_typed is not None else major >= 11
+    strongly = config.strongly_typed if config.strongly_typed is not None else True
     if major >= 11 and not strongly:
         raise OnnxoptError(f"TensorRT {trt.__version__} builds strongly typed networks only; drop --weakly-typed")
     prec = precision_of(proto)

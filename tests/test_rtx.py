@@ -1,0 +1,303 @@
+"""TensorRT-RTX: the builder-log parser on recorded logs (everywhere), and real CPU-only engine builds of the
+example transformer in FP16/FP8/INT8/INT4 with asserts on the engine report (marker `rtx`; skipped where
+tensorrt_rtx is absent)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from onnxopt import QuantConfig, io, quantize
+from onnxopt.autocast import convert
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+from onnxopt.inspect import engine_findings, lint
+from onnxopt.trt import rtx_available
+from onnxopt.trt import report as R
+from onnxopt.trt.rtx import _cannot_compile, parse_targets
+
+DATA = Path(__file__).parent / "data" / "rtx"
+needs_rtx = [pytest.mark.rtx, pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")]
+
+
+def rtx_test(fn):
+    for m in needs_rtx:
+        fn = m(fn)
+    return fn
+
+
+def _log(name):
+    return R.parse_log((DATA / f"{name}.log").read_text())
+
+
+# ---------------------------------------------------------------- recorded logs (no TensorRT-RTX needed)
+def test_parse_fp8_log():
+    log = _log("example_fp8")
+    assert log.weights_memory == 821252 and not log.errors
+    by = {k.name: k for k in log.kernels}
+    assert by["v_proj_myl0_2"].type == "gemm" and by["v_proj_myl0_2"].precision == "fp8"
+    assert by["v_proj_myl0_2"].layers[0] == "v_proj" and by["v_proj_myl0_2"].computes
+    mha = [k for k in log.kernels if k.attention]
+    assert len(mha) == 1 and mha[0].precision == "fp8"
+    assert {"attn_qk", "attn_pv", "attn_softmax"} <= set(mha[0].layers)
+    assert all(k.type not in ("signal", "wait") for k in log.kernels)
+
+
+def test_parse_int8_and_int4_logs():
+    int8 = _log("example_int8")
+    qkv = next(k for k in int8.kernels if k.name.startswith("v_proj+k_proj+q_proj"))
+    assert qkv.precision == "int8" and {"q_proj", "k_proj", "v_proj"} <= set(qkv.layers)
+    assert [k.precision for k in int8.kernels if k.attention] == ["int8"]
+    int4 = _log("example_int4")
+    fc = [k for k in int4.kernels if "ReplCastMulCastFc" in k.name]
+    assert len(fc) == 4 and all(k.precision == "int4-weight" and k.computes for k in fc)
+    assert [k.precision for k in int4.kernels if k.attention] == ["fp16"]  # weight-only: attention stays FP16
+
+
+def test_parse_effnet_int8_log():
+    log = _log("effnet_int8")
+    assert sum(bool(R.SCALE_WARNING.search(w)) for w in log.warnings) == 2
+    stem = next(k for k in log.kernels if k.name.startswith("/_conv_stem/Conv"))
+    assert stem.type == "correlation" and stem.precision == "int8" and stem.computes
+    pads = [k for k in log.kernels if not k.computes and k.quantized_constant_bytes >= R.PADDING_MIN_BYTES]
+    assert any("/_blocks.0/_depthwise_conv/Conv" in k.layers for k in pads)
+    b0 = next(k for k in pads if "/_blocks.0/_depthwise_conv/Conv" in k.layers)
+    assert b0.quantized_constant_bytes == 32 * 3 * 112 * 112  # 32 channels padded 1 -> 4 with zeros
+
+
+def test_cannot_compile_targets():
+    lines = (DATA / "example_fp8_sm80_error.log").read_text().splitlines()
+    got = _cannot_compile(lines)
+    assert set(got) == {(8, 0), (8, 6)} and "fp8_e4m3" in got[(8, 0)]
+    assert parse_targets([]) == [(8, 0), (8, 6), (8, 9), (12, 0)] and parse_targets(["12.0"]) == [(12, 0)]
+    with pytest.raises(OnnxoptError, match="MAJOR.MINOR"):
+        parse_targets(["sm89"])
+
+
+def test_report_on_recorded_log():
+    """The engine report of the example's FP8 graph, from the recorded log of its build."""
+    model = tiny.transformer(d=256, heads=4, seq=64)
+    q = quantize(model, config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)}).model
+    rep = R.engine_report(q, _log("example_fp8"), engine_bytes=1000)
+    assert rep["quantized_layers"] == rep["quantized_in_quantized_kernels"] == 8 and not rep["fallbacks"]
+    assert rep["attention"] == {"blocks": 1, "quantized_blocks": 1, "fused_by_precision": {"fp8": 1}, "fused_quantized": 1,
+                                "unfused": [], "quantized_unfused": []}
+    assert rep["weights"]["engine_weights_memory"] == 821252 and 0 <= rep["weights"]["file_quantized_bytes"] - (4 * 256 * 256 + 2 * 256 * 1024) < 4096  # + zero points
+    assert "8/8" in R.format_report(rep) and json.dumps(rep)
+
+
+def test_build_rtx_rejects_bad_options(tmp_path):
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--backend", "rtx"])
+    assert r.exit_code == 2 and "no such model file" in r.output
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 2 and "need --backend rtx" in r.output
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "none.onnx"), "--backend", "rtx", "--compute-capability", "9"])
+    assert r.exit_code == 2 and "bad compute capability" in r.output
+
+
+# ---------------------------------------------------------------- real TensorRT-RTX builds (CPU only)
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rtx")
+    base = d / "model.onnx"
+    io.save(tiny.transformer(d=256, heads=4, seq=64), base)
+    return d, base
+
+
+def _quantized(d, base, mode):
+    out = d / f"model.{mode}.onnx"
+    if not out.exists():
+        if mode == "fp16":
+            convert(base, out)
+        else:
+            extra = {"awq": "none", "block_size": 32} if mode == "int4" else {}
+            quantize(base, out, config=QuantConfig(mode=mode, progress=False, **extra), calib_random=4, shapes={"ids": (1, 64)})
+    return out
+
+
+@rtx_test
+@pytest.mark.parametrize("mode", ["fp16", "fp8", "int8", "int4"])
+def test_example_engine(example, mode, tmp_path):
+    d, base = example
+    src = _quantized(d, base, mode)
+    r = CliRunner().invoke(main, ["-v", "build", str(src), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+                                  "--shapes", "ids:1x64/2x64/2x64", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["engine_bytes"] == (tmp_path / "m.plan").stat().st_size > 0
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == {"fp16": 0, "fp8": 8, "int8": 8, "int4": 6}[mode]
+    att = rep["attention"]
+    assert att["blocks"] == 1 and att["fused_by_precision"] == {"int4": {"fp16": 1}}.get(mode, {mode: 1})
+    assert not att["quantized_unfused"] and not rep["int4_dq_kernels"] and rep["scale_warnings"] == 0
+    assert rep["dropped_targets"] == ({"8.0": "FP8 needs SM 8.9 or newer", "8.6": "FP8 needs SM 8.9 or newer"} if mode == "fp8" else {})
+    assert rep["targets"] == (["8.9", "12.0"] if mode == "fp8" else ["8.0", "8.6", "8.9", "12.0"])
+    tw = rep["weights"]["engine_weights_memory"]
+    assert tw < {"fp16": 1.1, "fp8": 0.55, "int8": 0.55, "int4": 0.3}[mode] * rep["weights"]["fp16_bytes"]
+    assert "quantized layers in quantized kernels" in r.output
+    assert not R.disagreements(engine_findings(io.import_graph(io.load(src))), rep)
+
+
+@rtx_test
+def test_fp8_retry_drops_named_targets(example, tmp_path):
+    """Asked for SM 8.0 only, an FP8 graph has nothing left to build for: one error line, exit 2."""
+    d, base = example
+    r = CliRunner().invoke(main, ["build", str(_quantized(d, base, "fp8")), "--backend", "rtx", "-o", str(tmp_path / "m.plan"),
+                                  "--compute-capability", "8.0"])
+    assert r.exit_code == 2 and "FP8 needs 8.9 or 12.0" in r.output and not (tmp_path / "m.plan").exists()
+
+
+@rtx_test
+def test_inspect_engine(example, tmp_path):
+    d, base = example
+    r = CliRunner().invoke(main, ["inspect", str(_quantized(d, base, "int8")), "--engine", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert "fused attention kernels: 1 int8" in r.output
+    assert json.loads((tmp_path / "s.json").read_text())["engine"]["quantized_in_quantized_kernels"] == 8
+
+
+# ---------------------------------------------------------------- finding 1: attention NaN guards
+def guarded_transformer(**kw):
+    """tiny.transformer with SDPA's export guard: P' = Where(IsNaN(P), 0, P) between Softmax and ·V."""
+    from onnx import helper as h, numpy_helper as nh
+    import numpy as np
+    m = tiny.transformer(**kw)
+    g = m.graph
+    pv = next(n for n in g.node if n.name == "attn_pv")
+    pv.input[0] = "p_safe"
+    g.initializer.append(nh.from_array(np.array(0.0, np.float32), "nan_zero"))
+    i = [n.name for n in g.node].index("attn_pv")
+    g.node.insert(i, h.make_node("Where", ["p_nan", "nan_zero", "p"], ["p_safe"], name="attn_guard"))
+    g.node.insert(i, h.make_node("IsNaN", ["p"], ["p_nan"], name="attn_isnan"))
+    return m
+
+
+def test_attention_guard_removed_and_equal(tmp_path):
+    import numpy as np
+    from onnxopt import attention_guard, ort
+    m = guarded_transformer()
+    graph = io.import_graph(m)
+    assert [w.name for w in attention_guard.find(graph)] == ["attn_guard"]
+    assert attention_guard.remove(graph) == 1 and not attention_guard.find(graph)
+    assert not any(n.op in ("IsNaN", "Where") for n in graph.nodes)
+    pv = next(n for n in graph.nodes if n.name == "attn_pv")
+    assert pv.inputs[0].inputs[0].op == "Softmax"
+    ids = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int64)
+    ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    assert np.array_equal(ref, got)  # finite inputs: the guard never fires
+    q = quantize(guarded_transformer(), config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 16)})
+    assert q.report["qdq"]["attention_guards_removed"] == 1 and not any(n.op_type == "IsNaN" for n in q.model.graph.node)
+
+
+@rtx_test
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_guarded_attention_fuses(mode, tmp_path):
+    src = tmp_path / "guarded.onnx"
+    io.save(guarded_transformer(d=256, heads=4, seq=64), src)
+    quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=2, shapes={"ids": (1, 64)})
+    rep = R.engine_report_of(tmp_path / "q.onnx")
+    assert rep["attention"]["fused_by_precision"] == {mode: 1} and not rep["attention"]["quantized_unfused"]
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8
+
+
+# ---------------------------------------------------------------- finding 2: SmoothQuant folds the attention-output scale into V
+def test_attention_output_scale_folds_into_v():
+    import numpy as np
+    from onnxopt import fold, ort
+    m = tiny.transformer(d=64, heads=2, seq=16)
+    graph = io.import_graph(m)
+    o_proj = next(n for n in graph.nodes if n.name == "o_proj")
+    s = np.random.default_rng(0).uniform(0.2, 5.0, 64)
+    how = fold.fold_input_scale(graph, [o_proj], s)
+    assert how.startswith("folded into MatMul 'v_proj' (weight) (through attention softmax·V 'attn_pv')"), how
+    assert not any(n.op == "Mul" and "smooth" in n.name for n in graph.nodes)
+    ids = np.random.default_rng(1).integers(0, 50, (2, 16)).astype(np.int64)
+    ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@rtx_test
+def test_int8_smoothquant_attention_fuses(example, tmp_path):
+    d, base = example
+    res = quantize(base, tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
+                   calib_random=4, shapes={"ids": (1, 64)})
+    folds = {g["activation"]: g["fold"] for g in res.report["smoothquant"]["groups"]}
+    assert "through attention softmax·V" in folds["o2"] and "inserted" not in folds["o2"]
+    rep = R.engine_report_of(tmp_path / "sq.onnx")
+    assert rep["attention"]["fused_by_precision"] == {"int8": 1}
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 8
+
+
+# ---------------------------------------------------------------- finding 4: scale initializers
+def test_qdq_scales_honest_names():
+    """Q and its DQ read one scale initializer, named for what it is (no FP16 tensor called *_fp32)."""
+    q = quantize(tiny.transformer(), config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes={"ids": (1, 16)}).model
+    types = {t.name: t.data_type for t in q.graph.initializer}
+    assert not [n for n, dt in types.items() if n.endswith("_fp32") and dt != 1]
+    qs = {n.output[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in qs]
+    assert dqs and all(n.input[1] == qs[n.input[0]] for n in dqs)
+
+
+# ---------------------------------------------------------------- the lint agrees with the builder
+def _agree(path):
+    rep = R.engine_report_of(path)
+    graph = io.import_graph(io.load(path))
+    assert not R.disagreements(engine_findings(graph), rep)
+    return rep, lint(graph)
+
+
+@rtx_test
+def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
+    """Counterfactuals of findings 1 and 2: the guard kept, and SmoothQuant's Mul on the attention output."""
+    from onnxopt import attention_guard, fold
+    monkeypatch.setattr(attention_guard, "remove", lambda graph: 0)
+    io.save(guarded_transformer(d=256, heads=4, seq=64), tmp_path / "g.onnx")
+    quantize(tmp_path / "g.onnx", tmp_path / "gq.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)})
+    rep, issues = _agree(tmp_path / "gq.onnx")
+    assert rep["attention"]["quantized_unfused"] == ["attn_softmax"]
+    assert any("attn_softmax (Softmax): quantized attention will not fuse: IsNaN/Where between Softmax" in x for x in issues)
+    monkeypatch.setattr(fold, "_fold_attention_output", lambda *a: None)
+    io.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
+    quantize(tmp_path / "t.onnx", tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
+             calib_random=2, shapes={"ids": (1, 64)})
+    rep, issues = _agree(tmp_path / "sq.onnx")
+    assert rep["attention"]["quantized_unfused"] == ["attn_softmax"] and rep["attention"]["fused_quantized"] == 0
+    assert any("between softmax·V and its QuantizeLinear" in x for x in issues)
+
+
+def depthwise_net():
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((32, 16, 1, 1)).astype(np.float32) * 0.3, "w_in"),
+             nh.from_array(rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3, "w_dw"),
+             nh.from_array(rng.standard_normal((32, 32, 1, 1)).astype(np.float32) * 0.3, "w_out")]
+    g = h.make_graph([h.make_node("Conv", ["x", "w_in"], ["a"], name="pw_in"), h.make_node("Relu", ["a"], ["b"], name="r1"),
+                      h.make_node("Conv", ["b", "w_dw"], ["c"], name="dw", group=32, pads=[1, 1, 1, 1]),
+                      h.make_node("Relu", ["c"], ["d"], name="r2"), h.make_node("Conv", ["d", "w_out"], ["y"], name="pw_out")], "dwnet",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, 16, 32, 32])], [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 32, 32])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@rtx_test
+def test_int8_depthwise_stays_fp16_and_lint_agrees(tmp_path, monkeypatch):
+    """Finding 3: with the rule, the depthwise conv stays FP16 and the builder adds no padding; without it
+    (the counterfactual) the builder pads it and the lint says so."""
+    from onnxopt.quant import rules
+    io.save(depthwise_net(), tmp_path / "dw.onnx")
+    res = quantize(tmp_path / "dw.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    assert res.report["qdq"]["skipped"]["dw"].startswith("INT8 depthwise conv")
+    rep, issues = _agree(tmp_path / "q.onnx")
+    assert rep["padding"]["depthwise_layers"] == [] and rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2
+    monkeypatch.setattr(rules, "RULES", tuple(r for r in rules.RULES if r is not rules.rule_int8_depthwise))
+    quantize(tmp_path / "dw.onnx", tmp_path / "q2.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    rep2, issues2 = _agree(tmp_path / "q2.onnx")
+    assert rep2["padding"]["depthwise_layers"] == ["dw"] and any("dw (Conv): INT8 depthwise conv" in x for x in issues2)
+    assert rep2["weights"]["engine_weights_memory"] > rep["weights"]["engine_weights_memory"]

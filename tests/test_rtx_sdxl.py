@@ -1,0 +1,69 @@
+"""TensorRT-RTX engines of the tiny SDXL UNet (exported here, random weights) in FP16, FP8 (sdxl preset),
+INT8 (sdxl preset) and INT4, built on the CPU, with asserts on the engine report. Slow: the export and
+four builds of a 326-layer graph take minutes on two cores."""
+from __future__ import annotations
+
+import pytest
+
+from onnxopt import QuantConfig, diffusion, io, presets, quantize
+from onnxopt.autocast import convert
+from onnxopt.inspect import engine_findings
+from onnxopt.trt import report as R
+from onnxopt.trt import rtx_available
+from onnxopt.trt.build import BuildConfig, parse_profiles
+
+pytestmark = [pytest.mark.slow, pytest.mark.rtx,
+              pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")]
+
+TINY_PX = 256
+SHAPES = ["sample:2x4x32x32", "encoder_hidden_states:2x77x2048", "text_embeds:2x1280", "time_ids:2x6"]
+BLOCKS = 34  # attention blocks of the tiny UNet: 17 self + 17 cross
+
+
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    from models import sdxl_unet
+    d = tmp_path_factory.mktemp("rtx_sdxl")
+    path = sdxl_unet.export(d / "unet.onnx", scale="tiny", seed=0)
+    diffusion.save_npz(diffusion.synthesize_sdxl(4, steps=30, shapes=diffusion.SDXLShapes(TINY_PX, TINY_PX)), d / "calib.npz")
+    return d, path
+
+
+def _report(path, strict=True):
+    rep = R.engine_report_of(path, BuildConfig(profiles=parse_profiles(SHAPES)))
+    assert rep["attention"]["blocks"] == BLOCKS
+    if strict:
+        assert not R.disagreements(engine_findings(io.import_graph(io.load(path))), rep)
+        assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] and not rep["fallbacks"]
+    return rep
+
+
+def test_fp8_preset_fuses_all_attention(unet):
+    d, path = unet
+    quantize(path, d / "fp8.onnx", config=presets.sdxl_fp8(progress=False), data=d / "calib.npz")
+    rep = _report(d / "fp8.onnx")
+    assert rep["quantized_layers"] > 300
+    assert rep["attention"]["fused_by_precision"] == {"fp8": BLOCKS} and not rep["attention"]["quantized_unfused"]
+    assert rep["weights"]["vs_fp16"] < 0.55 and set(rep["dropped_targets"]) == {"8.0", "8.6"}
+
+
+def test_int8_preset(unet):
+    d, path = unet
+    quantize(path, d / "int8.onnx", config=presets.sdxl_int8(progress=False), data=d / "calib.npz")
+    rep = _report(d / "int8.onnx")
+    assert rep["quantized_layers"] > 100 and rep["attention"]["quantized_blocks"] == 0  # the preset keeps MHA in FP16
+    assert rep["attention"]["fused_by_precision"] == {"fp16": BLOCKS}
+
+
+def test_fp16_and_int4(unet):
+    d, path = unet
+    rep = _report(convert(path, d / "fp16.onnx"))
+    assert rep["quantized_layers"] == 0 and rep["attention"]["fused_by_precision"] == {"fp16": BLOCKS}
+    quantize(path, d / "int4.onnx", config=QuantConfig(mode="int4", awq="none", progress=False), data=d / "calib.npz")
+    rep4 = _report(d / "int4.onnx", strict=False)
+    # Known gap (see the report): on this UNet the builder fuses the INT4 DequantizeLinear into the GEMM for
+    # only some layers; the others dequantize in a kernel of their own and run the GEMM in FP16. The report
+    # must account for every such layer with its DequantizeLinear kernel.
+    assert rep4["quantized_layers"] > 200 and rep4["quantized_in_quantized_kernels"] > 0
+    assert len(rep4["int4_dq_kernels"]) == len(rep4["fallbacks"])
+    assert rep4["weights"]["engine_weights_memory"] < 0.8 * rep["weights"]["engine_weights_memory"]
