@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
 
 from . import calib, fold, obs
 from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
+from .progress import track
 from .graph import activation_channel_axis
 from .quant import blockwise as q4
 from .quant import qdq
@@ -247,7 +247,7 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     hs: dict[str, np.ndarray] = {}
     if method in ("lite", "full"):
         # Downstream first: a fold into a producer rescales its output columns before its own search.
-        for name in tqdm(order, desc="awq: scale search", disable=not progress, leave=False):
+        for name in track(order, total=len(order), desc="awq: scale search", enabled=progress):
             nodes = groups[name]
             mean = stats[name][0].value
             h = hs[name] = gram(name)
@@ -268,7 +268,7 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
                 hs.pop(name)
     if method in ("clip", "full"):
         todo = [(name, n) for name in order for n in groups[name] if bits[id(n)] == 4]
-        for j, (name, n) in enumerate(tqdm(todo, desc="awq: clip search", disable=not progress, leave=False)):
+        for j, (name, n) in enumerate(track(todo, total=len(todo), desc="awq: clip search", enabled=progress)):
             h = hs[name] if name in hs else gram(name)
             if h is None:
                 continue

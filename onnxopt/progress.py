@@ -34,3 +34,39 @@ def track(items: Iterable[T], *, total: int | None = None, desc: str, enabled: b
             log.info("%s: %d%s %s (%.0f s)", desc, i, f"/{total}" if total else "", unit, now - start)
     if i and last != start:
         log.info("%s: done, %d %s in %.0f s", desc, i, unit, time.monotonic() - start)
+
+
+class _LogBar:
+    """tqdm's update/close for logs: 'desc: n/total unit' at INFO at most every LOG_EVERY_S seconds."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, enabled: bool):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.n, self.start = 0, time.monotonic()
+        self.last = self.start
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.monotonic()
+        if self.enabled and now - self.last >= LOG_EVERY_S:
+            self.last = now
+            log.info("%s: %d%s %s (%.0f s)", self.desc, self.n, f"/{self.total}" if self.total else "", self.unit,
+                     now - self.start)
+
+    def close(self) -> None:
+        if self.enabled and self.last != self.start:
+            log.info("%s: done, %d %s in %.0f s", self.desc, self.n, self.unit, time.monotonic() - self.start)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def bar(*, total: int | None, desc: str, enabled: bool = True, unit: str = "it"):
+    """A progress counter with tqdm's update()/close(): a bar when `enabled` and stderr is a terminal,
+    periodic log lines otherwise (nothing at all when not `enabled`)."""
+    if enabled and on_terminal():
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    return _LogBar(total, desc, unit, enabled)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
 
 from . import calib, fold
 from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
+from .progress import track
 from .graph import activation_channel_axis
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,8 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
 
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
-    for g in tqdm(sorted(groups, key=lambda g: -g.order), desc="smoothquant: alpha search" if batches else "smoothquant",
-                  disable=not progress, leave=False):
+    for g in track(sorted(groups, key=lambda g: -g.order), total=len(groups), enabled=progress,
+                   desc="smoothquant: alpha search" if batches else "smoothquant"):
         act_max = g.absmax.value
         if act_max is None:
             continue

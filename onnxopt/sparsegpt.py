@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from tqdm import tqdm
 
 from . import calib, io, obs
 from . import graph as G
 from .errors import OnnxoptError
+from .progress import bar as bar_
 from .sparsity_layers import _Unit, is_n_m, keep_mask
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def _apply_sparsegpt(p: _SGPlan, hs: list[calib.Hessian], n, m, damp, block, pro
     v = np.asarray(G.read_values(unit.const))
     W = v.reshape(-1)[p.rows].astype(np.float64)
     name = unit.uses[0].node.name
-    with tqdm(total=W.shape[1], desc=f"sparsegpt {name}"[-60:], unit="col", disable=not progress, leave=False) as bar:
+    with bar_(total=W.shape[1], desc=f"sparsegpt {name}"[-60:], unit="col", enabled=progress) as bar:
         Wp = sparsegpt_prune(W, H, n, m, damp=damp, block=block, bar=bar, hinv=Hinv)
     out = np.array(v, copy=True).reshape(-1)
     out[p.rows.reshape(-1)] = Wp.reshape(-1).astype(v.dtype)

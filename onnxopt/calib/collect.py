@@ -13,9 +13,9 @@ from typing import Sequence
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
-from tqdm import tqdm
 
 from .. import ort as ortx
+from .. import progress as progress_
 from ..errors import OnnxoptError
 from .data import CalibData
 from .reducers import PreReduce, Reducer
@@ -106,7 +106,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     if len(plan) > 1:
         log.info("calibrating in %d stages of at most %.2f GB of weights (budget %d MB)", len(plan),
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
-    bar = tqdm(total=n_batches * len(passes), desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
     with _BoundaryCache(len(plan) > 1) as cache:
         for si, gi, group in passes:
             st = plan[si]
