@@ -132,6 +132,11 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
         inner = gs.Variable(unique(f"{t.name}_{np.dtype(_dtype(t)).name}"), dtype=_dtype(t), shape=t.shape)
         for p in list(t.inputs):
             p.outputs[p.outputs.index(t)] = inner
+        # An output that later nodes also read: they keep the internal precision, only the user sees `orig`.
+        for c in list(t.outputs):
+            for i, x in enumerate(c.inputs):
+                if x is t:
+                    c.inputs[i] = inner
         t.dtype = orig
         graph.nodes.append(gs.Node("Cast", name=unique(f"{t.name}_Cast_out"), inputs=[inner], outputs=[t], attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(orig))}))
         casts += 1
