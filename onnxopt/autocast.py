@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import io
+from . import io, precision
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ def shape_nodes(graph: gs.Graph) -> set[int]:
     return nodes
 
 
-def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), keep_fp32_nodes=(),
-                     io_dtype: str | None = None) -> dict:
-    """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report."""
+def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | None = None, keep_fp32_ops=(),
+                     keep_fp32_nodes=(), io_dtype: str | None = None) -> dict:
+    """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report.
+    `ranges` (max |x| per tensor from calibration, see precision.range_reducers) keeps nodes that would
+    overflow or lose precision in FP32; without it the ranges are not checked."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown precision {dtype}")
     if dtype == "fp32":
@@ -66,6 +68,10 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     low_onnx = _ONNX[dtype]
     keep = shape_nodes(graph)
     keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    chosen = precision.plan_fp32(graph, ranges, dtype, skip=keep) if ranges is not None else {}
+    if ranges is None:
+        log.warning("autocast to %s without calibration data: value ranges were not checked", dtype)
+    keep |= _with_dq_feeders(graph, {id(n) for n in graph.nodes if n.name in chosen})
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
     unique = lambda base: _unique(base, names)  # noqa: E731
@@ -143,8 +149,24 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
         new_outputs.append(t)
     graph.outputs = new_outputs
     graph.cleanup().toposort()
-    log.info("autocast to %s: %d casts, %d nodes kept in fp32", dtype, casts, len(keep))
-    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep)}
+    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
+    for name, why in chosen.items():
+        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
+    total = max(1, len(graph.nodes))
+    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
+            "fp32_share": len(keep) / total, "kept_fp32": chosen}
+
+
+def _with_dq_feeders(graph: gs.Graph, ids: set[int]) -> set[int]:
+    # A layer kept FP32 dequantizes straight to FP32 (no DQ -> Cast between it and its Q/DQ pair).
+    out = set(ids)
+    for node in graph.nodes:
+        if id(node) in ids:
+            for t in node.inputs:
+                for p in getattr(t, "inputs", []):
+                    if p.op == "DequantizeLinear":
+                        out.add(id(p))
+    return out
 
 
 def _unique(base: str, taken: set) -> str:
@@ -217,14 +239,53 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- file-level API
-def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
-    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
+def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
+            data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
+            provider: str = "cpu", verify: bool = True, report: dict | None = None) -> Path:
+    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
+    With calibration data (`data`: path or CalibData, or `calib_random` samples) the FP32 region follows
+    measured ranges and the written graph is checked for finite outputs (see onnxopt.finite)."""
+    from . import calib, finite
     io.check_output_path(output, model_path)
+    report = {} if report is None else report
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
-        model = io.externalize_if_large(io.load(model_path), work)
-        graph = io.import_graph(io.infer_shapes(model))
-        to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)
+        model = io.infer_shapes(io.externalize_if_large(io.load(model_path), work))
+        cdata = _calib_data(model, data, calib_random, shapes, seed)
+        graph = io.import_graph(model)
+        ranges = None
+        if cdata is not None:
+            reducers = precision.range_reducers(graph)
+            calib.collect_graph(graph, cdata, reducers, provider=provider, desc="measuring ranges")
+            ranges = precision.ranges_of(reducers)
+        report["autocast"] = to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges)
         out = io.export_graph(graph)
-        del graph, model
+        del graph
         gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
+        if verify and cdata is not None:
+            out, report["finite"] = finite.ensure_finite(model, out, cdata, reconverter(model, dtype, io_dtype=io_dtype,
+                                                         keep_fp32_ops=keep_fp32_ops, ranges=ranges), provider=provider)
+        del model
         return io.save(out, output, input_path=model_path)
+
+
+def _calib_data(model, data, calib_random, shapes, seed):
+    from . import calib
+    if isinstance(data, calib.CalibData):
+        return data
+    specs = calib.input_specs(model)
+    if data is not None:
+        return calib.CalibData.from_path(data, specs)
+    if calib_random:
+        return calib.CalibData.random(specs, calib_random, seed=seed, shapes=shapes)
+    return None
+
+
+def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None):
+    """For the finite repair (finite.ensure_finite): `model` (the graph before autocast) converted again
+    with more nodes kept in FP32."""
+    def run(extra_fp32: set[str]) -> onnx.ModelProto:
+        g = io.import_graph(model)
+        to_low_precision(g, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges,
+                         keep_fp32_nodes=tuple(extra_fp32))
+        return io.export_graph(g, opset=opset)
+    return run

@@ -1,12 +1,15 @@
 """Correct on real-weight patterns: graph outputs read internally, FP16 overflow, precision loss, finite outputs."""
+import ml_dtypes
 import numpy as np
 import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
+from onnx import numpy_helper as nh
 
 import tiny
-from onnxopt import io, ort
-from onnxopt.compare import compare
+from onnxopt import autocast, calib, emulate, finite, io, ort
+from onnxopt.compare import compare, metrics
+from onnxopt.errors import OnnxoptError
 from onnxopt.quant import QuantConfig, quantize
 
 IDS = {"ids": (2, 16)}
@@ -29,3 +32,108 @@ def test_output_read_internally_keeps_user_dtype_and_loads(tmp_path, mode, floor
     assert set(res) == {"y", "p"}
     for name, m in res.items():
         assert m["cosine"] >= floor, (name, m)
+
+
+def overflow_unet(w_scale: float = 5000.0):
+    """A UNet-like block whose conditioning MLP has real-model-sized weights: its first Gemm reaches tens of
+    thousands (FP16 overflows to inf, NaN downstream), the second brings it back to O(1)."""
+    rng = np.random.default_rng(3)
+    f = lambda *s, k=1.0: (rng.standard_normal(s) * k).astype(np.float32)  # noqa: E731
+    inits = [nh.from_array(f(128, 32, k=w_scale), "t_w1"), nh.from_array(f(128, k=10.0) + 3e4, "t_b1"),
+             nh.from_array(f(64, 128, k=2e-5), "t_w2"), nh.from_array(f(64, k=0.1), "t_b2"),
+             nh.from_array(f(64, 32, 3, 3, k=0.06), "c1_w"), nh.from_array(f(64, k=0.1), "c1_b"),
+             nh.from_array(f(32, 64, 3, 3, k=0.04), "c2_w"), nh.from_array(np.array([1, 64, 1, 1], np.int64), "emb_shape")]
+    nodes = [
+        h.make_node("Gemm", ["temb", "t_w1", "t_b1"], ["e1"], name="time_linear_1", transB=1),
+        h.make_node("Sigmoid", ["e1"], ["e1s"], name="time_sigmoid"),
+        h.make_node("Mul", ["e1", "e1s"], ["e2"], name="time_silu"),
+        h.make_node("Gemm", ["e2", "t_w2", "t_b2"], ["e3"], name="time_linear_2", transB=1),
+        h.make_node("Reshape", ["e3", "emb_shape"], ["e4"], name="emb_reshape"),
+        h.make_node("Conv", ["x", "c1_w", "c1_b"], ["h1"], name="conv_in", pads=[1, 1, 1, 1]),
+        h.make_node("Add", ["h1", "e4"], ["h2"], name="add_emb"),
+        h.make_node("Relu", ["h2"], ["h3"], name="act"),
+        h.make_node("Conv", ["h3", "c2_w"], ["y"], name="conv_out", pads=[1, 1, 1, 1]),
+    ]
+    g = h.make_graph(nodes, "unet", [h.make_tensor_value_info("x", T.FLOAT, [1, 32, 8, 8]),
+                                      h.make_tensor_value_info("temb", T.FLOAT, [1, 32])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 8, 8])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _feeds(n=4, seed=11):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32),
+             "temb": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(n)]
+
+
+def _emulated_metrics(src, cand, feeds):
+    # What a GPU computes: every FP16/BF16 tensor rounded to its format (ORT's CPU FP16 kernels can hide inf).
+    ref, got = ort.session(io.load(src)), ort.session(emulate.emulated_view(io.load(cand)))
+    a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds])
+    b = np.concatenate([got.run(None, f)[0].ravel() for f in feeds])
+    return metrics(a, b), bool(np.all(np.isfinite(b)))
+
+
+def test_overflow_unet_convert_fp16_is_finite_with_ranges(tmp_path):
+    src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
+    blind = autocast.convert(src, tmp_path / "blind.onnx", verify=False)
+    assert not _emulated_metrics(src, blind, _feeds())[1]  # without ranges the conditioning MLP overflows
+    report = {}
+    out = autocast.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
+    m, finite = _emulated_metrics(src, out, _feeds())
+    assert finite and m["cosine"] >= 0.999
+    kept = report["autocast"]["kept_fp32"]
+    assert {"time_linear_1", "time_linear_2"} <= set(kept) and kept["time_linear_1"]["range"] > 3e4
+    assert {"conv_in", "conv_out"}.isdisjoint(kept)  # only the overflowing path stays FP32
+    assert report["finite"]["repaired_fp32_nodes"] == []
+
+
+def test_overflow_unet_default_fp8_is_finite(tmp_path):
+    src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
+    r = quantize(src, tmp_path / "fp8.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=8)
+    m, finite = _emulated_metrics(src, r.path, _feeds())
+    assert finite and m["cosine"] >= 0.99
+    assert r.report["coverage"]["quantized"] == 2 and "time_linear_1" in r.report["autocast"]["kept_fp32"]
+
+
+def test_finite_check_repairs_by_widening_fp32(tmp_path):
+    model = io.infer_shapes(overflow_unet())
+    g = io.import_graph(model)
+    autocast.to_low_precision(g, "fp16")  # no ranges: overflows
+    data = calib.CalibData.random(calib.input_specs(model), 4)
+    fixed, report = finite.ensure_finite(model, io.export_graph(g), data, autocast.reconverter(model, "fp16"))
+    assert "time_linear_1" in report["repaired_fp32_nodes"]
+    with pytest.raises(OnnxoptError, match="non-finite"):
+        finite.ensure_finite(model, io.export_graph(_blind(model)), data, None)
+    sess = ort.session(emulate.emulated_view(fixed))
+    for feed in data:
+        assert np.all(np.isfinite(sess.run(None, feed)[0]))
+
+
+def _blind(model):
+    g = io.import_graph(model)
+    autocast.to_low_precision(g, "fp16")
+    return g
+
+
+def test_bf16_emulation_matches_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "w"], ["a"]), h.make_node("Mul", ["a", "a"], ["b"]),
+             h.make_node("Add", ["b", "x"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [4, 8])], [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    gg = io.import_graph(io.infer_shapes(m))
+    autocast.to_low_precision(gg, "bf16")
+    low = io.export_graph(gg)
+    x = (rng.standard_normal((4, 8)) * 50).astype(np.float32)
+    (y,) = ort.session(emulate.emulated_view(low)).run(None, {"x": x})
+    bf = lambda v: v.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+    xb = bf(x)
+    a = bf(xb @ bf(w))
+    expect = bf(bf(a * a) + xb)
+    np.testing.assert_array_equal(bf(y), y)  # every value is a BF16 value
+    np.testing.assert_allclose(y, expect, rtol=2 ** -7)  # FP32 summation order may flip one rounding

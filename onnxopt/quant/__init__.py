@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import autocast, calib, io
+from .. import autocast, calib, finite, io, precision
 from .. import graph as G
 from ..errors import OnnxoptError
 from . import bias_correction, qdq, rules
@@ -164,15 +164,26 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
         report["int4"] = int4.quantize_int4(graph, data, config)
         timings["int4"] = time.perf_counter() - t
     else:
-        _quantize_w8a8(graph, data, config, report)
+        ranges = _quantize_w8a8(graph, data, config, report)
 
     t = time.perf_counter()
+    ranges = ranges if config.mode != "int4" else None
+    before_autocast = io.export_graph(graph, opset=MIN_OPSET[config.mode])  # for the finite repair (issue 10)
+    # Range-aware autocast (issue 10): W8A8 measured the ranges in its calibration pass; INT4 relies on the finite check.
     report["autocast"] = autocast.to_low_precision(graph, config.high_precision, io_dtype=config.io_dtype,
-                                                   keep_fp32_ops=config.keep_fp32_ops)
+                                                   keep_fp32_ops=config.keep_fp32_ops,
+                                                   ranges=ranges)
     timings["autocast"] = time.perf_counter() - t
     out = io.export_graph(graph, opset=MIN_OPSET[config.mode])
     del graph  # the exported protobuf now owns the weights; keep one copy
     gc.collect()  # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
+    # Finite-output guarantee (issue 10): valid graph, finite where FP32 is; widen the FP32 region if not.
+    t = time.perf_counter()
+    out, report["finite"] = finite.verify(fp32, out, data, autocast.reconverter(
+        before_autocast, config.high_precision, io_dtype=config.io_dtype, keep_fp32_ops=config.keep_fp32_ops,
+        ranges=ranges, opset=MIN_OPSET[config.mode]), provider=config.provider, memory_budget_mb=config.memory_budget_mb)
+    del before_autocast
+    timings["finite_check"] = time.perf_counter() - t
     path = None
     if output is not None:
         t = time.perf_counter()
@@ -194,7 +205,8 @@ def _fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, report: dict) -> None:
+def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, report: dict) -> dict:
+    """Calibrate, place Q/DQ; returns the measured max |x| of the float tensors (for range-aware autocast)."""
     timings = report["timings_s"]
     plan = rules.plan(graph, config)
     if not plan.nodes:
@@ -211,7 +223,8 @@ def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, 
         plan = rules.plan(graph, config)
 
     t = time.perf_counter()
-    amax, means = calibrate(graph, data, plan, config)
+    range_r = precision.range_reducers(graph)  # merged into the same pass
+    amax, means = calibrate(graph, data, plan, config, extra=range_r)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -245,6 +258,7 @@ def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, 
     report["coverage"] = {"quantized": len(plan.nodes), "skipped": len(plan.skipped)}
     log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
              len(plan.activations), len(plan.weights), len(plan.skipped))
+    return precision.ranges_of(range_r)
 
 
 def _fold_chain(t: gs.Tensor) -> np.ndarray:
@@ -260,7 +274,7 @@ def _fold_chain(t: gs.Tensor) -> np.ndarray:
     return w
 
 
-def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: QuantConfig):
+def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: QuantConfig, extra: dict | None = None):
     """Clip range of each planned activation, by the configured method (Concat groups share the largest),
     and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data."""
     method = config.method
@@ -282,6 +296,8 @@ def calibrate(graph: gs.Graph, data: calib.CalibData, plan: rules.Plan, config: 
     for group in (ranges, mean_r):
         for n, r in group.items():
             reducers.setdefault(n, []).append(r)
+    for n, rs in (extra or {}).items():  # more reducers riding on the same pass (autocast ranges)
+        reducers.setdefault(n, []).extend(rs)
     calib.collect_graph(graph, data, reducers, provider=config.provider, memory_budget_mb=config.memory_budget_mb,
                         progress=config.progress)
     amax = dict(plan.fixed_amax)

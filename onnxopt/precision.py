@@ -1,0 +1,179 @@
+"""Range-aware choice of the FP32 region for autocast.
+
+Calibration measures max |x| of the float tensors that can grow (in-graph AbsMax reductions merged into the
+quantization pass; ops that only move or bound values get derived ranges). From those ranges each node is
+kept in FP32 when FP16/BF16 would overflow (its inputs or outputs exceed a safe fraction of the format's
+range, or it squares/sums large values) or lose precision (cancellation: the rounding error of its inputs,
+amplified by the op, is large next to its output's range; a budgeted share of nodes, worst first).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import calib
+
+log = logging.getLogger(__name__)
+
+FMAX = {"fp16": float(np.finfo(np.float16).max), "bf16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
+# Unit roundoff of each format: the relative error of rounding one value.
+UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+SAFE_FRACTION = 1 / 8  # headroom: calibration never sees the worst input
+# Ops whose output range is at most their inputs' (data movement, selection, Q/DQ) or bounded by 1.
+_PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split",
+         "Expand", "Tile", "Pad", "Relu", "MaxPool", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "Cast",
+         "Max", "Min", "Where", "Neg", "Abs", "Dropout", "ReduceMax", "ReduceMin", "Clip", "LeakyRelu", "AveragePool",
+         "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"}
+_BOUNDED = {"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "HardSigmoid", "Sin", "Cos", "Erf"}
+_SQUARES = {"Pow", "ReduceSumSquare", "ReduceL2", "LayerNormalization", "GroupNormalization", "InstanceNormalization"}
+_SUMS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
+# Ops whose FP16 error can be amplified by cancellation: y = a·x + b with |y| much smaller than |a·x|.
+_CANCEL = {"Add", "Sub", "BatchNormalization"}
+CANCEL_TOLERANCE = 2.0 ** -9  # relative output error (of the output's range) that a node may add
+CANCEL_BUDGET = 0.05          # at most this share of the graph's nodes is kept FP32 for precision alone
+
+
+def _float_var(t) -> bool:
+    return isinstance(t, gs.Variable) and t.name and t.dtype is not None and np.dtype(t.dtype) == np.float32
+
+
+def range_reducers(graph: gs.Graph) -> dict[str, list]:
+    """One AbsMax per float tensor whose range can grow: merge these into the calibration pass."""
+    out: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op in _PASS or node.op in _BOUNDED or node.op in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for t in node.outputs:
+            if _float_var(t):
+                out.setdefault(t.name, []).append(calib.AbsMax())
+    for t in graph.inputs:
+        if _float_var(t):
+            out.setdefault(t.name, []).append(calib.AbsMax())
+    return out
+
+
+def ranges_of(reducers: dict[str, list]) -> dict[str, float]:
+    """Measured max |x| per tensor from `range_reducers`' reducers after calibration."""
+    return {n: float(next(r.value for r in rs if isinstance(r, calib.AbsMax))) for n, rs in reducers.items()}
+
+
+def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, float]:
+    """Measured ranges completed through pass-through ops, DQ scales and constants (graph order)."""
+    from .graph import read_values
+    r = dict(measured)
+
+    def rng(t):
+        if t is None or not t.name:
+            return None
+        if t.name not in r and isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and t.values.size <= 4096:
+            r[t.name] = float(np.max(np.abs(read_values(t)))) if t.values.size else 0.0
+        return r.get(t.name)
+
+    for node in graph.toposort().nodes:
+        if all(o.name in r for o in node.outputs):
+            continue
+        if node.op == "DequantizeLinear" and isinstance(node.inputs[1], gs.Constant):
+            q = node.inputs[0]
+            r[node.outputs[0].name] = float(np.max(np.abs(read_values(node.inputs[1])))) * _qmax(q.dtype)
+            continue
+        ins = [rng(t) for t in node.inputs if t is not None]
+        known = [x for x in ins if x is not None]
+        if node.op in _BOUNDED:
+            val = 1.0
+        elif node.op in _PASS and known:
+            val = max(known)
+        else:
+            continue
+        for o in node.outputs:
+            r.setdefault(o.name, val)
+    return r
+
+
+def _qmax(dtype) -> float:
+    if isinstance(dtype, int):
+        dtype = {17: "float8_e4m3fn", 3: "int8", 2: "uint8", 22: "int4", 21: "uint4"}.get(dtype, "float8_e4m3fn")
+    name = np.dtype(dtype).name if dtype is not None else ""
+    return {"int8": 128.0, "uint8": 255.0, "int4": 8.0, "uint4": 15.0}.get(name, 448.0)
+
+
+def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=frozenset()) -> dict[str, dict]:
+    """Nodes to keep in FP32, by name: {"reason", "range"} each. `skip`: node ids already kept (shape path)."""
+    if dtype not in FMAX:
+        return {}
+    safe = FMAX[dtype] * SAFE_FRACTION
+    rng = tensor_ranges(graph, measured)
+    keep: dict[str, dict] = {}
+    cancel: list[tuple[float, str, float]] = []
+    for node in graph.nodes:
+        if id(node) in skip or node.op in ("QuantizeLinear", "DequantizeLinear", "Shape", "Size"):
+            continue
+        ins = [rng.get(t.name) for t in node.inputs if t is not None and t.name and not isinstance(t, gs.Constant)]
+        outs = [rng.get(t.name) for t in node.outputs if t.name]
+        hi = max([x for x in ins + outs if x is not None], default=None)
+        in_hi = max([x for x in ins if x is not None], default=None)
+        out_hi = max([x for x in outs if x is not None], default=None)
+        if hi is None:
+            continue
+        if hi > safe:
+            keep[node.name] = {"op": node.op, "reason": f"range {hi:.4g} exceeds {safe:.4g}", "range": hi}
+        elif node.op in _SQUARES and in_hi is not None and in_hi ** 2 > safe:
+            keep[node.name] = {"op": node.op, "reason": f"squares values up to {in_hi:.4g}", "range": in_hi}
+        elif node.op in _SUMS and in_hi is not None and in_hi * _reduced_length(node) > safe:
+            keep[node.name] = {"op": node.op, "reason": f"sums {_reduced_length(node)} values up to {in_hi:.4g}",
+                               "range": in_hi}
+        elif node.op == "Exp" and out_hi is not None and out_hi > safe ** 0.5:
+            keep[node.name] = {"op": node.op, "reason": f"exponentiates to {out_hi:.4g}", "range": out_hi}
+        elif node.op in _CANCEL and out_hi:
+            amp = _amplification(node, rng, out_hi)
+            if amp is not None and amp * UNIT[dtype] > CANCEL_TOLERANCE:
+                cancel.append((amp, node.name, out_hi))
+    # Precision: a budget of the worst cancellations, not every node that crosses the tolerance.
+    budget = max(1, int(CANCEL_BUDGET * len(graph.nodes)))
+    for amp, name, out_hi in sorted(cancel, reverse=True)[:budget]:
+        keep.setdefault(name, {"op": next(n.op for n in graph.nodes if n.name == name),
+                               "reason": f"cancellation: FP16 input error amplified {amp:.3g}x next to output range",
+                               "range": out_hi, "amplification": amp})
+    if len(cancel) > budget:
+        log.info("precision budget: %d of %d cancellation-prone nodes kept in FP32", budget, len(cancel))
+    return keep
+
+
+def _reduced_length(node) -> int:
+    shape = node.inputs[0].shape if node.inputs else None
+    if not shape or any(not isinstance(d, int) for d in shape):
+        return 1
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.tolist()
+    if axes is None:
+        return int(np.prod(shape))
+    return int(np.prod([shape[a] for a in np.atleast_1d(axes)]))
+
+
+def _amplification(node, rng: dict, out_hi: float) -> float | None:
+    """How much larger the rounding error of the inputs is than the output's range, per unit roundoff."""
+    if node.op == "BatchNormalization":
+        x = rng.get(node.inputs[0].name)
+        consts = node.inputs[1:5]
+        if x is None or not all(isinstance(c, gs.Constant) for c in consts):
+            return None
+        from .graph import read_values
+        scale, _, _, var = (np.asarray(read_values(c), np.float64) for c in consts)
+        a = np.abs(scale) / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        return float(np.max(a) * x / out_hi)
+    ins = [_const_range(t) if isinstance(t, gs.Constant) else rng.get(t.name) for t in node.inputs if t is not None and t.name]
+    if any(v is None for v in ins) or len(ins) != 2:
+        return None
+    return float(sum(ins) / out_hi) if math.isfinite(sum(ins)) else None
+
+
+def _const_range(c: gs.Constant) -> float | None:
+    if c.values.dtype.kind != "f" or c.values.size > 1 << 20:
+        return None
+    from .graph import read_values
+    v = read_values(c)
+    return float(np.max(np.abs(v))) if v.size else 0.0
