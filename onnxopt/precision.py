@@ -128,18 +128,69 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
         elif node.op == "Exp" and out_hi is not None and out_hi > safe ** 0.5:
             keep[node.name] = {"op": node.op, "reason": f"exponentiates to {out_hi:.4g}", "range": out_hi}
         elif node.op in _CANCEL and out_hi:
-            amp = _amplification(node, rng, out_hi)
-            if amp is not None and amp * UNIT[dtype] > CANCEL_TOLERANCE:
-                cancel.append((amp, node.name, out_hi))
-    # Precision: a budget of the worst cancellations, not every node that crosses the tolerance.
+            err = _fp16_error(node, rng, out_hi, dtype)
+            if err is not None and max(err) > CANCEL_TOLERANCE:
+                cancel.append((max(err), node, out_hi, err))
+    # Precision: a budget of the worst nodes, not every node that crosses the tolerance.
     budget = max(1, int(CANCEL_BUDGET * len(graph.nodes)))
-    for amp, name, out_hi in sorted(cancel, reverse=True)[:budget]:
-        keep.setdefault(name, {"op": next(n.op for n in graph.nodes if n.name == name),
-                               "reason": f"cancellation: FP16 input error amplified {amp:.3g}x next to output range",
-                               "range": out_hi, "amplification": amp})
+    for score, node, out_hi, (e_in, e_par) in sorted(cancel, key=lambda c: -c[0])[:budget]:
+        why = "input rounding" if e_in >= e_par else "parameter rounding"
+        info = {"op": node.op, "reason": f"precision: {dtype} {why} costs {score:.2g} of the output range",
+                "range": out_hi, "relative_error": score}
+        keep.setdefault(node.name, info)
+        if e_in > CANCEL_TOLERANCE:  # the rounding happens where the input is made: keep that producer too
+            for p in _producers(node, skip):
+                keep.setdefault(p.name, {**info, "op": p.op, "reason": info["reason"] + f" (feeds {node.name})"})
     if len(cancel) > budget:
-        log.info("precision budget: %d of %d cancellation-prone nodes kept in FP32", budget, len(cancel))
+        log.info("precision budget: %d of %d precision-sensitive nodes kept in FP32", budget, len(cancel))
     return keep
+
+
+def _producers(node, skip) -> list:
+    """The nodes making `node`'s variable inputs, through value-preserving ops (Relu, Reshape...)."""
+    out, todo = [], [t for t in node.inputs if isinstance(t, gs.Variable)]
+    while todo:
+        t = todo.pop()
+        for p in t.inputs:
+            if id(p) in skip or p.op in ("QuantizeLinear", "DequantizeLinear", "Cast"):
+                continue
+            out.append(p)
+            if p.op in _PASS:
+                todo += [x for x in p.inputs if isinstance(x, gs.Variable)]
+    return out
+
+
+def _fp16_error(node, rng: dict, out_hi: float, dtype: str) -> tuple[float, float] | None:
+    """Relative error (of the output's range) that running `node` in `dtype` adds: from rounding its
+    inputs (amplified when the output is much smaller than what the op subtracts), and from rounding
+    its parameters (BatchNormalization: mean, variance, scale, shift in the format)."""
+    u = UNIT[dtype]
+    if node.op == "BatchNormalization":
+        x = rng.get(node.inputs[0].name)
+        consts = node.inputs[1:5]
+        if x is None or not all(isinstance(c, gs.Constant) for c in consts):
+            return None
+        from .graph import read_values
+        eps = node.attrs.get("epsilon", 1e-5)
+        exact = [np.asarray(read_values(c), np.float64) for c in consts]
+        low = np.float16 if dtype == "fp16" else ml_dtypes.bfloat16
+        rounded = [np.asarray(v).astype(low).astype(np.float64) for v in exact]
+
+        def affine(s, b, m, v):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                a = s / np.sqrt(v + eps)
+            return a, b - m * a
+        a, c = affine(*exact)
+        a16, c16 = affine(*rounded)
+        # y = a·x + c is affine in x: the largest error over |x| <= x is at one end.
+        e_par = np.maximum(np.abs((a16 - a) * x + (c16 - c)), np.abs(-(a16 - a) * x + (c16 - c)))
+        e_par = float(np.max(e_par)) if np.all(np.isfinite(e_par)) else float("inf")
+        e_in = float(np.max(np.abs(a)) * x * u)
+        return e_in / out_hi, e_par / out_hi
+    ins = [_const_range(t) if isinstance(t, gs.Constant) else rng.get(t.name) for t in node.inputs if t is not None and t.name]
+    if any(v is None for v in ins) or len(ins) != 2 or not math.isfinite(sum(ins)):
+        return None
+    return sum(ins) * u / out_hi, 0.0
 
 
 def _reduced_length(node) -> int:
@@ -152,23 +203,6 @@ def _reduced_length(node) -> int:
     if axes is None:
         return int(np.prod(shape))
     return int(np.prod([shape[a] for a in np.atleast_1d(axes)]))
-
-
-def _amplification(node, rng: dict, out_hi: float) -> float | None:
-    """How much larger the rounding error of the inputs is than the output's range, per unit roundoff."""
-    if node.op == "BatchNormalization":
-        x = rng.get(node.inputs[0].name)
-        consts = node.inputs[1:5]
-        if x is None or not all(isinstance(c, gs.Constant) for c in consts):
-            return None
-        from .graph import read_values
-        scale, _, _, var = (np.asarray(read_values(c), np.float64) for c in consts)
-        a = np.abs(scale) / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
-        return float(np.max(a) * x / out_hi)
-    ins = [_const_range(t) if isinstance(t, gs.Constant) else rng.get(t.name) for t in node.inputs if t is not None and t.name]
-    if any(v is None for v in ins) or len(ins) != 2:
-        return None
-    return float(sum(ins) / out_hi) if math.isfinite(sum(ins)) else None
 
 
 def _const_range(c: gs.Constant) -> float | None:

@@ -137,3 +137,49 @@ def test_bf16_emulation_matches_numpy():
     expect = bf(bf(a * a) + xb)
     np.testing.assert_array_equal(bf(y), y)  # every value is a BF16 value
     np.testing.assert_allclose(y, expect, rtol=2 ** -7)  # FP32 summation order may flip one rounding
+
+
+def bn_after_relu_cnn():
+    """Conv -> Relu -> BatchNormalization (cannot fold into the conv) -> Conv -> GAP -> Gemm, like a real
+    classifier whose BN sees a large mean next to a small spread: FP16 rounding of its input costs accuracy."""
+    rng = np.random.default_rng(5)
+    f = lambda *s, k=1.0: (rng.standard_normal(s) * k).astype(np.float32)  # noqa: E731
+    c = 32
+    mean = f(c, k=2.0) + 30.0  # channel means far above the spread (0.1)
+    inits = [nh.from_array(f(c, 3, 3, 3, k=0.02), "w1"), nh.from_array(mean + f(c, k=0.05), "b1"),
+             nh.from_array(1 + f(c, k=0.1), "bn_s"), nh.from_array(f(c, k=0.1), "bn_b"),
+             nh.from_array(mean, "bn_m"), nh.from_array(np.full(c, 0.01, np.float32), "bn_v"),
+             nh.from_array(f(c, c, 3, 3, k=0.06), "w2"), nh.from_array(f(10, c, k=0.2), "fc")]
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("BatchNormalization", ["r1", "bn_s", "bn_b", "bn_m", "bn_v"], ["n1"], name="bn1"),
+             h.make_node("Conv", ["n1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             h.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             h.make_node("Flatten", ["g"], ["fl"], name="flatten"),
+             h.make_node("Gemm", ["fl", "fc"], ["y"], name="fc", transB=1)]
+    g = h.make_graph(nodes, "cnn", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 10])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _cnn_cosine(src, cand, n=8):
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+    ref, got = ort.session(io.load(src)), ort.session(emulate.emulated_view(io.load(cand)))
+    a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds])
+    return metrics(a, np.concatenate([got.run(None, f)[0].ravel() for f in feeds]))["cosine"]
+
+
+def test_bn_after_relu_stays_fp32_where_fp16_costs_accuracy(tmp_path):
+    src = tiny.save(bn_after_relu_cnn(), tmp_path / "cnn.onnx")
+    blind = _cnn_cosine(src, autocast.convert(src, tmp_path / "blind.onnx", verify=False))
+    report = {}
+    out = autocast.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
+    assert blind < 0.9995 and _cnn_cosine(src, out) >= 0.9999
+    kept = report["autocast"]["kept_fp32"]
+    assert kept["bn1"]["relative_error"] > 1e-2 and "conv2" not in kept and "fc" not in kept
+    r = quantize(src, tmp_path / "int8.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=8)
+    assert _cnn_cosine(src, r.path) >= 0.999
