@@ -183,12 +183,27 @@ def _extra_quant_fields(extra: dict) -> dict:
 @click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
+@click.option("--calib", "calib_path", type=click.Path(), help="Calibration data (.npz/.npy/directory): measured ranges decide what stays FP32, and the result is checked for finite outputs.")
+@click.option("--calib-random", type=int, help="Measure ranges on N generated samples instead.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random.")
+@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX Runtime provider for the range measurement and the finite check.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here (FP32 nodes with their ranges and reasons).")
 @handle_errors
-def convert(model, output, dtype, io_dtype, keep_fp32_ops):
+def convert(model, output, dtype, io_dtype, keep_fp32_ops, calib_path, calib_random, seed, shapes, provider, report_path):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16."""
+    from . import calib as calib_mod
     from .autocast import convert as run
-    path = run(model, output or _default_output(model, dtype), dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops))
-    click.echo(f"wrote {path}")
+    report: dict = {}
+    path = run(model, output or _default_output(model, dtype), dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops),
+               data=calib_path, calib_random=calib_random, shapes=calib_mod.parse_shapes(shapes), seed=seed,
+               provider=provider, report=report)
+    if report_path:
+        _write_json(report_path, report)
+    ac = report.get("autocast", {})
+    kept = len(ac.get("kept_fp32", {}))
+    checked = f"{kept} nodes kept in fp32 by measured range" if ac.get("ranges_checked") else "ranges not checked (no --calib)"
+    click.echo(f"converted to {dtype}, {checked} ({100 * ac.get('fp32_share', 0):.1f}% of nodes fp32); wrote {path}")
 
 
 @main.command()

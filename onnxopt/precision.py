@@ -33,7 +33,8 @@ _SQUARES = {"Pow", "ReduceSumSquare", "ReduceL2", "LayerNormalization", "GroupNo
 _SUMS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
 # Ops whose FP16 error can be amplified by cancellation: y = a·x + b with |y| much smaller than |a·x|.
 _CANCEL = {"Add", "Sub", "BatchNormalization"}
-CANCEL_TOLERANCE = 2.0 ** -9  # relative output error (of the output's range) that a node may add
+# A node may add 8 roundings of error (of its output range): more means cancellation or lost parameters.
+CANCEL_ROUNDINGS = 8.0
 CANCEL_BUDGET = 0.05          # at most this share of the graph's nodes is kept FP32 for precision alone
 
 
@@ -129,7 +130,7 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
             keep[node.name] = {"op": node.op, "reason": f"exponentiates to {out_hi:.4g}", "range": out_hi}
         elif node.op in _CANCEL and out_hi:
             err = _fp16_error(node, rng, out_hi, dtype)
-            if err is not None and max(err) > CANCEL_TOLERANCE:
+            if err is not None and max(err) > CANCEL_ROUNDINGS * UNIT[dtype]:
                 cancel.append((max(err), node, out_hi, err))
     # Precision: a budget of the worst nodes, not every node that crosses the tolerance.
     budget = max(1, int(CANCEL_BUDGET * len(graph.nodes)))
@@ -138,7 +139,7 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
         info = {"op": node.op, "reason": f"precision: {dtype} {why} costs {score:.2g} of the output range",
                 "range": out_hi, "relative_error": score}
         keep.setdefault(node.name, info)
-        if e_in > CANCEL_TOLERANCE:  # the rounding happens where the input is made: keep that producer too
+        if e_in > CANCEL_ROUNDINGS * UNIT[dtype]:  # the rounding happens where the input is made: keep that producer too
             for p in _producers(node, skip):
                 keep.setdefault(p.name, {**info, "op": p.op, "reason": info["reason"] + f" (feeds {node.name})"})
     if len(cancel) > budget:
