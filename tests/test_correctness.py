@@ -183,3 +183,28 @@ def test_bn_after_relu_stays_fp32_where_fp16_costs_accuracy(tmp_path):
     assert kept["bn1"]["relative_error"] > 1e-2 and "conv2" not in kept and "fc" not in kept
     r = quantize(src, tmp_path / "int8.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=8)
     assert _cnn_cosine(src, r.path) >= 0.999
+
+
+def test_cli_convert_with_calibration_reports_fp32_nodes(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+    src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
+    r = CliRunner().invoke(main, ["convert", src, "--calib-random", "4", "--report", str(tmp_path / "r.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "4 nodes kept in fp32 by measured range" in r.output and "unet.fp16.onnx" in r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["autocast"]["kept_fp32"]["time_linear_1"]["range"] > 3e4 and rep["finite"]["checked"] is True
+    r = CliRunner().invoke(main, ["convert", src, "-o", str(tmp_path / "blind.onnx")])
+    assert r.exit_code == 0 and "ranges not checked" in r.output
+
+
+def test_a_graph_ort_cannot_load_is_an_error():
+    # Float and float16 into one Add: what the ALBERT export produced before the fix. Never an exit 0.
+    g = h.make_graph([h.make_node("Cast", ["x"], ["x16"], to=T.FLOAT16), h.make_node("Add", ["x", "x16"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [2])], [h.make_tensor_value_info("y", T.FLOAT, [2])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    with pytest.raises(OnnxoptError, match="internal error"):
+        finite.check_valid(m)
