@@ -69,8 +69,6 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     keep = shape_nodes(graph)
     keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
     chosen = precision.plan_fp32(graph, ranges, dtype, skip=keep) if ranges is not None else {}
-    if ranges is None:
-        log.warning("autocast to %s without calibration data: value ranges were not checked", dtype)
     keep |= _with_dq_feeders(graph, {id(n) for n in graph.nodes if n.name in chosen})
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
@@ -253,6 +251,8 @@ def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = N
         cdata = _calib_data(model, data, calib_random, shapes, seed)
         graph = io.import_graph(model)
         ranges = None
+        if cdata is None and dtype != "fp32":
+            log.warning("no calibration data (--calib or --calib-random N): %s value ranges were not checked", dtype)
         if cdata is not None:
             reducers = precision.range_reducers(graph)
             calib.collect_graph(graph, cdata, reducers, provider=provider, desc="measuring ranges")

@@ -28,6 +28,8 @@ _PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", 
          "Expand", "Tile", "Pad", "Relu", "MaxPool", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth", "Cast",
          "Max", "Min", "Where", "Neg", "Abs", "Dropout", "ReduceMax", "ReduceMin", "Clip", "LeakyRelu", "AveragePool",
          "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"}
+# x + c, x · c, x / c: bounded by |x| and the constant, no reduction needed.
+_SCALED = {"Add", "Mul", "Div"}
 _BOUNDED = {"Sigmoid", "Tanh", "Softmax", "LogSoftmax", "HardSigmoid", "Sin", "Cos", "Erf"}
 _SQUARES = {"Pow", "ReduceSumSquare", "ReduceL2", "LayerNormalization", "GroupNormalization", "InstanceNormalization"}
 _SUMS = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"}
@@ -46,8 +48,12 @@ def range_reducers(graph: gs.Graph) -> dict[str, list]:
     """One AbsMax per float tensor whose range can grow: merge these into the calibration pass."""
     out: dict[str, list] = {}
     for node in graph.nodes:
-        if node.op in _PASS or node.op in _BOUNDED or node.op in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op in _PASS or node.op in _BOUNDED or node.op in ("QuantizeLinear", "DequantizeLinear", "Constant"):
             continue
+        if node.op in _SCALED and _one_variable(node):
+            continue  # bounded from its input and constant (tensor_ranges)
+        if node.op == "Mul" and any(p.op in _BOUNDED for t in node.inputs for p in getattr(t, "inputs", [])):
+            continue  # gates (x · sigmoid(x)): at most |x|
         for t in node.outputs:
             if _float_var(t):
                 out.setdefault(t.name, []).append(calib.AbsMax())
@@ -55,6 +61,24 @@ def range_reducers(graph: gs.Graph) -> dict[str, list]:
         if _float_var(t):
             out.setdefault(t.name, []).append(calib.AbsMax())
     return out
+
+
+def _one_variable(node) -> bool:
+    return len(node.inputs) == 2 and sum(_const_values(t) is None for t in node.inputs) == 1
+
+
+def _const_values(t) -> np.ndarray | None:
+    """Values of a constant input: an initializer or a Constant node's output (small ones only)."""
+    if isinstance(t, gs.Constant):
+        if t.values.dtype.kind != "f" or t.values.size > 1 << 20:
+            return None
+        from .graph import read_values
+        return read_values(t)
+    p = t.inputs[0] if isinstance(t, gs.Variable) and t.inputs else None
+    if p is not None and p.op == "Constant" and isinstance(p.attrs.get("value"), gs.Constant):
+        v = p.attrs["value"].values
+        return v if v.dtype.kind == "f" and v.size <= 1 << 20 else None
+    return None
 
 
 def ranges_of(reducers: dict[str, list]) -> dict[str, float]:
@@ -81,9 +105,18 @@ def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, floa
             q = node.inputs[0]
             r[node.outputs[0].name] = float(np.max(np.abs(read_values(node.inputs[1])))) * _qmax(q.dtype)
             continue
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            c = node.attrs["value"]
+            if c.values.dtype.kind == "f" and c.values.size <= 1 << 20:
+                r[node.outputs[0].name] = float(np.max(np.abs(c.values))) if c.values.size else 0.0
+            continue
         ins = [rng(t) for t in node.inputs if t is not None]
         known = [x for x in ins if x is not None]
-        if node.op in _BOUNDED:
+        if node.op in _SCALED and len(ins) == 2 and len(known) == 2:
+            val = _scaled(node, ins)
+            if val is None:
+                continue
+        elif node.op in _BOUNDED:
             val = 1.0
         elif node.op in _PASS and known:
             val = max(known)
@@ -92,6 +125,19 @@ def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, floa
         for o in node.outputs:
             r.setdefault(o.name, val)
     return r
+
+
+def _scaled(node, ins) -> float | None:
+    a, b = ins
+    if node.op == "Add":
+        return a + b
+    if node.op == "Mul":
+        return a * b
+    c = _const_values(node.inputs[1])  # Div: x / c is at most |x| / min |c|
+    if c is None:
+        return None
+    low = float(np.min(np.abs(c))) if c.size else 0.0
+    return a / low if low > 0 else None
 
 
 def _qmax(dtype) -> float:
