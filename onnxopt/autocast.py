@@ -152,7 +152,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
         log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
     total = max(1, len(graph.nodes))
     return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
-            "fp32_share": len(keep) / total, "kept_fp32": chosen}
+            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
 
 
 def _with_dq_feeders(graph: gs.Graph, ids: set[int]) -> set[int]:

@@ -80,14 +80,15 @@ def ensure_finite(reference: onnx.ModelProto, candidate: onnx.ModelProto, data,
     outputs are non-finite and the reference's are not, call `rebuild(fp32_nodes)` with a wider FP32 set
     and check again. Returns the (possibly rebuilt) candidate and a report."""
     report = {"checked": True, "repaired_fp32_nodes": [], "batches": 0}
-    sess, emulated = check_valid(candidate, provider)
-    report["emulated"] = emulated
     if skip_run:
+        check_valid(candidate, provider)
         report["checked"] = "load only"
         return candidate, report
     feeds = list(itertools.islice(iter(data), batches))
     report["batches"] = len(feeds)
-    ref_bad = _ref_nonfinite_outputs(reference, feeds, provider)
+    ref_bad = _ref_nonfinite_outputs(reference, feeds, provider)  # first: one session alive at a time
+    sess, emulated = check_valid(candidate, provider)
+    report["emulated"] = emulated
     extra: set[str] = set()
     for _ in range(MAX_ROUNDS):
         bad = _bad_batch(sess, emulated, feeds, ref_bad)
@@ -117,11 +118,16 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild
            memory_budget_mb: int = 4096) -> tuple[onnx.ModelProto, dict]:
     """`ensure_finite` for the runner. Models whose weights exceed the memory budget (they calibrate in
     stages) get the checker only: a whole-model session would exceed the memory the run promises."""
-    if io.model_bytes(reference) > memory_budget_mb * 2**20 // 2:
+    if not runs_outputs(reference, memory_budget_mb):
         _checker(candidate)
         log.info("model above half the memory budget: checked the graph, not its outputs")
         return candidate, {"checked": "checker only (model above half the memory budget)"}
     return ensure_finite(reference, candidate, data, rebuild, provider=provider)
+
+
+def runs_outputs(reference: onnx.ModelProto, memory_budget_mb: int = 4096) -> bool:
+    """Whether `verify` will run the model (else only the checker): callers skip preparing a repair."""
+    return io.model_bytes(reference) <= memory_budget_mb * 2**20 // 2
 
 
 def _has_low(model) -> bool:

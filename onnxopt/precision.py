@@ -16,12 +16,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import calib
+from .graph import read_values
 
 log = logging.getLogger(__name__)
 
 FMAX = {"fp16": float(np.finfo(np.float16).max), "bf16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
 # Unit roundoff of each format: the relative error of rounding one value.
 UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+SENTINEL = 1e30  # |x| this large is a mask value, not data
 SAFE_FRACTION = 1 / 8  # headroom: calibration never sees the worst input
 # Ops whose output range is at most their inputs' (data movement, selection, Q/DQ) or bounded by 1.
 _PASS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split",
@@ -70,14 +72,10 @@ def _one_variable(node) -> bool:
 def _const_values(t) -> np.ndarray | None:
     """Values of a constant input: an initializer or a Constant node's output (small ones only)."""
     if isinstance(t, gs.Constant):
-        if t.values.dtype.kind != "f" or t.values.size > 1 << 20:
-            return None
-        from .graph import read_values
-        return read_values(t)
+        return _small_float(t, 1 << 20)
     p = t.inputs[0] if isinstance(t, gs.Variable) and t.inputs else None
     if p is not None and p.op == "Constant" and isinstance(p.attrs.get("value"), gs.Constant):
-        v = p.attrs["value"].values
-        return v if v.dtype.kind == "f" and v.size <= 1 << 20 else None
+        return _small_float(p.attrs["value"], 1 << 20)
     return None
 
 
@@ -88,14 +86,14 @@ def ranges_of(reducers: dict[str, list]) -> dict[str, float]:
 
 def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, float]:
     """Measured ranges completed through pass-through ops, DQ scales and constants (graph order)."""
-    from .graph import read_values
     r = dict(measured)
 
     def rng(t):
         if t is None or not t.name:
             return None
-        if t.name not in r and isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and t.values.size <= 4096:
-            r[t.name] = float(np.max(np.abs(read_values(t)))) if t.values.size else 0.0
+        v = _small_float(t, 4096) if t.name not in r and isinstance(t, gs.Constant) else None
+        if v is not None:
+            r[t.name] = float(np.max(np.abs(v))) if v.size else 0.0
         return r.get(t.name)
 
     for node in graph.toposort().nodes:
@@ -106,9 +104,9 @@ def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, floa
             r[node.outputs[0].name] = float(np.max(np.abs(read_values(node.inputs[1])))) * _qmax(q.dtype)
             continue
         if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            c = node.attrs["value"]
-            if c.values.dtype.kind == "f" and c.values.size <= 1 << 20:
-                r[node.outputs[0].name] = float(np.max(np.abs(c.values))) if c.values.size else 0.0
+            v = _small_float(node.attrs["value"], 1 << 20)
+            if v is not None:
+                r[node.outputs[0].name] = float(np.max(np.abs(v))) if v.size else 0.0
             continue
         ins = [rng(t) for t in node.inputs if t is not None]
         known = [x for x in ins if x is not None]
@@ -158,8 +156,8 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
     for node in graph.nodes:
         if id(node) in skip or node.op in ("QuantizeLinear", "DequantizeLinear", "Shape", "Size"):
             continue
-        ins = [rng.get(t.name) for t in node.inputs if t is not None and t.name and not isinstance(t, gs.Constant)]
-        outs = [rng.get(t.name) for t in node.outputs if t.name]
+        ins = _real([rng.get(t.name) for t in node.inputs if t is not None and t.name and not isinstance(t, gs.Constant)])
+        outs = _real([rng.get(t.name) for t in node.outputs if t.name])
         hi = max([x for x in ins + outs if x is not None], default=None)
         in_hi = max([x for x in ins if x is not None], default=None)
         out_hi = max([x for x in outs if x is not None], default=None)
@@ -193,6 +191,12 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
     return keep
 
 
+def _real(values: list) -> list:
+    """Ranges without mask sentinels (finfo(float32).min and the like): autocast saturates those on
+    purpose (softmax still gives 0), so they are no overflow."""
+    return [None if v is not None and v >= SENTINEL else v for v in values]
+
+
 def _producers(node, skip) -> list:
     """The nodes making `node`'s variable inputs, through value-preserving ops (Relu, Reshape...)."""
     out, todo = [], [t for t in node.inputs if isinstance(t, gs.Variable)]
@@ -217,7 +221,6 @@ def _fp16_error(node, rng: dict, out_hi: float, dtype: str) -> tuple[float, floa
         consts = node.inputs[1:5]
         if x is None or not all(isinstance(c, gs.Constant) for c in consts):
             return None
-        from .graph import read_values
         eps = node.attrs.get("epsilon", 1e-5)
         exact = [np.asarray(read_values(c), np.float64) for c in consts]
         low = np.float16 if dtype == "fp16" else ml_dtypes.bfloat16
@@ -246,15 +249,19 @@ def _reduced_length(node) -> int:
         return 1
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        axes = node.inputs[1].values.tolist()
+        axes = read_values(node.inputs[1]).tolist()
     if axes is None:
         return int(np.prod(shape))
     return int(np.prod([shape[a] for a in np.atleast_1d(axes)]))
 
 
 def _const_range(c: gs.Constant) -> float | None:
-    if c.values.dtype.kind != "f" or c.values.size > 1 << 20:
+    v = _small_float(c, 1 << 20)
+    return None if v is None else (float(np.max(np.abs(v))) if v.size else 0.0)
+
+
+def _small_float(c: gs.Constant, limit: int) -> np.ndarray | None:
+    """Values of a float constant of at most `limit` elements (read lazily, never for big weights)."""
+    if c.dtype is None or np.dtype(c.dtype).kind != "f" or int(np.prod(c.shape or ())) > limit:
         return None
-    from .graph import read_values
-    v = read_values(c)
-    return float(np.max(np.abs(v))) if v.size else 0.0
+    return np.asarray(read_values(c), np.float64)

@@ -168,7 +168,8 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
 
     t = time.perf_counter()
     ranges = ranges if config.mode != "int4" else None  # INT4 calibrates elsewhere: the finite check covers it
-    before_autocast = io.export_graph(graph, opset=MIN_OPSET[config.mode])  # for the finite repair (issue 10)
+    # The graph before autocast, for the finite repair (issue 10); big models get the checker only.
+    before_autocast = io.export_graph(graph, opset=MIN_OPSET[config.mode]) if finite.runs_outputs(fp32, config.memory_budget_mb) else None
     # Range-aware autocast (issue 10): W8A8 measured the ranges in its calibration pass; INT4 relies on the finite check.
     report["autocast"] = autocast.to_low_precision(graph, config.high_precision, io_dtype=config.io_dtype,
                                                    keep_fp32_ops=config.keep_fp32_ops,
@@ -179,9 +180,11 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
     gc.collect()  # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
     # Finite-output guarantee (issue 10): valid graph, finite where FP32 is; widen the FP32 region if not.
     t = time.perf_counter()
-    out, report["finite"] = finite.verify(fp32, out, data, autocast.reconverter(
+    rebuild = None if before_autocast is None else autocast.reconverter(
         before_autocast, config.high_precision, io_dtype=config.io_dtype, keep_fp32_ops=config.keep_fp32_ops,
-        ranges=ranges, opset=MIN_OPSET[config.mode]), provider=config.provider, memory_budget_mb=config.memory_budget_mb)
+        ranges=ranges, opset=MIN_OPSET[config.mode])
+    out, report["finite"] = finite.verify(fp32, out, data, rebuild, provider=config.provider,
+                                          memory_budget_mb=config.memory_budget_mb)
     del before_autocast
     timings["finite_check"] = time.perf_counter() - t
     path = None
