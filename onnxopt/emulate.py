@@ -17,6 +17,10 @@ from .autocast import fp32_view
 log = logging.getLogger(__name__)
 
 LOW = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# Ops whose outputs are input values (moved, selected or sign-changed): already in the format, no rounding.
+EXACT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split",
+         "Expand", "Tile", "Pad", "Relu", "MaxPool", "Max", "Min", "Where", "Neg", "Abs", "DepthToSpace",
+         "SpaceToDepth", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Dropout", "GatherElements", "GatherND"}
 
 
 def low_tensors(model: onnx.ModelProto) -> dict[str, int]:
@@ -45,7 +49,7 @@ def emulated_view(model: onnx.ModelProto) -> onnx.ModelProto:
     for n in g.node:
         renamed = []
         for i, o in enumerate(n.output):
-            if o in lows and o:
+            if o in lows and o and n.op_type not in EXACT:
                 raw = f"{o}__emu_raw"
                 n.output[i] = raw
                 renamed.append((raw, o, lows[o]))
@@ -55,6 +59,6 @@ def emulated_view(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(helper.make_node("Cast", [f"{o}__emu_low"], [o], name=f"{o}__emu_back", to=TensorProto.FLOAT))
     del g.node[:]
     g.node.extend(nodes)
-    del g.value_info[:]  # stale types (the view relabelled them); ORT infers its own
+    del g.value_info[:]  # stale types (the view relabelled them)
     log.debug("emulating %d low-precision tensors (%d graph outputs)", len(lows), len(outputs & set(lows)))
-    return m
+    return io.infer_shapes(m)  # typed value_info: ORT resolves a big graph several times faster
