@@ -27,16 +27,14 @@ _PROTO_LIMIT = 1_800_000_000
 def check_valid(model: onnx.ModelProto, provider: str = "cpu"):
     """onnx checker with full type inference, then an ORT_DISABLE_ALL session (the exact emulation where
     the provider cannot run the low-precision graph). Returns (session, emulated). A failure is a bug."""
-    _checker(model)
-    try:
-        sess = ortx.session(model, provider=provider, level="disable")
-    except OnnxoptError as e:
-        if not _has_low(model) or not _missing_kernel(str(e)):
-            raise OnnxoptError(f"internal error: the written graph does not load: {e}; please report it") from None
-        log.info("the provider cannot run this graph natively (%s)", e)
+    _checker(model)  # catches what ORT refuses (mixed float/float16 type parameters) without a session
     if not _has_low(model):
-        return sess, False
-    # CPU FP16 kernels may compute in FP32 and hide a GPU's overflow: check the exact emulation instead.
+        try:
+            return ortx.session(model, provider=provider, level="disable"), False
+        except OnnxoptError as e:
+            raise OnnxoptError(f"internal error: the written graph does not load: {e}; please report it") from None
+    # CPU FP16 kernels may compute in FP32 and hide a GPU's overflow, and BF16 has no CPU kernels:
+    # run the exact emulation instead.
     from .emulate import emulated_view
     try:
         return ortx.session(emulated_view(model), provider=provider, level="disable"), True
@@ -67,10 +65,6 @@ def _checker(model: onnx.ModelProto) -> None:
             return
         raise OnnxoptError(f"internal error: the written graph fails the onnx checker ({_line(e)}); "
                            "please report it with the model") from None
-
-
-def _missing_kernel(msg: str) -> bool:
-    return "NOT_IMPLEMENTED" in msg or "Could not find an implementation" in msg or "tensor(bfloat16)" in msg
 
 
 def ensure_finite(reference: onnx.ModelProto, candidate: onnx.ModelProto, data,
