@@ -208,3 +208,15 @@ def test_a_graph_ort_cannot_load_is_an_error():
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     with pytest.raises(OnnxoptError, match="internal error"):
         finite.check_valid(m)
+
+
+def test_bf16_result_can_be_compared(tmp_path):
+    # ORT's CPU provider has no BF16 Conv: compare and the finite check run the exact emulation.
+    src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
+    r = quantize(src, tmp_path / "bf16.onnx", config=QuantConfig(mode="fp8", high_precision="bf16", progress=False),
+                 calib_random=4)
+    assert r.report["finite"]["emulated"] is True
+    with pytest.raises(OnnxoptError):
+        ort.session(io.load(r.path))  # the real BF16 graph (for TensorRT) does not load on CPU
+    res = compare(src, r.path, n_random=2)
+    assert res["y"]["cosine"] >= 0.99
