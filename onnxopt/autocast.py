@@ -127,10 +127,23 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     for t in graph.inputs:
         if io_dtype == dtype and _is_f32(t):
             t.dtype = low
+    casts += _restore_output_dtypes(graph, orig_outputs, io_dtype == dtype, unique)
+    graph.cleanup().toposort()
+    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
+    for name, why in chosen.items():
+        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
+    total = max(1, len(graph.nodes))
+    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
+            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+
+
+def _restore_output_dtypes(graph: gs.Graph, orig_outputs: dict, low_io: bool, unique) -> int:
+    """Graph outputs get back the dtype the user had (a Cast from the internal tensor). Returns the casts added."""
+    casts = 0
     new_outputs = []
     for t in graph.outputs:
         orig = orig_outputs[t.name]
-        if io_dtype == dtype or orig is None or _dtype(t) == np.dtype(orig):
+        if low_io or orig is None or _dtype(t) == np.dtype(orig):
             new_outputs.append(t)
             continue
         inner = gs.Variable(unique(f"{t.name}_{np.dtype(_dtype(t)).name}"), dtype=_dtype(t), shape=t.shape)
@@ -146,13 +159,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
         casts += 1
         new_outputs.append(t)
     graph.outputs = new_outputs
-    graph.cleanup().toposort()
-    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
-    for name, why in chosen.items():
-        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
-    total = max(1, len(graph.nodes))
-    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
-            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+    return casts
 
 
 def _with_dq_feeders(graph: gs.Graph, ids: set[int]) -> set[int]:
