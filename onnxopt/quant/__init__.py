@@ -158,6 +158,7 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
                                                memory_budget_mb=config.memory_budget_mb, progress=config.progress)
         timings["sparsify"] = time.perf_counter() - t
 
+    ranges = None  # INT4 calibrates elsewhere: the finite check covers it (issue 10)
     if config.mode == "int4":
         from . import int4
         t = time.perf_counter()
@@ -167,7 +168,6 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
         ranges = _quantize_w8a8(graph, data, config, report)
 
     t = time.perf_counter()
-    ranges = ranges if config.mode != "int4" else None  # INT4 calibrates elsewhere: the finite check covers it
     # The graph before autocast, for the finite repair (issue 10); big models get the checker only.
     before_autocast = io.export_graph(graph, opset=MIN_OPSET[config.mode]) if finite.runs_outputs(fp32, config.memory_budget_mb) else None
     # Range-aware autocast (issue 10): W8A8 measured the ranges in its calibration pass; INT4 relies on the finite check.
