@@ -30,14 +30,14 @@ def check_valid(model: onnx.ModelProto, provider: str = "cpu"):
     _checker(model)  # catches what ORT refuses (mixed float/float16 type parameters) without a session
     if not _has_low(model):
         try:
-            return ortx.session(model, provider=provider, level="disable"), False
+            return ortx.session(model, provider=provider, level="disable", lean=True), False
         except OnnxoptError as e:
             raise OnnxoptError(f"internal error: the written graph does not load: {e}; please report it") from None
     # CPU FP16 kernels may compute in FP32 and hide a GPU's overflow, and BF16 has no CPU kernels:
     # run the exact emulation instead.
     from .emulate import emulated_view
     try:
-        return ortx.session(emulated_view(model), provider=provider, level="disable"), True
+        return ortx.session(emulated_view(model), provider=provider, level="disable", lean=True), True
     except OnnxoptError as e2:
         raise OnnxoptError(f"internal error: the written graph does not load: {e2}; please report it") from None
 
@@ -114,14 +114,14 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild
     stages) get the checker only: a whole-model session would exceed the memory the run promises."""
     if not runs_outputs(reference, memory_budget_mb):
         _checker(candidate)
-        log.info("model above half the memory budget: checked the graph, not its outputs")
-        return candidate, {"checked": "checker only (model above half the memory budget)"}
+        log.info("model above a quarter of the memory budget: checked the graph, not its outputs")
+        return candidate, {"checked": "checker only (model above a quarter of the memory budget)"}
     return ensure_finite(reference, candidate, data, rebuild, provider=provider)
 
 
 def runs_outputs(reference: onnx.ModelProto, memory_budget_mb: int = 4096) -> bool:
     """Whether `verify` will run the model (else only the checker): callers skip preparing a repair."""
-    return io.model_bytes(reference) <= memory_budget_mb * 2**20 // 2
+    return io.model_bytes(reference) <= memory_budget_mb * 2**20 // 4  # the emulation holds FP32 weights: 2x
 
 
 def _has_low(model) -> bool:
@@ -145,7 +145,7 @@ def _feed_for(sess, feed, emulated):
 
 
 def _ref_nonfinite_outputs(reference, feeds, provider) -> list[set]:
-    sess = ortx.session(reference, provider=provider, level="disable")
+    sess = ortx.session(reference, provider=provider, level="disable", lean=True)
     names = [o.name for o in sess.get_outputs()]
     res = []
     for feed in feeds:
@@ -183,7 +183,7 @@ def first_nonfinite(candidate: onnx.ModelProto, feed: dict, emulated: bool, prov
     g.node.extend(nodes)
     for _, _, s in probes:
         g.output.append(onnx.ValueInfoProto(name=s))
-    sess = ortx.session(m, provider=provider, level="disable")
+    sess = ortx.session(m, provider=provider, level="disable", lean=True)
     got = dict(zip([s for _, _, s in probes], sess.run([s for _, _, s in probes], _feed_for(sess, feed, emulated))))
     consumers: dict[str, list] = {}
     for n in candidate.graph.node:
