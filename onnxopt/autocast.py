@@ -212,11 +212,23 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
 
 
 # ---------------------------------------------------------------- FP32 view for evaluation
-def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider."""
+def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.ModelProto:
+    """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider.
+    `cast_weights`: the main graph's FP16/BF16 initializers stay as they are behind a Cast to FP32
+    (exact, and no FP32 copy of the weights in memory)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     lows = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    if cast_weights:
+        casts = []
+        for t in m.graph.initializer:
+            if t.data_type in lows:
+                name = t.name
+                t.name = f"{name}__low"
+                casts.append(helper.make_node("Cast", [t.name], [name], name=f"{name}__to_fp32", to=TensorProto.FLOAT))
+        nodes = casts + list(m.graph.node)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
 
     def fix_tensor(t):
         if t.data_type in lows:
@@ -225,7 +237,8 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
     def walk(g):
         for t in g.initializer:
-            fix_tensor(t)
+            if not (cast_weights and g is m.graph):
+                fix_tensor(t)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type in lows:
                 vi.type.tensor_type.elem_type = TensorProto.FLOAT

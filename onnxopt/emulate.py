@@ -42,7 +42,7 @@ def low_tensors(model: onnx.ModelProto) -> dict[str, int]:
 def emulated_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """An FP32 graph that rounds each FP16/BF16 tensor of `model` to its format: runs on any provider."""
     lows = low_tensors(model)
-    m = fp32_view(model)
+    m = fp32_view(model, cast_weights=True)
     g = m.graph
     nodes = []
     outputs = {o.name for o in g.output}

@@ -80,12 +80,15 @@ def ensure_finite(reference: onnx.ModelProto, candidate: onnx.ModelProto, data,
         return candidate, report
     feeds = list(itertools.islice(iter(data), batches))
     report["batches"] = len(feeds)
-    ref_bad = _ref_nonfinite_outputs(reference, feeds, provider)  # first: one session alive at a time
     sess, emulated = check_valid(candidate, provider)
     report["emulated"] = emulated
+    ref_bad = None  # the FP32 model runs only once the result is not finite: no second session otherwise
     extra: set[str] = set()
     for _ in range(MAX_ROUNDS):
         bad = _bad_batch(sess, emulated, feeds, ref_bad)
+        if bad is not None and ref_bad is None:
+            ref_bad = _ref_nonfinite_outputs(reference, feeds, provider)
+            bad = _bad_batch(sess, emulated, feeds, ref_bad)
         if bad is None:
             if extra:
                 log.warning("kept %d more nodes in fp32 to get finite outputs: %s", len(extra), ", ".join(sorted(extra)[:8]))
@@ -159,7 +162,7 @@ def _bad_batch(sess, emulated, feeds, ref_bad) -> int | None:
     for i, feed in enumerate(feeds):
         outs = sess.run(names, _feed_for(sess, feed, emulated))
         for n, a in zip(names, outs):
-            if a.dtype.kind == "f" and n not in ref_bad[i] and not np.all(np.isfinite(a)):
+            if a.dtype.kind == "f" and (ref_bad is None or n not in ref_bad[i]) and not np.all(np.isfinite(a)):
                 return i
     return None
 
