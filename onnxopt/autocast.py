@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
 from . import io, precision
+from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
 
@@ -259,45 +260,64 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
 # ---------------------------------------------------------------- file-level API
 def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
             data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
-            provider: str = "cpu", verify: bool = True, report: dict | None = None) -> Path:
+            provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
     With calibration data (`data`: path or CalibData, or `calib_random` samples) the FP32 region follows
-    measured ranges and the written graph is checked for finite outputs (see onnxopt.finite)."""
+    measured ranges and the written graph is checked for finite outputs (see onnxopt.finite). Without
+    data, a few generated samples serve where the input shapes are known; `measure=False` skips ranges."""
     from . import calib, finite
     io.check_output_path(output, model_path)
     report = {} if report is None else report
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
         model = io.infer_shapes(io.externalize_if_large(io.load(model_path), work))
-        cdata = _calib_data(model, data, calib_random, shapes, seed)
+        cdata = _calib_data(model, data, calib_random, shapes, seed, report) if measure else None
         graph = io.import_graph(model)
         ranges = None
-        if cdata is None and dtype != "fp32":
-            log.warning("no calibration data (--calib or --calib-random N): %s value ranges were not checked", dtype)
         if cdata is not None:
             reducers = precision.range_reducers(graph)
-            calib.collect_graph(graph, cdata, reducers, provider=provider, desc="measuring ranges")
-            ranges = precision.ranges_of(reducers)
+            try:
+                calib.collect_graph(graph, cdata, reducers, provider=provider, desc="measuring ranges")
+                ranges = precision.ranges_of(reducers)
+            except OnnxoptError as e:
+                if report.get("calibration") != "generated":
+                    raise
+                log.warning("generated samples do not run (%s); pass --calib", e)
+                cdata = None
+        if ranges is None and dtype != "fp32":
+            log.warning("no calibration data (--calib, or --calib-random N with --shapes for dynamic inputs): "
+                        "%s value ranges were not checked", dtype)
         report["autocast"] = to_low_precision(graph, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges)
         out = io.export_graph(graph)
         del graph
         gc.collect()  # graphsurgeon graphs are cyclic: free the converted arrays before saving
         if verify and cdata is not None:
-            out, report["finite"] = finite.ensure_finite(model, out, cdata, reconverter(model, dtype, io_dtype=io_dtype,
-                                                         keep_fp32_ops=keep_fp32_ops, ranges=ranges), provider=provider)
+            out, report["finite"] = finite.verify(model, out, cdata, reconverter(model, dtype, io_dtype=io_dtype,
+                                                  keep_fp32_ops=keep_fp32_ops, ranges=ranges), provider=provider)
         del model
         return io.save(out, output, input_path=model_path)
 
 
-def _calib_data(model, data, calib_random, shapes, seed):
+DEFAULT_RANDOM = 2  # samples generated when convert gets no data (static input shapes, or --shapes)
+
+
+def _calib_data(model, data, calib_random, shapes, seed, report):
     from . import calib
     if isinstance(data, calib.CalibData):
         return data
     specs = calib.input_specs(model)
     if data is not None:
+        report["calibration"] = str(data)
         return calib.CalibData.from_path(data, specs)
     if calib_random:
+        report["calibration"] = f"{calib_random} generated samples"
         return calib.CalibData.random(specs, calib_random, seed=seed, shapes=shapes)
-    return None
+    try:  # no data given: generated samples still find the overflows that weights alone cause
+        d = calib.CalibData.random(specs, DEFAULT_RANDOM, seed=seed, shapes=shapes)
+        report["calibration"] = "generated"
+        return d
+    except OnnxoptError as e:
+        log.info("cannot generate samples (%s)", e)
+        return None
 
 
 def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None):

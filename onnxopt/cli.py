@@ -184,7 +184,7 @@ def _extra_quant_fields(extra: dict) -> dict:
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--calib", "calib_path", type=click.Path(), help="Calibration data (.npz/.npy/directory): measured ranges decide what stays FP32, and the result is checked for finite outputs.")
-@click.option("--calib-random", type=int, help="Measure ranges on N generated samples instead.")
+@click.option("--calib-random", type=int, help="Measure ranges on N generated samples instead (default: 2 when the input shapes are static).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random.")
 @click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="ONNX Runtime provider for the range measurement and the finite check.")
@@ -202,7 +202,8 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops, calib_path, calib_ran
         _write_json(report_path, report)
     ac = report.get("autocast", {})
     kept = len(ac.get("kept_fp32", {}))
-    checked = f"{kept} nodes kept in fp32 by measured range" if ac.get("ranges_checked") else "ranges not checked (no --calib)"
+    checked = (f"{kept} nodes kept in fp32 by measured range" if ac.get("ranges_checked")
+               else "ranges not checked (no --calib; dynamic inputs need --calib-random N --shapes)")
     click.echo(f"converted to {dtype}, {checked} ({100 * ac.get('fp32_share', 0):.1f}% of nodes fp32); wrote {path}")
 
 

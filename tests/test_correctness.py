@@ -78,7 +78,7 @@ def _emulated_metrics(src, cand, feeds):
 
 def test_overflow_unet_convert_fp16_is_finite_with_ranges(tmp_path):
     src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
-    blind = autocast.convert(src, tmp_path / "blind.onnx", verify=False)
+    blind = autocast.convert(src, tmp_path / "blind.onnx", measure=False, verify=False)
     assert not _emulated_metrics(src, blind, _feeds())[1]  # without ranges the conditioning MLP overflows
     report = {}
     out = autocast.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
@@ -175,7 +175,7 @@ def _cnn_cosine(src, cand, n=8):
 
 def test_bn_after_relu_stays_fp32_where_fp16_costs_accuracy(tmp_path):
     src = tiny.save(bn_after_relu_cnn(), tmp_path / "cnn.onnx")
-    blind = _cnn_cosine(src, autocast.convert(src, tmp_path / "blind.onnx", verify=False))
+    blind = _cnn_cosine(src, autocast.convert(src, tmp_path / "blind.onnx", measure=False, verify=False))
     report = {}
     out = autocast.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
     assert blind < 0.9995 and _cnn_cosine(src, out) >= 0.9999
@@ -197,7 +197,11 @@ def test_cli_convert_with_calibration_reports_fp32_nodes(tmp_path):
     assert "4 nodes kept in fp32 by measured range" in r.output and "unet.fp16.onnx" in r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["autocast"]["kept_fp32"]["time_linear_1"]["range"] > 3e4 and rep["finite"]["checked"] is True
-    r = CliRunner().invoke(main, ["convert", src, "-o", str(tmp_path / "blind.onnx")])
+    # No data: static input shapes get generated samples; dynamic ones without --shapes are not checked.
+    r = CliRunner().invoke(main, ["convert", src, "-o", str(tmp_path / "gen.onnx"), "-q"])
+    assert r.exit_code == 0 and "4 nodes kept in fp32 by measured range" in r.output
+    dyn = tiny.save(tiny.transformer(), tmp_path / "dyn.onnx")
+    r = CliRunner().invoke(main, ["convert", dyn, "-o", str(tmp_path / "dyn16.onnx")])
     assert r.exit_code == 0 and "ranges not checked" in r.output
 
 
