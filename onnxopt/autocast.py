@@ -213,6 +213,9 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
 
 
 # ---------------------------------------------------------------- FP32 view for evaluation
+_CAST_WEIGHT_MIN = 1 << 18  # elements: bigger weights stay low precision behind a Cast in fp32_view(cast_weights)
+
+
 def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.ModelProto:
     """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider.
     `cast_weights`: the main graph's FP16/BF16 initializers stay as they are behind a Cast to FP32
@@ -223,7 +226,7 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
     if cast_weights:
         casts = []
         for t in m.graph.initializer:
-            if t.data_type in lows:
+            if t.data_type in lows and int(np.prod(t.dims)) >= _CAST_WEIGHT_MIN:  # small ones: converted below
                 name = t.name
                 t.name = f"{name}__low"
                 casts.append(helper.make_node("Cast", [t.name], [name], name=f"{name}__to_fp32", to=TensorProto.FLOAT))
@@ -238,7 +241,7 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
 
     def walk(g):
         for t in g.initializer:
-            if not (cast_weights and g is m.graph):
+            if not (cast_weights and g is m.graph and t.name.endswith("__low")):
                 fix_tensor(t)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type in lows:
