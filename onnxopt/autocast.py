@@ -68,9 +68,10 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     low = DTYPES[dtype]
     low_onnx = _ONNX[dtype]
     keep = shape_nodes(graph)
-    keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    named = {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    keep |= named
     chosen = precision.plan_fp32(graph, ranges, dtype, skip=keep) if ranges is not None else {}
-    keep |= _with_dq_feeders(graph, {id(n) for n in graph.nodes if n.name in chosen})
+    keep |= _with_dq_feeders(graph, named | {id(n) for n in graph.nodes if n.name in chosen})
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
     unique = lambda base: _unique(base, names)  # noqa: E731
@@ -323,12 +324,13 @@ def _calib_data(model, data, calib_random, shapes, seed, report):
         return None
 
 
-def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None):
+def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None,
+                keep_fp32_nodes=()):
     """For the finite repair (finite.ensure_finite): `model` (the graph before autocast) converted again
     with more nodes kept in FP32."""
     def run(extra_fp32: set[str]) -> onnx.ModelProto:
         g = io.import_graph(model)
         to_low_precision(g, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges,
-                         keep_fp32_nodes=tuple(extra_fp32))
+                         keep_fp32_nodes=tuple(keep_fp32_nodes) + tuple(extra_fp32))
         return io.export_graph(g, opset=opset)
     return run

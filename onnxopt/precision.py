@@ -154,7 +154,12 @@ def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=froz
     keep: dict[str, dict] = {}
     cancel: list[tuple[float, str, float]] = []
     for node in graph.nodes:
-        if id(node) in skip or node.op in ("QuantizeLinear", "DequantizeLinear", "Shape", "Size"):
+        if id(node) in skip or node.op in ("DequantizeLinear", "Shape", "Size"):
+            continue
+        if node.op == "QuantizeLinear":  # its input must reach it unclipped: FP32 when FP16 would overflow
+            x = _real([rng.get(node.inputs[0].name)])[0]
+            if x is not None and x > safe:
+                keep[node.name] = {"op": node.op, "reason": f"range {x:.4g} exceeds {safe:.4g}", "range": x}
             continue
         ins = _real([rng.get(t.name) for t in node.inputs if t is not None and t.name and not isinstance(t, gs.Constant)])
         outs = _real([rng.get(t.name) for t in node.outputs if t.name])

@@ -34,7 +34,7 @@ def test_output_read_internally_keeps_user_dtype_and_loads(tmp_path, mode, floor
         assert m["cosine"] >= floor, (name, m)
 
 
-def overflow_unet(w_scale: float = 5000.0):
+def overflow_unet(w_scale: float = 5000.0, batch: int = 1):
     """A UNet-like block whose conditioning MLP has real-model-sized weights: its first Gemm reaches tens of
     thousands (FP16 overflows to inf, NaN downstream), the second brings it back to O(1)."""
     rng = np.random.default_rng(3)
@@ -42,7 +42,7 @@ def overflow_unet(w_scale: float = 5000.0):
     inits = [nh.from_array(f(128, 32, k=w_scale), "t_w1"), nh.from_array(f(128, k=10.0) + 3e4, "t_b1"),
              nh.from_array(f(64, 128, k=2e-5), "t_w2"), nh.from_array(f(64, k=0.1), "t_b2"),
              nh.from_array(f(64, 32, 3, 3, k=0.06), "c1_w"), nh.from_array(f(64, k=0.1), "c1_b"),
-             nh.from_array(f(32, 64, 3, 3, k=0.04), "c2_w"), nh.from_array(np.array([1, 64, 1, 1], np.int64), "emb_shape")]
+             nh.from_array(f(32, 64, 3, 3, k=0.04), "c2_w"), nh.from_array(np.array([batch, 64, 1, 1], np.int64), "emb_shape")]
     nodes = [
         h.make_node("Gemm", ["temb", "t_w1", "t_b1"], ["e1"], name="time_linear_1", transB=1),
         h.make_node("Sigmoid", ["e1"], ["e1s"], name="time_sigmoid"),
@@ -54,18 +54,18 @@ def overflow_unet(w_scale: float = 5000.0):
         h.make_node("Relu", ["h2"], ["h3"], name="act"),
         h.make_node("Conv", ["h3", "c2_w"], ["y"], name="conv_out", pads=[1, 1, 1, 1]),
     ]
-    g = h.make_graph(nodes, "unet", [h.make_tensor_value_info("x", T.FLOAT, [1, 32, 8, 8]),
-                                      h.make_tensor_value_info("temb", T.FLOAT, [1, 32])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, 32, 8, 8])], inits)
+    g = h.make_graph(nodes, "unet", [h.make_tensor_value_info("x", T.FLOAT, [batch, 32, 8, 8]),
+                                      h.make_tensor_value_info("temb", T.FLOAT, [batch, 32])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [batch, 32, 8, 8])], inits)
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     m.ir_version = 8
     return m
 
 
-def _feeds(n=4, seed=11):
+def _feeds(n=4, seed=11, batch=1):
     rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32),
-             "temb": rng.standard_normal((1, 32)).astype(np.float32)} for _ in range(n)]
+    return [{"x": rng.standard_normal((batch, 32, 8, 8)).astype(np.float32),
+             "temb": rng.standard_normal((batch, 32)).astype(np.float32)} for _ in range(n)]
 
 
 def _emulated_metrics(src, cand, feeds):
@@ -96,6 +96,19 @@ def test_overflow_unet_default_fp8_is_finite(tmp_path):
     m, finite = _emulated_metrics(src, r.path, _feeds())
     assert finite and m["cosine"] >= 0.99
     assert r.report["coverage"]["quantized"] == 2 and "time_linear_1" in r.report["autocast"]["kept_fp32"]
+
+
+@pytest.mark.parametrize("mode,floor", [("fp8", 0.995), ("int8", 0.999)])
+def test_quantized_layers_on_the_overflow_path_stay_fp32(tmp_path, mode, floor):
+    # Batch 16: the conditioning Gemms are quantized too. Their Q must see the unclipped FP32 input, and the
+    # second Gemm's tiny weight scales (below FP16's normal range) stay FP32 instead of clamping weights to 0.
+    src = tiny.save(overflow_unet(batch=16), tmp_path / "unet.onnx")
+    r = quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=4)
+    assert r.report["coverage"]["quantized"] == 4 and r.report["fp32_scale_layers"] == ["time_linear_2"]
+    kept = r.report["autocast"]["kept_fp32"]
+    assert [v["range"] > 3e4 for k, v in kept.items() if v["op"] == "QuantizeLinear"] == [True]
+    m, finite = _emulated_metrics(src, r.path, _feeds(batch=16))
+    assert finite and m["cosine"] >= floor
 
 
 def test_finite_check_repairs_by_widening_fp32(tmp_path):

@@ -172,8 +172,8 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
     before_autocast = io.export_graph(graph, opset=MIN_OPSET[config.mode]) if finite.runs_outputs(fp32, config.memory_budget_mb) else None
     # Range-aware autocast (issue 10): W8A8 measured the ranges in its calibration pass; INT4 relies on the finite check.
     report["autocast"] = autocast.to_low_precision(graph, config.high_precision, io_dtype=config.io_dtype,
-                                                   keep_fp32_ops=config.keep_fp32_ops,
-                                                   ranges=ranges)
+                                                   keep_fp32_ops=config.keep_fp32_ops, ranges=ranges,
+                                                   keep_fp32_nodes=tuple(report.get("fp32_scale_layers", ())))
     timings["autocast"] = time.perf_counter() - t
     out = io.export_graph(graph, opset=MIN_OPSET[config.mode])
     del graph  # the exported protobuf now owns the weights; keep one copy
@@ -182,7 +182,7 @@ def _quantize(model, output, config, data, calib_random, seed, shapes, work, t0)
     t = time.perf_counter()
     rebuild = None if before_autocast is None else autocast.reconverter(
         before_autocast, config.high_precision, io_dtype=config.io_dtype, keep_fp32_ops=config.keep_fp32_ops,
-        ranges=ranges, opset=MIN_OPSET[config.mode])
+        ranges=ranges, opset=MIN_OPSET[config.mode], keep_fp32_nodes=tuple(report.get("fp32_scale_layers", ())))
     out, report["finite"] = finite.verify(fp32, out, data, rebuild, provider=config.provider,
                                           memory_budget_mb=config.memory_budget_mb)
     del before_autocast
@@ -256,6 +256,8 @@ def _quantize_w8a8(graph: gs.Graph, data: calib.CalibData, config: QuantConfig, 
         node.inputs[idx] = done[key]
     timings["qdq"] = time.perf_counter() - t
     report["layers"] = {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes}
+    # Layers whose weight scales underflow FP16 stay FP32 (issue 10): autocast reads this list.
+    report["fp32_scale_layers"] = [n for n, info in layers.items() if "fp32_scale" in info]
     report["activations"] = {k: float(v) for k, v in amax.items()}
     report["skipped"] = plan.skipped
     report["coverage"] = {"quantized": len(plan.nodes), "skipped": len(plan.skipped)}
