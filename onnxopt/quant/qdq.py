@@ -52,10 +52,10 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=reduce_axes) if w.ndim > 1 else np.abs(w)
     raw = np.where(amax > 0, amax / f.QMAX, 1.0)
-    # Scales below FP16's normal range clamp (weights to ~0). Where that holds a real share of the weights
-    # (not just dead channels), the scales stay FP32 and so does the layer (issue 10).
+    # Scales below FP16's normal range clamp (weights to ~0). Where that holds most of the weight energy
+    # (most of the layer, not a few weak channels), the scales stay FP32 and so does the layer (issue 10).
     energy = np.square(amax.astype(np.float64))
-    underflow = high_precision == "fp16" and float(energy[raw < _FP16_TINY].sum()) > 0.01 * float(energy.sum())
+    underflow = high_precision == "fp16" and float(energy[raw < _FP16_TINY].sum()) > 0.5 * float(energy.sum())
     scale = round_scale(raw, "fp32" if underflow else high_precision)
     bshape = [1] * w.ndim
     bshape[axis] = -1
