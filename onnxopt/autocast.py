@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import io
+from . import io, precision
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,11 @@ def shape_nodes(graph: gs.Graph) -> set[int]:
     return nodes
 
 
-def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), keep_fp32_nodes=(),
-                     io_dtype: str | None = None) -> dict:
-    """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report."""
+def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | None = None, keep_fp32_ops=(),
+                     keep_fp32_nodes=(), io_dtype: str | None = None) -> dict:
+    """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report.
+    `ranges` (max |x| per tensor from calibration, see precision.range_reducers) keeps nodes that would
+    overflow or lose precision in FP32; without it the ranges are not checked."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown precision {dtype}")
     if dtype == "fp32":
@@ -63,7 +65,10 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     low = DTYPES[dtype]
     low_onnx = _ONNX[dtype]
     keep = shape_nodes(graph)
-    keep |= {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    named = {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
+    keep |= named
+    chosen = precision.plan_fp32(graph, ranges, dtype, skip=keep) if ranges is not None else {}
+    keep |= _with_dq_feeders(graph, named | {id(n) for n in graph.nodes if n.name in chosen})
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
     unique = lambda base: G.unique_name(base, names)  # noqa: E731
@@ -121,23 +126,51 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, keep_fp32_ops=(), 
     for t in graph.inputs:
         if io_dtype == dtype and _is_f32(t):
             t.dtype = low
+    casts += _restore_output_dtypes(graph, orig_outputs, io_dtype == dtype, unique)
+    graph.cleanup().toposort()
+    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
+    for name, why in chosen.items():
+        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
+    total = max(1, len(graph.nodes))
+    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
+            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+
+
+def _restore_output_dtypes(graph: gs.Graph, orig_outputs: dict, low_io: bool, unique) -> int:
+    """Graph outputs get back the dtype the user had (a Cast from the internal tensor). Returns the casts added."""
+    casts = 0
     new_outputs = []
     for t in graph.outputs:
         orig = orig_outputs[t.name]
-        if io_dtype == dtype or orig is None or _dtype(t) == np.dtype(orig):
+        if low_io or orig is None or _dtype(t) == np.dtype(orig):
             new_outputs.append(t)
             continue
         inner = gs.Variable(unique(f"{t.name}_{np.dtype(_dtype(t)).name}"), dtype=_dtype(t), shape=t.shape)
         for p in list(t.inputs):
             p.outputs[p.outputs.index(t)] = inner
+        # An output that later nodes also read: they keep the internal precision, only the user sees `orig`.
+        for c in list(t.outputs):
+            for i, x in enumerate(c.inputs):
+                if x is t:
+                    c.inputs[i] = inner
         t.dtype = orig
         graph.nodes.append(gs.Node("Cast", name=unique(f"{t.name}_Cast_out"), inputs=[inner], outputs=[t], attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(orig))}))
         casts += 1
         new_outputs.append(t)
     graph.outputs = new_outputs
-    graph.cleanup().toposort()
-    log.info("autocast to %s: %d casts, %d nodes kept in fp32", dtype, casts, len(keep))
-    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep)}
+    return casts
+
+
+def _with_dq_feeders(graph: gs.Graph, ids: set[int]) -> set[int]:
+    # A layer kept FP32 dequantizes straight to FP32 (no DQ -> Cast between it and its Q/DQ pair).
+    out = set(ids)
+    for node in graph.nodes:
+        if id(node) in ids:
+            for t in node.inputs:
+                for p in getattr(t, "inputs", []):
+                    if p.op == "DequantizeLinear":
+                        out.add(id(p))
+    return out
 
 
 def _dtype(t: gs.Tensor):
@@ -170,11 +203,26 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
 
 
 # ---------------------------------------------------------------- FP32 view for evaluation
-def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider."""
+_CAST_WEIGHT_MIN = 1 << 18  # elements: bigger weights stay low precision behind a Cast in fp32_view(cast_weights)
+
+
+def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.ModelProto:
+    """Copy of `model` with FP16/BF16 tensors, casts and I/O in FP32, for ORT's CPU provider.
+    `cast_weights`: the main graph's FP16/BF16 initializers stay as they are behind a Cast to FP32
+    (exact, and no FP32 copy of the weights in memory)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     lows = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    if cast_weights:
+        casts = []
+        for t in m.graph.initializer:
+            if t.data_type in lows and int(np.prod(t.dims)) >= _CAST_WEIGHT_MIN:  # small ones: converted below
+                name = t.name
+                t.name = f"{name}__low"
+                casts.append(helper.make_node("Cast", [t.name], [name], name=f"{name}__to_fp32", to=TensorProto.FLOAT))
+        nodes = casts + list(m.graph.node)
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
 
     def fix_tensor(t):
         if t.data_type in lows:
@@ -183,7 +231,8 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
     def walk(g):
         for t in g.initializer:
-            fix_tensor(t)
+            if not (cast_weights and g is m.graph and t.name.endswith("__low")):
+                fix_tensor(t)
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.tensor_type.elem_type in lows:
                 vi.type.tensor_type.elem_type = TensorProto.FLOAT
@@ -202,8 +251,32 @@ def fp32_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- file-level API
-def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=()) -> Path:
-    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`."""
+def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
+            data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
+            provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
+    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
+    With calibration data (`data`: path or CalibData, or `calib_random` samples) the FP32 region follows
+    measured ranges (a few generated samples serve where no data is given and the input shapes are static)
+    and the written graph is checked for finite outputs (onnxopt.finite). `measure=False` skips the ranges,
+    `verify=False` the check; `report`, if given, receives the run's report."""
     from .passes import Autocast  # the pipeline builds on this module; the file-level API builds on it
     from .pipeline import Runner
-    return Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops)], progress=False).run(model_path, output).path
+    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, measure_ranges=measure)], data=data,
+                    calib_random=calib_random, shapes=shapes, seed=seed, provider=provider, progress=False,
+                    check_finite=verify)
+    res = runner.run(model_path, output)
+    if report is not None:
+        report.update(res.report)
+    return res.path
+
+
+def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None,
+                keep_fp32_nodes=()):
+    """For the finite repair (finite.ensure_finite): `model` (the graph before autocast) converted again
+    with more nodes kept in FP32."""
+    def run(extra_fp32: set[str]) -> onnx.ModelProto:
+        g = io.import_graph(model)
+        to_low_precision(g, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges,
+                         keep_fp32_nodes=tuple(keep_fp32_nodes) + tuple(extra_fp32))
+        return io.export_graph(g, opset=opset)
+    return run

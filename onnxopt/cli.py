@@ -122,8 +122,8 @@ def _summary(text: str, path=None, ctx_report: dict | None = None) -> None:
     click.echo(f"{text}; wrote {path}{shown}")
 
 
-def _shared_run_options(fn):
-    """Calibration-data and ONNX Runtime options shared by quantize and sparsify (one vocabulary)."""
+def _shared_run_options(fn, exclude: bool = True):
+    """Calibration-data and ONNX Runtime options shared by quantize, sparsify and convert (one vocabulary)."""
     for opt in reversed([
         click.option("--calib", "calib_path", type=click.Path(), help=".npz (arrays keyed by input name, first axis = samples), .npy, or a directory of .npz."),
         click.option("--calib-random", type=int, help="Calibrate on N generated samples instead of --calib (smoke tests)."),
@@ -134,10 +134,10 @@ def _shared_run_options(fn):
         click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
         click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU when --provider cuda is not available instead of failing."),
         click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory in MB: weights ONNX Runtime holds at once (bigger models run in stages), whole activations fetched per pass, Hessians."),
-        click.option("--exclude", multiple=True, help="Regex on node names to leave alone (repeatable)."),
+        click.option("--exclude", multiple=True, help="Regex on node names to leave alone (repeatable).") if exclude else None,
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here."),
     ]):
-        fn = opt(fn)
+        fn = opt(fn) if opt else fn
     return fn
 
 
@@ -307,20 +307,32 @@ def _sq_alpha(value):
 @click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here.")
+@click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
+@click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
+@functools.partial(_shared_run_options, exclude=False)
 @handle_errors
-def convert(model, output, dtype, io_dtype, keep_fp32_ops, report_path):
-    """Convert MODEL to FP16 (the TensorRT baseline) or BF16."""
+def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
+            calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+    """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
+    generated samples where the input shapes are static) decide what stays FP32, and the written graph is
+    checked for finite outputs against the FP32 model."""
+    from .calib import parse_shapes
     from .passes import Autocast
     from .pipeline import Runner
-    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops))], progress=progress_enabled())
+    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
+                    data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
+                    calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
+                    allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
+                    check_finite=not no_check)
     _check_input(model)
     result = runner.run(model, output or _default_output(model, dtype))
     if report_path:
         _write_json(report_path, result.report)
     ac = result.report["autocast"]
-    _summary(f"converted to {dtype} ({ac.get('casts', 0)} casts inserted, {ac.get('fp32_nodes', 0)} nodes kept in FP32)",
-             result.path, result.report)
+    checked = (f"{len(ac.get('kept_fp32', {}))} kept in fp32 by measured range" if ac.get("ranges_checked")
+               else "ranges not checked (pass --calib, or --calib-random N --shapes for dynamic inputs)")
+    _summary(f"converted to {dtype}: {ac.get('fp32_nodes', 0)} nodes fp32 ({100 * ac.get('fp32_share', 0):.1f}%), {checked}, "
+             f"{ac.get('casts', 0)} casts", result.path, result.report)
 
 
 # ---- inspect / compare / bench / calib-data: shared bits (engineer C)

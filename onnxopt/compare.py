@@ -63,13 +63,14 @@ class _Accum:
 
 
 def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
-    """ORT_DISABLE_ALL session; FP16/BF16 graphs that the CPU provider cannot run get an FP32 view."""
+    """ORT_DISABLE_ALL session; FP16/BF16 graphs that the provider cannot run get an exact emulation
+    (FP32 compute, every low-precision tensor rounded to its format: onnxopt.emulate)."""
     try:
         return ortx.session(model, provider=provider, level="disable"), False
     except OnnxoptError as e:
-        from .autocast import fp32_view
-        log.info("evaluating an FP32 view (%s)", e)
-        return ortx.session(fp32_view(model), provider=provider, level="disable"), True
+        from .emulate import emulated_view
+        log.info("evaluating an exact FP16/BF16 emulation (%s)", e)
+        return ortx.session(emulated_view(model), provider=provider, level="disable"), True
 
 
 def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4, seed: int = 1,

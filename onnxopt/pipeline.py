@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, io, ort
+from . import autocast, calib, finite, io, ort
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,18 @@ class Context:
     progress: bool = True
     high_precision: str = "fp32"   # precision of what is not quantized (the recipe's Autocast), for scale rounding
     report: dict = field(default_factory=dict)
-    # Shared statistics between passes, e.g. "awq_clips" (AWQ -> Int4); `extra_reducers` (tensor name ->
-    # calib reducers) are merged into the Q/DQ pass's single calibration pass.
+    # Shared statistics between passes, e.g. "awq_clips" (AWQ -> Int4), "fp32_nodes" (QDQ -> Autocast);
+    # `extra_reducers` (tensor name -> calib reducers) ride on the Q/DQ pass's one calibration pass.
     stats: dict = field(default_factory=dict)
     extra_reducers: dict = field(default_factory=dict)
+    reference: onnx.ModelProto | None = None  # the FP32 source (lazy weights), for checks against it
+    opset: int = 0                            # default-domain opset of the export (0: the model's)
+    # Range-aware autocast: the quantizing pass fills these max |x| reducers in its one calibration pass
+    # when the recipe's Autocast asks for ranges (None: nobody measured them).
+    measure_ranges: bool = False
+    range_reducers: dict | None = None
+    rebuild: Callable | None = None           # Autocast's "convert again with these nodes in FP32" (finite repair)
+    check_data: calib.CalibData | None = None  # generated samples when no data was given
 
     def require_data(self, who: str) -> calib.CalibData:
         if self.data is None:
@@ -131,6 +139,7 @@ class Runner:
     allow_cpu_fallback: bool = False
     memory_budget_mb: int = 4096
     progress: bool = True
+    check_finite: bool = True               # run the written graph against the FP32 model before the save
     verify: Callable | None = None
 
     def __post_init__(self):
@@ -183,8 +192,9 @@ class Runner:
         report: dict = {"recipe": [describe(p) for p in self.recipe], "timings_s": {}}
         ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
                       provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
-                      high_precision=_high_precision(self.recipe), report=report)
-        del m, fp32
+                      high_precision=_high_precision(self.recipe), report=report, reference=fp32,
+                      opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
+        del m
         timings = report["timings_s"]
         for p in self.recipe:
             t = time.perf_counter()
@@ -196,6 +206,12 @@ class Runner:
         out = io.export_graph(ctx.graph, opset=self.min_opset or None)
         ctx.graph = None  # the exported protobuf now owns the weights; keep one copy
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
+        if self.check_finite:
+            t = time.perf_counter()
+            out, report["finite"] = self._check_finite(fp32, out, ctx)
+            timings["finite_check"] = time.perf_counter() - t
+        ctx.rebuild = None
+        del fp32
         path = None
         if output is not None:
             t = time.perf_counter()
@@ -209,6 +225,15 @@ class Runner:
             io.internalize(out)  # the work directory is about to go
         timings["total"] = time.perf_counter() - t0
         return Result(out, report, path)
+
+    def _check_finite(self, reference: onnx.ModelProto, out: onnx.ModelProto, ctx: Context):
+        """A valid graph whose outputs are finite where the FP32 model's are (onnxopt.finite): else the
+        Autocast pass's rebuild widens the FP32 region, or the run ends with one error line."""
+        data = ctx.data if ctx.data is not None else ctx.check_data
+        if data is None:
+            finite.check_valid(out, ctx.provider)
+            return out, {"checked": "load only (no data to run)"}
+        return finite.verify(reference, out, data, ctx.rebuild, provider=ctx.provider, memory_budget_mb=self.memory_budget_mb)
 
     def _data(self, model: onnx.ModelProto) -> calib.CalibData | None:
         if isinstance(self.data, calib.CalibData):

