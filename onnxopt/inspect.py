@@ -171,7 +171,9 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
             if any(flags) and not all(flags):
-                f.fp16_layers[node.name] = "only some data inputs have Q/DQ"
+                why = _int4_one_block(node) if weight_only(node) else "only some data inputs have Q/DQ"
+                if why:
+                    f.fp16_layers[node.name] = why
             if node.op == "Conv" and all(flags) and flags and int(node.attrs.get("group", 1)) > 1:
                 w, _ = G.weight_of(node.inputs[1])
                 dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
@@ -183,6 +185,24 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
             if why:
                 f.attention_unfused[node.name] = why
     return f
+
+
+def _int4_one_block(node) -> str | None:
+    """Why a weight-only INT4 layer will not get the builder's fused INT4 GEMM, or None.
+
+    TensorRT-RTX fuses the weight's DequantizeLinear only with two or more blocks along K; with one
+    (per-channel scales, or block_size >= K) it dequantizes in a kernel of its own and runs the GEMM in FP16."""
+    const, chain = G.weight_of(node.inputs[1])
+    dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
+    if const is None or dq is None or "int4" not in _type_name(const.dtype) or const.shape is None or len(const.shape) != 2:
+        return None
+    axis = int(dq.attrs.get("axis", 1)) % 2
+    bs = int(dq.attrs.get("block_size", 0))
+    trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    k = const.shape[1 if trans else 0]
+    if bs and axis == (1 if trans else 0) and bs < k:
+        return None
+    return f"INT4 weight with one block along K={k}: its DequantizeLinear runs as its own kernel, the GEMM in FP16"
 
 
 def _attention_break(sm) -> str | None:
@@ -227,6 +247,8 @@ def lint(graph: gs.Graph) -> list[str]:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
             if any(flags) and not all(flags) and not weight_only(node):
                 issues.append(f"{node.name} ({node.op}): only some data inputs have Q/DQ; TensorRT runs it unquantized")
+            elif node.name in found.fp16_layers and weight_only(node):
+                issues.append(f"{node.name} ({node.op}): {found.fp16_layers[node.name]}")
         elif node.op == "QuantizeLinear":
             outs = node.outputs[0].outputs
             if not outs or any(c.op != "DequantizeLinear" for c in outs):

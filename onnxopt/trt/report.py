@@ -332,6 +332,9 @@ def disagreements(findings, rep: dict) -> list[str]:
     missed = set(rep["fallbacks"]) - set(findings.fp16_layers)
     if missed:
         out.append(f"quantized layers the engine runs unquantized, not flagged by the lint: {sorted(missed)}")
+    wrong = set(findings.fp16_layers) & {r["name"] for r in rep["layers"] if r["quantized_kernel"]}
+    if wrong:
+        out.append(f"layers the lint says stay FP16 but the engine runs quantized: {sorted(wrong)}")
     return out
 
 
