@@ -301,3 +301,69 @@ def test_int8_depthwise_stays_fp16_and_lint_agrees(tmp_path, monkeypatch):
     rep2, issues2 = _agree(tmp_path / "q2.onnx")
     assert rep2["padding"]["depthwise_layers"] == ["dw"] and any("dw (Conv): INT8 depthwise conv" in x for x in issues2)
     assert rep2["weights"]["engine_weights_memory"] > rep["weights"]["engine_weights_memory"]
+
+
+# ---------------------------------------------------------------- INT4: one block along K does not fuse
+def int4_mlp():
+    """MatMul K=64 (one block of 128), MatMul K=256 (two), Gemm(transB) K=128 (one): the shapes of the tiny
+    SDXL UNet's attention projections and time-embedding Gemms."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: nh.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"], name="k64"), h.make_node("Relu", ["a"], ["b"], name="r"),
+             h.make_node("MatMul", ["b", "w2"], ["c"], name="k256"), h.make_node("Reshape", ["c", "shape"], ["c2"], name="flat"),
+             h.make_node("Gemm", ["c2", "w3", "b3"], ["y"], name="k128_gemm", transB=1)]
+    g = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", T.FLOAT, [2, 16, 64])], [h.make_tensor_value_info("y", T.FLOAT, [32, 64])],
+                     [w("w1", (64, 256)), w("w2", (256, 128)), w("w3", (64, 128)), w("b3", (64,)),
+                      nh.from_array(np.array([32, 128], np.int64), "shape")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_int4_one_block_split_keeps_numbers(monkeypatch):
+    """A weight with one block along K is written as two half blocks with the same scale: same outputs."""
+    import numpy as np
+    from onnxopt import ort
+    from onnxopt.quant import int4
+    assert [int4.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
+    x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
+    outs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)
+        for bs in (128, 0):
+            q = quantize(int4_mlp(), config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False), calib_random=1).model
+            dqs = {n.name: {a.name: onnx_attr(a) for a in n.attribute} for n in q.graph.node if n.op_type == "DequantizeLinear"}
+            assert len(dqs) == 3
+            if split:  # every DQ has two or more blocks along K
+                assert sorted(d.get("block_size") for d in dqs.values()) == [32, 64, 128]
+                assert not engine_findings(io.import_graph(q)).fp16_layers
+            else:
+                assert len(engine_findings(io.import_graph(q)).fp16_layers) == (2 if bs else 3)
+            outs.append(ort.session(q, level="disable").run(None, {"x": x})[0])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_array_equal(outs[1], outs[3])
+
+
+def onnx_attr(a):
+    from onnx import helper
+    return helper.get_attribute_value(a)
+
+
+@rtx_test
+def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
+    from onnxopt.quant import int4
+    io.save(int4_mlp(), tmp_path / "m.onnx")
+    for bs in (128, 0):
+        quantize(tmp_path / "m.onnx", tmp_path / f"q{bs}.onnx", config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False),
+                 calib_random=1)
+        rep, issues = _agree(tmp_path / f"q{bs}.onnx")
+        assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3 and not rep["int4_dq_kernels"]
+        assert not [x for x in issues if "INT4" in x]
+    monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
+    quantize(tmp_path / "m.onnx", tmp_path / "q1.onnx", config=QuantConfig(mode="int4", awq="none", progress=False), calib_random=1)
+    rep, issues = _agree(tmp_path / "q1.onnx")
+    assert sorted(rep["fallbacks"]) == ["k128_gemm", "k64"] and rep["quantized_in_quantized_kernels"] == 1
+    assert sorted(x.split(" ")[0] for x in issues if "one block along K" in x) == ["k128_gemm", "k64"]
