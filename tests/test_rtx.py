@@ -367,3 +367,58 @@ def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
     rep, issues = _agree(tmp_path / "q1.onnx")
     assert sorted(rep["fallbacks"]) == ["k128_gemm", "k64"] and rep["quantized_in_quantized_kernels"] == 1
     assert sorted(x.split(" ")[0] for x in issues if "one block along K" in x) == ["k128_gemm", "k64"]
+
+
+# ---------------------------------------------------------------- INT8 conv epilogues: small convs stay FP16
+def conv_chain():
+    """1x1 convs 64->64 and 64->256 (small), 256->512 and 512->512 (>= 128 Ki weights), each + bias + Clip(0, 6)."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    chans = [(64, 64), (64, 256), (256, 512), (512, 512)]
+    nodes, inits, x = [], [nh.from_array(np.float32(0), "lo"), nh.from_array(np.float32(6), "hi")], "x"
+    for i, (ci, co) in enumerate(chans):
+        inits += [nh.from_array((rng.standard_normal((co, ci, 1, 1)) / np.sqrt(ci)).astype(np.float32), f"w{i}"),
+                  nh.from_array((rng.standard_normal(co) * 0.1).astype(np.float32), f"b{i}")]
+        nodes += [h.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}"),
+                  h.make_node("Clip", [f"c{i}", "lo", "hi"], [f"y{i}" if i < 3 else "y"], name=f"clip{i}")]
+        x = f"y{i}"
+    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [1, 64, 14, 14])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 512, 14, 14])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_small_int8_convs_stay_fp16_next_to_large_ones():
+    import numpy as np
+    from onnxopt.quant import rules
+    res = quantize(conv_chain(), config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    skipped = res.report["qdq"]["skipped"]
+    assert sorted(n for n, why in skipped.items() if "separate FP32 epilogue" in why) == ["conv0", "conv1"]
+    q = {n.input[0].split("_")[0] for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"w2", "w3"} <= q and not {"w0", "w1"} & q
+    # conv2 (256x512 weights) sits exactly at the floor and is quantized; a graph of small convs only is quantized as asked
+    assert 256 * 512 == rules.MIN_INT8_CONV_WEIGHTS
+    small = quantize(tiny.cnn(), config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes={"x": (1, 3, 16, 16)})
+    assert not any("epilogue" in why for why in small.report["qdq"]["skipped"].values())
+    dq_out = {n.output[0] for n in small.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"conv1", "conv2", "conv3"} <= {n.name for n in small.model.graph.node if n.op_type == "Conv" and n.input[1] in dq_out}
+
+
+@rtx_test
+def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
+    """With the rule the INT8 engine is smaller than FP16's; with every conv INT8 (the counterfactual) each
+    small conv adds an elementwise kernel and its source, and the engine is larger."""
+    from onnxopt.quant import rules
+    io.save(conv_chain(), tmp_path / "m.onnx")
+    convert(tmp_path / "m.onnx", tmp_path / "fp16.onnx")
+    fp16 = R.engine_report_of(tmp_path / "fp16.onnx")
+    quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    rep, _ = _agree(tmp_path / "q.onnx")
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2
+    monkeypatch.setattr(rules, "MIN_INT8_CONV_WEIGHTS", 1 << 30)  # no conv counts as large: every conv INT8
+    quantize(tmp_path / "m.onnx", tmp_path / "all.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    every, _ = _agree(tmp_path / "all.onnx")
+    assert every["quantized_layers"] == 4
+    assert rep["engine_bytes"] < fp16["engine_bytes"] and rep["engine_bytes"] < every["engine_bytes"]
