@@ -242,6 +242,7 @@ def lint(graph: gs.Graph) -> list[str]:
     issues += [f"{n} (Softmax): quantized attention will not fuse: {why}" for n, why in found.attention_unfused.items()]
     issues += [f"{n} (Conv): INT8 depthwise conv: TensorRT pads it to 4 channels per group (an engine larger than FP16)"
                for n in sorted(found.depthwise_bloat)]
+    issues += _small_int8_convs(graph)
     for node in graph.nodes:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
@@ -276,6 +277,21 @@ def lint(graph: gs.Graph) -> list[str]:
                         if per_channel and not bs and axis % len(src.shape) != want:
                             issues.append(f"{node.name}: weight scale axis {axis} is not the output-channel axis {want} of {c.name}")
     return issues
+
+
+def _small_int8_convs(graph: gs.Graph) -> list[str]:
+    """INT8 convs that quant.rules.rule_int8_small_conv would leave in FP16 (small ones next to large ones)."""
+    from .quant.rules import MIN_INT8_CONV_WEIGHTS
+    convs = []
+    for n in graph.nodes:
+        const, chain = G.weight_of(n.inputs[1]) if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1 else (None, [])
+        if const is not None and const.shape is not None:
+            dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
+            convs.append((n, int(np.prod(const.shape)), dq is not None and "int8" in (_quant_type(dq) or "")))
+    if not any(w >= MIN_INT8_CONV_WEIGHTS for _, w, _ in convs):
+        return []
+    return [f"{n.name} ({n.op}): INT8 conv with {w} weights next to larger ones: TensorRT-RTX adds a separate FP32 "
+            "epilogue kernel that costs more engine bytes than INT8 saves" for n, w, int8 in convs if int8 and w < MIN_INT8_CONV_WEIGHTS]
 
 
 def inspect_path(path) -> Inspection:

@@ -415,10 +415,12 @@ def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
     convert(tmp_path / "m.onnx", tmp_path / "fp16.onnx")
     fp16 = R.engine_report_of(tmp_path / "fp16.onnx")
     quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
-    rep, _ = _agree(tmp_path / "q.onnx")
-    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2
+    rep, issues = _agree(tmp_path / "q.onnx")
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2 and not [x for x in issues if "epilogue" in x]
     monkeypatch.setattr(rules, "MIN_INT8_CONV_WEIGHTS", 1 << 30)  # no conv counts as large: every conv INT8
     quantize(tmp_path / "m.onnx", tmp_path / "all.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
-    every, _ = _agree(tmp_path / "all.onnx")
-    assert every["quantized_layers"] == 4
+    every, issues = _agree(tmp_path / "all.onnx")
+    assert every["quantized_layers"] == 4 and every["generated_kernels"] > rep["generated_kernels"]
+    monkeypatch.undo()
+    assert sorted(x.split(" ")[0] for x in lint(io.import_graph(io.load(tmp_path / "all.onnx"))) if "epilogue" in x) == ["conv0", "conv1"]
     assert rep["engine_bytes"] < fp16["engine_bytes"] and rep["engine_bytes"] < every["engine_bytes"]
