@@ -171,7 +171,9 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
             if any(flags) and not all(flags):
-                f.fp16_layers[node.name] = "only some data inputs have Q/DQ"
+                why = _int4_one_block(node) if weight_only(node) else "only some data inputs have Q/DQ"
+                if why:
+                    f.fp16_layers[node.name] = why
             if node.op == "Conv" and all(flags) and flags and int(node.attrs.get("group", 1)) > 1:
                 w, _ = G.weight_of(node.inputs[1])
                 dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
@@ -183,6 +185,24 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
             if why:
                 f.attention_unfused[node.name] = why
     return f
+
+
+def _int4_one_block(node) -> str | None:
+    """Why a weight-only INT4 layer will not get the builder's fused INT4 GEMM, or None.
+
+    TensorRT-RTX fuses the weight's DequantizeLinear only with two or more blocks along K; with one
+    (per-channel scales, or block_size >= K) it dequantizes in a kernel of its own and runs the GEMM in FP16."""
+    const, chain = G.weight_of(node.inputs[1])
+    dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
+    if const is None or dq is None or "int4" not in _type_name(const.dtype) or const.shape is None or len(const.shape) != 2:
+        return None
+    axis = int(dq.attrs.get("axis", 1)) % 2
+    bs = int(dq.attrs.get("block_size", 0))
+    trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    k = const.shape[1 if trans else 0]
+    if bs and axis == (1 if trans else 0) and bs < k:
+        return None
+    return f"INT4 weight with one block along K={k}: its DequantizeLinear runs as its own kernel, the GEMM in FP16"
 
 
 def _attention_break(sm) -> str | None:
@@ -222,11 +242,14 @@ def lint(graph: gs.Graph) -> list[str]:
     issues += [f"{n} (Softmax): quantized attention will not fuse: {why}" for n, why in found.attention_unfused.items()]
     issues += [f"{n} (Conv): INT8 depthwise conv: TensorRT pads it to 4 channels per group (an engine larger than FP16)"
                for n in sorted(found.depthwise_bloat)]
+    issues += _small_int8_convs(graph)
     for node in graph.nodes:
         if node.op in G.WEIGHT_OPS:
             flags = [_is_dq(t) for t in node.inputs[:2] if t is not None and t.name]
             if any(flags) and not all(flags) and not weight_only(node):
                 issues.append(f"{node.name} ({node.op}): only some data inputs have Q/DQ; TensorRT runs it unquantized")
+            elif node.name in found.fp16_layers and weight_only(node):
+                issues.append(f"{node.name} ({node.op}): {found.fp16_layers[node.name]}")
         elif node.op == "QuantizeLinear":
             outs = node.outputs[0].outputs
             if not outs or any(c.op != "DequantizeLinear" for c in outs):
@@ -254,6 +277,21 @@ def lint(graph: gs.Graph) -> list[str]:
                         if per_channel and not bs and axis % len(src.shape) != want:
                             issues.append(f"{node.name}: weight scale axis {axis} is not the output-channel axis {want} of {c.name}")
     return issues
+
+
+def _small_int8_convs(graph: gs.Graph) -> list[str]:
+    """INT8 convs that quant.rules.rule_int8_small_conv would leave in FP16 (small ones next to large ones)."""
+    from .quant.rules import MIN_INT8_CONV_WEIGHTS
+    convs = []
+    for n in graph.nodes:
+        const, chain = G.weight_of(n.inputs[1]) if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1 else (None, [])
+        if const is not None and const.shape is not None:
+            dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
+            convs.append((n, int(np.prod(const.shape)), dq is not None and "int8" in (_quant_type(dq) or "")))
+    if not any(w >= MIN_INT8_CONV_WEIGHTS for _, w, _ in convs):
+        return []
+    return [f"{n.name} ({n.op}): INT8 conv with {w} weights next to larger ones: TensorRT-RTX adds a separate FP32 "
+            "epilogue kernel that costs more engine bytes than INT8 saves" for n, w, int8 in convs if int8 and w < MIN_INT8_CONV_WEIGHTS]
 
 
 def inspect_path(path) -> Inspection:

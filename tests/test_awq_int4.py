@@ -82,8 +82,9 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     onnx.checker.check_model(out)
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and "w1" in n.input[0])
     attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-    assert attrs.get("block_size", 0) == block
-    assert attrs["axis"] == ((1 if block else 0) if gemm else (0 if block else 1))
+    eff = int4.fusable_block_size(k, block)  # one block along K is written as two (TensorRT fuses only those)
+    assert attrs.get("block_size", 0) == eff and eff and eff < k
+    assert attrs["axis"] == ((1 if eff else 0) if gemm else (0 if eff else 1))
     inits = {t.name: t for t in out.graph.initializer}
     packed = inits[dq.input[0]]
     assert packed.data_type == TensorProto.INT4 and len(packed.raw_data) == (w.size + 1) // 2
@@ -91,7 +92,8 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     assert q.dtype == ml_dtypes.int4
     np.testing.assert_array_equal(q.astype(np.int8), q_ref.T if gemm else q_ref)
     scale = numpy_helper.to_array(inits[dq.input[1]])
-    assert scale.shape == ((s_ref.T if block else s_ref[0]).shape if gemm else (s_ref if block else s_ref[0]).shape)
+    s_ref = s_ref if eff == block else np.repeat(s_ref[:1], 2, axis=0)
+    assert scale.shape == (s_ref.T if gemm else s_ref).shape
 
     # ORT at ORT_DISABLE_ALL computes with exactly the dequantized weight.
     feed = _feed(m)

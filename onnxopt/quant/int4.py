@@ -24,7 +24,7 @@ from . import qdq
 from .blockwise import INT8_MAX, QMAX, QMIN, block_scales, expand, fake_quant, fake_quant_int8, quantize_blocks, to_kn
 
 __all__ = ["INT8_MAX", "QMAX", "QMIN", "block_scales", "fake_quant", "fake_quant_int8", "quantize_blocks", "to_kn",
-           "select_layers", "write_weight", "quantize_int4"]
+           "select_layers", "fusable_block_size", "write_weight", "quantize_int4"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,18 @@ def _int4_constant(name: str, q: np.ndarray) -> gs.Constant:
     return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(q.astype(ml_dtypes.int4), name)))
 
 
+def fusable_block_size(k: int, block_size: int) -> int:
+    """The DequantizeLinear block size TensorRT(-RTX) fuses into its weight-only INT4 GEMM for reduction size `k`.
+
+    Its builder fuses only weights with at least two blocks along K: with one (per-channel, or K <= block
+    size) the DequantizeLinear runs as its own kernel and the GEMM in FP16 (measured on TensorRT-RTX 1.7.1:
+    K=64/128 with block 128, K=256 with block 256, per-channel at any K). One block is written as two halves
+    with the same scale. Odd K has no such split (the parser rejects its blocked INT4 weights anyway)."""
+    if (block_size and block_size < k) or k < 2 or k % 2:
+        return block_size
+    return k // 2
+
+
 def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, block_size: int, clip, high_precision: str,
                  names: set) -> tuple[gs.Variable, dict]:
     """Quantized weight + DequantizeLinear in the node's own weight layout; returns the DQ output."""
@@ -90,6 +102,10 @@ def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, bits: int, bl
         # `clip` is either per-block clip ratios, or the (values, scales) that error-feedback rounding chose.
         q, scale = clip if isinstance(clip, tuple) else quantize_blocks(w_kn, block_size, clip, high_precision)
         info = {"bits": 4, "block_size": block_size, "blocks": int(scale.shape[0])}
+        split = fusable_block_size(k, block_size)
+        if split != block_size:  # one block along K: the same scale written for two half blocks (same numbers)
+            scale, block_size = np.repeat(scale[:1], 2, axis=0), split
+            info["dq_block_size"] = split
         if block_size:
             attrs = {"axis": 1 if trans else 0, "block_size": int(block_size)}
         else:  # one block per output channel: per-axis scales

@@ -275,6 +275,9 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         "weights": {"engine_weights_memory": build_log.weights_memory, "file_quantized_bytes": wb["quantized"],
                     "file_bytes": wb["all"], "fp16_bytes": wb["fp16"],
                     "vs_fp16": round(build_log.weights_memory / wb["fp16"], 4) if build_log.weights_memory and wb["fp16"] else None},
+        # JIT-generated elementwise kernels: the engine carries ~130 KB of CUDA source for each one (an INT8
+        # conv's separate FP32 epilogue is one of them)
+        "generated_kernels": sum(k.type == "kgen" for k in build_log.kernels),
         "engine_bytes": engine_bytes,
         "dropped_targets": dict(dropped_targets or {}),
         "scale_warnings": len(scale_warnings),
@@ -312,7 +315,7 @@ def format_report(rep: dict, all_layers: bool = False) -> str:
         lines.append(f"Total Weights Memory: {w['engine_weights_memory'] / 1e6:.2f} MB (file quantized weights {w['file_quantized_bytes'] / 1e6:.2f} MB, "
                      f"FP16 weights {w['fp16_bytes'] / 1e6:.2f} MB, {w['vs_fp16']}x FP16)")
     if rep["engine_bytes"] is not None:
-        lines.append(f"engine: {rep['engine_bytes'] / 1e6:.2f} MB")
+        lines.append(f"engine: {rep['engine_bytes'] / 1e6:.2f} MB ({rep.get('generated_kernels', 0)} generated elementwise kernels)")
     if rep["dropped_targets"]:
         lines.append("dropped GPU targets: " + ", ".join(f"SM {k} ({v})" for k, v in rep["dropped_targets"].items()))
     if rep["scale_warnings"]:
@@ -332,6 +335,9 @@ def disagreements(findings, rep: dict) -> list[str]:
     missed = set(rep["fallbacks"]) - set(findings.fp16_layers)
     if missed:
         out.append(f"quantized layers the engine runs unquantized, not flagged by the lint: {sorted(missed)}")
+    wrong = set(findings.fp16_layers) & {r["name"] for r in rep["layers"] if r["quantized_kernel"]}
+    if wrong:
+        out.append(f"layers the lint says stay FP16 but the engine runs quantized: {sorted(wrong)}")
     return out
 
 
