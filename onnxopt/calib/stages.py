@@ -208,13 +208,17 @@ def _stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], afte
 
 class _BoundaryCache:
     """Tensors that cross from one stage into a later one, one .npy per tensor and batch in a temporary
-    directory, read back memory-mapped."""
+    directory, read back memory-mapped. Small ones (shape values, scalars: thousands per batch on a UNet)
+    stay in memory up to SMALL_TOTAL bytes: a file each cost more time than the tensors themselves."""
+    SMALL, SMALL_TOTAL = 1 << 16, 64 << 20
 
     def __init__(self, enabled: bool):
         self.dir = None
         self.enabled = enabled
         self.index: dict[str, int] = {}
         self.bytes = 0
+        self.small: dict[tuple[int, str], np.ndarray] = {}
+        self.small_bytes = 0
 
     def __enter__(self):
         if self.enabled:
@@ -233,14 +237,23 @@ class _BoundaryCache:
 
     def save(self, batch: int, arrays: dict) -> None:
         for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.nbytes <= self.SMALL and self.small_bytes + a.nbytes <= self.SMALL_TOTAL:
+                self.small[(batch, name)] = a.copy()
+                self.small_bytes += a.nbytes
+                continue
             np.save(self._path(batch, name), a)
             self.bytes += a.nbytes
 
+    def _load(self, batch: int, name: str) -> np.ndarray:
+        small = self.small.get((batch, name))
+        return small if small is not None else np.load(self._path(batch, name), mmap_mode="r")
+
     def load(self, batch: int, names: Sequence[str]) -> dict:
-        return {n: np.load(self._path(batch, n), mmap_mode="r") for n in names}
+        return {n: self._load(batch, n) for n in names}
 
     def peek(self, name: str) -> np.ndarray:
-        return np.load(self._path(0, name), mmap_mode="r")
+        return self._load(0, name)
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str], after: dict | None = None) -> onnx.ModelProto:
