@@ -210,9 +210,13 @@ def test_int8_preset_end_to_end(tiny_unet, tmp_path):
     mha = [l for l in ins.layers if re.search(r"/attn[12]/MatMul(_1)?$", l.name)]
     assert mha and not any(any(l.inputs_quantized) for l in mha)  # no MHA quantization in INT8
     excl = [re.compile(p) for p in presets.SDXL_EXCLUDE]
+    skipped = res.report["qdq"]["skipped"]
+    small = [n for n, why in skipped.items() if why.startswith("INT8 conv with")]  # rule_int8_small_conv
+    assert small and all(int(skipped[n].split()[3]) < 131072 for n in small)
     for layer in ins.layers:
         if layer not in mha:
-            assert layer.quantized != any(r.search(layer.name) for r in excl), layer.name
+            excluded = any(r.search(layer.name) for r in excl)
+            assert layer.quantized != (excluded or layer.name in small), layer.name
 
 
 @pytest.mark.slow
