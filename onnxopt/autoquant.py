@@ -431,7 +431,8 @@ def mix_for_error(layers: dict, budget: float) -> dict:
 
     def score(l, f, lam):
         return (WBITS[f] * l.params / t.params + ABITS[f] * l.macs / t.macs + lam * _err(l, f), _err(l, f))
-    return _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
+    mix = _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
+    return improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget)
 
 
 def mix_for_bits(layers: dict, bits: float) -> dict:
@@ -442,7 +443,41 @@ def mix_for_bits(layers: dict, bits: float) -> dict:
     def score(l, f, mu):
         w = WBITS[f] * l.params / t.params
         return (_err(l, f) + mu * (w + 1e-3 * ABITS[f] * l.macs / t.macs), w)
-    return _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
+    mix = _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
+    return improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * ABITS[f] * l.macs / t.macs,
+                   lambda l, f: WBITS[f] * l.params / t.params, bits + 1e-9)
+
+
+def improve(layers: dict, mix: dict, objective, constraint, limit: float, rounds: int = 200) -> dict:
+    """Local search after the Lagrangian (whose solutions lie on the convex hull only): apply the best move
+    of one or two layers that lowers the summed `objective` and keeps the summed `constraint` <= `limit`."""
+    mix = dict(mix)
+    names = list(layers)
+    used = sum(constraint(layers[n], mix[n]) for n in names)
+    for _ in range(rounds):
+        moves = []  # (Δobjective, Δconstraint, changes)
+        for n in names:
+            l, cur = layers[n], mix[n]
+            for f in l.formats:
+                if f != cur:
+                    moves.append((objective(l, f) - objective(l, cur), constraint(l, f) - constraint(l, cur), ((n, f),)))
+        best = min(((do, dc, ch) for do, dc, ch in moves if do < -1e-15 and used + dc <= limit), default=None)
+        # pairs: one move that frees room (or costs little) with one that gains
+        gains = sorted((m for m in moves if m[0] < -1e-15), key=lambda m: m[0])[:64]
+        frees = sorted((m for m in moves if m[1] < 0), key=lambda m: m[0] / -m[1] if m[1] else 0)[:64]
+        for g in gains:
+            for fr in frees:
+                if g[2][0][0] == fr[2][0][0]:
+                    continue
+                do, dc = g[0] + fr[0], g[1] + fr[1]
+                if do < -1e-15 and used + dc <= limit and (best is None or do < best[0]):
+                    best = (do, dc, g[2] + fr[2])
+        if best is None:
+            break
+        for n, f in best[2]:
+            mix[n] = f
+        used += best[1]
+    return mix
 
 
 # ---------------------------------------------------------------- search against a verified target
