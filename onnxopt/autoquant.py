@@ -147,34 +147,48 @@ def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int
 
 # ---------------------------------------------------------------- the gated graph
 class _Builder:
+    """Gates as If nodes on `gates[i] > 0.5`: a candidate whose gate is off costs one If and an Identity,
+    so every forward runs at about the FP32 model's speed whatever the number of candidates."""
+
     def __init__(self, graph: gs.Graph):
         self.graph = graph
         self.names = G.taken_names(graph)
         self.gates_in = gs.Variable(GATES, dtype=np.float32, shape=None)
         self.index: dict[tuple, int] = {}
-        self._gate_t: dict[tuple, gs.Variable] = {}
+        self._cond: dict[tuple, gs.Variable] = {}
 
     def var(self, base, dtype=np.float32, shape=None):
         return gs.Variable(G.unique_name(base, self.names), dtype=dtype, shape=shape)
 
-    def node(self, op, inputs, base, attrs=None, dtype=np.float32, shape=None):
+    def const(self, base, values):
+        return gs.Constant(G.unique_name(base, self.names), values)
+
+    def node(self, op, inputs, base, attrs=None, dtype=np.float32, shape=None, into=None):
         out = self.var(base + "_out", dtype, shape)
-        self.graph.nodes.append(gs.Node(op, name=G.unique_name(base, self.names), inputs=inputs, outputs=[out],
-                                        attrs=attrs or {}))
+        (self.graph.nodes if into is None else into).append(
+            gs.Node(op, name=G.unique_name(base, self.names), inputs=inputs, outputs=[out], attrs=attrs or {}))
         return out
 
-    def gate(self, layer: str, fmt: str) -> gs.Variable:
+    def cond(self, layer: str, fmt: str) -> gs.Variable:
         key = (layer, fmt)
-        if key not in self._gate_t:
+        if key not in self._cond:
             self.index[key] = i = len(self.index)
-            idx = gs.Constant(G.unique_name(f"gate_{i}_index", self.names), np.array(i, dtype=np.int64))
-            self._gate_t[key] = self.node("Gather", [self.gates_in, idx], f"gate_{i}", {"axis": 0}, shape=[])
-        return self._gate_t[key]
+            g = self.node("Gather", [self.gates_in, self.const(f"gate_{i}_index", np.array(i, np.int64))],
+                          f"gate_{i}", {"axis": 0}, shape=[])
+            self._cond[key] = self.node("Greater", [g, self.const(f"gate_{i}_half", np.array(0.5, np.float32))],
+                                        f"gate_{i}_on", dtype=np.bool_, shape=[])
+        return self._cond[key]
 
-    def mix(self, x: gs.Tensor, deltas: list, base: str) -> gs.Variable:
-        """x + Σ g·δ."""
-        terms = [self.node("Mul", [d, g], base + "_gated") for d, g in deltas]
-        return self.node("Sum", [x, *terms], base + "_mixed", shape=x.shape)
+    def branch(self, layer: str, fmt: str, x: gs.Tensor, make, base: str) -> gs.Variable:
+        """If gate (layer, fmt) is on: make(x, nodes) (nodes appended to the then-branch), else x."""
+        then_nodes: list = []
+        y = make(x, then_nodes)
+        else_nodes: list = []
+        x_out = self.node("Identity", [x], base + "_off", shape=x.shape, into=else_nodes)
+        then_g = gs.Graph(nodes=then_nodes, outputs=[y], opset=self.graph.opset, name=base + "_on_branch")
+        else_g = gs.Graph(nodes=else_nodes, outputs=[x_out], opset=self.graph.opset, name=base + "_off_branch")
+        return self.node("If", [self.cond(layer, fmt)], base + "_if",
+                         {"then_branch": then_g, "else_branch": else_g}, shape=x.shape)
 
 
 def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int):
@@ -196,20 +210,19 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
                 if owner.name not in cands.layers or f not in cands.layers[owner.name].formats:
                     continue
                 x = node.inputs[idx]
-                dq = _qdq(b, x, scale, f)
-                d = b.node("Sub", [dq, x], f"{x.name}_{f}_delta", shape=x.shape)
-                node.inputs[idx] = b.mix(x, [(d, b.gate(owner.name, f))], f"{x.name}_{f}")
+                node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
+                                            f"{tname}_{f}")
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
 
 
-def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str) -> gs.Variable:
+def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> gs.Variable:
     f = qdq.FORMATS[fmt]
-    s = gs.Constant(G.unique_name(f"{x.name}_{fmt}_scale", b.names), np.asarray(scale, np.float32))
-    zp = gs.Constant(G.unique_name(f"{x.name}_{fmt}_zp", b.names), f.zero_point())
-    q = b.node("QuantizeLinear", [x, s, zp], f"{x.name}_{fmt}_Q", dtype=f.NP_TYPE, shape=x.shape)
-    return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape)
+    s = b.const(f"{x.name}_{fmt}_scale", np.asarray(scale, np.float32))
+    zp = b.const(f"{x.name}_{fmt}_zp", f.zero_point())
+    q = b.node("QuantizeLinear", [x, s, zp], f"{x.name}_{fmt}_Q", dtype=f.NP_TYPE, shape=x.shape, into=into)
+    return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
 
 
 def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int) -> None:
@@ -217,29 +230,24 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if not fmts or not rules._is_weight(node.inputs[1]):
         return
     w = _consumed_weight(node)
-    deltas, shifts = [], []
+    y = node.outputs[0]
+    if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
+        node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
-        dw = fake_weight(node, w, f, hp, block_size) - w
-        g = b.gate(layer.name, f)
-        deltas.append((gs.Constant(G.unique_name(f"{node.name}_{f}_dw", b.names), dw.astype(np.float32)), g))
-        shift = _bias_shift(node, dw, means, f)
-        if shift is not None:
-            shifts.append((gs.Constant(G.unique_name(f"{node.name}_{f}_bc", b.names), shift), g))
-    node.inputs[1] = b.mix(node.inputs[1], deltas, f"{node.name}_w")
-    if shifts:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
-        y = node.outputs[0]
-        new = b.var(f"{y.name}_pre_bc", shape=y.shape)
-        node.outputs[0] = new
-        mixed = b.mix(new, shifts, f"{node.name}_bc")
-        # the Sum made a fresh output: route it into the old tensor's consumers
-        for consumer in list(y.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is y:
-                    consumer.inputs[i] = mixed
-        for i, t in enumerate(b.graph.outputs):
-            if t is y:
-                mixed.name, y.name = y.name, mixed.name + "_unused"
-                b.graph.outputs[i] = mixed
+        wq = fake_weight(node, w, f, hp, block_size).astype(np.float32)
+        wc = b.const(f"{node.name}_{f}_w", wq)
+        node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
+                                  lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,
+                                                                shape=list(wq.shape)), f"{node.name}_{f}_w")
+        shift = _bias_shift(node, wq - w, means, f)
+        if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
+            sc = b.const(f"{node.name}_{f}_bc", shift)
+            pre = b.branch(layer.name, f, pre, lambda x, into, sc=sc: b.node("Add", [x, sc], f"{node.name}_{f}_bc",
+                                                                             into=into, shape=y.shape),
+                           f"{node.name}_{f}_bc")
+    if node.outputs[0] is not y:
+        b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
+                                     outputs=[y]))
 
 
 def _bias_shift(node, dw, means, fmt):
