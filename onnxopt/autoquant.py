@@ -490,10 +490,10 @@ def improve(layers: dict, mix: dict, objective, constraint, limit: float, rounds
 
 # ---------------------------------------------------------------- search against a verified target
 def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps: int = 10,
-                  progress: bool = True) -> tuple[dict, list]:
-    """Largest error budget whose mix meets `target` on the held-out batches, found by bisection in log space
-    from the additive prediction. A mix that misses is repaired by the smaller budget, which promotes its
-    most sensitive layers first. Returns (mix, trials)."""
+                  progress: bool = True, margin: float = 0.0) -> tuple[dict, list]:
+    """Largest error budget whose mix meets `target` + `margin` on the held-out batches, found by bisection in
+    log space from the additive prediction. A mix that misses is repaired by the smaller budget, which
+    promotes its most sensitive layers first. Returns (mix, trials)."""
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
     b = (1.0 - target) if metric == "cosine" else 1e-3
     b = min(max(b, 1e-7), everything)
@@ -501,7 +501,7 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
         mix = mix_for_error(layers, b)
         got = ev.metrics(ev.gates(mix), "verify")
-        ok = got[metric] >= target
+        ok = got[metric] >= target + margin
         trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),
                        metric: got[metric], "passed": bool(ok), **bits_of(mix, layers)})
         if ok:

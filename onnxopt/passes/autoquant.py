@@ -29,6 +29,7 @@ class AutoQuant(PassBase):
     bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
     sensitivity: str | None = None      # JSON of measured sensitivities: read if there, written as measured
     verify_fraction: float = 0.25       # share of the calibration batches held out to verify the mix
+    cosine_margin: float = 0.1          # a cosine target is verified with this share of 1 - target to spare
     merge_batch: int = 16               # samples run together in the gated graph (where inputs allow)
     block_size: int = 128               # INT4 blocks along K
     exclude: tuple = ()
@@ -54,6 +55,8 @@ class AutoQuant(PassBase):
             if not low <= self.bits <= 16:
                 raise OnnxoptError(f"--bits {self.bits} cannot be met with --formats {','.join(self.formats)}: "
                                    f"use {low:g} to 16" + ("" if "int4" in self.formats else ", or add int4 to --formats"))
+        if not 0.0 <= self.cosine_margin < 1.0:
+            raise OnnxoptError(f"cosine margin {self.cosine_margin} must be in [0, 1)")
         if not 0.0 < self.verify_fraction < 1.0:
             raise OnnxoptError(f"verify fraction {self.verify_fraction} must be in (0, 1)")
         if self.sensitivity is not None:
@@ -104,7 +107,9 @@ class AutoQuant(PassBase):
             mix, trials = autoquant.mix_for_bits(cands.layers, self.bits), []
         else:
             target = self.target_cosine if self.metric == "cosine" else self.target_top1
-            mix, trials = autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress)
+            margin = self.cosine_margin * (1.0 - target) if self.metric == "cosine" else 0.0  # few held-out samples
+            mix, trials = autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
+                                                  margin=margin)
         final = ev.metrics(ev.gates(mix), "verify")
         del ev
         t3 = time.perf_counter()
