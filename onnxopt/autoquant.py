@@ -191,12 +191,14 @@ class _Builder:
                          {"then_branch": then_g, "else_branch": else_g}, shape=x.shape)
 
 
-def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int):
+def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int,
+                progress: bool = False):
     """Rewrite `graph` (a copy) in place into the gated graph; returns {(layer, format): gate index}."""
     b = _Builder(graph)
     nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
-    for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer"):
+    for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
+                            enabled=progress):
         _gate_weight(b, node, cands.layers[name], means, hp, block_size)
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
@@ -268,8 +270,7 @@ class _NoGraph:  # bias_target only reads the node
 
 
 def _consumed_weight(node: gs.Node) -> np.ndarray:
-    from .passes.qdq import _fold_chain
-    return _fold_chain(node.inputs[1])
+    return fold.effective_weight(node)  # as quant.mixed reads it: the constant through its Cast/Transpose
 
 
 # ---------------------------------------------------------------- evaluation

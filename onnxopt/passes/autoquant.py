@@ -121,7 +121,7 @@ class AutoQuant(PassBase):
 
     def _evaluator(self, ctx, cands, amax, means, search, verify):
         gated = io.import_graph(io.export_graph(ctx.graph))
-        index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size)
+        index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
         shapes = autoquant.shape_outputs(gated, list(cands.layers))
         model = io.export_graph(gated, opset=self.min_opset)
         del gated
