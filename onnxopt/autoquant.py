@@ -60,7 +60,8 @@ class Candidates:
     layers: dict                        # name -> Layer, graph order
     plans: dict                         # format -> rules.Plan (8-bit formats)
     configs: dict                       # format -> the QDQ options its plan was made with
-    int4: set                           # names of layers that may take INT4 weights
+    clips: dict = field(default_factory=dict)   # INT4 layer -> AWQ clip ratios per block
+    int4: set = field(default_factory=set)      # names of layers that may take INT4 weights
 
 
 # ---------------------------------------------------------------- candidates
@@ -92,7 +93,7 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
         wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules._is_weight(node.inputs[1]) else ()
         layers[node.name] = Layer(node.name, node.op, fmts, reasons, int(np.prod(wshape)) if wshape else 0, wshape,
                                   bool(node.attrs.get("transB", 0)))
-    return Candidates(layers, plans, {f: configs[f] for f in plans}, int4_ok)
+    return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok)
 
 
 def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory_budget_mb: int, progress: bool):
@@ -131,11 +132,11 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
 
 
 # ---------------------------------------------------------------- fake-quant numerics
-def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int) -> np.ndarray:
-    """What the layer will see of weight `w` (its consumed layout) in `fmt`."""
+def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
+    """What the layer will see of weight `w` (its consumed layout) in `fmt` (INT4: with AWQ clip ratios)."""
     if fmt == "int4":
         kn = blockwise.to_kn(node, w)
-        fq = blockwise.fake_quant(kn, block_size, None, hp)
+        fq = blockwise.fake_quant(kn, block_size, clip, hp)
         return fq.T if kn is not w else fq
     f = qdq.FORMATS[fmt]
     axis = G.weight_output_channel_axis(node) % w.ndim
@@ -199,7 +200,7 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
-        _gate_weight(b, node, cands.layers[name], means, hp, block_size)
+        _gate_weight(b, node, cands.layers[name], means, hp, block_size, cands.clips.get(name))
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         residual = {(id(a), i) for a, i in plan.residuals}
@@ -227,7 +228,7 @@ def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> 
     return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
 
 
-def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int) -> None:
+def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None) -> None:
     fmts = [f for f in layer.formats if f != "none"]
     if not fmts or not rules._is_weight(node.inputs[1]):
         return
@@ -236,7 +237,7 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
-        wq = fake_weight(node, w, f, hp, block_size).astype(np.float32)
+        wq = fake_weight(node, w, f, hp, block_size, clip).astype(np.float32)
         wc = b.const(f"{node.name}_{f}_w", wq)
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
                                   lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import attention_guard, autoquant, io
+from .. import attention_guard, autoquant, awq, io
 from ..errors import OnnxoptError
 from ..quant import int4, mixed
 from .base import PassBase, check_regexes, one_quantizer
@@ -32,6 +32,7 @@ class AutoQuant(PassBase):
     cosine_margin: float = 0.1          # a cosine target is verified with this share of 1 - target to spare
     merge_batch: int = 16               # samples run together in the gated graph (where inputs allow)
     block_size: int = 128               # INT4 blocks along K
+    awq_clip: bool = True               # INT4 candidates with AWQ's per-block clip search (no scale folding)
     exclude: tuple = ()
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
@@ -98,6 +99,11 @@ class AutoQuant(PassBase):
         search, verify = split_feeds(data, self.verify_fraction, self.merge_batch)
         amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        if cands.int4 and self.awq_clip:
+            nodes = [(n, 4) for n in graph.nodes if n.name in cands.int4]
+            _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
+                                       high_precision=ctx.high_precision, provider=ctx.provider,
+                                       memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
         t1 = time.perf_counter()
         ev = self._evaluator(ctx, cands, amax, means, search, verify)
         key = self._key(ctx, graph)
@@ -114,7 +120,7 @@ class AutoQuant(PassBase):
         del ev
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
-                                block_size=self.block_size)
+                                block_size=self.block_size, clips=cands.clips)
         return self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
@@ -136,7 +142,7 @@ class AutoQuant(PassBase):
     def _key(self, ctx, graph) -> str:
         """What the sensitivities depend on: the layers, their candidates and the data."""
         h = hashlib.sha1()
-        h.update(repr((self.formats, self.block_size, self.exclude, self.op_types, self.quantize_mha,
+        h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
         for n in graph.nodes:
             h.update(f"{n.op}:{n.name};".encode())

@@ -15,9 +15,10 @@ EIGHT_BIT = ("fp8", "int8")
 
 
 def insert(graph: gs.Graph, formats: dict, configs: dict, amax: dict, means: dict, *, high_precision: str,
-           block_size: int = 128) -> dict:
+           block_size: int = 128, clips: dict | None = None) -> dict:
     """Quantize each layer of `graph` in place to its format in `formats`; `configs` are the QDQ options
-    each 8-bit format was planned with, `amax` {format: {tensor: amax}}. Returns {layer: info}."""
+    each 8-bit format was planned with, `amax` {format: {tensor: amax}}, `clips` AWQ clip ratios of INT4
+    layers. Returns {layer: info}."""
     hp = high_precision
     layers: dict[str, dict] = {}
     plans = {f: rules.plan(graph, configs[f]) for f in EIGHT_BIT if f in formats.values()}
@@ -53,7 +54,8 @@ def insert(graph: gs.Graph, formats: dict, configs: dict, amax: dict, means: dic
     for node in list(graph.nodes):
         if formats.get(node.name) == "int4" and node.op in int4q.OPS:
             w = int4q.to_kn(node, fold.effective_weight(node))
-            node.inputs[1], info = int4q.write_weight(graph, node, w, 4, block_size, None, hp, names)
+            node.inputs[1], info = int4q.write_weight(graph, node, w, 4, block_size, (clips or {}).get(node.name), hp,
+                                                         names)
             layers[node.name] = {"format": "int4", **info}
     return layers
 
