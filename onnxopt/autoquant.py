@@ -309,6 +309,11 @@ class Evaluator:
         return np.concatenate(outs).astype(np.float64)
 
     def metrics(self, gates, split: str = "search") -> dict:
+        """Cosine and top-1 agreement on the "search" or "verify" batches, or on "all" of them."""
+        if split == "all":
+            ref = np.concatenate([self.ref["search"], self.ref["verify"]])
+            cand = np.concatenate([self._outputs(gates, self.search), self._outputs(gates, self.verify)])
+            return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
         ref = self.ref[split]
         cand = self._outputs(gates, self.search if split == "search" else self.verify)
         return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
@@ -492,7 +497,7 @@ def improve(layers: dict, mix: dict, objective, constraint, limit: float, rounds
 
 # ---------------------------------------------------------------- search against a verified target
 def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps: int = 10,
-                  progress: bool = True, margin: float = 0.0) -> tuple[dict, list]:
+                  progress: bool = True, margin: float = 0.0, split: str = "verify") -> tuple[dict, list]:
     """Largest error budget whose mix meets `target` + `margin` on the held-out batches, found by bisection in
     log space from the additive prediction. A mix that misses is repaired by the smaller budget, which
     promotes its most sensitive layers first. Returns (mix, trials)."""
@@ -502,7 +507,7 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     lo, hi, best, trials = 0.0, None, {n: "none" for n in layers}, []
     for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
         mix = mix_for_error(layers, b)
-        got = ev.metrics(ev.gates(mix), "verify")
+        got = ev.metrics(ev.gates(mix), split)
         ok = got[metric] >= target + margin
         trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),
                        metric: got[metric], "passed": bool(ok), **bits_of(mix, layers)})
