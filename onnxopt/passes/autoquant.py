@@ -106,7 +106,7 @@ class AutoQuant(PassBase):
                                        memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
         t1 = time.perf_counter()
         ev = self._evaluator(ctx, cands, amax, means, search, verify)
-        key = self._key(ctx, graph)
+        key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
         if self.bits is not None:
@@ -141,9 +141,13 @@ class AutoQuant(PassBase):
             l.macs = sum(autoquant.macs_of(l, i, o) for i, o in zip(seen[name]["in"], seen[name]["out"]))
         return ev
 
-    def _key(self, ctx, graph) -> str:
+    def _key(self, ctx, graph, feeds) -> str:
         """What the sensitivities depend on: the layers, their candidates and the data."""
         h = hashlib.sha1()
+        h.update(str(len(feeds)).encode())
+        for f in (feeds[0], feeds[-1]):
+            for k in sorted(f):
+                h.update(k.encode() + np.ascontiguousarray(f[k]).tobytes()[:1 << 20])
         h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
         for n in graph.nodes:

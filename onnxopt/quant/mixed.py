@@ -3,7 +3,6 @@
 format's plan, filtered to its layers), INT4 layers blockwise weight-only DequantizeLinear."""
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import fold
