@@ -175,7 +175,7 @@ def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, ma
 @click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
 @click.option("--formats", help="With --auto: comma-separated candidate formats besides FP16, from fp8,int8,int4 (default fp8,int8).")
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
-@click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on held-out calibration batches, e.g. 0.97.")
+@click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
