@@ -238,11 +238,12 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
         wq = fake_weight(node, w, f, hp, block_size, clip).astype(np.float32)
-        wc = b.const(f"{node.name}_{f}_w", wq)
+        shift = _bias_shift(node, wq - w, means, f)
+        wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)  # spilled to the work dir: stays lazy
+        del wq
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
                                   lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,
-                                                                shape=list(wq.shape)), f"{node.name}_{f}_w")
-        shift = _bias_shift(node, wq - w, means, f)
+                                                                shape=list(w.shape)), f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
             sc = b.const(f"{node.name}_{f}_bc", shift)
             pre = b.branch(layer.name, f, pre, lambda x, into, sc=sc: b.node("Add", [x, sc], f"{node.name}_{f}_bc",
