@@ -172,6 +172,12 @@ def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, ma
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
 @click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
+@click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
+@click.option("--formats", help="With --auto: comma-separated candidate formats besides FP16, from fp8,int8,int4 (default fp8,int8).")
+@click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
+@click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
+@click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
+@click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
@@ -180,10 +186,11 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
              allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from . import recipes
-    mode = mode or "fp8"
+    _check_auto_options(mode, preset, options)
+    mode = "auto" if options["auto"] else (mode or "fp8")
     provider, max_batch = _merge_alias(provider, old_provider), _merge_alias(max_batch, old_max_batch)
     _check_mode_options(mode, options)
-    config = _quant_config(ctx, mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
+    config = _quant_config(ctx, "fp8" if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
     if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
@@ -200,11 +207,34 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
+_AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
+              "bits": "--bits", "sensitivity": "--sensitivity"}
+_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
+             "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
+
+
+def _check_auto_options(mode, preset, o: dict) -> None:
+    """--auto chooses the formats itself; its options mean nothing without it."""
+    if not o["auto"]:
+        given = [flag for k, flag in _AUTO_ONLY.items() if o.get(k) is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --auto only; add --auto (per-layer format search)")
+        o.pop("formats")
+        return
+    if mode or preset:
+        raise OnnxoptError(f"--auto chooses the format of each layer; drop --{mode or 'preset'} and list the candidates "
+                           "with --formats (e.g. --formats fp8,int8,int4)")
+    given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
+    if given:
+        raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
+    o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
 _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
 
 
 def _check_mode_options(mode: str, o: dict) -> None:
     """Options that do not fit the mode are errors, not silently ignored."""
+    if mode == "auto":
+        return
     if mode != "int4":
         given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
         if given:
@@ -256,6 +286,14 @@ def _quant_config(ctx, mode, preset, **fields):
 def _describe_quantize(report: dict, mode: str) -> str:
     cov = report.get("coverage", {})
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
+    if mode == "auto":
+        a = report.get("autoquant", {})
+        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int4") if cov.get(f))
+        v = a.get("verified", {})
+        met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
+        return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
+                f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
+                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})")
     if mode == "int4":
         sec = report.get("int4", {})
         extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",

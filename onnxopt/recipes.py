@@ -11,7 +11,7 @@ import onnx
 
 from . import autocast, calib, pipeline
 from .errors import OnnxoptError
-from .passes import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify
+from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, SmoothQuant, Sparsify
 
 MODES = ("int8", "fp8", "int4")
 DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
@@ -42,6 +42,12 @@ class QuantConfig:
     calib_batches: int | None = None           # use at most this many calibration batches
     calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
+    auto: bool = False                         # per-layer format search (AutoQuant) instead of one mode
+    formats: tuple = ("fp8", "int8")           # --auto: candidate formats besides FP16
+    target_cosine: float | None = None         # --auto targets (exactly one)
+    target_top1: float | None = None
+    bits: float | None = None
+    sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,7 +72,11 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
     passes = []
     if c.sparsity:
         passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
-    if c.mode == "int4":
+    if c.auto:
+        passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
+                                sensitivity=c.sensitivity, block_size=c.block_size, exclude=c.exclude,
+                                op_types=c.op_types, quantize_mha=c.quantize_mha))
+    elif c.mode == "int4":
         if c.awq != "none":
             passes.append(AWQ(c.awq))
         passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types))

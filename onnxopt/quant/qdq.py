@@ -27,10 +27,12 @@ def activation_scale(amax: float, fmt: str, high_precision: str) -> np.ndarray:
     return round_scale(np.array(amax / qmax, dtype=np.float32), high_precision)
 
 
-def insert_activation_qdq(graph: gs.Graph, tensor: gs.Tensor, uses, scale: np.ndarray, fmt: str) -> gs.Variable:
-    """Q -> DQ on `tensor`, rewiring only the listed (node, input index) uses. Returns the DQ output."""
+def insert_activation_qdq(graph: gs.Graph, tensor: gs.Tensor, uses, scale: np.ndarray, fmt: str,
+                          base: str | None = None) -> gs.Variable:
+    """Q -> DQ on `tensor`, rewiring only the listed (node, input index) uses. Returns the DQ output.
+    `base` names the new tensors (default: the tensor's name; a mixed graph may Q/DQ one tensor twice)."""
     f = FORMATS[fmt]
-    base = tensor.name
+    base = base or tensor.name
     s = gs.Constant(f"{base}_scale", np.asarray(scale, dtype=np.float32))
     zp = gs.Constant(f"{base}_zero_point", f.zero_point())
     q = gs.Variable(f"{base}_quantized", dtype=f.NP_TYPE, shape=tensor.shape)

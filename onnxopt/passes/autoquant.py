@@ -1,0 +1,236 @@
+"""AutoQuant pass: per-layer format search to a target (onnxopt.autoquant), then one mixed Q/DQ graph
+(onnxopt.quant.mixed): FP8 / INT8 W8A8 and INT4 weight-only layers side by side, the rest left to Autocast."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import attention_guard, autoquant, awq, io
+from ..errors import OnnxoptError
+from ..quant import int4, mixed
+from .base import PassBase, check_regexes, one_quantizer
+from .qdq import QDQ, WEIGHT_OPS
+
+log = logging.getLogger(__name__)
+
+METRICS = ("cosine", "top1")
+
+
+@dataclass
+class AutoQuant(PassBase):
+    formats: tuple = ("fp8", "int8")    # candidates besides "none" (FP16): some of fp8, int8, int4
+    target_cosine: float | None = None  # mean cosine of the output vs FP32 on held-out batches
+    target_top1: float | None = None    # argmax agreement (classifiers) on held-out batches
+    bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
+    sensitivity: str | None = None      # JSON of measured sensitivities: read if there, written as measured
+    verify_fraction: float = 0.25       # share of the calibration batches held out to verify the mix
+    cosine_margin: float = 0.1          # a cosine target is verified with this share of 1 - target to spare
+    merge_batch: int = 16               # samples run together in the gated graph (where inputs allow)
+    block_size: int = 128               # INT4 blocks along K
+    awq_clip: bool = True               # INT4 candidates with AWQ's per-block clip search (no scale folding)
+    exclude: tuple = ()
+    op_types: tuple = WEIGHT_OPS
+    quantize_mha: bool = True
+    name = "autoquant"
+    quantizes = True
+
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        bad = [f for f in self.formats if f not in autoquant.FORMATS]
+        if bad or not self.formats:
+            raise OnnxoptError(f"--formats {','.join(self.formats) or '(empty)'}: use some of {','.join(autoquant.FORMATS)}")
+        targets = [t for t in (self.target_cosine, self.target_top1, self.bits) if t is not None]
+        if len(targets) != 1:
+            raise OnnxoptError("--auto needs exactly one target: --target-cosine X, --target-top1 X or --bits B"
+                               + (f" (got {len(targets)})" if targets else ""))
+        for opt, v in (("--target-cosine", self.target_cosine), ("--target-top1", self.target_top1)):
+            if v is not None and not 0.0 < v <= 1.0:
+                raise OnnxoptError(f"{opt} {v} is out of range; use a value in (0, 1], e.g. 0.999")
+        if self.bits is not None:
+            low = min(autoquant.WBITS[f] for f in self.formats)
+            if not low <= self.bits <= 16:
+                raise OnnxoptError(f"--bits {self.bits} cannot be met with --formats {','.join(self.formats)}: "
+                                   f"use {low:g} to 16" + ("" if "int4" in self.formats else ", or add int4 to --formats"))
+        if not 0.0 <= self.cosine_margin < 1.0:
+            raise OnnxoptError(f"cosine margin {self.cosine_margin} must be in [0, 1)")
+        if not 0.0 < self.verify_fraction < 1.0:
+            raise OnnxoptError(f"verify fraction {self.verify_fraction} must be in (0, 1)")
+        if self.sensitivity is not None:
+            parent = Path(self.sensitivity).resolve().parent
+            if not parent.is_dir():
+                raise OnnxoptError(f"--sensitivity {self.sensitivity}: folder {parent} does not exist; create it first")
+        int4.check_options("none", self.block_size)
+        self.exclude = check_regexes(self.exclude, "--exclude")
+        self.op_types = tuple(self.op_types)
+
+    @property
+    def min_opset(self) -> int:
+        return 21 if "int4" in self.formats else QDQ.min_opset
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    @property
+    def metric(self) -> str:
+        return "top1" if self.target_top1 is not None else "cosine"
+
+    def check_recipe(self, recipe, index: int) -> None:
+        one_quantizer(recipe)
+
+    def configs(self) -> dict:
+        return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
+                for f in autoquant.EIGHT_BIT if f in self.formats}
+
+    def run(self, ctx) -> dict:
+        data = ctx.require_data("--auto")
+        graph, t0 = ctx.graph, time.perf_counter()
+        guards = attention_guard.remove(graph) if self.quantize_mha else 0
+        configs = self.configs()
+        cands = autoquant.candidates(graph, self.formats, configs, self.block_size)
+        if not any(len(l.formats) > 1 for l in cands.layers.values()):
+            raise OnnxoptError("nothing to quantize: no layer has a candidate format under the TensorRT rules; "
+                               "nothing was written")
+        search, verify = split_feeds(data, self.verify_fraction, self.merge_batch)
+        amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider,
+                                          memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        if cands.int4 and self.awq_clip:
+            nodes = [(n, 4) for n in graph.nodes if n.name in cands.int4]
+            _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
+                                       high_precision=ctx.high_precision, provider=ctx.provider,
+                                       memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        t1 = time.perf_counter()
+        ev = self._evaluator(ctx, cands, amax, means, search, verify)
+        key = self._key(ctx, graph, search)
+        measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
+        t2 = time.perf_counter()
+        if self.bits is not None:
+            mix, trials = autoquant.mix_for_bits(cands.layers, self.bits), []
+        else:
+            target = self.target_cosine if self.metric == "cosine" else self.target_top1
+            margin = self.cosine_margin * (1.0 - target) if self.metric == "cosine" else 0.0  # few held-out samples
+            # Top-1 over a few held-out samples moves in steps of 1/n: judge it on every calibration sample.
+            split = "verify" if self.metric == "cosine" else "all"
+            mix, trials = autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
+                                                  margin=margin, split=split)
+        final = ev.metrics(ev.gates(mix), "verify" if self.metric == "cosine" else "all")
+        del ev
+        t3 = time.perf_counter()
+        inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
+                                block_size=self.block_size, clips=cands.clips)
+        return self._report(cands, mix, trials, final, inserted, measured, guards,
+                            {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
+                             "insert": time.perf_counter() - t3})
+
+    def _evaluator(self, ctx, cands, amax, means, search, verify):
+        gated = io.import_graph(io.export_graph(ctx.graph))
+        index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
+        shapes = autoquant.shape_outputs(gated, list(cands.layers))
+        model = io.export_graph(gated, opset=self.min_opset)
+        del gated
+        ev = autoquant.Evaluator(model, index, search, verify, ctx.provider, shapes)
+        seen: dict = {}
+        for out, (layer, tag) in shapes.items():
+            seen.setdefault(layer, {})[tag] = ev.shapes[out]
+        for name, l in cands.layers.items():  # MACs over all search feeds
+            l.macs = sum(autoquant.macs_of(l, i, o) for i, o in zip(seen[name]["in"], seen[name]["out"]))
+        return ev
+
+    def _key(self, ctx, graph, feeds) -> str:
+        """What the sensitivities depend on: the layers, their candidates and the data."""
+        h = hashlib.sha1()
+        h.update(str(len(feeds)).encode())
+        for f in (feeds[0], feeds[-1]):
+            for k in sorted(f):
+                h.update(k.encode() + np.ascontiguousarray(f[k]).tobytes()[:1 << 20])
+        h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
+                       self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
+        for n in graph.nodes:
+            h.update(f"{n.op}:{n.name};".encode())
+        return h.hexdigest()
+
+    def _report(self, cands, mix, trials, final, inserted, measured, guards, timings) -> dict:
+        bits = autoquant.bits_of(mix, cands.layers)
+        layers = {}
+        for n, l in cands.layers.items():
+            f = mix[n]
+            layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
+                         "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
+                         "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
+        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")}
+        target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
+        log.info("auto: %s; held-out cosine %.5f, top-1 %.4f; weight bits %.2f, activation bits %.2f, 8-bit MACs %.0f%%",
+                 ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
+                 bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
+        return {"method": "lagrangian knapsack over per-layer sensitivities (1 - cosine, one layer quantized at a time, "
+                          "gated fake-quant graph); error budget bisected against the held-out metric",
+                "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
+                "verified": final, "met": _met(self, final), **bits, "counts": counts, "layers": layers,
+                "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
+                "coverage": {"quantized": sum(v != "none" for v in mix.values()),
+                             "skipped": sum(v == "none" for v in mix.values()), **counts},
+                "timings_s": timings}
+
+
+def _met(p: AutoQuant, final: dict):
+    if p.bits is not None:
+        return None
+    return bool(final[p.metric] >= (p.target_cosine if p.metric == "cosine" else p.target_top1))
+
+
+def _reason(l, f: str) -> str:
+    if len(l.formats) == 1:
+        return "no candidate format: " + "; ".join(f"{k}: {v}" for k, v in l.reasons.items())
+    if f == "none":
+        return "kept FP16: every format costs more error than the target allows " + \
+               f"(least {min(v for k, v in l.error.items() if k != 'none'):.2e})"
+    cheaper = [k for k in l.formats if autoquant.WBITS[k] < autoquant.WBITS[f]]
+    if cheaper:
+        return f"{f}: {','.join(cheaper)} cost more error ({', '.join(f'{l.error[k]:.2e}' for k in cheaper)})"
+    return f"{f}: error {l.error[f]:.2e} within the budget"
+
+
+# ---------------------------------------------------------------- data
+def split_feeds(data, verify_fraction: float, merge: int) -> tuple[list, list]:
+    """Calibration feeds merged into batches of up to `merge` samples (where every input carries the batch),
+    split into (search, verify): the last `verify_fraction` of the samples are held out."""
+    feeds = list(data)
+    if len(feeds) < 2:
+        raise OnnxoptError(f"--auto needs at least 2 calibration samples (one to search, one to verify); got {len(feeds)}")
+    n_verify = max(1, int(round(len(feeds) * verify_fraction)))
+    return Feeds(_merge(feeds[:-n_verify], merge)), Feeds(_merge(feeds[-n_verify:], merge))
+
+
+class Feeds(list):
+    """Feed dicts in memory, usable wherever calibration reads a CalibData."""
+    describe = "the calibration data (--auto search split)"
+
+
+def _merge(feeds: list, merge: int) -> list:
+    def key(f):
+        lead = {v.shape[0] for v in f.values() if v.ndim}
+        if len(lead) != 1 or any(v.ndim == 0 for v in f.values()):
+            return None
+        return tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(f.items()))
+    out, group = [], []
+    for f in feeds:
+        k = key(f)
+        if group and (k is None or k != key(group[0]) or len(group) >= merge):
+            out.append(_cat(group))
+            group = []
+        if k is None:
+            out.append(f)
+        else:
+            group.append(f)
+    if group:
+        out.append(_cat(group))
+    return out
+
+
+def _cat(group: list) -> dict:
+    return group[0] if len(group) == 1 else {k: np.concatenate([g[k] for g in group]) for k in group[0]}

@@ -1,0 +1,148 @@
+"""--auto: per-layer format search. A tiny MLP whose middle layer sees a huge outlier channel (per-tensor
+8-bit activations wipe out its other channels): the search must keep that layer in FP16, quantize the
+others, and meet the cosine target on held-out data as measured by ONNX Runtime on the saved model."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import autoquant, io, ort
+from onnxopt.cli import main
+from onnxopt.passes import AutoQuant
+
+D = 64
+
+
+def _mlp(outlier: float = 3000.0) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = [rng.normal(0, D ** -0.5, (D, D)).astype(np.float32) for _ in range(3)]
+    w[0][:, 5] *= outlier          # layer1's input channel 5 is huge...
+    w[1][5, :] /= outlier          # ...but contributes normally, so only 8-bit activations of layer1 suffer
+    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="layer0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="layer1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="layer2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8, D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 8, D])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("auto")
+    model = d / "mlp.onnx"
+    onnx.save(_mlp(), model)
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).normal(size=(16, 8, D)).astype(np.float32))
+    return model, calib
+
+
+def _run(model, x):
+    sess = ort.session(io.load(model), level="disable")
+    return sess.run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
+
+
+def test_sensitive_layer_kept_and_target_met(mlp, tmp_path):
+    model, calib = mlp
+    out, rep, sens = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "s.json"
+    args = ["quantize", str(model), "--auto", "--target-cosine", "0.9995", "--calib", str(calib), "-o", str(out),
+            "--report", str(rep), "--sensitivity", str(sens), "--high-precision", "fp32"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    err = {n: a["layers"][n]["sensitivity"] for n in ("layer0", "layer1", "layer2")}
+    assert min(err["layer1"]["fp8"], err["layer1"]["int8"]) > 10 * max(err["layer0"]["int8"], err["layer2"]["int8"])
+    assert a["layers"]["layer1"]["choice"] == "none"
+    assert a["layers"]["layer0"]["choice"] != "none" and a["layers"]["layer2"]["choice"] != "none"
+    # held-out samples (the last quarter of the calibration data): ORT on the saved graph meets the target
+    x = np.load(calib)["x"][-4:]
+    assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.9995
+    assert a["met"] is True and a["verified"]["cosine"] >= 0.9995
+    # restartable: the saved sensitivities are reused, nothing is measured again
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(rep.read_text())["autoquant"]["measured_now"] == 0
+
+
+def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
+    model, calib = mlp
+    from onnxopt import pipeline
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    p = AutoQuant(("fp8", "int8", "int4"), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int4"]
+    feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    from onnxopt.quant import mixed
+    mix = {"layer0": "fp8", "layer1": "int4", "layer2": "int8"}
+    info = mixed.insert(graph, mix, p.configs(), amax, means, high_precision="fp32", block_size=32)
+    assert {info[n]["format"] for n in mix} == {"fp8", "int8", "int4"}
+    out = io.export_graph(graph, opset=21)
+    types = {(n.op_type, t.data_type) for n in out.graph.node if n.op_type == "DequantizeLinear"
+             for t in out.graph.initializer if t.name == n.input[0]}
+    q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
+    zps = {t.data_type for t in out.graph.initializer if any(t.name == n.input[2] for n in q)}
+    assert {TensorProto.FLOAT8E4M3FN, TensorProto.INT8} <= zps                   # activations of both formats
+    assert {d for _, d in types} >= {TensorProto.FLOAT8E4M3FN, TensorProto.INT8, TensorProto.INT4}  # weights
+    x = np.load(calib)["x"][:4]
+    sess = ort.session(out, level="disable")
+    y = sess.run(None, {"x": x})[0]
+    assert autoquant.cosine(_run(model, x), y.reshape(4, -1).astype(np.float64)) > 0.9
+    # the gated graph with this mix's gates on computes exactly what the mixed graph computes
+    gated = io.import_graph(pipeline.load(str(model), 21))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 32)
+    gates = np.zeros(len(index), np.float32)
+    for key in mix.items():
+        gates[index[key]] = 1
+    g = ort.session(io.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
+    np.testing.assert_allclose(g, y, rtol=1e-5, atol=1e-5)
+
+
+def test_bits_budget_is_kept(mlp, tmp_path):
+    model, calib = mlp
+    rep = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "6", "--formats", "fp8,int8,int4",
+                                  "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    assert a["weight_bits"] <= 6
+    # the Lagrangian choice is the best mix under the budget (brute force over the 4^3 mixes)
+    import itertools
+    layers = a["layers"]
+    names = list(layers)
+    best = min(sum(layers[n]["sensitivity"][f] for n, f in zip(names, mix))
+               for mix in itertools.product(*(layers[n]["candidates"] for n in names))
+               if np.mean([autoquant.WBITS[f] for f in mix]) <= 6)
+    assert sum(layers[n]["sensitivity"][layers[n]["choice"]] for n in names) == pytest.approx(best)
+    summary = [line.strip() for line in r.output.splitlines() if line.strip()][-1]
+    assert summary.startswith("auto-quantized 3/3 layers") and "weight bits" in summary
+
+
+BAD = {
+    "target without auto": (["--target-cosine", "0.99"], "--target-cosine applies to --auto only"),
+    "auto with a mode": (["--auto", "--int8", "--bits", "8"], "--auto chooses the format of each layer"),
+    "no target": (["--auto"], "exactly one target"),
+    "two targets": (["--auto", "--bits", "8", "--target-cosine", "0.99"], "exactly one target"),
+    "bits below 8 without int4": (["--auto", "--bits", "6"], "add int4 to --formats"),
+    "unknown format": (["--auto", "--bits", "8", "--formats", "fp8,fp9"], "use some of fp8,int8,int4"),
+    "cosine out of range": (["--auto", "--target-cosine", "1.5"], "out of range"),
+    "awq with auto": (["--auto", "--bits", "8", "--awq", "full"], "--awq applies to a single mode"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_option_errors(tmp_path, case):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")  # an option error proves the model was never read
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((2, 8, D), np.float32))
+    extra, needle = BAD[case]
+    r = CliRunner().invoke(main, ["quantize", str(model), "--calib", str(calib), *extra])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert needle in lines[0] and "Traceback" not in r.output
