@@ -1,0 +1,79 @@
+"""inspect and compare: what a graph holds and how close it stays to its reference."""
+from __future__ import annotations
+
+import click
+
+from .engines import _build_config
+from .common import (
+    _alias, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
+    progress_enabled)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--layers", is_flag=True, help="List every Conv/ConvTranspose/MatMul/Gemm with its Q/DQ state and format.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
+@click.option("--check-sparsity", "show_sparsity", is_flag=True, help="List each 2:4-eligible layer: is it 2:4, sparse share of params and FLOPs.")
+@click.option("--sparsity", "old_sparsity", is_flag=True, hidden=True, help="Old name of --check-sparsity.")
+@click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT-RTX engine on the CPU (rtx extra) and print its engine report.")
+@click.option("--engine-shapes", multiple=True, help="With --engine: input shapes, name:1x128 or name:MIN/OPT/MAX (repeatable; dynamic dims default to 1).")
+@handle_errors
+def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, engine, engine_shapes):
+    """Op histogram, Q/DQ coverage (W8A8 and weight-only formats), a TensorRT placement lint of MODEL and,
+    with --engine, the report of a TensorRT-RTX engine built from it."""
+    from ..inspect import format_report, inspect_path
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    show_sparsity = show_sparsity or old_sparsity
+    _check_report(report_path, model)
+    ins = inspect_path(model)
+    click.echo(format_report(ins, show_layers=layers))
+    summary = ins.summary()
+    if engine or engine_shapes:
+        from ..trt.report import engine_report_of
+        rep = engine_report_of(model, _build_config(engine_shapes, None, None, None, None, None))
+        from ..trt.report import format_report as format_engine
+        click.echo(format_engine(rep))
+        summary["engine"] = rep
+    if show_sparsity:
+        from .. import io, sparsity
+        rows = sparsity.report(io.import_graph(io.load(model)))
+        click.echo(sparsity.format_report(rows))
+        summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
+    if report_path:
+        _write_json(report_path, summary)
+    formats = ", ".join(f"{f} {n}" for f, n in summary["formats"].items())
+    _summary(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
+             f"{f' ({formats})' if formats else ''}, lint {'clean' if not summary['lint'] else str(len(summary['lint'])) + ' issue(s)'}"
+             + (f"; wrote {report_path}" if report_path else ""))
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(), help="Evaluation data (.npz / .npy / directory); default: generated.")
+@click.option("--random", "n_random", type=click.IntRange(min=1), default=4, show_default=True, help="Generated samples when --data is absent.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the generated samples (calibrate on another one).")
+@click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
+@click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
+@_provider_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
+@click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
+@handle_errors
+def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provider, allow_cpu_fallback, report_path, old_json):
+    """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL)."""
+    from ..calib import parse_shapes
+    from ..compare import compare as run
+    report_path = _alias(report_path, old_json, "--report", "--json")
+    _check_report(report_path, reference, candidate)
+    res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
+              provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
+    click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
+    for name, m in res.items():
+        click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")
+    if report_path:
+        _write_json(report_path, res)
+    worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
+    _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
+             f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
+             + (f"; wrote {report_path}" if report_path else ""))

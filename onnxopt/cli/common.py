@@ -1,0 +1,185 @@
+"""What every onnxopt command shares: the `main` group, one-line errors, verbosity, the one vocabulary of
+options (calibration data, providers, reports) and the summary line each command ends with."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from ..errors import OnnxoptError
+
+log = logging.getLogger("onnxopt")
+
+
+def handle_errors(fn):
+    """Turn OnnxoptError (and a few library errors that mean bad input) into one line and exit 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxoptError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory; lower --memory-budget or use fewer calibration samples", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+class _OneLineErrors(click.Group):
+    """Bad option values (click's usage errors) print one `error:` line too, exit 2, like every user error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click prints it
+                raise
+            names, c = [], e.ctx
+            while c is not None and c.parent is not None:
+                names.insert(0, c.info_name)
+                c = c.parent
+            where = f" (see onnxopt {' '.join(names)} --help)" if names else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.version_option(package_name="onnxopt")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """onnxopt: quantize, sparsify and convert ONNX graphs for TensorRT."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"progress": True}
+    _set_verbosity(ctx, verbose, quiet)
+
+
+def _set_verbosity(ctx, verbose: int, quiet: bool) -> None:
+    if not (verbose or quiet):
+        return
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.getLogger().setLevel(level)
+    root = ctx.find_root()
+    if quiet and root.obj is not None:
+        root.obj["progress"] = False
+
+
+def _verbosity_after_command(cmd: click.Command) -> None:
+    """-v / -q are accepted after the subcommand too (`onnxopt quantize m.onnx -q`)."""
+    cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                                   help="More logging (-vv for debug).",
+                                   callback=lambda ctx, _, v: _set_verbosity(ctx, v, False)))
+    cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                                   help="Only errors; no progress bars.",
+                                   callback=lambda ctx, _, v: _set_verbosity(ctx, 0, v)))
+
+
+def progress_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.obj and root.obj.get("progress", True))
+
+
+# ---- quantize / convert / inspect / compare (core)
+def _default_output(model: str, suffix: str) -> str:
+    base = model[:-5] if model.endswith(".onnx") else model
+    return f"{base}.{suffix}.onnx"
+
+
+def _write_json(path, obj) -> None:
+    import json
+
+    from ..io import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def _check_input(model: str) -> None:
+    from pathlib import Path
+    if not Path(model).is_file():
+        raise OnnxoptError(f"{model}: no such model file; check the path")
+
+
+def _summary(text: str, path=None, ctx_report: dict | None = None) -> None:
+    """The one line every command ends with (stdout, unless -q); `path`: the file it wrote."""
+    if not progress_enabled():
+        return
+    if path is None:
+        click.echo(text)
+        return
+    from pathlib import Path
+    size = (ctx_report or {}).get("output_bytes")
+    if size is None and Path(path).exists():
+        size = Path(path).stat().st_size
+    shown = "" if size is None else f" ({size / 1e6:.1f} MB)" if size >= 1e5 else f" ({size / 1e3:.1f} kB)"
+    click.echo(f"{text}; wrote {path}{shown}")
+
+
+def _shared_run_options(fn, exclude: bool = True):
+    """Calibration-data and ONNX Runtime options shared by quantize, sparsify and convert (one vocabulary)."""
+    for opt in reversed([
+        click.option("--calib", "calib_path", type=click.Path(), help=".npz (arrays keyed by input name, first axis = samples), .npy, or a directory of .npz."),
+        click.option("--calib-random", type=int, help="Calibrate on N generated samples instead of --calib (smoke tests)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random."),
+        click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable)."),
+        click.option("--calib-batches", type=int, help="Use at most N calibration batches."),
+        click.option("--max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory)."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
+        click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU when --provider cuda is not available instead of failing."),
+        click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory in MB: weights ONNX Runtime holds at once (bigger models run in stages), whole activations fetched per pass, Hessians."),
+        click.option("--exclude", multiple=True, help="Regex on node names to leave alone (repeatable).") if exclude else None,
+        click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here."),
+    ]):
+        fn = opt(fn) if opt else fn
+    return fn
+
+
+def _alias(new, old, new_name: str = "", old_name: str = "", default=None):
+    """The value of an option that also has a hidden old spelling (kept for one release)."""
+    if old is not None and old is not False:
+        if new not in (None, False) and new != old:
+            raise OnnxoptError(f"{old_name} is the old name of {new_name}; give only {new_name}")
+        return old
+    return new if new is not None else default
+
+
+def _check_report(report, *inputs) -> None:
+    from pathlib import Path
+
+    from ..io import check_writable
+    if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
+        raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+    if report:
+        check_writable(report, "--report")
+
+
+def _size(path) -> str:
+    import os
+    return f"{os.path.getsize(path) / 2**20:.1f} MB"
+
+
+_PROVIDER_OPTIONS = [
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                 help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu and a CUDA 13 stack)."),
+    click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU, with one warning, when the provider is not available (default: an error)."),
+]
+
+
+def _provider_options(fn):
+    for opt in reversed(_PROVIDER_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
+            memory_budget):
+    """The Runner of a command, every setting checked here, before any model is read."""
+    from ..calib import parse_shapes
+    from ..pipeline import Runner
+    return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
+                  calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
+                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled())

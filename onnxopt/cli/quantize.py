@@ -1,0 +1,234 @@
+"""quantize and convert: options parsed into a checked recipe of passes, then one Runner."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from ..errors import OnnxoptError
+from .common import (
+    _alias, _check_input, _default_output, _runner, _shared_run_options, _summary, _write_json,
+    handle_errors, main, progress_enabled)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
+@click.option("--int8", "mode", flag_value="int8", help="INT8 W8A8.")
+@click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 W8A8 (default).")
+@click.option("--int4", "mode", flag_value="int4", help="INT4 blockwise weight-only.")
+@click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
+@_shared_run_options
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
+@click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
+@click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
+@click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
+@click.option("--high-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of everything not quantized.")
+@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs (default: keep them).")
+@click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
+              help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
+@click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
+@click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
+@click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
+@click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
+@click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
+@click.option("--formats", help="With --auto: comma-separated candidate formats besides FP16, from fp8,int8,int4 (default fp8,int8).")
+@click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
+@click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
+@click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
+@click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
+@click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
+@click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
+@click.pass_context
+@handle_errors
+def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
+             allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
+    """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
+    from .. import recipes
+    _check_auto_options(mode, preset, options)
+    mode = "auto" if options["auto"] else (mode or "fp8")
+    provider = _alias(provider, old_provider, "--provider", "--calib-provider")
+    max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
+    _check_mode_options(mode, options)
+    config = _quant_config(ctx, "fp8" if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
+                           calib_batches=calib_batches, calib_max_batch=max_batch, **options)
+    if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
+        raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
+    recipe = recipes.recipe(config)
+    runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
+                     calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
+                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb)
+    _check_input(model)
+    result = runner.run(model, output or _default_output(model, mode))
+    result.report = {"mode": mode, **result.report}
+    if report_path:
+        _write_json(report_path, result.report)
+    _summary(_describe_quantize(result.report, mode), result.path, result.report)
+
+
+_INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
+_AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
+              "bits": "--bits", "sensitivity": "--sensitivity"}
+_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
+             "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
+
+
+def _check_auto_options(mode, preset, o: dict) -> None:
+    """--auto chooses the formats itself; its options mean nothing without it."""
+    if not o["auto"]:
+        given = [flag for k, flag in _AUTO_ONLY.items() if o.get(k) is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --auto only; add --auto (per-layer format search)")
+        o.pop("formats")
+        return
+    if mode or preset:
+        raise OnnxoptError(f"--auto chooses the format of each layer; drop --{mode or 'preset'} and list the candidates "
+                           "with --formats (e.g. --formats fp8,int8,int4)")
+    given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
+    if given:
+        raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
+    o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+_W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
+
+
+def _check_mode_options(mode: str, o: dict) -> None:
+    """Options that do not fit the mode are errors, not silently ignored."""
+    if mode == "auto":
+        return
+    if mode != "int4":
+        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int4 only (weight-only INT4); drop {_it(given)} or use --int4")
+    else:
+        given = [flag for k, flag in _W8A8_ONLY.items() if o.get(k)] + (["--percentile"] if o.get("percentile") is not None else [])
+        if o.get("smoothquant") is not None:
+            given.append("--smoothquant")
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
+    if mode == "fp8" and o.get("smoothquant") is not None:
+        raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+    if o.get("sparsity_method") and not o.get("sparsity"):
+        raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
+    if o.get("io_dtype") and o.get("high_precision") == "fp32":
+        raise OnnxoptError("--io-dtype converts graph inputs/outputs to low precision, which --high-precision fp32 does not use")
+
+
+def _apply(given: list) -> str:
+    return "applies" if len(given) == 1 else "apply"
+
+
+def _it(given: list) -> str:
+    return "it" if len(given) == 1 else "them"
+
+
+def _quant_config(ctx, mode, preset, **fields):
+    """QuantConfig of the command line: a preset's recipe with the options the user gave on top."""
+    import dataclasses
+
+    from ..recipes import QuantConfig
+    no_mha = fields.pop("no_mha")
+    op_types = fields.pop("op_types")
+    fields.update(quantize_mha=not no_mha, op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()),
+                  progress=progress_enabled())
+    if fields.get("sparsity") and not fields.get("sparsity_method"):
+        fields["sparsity_method"] = "magnitude"
+    if not preset:
+        return QuantConfig(mode=mode, **{k: v for k, v in fields.items() if v is not None})
+    from .. import presets
+    base = presets.config(preset, mode)
+    explicit = {k: v for k, v in fields.items() if _given(ctx, k) and v is not None}
+    config = dataclasses.replace(base, **explicit, progress=progress_enabled())
+    if fields.get("exclude"):
+        config = dataclasses.replace(config, exclude=tuple(base.exclude) + tuple(fields["exclude"]))
+    return config
+
+
+def _describe_quantize(report: dict, mode: str) -> str:
+    cov = report.get("coverage", {})
+    q, s = cov.get("quantized", 0), cov.get("skipped", 0)
+    if mode == "auto":
+        a = report.get("autoquant", {})
+        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int4") if cov.get(f))
+        v = a.get("verified", {})
+        met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
+        return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
+                f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
+                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})")
+    if mode == "int4":
+        sec = report.get("int4", {})
+        extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",
+                 f"AWQ {sec.get('awq')}" if sec.get("awq", "none") != "none" else "round-to-nearest"]
+        if cov.get("int8"):
+            extra.append(f"{cov['int8']} kept INT8")
+        text = f"quantized {q}/{q + s} layers to int4 weight-only ({', '.join(extra)}), {s} skipped"
+    else:
+        bmm = cov.get("attention_bmms", 0)
+        text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
+        if report.get("smoothquant"):
+            text += f"; SmoothQuant on {len(report['smoothquant'].get('groups', []))} activations"
+    sp = report.get("sparsity")
+    if sp:
+        text += f"; pruned {sp['pruned']} layers to {sp['pattern']} ({sp['method']})"
+    return text
+
+
+_PARAM_FOR_FIELD = {"quantize_mha": "no_mha", "provider": "provider", "memory_budget_mb": "memory_budget",
+                    "calib_max_batch": "max_batch"}
+
+
+def _given(ctx, field_name: str) -> bool:
+    """Whether the user set the option behind a QuantConfig field (so it overrides the preset)."""
+    param = _PARAM_FOR_FIELD.get(field_name, field_name)
+    src = ctx.get_parameter_source(param)
+    old = {"provider": "old_provider", "max_batch": "old_max_batch"}.get(param)
+    src_old = ctx.get_parameter_source(old) if old else None
+    return any(s is not None and s.name == "COMMANDLINE" for s in (src, src_old))
+
+
+def _sq_alpha(value):
+    """--smoothquant value: None, 'auto' or a float in [0, 1]."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None if value is None else "auto"
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is neither a number in [0, 1] nor 'auto'") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise click.BadParameter(f"alpha {alpha} is outside [0, 1]")
+    return alpha
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
+@click.option("--fp16", "dtype", flag_value="fp16", default=True, help="FP16 (default).")
+@click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
+@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
+@click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
+@click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
+@click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
+@functools.partial(_shared_run_options, exclude=False)
+@handle_errors
+def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
+            calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+    """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
+    generated samples where the input shapes are static) decide what stays FP32, and the written graph is
+    checked for finite outputs against the FP32 model."""
+    from ..calib import parse_shapes
+    from ..passes import Autocast
+    from ..pipeline import Runner
+    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
+                    data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
+                    calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
+                    allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
+                    check_finite=not no_check)
+    _check_input(model)
+    result = runner.run(model, output or _default_output(model, dtype))
+    if report_path:
+        _write_json(report_path, result.report)
+    ac = result.report["autocast"]
+    checked = (f"{len(ac.get('kept_fp32', {}))} kept in fp32 by measured range" if ac.get("ranges_checked")
+               else "ranges not checked (pass --calib, or --calib-random N --shapes for dynamic inputs)")
+    _summary(f"converted to {dtype}: {ac.get('fp32_nodes', 0)} nodes fp32 ({100 * ac.get('fp32_share', 0):.1f}%), {checked}, "
+             f"{ac.get('casts', 0)} casts", result.path, result.report)
