@@ -235,7 +235,7 @@ def export(output: str | os.PathLike, *, scale: str = "full", checkpoint: str | 
 def _main():
     import click
 
-    from onnxopt.cli import handle_errors
+    from onnxopt.cli.common import handle_errors
 
     @click.command()
     @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx (weights go to <output>.data).")
