@@ -297,3 +297,17 @@ def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monke
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         assert (ta.name, ta.data_type) == (tb.name, tb.data_type)
         np.testing.assert_array_equal(io.to_array(ta), io.to_array(tb))
+
+
+def test_fp8_cast_in_threaded_chunks_equals_one_cast(monkeypatch):
+    """Big weights are cast on several threads; the bytes must equal one ml_dtypes cast (saturating,
+    NaN kept, any layout)."""
+    import ml_dtypes
+
+    from onnxopt.quant import fp8
+    monkeypatch.setattr(fp8, "CHUNK", 1000)
+    x = (np.random.default_rng(3).standard_normal((37, 211)).astype(np.float32) * 300).T  # not contiguous
+    x[0, :3] = [np.nan, 1e9, -1e9]
+    want = np.clip(x, -fp8.QMAX, fp8.QMAX).astype(ml_dtypes.float8_e4m3fn)
+    got = fp8.cast(x)
+    assert got.shape == x.shape and np.array_equal(got.view(np.uint8), want.view(np.uint8))

@@ -1,4 +1,7 @@
 """FP8 E4M3 (float8e4m3fn): symmetric, zero point 0, saturating at ±448."""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import ml_dtypes
 import numpy as np
 from onnx import TensorProto
@@ -8,9 +11,27 @@ ONNX_TYPE = TensorProto.FLOAT8E4M3FN
 NP_TYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
+CHUNK = 1 << 22  # elements per thread task
+
+
 def cast(x_over_scale: np.ndarray) -> np.ndarray:
-    """Round to nearest even and saturate (QuantizeLinear's saturate=1 default)."""
-    return np.clip(x_over_scale, -QMAX, QMAX).astype(ml_dtypes.float8_e4m3fn)
+    """Round to nearest even and saturate (QuantizeLinear's saturate=1 default). ml_dtypes converts one
+    element at a time (~10 ns each: 30 s for SDXL's 2.6 B weights) but releases the GIL, so big tensors
+    are cast in chunks on several threads; the result is the same array."""
+    x = np.ascontiguousarray(x_over_scale).reshape(-1)
+    out = np.empty(x.shape, dtype=ml_dtypes.float8_e4m3fn)
+
+    def part(i: int) -> None:
+        out[i:i + CHUNK] = np.clip(x[i:i + CHUNK], -QMAX, QMAX).astype(ml_dtypes.float8_e4m3fn)
+    starts = range(0, x.size, CHUNK)
+    workers = min(len(starts), os.cpu_count() or 1, 16)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(part, starts))
+    else:
+        for i in starts:
+            part(i)
+    return out.reshape(np.shape(x_over_scale))
 
 
 def zero_point(shape=()) -> np.ndarray:
