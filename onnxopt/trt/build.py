@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +145,21 @@ def has_sparse_weights(model: onnx.ModelProto) -> bool:
 
 
 # ---------------------------------------------------------------- build
+def builder_settings(trt, config: BuildConfig):
+    """Polygraphy's optimization profiles, memory-pool limits and timing-cache path for `config` (TensorRT and
+    TensorRT-RTX builds alike)."""
+    from polygraphy.backend.trt import Profile
+    profiles = None
+    if config.profiles:
+        profile = Profile()
+        for name, (lo, opt, hi) in config.profiles.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        profiles = [profile]
+    pools = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_mb) << 20} if config.workspace_mb else None
+    cache = str(config.timing_cache) if config.timing_cache else None
+    return profiles, pools, cache
+
+
 def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildConfig | None = None) -> BuildResult:
     """Build a TensorRT engine (plan) from an ONNX file with Polygraphy, and save it atomically."""
     config = config or BuildConfig()
@@ -155,7 +169,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     if config.opt_level is not None and not 0 <= config.opt_level <= 5:
         raise OnnxoptError(f"--opt-level {config.opt_level}: TensorRT's builder optimization level is 0..5")
     trt = import_tensorrt()
-    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+    from polygraphy.backend.trt import CreateConfig, engine_from_network, network_from_onnx_path, save_engine
     from polygraphy.exception import PolygraphyException
 
     major = major_version(trt)
@@ -169,34 +183,22 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     flags = tuple(name for name, on in (("fp16", fp16), ("bf16", bf16), ("int8", int8), ("fp8", fp8)) if on)
     sparse = config.sparse_weights if config.sparse_weights is not None else has_sparse_weights(proto)
     del proto
-    profiles = None
-    if config.profiles:
-        profile = Profile()
-        for name, (lo, opt, hi) in config.profiles.items():
-            profile.add(name, min=lo, opt=opt, max=hi)
-        profiles = [profile]
-    pools = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_mb) << 20} if config.workspace_mb else None
-    cache = str(config.timing_cache) if config.timing_cache else None
+    profiles, pools, cache = builder_settings(trt, config)
     log.info("building %s with TensorRT %s (%s typed%s%s)", model, trt.__version__, "strongly" if strongly else "weakly",
              ", " + "+".join(flags) if flags else "", ", sparse weights" if sparse else "")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
     t0 = time.perf_counter()
     try:
-        network = network_from_onnx_path(str(model), strongly_typed=strongly)
-        builder_config = CreateConfig(fp16=fp16, bf16=bf16, int8=int8, fp8=fp8, sparse_weights=sparse, profiles=profiles, load_timing_cache=cache,
-                                      builder_optimization_level=config.opt_level, memory_pool_limits=pools)
-        engine = engine_from_network(network, config=builder_config, save_timing_cache=cache)
-        save_engine(engine, path=tmp)
-        del engine, network
-        os.replace(tmp, output)
+        with io.atomic_path(output) as tmp:  # the mode a plain open() gives, like every output
+            network = network_from_onnx_path(str(model), strongly_typed=strongly)
+            builder_config = CreateConfig(fp16=fp16, bf16=bf16, int8=int8, fp8=fp8, sparse_weights=sparse, profiles=profiles,
+                                          load_timing_cache=cache, builder_optimization_level=config.opt_level,
+                                          memory_pool_limits=pools)
+            engine = engine_from_network(network, config=builder_config, save_timing_cache=cache)
+            save_engine(engine, path=str(tmp))
+            del engine, network
     except PolygraphyException as e:
         raise OnnxoptError(f"TensorRT could not build {model.name}: {_first_line(e)}; run with -vv for TensorRT's log") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     seconds = time.perf_counter() - t0
     log.info("wrote %s in %.1f s", output, seconds)
     return BuildResult(output, seconds, trt.__version__, strongly, sparse, flags)

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import io
 from ..errors import OnnxoptError
 from . import import_tensorrt_rtx
-from .build import BuildConfig, precision_of
+from .build import BuildConfig, builder_settings, precision_of
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,8 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
 
 def _build_plan(trt, model: Path, config: BuildConfig, targets):
     from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
-    from polygraphy.backend.trt import Profile, engine_bytes_from_network, network_from_onnx_path
-    profiles = None
-    if config.profiles:
-        profile = Profile()
-        for name, (lo, opt, hi) in config.profiles.items():
-            profile.add(name, min=lo, opt=opt, max=hi)
-        profiles = [profile]
-    pools = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_mb) << 20} if config.workspace_mb else None
-    cache = str(config.timing_cache) if config.timing_cache else None
+    from polygraphy.backend.trt import engine_bytes_from_network, network_from_onnx_path
+    profiles, pools, cache = builder_settings(trt, config)
     log.info("building %s with TensorRT-RTX %s for SM %s (strongly typed, CPU only)", model, trt.__version__,
              ", ".join(map(_name, targets)))
     network = network_from_onnx_path(str(model), strongly_typed=True)
