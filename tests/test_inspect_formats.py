@@ -9,7 +9,7 @@ from onnx import numpy_helper as nh
 
 import onnxopt
 import tiny
-from onnxopt import io
+
 from onnxopt.cli import main
 from onnxopt.inspect import inspect_graph, inspect_path
 
@@ -70,17 +70,3 @@ def test_w8a16_matmul_vs_w8a8_vs_conv_weight_only():
     ins = inspect_graph(_graph("Conv", act_qdq=False))
     assert ins.layers[0].format == "" and not ins.layers[0].quantized
     assert any("only some data inputs" in x for x in ins.lint)
-
-
-@pytest.mark.slow
-def test_real_minilm_int4_awq_is_all_weight_only_and_lint_clean(tmp_path):
-    from pathlib import Path
-    src = Path("/work/cache/real/minilm/model.onnx")
-    if not src.is_file():
-        pytest.skip("real MiniLM export not present")
-    cfg = onnxopt.QuantConfig(mode="int4", progress=False)  # AWQ full, block 128
-    res = onnxopt.quantize(src, tmp_path / "q.onnx", config=cfg, data=str(src.parent / "calib.npz"))
-    ins = inspect_path(res.path)
-    weighted = [l for l in ins.layers if l.weight_params]
-    assert weighted and all(l.format == "W4A16" for l in weighted)
-    assert ins.summary()["quantized_layers"] == len(weighted) and ins.lint == []

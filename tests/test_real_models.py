@@ -98,3 +98,16 @@ def test_effnet_fp8_agreement(rm, effnet, tmp_path):
     # agreement floor is the issue's FP8 target (0.75).
     assert rm.mean_cosine(ref, cand) >= 0.95
     assert rm.top1_agreement(ref, cand) >= 0.75
+
+
+def test_minilm_int4_awq_is_all_weight_only_and_lint_clean(minilm, tmp_path):
+    """inspect knows weight-only formats: every MiniLM layer with a weight is W4A16 after --int4 (AWQ full),
+    counted as quantized, and the lint has nothing to say."""
+    import onnxopt
+    from onnxopt.inspect import inspect_path
+    res = onnxopt.quantize(minilm.model, tmp_path / "q.onnx", config=onnxopt.QuantConfig(mode="int4", progress=False),
+                           data=str(minilm.calib))
+    ins = inspect_path(res.path)
+    weighted = [l for l in ins.layers if l.weight_params]
+    assert weighted and all(l.format == "W4A16" for l in weighted)
+    assert ins.summary()["quantized_layers"] == len(weighted) and ins.lint == []

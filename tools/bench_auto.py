@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from onnxopt import autoquant, io, ort  # noqa: E402
 from onnxopt.recipes import QuantConfig, quantize  # noqa: E402
 
-CACHE = Path("/work/cache")
+sys.path.insert(0, str(ROOT / "tools"))
+import real_models as rm  # noqa: E402
 
 
 @dataclass
@@ -58,11 +59,19 @@ ROWS = {
 }
 
 
-def models(work: Path) -> dict:
-    out = {name: Model(CACHE / "real" / name / "model.onnx", CACHE / "real" / name / "calib.npz",
-                       CACHE / "real" / name / "eval.npz", "cosine" if name == "minilm" else "top1")
-           for name in ("minilm", "effnet")}
-    out["sdxl-tiny"] = Model(CACHE / "sdxl-tiny" / "unet.onnx", work / "sdxl_calib8.npz", work / "sdxl_eval.npz", "cosine")
+def models(work: Path, names) -> dict:
+    """The models (exported once: real ones under real_models' work dir, the tiny UNet under `work`)."""
+    out = {}
+    for name in ("minilm", "effnet"):
+        if name in names:
+            p = rm.prepare(name)
+            out[name] = Model(p.model, p.calib, p.eval, "cosine" if name == "minilm" else "top1")
+    if "sdxl-tiny" in names:
+        unet = work / "sdxl-tiny" / "unet.onnx"
+        if not unet.is_file():
+            from models import sdxl_unet
+            sdxl_unet.export(unet, scale="tiny", seed=0)
+        out["sdxl-tiny"] = Model(unet, work / "sdxl_calib8.npz", work / "sdxl_eval.npz", "cosine")
     return out
 
 
@@ -187,12 +196,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,effnet,sdxl-tiny")
     ap.add_argument("--rows", default=None, help="comma list of row names (default all)")
-    ap.add_argument("--work", default="/tmp/bench_auto")
+    ap.add_argument("--work", default=str(ROOT / "work" / "bench_auto"), help="outputs and generated data")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ms = models(work)
+    ms = models(work, args.models.split(","))
     results = []
     for name in args.models.split(","):
         m = ms[name]

@@ -7,7 +7,7 @@ running it in ONNX Runtime.
 Cases (each run in its own subprocess, peak RSS = VmHWM of that process):
 - samples: EfficientNet-Lite0 quantized with 16 and with 256 calibration images (chunked .npz directory,
   16 images per file, so the input data is streamed as well).
-- sparsegpt: MiniLM (real weights, /work/cache/real/minilm or `--minilm DIR` with model.onnx, calib.npz)
+- sparsegpt: MiniLM (real weights, exported by real_models.py under --work, or `--minilm DIR` with model.onnx, calib.npz)
   pruned 2:4 by magnitude and by SparseGPT (`sparsity.sparsify_model`): peak RSS of each.
 - large: a generated ~1 GB FP32 model (a stack of 4096x4096 MatMul+Relu layers, external data) quantized
   to FP8, against a bound of 2 x model size + the peak RSS of an ORT inference session of the FP32 model
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", default="16,256", help="calibration sample counts for the 'samples' case")
     ap.add_argument("--large-gb", type=float, default=1.0)
     ap.add_argument("--work", default=str(rm.DEFAULT_WORK))
-    ap.add_argument("--minilm", default="/work/cache/real/minilm", help="directory with MiniLM model.onnx and calib.npz")
+    ap.add_argument("--minilm", default=None, help="directory with MiniLM model.onnx and calib.npz (default: export it)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--timeout", type=int, default=1800)
     args = ap.parse_args(argv)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                        "out": str(runs / f"effnet_fp8_{n}.onnx")}, args.timeout)
             rows.append({"case": f"effnet FP8 calib, {n} samples", "samples": n, "model_mb": rm.file_mb(prep.model), **res})
     if "sparsegpt" in cases:
-        d = Path(args.minilm)
+        d = Path(args.minilm) if args.minilm else rm.prepare("minilm", args.work).model.parent
         for method in ("magnitude", "sparsegpt"):
             print(f"[minilm 2:4 {method}] ...", file=sys.stderr, flush=True)
             res = run({"kind": "sparsify", "method": method, "model": str(d / "model.onnx"), "data": str(d / "calib.npz"),
