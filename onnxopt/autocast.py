@@ -9,7 +9,6 @@ rounding of unquantized ops is not simulated.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -250,24 +249,6 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
     return m
 
 
-# ---------------------------------------------------------------- file-level API
-def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
-            data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
-            provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
-    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
-    With calibration data (`data`: path or CalibData, or `calib_random` samples) the FP32 region follows
-    measured ranges (a few generated samples serve where no data is given and the input shapes are static)
-    and the written graph is checked for finite outputs (onnxopt.finite). `measure=False` skips the ranges,
-    `verify=False` the check; `report`, if given, receives the run's report."""
-    from .passes import Autocast  # the pipeline builds on this module; the file-level API builds on it
-    from .pipeline import Runner
-    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, measure_ranges=measure)], data=data,
-                    calib_random=calib_random, shapes=shapes, seed=seed, provider=provider, progress=False,
-                    check_finite=verify)
-    res = runner.run(model_path, output)
-    if report is not None:
-        report.update(res.report)
-    return res.path
 
 
 def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_ops=(), ranges=None, opset=None,

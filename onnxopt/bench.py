@@ -8,7 +8,7 @@ through `onnxopt.compare.metrics`, per output, with the worst output summarised)
 
 Backends, both driven through Polygraphy runners, with Polygraphy's Comparator gathering the outputs:
 - `trt` (onnxopt/trt/bench.py): a TensorRT engine per model (TrtRunner). An FP32 baseline is first
-  converted to FP16 (`onnxopt.autocast.convert`), because the comparison that matters is against the
+  converted to FP16 (`onnxopt.convert`), because the comparison that matters is against the
   FP16 engine.
 - `onnxrt`: ONNX Runtime (OnnxrtRunner). Latency is measured at ORT's default optimization level
   (ORT_ENABLE_ALL: what a deployment on ORT gets; Q/DQ pairs become integer kernels there). Fidelity is
@@ -287,7 +287,7 @@ def _is_fp32(path: Path) -> bool:
 def _fp16_baseline(e: _Entry, work: Path) -> None:
     if e.model.suffix != ".onnx" or not _is_fp32(e.model):
         return
-    from .autocast import convert
+    from .recipes import convert
     out = work / f"{e.model.stem}.fp16.onnx"
     log.info("converting the FP32 baseline %s to FP16 (%s)", e.model, out)
     e.model = convert(e.model, out, dtype="fp16")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import onnx
 
@@ -110,3 +111,33 @@ def quantize(model, output=None, *, config: QuantConfig | None = None, data=None
 def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
     """Load (lazily), check the opset and raise it to what `mode` needs, infer shapes."""
     return pipeline.load(model, MIN_OPSET[mode], workdir)
+
+
+# ---------------------------------------------------------------- file-level API of single passes
+def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
+            data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
+            provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
+    """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
+    With calibration data (`data`: path or CalibData, or `calib_random` samples) the FP32 region follows
+    measured ranges (a few generated samples serve where no data is given and the input shapes are static)
+    and the written graph is checked for finite outputs (onnxopt.finite). `measure=False` skips the ranges,
+    `verify=False` the check; `report`, if given, receives the run's report."""
+    runner = pipeline.Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, measure_ranges=measure)], data=data,
+                    calib_random=calib_random, shapes=shapes, seed=seed, provider=provider, progress=False,
+                    check_finite=verify)
+    res = runner.run(model_path, output)
+    if report is not None:
+        report.update(res.report)
+    return res.path
+
+
+def sparsify_model(input_path, output_path, *, data=None,
+                   calib_limit: int | None = None, calib_random: int | None = None, shapes: dict | None = None,
+                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+                   **options) -> dict:
+    """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
+    (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are
+    the Sparsify pass's (pattern, method, exclude, min_params, damp, block, sequential)."""
+    runner = pipeline.Runner([Sparsify(**options)], data=data, calib_random=calib_random, seed=seed, shapes=shapes,
+                    calib_batches=calib_limit, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
+    return runner.run(input_path, output_path).report["sparsity"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,7 +30,7 @@ from .sparsity_layers import (_dq_fields, _effective_nonzero, _groups_ok, _other
                               _dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
 from .sparsity_report import format_report, report, summary
 
-__all__ = ["METHODS", "sparsify", "sparsify_model", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
+__all__ = ["METHODS", "sparsify", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
            "report", "summary", "format_report"]
 
 log = logging.getLogger(__name__)
@@ -173,16 +172,3 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
              method, report["pruned"], report["skipped"], 100 * report["sparse_param_share"])
     return report
 
-
-def sparsify_model(input_path, output_path, *, data: calib.CalibData | str | Path | None = None,
-                   calib_limit: int | None = None, calib_random: int | None = None, shapes: dict | None = None,
-                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
-                   **options) -> dict:
-    """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
-    (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are
-    the Sparsify pass's (pattern, method, exclude, min_params, damp, block, sequential)."""
-    from .passes import Sparsify  # the pipeline builds on this module; the file-level API builds on it
-    from .pipeline import Runner
-    runner = Runner([Sparsify(**options)], data=data, calib_random=calib_random, seed=seed, shapes=shapes,
-                    calib_batches=calib_limit, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
-    return runner.run(input_path, output_path).report["sparsity"]

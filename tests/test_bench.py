@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import tiny
 from onnxopt import QuantConfig, io, quantize
-from onnxopt.autocast import convert
+from onnxopt.recipes import convert
 from onnxopt.bench import BenchConfig, bench, format_table
 from onnxopt.cli import main
 from onnxopt.compare import compare

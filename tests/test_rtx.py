@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import tiny
 from onnxopt import QuantConfig, io, quantize
-from onnxopt.autocast import convert
+from onnxopt.recipes import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
 from onnxopt.inspect import engine_findings, lint
@@ -391,7 +391,6 @@ def conv_chain():
 
 
 def test_small_int8_convs_stay_fp16_next_to_large_ones():
-    import numpy as np
     from onnxopt.quant import rules
     res = quantize(conv_chain(), config=QuantConfig(mode="int8", progress=False), calib_random=2)
     skipped = res.report["qdq"]["skipped"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from onnxopt import QuantConfig, diffusion, io, presets, quantize
-from onnxopt.autocast import convert
+from onnxopt.recipes import convert
 from onnxopt.inspect import engine_findings
 from onnxopt.trt import report as R
 from onnxopt.trt import rtx_available
