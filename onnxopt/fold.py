@@ -143,16 +143,6 @@ def _output_factor(node: gs.Node, shape, v: np.ndarray) -> np.ndarray:
     return v  # MatMul / Gemm: last axis
 
 
-def output_channels(node: gs.Node, shape) -> int:
-    if node.op == "Conv":
-        return shape[0]
-    if node.op == "ConvTranspose":
-        return shape[1] * int(node.attrs.get("group", 1))
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return shape[0]
-    return shape[-1]
-
-
 # ---------------------------------------------------------------- scaling one constant input in place
 class _Names:
     def __init__(self, graph: gs.Graph):

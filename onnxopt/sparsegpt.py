@@ -74,7 +74,7 @@ class _HKey:
     trans: bool = False  # Gemm transA: the input is [K, M]
 
 
-def _rows_view(node: gs.Node, eff_shape: tuple, conv_ok: bool = True):
+def _rows_view(node: gs.Node, eff_shape: tuple):
     """Index map from the layer's weight (as the layer sees it) to rows W[out, in] with the pruning groups
     as consecutive columns, or (None, reason)."""
     idx = np.arange(int(np.prod(eff_shape))).reshape(eff_shape)

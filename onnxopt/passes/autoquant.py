@@ -18,7 +18,6 @@ from .qdq import QDQ, WEIGHT_OPS
 
 log = logging.getLogger(__name__)
 
-METRICS = ("cosine", "top1")
 
 
 @dataclass
