@@ -1,0 +1,111 @@
+"""Candidate formats of every weighted layer (the TensorRT placement rules decide) and the one calibration pass
+whose statistics every candidate reuses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import calib, fold
+from .. import graph as G
+from ..quant import bias_correction, rules
+from ..quant import int4 as int4q
+
+FORMATS = ("fp8", "int8", "int4")
+EIGHT_BIT = ("fp8", "int8")
+WBITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0}
+ABITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 16.0}   # INT4 is weight-only: activations stay FP16
+CAL_METHOD = {"fp8": "max", "int8": "mse"}
+GATES = "autoquant_gates"
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str
+    formats: list                       # candidate formats, "none" first
+    reasons: dict                       # format -> why it is not a candidate
+    params: int = 0
+    wshape: tuple = ()                  # the weight as the layer consumes it (empty for attention BMMs)
+    trans_b: bool = False
+    macs: float = 0.0
+    error: dict = field(default_factory=dict)   # format -> measured 1 - cosine (only this layer quantized)
+
+
+@dataclass
+class Candidates:
+    layers: dict                        # name -> Layer, graph order
+    plans: dict                         # format -> rules.Plan (8-bit formats)
+    configs: dict                       # format -> the QDQ options its plan was made with
+    clips: dict = field(default_factory=dict)   # INT4 layer -> AWQ clip ratios per block
+    int4: set = field(default_factory=set)      # names of layers that may take INT4 weights
+
+
+# ---------------------------------------------------------------- candidates
+def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Candidates:
+    """Candidate formats of every weighted layer; `configs` maps each 8-bit format to its QDQ options."""
+    plans = {f: rules.plan(graph, configs[f]) for f in formats if f in EIGHT_BIT}
+    in_plan = {f: {n.name for n in p.nodes} for f, p in plans.items()}
+    int4_ok, int4_skip = set(), {}
+    if "int4" in formats:
+        cfg = next(iter(configs.values()))
+        sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
+        int4_ok = {n.name for n, _ in sel}
+    layers = {}
+    for node in graph.nodes:
+        if node.op not in G.WEIGHT_OPS:
+            continue
+        fmts, reasons = ["none"], {}
+        for f in formats:
+            if f in EIGHT_BIT:
+                ok = node.name in in_plan[f]
+                why = plans[f].skipped.get(node.name, "not planned")
+            else:
+                ok = node.name in int4_ok
+                why = int4_skip.get(node.name, "INT4 is for MatMul/Gemm weights only")
+            if ok:
+                fmts.append(f)
+            else:
+                reasons[f] = why
+        wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules._is_weight(node.inputs[1]) else ()
+        layers[node.name] = Layer(node.name, node.op, fmts, reasons, int(np.prod(wshape)) if wshape else 0, wshape,
+                                  bool(node.attrs.get("transB", 0)))
+    return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok)
+
+
+def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory_budget_mb: int, progress: bool):
+    """Activation ranges per 8-bit format (Concat groups share the largest) and bias-correction means, in
+    one pass over `data`. Returns ({format: {tensor: amax}}, {tensor: channel mean})."""
+    reducers: dict[str, list] = {}
+    by_fmt: dict[str, dict] = {}
+    for f, plan in cands.plans.items():
+        by_fmt[f] = {}
+        for name in plan.activations:
+            if name in plan.fixed_amax:
+                continue
+            r = calib.AbsMax() if CAL_METHOD[f] == "max" else calib.Histogram()
+            by_fmt[f][name] = r
+            reducers.setdefault(name, []).append(r)
+    means = {}
+    for plan in cands.plans.values():
+        for node, _, _, _ in plan.weights:
+            if node.op in bias_correction.OPS and node.inputs[0].name not in means:
+                means[node.inputs[0].name] = r = calib.ChannelMean(bias_correction.input_axis(node),
+                                                                   bias_correction.input_rank(node))
+                reducers.setdefault(node.inputs[0].name, []).append(r)
+    calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb,
+                        progress=progress, desc="calibrating (once, all candidates)")
+    amax = {}
+    for f, plan in cands.plans.items():
+        a = dict(plan.fixed_amax)
+        for name, r in by_fmt[f].items():
+            a[name] = calib.amax_from_histogram(r, "mse", f) if isinstance(r, calib.Histogram) else r.value
+        for group in plan.shared_scales:
+            shared = max(a[n] for n in group)
+            for n in group:
+                a[n] = shared
+        amax[f] = a
+    return amax, {n: r.value for n, r in means.items() if r.value is not None}
+
+

@@ -1,0 +1,142 @@
+"""Cost model (weight bits over parameters, activation bits over MACs) and the choice of a mix: a Lagrangian
+relaxation of the knapsack, local moves, and the error budget bisected against the verified metric."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..progress import track
+from .candidates import ABITS, EIGHT_BIT, WBITS, Layer
+from .evaluate import Evaluator
+
+
+# ---------------------------------------------------------------- cost model and choice
+@dataclass
+class Totals:
+    params: float
+    macs: float
+
+
+def totals(layers: dict) -> Totals:
+    return Totals(max(sum(l.params for l in layers.values()), 1), max(sum(l.macs for l in layers.values()), 1.0))
+
+
+def bits_of(mix: dict, layers: dict) -> dict:
+    """Weight bits averaged over the parameters of all weighted layers, activation bits over their MACs,
+    and the share of MACs that run in 8 bits."""
+    t = totals(layers)
+    w = sum(WBITS[mix[n]] * l.params for n, l in layers.items()) / t.params
+    a = sum(ABITS[mix[n]] * l.macs for n, l in layers.items()) / t.macs
+    eight = sum(l.macs for n, l in layers.items() if mix[n] in EIGHT_BIT) / t.macs
+    return {"weight_bits": w, "activation_bits": a, "macs_8bit": eight}
+
+
+def _lagrange(layers: dict, score, mult: float) -> dict:
+    """Each layer's format minimising score(layer, format, multiplier) (a tuple: ties go to its later items)."""
+    return {n: min(l.formats, key=lambda f: score(l, f, mult)) for n, l in layers.items()}
+
+
+def _bisect(layers, score, fits, lo=1e-9, hi=1e12, steps=80) -> dict:
+    """The mix of the smallest multiplier whose mix `fits` (the largest multiplier's mix if none does)."""
+    if fits(_lagrange(layers, score, lo)):
+        return _lagrange(layers, score, lo)
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi)
+        if fits(_lagrange(layers, score, mid)):
+            hi = mid
+        else:
+            lo = mid
+    return _lagrange(layers, score, hi)
+
+
+def _err(l: Layer, f: str) -> float:
+    return l.error.get(f, math.inf)
+
+
+def mix_for_error(layers: dict, budget: float) -> dict:
+    """Cheapest mix (weight bits over params + activation bits over MACs) whose summed error <= budget:
+    each layer minimises cost + λ·error, λ the smallest that fits."""
+    t = totals(layers)
+
+    def score(l, f, lam):
+        return (WBITS[f] * l.params / t.params + ABITS[f] * l.macs / t.macs + lam * _err(l, f), _err(l, f))
+    mix = _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
+    return improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget)
+
+
+def mix_for_bits(layers: dict, bits: float) -> dict:
+    """Least summed error whose weight bits (averaged over parameters) <= `bits`: each layer minimises
+    error + μ·cost, μ the smallest that fits; activation bits weigh in lightly (attention BMMs have none)."""
+    t = totals(layers)
+
+    def score(l, f, mu):
+        w = WBITS[f] * l.params / t.params
+        return (_err(l, f) + mu * (w + 1e-3 * ABITS[f] * l.macs / t.macs), w)
+    mix = _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
+    return improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * ABITS[f] * l.macs / t.macs,
+                   lambda l, f: WBITS[f] * l.params / t.params, bits + 1e-9)
+
+
+def improve(layers: dict, mix: dict, objective, constraint, limit: float, rounds: int = 200) -> dict:
+    """Local search after the Lagrangian (whose solutions lie on the convex hull only): apply the best move
+    of one or two layers that lowers the summed `objective` and keeps the summed `constraint` <= `limit`."""
+    mix = dict(mix)
+    names = list(layers)
+    used = sum(constraint(layers[n], mix[n]) for n in names)
+    for _ in range(rounds):
+        moves = []  # (Δobjective, Δconstraint, changes)
+        for n in names:
+            l, cur = layers[n], mix[n]
+            for f in l.formats:
+                if f != cur:
+                    moves.append((objective(l, f) - objective(l, cur), constraint(l, f) - constraint(l, cur), ((n, f),)))
+        best = min(((do, dc, ch) for do, dc, ch in moves if do < -1e-15 and used + dc <= limit), default=None)
+        # pairs: one move that frees room (or costs little) with one that gains
+        gains = sorted((m for m in moves if m[0] < -1e-15), key=lambda m: m[0])[:64]
+        frees = sorted((m for m in moves if m[1] < 0), key=lambda m: m[0] / -m[1] if m[1] else 0)[:64]
+        for g in gains:
+            for fr in frees:
+                if g[2][0][0] == fr[2][0][0]:
+                    continue
+                do, dc = g[0] + fr[0], g[1] + fr[1]
+                if do < -1e-15 and used + dc <= limit and (best is None or do < best[0]):
+                    best = (do, dc, g[2] + fr[2])
+        if best is None:
+            break
+        for n, f in best[2]:
+            mix[n] = f
+        used += best[1]
+    return mix
+
+
+# ---------------------------------------------------------------- search against a verified target
+def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps: int = 10,
+                  progress: bool = True, margin: float = 0.0, split: str = "verify") -> tuple[dict, list]:
+    """Largest error budget whose mix meets `target` + `margin` on the held-out batches, found by bisection in
+    log space from the additive prediction. A mix that misses is repaired by the smaller budget, which
+    promotes its most sensitive layers first. Returns (mix, trials)."""
+    everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
+    b = (1.0 - target) if metric == "cosine" else 1e-3
+    b = min(max(b, 1e-7), everything)
+    lo, hi, best, trials = 0.0, None, {n: "none" for n in layers}, []
+    for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
+        mix = mix_for_error(layers, b)
+        got = ev.metrics(ev.gates(mix), split)
+        ok = got[metric] >= target + margin
+        trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),
+                       metric: got[metric], "passed": bool(ok), **bits_of(mix, layers)})
+        if ok:
+            lo, best = b, mix
+        else:
+            hi = b
+        if hi is None:
+            if b >= everything:
+                break
+            b = min(b * 8, everything)
+        elif lo == 0.0:
+            b = b / 8
+        else:
+            if hi / lo < 1.5:
+                break
+            b = math.sqrt(lo * hi)
+    return best, trials

@@ -1,0 +1,114 @@
+"""Evaluation of mixes on the gated graph (FP32 reference once) and the restartable per-candidate sensitivities."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import io, ort
+from ..errors import OnnxoptError
+from ..progress import track
+from .candidates import GATES
+
+log = logging.getLogger(__name__)
+
+
+
+# ---------------------------------------------------------------- evaluation
+class Evaluator:
+    """One ORT session over the gated graph; outputs of the FP32 reference are computed once."""
+
+    def __init__(self, model, index: dict, search: list, verify: list, provider: str, shape_names: dict):
+        self.index = index
+        self.sess = ort.session(model, provider=provider, level="disable")
+        self.out = self.sess.get_outputs()[0].name
+        self.shape_names = shape_names
+        self.search, self.verify = search, verify
+        self.shapes: dict[str, list] = {}
+        self.ref = {"search": self._outputs(self.zeros(), search, shapes=True), "verify": self._outputs(self.zeros(), verify)}
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(max(len(self.index), 1), np.float32)
+
+    def gates(self, mix: dict) -> np.ndarray:
+        g = self.zeros()
+        for layer, f in mix.items():
+            if f != "none":
+                g[self.index[(layer, f)]] = 1.0
+        return g
+
+    def _outputs(self, gates, feeds, shapes=False) -> np.ndarray:
+        names = [self.out] + (list(self.shape_names) if shapes else [])
+        outs = []
+        for feed in feeds:
+            got = ort.run(self.sess, names, {**feed, GATES: gates}, label="the gated graph")
+            outs.append(got[0].reshape(got[0].shape[0] if got[0].ndim > 1 else 1, -1))
+            if shapes:
+                for n, v in zip(names[1:], got[1:]):
+                    self.shapes.setdefault(n, []).append([int(d) for d in v])
+        return np.concatenate(outs).astype(np.float64)
+
+    def metrics(self, gates, split: str = "search") -> dict:
+        """Cosine and top-1 agreement on the "search" or "verify" batches, or on "all" of them."""
+        if split == "all":
+            ref = np.concatenate([self.ref["search"], self.ref["verify"]])
+            cand = np.concatenate([self._outputs(gates, self.search), self._outputs(gates, self.verify)])
+            return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+        ref = self.ref[split]
+        cand = self._outputs(gates, self.search if split == "search" else self.verify)
+        return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+
+
+def cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    if not np.all(np.isfinite(cand)):
+        return -1.0
+    num = (ref * cand).sum(1)
+    den = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
+    return float((num / den).mean())
+
+
+
+# ---------------------------------------------------------------- sensitivities (restartable)
+def load_sensitivities(path, key: str) -> dict:
+    """{layer: {format: error}} saved by an earlier run on the same model and options ({} if none)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise OnnxoptError(f"cannot read sensitivities {path} ({e}); delete it to measure again") from None
+    if saved.get("key") != key:
+        log.warning("sensitivities in %s are for another model or options; measuring again", path)
+        return {}
+    return saved.get("layers", {})
+
+
+def save_sensitivities(path, key: str, layers: dict) -> None:
+    if path is None:
+        return
+    with io.atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps({"key": key, "layers": {n: l.error for n, l in layers.items()}}, indent=1))
+
+
+def measure(ev: Evaluator, layers: dict, *, path=None, key: str = "", progress: bool = True) -> int:
+    """Error of each (layer, format) alone on the search batches; returns how many were measured now."""
+    saved = load_sensitivities(path, key)
+    todo = [(n, f) for n, l in layers.items() for f in l.formats if f != "none"
+            and f not in saved.get(n, {})]
+    for n, l in layers.items():
+        l.error = {"none": 0.0, **{f: v for f, v in saved.get(n, {}).items() if f in l.formats}}
+    last = None
+    for i, (name, f) in enumerate(track(todo, total=len(todo), desc="sensitivity (layer, format)", enabled=progress,
+                                        unit="candidate")):
+        m = ev.metrics(ev.gates({name: f}))
+        layers[name].error[f] = max(0.0, 1.0 - m["cosine"])
+        if name != last or i == len(todo) - 1:
+            save_sensitivities(path, key, layers)
+            last = name
+    if todo:
+        save_sensitivities(path, key, layers)
+    return len(todo)
+
+

@@ -1,0 +1,187 @@
+"""The gated graph: every candidate (layer, format) behind an If on one element of a gate vector (a graph
+input), so one ORT session measures any mix exactly; plus the MACs of each layer from real feeds."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import fold, io
+from .. import graph as G
+from ..progress import track
+from ..quant import bias_correction, blockwise, qdq, rules
+from .candidates import EIGHT_BIT, GATES, Candidates, Layer
+
+
+# ---------------------------------------------------------------- fake-quant numerics
+def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
+    """What the layer will see of weight `w` (its consumed layout) in `fmt` (INT4: with AWQ clip ratios)."""
+    if fmt == "int4":
+        kn = blockwise.to_kn(node, w)
+        fq = blockwise.fake_quant(kn, block_size, clip, hp)
+        return fq.T if kn is not w else fq
+    f = qdq.FORMATS[fmt]
+    axis = G.weight_output_channel_axis(node) % w.ndim
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w), axis=red, keepdims=True)
+    scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
+    return f.cast(w / scale).astype(np.float32) * scale
+
+
+# ---------------------------------------------------------------- the gated graph
+class _Builder:
+    """Gates as If nodes on `gates[i] > 0.5`: a candidate whose gate is off costs one If and an Identity,
+    so every forward runs at about the FP32 model's speed whatever the number of candidates."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.names = G.taken_names(graph)
+        self.gates_in = gs.Variable(GATES, dtype=np.float32, shape=None)
+        self.index: dict[tuple, int] = {}
+        self._cond: dict[tuple, gs.Variable] = {}
+
+    def var(self, base, dtype=np.float32, shape=None):
+        return gs.Variable(G.unique_name(base, self.names), dtype=dtype, shape=shape)
+
+    def const(self, base, values):
+        return gs.Constant(G.unique_name(base, self.names), values)
+
+    def node(self, op, inputs, base, attrs=None, dtype=np.float32, shape=None, into=None):
+        out = self.var(base + "_out", dtype, shape)
+        (self.graph.nodes if into is None else into).append(
+            gs.Node(op, name=G.unique_name(base, self.names), inputs=inputs, outputs=[out], attrs=attrs or {}))
+        return out
+
+    def cond(self, layer: str, fmt: str) -> gs.Variable:
+        key = (layer, fmt)
+        if key not in self._cond:
+            self.index[key] = i = len(self.index)
+            g = self.node("Gather", [self.gates_in, self.const(f"gate_{i}_index", np.array(i, np.int64))],
+                          f"gate_{i}", {"axis": 0}, shape=[])
+            self._cond[key] = self.node("Greater", [g, self.const(f"gate_{i}_half", np.array(0.5, np.float32))],
+                                        f"gate_{i}_on", dtype=np.bool_, shape=[])
+        return self._cond[key]
+
+    def branch(self, layer: str, fmt: str, x: gs.Tensor, make, base: str) -> gs.Variable:
+        """If gate (layer, fmt) is on: make(x, nodes) (nodes appended to the then-branch), else x."""
+        then_nodes: list = []
+        y = make(x, then_nodes)
+        else_nodes: list = []
+        x_out = self.node("Identity", [x], base + "_off", shape=x.shape, into=else_nodes)
+        then_g = gs.Graph(nodes=then_nodes, outputs=[y], opset=self.graph.opset, name=base + "_on_branch")
+        else_g = gs.Graph(nodes=else_nodes, outputs=[x_out], opset=self.graph.opset, name=base + "_off_branch")
+        return self.node("If", [self.cond(layer, fmt)], base + "_if",
+                         {"then_branch": then_g, "else_branch": else_g}, shape=x.shape)
+
+
+def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int,
+                progress: bool = False):
+    """Rewrite `graph` (a copy) in place into the gated graph; returns {(layer, format): gate index}."""
+    b = _Builder(graph)
+    nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
+    plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
+    for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
+                            enabled=progress):
+        _gate_weight(b, node, cands.layers[name], means, hp, block_size, cands.clips.get(name))
+    # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
+    for f, plan in plans.items():
+        residual = {(id(a), i) for a, i in plan.residuals}
+        for tname, uses in plan.activations.items():
+            scale = qdq.activation_scale(amax[f][tname], f, hp)
+            for node, idx in uses:
+                owner = node
+                if (id(node), idx) in residual:
+                    owner = node.inputs[1 - idx].inputs[0]
+                if owner.name not in cands.layers or f not in cands.layers[owner.name].formats:
+                    continue
+                x = node.inputs[idx]
+                node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
+                                            f"{tname}_{f}")
+    graph.inputs.append(b.gates_in)
+    b.gates_in.shape = [max(len(b.index), 1)]
+    return b.index
+
+
+def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> gs.Variable:
+    f = qdq.FORMATS[fmt]
+    s = b.const(f"{x.name}_{fmt}_scale", np.asarray(scale, np.float32))
+    zp = b.const(f"{x.name}_{fmt}_zp", f.zero_point())
+    q = b.node("QuantizeLinear", [x, s, zp], f"{x.name}_{fmt}_Q", dtype=f.NP_TYPE, shape=x.shape, into=into)
+    return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
+
+
+def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None) -> None:
+    fmts = [f for f in layer.formats if f != "none"]
+    if not fmts or not rules._is_weight(node.inputs[1]):
+        return
+    w = _consumed_weight(node)
+    y = node.outputs[0]
+    if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
+        node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
+    for f in fmts:
+        wq = fake_weight(node, w, f, hp, block_size, clip).astype(np.float32)
+        shift = _bias_shift(node, wq - w, means, f)
+        wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)  # spilled to the work dir: stays lazy
+        del wq
+        node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
+                                  lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,
+                                                                shape=list(w.shape)), f"{node.name}_{f}_w")
+        if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
+            sc = b.const(f"{node.name}_{f}_bc", shift)
+            pre = b.branch(layer.name, f, pre, lambda x, into, sc=sc: b.node("Add", [x, sc], f"{node.name}_{f}_bc",
+                                                                             into=into, shape=y.shape),
+                           f"{node.name}_{f}_bc")
+    if node.outputs[0] is not y:
+        b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
+                                     outputs=[y]))
+
+
+def _bias_shift(node, dw, means, fmt):
+    """−ΔW·E[x] shaped to broadcast over the layer output, where the QDQ pass folds bias correction."""
+    if fmt not in EIGHT_BIT or node.op not in bias_correction.OPS or node.inputs[0].name not in means:
+        return None
+    if bias_correction.bias_target(_NoGraph, node) is None:
+        return None
+    shift = bias_correction.output_shift(node, dw, np.asarray(means[node.inputs[0].name], np.float64))
+    if shift is None:
+        return None
+    shape = [-1] + [1] * (len(node.outputs[0].shape) - 2) if node.op != "Gemm" and node.outputs[0].shape else [-1]
+    return (-shift).astype(np.float32).reshape(shape)
+
+
+class _NoGraph:  # bias_target only reads the node
+    pass
+
+
+def _consumed_weight(node: gs.Node) -> np.ndarray:
+    return fold.effective_weight(node)  # as quant.mixed reads it: the constant through its Cast/Transpose
+
+
+
+
+def shape_outputs(graph: gs.Graph, names: list) -> dict:
+    """Shape(input 0) and Shape(output) of each layer as extra outputs, for MACs from real feeds."""
+    wanted = {}
+    nodes = {n.name: n for n in graph.nodes}
+    taken = G.taken_names(graph)
+    for name in names:
+        n = nodes[name]
+        for tag, t in (("in", n.inputs[0]), ("out", n.outputs[0])):
+            out = gs.Variable(G.unique_name(f"{name}_shape_{tag}", taken), dtype=np.int64, shape=None)
+            graph.nodes.append(gs.Node("Shape", name=G.unique_name(out.name + "_node", taken), inputs=[t], outputs=[out]))
+            graph.outputs.append(out)
+            wanted[out.name] = (name, tag)
+    return wanted
+
+
+def macs_of(layer: Layer, shp_in: list, shp_out: list) -> float:
+    """Multiply-accumulates of one forward of one feed."""
+    w = layer.wshape
+    if layer.op == "MatMul":
+        return float(np.prod(shp_out)) * shp_in[-1]
+    if layer.op == "Gemm":
+        return float(np.prod(shp_out)) * (w[1] if layer.trans_b else w[0])
+    if layer.op == "Conv":
+        return float(np.prod(shp_out)) * float(np.prod(w[1:]))
+    return float(np.prod(shp_in)) * float(np.prod(w[1:]))  # ConvTranspose
+
+
