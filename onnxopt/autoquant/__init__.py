@@ -16,7 +16,8 @@
 """
 from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, WBITS, Candidates, Layer,
                          calibrate, candidates)
-from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, search_target, totals
+from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
+from .search import search_target
 from .evaluate import Evaluator, cosine, load_sensitivities, measure, save_sensitivities
 from .gated import build_gated, fake_weight, macs_of, shape_outputs
 
