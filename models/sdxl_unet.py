@@ -219,13 +219,49 @@ def export_unet(unet, output: str | os.PathLike, *, opset: int = 17, batch: int 
     return output
 
 
+def plant_outliers(unet, factor: float, channels: int = 16, seed: int = 0) -> int:
+    """Massive activations, as trained diffusion transformers and LLMs show them, planted without changing the
+    function: in every transformer block a few hidden channels of the feed-forward (GEGLU value half) and of the
+    attention values are multiplied by `factor` and the weights that read them divided by it (GEGLU and
+    softmax·V are linear in those channels). FP32 outputs stay the same up to rounding; a per-tensor INT8 scale
+    of the layers reading them does not. Returns the number of tensors given outliers."""
+    import torch
+    from diffusers.models.attention import BasicTransformerBlock
+
+    g = torch.Generator().manual_seed(seed)
+    planted = 0
+    with torch.no_grad():
+        for block in (m for m in unet.modules() if isinstance(m, BasicTransformerBlock)):
+            proj, out = block.ff.net[0].proj, block.ff.net[2]
+            inner = out.in_features
+            for k in torch.randperm(inner, generator=g)[:channels].tolist():
+                proj.weight[k] *= factor
+                proj.bias[k] *= factor
+                out.weight[:, k] /= factor
+            for attn in (block.attn1, block.attn2):
+                heads = attn.to_out[0].in_features
+                for k in torch.randperm(heads, generator=g)[:channels].tolist():
+                    attn.to_v.weight[k] *= factor
+                    if attn.to_v.bias is not None:
+                        attn.to_v.bias[k] *= factor
+                    attn.to_out[0].weight[:, k] /= factor
+            planted += 3
+    return planted
+
+
 def export(output: str | os.PathLike, *, scale: str = "full", checkpoint: str | os.PathLike | None = None,
-           seed: int = 0, opset: int = 17, batch: int = 2, latent_size: int | None = None) -> Path:
-    """Build (random weights at `scale`, or the checkpoint's) and export the SDXL UNet to `output`."""
+           seed: int = 0, opset: int = 17, batch: int = 2, latent_size: int | None = None,
+           outliers: float = 0.0) -> Path:
+    """Build (random weights at `scale`, or the checkpoint's) and export the SDXL UNet to `output`
+    (`outliers` > 1: `plant_outliers` with that factor first)."""
     from onnxopt.errors import OnnxoptError
     if opset < 17:
         raise OnnxoptError(f"opset {opset} is too old for the SDXL UNet (LayerNormalization); use --opset 17 or newer")
+    if outliers and outliers <= 1:
+        raise OnnxoptError(f"--outliers {outliers}: use a factor above 1 (e.g. 100), or leave it out")
     unet = build_unet(scale, checkpoint=checkpoint, seed=seed)
+    if outliers:
+        log.info("planted outlier channels in %d tensors (factor %g)", plant_outliers(unet, outliers, seed=seed), outliers)
     try:
         return export_unet(unet, output, opset=opset, batch=batch, latent_size=latent_size)
     finally:
@@ -244,16 +280,18 @@ def _main():
     @click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
     @click.option("--opset", default=17, show_default=True)
     @click.option("--latent-size", type=int, help="Latent side of the example input (default: the config's sample_size).")
+    @click.option("--outliers", type=float, default=0.0, help="Plant massive activations (function-preserving) with this factor, e.g. 100: per-tensor INT8 then breaks as on trained UNets.")
     @click.option("--count", is_flag=True, help="Only print the parameter count (meta device) and exit.")
     @handle_errors
-    def cli(output, scale, checkpoint, seed, opset, latent_size, count):
+    def cli(output, scale, checkpoint, seed, opset, latent_size, outliers, count):
         """Export SDXL-base's UNet to FP32 ONNX."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         if count:
             click.echo(f"{scale}: {count_parameters(scale):,} parameters")
             return
         t0 = time.perf_counter()
-        path = export(output, scale=scale, checkpoint=checkpoint, seed=seed, opset=opset, latent_size=latent_size)
+        path = export(output, scale=scale, checkpoint=checkpoint, seed=seed, opset=opset, latent_size=latent_size,
+                      outliers=outliers)
         size = path.stat().st_size + (path.parent / (path.name + ".data")).stat().st_size
         click.echo(f"wrote {path} ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
 

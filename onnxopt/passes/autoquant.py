@@ -163,6 +163,10 @@ class AutoQuant(PassBase):
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
         counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
+        broken = int8_broken(cands.layers, mix, self.target_cosine)
+        if broken:
+            log.info("INT8 breaks %d layer(s) (alone, each costs more than %s): %s", len(broken),
+                     broken[0]["threshold_reason"], ", ".join(b["layer"] for b in broken[:8]) + (" ..." if len(broken) > 8 else ""))
         log.info("auto: %s; held-out cosine %.5f, top-1 %.4f; weight bits %.2f, activation bits %.2f, 8-bit MACs %.0f%%",
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
@@ -170,10 +174,26 @@ class AutoQuant(PassBase):
                           "gated fake-quant graph); error budget bisected against the held-out metric",
                 "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
                 "verified": final, "met": _met(self, final), **bits, "counts": counts, "layers": layers,
-                "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
+                "int8_broken": broken, "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
                 "coverage": {"quantized": sum(v != "none" for v in mix.values()),
                              "skipped": sum(v == "none" for v in mix.values()), **counts},
                 "timings_s": timings}
+
+
+def int8_broken(layers: dict, mix: dict, target_cosine: float | None) -> list:
+    """Layers where INT8 W8A8 breaks the model: alone in INT8 they cost more error than the whole cosine target
+    allows (without a cosine target: more than 10x the median layer's INT8 error), worst first."""
+    errs = {n: l.error["int8"] for n, l in layers.items() if "int8" in l.error}
+    if not errs:
+        return []
+    if target_cosine is not None:
+        limit, why = 1.0 - target_cosine, f"the target's error budget {1.0 - target_cosine:.1e}"
+    else:
+        limit = 10 * float(np.median(list(errs.values())))
+        why = f"10x the median layer's INT8 error ({limit:.1e})"
+    out = [{"layer": n, "int8_error": e, "fp8_error": layers[n].error.get("fp8"), "choice": mix[n],
+            "threshold_reason": why} for n, e in errs.items() if e > limit and e > 0]
+    return sorted(out, key=lambda b: -b["int8_error"])
 
 
 def _met(p: AutoQuant, final: dict):
