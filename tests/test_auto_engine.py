@@ -157,6 +157,7 @@ def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     assert rounds[0]["quantized_in_quantized_kernels"] == rounds[0]["quantized_layers"] - 1
     assert rounds[-1]["no_savings"] == [] and rounds[-1]["quantized_in_quantized_kernels"] == rounds[-1]["quantized_layers"]
     assert a["layers"]["o_proj"]["choice"] != "int4" and "fp16 kernel" in a["layers"]["o_proj"]["not_candidates"]["int4"]
+    assert a["layers"]["o_proj"]["engine_no_savings"] == {"int4": "TensorRT-RTX ran it in fp16 kernel"}
     assert a["counts"]["int4"] == 5 and a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"]
     assert not engine["int4_dq_kernels"] and not engine["attention"]["quantized_unfused"]

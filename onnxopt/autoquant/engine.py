@@ -28,7 +28,9 @@ class Writer:
     configs: dict
     amax: dict
     means: dict
-    high_precision: str
+    high_precision: str                  # the recipe's Autocast: its type and options
+    keep_fp32_ops: tuple
+    keep_fp32_nodes: tuple
     block_size: int
     clips: dict
     opset: int
@@ -42,7 +44,8 @@ class Writer:
         g = io.import_graph(io.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
         mixed.insert(g, mix, self.configs, self.amax, self.means, high_precision=self.high_precision,
                      block_size=self.block_size, clips=self.clips)
-        autocast.to_low_precision(g, self.high_precision)
+        autocast.to_low_precision(g, self.high_precision, keep_fp32_ops=self.keep_fp32_ops,
+                                  keep_fp32_nodes=self.keep_fp32_nodes)
         model = io.export_graph(g, opset=self.opset)
         del g
         with tempfile.TemporaryDirectory(prefix="onnxopt-autoquant-", dir=self.workdir) as d:

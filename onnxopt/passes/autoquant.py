@@ -130,6 +130,9 @@ class AutoQuant(PassBase):
             for m in g["members"]:
                 rep["layers"][m]["group"] = name
         rep["cost_model"] = {"name": self.cost_model, "rounds": rounds}
+        for r in rounds:
+            for x in r["no_savings"]:
+                rep["layers"][x["layer"]].setdefault("engine_no_savings", {})[x["format"]] = x["reason"]
         return rep
 
     # ---------------------------------------------------------------- cost model (engineer A)
@@ -154,8 +157,12 @@ class AutoQuant(PassBase):
 
     def _engine_rounds(self, ctx, ev, cands, mix, trials, amax, means, search) -> tuple[dict, list, list]:
         """Rounds of build -> drop what saved nothing -> choose and verify again: (mix, its trials, rounds)."""
-        writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, self.block_size,
-                                  cands.clips, self.min_opset, aq_engine.build_shapes(search[0]), str(ctx.workdir))
+        from .autocast import Autocast
+        ac = ctx.following(Autocast, self)
+        keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
+        writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,
+                                  self.block_size, cands.clips, self.min_opset, aq_engine.build_shapes(search[0]),
+                                  str(ctx.workdir))
         last = {"trials": trials}
 
         def choose():
