@@ -149,6 +149,7 @@ def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
 
 
 @rtx_test
+@pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
     a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4")

@@ -145,6 +145,16 @@ def _quant_config(ctx, mode, preset, **fields):
     return config
 
 
+def _engine_rounds(a: dict) -> str:
+    """--cost-model rtx: the last TensorRT-RTX build of the search."""
+    rounds = a.get("cost_model", {}).get("rounds") or []
+    if not rounds:
+        return ""
+    r = rounds[-1]
+    return (f"; TensorRT-RTX: {r['quantized_in_quantized_kernels']}/{r['quantized_layers']} quantized layers in quantized "
+            f"kernels after {len(rounds)} build(s)")
+
+
 def _describe_quantize(report: dict, mode: str) -> str:
     cov = report.get("coverage", {})
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
@@ -155,7 +165,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
-                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})")
+                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})" + _engine_rounds(a))
     if mode == "int4":
         sec = report.get("int4", {})
         extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",
