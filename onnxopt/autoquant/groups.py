@@ -5,7 +5,9 @@ the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of ti
 
 - tied: an attention block's Q·Kᵀ and softmax·V BMMs (rule_attention_block);
 - not tied: Q/K/V projections reading one activation in different formats (INT8 + FP8, INT8 + INT4) all
-  ran in their quantized kernels and the attention still fused; FP8 and INT8 MLP layers side by side too.
+  ran in their quantized kernels and the attention still fused; FP8 and INT8 MLP layers side by side too;
+  on a 64-channel CNN, a residual Add whose Conv is FP8 and whose skip comes from an INT8 Conv (and the
+  reverse), and one activation read by an FP8 and an INT8 Conv: every Conv in its quantized kernel.
 - not static: an INT4 weight-only layer right after a fused attention block (softmax·V -> Transpose ->
   Reshape -> MatMul) ran as a separate INT4 dequantize kernel + FP16 GEMM with a static batch-1 profile
   (MiniLM 1x31, tiny transformer 1x64, any block size) but in its INT4 kernel with a 1..2 batch profile;
