@@ -11,7 +11,8 @@ the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of ti
 - not static: an INT4 weight-only layer right after a fused attention block (softmax·V -> Transpose ->
   Reshape -> MatMul) ran as a separate INT4 dequantize kernel + FP16 GEMM with a static batch-1 profile
   (MiniLM 1x31, tiny transformer 1x64, any block size) but in its INT4 kernel with a 1..2 batch profile;
-  FP8 fused attention needed a sequence length of 32 or 64 where 31 did not fuse (INT8 fused at 31). These
+  FP8 fused attention needed a sequence length of 32 or 64 where 31 did not fuse (INT8 fused at 31; uniform
+  FP8 MiniLM at 1x31: 48/48 layers in FP8 kernels, none of its 6 attention blocks fused). These
   depend on the build's shapes, so the engine cost model (engine.py) finds them from the engine report.
 """
 from __future__ import annotations
