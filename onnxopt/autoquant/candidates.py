@@ -31,6 +31,7 @@ class Layer:
     trans_b: bool = False
     macs: float = 0.0
     error: dict = field(default_factory=dict)   # format -> measured 1 - cosine (only this layer quantized)
+    group: str = ""                     # layers of one group take one format (autoquant.groups)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Cost model (weight bits over parameters, activation bits over MACs) and the choice of a mix: a Lagrangian
-relaxation of the knapsack and local moves (search.py bisects its error budget against the verified metric)."""
+relaxation of the knapsack and local moves (search.py bisects its error budget against the verified metric).
+Tied layers (`Layer.group`, set by groups.py) are chosen as one unit: the formats all members share, the sum
+of their errors and of their costs; every member gets the unit's format."""
 from __future__ import annotations
 
 import math
@@ -47,32 +49,58 @@ def _bisect(layers, score, fits, lo=1e-9, hi=1e12, steps=80) -> dict:
     return _lagrange(layers, score, hi)
 
 
+def collapse(layers: dict) -> tuple[dict, dict]:
+    """(units, members): each group of tied layers as one Layer (shared formats, summed errors, params, MACs);
+    an untied layer is its own unit."""
+    members: dict[str, list] = {}
+    for n, l in layers.items():
+        members.setdefault(l.group or n, []).append(n)
+    units = {}
+    for key, names in members.items():
+        ls = [layers[n] for n in names]
+        if len(ls) == 1:
+            units[key] = ls[0]
+            continue
+        fmts = [f for f in ls[0].formats if all(f in l.formats for l in ls)]
+        units[key] = Layer(key, "group", fmts, {}, sum(l.params for l in ls), (), False, sum(l.macs for l in ls),
+                           {f: sum(_err(l, f) for l in ls) for f in fmts})
+    return units, members
+
+
+def _expand(mix: dict, layers: dict) -> dict:
+    return {n: mix[l.group or n] for n, l in layers.items()}
+
+
 def _err(l: Layer, f: str) -> float:
     return l.error.get(f, math.inf)
 
 
 def mix_for_error(layers: dict, budget: float) -> dict:
     """Cheapest mix (weight bits over params + activation bits over MACs) whose summed error <= budget:
-    each layer minimises cost + λ·error, λ the smallest that fits."""
+    each layer (or group of tied layers) minimises cost + λ·error, λ the smallest that fits."""
+    full, (layers, _) = layers, collapse(layers)
     t = totals(layers)
 
     def score(l, f, lam):
         return (WBITS[f] * l.params / t.params + ABITS[f] * l.macs / t.macs + lam * _err(l, f), _err(l, f))
     mix = _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
-    return improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget)
+    return _expand(improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget), full)
 
 
 def mix_for_bits(layers: dict, bits: float) -> dict:
     """Least summed error whose weight bits (averaged over parameters) <= `bits`: each layer minimises
-    error + μ·cost, μ the smallest that fits; activation bits weigh in lightly (attention BMMs have none)."""
+    error + μ·cost, μ the smallest that fits; activation bits weigh in lightly (attention BMMs have none).
+    Tied layers are one unit, as in mix_for_error."""
+    full, (layers, _) = layers, collapse(layers)
     t = totals(layers)
 
     def score(l, f, mu):
         w = WBITS[f] * l.params / t.params
         return (_err(l, f) + mu * (w + 1e-3 * ABITS[f] * l.macs / t.macs), w)
     mix = _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
-    return improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * ABITS[f] * l.macs / t.macs,
-                   lambda l, f: WBITS[f] * l.params / t.params, bits + 1e-9)
+    mix = improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * ABITS[f] * l.macs / t.macs,
+                  lambda l, f: WBITS[f] * l.params / t.params, bits + 1e-9)
+    return _expand(mix, full)
 
 
 def improve(layers: dict, mix: dict, objective, constraint, limit: float, rounds: int = 200) -> dict:

@@ -38,6 +38,7 @@ from .common import (
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
+@click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
@@ -69,7 +70,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
-              "bits": "--bits", "sensitivity": "--sensitivity"}
+              "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
@@ -144,6 +145,16 @@ def _quant_config(ctx, mode, preset, **fields):
     return config
 
 
+def _engine_rounds(a: dict) -> str:
+    """--cost-model rtx: the last TensorRT-RTX build of the search."""
+    rounds = a.get("cost_model", {}).get("rounds") or []
+    if not rounds:
+        return ""
+    r = rounds[-1]
+    return (f"; TensorRT-RTX: {r['quantized_in_quantized_kernels']}/{r['quantized_layers']} quantized layers in quantized "
+            f"kernels after {len(rounds)} build(s)")
+
+
 def _describe_quantize(report: dict, mode: str) -> str:
     cov = report.get("coverage", {})
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
@@ -154,7 +165,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
-                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})"
+                f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})" + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"
                    if a.get("int8_broken") else ""))
     if mode == "int4":

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import attention_guard, autoquant, awq, io
+from ..autoquant import engine as aq_engine
+from ..autoquant.groups import tie
 from ..errors import OnnxoptError
 from ..quant import int4, mixed
 from .base import PassBase, check_regexes, one_quantizer
@@ -35,6 +37,7 @@ class AutoQuant(PassBase):
     exclude: tuple = ()
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
+    cost_model: str = "bits"            # "bits", or "rtx": TensorRT-RTX engine reports drop formats that save nothing
     name = "autoquant"
     quantizes = True
 
@@ -64,6 +67,7 @@ class AutoQuant(PassBase):
             if not parent.is_dir():
                 raise OnnxoptError(f"--sensitivity {self.sensitivity}: folder {parent} does not exist; create it first")
         int4.check_options("none", self.block_size)
+        self._check_cost_model()
         self.exclude = check_regexes(self.exclude, "--exclude")
         self.op_types = tuple(self.op_types)
 
@@ -92,6 +96,7 @@ class AutoQuant(PassBase):
         guards = attention_guard.remove(graph) if self.quantize_mha else 0
         configs = self.configs()
         cands = autoquant.candidates(graph, self.formats, configs, self.block_size)
+        groups = tie(graph, cands.layers)
         if not any(len(l.formats) > 1 for l in cands.layers.values()):
             raise OnnxoptError("nothing to quantize: no layer has a candidate format under the TensorRT rules; "
                                "nothing was written")
@@ -108,23 +113,64 @@ class AutoQuant(PassBase):
         key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
-        if self.bits is not None:
-            mix, trials = autoquant.mix_for_bits(cands.layers, self.bits), []
-        else:
-            target = self.target_cosine if self.metric == "cosine" else self.target_top1
-            margin = self.cosine_margin * (1.0 - target) if self.metric == "cosine" else 0.0  # few held-out samples
-            # Top-1 over a few held-out samples moves in steps of 1/n: judge it on every calibration sample.
-            split = "verify" if self.metric == "cosine" else "all"
-            mix, trials = autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
-                                                  margin=margin, split=split)
+        mix, trials = self._choose(ev, cands, ctx)
+        rounds = []
+        if self.cost_model == "rtx":
+            mix, trials, rounds = self._engine_rounds(ctx, ev, cands, mix, trials, amax, means, search)
         final = ev.metrics(ev.gates(mix), "verify" if self.metric == "cosine" else "all")
         del ev
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
                                 block_size=self.block_size, clips=cands.clips)
-        return self._report(cands, mix, trials, final, inserted, measured, guards,
+        rep = self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
+        rep["groups"] = groups
+        for name, g in groups.items():
+            for m in g["members"]:
+                rep["layers"][m]["group"] = name
+        rep["cost_model"] = {"name": self.cost_model, "rounds": rounds}
+        for r in rounds:
+            for x in r["no_savings"]:
+                rep["layers"][x["layer"]].setdefault("engine_no_savings", {})[x["format"]] = x["reason"]
+        return rep
+
+    # ---------------------------------------------------------------- cost model (engineer A)
+    def _check_cost_model(self) -> None:
+        if self.cost_model not in ("bits", "rtx"):
+            raise OnnxoptError(f"--cost-model {self.cost_model}: use bits (weight and activation bits) or rtx "
+                               "(TensorRT-RTX engine reports)")
+        if self.cost_model == "rtx":
+            from ..trt import MISSING_RTX, rtx_available
+            if not rtx_available():
+                raise OnnxoptError(f"--cost-model rtx builds engines: {MISSING_RTX}, or use --cost-model bits")
+
+    def _choose(self, ev, cands, ctx) -> tuple[dict, list]:
+        if self.bits is not None:
+            return autoquant.mix_for_bits(cands.layers, self.bits), []
+        target = self.target_cosine if self.metric == "cosine" else self.target_top1
+        margin = self.cosine_margin * (1.0 - target) if self.metric == "cosine" else 0.0  # few held-out samples
+        # Top-1 over a few held-out samples moves in steps of 1/n: judge it on every calibration sample.
+        split = "verify" if self.metric == "cosine" else "all"
+        return autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
+                                       margin=margin, split=split)
+
+    def _engine_rounds(self, ctx, ev, cands, mix, trials, amax, means, search) -> tuple[dict, list, list]:
+        """Rounds of build -> drop what saved nothing -> choose and verify again: (mix, its trials, rounds)."""
+        from .autocast import Autocast
+        ac = ctx.following(Autocast, self)
+        keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
+        writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,
+                                  self.block_size, cands.clips, self.min_opset, aq_engine.build_shapes(search[0]),
+                                  str(ctx.workdir))
+        last = {"trials": trials}
+
+        def choose():
+            m, last["trials"] = self._choose(ev, cands, ctx)
+            return m
+        split = "verify" if self.metric == "cosine" else "all"
+        mix, rounds = aq_engine.refine(mix, choose, writer, cands.layers, lambda m: ev.metrics(ev.gates(m), split))
+        return mix, last["trials"], rounds
 
     def _evaluator(self, ctx, cands, amax, means, search, verify):
         gated = io.import_graph(io.export_graph(ctx.graph))

@@ -1,0 +1,107 @@
+"""The engine report as cost model (`--cost-model rtx`): after the choice, the chosen mix is written as the real
+output would be (mixed Q/DQ, then the recipe's autocast) and built with TensorRT-RTX on the CPU. A quantized
+layer that did not land in its quantized kernel, and both BMMs of a quantized attention block that did not
+fuse, save nothing in that format: the format leaves the layer's candidates (FP16 costs the same and loses
+nothing), with the builder's reason, and the mix is chosen and verified again; at most a few rounds."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import autocast, io
+from ..quant import mixed
+from ..trt.report import attention_blocks
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 3
+
+
+@dataclass
+class Writer:
+    """Writes a mix of `graph` (never modified) as the final graph: what mixed.insert needs, the autocast type."""
+    graph: gs.Graph
+    configs: dict
+    amax: dict
+    means: dict
+    high_precision: str                  # the recipe's Autocast: its type and options
+    keep_fp32_ops: tuple
+    keep_fp32_nodes: tuple
+    block_size: int
+    clips: dict
+    opset: int
+    shapes: dict                         # input -> static shape the engine is built for
+    workdir: str | None = None
+    built: list = field(default_factory=list)
+
+    def engine_report(self, mix: dict) -> dict:
+        from ..trt.build import BuildConfig
+        from ..trt.report import engine_report_of
+        g = io.import_graph(io.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
+        mixed.insert(g, mix, self.configs, self.amax, self.means, high_precision=self.high_precision,
+                     block_size=self.block_size, clips=self.clips)
+        autocast.to_low_precision(g, self.high_precision, keep_fp32_ops=self.keep_fp32_ops,
+                                  keep_fp32_nodes=self.keep_fp32_nodes)
+        model = io.export_graph(g, opset=self.opset)
+        del g
+        with tempfile.TemporaryDirectory(prefix="onnxopt-autoquant-", dir=self.workdir) as d:
+            path = f"{d}/mix.onnx"
+            io.save(model, path)
+            del model
+            return engine_report_of(path, BuildConfig(profiles={k: (s, s, s) for k, s in self.shapes.items()}))
+
+
+def build_shapes(feed: dict) -> dict:
+    """One sample's input shapes: a merged batch (every input with the same leading dimension) becomes 1."""
+    lead = {v.shape[0] for v in feed.values() if np.ndim(v)}
+    one = len(lead) == 1 and all(np.ndim(v) for v in feed.values())
+    return {k: tuple(int(d) for d in ((1,) + v.shape[1:] if one else v.shape)) for k, v in feed.items()}
+
+
+def no_savings(rep: dict, mix: dict, graph: gs.Graph) -> dict:
+    """{(layer, format): why} for the mix's quantized layers that the engine ran unquantized and the BMMs of
+    quantized attention blocks that did not fuse."""
+    out = {}
+    for r in rep["layers"]:
+        f = mix.get(r["name"], "none")
+        if not r["quantized_kernel"] and f != "none":
+            out[(r["name"], f)] = f"TensorRT-RTX ran it in {r['engine']} kernel"
+    unfused = set(rep["attention"]["unfused"])
+    for b in attention_blocks(graph):
+        if b["softmax"] in unfused:
+            for n in (b["qk"], b["pv"]):
+                if mix.get(n, "none") != "none":
+                    out[(n, mix[n])] = "TensorRT-RTX did not fuse its quantized attention block (separate kernels)"
+    return out
+
+
+def refine(mix: dict, choose, writer: Writer, layers: dict, verify, max_rounds: int = MAX_ROUNDS) -> tuple[dict, list]:
+    """Build `mix`, drop the formats that saved nothing from their layers' candidates, `choose()` again and
+    `verify(mix)` (held-out metrics); until the engine runs every quantized layer in its quantized kernel, or
+    `max_rounds` rebuilds. Returns (mix, rounds), one report row per build."""
+    rounds = []
+    for i in range(max_rounds + 1):
+        rep = writer.engine_report(mix)
+        found = no_savings(rep, mix, writer.graph)
+        att = rep["attention"]
+        rounds.append({"round": i, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")},
+                       "quantized_in_quantized_kernels": rep["quantized_in_quantized_kernels"],
+                       "quantized_layers": rep["quantized_layers"], "fused_attention": att["fused_by_precision"],
+                       "attention_blocks": att["blocks"], "weights_memory": rep["weights"]["engine_weights_memory"],
+                       "weights_vs_fp16": rep["weights"]["vs_fp16"], "verified": verify(mix),
+                       "no_savings": [{"layer": n, "format": f, "reason": why} for (n, f), why in found.items()]})
+        log.info("engine round %d: %d/%d quantized layers in quantized kernels; %d (layer, format) save nothing",
+                 i, rep["quantized_in_quantized_kernels"], rep["quantized_layers"], len(found))
+        if not found or i == max_rounds:
+            break
+        for (n, f), why in found.items():
+            l = layers[n]
+            if f in l.formats:
+                l.formats.remove(f)
+                l.reasons[f] = why + " (saves nothing)"
+        mix = choose()
+    return mix, rounds

@@ -1,0 +1,61 @@
+"""Layers whose formats are tied: TensorRT-RTX runs them in their quantized kernels only when they are chosen
+together. Each rule is one function returning {group name: (members, reason)}; the choice (choose.py) treats a
+group as one unit whose candidates are the formats all members share, its error the sum of theirs and its cost
+the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of tiny transformers and MiniLM):
+
+- tied: an attention block's Q·Kᵀ and softmax·V BMMs (rule_attention_block);
+- not tied: Q/K/V projections reading one activation in different formats (INT8 + FP8, INT8 + INT4) all
+  ran in their quantized kernels and the attention still fused; FP8 and INT8 MLP layers side by side too;
+  on a 64-channel CNN, a residual Add whose Conv is FP8 and whose skip comes from an INT8 Conv (and the
+  reverse), and one activation read by an FP8 and an INT8 Conv: every Conv in its quantized kernel.
+- not static: an INT4 weight-only layer right after a fused attention block (softmax·V -> Transpose ->
+  Reshape -> MatMul) ran as a separate INT4 dequantize kernel + FP16 GEMM with a static batch-1 profile
+  (MiniLM 1x31, tiny transformer 1x64, any block size) but in its INT4 kernel with a 1..2 batch profile;
+  FP8 fused attention needed a sequence length of 32 or 64 where 31 did not fuse (INT8 fused at 31; uniform
+  FP8 MiniLM at 1x31: 48/48 layers in FP8 kernels, none of its 6 attention blocks fused). These
+  depend on the build's shapes, so the engine cost model (engine.py) finds them from the engine report.
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ..trt.report import attention_blocks
+
+
+def rule_attention_block(graph: gs.Graph, layers: dict) -> dict:
+    """An attention block's two BMMs take one format, both or neither: TensorRT-RTX fuses Q·Kᵀ, softmax and ·V
+    into one quantized MHA kernel only then. A block with only Q·Kᵀ quantized (MiniLM `--target-cosine` mix:
+    3 of 6 blocks), or with Q·Kᵀ in FP8 and ·V in INT8, ran as separate kernels: no fused attention at all."""
+    out = {}
+    for b in attention_blocks(graph):
+        members = [b["qk"], b["pv"]]
+        if all(m in layers for m in members) and b["qk"] != b["pv"]:
+            out[f"attention:{b['softmax']}"] = (members, "attention block: TensorRT-RTX fuses Q·Kᵀ, softmax and ·V "
+                                                         "in one quantized kernel only when both BMMs share one format")
+    return out
+
+
+RULES = (rule_attention_block,)
+
+
+def tie(graph: gs.Graph, layers: dict) -> dict:
+    """Set `Layer.group` of tied layers (overlapping groups merge) and return {group: {"members", "reason"}}."""
+    found = {}
+    for rule in RULES:
+        found.update(rule(graph, layers))
+    owner: dict[str, str] = {}
+    groups: dict[str, dict] = {}
+    for name, (members, reason) in found.items():
+        joined = {owner[m] for m in members if m in owner}
+        g = {"members": [], "reason": reason}
+        for old in joined:   # a layer in two groups: one group of both
+            prev = groups.pop(old)
+            g["members"] += prev["members"]
+            g["reason"] = prev["reason"] + "; " + g["reason"]
+        g["members"] += [m for m in members if m not in g["members"]]
+        groups[name] = g
+        for m in g["members"]:
+            owner[m] = name
+    for n, l in layers.items():
+        l.group = owner.get(n, "")
+    return groups

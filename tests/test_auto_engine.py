@@ -1,0 +1,164 @@
+"""--auto with tied layers (autoquant.groups) and the TensorRT-RTX engine report as cost model (--cost-model rtx).
+
+Tied groups: on tiny transformers, an attention block's two BMMs always share a format whatever the errors say,
+and the target is still met. Engine cost model (marker `rtx`, real CPU builds): a MiniLM-shaped block (12 heads
+of 32, 31 tokens) whose FP8 attention does not fuse and whose INT4 projection after the attention runs as an FP16
+GEMM; the rounds drop those formats and the saved graph's engine runs every quantized layer in its kernel."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from onnxopt import autoquant, io, pipeline
+from onnxopt.autoquant import groups
+from onnxopt.autoquant.choose import collapse
+from onnxopt.autoquant.candidates import Layer
+from onnxopt.cli import main
+from onnxopt.errors import OnnxoptError
+from onnxopt.passes import AutoQuant
+from onnxopt.trt import rtx_available
+from onnxopt.trt import report as R
+from onnxopt.trt.build import BuildConfig
+
+needs_rtx = [pytest.mark.rtx, pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")]
+
+
+def rtx_test(fn):
+    for m in needs_rtx:
+        fn = m(fn)
+    return fn
+
+
+def _layers(errors: dict, params: dict, group: dict) -> dict:
+    out = {}
+    for n, err in errors.items():
+        out[n] = Layer(n, "MatMul", ["none", *err], {}, params[n], macs=1e6, error={"none": 0.0, **err}, group=group.get(n, ""))
+    return out
+
+
+# ---------------------------------------------------------------- tied groups in the choice
+def test_attention_bmms_tied_in_tiny_transformer():
+    graph = io.import_graph(pipeline.load(tiny.transformer(), 17))
+    p = AutoQuant(("fp8", "int8"), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    found = groups.tie(graph, cands.layers)
+    assert list(found) == ["attention:attn_softmax"] and found["attention:attn_softmax"]["members"] == ["attn_qk", "attn_pv"]
+    assert cands.layers["attn_qk"].group == cands.layers["attn_pv"].group == "attention:attn_softmax"
+    assert all(not l.group for n, l in cands.layers.items() if n not in ("attn_qk", "attn_pv"))
+
+
+def test_tied_layers_share_a_format_and_budget_holds():
+    # alone, qk would take int8 and pv fp8; tied, the group takes the format of least summed error (fp8: 3e-4)
+    errors = {"a": {"fp8": 1e-4, "int8": 2e-4}, "qk": {"fp8": 2e-4, "int8": 1e-4}, "pv": {"fp8": 1e-4, "int8": 5e-4},
+              "b": {"fp8": 3e-4, "int8": 1e-4}}
+    params = {"a": 1000, "qk": 0, "pv": 0, "b": 1000}
+    layers = _layers(errors, params, {"qk": "att", "pv": "att"})
+    for budget in (1e-3, 5e-4, 3e-4, 1e-4, 0.0):
+        mix = autoquant.mix_for_error(layers, budget)
+        assert mix["qk"] == mix["pv"]
+        assert sum(layers[n].error[f] for n, f in mix.items()) <= budget + 1e-12
+    mix = autoquant.mix_for_error(layers, 1e-3)
+    assert mix["qk"] == mix["pv"] == "fp8" and mix["a"] != "none" and mix["b"] != "none"
+    untied = autoquant.mix_for_error(_layers(errors, params, {}), 1e-3)
+    assert (untied["qk"], untied["pv"]) == ("int8", "fp8")   # what the tie prevents
+    # a format one member lacks is no candidate of the group
+    layers["pv"].formats.remove("fp8")
+    mix = autoquant.mix_for_error(layers, 1e-3)
+    assert mix["qk"] == mix["pv"] == "int8"
+    units, members = collapse(layers)
+    assert units["att"].formats == ["none", "int8"] and members["att"] == ["qk", "pv"]
+    assert math.isclose(units["att"].error["int8"], 6e-4)
+
+
+def test_tied_bits_target():
+    errors = {n: {"fp8": 1e-4 * (i + 1), "int8": 2e-4, "int4": 1e-2} for i, n in enumerate(("a", "b", "c"))}
+    layers = _layers(errors, {"a": 1000, "b": 1000, "c": 2000}, {"a": "g", "b": "g"})
+    for bits in (4, 6, 8, 12):
+        mix = autoquant.mix_for_bits(layers, bits)
+        assert mix["a"] == mix["b"]
+        assert autoquant.bits_of(mix, layers)["weight_bits"] <= bits + 1e-9
+
+
+def test_tied_search_meets_target(tmp_path):
+    """End to end on a tiny transformer: the BMMs share a format in the saved graph and the target is met."""
+    model, calib = tmp_path / "t.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(d=64, heads=2, seq=16), model)
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (16, 16)).astype(np.int64))
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--target-cosine", "0.999", "--calib", str(calib),
+                                  "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "r.json").read_text())["autoquant"]
+    assert a["met"] is True and a["verified"]["cosine"] >= 0.999
+    assert a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
+    assert a["layers"]["attn_qk"]["group"] == "attention:attn_softmax" and "both BMMs" in a["groups"]["attention:attn_softmax"]["reason"]
+    assert a["cost_model"] == {"name": "bits", "rounds": []}
+    q = {l.name: l for l in R.quantized_layers(io.import_graph(io.load(tmp_path / "q.onnx")))}
+    assert ("attn_qk" in q) == ("attn_pv" in q) and (not q.get("attn_qk") or q["attn_qk"].dtype == q["attn_pv"].dtype)
+
+
+# ---------------------------------------------------------------- bad input
+def test_cost_model_rtx_without_the_module(monkeypatch, tmp_path):
+    import onnxopt.trt as trt
+    monkeypatch.setattr(trt, "rtx_available", lambda: False)
+    model, calib = tmp_path / "t.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(), model)
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--cost-model", "rtx",
+                                  "--calib", str(calib), "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "rtx extra" in r.output and "Traceback" not in r.output
+    assert not calib.exists() and not (tmp_path / "q.onnx").exists()   # checked before any work (the calib file is not even read)
+    with pytest.raises(OnnxoptError, match="--cost-model tflops"):
+        AutoQuant(bits=8, cost_model="tflops")
+    r = CliRunner().invoke(main, ["quantize", str(model), "--fp8", "--cost-model", "bits", "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and "--cost-model applies to --auto only" in r.output
+
+
+# ---------------------------------------------------------------- engine report as cost model (real builds)
+@pytest.fixture(scope="module")
+def minilm_shaped(tmp_path_factory):
+    d = tmp_path_factory.mktemp("auto_engine")
+    model, calib = d / "t31.onnx", d / "c.npz"
+    tiny.save(tiny.transformer(d=384, heads=12, seq=31), model)
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (16, 31)).astype(np.int64))
+    return model, calib
+
+
+def _auto(tmp_path, model, calib, *args):
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", *args, "--cost-model", "rtx", "--calib", str(calib),
+                                  "-o", str(out), "--report", str(rep), "-q"])
+    assert r.exit_code == 0, r.output
+    engine = R.engine_report_of(out, BuildConfig(profiles={"ids": ((1, 31),) * 3}))
+    return json.loads(rep.read_text())["autoquant"], engine
+
+
+@rtx_test
+def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "fp8", "--target-cosine", "0.99")
+    rounds = a["cost_model"]["rounds"]
+    assert len(rounds) >= 2 and rounds[0]["fused_attention"] == {}   # FP8 attention at 31 tokens does not fuse
+    assert {(x["layer"], x["format"]) for x in rounds[0]["no_savings"]} == {("attn_qk", "fp8"), ("attn_pv", "fp8")}
+    assert rounds[-1]["no_savings"] == [] and a["met"] is True
+    assert "did not fuse" in a["layers"]["attn_qk"]["not_candidates"]["fp8"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"] > 0
+    assert not engine["attention"]["quantized_unfused"] and engine["attention"]["fused_by_precision"] == {"fp16": 1}
+
+
+@rtx_test
+@pytest.mark.slow
+def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
+    """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4")
+    rounds = a["cost_model"]["rounds"]
+    assert [(x["layer"], x["format"]) for x in rounds[0]["no_savings"]] == [("o_proj", "int4")]
+    assert rounds[0]["quantized_in_quantized_kernels"] == rounds[0]["quantized_layers"] - 1
+    assert rounds[-1]["no_savings"] == [] and rounds[-1]["quantized_in_quantized_kernels"] == rounds[-1]["quantized_layers"]
+    assert a["layers"]["o_proj"]["choice"] != "int4" and "fp16 kernel" in a["layers"]["o_proj"]["not_candidates"]["int4"]
+    assert a["layers"]["o_proj"]["engine_no_savings"] == {"int4": "TensorRT-RTX ran it in fp16 kernel"}
+    assert a["counts"]["int4"] == 5 and a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"]
+    assert not engine["int4_dq_kernels"] and not engine["attention"]["quantized_unfused"]
