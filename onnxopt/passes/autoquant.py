@@ -209,10 +209,10 @@ class AutoQuant(PassBase):
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
         counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
-        broken = int8_broken(cands.layers, mix, self.target_cosine)
+        broken = int8_broken(cands.layers, mix)
         if broken:
-            log.info("INT8 breaks %d layer(s) (alone, each costs more than %s): %s", len(broken),
-                     broken[0]["threshold_reason"], ", ".join(b["layer"] for b in broken[:8]) + (" ..." if len(broken) > 8 else ""))
+            log.info("INT8 breaks %d layer(s) (10x the median INT8 error, 3x their FP8 error): %s", len(broken),
+                     ", ".join(b["layer"] for b in broken[:8]) + (" ..." if len(broken) > 8 else ""))
         log.info("auto: %s; held-out cosine %.5f, top-1 %.4f; weight bits %.2f, activation bits %.2f, 8-bit MACs %.0f%%",
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
@@ -226,19 +226,16 @@ class AutoQuant(PassBase):
                 "timings_s": timings}
 
 
-def int8_broken(layers: dict, mix: dict, target_cosine: float | None) -> list:
-    """Layers where INT8 W8A8 breaks the model: alone in INT8 they cost more error than the whole cosine target
-    allows (without a cosine target: more than 10x the median layer's INT8 error), worst first."""
+def int8_broken(layers: dict, mix: dict) -> list:
+    """Layers where INT8 W8A8 breaks, worst first: alone in INT8 they cost more than 10x the median layer's INT8
+    error and more than 3x their own FP8 error (where FP8 was measured): the signature of outlier channels that a
+    per-tensor INT8 scale cannot hold while FP8's exponent can."""
     errs = {n: l.error["int8"] for n, l in layers.items() if "int8" in l.error}
     if not errs:
         return []
-    if target_cosine is not None:
-        limit, why = 1.0 - target_cosine, f"the target's error budget {1.0 - target_cosine:.1e}"
-    else:
-        limit = 10 * float(np.median(list(errs.values())))
-        why = f"10x the median layer's INT8 error ({limit:.1e})"
-    out = [{"layer": n, "int8_error": e, "fp8_error": layers[n].error.get("fp8"), "choice": mix[n],
-            "threshold_reason": why} for n, e in errs.items() if e > limit and e > 0]
+    limit = 10 * float(np.median(list(errs.values())))
+    out = [{"layer": n, "int8_error": e, "fp8_error": layers[n].error.get("fp8"), "choice": mix[n]}
+           for n, e in errs.items() if e > limit and e > 3 * (layers[n].error.get("fp8") or 0.0)]
     return sorted(out, key=lambda b: -b["int8_error"])
 
 
