@@ -10,11 +10,13 @@ import json
 import math
 
 import numpy as np
+from onnx import helper as onnx_helper
 import pytest
 from click.testing import CliRunner
 
 import tiny
 from onnxopt import autoquant, io, pipeline
+from onnxopt.autoquant import engine as aq_engine
 from onnxopt.autoquant import groups
 from onnxopt.autoquant.choose import collapse
 from onnxopt.autoquant.candidates import Layer
@@ -162,3 +164,36 @@ def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     assert a["counts"]["int4"] == 5 and a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"]
     assert not engine["int4_dq_kernels"] and not engine["attention"]["quantized_unfused"]
+
+
+# ---------------------------------------------------------------- --engine-shapes
+def test_engine_shapes_bad_input(monkeypatch, tmp_path):
+    import onnxopt.trt as trt
+    monkeypatch.setattr(trt, "rtx_available", lambda: True)   # every error below comes before any build
+    model, calib = tmp_path / "t.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(seq=16), model)
+    np.savez(calib, ids=np.zeros((4, 16), np.int64))
+    cases = {("--engine-shapes", "tokens:1x16"): "the graph has no input tokens; its inputs are ids",
+             ("--engine-shapes", "ids:1x16x1"): "3 dimensions given, the input has 2",
+             ("--engine-shapes", "ids:1x8/2x8/2x8"): "dimension 1 of the input is fixed at 16",
+             ("--engine-shapes", "ids:2x16/1x16/2x16"): "need min <= opt <= max",
+             ("--engine-shapes", "ids=1x16"): "bad --engine-shapes entry 'ids=1x16'"}
+    for args, msg in cases.items():
+        out, sens = tmp_path / "q.onnx", tmp_path / "s.json"
+        r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--cost-model", "rtx", *args,
+                                      "--calib", str(calib), "--sensitivity", str(sens), "-o", str(out)])
+        assert r.exit_code == 2 and r.output.count("error:") == 1 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output and not out.exists() and not sens.exists()  # nothing measured
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--engine-shapes", "ids:1x16",
+                                  "--calib", str(calib), "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and "add --cost-model rtx" in r.output
+    r = CliRunner().invoke(main, ["quantize", str(model), "--fp8", "--engine-shapes", "ids:1x16", "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and "--engine-shapes applies to --auto only" in r.output
+    two = tiny.transformer(seq=16)
+    two.graph.input.append(onnx_helper.make_tensor_value_info("mask", 7, ["N", 16]))
+    graph = io.import_graph(two)
+    with pytest.raises(OnnxoptError, match="not the dynamic input.s. mask"):
+        aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3})
+    aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3, "mask": ((1, 16), (2, 16), (2, 16))})
+    assert AutoQuant(bits=8, cost_model="rtx", engine_shapes={"ids": [[1, 16], [2, 16], [2, 16]]}).engine_shapes == \
+        AutoQuant(bits=8, cost_model="rtx", engine_shapes=("ids:1x16/2x16/2x16",)).engine_shapes == {"ids": ((1, 16), (2, 16), (2, 16))}
