@@ -129,12 +129,12 @@ def minilm_shaped(tmp_path_factory):
     return model, calib
 
 
-def _auto(tmp_path, model, calib, *args):
+def _auto(tmp_path, model, calib, *args, profile=((1, 31),) * 3):
     out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
     r = CliRunner().invoke(main, ["quantize", str(model), "--auto", *args, "--cost-model", "rtx", "--calib", str(calib),
                                   "-o", str(out), "--report", str(rep), "-q"])
     assert r.exit_code == 0, r.output
-    engine = R.engine_report_of(out, BuildConfig(profiles={"ids": ((1, 31),) * 3}))
+    engine = R.engine_report_of(out, BuildConfig(profiles={"ids": profile}))
     return json.loads(rep.read_text())["autoquant"], engine
 
 
@@ -154,7 +154,8 @@ def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
 @pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
-    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4")
+    sens = minilm_shaped[0].parent / "int4.json"   # shared with the --engine-shapes test
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4", "--sensitivity", str(sens))
     rounds = a["cost_model"]["rounds"]
     assert [(x["layer"], x["format"]) for x in rounds[0]["no_savings"]] == [("o_proj", "int4")]
     assert rounds[0]["quantized_in_quantized_kernels"] == rounds[0]["quantized_layers"] - 1
@@ -164,6 +165,24 @@ def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     assert a["counts"]["int4"] == 5 and a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"]
     assert not engine["int4_dq_kernels"] and not engine["attention"]["quantized_unfused"]
+
+
+@rtx_test
+@pytest.mark.slow
+def test_rtx_engine_shapes_change_the_fallbacks(minilm_shaped, tmp_path):
+    """The same INT4 mix with a batch 1..2 deployment profile: the builder runs o_proj in its INT4 kernel, so round 0
+    drops nothing; the saved graph built with the static batch-1 profile still runs o_proj unquantized."""
+    sens = minilm_shaped[0].parent / "int4.json"
+    dyn = ((1, 31), (2, 31), (2, 31))
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4", "--sensitivity", str(sens),
+                      "--engine-shapes", "ids:1x31/2x31/2x31", profile=dyn)
+    rounds = a["cost_model"]["rounds"]
+    assert a["cost_model"]["engine_shapes"] == {"ids": [[1, 31], [2, 31], [2, 31]]}
+    assert len(rounds) == 1 and rounds[0]["no_savings"] == []
+    assert a["layers"]["o_proj"]["choice"] == "int4" and "int4" in a["layers"]["o_proj"]["candidates"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[0]["quantized_layers"]
+    static = R.engine_report_of(tmp_path / "q.onnx", BuildConfig(profiles={"ids": ((1, 31),) * 3}))
+    assert [r["name"] for r in static["layers"] if not r["quantized_kernel"]] == ["o_proj"]
 
 
 # ---------------------------------------------------------------- --engine-shapes
