@@ -62,18 +62,42 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     if dtype == "fp32":
         return {"dtype": "fp32", "casts": 0}
     low = DTYPES[dtype]
-    low_onnx = _ONNX[dtype]
+    keep, chosen = _fp32_nodes(graph, dtype, ranges, keep_fp32_ops, keep_fp32_nodes)
+    graph_inputs = {t.name for t in graph.inputs}
+    names = {n.name for n in graph.nodes} | set(graph.tensors())
+    unique = lambda base: G.unique_name(base, names)  # noqa: E731
+    orig_outputs = {t.name: t.dtype for t in graph.outputs}
+    _relabel(graph, keep, dtype)
+    casts = _fix_edges(graph, keep, dtype, graph_inputs if io_dtype == dtype else set(), unique)
+
+    # 3. Graph I/O keeps its dtype unless io_dtype says otherwise.
+    for t in graph.inputs:
+        if io_dtype == dtype and _is_f32(t):
+            t.dtype = low
+    casts += _restore_output_dtypes(graph, orig_outputs, io_dtype == dtype, unique)
+    graph.cleanup().toposort()
+    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
+    for name, why in chosen.items():
+        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
+    total = max(1, len(graph.nodes))
+    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
+            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+
+
+def _fp32_nodes(graph: gs.Graph, dtype: str, ranges, keep_fp32_ops, keep_fp32_nodes) -> tuple[set[int], dict]:
+    """Ids of the nodes that stay FP32 (shape subgraphs, named ops/nodes, measured ranges, their DQ feeders), and
+    the range-chosen ones with their reasons."""
     keep = shape_nodes(graph)
     named = {id(n) for n in graph.nodes if n.op in keep_fp32_ops or n.name in keep_fp32_nodes}
     keep |= named
     chosen = precision.plan_fp32(graph, ranges, dtype, skip=keep) if ranges is not None else {}
     keep |= _with_dq_feeders(graph, named | {id(n) for n in graph.nodes if n.name in chosen})
-    graph_inputs = {t.name for t in graph.inputs}
-    names = {n.name for n in graph.nodes} | set(graph.tensors())
-    unique = lambda base: G.unique_name(base, names)  # noqa: E731
-    orig_outputs = {t.name: t.dtype for t in graph.outputs}
+    return keep, chosen
 
-    # 1. Relabel outputs of converted nodes and their dtype attributes.
+
+def _relabel(graph: gs.Graph, keep: set[int], dtype: str) -> None:
+    """Step 1: outputs of converted nodes and their dtype attributes become `dtype`."""
+    low, low_onnx = DTYPES[dtype], _ONNX[dtype]
     for node in graph.nodes:
         if id(node) in keep:
             continue
@@ -93,7 +117,11 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
             if _is_f32(o):
                 o.dtype = low
 
-    # 2. Fix every edge: convert constants, cast variables whose type now differs from what the consumer runs in.
+
+def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str], unique) -> int:
+    """Step 2: convert constants, cast variables whose type now differs from what the consumer runs in (graph
+    inputs in `low_inputs` become low precision themselves). Returns the casts added."""
+    low, low_onnx = DTYPES[dtype], _ONNX[dtype]
     converted: dict[tuple[str, str], gs.Tensor] = {}
     casts = 0
     for node in list(graph.nodes):
@@ -110,8 +138,8 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
             have = _dtype(t)
             if have is None or have == want or not _is_floatish(have):
                 continue
-            if t.name in graph_inputs and io_dtype == dtype and want == low:
-                continue  # the graph input itself becomes low precision below
+            if t.name in low_inputs and want == low:
+                continue  # the graph input itself becomes low precision
             key = (t.name, str(want))
             if key not in converted:
                 out = gs.Variable(unique(f"{t.name}_cast_{np.dtype(want).name}"), dtype=want, shape=t.shape)
@@ -120,19 +148,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
                 converted[key] = out
                 casts += 1
             node.inputs[i] = converted[key]
-
-    # 3. Graph I/O keeps its dtype unless io_dtype says otherwise.
-    for t in graph.inputs:
-        if io_dtype == dtype and _is_f32(t):
-            t.dtype = low
-    casts += _restore_output_dtypes(graph, orig_outputs, io_dtype == dtype, unique)
-    graph.cleanup().toposort()
-    log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
-    for name, why in chosen.items():
-        log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
-    total = max(1, len(graph.nodes))
-    return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
-            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+    return casts
 
 
 def _restore_output_dtypes(graph: gs.Graph, orig_outputs: dict, low_io: bool, unique) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -216,75 +217,115 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     groups: dict[str, list[gs.Node]] = {}
     for n, _ in layers:
         groups.setdefault(n.inputs[0].name, []).append(n)
-    # Gram matrices over all data when they fit half the budget; else Gram matrices of sampled rows.
-    widths = {name: fold.input_channels(nodes[0], fold.effective_shape(nodes[0])) for name, nodes in groups.items()}
-    use_gram = sum(4 * c * c + 2**23 for c in widths.values()) <= memory_budget_mb * 2**20 // 2  # + row buffers
-    n_batches = len(data)
-    reducers: dict[str, list] = {}
-    stats = {}
-    for i, (name, nodes) in enumerate(groups.items()):
-        axis = activation_channel_axis(nodes[0])
-        if any(activation_channel_axis(n) != axis for n in nodes):
-            raise OnnxoptError(f"layers reading '{name}' disagree on its channel axis")
-        rows = ROWS if use_gram else int(np.clip(memory_budget_mb * 2**20 // 8 // max(sum(widths.values()), 1), 64, ROWS))
-        stats[name] = (ChannelMeanAbs(axis), Gram(axis) if use_gram else RowSample(axis, rows, n_batches, seed=i))
-        reducers[name] = list(stats[name])
-    calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
-                        desc="awq: calibrating")
+    stats = _Stats.collect(graph, data, groups, provider, memory_budget_mb, progress)
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
+    report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if stats.use_gram else "sampled rows"}
+    run = _Search(groups, order, bits, stats, block_size, high_precision, progress, report)
+    if method in ("lite", "full"):
+        run.scales(graph, keep_grams=method == "full")
+    if method in ("clip", "full"):
+        run.clip(feedback=method == "full")
+    clips = run.clips
+    report["time_s"] = round(time.perf_counter() - t0, 3)
+    log.info("awq-%s: %d activations, %d layers, %.1f s", method, len(groups), len(layers), report["time_s"])
+    return report, clips
 
-    def gram(name):
-        r = stats[name][1]
-        if use_gram:
+
+class _Stats:
+    """Per activation: channel mean |x| and the Gram matrix X^T X (over all rows, or over sampled rows)."""
+
+    def __init__(self, by_name: dict, use_gram: bool):
+        self.by_name, self.use_gram = by_name, use_gram
+
+    @classmethod
+    def collect(cls, graph, data, groups: dict, provider: str, memory_budget_mb: int, progress: bool) -> "_Stats":
+        # Gram matrices over all data when they fit half the budget; else Gram matrices of sampled rows.
+        widths = {name: fold.input_channels(nodes[0], fold.effective_shape(nodes[0])) for name, nodes in groups.items()}
+        use_gram = sum(4 * c * c + 2**23 for c in widths.values()) <= memory_budget_mb * 2**20 // 2  # + row buffers
+        n_batches = len(data)
+        reducers: dict[str, list] = {}
+        stats = {}
+        for i, (name, nodes) in enumerate(groups.items()):
+            axis = activation_channel_axis(nodes[0])
+            if any(activation_channel_axis(n) != axis for n in nodes):
+                raise OnnxoptError(f"layers reading '{name}' disagree on its channel axis")
+            rows = ROWS if use_gram else int(np.clip(memory_budget_mb * 2**20 // 8 // max(sum(widths.values()), 1), 64, ROWS))
+            stats[name] = (ChannelMeanAbs(axis), Gram(axis) if use_gram else RowSample(axis, rows, n_batches, seed=i))
+            reducers[name] = list(stats[name])
+        calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
+                            desc="awq: calibrating")
+        return cls(stats, use_gram)
+
+    def mean(self, name: str):
+        return self.by_name[name][0].value
+
+    def gram(self, name: str):
+        r = self.by_name[name][1]
+        if self.use_gram:
             return r.value
         x = r.value
         return (x.T @ x) if len(x) else None
 
-    position = {id(n): i for i, n in enumerate(graph.nodes)}
-    order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
-    report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if use_gram else "sampled rows"}
-    clips: dict[str, np.ndarray] = {}
-    x_scale: dict[str, np.ndarray] = {}
-    hs: dict[str, np.ndarray] = {}
-    if method in ("lite", "full"):
+    def rows(self, name: str) -> int:
+        return getattr(self.by_name[name][1], "total_rows", 0)
+
+
+@dataclass
+class _Search:
+    """The searches after the calibration pass, over activations in `order` (downstream first)."""
+    groups: dict                 # activation -> the layers reading it
+    order: list
+    bits: dict                   # id(node) -> weight bits
+    stats: _Stats
+    block_size: int
+    hp: str
+    progress: bool
+    report: dict
+    clips: dict = field(default_factory=dict)     # node name -> clip ratios, or (q, scale) after error feedback
+    x_scale: dict = field(default_factory=dict)   # activation -> folded input-channel scale
+    hs: dict = field(default_factory=dict)        # activation -> Gram matrix kept for the clip search
+
+    def scales(self, graph: gs.Graph, keep_grams: bool) -> None:
+        """lite: one input-channel scale per activation, folded into the graph; with `keep_grams` the Gram
+        matrices stay for the clip search (else one at a time)."""
         # Downstream first: a fold into a producer rescales its output columns before its own search.
-        for name in track(order, total=len(order), desc="awq: scale search", enabled=progress):
-            nodes = groups[name]
-            mean = stats[name][0].value
-            h = hs[name] = gram(name)
+        for name in track(self.order, total=len(self.order), desc="awq: scale search", enabled=self.progress):
+            nodes = self.groups[name]
+            mean = self.stats.mean(name)
+            h = self.hs[name] = self.stats.gram(name)
             if mean is None or h is None:
                 continue
-            ws = [(q4.to_kn(n, fold.effective_weight(n)), bits[id(n)]) for n in nodes]
-            alpha, s, errs = search_scale(h, mean, ws, block_size, high_precision)
+            ws = [(q4.to_kn(n, fold.effective_weight(n)), self.bits[id(n)]) for n in nodes]
+            alpha, s, errs = search_scale(h, mean, ws, self.block_size, self.hp)
             entry = {"activation": name, "layers": [n.name for n in nodes], "alpha": alpha, "error": errs}
             if alpha is not None:
                 entry["fold"] = fold.fold_input_scale(graph, nodes, s)
-                x_scale[name] = s
+                self.x_scale[name] = s
             else:
                 entry["fold"] = "not scaled: scaling did not lower the output error"
-            report["groups"].append(entry)
+            self.report["groups"].append(entry)
             for n in nodes:
-                report["layers"][n.name] = {"alpha": alpha}
-            if method == "lite":
-                hs.pop(name)
-    if method in ("clip", "full"):
-        todo = [(name, n) for name in order for n in groups[name] if bits[id(n)] == 4]
-        for j, (name, n) in enumerate(track(todo, total=len(todo), desc="awq: clip search", enabled=progress)):
-            h = hs[name] if name in hs else gram(name)
+                self.report["layers"][n.name] = {"alpha": alpha}
+            if not keep_grams:
+                self.hs.pop(name)
+
+    def clip(self, feedback: bool) -> None:
+        """clip: per-block clip ratios of each INT4 layer; with `feedback`, error-feedback rounding after."""
+        todo = [(name, n) for name in self.order for n in self.groups[name] if self.bits[id(n)] == 4]
+        for j, (name, n) in enumerate(track(todo, total=len(todo), desc="awq: clip search", enabled=self.progress)):
+            h = self.hs[name] if name in self.hs else self.stats.gram(name)
             if h is None:
                 continue
-            if name in x_scale:  # the layer now reads X / s
-                inv = (1.0 / x_scale[name]).astype(np.float32)
+            if name in self.x_scale:  # the layer now reads X / s
+                inv = (1.0 / self.x_scale[name]).astype(np.float32)
                 h = h * inv[:, None] * inv[None, :]
             w = q4.to_kn(n, fold.effective_weight(n))
-            clips[n.name], info = search_clip(h, w, block_size, high_precision)
-            report["layers"].setdefault(n.name, {})["clip"] = info
+            self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp)
+            self.report["layers"].setdefault(n.name, {})["clip"] = info
             # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
             # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
-            rows = getattr(stats[name][1], "total_rows", 0)
-            if method == "full" and rows >= w.shape[0]:
-                _error_feedback(n, w, h, clips, block_size, high_precision, report["layers"][n.name])
+            if feedback and self.stats.rows(name) >= w.shape[0]:
+                _error_feedback(n, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
             if j + 1 == len(todo) or todo[j + 1][0] != name:
-                hs.pop(name, None)
-    report["time_s"] = round(time.perf_counter() - t0, 3)
-    log.info("awq-%s: %d activations, %d layers, %.1f s", method, len(groups), len(layers), report["time_s"])
-    return report, clips
+                self.hs.pop(name, None)

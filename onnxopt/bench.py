@@ -175,17 +175,7 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
     report (also written as JSON to `report` when given). `data` is an .npz / CalibData of inputs;
     without it, `samples` random inputs are drawn (shapes from the models or `config.profiles`)."""
     config = config or BenchConfig()
-    if not candidates:
-        raise OnnxoptError("give at least one candidate model after the baseline")
-    if config.iters < 1 or config.warmup < 0 or config.samples < 1:
-        raise OnnxoptError("--iters and --samples must be at least 1 and --warmup at least 0")
-    paths = [Path(baseline)] + [Path(c) for c in candidates]
-    for p in paths:
-        if not p.is_file():
-            raise OnnxoptError(f"{p}: no such model file; check the path")
-    labels = list(labels) if labels else _labels(paths)
-    if len(labels) != len(paths):
-        raise OnnxoptError(f"{len(labels)} labels for {len(paths)} models; give one label per model")
+    paths, labels = _checked_models(baseline, candidates, config, labels)
     backend = make_backend(config)
     if backend.name == "onnxrt":
         providers = ortx.check_provider(config.provider, config.allow_cpu_fallback)
@@ -193,54 +183,16 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
             config = dataclasses.replace(config, provider="cpu")
             backend.config = config
     entries = [_Entry(lab, p, p) for lab, p in zip(labels, paths)]
-
-    tmp = None
-    if config.work_dir is None:
-        tmp = tempfile.mkdtemp(prefix="onnxopt-bench-")
-        work = Path(tmp)
-    else:
-        work = Path(config.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    try:
-        with _polygraphy_quiet():
-            if backend.name == "trt" and config.fp16_baseline:
-                _fp16_baseline(entries[0], work)
-            for e in entries[1:]:
-                if backend.name == "trt" and e.model.suffix == ".onnx" and _is_fp32(e.model):
-                    log.warning("candidate %s is FP32; its engine will be compared with an FP16 baseline", e.label)
-            specs = input_specs(io.load(entries[0].model)) if entries[0].model.suffix == ".onnx" else \
-                backend.input_specs(entries[0].model)
-            feeds = _feeds(specs, config, data)
-            if backend.name == "trt" and not backend.build_config.profiles:
-                backend.build_config = dataclasses.replace(backend.build_config, profiles=_profiles_of(specs, feeds))
-            for e in entries:
-                e.artifact = backend.artifact(e.model, e.label, work)
-            rows = []
-            for e in entries:
-                log.info("timing %s", e.label)
-                with _run_errors(backend, e.artifact, e.label, feeds[0]):
-                    times = backend.time(backend.timing_runner(e.artifact), feeds[0], config.warmup, config.iters)
-                rows.append(_row(e, times, _batch(feeds[0])))
-            fidelity = _fidelity(backend, entries, feeds)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    base = rows[0]
-    for row, fid in zip(rows, fidelity):
-        row["speedup"] = base["latency_ms"]["median"] / row["latency_ms"]["median"] if row["latency_ms"]["median"] > 0 else float("nan")
-        row["size_ratio"] = row["size_bytes"] / base["size_bytes"] if base["size_bytes"] else float("nan")
-        row["fidelity"] = fid
-    for row, e in zip(rows, entries):
-        if backend.name == "onnxrt":
-            notes = [row["note"]] if row["note"] else []
-            if str(e.artifact) in backend.timing_notes:
-                notes.append(backend.timing_notes[str(e.artifact)])
-            if str(e.artifact) in backend.views:
-                notes.append("fidelity on its FP32 view (ORT cannot run the graph as it is)")
-            row["note"] = "; ".join(notes)
-        if backend.name == "trt" and e.label in backend.builds:
-            row["build"] = backend.builds[e.label]
+    with _work_dir(config) as work, _polygraphy_quiet():
+        feeds = _prepare(backend, entries, config, data, work)
+        rows = []
+        for e in entries:
+            log.info("timing %s", e.label)
+            with _run_errors(backend, e.artifact, e.label, feeds[0]):
+                times = backend.time(backend.timing_runner(e.artifact), feeds[0], config.warmup, config.iters)
+            rows.append(_row(e, times, _batch(feeds[0])))
+        fidelity = _fidelity(backend, entries, feeds)
+    _compare_rows(backend, entries, rows, fidelity)
     result = {
         "version": REPORT_VERSION,
         "backend": backend.name,
@@ -256,6 +208,73 @@ def bench(baseline: str | os.PathLike, candidates: Sequence[str | os.PathLike], 
     if report is not None:
         write_report(result, report)
     return result
+
+
+def _checked_models(baseline, candidates, config: BenchConfig, labels) -> tuple[list[Path], list[str]]:
+    """The model paths (baseline first) and their labels, checked before anything runs."""
+    if not candidates:
+        raise OnnxoptError("give at least one candidate model after the baseline")
+    if config.iters < 1 or config.warmup < 0 or config.samples < 1:
+        raise OnnxoptError("--iters and --samples must be at least 1 and --warmup at least 0")
+    paths = [Path(baseline)] + [Path(c) for c in candidates]
+    for p in paths:
+        if not p.is_file():
+            raise OnnxoptError(f"{p}: no such model file; check the path")
+    labels = list(labels) if labels else _labels(paths)
+    if len(labels) != len(paths):
+        raise OnnxoptError(f"{len(labels)} labels for {len(paths)} models; give one label per model")
+    return paths, labels
+
+
+@contextlib.contextmanager
+def _work_dir(config: BenchConfig):
+    """`config.work_dir` (created), or a temporary folder removed afterwards."""
+    if config.work_dir is not None:
+        work = Path(config.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    tmp = tempfile.mkdtemp(prefix="onnxopt-bench-")
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare(backend, entries: list[_Entry], config: BenchConfig, data, work: Path) -> list[dict]:
+    """FP16 baseline (trt), input feeds, build profiles and each entry's artifact. Returns the feeds."""
+    if backend.name == "trt" and config.fp16_baseline:
+        _fp16_baseline(entries[0], work)
+    for e in entries[1:]:
+        if backend.name == "trt" and e.model.suffix == ".onnx" and _is_fp32(e.model):
+            log.warning("candidate %s is FP32; its engine will be compared with an FP16 baseline", e.label)
+    specs = input_specs(io.load(entries[0].model)) if entries[0].model.suffix == ".onnx" else \
+        backend.input_specs(entries[0].model)
+    feeds = _feeds(specs, config, data)
+    if backend.name == "trt" and not backend.build_config.profiles:
+        backend.build_config = dataclasses.replace(backend.build_config, profiles=_profiles_of(specs, feeds))
+    for e in entries:
+        e.artifact = backend.artifact(e.model, e.label, work)
+    return feeds
+
+
+def _compare_rows(backend, entries: list[_Entry], rows: list[dict], fidelity: list) -> None:
+    """Speedup, size ratio and fidelity against the baseline row; backend notes and builds."""
+    base = rows[0]
+    for row, fid in zip(rows, fidelity):
+        row["speedup"] = base["latency_ms"]["median"] / row["latency_ms"]["median"] if row["latency_ms"]["median"] > 0 else float("nan")
+        row["size_ratio"] = row["size_bytes"] / base["size_bytes"] if base["size_bytes"] else float("nan")
+        row["fidelity"] = fid
+    for row, e in zip(rows, entries):
+        if backend.name == "onnxrt":
+            notes = [row["note"]] if row["note"] else []
+            if str(e.artifact) in backend.timing_notes:
+                notes.append(backend.timing_notes[str(e.artifact)])
+            if str(e.artifact) in backend.views:
+                notes.append("fidelity on its FP32 view (ORT cannot run the graph as it is)")
+            row["note"] = "; ".join(notes)
+        if backend.name == "trt" and e.label in backend.builds:
+            row["build"] = backend.builds[e.label]
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ class QuantConfig:
     bits: float | None = None
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
     cost_model: str = "bits"                   # --auto: "bits", or "rtx" (TensorRT-RTX engine reports)
+    engine_shapes: tuple = ()                  # --cost-model rtx: "name:1x31" or "name:MIN/OPT/MAX" to build for
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,7 +77,8 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
-                                sensitivity=c.sensitivity, cost_model=c.cost_model, block_size=c.block_size, exclude=c.exclude,
+                                sensitivity=c.sensitivity, cost_model=c.cost_model,
+                                engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha))
     elif c.mode == "int4":
         if c.awq != "none":

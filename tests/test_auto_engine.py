@@ -10,11 +10,13 @@ import json
 import math
 
 import numpy as np
+from onnx import helper as onnx_helper
 import pytest
 from click.testing import CliRunner
 
 import tiny
 from onnxopt import autoquant, io, pipeline
+from onnxopt.autoquant import engine as aq_engine
 from onnxopt.autoquant import groups
 from onnxopt.autoquant.choose import collapse
 from onnxopt.autoquant.candidates import Layer
@@ -127,12 +129,12 @@ def minilm_shaped(tmp_path_factory):
     return model, calib
 
 
-def _auto(tmp_path, model, calib, *args):
+def _auto(tmp_path, model, calib, *args, profile=((1, 31),) * 3):
     out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
     r = CliRunner().invoke(main, ["quantize", str(model), "--auto", *args, "--cost-model", "rtx", "--calib", str(calib),
                                   "-o", str(out), "--report", str(rep), "-q"])
     assert r.exit_code == 0, r.output
-    engine = R.engine_report_of(out, BuildConfig(profiles={"ids": ((1, 31),) * 3}))
+    engine = R.engine_report_of(out, BuildConfig(profiles={"ids": profile}))
     return json.loads(rep.read_text())["autoquant"], engine
 
 
@@ -152,7 +154,8 @@ def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
 @pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
-    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4")
+    sens = minilm_shaped[0].parent / "int4.json"   # shared with the --engine-shapes test
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4", "--sensitivity", str(sens))
     rounds = a["cost_model"]["rounds"]
     assert [(x["layer"], x["format"]) for x in rounds[0]["no_savings"]] == [("o_proj", "int4")]
     assert rounds[0]["quantized_in_quantized_kernels"] == rounds[0]["quantized_layers"] - 1
@@ -162,3 +165,54 @@ def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     assert a["counts"]["int4"] == 5 and a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[-1]["quantized_layers"]
     assert not engine["int4_dq_kernels"] and not engine["attention"]["quantized_unfused"]
+
+
+@rtx_test
+@pytest.mark.slow
+def test_rtx_engine_shapes_change_the_fallbacks(minilm_shaped, tmp_path):
+    """The same INT4 mix with a batch 1..2 deployment profile: the builder runs o_proj in its INT4 kernel, so round 0
+    drops nothing; the saved graph built with the static batch-1 profile still runs o_proj unquantized."""
+    sens = minilm_shaped[0].parent / "int4.json"
+    dyn = ((1, 31), (2, 31), (2, 31))
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "int8,int4", "--bits", "4", "--sensitivity", str(sens),
+                      "--engine-shapes", "ids:1x31/2x31/2x31", profile=dyn)
+    rounds = a["cost_model"]["rounds"]
+    assert a["cost_model"]["engine_shapes"] == {"ids": [[1, 31], [2, 31], [2, 31]]}
+    assert len(rounds) == 1 and rounds[0]["no_savings"] == []
+    assert a["layers"]["o_proj"]["choice"] == "int4" and "int4" in a["layers"]["o_proj"]["candidates"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] == rounds[0]["quantized_layers"]
+    static = R.engine_report_of(tmp_path / "q.onnx", BuildConfig(profiles={"ids": ((1, 31),) * 3}))
+    assert [r["name"] for r in static["layers"] if not r["quantized_kernel"]] == ["o_proj"]
+
+
+# ---------------------------------------------------------------- --engine-shapes
+def test_engine_shapes_bad_input(monkeypatch, tmp_path):
+    import onnxopt.trt as trt
+    monkeypatch.setattr(trt, "rtx_available", lambda: True)   # every error below comes before any build
+    model, calib = tmp_path / "t.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(seq=16), model)
+    np.savez(calib, ids=np.zeros((4, 16), np.int64))
+    cases = {("--engine-shapes", "tokens:1x16"): "the graph has no input tokens; its inputs are ids",
+             ("--engine-shapes", "ids:1x16x1"): "3 dimensions given, the input has 2",
+             ("--engine-shapes", "ids:1x8/2x8/2x8"): "dimension 1 of the input is fixed at 16",
+             ("--engine-shapes", "ids:2x16/1x16/2x16"): "need min <= opt <= max",
+             ("--engine-shapes", "ids=1x16"): "bad --engine-shapes entry 'ids=1x16'"}
+    for args, msg in cases.items():
+        out, sens = tmp_path / "q.onnx", tmp_path / "s.json"
+        r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--cost-model", "rtx", *args,
+                                      "--calib", str(calib), "--sensitivity", str(sens), "-o", str(out)])
+        assert r.exit_code == 2 and r.output.count("error:") == 1 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output and not out.exists() and not sens.exists()  # nothing measured
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--engine-shapes", "ids:1x16",
+                                  "--calib", str(calib), "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and "add --cost-model rtx" in r.output
+    r = CliRunner().invoke(main, ["quantize", str(model), "--fp8", "--engine-shapes", "ids:1x16", "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 2 and "--engine-shapes applies to --auto only" in r.output
+    two = tiny.transformer(seq=16)
+    two.graph.input.append(onnx_helper.make_tensor_value_info("mask", 7, ["N", 16]))
+    graph = io.import_graph(two)
+    with pytest.raises(OnnxoptError, match="not the dynamic input.s. mask"):
+        aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3})
+    aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3, "mask": ((1, 16), (2, 16), (2, 16))})
+    assert AutoQuant(bits=8, cost_model="rtx", engine_shapes={"ids": [[1, 16], [2, 16], [2, 16]]}).engine_shapes == \
+        AutoQuant(bits=8, cost_model="rtx", engine_shapes=("ids:1x16/2x16/2x16",)).engine_shapes == {"ids": ((1, 16), (2, 16), (2, 16))}

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import autocast, io
+from ..errors import OnnxoptError
 from ..quant import mixed
 from ..trt.report import attention_blocks
 
@@ -34,7 +35,7 @@ class Writer:
     block_size: int
     clips: dict
     opset: int
-    shapes: dict                         # input -> static shape the engine is built for
+    shapes: dict                         # input -> (min, opt, max) shapes the engine is built for
     workdir: str | None = None
     built: list = field(default_factory=list)
 
@@ -52,7 +53,30 @@ class Writer:
             path = f"{d}/mix.onnx"
             io.save(model, path)
             del model
-            return engine_report_of(path, BuildConfig(profiles={k: (s, s, s) for k, s in self.shapes.items()}))
+            return engine_report_of(path, BuildConfig(profiles=dict(self.shapes)))
+
+
+def check_shapes(graph: gs.Graph, profiles: dict) -> None:
+    """--engine-shapes against the graph's inputs, before any work: every name an input, the input's rank, its
+    fixed dimensions; given at all, every input with a dynamic dimension (the builder needs them all)."""
+    if not profiles:
+        return
+    inputs = {t.name: t.shape for t in graph.inputs}
+    for name, prof in profiles.items():
+        if name not in inputs:
+            raise OnnxoptError(f"--engine-shapes {name}: the graph has no input {name}; its inputs are {', '.join(inputs)}")
+        shape = inputs[name]
+        if shape is not None and len(prof[0]) != len(shape):
+            raise OnnxoptError(f"--engine-shapes {name}: {len(prof[0])} dimensions given, the input has {len(shape)} "
+                               f"({'x'.join(str(d) for d in shape)})")
+        fixed = [(i, d) for i, d in enumerate(shape or ()) if isinstance(d, int) and d >= 0 and any(p[i] != d for p in prof)]
+        if fixed:
+            raise OnnxoptError(f"--engine-shapes {name}: dimension {fixed[0][0]} of the input is fixed at {fixed[0][1]}; "
+                               "give that size")
+    missing = [n for n, s in inputs.items() if n not in profiles and (s is None or any(not isinstance(d, int) or d < 0 for d in s))]
+    if missing:
+        raise OnnxoptError(f"--engine-shapes names {', '.join(profiles)} but not the dynamic input(s) {', '.join(missing)}; "
+                           "give every dynamic input's shape")
 
 
 def build_shapes(feed: dict) -> dict:

@@ -39,6 +39,7 @@ from .common import (
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
+@click.option("--engine-shapes", multiple=True, help="With --cost-model rtx: the deployment shapes the engine check builds for, name:1x31 or name:MIN/OPT/MAX as in `build --shapes` (repeatable; default: one calibration sample's shapes).")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
@@ -47,6 +48,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
              allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import recipes
+    options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
     mode = "auto" if options["auto"] else (mode or "fp8")
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
@@ -70,7 +72,8 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
-              "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model"}
+              "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
+              "engine_shapes": "--engine-shapes"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 

@@ -38,6 +38,8 @@ class AutoQuant(PassBase):
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
     cost_model: str = "bits"            # "bits", or "rtx": TensorRT-RTX engine reports drop formats that save nothing
+    engine_shapes: tuple | dict = ()    # rtx: deployment shapes, "name:1x31" or "name:MIN/OPT/MAX" (or {name: (min, opt, max)});
+                                        # empty: one calibration sample's shapes
     name = "autoquant"
     quantizes = True
 
@@ -68,6 +70,7 @@ class AutoQuant(PassBase):
                 raise OnnxoptError(f"--sensitivity {self.sensitivity}: folder {parent} does not exist; create it first")
         int4.check_options("none", self.block_size)
         self._check_cost_model()
+        self._parse_engine_shapes()
         self.exclude = check_regexes(self.exclude, "--exclude")
         self.op_types = tuple(self.op_types)
 
@@ -93,6 +96,7 @@ class AutoQuant(PassBase):
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
         graph, t0 = ctx.graph, time.perf_counter()
+        aq_engine.check_shapes(graph, self.engine_shapes)
         guards = attention_guard.remove(graph) if self.quantize_mha else 0
         configs = self.configs()
         cands = autoquant.candidates(graph, self.formats, configs, self.block_size)
@@ -130,6 +134,8 @@ class AutoQuant(PassBase):
             for m in g["members"]:
                 rep["layers"][m]["group"] = name
         rep["cost_model"] = {"name": self.cost_model, "rounds": rounds}
+        if rounds:
+            rep["cost_model"]["engine_shapes"] = {k: [list(s) for s in v] for k, v in self._engine_profiles(search).items()}
         for r in rounds:
             for x in r["no_savings"]:
                 rep["layers"][x["layer"]].setdefault("engine_no_savings", {})[x["format"]] = x["reason"]
@@ -144,6 +150,19 @@ class AutoQuant(PassBase):
             from ..trt import MISSING_RTX, rtx_available
             if not rtx_available():
                 raise OnnxoptError(f"--cost-model rtx builds engines: {MISSING_RTX}, or use --cost-model bits")
+
+    def _parse_engine_shapes(self) -> None:
+        from ..trt.build import parse_profiles
+        if isinstance(self.engine_shapes, dict):
+            self.engine_shapes = {k: tuple(tuple(int(d) for d in s) for s in v) for k, v in self.engine_shapes.items()}
+        else:
+            self.engine_shapes = parse_profiles(tuple(self.engine_shapes), option="--engine-shapes")
+        if self.engine_shapes and self.cost_model != "rtx":
+            raise OnnxoptError("--engine-shapes sets the shapes of the engine check; add --cost-model rtx (or drop it)")
+
+    def _engine_profiles(self, search) -> dict:
+        """{input: (min, opt, max)} of the engine check: --engine-shapes, else one calibration sample's shapes."""
+        return self.engine_shapes or {k: (s, s, s) for k, s in aq_engine.build_shapes(search[0]).items()}
 
     def _choose(self, ev, cands, ctx) -> tuple[dict, list]:
         if self.bits is not None:
@@ -161,7 +180,7 @@ class AutoQuant(PassBase):
         ac = ctx.following(Autocast, self)
         keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
         writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,
-                                  self.block_size, cands.clips, self.min_opset, aq_engine.build_shapes(search[0]),
+                                  self.block_size, cands.clips, self.min_opset, self._engine_profiles(search),
                                   str(ctx.workdir))
         last = {"trials": trials}
 

@@ -74,20 +74,20 @@ class BuildResult:
 
 
 # ---------------------------------------------------------------- pure ONNX helpers
-def parse_profiles(items: Sequence[str]) -> dict[str, tuple[Shape, Shape, Shape]]:
+def parse_profiles(items: Sequence[str], option: str = "--shapes") -> dict[str, tuple[Shape, Shape, Shape]]:
     """`name:min/opt/max` (e.g. `sample:1x4x64x64/2x4x128x128/2x4x128x128`) or `name:shape` (a fixed
-    shape: min = opt = max) -> {name: (min, opt, max)}."""
+    shape: min = opt = max) -> {name: (min, opt, max)}. `option` names the flag in error messages."""
     out = {}
     for item in items or ():
         m = re.fullmatch(r"(.+):(\d+(?:x\d+)*)(?:/(\d+(?:x\d+)*)/(\d+(?:x\d+)*))?", item.strip())
         if not m:
-            raise OnnxoptError(f"bad --shapes entry '{item}'; write name:MINxDIMS/OPTxDIMS/MAXxDIMS (e.g. sample:1x4x64x64/2x4x128x128/2x4x128x128) or name:1x4x128x128")
+            raise OnnxoptError(f"bad {option} entry '{item}'; write name:MINxDIMS/OPTxDIMS/MAXxDIMS (e.g. sample:1x4x64x64/2x4x128x128/2x4x128x128) or name:1x4x128x128")
         dims = [tuple(int(v) for v in g.split("x")) for g in m.groups()[1:] if g is not None]
         lo, opt, hi = (dims * 3)[:3] if len(dims) == 1 else dims
         if not (len(lo) == len(opt) == len(hi)):
-            raise OnnxoptError(f"--shapes {item}: min, opt and max must have the same rank")
+            raise OnnxoptError(f"{option} {item}: min, opt and max must have the same rank")
         if any(a > b for a, b in zip(lo, opt)) or any(a > b for a, b in zip(opt, hi)):
-            raise OnnxoptError(f"--shapes {item}: need min <= opt <= max in every dimension")
+            raise OnnxoptError(f"{option} {item}: need min <= opt <= max in every dimension")
         out[m.group(1)] = (lo, opt, hi)
     return out
 
