@@ -14,14 +14,15 @@
    the calibration data) with the gated graph, which is the chosen mix exactly; that search is the repair
    step: a mix that misses the target promotes its most sensitive layers (the smaller budget does).
 """
-from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, WBITS, Candidates, Layer,
+from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, PLANNED, WBITS, Candidates, Layer,
                          calibrate, candidates)
+from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
 from .evaluate import Evaluator, cosine, load_sensitivities, measure, save_sensitivities
 from .gated import build_gated, fake_weight, macs_of, shape_outputs
 
-__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "WBITS", "Candidates", "Evaluator", "Layer",
+__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer",
            "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "totals"]

@@ -84,7 +84,7 @@ class AutoQuant(PassBase):
 
     def configs(self) -> dict:
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
-                for f in autoquant.EIGHT_BIT if f in self.formats}
+                for f in autoquant.PLANNED if f in self.formats or (f == "int8" and autoquant.SQ in self.formats)}
 
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
@@ -121,7 +121,7 @@ class AutoQuant(PassBase):
         del ev
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
-                                block_size=self.block_size, clips=cands.clips)
+                                block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
         return self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
@@ -161,7 +161,7 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")}
+        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
         log.info("auto: %s; held-out cosine %.5f, top-1 %.4f; weight bits %.2f, activation bits %.2f, 8-bit MACs %.0f%%",
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
