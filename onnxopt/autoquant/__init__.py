@@ -2,8 +2,11 @@
 
 1. Candidates: every Conv/ConvTranspose/MatMul/Gemm gets the formats the TensorRT placement rules allow
    (`quant.rules.plan` run once per 8-bit format; INT4 weight-only only for MatMul/Gemm weights), plus "none".
+   "int8-sq" (smooth.py) is SmoothQuant then INT8 W8A8, for the INT8-planned layers with a constant weight.
 2. Calibration once: max |x| (FP8) and the MSE clip (INT8) of every candidate activation, and the input
-   means for bias correction, in one pass; reused for every candidate and for the final graph.
+   means for bias correction, in one pass; reused for every candidate and for the final graph. The same
+   pass keeps per-channel maxima and row samples of int8-sq inputs: alpha, then the INT8 clip of x ⊘ s, are
+   chosen per activation by the simulated output error (as onnxopt.smoothquant does).
 3. Sensitivity: ONE fake-quant graph where each candidate (layer, format) sits behind a gate that is a
    graph input, y = x + g·(QDQ(x) − x) on activations and W + g·(Wq − W) on weights (plus g·bias
    correction), so one ORT session (ORT_DISABLE_ALL) measures "only this layer in this format" exactly by

@@ -6,7 +6,9 @@ samples), from the same single calibration pass as every other candidate. A laye
 QDQ(x ⊘ s) · QDQ(s ⊙ W): the gated graph writes it as s ⊙ QDQ(x ⊘ s) on the activation and QDQ(s ⊙ W) ⊘ s
 on the weight (its other inputs untouched), the final graph (`quant.mixed`) divides x by s (folded into a
 norm producer when every reader of x is int8-sq, else a Mul in front of the layers) and multiplies W by s.
-The INT8 range of x ⊘ s is its max (the one pass sees x, not x ⊘ s).
+The INT8 range of x ⊘ s is a share of its max (the one pass sees x, not x ⊘ s), chosen after alpha by
+the same simulated output error on the row samples (outliers that smoothing leaves are clipped as INT8's MSE
+calibration would).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .. import calib, fold, smoothquant
 from ..quant import qdq
 
 SQ = "int8-sq"
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)   # INT8 range of x ⊘ s as a share of its max
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Smoothing:
     amax: float             # max |x ⊘ s|: the INT8 range of the smoothed activation
     alpha: float | None     # None: smoothing did not lower the simulated error (s = 1)
     layers: list            # names of the layers reading the activation
+    clip: float = 1.0       # share of max |x ⊘ s| kept as the INT8 range (searched like alpha)
 
 
 def groups(graph: gs.Graph, plan, names: set) -> list:
@@ -69,9 +73,10 @@ def finish(gs_: list) -> dict:
         w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
         layers = [smoothquant._layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
         alpha, s, _ = smoothquant.search_alpha(layers, act_max, w_max)
-        g.samplers.clear()
         s = np.asarray(s, np.float64)
-        out[g.activation] = Smoothing(s, float(np.max(act_max / s)), alpha, [n.name for n in g.layers])
+        clip = min(CLIPS, key=lambda c: smoothquant.simulated_error(layers, act_max * c, s))
+        g.samplers.clear()
+        out[g.activation] = Smoothing(s, clip * float(np.max(act_max / s)), alpha, [n.name for n in g.layers], clip)
     return out
 
 
