@@ -167,7 +167,8 @@ class AutoQuant(PassBase):
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
         return {"method": "lagrangian knapsack over per-layer sensitivities (1 - cosine, one layer quantized at a time, "
-                          "gated fake-quant graph); error budget bisected against the held-out metric",
+                          "gated fake-quant graph; int8-sq: SmoothQuant alpha and INT8 clip per activation by simulated "
+                          "error); error budget bisected (to 1.15x) against the held-out metric",
                 "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
                 "verified": final, "met": _met(self, final), **bits, "counts": counts, "layers": layers,
                 "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
