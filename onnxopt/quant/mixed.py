@@ -41,7 +41,7 @@ def insert(graph: gs.Graph, formats: dict, configs: dict, amax: dict, means: dic
             if const.name not in done:
                 src = node.inputs[idx]
                 values = fold.effective_weight(node) if src is not const else None
-                mean = means.get(node.inputs[0].name) if node.op in bias_correction.OPS else None
+                mean = means.get(_unquantized(node.inputs[0]).name) if node.op in bias_correction.OPS else None
                 extra = {}
 
                 def on_error(w, w_deq, node=node, mean=mean):
@@ -97,6 +97,14 @@ def _smooth_inputs(graph: gs.Graph, formats: dict, smooth: dict, amax: dict, mea
             done[n.name] = how
     graph.cleanup().toposort()
     return {n: ("int8" if f == SQ else f) for n, f in formats.items()}, amax, means, done
+
+
+def _unquantized(t: gs.Tensor) -> gs.Tensor:
+    """The tensor behind an activation Q/DQ pair (inserted above): bias-correction means are keyed by it."""
+    dq = t.inputs[0] if t.inputs else None
+    if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs and dq.inputs[0].inputs[0].op == "QuantizeLinear":
+        return dq.inputs[0].inputs[0].inputs[0]
+    return t
 
 
 def _owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
