@@ -146,3 +146,83 @@ def test_option_errors(tmp_path, case):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
     assert needle in lines[0] and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("mix", [{"layer1": "int8-sq"}, {"layer0": "int8-sq", "layer1": "int8-sq", "layer2": "fp8"}])
+def test_smoothquant_candidate_gated_equals_final(mlp, mix):
+    """int8-sq: the gated graph's "these layers in int8-sq" is what the mixed graph computes (the smoothing
+    folded or a Mul in front, s ⊙ W), and SmoothQuant rescues the outlier layer that plain INT8 cannot keep."""
+    model, calib = mlp
+    from onnxopt import pipeline
+    from onnxopt.quant import mixed
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    p = AutoQuant(("fp8", "int8", "int8-sq"), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int8-sq"]
+    feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    assert cands.smooth["r0"].alpha is not None and cands.smooth["r0"].s.max() > 10  # the outlier channel moved
+    gated = io.import_graph(pipeline.load(str(model), 21))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
+    gsess = ort.session(io.export_graph(gated, opset=21), level="disable")
+    x = np.load(calib)["x"][:4]
+
+    def gated_run(m):
+        gates = np.zeros(len(index), np.float32)
+        for key in m.items():
+            gates[index[key]] = 1
+        return gsess.run(None, {"x": x, autoquant.GATES: gates})[0]
+    info = mixed.insert(graph, mix, p.configs(), amax, means, high_precision="fp32", smooth=cands.smooth)
+    out = io.export_graph(graph, opset=21)
+    assert all(info[n]["format"] == f for n, f in mix.items())
+    y = ort.session(out, level="disable").run(None, {"x": x})[0]
+    np.testing.assert_allclose(gated_run(mix), y, rtol=1e-5, atol=1e-5)
+    ref = _run(model, x)
+    if mix == {"layer1": "int8-sq"}:
+        assert sum(n.op_type == "Mul" for n in out.graph.node) == 1  # Relu's producer is a MatMul: a Mul, not a fold
+        sq = autoquant.cosine(ref, y.reshape(4, -1).astype(np.float64))
+        plain = autoquant.cosine(ref, gated_run({"layer1": "int8"}).reshape(4, -1).astype(np.float64))
+        assert 1 - sq < 0.1 * (1 - plain)
+
+
+def _conv_model(path):
+    """Conv -> Relu -> Conv(bias) with 128 Ki weights (INT8-planned) and an outlier channel in its input."""
+    rng = np.random.default_rng(0)
+    c, o = 256, 512
+    w0 = rng.normal(0, c ** -0.5, (c, c, 1, 1)).astype(np.float32)
+    w0[7] *= 50
+    w1 = rng.normal(0, c ** -0.5, (o, c, 1, 1)).astype(np.float32)
+    w1[:, 7] /= 50
+    b1 = rng.normal(0, 0.1, (o,)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h0"], name="conv0"), helper.make_node("Relu", ["h0"], ["r0"], name="relu"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["y"], name="conv1")]
+    g = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", o, 4, 4])],
+                          [numpy_helper.from_array(a, n) for a, n in ((w0, "w0"), (w1, "w1"), (b1, "b1"))])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return [{"x": np.abs(rng.normal(size=(1, c, 4, 4))).astype(np.float32) + 0.3} for _ in range(8)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-sq"])
+def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
+    """A Conv in INT8 (plain or smoothed): the mixed graph folds the same bias correction the gated graph
+    measured (its mean looked up behind the activation's Q/DQ), so both compute the same output."""
+    from onnxopt import pipeline
+    from onnxopt.quant import mixed
+    path = tmp_path / "conv.onnx"
+    feeds = _conv_model(path)
+    graph = io.import_graph(pipeline.load(str(path), 21))
+    p = AutoQuant(("fp8", "int8", "int8-sq"), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    assert cands.layers["conv1"].formats == ["none", "fp8", "int8", "int8-sq"]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    gated = io.import_graph(pipeline.load(str(path), 21))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
+    gates = np.zeros(len(index), np.float32)
+    gates[index[("conv1", fmt)]] = 1
+    x = feeds[0]["x"]
+    want = ort.session(io.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
+    info = mixed.insert(graph, {"conv1": fmt}, p.configs(), amax, means, high_precision="fp32", smooth=cands.smooth)
+    assert info["conv1"]["format"] == fmt and info["conv1"]["bias_correction"] > 0
+    got = ort.session(io.export_graph(graph, opset=21), level="disable").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

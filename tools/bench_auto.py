@@ -47,12 +47,20 @@ class Row:
     goal: str = ""         # the issue's target for this row
 
 
+SQ = ("fp8", "int8", "int8-sq")
 ROWS = {
     "minilm": [Row("auto-cos", {"auto": True, "target_cosine": 0.999}, "cosine >= 0.999 with fewer bits than any uniform format meeting it (aim <= 9)"),
+               Row("auto-cos-sq", {"auto": True, "target_cosine": 0.999, "formats": SQ}, "as auto-cos, int8-sq among the candidates"),
+               Row("auto-cos-998-sq", {"auto": True, "target_cosine": 0.998, "formats": SQ}, "frontier point"),
+               Row("auto-bits9-sq", {"auto": True, "bits": 9.0, "formats": SQ}, "frontier point"),
+               Row("auto-bits8-sq", {"auto": True, "bits": 8.0, "formats": SQ}, "frontier point"),
                Row("auto-bits6", {"auto": True, "bits": 6.0, "formats": ("fp8", "int8", "int4")}, "cosine >= 0.99 at 6 weight bits"),
                Row("fp8", {"mode": "fp8"}), Row("int8", {"mode": "int8"}),
+               Row("int8-sq", {"mode": "int8", "smoothquant": "auto"}),
                Row("int4-awq", {"mode": "int4", "awq": "full"})],
     "effnet": [Row("auto-top1", {"auto": True, "target_top1": 0.97}, "top-1 >= 0.97 with >= 80% MACs 8-bit"),
+               Row("auto-top1-95", {"auto": True, "target_top1": 0.95}, "frontier point"),
+               Row("auto-bits8.5", {"auto": True, "bits": 8.5}, "frontier point"),
                Row("fp8", {"mode": "fp8"}), Row("int8", {"mode": "int8"})],
     "sdxl-tiny": [Row("auto-cos", {"auto": True, "target_cosine": 0.9995}, "cosine >= 0.9995 with >= 80% MACs 8-bit"),
                   Row("fp8", {"mode": "fp8"}), Row("int8", {"mode": "int8"})],
@@ -178,17 +186,37 @@ def run_row(name: str, m: Model, row: Row, work: Path, ref: np.ndarray, layers: 
     return rec, layers
 
 
+def versus_uniform(r: dict, results: list) -> str:
+    """An --auto point against the uniform points of its model: "dominated by X" when a uniform point has no
+    more weight bits, no more activation bits and an equal or better value; else the uniform points it beats
+    at equal or more bits (weight and activation), or "-" when there are none (it is the cheaper or the
+    more precise end of the frontier)."""
+    if "value" not in r or "weight_bits" not in r or not r["row"].startswith("auto"):
+        return ""
+    uni = [u for u in results if u["model"] == r["model"] and not u["row"].startswith("auto") and "weight_bits" in u]
+    eps = 1e-6
+    dom = [u["row"] for u in uni if u["weight_bits"] <= r["weight_bits"] + eps
+           and u["activation_bits"] <= r["activation_bits"] + eps and u["value"] >= r["value"]]
+    if dom:
+        return "dominated by " + ",".join(dom)
+    beats = [u["row"] for u in uni if u["weight_bits"] >= r["weight_bits"] - eps
+             and u["activation_bits"] >= r["activation_bits"] - eps and u["value"] < r["value"]]
+    return "beats " + ",".join(beats) if beats else "not dominated"
+
+
 def table(results: list) -> str:
-    head = "| model | row | metric | held-out value | weight bits | act bits | 8-bit MACs | wall s | goal |"
-    lines = [head, "|---" * 9 + "|"]
+    head = "| model | row | metric | held-out value | weight bits | act bits | 8-bit MACs | vs uniform | wall s | goal |"
+    lines = [head, "|---" * 10 + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['row']} | - | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['row']} | - | error: {r['error'][:80]} | | | | | | |")
             continue
         wb = f"{r['weight_bits']:.2f}" if "weight_bits" in r else "-"
         ab = f"{r['activation_bits']:.2f}" if "activation_bits" in r else "-"
         mc = f"{100 * r['macs_8bit']:.0f}%" if "macs_8bit" in r else "-"
-        lines.append(f"| {r['model']} | {r['row']} | {r['metric']} | {r['value']:.5f} | {wb} | {ab} | {mc} | {r['wall_s']:.0f} | {r['goal']} |")
+        vs = versus_uniform(r, [x for x in results if "error" not in x])
+        lines.append(f"| {r['model']} | {r['row']} | {r['metric']} | {r['value']:.5f} | {wb} | {ab} | {mc} | {vs} | "
+                     f"{r['wall_s']:.0f} | {r['goal']} |")
     return "\n".join(lines)
 
 

@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold
+from .. import calib, fold, smoothquant
 from .. import graph as G
 from ..quant import bias_correction, rules
 from ..quant import int4 as int4q
+from . import smooth
 
-FORMATS = ("fp8", "int8", "int4")
-EIGHT_BIT = ("fp8", "int8")
-WBITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0}
-ABITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 16.0}   # INT4 is weight-only: activations stay FP16
+FORMATS = ("fp8", "int8", "int4", "int8-sq")
+PLANNED = ("fp8", "int8")               # formats with a QDQ plan of their own (int8-sq uses INT8's)
+EIGHT_BIT = ("fp8", "int8", "int8-sq")
+WBITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0, "int8-sq": 8.0}
+ABITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 16.0, "int8-sq": 8.0}   # INT4 is weight-only: activations stay FP16
 CAL_METHOD = {"fp8": "max", "int8": "mse"}
 GATES = "autoquant_gates"
 
@@ -41,13 +43,20 @@ class Candidates:
     configs: dict                       # format -> the QDQ options its plan was made with
     clips: dict = field(default_factory=dict)   # INT4 layer -> AWQ clip ratios per block
     int4: set = field(default_factory=set)      # names of layers that may take INT4 weights
+    smooth: dict = field(default_factory=dict)  # int8-sq: activation -> smooth.Smoothing
+    sq_groups: list = field(default_factory=list)  # int8-sq: smoothquant groups of the INT8 plan
 
 
 # ---------------------------------------------------------------- candidates
 def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Candidates:
-    """Candidate formats of every weighted layer; `configs` maps each 8-bit format to its QDQ options."""
-    plans = {f: rules.plan(graph, configs[f]) for f in formats if f in EIGHT_BIT}
+    """Candidate formats of every weighted layer; `configs` maps each planned 8-bit format to its QDQ options
+    (int8-sq needs INT8's)."""
+    plans = {f: rules.plan(graph, configs[f]) for f in PLANNED if f in configs}
     in_plan = {f: {n.name for n in p.nodes} for f, p in plans.items()}
+    sq_groups = []
+    if smooth.SQ in formats:
+        sq_groups = smooth.groups(graph, plans["int8"], in_plan["int8"])
+        in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
     if "int4" in formats:
         cfg = next(iter(configs.values()))
@@ -59,7 +68,10 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
             continue
         fmts, reasons = ["none"], {}
         for f in formats:
-            if f in EIGHT_BIT:
+            if f == smooth.SQ:
+                ok = node.name in in_plan[f]
+                why = plans["int8"].skipped.get(node.name, "no constant weight reading a smoothable activation")
+            elif f in EIGHT_BIT:
                 ok = node.name in in_plan[f]
                 why = plans[f].skipped.get(node.name, "not planned")
             else:
@@ -72,7 +84,7 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
         wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules._is_weight(node.inputs[1]) else ()
         layers[node.name] = Layer(node.name, node.op, fmts, reasons, int(np.prod(wshape)) if wshape else 0, wshape,
                                   bool(node.attrs.get("transB", 0)))
-    return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok)
+    return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok, sq_groups=sq_groups)
 
 
 def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory_budget_mb: int, progress: bool):
@@ -95,8 +107,12 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
                 means[node.inputs[0].name] = r = calib.ChannelMean(bias_correction.input_axis(node),
                                                                    bias_correction.input_rank(node))
                 reducers.setdefault(node.inputs[0].name, []).append(r)
+    if cands.sq_groups:
+        smooth.add_reducers(cands.sq_groups, reducers, min(smoothquant.SEARCH_BATCHES, len(data)))
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb,
                         progress=progress, desc="calibrating (once, all candidates)")
+    if cands.sq_groups:
+        cands.smooth = smooth.finish(cands.sq_groups)
     amax = {}
     for f, plan in cands.plans.items():
         a = dict(plan.fixed_amax)

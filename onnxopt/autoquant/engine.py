@@ -37,6 +37,7 @@ class Writer:
     opset: int
     shapes: dict                         # input -> (min, opt, max) shapes the engine is built for
     workdir: str | None = None
+    smooth: dict | None = None           # int8-sq smoothing vectors (as the final graph gets them)
     built: list = field(default_factory=list)
 
     def engine_report(self, mix: dict) -> dict:
@@ -44,7 +45,7 @@ class Writer:
         from ..trt.report import engine_report_of
         g = io.import_graph(io.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
         mixed.insert(g, mix, self.configs, self.amax, self.means, high_precision=self.high_precision,
-                     block_size=self.block_size, clips=self.clips)
+                     block_size=self.block_size, clips=self.clips, smooth=self.smooth)
         autocast.to_low_precision(g, self.high_precision, keep_fp32_ops=self.keep_fp32_ops,
                                   keep_fp32_nodes=self.keep_fp32_nodes)
         model = io.export_graph(g, opset=self.opset)

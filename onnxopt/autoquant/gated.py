@@ -9,6 +9,7 @@ from .. import fold, io
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, blockwise, qdq, rules
+from . import smooth
 from .candidates import EIGHT_BIT, GATES, Candidates, Layer
 
 
@@ -81,7 +82,7 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
-        _gate_weight(b, node, cands.layers[name], means, hp, block_size, cands.clips.get(name))
+        _gate_weight(b, node, cands.layers[name], means, hp, block_size, cands.clips.get(name), _smoothing(cands, node))
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         residual = {(id(a), i) for a, i in plan.residuals}
@@ -96,6 +97,8 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
                 x = node.inputs[idx]
                 node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
                                             f"{tname}_{f}")
+    if cands.smooth:
+        _gate_smoothed(b, plans["int8"], cands, amax, hp)
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
@@ -109,7 +112,8 @@ def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> 
     return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
 
 
-def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None) -> None:
+def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None,
+                 sm=None) -> None:
     fmts = [f for f in layer.formats if f != "none"]
     if not fmts or not rules._is_weight(node.inputs[1]):
         return
@@ -118,7 +122,8 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
-        wq = fake_weight(node, w, f, hp, block_size, clip).astype(np.float32)
+        wq = (fake_weight(node, w, f, hp, block_size, clip) if f != smooth.SQ else smooth.fake_weight(node, w, sm, hp)
+              ).astype(np.float32)
         shift = _bias_shift(node, wq - w, means, f)
         wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)  # spilled to the work dir: stays lazy
         del wq
@@ -133,6 +138,44 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if node.outputs[0] is not y:
         b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
                                      outputs=[y]))
+
+
+def _smoothing(cands: Candidates, node: gs.Node):
+    """The int8-sq smoothing of the layer's input (None if int8-sq is not among its candidates)."""
+    if smooth.SQ not in cands.layers[node.name].formats:
+        return None
+    return cands.smooth.get(node.inputs[0].name)
+
+
+def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str) -> None:
+    """int8-sq activations: s ⊙ QDQ(x ⊘ s) on the layer's own input, the INT8 plan's plain QDQ on the other uses
+    it owns (a residual Add), each behind the (layer, int8-sq) gate."""
+    residual = {(id(a), i) for a, i in plan.residuals}
+    for tname, uses in plan.activations.items():
+        for node, idx in uses:
+            owner = node.inputs[1 - idx].inputs[0] if (id(node), idx) in residual else node
+            if owner.name not in cands.layers or smooth.SQ not in cands.layers[owner.name].formats:
+                continue
+            x = node.inputs[idx]
+            sm = cands.smooth.get(tname) if owner is node and idx == 0 else None
+            if owner is node and idx == 0 and sm is None:
+                continue
+            if sm is None:
+                scale = qdq.activation_scale(amax["int8"][tname], "int8", hp)
+                make = lambda x, into, s=scale: _qdq(b, x, s, "int8", into)  # noqa: E731
+            else:
+                make = lambda x, into, sm=sm, node=node: _smoothed_qdq(b, x, sm, node, hp, into)  # noqa: E731
+            node.inputs[idx] = b.branch(owner.name, smooth.SQ, x, make, f"{tname}_sq")
+
+
+def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: list) -> gs.Variable:
+    rank = len(x.shape) if x.shape is not None else None
+    axis = G.activation_channel_axis(node)
+    inv = smooth.activation_factor(1.0 / sm.s, axis, rank)  # x · (1/s), as the final graph's Mul
+    xs = b.node("Mul", [x, b.const(f"{x.name}_sq_inv", inv)], f"{x.name}_sq_div", shape=x.shape, into=into)
+    y = _qdq(b, xs, smooth.activation_scale(sm, hp), "int8", into)
+    s = smooth.activation_factor(sm.s, axis, rank)
+    return b.node("Mul", [y, b.const(f"{x.name}_sq_s", s)], f"{x.name}_sq_mul", shape=x.shape, into=into)
 
 
 def _bias_shift(node, dw, means, fmt):

@@ -10,7 +10,10 @@ from .evaluate import Evaluator
 
 
 # ---------------------------------------------------------------- search against a verified target
-def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps: int = 10,
+RATIO = 1.15   # the bisection stops when the passing and failing budgets are this close
+
+
+def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps: int = 14,
                   progress: bool = True, margin: float = 0.0, split: str = "verify") -> tuple[dict, list]:
     """Largest error budget whose mix meets `target` + `margin` on the held-out batches, found by bisection in
     log space from the additive prediction. A mix that misses is repaired by the smaller budget, which
@@ -18,10 +21,12 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
     b = (1.0 - target) if metric == "cosine" else 1e-3
     b = min(max(b, 1e-7), everything)
-    lo, hi, best, trials = 0.0, None, {n: "none" for n in layers}, []
+    lo, hi, best, trials, seen = 0.0, None, {n: "none" for n in layers}, [], {}
     for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
         mix = mix_for_error(layers, b)
-        got = ev.metrics(ev.gates(mix), split)
+        key = tuple(sorted(mix.items()))
+        got = seen[key] if key in seen else ev.metrics(ev.gates(mix), split)  # nearby budgets often agree
+        seen[key] = got
         ok = got[metric] >= target + margin
         trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),
                        metric: got[metric], "passed": bool(ok), **bits_of(mix, layers)})
@@ -36,7 +41,7 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
         elif lo == 0.0:
             b = b / 8
         else:
-            if hi / lo < 1.5:
+            if hi / lo < RATIO:
                 break
             b = math.sqrt(lo * hi)
     return best, trials

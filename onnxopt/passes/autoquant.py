@@ -91,7 +91,7 @@ class AutoQuant(PassBase):
 
     def configs(self) -> dict:
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
-                for f in autoquant.EIGHT_BIT if f in self.formats}
+                for f in autoquant.PLANNED if f in self.formats or (f == "int8" and autoquant.SQ in self.formats)}
 
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
@@ -125,7 +125,7 @@ class AutoQuant(PassBase):
         del ev
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
-                                block_size=self.block_size, clips=cands.clips)
+                                block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
@@ -181,7 +181,7 @@ class AutoQuant(PassBase):
         keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
         writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,
                                   self.block_size, cands.clips, self.min_opset, self._engine_profiles(search),
-                                  str(ctx.workdir))
+                                  str(ctx.workdir), smooth=cands.smooth)
         last = {"trials": trials}
 
         def choose():
@@ -226,7 +226,7 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")}
+        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
         broken = int8_broken(cands.layers, mix)
         if broken:
@@ -236,7 +236,8 @@ class AutoQuant(PassBase):
                  ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"], final["top1"],
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
         return {"method": "lagrangian knapsack over per-layer sensitivities (1 - cosine, one layer quantized at a time, "
-                          "gated fake-quant graph); error budget bisected against the held-out metric",
+                          "gated fake-quant graph; int8-sq: SmoothQuant alpha and INT8 clip per activation by simulated "
+                          "error); error budget bisected (to 1.15x) against the held-out metric",
                 "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
                 "verified": final, "met": _met(self, final), **bits, "counts": counts, "layers": layers,
                 "int8_broken": broken, "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
