@@ -2,8 +2,10 @@
 input), so one ORT session measures any mix exactly; plus the MACs of each layer from real feeds."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .. import fold, io
 from .. import graph as G
@@ -120,11 +122,9 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     for f in fmts:
         wq = fake_weight(node, w, f, hp, block_size, clip).astype(np.float32)
         shift = _bias_shift(node, wq - w, means, f)
-        wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)  # spilled to the work dir: stays lazy
         del wq
-        node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
-                                  lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,
-                                                                shape=list(w.shape)), f"{node.name}_{f}_w")
+        make = _weight_maker(b, node, w, f, hp, block_size, clip)
+        node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
             sc = b.const(f"{node.name}_{f}_bc", shift)
             pre = b.branch(layer.name, f, pre, lambda x, into, sc=sc: b.node("Add", [x, sc], f"{node.name}_{f}_bc",
@@ -133,6 +133,40 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if node.outputs[0] is not y:
         b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
                                      outputs=[y]))
+
+
+COMPACT_WEIGHTS = True  # False: FP32 fake-quant constants (4 bytes/param; the reference the tests compare with)
+
+
+def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip):
+    """The then-branch of a weight gate: the quantized weight (1 byte/param, INT4 0.5) behind a DequantizeLinear,
+    which gives exactly `fake_weight`'s numbers (the same q and float32 scales, one multiply)."""
+    base = f"{node.name}_{fmt}_w"
+    if not COMPACT_WEIGHTS:
+        wc = io.constant(G.unique_name(base, b.names), fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32))
+        return lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))
+    if fmt == "int4":
+        kn = blockwise.to_kn(node, w)
+        q, scale = blockwise.quantize_blocks(kn, block_size, clip, hp)
+        attrs = {"axis": 0, "block_size": int(block_size)} if block_size else {"axis": 1}
+        if not block_size:
+            scale = scale[0]
+        if kn is not w:  # Gemm transB: the weight is [N, K]
+            q, scale = q.T, scale.T
+            attrs["axis"] = 1 - attrs["axis"]
+        qc = gs.Constant(G.unique_name(base + "_q", b.names), gs.ir.tensor.LazyValues(
+            numpy_helper.from_array(np.ascontiguousarray(q).astype(ml_dtypes.int4), base + "_q")))
+    else:
+        f = qdq.FORMATS[fmt]
+        axis = G.weight_output_channel_axis(node) % w.ndim
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.max(np.abs(w), axis=red, keepdims=True)
+        scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
+        qc = io.constant(G.unique_name(base + "_q", b.names), f.cast(w / scale))  # spilled: stays lazy
+        scale, attrs = scale.reshape(-1), {"axis": axis}
+    sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))
+    return lambda x, into: b.node("DequantizeLinear", [qc, sc], f"{node.name}_{fmt}_wq", attrs, into=into,
+                                  shape=list(w.shape))
 
 
 def _bias_shift(node, dw, means, fmt):
