@@ -1,0 +1,464 @@
+"""Staged evaluation of the gated graph, for models whose gated graph does not fit the memory budget.
+
+The FP32 model is cut into stages of about equal weight bytes (`calib.stages.split_stages`); every node of the
+gated graph goes to a stage: the model's own nodes to theirs, a gate's If to the stage of the layer that owns
+it (or later, where its input is made later), other added nodes after their inputs, and the gate-reading
+Gather/Greater nodes into every stage that needs them. One ORT session of one stage is alive at a time.
+
+- Reference: the stages run once with every gate off (= the FP32 model) over the search and verify batches;
+  the tensors crossing stages wait on disk (memory-mapped).
+- Sensitivity of (layer, format): the relative squared error it causes at its stage's outputs (every tensor
+  the stage hands to later stages, and the model output where the stage makes it), with the stage fed the
+  FP32 inputs, computed inside the graph (ReduceSum of the squared difference to the FP32 tensors); times the
+  stage's gain, measured once per stage: the stage's less sensitive half of candidates quantized together,
+  the remaining stages run in FP32, gain = model-output error (1 − cosine) / stage-output error of that mix.
+  Errors propagate about linearly while they are small, so one gain per stage ranks the layers of all stages
+  on one scale; the half of lower error keeps the probe in that linear range.
+- Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
+  (the stages before it are the reference).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import io, ort
+from ..calib import stages as cstages
+from ..progress import track
+from .candidates import GATES
+from .evaluate import cosine
+
+log = logging.getLogger(__name__)
+
+MAX_STAGES = cstages.MAX_STAGES
+QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
+SPILL = 1 << 20                                     # boundary arrays above this go to disk
+
+
+def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
+    """Auto rule: stages so that one stage's gated weights (FP32 + every quantized candidate) fit the budget."""
+    if io.has_subgraphs(model.graph):
+        return 1
+    fp32 = sum(io.tensor_bytes(t) for t in model.graph.initializer)
+    cand = sum(l.params * QBYTES[f] for l in layers.values() for f in l.formats if f in QBYTES)
+    return int(min(cstages.MAX_STAGES, max(1, math.ceil((fp32 + cand) / (max(budget_mb, 1) * 2**20)))))
+
+
+def fp32_stages(model: onnx.ModelProto, n: int) -> dict:
+    """Node name (or, unnamed, its first output) of the FP32 model -> its stage."""
+    where = {}
+    for si, st in enumerate(cstages.split_stages(model, n)):
+        for nd in st.nodes:
+            where[nd.name or nd.output[0]] = si
+    return where
+
+
+# ---------------------------------------------------------------- graph bookkeeping
+def _subgraph_reads(node) -> set:
+    """Outer tensors read inside `node`'s subgraphs (implicit inputs)."""
+    out = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            made = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+            for n in g.node:
+                out |= {i for i in n.input if i and i not in made}
+                out |= _subgraph_reads(n) - made
+    return out
+
+
+def _reads(node) -> set:
+    return {i for i in node.input if i} | _subgraph_reads(node)
+
+
+class _Plan:
+    """The gated graph's nodes assigned to stages; per stage: nodes, inputs, outputs."""
+
+    def __init__(self, model: onnx.ModelProto, where: dict, index: dict):
+        g = model.graph
+        self.model = model
+        inits = {t.name: t for t in g.initializer}
+        nodes = list(g.node)
+        producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+        reads = [_reads(n) for n in nodes]
+        inputs = {vi.name for vi in g.input}
+        # Free nodes (not Ifs) read only weights, the gate vector or other free nodes: copied into every stage
+        # needing them (the gates' Gather/Greater).
+        free = [False] * len(nodes)
+        for k, n in enumerate(nodes):
+            fp32 = (n.name or n.output[0]) in where
+            free[k] = not fp32 and n.op_type != "If" and all(r in inits or r == GATES or (r in producer and free[producer[r]])
+                                       for r in reads[k])
+        owner = {i: where.get(layer, 0) for (layer, _), i in index.items()}
+        gate_of = self._gate_of(nodes, producer, inits)
+        stage = [0] * len(nodes)
+        for k, n in enumerate(nodes):
+            if free[k]:
+                continue
+            s = where.get(n.name or n.output[0])
+            if s is None:
+                s = owner.get(gate_of.get(k), 0) if n.op_type == "If" else 0
+            before = [stage[producer[r]] for r in reads[k] if r in producer and not free[producer[r]]]
+            stage[k] = max([s] + before)  # never before its inputs
+        self.n = max([s for k, s in enumerate(stage) if not free[k]], default=0) + 1
+        self.gate_stages: dict[int, set] = {}
+        for k, i in gate_of.items():
+            if not free[k]:
+                self.gate_stages.setdefault(i, set()).add(stage[k])
+        last_use: dict[str, int] = {}
+        for k, n in enumerate(nodes):
+            if not free[k]:
+                for r in reads[k]:
+                    last_use[r] = max(last_use.get(r, -1), stage[k])
+        outs = [o.name for o in g.output]
+        self.out = outs[0]
+        self.stages = []
+        for s in range(self.n):
+            mine = {k for k in range(len(nodes)) if not free[k] and stage[k] == s}
+            stack = [producer[r] for k in mine for r in reads[k] if r in producer and free[producer[r]]]
+            while stack:  # the free nodes this stage needs
+                k = stack.pop()
+                if k not in mine:
+                    mine.add(k)
+                    stack += [producer[r] for r in reads[k] if r in producer and free[producer[r]]]
+            made = {o for k in mine for o in nodes[k].output if o}
+            need = set().union(*(reads[k] for k in mine)) if mine else set()
+            ins = sorted(r for r in need if r not in made and r not in inits)
+            produced = {o for k in mine if not free[k] for o in nodes[k].output if o}
+            sends = sorted(o for o in produced if last_use.get(o, -1) > s or o in outs)
+            self.stages.append({"nodes": [nodes[k] for k in sorted(mine)], "inputs": ins, "outputs": sends,
+                                "inits": [inits[r] for r in sorted(need & inits.keys())],
+                                "later": {o for o in sends if last_use.get(o, -1) > s}})
+        self.made_in = {o: s for s, st in enumerate(self.stages) for o in st["outputs"]}
+        self.graph_inputs = {vi.name: vi for vi in g.input}
+        self.last_use = last_use
+
+    @staticmethod
+    def _gate_of(nodes, producer, inits) -> dict:
+        """If node -> the gate index its condition reads (Greater(Gather(gates, i), 0.5))."""
+        out = {}
+        for k, n in enumerate(nodes):
+            if n.op_type != "If" or n.input[0] not in producer:
+                continue
+            gt = nodes[producer[n.input[0]]]
+            if gt.op_type != "Greater" or gt.input[0] not in producer:
+                continue
+            ga = nodes[producer[gt.input[0]]]
+            if ga.op_type == "Gather" and ga.input[0] == GATES and ga.input[1] in inits:
+                out[k] = int(numpy_helper.to_array(inits[ga.input[1]]))
+        return out
+
+    def proto(self, s: int, types: dict, errors: bool = False) -> onnx.ModelProto:
+        """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
+        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs."""
+        st, m = self.stages[s], onnx.ModelProto()
+        m.ir_version = self.model.ir_version
+        m.opset_import.extend(self.model.opset_import)
+        m.functions.extend(self.model.functions)
+        m.graph.name = f"{self.model.graph.name}_stage{s}"
+        m.graph.node.extend(st["nodes"])
+        m.graph.initializer.extend(st["inits"])
+        for name in st["inputs"]:
+            if name in self.graph_inputs:
+                m.graph.input.append(self.graph_inputs[name])
+            else:
+                a = types[name]
+                m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                                                   [None] * a.ndim))
+        if not errors:
+            m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in st["outputs"])
+            return m
+        for o in self.float_outputs(s, types):
+            ref, d, e, rank = f"{o}__ref", f"{o}__diff", f"{o}__err", types[o].ndim
+            m.graph.input.append(helper.make_tensor_value_info(ref, onnx.TensorProto.FLOAT, [None] * rank))
+            m.graph.node.extend([helper.make_node("Sub", [o, ref], [d], name=d),
+                                 helper.make_node("Mul", [d, d], [d + "2" if rank > 1 else e], name=d + "2")])
+            if rank > 1:  # per leading index (the samples): the metric is a mean over samples
+                m.graph.initializer.append(numpy_helper.from_array(np.arange(1, rank, dtype=np.int64), e + "_axes"))
+                m.graph.node.append(helper.make_node("ReduceSum", [d + "2", e + "_axes"], [e], name=e, keepdims=0))
+            m.graph.output.append(onnx.ValueInfoProto(name=e))
+        return m
+
+    def float_outputs(self, s: int, types: dict) -> list:
+        return [o for o in self.stages[s]["outputs"] if o in types and types[o].dtype == np.float32]
+
+
+class _Store:
+    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped;
+    a tensor is dropped once no later stage reads it."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(tempfile.mkdtemp(prefix="stream-", dir=root))
+        self.data: dict[str, dict] = {}
+        self.paths: dict[str, list] = {}
+        self.files = 0
+
+    def save(self, batch: int, arrays: dict) -> None:
+        for name, a in arrays.items():
+            if a.nbytes > SPILL:
+                p = self.dir / f"{self.files}.npy"
+                self.files += 1
+                np.save(p, a)
+                self.paths.setdefault(name, []).append(p)
+                a = np.load(p, mmap_mode="r")
+            self.data.setdefault(name, {})[batch] = a
+
+    def get(self, batch: int, name: str):
+        return self.data[name][batch]
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def drop_dead(self, plan: _Plan, after: int, keep=()) -> None:
+        for name in [n for n in self.data if plan.last_use.get(n, -1) <= after and n not in keep]:
+            del self.data[name]
+            for p in self.paths.pop(name, ()):
+                p.unlink(missing_ok=True)  # disk holds one stage's boundary per stream, not the whole model's
+
+    def close(self) -> None:
+        self.data.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the evaluator
+class StagedEvaluator:
+    """The Evaluator's interface (index, zeros, gates, metrics, ref, shapes, sensitivities) over the gated graph
+    cut into stages, one stage's session alive at a time."""
+
+    def __init__(self, model: onnx.ModelProto, index: dict, search: list, verify: list, provider: str,
+                 shape_names: dict, where: dict, workdir=None, progress: bool = True):
+        self.index = index
+        self.plan = _Plan(model, where, index)
+        self.provider, self.progress, self.shape_names = provider, progress, shape_names
+        self.feeds = list(search) + list(verify)
+        ns = len(search)
+        self.ids = {"search": list(range(ns)), "verify": list(range(ns, len(self.feeds))),
+                    "all": list(range(len(self.feeds)))}
+        self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-staged-", dir=workdir)
+        self.root = Path(self._tmp.name)
+        self.live = self.peak_live = self.loads = 0
+        self.types: dict = {}
+        self.refs = _Store(self.root)
+        self.refout: dict[int, np.ndarray] = {}
+        self.shapes: dict[str, list] = {}
+        self._reference()
+        self.ref = {k: np.concatenate([self.refout[b] for b in v]) for k, v in self.ids.items() if k != "all"}
+        log.info("staged evaluation: %d stages (one session at a time)", self.plan.n)
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(max(len(self.index), 1), np.float32)
+
+    def gates(self, mix: dict) -> np.ndarray:
+        g = self.zeros()
+        for layer, f in mix.items():
+            if f != "none":
+                g[self.index[(layer, f)]] = 1.0
+        return g
+
+    # ------------------------------------------------------------ sessions and feeds
+    def _session(self, s: int, errors: bool = False):
+        sess = ort.session(self.plan.proto(s, self.types, errors), provider=self.provider, level="disable")
+        self.live += 1
+        self.loads += 1
+        self.peak_live = max(self.peak_live, self.live)
+        import weakref
+        weakref.finalize(sess, self._closed)
+        return sess
+
+    def _closed(self):
+        self.live -= 1
+
+    def _feed(self, s: int, b: int, gates, store: _Store | None = None, start: int = 0) -> dict:
+        feed = {}
+        for name in self.plan.stages[s]["inputs"]:
+            if name == GATES:
+                feed[name] = gates
+            elif name in self.plan.graph_inputs:
+                feed[name] = self.feeds[b][name]
+            elif store is not None and self.plan.made_in[name] >= start:
+                feed[name] = store.get(b, name)
+            else:
+                feed[name] = self.refs.get(b, name)
+        return feed
+
+    def _run(self, sess, s: int, feed: dict) -> dict:
+        names = self.plan.stages[s]["outputs"] or [sess.get_outputs()[0].name]
+        return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph")))
+
+    def _final(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(a.shape[0] if a.ndim > 1 else 1, -1).astype(np.float64)
+
+    def _reference(self) -> None:
+        """Every stage once with the gates off (the FP32 model), over all batches; its outputs kept for the others."""
+        zeros, search = self.zeros(), set(self.ids["search"])
+        for s in track(range(self.plan.n), total=self.plan.n, desc="FP32 reference (stages)", unit="stage",
+                       enabled=self.progress):
+            sess = self._session(s)
+            for b in range(len(self.feeds)):
+                got = self._run(sess, s, self._feed(s, b, zeros))
+                for n, a in got.items():
+                    self.types.setdefault(n, a)
+                if self.plan.out in got:
+                    self.refout[b] = self._final(got[self.plan.out])
+                if b in search:
+                    for n in self.shape_names:
+                        if n in got:
+                            self.shapes.setdefault(n, []).append([int(d) for d in got[n]])
+                self.refs.save(b, got)  # every output: the later stages' inputs and the FP32 side of stage errors
+            del sess
+
+    # ------------------------------------------------------------ chained runs of mixes
+    def _start(self, gates) -> int:
+        on = np.flatnonzero(np.asarray(gates) > 0.5)
+        stages = [min(self.plan.gate_stages[int(i)]) for i in on if int(i) in self.plan.gate_stages]
+        return min(stages, default=self.plan.n)
+
+    def _chain(self, gates, batches: list, start: int) -> tuple[dict, float]:
+        """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
+        outputs of stage `start` against the FP32 ones)."""
+        store, out, num, den = _Store(self.root), {}, {}, {}
+        try:
+            for s in range(start, self.plan.n):
+                sess = self._session(s)
+                floats = self.plan.float_outputs(s, self.types) if s == start else []
+                for b in batches:
+                    got = self._run(sess, s, self._feed(s, b, gates, store, start))
+                    if self.plan.out in got:
+                        out[b] = self._final(got[self.plan.out])
+                    if floats:
+                        k = self.refout[b].shape[0]
+                        num[b] = sum(_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats)
+                        den[b] = sum(_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats)
+                    store.save(b, {n: got[n] for n in self.plan.stages[s]["later"]})
+                del sess
+                store.drop_dead(self.plan, s)
+        finally:
+            store.close()
+        return out, _relative(num, den)
+
+    def metrics(self, gates, split: str = "search") -> dict:
+        """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
+        ids = self.ids[split]
+        start = self._start(gates)
+        out = self._chain(gates, ids, start)[0] if start < self.plan.n else {}
+        ref = np.concatenate([self.refout[b] for b in ids])
+        cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
+        return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+
+    # ------------------------------------------------------------ sensitivities
+    def sensitivities(self, todo: list, progress: bool = True):
+        """Yield ((layer, format), error) for every key of `todo`, stage by stage (see the module doc)."""
+        by_stage: dict[int, list] = {}
+        spanning = []
+        for key in todo:
+            st = self.plan.gate_stages.get(self.index[key], set())
+            if len(st) == 1:
+                by_stage.setdefault(next(iter(st)), []).append(key)
+            else:
+                spanning.append(key)  # its gates in several stages (or none): measured exactly
+        for s in track(sorted(by_stage), total=len(by_stage), desc="sensitivity (stages)", unit="stage",
+                       enabled=progress):
+            rse = self._stage_errors(s, by_stage[s], progress)
+            gain = self._gain(s, rse)
+            for key in by_stage[s]:
+                yield key, gain * rse[key]
+        for key in spanning:
+            yield key, max(0.0, 1.0 - self.metrics(self.gates({key[0]: key[1]}))["cosine"])
+
+    def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
+        """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs; the squared
+        differences are summed inside the graph and the inputs stay bound on the device across candidates."""
+        floats = self.plan.float_outputs(s, self.types)
+        batches = self.ids["search"]
+        den = {b: sum(_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats)
+               for b in batches}
+        sess = self._session(s, errors=True)
+        device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+        bound = []
+        for b in batches:
+            feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES}
+            feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats})
+            bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
+        errs = [f"{n}__err" for n in floats]
+        names = {i.name for i in sess.get_inputs()}
+        out = {}
+        for key in track(keys, total=len(keys), desc=f"stage {s} candidates", unit="candidate", enabled=progress):
+            gates = self.gates({key[0]: key[1]})
+            num = {}
+            for b, vals in zip(batches, bound):
+                io_ = sess.io_binding()
+                for k, v in vals.items():
+                    io_.bind_ortvalue_input(k, v)
+                if GATES in names:
+                    io_.bind_cpu_input(GATES, gates)
+                for e in errs:
+                    io_.bind_output(e, "cpu")
+                sess.run_with_iobinding(io_)
+                k = self.refout[b].shape[0]
+                num[b] = sum(_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu())
+            out[key] = _relative(num, den)
+        del bound, sess
+        return out
+
+    def _gain(self, s: int, rse: dict) -> float:
+        """Model-output error per unit of stage-output error: the less sensitive half of the stage's layers (each
+        in its least harmful measured format) quantized together, the later stages in FP32."""
+        best: dict[str, tuple] = {}
+        for (layer, f), e in rse.items():
+            if np.isfinite(e) and (layer not in best or e < best[layer][1]):
+                best[layer] = (f, e)
+        if not best:
+            return 1.0
+        cut = float(np.median([e for _, e in best.values()]))
+        mix = {layer: f for layer, (f, e) in best.items() if e <= cut}
+        out, stage_err = self._chain(self.gates(mix), self.ids["search"], s)
+        ids = self.ids["search"]
+        ref = np.concatenate([self.refout[b] for b in ids])
+        model_err = max(0.0, 1.0 - cosine(ref, np.concatenate([out.get(b, self.refout[b]) for b in ids])))
+        gain = model_err / stage_err if stage_err > 0 else 1.0
+        log.info("stage %d: gain %.3g (model error %.3g over stage error %.3g, %d layers)", s, gain, model_err,
+                 stage_err, len(mix))
+        return gain
+
+    def close(self) -> None:
+        self.refs.close()
+        self._tmp.cleanup()
+
+
+def onnxruntime_value(a: np.ndarray, device: str):
+    import onnxruntime
+    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0)
+
+
+def _sq_lead(a) -> np.ndarray:
+    """Sums of squares per leading index (rank 0: the one value), in float64, a few MB at a time."""
+    a = np.asarray(a)
+    if a.ndim < 2:
+        return np.square(a.astype(np.float64))
+    flat, step = a.reshape(a.shape[0], -1), max(1, (1 << 22) // max(1, a[0].size))
+    return np.concatenate([np.einsum("ij,ij->i", c, c) for c in
+                           (flat[i:i + step].astype(np.float64) for i in range(0, len(flat), step))])
+
+
+def _per_sample(v: np.ndarray, k: int) -> np.ndarray:
+    """Per-leading-index sums -> per-sample sums over the `k` samples of a batch (leading dims of k * m are
+    sample-major, as in [B * heads, ...]); anything else is spread evenly."""
+    v = np.asarray(v, np.float64)
+    if v.ndim == 1 and v.size % k == 0:
+        return v.reshape(k, -1).sum(1)
+    return np.full(k, float(v.sum()) / k)
+
+
+def _relative(num: dict, den: dict) -> float:
+    """Mean over samples of the relative squared error (the metric, 1 - cosine, is a mean over samples too)."""
+    n, d = np.concatenate([num[b] for b in num]), np.concatenate([den[b] for b in num])
+    if not np.all(np.isfinite(n)):
+        return math.inf
+    ok = d > 0
+    return float(np.mean(n[ok] / d[ok])) if ok.any() else 0.0

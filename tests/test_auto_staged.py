@@ -1,0 +1,150 @@
+"""--auto on big models: compact gated weights and staged evaluation (one stage's gated graph at a time).
+Small in-code models cut into stages by force; the staged metrics of a mix must be the one-graph gated metrics
+exactly, the staged sensitivities must rank like the exact ones, and the pass must meet its target."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import autoquant, io, ort, pipeline
+from onnxopt.autoquant import gated, staged
+from onnxopt.cli import main
+from onnxopt.passes import AutoQuant
+from onnxopt.passes.autoquant import Feeds
+
+D, L = 64, 8
+
+
+def _deep(seed: int = 0) -> onnx.ModelProto:
+    """L MatMul layers with residual adds, a few with outlier channels (sensitive to per-tensor activations),
+    a Gemm (transB) and a Conv head, so stages cut through residuals and every weight layout is gated."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, h = [], [], "x"
+    for i in range(L):
+        w = rng.normal(0, D ** -0.5, (D, D)).astype(np.float32)
+        if i in (2, 5):
+            w[:, 3 + i] *= 50.0 * i   # the next layer's input channel is an outlier...
+        if i in (3, 6):
+            w[5 + i - 1, :] /= 50.0 * (i - 1)  # ...that contributes normally
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"layer{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        if i % 2 and i < 7:
+            nodes.append(helper.make_node("Add", [f"r{i}", f"r{i - 1}"], [f"a{i}"], name=f"add{i}"))
+            h = f"a{i}"
+        else:
+            h = f"r{i}"
+    inits.append(numpy_helper.from_array(rng.normal(0, D ** -0.5, (D, D)).astype(np.float32), "wg"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (D,)).astype(np.float32), "bg"))
+    nodes.append(helper.make_node("Gemm", [h, "wg", "bg"], ["g"], name="gemm", transB=1))
+    inits.append(numpy_helper.from_array(np.array([-1, 16, 2, 2], np.int64), "shp"))
+    nodes.append(helper.make_node("Reshape", ["g", "shp"], ["g4"], name="to_image"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32), "wc"))
+    nodes.append(helper.make_node("Conv", ["g4", "wc"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16, 2, 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("staged")
+    model = d / "deep.onnx"
+    onnx.save(_deep(), model)
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).normal(size=(40, D)).astype(np.float32))
+    return model, calib
+
+
+def _setup(model, calib, formats=("fp8", "int8", "int4"), block_size=32):
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    p = AutoQuant(formats, bits=8, block_size=block_size)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), block_size)
+    x = np.load(calib)["x"]
+    search, verify = Feeds([{"x": x[:16]}, {"x": x[16:30]}]), Feeds([{"x": x[30:]}])
+    amax, means = autoquant.calibrate(graph, search, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    return graph, cands, amax, means, search, verify
+
+
+def _gated(graph, cands, amax, means, block_size=32):
+    g = io.import_graph(io.export_graph(graph))
+    index = autoquant.build_gated(g, cands, amax, means, "fp32", block_size)
+    shapes = autoquant.shape_outputs(g, list(cands.layers))
+    return io.export_graph(g, opset=21), index, shapes
+
+
+@pytest.fixture(scope="module")
+def setup(deep):
+    return _setup(*deep)
+
+
+def _exact(ev, keys):
+    return {k: max(0.0, 1 - ev.metrics(ev.gates({k[0]: k[1]}))["cosine"]) for k in keys}
+
+
+def test_compact_weights_give_the_same_sensitivities(setup, monkeypatch):
+    graph, cands, amax, means, search, verify = setup
+    res, size = {}, {}
+    for compact in (False, True):
+        monkeypatch.setattr(gated, "COMPACT_WEIGHTS", compact)
+        model, index, shapes = _gated(graph, cands, amax, means)
+        size[compact] = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+        res[compact] = _exact(autoquant.Evaluator(model, index, search, verify, "cpu", shapes), index)
+    assert {"fp8", "int8", "int4"} <= {f for _, f in res[True]}
+    assert {"Gemm", "Conv", "MatMul"} <= {cands.layers[n].op for n, _ in res[True]}
+    for k in res[True]:
+        assert abs(res[True][k] - res[False][k]) <= 1e-6, k
+    q = sum(l.params * (4 - staged.QBYTES[f]) for l in cands.layers.values() for f in l.formats if f != "none")
+    assert size[False] - size[True] >= 0.9 * q   # 1 byte a parameter (INT4: 0.5) instead of 4
+
+
+def _both(setup, n=3):
+    graph, cands, amax, means, search, verify = setup
+    fp32 = io.export_graph(graph)
+    where = staged.fp32_stages(fp32, n)
+    model, index, shapes = _gated(graph, cands, amax, means)
+    ev = autoquant.Evaluator(model, index, search, verify, "cpu", shapes)
+    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
+    return ev, st, cands
+
+
+def test_staged_metrics_equal_the_gated_graph(setup):
+    ev, st, cands = _both(setup)
+    assert st.plan.n == 3 and st.peak_live == 1
+    assert st.shapes == ev.shapes                               # MACs read from the same shapes
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        mix = {n: l.formats[rng.integers(len(l.formats))] for n, l in cands.layers.items()}
+        g = ev.gates(mix)
+        np.testing.assert_array_equal(g, st.gates(mix))
+        for split in ("search", "verify", "all"):
+            a, b = ev.metrics(g, split), st.metrics(g, split)
+            assert abs(a["cosine"] - b["cosine"]) <= 1e-6 and a["top1"] == b["top1"], (split, a, b)
+    assert st.metrics(st.zeros())["cosine"] == pytest.approx(1.0)
+    # only the stages from the first one with a gate on run again
+    loads = st.loads
+    last = [k for k, i in st.index.items() if st.plan.gate_stages[i] == {st.plan.n - 1}][0]
+    st.metrics(st.gates({last[0]: last[1]}))
+    assert st.loads == loads + 1 and st.peak_live == 1
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_staged_sensitivities_rank_like_exact(setup):
+    ev, st, cands = _both(setup)
+    keys = list(ev.index)
+    exact = _exact(ev, keys)
+    approx = dict(st.sensitivities(keys, progress=False))
+    assert set(approx) == set(keys) and st.peak_live == 1
+    rho = _spearman([exact[k] for k in keys], [approx[k] for k in keys])
+    assert rho >= 0.9, rho
+    # on the scale of model-output error, not merely in rank: within a factor of 3 for the errors that matter
+    big = [k for k in keys if exact[k] > 1e-4]
+    ratio = np.array([approx[k] / exact[k] for k in big])
+    assert np.median(ratio) == pytest.approx(1.0, rel=0.5) and np.all((ratio > 1 / 5) & (ratio < 5)), ratio
