@@ -49,6 +49,7 @@ class QuantConfig:
     target_top1: float | None = None
     bits: float | None = None
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
+    auto_stages: int | None = None             # --auto: stages of the staged evaluation (None/0: as the budget needs)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,7 +77,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
                                 sensitivity=c.sensitivity, block_size=c.block_size, exclude=c.exclude,
-                                op_types=c.op_types, quantize_mha=c.quantize_mha))
+                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode == "int4":
         if c.awq != "none":
             passes.append(AWQ(c.awq))

@@ -148,3 +148,69 @@ def test_staged_sensitivities_rank_like_exact(setup):
     big = [k for k in keys if exact[k] > 1e-4]
     ratio = np.array([approx[k] / exact[k] for k in big])
     assert np.median(ratio) == pytest.approx(1.0, rel=0.5) and np.all((ratio > 1 / 5) & (ratio < 5)), ratio
+
+
+def _run(model, x):
+    sess = ort.session(io.load(model), level="disable")
+    return sess.run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
+
+
+def test_pass_with_stages_forced_meets_its_target(deep, tmp_path):
+    model, calib = deep
+    out, rep, sens = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "s.json"
+    args = ["quantize", str(model), "--auto", "--target-cosine", "0.995", "--auto-stages", "3", "--calib", str(calib),
+            "-o", str(out), "--report", str(rep), "--sensitivity", str(sens), "--high-precision", "fp32"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    assert a["met"] is True and a["coverage"]["quantized"] >= 4
+    x = np.load(calib)["x"][-10:]                    # the held-out quarter of the calibration samples
+    assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.995
+    assert all(l["macs"] > 0 for l in a["layers"].values())
+    # restartable, and the one-graph sensitivities are not taken for staged ones (nor the reverse)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert json.loads(rep.read_text())["autoquant"]["measured_now"] == 0
+    r = CliRunner().invoke(main, [a if a != "3" else "1" for a in args])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["autoquant"]["measured_now"] > 0
+
+
+def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
+    """Each stage's session is the only one alive, and holds only its own weights (about a third here)."""
+    from onnxopt import ort as ortx
+    alive, peak, sizes = [0], [0], []
+    real = ortx.session
+
+    def counting(model, **kw):
+        s = real(model, **kw)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        sizes.append(sum(io.tensor_bytes(t) for t in io._all_tensors(model)))
+        import weakref
+        weakref.finalize(s, lambda: alive.__setitem__(0, alive[0] - 1))
+        return s
+    monkeypatch.setattr(ortx, "session", counting)
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, staged.fp32_stages(io.export_graph(graph), 3),
+                                progress=False)
+    list(st.sensitivities(list(index), progress=False))
+    st.metrics(st.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "verify")
+    assert peak[0] == 1 and len(sizes) > 6
+    whole = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+    assert max(sizes) < 0.6 * whole
+
+
+def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path):
+    graph, cands, *_ = setup
+    fp32 = io.export_graph(graph)
+    total = sum(io.tensor_bytes(t) for t in fp32.graph.initializer) + \
+        sum(l.params * staged.QBYTES[f] for l in cands.layers.values() for f in l.formats if f != "none")
+    assert staged.stages_needed(fp32, cands.layers, 4096) == 1
+    budget = total / 3.5 / 2**20
+    assert staged.stages_needed(fp32, cands.layers, budget) == 4
+    model, calib = deep
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--auto-stages", "99",
+                                  "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "--auto-stages 99" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["quantize", str(model), "--fp8", "--auto-stages", "2", "--calib", str(calib)])
+    assert r.exit_code == 2 and "--auto-stages" in r.output and "--auto only" in r.output

@@ -48,7 +48,7 @@ def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
         return 1
     fp32 = sum(io.tensor_bytes(t) for t in model.graph.initializer)
     cand = sum(l.params * QBYTES[f] for l in layers.values() for f in l.formats if f in QBYTES)
-    return int(min(cstages.MAX_STAGES, max(1, math.ceil((fp32 + cand) / (max(budget_mb, 1) * 2**20)))))
+    return int(min(cstages.MAX_STAGES, max(1, math.ceil((fp32 + cand) / (max(budget_mb, 1e-6) * 2**20)))))
 
 
 def fp32_stages(model: onnx.ModelProto, n: int) -> dict:

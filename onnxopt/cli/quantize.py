@@ -38,6 +38,7 @@ from .common import (
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
+@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, 1 = one graph.")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
@@ -69,7 +70,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
-              "bits": "--bits", "sensitivity": "--sensitivity"}
+              "bits": "--bits", "sensitivity": "--sensitivity", "auto_stages": "--auto-stages"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
