@@ -23,6 +23,9 @@ import logging
 import math
 import shutil
 import tempfile
+import time
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +235,7 @@ class StagedEvaluator:
     cut into stages, one stage's session alive at a time."""
 
     def __init__(self, model: onnx.ModelProto, index: dict, search: list, verify: list, provider: str,
-                 shape_names: dict, where: dict, workdir=None, progress: bool = True):
+                 shape_names: dict, where: dict, workdir=None, progress: bool = True, memory_budget_mb: int = 0):
         self.index = index
         self.plan = _Plan(model, where, index)
         self.provider, self.progress, self.shape_names = provider, progress, shape_names
@@ -243,11 +246,16 @@ class StagedEvaluator:
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-staged-", dir=workdir)
         self.root = Path(self._tmp.name)
         self.live = self.peak_live = self.loads = 0
+        # Stage sessions stay loaded while their weights fit the budget together (else one at a time).
+        self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
+        self.stats = {"load_s": 0.0, "stages": {}}
         self.types: dict = {}
         self.refs = _Store(self.root)
         self.refout: dict[int, np.ndarray] = {}
         self.shapes: dict[str, list] = {}
+        t = time.perf_counter()
         self._reference()
+        self.stats["reference_s"] = time.perf_counter() - t
         self.ref = {k: np.concatenate([self.refout[b] for b in v]) for k, v in self.ids.items() if k != "all"}
         log.info("staged evaluation: %d stages (one session at a time)", self.plan.n)
 
@@ -263,12 +271,23 @@ class StagedEvaluator:
 
     # ------------------------------------------------------------ sessions and feeds
     def _session(self, s: int, errors: bool = False):
-        sess = ort.session(self.plan.proto(s, self.types, errors), provider=self.provider, level="disable")
+        """Stage `s`'s session (with `errors`: the variant summing squared errors, never kept)."""
+        if not errors and s in self.cached:
+            self.cached.move_to_end(s)
+            return self.cached[s][0]
+        m = self.plan.proto(s, self.types, errors)
+        size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
+        while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
+            self.cached.popitem(last=False)
+        t = time.perf_counter()
+        sess = ort.session(m, provider=self.provider, level="disable")
+        self.stats["load_s"] += time.perf_counter() - t
         self.live += 1
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
-        import weakref
         weakref.finalize(sess, self._closed)
+        if not errors and size <= self.budget:
+            self.cached[s] = (sess, size)
         return sess
 
     def _closed(self):
@@ -364,8 +383,15 @@ class StagedEvaluator:
                 spanning.append(key)  # its gates in several stages (or none): measured exactly
         for s in track(sorted(by_stage), total=len(by_stage), desc="sensitivity (stages)", unit="stage",
                        enabled=progress):
+            t0 = time.perf_counter()
             rse = self._stage_errors(s, by_stage[s], progress)
+            t1 = time.perf_counter()
             gain = self._gain(s, rse)
+            t2 = time.perf_counter()
+            self.stats["stages"][s] = {"candidates": len(by_stage[s]), "candidates_s": t1 - t0, "gain_s": t2 - t1,
+                                       "gain": gain}
+            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each), gain probe %.1f s", s + 1, self.plan.n,
+                     len(by_stage[s]), t1 - t0, (t1 - t0) / max(1, len(by_stage[s])), t2 - t1)
             for key in by_stage[s]:
                 yield key, gain * rse[key]
         for key in spanning:
@@ -427,6 +453,7 @@ class StagedEvaluator:
         return gain
 
     def close(self) -> None:
+        self.cached.clear()
         self.refs.close()
         self._tmp.cleanup()
 

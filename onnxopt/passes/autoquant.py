@@ -145,7 +145,8 @@ class AutoQuant(PassBase):
         del gated
         if n > 1:
             ev = autoquant.staged.StagedEvaluator(model, index, search, verify, ctx.provider, shapes, where,
-                                                  workdir=ctx.workdir, progress=ctx.progress)
+                                                  workdir=ctx.workdir, progress=ctx.progress,
+                                                  memory_budget_mb=ctx.memory_budget_mb)
         else:
             ev = autoquant.Evaluator(model, index, search, verify, ctx.provider, shapes)
         self._stages_used = n  # staged sensitivities differ from one-graph ones: part of their key
