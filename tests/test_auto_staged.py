@@ -229,3 +229,21 @@ def test_stage_sessions_kept_within_the_budget(setup):
     one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
                                  memory_budget_mb=0.01)
     assert one.metrics(one.gates(mix), "verify") == a and one.peak_live == 1
+
+
+def test_error_sessions_with_a_few_gates_give_the_same_errors(setup, monkeypatch):
+    """Each error session keeps the Ifs of GROUP candidates only (the rest pass through): same numbers."""
+    ev, st, cands = _both(setup)
+    keys = list(st.index)
+    s = 1
+    mine = [k for k in keys if st.plan.gate_stages[st.index[k]] == {s}]
+    whole = st._stage_errors(s, mine, False)
+    monkeypatch.setattr(staged, "GROUP", 2)
+    loads = st.loads
+    parts = st._stage_errors(s, mine, False)
+    assert st.loads - loads == -(-len(mine) // 2)
+    pruned = st.plan.proto(s, st.types, True, {st.index[mine[0]]})
+    ifs = [n for n in pruned.graph.node if n.op_type == "If"]
+    assert 0 < len(ifs) < sum(n.op_type == "If" for n in st.plan.proto(s, st.types, True).graph.node)
+    for k in mine:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-12)

@@ -33,6 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import io, ort
+from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_STAGES = cstages.MAX_STAGES
 QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
+GROUP = 16                                          # candidates per error session (session loads vs If overhead)
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -100,6 +102,15 @@ class _Plan:
                                        for r in reads[k])
         owner = {i: where.get(layer, 0) for (layer, _), i in index.items()}
         gate_of = self._gate_of(nodes, producer, inits)
+        self.gate_by_node = {nodes[k].name: i for k, i in gate_of.items()}
+        self.passes = {}  # If node -> the outer tensor its else-branch passes through
+        # A weight read only by a gate's else-branch is exported inside it: pruning that If brings it out.
+        self.branch_inits = {t.name: t for k in gate_of for a in nodes[k].attribute if a.type == onnx.AttributeProto.GRAPH
+                             for t in a.g.initializer}
+        for k in gate_of:
+            els = next((a.g for a in nodes[k].attribute if a.name == "else_branch"), None)
+            if els is not None and len(els.node) == 1 and els.node[0].op_type == "Identity" and nodes[k].name:
+                self.passes[nodes[k].name] = els.node[0].input[0]
         stage = [0] * len(nodes)
         for k, n in enumerate(nodes):
             if free[k]:
@@ -157,17 +168,25 @@ class _Plan:
                 out[k] = int(numpy_helper.to_array(inits[ga.input[1]]))
         return out
 
-    def proto(self, s: int, types: dict, errors: bool = False) -> onnx.ModelProto:
+    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None) -> onnx.ModelProto:
         """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
-        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs."""
+        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs.
+        `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run)."""
         st, m = self.stages[s], onnx.ModelProto()
         m.ir_version = self.model.ir_version
         m.opset_import.extend(self.model.opset_import)
         m.functions.extend(self.model.functions)
         m.graph.name = f"{self.model.graph.name}_stage{s}"
-        m.graph.node.extend(st["nodes"])
-        m.graph.initializer.extend(st["inits"])
+        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
+        m.graph.node.extend(nodes)
+        reads = set().union(*(_reads(n) for n in nodes)) if nodes else set()
+        m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
+        if only is not None:
+            made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
+            m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
         for name in st["inputs"]:
+            if only is not None and name not in reads:
+                continue
             if name in self.graph_inputs:
                 m.graph.input.append(self.graph_inputs[name])
             else:
@@ -188,8 +207,45 @@ class _Plan:
             m.graph.output.append(onnx.ValueInfoProto(name=e))
         return m
 
+    def _pruned(self, nodes: list, only: set, outputs: list) -> list:
+        """`nodes` with the Ifs of gates not in `only` replaced by what their else-branch passes through."""
+        alias, keep = {}, []
+        for n in nodes:
+            src = self.passes.get(n.name)
+            if src is not None and self.gate_by_node[n.name] not in only:
+                alias[n.output[0]] = alias.get(src, src)
+            else:
+                keep.append(n)
+        keep = [_renamed(n, alias) for n in keep]
+        keep += [helper.make_node("Identity", [alias[o]], [o], name=f"{o}__pass") for o in outputs if o in alias]
+        while True:  # drop the gate reads nobody needs any more
+            used = set(outputs).union(*(_reads(n) for n in keep))
+            live = [n for n in keep if n.op_type in ("Gather", "Greater") and not any(o in used for o in n.output)]
+            if not live:
+                return keep
+            dead = {id(n) for n in live}
+            keep = [n for n in keep if id(n) not in dead]
+
     def float_outputs(self, s: int, types: dict) -> list:
         return [o for o in self.stages[s]["outputs"] if o in types and types[o].dtype == np.float32]
+
+
+def _renamed(node, alias: dict):
+    """`node` (a copy, where needed) reading alias[x] instead of x, inside its subgraphs too."""
+    if not alias or not (_reads(node) & alias.keys()):
+        return node
+    m = onnx.NodeProto()
+    m.CopyFrom(node)
+    stack = [m]
+    while stack:
+        n = stack.pop()
+        for i, x in enumerate(n.input):
+            if x in alias:
+                n.input[i] = alias[x]
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                stack.extend(g.node)
+    return m
 
 
 class _Store:
@@ -270,12 +326,12 @@ class StagedEvaluator:
         return g
 
     # ------------------------------------------------------------ sessions and feeds
-    def _session(self, s: int, errors: bool = False):
-        """Stage `s`'s session (with `errors`: the variant summing squared errors, never kept)."""
+    def _session(self, s: int, errors: bool = False, only: set | None = None):
+        """Stage `s`'s session (with `errors`: the variant summing squared errors for the gates `only`, not kept)."""
         if not errors and s in self.cached:
             self.cached.move_to_end(s)
             return self.cached[s][0]
-        m = self.plan.proto(s, self.types, errors)
+        m = self.plan.proto(s, self.types, errors, only)
         size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
@@ -398,38 +454,46 @@ class StagedEvaluator:
             yield key, max(0.0, 1.0 - self.metrics(self.gates({key[0]: key[1]}))["cosine"])
 
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
-        """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs; the squared
-        differences are summed inside the graph and the inputs stay bound on the device across candidates."""
+        """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
+        differences are summed inside the graph; the inputs stay bound on the device across candidates; each
+        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math)."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"]
         den = {b: sum(_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats)
                for b in batches}
-        sess = self._session(s, errors=True)
-        device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
-        bound = []
-        for b in batches:
-            feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES}
-            feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats})
-            bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
         errs = [f"{n}__err" for n in floats]
-        names = {i.name for i in sess.get_inputs()}
-        out = {}
-        for key in track(keys, total=len(keys), desc=f"stage {s} candidates", unit="candidate", enabled=progress):
-            gates = self.gates({key[0]: key[1]})
-            num = {}
-            for b, vals in zip(batches, bound):
-                io_ = sess.io_binding()
-                for k, v in vals.items():
-                    io_.bind_ortvalue_input(k, v)
-                if GATES in names:
-                    io_.bind_cpu_input(GATES, gates)
-                for e in errs:
-                    io_.bind_output(e, "cpu")
-                sess.run_with_iobinding(io_)
-                k = self.refout[b].shape[0]
-                num[b] = sum(_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu())
-            out[key] = _relative(num, den)
-        del bound, sess
+        bound, out = None, {}
+        bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
+                            enabled=progress)
+        for g0 in range(0, len(keys), GROUP):
+            group = keys[g0:g0 + GROUP]
+            sess = self._session(s, errors=True, only={self.index[k] for k in group})
+            if bound is None:
+                device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+                bound = []
+                for b in batches:
+                    feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES}
+                    feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats})
+                    bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
+            names = {i.name for i in sess.get_inputs()}
+            for key in group:
+                gates, num = self.gates({key[0]: key[1]}), {}
+                for b, vals in zip(batches, bound):
+                    io_ = sess.io_binding()
+                    for k, v in vals.items():
+                        if k in names:
+                            io_.bind_ortvalue_input(k, v)
+                    if GATES in names:
+                        io_.bind_cpu_input(GATES, gates)
+                    for e in errs:
+                        io_.bind_output(e, "cpu")
+                    sess.run_with_iobinding(io_)
+                    k = self.refout[b].shape[0]
+                    num[b] = sum(_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu())
+                out[key] = _relative(num, den)
+                bar.update(1)
+            del sess
+        bar.close()
         return out
 
     def _gain(self, s: int, rse: dict) -> float:
