@@ -216,16 +216,18 @@ def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path):
     assert r.exit_code == 2 and "--auto-stages" in r.output and "--auto only" in r.output
 
 
-def test_stage_sessions_kept_within_the_budget(setup):
+def test_stage_sessions_kept_within_the_budget(setup, monkeypatch):
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
     where = staged.fp32_stages(io.export_graph(graph), 3)
     mix = {n: l.formats[1] for n, l in cands.layers.items()}
     big = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
                                  memory_budget_mb=64)
-    loads = big.loads
+    monkeypatch.setattr(staged, "GROUP", 1)                           # whole stages, not a few gates' Ifs
     a = big.metrics(big.gates(mix), "verify")
-    assert big.loads == loads and big.peak_live == 3                  # all three kept: they fit 64 MB
+    loads = big.loads
+    assert big.metrics(big.gates(mix), "verify") == a
+    assert big.loads == loads and big.peak_live == 6                  # FP32 and gated stages kept: they fit 64 MB
     one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
                                  memory_budget_mb=0.01)
     assert one.metrics(one.gates(mix), "verify") == a and one.peak_live == 1

@@ -68,8 +68,16 @@ def measure(args, work: Path) -> dict:
         per = (t_c - load) / len(sample)
         _, t_g = _t(ev._gain, s, rse)
         wbytes = sum(io.tensor_bytes(t) for t in io._all_tensors(ev.plan.proto(s, ev.types)))
+        passes = {}
+        for tag, only in (("fp32_pass_s", ()), ("gated_pass_s", None)):  # one pass over the search batches
+            sess = ev._session(s, only=only)
+            t = time.perf_counter()
+            for b in ev.ids["search"]:
+                ev._run(sess, s, ev._feed(s, b, ev.zeros()))
+            passes[tag] = round(time.perf_counter() - t, 3)
+            del sess
         rows.append({"stage": s, "weights_mb": round(wbytes / 2**20, 1), "candidates": len(keys), "load_s": round(load, 2),
-                     "per_candidate_s": round(per, 4), "gain_probe_s": round(t_g, 2),
+                     "per_candidate_s": round(per, 4), "gain_probe_s": round(t_g, 2), **passes,
                      "stage_s": round(load + per * len(keys) + t_g, 1)})
         total += load + per * len(keys) + t_g
     mix = {n: l.formats[1] if len(l.formats) > 1 else "none" for n, l in cands.layers.items()}

@@ -125,6 +125,10 @@ class _Plan:
         for k, i in gate_of.items():
             if not free[k]:
                 self.gate_stages.setdefault(i, set()).add(stage[k])
+        self.stage_gates: dict[int, set] = {}
+        for i, ss in self.gate_stages.items():
+            for st_ in ss:
+                self.stage_gates.setdefault(st_, set()).add(i)
         last_use: dict[str, int] = {}
         for k, n in enumerate(nodes):
             if not free[k]:
@@ -326,11 +330,14 @@ class StagedEvaluator:
         return g
 
     # ------------------------------------------------------------ sessions and feeds
-    def _session(self, s: int, errors: bool = False, only: set | None = None):
-        """Stage `s`'s session (with `errors`: the variant summing squared errors for the gates `only`, not kept)."""
-        if not errors and s in self.cached:
-            self.cached.move_to_end(s)
-            return self.cached[s][0]
+    def _session(self, s: int, errors: bool = False, only=None):
+        """Stage `s`'s session: with the Ifs of the gates `only` (None: all); with `errors`, the variant summing
+        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together."""
+        key = (s, None if only is None else frozenset(only))
+        keep = not errors and (only is None or not only)
+        if keep and key in self.cached:
+            self.cached.move_to_end(key)
+            return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
         size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
@@ -342,8 +349,8 @@ class StagedEvaluator:
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
         weakref.finalize(sess, self._closed)
-        if not errors and size <= self.budget:
-            self.cached[s] = (sess, size)
+        if keep and size <= self.budget:
+            self.cached[key] = (sess, size)
         return sess
 
     def _closed(self):
@@ -364,6 +371,8 @@ class StagedEvaluator:
 
     def _run(self, sess, s: int, feed: dict) -> dict:
         names = self.plan.stages[s]["outputs"] or [sess.get_outputs()[0].name]
+        wanted = {i.name for i in sess.get_inputs()}
+        feed = {k: v for k, v in feed.items() if k in wanted}
         return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph")))
 
     def _final(self, a: np.ndarray) -> np.ndarray:
@@ -374,7 +383,7 @@ class StagedEvaluator:
         zeros, search = self.zeros(), set(self.ids["search"])
         for s in track(range(self.plan.n), total=self.plan.n, desc="FP32 reference (stages)", unit="stage",
                        enabled=self.progress):
-            sess = self._session(s)
+            sess = self._session(s, only=())  # the FP32 stage: gates off are their else-branches
             for b in range(len(self.feeds)):
                 got = self._run(sess, s, self._feed(s, b, zeros))
                 for n, a in got.items():
@@ -398,9 +407,11 @@ class StagedEvaluator:
         """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
         outputs of stage `start` against the FP32 ones)."""
         store, out, num, den = _Store(self.root), {}, {}, {}
+        on = {int(i) for i in np.flatnonzero(np.asarray(gates) > 0.5)}
         try:
             for s in range(start, self.plan.n):
-                sess = self._session(s)
+                here = on & self.plan.stage_gates.get(s, set())
+                sess = self._session(s, only=here if len(here) <= GROUP else None)  # few gates on: their Ifs only
                 floats = self.plan.float_outputs(s, self.types) if s == start else []
                 for b in batches:
                     got = self._run(sess, s, self._feed(s, b, gates, store, start))
