@@ -200,7 +200,7 @@ def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
     assert max(sizes) < 0.6 * whole
 
 
-def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path):
+def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path, monkeypatch):
     graph, cands, *_ = setup
     fp32 = io.export_graph(graph)
     total = sum(io.tensor_bytes(t) for t in fp32.graph.initializer) + \
@@ -208,6 +208,11 @@ def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path):
     assert staged.stages_needed(fp32, cands.layers, 4096) == 1
     budget = total / 3.5 / 2**20
     assert staged.stages_needed(fp32, cands.layers, budget) == 4
+    assert staged.stages_needed(fp32, cands.layers, total / 1000 / 2**20) == staged.MAX_STAGES
+    # a large model (many candidates) is staged for time even when it fits: here 27 candidates count as large
+    monkeypatch.setattr(staged, "LARGE", 20)
+    monkeypatch.setattr(staged, "PER_STAGE", 10)
+    assert staged.stages_needed(fp32, cands.layers, 4096) == 3
     model, calib = deep
     r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--auto-stages", "99",
                                   "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])

@@ -41,19 +41,25 @@ from .evaluate import cosine
 
 log = logging.getLogger(__name__)
 
-MAX_STAGES = cstages.MAX_STAGES
+MAX_STAGES = 32
+LARGE = 1000          # candidates beyond which the model counts as large: staged for time, not only for memory
+PER_STAGE = 128       # candidates per stage of a large model (a candidate costs a forward of its stage)
 QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
-    """Auto rule: stages so that one stage's gated weights (FP32 + every quantized candidate) fit the budget."""
+    """Auto rule: stages so that one stage's gated weights (FP32 + every quantized candidate) fit the budget, and,
+    for a large model (over LARGE candidates), one stage per PER_STAGE candidates; at most MAX_STAGES."""
     if io.has_subgraphs(model.graph):
         return 1
     fp32 = sum(io.tensor_bytes(t) for t in model.graph.initializer)
     cand = sum(l.params * QBYTES[f] for l in layers.values() for f in l.formats if f in QBYTES)
-    return int(min(cstages.MAX_STAGES, max(1, math.ceil((fp32 + cand) / (max(budget_mb, 1e-6) * 2**20)))))
+    memory = math.ceil((fp32 + cand) / (max(budget_mb, 1e-6) * 2**20))
+    n = sum(len(l.formats) - 1 for l in layers.values())
+    speed = math.ceil(n / PER_STAGE) if n > LARGE else 1
+    return int(min(MAX_STAGES, max(1, memory, speed)))
 
 
 def fp32_stages(model: onnx.ModelProto, n: int) -> dict:

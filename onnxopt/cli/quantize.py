@@ -38,7 +38,7 @@ from .common import (
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
-@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, 1 = one graph.")
+@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, and one per 128 candidates beyond 1000 candidates; 1 = one graph.")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context

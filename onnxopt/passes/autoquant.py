@@ -35,7 +35,7 @@ class AutoQuant(PassBase):
     exclude: tuple = ()
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
-    stages: int = 0                     # staged evaluation: 0 = as the memory budget needs, 1 = one gated graph, N
+    stages: int = 0                     # staged evaluation: 0 = auto (autoquant.staged.stages_needed), 1 = one graph
     name = "autoquant"
     quantizes = True
 
