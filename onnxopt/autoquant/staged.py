@@ -46,6 +46,7 @@ LARGE = 1000          # candidates beyond which the model counts as large: stage
 PER_STAGE = 128       # candidates per stage of a large model (a candidate costs a forward of its stage)
 QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
+PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
 
 
@@ -425,8 +426,8 @@ class StagedEvaluator:
                         out[b] = self._final(got[self.plan.out])
                     if floats:
                         k = self.refout[b].shape[0]
-                        num[b] = sum(_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats)
-                        den[b] = sum(_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats)
+                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
                     store.save(b, {n: got[n] for n in self.plan.stages[s]["later"]})
                 del sess
                 store.drop_dead(self.plan, s)
@@ -476,7 +477,7 @@ class StagedEvaluator:
         session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math)."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"]
-        den = {b: sum(_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats)
+        den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
                for b in batches}
         errs = [f"{n}__err" for n in floats]
         bound, out = None, {}
@@ -506,7 +507,7 @@ class StagedEvaluator:
                         io_.bind_output(e, "cpu")
                     sess.run_with_iobinding(io_)
                     k = self.refout[b].shape[0]
-                    num[b] = sum(_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu())
+                    num[b] = np.stack([_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu()])
                 out[key] = _relative(num, den)
                 bar.update(1)
             del sess
@@ -564,9 +565,14 @@ def _per_sample(v: np.ndarray, k: int) -> np.ndarray:
 
 
 def _relative(num: dict, den: dict) -> float:
-    """Mean over samples of the relative squared error (the metric, 1 - cosine, is a mean over samples too)."""
-    n, d = np.concatenate([num[b] for b in num]), np.concatenate([den[b] for b in num])
+    """Relative squared error of each output tensor, averaged over the tensors (each counts alike: a small tensor,
+    say a time-embedding projection, can matter downstream as much as a big one) and over the samples (the metric,
+    1 - cosine, is a mean over samples too). num/den: batch -> [tensors, samples]."""
+    n, d = np.concatenate([num[b] for b in num], axis=1), np.concatenate([den[b] for b in num], axis=1)
     if not np.all(np.isfinite(n)):
         return math.inf
+    if not PER_TENSOR:  # pooled over the tensors: the big ones dominate
+        n, d = n.sum(0, keepdims=True), d.sum(0, keepdims=True)
     ok = d > 0
-    return float(np.mean(n[ok] / d[ok])) if ok.any() else 0.0
+    r = np.where(ok, n / np.where(ok, d, 1.0), 0.0)
+    return float(np.mean(r.sum(0) / np.maximum(ok.sum(0), 1))) if ok.any() else 0.0
