@@ -4,11 +4,16 @@ sample of candidates per stage and extrapolated to all of them (so a full-size r
     python tools/auto_staged_timing.py MODEL CALIB.npz --stages 4 [--provider cuda] [--per-stage 4] [--one-graph 3]
 
 Prints, per stage: weights, candidates, session load, seconds per candidate (one stage forward over the search
-batches), the gain probe; the one-graph evaluator's seconds per candidate (a whole forward) when --one-graph N;
-and the estimated totals of both. The real run is one command, e.g. on the H200:
+batches), the gain probe, one pass of the FP32 stage and of the whole gated stage; the one-graph evaluator's
+seconds per candidate (a whole forward) with --one-graph N; and the estimated totals.
 
-    python -m onnxopt quantize unet.onnx --auto --formats fp8,int8 --target-cosine 0.99 --provider cuda \\
-        --auto-stages 16 --memory-budget 60000 --calib calib.npz --sensitivity sens.json --report report.json
+The full-size SDXL run on the GPU machine is one command (export and data by tools/bench_sdxl.py, then the search;
+over 1000 candidates the auto rule stages it, one stage per 128 candidates; --auto-stages 32 halves each stage):
+
+    python tools/bench_sdxl.py --work /root/sdxl --stages export,calib && \
+    python -m onnxopt quantize /root/sdxl/unet.onnx --auto --formats fp8,int8 --target-cosine 0.99 \
+        --provider cuda --auto-stages 32 --memory-budget 16000 --calib /root/sdxl/calib.npz \
+        --sensitivity $OUT/sens.json --report $OUT/auto.json -o /root/sdxl/unet.auto.onnx
 """
 from __future__ import annotations
 
