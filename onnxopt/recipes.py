@@ -49,7 +49,7 @@ class QuantConfig:
     target_top1: float | None = None
     bits: float | None = None
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
-    auto_stages: int | None = None             # --auto: stages of the staged evaluation (None/0: as the budget needs)
+    auto_stages: int | None = None             # --auto: stages of the staged evaluation (None/0: auto)
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -65,7 +65,7 @@ class AutoQuant(PassBase):
             if not parent.is_dir():
                 raise OnnxoptError(f"--sensitivity {self.sensitivity}: folder {parent} does not exist; create it first")
         if not 0 <= self.stages <= autoquant.staged.MAX_STAGES:
-            raise OnnxoptError(f"--auto-stages {self.stages}: use 0 (as the memory budget needs) to "
+            raise OnnxoptError(f"--auto-stages {self.stages}: use 0 (auto: as memory and candidates need) to "
                                f"{autoquant.staged.MAX_STAGES}")
         int4.check_options("none", self.block_size)
         self.exclude = check_regexes(self.exclude, "--exclude")
