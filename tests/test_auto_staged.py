@@ -254,3 +254,38 @@ def test_error_sessions_with_a_few_gates_give_the_same_errors(setup, monkeypatch
     assert 0 < len(ifs) < sum(n.op_type == "If" for n in st.plan.proto(s, st.types, True).graph.node)
     for k in mine:
         assert parts[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_staged_sensitivities_rank_like_exact(tmp_path):
+    """The tiny SDXL UNet (64x64 images) in 4 stages: 40 candidates across the stages, staged vs one-graph."""
+    import os
+    unet = "/work/cache/sdxl-tiny/unet.onnx"
+    if not os.path.exists(unet):
+        pytest.skip("no tiny SDXL UNet export")
+    from onnxopt import attention_guard, calib, diffusion
+    from onnxopt.passes.autoquant import split_feeds
+    with io.spilling(tmp_path):
+        p = AutoQuant(("fp8", "int8"), target_cosine=0.99)
+        graph = io.import_graph(pipeline.load(unet, p.min_opset, tmp_path))
+        attention_guard.remove(graph)
+        npz = tmp_path / "calib.npz"
+        diffusion.save_npz(diffusion.synthesize_sdxl(8, shapes=diffusion.SDXLShapes(height=64, width=64), seed=0), npz)
+        data = calib.CalibData.from_path(npz, calib.input_specs(io.export_graph(graph)))
+        search, verify = split_feeds(data, 0.25, 16)
+        cands = autoquant.candidates(graph, p.formats, p.configs(), 128)
+        amax, means = autoquant.calibrate(graph, search, cands, provider="cpu", memory_budget_mb=4096, progress=False)
+        where = staged.fp32_stages(io.export_graph(graph), 4)
+        model, index, shapes = _gated(graph, cands, amax, means, 128)
+        keys = list(index)[:: len(index) // 40][:40]
+        st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, workdir=tmp_path, progress=False)
+        approx = dict(st.sensitivities(keys, progress=False))
+        mix = {n: l.formats[-1] for n, l in cands.layers.items()}
+        m_staged = st.metrics(st.gates(mix), "verify")
+        ev = autoquant.Evaluator(model, index, search, verify, "cpu", shapes)
+        exact = _exact(ev, keys)
+        assert abs(ev.metrics(ev.gates(mix), "verify")["cosine"] - m_staged["cosine"]) <= 1e-6
+    assert st.plan.n == 4 and len({min(st.plan.gate_stages[index[k]]) for k in keys}) == 4
+    assert _spearman([exact[k] for k in keys], [approx[k] for k in keys]) >= 0.9
+    ratio = np.array([approx[k] / exact[k] for k in keys if exact[k] > 0])
+    assert 0.5 < np.median(ratio) < 2.0
