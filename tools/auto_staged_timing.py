@@ -12,7 +12,7 @@ over 1000 candidates the auto rule stages it, one stage per 128 candidates; --au
 
     python tools/bench_sdxl.py --work /root/sdxl --stages export,calib && \
     python -m onnxopt quantize /root/sdxl/unet.onnx --auto --formats fp8,int8 --target-cosine 0.99 \
-        --provider cuda --auto-stages 32 --memory-budget 16000 --calib /root/sdxl/calib.npz \
+        --provider cuda --auto-stages 32 --memory-budget 32000 --calib /root/sdxl/calib.npz \
         --sensitivity $OUT/sens.json --report $OUT/auto.json -o /root/sdxl/unet.auto.onnx
 """
 from __future__ import annotations

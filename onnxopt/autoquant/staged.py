@@ -67,10 +67,15 @@ def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
     return int(min(MAX_STAGES, max(1, memory, speed)))
 
 
-def fp32_stages(model: onnx.ModelProto, n: int) -> dict:
-    """Node name (or, unnamed, its first output) of the FP32 model -> its stage."""
+def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None) -> dict:
+    """Node name (or, unnamed, its first output) of the FP32 model -> its stage. With a `feed`, each cut goes
+    where the fewest activation bytes cross it (they wait on disk for every batch)."""
+    sizes = None
+    if feed is not None and n > 1:
+        from ..calib.collect import _estimate_bytes
+        sizes = _estimate_bytes(model, feed, cstages._tensor_names(model))
     where = {}
-    for si, st in enumerate(cstages.split_stages(model, n)):
+    for si, st in enumerate(cstages.split_stages(model, n, sizes)):
         for nd in st.nodes:
             where[nd.name or nd.output[0]] = si
     return where
