@@ -51,6 +51,7 @@ class QuantConfig:
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
     cost_model: str = "bits"                   # --auto: "bits", or "rtx" (TensorRT-RTX engine reports)
     engine_shapes: tuple = ()                  # --cost-model rtx: "name:1x31" or "name:MIN/OPT/MAX" to build for
+    auto_stages: int | None = None             # --auto: stages of the staged evaluation (None/0: auto)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -79,7 +80,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
                                 sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
-                                op_types=c.op_types, quantize_mha=c.quantize_mha))
+                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode == "int4":
         if c.awq != "none":
             passes.append(AWQ(c.awq))

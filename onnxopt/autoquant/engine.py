@@ -113,7 +113,7 @@ def refine(mix: dict, choose, writer: Writer, layers: dict, verify, max_rounds: 
         rep = writer.engine_report(mix)
         found = no_savings(rep, mix, writer.graph)
         att = rep["attention"]
-        rounds.append({"round": i, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int4", "none")},
+        rounds.append({"round": i, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")},
                        "quantized_in_quantized_kernels": rep["quantized_in_quantized_kernels"],
                        "quantized_layers": rep["quantized_layers"], "fused_attention": att["fused_by_precision"],
                        "attention_blocks": att["blocks"], "weights_memory": rep["weights"]["engine_weights_memory"],

@@ -50,6 +50,12 @@ class Evaluator:
                     self.shapes.setdefault(n, []).append([int(d) for d in v])
         return np.concatenate(outs).astype(np.float64)
 
+    def sensitivities(self, todo: list, progress: bool = True):
+        """Yield ((layer, format), 1 - cosine of the model output with only that candidate on)."""
+        for name, f in track(todo, total=len(todo), desc="sensitivity (layer, format)", enabled=progress,
+                             unit="candidate"):
+            yield (name, f), max(0.0, 1.0 - self.metrics(self.gates({name: f}))["cosine"])
+
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement on the "search" or "verify" batches, or on "all" of them."""
         if split == "all":
@@ -100,10 +106,8 @@ def measure(ev: Evaluator, layers: dict, *, path=None, key: str = "", progress: 
     for n, l in layers.items():
         l.error = {"none": 0.0, **{f: v for f, v in saved.get(n, {}).items() if f in l.formats}}
     last = None
-    for i, (name, f) in enumerate(track(todo, total=len(todo), desc="sensitivity (layer, format)", enabled=progress,
-                                        unit="candidate")):
-        m = ev.metrics(ev.gates({name: f}))
-        layers[name].error[f] = max(0.0, 1.0 - m["cosine"])
+    for i, ((name, f), err) in enumerate(ev.sensitivities(todo, progress)):
+        layers[name].error[f] = err
         if name != last or i == len(todo) - 1:
             save_sensitivities(path, key, layers)
             last = name

@@ -2,8 +2,10 @@
 input), so one ORT session measures any mix exactly; plus the MACs of each layer from real feeds."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .. import fold, io
 from .. import graph as G
@@ -122,14 +124,16 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
-        wq = (fake_weight(node, w, f, hp, block_size, clip) if f != smooth.SQ else smooth.fake_weight(node, w, sm, hp)
-              ).astype(np.float32)
+        if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
+            wq = smooth.fake_weight(node, w, sm, hp).astype(np.float32)
+            wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)
+            make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
+                                                  shape=list(w.shape)))
+        else:
+            make, wq = _weight_maker(b, node, w, f, hp, block_size, clip)
         shift = _bias_shift(node, wq - w, means, f)
-        wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)  # spilled to the work dir: stays lazy
         del wq
-        node.inputs[1] = b.branch(layer.name, f, node.inputs[1],
-                                  lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,
-                                                                shape=list(w.shape)), f"{node.name}_{f}_w")
+        node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
             sc = b.const(f"{node.name}_{f}_bc", shift)
             pre = b.branch(layer.name, f, pre, lambda x, into, sc=sc: b.node("Add", [x, sc], f"{node.name}_{f}_bc",
@@ -176,6 +180,44 @@ def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: l
     y = _qdq(b, xs, smooth.activation_scale(sm, hp), "int8", into)
     s = smooth.activation_factor(sm.s, axis, rank)
     return b.node("Mul", [y, b.const(f"{x.name}_sq_s", s)], f"{x.name}_sq_mul", shape=x.shape, into=into)
+
+
+COMPACT_WEIGHTS = True  # False: FP32 fake-quant constants (4 bytes/param; the reference the tests compare with)
+
+
+def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip):
+    """(then-branch maker, the weight it gives) of a weight gate: the quantized weight (1 byte/param, INT4 0.5)
+    behind a DequantizeLinear, which gives exactly `fake_weight`'s numbers (the same q, float32 scales, one multiply)."""
+    base = f"{node.name}_{fmt}_w"
+    if not COMPACT_WEIGHTS:
+        wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
+        wc = io.constant(G.unique_name(base, b.names), wq)
+        return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))), wq
+    if fmt == "int4":
+        kn = blockwise.to_kn(node, w)
+        q, scale = blockwise.quantize_blocks(kn, block_size, clip, hp)
+        wq = q.astype(np.float32) * blockwise.expand(scale, kn.shape[0], block_size)
+        attrs = {"axis": 0, "block_size": int(block_size)} if block_size else {"axis": 1}
+        if not block_size:
+            scale = scale[0]
+        if kn is not w:  # Gemm transB: the weight is [N, K]
+            q, scale, wq = q.T, scale.T, wq.T
+            attrs["axis"] = 1 - attrs["axis"]
+        qc = gs.Constant(G.unique_name(base + "_q", b.names), gs.ir.tensor.LazyValues(
+            numpy_helper.from_array(np.ascontiguousarray(q).astype(ml_dtypes.int4), base + "_q")))
+    else:
+        f = qdq.FORMATS[fmt]
+        axis = G.weight_output_channel_axis(node) % w.ndim
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.max(np.abs(w), axis=red, keepdims=True)
+        scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
+        q = f.cast(w / scale)
+        wq = q.astype(np.float32) * scale
+        qc = io.constant(G.unique_name(base + "_q", b.names), q)  # spilled: stays lazy
+        scale, attrs = scale.reshape(-1), {"axis": axis}
+    sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))
+    return (lambda x, into: b.node("DequantizeLinear", [qc, sc], f"{node.name}_{fmt}_wq", attrs, into=into,
+                                   shape=list(w.shape))), wq
 
 
 def _bias_shift(node, dw, means, fmt):

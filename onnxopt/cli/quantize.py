@@ -40,6 +40,7 @@ from .common import (
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
 @click.option("--engine-shapes", multiple=True, help="With --cost-model rtx: the deployment shapes the engine check builds for, name:1x31 or name:MIN/OPT/MAX as in `build --shapes` (repeatable; default: one calibration sample's shapes).")
+@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, and one per 128 candidates beyond 1000 candidates; 1 = one graph.")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
@@ -73,7 +74,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
-              "engine_shapes": "--engine-shapes"}
+              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
@@ -163,7 +164,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
     if mode == "auto":
         a = report.get("autoquant", {})
-        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int4") if cov.get(f))
+        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int8-sq", "int4") if cov.get(f))
         v = a.get("verified", {})
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "

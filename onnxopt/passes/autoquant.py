@@ -40,6 +40,7 @@ class AutoQuant(PassBase):
     cost_model: str = "bits"            # "bits", or "rtx": TensorRT-RTX engine reports drop formats that save nothing
     engine_shapes: tuple | dict = ()    # rtx: deployment shapes, "name:1x31" or "name:MIN/OPT/MAX" (or {name: (min, opt, max)});
                                         # empty: one calibration sample's shapes
+    stages: int = 0                     # staged evaluation: 0 = auto (autoquant.staged.stages_needed), 1 = one graph
     name = "autoquant"
     quantizes = True
 
@@ -68,6 +69,9 @@ class AutoQuant(PassBase):
             parent = Path(self.sensitivity).resolve().parent
             if not parent.is_dir():
                 raise OnnxoptError(f"--sensitivity {self.sensitivity}: folder {parent} does not exist; create it first")
+        if not 0 <= self.stages <= autoquant.staged.MAX_STAGES:
+            raise OnnxoptError(f"--auto-stages {self.stages}: use 0 (auto: as memory and candidates need) to "
+                               f"{autoquant.staged.MAX_STAGES}")
         int4.check_options("none", self.block_size)
         self._check_cost_model()
         self._parse_engine_shapes()
@@ -192,12 +196,25 @@ class AutoQuant(PassBase):
         return mix, last["trials"], rounds
 
     def _evaluator(self, ctx, cands, amax, means, search, verify):
-        gated = io.import_graph(io.export_graph(ctx.graph))
+        fp32 = io.export_graph(ctx.graph)
+        n = self.stages or autoquant.staged.stages_needed(fp32, cands.layers, ctx.memory_budget_mb)
+        if n > 1 and io.has_subgraphs(fp32.graph):
+            log.warning("auto: the model has subgraphs (If/Loop); evaluating it in one gated graph, not %d stages", n)
+            n = 1
+        where = autoquant.staged.fp32_stages(fp32, n, search[0]) if n > 1 else {}
+        gated = io.import_graph(fp32)
+        del fp32
         index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
         shapes = autoquant.shape_outputs(gated, list(cands.layers))
         model = io.export_graph(gated, opset=self.min_opset)
         del gated
-        ev = autoquant.Evaluator(model, index, search, verify, ctx.provider, shapes)
+        if n > 1:
+            ev = autoquant.staged.StagedEvaluator(model, index, search, verify, ctx.provider, shapes, where,
+                                                  workdir=ctx.workdir, progress=ctx.progress,
+                                                  memory_budget_mb=ctx.memory_budget_mb)
+        else:
+            ev = autoquant.Evaluator(model, index, search, verify, ctx.provider, shapes)
+        self._stages_used = n  # staged sensitivities differ from one-graph ones: part of their key
         seen: dict = {}
         for out, (layer, tag) in shapes.items():
             seen.setdefault(layer, {})[tag] = ev.shapes[out]
@@ -214,6 +231,8 @@ class AutoQuant(PassBase):
                 h.update(k.encode() + np.ascontiguousarray(f[k]).tobytes()[:1 << 20])
         h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
+        if getattr(self, "_stages_used", 1) > 1:
+            h.update(f"stages={self._stages_used}".encode())
         for n in graph.nodes:
             h.update(f"{n.op}:{n.name};".encode())
         return h.hexdigest()

@@ -1,0 +1,291 @@
+"""--auto on big models: compact gated weights and staged evaluation (one stage's gated graph at a time).
+Small in-code models cut into stages by force; the staged metrics of a mix must be the one-graph gated metrics
+exactly, the staged sensitivities must rank like the exact ones, and the pass must meet its target."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import autoquant, io, ort, pipeline
+from onnxopt.autoquant import gated, staged
+from onnxopt.cli import main
+from onnxopt.passes import AutoQuant
+from onnxopt.passes.autoquant import Feeds
+
+D, L = 64, 8
+
+
+def _deep(seed: int = 0) -> onnx.ModelProto:
+    """L MatMul layers with residual adds, a few with outlier channels (sensitive to per-tensor activations),
+    a Gemm (transB) and a Conv head, so stages cut through residuals and every weight layout is gated."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, h = [], [], "x"
+    for i in range(L):
+        w = rng.normal(0, D ** -0.5, (D, D)).astype(np.float32)
+        if i in (2, 5):
+            w[:, 3 + i] *= 50.0 * i   # the next layer's input channel is an outlier...
+        if i in (3, 6):
+            w[5 + i - 1, :] /= 50.0 * (i - 1)  # ...that contributes normally
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"layer{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        if i % 2 and i < 7:
+            nodes.append(helper.make_node("Add", [f"r{i}", f"r{i - 1}"], [f"a{i}"], name=f"add{i}"))
+            h = f"a{i}"
+        else:
+            h = f"r{i}"
+    inits.append(numpy_helper.from_array(rng.normal(0, D ** -0.5, (D, D)).astype(np.float32), "wg"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.1, (D,)).astype(np.float32), "bg"))
+    nodes.append(helper.make_node("Gemm", [h, "wg", "bg"], ["g"], name="gemm", transB=1))
+    inits.append(numpy_helper.from_array(np.array([-1, 16, 2, 2], np.int64), "shp"))
+    nodes.append(helper.make_node("Reshape", ["g", "shp"], ["g4"], name="to_image"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32), "wc"))
+    nodes.append(helper.make_node("Conv", ["g4", "wc"], ["y"], name="conv", pads=[1, 1, 1, 1]))
+    g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16, 2, 2])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("staged")
+    model = d / "deep.onnx"
+    onnx.save(_deep(), model)
+    calib = d / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).normal(size=(40, D)).astype(np.float32))
+    return model, calib
+
+
+def _setup(model, calib, formats=("fp8", "int8", "int4"), block_size=32):
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    p = AutoQuant(formats, bits=8, block_size=block_size)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), block_size)
+    x = np.load(calib)["x"]
+    search, verify = Feeds([{"x": x[:16]}, {"x": x[16:30]}]), Feeds([{"x": x[30:]}])
+    amax, means = autoquant.calibrate(graph, search, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    return graph, cands, amax, means, search, verify
+
+
+def _gated(graph, cands, amax, means, block_size=32):
+    g = io.import_graph(io.export_graph(graph))
+    index = autoquant.build_gated(g, cands, amax, means, "fp32", block_size)
+    shapes = autoquant.shape_outputs(g, list(cands.layers))
+    return io.export_graph(g, opset=21), index, shapes
+
+
+@pytest.fixture(scope="module")
+def setup(deep):
+    return _setup(*deep)
+
+
+def _exact(ev, keys):
+    return {k: max(0.0, 1 - ev.metrics(ev.gates({k[0]: k[1]}))["cosine"]) for k in keys}
+
+
+def test_compact_weights_give_the_same_sensitivities(setup, monkeypatch):
+    graph, cands, amax, means, search, verify = setup
+    res, size = {}, {}
+    for compact in (False, True):
+        monkeypatch.setattr(gated, "COMPACT_WEIGHTS", compact)
+        model, index, shapes = _gated(graph, cands, amax, means)
+        size[compact] = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+        res[compact] = _exact(autoquant.Evaluator(model, index, search, verify, "cpu", shapes), index)
+    assert {"fp8", "int8", "int4"} <= {f for _, f in res[True]}
+    assert {"Gemm", "Conv", "MatMul"} <= {cands.layers[n].op for n, _ in res[True]}
+    for k in res[True]:
+        assert abs(res[True][k] - res[False][k]) <= 1e-6, k
+    q = sum(l.params * (4 - staged.QBYTES[f]) for l in cands.layers.values() for f in l.formats if f != "none")
+    assert size[False] - size[True] >= 0.9 * q   # 1 byte a parameter (INT4: 0.5) instead of 4
+
+
+def _both(setup, n=3):
+    graph, cands, amax, means, search, verify = setup
+    fp32 = io.export_graph(graph)
+    where = staged.fp32_stages(fp32, n)
+    model, index, shapes = _gated(graph, cands, amax, means)
+    ev = autoquant.Evaluator(model, index, search, verify, "cpu", shapes)
+    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
+    return ev, st, cands
+
+
+def test_staged_metrics_equal_the_gated_graph(setup):
+    ev, st, cands = _both(setup)
+    assert st.plan.n == 3 and st.peak_live == 1
+    assert st.shapes == ev.shapes                               # MACs read from the same shapes
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        mix = {n: l.formats[rng.integers(len(l.formats))] for n, l in cands.layers.items()}
+        g = ev.gates(mix)
+        np.testing.assert_array_equal(g, st.gates(mix))
+        for split in ("search", "verify", "all"):
+            a, b = ev.metrics(g, split), st.metrics(g, split)
+            assert abs(a["cosine"] - b["cosine"]) <= 1e-6 and a["top1"] == b["top1"], (split, a, b)
+    assert st.metrics(st.zeros())["cosine"] == pytest.approx(1.0)
+    # only the stages from the first one with a gate on run again
+    loads = st.loads
+    last = [k for k, i in st.index.items() if st.plan.gate_stages[i] == {st.plan.n - 1}][0]
+    st.metrics(st.gates({last[0]: last[1]}))
+    assert st.loads == loads + 1 and st.peak_live == 1
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_staged_sensitivities_rank_like_exact(setup):
+    ev, st, cands = _both(setup)
+    keys = list(ev.index)
+    exact = _exact(ev, keys)
+    approx = dict(st.sensitivities(keys, progress=False))
+    assert set(approx) == set(keys) and st.peak_live == 1
+    rho = _spearman([exact[k] for k in keys], [approx[k] for k in keys])
+    assert rho >= 0.9, rho
+    # on the scale of model-output error, not merely in rank: within a factor of 3 for the errors that matter
+    big = [k for k in keys if exact[k] > 1e-4]
+    ratio = np.array([approx[k] / exact[k] for k in big])
+    assert np.median(ratio) == pytest.approx(1.0, rel=0.5) and np.all((ratio > 1 / 5) & (ratio < 5)), ratio
+
+
+def _run(model, x):
+    sess = ort.session(io.load(model), level="disable")
+    return sess.run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
+
+
+def test_pass_with_stages_forced_meets_its_target(deep, tmp_path):
+    model, calib = deep
+    out, rep, sens = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "s.json"
+    args = ["quantize", str(model), "--auto", "--target-cosine", "0.995", "--auto-stages", "3", "--calib", str(calib),
+            "-o", str(out), "--report", str(rep), "--sensitivity", str(sens), "--high-precision", "fp32"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    assert a["met"] is True and a["coverage"]["quantized"] >= 4
+    x = np.load(calib)["x"][-10:]                    # the held-out quarter of the calibration samples
+    assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.995
+    assert all(l["macs"] > 0 for l in a["layers"].values())
+    # restartable, and the one-graph sensitivities are not taken for staged ones (nor the reverse)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert json.loads(rep.read_text())["autoquant"]["measured_now"] == 0
+    r = CliRunner().invoke(main, [a if a != "3" else "1" for a in args])
+    assert r.exit_code == 0 and json.loads(rep.read_text())["autoquant"]["measured_now"] > 0
+
+
+def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
+    """Each stage's session is the only one alive, and holds only its own weights (about a third here)."""
+    from onnxopt import ort as ortx
+    alive, peak, sizes = [0], [0], []
+    real = ortx.session
+
+    def counting(model, **kw):
+        s = real(model, **kw)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        sizes.append(sum(io.tensor_bytes(t) for t in io._all_tensors(model)))
+        import weakref
+        weakref.finalize(s, lambda: alive.__setitem__(0, alive[0] - 1))
+        return s
+    monkeypatch.setattr(ortx, "session", counting)
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, staged.fp32_stages(io.export_graph(graph), 3),
+                                progress=False)
+    list(st.sensitivities(list(index), progress=False))
+    st.metrics(st.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "verify")
+    assert peak[0] == 1 and len(sizes) > 6
+    whole = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+    assert max(sizes) < 0.6 * whole
+
+
+def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path, monkeypatch):
+    graph, cands, *_ = setup
+    fp32 = io.export_graph(graph)
+    total = sum(io.tensor_bytes(t) for t in fp32.graph.initializer) + \
+        sum(l.params * staged.QBYTES[f] for l in cands.layers.values() for f in l.formats if f != "none")
+    assert staged.stages_needed(fp32, cands.layers, 4096) == 1
+    budget = total / 3.5 / 2**20
+    assert staged.stages_needed(fp32, cands.layers, budget) == 4
+    assert staged.stages_needed(fp32, cands.layers, total / 1000 / 2**20) == staged.MAX_STAGES
+    # a large model (many candidates) is staged for time even when it fits: here 27 candidates count as large
+    monkeypatch.setattr(staged, "LARGE", 20)
+    monkeypatch.setattr(staged, "PER_STAGE", 10)
+    assert staged.stages_needed(fp32, cands.layers, 4096) == 3
+    model, calib = deep
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--auto-stages", "99",
+                                  "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "--auto-stages 99" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["quantize", str(model), "--fp8", "--auto-stages", "2", "--calib", str(calib)])
+    assert r.exit_code == 2 and "--auto-stages" in r.output and "--auto only" in r.output
+
+
+def test_stage_sessions_kept_within_the_budget(setup, monkeypatch):
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(io.export_graph(graph), 3)
+    mix = {n: l.formats[1] for n, l in cands.layers.items()}
+    big = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64)
+    monkeypatch.setattr(staged, "GROUP", 1)                           # whole stages, not a few gates' Ifs
+    a = big.metrics(big.gates(mix), "verify")
+    loads = big.loads
+    assert big.metrics(big.gates(mix), "verify") == a
+    assert big.loads == loads and big.peak_live == 6                  # FP32 and gated stages kept: they fit 64 MB
+    one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=0.01)
+    assert one.metrics(one.gates(mix), "verify") == a and one.peak_live == 1
+
+
+def test_error_sessions_with_a_few_gates_give_the_same_errors(setup, monkeypatch):
+    """Each error session keeps the Ifs of GROUP candidates only (the rest pass through): same numbers."""
+    ev, st, cands = _both(setup)
+    keys = list(st.index)
+    s = 1
+    mine = [k for k in keys if st.plan.gate_stages[st.index[k]] == {s}]
+    whole = st._stage_errors(s, mine, False)
+    monkeypatch.setattr(staged, "GROUP", 2)
+    loads = st.loads
+    parts = st._stage_errors(s, mine, False)
+    assert st.loads - loads == -(-len(mine) // 2)
+    pruned = st.plan.proto(s, st.types, True, {st.index[mine[0]]})
+    ifs = [n for n in pruned.graph.node if n.op_type == "If"]
+    assert 0 < len(ifs) < sum(n.op_type == "If" for n in st.plan.proto(s, st.types, True).graph.node)
+    for k in mine:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_staged_sensitivities_rank_like_exact(tmp_path):
+    """The tiny SDXL UNet (64x64 images) in 4 stages: 40 candidates across the stages, staged vs one-graph."""
+    import os
+    unet = "/work/cache/sdxl-tiny/unet.onnx"
+    if not os.path.exists(unet):
+        pytest.skip("no tiny SDXL UNet export")
+    from onnxopt import attention_guard, calib, diffusion
+    from onnxopt.passes.autoquant import split_feeds
+    with io.spilling(tmp_path):
+        p = AutoQuant(("fp8", "int8"), target_cosine=0.99)
+        graph = io.import_graph(pipeline.load(unet, p.min_opset, tmp_path))
+        attention_guard.remove(graph)
+        npz = tmp_path / "calib.npz"
+        diffusion.save_npz(diffusion.synthesize_sdxl(8, shapes=diffusion.SDXLShapes(height=64, width=64), seed=0), npz)
+        data = calib.CalibData.from_path(npz, calib.input_specs(io.export_graph(graph)))
+        search, verify = split_feeds(data, 0.25, 16)
+        cands = autoquant.candidates(graph, p.formats, p.configs(), 128)
+        amax, means = autoquant.calibrate(graph, search, cands, provider="cpu", memory_budget_mb=4096, progress=False)
+        where = staged.fp32_stages(io.export_graph(graph), 4)
+        model, index, shapes = _gated(graph, cands, amax, means, 128)
+        keys = list(index)[:: len(index) // 40][:40]
+        st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, workdir=tmp_path, progress=False)
+        approx = dict(st.sensitivities(keys, progress=False))
+        mix = {n: l.formats[-1] for n, l in cands.layers.items()}
+        m_staged = st.metrics(st.gates(mix), "verify")
+        ev = autoquant.Evaluator(model, index, search, verify, "cpu", shapes)
+        exact = _exact(ev, keys)
+        assert abs(ev.metrics(ev.gates(mix), "verify")["cosine"] - m_staged["cosine"]) <= 1e-6
+    assert st.plan.n == 4 and len({min(st.plan.gate_stages[index[k]]) for k in keys}) == 4
+    assert _spearman([exact[k] for k in keys], [approx[k] for k in keys]) >= 0.9
+    ratio = np.array([approx[k] / exact[k] for k in keys if exact[k] > 0])
+    assert 0.5 < np.median(ratio) < 2.0
