@@ -151,12 +151,22 @@ _PASS_INDEX = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity",
 
 
 def run(sess: ort.InferenceSession, outputs, feed: dict, *, model: onnx.ModelProto | None = None,
-        label: str = "the model") -> list:
+        label: str = "the model", options: ort.RunOptions | None = None) -> list:
     """`sess.run`, with an ORT failure turned into one OnnxoptError line that says which input to fix."""
     try:
-        return sess.run(outputs, feed)
+        return sess.run(outputs, feed, options)
     except Exception as e:  # noqa: BLE001 - ORT's pybind exceptions share no useful base class
         raise run_error(e, model, feed, label) from None
+
+
+def shrinking(sess: ort.InferenceSession) -> ort.RunOptions | None:
+    """Run options that hand a CUDA session's unused arena memory back after each run (None on the CPU): many
+    sessions alive at once (staged evaluation) would otherwise each keep their peak activations on the GPU."""
+    if "CUDAExecutionProvider" not in sess.get_providers():
+        return None
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
+    return ro
 
 
 def run_error(e: Exception, model: onnx.ModelProto | None, feed: dict | list[dict], label: str) -> OnnxoptError:

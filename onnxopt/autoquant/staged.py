@@ -388,7 +388,8 @@ class StagedEvaluator:
         names = self.plan.stages[s]["outputs"] or [sess.get_outputs()[0].name]
         wanted = {i.name for i in sess.get_inputs()}
         feed = {k: v for k, v in feed.items() if k in wanted}
-        return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph")))
+        return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph",
+                                       options=ort.shrinking(sess))))
 
     def _final(self, a: np.ndarray) -> np.ndarray:
         return a.reshape(a.shape[0] if a.ndim > 1 else 1, -1).astype(np.float64)
@@ -513,7 +514,7 @@ class StagedEvaluator:
                         io_.bind_cpu_input(GATES, gates)
                     for e in errs:
                         io_.bind_output(e, "cpu")
-                    sess.run_with_iobinding(io_)
+                    sess.run_with_iobinding(io_, ort.shrinking(sess))
                     k = self.refout[b].shape[0]
                     num[b] = np.stack([_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu()])
                 out[key] = _relative(num, den)
