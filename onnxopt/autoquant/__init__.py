@@ -25,10 +25,10 @@ from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, PLANNED, 
 from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
-from .evaluate import Evaluator, cosine, load_sensitivities, measure, save_sensitivities
+from .evaluate import Evaluator, cosine, load_sensitivities, measure, sample_cosines, save_sensitivities
 from .gated import build_gated, fake_weight, macs_of, shape_outputs
 
 __all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer",
-           "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight", "improve",
+           "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight", "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "totals"]
