@@ -255,7 +255,8 @@ class AutoQuant(PassBase):
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
         return {"method": "lagrangian knapsack over per-layer sensitivities (1 - cosine, one layer quantized at a time, "
                           "gated fake-quant graph; int8-sq: SmoothQuant alpha and INT8 clip per activation by simulated "
-                          "error); error budget bisected (to 1.15x) against the held-out metric",
+                          "error); error budget bisected (to 1.15x) against the metric on every calibration sample, a "
+                          "cosine with k standard errors of the mean per-sample cosine to spare",
                 "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
                 "verified": final, "met": _met(self, final),
                 "margin": _margin_used(self, final), **bits, "counts": counts, "layers": layers,
