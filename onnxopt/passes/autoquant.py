@@ -249,9 +249,9 @@ class AutoQuant(PassBase):
         if broken:
             log.info("INT8 breaks %d layer(s) (10x the median INT8 error, 3x their FP8 error): %s", len(broken),
                      ", ".join(b["layer"] for b in broken[:8]) + (" ..." if len(broken) > 8 else ""))
-        log.info("auto: %s; held-out cosine %.5f (+-%.1e stderr, n %d), top-1 %.4f; weight bits %.2f, activation bits "
-                 "%.2f, 8-bit MACs %.0f%%", ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"],
-                 final["cosine_se"], final["n"], final["top1"],
+        log.info("auto: %s; cosine %.5f (+-%.1e stderr, n %d, margin %.1e), top-1 %.4f; weight bits %.2f, activation "
+                 "bits %.2f, 8-bit MACs %.0f%%", ", ".join(f"{k} {v}" for k, v in counts.items() if v), final["cosine"],
+                 final["cosine_se"], final["n"], _margin_used(self, final), final["top1"],
                  bits["weight_bits"], bits["activation_bits"], 100 * bits["macs_8bit"])
         return {"method": "lagrangian knapsack over per-layer sensitivities (1 - cosine, one layer quantized at a time, "
                           "gated fake-quant graph; int8-sq: SmoothQuant alpha and INT8 clip per activation by simulated "
