@@ -63,10 +63,44 @@ def test_sensitive_layer_kept_and_target_met(mlp, tmp_path):
     x = np.load(calib)["x"][-4:]
     assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.9995
     assert a["met"] is True and a["verified"]["cosine"] >= 0.9995
+    # the verification margin is 1.64 standard errors of the mean per-sample cosine of the saved graph (every
+    # calibration sample)
+    x = np.load(calib)["x"]
+    cos = autoquant.sample_cosines(_run(model, x), _run(out, x))
+    assert a["margin"] == pytest.approx(1.64 * cos.std(ddof=1) / np.sqrt(len(cos)), rel=0.05, abs=1e-8)
+    assert a["verified"]["cosine"] >= 0.9995 + a["margin"]
     # restartable: the saved sensitivities are reused, nothing is measured again
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert json.loads(rep.read_text())["autoquant"]["measured_now"] == 0
+
+
+class _Stub:
+    """Evaluator stand-in: cosine = 1 - the mix's summed error; its standard error grows with the quantized count."""
+
+    def __init__(self, layers, se_per_layer):
+        self.layers, self.se = layers, se_per_layer
+
+    def gates(self, mix):
+        return mix
+
+    def metrics(self, mix, split):
+        err = sum(self.layers[n].error[f] for n, f in mix.items())
+        q = sum(f != "none" for f in mix.values())
+        return {"cosine": 1.0 - err, "cosine_se": self.se * q, "top1": 1.0}
+
+
+@pytest.mark.parametrize("se", [0.0, 2e-5])
+def test_search_keeps_k_standard_errors_to_spare(se):
+    from onnxopt.autoquant.candidates import Layer
+    layers = {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
+                             error={"none": 0.0, "int8": 2e-5 * (i + 1)}) for i in range(10)}
+    mix, trials = autoquant.search_target(_Stub(layers, se), layers, "cosine", 0.999, progress=False, k=1.64)
+    q = sum(f != "none" for f in mix.values())
+    # the q cheapest layers cost 1e-5 q (q + 1) plus 1.64 se q of margin: 9 fit the 1e-3 allowance without
+    # noise, 8 with it
+    assert q == (9 if se == 0.0 else 8)
+    assert all(t["passed"] == (t["cosine"] >= 0.999 + t["margin"]) for t in trials)
 
 
 def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):

@@ -61,18 +61,32 @@ class Evaluator:
         if split == "all":
             ref = np.concatenate([self.ref["search"], self.ref["verify"]])
             cand = np.concatenate([self._outputs(gates, self.search), self._outputs(gates, self.verify)])
-            return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
-        ref = self.ref[split]
-        cand = self._outputs(gates, self.search if split == "search" else self.verify)
-        return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+        else:
+            ref = self.ref[split]
+            cand = self._outputs(gates, self.search if split == "search" else self.verify)
+        return metrics_of(ref, cand)
+
+
+def metrics_of(ref: np.ndarray, cand: np.ndarray) -> dict:
+    """Mean per-sample cosine with its standard error (how far the mean of these samples can sit from the
+    expected one), the sample count and top-1 agreement."""
+    cos = sample_cosines(ref, cand)
+    se = float(cos.std(ddof=1) / np.sqrt(len(cos))) if len(cos) > 1 else 0.0
+    return {"cosine": float(cos.mean()), "cosine_se": se, "n": len(cos),
+            "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+
+
+def sample_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's output against its FP32 reference (-1 everywhere if any output is not finite)."""
+    if not np.all(np.isfinite(cand)):
+        return np.full(len(ref), -1.0)
+    num = (ref * cand).sum(1)
+    den = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
+    return num / den
 
 
 def cosine(ref: np.ndarray, cand: np.ndarray) -> float:
-    if not np.all(np.isfinite(cand)):
-        return -1.0
-    num = (ref * cand).sum(1)
-    den = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
-    return float((num / den).mean())
+    return float(sample_cosines(ref, cand).mean())
 
 
 

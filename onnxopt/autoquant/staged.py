@@ -41,7 +41,7 @@ from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
-from .evaluate import cosine
+from .evaluate import cosine, metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ class StagedEvaluator:
         out = self._chain(gates, ids, start)[0] if start < self.plan.n else {}
         ref = np.concatenate([self.refout[b] for b in ids])
         cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
-        return {"cosine": cosine(ref, cand), "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+        return metrics_of(ref, cand)
 
     # ------------------------------------------------------------ sensitivities
     def sensitivities(self, todo: list, progress: bool = True):
