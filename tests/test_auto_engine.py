@@ -151,6 +151,22 @@ def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
 
 
 @rtx_test
+def test_rtx_probe_tries_each_attention_format(minilm_shaped, tmp_path):
+    """FP8 and INT8 candidates for the attention block at 31 tokens: whichever the choice takes, the other format
+    is probed in its own build first; FP8 (unfused at 31) leaves the BMMs' candidates, INT8 (fused) stays."""
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "fp8,int8", "--target-cosine", "0.99")
+    rows = a["cost_model"]["rounds"]
+    probes = [r for r in rows if "probe" in r]
+    assert len(probes) == 1 and probes[0]["round"] == f"probe {probes[0]['probe']}" and probes[0]["probed_blocks"] == 1
+    dropped = {(x["layer"], x["format"]) for r in rows for x in r["no_savings"]}
+    assert dropped == {("attn_qk", "fp8"), ("attn_pv", "fp8")}        # INT8 fused at 31 tokens, FP8 did not
+    assert probes[0]["fused_attention"] == ({"int8": 1} if probes[0]["probe"] == "int8" else {})
+    assert rows[-1]["no_savings"] == [] and a["met"] is True and len(rows) <= 3
+    assert a["layers"]["attn_qk"]["choice"] in ("int8", "none") and "did not fuse" in a["layers"]["attn_pv"]["not_candidates"]["fp8"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] and not engine["attention"]["quantized_unfused"]
+
+
+@rtx_test
 @pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
