@@ -2,7 +2,9 @@
 output would be (mixed Q/DQ, then the recipe's autocast) and built with TensorRT-RTX on the CPU. A quantized
 layer that did not land in its quantized kernel, and both BMMs of a quantized attention block that did not
 fuse, save nothing in that format: the format leaves the layer's candidates (FP16 costs the same and loses
-nothing), with the builder's reason, and the mix is chosen and verified again; at most a few rounds."""
+nothing), with the builder's reason, and the mix is chosen and verified again; at most a few rounds. Attention
+fusion depends on each block's sequence lengths, so one probe build per 8-bit format first tries every block
+in that format."""
 from __future__ import annotations
 
 import logging
