@@ -167,6 +167,33 @@ def test_rtx_probe_tries_each_attention_format(minilm_shaped, tmp_path):
 
 
 @rtx_test
+def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
+    """Tiny transformer, 12 heads x 64 tokens, real builds through the engine Writer: INT8 attention before an FP8
+    o_proj does not fuse (FP8 attention does); the INT8 probe therefore quantizes o_proj too, and fuses."""
+    model, calib = tmp_path / "t64.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(d=384, heads=12, seq=64), model)
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (8, 64)).astype(np.int64))
+    seen = {}
+
+    def refine(mix, choose, writer, layers, verify, max_rounds=3):
+        fp8 = {n: ("fp8" if "fp8" in layers[n].formats else "none") for n in mix}
+        seen["int8_before_fp8"] = writer.engine_report({**{n: "int8" if f == "fp8" else f for n, f in fp8.items()}, "o_proj": "fp8"})
+        seen["fp8_before_int8"] = writer.engine_report({**fp8, "o_proj": "int8"})
+        seen["probes"] = aq_engine.probe(fp8, writer, layers)
+        return mix, []
+    monkeypatch.setattr(aq_engine, "refine", refine)
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--cost-model", "rtx", "--calib", str(calib),
+                                  "-o", str(tmp_path / "q.onnx"), "-q"])
+    assert r.exit_code == 0, r.output
+    bad, good = seen["int8_before_fp8"]["attention"], seen["fp8_before_int8"]["attention"]
+    assert bad["fused_by_precision"] == {} and bad["quantized_unfused"] == ["attn_softmax"]
+    assert seen["int8_before_fp8"]["quantized_in_quantized_kernels"] == seen["int8_before_fp8"]["quantized_layers"] == 8
+    assert good["fused_by_precision"] == {"fp8": 1}
+    (p,) = seen["probes"]   # the mix is all FP8: only INT8 is probed, with o_proj INT8 as well
+    assert p["probe"] == "int8" and p["counts"]["int8"] == 3 and p["fused_attention"] == {"int8": 1} and p["no_savings"] == []
+
+
+@rtx_test
 @pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""
