@@ -127,7 +127,9 @@ def probe(mix: dict, writer: Writer, layers: dict) -> list:
     """Per 8-bit format f, one build of `mix` with every attention block that can take f set to f; the blocks
     that did not fuse lose f. Whether a block fuses depends on its sequence lengths (tiny SDXL UNet at an 8x8
     latent: FP8 fused all 17 cross-attention blocks (77 keys) and none of the 17 self-attention blocks (16 or 4
-    tokens). Without the probe each round tried the format on the few
+    tokens). Each block's other layers keep their chosen formats: INT8 attention fuses only into an INT8
+    reader (groups.py), so INT8 leaves the blocks whose output projection the choice did not make INT8
+    (on that UNet: all 34, which fused in INT8 when their to_out was INT8 too). Without the probe each round tried the format on the few
     blocks the choice had moved there and 3 rounds did not converge. One report row per probe."""
     blocks = [b for b in attention_blocks(writer.graph) if b["qk"] in layers and b["pv"] in layers]
     rows = []
@@ -138,9 +140,6 @@ def probe(mix: dict, writer: Writer, layers: dict) -> list:
         trial = dict(mix)
         for b in take:
             trial[b["qk"]] = trial[b["pv"]] = f
-            reader = _output_reader(writer.graph, b["pv"])
-            if f == "int8" and reader in layers and f in layers[reader].formats:
-                trial[reader] = f   # INT8 attention fuses only into an INT8 reader (see groups.py)
         rep = writer.engine_report(trial)
         bmms = {n for b in take for n in (b["qk"], b["pv"])}
         found = {k: why for k, why in no_savings(rep, trial, writer.graph).items() if k[0] in bmms and k[1] == f}
@@ -148,21 +147,6 @@ def probe(mix: dict, writer: Writer, layers: dict) -> list:
         log.info("engine probe %s: %d of %d attention blocks fused", f, len(take) - len(found) // 2, len(take))
         _drop(found, layers)
     return rows
-
-
-def _output_reader(graph: gs.Graph, pv: str) -> str | None:
-    """The MatMul/Gemm reading an attention block's output (through Transpose, Reshape, Q/DQ, Cast)."""
-    node = next(n for n in graph.nodes if n.name == pv)
-    for _ in range(6):
-        nxt = [c for t in node.outputs for c in t.outputs]
-        hit = [c for c in nxt if c.op in ("MatMul", "Gemm")]
-        if hit:
-            return hit[0].name
-        nxt = [c for c in nxt if c.op in ("Transpose", "Reshape", "QuantizeLinear", "DequantizeLinear", "Cast")]
-        if len(nxt) != 1:
-            return None
-        node = nxt[0]
-    return None
 
 
 def refine(mix: dict, choose, writer: Writer, layers: dict, verify, max_rounds: int = MAX_ROUNDS) -> tuple[dict, list]:

@@ -16,9 +16,10 @@ the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of ti
 - not tied, one way only: INT8 attention fused only when the layer reading its output (o_proj) was INT8 too
   (tiny transformer, 12 heads x 64 tokens: o_proj FP8 or FP16 -> no fused attention, all layers still in
   their kernels); FP8 attention fused with o_proj in FP8, INT8 or FP16, and with INT8 or FP8 Q/K/V
-  projections. A tie would forbid FP16 or FP8 attention before an INT8 o_proj, so the engine cost model
-  handles it: its INT8 probe quantizes the reader too, a chosen INT8 block before another format fails
-  to fuse in the round and loses INT8.
+  projections; tiny SDXL UNet at an 8x8 latent: INT8 fused all 34 blocks with to_out INT8, none with
+  to_out FP8. A tie would forbid FP16 or FP8 attention before an INT8 o_proj, so the engine cost model
+  handles it: its INT8 probe keeps the chosen readers, and INT8 leaves the blocks it does not fuse in.
+  Letting the choice take "INT8 block => INT8 reader" as a constraint is not done yet.
 - not static: an INT4 weight-only layer right after a fused attention block (softmax·V -> Transpose ->
   Reshape -> MatMul) ran as a separate INT4 dequantize kernel + FP16 GEMM with a static batch-1 profile
   (MiniLM 1x31, tiny transformer 1x64, any block size) but in its INT4 kernel with a 1..2 batch profile;
