@@ -26,7 +26,7 @@ the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of ti
   FP8 fused attention needed a sequence length of 32 or 64 where 31 did not fuse (INT8 fused at 31; uniform
   FP8 MiniLM at 1x31: 48/48 layers in FP8 kernels, none of its 6 attention blocks fused); tiny SDXL UNet
   at an 8x8 latent: FP8 fused the 17 cross-attention blocks (77 keys), not the 17 self-attention blocks
-  (16 or 4 tokens); INT8 fused none. These depend on the build's shapes, so the engine cost model
+  (16 or 4 tokens) (INT8 there: a matter of the reader, above). These depend on the build's shapes, so the engine cost model
   (engine.py: probe builds, then rounds) finds them from the engine report.
 """
 from __future__ import annotations
