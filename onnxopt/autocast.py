@@ -179,13 +179,33 @@ def _restore_output_dtypes(graph: gs.Graph, orig_outputs: dict, low_io: bool, un
 def _with_dq_feeders(graph: gs.Graph, ids: set[int]) -> set[int]:
     # A layer kept FP32 dequantizes straight to FP32 (no DQ -> Cast between it and its Q/DQ pair).
     out = set(ids)
-    for node in graph.nodes:
+    names = {n.name for n in graph.nodes} | set(graph.tensors())
+    for node in list(graph.nodes):
         if id(node) in ids:
             for t in node.inputs:
-                for p in getattr(t, "inputs", []):
+                for p in list(getattr(t, "inputs", [])):
                     if p.op == "DequantizeLinear":
+                        _split_dq(graph, p, ids, names)
                         out.add(id(p))
     return out
+
+
+def _split_dq(graph: gs.Graph, dq: gs.Node, kept: set[int], names: set) -> None:
+    """The low-precision readers of a DQ that also feeds an FP32-kept layer get their own copy of it, converted
+    with them: through DQ(FP32 scale) -> Cast they would pair an FP32 activation scale with the weight's FP16
+    one, which TensorRT-RTX rejects ("type mismatch between matmul operand scales": uniform FP8 tiny SDXL
+    UNet with planted outliers, text states read by FP32 to_k and FP16 to_v)."""
+    y = dq.outputs[0]
+    low = [c for c in y.outputs if id(c) not in kept]
+    if not low or y in graph.outputs:
+        return
+    y2 = gs.Variable(G.unique_name(f"{y.name}_low", names), dtype=y.dtype, shape=y.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(f"{dq.name}_low", names), inputs=list(dq.inputs),
+                               outputs=[y2], attrs=dict(dq.attrs)))
+    for c in low:
+        for i, x in enumerate(c.inputs):
+            if x is y:
+                c.inputs[i] = y2
 
 
 def _dtype(t: gs.Tensor):

@@ -151,6 +151,51 @@ def test_rtx_rounds_drop_unfused_fp8_attention(minilm_shaped, tmp_path):
 
 
 @rtx_test
+def test_rtx_probe_tries_each_attention_format(minilm_shaped, tmp_path):
+    """FP8 and INT8 candidates for the attention block at 31 tokens: whichever the choice takes, the other format
+    is probed in its own build first; FP8 (unfused at 31) leaves the BMMs' candidates, INT8 (fused) stays."""
+    a, engine = _auto(tmp_path, *minilm_shaped, "--formats", "fp8,int8", "--target-cosine", "0.99")
+    rows = a["cost_model"]["rounds"]
+    probes = [r for r in rows if "probe" in r]
+    assert len(probes) == 1 and probes[0]["round"] == f"probe {probes[0]['probe']}" and probes[0]["probed_blocks"] == 1
+    dropped = {(x["layer"], x["format"]) for r in rows for x in r["no_savings"]}
+    assert dropped == {("attn_qk", "fp8"), ("attn_pv", "fp8")}        # INT8 fused at 31 tokens, FP8 did not
+    assert probes[0]["fused_attention"] == ({"int8": 1} if probes[0]["probe"] == "int8" else {})
+    assert rows[-1]["no_savings"] == [] and a["met"] is True and len(rows) <= 3
+    assert a["layers"]["attn_qk"]["choice"] in ("int8", "none") and "did not fuse" in a["layers"]["attn_pv"]["not_candidates"]["fp8"]
+    assert engine["quantized_in_quantized_kernels"] == engine["quantized_layers"] and not engine["attention"]["quantized_unfused"]
+
+
+@rtx_test
+def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
+    """Tiny transformer, 12 heads x 64 tokens, real builds through the engine Writer: INT8 attention before an FP8
+    o_proj does not fuse (FP8 attention does); the INT8 probe of an all-FP8 mix keeps o_proj FP8, so INT8 leaves
+    the BMMs' candidates."""
+    model, calib = tmp_path / "t64.onnx", tmp_path / "c.npz"
+    tiny.save(tiny.transformer(d=384, heads=12, seq=64), model)
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (8, 64)).astype(np.int64))
+    seen = {}
+
+    def refine(mix, choose, writer, layers, verify, max_rounds=3):
+        fp8 = {n: ("fp8" if "fp8" in layers[n].formats else "none") for n in mix}
+        seen["int8_before_fp8"] = writer.engine_report({**{n: "int8" if f == "fp8" else f for n, f in fp8.items()}, "o_proj": "fp8"})
+        seen["fp8_before_int8"] = writer.engine_report({**fp8, "o_proj": "int8"})
+        seen["probes"] = aq_engine.probe(fp8, writer, layers)
+        return mix, []
+    monkeypatch.setattr(aq_engine, "refine", refine)
+    r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--bits", "8", "--cost-model", "rtx", "--calib", str(calib),
+                                  "-o", str(tmp_path / "q.onnx"), "-q"])
+    assert r.exit_code == 0, r.output
+    bad, good = seen["int8_before_fp8"]["attention"], seen["fp8_before_int8"]["attention"]
+    assert bad["fused_by_precision"] == {} and bad["quantized_unfused"] == ["attn_softmax"]
+    assert seen["int8_before_fp8"]["quantized_in_quantized_kernels"] == seen["int8_before_fp8"]["quantized_layers"] == 8
+    assert good["fused_by_precision"] == {"fp8": 1}
+    (p,) = seen["probes"]   # the mix is all FP8: only INT8 is probed
+    assert p["probe"] == "int8" and p["counts"]["int8"] == 2 and p["fused_attention"] == {}
+    assert {(x["layer"], x["format"]) for x in p["no_savings"]} == {("attn_qk", "int8"), ("attn_pv", "int8")}
+
+
+@rtx_test
 @pytest.mark.slow
 def test_rtx_rounds_drop_int4_after_attention(minilm_shaped, tmp_path):
     """INT4 at 4 bits: the projection after the fused attention runs as an FP16 GEMM with a batch-1 profile."""

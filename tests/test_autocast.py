@@ -73,3 +73,34 @@ def test_fp32_view_restores_a_runnable_fp32_graph(tmp_path):
     (a,) = _run(src, {"x": x})
     (b,) = ort.session(view).run(None, {"x": x})
     np.testing.assert_allclose(a, b, atol=2e-2)
+
+
+def test_dq_shared_by_fp32_and_fp16_layers_is_split(tmp_path):
+    """One activation Q/DQ read by a MatMul kept FP32 and one converted: the converted one gets its own DQ with an
+    FP16 scale (TensorRT-RTX rejects a MatMul whose activation scale is FP32 behind a Cast and whose weight
+    scale is FP16), the kept one dequantizes to FP32; outputs still match ORT's FP32 run."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x_dq")]
+    inits = [nh.from_array(np.array(0.02, np.float32), "xs"), nh.from_array(np.array(0, np.int8), "xz")]
+    for name in ("keep", "low"):
+        inits += [nh.from_array(rng.integers(-127, 128, (16, 8)).astype(np.int8), f"{name}_wq"),
+                  nh.from_array(np.array(0.01, np.float32), f"{name}_ws")]
+        nodes += [h.make_node("DequantizeLinear", [f"{name}_wq", f"{name}_ws"], [f"{name}_w"]),
+                  h.make_node("MatMul", ["xd", f"{name}_w"], [f"y_{name}"], name=name)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 16])],
+                     [h.make_tensor_value_info(f"y_{n}", T.FLOAT, [4, 8]) for n in ("keep", "low")], inits)
+    src = h.make_model(g, opset_imports=[h.make_opsetid("", 19)])
+    graph = io.import_graph(onnx.ModelProto.FromString(src.SerializeToString()))  # import may take the weights
+    autocast.to_low_precision(graph, "fp16", keep_fp32_nodes=("keep",))
+    nodes = {n.name: n for n in graph.nodes}
+    scale = lambda mm: mm.inputs[0].inputs[0]   # noqa: E731  (the DQ feeding the MatMul's activation)
+    assert scale(nodes["keep"]).op == scale(nodes["low"]).op == "DequantizeLinear" and scale(nodes["keep"]) is not scale(nodes["low"])
+    assert scale(nodes["keep"]).inputs[1].dtype == np.float32 and scale(nodes["low"]).inputs[1].dtype == np.float16
+    assert scale(nodes["low"]).inputs[0] is scale(nodes["keep"]).inputs[0]       # one Q, two DQs
+    m16 = io.export_graph(graph)
+    io.stamp_ir_version(m16)
+    out = tiny.save(m16, tmp_path / "m16.onnx")
+    feed = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+    ref = ort.session(src).run(None, feed)
+    for a, b in zip(ref, _run(out, feed)):
+        np.testing.assert_allclose(a, b.astype(np.float32), rtol=1e-2, atol=1e-2 * np.abs(a).max())  # FP16 sums

@@ -2,7 +2,9 @@
 output would be (mixed Q/DQ, then the recipe's autocast) and built with TensorRT-RTX on the CPU. A quantized
 layer that did not land in its quantized kernel, and both BMMs of a quantized attention block that did not
 fuse, save nothing in that format: the format leaves the layer's candidates (FP16 costs the same and loses
-nothing), with the builder's reason, and the mix is chosen and verified again; at most a few rounds."""
+nothing), with the builder's reason, and the mix is chosen and verified again; at most a few rounds. Attention
+fusion depends on each block's sequence lengths, so one probe build per 8-bit format first tries every block
+in that format."""
 from __future__ import annotations
 
 import logging
@@ -104,29 +106,66 @@ def no_savings(rep: dict, mix: dict, graph: gs.Graph) -> dict:
     return out
 
 
+def _row(label, mix: dict, rep: dict, found: dict, verified) -> dict:
+    att = rep["attention"]
+    return {"round": label, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")},
+            "quantized_in_quantized_kernels": rep["quantized_in_quantized_kernels"],
+            "quantized_layers": rep["quantized_layers"], "fused_attention": att["fused_by_precision"],
+            "attention_blocks": att["blocks"], "weights_memory": rep["weights"]["engine_weights_memory"],
+            "weights_vs_fp16": rep["weights"]["vs_fp16"], "verified": verified,
+            "no_savings": [{"layer": n, "format": f, "reason": why} for (n, f), why in found.items()]}
+
+
+def _drop(found: dict, layers: dict) -> None:
+    for (n, f), why in found.items():
+        l = layers[n]
+        if f in l.formats:
+            l.formats.remove(f)
+            l.reasons[f] = why + " (saves nothing)"
+
+
+def probe(mix: dict, writer: Writer, layers: dict) -> list:
+    """Per 8-bit format f, one build of `mix` with every attention block that can take f set to f; the blocks
+    that did not fuse lose f. Whether a block fuses depends on its sequence lengths (tiny SDXL UNet at an 8x8
+    latent: FP8 fused all 17 cross-attention blocks (77 keys) and none of the 17 self-attention blocks (16 or 4
+    tokens). Each block's other layers keep their chosen formats: INT8 attention fuses only into an INT8
+    reader (groups.py), so INT8 leaves the blocks whose output projection the choice did not make INT8
+    (on that UNet: all 34, which fused in INT8 when their to_out was INT8 too). Without the probe each round tried the format on the few
+    blocks the choice had moved there and 3 rounds did not converge. One report row per probe."""
+    blocks = [b for b in attention_blocks(writer.graph) if b["qk"] in layers and b["pv"] in layers]
+    rows = []
+    for f in ("fp8", "int8"):
+        take = [b for b in blocks if f in layers[b["qk"]].formats and f in layers[b["pv"]].formats]
+        if not take or all(mix.get(b["qk"]) == f and mix.get(b["pv"]) == f for b in take):
+            continue   # nothing to try, or round 0 tries exactly this
+        trial = dict(mix)
+        for b in take:
+            trial[b["qk"]] = trial[b["pv"]] = f
+        rep = writer.engine_report(trial)
+        bmms = {n for b in take for n in (b["qk"], b["pv"])}
+        found = {k: why for k, why in no_savings(rep, trial, writer.graph).items() if k[0] in bmms and k[1] == f}
+        rows.append(_row(f"probe {f}", trial, rep, found, None) | {"probe": f, "probed_blocks": len(take)})
+        log.info("engine probe %s: %d of %d attention blocks fused", f, len(take) - len(found) // 2, len(take))
+        _drop(found, layers)
+    return rows
+
+
 def refine(mix: dict, choose, writer: Writer, layers: dict, verify, max_rounds: int = MAX_ROUNDS) -> tuple[dict, list]:
-    """Build `mix`, drop the formats that saved nothing from their layers' candidates, `choose()` again and
-    `verify(mix)` (held-out metrics); until the engine runs every quantized layer in its quantized kernel, or
-    `max_rounds` rebuilds. Returns (mix, rounds), one report row per build."""
-    rounds = []
+    """Probe the attention blocks (`probe`), then build `mix`, drop the formats that saved nothing from their
+    layers' candidates, `choose()` again and `verify(mix)` (held-out metrics); until the engine runs every
+    quantized layer in its quantized kernel, or `max_rounds` rebuilds. Returns (mix, rows), one report row
+    per build (probes first)."""
+    rows = probe(mix, writer, layers)
+    if any(r["no_savings"] for r in rows):
+        mix = choose()
     for i in range(max_rounds + 1):
         rep = writer.engine_report(mix)
         found = no_savings(rep, mix, writer.graph)
-        att = rep["attention"]
-        rounds.append({"round": i, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")},
-                       "quantized_in_quantized_kernels": rep["quantized_in_quantized_kernels"],
-                       "quantized_layers": rep["quantized_layers"], "fused_attention": att["fused_by_precision"],
-                       "attention_blocks": att["blocks"], "weights_memory": rep["weights"]["engine_weights_memory"],
-                       "weights_vs_fp16": rep["weights"]["vs_fp16"], "verified": verify(mix),
-                       "no_savings": [{"layer": n, "format": f, "reason": why} for (n, f), why in found.items()]})
+        rows.append(_row(i, mix, rep, found, verify(mix)))
         log.info("engine round %d: %d/%d quantized layers in quantized kernels; %d (layer, format) save nothing",
                  i, rep["quantized_in_quantized_kernels"], rep["quantized_layers"], len(found))
         if not found or i == max_rounds:
             break
-        for (n, f), why in found.items():
-            l = layers[n]
-            if f in l.formats:
-                l.formats.remove(f)
-                l.reasons[f] = why + " (saves nothing)"
+        _drop(found, layers)
         mix = choose()
-    return mix, rounds
+    return mix, rows

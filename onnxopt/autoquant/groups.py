@@ -7,13 +7,27 @@ the sum of theirs. What the builder showed (TensorRT-RTX 1.7.1, CPU builds of ti
 - not tied: Q/K/V projections reading one activation in different formats (INT8 + FP8, INT8 + INT4) all
   ran in their quantized kernels and the attention still fused; FP8 and INT8 MLP layers side by side too;
   on a 64-channel CNN, a residual Add whose Conv is FP8 and whose skip comes from an INT8 Conv (and the
-  reverse), and one activation read by an FP8 and an INT8 Conv: every Conv in its quantized kernel.
+  reverse), and one activation read by an FP8 and an INT8 Conv: every Conv in its quantized kernel;
+  tiny SDXL UNet with planted outliers (127 FP8 + 203 INT8 layers: FP8 and INT8 resnet convs, residual
+  adds, GEGLU, time embedding Gemms, to_k/to_v of the text states in either format): 330/330 in their
+  quantized kernels, at 8x8 and 32x32 latents.
+- tied, seen again on that UNet: the mixes chosen before this rule had Q·Kᵀ INT8 and ·V FP8 (or FP16) in
+  every block: 0 of 34 blocks fused, at 8x8 and 32x32 latents alike.
+- not tied, one way only: INT8 attention fused only when the layer reading its output (o_proj) was INT8 too
+  (tiny transformer, 12 heads x 64 tokens: o_proj FP8 or FP16 -> no fused attention, all layers still in
+  their kernels); FP8 attention fused with o_proj in FP8, INT8 or FP16, and with INT8 or FP8 Q/K/V
+  projections; tiny SDXL UNet at an 8x8 latent: INT8 fused all 34 blocks with to_out INT8, none with
+  to_out FP8. A tie would forbid FP16 or FP8 attention before an INT8 o_proj, so the engine cost model
+  handles it: its INT8 probe keeps the chosen readers, and INT8 leaves the blocks it does not fuse in.
+  Letting the choice take "INT8 block => INT8 reader" as a constraint is not done yet.
 - not static: an INT4 weight-only layer right after a fused attention block (softmax·V -> Transpose ->
   Reshape -> MatMul) ran as a separate INT4 dequantize kernel + FP16 GEMM with a static batch-1 profile
   (MiniLM 1x31, tiny transformer 1x64, any block size) but in its INT4 kernel with a 1..2 batch profile;
   FP8 fused attention needed a sequence length of 32 or 64 where 31 did not fuse (INT8 fused at 31; uniform
-  FP8 MiniLM at 1x31: 48/48 layers in FP8 kernels, none of its 6 attention blocks fused). These
-  depend on the build's shapes, so the engine cost model (engine.py) finds them from the engine report.
+  FP8 MiniLM at 1x31: 48/48 layers in FP8 kernels, none of its 6 attention blocks fused); tiny SDXL UNet
+  at an 8x8 latent: FP8 fused the 17 cross-attention blocks (77 keys), not the 17 self-attention blocks
+  (16 or 4 tokens) (INT8 there: a matter of the reader, above). These depend on the build's shapes, so the engine cost model
+  (engine.py: probe builds, then rounds) finds them from the engine report.
 """
 from __future__ import annotations
 
