@@ -52,6 +52,9 @@ QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gat
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
+# Each CUDA session keeps its own cuBLAS/cuDNN handles, workspaces and arena: with every stage cached, the
+# full-size SDXL run (32 stages, H200) failed to allocate GPU resources. On CUDA only a few stay loaded.
+MAX_CACHED_CUDA = 4
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -355,7 +358,8 @@ class StagedEvaluator:
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
         size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
-        while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
+        cap = MAX_CACHED_CUDA if self.provider == "cuda" else math.inf
+        while self.cached and (sum(b for _, b in self.cached.values()) + size > self.budget or len(self.cached) >= cap):
             self.cached.popitem(last=False)
         t = time.perf_counter()
         sess = ort.session(m, provider=self.provider, level="disable")
