@@ -289,3 +289,23 @@ def test_tiny_sdxl_staged_sensitivities_rank_like_exact(tmp_path):
     assert _spearman([exact[k] for k in keys], [approx[k] for k in keys]) >= 0.9
     ratio = np.array([approx[k] / exact[k] for k in keys if exact[k] > 0])
     assert 0.5 < np.median(ratio) < 2.0
+
+
+def test_cuda_keeps_few_stage_sessions(setup, monkeypatch):
+    """On CUDA every session holds its own handles, workspaces and arena: at most MAX_CACHED_CUDA stay loaded
+    even where the budget would keep all of them (sessions made on the CPU here, the provider being the rule's)."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(io.export_graph(graph), 3)
+    made = ort.session
+    monkeypatch.setattr(staged.ort, "session", lambda m, provider="cpu", **k: made(m, provider="cpu", **k))
+    monkeypatch.setattr(staged, "MAX_CACHED_CUDA", 2)
+    monkeypatch.setattr(staged, "GROUP", 1)
+    mix = {n: l.formats[1] for n, l in cands.layers.items()}
+    ev = staged.StagedEvaluator(model, index, search, verify, "cuda", shapes, where, progress=False,
+                                memory_budget_mb=64)
+    a = ev.metrics(ev.gates(mix), "verify")
+    assert len(ev.cached) <= 2 and ev.peak_live <= 3
+    cpu = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64)
+    assert cpu.metrics(cpu.gates(mix), "verify") == a and len(cpu.cached) > 2
