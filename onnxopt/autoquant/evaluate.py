@@ -17,17 +17,9 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- evaluation
-class Evaluator:
-    """One ORT session over the gated graph; outputs of the FP32 reference are computed once."""
-
-    def __init__(self, model, index: dict, search: list, verify: list, provider: str, shape_names: dict):
-        self.index = index
-        self.sess = ort.session(model, provider=provider, level="disable")
-        self.out = self.sess.get_outputs()[0].name
-        self.shape_names = shape_names
-        self.search, self.verify = search, verify
-        self.shapes: dict[str, list] = {}
-        self.ref = {"search": self._outputs(self.zeros(), search, shapes=True), "verify": self._outputs(self.zeros(), verify)}
+class Gates:
+    """The gate vector of a mix over `self.index` ({(layer, format): gate}), shared by both evaluators."""
+    index: dict
 
     def zeros(self) -> np.ndarray:
         return np.zeros(max(len(self.index), 1), np.float32)
@@ -38,6 +30,19 @@ class Evaluator:
             if f != "none":
                 g[self.index[(layer, f)]] = 1.0
         return g
+
+
+class Evaluator(Gates):
+    """One ORT session over the gated graph; outputs of the FP32 reference are computed once."""
+
+    def __init__(self, model, index: dict, search: list, verify: list, provider: str, shape_names: dict):
+        self.index = index
+        self.sess = ort.session(model, provider=provider, level="disable")
+        self.out = self.sess.get_outputs()[0].name
+        self.shape_names = shape_names
+        self.search, self.verify = search, verify
+        self.shapes: dict[str, list] = {}
+        self.ref = {"search": self._outputs(self.zeros(), search, shapes=True), "verify": self._outputs(self.zeros(), verify)}
 
     def _outputs(self, gates, feeds, shapes=False) -> np.ndarray:
         names = [self.out] + (list(self.shape_names) if shapes else [])

@@ -41,7 +41,7 @@ from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
-from .evaluate import cosine, metrics_of
+from .evaluate import Gates, cosine, metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class _Store:
 
 
 # ---------------------------------------------------------------- the evaluator
-class StagedEvaluator:
+class StagedEvaluator(Gates):
     """The Evaluator's interface (index, zeros, gates, metrics, ref, shapes, sensitivities) over the gated graph
     cut into stages, one stage's session alive at a time."""
 
@@ -336,16 +336,6 @@ class StagedEvaluator:
         self.stats["reference_s"] = time.perf_counter() - t
         self.ref = {k: np.concatenate([self.refout[b] for b in v]) for k, v in self.ids.items() if k != "all"}
         log.info("staged evaluation: %d stages (one session at a time)", self.plan.n)
-
-    def zeros(self) -> np.ndarray:
-        return np.zeros(max(len(self.index), 1), np.float32)
-
-    def gates(self, mix: dict) -> np.ndarray:
-        g = self.zeros()
-        for layer, f in mix.items():
-            if f != "none":
-                g[self.index[(layer, f)]] = 1.0
-        return g
 
     # ------------------------------------------------------------ sessions and feeds
     def _session(self, s: int, errors: bool = False, only=None):
