@@ -167,6 +167,9 @@ def test_pass_with_stages_forced_meets_its_target(deep, tmp_path):
     x = np.load(calib)["x"][-10:]                    # the held-out quarter of the calibration samples
     assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.995
     assert all(l["macs"] > 0 for l in a["layers"].values())
+    st = a["staged"]                                 # where the staged time went, in the report
+    assert st["n"] == 3 and st["peak_live"] >= 1 and st["loads"] >= 3
+    assert sum(v["candidates"] for v in st["stages"].values()) == sum(len(l["candidates"]) - 1 for l in a["layers"].values())
     # restartable, and the one-graph sensitivities are not taken for staged ones (nor the reverse)
     assert CliRunner().invoke(main, args).exit_code == 0
     assert json.loads(rep.read_text())["autoquant"]["measured_now"] == 0

@@ -131,6 +131,10 @@ class AutoQuant(PassBase):
         if self.cost_model == "rtx":
             mix, trials, rounds = self._engine_rounds(ctx, ev, cands, mix, trials, amax, means, search)
         final = ev.metrics(ev.gates(mix), self._split())
+        staged = getattr(ev, "stats", None)  # staged evaluation: stages, session loads, per-stage seconds
+        if staged is not None:
+            staged = {**staged, "stages": {str(k): v for k, v in staged["stages"].items()}, "n": ev.plan.n,
+                      "loads": ev.loads, "peak_live": ev.peak_live}
         del ev
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
@@ -139,6 +143,8 @@ class AutoQuant(PassBase):
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
         rep["groups"] = groups
+        if staged is not None:
+            rep["staged"] = staged
         for name, g in groups.items():
             for m in g["members"]:
                 rep["layers"][m]["group"] = name
