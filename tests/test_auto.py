@@ -103,15 +103,22 @@ def test_search_keeps_k_standard_errors_to_spare(se):
     assert all(t["passed"] == (t["cosine"] >= 0.999 + t["margin"]) for t in trials)
 
 
+def _calibrated(model, calib, formats):
+    """The MLP loaded at opset 21, its candidates for `formats` and the one calibration pass over each sample."""
+    from onnxopt import pipeline
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    p = AutoQuant(formats, bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    return graph, p, cands, feeds, amax, means
+
+
 def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
     model, calib = mlp
     from onnxopt import pipeline
-    graph = io.import_graph(pipeline.load(str(model), 21))
-    p = AutoQuant(("fp8", "int8", "int4"), bits=8)
-    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    graph, p, cands, feeds, amax, means = _calibrated(model, calib, ("fp8", "int8", "int4"))
     assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int4"]
-    feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
-    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
     from onnxopt.quant import mixed
     mix = {"layer0": "fp8", "layer1": "int4", "layer2": "int8"}
     info = mixed.insert(graph, mix, p.configs(), amax, means, high_precision="fp32", block_size=32)
@@ -189,12 +196,8 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
     model, calib = mlp
     from onnxopt import pipeline
     from onnxopt.quant import mixed
-    graph = io.import_graph(pipeline.load(str(model), 21))
-    p = AutoQuant(("fp8", "int8", "int8-sq"), bits=8)
-    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    graph, p, cands, feeds, amax, means = _calibrated(model, calib, ("fp8", "int8", "int8-sq"))
     assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int8-sq"]
-    feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
-    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
     assert cands.smooth["r0"].alpha is not None and cands.smooth["r0"].s.max() > 10  # the outlier channel moved
     gated = io.import_graph(pipeline.load(str(model), 21))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
