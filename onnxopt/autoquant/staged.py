@@ -47,14 +47,16 @@ log = logging.getLogger(__name__)
 
 MAX_STAGES = 32
 LARGE = 1000          # candidates beyond which the model counts as large: staged for time, not only for memory
-PER_STAGE = 128       # candidates per stage of a large model (a candidate costs a forward of its stage)
+PER_STAGE = 32        # candidates per stage of a large model (a candidate costs a forward of its stage;
+                      # full-size SDXL, H200, 32 stages: 0.04-0.15 s a candidate, fewer stages: longer forwards)
 QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
-# Each CUDA session keeps its own cuBLAS/cuDNN handles, workspaces and arena: with every stage cached, the
-# full-size SDXL run (32 stages, H200) failed to allocate GPU resources. On CUDA only a few stay loaded.
-MAX_CACHED_CUDA = 4
+# On CUDA an If's subgraph runs on a stream of its own, made with its own cuBLAS/cuDNN handles and kept by the
+# session: the full-size SDXL run (32 stages, ~1000 Ifs, H200) failed in cublasCreate, at stage 16 with every
+# stage cached and at stage 31 with four. CUDA stages therefore carry no Ifs: each gate is inlined as its
+# then-branch and a Where on the gate (`_Plan.inline`), which costs one Q/DQ per gate and run.
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -70,15 +72,24 @@ def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
     return int(min(MAX_STAGES, max(1, memory, speed)))
 
 
-def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None) -> dict:
+def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers=()) -> dict:
     """Node name (or, unnamed, its first output) of the FP32 model -> its stage. With a `feed`, each cut goes
-    where the fewest activation bytes cross it (they wait on disk for every batch)."""
-    sizes = None
+    where the fewest activation bytes cross it (they wait on disk for every batch), and the stages balance
+    weight bytes, activation bytes made (a candidate's cost is a forward of its stage: attention at 4096
+    tokens costs more than its weights say) and `layers` (the candidates' nodes), a third each."""
+    sizes, cost = None, None
     if feed is not None and n > 1:
         from ..calib.collect import _estimate_bytes
         sizes = _estimate_bytes(model, feed, cstages._tensor_names(model))
+        wsum = max(1.0, float(sum(io.tensor_bytes(t) for t in model.graph.initializer)))
+        asum = max(1.0, float(sum(sizes.values())))
+        mine = set(layers)
+
+        def cost(nd, wb):
+            made = sum(sizes.get(o, 0) for o in nd.output)
+            return wb / wsum + made / asum + ((nd.name in mine) / len(mine) if mine else 0.0)
     where = {}
-    for si, st in enumerate(cstages.split_stages(model, n, sizes)):
+    for si, st in enumerate(cstages.split_stages(model, n, sizes, cost)):
         for nd in st.nodes:
             where[nd.name or nd.output[0]] = si
     return where
@@ -174,6 +185,7 @@ class _Plan:
         self.made_in = {o: s for s, st in enumerate(self.stages) for o in st["outputs"]}
         self.graph_inputs = {vi.name: vi for vi in g.input}
         self.last_use = last_use
+        self.inline = False  # gates as Where(gate, then-branch, input) instead of If (see the CUDA note above)
 
     @staticmethod
     def _gate_of(nodes, producer, inits) -> dict:
@@ -200,12 +212,13 @@ class _Plan:
         m.functions.extend(self.model.functions)
         m.graph.name = f"{self.model.graph.name}_stage{s}"
         nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
+        if self.inline:
+            nodes = self._inlined(nodes)
         m.graph.node.extend(nodes)
         reads = set().union(*(_reads(n) for n in nodes)) if nodes else set()
         m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
-        if only is not None:
-            made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
-            m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
+        made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
+        m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
         for name in st["inputs"]:
             if only is not None and name not in reads:
                 continue
@@ -247,6 +260,22 @@ class _Plan:
                 return keep
             dead = {id(n) for n in live}
             keep = [n for n in keep if id(n) not in dead]
+
+    def _inlined(self, nodes: list) -> list:
+        """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input)."""
+        out = []
+        for n in nodes:
+            g = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH} if n.op_type == "If" else {}
+            then, els = g.get("then_branch"), g.get("else_branch")
+            if n.name not in self.gate_by_node or then is None or els is None or len(els.node) != 1 \
+                    or els.node[0].op_type != "Identity":
+                out.append(n)
+                continue
+            src = els.node[0].input[0]  # read here: `_pruned` may have renamed it
+            out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
+            out.append(helper.make_node("Where", [n.input[0], then.output[0].name, src], [n.output[0]],
+                                        name=f"{n.name}__where"))
+        return out
 
     def float_outputs(self, s: int, types: dict) -> list:
         return [o for o in self.stages[s]["outputs"] if o in types and types[o].dtype == np.float32]
@@ -313,9 +342,11 @@ class StagedEvaluator(Gates):
     cut into stages, one stage's session alive at a time."""
 
     def __init__(self, model: onnx.ModelProto, index: dict, search: list, verify: list, provider: str,
-                 shape_names: dict, where: dict, workdir=None, progress: bool = True, memory_budget_mb: int = 0):
+                 shape_names: dict, where: dict, workdir=None, progress: bool = True, memory_budget_mb: int = 0,
+                 inline: bool | None = None):
         self.index = index
         self.plan = _Plan(model, where, index)
+        self.plan.inline = provider == "cuda" if inline is None else inline
         self.provider, self.progress, self.shape_names = provider, progress, shape_names
         self.feeds = list(search) + list(verify)
         ns = len(search)
@@ -348,8 +379,7 @@ class StagedEvaluator(Gates):
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
         size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
-        cap = MAX_CACHED_CUDA if self.provider == "cuda" else math.inf
-        while self.cached and (sum(b for _, b in self.cached.values()) + size > self.budget or len(self.cached) >= cap):
+        while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
         sess = ort.session(m, provider=self.provider, level="disable")
@@ -467,8 +497,9 @@ class StagedEvaluator(Gates):
             t2 = time.perf_counter()
             self.stats["stages"][s] = {"candidates": len(by_stage[s]), "candidates_s": t1 - t0, "gain_s": t2 - t1,
                                        "gain": gain}
-            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each), gain probe %.1f s", s + 1, self.plan.n,
-                     len(by_stage[s]), t1 - t0, (t1 - t0) / max(1, len(by_stage[s])), t2 - t1)
+            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each), gain probe %.1f s; sessions: %d loaded, "
+                     "%d alive", s + 1, self.plan.n, len(by_stage[s]), t1 - t0, (t1 - t0) / max(1, len(by_stage[s])),
+                     t2 - t1, self.loads, self.live)
             for key in by_stage[s]:
                 yield key, gain * rse[key]
         for key in spanning:

@@ -42,12 +42,15 @@ def stage_count(model: onnx.ModelProto, budget: int) -> int:
     return int(min(MAX_STAGES, max(1, math.ceil(total / max(budget, STAGE_MIN_BYTES)))))
 
 
-def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None) -> list[Stage]:
-    """Cut the graph into `n` stages of about equal weight bytes. Each cut is placed, among the positions
-    near its target, where the fewest activation bytes cross it (`sizes`: tensor name -> bytes)."""
+def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None, cost=None) -> list[Stage]:
+    """Cut the graph into `n` stages of about equal weight bytes (or equal `cost(node, weight bytes)`). Each cut
+    is placed, among the positions near its target, where the fewest activation bytes cross it (`sizes`:
+    tensor name -> bytes)."""
     nodes = _toposort(model.graph.node)
     inits = {t.name: io.tensor_bytes(t) for t in model.graph.initializer}
     w = np.array([sum(inits.get(i, 0) for i in set(nd.input)) for nd in nodes], dtype=np.float64)
+    if cost is not None:
+        w = np.array([cost(nd, wb) for nd, wb in zip(nodes, w)], dtype=np.float64)
     n = max(1, min(n, len(nodes)))
     cuts = [0]
     if n > 1:

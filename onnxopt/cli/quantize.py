@@ -40,7 +40,7 @@ from .common import (
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
 @click.option("--engine-shapes", multiple=True, help="With --cost-model rtx: the deployment shapes the engine check builds for, name:1x31 or name:MIN/OPT/MAX as in `build --shapes` (repeatable; default: one calibration sample's shapes).")
-@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, and one per 128 candidates beyond 1000 candidates; 1 = one graph.")
+@click.option("--auto-stages", type=int, help="With --auto: evaluate the candidates in N stages of the model, one stage's gated graph in memory at a time (big models); 0 (default) = as many as --memory-budget needs, and one per 32 candidates beyond 1000 candidates (at most 32); 1 = one graph.")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context

@@ -224,7 +224,7 @@ class AutoQuant(PassBase):
         if n > 1 and io.has_subgraphs(fp32.graph):
             log.warning("auto: the model has subgraphs (If/Loop); evaluating it in one gated graph, not %d stages", n)
             n = 1
-        where = autoquant.staged.fp32_stages(fp32, n, search[0]) if n > 1 else {}
+        where = autoquant.staged.fp32_stages(fp32, n, search[0], cands.layers) if n > 1 else {}
         gated = io.import_graph(fp32)
         del fp32
         index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
