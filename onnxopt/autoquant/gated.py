@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from .. import fold, io
 from .. import graph as G
 from ..progress import track
-from ..quant import bias_correction, blockwise, qdq, rules
+from ..quant import bias_correction, blockwise, fp8, qdq, rules
 from . import smooth
 from .candidates import EIGHT_BIT, GATES, Candidates, Layer
 
@@ -212,7 +212,7 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
         amax = np.max(np.abs(w), axis=red, keepdims=True)
         scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
         q = f.cast(w / scale)
-        wq = q.astype(np.float32) * scale
+        wq = (fp8.to_float(q) if fmt == "fp8" else q.astype(np.float32)) * scale
         qc = io.constant(G.unique_name(base + "_q", b.names), q)  # spilled: stays lazy
         scale, attrs = scale.reshape(-1), {"axis": axis}
     sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))

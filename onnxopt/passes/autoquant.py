@@ -255,7 +255,7 @@ class AutoQuant(PassBase):
         h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
         if getattr(self, "_stages_used", 1) > 1:
-            h.update(f"stages={self._stages_used}".encode())
+            h.update(f"stages={self._stages_used},{autoquant.staged.ERROR_BATCHES},{autoquant.staged.GAIN_BATCHES}".encode())
         for n in graph.nodes:
             h.update(f"{n.op}:{n.name};".encode())
         return h.hexdigest()

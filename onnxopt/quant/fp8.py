@@ -34,5 +34,13 @@ def cast(x_over_scale: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(x_over_scale))
 
 
+_TO_FLOAT = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def to_float(q: np.ndarray) -> np.ndarray:
+    """`q.astype(float32)` by table lookup: the same values, without ml_dtypes' one-element-at-a-time loop."""
+    return _TO_FLOAT[np.asarray(q).view(np.uint8)]
+
+
 def zero_point(shape=()) -> np.ndarray:
     return np.zeros(shape, dtype=ml_dtypes.float8_e4m3fn)
