@@ -324,3 +324,11 @@ def test_cuda_stages_inline_their_gates(setup, monkeypatch):
     x, y = cuda._stage_errors(1, keys, False), cpu._stage_errors(1, keys, False)
     for k in keys:
         assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-12)
+
+
+def test_bound_inputs_keep_their_rank():
+    """A scalar crossing a stage boundary (Gather of a Shape) is bound as a scalar, not as a 1-element vector."""
+    for a in (np.array(7, np.int64), np.zeros((2, 3), np.float32)[:, ::2], np.ones(4, np.float32)):
+        v = staged.onnxruntime_value(a, "cpu")
+        assert v.shape() == list(a.shape)
+        np.testing.assert_array_equal(v.numpy(), a)

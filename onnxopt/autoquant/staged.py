@@ -581,7 +581,9 @@ class StagedEvaluator(Gates):
 
 def onnxruntime_value(a: np.ndarray, device: str):
     import onnxruntime
-    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0)
+    # np.ascontiguousarray makes a 0-d array 1-d: a scalar crossing stages (a Shape's Gather) kept its rank
+    # only on the If path; the full-size SDXL run failed on it at a cut inside an attention's shape math.
+    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a).reshape(np.shape(a)), device, 0)
 
 
 def _sq_lead(a) -> np.ndarray:
