@@ -63,11 +63,13 @@ def test_sensitive_layer_kept_and_target_met(mlp, tmp_path):
     x = np.load(calib)["x"][-4:]
     assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.9995
     assert a["met"] is True and a["verified"]["cosine"] >= 0.9995
-    # the verification margin is 1.64 standard errors of the mean per-sample cosine of the saved graph (every
-    # calibration sample)
+    # verified on the held-out quarter, with 1.64 standard errors of its mean to spare: the spread of every
+    # calibration sample's cosine over sqrt(4)
     x = np.load(calib)["x"]
     cos = autoquant.sample_cosines(_run(model, x), _run(out, x))
-    assert a["margin"] == pytest.approx(1.64 * cos.std(ddof=1) / np.sqrt(len(cos)), rel=0.05, abs=1e-8)
+    assert a["verified"]["cosine"] == pytest.approx(cos[-4:].mean(), abs=1e-7) and a["verified"]["n"] == 4
+    assert a["verified"]["cosine_all"] == pytest.approx(cos.mean(), abs=1e-7)
+    assert a["margin"] == pytest.approx(1.64 * cos.std(ddof=1) / np.sqrt(4), rel=0.05, abs=1e-8)
     assert a["verified"]["cosine"] >= 0.9995 + a["margin"]
     # restartable: the saved sensitivities are reused, nothing is measured again
     r = CliRunner().invoke(main, args)
@@ -263,3 +265,25 @@ def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
     assert info["conv1"]["format"] == fmt and info["conv1"]["bias_correction"] > 0
     got = ort.session(io.export_graph(graph, opset=21), level="disable").run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
+def test_search_steps_by_the_measured_error(scale, monkeypatch):
+    """Measured error = `scale` x the predicted one: the budget moves by allowed over measured error, so the
+    target is bracketed and met in fewer verifications than stepping by 8, with the same mix."""
+    from onnxopt.autoquant import search
+    from onnxopt.autoquant.candidates import Layer
+    layers = {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
+                             error={"none": 0.0, "int8": 1e-5 * (1 + i % 7)}) for i in range(300)}
+
+    class Scaled(_Stub):
+        def metrics(self, mix, split):
+            m = super().metrics(mix, split)
+            return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    mix, trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
+    monkeypatch.setattr(search, "_step", lambda metric, got, need, ok: 8.0 if ok else 1 / 8)
+    old_mix, old_trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
+    q, old_q = (sum(f != "none" for f in m.values()) for m in (mix, old_mix))
+    assert scale * sum(layers[n].error[f] for n, f in mix.items()) <= 1e-3     # the chosen mix meets the target
+    assert q >= 0.95 * old_q                      # both stop within RATIO of the largest passing budget
+    assert len(trials) <= 3 < len(old_trials), (len(trials), len(old_trials))

@@ -120,7 +120,7 @@ def test_staged_metrics_equal_the_gated_graph(setup):
         mix = {n: l.formats[rng.integers(len(l.formats))] for n, l in cands.layers.items()}
         g = ev.gates(mix)
         np.testing.assert_array_equal(g, st.gates(mix))
-        for split in ("search", "verify", "all"):
+        for split in ("search", "verify", "all", "held-out"):
             a, b = ev.metrics(g, split), st.metrics(g, split)
             assert abs(a["cosine"] - b["cosine"]) <= 1e-6 and a["top1"] == b["top1"], (split, a, b)
     assert st.metrics(st.zeros())["cosine"] == pytest.approx(1.0)

@@ -62,23 +62,34 @@ class Evaluator(Gates):
             yield (name, f), max(0.0, 1.0 - self.metrics(self.gates({name: f}))["cosine"])
 
     def metrics(self, gates, split: str = "search") -> dict:
-        """Cosine and top-1 agreement on the "search" or "verify" batches, or on "all" of them."""
-        if split == "all":
+        """Cosine and top-1 agreement on the "search" or "verify" batches, or on "all" of them ("held-out": all
+        of them, the cosine the verify batches', see `metrics_of`)."""
+        if split in ("all", HELD_OUT):
             ref = np.concatenate([self.ref["search"], self.ref["verify"]])
             cand = np.concatenate([self._outputs(gates, self.search), self._outputs(gates, self.verify)])
-        else:
-            ref = self.ref[split]
-            cand = self._outputs(gates, self.search if split == "search" else self.verify)
+            return metrics_of(ref, cand, len(self.ref["verify"]) if split == HELD_OUT else 0)
+        ref = self.ref[split]
+        cand = self._outputs(gates, self.search if split == "search" else self.verify)
         return metrics_of(ref, cand)
 
 
-def metrics_of(ref: np.ndarray, cand: np.ndarray) -> dict:
+HELD_OUT = "held-out"
+
+
+def metrics_of(ref: np.ndarray, cand: np.ndarray, held: int = 0) -> dict:
     """Mean per-sample cosine with its standard error (how far the mean of these samples can sit from the
-    expected one), the sample count and top-1 agreement."""
+    expected one), the sample count and top-1 agreement. With `held` > 0 the last `held` rows are the held-out
+    samples: the cosine is theirs (samples that calibrated the ranges score higher: MiniLM, 0.99916 against
+    0.99891 held out, eval 0.99892), its standard error from the spread of all rows over sqrt(held); top-1 and
+    `cosine_all` stay over all rows (top-1 of a few samples moves in steps of 1/n)."""
     cos = sample_cosines(ref, cand)
     se = float(cos.std(ddof=1) / np.sqrt(len(cos))) if len(cos) > 1 else 0.0
-    return {"cosine": float(cos.mean()), "cosine_se": se, "n": len(cos),
-            "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+    out = {"cosine": float(cos.mean()), "cosine_se": se, "n": len(cos),
+           "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
+    if 0 < held < len(cos):
+        out.update(cosine=float(cos[-held:].mean()), cosine_se=se * np.sqrt(len(cos) / held), n=held,
+                   cosine_all=float(cos.mean()))
+    return out
 
 
 def sample_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:

@@ -18,12 +18,14 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
                   k: float = 0.0) -> tuple[dict, list]:
     """Largest error budget whose mix meets `target` + `margin` + `k` standard errors of the mean per-sample
     metric on the held-out batches (k = 1.64: the expected metric is above target with ~95% one-sided confidence),
-    found by bisection in log space from the additive prediction. A mix that misses is repaired by the smaller budget, which
+    found from the additive prediction by steps scaled by the measured error (`_step`), then by narrowing the
+    bracket in log space. A mix that misses is repaired by the smaller budget, which
     promotes its most sensitive layers first. Returns (mix, trials)."""
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
     b = (1.0 - target) if metric == "cosine" else 1e-3
     b = min(max(b, 1e-7), everything)
     lo, hi, best, trials, seen = 0.0, None, {n: "none" for n in layers}, [], {}
+    at_lo = at_hi = 0.0
     for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
         mix = mix_for_error(layers, b)
         key = tuple(sorted(mix.items()))
@@ -34,17 +36,38 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
         trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),
                        metric: got[metric], "margin": need, "passed": bool(ok), **bits_of(mix, layers)})
         if ok:
-            lo, best = b, mix
+            lo, best, at_lo = b, mix, got[metric]
         else:
-            hi = b
+            hi, at_hi = b, got[metric]
         if hi is None:
             if b >= everything:
                 break
-            b = min(b * 8, everything)
+            b = min(b * _step(metric, got[metric], target + need, ok), everything)
         elif lo == 0.0:
-            b = b / 8
+            b = b * _step(metric, got[metric], target + need, ok)
         else:
-            if hi / lo < RATIO:
+            if hi / lo <= RATIO:
                 break
-            b = math.sqrt(lo * hi)
+            b = lo * (hi / lo) ** _inside(metric, at_lo, at_hi, target + need)
     return best, trials
+
+
+def _inside(metric: str, at_lo: float, at_hi: float, need: float) -> float:
+    """Where in the bracket [lo, hi] (0..1 in log budget) to try next: for a cosine, where the line through the
+    two measured errors (log-log) meets the allowance, kept within 0.1..0.9 so the bracket always narrows;
+    otherwise (top-1) the middle."""
+    allowed, e_lo, e_hi = 1.0 - need, 1.0 - at_lo, 1.0 - at_hi
+    if metric != "cosine" or min(allowed, e_lo, e_hi) <= 0 or e_hi <= e_lo:
+        return 0.5
+    return min(max(math.log(allowed / e_lo) / math.log(e_hi / e_lo), 0.1), 0.9)
+
+
+def _step(metric: str, got: float, need: float, ok: bool) -> float:
+    """Factor to the next budget before the target is bracketed. A cosine error grows about in proportion to
+    the budget (the prediction is additive and measured ~1:1), so the budget moves by allowed error over
+    measured error instead of by 8; at least RATIO and at most 8 either way. Top-1 moves in steps: x8 or /8."""
+    if metric != "cosine":
+        return 8.0 if ok else 1 / 8
+    allowed, err = 1.0 - need, 1.0 - got
+    r = allowed / err if err > 0 and allowed > 0 else (8.0 if ok else 1 / 8)
+    return min(max(r, RATIO), 8.0) if ok else max(min(r, 1 / RATIO), 1 / 8)

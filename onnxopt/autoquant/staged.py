@@ -41,7 +41,7 @@ from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
-from .evaluate import Gates, cosine, metrics_of
+from .evaluate import HELD_OUT, Gates, cosine, metrics_of
 
 log = logging.getLogger(__name__)
 
@@ -475,12 +475,13 @@ class StagedEvaluator(Gates):
 
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
-        ids = self.ids[split]
+        ids = self.ids["all" if split == HELD_OUT else split]
         start = self._start(gates)
         out = self._chain(gates, ids, start)[0] if start < self.plan.n else {}
         ref = np.concatenate([self.refout[b] for b in ids])
         cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
-        return metrics_of(ref, cand)
+        held = sum(self.refout[b].shape[0] for b in self.ids["verify"]) if split == HELD_OUT else 0
+        return metrics_of(ref, cand, held)
 
     # ------------------------------------------------------------ sensitivities
     def sensitivities(self, todo: list, progress: bool = True):
