@@ -67,8 +67,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
-    Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean) get it added to
-    the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
+    Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
+    samples) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
@@ -190,6 +190,8 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
         src = f"{out}_abs"
     if spec.op == "TopK":
         return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
+    if spec.op == "Sample":
+        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
         return nodes, [out]
@@ -221,6 +223,46 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
         _const(p + "k_shape", np.array([1], np.int64)),
         mk("Reshape", [p + "km", p + "k_shape"], [p + "k"], name=p + "ReshapeK"),
         mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+    ]
+
+
+def _sample_nodes(src: str, out: str, cap: int) -> list:
+    """k = min(n, cap) elements of the flattened `src`: element floor((i + r_i) * n / k) for i < k, r_i in
+    [0, 1) from a Weyl sequence (stratified, deterministic, no aliasing with a channel stride; k = n gives
+    every element in order); with n and the min(n, cap // 16) largest (unsorted). Only ops that ORT's CPU and
+    CUDA providers both run."""
+    p = f"{out}_"
+    mk = helper.make_node
+    dbl, i64 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
+    return [
+        _const(p + "flat_shape", np.array([-1], np.int64)),
+        mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
+        mk("Size", [src], [f"{out}_n"], name=p + "Size"),
+        _const(p + "tcap", np.array([max(1, cap // 16)], np.int64)),
+        mk("Min", [f"{out}_n", p + "tcap"], [p + "t"], name=p + "MinT"),
+        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+        _const(p + "cap", np.array(cap, np.int64)),
+        mk("Min", [f"{out}_n", p + "cap"], [p + "k"], name=p + "Min"),
+        _const(p + "zero", np.array(0, np.int64)),
+        _const(p + "one", np.array(1, np.int64)),
+        mk("Range", [p + "zero", p + "k", p + "one"], [p + "i"], name=p + "Range"),
+        mk("Cast", [p + "i"], [p + "id"], name=p + "CastI", to=dbl),
+        mk("Cast", [f"{out}_n"], [p + "nd"], name=p + "CastN", to=dbl),
+        mk("Cast", [p + "k"], [p + "kd"], name=p + "CastK", to=dbl),
+        mk("Div", [p + "nd", p + "kd"], [p + "ratio"], name=p + "Div"),
+        _const(p + "phi", np.array(0.6180339887498949, np.float64)),
+        mk("Mul", [p + "id", p + "phi"], [p + "w"], name=p + "MulPhi"),
+        mk("Floor", [p + "w"], [p + "wf"], name=p + "FloorW"),
+        mk("Sub", [p + "w", p + "wf"], [p + "r"], name=p + "Sub"),
+        _const(p + "jit", np.array(0.999, np.float64)),  # keeps i + r below i + 1, so k = n is the identity
+        mk("Mul", [p + "r", p + "jit"], [p + "rj"], name=p + "MulJit"),
+        mk("Add", [p + "id", p + "rj"], [p + "pos"], name=p + "Add"),
+        mk("Mul", [p + "pos", p + "ratio"], [p + "x"], name=p + "MulRatio"),
+        mk("Floor", [p + "x"], [p + "xf"], name=p + "Floor"),
+        mk("Cast", [p + "xf"], [p + "xi"], name=p + "CastX", to=i64),
+        mk("Sub", [f"{out}_n", p + "one"], [p + "last"], name=p + "Last"),
+        mk("Min", [p + "xi", p + "last"], [p + "idx"], name=p + "MinIdx"),
+        mk("Gather", [p + "flat", p + "idx"], [out], name=p + "Gather", axis=0),
     ]
 
 
