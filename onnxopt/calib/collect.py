@@ -229,8 +229,8 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
 def _sample_nodes(src: str, out: str, cap: int) -> list:
     """k = min(n, cap) elements of the flattened `src`: element floor((i + r_i) * n / k) for i < k, r_i in
     [0, 1) from a Weyl sequence (stratified, deterministic, no aliasing with a channel stride; k = n gives
-    every element in order); with n and the min(n, cap // 16) largest (unsorted). Only ops that ORT's CPU and
-    CUDA providers both run."""
+    every element in order); with n and, above the cap, the cap // 16 largest (unsorted). Only ops that
+    ORT's CPU and CUDA providers both run."""
     p = f"{out}_"
     mk = helper.make_node
     dbl, i64 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
@@ -238,10 +238,12 @@ def _sample_nodes(src: str, out: str, cap: int) -> list:
         _const(p + "flat_shape", np.array([-1], np.int64)),
         mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
         mk("Size", [src], [f"{out}_n"], name=p + "Size"),
-        _const(p + "tcap", np.array([max(1, cap // 16)], np.int64)),
-        mk("Min", [f"{out}_n", p + "tcap"], [p + "t"], name=p + "MinT"),
-        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
         _const(p + "cap", np.array(cap, np.int64)),
+        _const(p + "tcap", np.array([max(1, cap // 16)], np.int64)),
+        mk("Greater", [f"{out}_n", p + "cap"], [p + "over"], name=p + "Over"),
+        mk("Cast", [p + "over"], [p + "overi"], name=p + "CastOver", to=i64),
+        mk("Mul", [p + "tcap", p + "overi"], [p + "t"], name=p + "MulT"),  # no tail below the cap: k = 0
+        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
         mk("Min", [f"{out}_n", p + "cap"], [p + "k"], name=p + "Min"),
         _const(p + "zero", np.array(0, np.int64)),
         _const(p + "one", np.array(1, np.int64)),
