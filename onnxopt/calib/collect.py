@@ -24,8 +24,8 @@ from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, sp
 log = logging.getLogger(__name__)
 
 
-def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str]) -> dict[str, int]:
-    """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
+def _inferred(model: onnx.ModelProto, feed: dict) -> dict[str, tuple[int, int]]:
+    """{tensor: (elements, bytes per element)} for one batch, from shape inference with its concrete shapes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.value_info[:]
@@ -39,14 +39,20 @@ def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str]) ->
         m = shape_inference.infer_shapes(m, data_prop=True)
     except Exception:
         pass
-    sizes = {}
-    batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
+    out = {}
     for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
         if tt.elem_type and all(d > 0 for d in dims):
-            sizes[vi.name] = int(np.prod(dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-    return {n: sizes.get(n, 4 * batch) for n in names}
+            out[vi.name] = (int(np.prod(dims)), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize)
+    return out
+
+
+def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str], inferred: dict | None = None) -> dict[str, int]:
+    """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
+    inferred = _inferred(model, feed) if inferred is None else inferred
+    batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
+    return {n: inferred[n][0] * inferred[n][1] if n in inferred else 4 * batch for n in names}
 
 
 def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -84,13 +90,14 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         raise OnnxoptError(f"{data.describe}: no calibration samples")
     budget = memory_budget_mb * 2**20
     n_batches = len(data)
-    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches)
+    inferred = _inferred(model, first)
+    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches, {n: e for n, (e, _) in inferred.items()})
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
     # Bytes per tensor for one batch: to group fetched tensors under the budget and to place stage cuts.
     wanted = fetch + (_tensor_names(model) if stages > 1 else [])
-    sizes = _estimate_bytes(model, first, wanted) if wanted else {}
+    sizes = _estimate_bytes(model, first, wanted, inferred) if wanted else {}
     plan = split_stages(model, stages, sizes)
     where = stage_index(plan)
     # Per stage: the whole tensors it produces, in groups under the budget (one pass each).
@@ -139,9 +146,10 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
+def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int, elements: dict):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
-    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer)."""
+    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer).
+    A histogram sample (`elements`: counts of the first batch) is drawn only from tensors above its cap."""
     ranks = _ranks(model)
     full: dict[str, list] = {}
     reduced, aux_nodes = [], {}
@@ -151,10 +159,12 @@ def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int)
             r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
+            small = spec is not None and spec.op == "Sample" and elements.get(name, 0) <= spec.sample
+            if name in inputs or spec is None or small or (spec.keep_axis is not None and rank is None):
                 full.setdefault(name, []).append(r)
                 continue
-            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
+            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches,
+                                        elements.get(name, 0))
             aux_nodes.setdefault(name, []).extend(nodes)
             reduced.append((name, outs, r))
     return full, reduced, aux_nodes
@@ -181,7 +191,8 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1):
+def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1,
+                  elements: int = 0):
     """Nodes computing `spec` of tensor `name`, and their output names (what the reducer's update takes)."""
     src = name
     nodes = []
@@ -191,7 +202,7 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
     if spec.op == "TopK":
         return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
     if spec.op == "Sample":
-        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
+        return nodes + _sample_nodes(src, out, spec.sample, elements), [out, f"{out}_n", f"{out}_top"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
         return nodes, [out]
@@ -226,46 +237,32 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
     ]
 
 
-def _sample_nodes(src: str, out: str, cap: int) -> list:
-    """k = min(n, cap) elements of the flattened `src`: element floor((i + r_i) * n / k) for i < k, r_i in
-    [0, 1) from a Weyl sequence (stratified, deterministic, no aliasing with a channel stride; k = n gives
-    every element in order); with n and, above the cap, the cap // 16 largest (unsorted). Only ops that
-    ORT's CPU and CUDA providers both run."""
+def _sample_nodes(src: str, out: str, cap: int, elements: int) -> list:
+    """Every p-th element of the flattened `src`, p the smallest prime >= elements / cap and above 7 (no
+    aliasing with channel strides, whose factors are 2, 3, 5 and 7); with n and the cap // 16 largest
+    (unsorted). Few nodes: ORT's allocation planner slows down sharply with thousands of extra nodes."""
     p = f"{out}_"
     mk = helper.make_node
-    dbl, i64 = onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
     return [
         _const(p + "flat_shape", np.array([-1], np.int64)),
         mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
         mk("Size", [src], [f"{out}_n"], name=p + "Size"),
-        _const(p + "cap", np.array(cap, np.int64)),
         _const(p + "tcap", np.array([max(1, cap // 16)], np.int64)),
-        mk("Greater", [f"{out}_n", p + "cap"], [p + "over"], name=p + "Over"),
-        mk("Cast", [p + "over"], [p + "overi"], name=p + "CastOver", to=i64),
-        mk("Mul", [p + "tcap", p + "overi"], [p + "t"], name=p + "MulT"),  # no tail below the cap: k = 0
+        mk("Min", [f"{out}_n", p + "tcap"], [p + "t"], name=p + "MinT"),  # later batches may be smaller
         mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
-        mk("Min", [f"{out}_n", p + "cap"], [p + "k"], name=p + "Min"),
-        _const(p + "zero", np.array(0, np.int64)),
-        _const(p + "one", np.array(1, np.int64)),
-        mk("Range", [p + "zero", p + "k", p + "one"], [p + "i"], name=p + "Range"),
-        mk("Cast", [p + "i"], [p + "id"], name=p + "CastI", to=dbl),
-        mk("Cast", [f"{out}_n"], [p + "nd"], name=p + "CastN", to=dbl),
-        mk("Cast", [p + "k"], [p + "kd"], name=p + "CastK", to=dbl),
-        mk("Div", [p + "nd", p + "kd"], [p + "ratio"], name=p + "Div"),
-        _const(p + "phi", np.array(0.6180339887498949, np.float64)),
-        mk("Mul", [p + "id", p + "phi"], [p + "w"], name=p + "MulPhi"),
-        mk("Floor", [p + "w"], [p + "wf"], name=p + "FloorW"),
-        mk("Sub", [p + "w", p + "wf"], [p + "r"], name=p + "Sub"),
-        _const(p + "jit", np.array(0.999, np.float64)),  # keeps i + r below i + 1, so k = n is the identity
-        mk("Mul", [p + "r", p + "jit"], [p + "rj"], name=p + "MulJit"),
-        mk("Add", [p + "id", p + "rj"], [p + "pos"], name=p + "Add"),
-        mk("Mul", [p + "pos", p + "ratio"], [p + "x"], name=p + "MulRatio"),
-        mk("Floor", [p + "x"], [p + "xf"], name=p + "Floor"),
-        mk("Cast", [p + "xf"], [p + "xi"], name=p + "CastX", to=i64),
-        mk("Sub", [f"{out}_n", p + "one"], [p + "last"], name=p + "Last"),
-        mk("Min", [p + "xi", p + "last"], [p + "idx"], name=p + "MinIdx"),
-        mk("Gather", [p + "flat", p + "idx"], [out], name=p + "Gather", axis=0),
+        _const(p + "start", np.array([0], np.int64)),
+        _const(p + "end", np.array([np.iinfo(np.int64).max], np.int64)),
+        _const(p + "axis", np.array([0], np.int64)),
+        _const(p + "step", np.array([_stride(elements, cap)], np.int64)),
+        mk("Slice", [p + "flat", p + "start", p + "end", p + "axis", p + "step"], [out], name=p + "Slice"),
     ]
+
+
+def _stride(elements: int, cap: int) -> int:
+    p = max(11, -(-elements // cap))
+    while any(p % d == 0 for d in range(2, int(p ** 0.5) + 1)):
+        p += 1
+    return p
 
 
 def _const(name: str, value: np.ndarray):
