@@ -7,6 +7,7 @@ split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -149,7 +150,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
 def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int, elements: dict):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
     ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer).
-    A histogram sample (`elements`: counts of the first batch) is drawn only from tensors above its cap."""
+    Histograms of tensors known (`elements`: counts of the first batch) to be at or below the sample cap
+    take them whole, without sampling nodes."""
     ranks = _ranks(model)
     full: dict[str, list] = {}
     reduced, aux_nodes = [], {}
@@ -159,12 +161,11 @@ def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int,
             r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            small = spec is not None and spec.op == "Sample" and elements.get(name, 0) <= spec.sample
+            small = spec is not None and spec.op == "Sample" and 0 < elements.get(name, 0) <= spec.sample
             if name in inputs or spec is None or small or (spec.keep_axis is not None and rank is None):
                 full.setdefault(name, []).append(r)
                 continue
-            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches,
-                                        elements.get(name, 0))
+            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
             aux_nodes.setdefault(name, []).extend(nodes)
             reduced.append((name, outs, r))
     return full, reduced, aux_nodes
@@ -191,8 +192,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1,
-                  elements: int = 0):
+def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1):
     """Nodes computing `spec` of tensor `name`, and their output names (what the reducer's update takes)."""
     src = name
     nodes = []
@@ -202,7 +202,7 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
     if spec.op == "TopK":
         return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
     if spec.op == "Sample":
-        return nodes + _sample_nodes(src, out, spec.sample, elements), [out, f"{out}_n", f"{out}_top"]
+        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
         return nodes, [out]
@@ -237,32 +237,52 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
     ]
 
 
-def _sample_nodes(src: str, out: str, cap: int, elements: int) -> list:
-    """Every p-th element of the flattened `src`, p the smallest prime >= elements / cap and above 7 (no
-    aliasing with channel strides, whose factors are 2, 3, 5 and 7); with n and the cap // 16 largest
-    (unsorted). Few nodes: ORT's allocation planner slows down sharply with thousands of extra nodes."""
+def _sample_nodes(src: str, out: str, cap: int) -> list:
+    """Every p-th element of the flattened `src`, with n and the cap // 16 largest (unsorted); p = 1 (all
+    elements, no tail) when n <= cap, else the smallest prime >= max(n / cap, 11): no aliasing with channel
+    strides, whose factors are 2, 3, 5 and 7. p and the tail size come from small tables indexed by
+    ceil(n / cap), since shape inference often leaves n unknown. Few nodes: ORT's allocation planner slows
+    down sharply with thousands of extra nodes."""
     p = f"{out}_"
     mk = helper.make_node
+    strides, tails = _tables(cap)
     return [
         _const(p + "flat_shape", np.array([-1], np.int64)),
         mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
         mk("Size", [src], [f"{out}_n"], name=p + "Size"),
-        _const(p + "tcap", np.array([max(1, cap // 16)], np.int64)),
-        mk("Min", [f"{out}_n", p + "tcap"], [p + "t"], name=p + "MinT"),  # later batches may be smaller
+        _const(p + "cap_m1", np.array([cap - 1], np.int64)),
+        mk("Add", [f"{out}_n", p + "cap_m1"], [p + "n_up"], name=p + "Add"),
+        _const(p + "cap", np.array([cap], np.int64)),
+        mk("Div", [p + "n_up", p + "cap"], [p + "q_all"], name=p + "Div"),
+        _const(p + "q_max", np.array([_STRIDES - 1], np.int64)),
+        mk("Min", [p + "q_all", p + "q_max"], [p + "q"], name=p + "Min"),
+        _const(p + "strides", strides),
+        mk("Gather", [p + "strides", p + "q"], [p + "step"], name=p + "Step", axis=0),
+        _const(p + "tails", tails),
+        mk("Gather", [p + "tails", p + "q"], [p + "t"], name=p + "Tail", axis=0),
         mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
         _const(p + "start", np.array([0], np.int64)),
         _const(p + "end", np.array([np.iinfo(np.int64).max], np.int64)),
         _const(p + "axis", np.array([0], np.int64)),
-        _const(p + "step", np.array([_stride(elements, cap)], np.int64)),
         mk("Slice", [p + "flat", p + "start", p + "end", p + "axis", p + "step"], [out], name=p + "Slice"),
     ]
 
 
-def _stride(elements: int, cap: int) -> int:
-    p = max(11, -(-elements // cap))
-    while any(p % d == 0 for d in range(2, int(p ** 0.5) + 1)):
-        p += 1
-    return p
+_STRIDES = 1024  # stride table size: tensors up to 1023 * cap elements get a sample of at most cap
+
+
+@functools.lru_cache(maxsize=4)
+def _tables(cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stride and tail size by ceil(n / cap) (see `_sample_nodes`)."""
+    q = np.arange(_STRIDES)
+    strides = np.array([1 if i <= 1 else _prime_at_least(max(i, 11)) for i in q], np.int64)
+    return strides, np.where(q <= 1, 0, max(1, cap // 16)).astype(np.int64)
+
+
+def _prime_at_least(n: int) -> int:
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
 
 
 def _const(name: str, value: np.ndarray):
