@@ -26,8 +26,8 @@ class PreReduce:
     sample: int | None = None  # Sample: at most this many elements (stratified), with the exact max and the count
 
 
-# Elements of one tensor a histogram takes per batch (a stratified sample above it, the whole tensor at or below):
-# a sample's MSE/entropy clip is within about 1% of the whole tensor's, for megabytes less per tensor fetched.
+# Elements of one tensor a histogram takes per batch (a strided sample plus the exact tail above it, the whole
+# tensor at or below): measured MSE clips within one step of the candidate grid (4.4%) of the whole tensor's.
 HIST_SAMPLE = 2**18
 
 
@@ -94,9 +94,8 @@ class Histogram(Reducer):
     so the memory is fixed whatever the number of batches.
 
     In the graph, a tensor of more than `sample` elements is cut to its `sample // 16` largest |x| (exact: the
-    tail decides an MSE clip, and a sample would miss most of it), a stratified sample of `sample` elements
-    (one at a jittered position in each of `sample` equal strata) standing for the rest, and the element
-    count. Smaller tensors come whole (the same counts as `update` on the array). `sample=None` fetches
+    tail decides an MSE clip, and a sample would miss most of it), every p-th element (p prime, at most
+    `sample` of them) standing for the rest, and the element count. Smaller tensors come whole (the same counts as `update` on the array). `sample=None` fetches
     whole tensors."""
 
     def __init__(self, bins: int = 4096, sample: int | None = HIST_SAMPLE):
