@@ -23,7 +23,7 @@ class PreReduce:
     keep_axis: int | None = None
     rank: int | None = None  # the tensor's rank when shape inference may not know it (Conv inputs)
     fraction: float | None = None  # TopK: keep this fraction of the elements of all batches (and the count)
-    sample: int | None = None  # Sample: at most this many elements (stratified), with the exact max and the count
+    sample: int | None = None  # Sample: at most this many elements (strided), with the count and the exact tail
 
 
 # Elements of one tensor a histogram takes per batch (a strided sample plus the exact tail above it, the whole
