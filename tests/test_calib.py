@@ -219,3 +219,73 @@ def test_top_abs_gives_the_exact_percentile_in_one_pass(cnn, pct):
         assert top.count == allv.size
         assert top.value == np.percentile(allv, pct, method="inverted_cdf"), n
         assert top.top.size <= calib.top_k(allv.size // 4, 1 - pct / 100, 4)  # a few values, not the tensor
+
+
+def _mul_model(n):
+    """y = 1 * x over a flat [n] input: a tensor of the graph (not an input) for the in-graph reductions."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Mul", ["x", "one"], ["y"])], "m",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+                          [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _heavy_tail(rng, batches, n):
+    x = rng.standard_normal((batches, n)).astype(np.float32)
+    hit = rng.random((batches, n)) < 3e-4  # rare outliers at 20..60 sigma: they decide the MSE clip
+    x[hit] *= rng.uniform(20, 60, hit.sum()).astype(np.float32)
+    return x
+
+
+def _sized(h):
+    """Wraps h.update to record the sizes of the arrays ORT hands it."""
+    h.fetched = []
+    update = h.update
+
+    def record(*arrays):
+        h.fetched.append(tuple(np.size(a) for a in arrays))
+        update(*arrays)
+    h.update = record
+    return h
+
+
+@pytest.mark.parametrize("qtype", ["int8", "fp8"])
+def test_sampled_histogram_gives_the_whole_tensor_clip_and_fetches_little(tmp_path, qtype):
+    n, cap, batches = 300_000, 2**14, 3
+    x = _heavy_tail(np.random.default_rng(0), batches, n)
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(n)
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [_sized(calib.Histogram(sample=cap)), calib.Histogram(sample=None)]}
+    calib.collect(m, data, red, progress=False)
+    sampled, whole = red["y"]
+    # Only the sample, the count and the exact tail travel, never the 300k elements.
+    assert len(sampled.fetched) == batches
+    assert all(cap // 2 < k <= cap and c == 1 and t == cap // 16 for k, c, t in sampled.fetched)
+    assert sampled.amax == whole.amax == pytest.approx(float(np.abs(x).max()))
+    assert sampled.counts.sum() == pytest.approx(whole.counts.sum()) and whole.counts.sum() == x.size
+    for method in ("mse", "entropy"):
+        a, b = (calib.amax_from_histogram(h, method, qtype) for h in (sampled, whole))
+        assert a == pytest.approx(b, rel=0.05), method  # one step of the candidate grid is 4.4%
+    # Without the exact tail, a sample of the same size misses the outliers that set the MSE clip.
+    plain = calib.Histogram()
+    for b in x:
+        plain.update(b[np.arange(cap) * (n // cap)], n)
+    mse = calib.amax_from_histogram(whole, "mse", qtype)
+    assert abs(calib.amax_from_histogram(plain, "mse", qtype) - mse) > 0.05 * mse
+
+
+def test_histogram_below_the_cap_is_the_whole_tensor(tmp_path):
+    n = 5000
+    x = _heavy_tail(np.random.default_rng(1), 3, n)
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(n)
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [_sized(calib.Histogram(sample=n)), calib.Histogram(sample=None)]}
+    calib.collect(m, data, red, progress=False)
+    sampled, whole = red["y"]
+    assert sampled.fetched == [(n,)] * 3  # the whole tensor, as before
+    np.testing.assert_array_equal(sampled.counts, whole.counts)
+    assert sampled.amax == whole.amax
+    assert calib.amax_from_histogram(sampled, "mse") == calib.amax_from_histogram(whole, "mse")

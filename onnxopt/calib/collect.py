@@ -7,6 +7,7 @@ split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -24,8 +25,8 @@ from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, sp
 log = logging.getLogger(__name__)
 
 
-def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str]) -> dict[str, int]:
-    """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
+def _inferred(model: onnx.ModelProto, feed: dict) -> dict[str, tuple[int, int]]:
+    """{tensor: (elements, bytes per element)} for one batch, from shape inference with its concrete shapes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.value_info[:]
@@ -39,14 +40,20 @@ def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str]) ->
         m = shape_inference.infer_shapes(m, data_prop=True)
     except Exception:
         pass
-    sizes = {}
-    batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
+    out = {}
     for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
         if tt.elem_type and all(d > 0 for d in dims):
-            sizes[vi.name] = int(np.prod(dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-    return {n: sizes.get(n, 4 * batch) for n in names}
+            out[vi.name] = (int(np.prod(dims)), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize)
+    return out
+
+
+def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str], inferred: dict | None = None) -> dict[str, int]:
+    """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
+    inferred = _inferred(model, feed) if inferred is None else inferred
+    batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
+    return {n: inferred[n][0] * inferred[n][1] if n in inferred else 4 * batch for n in names}
 
 
 def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -67,8 +74,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
-    Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean) get it added to
-    the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
+    Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
+    samples) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
@@ -84,13 +91,14 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         raise OnnxoptError(f"{data.describe}: no calibration samples")
     budget = memory_budget_mb * 2**20
     n_batches = len(data)
-    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches)
+    inferred = _inferred(model, first)
+    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches, {n: e for n, (e, _) in inferred.items()})
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
     # Bytes per tensor for one batch: to group fetched tensors under the budget and to place stage cuts.
     wanted = fetch + (_tensor_names(model) if stages > 1 else [])
-    sizes = _estimate_bytes(model, first, wanted) if wanted else {}
+    sizes = _estimate_bytes(model, first, wanted, inferred) if wanted else {}
     plan = split_stages(model, stages, sizes)
     where = stage_index(plan)
     # Per stage: the whole tensors it produces, in groups under the budget (one pass each).
@@ -139,9 +147,11 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
+def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int, elements: dict):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
-    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer)."""
+    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer).
+    Histograms of tensors known (`elements`: counts of the first batch) to be at or below the sample cap
+    take them whole, without sampling nodes."""
     ranks = _ranks(model)
     full: dict[str, list] = {}
     reduced, aux_nodes = [], {}
@@ -151,7 +161,8 @@ def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int)
             r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            if name in inputs or spec is None or (spec.keep_axis is not None and rank is None):
+            small = spec is not None and spec.op == "Sample" and 0 < elements.get(name, 0) <= spec.sample
+            if name in inputs or spec is None or small or (spec.keep_axis is not None and rank is None):
                 full.setdefault(name, []).append(r)
                 continue
             nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
@@ -190,6 +201,8 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
         src = f"{out}_abs"
     if spec.op == "TopK":
         return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
+    if spec.op == "Sample":
+        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
         return nodes, [out]
@@ -222,6 +235,54 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
         mk("Reshape", [p + "km", p + "k_shape"], [p + "k"], name=p + "ReshapeK"),
         mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
     ]
+
+
+def _sample_nodes(src: str, out: str, cap: int) -> list:
+    """Every p-th element of the flattened `src`, with n and the cap // 16 largest (unsorted); p = 1 (all
+    elements, no tail) when n <= cap, else the smallest prime >= max(n / cap, 11): no aliasing with channel
+    strides, whose factors are 2, 3, 5 and 7. p and the tail size come from small tables indexed by
+    ceil(n / cap), since shape inference often leaves n unknown. Few nodes: ORT's allocation planner slows
+    down sharply with thousands of extra nodes."""
+    p = f"{out}_"
+    mk = helper.make_node
+    strides, tails = _tables(cap)
+    return [
+        _const(p + "flat_shape", np.array([-1], np.int64)),
+        mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
+        mk("Size", [src], [f"{out}_n"], name=p + "Size"),
+        _const(p + "cap_m1", np.array([cap - 1], np.int64)),
+        mk("Add", [f"{out}_n", p + "cap_m1"], [p + "n_up"], name=p + "Add"),
+        _const(p + "cap", np.array([cap], np.int64)),
+        mk("Div", [p + "n_up", p + "cap"], [p + "q_all"], name=p + "Div"),
+        _const(p + "q_max", np.array([_STRIDES - 1], np.int64)),
+        mk("Min", [p + "q_all", p + "q_max"], [p + "q"], name=p + "Min"),
+        _const(p + "strides", strides),
+        mk("Gather", [p + "strides", p + "q"], [p + "step"], name=p + "Step", axis=0),
+        _const(p + "tails", tails),
+        mk("Gather", [p + "tails", p + "q"], [p + "t"], name=p + "Tail", axis=0),
+        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+        _const(p + "start", np.array([0], np.int64)),
+        _const(p + "end", np.array([np.iinfo(np.int64).max], np.int64)),
+        _const(p + "axis", np.array([0], np.int64)),
+        mk("Slice", [p + "flat", p + "start", p + "end", p + "axis", p + "step"], [out], name=p + "Slice"),
+    ]
+
+
+_STRIDES = 1024  # stride table size: tensors up to 1023 * cap elements get a sample of at most cap
+
+
+@functools.lru_cache(maxsize=4)
+def _tables(cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stride and tail size by ceil(n / cap) (see `_sample_nodes`)."""
+    q = np.arange(_STRIDES)
+    strides = np.array([1 if i <= 1 else _prime_at_least(max(i, 11)) for i in q], np.int64)
+    return strides, np.where(q <= 1, 0, max(1, cap // 16)).astype(np.int64)
+
+
+def _prime_at_least(n: int) -> int:
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
 
 
 def _const(name: str, value: np.ndarray):

@@ -23,6 +23,12 @@ class PreReduce:
     keep_axis: int | None = None
     rank: int | None = None  # the tensor's rank when shape inference may not know it (Conv inputs)
     fraction: float | None = None  # TopK: keep this fraction of the elements of all batches (and the count)
+    sample: int | None = None  # Sample: at most this many elements (strided), with the count and the exact tail
+
+
+# Elements of one tensor a histogram takes per batch (a strided sample plus the exact tail above it, the whole
+# tensor at or below): measured MSE clips within one step of the candidate grid (4.4%) of the whole tensor's.
+HIST_SAMPLE = 2**18
 
 
 class Reducer:
@@ -85,22 +91,38 @@ class ChannelMean(Reducer):
 
 class Histogram(Reducer):
     """Histogram of |x| over [0, range); the range doubles (merging bin pairs) when a batch exceeds it,
-    so the memory is fixed whatever the number of batches."""
+    so the memory is fixed whatever the number of batches.
 
-    def __init__(self, bins: int = 4096):
+    In the graph, a tensor of more than `sample` elements is cut to its `sample // 16` largest |x| (exact: the
+    tail decides an MSE clip, and a sample would miss most of it), every p-th element (p prime, at most
+    `sample` of them) standing for the rest, and the element count. Smaller tensors come whole (the same counts as `update` on the array). `sample=None` fetches
+    whole tensors."""
+
+    def __init__(self, bins: int = 4096, sample: int | None = HIST_SAMPLE):
         self.bins = bins
         self.counts = np.zeros(bins, dtype=np.float64)
         self.range = 0.0
         self.amax = 0.0
+        self.pre_reduce = PreReduce("Sample", True, sample=sample) if sample else None
 
-    def update(self, x):
+    def update(self, x, n=None, top=None):
+        """Fold |x| in; from the graph, `x` is a sample of `n` elements whose largest |x| are `top`."""
         a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        n = a.size if n is None else int(np.asarray(n).ravel()[0])
         if not a.size:
             return
-        m = float(a.max())
+        parts = [(a, 1.0)]
+        if n > a.size and top is not None:  # exact tail, the sample's values below it stand for the rest
+            top = np.abs(np.asarray(top, dtype=np.float32)).ravel()
+            below = a[a < top.min()]
+            rest = n - top.size
+            parts = [(top, 1.0)] + ([(below, rest / below.size)] if below.size else [(top[:1] * 0 + top.min(), rest)])
+        elif n > a.size:
+            parts = [(a, n / a.size)]
+        m = float(max(p.max() for p, _ in parts))
         self.amax = max(self.amax, m)
         if m == 0.0 and self.range == 0.0:
-            self.counts[0] += a.size
+            self.counts[0] += n
             return
         if self.range == 0.0:
             self.range = m * (1 + 1e-6)
@@ -108,8 +130,10 @@ class Histogram(Reducer):
             c = self.counts.reshape(-1, 2).sum(axis=1)
             self.counts = np.concatenate([c, np.zeros(self.bins - c.size)])
             self.range *= 2
-        idx = np.minimum((a * (self.bins / self.range)).astype(np.int64), self.bins - 1)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        for p, w in parts:
+            idx = np.minimum((p * (self.bins / self.range)).astype(np.int64), self.bins - 1)
+            c = np.bincount(idx, minlength=self.bins)
+            self.counts += c if w == 1.0 else c * w
 
     @property
     def edges(self):
