@@ -289,3 +289,10 @@ def test_histogram_below_the_cap_is_the_whole_tensor(tmp_path):
     np.testing.assert_array_equal(sampled.counts, whole.counts)
     assert sampled.amax == whole.amax
     assert calib.amax_from_histogram(sampled, "mse") == calib.amax_from_histogram(whole, "mse")
+
+
+def test_histograms_sample_in_the_graph_on_cuda_only():
+    """Whole tensors on the CPU (TopK there costs more than the fetch), the in-graph sample on CUDA."""
+    assert calib.Histogram.for_provider("cpu").pre_reduce is None
+    spec = calib.Histogram.for_provider("cuda").pre_reduce
+    assert spec.op == "Sample" and spec.sample == calib.reducers.HIST_SAMPLE

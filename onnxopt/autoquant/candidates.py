@@ -97,7 +97,7 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
         for name in plan.activations:
             if name in plan.fixed_amax:
                 continue
-            r = calib.AbsMax() if CAL_METHOD[f] == "max" else calib.Histogram()
+            r = calib.AbsMax() if CAL_METHOD[f] == "max" else calib.Histogram.for_provider(provider)
             by_fmt[f][name] = r
             reducers.setdefault(name, []).append(r)
     means = {}

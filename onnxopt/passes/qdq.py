@@ -121,7 +121,7 @@ class QDQ(PassBase):
                 return calib.AbsMax()
             if method == "percentile":  # exact, from the top values each batch keeps in the graph
                 return calib.TopAbs(self.percentile)
-            return calib.Histogram()
+            return calib.Histogram.for_provider(ctx.provider)
         ranges = {n: reducer() for n in plan.activations if n not in plan.fixed_amax}
         mean_r = {}
         if self.bias_correction:
