@@ -250,16 +250,22 @@ def _sized(h):
     return h
 
 
+def _sampled_and_whole(tmp_path, x, cap):
+    """Histograms of y = 1 * x collected in one pass: one sampled in the graph at `cap` (its fetches recorded),
+    one fed whole tensors."""
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(x.shape[-1])
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [_sized(calib.Histogram(sample=cap)), calib.Histogram(sample=None)]}
+    calib.collect(m, data, red, progress=False)
+    return red["y"]
+
+
 @pytest.mark.parametrize("qtype", ["int8", "fp8"])
 def test_sampled_histogram_gives_the_whole_tensor_clip_and_fetches_little(tmp_path, qtype):
     n, cap, batches = 300_000, 2**14, 3
     x = _heavy_tail(np.random.default_rng(0), batches, n)
-    np.savez(tmp_path / "d.npz", x=x)
-    m = _mul_model(n)
-    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
-    red = {"y": [_sized(calib.Histogram(sample=cap)), calib.Histogram(sample=None)]}
-    calib.collect(m, data, red, progress=False)
-    sampled, whole = red["y"]
+    sampled, whole = _sampled_and_whole(tmp_path, x, cap)
     # Only the sample, the count and the exact tail travel, never the 300k elements.
     assert len(sampled.fetched) == batches
     assert all(cap // 2 < k <= cap and c == 1 and t == cap // 16 for k, c, t in sampled.fetched)
@@ -279,12 +285,7 @@ def test_sampled_histogram_gives_the_whole_tensor_clip_and_fetches_little(tmp_pa
 def test_histogram_below_the_cap_is_the_whole_tensor(tmp_path):
     n = 5000
     x = _heavy_tail(np.random.default_rng(1), 3, n)
-    np.savez(tmp_path / "d.npz", x=x)
-    m = _mul_model(n)
-    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
-    red = {"y": [_sized(calib.Histogram(sample=n)), calib.Histogram(sample=None)]}
-    calib.collect(m, data, red, progress=False)
-    sampled, whole = red["y"]
+    sampled, whole = _sampled_and_whole(tmp_path, x, n)
     assert sampled.fetched == [(n,)] * 3  # the whole tensor, as before
     np.testing.assert_array_equal(sampled.counts, whole.counts)
     assert sampled.amax == whole.amax
