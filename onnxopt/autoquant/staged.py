@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from .. import io, ort
 from .. import progress as progress_
@@ -42,6 +41,7 @@ from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
 from .evaluate import HELD_OUT, Gates, cosine, metrics_of
+from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,6 @@ GROUP = 16                                          # candidates per error sessi
 # candidate (full-size SDXL at 4096 tokens: ~0.2 s) and a chained forward per gain.
 ERROR_BATCHES = 4
 GAIN_BATCHES = 2
-# On CUDA an If's subgraph runs on a stream of its own, made with its own cuBLAS/cuDNN handles and kept by the
-# session: the full-size SDXL run (32 stages, ~1000 Ifs, H200) failed in cublasCreate, at stage 16 with every
-# stage cached and at stage 31 with four. CUDA stages therefore carry no Ifs: each gate is inlined as its
-# then-branch and a Where on the gate (`_Plan.inline`), which costs one Q/DQ per gate and run.
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -82,7 +78,7 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     where the fewest activation bytes cross it (they wait on disk for every batch), and the stages balance
     weight bytes, activation bytes made (a candidate's cost is a forward of its stage: attention at 4096
     tokens costs more than its weights say) and `layers` (the candidates' nodes), a third each."""
-    sizes, cost = None, None
+    sizes = cost = None
     if feed is not None and n > 1:
         from ..calib.collect import _estimate_bytes
         sizes = _estimate_bytes(model, feed, cstages._tensor_names(model))
@@ -90,218 +86,15 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
         asum = max(1.0, float(sum(sizes.values())))
         mine = set(layers)
 
-        def cost(nd, wb):
+        def balanced(nd, wb):
             made = sum(sizes.get(o, 0) for o in nd.output)
             return wb / wsum + made / asum + ((nd.name in mine) / len(mine) if mine else 0.0)
+        cost = balanced
     where = {}
     for si, st in enumerate(cstages.split_stages(model, n, sizes, cost)):
         for nd in st.nodes:
             where[nd.name or nd.output[0]] = si
     return where
-
-
-# ---------------------------------------------------------------- graph bookkeeping
-def _subgraph_reads(node) -> set:
-    """Outer tensors read inside `node`'s subgraphs (implicit inputs)."""
-    out = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            made = {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
-            for n in g.node:
-                out |= {i for i in n.input if i and i not in made}
-                out |= _subgraph_reads(n) - made
-    return out
-
-
-def _reads(node) -> set:
-    return {i for i in node.input if i} | _subgraph_reads(node)
-
-
-class _Plan:
-    """The gated graph's nodes assigned to stages; per stage: nodes, inputs, outputs."""
-
-    def __init__(self, model: onnx.ModelProto, where: dict, index: dict):
-        g = model.graph
-        self.model = model
-        inits = {t.name: t for t in g.initializer}
-        nodes = list(g.node)
-        producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-        reads = [_reads(n) for n in nodes]
-        # Free nodes (not Ifs) read only weights, the gate vector or other free nodes: copied into every stage
-        # needing them (the gates' Gather/Greater).
-        free = [False] * len(nodes)
-        for k, n in enumerate(nodes):
-            fp32 = (n.name or n.output[0]) in where
-            free[k] = not fp32 and n.op_type != "If" and all(r in inits or r == GATES or (r in producer and free[producer[r]])
-                                       for r in reads[k])
-        owner = {i: where.get(layer, 0) for (layer, _), i in index.items()}
-        gate_of = self._gate_of(nodes, producer, inits)
-        self.gate_by_node = {nodes[k].name: i for k, i in gate_of.items()}
-        self.passes = {}  # If node -> the outer tensor its else-branch passes through
-        # A weight read only by a gate's else-branch is exported inside it: pruning that If brings it out.
-        self.branch_inits = {t.name: t for k in gate_of for a in nodes[k].attribute if a.type == onnx.AttributeProto.GRAPH
-                             for t in a.g.initializer}
-        for k in gate_of:
-            els = next((a.g for a in nodes[k].attribute if a.name == "else_branch"), None)
-            if els is not None and len(els.node) == 1 and els.node[0].op_type == "Identity" and nodes[k].name:
-                self.passes[nodes[k].name] = els.node[0].input[0]
-        stage = [0] * len(nodes)
-        for k, n in enumerate(nodes):
-            if free[k]:
-                continue
-            s = where.get(n.name or n.output[0])
-            if s is None:
-                s = owner.get(gate_of.get(k), 0) if n.op_type == "If" else 0
-            before = [stage[producer[r]] for r in reads[k] if r in producer and not free[producer[r]]]
-            stage[k] = max([s] + before)  # never before its inputs
-        self.n = max([s for k, s in enumerate(stage) if not free[k]], default=0) + 1
-        self.gate_stages: dict[int, set] = {}
-        for k, i in gate_of.items():
-            if not free[k]:
-                self.gate_stages.setdefault(i, set()).add(stage[k])
-        self.stage_gates: dict[int, set] = {}
-        for i, ss in self.gate_stages.items():
-            for st_ in ss:
-                self.stage_gates.setdefault(st_, set()).add(i)
-        last_use: dict[str, int] = {}
-        for k, n in enumerate(nodes):
-            if not free[k]:
-                for r in reads[k]:
-                    last_use[r] = max(last_use.get(r, -1), stage[k])
-        outs = [o.name for o in g.output]
-        self.out = outs[0]
-        self.stages = []
-        for s in range(self.n):
-            mine = {k for k in range(len(nodes)) if not free[k] and stage[k] == s}
-            stack = [producer[r] for k in mine for r in reads[k] if r in producer and free[producer[r]]]
-            while stack:  # the free nodes this stage needs
-                k = stack.pop()
-                if k not in mine:
-                    mine.add(k)
-                    stack += [producer[r] for r in reads[k] if r in producer and free[producer[r]]]
-            made = {o for k in mine for o in nodes[k].output if o}
-            need = set().union(*(reads[k] for k in mine)) if mine else set()
-            ins = sorted(r for r in need if r not in made and r not in inits)
-            produced = {o for k in mine if not free[k] for o in nodes[k].output if o}
-            sends = sorted(o for o in produced if last_use.get(o, -1) > s or o in outs)
-            self.stages.append({"nodes": [nodes[k] for k in sorted(mine)], "inputs": ins, "outputs": sends,
-                                "inits": [inits[r] for r in sorted(need & inits.keys())],
-                                "later": {o for o in sends if last_use.get(o, -1) > s}})
-        self.made_in = {o: s for s, st in enumerate(self.stages) for o in st["outputs"]}
-        self.graph_inputs = {vi.name: vi for vi in g.input}
-        self.last_use = last_use
-        self.inline = False  # gates as Where(gate, then-branch, input) instead of If (see the CUDA note above)
-
-    @staticmethod
-    def _gate_of(nodes, producer, inits) -> dict:
-        """If node -> the gate index its condition reads (Greater(Gather(gates, i), 0.5))."""
-        out = {}
-        for k, n in enumerate(nodes):
-            if n.op_type != "If" or n.input[0] not in producer:
-                continue
-            gt = nodes[producer[n.input[0]]]
-            if gt.op_type != "Greater" or gt.input[0] not in producer:
-                continue
-            ga = nodes[producer[gt.input[0]]]
-            if ga.op_type == "Gather" and ga.input[0] == GATES and ga.input[1] in inits:
-                out[k] = int(numpy_helper.to_array(inits[ga.input[1]]))
-        return out
-
-    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None) -> onnx.ModelProto:
-        """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
-        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs.
-        `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run)."""
-        st, m = self.stages[s], onnx.ModelProto()
-        m.ir_version = self.model.ir_version
-        m.opset_import.extend(self.model.opset_import)
-        m.functions.extend(self.model.functions)
-        m.graph.name = f"{self.model.graph.name}_stage{s}"
-        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
-        if self.inline:
-            nodes = self._inlined(nodes)
-        m.graph.node.extend(nodes)
-        reads = set().union(*(_reads(n) for n in nodes)) if nodes else set()
-        m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
-        made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
-        m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
-        for name in st["inputs"]:
-            if only is not None and name not in reads:
-                continue
-            if name in self.graph_inputs:
-                m.graph.input.append(self.graph_inputs[name])
-            else:
-                a = types[name]
-                m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
-                                                                   [None] * a.ndim))
-        if not errors:
-            m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in st["outputs"])
-            return m
-        for o in self.float_outputs(s, types):
-            ref, d, e, rank = f"{o}__ref", f"{o}__diff", f"{o}__err", types[o].ndim
-            m.graph.input.append(helper.make_tensor_value_info(ref, onnx.TensorProto.FLOAT, [None] * rank))
-            m.graph.node.extend([helper.make_node("Sub", [o, ref], [d], name=d),
-                                 helper.make_node("Mul", [d, d], [d + "2" if rank > 1 else e], name=d + "2")])
-            if rank > 1:  # per leading index (the samples): the metric is a mean over samples
-                m.graph.initializer.append(numpy_helper.from_array(np.arange(1, rank, dtype=np.int64), e + "_axes"))
-                m.graph.node.append(helper.make_node("ReduceSum", [d + "2", e + "_axes"], [e], name=e, keepdims=0))
-            m.graph.output.append(onnx.ValueInfoProto(name=e))
-        return m
-
-    def _pruned(self, nodes: list, only: set, outputs: list) -> list:
-        """`nodes` with the Ifs of gates not in `only` replaced by what their else-branch passes through."""
-        alias, keep = {}, []
-        for n in nodes:
-            src = self.passes.get(n.name)
-            if src is not None and self.gate_by_node[n.name] not in only:
-                alias[n.output[0]] = alias.get(src, src)
-            else:
-                keep.append(n)
-        keep = [_renamed(n, alias) for n in keep]
-        keep += [helper.make_node("Identity", [alias[o]], [o], name=f"{o}__pass") for o in outputs if o in alias]
-        while True:  # drop the gate reads nobody needs any more
-            used = set(outputs).union(*(_reads(n) for n in keep))
-            live = [n for n in keep if n.op_type in ("Gather", "Greater") and not any(o in used for o in n.output)]
-            if not live:
-                return keep
-            dead = {id(n) for n in live}
-            keep = [n for n in keep if id(n) not in dead]
-
-    def _inlined(self, nodes: list) -> list:
-        """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input)."""
-        out = []
-        for n in nodes:
-            g = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH} if n.op_type == "If" else {}
-            then, els = g.get("then_branch"), g.get("else_branch")
-            if n.name not in self.gate_by_node or then is None or els is None or len(els.node) != 1 \
-                    or els.node[0].op_type != "Identity":
-                out.append(n)
-                continue
-            src = els.node[0].input[0]  # read here: `_pruned` may have renamed it
-            out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
-            out.append(helper.make_node("Where", [n.input[0], then.output[0].name, src], [n.output[0]],
-                                        name=f"{n.name}__where"))
-        return out
-
-    def float_outputs(self, s: int, types: dict) -> list:
-        return [o for o in self.stages[s]["outputs"] if o in types and types[o].dtype == np.float32]
-
-
-def _renamed(node, alias: dict):
-    """`node` (a copy, where needed) reading alias[x] instead of x, inside its subgraphs too."""
-    if not alias or not (_reads(node) & alias.keys()):
-        return node
-    m = onnx.NodeProto()
-    m.CopyFrom(node)
-    stack = [m]
-    while stack:
-        n = stack.pop()
-        for i, x in enumerate(n.input):
-            if x in alias:
-                n.input[i] = alias[x]
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                stack.extend(g.node)
-    return m
 
 
 class _Store:
@@ -330,7 +123,7 @@ class _Store:
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def drop_dead(self, plan: _Plan, after: int, keep=()) -> None:
+    def drop_dead(self, plan: StagePlan, after: int, keep=()) -> None:
         for name in [n for n in self.data if plan.last_use.get(n, -1) <= after and n not in keep]:
             del self.data[name]
             for p in self.paths.pop(name, ()):
@@ -350,7 +143,7 @@ class StagedEvaluator(Gates):
                  shape_names: dict, where: dict, workdir=None, progress: bool = True, memory_budget_mb: int = 0,
                  inline: bool | None = None):
         self.index = index
-        self.plan = _Plan(model, where, index)
+        self.plan = StagePlan(model, where, index)
         self.plan.inline = provider == "cuda" if inline is None else inline
         self.provider, self.progress, self.shape_names = provider, progress, shape_names
         self.feeds = list(search) + list(verify)
