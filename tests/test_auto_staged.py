@@ -320,6 +320,12 @@ def test_cuda_stages_inline_their_gates(setup, monkeypatch):
         mix = {n: l.formats[rng.integers(len(l.formats))] for n, l in cands.layers.items()}
         a, b = cuda.metrics(cuda.gates(mix), "all"), cpu.metrics(cpu.gates(mix), "all")
         assert abs(a["cosine"] - b["cosine"]) <= 1e-6 and a["top1"] == b["top1"]
+    # the whole stages' sessions stay loaded for the next mix: no new load
+    loads = cuda.loads
+    mix = {n: l.formats[-1] for n, l in list(cands.layers.items())[:2]}
+    assert cuda.metrics(cuda.gates(mix), "all")["cosine"] == pytest.approx(cpu.metrics(cpu.gates(mix), "all")["cosine"],
+                                                                           abs=1e-6)
+    assert cuda.loads == loads
     keys = [k for k in index if cuda.plan.gate_stages[index[k]] == {1}]
     x, y = cuda._stage_errors(1, keys, False), cpu._stage_errors(1, keys, False)
     for k in keys:

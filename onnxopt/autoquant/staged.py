@@ -249,7 +249,11 @@ class StagedEvaluator(Gates):
         try:
             for s in range(start, self.plan.n):
                 here = on & self.plan.stage_gates.get(s, set())
-                sess = self._session(s, only=here if len(here) <= GROUP else None)  # few gates on: their Ifs only
+                # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
+                # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
+                # verifications loading per-mix sessions).
+                few = len(here) <= GROUP and not (self.plan.inline and here)
+                sess = self._session(s, only=here if few else None)
                 floats = self.plan.float_outputs(s, self.types) if s == start else []
                 for b in batches:
                     got = self._run(sess, s, self._feed(s, b, gates, store, start))
