@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import tiny
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -34,12 +35,7 @@ def _mlp(outlier: float = 3000.0) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
-    d = tmp_path_factory.mktemp("auto")
-    model = d / "mlp.onnx"
-    onnx.save(_mlp(), model)
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).normal(size=(16, 8, D)).astype(np.float32))
-    return model, calib
+    return tiny.model_and_calib(tmp_path_factory.mktemp("auto"), _mlp(), (16, 8, D))
 
 
 def _run(model, x):

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import tiny
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -51,12 +52,7 @@ def _deep(seed: int = 0) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
-    d = tmp_path_factory.mktemp("staged")
-    model = d / "deep.onnx"
-    onnx.save(_deep(), model)
-    calib = d / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).normal(size=(40, D)).astype(np.float32))
-    return model, calib
+    return tiny.model_and_calib(tmp_path_factory.mktemp("staged"), _deep(), (40, D))
 
 
 def _setup(model, calib, formats=("fp8", "int8", "int4"), block_size=32):

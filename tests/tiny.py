@@ -89,3 +89,11 @@ def transformer(opset: int = 17, d: int = 64, heads: int = 2, seq: int = 16) -> 
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)
+
+
+def model_and_calib(d, model: onnx.ModelProto, shape: tuple, seed: int = 1) -> tuple:
+    """`model` saved under folder `d` with a seeded normal calibration set `x` of `shape`: (model path, npz path)."""
+    path, calib = d / f"{model.graph.name}.onnx", d / "calib.npz"
+    onnx.save(model, path)
+    np.savez(calib, x=np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+    return path, calib
