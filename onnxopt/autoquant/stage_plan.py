@@ -15,7 +15,7 @@ from .candidates import GATES
 # On CUDA an If's subgraph runs on a stream of its own, made with its own cuBLAS/cuDNN handles and kept by the
 # session: the full-size SDXL run (32 stages, ~1000 Ifs, H200) failed in cublasCreate, at stage 16 with every
 # stage cached and at stage 31 with four. CUDA stages therefore carry no Ifs: each gate is inlined as its
-# then-branch and a Where on the gate (`_Plan.inline`), which costs one Q/DQ per gate and run.
+# then-branch and a Where on the gate (`StagePlan.inline`), which costs one Q/DQ per gate and run.
 
 # ---------------------------------------------------------------- graph bookkeeping
 def _subgraph_reads(node) -> set:
