@@ -82,8 +82,15 @@ def _captured_stderr(into: list):
             into.append(f.read())
 
 
-def _providers(provider: str) -> list[str]:
-    return list(PROVIDERS["cpu"]) if provider in _fallen_back else check_provider(provider)
+# cuDNN's exhaustive search benchmarks every algorithm of each Conv node on its first run in each session:
+# onnxopt's sessions are many and short (a staged search loads ~150 on the full SDXL UNet, each run a few
+# batches), so the search would cost more than the fastest algorithm saves. The heuristic pick is immediate.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def _providers(provider: str) -> list:
+    names = list(PROVIDERS["cpu"]) if provider in _fallen_back else check_provider(provider)
+    return [(n, dict(CUDA_OPTIONS)) if n == "CUDAExecutionProvider" else n for n in names]
 
 
 def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disable",
@@ -133,7 +140,7 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
         raise OnnxoptError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
 
 
-def _session_via_file(m: onnx.ModelProto, so, providers: list[str]) -> ort.InferenceSession:
+def _session_via_file(m: onnx.ModelProto, so, providers: list) -> ort.InferenceSession:
     # Weights changed in memory beyond protobuf's 2 GB: stream them to a temporary external-data file.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as d:
         path = Path(d) / "model.onnx"

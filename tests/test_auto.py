@@ -283,3 +283,63 @@ def test_search_steps_by_the_measured_error(scale, monkeypatch):
     assert scale * sum(layers[n].error[f] for n, f in mix.items()) <= 1e-3     # the chosen mix meets the target
     assert q >= 0.95 * old_q                      # both stop within RATIO of the largest passing budget
     assert len(trials) <= 3 < len(old_trials), (len(trials), len(old_trials))
+
+
+def test_autocast_ranges_come_from_the_search_calibration(tmp_path, monkeypatch):
+    """--auto then FP16: the max |x| that range-aware autocast needs is reduced in --auto's one calibration pass
+    (no second pass over the data), and it keeps the same nodes in FP32 as its own pass would: here those
+    around an outlier channel (~15000) that FP16 cannot hold with headroom."""
+    import onnxopt
+    from onnxopt import calib, precision
+    from onnxopt.passes import Autocast
+    from onnxopt.passes.autoquant import split_feeds
+    model, data = tiny.model_and_calib(tmp_path, _mlp(6000.0), (16, 8, D))
+    descs = []
+    collect = calib.collect_graph
+
+    def counting(*a, **k):
+        descs.append(k.get("desc"))
+        return collect(*a, **k)
+    monkeypatch.setattr(calib, "collect_graph", counting)
+    p = AutoQuant(("fp8", "int8"), target_cosine=0.9995)
+    res = onnxopt.run([p, Autocast("fp16")], model, tmp_path / "o.onnx", data=str(data), progress=False)
+    assert descs == ["calibrating (once, all candidates)"]
+    kept = res.report["autocast"]["kept_fp32"]
+    assert kept and res.report["autocast"]["ranges_checked"]
+    # the same ranges measured on their own over the search samples, on the FP32 graph
+    from onnxopt import pipeline
+    graph = io.import_graph(pipeline.load(str(model), 21))
+    search, _ = split_feeds(calib.CalibData.from_path(str(data), calib.input_specs(io.load(model))),
+                            p.verify_fraction, p.merge_batch)
+    reducers = precision.range_reducers(graph)
+    collect(graph, search, reducers, provider="cpu", memory_budget_mb=512, progress=False)
+    ranges = precision.ranges_of(reducers)
+    assert ranges["h0"] > np.finfo(np.float16).max * precision.SAFE_FRACTION
+    ref = onnxopt.run([Autocast("fp16", measure_ranges=True)], model, tmp_path / "f.onnx", data=str(data),
+                      progress=False).report["autocast"]["kept_fp32"]
+    assert set(kept) == set(ref), (ref, kept)
+    out = _run(tmp_path / "o.onnx", np.load(data)["x"])
+    assert np.isfinite(out).all()
+
+
+def test_the_chosen_mix_is_verified_once(mlp, tmp_path, monkeypatch):
+    """The search's verifications and the report's figure for the chosen mix share one evaluation per mix
+    (a verification of the full SDXL UNet costs ~25 s)."""
+    model, calib = mlp
+    sens, rep = tmp_path / "s.json", tmp_path / "r.json"
+    args = ["quantize", str(model), "--auto", "--target-cosine", "0.9995", "--calib", str(calib), "-o",
+            str(tmp_path / "o.onnx"), "--sensitivity", str(sens), "--report", str(rep), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == 0  # sensitivities saved: the rerun only verifies
+    calls = []
+    metrics = autoquant.Evaluator.metrics
+
+    def counting(self, gates, split="search"):
+        calls.append((np.asarray(gates).tobytes(), split))
+        return metrics(self, gates, split)
+    monkeypatch.setattr(autoquant.Evaluator, "metrics", counting)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    assert a["measured_now"] == 0 and len(calls) == len(set(calls)) >= 1
+    assert len(calls) <= len(a["trials"])
+    assert a["verified"]["cosine"] in [t["cosine"] for t in a["trials"] if t["passed"]]

@@ -13,8 +13,9 @@
    feeding a one-hot gate vector. Error = 1 − mean cosine of the output against the FP32 reference.
 4. Choice (Lagrangian relaxation of the knapsack): each layer picks the format minimising
    cost + λ·error; λ is bisected so that the summed error fits a budget (or, for `bits`, the weight-bit
-   budget). The error budget itself is bisected against the metric measured on the calibration batches
-   (a cosine with k = 1.64 standard errors of its per-sample mean to spare) with the gated graph, which is the chosen mix exactly; that search is the repair
+   budget). The error budget itself is searched against the metric measured on the held-out batches
+   (a cosine with k = 1.64 standard errors of its per-sample mean to spare) with the gated graph, which is
+   the chosen mix exactly; that search is the repair
    step: a mix that misses the target promotes its most sensitive layers (the smaller budget does). The
    bisection stops when the passing and failing budgets are within 1.15x (MiniLM: the additive prediction
    of 1 − cosine is within a few % of the measured one, so the finer grid is worth its trials); a mix
@@ -25,12 +26,12 @@ from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, PLANNED, 
 from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
-from .evaluate import Evaluator, cosine, load_sensitivities, measure, sample_cosines, save_sensitivities
+from .evaluate import Evaluator, Memo, cosine, load_sensitivities, measure, sample_cosines, save_sensitivities
 from .gated import build_gated, fake_weight, macs_of, shape_outputs
 from . import staged
 from .staged import StagedEvaluator
 
-__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer",
+__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
            "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
            "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",

@@ -87,10 +87,12 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
     return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok, sq_groups=sq_groups)
 
 
-def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory_budget_mb: int, progress: bool):
+def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory_budget_mb: int, progress: bool,
+              extra: dict | None = None):
     """Activation ranges per 8-bit format (Concat groups share the largest) and bias-correction means, in
-    one pass over `data`. Returns ({format: {tensor: amax}}, {tensor: channel mean})."""
-    reducers: dict[str, list] = {}
+    one pass over `data`, which also feeds the `extra` reducers ({tensor: [reducer]}).
+    Returns ({format: {tensor: amax}}, {tensor: channel mean})."""
+    reducers: dict[str, list] = {n: list(rs) for n, rs in (extra or {}).items()}
     by_fmt: dict[str, dict] = {}
     for f, plan in cands.plans.items():
         by_fmt[f] = {}

@@ -6,7 +6,7 @@ import math
 
 from ..progress import track
 from .choose import bits_of, mix_for_error
-from .evaluate import Evaluator
+from .evaluate import Evaluator, Memo
 
 
 # ---------------------------------------------------------------- search against a verified target
@@ -24,13 +24,12 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
     b = (1.0 - target) if metric == "cosine" else 1e-3
     b = min(max(b, 1e-7), everything)
-    lo, hi, best, trials, seen = 0.0, None, {n: "none" for n in layers}, [], {}
+    ev = ev if isinstance(ev, Memo) else Memo(ev)  # nearby budgets often give the same mix
+    lo, hi, best, trials = 0.0, None, {n: "none" for n in layers}, []
     at_lo = at_hi = 0.0
     for _ in track(range(steps), total=steps, desc="verifying mixes", enabled=progress, unit="mix"):
         mix = mix_for_error(layers, b)
-        key = tuple(sorted(mix.items()))
-        got = seen[key] if key in seen else ev.metrics(ev.gates(mix), split)  # nearby budgets often agree
-        seen[key] = got
+        got = ev.metrics(ev.gates(mix), split)
         need = margin + k * got.get(f"{metric}_se", 0.0)
         ok = got[metric] >= target + need
         trials.append({"error_budget": b, "predicted_error": sum(layers[n].error[f] for n, f in mix.items()),

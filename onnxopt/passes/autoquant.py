@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import attention_guard, autoquant, awq, io
+from .. import attention_guard, autoquant, awq, io, precision
 from ..autoquant import engine as aq_engine
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
@@ -114,7 +114,10 @@ class AutoQuant(PassBase):
             raise OnnxoptError("nothing to quantize: no layer has a candidate format under the TensorRT rules; "
                                "nothing was written")
         search, verify = split_feeds(data, self.verify_fraction, self.merge_batch)
-        amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider,
+        # Range-aware autocast's max |x| of every float tensor, in the same pass (on the search samples: the
+        # held-out ones stay unseen; SAFE_FRACTION is the headroom for inputs calibration did not see).
+        ranges = precision.range_reducers(graph) if ctx.measure_ranges else None
+        amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider, extra=ranges,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
         if cands.int4 and self.awq_clip:
             nodes = [(n, 4) for n in graph.nodes if n.name in cands.int4]
@@ -122,7 +125,7 @@ class AutoQuant(PassBase):
                                        high_precision=ctx.high_precision, provider=ctx.provider,
                                        memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
         t1 = time.perf_counter()
-        ev = self._evaluator(ctx, cands, amax, means, search, verify)
+        ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify))  # the final mix was verified
         key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
@@ -139,6 +142,8 @@ class AutoQuant(PassBase):
         t3 = time.perf_counter()
         inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
                                 block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
+        if ranges is not None and autoquant.SQ not in mix.values():
+            ctx.range_reducers = ranges  # SmoothQuant's folded scales would change the ranges it measured
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
