@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from .. import fold, io
 from .. import graph as G
 from ..progress import track
-from ..quant import bias_correction, blockwise, fp8, qdq, rules
+from ..quant import bias_correction, blockwise, qdq, rules
 from . import smooth
 from .candidates import EIGHT_BIT, GATES, Candidates, Layer
 
@@ -22,12 +22,18 @@ def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int
         kn = blockwise.to_kn(node, w)
         fq = blockwise.fake_quant(kn, block_size, clip, hp)
         return fq.T if kn is not w else fq
+    q, scale, _ = _per_channel(node, w, fmt, hp)
+    return qdq.FORMATS[fmt].to_float(q) * scale
+
+
+def _per_channel(node: gs.Node, w: np.ndarray, fmt: str, hp: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """8-bit weights per output channel: (q, scale broadcast to w, channel axis)."""
     f = qdq.FORMATS[fmt]
     axis = G.weight_output_channel_axis(node) % w.ndim
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=red, keepdims=True)
     scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
-    return f.cast(w / scale).astype(np.float32) * scale
+    return f.cast(w / scale), scale, axis
 
 
 # ---------------------------------------------------------------- the gated graph
@@ -206,13 +212,8 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
         qc = gs.Constant(G.unique_name(base + "_q", b.names), gs.ir.tensor.LazyValues(
             numpy_helper.from_array(np.ascontiguousarray(q).astype(ml_dtypes.int4), base + "_q")))
     else:
-        f = qdq.FORMATS[fmt]
-        axis = G.weight_output_channel_axis(node) % w.ndim
-        red = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.max(np.abs(w), axis=red, keepdims=True)
-        scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
-        q = f.cast(w / scale)
-        wq = (fp8.to_float(q) if fmt == "fp8" else q.astype(np.float32)) * scale
+        q, scale, axis = _per_channel(node, w, fmt, hp)
+        wq = qdq.FORMATS[fmt].to_float(q) * scale
         qc = io.constant(G.unique_name(base + "_q", b.names), q)  # spilled: stays lazy
         scale, attrs = scale.reshape(-1), {"axis": axis}
     sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))

@@ -12,5 +12,9 @@ def cast(x_over_scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x_over_scale), -QMAX, QMAX).astype(np.int8)
 
 
+def to_float(q: np.ndarray) -> np.ndarray:
+    return np.asarray(q).astype(np.float32)
+
+
 def zero_point(shape=()) -> np.ndarray:
     return np.zeros(shape, dtype=np.int8)

@@ -63,7 +63,7 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     bshape[axis] = -1
     q = f.cast(w / scale.reshape(bshape))
     if on_error is not None:
-        on_error(w, q.astype(np.float32) * scale.reshape(bshape))
+        on_error(w, f.to_float(q) * scale.reshape(bshape))
     name = const.name
     qc = io.constant(f"{name}_quantized", q)  # spilled inside quantize(): no second copy at export
     sc = gs.Constant(f"{name}_scale", scale)
