@@ -68,9 +68,10 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provi
     _check_report(report_path, reference, candidate)
     res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
               provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
-    click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
+    click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}{'cos/sample':>12}{'worst':>10}")
     for name, m in res.items():
-        click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")
+        click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}"
+                   f"{m['cosine_mean']:>12.6f}{m['cosine_worst']:>10.6f}")
     if report_path:
         _write_json(report_path, res)
     worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
