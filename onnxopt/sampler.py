@@ -344,6 +344,22 @@ def run_all(model: onnx.ModelProto, r: Roles, opts: SamplerOptions, data, provid
     return Trajectory([np.concatenate([p.steps[i] for p in parts]) for i in range(len(parts[0].steps))], parts[0].levels)
 
 
+def record_trajectory(model, opts: SamplerOptions, *, data=None, provider: str = "cpu",
+                      allow_cpu_fallback: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
+    """Calibration data along the sampler's own trajectory: every input of every call the model gets while
+    `opts` samples each seed (one seed per call: batch 1, or 2 with CFG). Arrays with a leading sample axis
+    (steps × seeds samples), as `quantize --calib` reads them."""
+    ortx.check_provider(provider, allow_cpu_fallback)
+    m = load_model(model)
+    r = roles(m, opts)
+    cond = load_conditioning(data, r, opts)
+    calls: list[dict[str, np.ndarray]] = []
+    one = SamplerOptions(**{**vars(opts), "batch": 1})
+    run_all(m, r, one, cond, provider, "the model", record=lambda feed: calls.append({k: np.array(v) for k, v in feed.items()}),
+            progress=progress)
+    return {k: np.stack([c[k] for c in calls]) for k in calls[0]}
+
+
 # ---------------------------------------------------------------- the comparison
 @dataclass(frozen=True)
 class StepDrift:

@@ -185,3 +185,21 @@ def test_terrain_unet_self_compare():
     res = S.compare_sampled(path, path, opts)
     assert res.final.psnr_mean == np.inf
     assert res.reference.shape == (1, 1, 128, 128) and -1.01 <= res.reference.min() < res.reference.max() <= 1.01
+
+
+def test_calib_data_trajectory(tmp_path):
+    ref = tmp_path / "r.onnx"
+    onnx.save(_edm_model(), ref)
+    out = tmp_path / "c.npz"
+    code, text = run("calib-data", "trajectory", ref, "--sampler", "consistency", "--steps", 3, "--seeds", "10-13", "-o", out)
+    assert code == 0, text
+    with np.load(out) as z:
+        assert z["noisy"].shape == (12, 1, 1, 8, 8) and z["sigma"].shape == (12, 1) and z["difficulty"].shape == (12, 1)
+        levels = S.karras_sigmas(3, 0.002, 80.0)
+        np.testing.assert_allclose(np.sort(np.unique(z["sigma"])), np.sort(levels).astype(np.float32), rtol=1e-6)
+        assert np.all((z["difficulty"] >= 0) & (z["difficulty"] <= 1))
+    from onnxopt.calib import CalibData, input_specs
+    feeds = list(CalibData.from_path(str(out), input_specs(_edm_model())))  # what quantize --calib reads
+    assert len(feeds) == 12 and feeds[0]["noisy"].shape == (1, 1, 8, 8) and feeds[0]["sigma"].shape == (1,)
+    code, text = run("calib-data", "trajectory", ref, "--sampler", "euler", "-o", out, quiet=False)
+    assert code == 2 and "needs a timestep" in text
