@@ -168,6 +168,15 @@ def roles(model: onnx.ModelProto, opts: SamplerOptions) -> Roles:
     return Roles(sample, level, cond, model.graph.output[0].name, (c, h, w))
 
 
+def io_model(inputs: Sequence[tuple[str, np.dtype, Sequence]], outputs: Sequence[str]) -> onnx.ModelProto:
+    """A node-less model with these inputs (name, dtype, shape) and outputs: enough for `roles` before any work."""
+    from onnx import helper
+    vis = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(d)), list(sh) if sh is not None else None)
+           for n, d, sh in inputs]
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs]
+    return helper.make_model(helper.make_graph([], "io", vis, outs))
+
+
 # ---------------------------------------------------------------- conditioning
 def conditioning(r: Roles, seed: int, index: int, cfg: bool, data: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """One seed's conditioning feeds, batch 2 [uncond, cond] with CFG, else batch 1 (the conditional row)."""
@@ -250,9 +259,11 @@ Recorder = Callable[[dict], None]
 class Denoiser:
     """One ONNX model in one ORT session (ORT_DISABLE_ALL; FP16 graphs the provider cannot run are emulated)."""
 
-    def __init__(self, model: onnx.ModelProto, r: Roles, provider: str, label: str):
-        self.model, self.roles, self.label = model, r, label
-        self.sess, _ = evaluation_session(model, provider)
+    def __init__(self, model: onnx.ModelProto | None, r: Roles, provider: str, label: str, *, session=None,
+                 extra: dict[str, np.ndarray] | None = None):
+        """`session`: an existing session of `model` (a gated graph, say) whose `extra` inputs stay fixed."""
+        self.model, self.roles, self.label, self.extra = model, r, label, extra or {}
+        self.sess = session if session is not None else evaluation_session(model, provider)[0]
         self.types = {i.name: i.type for i in self.sess.get_inputs()}
 
     def __call__(self, feed: dict[str, np.ndarray], record: Recorder | None = None) -> np.ndarray:
@@ -260,7 +271,7 @@ class Denoiser:
             record(feed)
         fed = {k: v.astype(np.float16 if self.types.get(k) == "tensor(float16)" else v.dtype, copy=False)
                if np.issubdtype(v.dtype, np.floating) else v for k, v in feed.items()}
-        out = ortx.run(self.sess, [self.roles.output], fed, model=self.model, label=self.label)[0]
+        out = ortx.run(self.sess, [self.roles.output], {**fed, **self.extra}, model=self.model, label=self.label)[0]
         return np.asarray(out, np.float32)
 
 
@@ -333,14 +344,21 @@ def run_all(model: onnx.ModelProto, r: Roles, opts: SamplerOptions, data, provid
             record: Recorder | None = None, progress: bool = False) -> Trajectory:
     """Every seed of `opts` through the loop with `model` (one session), seeds batched by opts.batch."""
     den = Denoiser(model, r, provider, label)
+    traj = run_with(den, opts, data, record, progress)
+    del den
+    gc.collect()
+    return traj
+
+
+def run_with(den: Denoiser, opts: SamplerOptions, data=None, record: Recorder | None = None,
+             progress: bool = False) -> Trajectory:
+    """Every seed of `opts` through the loop with `den`, seeds batched by opts.batch."""
     chunks = [list(opts.seeds[i:i + opts.batch]) for i in range(0, len(opts.seeds), opts.batch)]
     parts = []
     start = 0
-    for chunk in track(chunks, desc=f"sampling: {label}", enabled=progress, unit="batch"):
+    for chunk in track(chunks, desc=f"sampling: {den.label}", enabled=progress, unit="batch"):
         parts.append(sample(den, opts, chunk, start, data, record))
         start += len(chunk)
-    del den
-    gc.collect()
     return Trajectory([np.concatenate([p.steps[i] for p in parts]) for i in range(len(parts[0].steps))], parts[0].levels)
 
 

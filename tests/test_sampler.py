@@ -203,3 +203,65 @@ def test_calib_data_trajectory(tmp_path):
     assert len(feeds) == 12 and feeds[0]["noisy"].shape == (1, 1, 8, 8) and feeds[0]["sigma"].shape == (1,)
     code, text = run("calib-data", "trajectory", ref, "--sampler", "euler", "-o", out, quiet=False)
     assert code == 2 and "needs a timestep" in text
+
+
+def _edm_deep(seed=3) -> onnx.ModelProto:
+    """A denoiser with quantizable convs: x0 = conv(relu(conv(relu(conv(x·c_in)) + emb))) with 16 channels."""
+    r = np.random.default_rng(seed)
+    w1 = (r.standard_normal((16, 1, 3, 3)) * 0.5).astype(np.float32)
+    w2 = (r.standard_normal((16, 16, 3, 3)) * 0.15).astype(np.float32)
+    w3 = (r.standard_normal((16, 16, 3, 3)) * 0.15).astype(np.float32)
+    w4 = (r.standard_normal((1, 16, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["sigma", "sigma"], ["s2"]), helper.make_node("Add", ["s2", "one"], ["s2p1"]),
+        helper.make_node("Sqrt", ["s2p1"], ["den"]), helper.make_node("Reshape", ["den", "shape4"], ["den4"]),
+        helper.make_node("Div", ["noisy", "den4"], ["xin"]),
+        helper.make_node("Conv", ["xin", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Reshape", ["difficulty", "shape4"], ["d4"]), helper.make_node("Add", ["r1", "d4"], ["a1"]),
+        helper.make_node("Conv", ["a1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"), helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"), helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4"], ["c4"], name="conv4"), helper.make_node("Tanh", ["c4"], ["denoised"]),
+    ]
+    g = helper.make_graph(nodes, "edm_deep", [
+        helper.make_tensor_value_info("noisy", TensorProto.FLOAT, ["N", 1, 16, 16]),
+        helper.make_tensor_value_info("sigma", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("difficulty", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("denoised", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (w4, "w4"))]
+        + [numpy_helper.from_array(np.array(1, np.float32), "one"), numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_target_psnr_verified_on_samples(tmp_path):
+    ref = tmp_path / "r.onnx"
+    onnx.save(_edm_deep(), ref)
+    cal = tmp_path / "c.npz"
+    assert run("calib-data", "trajectory", ref, "--sampler", "consistency", "--steps", 2, "--seeds", "0-7", "-o", cal)[0] == 0
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    code, text = run("quantize", ref, "--auto", "--formats", "int8", "--target-psnr", 35, "--sampler", "consistency",
+                     "--steps", 2, "--verify-seeds", "100-103", "--high-precision", "fp32", "--calib", cal, "-o", out,
+                     "--report", rep, quiet=False)
+    assert code == 0, text
+    auto = json.loads(rep.read_text())["autoquant"]
+    assert auto["metric"] == "psnr" and auto["sampler"]["held_out_seeds"] == [100, 101, 102, 103]
+    assert auto["met"] and auto["verified"]["psnr"] >= 35
+    assert set(auto["kept_wide"]) <= set(auto["layers"])
+    # the written graph, sampled on the same held-out seeds, gives what the search verified
+    res = S.compare_sampled(str(ref), str(out), S.SamplerOptions("consistency", steps=2, seeds=(100, 101, 102, 103)))
+    assert res.final.psnr_mean == pytest.approx(min(auto["verified"]["psnr"], 200), abs=1.0)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--auto", "--target-psnr", "30"], "give it with --sampler"),
+    (["--auto", "--target-psnr", "30", "--sampler", "euler"], "needs a timestep"),
+    (["--auto", "--target-cosine", "0.99", "--sampler", "consistency"], "only with --target-psnr"),
+    (["--auto", "--target-psnr", "30", "--steps", "2"], "with --sampler"),
+    (["--int8", "--sampler", "consistency"], "to --auto only"),
+    (["--auto", "--target-psnr", "30", "--sampler", "consistency", "--verify-seeds", "x"], "not a seed range"),
+])
+def test_auto_target_psnr_bad_input(tmp_path, args, msg):
+    ref = tmp_path / "r.onnx"
+    onnx.save(_edm_deep(), ref)
+    code, text = run("quantize", ref, *args, "--calib-random", 4, "--shapes", "noisy:1x1x16x16", "--shapes", "sigma:1",
+                     "--shapes", "difficulty:1", "-o", tmp_path / "q.onnx", quiet=False)
+    assert code == 2 and msg in text and "Traceback" not in text, text
