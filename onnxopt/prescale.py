@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 TARGET = 2.0 ** 6   # a scaled class's max |x|: its norms' inputs pass precision's squares rule (x² within FP16)
 LOWEST = 2.0 ** -4  # no member's max |x| below this after scaling (FP16 keeps ~11 bits down to 6e-5)
 EPS_FLOOR = 2.0 ** -24
+UNDERFLOW_ENERGY = 1e-4  # share of a weight's energy allowed in channels whose scale falls below FP16's normals
 _FP16_TINY = float(np.finfo(np.float16).tiny)
 _MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Split", "Concat", "Resize",
           "Upsample", "AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "Relu", "DepthToSpace",
@@ -92,7 +93,7 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
             union([node.inputs[0]] + [o for q in node.outputs for dq in q.outputs for o in dq.outputs])
         elif role == "layer":
             layers.append(node)
-            add(node.inputs[0]), add(node.outputs[0])
+            add(_data(node)), add(node.outputs[0])
         elif role == "norm":
             norms.append(node)
             add(node.inputs[0])
@@ -116,12 +117,15 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
         if exp > 0:
             k[root] = 2.0 ** exp
     # A layer whose weights or scales would leave the format's normal range keeps its classes unscaled.
+    # ... unless the layer stays FP32 anyway (its output leaves FP16 and cannot be scaled): FP32 weights fit.
+    fp32 = {id(lay) for lay in layers if find(lay.outputs[0].name) in pinned_roots and (rng.get(lay.outputs[0].name) or 0) > safe}
     for _ in range(len(k) + 1):
-        bad = [lay for lay in layers if not _fits(lay, _factor(lay, k, find), _kout(lay, k, find), safe)]
+        bad = [lay for lay in layers
+               if id(lay) not in fp32 and not _fits(lay, _factor(lay, k, find), _kout(lay, k, find), safe)]
         if not bad:
             break
         for lay in bad:
-            k.pop(find(lay.inputs[0].name), None), k.pop(find(lay.outputs[0].name), None)
+            k.pop(find(_data(lay).name), None), k.pop(find(lay.outputs[0].name), None)
     if not k:
         return ranges, plan
     _apply(graph, k, find, layers, norms)
@@ -146,8 +150,8 @@ def _role(node) -> str:
         return "move" if not (op == "Gather" and node.inputs[0] not in var) else "other"
     if op in ("Add", "Sub"):
         return "move" if var else "other"
-    if op in ("Mul", "Div") and len(var) == 1 and (op == "Mul" or node.inputs[0] is var[0]):
-        return "move"
+    if op in ("Mul", "Div") and len(var) == 1 and (op == "Mul" or node.inputs[0] is var[0]) and _const_in(node):
+        return "layer"  # x·c, x/c: c takes the factor, so the classes on both sides may differ (SmoothQuant's Mul)
     if op == "QuantizeLinear":
         if isinstance(node.inputs[1], gs.Constant) and all(dq.op == "DequantizeLinear" for dq in node.outputs[0].outputs):
             return "qdq"
@@ -165,8 +169,21 @@ def _role(node) -> str:
     return "other"
 
 
+def _const_in(node):
+    return next((t for t in node.inputs if isinstance(t, gs.Constant)), None)
+
+
+def _data(node):
+    """A layer's activation input."""
+    if node.op in ("Mul", "Div"):
+        return next(t for t in node.inputs if not isinstance(t, gs.Constant))
+    return node.inputs[0]
+
+
 def _weight(node):
     """The weight input: a constant, or a DequantizeLinear of constants read only by this layer."""
+    if node.op in ("Mul", "Div"):
+        return _const_in(node)
     if len(node.inputs) < 2:
         return None
     w = node.inputs[1]
@@ -183,7 +200,8 @@ def _weight(node):
 
 
 def _factor(layer, k, find) -> float:
-    return k.get(find(layer.inputs[0].name), 1.0) / _kout(layer, k, find)
+    """What the layer's weight is multiplied by (Div: its divisor divided by)."""
+    return k.get(find(_data(layer).name), 1.0) / _kout(layer, k, find)
 
 
 def _kout(layer, k, find) -> float:
@@ -198,9 +216,15 @@ def _fits(layer, f: float, kout: float, safe: float) -> bool:
         return True  # Gemm: alpha/beta are FP32 attributes
     if isinstance(w, gs.Constant):
         v = np.abs(np.asarray(G.read_values(w), np.float64))
+        if layer.op == "Div":
+            v = 1.0 / np.maximum(v, 1e-30)
         return float(v.max(initial=0.0)) * f <= safe and float(np.median(v)) * f >= _FP16_TINY
     s = np.abs(np.asarray(G.read_values(w.inputs[1]), np.float64)) * f
-    return float(s.max(initial=0.0)) <= safe and float(s.min(initial=1.0)) >= _FP16_TINY
+    # Channels whose scale leaves FP16's normal range lose precision: allowed for weak ones only (SmoothQuant
+    # leaves a few), as in quant.qdq's weight-scale rule.
+    energy = np.square(s)
+    weak = float(energy[s < _FP16_TINY].sum()) <= UNDERFLOW_ENERGY * float(energy.sum())
+    return float(s.max(initial=0.0)) <= safe and weak
 
 
 def _apply(graph, k, find, layers, norms) -> None:
@@ -229,7 +253,8 @@ def _apply(graph, k, find, layers, norms) -> None:
             lay.attrs["beta"] = float(lay.attrs.get("beta", 1.0)) / kout
             continue
         if isinstance(w, gs.Constant):
-            lay.inputs[1] = _scaled_const(w, f, names)
+            i = next(j for j, t in enumerate(lay.inputs) if t is w)
+            lay.inputs[i] = _scaled_const(w, 1.0 / f if lay.op == "Div" else f, names)
         else:  # DequantizeLinear: its own copy with the scale multiplied (the codes are unchanged)
             out = gs.Variable(G.unique_name(f"{lay.inputs[1].name}_prescaled", names), dtype=lay.inputs[1].dtype,
                               shape=lay.inputs[1].shape)
