@@ -10,7 +10,8 @@ terrain: calibration data is recorded along the model's own 3-step trajectory (`
 default fails; int8: quantize --int8; auto: quantize --auto --target-psnr 30 verified on seeds 500-503) and
 compared with `compare --sampler consistency` in 1 and 3 steps on held-out seeds 1000-1007 (the FP32 trajectory
 sampled once per step count).
-sdxl: tools/bench_sdxl.py exports the UNet and writes FP8 (sdxl preset, synthetic calibration); then one child
+sdxl: tools/bench_sdxl.py exports the UNet and its synthetic calibration data; `quantize --fp8 --preset sdxl` (on
+--provider; --calib-source trajectory calibrates along the FP32 UNet's own Euler loop instead); then one child
 process samples FP32 and FP8 in turn (one session alive at a time) and reports the drift per step, the final
 PSNR/SSIM/cosine of the latents and its own peak RSS (ru_maxrss).
 Every onnxopt command runs in its own child process; wall time and peak RSS are the child's.
@@ -154,9 +155,19 @@ def sdxl(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = {"model": "sdxl", "scale": args.scale}
+    if not (work / "unet.onnx").exists():
+        out["export"] = sh([sys.executable, ROOT / "tools" / "bench_sdxl.py", "--work", work, "--scale", args.scale,
+                            "--size", 8 * int(args.size.split("x")[0]), "--stages", "export,calib"], work / "export.log")
+    calib = work / "calib.npz"  # bench_sdxl's synthetic schedule (8 samples over 30 Euler steps)
+    if args.calib_source == "trajectory":
+        calib = work / "trajectory.npz"
+        if not calib.exists():
+            out["calib"] = sh(onnxopt("-q", "calib-data", "trajectory", work / "unet.onnx", "--sampler", "euler", "--steps",
+                                      args.sdxl_steps, "--guidance", args.guidance, "--size", args.size, "--seeds", "100-101",
+                                      "--provider", args.provider, "-o", calib), work / "calib.log")
     if not (work / "unet.fp8.onnx").exists():
-        out["build"] = sh([sys.executable, ROOT / "tools" / "bench_sdxl.py", "--work", work, "--scale", args.scale,
-                           "--size", 8 * int(args.size.split("x")[0]), "--stages", "export,calib,fp8"], work / "build.log")
+        out["fp8"] = sh(onnxopt("quantize", work / "unet.onnx", "--fp8", "--preset", "sdxl", "--calib", calib,
+                                "--provider", args.provider, "-o", work / "unet.fp8.onnx"), work / "fp8.log")
     cmd = onnxopt("compare", work / "unet.onnx", work / "unet.fp8.onnx", "--sampler", "euler", "--steps", args.sdxl_steps,
                   "--guidance", args.guidance, "--size", args.size, "--seeds", args.sdxl_seeds, "--provider", args.provider,
                   "--report", work / "sampled.json", "--save-grid", work / "grid.png")
@@ -202,6 +213,9 @@ def main(argv=None) -> None:
     s.add_argument("--guidance", type=float, default=5.0)
     s.add_argument("--size", default="128x128", help="latent HxW (1024² pixels = 128x128 latents)")
     s.add_argument("--sdxl-seeds", default="0-1")
+    s.add_argument("--calib-source", choices=("synthetic", "trajectory"), default="synthetic",
+                   help="FP8 calibration: calib-data sdxl's synthetic schedule, or calib-data trajectory (the FP32 UNet "
+                        "in the 20-step Euler loop, seeds 100-101)")
     for p in (t, s):
         p.add_argument("--json")
     args = ap.parse_args(argv)
