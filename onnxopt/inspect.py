@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import formats
 from . import graph as G
 from . import io
 
@@ -56,7 +57,37 @@ class Inspection:
 
 
 def _is_dq(t) -> bool:
-    return bool(t.inputs) and t.inputs[0].op == "DequantizeLinear"
+    """A DequantizeLinear output, also seen through the Cast (and Reshape) of a block format's FP32 output."""
+    p = t.inputs[0] if t.inputs else None
+    for _ in range(3):
+        if p is None:
+            return False
+        if p.op in ("DequantizeLinear", G.MX_DQ_OP):
+            return True
+        if p.op not in ("Cast", "Reshape"):
+            return False
+        p = p.inputs[0].inputs[0] if p.inputs and p.inputs[0].inputs else None
+    return False
+
+
+def block_format(node) -> str:
+    """'nvfp4' / 'mxfp8' when the layer's weight is stored in that block format (else '')."""
+    if len(node.inputs) < 2:
+        return ""
+    const, chain = G.weight_of(node.inputs[1])
+    if const is None:
+        return ""
+    if any(c.op == G.MX_DQ_OP for c in chain):
+        return formats.MXFP8.name
+    return formats.NVFP4.name if _type_name(const.dtype) in formats.NVFP4.storage_names else ""
+
+
+def _in_block_form(dq) -> bool:
+    """A DequantizeLinear of an NVFP4 form: of FP4 codes (constant or dynamic), or of FP8 block scales feeding one."""
+    src = dq.inputs[0]
+    if _type_name(src.dtype) in formats.NVFP4.storage_names or (src.inputs and src.inputs[0].domain == formats.nvfp4.TRT_DOMAIN):
+        return True
+    return any(c.op == "DequantizeLinear" and c.inputs[1] is dq.outputs[0] for c in dq.outputs[0].outputs)
 
 
 def _weight_params(node) -> tuple[int, bool]:
@@ -113,6 +144,10 @@ def layer_format(node) -> str:
     weight into the FP16 GEMM); "" otherwise."""
     stored = _stored_type(node)
     data = [t for t in node.inputs[:2] if t is not None and t.name]
+    block = block_format(node)
+    if block:
+        f = formats.get(block)
+        return (f"{block}/{f.block_size}" if _is_dq(node.inputs[0]) else f"W{f.bits}A16-{block}/{f.block_size}")
     if data and all(_is_dq(t) for t in data):
         kind = stored or _activation_type(node.inputs[0])  # no weight: an attention BMM
         return "fp8" if kind.startswith("float8") else kind.lstrip("u")
@@ -259,6 +294,8 @@ def lint(graph: gs.Graph) -> list[str]:
                 issues.append(f"{node.name}: activation scale is not per-tensor")
             if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and np.any(np.asarray(node.inputs[2].values, dtype=np.float32) != 0):
                 issues.append(f"{node.name}: non-zero zero point; TensorRT needs symmetric quantization")
+        elif node.op == "DequantizeLinear" and _in_block_form(node):
+            continue  # the block formats' own form (formats.nvfp4), checked by the TensorRT-RTX probe
         elif node.op == "DequantizeLinear":
             src = node.inputs[0]
             if not isinstance(src, gs.Constant) and not (src.inputs and src.inputs[0].op == "QuantizeLinear"):

@@ -51,10 +51,12 @@ def sdxl_int8(**overrides) -> QuantConfig:
 
 
 def sdxl(mode: str = "fp8", **overrides) -> QuantConfig:
-    """The SDXL recipe for `mode` ("fp8" or "int8")."""
-    recipes = {"fp8": sdxl_fp8, "int8": sdxl_int8}
+    """The SDXL recipe for `mode` ("fp8", "int8", or "nvfp4"/"mxfp8": FP8's with the block format on its GEMMs)."""
+    recipes = {"fp8": sdxl_fp8, "int8": sdxl_int8, "nvfp4": sdxl_fp8, "mxfp8": sdxl_fp8}
     if mode not in recipes:
-        raise OnnxoptError(f"the sdxl preset has fp8 and int8 recipes, not '{mode}'; use --fp8 or --int8")
+        raise OnnxoptError(f"the sdxl preset has fp8, int8, nvfp4 and mxfp8 recipes, not '{mode}'; use --fp8 or --int8")
+    if mode in ("nvfp4", "mxfp8"):  # FP8's exclusions and calibration; the block format on the GEMMs it allows
+        return sdxl_fp8(**{"mode": mode, **overrides})
     return recipes[mode](**overrides)
 
 

@@ -12,17 +12,19 @@ import onnx
 
 from . import autocast, calib, pipeline
 from .errors import OnnxoptError
-from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, SmoothQuant, Sparsify
+from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, SmoothQuant, Sparsify
 
-MODES = ("int8", "fp8", "int4")
+MODES = ("int8", "fp8", "int4", "nvfp4", "mxfp8")
 DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
-MIN_OPSET = {"int8": QDQ.min_opset, "fp8": QDQ.min_opset, "int4": Int4.min_opset}
+MIN_OPSET = {"int8": QDQ.min_opset, "fp8": QDQ.min_opset, "int4": Int4.min_opset, "nvfp4": BlockFP.min_opset,
+             "mxfp8": BlockFP.min_opset}
 QuantResult = pipeline.Result
 
 
 @dataclass
 class QuantConfig:
-    mode: str = "fp8"                          # "int8" | "fp8" | "int4"
+    mode: str = "fp8"                          # "int8" | "fp8" | "int4" | "nvfp4" | "mxfp8"
+    weight_only: bool = False                  # nvfp4: FP4 weights, FP16 activations (W4A16)
     calib_method: str | None = None            # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
     exclude: tuple = ()                        # regexes on node names
@@ -81,6 +83,10 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                                 sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
+    elif c.mode in BlockFP.FORMATS:
+        passes.append(BlockFP(c.mode, weight_only=c.weight_only, calib_method=c.calib_method, percentile=c.percentile,
+                              exclude=c.exclude, op_types=c.op_types, quantize_mha=c.quantize_mha,
+                              bias_correction=c.bias_correction))
     elif c.mode == "int4":
         if c.awq != "none":
             passes.append(AWQ(c.awq))

@@ -17,6 +17,9 @@ from .common import (
 @click.option("--int8", "mode", flag_value="int8", help="INT8 W8A8.")
 @click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 W8A8 (default).")
 @click.option("--int4", "mode", flag_value="int4", help="INT4 blockwise weight-only.")
+@click.option("--nvfp4", "mode", flag_value="nvfp4", help="NVFP4 W4A4 on MatMul/Gemm (FP8 for convs and attention); Blackwell.")
+@click.option("--mxfp8", "mode", flag_value="mxfp8", help="MXFP8 (E8M0 scale per 32) on MatMul/Gemm (FP8 for convs and attention).")
+@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
@@ -111,6 +114,10 @@ def _check_mode_options(mode: str, o: dict) -> None:
             given.append("--smoothquant")
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
+    if o.get("weight_only") and mode != "nvfp4":
+        raise OnnxoptError("--weight-only applies to --nvfp4 only (--int4 is always weight-only)")
+    if mode in ("nvfp4", "mxfp8") and o.get("smoothquant") is not None:
+        raise OnnxoptError(f"--smoothquant applies to --int8 only; drop it or quantize with --int8")
     if mode == "fp8" and o.get("smoothquant") is not None:
         raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
     if o.get("sparsity_method") and not o.get("sparsity"):
@@ -179,6 +186,11 @@ def _describe_quantize(report: dict, mode: str) -> str:
         if cov.get("int8"):
             extra.append(f"{cov['int8']} kept INT8")
         text = f"quantized {q}/{q + s} layers to int4 weight-only ({', '.join(extra)}), {s} skipped"
+    elif mode in ("nvfp4", "mxfp8"):
+        sec = report.get("blockfp", {})
+        kind = " weight-only" if sec.get("weight_only") else ""
+        text = (f"quantized {q}/{q + s} layers: {cov.get(mode, 0)} {mode}{kind} (block {sec.get('block_size')}), "
+                f"{cov.get('fp8', 0)} fp8 ({cov.get('attention_bmms', 0)} attention BMMs), {s} skipped")
     else:
         bmm = cov.get("attention_bmms", 0)
         text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"

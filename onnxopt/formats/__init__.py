@@ -111,6 +111,10 @@ INT8, INT8_SQ, FP8, INT4, FP16, BF16, FP32 = (int8.INT8, int8.INT8_SQ, fp8.FP8_E
 for _f in (INT8, FP8, INT4, INT8_SQ, FP16, BF16, FP32):
     register(_f)
 
+from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + standard-ONNX emulation)
+
+NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
+
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
            "weight_only", "auto_candidates", "auto_defaults", "high_precision", "from_storage", "from_engine",
-           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32"]
+           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8"]

@@ -31,7 +31,8 @@ _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inpu
 _DTYPE = re.compile(r"Dimensions: \[([-0-9,]*)\][^}]*?Datatype: (\w+)")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
-_QUANT = {"Int8": "int8", "FP8": "fp8", "Int4": "int4", "FP4": "fp4", "UInt8": "int8"}
+_QUANT = {"Int8": "int8", "FP8": "fp8", "Int4": "int4", "FP4": "nvfp4", "FP4E2M1": "nvfp4", "UInt8": "int8"}
+_BLOCK_SCALES = {"FP8UE8M0": "mxfp8"}  # a GEMM reading E8M0 block scales runs MXFP8
 _LOW = {"Half": "fp16", "BFloat16": "bf16", "Float": "fp32"}
 _COMPUTE = ("gemm", "correlation", "convolution", "conv", "deconvolution", "runtime", "runtime_fusion")
 PADDING_MIN_BYTES = 4096  # a smaller quantized constant in an elementwise kernel is noise, not bloat
@@ -61,7 +62,10 @@ class Kernel:
 
     @property
     def precision(self) -> str:
-        """'int8'/'fp8' (quantized activations), 'int4-weight' (weight-only), else the float type."""
+        """'int8'/'fp8'/'nvfp4'/'mxfp8' (quantized activations), 'int4-weight' (weight-only), else the float type."""
+        for dt in self.inputs:
+            if dt in _BLOCK_SCALES:
+                return _BLOCK_SCALES[dt]
         for dt in self.inputs:
             if dt in _QUANT:
                 return _QUANT[dt]
@@ -128,6 +132,8 @@ def _dq_dtype(t) -> str | None:
         p = G.producer(t)
         if p is None:
             return None
+        if p.op == G.MX_DQ_OP:
+            return "mxfp8"
         if p.op == "DequantizeLinear":
             src = p.inputs[0]
             if isinstance(src, gs.Constant):
@@ -150,6 +156,8 @@ def _np_kind(dt) -> str:
     s = TensorProto.DataType.Name(dt).lower() if isinstance(dt, int) else str(np.dtype(dt))
     if "float8" in s:
         return "fp8"
+    if "float4" in s:
+        return "nvfp4"
     if "int4" in s:
         return "int4"
     if "int8" in s:
@@ -207,8 +215,8 @@ def quantized_layers(graph: gs.Graph) -> list[QuantLayer]:
         kinds = [_dq_dtype(t) for t in n.inputs[:2] if t is not None and t.name]
         if len(kinds) == 2 and all(kinds):
             out.append(QuantLayer(n.name, n.op, "w8a8", kinds[0], n.name in attn))
-        elif len(kinds) == 2 and kinds[1] == "int4":
-            out.append(QuantLayer(n.name, n.op, "weight-only", "int4"))
+        elif len(kinds) == 2 and kinds[1] in ("int4", "nvfp4"):
+            out.append(QuantLayer(n.name, n.op, "weight-only", kinds[1]))
     return out
 
 
@@ -216,7 +224,8 @@ def weight_bytes(model: onnx.ModelProto) -> dict:
     """Bytes of the file's weights: quantized (INT8/FP8/INT4), all, and the same weights in FP16."""
     from .. import io
     quant = total = fp16 = 0
-    qtypes = {TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.INT4, TensorProto.UINT4}
+    qtypes = {TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.INT4, TensorProto.UINT4,
+              TensorProto.FLOAT4E2M1}
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
         b = io.tensor_bytes(t)
@@ -244,7 +253,7 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
     for l in layers:
         k = _main_kernel(l, by_layer.get(l.name, []))
         prec = k.precision if k else "none"
-        ok = prec == l.dtype if l.kind == "w8a8" else prec == "int4-weight"
+        ok = prec == l.dtype if l.kind == "w8a8" else prec == f"{l.dtype}-weight"
         rows.append({"name": l.name, "op": l.op, "graph": f"{l.dtype} {l.kind}", "attention": l.attention,
                      "kernel": k.name if k else None, "engine": prec, "quantized_kernel": bool(ok)})
     fused = {}

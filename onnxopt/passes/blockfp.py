@@ -1,0 +1,141 @@
+"""BlockFP pass: NVFP4 (W4A4 or weight-only W4A16) or MXFP8 on every MatMul/Gemm the block-format rules allow
+(quant.rules.block_format_reason), FP8 W8A8 on the other layers the FP8 rules allow (convolutions, attention
+BMMs, K not a multiple of the block, tiny GEMMs), FP16 elsewhere. The formats' ONNX forms are in
+onnxopt.formats.nvfp4 / .mxfp8; activation ranges (NVFP4's per-tensor scales, FP8's) come from one calibration
+pass (max by default). The graph is raised to opset 23 (FLOAT4E2M1)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .. import attention_guard, formats
+from .. import graph as G
+from ..errors import OnnxoptError
+from ..fold import effective_weight
+from ..quant import rules
+from ..quant.blockwise import to_kn
+from .base import check_choice
+from .qdq import QDQ
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("nvfp4", "mxfp8")
+
+
+@dataclass
+class BlockFP(QDQ):
+    mode: str = "nvfp4"                # "nvfp4" | "mxfp8"
+    weight_only: bool = False          # NVFP4 weights, FP16 activations (W4A16); no FP8 layers, no calibration
+    name = "blockfp"
+    FORMATS = FORMATS
+    min_opset = 23                     # FLOAT4E2M1 initializers and DequantizeLinear-23
+
+    def __post_init__(self):
+        check_choice(self.mode, FORMATS, "block format")
+        if self.weight_only and self.mode != "nvfp4":
+            raise OnnxoptError("--weight-only goes with --nvfp4 (MXFP8 quantizes activations at run time)")
+        self.fmt = formats.get(self.mode)
+        self.mode, block_mode = "fp8", self.mode   # the FP8 rules and calibration of the QDQ pass plan the rest
+        super().__post_init__()
+        self.mode = block_mode
+
+    @property
+    def method(self) -> str:
+        return self.calib_method or formats.FP8.calib_method
+
+    @property
+    def needs_data(self) -> bool:
+        return not self.weight_only
+
+    def run(self, ctx) -> dict:
+        graph = ctx.graph
+        fmt = self.fmt
+        if not self.weight_only:
+            ctx.require_data(f"--{self.mode}")
+        guards = attention_guard.remove(graph) if self.quantize_mha and not self.weight_only else 0
+        block_mode, self.mode = self.mode, "fp8"
+        try:
+            plan = rules.plan(graph, self)
+        finally:
+            self.mode = block_mode
+        block_nodes, fp8_nodes, reasons = [], [], {}
+        for n in plan.nodes:
+            why = rules.block_format_reason(n, fmt.block_size, fmt.name.upper())
+            (fp8_nodes if why else block_nodes).append(n)
+            if why:
+                reasons[n.name] = why
+        if not block_nodes:
+            raise OnnxoptError(f"nothing to quantize to {fmt.name.upper()}: no MatMul/Gemm passes its rules ("
+                               + "; ".join(sorted(set(reasons.values()))[:3]) + "); use --fp8")
+        if self.weight_only:
+            fp8_nodes = []
+        fp8_ids = {id(n) for n in fp8_nodes}
+        block_ids = {id(n) for n in block_nodes}
+        t0 = time.perf_counter()
+        amax, means = ({}, {})
+        if not self.weight_only:
+            keep = {k: [u for u in uses if id(u[0]) in fp8_ids or (id(u[0]) in block_ids and fmt.name == "nvfp4")]
+                    for k, uses in plan.activations.items()}
+            plan.activations = {k: v for k, v in keep.items() if v}
+            amax, means = self.calibrate(ctx, plan)
+        t1 = time.perf_counter()
+        layers = self._insert_fp8(graph, plan, fp8_ids, amax, means, ctx.high_precision)
+        before = {id(n) for n in graph.nodes}
+        layers.update(self._insert_block(graph, plan, block_ids, amax))
+        if fmt.name == "nvfp4":  # FP32 tensor scales (amax / 2688 underflows FP16): Autocast casts around these nodes
+            ctx.stats.setdefault("fp32_nodes", []).extend(n.name for n in graph.nodes if id(n) not in before)
+        report = {"mode": self.mode, "format": fmt.name, "weight_only": self.weight_only, "method": self.method,
+                  "block_size": fmt.block_size,
+                  "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in block_nodes + fp8_nodes},
+                  "activations": {k: float(v) for k, v in amax.items()},
+                  "skipped": plan.skipped, "fp8_reasons": reasons,
+                  "coverage": {"quantized": len(block_nodes) + len(fp8_nodes), fmt.name: len(block_nodes), "fp8": len(fp8_nodes),
+                               "skipped": len(plan.skipped) + (len(reasons) if self.weight_only else 0),
+                               "attention_bmms": sum(1 for n in fp8_nodes if reasons[n.name].startswith("attention"))},
+                  "attention_guards_removed": guards, "timings_s": {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}}
+        if self.weight_only:
+            report["skipped"] = {**plan.skipped, **reasons}
+        log.info("%d layers %s, %d FP8, %d skipped", len(block_nodes), fmt.name, len(fp8_nodes), len(plan.skipped))
+        return report
+
+    def _insert_fp8(self, graph, plan, fp8_ids, amax, means, hp) -> dict:
+        """The FP8 part: the QDQ pass's insertion on the sub-plan of the FP8 layers."""
+        sub = rules.Plan(nodes=[n for n in plan.nodes if id(n) in fp8_ids],
+                         activations={k: [u for u in v if id(u[0]) in fp8_ids or u[0].op == "Add"] for k, v in plan.activations.items()},
+                         weights=[w for w in plan.weights if id(w[0]) in fp8_ids])
+        sub.activations = {k: v for k, v in sub.activations.items() if v}
+        if not sub.nodes:
+            return {}
+        mode, self.mode = self.mode, "fp8"
+        try:
+            layers = self._insert(graph, sub, amax, means, hp)
+        finally:
+            self.mode = mode
+        return {k: {**v, "format": "fp8"} for k, v in layers.items()}
+
+    def _insert_block(self, graph, plan, block_ids, amax) -> dict:
+        fmt, names = self.fmt, G.taken_names(graph)
+
+        def unique(n):
+            return G.unique_name(n, names)
+        if not self.weight_only:
+            tensors = graph.tensors()
+            for name, uses in plan.activations.items():
+                uses = [u for u in uses if id(u[0]) in block_ids]
+                if uses:
+                    fmt.write_dynamic_activation(graph, tensors[name], uses, amax=amax.get(name), name=unique)
+        layers, done = {}, {}
+        writer = fmt.write_fp4_weight if fmt.name == "nvfp4" else fmt.write_mx_weight
+        for node, idx, const, _ in plan.weights:
+            if id(node) not in block_ids:
+                continue
+            trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
+            key = (const.name, trans)
+            if key not in done:
+                w_kn = to_kn(node, effective_weight(node, idx))
+                done[key] = writer(graph, const.name, w_kn, trans, unique)
+            out, info = done[key]
+            node.inputs[idx] = out
+            layers[node.name] = info
+        return layers
