@@ -74,11 +74,16 @@ class BlockFP(QDQ):
         block_ids = {id(n) for n in block_nodes}
         t0 = time.perf_counter()
         amax, means = ({}, {})
-        if not self.weight_only:
-            keep = {k: [u for u in uses if id(u[0]) in fp8_ids or (id(u[0]) in block_ids and fmt.name == "nvfp4")]
-                    for k, uses in plan.activations.items()}
-            plan.activations = {k: v for k, v in keep.items() if v}
-            amax, means = self.calibrate(ctx, plan)
+        if not self.weight_only:  # ranges of the FP8 layers' inputs and of NVFP4's (MXFP8 has no tensor scale)
+            calibrated = {k: [u for u in uses if id(u[0]) in fp8_ids or (id(u[0]) in block_ids and fmt.name == "nvfp4")]
+                          for k, uses in plan.activations.items()}
+            acts = {k: v for k, v in calibrated.items() if v}
+            groups = [[n for n in g if n in acts] for g in plan.shared_scales]
+            sub = rules.Plan(nodes=plan.nodes, activations=acts, weights=plan.weights,
+                             shared_scales=[g for g in groups if len(g) > 1], fixed_amax=plan.fixed_amax)
+            amax, means = self.calibrate(ctx, sub)
+        elif ctx.data is not None and ctx.measure_ranges:  # Autocast's ranges, measured before ORT meets FP4 nodes
+            self.calibrate(ctx, rules.Plan())
         t1 = time.perf_counter()
         layers = self._insert_fp8(graph, plan, fp8_ids, amax, means, ctx.high_precision)
         before = {id(n) for n in graph.nodes}
