@@ -31,6 +31,9 @@ from .fp8 import FP8_E4M3
 
 E2M1_MAX = 6.0
 BLOCK = 16
+# Candidate block ranges (fractions of the block's max |w|) for weights: FP4 has 7 levels, so clipping the largest
+# value of a block often lowers its squared error; each block keeps the best (weights only, no data needed).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 TRT_DOMAIN = "trt"
 DYNAMIC_OP = "TRT_FP4DynamicQuantize"
 _FP4 = np.dtype(ml_dtypes.float4_e2m1fn)
@@ -108,18 +111,27 @@ class NVFP4(Format):
         return _TO_FLOAT[np.asarray(codes).view(np.uint8) & 0x0F]
 
     def quantize_parts(self, w: np.ndarray, clip=None) -> Fp4Weight:
-        """Codes and both scales of w [K, N] (K divisible by 16); `clip` per-block ratios [K/16, N] scale the
-        block ranges (AWQ's clip search)."""
+        """Codes and both scales of w [K, N] (K divisible by 16). `clip`: per-block ratios [K/16, N] of the block
+        ranges (AWQ's clip search); None searches CLIP_RATIOS per block for the smallest squared error."""
         w = np.asarray(w, np.float32)
         k, n = w.shape
         s = tensor_scale(float(np.abs(w).max()) if w.size else 0.0)
-        amax = np.abs(w).reshape(k // BLOCK, BLOCK, n).max(axis=1)
-        if clip is not None:
-            amax = (amax * clip).astype(np.float32)
-        bs = block_scale_codes(amax, s)
-        eff = (FP8_E4M3.to_float(bs) * s).astype(np.float32)
+        wb = w.reshape(k // BLOCK, BLOCK, n)
+        amax = np.abs(wb).max(axis=1)
+        ratios = [np.asarray(clip, np.float32)] if clip is not None else [np.float32(r) for r in CLIP_RATIOS]
+        best_err = best_bs = None
+        for r in ratios:
+            bs = block_scale_codes((amax * r).astype(np.float32), s)
+            eff = (FP8_E4M3.to_float(bs) * s).astype(np.float32)[:, None, :]
+            err = np.square(round_e2m1(wb / np.where(eff > 0, eff, np.float32(1.0))) * eff - wb).sum(axis=1)
+            if best_err is None:
+                best_err, best_bs = err, bs
+            else:
+                better = err < best_err
+                best_err, best_bs = np.where(better, err, best_err), np.where(better, bs, best_bs)
+        eff = (FP8_E4M3.to_float(best_bs) * s).astype(np.float32)
         div = np.where(eff > 0, eff, np.float32(1.0))
-        return Fp4Weight(self.cast(w / expand(div, k)), bs, s)
+        return Fp4Weight(self.cast(w / expand(div, k)), best_bs, s)
 
     def quantize_weight(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
         """(E2M1 codes [K, N], effective float32 block scales [K/16, N] = FP8 block scale * tensor scale)."""
@@ -159,16 +171,19 @@ class NVFP4(Format):
 
     def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None):
         """TRT_FP4DynamicQuantize + two DequantizeLinears on `tensor` (its last axis blocked), rewiring `uses`.
-        Inputs of rank > 3 are reshaped to [-1, K] around it (the op takes 2-D or 3-D). Returns the FP32 output."""
+        Inputs other than 2-D are reshaped to [-1, K] around it (the op takes 2-D or 3-D, with K known when the
+        engine is built, which a 3-D input reshaped from dynamic shapes is not). Returns the FP32 output."""
         name = name or (lambda n: n)
         base = base or tensor.name
         s = gs.Constant(name(f"{base}_fp4_scale"), np.asarray(tensor_scale(amax), np.float32))
         rank = len(tensor.shape) if tensor.shape is not None else 0
         x = tensor
-        if rank > 3:
-            x = gs.Variable(name(f"{base}_fp4_2d"), dtype=tensor.dtype, shape=[None, tensor.shape[-1]])
+        k = tensor.shape[-1] if rank else None
+        flat = rank != 2  # TensorRT needs a build-time K and a 2-D/3-D input: [-1, K] around the quantizer
+        if flat:
+            x = gs.Variable(name(f"{base}_fp4_2d"), dtype=tensor.dtype, shape=[None, k])
             graph.nodes.append(gs.Node("Reshape", name=name(f"{base}_fp4_Reshape"), outputs=[x],
-                                       inputs=[tensor, gs.Constant(name(f"{base}_fp4_2d_shape"), np.array([-1, tensor.shape[-1]], np.int64))]))
+                                       inputs=[tensor, gs.Constant(name(f"{base}_fp4_2d_shape"), np.array([-1, k], np.int64))]))
         shape = list(x.shape) if x.shape is not None else None
         x4 = gs.Variable(name(f"{base}_fp4"), dtype=_FP4, shape=shape)
         s8 = gs.Variable(name(f"{base}_fp4_block_scale_fp8"), dtype=FP8_E4M3.np_dtype)
@@ -179,7 +194,7 @@ class NVFP4(Format):
         graph.nodes.append(gs.Node("DequantizeLinear", name=name(f"{base}_fp4_scale_DequantizeLinear"), inputs=[s8, s], outputs=[sx]))
         graph.nodes.append(gs.Node("DequantizeLinear", name=name(f"{base}_fp4_DequantizeLinear"), inputs=[x4, sx], outputs=[y],
                                    attrs={"axis": -1, "block_size": BLOCK}))
-        if rank > 3:
+        if flat:
             y4 = gs.Variable(name(f"{base}_fp4_dequantized_nd"), dtype=np.float32, shape=tensor.shape)
             shp = gs.Variable(name(f"{base}_fp4_shape"), dtype=np.int64, shape=[rank])
             graph.nodes.append(gs.Node("Shape", name=name(f"{base}_fp4_Shape"), inputs=[tensor], outputs=[shp]))

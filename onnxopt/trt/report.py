@@ -276,6 +276,7 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         "quantized_layers": len(rows),
         "quantized_in_quantized_kernels": sum(r["quantized_kernel"] for r in rows),
         "fallbacks": [r["name"] for r in rows if not r["quantized_kernel"]],
+        "kernel_precisions": _count(r["engine"] for r in rows if r["quantized_kernel"]),
         "attention": {"blocks": len(blocks), "quantized_blocks": len(quant_blocks), "fused_by_precision": fused,
                       "fused_quantized": qfused, "unfused": [b["softmax"] for b in blocks if b["softmax"] not in fused_blocks],
                       "quantized_unfused": [b["softmax"] for b in quant_blocks if b["softmax"] not in fused_blocks]},
@@ -292,6 +293,13 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         "scale_warnings": len(scale_warnings),
         "errors": build_log.errors,
     }
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
 
 
 def _main_kernel(layer: QuantLayer, kernels: list[Kernel]) -> Kernel | None:
@@ -312,7 +320,9 @@ def format_report(rep: dict, all_layers: bool = False) -> str:
         lines.append(f"{r['name'][:39]:<40}{r['op']:<10}{r['graph']:<18}{r['engine']:<18}{'yes' if r['quantized_kernel'] else 'NO'}")
     a, w = rep["attention"], rep["weights"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "none"
-    lines.append(f"quantized layers in quantized kernels: {rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}")
+    by = ", ".join(f"{v} {p}" for p, v in sorted(rep.get("kernel_precisions", {}).items()))
+    lines.append(f"quantized layers in quantized kernels: {rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}"
+                 + (f" ({by})" if by else ""))
     lines.append(f"attention blocks: {a['blocks']} ({a['quantized_blocks']} quantized); fused attention kernels: {fused}"
                  + (f"; quantized not fused: {len(a['quantized_unfused'])}" if a["quantized_unfused"] else ""))
     if rep["int4_dq_kernels"]:
@@ -376,5 +386,7 @@ def summary_line(rep: dict) -> str:
     a = rep["attention"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "no"
     tw = rep["weights"]["engine_weights_memory"]
-    return (f"{rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']} quantized layers in quantized kernels, "
+    by = ", ".join(f"{v} {p}" for p, v in sorted(rep.get("kernel_precisions", {}).items()))
+    return (f"{rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']} quantized layers in quantized kernels"
+            + (f" ({by})" if by else "") + ", "
             f"{fused} fused attention of {a['blocks']} blocks" + (f", weights {tw / 1e6:.1f} MB" if tw is not None else ""))
