@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 CONSUMER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _NORMS_LAST = ("LayerNormalization",)  # scale/bias over the trailing axes
 _NORMS_CHANNEL = ("BatchNormalization", "InstanceNormalization", "GroupNormalization")  # scale/bias on axis 1
+
+
+def is_norm(node: gs.Node) -> bool:
+    """A normalization whose scale a per-channel factor can be folded into."""
+    return node.op in _NORMS_LAST + _NORMS_CHANNEL
 _MAX_DEPTH = 3  # Add(bias) -> Mul(gamma) -> ... chains followed upwards
 # Positively homogeneous per channel: f(x / s) = f(x) / s for s > 0 (layout kept, channels not mixed).
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "MaxPool")

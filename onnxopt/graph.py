@@ -92,3 +92,8 @@ def unique_name(base: str, taken: set) -> str:
 def taken_names(graph: gs.Graph) -> set:
     """Every tensor and node name of `graph`: new names must avoid them."""
     return set(graph.tensors()) | {n.name for n in graph.nodes}
+
+
+def to_kn(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """A MatMul/Gemm weight as [K, N] (reduction axis first): transposed for a Gemm with transB."""
+    return w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w

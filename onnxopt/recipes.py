@@ -10,24 +10,26 @@ from pathlib import Path
 
 import onnx
 
-from . import autocast, calib, pipeline
+from . import calib, pipeline
+from . import formats as registry
 from .errors import OnnxoptError
 from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, SmoothQuant, Sparsify
 
-MODES = ("int8", "fp8", "int4")
-DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
-MIN_OPSET = {"int8": QDQ.min_opset, "fp8": QDQ.min_opset, "int4": Int4.min_opset}
+MODES = registry.modes()
+DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
+MIN_OPSET = {m: max(registry.get(m).min_opset, Int4.min_opset if registry.get(m).weight_only else QDQ.min_opset)
+             for m in MODES}
 QuantResult = pipeline.Result
 
 
 @dataclass
 class QuantConfig:
-    mode: str = "fp8"                          # "int8" | "fp8" | "int4"
+    mode: str = registry.FP8.name               # one of registry.modes()
     calib_method: str | None = None            # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
     exclude: tuple = ()                        # regexes on node names
     op_types: tuple = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-    high_precision: str = "fp16"               # "fp16" | "bf16" | "fp32"
+    high_precision: str = registry.FP16.name    # one of registry.high_precision()
     io_dtype: str | None = None                # None keeps graph I/O dtypes
     quantize_mha: bool = True                  # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
@@ -44,7 +46,7 @@ class QuantConfig:
     calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
     auto: bool = False                         # per-layer format search (AutoQuant) instead of one mode
-    formats: tuple = ("fp8", "int8")           # --auto: candidate formats besides FP16
+    formats: tuple = registry.auto_defaults()   # --auto: candidate formats besides FP16
     target_cosine: float | None = None         # --auto targets (exactly one)
     target_top1: float | None = None
     bits: float | None = None
@@ -60,14 +62,14 @@ class QuantConfig:
             raise OnnxoptError(f"unknown calibration method '{self.calib_method}'; use one of {', '.join(calib.METHODS)}")
         if not 0.0 < self.percentile <= 100.0:
             raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
-        if self.high_precision not in autocast.DTYPES:
-            raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use fp16, bf16 or fp32")
+        if self.high_precision not in registry.high_precision():
+            raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use {', '.join(registry.high_precision())}")
         self.exclude = tuple(self.exclude or ())
         self.op_types = tuple(self.op_types)
 
     @property
     def method(self) -> str:
-        return self.calib_method or DEFAULT_METHOD.get(self.mode, "max")
+        return self.calib_method or registry.get(self.mode).calib_method or "max"
 
 
 def recipe(config: QuantConfig) -> pipeline.Recipe:
@@ -81,7 +83,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                                 sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
-    elif c.mode == "int4":
+    elif registry.get(c.mode).weight_only:
         if c.awq != "none":
             passes.append(AWQ(c.awq))
         passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types))

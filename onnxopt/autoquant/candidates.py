@@ -7,18 +7,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, smoothquant
+from .. import calib, fold, formats, smoothquant
 from .. import graph as G
 from ..quant import bias_correction, rules
 from ..quant import int4 as int4q
 from . import smooth
 
-FORMATS = ("fp8", "int8", "int4", "int8-sq")
-PLANNED = ("fp8", "int8")               # formats with a QDQ plan of their own (int8-sq uses INT8's)
-EIGHT_BIT = ("fp8", "int8", "int8-sq")
-WBITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0, "int8-sq": 8.0}
-ABITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 16.0, "int8-sq": 8.0}   # INT4 is weight-only: activations stay FP16
-CAL_METHOD = {"fp8": "max", "int8": "mse"}
+FORMATS = formats.auto_candidates()
+PLANNED = formats.static()               # formats with a QDQ plan of their own (int8-sq uses INT8's)
+WBITS = formats.weight_bits()            # --auto's cost of each candidate, "none" (FP16) included
+ABITS = formats.activation_bits()        # weight-only formats keep FP16 activations
 GATES = "autoquant_gates"
 
 
@@ -48,17 +46,17 @@ class Candidates:
 
 
 # ---------------------------------------------------------------- candidates
-def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Candidates:
+def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> Candidates:
     """Candidate formats of every weighted layer; `configs` maps each planned 8-bit format to its QDQ options
     (int8-sq needs INT8's)."""
     plans = {f: rules.plan(graph, configs[f]) for f in PLANNED if f in configs}
     in_plan = {f: {n.name for n in p.nodes} for f, p in plans.items()}
     sq_groups = []
-    if smooth.SQ in formats:
-        sq_groups = smooth.groups(graph, plans["int8"], in_plan["int8"])
+    if smooth.SQ in fmts_wanted:
+        sq_groups = smooth.groups(graph, plans[smooth.BASE], in_plan[smooth.BASE])
         in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
-    if "int4" in formats:
+    if any(formats.get(f).weight_only for f in fmts_wanted):
         cfg = next(iter(configs.values()))
         sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
         int4_ok = {n.name for n, _ in sel}
@@ -67,11 +65,11 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
         if node.op not in G.WEIGHT_OPS:
             continue
         fmts, reasons = ["none"], {}
-        for f in formats:
+        for f in fmts_wanted:
             if f == smooth.SQ:
                 ok = node.name in in_plan[f]
-                why = plans["int8"].skipped.get(node.name, "no constant weight reading a smoothable activation")
-            elif f in EIGHT_BIT:
+                why = plans[smooth.BASE].skipped.get(node.name, "no constant weight reading a smoothable activation")
+            elif f in plans:
                 ok = node.name in in_plan[f]
                 why = plans[f].skipped.get(node.name, "not planned")
             else:
@@ -99,7 +97,7 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
         for name in plan.activations:
             if name in plan.fixed_amax:
                 continue
-            r = calib.AbsMax() if CAL_METHOD[f] == "max" else calib.Histogram.for_provider(provider)
+            r = calib.AbsMax() if formats.get(f).calib_method == "max" else calib.Histogram.for_provider(provider)
             by_fmt[f][name] = r
             reducers.setdefault(name, []).append(r)
     means = {}
@@ -119,7 +117,8 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
     for f, plan in cands.plans.items():
         a = dict(plan.fixed_amax)
         for name, r in by_fmt[f].items():
-            a[name] = calib.amax_from_histogram(r, "mse", f) if isinstance(r, calib.Histogram) else r.value
+            a[name] = (calib.amax_from_histogram(r, formats.get(f).calib_method, f) if isinstance(r, calib.Histogram)
+                       else r.value)
         for group in plan.shared_scales:
             shared = max(a[n] for n in group)
             for n in group:

@@ -4,7 +4,7 @@ Per activation read by INT8-planned weight layers, one smoothing vector s along 
 searched per activation as `onnxopt.smoothquant` does (simulated INT8 error of the layers' outputs on row
 samples), from the same single calibration pass as every other candidate. A layer in int8-sq computes
 QDQ(x ⊘ s) · QDQ(s ⊙ W): the gated graph writes it as s ⊙ QDQ(x ⊘ s) on the activation and QDQ(s ⊙ W) ⊘ s
-on the weight (its other inputs untouched), the final graph (`quant.mixed`) divides x by s (folded into a
+on the weight (its other inputs untouched), the final graph (`quant.writer`) divides x by s (folded into a
 norm producer when every reader of x is int8-sq, else a Mul in front of the layers) and multiplies W by s.
 The INT8 range of x ⊘ s is a share of its max (the one pass sees x, not x ⊘ s), chosen after alpha by
 the same simulated output error on the row samples (outliers that smoothing leaves are clipped as INT8's MSE
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, smoothquant
-from ..quant import qdq
+from .. import calib, fold, formats, smoothquant
+from .. import graph as G
 
-SQ = "int8-sq"
+SQ = formats.INT8_SQ.name       # the candidate's name
+BASE = formats.INT8_SQ.base     # the format it quantizes to once smoothed (its plan and ranges are that format's)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)   # INT8 range of x ⊘ s as a share of its max
 
 
@@ -92,11 +93,12 @@ def activation_factor(s: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
 
 def fake_weight(node: gs.Node, w: np.ndarray, sm: Smoothing, hp: str) -> np.ndarray:
     """QDQ(s ⊙ W) ⊘ s, per-output-channel INT8 as the final graph quantizes s ⊙ W."""
-    from .gated import fake_weight as fq  # gated imports this module
     f = channel_factor(node, w.shape, sm.s)
     ws = (w.astype(np.float64) * f).astype(np.float32)  # what fold.fold_input_scale writes
-    return (fq(node, ws, "int8", hp, 0) / f).astype(np.float32)
+    axis = G.weight_output_channel_axis(node) % ws.ndim
+    return (formats.get(BASE).fake_quant(ws, axis, hp) / f).astype(np.float32)
 
 
 def activation_scale(sm: Smoothing, hp: str) -> np.ndarray:
-    return qdq.activation_scale(sm.amax, "int8", hp)
+    """The scale of the smoothed activation's per-tensor Q/DQ."""
+    return formats.get(BASE).activation_scale(sm.amax, hp)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import io, ort
+from .. import formats, io, ort
 from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
@@ -49,7 +49,8 @@ MAX_STAGES = 32
 LARGE = 1000          # candidates beyond which the model counts as large: staged for time, not only for memory
 PER_STAGE = 32        # candidates per stage of a large model (a candidate costs a forward of its stage;
                       # full-size SDXL, H200, 32 stages: 0.04-0.15 s a candidate, fewer stages: longer forwards)
-QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
+# bytes per parameter of a gated weight candidate (a variant such as int8-sq gates an FP32 fake weight: not counted)
+QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not formats.get(n).base}
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)

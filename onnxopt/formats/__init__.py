@@ -108,7 +108,7 @@ from . import bf16, fp8, fp16, fp32, int4, int8  # noqa: E402  (the built-in for
 
 INT8, INT8_SQ, FP8, INT4, FP16, BF16, FP32 = (int8.INT8, int8.INT8_SQ, fp8.FP8_E4M3, int4.INT4, fp16.FP16, bf16.BF16,
                                              fp32.FP32)
-for _f in (INT8, FP8, INT4, INT8_SQ, FP16, BF16, FP32):
+for _f in (FP8, INT8, INT4, INT8_SQ, FP16, BF16, FP32):
     register(_f)
 
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",

@@ -127,20 +127,21 @@ class Format:
 
     def quantize_weight(self, w: np.ndarray, axis: int, high_precision: str, *, block_size: int = 0, clip=None
                         ) -> tuple[np.ndarray, np.ndarray]:
-        """(codes, scales) of weight `w`. Per-channel formats: one scale per index of `axis` (the output
-        channels), shaped to broadcast over w. Per-block formats: `w` is [K, N] with K (the reduction axis)
-        first, blocks of `block_size` along K (0: one block), scales [ceil(K/B), N]; `clip` per-block ratios."""
+        """(codes, scales) of weight `w` whose output channels run along `axis`. Per-channel formats: one scale
+        per output channel, shaped to broadcast over w. Per-block formats (2-D weights): blocks of `block_size`
+        (0: one block) along the other axis, K; scales [ceil(K/B), N] for axis 1, transposed for axis 0; `clip`
+        per-block clip ratios in the [ceil(K/B), N] layout. `high_precision` "fp16" rounds scales to FP16."""
         scale = self.scale_of(self.weight_amax(w, axis), high_precision)
         return self.cast(w / scale), scale
 
-    def dequantize(self, codes: np.ndarray, scales: np.ndarray, *, block_size: int = 0) -> np.ndarray:
-        """float32 weights from (codes, scales) as `quantize_weight` returned them (DequantizeLinear's result)."""
+    def dequantize(self, codes: np.ndarray, scales: np.ndarray, axis: int = 1, *, block_size: int = 0) -> np.ndarray:
+        """float32 weights from (codes, scales) as `quantize_weight(w, axis)` returned them (DequantizeLinear's result)."""
         return self.to_float(codes) * scales
 
     def fake_quant(self, w: np.ndarray, axis: int, high_precision: str, *, block_size: int = 0, clip=None) -> np.ndarray:
         """Quantize-dequantize: what a layer will compute with instead of `w` (the exact numpy emulation)."""
         q, s = self.quantize_weight(w, axis, high_precision, block_size=block_size, clip=clip)
-        return self.dequantize(q, s, block_size=block_size)
+        return self.dequantize(q, s, axis, block_size=block_size)
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """The initializer holding `codes` (spilled inside a quantize run: no second copy at export)."""

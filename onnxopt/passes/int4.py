@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats import INT4
 from ..quant import int4
 from .base import PassBase, check_regexes, one_quantizer
 
@@ -39,5 +40,5 @@ class Int4(PassBase):
                                   progress=ctx.progress)
         report["awq"] = ctx.stats.pop("awq_method", "none")
         report["coverage"] = {"quantized": len(report["layers"]), "skipped": len(report["skipped"]),
-                              "int8": sum(v.get("bits") == 8 for v in report["layers"].values())}
+                              "int8": sum(v["format"] != INT4.name for v in report["layers"].values())}
         return report
