@@ -26,9 +26,10 @@ from . import calib, fold, obs
 from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .progress import track
-from .formats import INT4, round_scale
+from .formats import FP16, INT4, round_scale
 from .formats.int4 import expand
 from .graph import activation_channel_axis, to_kn
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def _error_feedback(node, w, h, clips, block_size, hp, entry: dict) -> None:
 
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
-          block_size: int = 128, high_precision: str = "fp16", provider: str = "cpu", memory_budget_mb: int = 4096,
+          block_size: int = 128, high_precision: str = FP16.name, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB,
           progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """AWQ on `layers` ((node, format) pairs) of `graph`: scales folded in place, clip ratios returned
     (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback

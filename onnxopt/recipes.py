@@ -14,6 +14,7 @@ from . import calib, pipeline
 from . import formats as registry
 from .errors import OnnxoptError
 from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, SmoothQuant, Sparsify
+from .settings import MEMORY_BUDGET_MB
 
 MODES = registry.modes()
 DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
@@ -41,7 +42,7 @@ class QuantConfig:
     sparsity: str | None = None                # "2:4": sparsify before quantization
     sparsity_method: str = "magnitude"         # "magnitude" | "sparsegpt"
     provider: str = "cpu"                      # calibration execution provider
-    memory_budget_mb: int = 4096               # calibration: weights held at once (else stages), whole activations per pass
+    memory_budget_mb: int = MEMORY_BUDGET_MB               # calibration: weights held at once (else stages), whole activations per pass
     calib_batches: int | None = None           # use at most this many calibration batches
     calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
@@ -120,7 +121,7 @@ def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- file-level API of single passes
-def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
+def convert(model_path, output, dtype: str = registry.FP16.name, *, io_dtype: str | None = None, keep_fp32_ops=(),
             data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
             provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
@@ -139,7 +140,7 @@ def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = N
 
 def sparsify_model(input_path, output_path, *, data=None,
                    calib_limit: int | None = None, calib_random: int | None = None, shapes: dict | None = None,
-                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
                    **options) -> dict:
     """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
     (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are

@@ -29,6 +29,7 @@ from .sparsegpt import sparsegpt_prune
 from .sparsity_layers import (_dq_fields, _effective_nonzero, _groups_ok, _other_uses, _Unit, _Use, _weight_layers,
                               _dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
 from .sparsity_report import format_report, report, summary
+from .settings import MEMORY_BUDGET_MB
 
 __all__ = ["METHODS", "sparsify", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
            "report", "summary", "format_report"]
@@ -93,7 +94,7 @@ def _prune_magnitude(unit: _Unit, n: int, m: int) -> None:
 # ---------------------------------------------------------------- the pass
 def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude", data: calib.CalibData | None = None,
              exclude=(), min_params: int = 4096, damp: float = 0.01, block: int = 128, provider: str = "cpu",
-             memory_budget_mb: int = 4096, progress: bool = True, sequential: bool = True) -> dict:
+             memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True, sequential: bool = True) -> dict:
     """Prune the weights of Conv/ConvTranspose/MatMul/Gemm layers to N:M along their input-channel axis, in place.
 
     Weights are found through Cast/Transpose/DequantizeLinear/Identity; a shared initializer is pruned once.

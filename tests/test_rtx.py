@@ -326,13 +326,13 @@ def test_int4_one_block_split_keeps_numbers(monkeypatch):
     """A weight with one block along K is written as two half blocks with the same scale: same outputs."""
     import numpy as np
     from onnxopt import ort
-    from onnxopt.quant import int4
+    from onnxopt.quant import int4, writer
     assert [int4.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
     x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
     outs = []
     for split in (True, False):
         if not split:
-            monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)
+            monkeypatch.setattr(writer, "fusable_block_size", lambda k, b: b)
         for bs in (128, 0):
             q = quantize(int4_mlp(), config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False), calib_random=1).model
             dqs = {n.name: {a.name: onnx_attr(a) for a in n.attribute} for n in q.graph.node if n.op_type == "DequantizeLinear"}

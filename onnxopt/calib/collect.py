@@ -21,6 +21,7 @@ from ..errors import OnnxoptError
 from .data import CalibData
 from .reducers import PreReduce, Reducer
 from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, split_stages, stage_count, stage_index
+from ..settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
-            provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+            provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
             desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 

@@ -76,6 +76,11 @@ def high_precision() -> tuple[str, ...]:
     return tuple(f.name for f in _where(lambda f: not f.quantized))
 
 
+def low_precision() -> tuple[str, ...]:
+    """Unquantized float formats narrower than FP32 (what `convert` and `--io-dtype` offer)."""
+    return tuple(f.name for f in _where(lambda f: not f.quantized and f.bits < 32))
+
+
 def from_storage(stored: str, scale: str = "") -> Format | None:
     """The format a DequantizeLinear holds, from its input's numpy dtype name (and its scale's), or None.
     Later registrations win, so a format sharing storage with an older one (MXFP8's E4M3 codes with E8M0
@@ -112,5 +117,5 @@ for _f in (FP8, INT8, INT4, INT8_SQ, FP16, BF16, FP32):
     register(_f)
 
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
-           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "from_storage", "from_engine",
+           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
            "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32"]

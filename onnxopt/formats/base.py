@@ -37,6 +37,15 @@ def round_scale(scale, high_precision: str) -> np.ndarray:
     return scale
 
 
+def scales_underflow(amax: np.ndarray, raw_scale: np.ndarray, high_precision: str) -> bool:
+    """Whether per-channel scales below FP16's normal range hold most of the weight energy (most of the layer,
+    not a few weak channels): such a layer keeps FP32 scales, and so stays FP32 itself (issue 10)."""
+    if high_precision != "fp16":
+        return False
+    energy = np.square(np.asarray(amax, np.float64).reshape(-1))
+    return float(energy[np.asarray(raw_scale).reshape(-1) < FP16_TINY].sum()) > 0.5 * float(energy.sum())
+
+
 @dataclass(frozen=True)
 class Format:
     """One number format. Fields are facts; methods are the numerics and the ONNX form.

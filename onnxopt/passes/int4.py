@@ -33,12 +33,13 @@ class Int4(PassBase):
 
     def run(self, ctx) -> dict:
         # Clip ratios (or error-feedback rounded weights) that a preceding AWQ pass chose for these layers.
-        clips = ctx.stats.pop("awq_clips", None)
+        chosen, ctx.awq = ctx.awq, None
+        clips = chosen.clips if chosen else None
         report = int4.quantize_int4(ctx.graph, ctx.data, block_size=self.block_size, int8_layers=self.int8_layers,
                                   exclude=self.exclude, op_types=self.op_types, high_precision=ctx.high_precision,
                                   clips=clips, provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb,
                                   progress=ctx.progress)
-        report["awq"] = ctx.stats.pop("awq_method", "none")
+        report["awq"] = chosen.method if chosen else "none"
         report["coverage"] = {"quantized": len(report["layers"]), "skipped": len(report["skipped"]),
                               "int8": sum(v["format"] != INT4.name for v in report["layers"].values())}
         return report

@@ -21,7 +21,7 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 @dataclass
 class QDQ(PassBase):
-    mode: str = "fp8"                  # a format with static activations: formats.static()
+    mode: str = formats.FP8.name       # a format with static activations: formats.static()
     calib_method: str | None = None    # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
     exclude: tuple = ()                # regexes on node names left unquantized
@@ -71,7 +71,7 @@ class QDQ(PassBase):
         layers = self._insert(graph, plan, amax, means, ctx.high_precision)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
-        ctx.stats.setdefault("fp32_nodes", []).extend(fp32_scale)
+        ctx.fp32_nodes.extend(fp32_scale)
         timings = {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}
         log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
                  len(plan.activations), len(plan.weights), len(plan.skipped))

@@ -17,8 +17,9 @@ from .. import awq as awq_search
 from .. import fold
 from .. import graph as G
 from ..errors import OnnxoptError
-from ..formats import INT4, INT8, Format
+from ..formats import FP16, INT4, INT8, Format
 from .writer import WEIGHT_ONLY_OPS, fusable_block_size, write_weight, write_weight_only
+from ..settings import MEMORY_BUDGET_MB
 
 __all__ = ["select_layers", "fusable_block_size", "write_weight", "quantize_int4"]
 
@@ -72,8 +73,8 @@ def check_options(awq: str, block_size: int) -> None:
 
 # ---------------------------------------------------------------- entry point
 def quantize_int4(graph: gs.Graph, data=None, *, block_size: int = 128, awq: str = "none", int8_layers: str | None = None,
-                  exclude=(), op_types=OPS, high_precision: str = "fp16", clips: dict | None = None, provider: str = "cpu",
-                  memory_budget_mb: int = 4096, progress: bool = True) -> dict:
+                  exclude=(), op_types=OPS, high_precision: str = FP16.name, clips: dict | None = None, provider: str = "cpu",
+                  memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True) -> dict:
     """INT4 weight-only quantization of `graph` in place. `clips` are what a preceding AWQ pass chose
     (node name -> clip ratios or (q, scale)); `awq` other than "none" runs AWQ here first. Returns the report."""
     check_options(awq, block_size)

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from .. import formats
 from .. import graph as G
 from ..formats import round_scale
-from ..formats.base import FP16_TINY
+from ..formats.base import scales_underflow
 
 __all__ = ["round_scale", "activation_scale", "insert_activation_qdq", "quantize_weight"]
 
@@ -33,12 +33,10 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     `on_error(w, w_dequantized)` sees both arrays before they are released (bias correction)."""
     f = formats.get(fmt)
     w = np.asarray(G.read_values(const) if values is None else values, dtype=np.float32)
-    raw = f.scale_of(f.weight_amax(w, axis), "fp32")
-    # Scales below FP16's normal range clamp (weights to ~0). Where that holds most of the weight energy
-    # (most of the layer, not a few weak channels), the scales stay FP32 and so does the layer (issue 10).
-    energy = np.square(f.weight_amax(w, axis).reshape(-1).astype(np.float64))
-    underflow = high_precision == "fp16" and float(energy[raw.reshape(-1) < FP16_TINY].sum()) > 0.5 * float(energy.sum())
-    q, scale = f.quantize_weight(w, axis, "fp32" if underflow else high_precision)
+    amax = f.weight_amax(w, axis)
+    raw = f.scale_of(amax, "fp32")
+    underflow = scales_underflow(amax, raw, high_precision)  # scales below FP16's normal range clamp weights to ~0
+    q, scale = f.quantize_weight(w, axis, formats.FP32.name if underflow else high_precision)
     if on_error is not None:
         on_error(w, f.dequantize(q, scale))
     scale = scale.reshape(-1)
