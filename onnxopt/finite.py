@@ -55,7 +55,7 @@ def _checker(model: onnx.ModelProto) -> None:
     for t in lazy:
         m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         m.graph.initializer.remove(t)
-    for t in io._all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
+    for t in io.all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
         if ext.uses_external_data(t):
             t.CopyFrom(numpy_helper.from_array(io.to_array(t), t.name))
     try:

@@ -102,7 +102,8 @@ class _Layer:
     y_norm: float
 
 
-def _layer(node: gs.Node, sample: np.ndarray) -> _Layer:
+def sim_layer(node: gs.Node, sample: np.ndarray) -> _Layer:
+    """The layer's weight matrix, input samples and FP32 output on them, for the simulated INT8 error."""
     w = fold.effective_weight(node)
     w3 = fold.weight_matrix(node, w)
     g, r, _ = w3.shape
@@ -158,7 +159,8 @@ def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray) -
 
 
 # ---------------------------------------------------------------- entry point
-def _parse_alpha(value) -> float | str:
+def parse_alpha(value) -> float | str:
+    """A SmoothQuant alpha in [0, 1], or 'auto'."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
@@ -176,7 +178,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     else every weight layer of `op_types` not matching `exclude`), alpha fixed (a float) or searched per
     activation ('auto'). Returns the report."""
     t0 = time.perf_counter()
-    alpha = _parse_alpha(alpha)
+    alpha = parse_alpha(alpha)
     if data is None:
         raise OnnxoptError("SmoothQuant needs calibration data: pass --calib FILE (or --calib-random N)")
     groups = find_groups(graph, plan, exclude, op_types)
@@ -225,7 +227,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
         w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
         entry = {"activation": g.activation, "layers": [n.name for n in g.layers]}
         if batches:
-            layers = [_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
+            layers = [sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
             chosen, s, entry["error"] = search_alpha(layers, act_max, w_max)
             del layers
             g.samplers.clear()

@@ -354,7 +354,7 @@ def onnx_attr(a):
 
 @rtx_test
 def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
-    from onnxopt.quant import int4
+    from onnxopt.quant import writer
     io.save(int4_mlp(), tmp_path / "m.onnx")
     for bs in (128, 0):
         quantize(tmp_path / "m.onnx", tmp_path / f"q{bs}.onnx", config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False),
@@ -362,7 +362,7 @@ def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
         rep, issues = _agree(tmp_path / f"q{bs}.onnx")
         assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3 and not rep["int4_dq_kernels"]
         assert not [x for x in issues if "INT4" in x]
-    monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
+    monkeypatch.setattr(writer, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
     quantize(tmp_path / "m.onnx", tmp_path / "q1.onnx", config=QuantConfig(mode="int4", awq="none", progress=False), calib_random=1)
     rep, issues = _agree(tmp_path / "q1.onnx")
     assert sorted(rep["fallbacks"]) == ["k128_gemm", "k64"] and rep["quantized_in_quantized_kernels"] == 1

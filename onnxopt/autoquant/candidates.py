@@ -79,7 +79,7 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
                 fmts.append(f)
             else:
                 reasons[f] = why
-        wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules._is_weight(node.inputs[1]) else ()
+        wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules.is_weight(node.inputs[1]) else ()
         layers[node.name] = Layer(node.name, node.op, fmts, reasons, int(np.prod(wshape)) if wshape else 0, wshape,
                                   bool(node.attrs.get("transB", 0)))
     return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok, sq_groups=sq_groups)

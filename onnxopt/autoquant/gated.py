@@ -117,7 +117,7 @@ def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> 
 def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None,
                  sm=None) -> None:
     fmts = [f for f in layer.formats if f != "none"]
-    if not fmts or not rules._is_weight(node.inputs[1]):
+    if not fmts or not rules.is_weight(node.inputs[1]):
         return
     w = _consumed_weight(node)
     y = node.outputs[0]

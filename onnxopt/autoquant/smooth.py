@@ -72,7 +72,7 @@ def finish(gs_: list) -> dict:
         if act_max is None:
             continue
         w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
-        layers = [smoothquant._layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
+        layers = [smoothquant.sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
         alpha, s, _ = smoothquant.search_alpha(layers, act_max, w_max)
         s = np.asarray(s, np.float64)
         clip = min(CLIPS, key=lambda c: smoothquant.simulated_error(layers, act_max * c, s))
@@ -83,12 +83,12 @@ def finish(gs_: list) -> dict:
 
 def channel_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
     """s laid out along the input channels of the layer's effective weight (float64, as fold scales it)."""
-    return np.asarray(fold._input_factor(node, shape, np.asarray(s, np.float64)), np.float64)
+    return np.asarray(fold.input_factor(node, shape, np.asarray(s, np.float64)), np.float64)
 
 
 def activation_factor(s: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
     """s laid out along the channel axis of an activation of `rank` dimensions."""
-    return fold._act_shape(np.asarray(s, np.float64), axis, rank).astype(np.float32)
+    return fold.activation_shape(np.asarray(s, np.float64), axis, rank).astype(np.float32)
 
 
 def fake_weight(node: gs.Node, w: np.ndarray, sm: Smoothing, hp: str) -> np.ndarray:

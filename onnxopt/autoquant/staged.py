@@ -81,8 +81,8 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     tokens costs more than its weights say) and `layers` (the candidates' nodes), a third each."""
     sizes = cost = None
     if feed is not None and n > 1:
-        from ..calib.collect import _estimate_bytes
-        sizes = _estimate_bytes(model, feed, cstages._tensor_names(model))
+        from ..calib.collect import estimate_bytes
+        sizes = estimate_bytes(model, feed, cstages.tensor_names(model))
         wsum = max(1.0, float(sum(io.tensor_bytes(t) for t in model.graph.initializer)))
         asum = max(1.0, float(sum(sizes.values())))
         mine = set(layers)
@@ -177,7 +177,7 @@ class StagedEvaluator(Gates):
             self.cached.move_to_end(key)
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
-        size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
+        size = sum(io.tensor_bytes(t) for t in io.all_tensors(m))
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()

@@ -128,4 +128,4 @@ class QDQ(PassBase):
 
 
 def _has_weight(node: gs.Node) -> bool:
-    return rules._is_weight(node.inputs[1])
+    return rules.is_weight(node.inputs[1])

@@ -19,7 +19,7 @@ class SmoothQuant(PassBase):
     name = "smoothquant"
 
     def __post_init__(self):
-        self.alpha = smoothquant._parse_alpha(self.alpha)
+        self.alpha = smoothquant.parse_alpha(self.alpha)
         self.exclude = check_regexes(self.exclude, "--exclude")
         self.op_types = tuple(self.op_types)
 
