@@ -27,26 +27,23 @@ def weight_of(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
         t = p.inputs[0]
 
 
+# (input-channel axis, output-channel axis) of each weighted op's weight (input 1); Gemm with transB swaps them.
+_WEIGHT_AXES = {"Conv": (1, 0), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (-2, -1)}  # MatMul B [..., K, N]
+
+
+def _weight_axes(node: gs.Node) -> tuple[int, int]:
+    axes = _WEIGHT_AXES.get(node.op, _WEIGHT_AXES["MatMul"])
+    return axes[::-1] if node.op == "Gemm" and node.attrs.get("transB", 0) else axes
+
+
 def weight_input_channel_axis(node: gs.Node) -> int:
     """Axis of the weight (input 1) that runs over the layer's input channels (the reduction axis)."""
-    if node.op == "Conv":
-        return 1
-    if node.op == "ConvTranspose":
-        return 0
-    if node.op == "Gemm":
-        return 1 if node.attrs.get("transB", 0) else 0
-    return -2  # MatMul B [..., K, N]
+    return _weight_axes(node)[0]
 
 
 def weight_output_channel_axis(node: gs.Node) -> int:
     """Axis of the weight (input 1) that runs over the layer's output channels (per-channel scales)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return -1  # MatMul B [..., K, N]
+    return _weight_axes(node)[1]
 
 
 def activation_channel_axis(node: gs.Node) -> int:

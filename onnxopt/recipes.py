@@ -18,8 +18,7 @@ from .settings import MEMORY_BUDGET_MB
 
 MODES = registry.modes()
 DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
-MIN_OPSET = {m: max(registry.get(m).min_opset, Int4.min_opset if registry.get(m).weight_only else QDQ.min_opset)
-             for m in MODES}
+MIN_OPSET = {m: max(registry.get(m).min_opset, QDQ.min_opset) for m in MODES}
 QuantResult = pipeline.Result
 
 
@@ -37,7 +36,7 @@ class QuantConfig:
     bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
     smoothquant: float | str | None = None     # alpha, "auto", or None
     awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
-    block_size: int = 128                      # int4; 0 = per-channel
+    block_size: int | None = None              # int4: along K (0 = per-channel); None: the format's (INT4: 128)
     int8_layers: str | None = None             # int4: regex of layers kept at per-channel INT8 weights
     sparsity: str | None = None                # "2:4": sparsify before quantization
     sparsity_method: str = "magnitude"         # "magnitude" | "sparsegpt"
@@ -82,12 +81,14 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
                                 sensitivity=c.sensitivity, cost_model=c.cost_model,
-                                engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
+                                engine_shapes=c.engine_shapes, block_size=registry.INT4.block_size if c.block_size is None
+                                else c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif registry.get(c.mode).weight_only:
         if c.awq != "none":
             passes.append(AWQ(c.awq))
-        passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types))
+        passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types,
+                           format=c.mode))
     else:
         if c.smoothquant is not None:
             passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))

@@ -27,7 +27,8 @@ from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
 from .evaluate import Evaluator, Memo, cosine, load_sensitivities, measure, sample_cosines, save_sensitivities
-from .gated import build_gated, fake_weight, macs_of, shape_outputs
+from ..quant.writer import fake_weight
+from .gated import build_gated, macs_of, shape_outputs
 from . import staged
 from .staged import StagedEvaluator
 

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from .. import calib, fold, formats, smoothquant
 from .. import graph as G
-from ..quant import bias_correction, rules
+from ..quant import calibration, rules
 from ..quant import int4 as int4q
 from . import smooth
 
@@ -56,7 +56,7 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
         sq_groups = smooth.groups(graph, plans[smooth.BASE], in_plan[smooth.BASE])
         in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
-    if any(formats.get(f).weight_only for f in fmts_wanted):
+    if any(not formats.get(f).planned and not formats.get(f).base for f in fmts_wanted):  # chosen layer by layer
         cfg = next(iter(configs.values()))
         sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
         int4_ok = {n.name for n, _ in sel}
@@ -90,40 +90,17 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
     """Activation ranges per 8-bit format (Concat groups share the largest) and bias-correction means, in
     one pass over `data`, which also feeds the `extra` reducers ({tensor: [reducer]}).
     Returns ({format: {tensor: amax}}, {tensor: channel mean})."""
+    cp = calibration.plan(cands.plans, {f: formats.get(f).calib_method for f in cands.plans}, provider=provider)
     reducers: dict[str, list] = {n: list(rs) for n, rs in (extra or {}).items()}
-    by_fmt: dict[str, dict] = {}
-    for f, plan in cands.plans.items():
-        by_fmt[f] = {}
-        for name in plan.activations:
-            if name in plan.fixed_amax:
-                continue
-            r = calib.AbsMax() if formats.get(f).calib_method == "max" else calib.Histogram.for_provider(provider)
-            by_fmt[f][name] = r
-            reducers.setdefault(name, []).append(r)
-    means = {}
-    for plan in cands.plans.values():
-        for node, _, _, _ in plan.weights:
-            if node.op in bias_correction.OPS and node.inputs[0].name not in means:
-                means[node.inputs[0].name] = r = calib.ChannelMean(bias_correction.input_axis(node),
-                                                                   bias_correction.input_rank(node))
-                reducers.setdefault(node.inputs[0].name, []).append(r)
+    for n, rs in cp.reducers().items():
+        reducers.setdefault(n, []).extend(rs)
     if cands.sq_groups:
         smooth.add_reducers(cands.sq_groups, reducers, min(smoothquant.SEARCH_BATCHES, len(data)))
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb,
                         progress=progress, desc="calibrating (once, all candidates)")
     if cands.sq_groups:
         cands.smooth = smooth.finish(cands.sq_groups)
-    amax = {}
-    for f, plan in cands.plans.items():
-        a = dict(plan.fixed_amax)
-        for name, r in by_fmt[f].items():
-            a[name] = (calib.amax_from_histogram(r, formats.get(f).calib_method, f) if isinstance(r, calib.Histogram)
-                       else r.value)
-        for group in plan.shared_scales:
-            shared = max(a[n] for n in group)
-            for n in group:
-                a[n] = shared
-        amax[f] = a
-    return amax, {n: r.value for n, r in means.items() if r.value is not None}
+    return cp.amax(), cp.mean_values()
+
 
 

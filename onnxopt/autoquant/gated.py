@@ -9,22 +9,9 @@ from .. import fold, formats, io
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
+from ..quant.writer import fake_weight, quantized_weight
 from . import smooth
 from .candidates import GATES, Candidates, Layer
-
-
-# ---------------------------------------------------------------- fake-quant numerics
-def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
-    """What the layer will see of weight `w` (its consumed layout) in `fmt` (per-block: with AWQ clip ratios)."""
-    q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
-    return formats.get(fmt).dequantize(q, scale, axis, block_size=block_size)
-
-
-def quantized_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int = 0, clip=None):
-    """(codes, scales, output-channel axis) of the layer's weight `w` in `fmt`, as the final graph writes it."""
-    axis = G.weight_output_channel_axis(node) % w.ndim
-    q, scale = formats.get(fmt).quantize_weight(w, axis, hp, block_size=block_size, clip=clip)
-    return q, scale, axis
 
 
 # ---------------------------------------------------------------- the gated graph

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import calib, fold, formats, smoothquant
-from .. import graph as G
+from ..quant import writer
 
 SQ = formats.INT8_SQ.name       # the candidate's name
 BASE = formats.INT8_SQ.base     # the format it quantizes to once smoothed (its plan and ranges are that format's)
@@ -95,8 +95,7 @@ def fake_weight(node: gs.Node, w: np.ndarray, sm: Smoothing, hp: str) -> np.ndar
     """QDQ(s ⊙ W) ⊘ s, per-output-channel INT8 as the final graph quantizes s ⊙ W."""
     f = channel_factor(node, w.shape, sm.s)
     ws = (w.astype(np.float64) * f).astype(np.float32)  # what fold.fold_input_scale writes
-    axis = G.weight_output_channel_axis(node) % ws.ndim
-    return (formats.get(BASE).fake_quant(ws, axis, hp) / f).astype(np.float32)
+    return (writer.fake_weight(node, ws, BASE, hp, 0) / f).astype(np.float32)
 
 
 def activation_scale(sm: Smoothing, hp: str) -> np.ndarray:

@@ -3,21 +3,31 @@
 A format is registered by name (`onnxopt.formats.register`) and looked up with `formats.get(name)`; the
 rest of the package asks it, never spells its constants or tests its name. To add a format, write one
 module under `onnxopt/formats/` that builds an instance of `Format` (or of a subclass overriding the
-numerics), call `register` on it, and import the module in `formats/__init__.py`. Then:
+numerics), and add it to the `register` loop at the end of `formats/__init__.py`. Then, with no other edit:
 
-- the uniform pass (`quantize --<name>`) takes it if `mode` is true,
-- `--auto` offers it per layer if `auto` is true, at the cost `weight_bits` / `activation_bits`,
-- the writer (`quant.writer`) places its ONNX form: per-tensor Q/DQ on activations where
-  `activations == "static"`, the nodes of `write_dynamic_activation` where `activations == "dynamic"`,
-  and DequantizeLinear-only weights from `quantize_weight` (`weights` says per channel or per block),
-- calibration measures activation ranges with `calib_method` and picks a clip range for `calib_qtype`,
-- `inspect` and the engine report recognise it by `recognises` (a DequantizeLinear's stored and scale types)
-  and `engine_precisions` (TensorRT's kernel datatype strings).
+- `onnxopt quantize --<name>` exists if `mode` is true (cli/quantize.py makes one flag per mode). A `planned`
+  format with `activations == "static"` runs through the QDQ pass: TensorRT's placement rules (quant/rules.py)
+  decide the layers, activations get calibrated per-tensor Q/DQ (`write_activation`), weights per-channel
+  DequantizeLinear (`quantize_weight` + `write_weight`), bias correction if `bias_correction`. Any other mode
+  runs through the per-layer pass (passes/int4.py `Int4(format=name)`): every MatMul/Gemm with a 2-D constant
+  weight gets `quantize_weight(w, axis, block_size=...)` behind a (blocked) DequantizeLinear, and, where
+  `activations == "dynamic"` (NVFP4, MXFP8), the nodes of `write_dynamic_activation` on the layer's input.
+- `--auto` offers it per layer if `auto` is true, at `cost_weight_bits` / `cost_activation_bits`; the gated
+  graph and the final graph both use `quantize_weight`/`dequantize` through quant/writer.py's `fake_weight`.
+- calibration measures static activation ranges with `calib_method` ("max" | "percentile" | "entropy" | "mse");
+  the mse/entropy clip search simulates `cast`/`to_float` of `clip_qtype`.
+- `inspect` and the engine report name it from a DequantizeLinear's stored type (`recognises`:
+  `storage_names`, and `scale_names` where the codes' type is shared, e.g. E4M3 codes with E8M0 scales) and from
+  TensorRT's kernel datatype strings (`engine_precisions`, e.g. "FP8", "Int4", "FP4").
+- Placement that differs from INT8/FP8 in TensorRT (say, only MatMul/Gemm) is a rule in quant/rules.py.
 
 Numerics contract (tests compare with ORT at ORT_DISABLE_ALL): `cast(x / scale)` gives exactly the codes
 QuantizeLinear gives (round half to even, saturate to [qmin, qmax]); `to_float(codes) * scale` exactly what
 DequantizeLinear gives; `fake_quant` is their composition with the scales `quantize_weight` picks, so the
-gated graph of `--auto` and the final graph cannot disagree.
+gated graph of `--auto` and the final graph cannot disagree. Scales are float32, rounded to FP16 by
+`round_scale` when the graph's high precision is "fp16" (the engine holds them so); a format whose scales are
+themselves a low-precision type (E8M0, FP8) rounds them in `quantize_weight` and writes them in
+`write_weight`/`weight_constant`.
 """
 from __future__ import annotations
 

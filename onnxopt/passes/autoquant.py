@@ -148,6 +148,7 @@ class AutoQuant(PassBase):
                                  for n, f in mix.items()}, configs=configs, amax=amax, means=means,
                                 block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
         inserted = writer.write(graph, plan, high_precision=ctx.high_precision)
+        ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
         if ranges is not None and autoquant.SQ not in mix.values():
             ctx.range_reducers = ranges  # SmoothQuant's folded scales would change the ranges it measured
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from .. import attention_guard, calib, formats, precision
 from ..errors import OnnxoptError
-from ..quant import bias_correction, rules, writer
+from ..quant import calibration, rules, writer
 from .base import PassBase, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
@@ -89,26 +89,9 @@ class QDQ(PassBase):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),
         and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
         which also feeds `ctx.extra_reducers` and the ranges range-aware autocast asks for (`ctx.range_reducers`)."""
-        method = self.method
-
-        def reducer():
-            if method == "max":
-                return calib.AbsMax()
-            if method == "percentile":  # exact, from the top values each batch keeps in the graph
-                return calib.TopAbs(self.percentile)
-            return calib.Histogram.for_provider(ctx.provider)
-        ranges = {n: reducer() for n in plan.activations if n not in plan.fixed_amax}
-        mean_r = {}
-        if self.bias_correction:
-            for node, _, _, _ in plan.weights:
-                if node.op not in bias_correction.OPS:
-                    continue
-                mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node),
-                                                                         bias_correction.input_rank(node)))
-        reducers: dict[str, list] = {}
-        for group in (ranges, mean_r):
-            for n, r in group.items():
-                reducers.setdefault(n, []).append(r)
+        cp = calibration.plan({self.mode: plan}, {self.mode: self.method}, provider=ctx.provider,
+                              percentile=self.percentile, bias_correction_means=self.bias_correction)
+        reducers = cp.reducers()
         for n, rs in ctx.extra_reducers.items():
             reducers.setdefault(n, []).extend(rs)
         if ctx.measure_ranges:  # range-aware autocast's max |x| of every float tensor, in this same pass
@@ -117,14 +100,7 @@ class QDQ(PassBase):
                 reducers.setdefault(n, []).extend(rs)
         calib.collect_graph(ctx.graph, ctx.data, reducers, provider=ctx.provider,
                             memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        amax = dict(plan.fixed_amax)
-        for name, r in ranges.items():
-            amax[name] = calib.amax_from_histogram(r, method, self.mode) if isinstance(r, calib.Histogram) else r.value
-        for group in plan.shared_scales:
-            shared = max(amax[n] for n in group)
-            for n in group:
-                amax[n] = shared
-        return amax, {n: r.value for n, r in mean_r.items() if r.value is not None}
+        return cp.amax()[self.mode], cp.mean_values()
 
 
 def _has_weight(node: gs.Node) -> bool:

@@ -18,7 +18,7 @@ from .. import fold
 from .. import graph as G
 from ..errors import OnnxoptError
 from ..formats import FP16, INT4, INT8, Format
-from .writer import WEIGHT_ONLY_OPS, fusable_block_size, write_weight, write_weight_only
+from .writer import WEIGHT_ONLY_OPS, fusable_block_size, write_per_layer, write_weight
 from ..settings import MEMORY_BUDGET_MB
 
 __all__ = ["select_layers", "fusable_block_size", "write_weight", "quantize_int4"]
@@ -30,9 +30,9 @@ OPS = WEIGHT_ONLY_OPS
 
 
 # ---------------------------------------------------------------- layers
-def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str | None = None
+def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str | None = None, fmt: Format = INT4
                   ) -> tuple[list[tuple[gs.Node, Format]], dict[str, str]]:
-    """(node, format) for each MatMul/Gemm with a 2-D constant FP weight: INT4, or INT8 where int8_layers matches.
+    """(node, format) for each MatMul/Gemm with a 2-D constant FP weight: `fmt`, or INT8 where int8_layers matches.
     Also returns node name -> reason for the layers left alone."""
     exclude = [re.compile(p) for p in exclude]
     try:
@@ -59,7 +59,7 @@ def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str
         if reason:
             skipped[n.name] = reason
             continue
-        layers.append((n, INT8 if int8 is not None and int8.search(n.name or "") else INT4))
+        layers.append((n, INT8 if int8 is not None and int8.search(n.name or "") else fmt))
     return layers, skipped
 
 
@@ -72,16 +72,16 @@ def check_options(awq: str, block_size: int) -> None:
 
 
 # ---------------------------------------------------------------- entry point
-def quantize_int4(graph: gs.Graph, data=None, *, block_size: int = 128, awq: str = "none", int8_layers: str | None = None,
+def quantize_int4(graph: gs.Graph, data=None, *, fmt: Format = INT4, block_size: int = 128, awq: str = "none", int8_layers: str | None = None,
                   exclude=(), op_types=OPS, high_precision: str = FP16.name, clips: dict | None = None, provider: str = "cpu",
                   memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True) -> dict:
-    """INT4 weight-only quantization of `graph` in place. `clips` are what a preceding AWQ pass chose
+    """Per-layer quantization of `graph` in place to `fmt` (INT4 weight-only by default). `clips` are what a preceding AWQ pass chose
     (node name -> clip ratios or (q, scale)); `awq` other than "none" runs AWQ here first. Returns the report."""
     check_options(awq, block_size)
     t0 = time.perf_counter()
-    layers, skipped = select_layers(graph, exclude=exclude, op_types=op_types, int8_layers=int8_layers)
+    layers, skipped = select_layers(graph, exclude=exclude, op_types=op_types, int8_layers=int8_layers, fmt=fmt)
     if not layers:
-        raise OnnxoptError("nothing to quantize to INT4: no MatMul or Gemm with a constant 2-D weight"
+        raise OnnxoptError(f"nothing to quantize to {fmt.name}: no MatMul or Gemm with a constant 2-D weight"
                            + (f" ({'; '.join(sorted(set(skipped.values()))[:3])})" if skipped else ""))
     hp = high_precision
     report: dict = {"block_size": block_size, "awq": awq, "layers": {}, "skipped": skipped}
@@ -92,10 +92,10 @@ def quantize_int4(graph: gs.Graph, data=None, *, block_size: int = 128, awq: str
         awq_report, clips = awq_search.apply(graph, data, layers, method=awq, block_size=block_size, high_precision=hp,
                                           provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
         report["awq_search"] = awq_report
-    written, before, after = write_weight_only(graph, layers, block_size, clips, hp, G.taken_names(graph))
+    written, before, after = write_per_layer(graph, layers, block_size, clips, hp, G.taken_names(graph))
     report["layers"] = {node.name: {"op": node.op, **written[node.name]} for node, _ in layers}
     report["weight_bytes"] = {"before": int(before), "after": int(after)}
     report["time_s"] = round(time.perf_counter() - t0, 3)
-    log.info("int4: %d layers (%d kept INT8), weights %.1f -> %.1f MB in %.1f s", len(layers),
-             sum(f is not INT4 for _, f in layers), before / 2**20, after / 2**20, report["time_s"])
+    log.info("%s: %d layers (%d kept INT8), weights %.1f -> %.1f MB in %.1f s", fmt.name, len(layers),
+             sum(f is not fmt for _, f in layers), before / 2**20, after / 2**20, report["time_s"])
     return report

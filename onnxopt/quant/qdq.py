@@ -33,15 +33,23 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     `on_error(w, w_dequantized)` sees both arrays before they are released (bias correction)."""
     f = formats.get(fmt)
     w = np.asarray(G.read_values(const) if values is None else values, dtype=np.float32)
-    amax = f.weight_amax(w, axis)
-    raw = f.scale_of(amax, "fp32")
-    underflow = scales_underflow(amax, raw, high_precision)  # scales below FP16's normal range clamp weights to ~0
-    q, scale = f.quantize_weight(w, axis, formats.FP32.name if underflow else high_precision)
+    q, scale, fp32_scale = weight_codes(f, w, axis, high_precision)
     if on_error is not None:
         on_error(w, f.dequantize(q, scale))
     scale = scale.reshape(-1)
     out = f.write_weight(graph, const.name, q, scale, {"axis": int(axis)})
     info = {"axis": int(axis), "channels": int(scale.size), "params": int(w.size)}
-    if underflow:
-        info["fp32_scale"] = float(raw.min())
+    if fp32_scale is not None:
+        info["fp32_scale"] = fp32_scale
     return out, info
+
+
+def weight_codes(f, w: np.ndarray, axis: int, high_precision: str):
+    """(codes, scales broadcast over w, smallest FP32 scale or None) of a per-channel weight: the one effective
+    weight of the written graph and of --auto's gated graph. Where scales below FP16's normal range would hold
+    most of the weight energy, the scales stay FP32 (and autocast keeps the layer FP32)."""
+    amax = f.weight_amax(w, axis)
+    raw = f.scale_of(amax, formats.FP32.name)
+    underflow = scales_underflow(amax, raw, high_precision)  # FP16 scales would clamp those weights to ~0
+    q, scale = f.quantize_weight(w, axis, formats.FP32.name if underflow else high_precision)
+    return q, scale, float(raw.min()) if underflow else None

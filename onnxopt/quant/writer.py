@@ -96,9 +96,9 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
         for node in place.nodes:
             if mix.get(node.name) == f:
                 layers.setdefault(node.name, {"format": f})
-    weight_only = [(n, formats.get(mix[n.name])) for n in graph.nodes
-                   if mix.get(n.name, "none") != "none" and formats.get(mix[n.name]).weight_only and n.op in WEIGHT_ONLY_OPS]
-    wo, _, _ = write_weight_only(graph, weight_only, plan.block_size, plan.clips, hp, names)
+    per_layer = [(n, formats.get(mix[n.name])) for n in graph.nodes
+                 if mix.get(n.name, "none") != "none" and not formats.get(mix[n.name]).planned and n.op in WEIGHT_ONLY_OPS]
+    wo, _, _ = write_per_layer(graph, per_layer, plan.block_size, plan.clips, hp, names)
     layers.update(wo)
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
@@ -106,10 +106,11 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
     return layers
 
 
-def write_weight_only(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set
-                      ) -> tuple[dict, int, int]:
-    """Weight-only quantization of (node, format) layers in place, each weight once however many layers read it.
-    Returns ({layer: info}, weight bytes before, after)."""
+def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set
+                    ) -> tuple[dict, int, int]:
+    """(node, format) layers of formats without a static placement, in place: the weight (each once however many
+    layers read it) behind a DequantizeLinear; for a format with dynamic activations, also its activation nodes
+    (`Format.write_dynamic_activation`) on the layer's input. Returns ({layer: info}, weight bytes before, after)."""
     done: dict[int, tuple[gs.Variable, dict]] = {}
     out, before, after = {}, 0, 0
     for node, fmt in layers:
@@ -121,6 +122,10 @@ def write_weight_only(graph: gs.Graph, layers: list, block_size: int, clips: dic
             after += done[key][1]["bytes"]
         node.inputs[1], info = done[key]
         out[node.name] = dict(info)
+        if fmt.activations == "dynamic":
+            x = node.inputs[0]
+            fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
+                                         base=G.unique_name(f"{x.name}_{fmt.name}", names))
     return out, before, after
 
 
@@ -170,6 +175,24 @@ def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, fmt: Format, 
                            unique=lambda s: G.unique_name(s, names))
     info["bytes"] = int(-(-q.size * fmt.bits // 8) + scale.size * 4)
     return out, info
+
+
+# ---------------------------------------------------------------- the effective weight
+def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
+    """What the layer will see of weight `w` (its consumed layout) in `fmt` (per-block: with AWQ clip ratios)."""
+    q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
+    return formats.get(fmt).dequantize(q, scale, axis, block_size=block_size)
+
+
+def quantized_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int = 0, clip=None):
+    """(codes, scales, output-channel axis) of the layer's weight `w` in `fmt`, as the final graph writes it."""
+    axis = G.weight_output_channel_axis(node) % w.ndim
+    f = formats.get(fmt)
+    if f.weights == "per-channel":
+        q, scale, _ = qdq.weight_codes(f, w, axis, hp)
+    else:
+        q, scale = f.quantize_weight(w, axis, hp, block_size=block_size, clip=clip)
+    return q, scale, axis
 
 
 def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
