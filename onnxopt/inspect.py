@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from . import formats
 from . import graph as G
-from . import io
+from . import formats, io
 
 # Ops that may consume a DequantizeLinear output without breaking TensorRT's fusions: the quantized layers,
 # a residual Add, and the data-movement / pooling ops that TensorRT propagates Q/DQ through.
@@ -103,8 +103,9 @@ def _weight_params(node) -> tuple[int, bool]:
     return n, bool(quantized)
 
 
-_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "float8_e4m3fn": 8, "float8_e5m2": 8,
-         "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8}
+def _format_of(stored: str):
+    """The registered format stored as numpy dtype name `stored` (None if none)."""
+    return formats.from_storage(stored or "")
 
 
 def _type_name(dtype) -> str:
@@ -150,9 +151,10 @@ def layer_format(node) -> str:
         return (f"{block}/{f.block_size}" if _is_dq(node.inputs[0]) else f"W{f.bits}A16-{block}/{f.block_size}")
     if data and all(_is_dq(t) for t in data):
         kind = stored or _activation_type(node.inputs[0])  # no weight: an attention BMM
-        return "fp8" if kind.startswith("float8") else kind.lstrip("u")
-    if node.op in ("MatMul", "Gemm") and not _is_dq(node.inputs[0]) and stored in _BITS:
-        return f"W{_BITS[stored]}A16"
+        f = _format_of(kind)
+        return f.name if f is not None else kind
+    if node.op in ("MatMul", "Gemm") and not _is_dq(node.inputs[0]) and _format_of(stored) is not None:
+        return f"W{_format_of(stored).bits}A16"
     return ""
 
 
@@ -213,7 +215,7 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
                 w, _ = G.weight_of(node.inputs[1])
                 dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
                 if w is not None and w.shape is not None and len(w.shape) > 1 and w.shape[1] == 1 and dq is not None \
-                        and "int8" in (_quant_type(dq) or ""):
+                        and _format_of(_quant_type(dq)) is formats.INT8:  # TensorRT pads INT8 depthwise
                     f.depthwise_bloat.add(node.name)
         elif node.op == "Softmax":
             why = _attention_break(node)
@@ -229,7 +231,8 @@ def _int4_one_block(node) -> str | None:
     (per-channel scales, or block_size >= K) it dequantizes in a kernel of its own and runs the GEMM in FP16."""
     const, chain = G.weight_of(node.inputs[1])
     dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
-    if const is None or dq is None or "int4" not in _type_name(const.dtype) or const.shape is None or len(const.shape) != 2:
+    f = _format_of(_type_name(const.dtype)) if const is not None else None
+    if dq is None or f is None or f.weights != "per-block" or const.shape is None or len(const.shape) != 2:
         return None
     axis = int(dq.attrs.get("axis", 1)) % 2
     bs = int(dq.attrs.get("block_size", 0))
@@ -324,7 +327,7 @@ def _small_int8_convs(graph: gs.Graph) -> list[str]:
         const, chain = G.weight_of(n.inputs[1]) if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1 else (None, [])
         if const is not None and const.shape is not None:
             dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
-            convs.append((n, int(np.prod(const.shape)), dq is not None and "int8" in (_quant_type(dq) or "")))
+            convs.append((n, int(np.prod(const.shape)), dq is not None and _format_of(_quant_type(dq)) is formats.INT8))
     if not any(w >= MIN_INT8_CONV_WEIGHTS for _, w, _ in convs):
         return []
     return [f"{n.name} ({n.op}): INT8 conv with {w} weights next to larger ones: TensorRT-RTX adds a separate FP32 "

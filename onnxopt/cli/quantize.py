@@ -5,29 +5,45 @@ import functools
 
 import click
 
+from .. import formats
 from ..errors import OnnxoptError
 from .common import (
     _alias, _check_input, _default_output, _runner, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
+DEFAULT_MODE = formats.FP8.name
+
+
+def _flags(param: str, names: tuple, default: str, *, preset: bool = False):
+    """One --<name> flag per registered format, all setting `param` (a new format gets its flag here); `preset`:
+    the default flag is set when none is given (else `param` stays None and the command decides)."""
+    def deco(fn):
+        for name in reversed(names):
+            f = formats.get(name)
+            fn = click.option(f"--{name}", param, flag_value=name, default=True if preset and name == default else None,
+                              help=f"{f.description}" + (" (default)." if name == default else "."))(fn)
+        return fn
+    return deco
+
+
+def _weight_only(mode: str) -> bool:
+    return mode in formats.names() and formats.get(mode).weight_only
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
-@click.option("--int8", "mode", flag_value="int8", help="INT8 W8A8.")
-@click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 W8A8 (default).")
-@click.option("--int4", "mode", flag_value="int4", help="INT4 blockwise weight-only.")
-@click.option("--nvfp4", "mode", flag_value="nvfp4", help="NVFP4 W4A4 on MatMul/Gemm (FP8 for convs and attention); Blackwell.")
-@click.option("--mxfp8", "mode", flag_value="mxfp8", help="MXFP8 (E8M0 scale per 32) on MatMul/Gemm (FP8 for convs and attention).")
-@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16).")
+@_flags("mode", formats.modes(), DEFAULT_MODE)
+@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
 @click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
-@click.option("--high-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of everything not quantized.")
-@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs (default: keep them).")
+@click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
+@click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
@@ -36,7 +52,8 @@ from .common import (
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
 @click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
 @click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
-@click.option("--formats", help="With --auto: comma-separated candidate formats besides FP16, from fp8,int8,int4,int8-sq (int8-sq: SmoothQuant then INT8; default fp8,int8).")
+@click.option("--formats", help=f"With --auto: comma-separated candidate formats besides FP16, from {','.join(formats.auto_candidates())} "
+              f"(int8-sq: SmoothQuant then INT8; default {','.join(formats.auto_defaults())}).")
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
@@ -54,13 +71,13 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     from .. import recipes
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
-    mode = "auto" if options["auto"] else (mode or "fp8")
+    mode = "auto" if options["auto"] else (mode or DEFAULT_MODE)
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
-    config = _quant_config(ctx, "fp8" if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
+    config = _quant_config(ctx, DEFAULT_MODE if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
-    if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
+    if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
@@ -96,7 +113,7 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
-    o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+    o["formats"] = tuple(f.strip() for f in (o.get("formats") or ",".join(formats.auto_defaults())).split(",") if f.strip())
 _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
 
 
@@ -104,22 +121,24 @@ def _check_mode_options(mode: str, o: dict) -> None:
     """Options that do not fit the mode are errors, not silently ignored."""
     if mode == "auto":
         return
-    if mode != "int4":
+    wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only)
+    w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
+    if not _weight_only(mode):
         given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
         if given:
-            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int4 only (weight-only INT4); drop {_it(given)} or use --int4")
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:
         given = [flag for k, flag in _W8A8_ONLY.items() if o.get(k)] + (["--percentile"] if o.get("percentile") is not None else [])
         if o.get("smoothquant") is not None:
             given.append("--smoothquant")
         if given:
-            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
-    if o.get("weight_only") and mode != "nvfp4":
-        raise OnnxoptError("--weight-only applies to --nvfp4 only (--int4 is always weight-only)")
-    if mode in ("nvfp4", "mxfp8") and o.get("smoothquant") is not None:
-        raise OnnxoptError(f"--smoothquant applies to --int8 only; drop it or quantize with --int8")
-    if mode == "fp8" and o.get("smoothquant") is not None:
-        raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {w8} only; --{mode} is weight-only (no activation ranges)")
+    sq = [m for m in formats.modes() if formats.get(m).smoothquant]
+    if mode not in sq and o.get("smoothquant") is not None:
+        raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
+    if o.get("weight_only") and not formats.get(mode).extra.get("weight_only_variant"):
+        with_wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).extra.get("weight_only_variant"))
+        raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
     if o.get("io_dtype") and o.get("high_precision") == "fp32":
@@ -171,7 +190,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
     if mode == "auto":
         a = report.get("autoquant", {})
-        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int8-sq", "int4") if cov.get(f))
+        mix = ", ".join(f"{cov[f]} {f}" for f in formats.auto_candidates() if cov.get(f))
         v = a.get("verified", {})
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
@@ -179,15 +198,15 @@ def _describe_quantize(report: dict, mode: str) -> str:
                 f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})" + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"
                    if a.get("int8_broken") else ""))
-    if mode == "int4":
-        sec = report.get("int4", {})
+    if _weight_only(mode):
+        sec = report.get(mode, {})
         extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",
                  f"AWQ {sec.get('awq')}" if sec.get("awq", "none") != "none" else "round-to-nearest"]
         if cov.get("int8"):
             extra.append(f"{cov['int8']} kept INT8")
-        text = f"quantized {q}/{q + s} layers to int4 weight-only ({', '.join(extra)}), {s} skipped"
-    elif mode in ("nvfp4", "mxfp8"):
-        sec = report.get("blockfp", {})
+        text = f"quantized {q}/{q + s} layers to {mode} weight-only ({', '.join(extra)}), {s} skipped"
+    elif report.get("blockfp"):
+        sec = report["blockfp"]
         kind = " weight-only" if sec.get("weight_only") else ""
         text = (f"quantized {q}/{q + s} layers: {cov.get(mode, 0)} {mode}{kind} (block {sec.get('block_size')}), "
                 f"{cov.get('fp8', 0)} fp8 ({cov.get('attention_bmms', 0)} attention BMMs), {s} skipped")
@@ -231,9 +250,8 @@ def _sq_alpha(value):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
-@click.option("--fp16", "dtype", flag_value="fp16", default=True, help="FP16 (default).")
-@click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
-@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
+@_flags("dtype", formats.low_precision(), formats.FP16.name, preset=True)
+@click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
 @click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")

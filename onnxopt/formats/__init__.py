@@ -76,6 +76,11 @@ def high_precision() -> tuple[str, ...]:
     return tuple(f.name for f in _where(lambda f: not f.quantized))
 
 
+def low_precision() -> tuple[str, ...]:
+    """Unquantized float formats narrower than FP32 (what `convert` and `--io-dtype` offer)."""
+    return tuple(f.name for f in _where(lambda f: not f.quantized and f.bits < 32))
+
+
 def from_storage(stored: str, scale: str = "") -> Format | None:
     """The format a DequantizeLinear holds, from its input's numpy dtype name (and its scale's), or None.
     Later registrations win, so a format sharing storage with an older one (MXFP8's E4M3 codes with E8M0
@@ -108,7 +113,7 @@ from . import bf16, fp8, fp16, fp32, int4, int8  # noqa: E402  (the built-in for
 
 INT8, INT8_SQ, FP8, INT4, FP16, BF16, FP32 = (int8.INT8, int8.INT8_SQ, fp8.FP8_E4M3, int4.INT4, fp16.FP16, bf16.BF16,
                                              fp32.FP32)
-for _f in (INT8, FP8, INT4, INT8_SQ, FP16, BF16, FP32):
+for _f in (FP8, INT8, INT4, INT8_SQ, FP16, BF16, FP32):
     register(_f)
 
 from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + standard-ONNX emulation)
@@ -116,5 +121,5 @@ from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + s
 NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
 
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
-           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "from_storage", "from_engine",
+           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
            "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8"]

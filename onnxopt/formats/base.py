@@ -3,21 +3,31 @@
 A format is registered by name (`onnxopt.formats.register`) and looked up with `formats.get(name)`; the
 rest of the package asks it, never spells its constants or tests its name. To add a format, write one
 module under `onnxopt/formats/` that builds an instance of `Format` (or of a subclass overriding the
-numerics), call `register` on it, and import the module in `formats/__init__.py`. Then:
+numerics), and add it to the `register` loop at the end of `formats/__init__.py`. Then, with no other edit:
 
-- the uniform pass (`quantize --<name>`) takes it if `mode` is true,
-- `--auto` offers it per layer if `auto` is true, at the cost `weight_bits` / `activation_bits`,
-- the writer (`quant.writer`) places its ONNX form: per-tensor Q/DQ on activations where
-  `activations == "static"`, the nodes of `write_dynamic_activation` where `activations == "dynamic"`,
-  and DequantizeLinear-only weights from `quantize_weight` (`weights` says per channel or per block),
-- calibration measures activation ranges with `calib_method` and picks a clip range for `calib_qtype`,
-- `inspect` and the engine report recognise it by `recognises` (a DequantizeLinear's stored and scale types)
-  and `engine_precisions` (TensorRT's kernel datatype strings).
+- `onnxopt quantize --<name>` exists if `mode` is true (cli/quantize.py makes one flag per mode). A `planned`
+  format with `activations == "static"` runs through the QDQ pass: TensorRT's placement rules (quant/rules.py)
+  decide the layers, activations get calibrated per-tensor Q/DQ (`write_activation`), weights per-channel
+  DequantizeLinear (`quantize_weight` + `write_weight`), bias correction if `bias_correction`. Any other mode
+  runs through the per-layer pass (passes/int4.py `Int4(format=name)`): every MatMul/Gemm with a 2-D constant
+  weight gets `quantize_weight(w, axis, block_size=...)` behind a (blocked) DequantizeLinear, and, where
+  `activations == "dynamic"` (NVFP4, MXFP8), the nodes of `write_dynamic_activation` on the layer's input.
+- `--auto` offers it per layer if `auto` is true, at `cost_weight_bits` / `cost_activation_bits`; the gated
+  graph and the final graph both use `quantize_weight`/`dequantize` through quant/writer.py's `fake_weight`.
+- calibration measures static activation ranges with `calib_method` ("max" | "percentile" | "entropy" | "mse");
+  the mse/entropy clip search simulates `cast`/`to_float` of `clip_qtype`.
+- `inspect` and the engine report name it from a DequantizeLinear's stored type (`recognises`:
+  `storage_names`, and `scale_names` where the codes' type is shared, e.g. E4M3 codes with E8M0 scales) and from
+  TensorRT's kernel datatype strings (`engine_precisions`, e.g. "FP8", "Int4", "FP4").
+- Placement that differs from INT8/FP8 in TensorRT (say, only MatMul/Gemm) is a rule in quant/rules.py.
 
 Numerics contract (tests compare with ORT at ORT_DISABLE_ALL): `cast(x / scale)` gives exactly the codes
 QuantizeLinear gives (round half to even, saturate to [qmin, qmax]); `to_float(codes) * scale` exactly what
 DequantizeLinear gives; `fake_quant` is their composition with the scales `quantize_weight` picks, so the
-gated graph of `--auto` and the final graph cannot disagree.
+gated graph of `--auto` and the final graph cannot disagree. Scales are float32, rounded to FP16 by
+`round_scale` when the graph's high precision is "fp16" (the engine holds them so); a format whose scales are
+themselves a low-precision type (E8M0, FP8) rounds them in `quantize_weight` and writes them in
+`write_weight`/`weight_constant`.
 """
 from __future__ import annotations
 
@@ -35,6 +45,15 @@ def round_scale(scale, high_precision: str) -> np.ndarray:
     if high_precision == "fp16":
         scale = np.maximum(scale, FP16_TINY).astype(np.float16).astype(np.float32)
     return scale
+
+
+def scales_underflow(amax: np.ndarray, raw_scale: np.ndarray, high_precision: str) -> bool:
+    """Whether per-channel scales below FP16's normal range hold most of the weight energy (most of the layer,
+    not a few weak channels): such a layer keeps FP32 scales, and so stays FP32 itself (issue 10)."""
+    if high_precision != "fp16":
+        return False
+    energy = np.square(np.asarray(amax, np.float64).reshape(-1))
+    return float(energy[np.asarray(raw_scale).reshape(-1) < FP16_TINY].sum()) > 0.5 * float(energy.sum())
 
 
 @dataclass(frozen=True)
@@ -127,20 +146,21 @@ class Format:
 
     def quantize_weight(self, w: np.ndarray, axis: int, high_precision: str, *, block_size: int = 0, clip=None
                         ) -> tuple[np.ndarray, np.ndarray]:
-        """(codes, scales) of weight `w`. Per-channel formats: one scale per index of `axis` (the output
-        channels), shaped to broadcast over w. Per-block formats: `w` is [K, N] with K (the reduction axis)
-        first, blocks of `block_size` along K (0: one block), scales [ceil(K/B), N]; `clip` per-block ratios."""
+        """(codes, scales) of weight `w` whose output channels run along `axis`. Per-channel formats: one scale
+        per output channel, shaped to broadcast over w. Per-block formats (2-D weights): blocks of `block_size`
+        (0: one block) along the other axis, K; scales [ceil(K/B), N] for axis 1, transposed for axis 0; `clip`
+        per-block clip ratios in the [ceil(K/B), N] layout. `high_precision` "fp16" rounds scales to FP16."""
         scale = self.scale_of(self.weight_amax(w, axis), high_precision)
         return self.cast(w / scale), scale
 
-    def dequantize(self, codes: np.ndarray, scales: np.ndarray, *, block_size: int = 0) -> np.ndarray:
-        """float32 weights from (codes, scales) as `quantize_weight` returned them (DequantizeLinear's result)."""
+    def dequantize(self, codes: np.ndarray, scales: np.ndarray, axis: int = 1, *, block_size: int = 0) -> np.ndarray:
+        """float32 weights from (codes, scales) as `quantize_weight(w, axis)` returned them (DequantizeLinear's result)."""
         return self.to_float(codes) * scales
 
     def fake_quant(self, w: np.ndarray, axis: int, high_precision: str, *, block_size: int = 0, clip=None) -> np.ndarray:
         """Quantize-dequantize: what a layer will compute with instead of `w` (the exact numpy emulation)."""
         q, s = self.quantize_weight(w, axis, high_precision, block_size=block_size, clip=clip)
-        return self.dequantize(q, s, block_size=block_size)
+        return self.dequantize(q, s, axis, block_size=block_size)
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """The initializer holding `codes` (spilled inside a quantize run: no second copy at export)."""

@@ -40,22 +40,28 @@ class Int4(Format):
             amax = amax * clip
         return round_scale(np.where(amax > 0, amax / self.qmax, 1.0), high_precision)
 
-    def quantize_weight(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """(codes as int8 [K, N], scales [ceil(K/B), N]) of w in [K, N]; `axis` must be 0 (K)."""
+    def quantize_weight(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """(codes as int8, scales) of 2-D `w` whose output channels run along `axis`: 1 for [K, N] (codes [K, N],
+        scales [ceil(K/B), N]), 0 for [N, K] as a Gemm with transB stores it (both transposed). Blocks run along
+        K; `clip` holds per-block clip ratios in the [ceil(K/B), N] layout (or one ratio)."""
         block_size = self.block_size if block_size is None else block_size
+        if axis % 2 == 0:
+            q, scale = self.quantize_weight(w.T, 1, high_precision, block_size=block_size, clip=clip)
+            return q.T, scale.T
         scale = self.block_scales(w, block_size, clip, high_precision)
         return self.cast(w / expand(scale, w.shape[0], block_size)), scale
 
-    def dequantize(self, codes, scales, *, block_size=None):
-        """float32 [K, N] from codes [K, N] and block scales."""
+    def dequantize(self, codes, scales, axis=1, *, block_size=None):
+        """float32 weights from codes and block scales in the layout `quantize_weight` gave for `axis`."""
         block_size = self.block_size if block_size is None else block_size
+        if axis % 2 == 0:
+            return self.dequantize(codes.T, scales.T, 1, block_size=block_size).T
         return codes.astype(np.float32) * expand(scales, codes.shape[0], block_size)
 
-    def fake_quant(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """Quantize-dequantize of w in [K, N] (what the DequantizeLinear will give back)."""
-        block_size = self.block_size if block_size is None else block_size
-        q, s = self.quantize_weight(w, 0, high_precision, block_size=block_size, clip=clip)
-        return self.dequantize(q, s, block_size=block_size)
+    def fake_quant(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """Quantize-dequantize (what the DequantizeLinear will give back), in w's layout."""
+        q, s = self.quantize_weight(w, axis, high_precision, block_size=block_size, clip=clip)
+        return self.dequantize(q, s, axis, block_size=block_size)
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """Packed INT4 initializer (onnx-graphsurgeon cannot serialize ml_dtypes.int4 arrays itself)."""

@@ -69,8 +69,12 @@ class MXFP8(Format):
         """E4M3 codes as float32."""
         return FP8_E4M3.to_float(codes)
 
-    def quantize_weight(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """(E4M3 codes [K, N], uint8 E8M0 codes [K/32, N]) of w [K, N]."""
+    def quantize_weight(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """(E4M3 codes, uint8 E8M0 codes [K/32, N]) of a 2-D w whose output channels run along `axis` (1: [K, N];
+        0: [N, K], both results transposed)."""
+        if not axis % 2:
+            q, e = self.quantize_weight(np.asarray(w).T, clip=clip)
+            return q.T, e.T
         w = np.asarray(w, np.float32)
         k, n = w.shape
         amax = np.abs(w).reshape(k // BLOCK, BLOCK, n).max(axis=1)
@@ -79,14 +83,14 @@ class MXFP8(Format):
         e = e8m0_codes(amax)
         return self.cast(w / np.repeat(scale_of_codes(e), BLOCK, axis=0)), e
 
-    def dequantize(self, codes, scales, *, block_size=None):
-        """float32 [K, N] from E4M3 codes and E8M0 codes."""
-        return (self.to_float(codes) * np.repeat(scale_of_codes(scales), BLOCK, axis=0)).astype(np.float32)
+    def dequantize(self, codes, scales, axis=1, *, block_size=None):
+        """float32 weights from E4M3 codes and E8M0 codes as `quantize_weight(w, axis)` returned them."""
+        return (self.to_float(codes) * np.repeat(scale_of_codes(scales), BLOCK, axis=1 - axis % 2)).astype(np.float32)
 
-    def fake_quant(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """What the layer computes with instead of w [K, N]."""
-        q, e = self.quantize_weight(w, clip=clip)
-        return self.dequantize(q, e)
+    def fake_quant(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """What the layer computes with instead of w (output channels along `axis`)."""
+        q, e = self.quantize_weight(w, axis, clip=clip)
+        return self.dequantize(q, e, axis)
 
     def write_mx_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
                         ) -> tuple[gs.Variable, dict]:

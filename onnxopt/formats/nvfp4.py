@@ -133,18 +133,23 @@ class NVFP4(Format):
         div = np.where(eff > 0, eff, np.float32(1.0))
         return Fp4Weight(self.cast(w / expand(div, k)), best_bs, s)
 
-    def quantize_weight(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """(E2M1 codes [K, N], effective float32 block scales [K/16, N] = FP8 block scale * tensor scale)."""
-        p = self.quantize_parts(w, clip)
-        return p.codes, (FP8_E4M3.to_float(p.block_scales) * p.scale).astype(np.float32)
+    def quantize_weight(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """(E2M1 codes, effective float32 block scales = FP8 block scale * tensor scale) of a 2-D w whose output
+        channels run along `axis` (1: w is [K, N], scales [K/16, N]; 0: [N, K], both transposed)."""
+        p = self.quantize_parts(w if axis % 2 else np.asarray(w).T, clip)
+        eff = (FP8_E4M3.to_float(p.block_scales) * p.scale).astype(np.float32)
+        return (p.codes, eff) if axis % 2 else (p.codes.T, eff.T)
 
-    def dequantize(self, codes, scales, *, block_size=None):
-        """float32 [K, N] from codes and effective block scales."""
+    def dequantize(self, codes, scales, axis=1, *, block_size=None):
+        """float32 weights from codes and effective block scales as `quantize_weight(w, axis)` returned them."""
+        if not axis % 2:
+            return self.dequantize(np.asarray(codes).T, np.asarray(scales).T).T
         return (self.to_float(codes) * expand(scales, codes.shape[0])).astype(np.float32)
 
-    def fake_quant(self, w, axis=0, high_precision="fp32", *, block_size=None, clip=None):
-        """What the layer computes with instead of w [K, N]."""
-        return self.quantize_parts(w, clip).dequantize()
+    def fake_quant(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
+        """What the layer computes with instead of w (output channels along `axis`)."""
+        d = self.quantize_parts(w if axis % 2 else np.asarray(w).T, clip).dequantize()
+        return d if axis % 2 else d.T
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """FLOAT4E2M1 initializer, two codes a byte (onnx packs ml_dtypes' float4_e2m1fn)."""
@@ -251,4 +256,4 @@ NVFP4_FORMAT = NVFP4(
     description="NVFP4 W4A4 (E2M1, FP8 scale per 16, FP32 per tensor)", weights="per-block", activations="dynamic",
     block_size=BLOCK, calib_method="max", awq=True, bias_correction=False, mode=True, min_opset=23,
     weight_bits=4.5, activation_bits=4.5, storage_names=("float4_e2m1fn",), engine_precisions=("FP4E2M1",),
-    extra={"scale_format": "fp8", "dynamic_op": DYNAMIC_OP})
+    extra={"scale_format": "fp8", "dynamic_op": DYNAMIC_OP, "weight_only_variant": True})

@@ -14,7 +14,6 @@ from .. import graph as G
 from ..errors import OnnxoptError
 from ..fold import effective_weight
 from ..quant import rules
-from ..quant.blockwise import to_kn
 from .base import check_choice
 from .qdq import QDQ
 
@@ -36,13 +35,8 @@ class BlockFP(QDQ):
         if self.weight_only and self.mode != "nvfp4":
             raise OnnxoptError("--weight-only goes with --nvfp4 (MXFP8 quantizes activations at run time)")
         self.fmt = formats.get(self.mode)
-        self.mode, block_mode = "fp8", self.mode   # the FP8 rules and calibration of the QDQ pass plan the rest
-        super().__post_init__()
-        self.mode = block_mode
+        self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
 
-    @property
-    def method(self) -> str:
-        return self.calib_method or formats.FP8.calib_method
 
     @property
     def needs_data(self) -> bool:
@@ -54,11 +48,7 @@ class BlockFP(QDQ):
         if not self.weight_only:
             ctx.require_data(f"--{self.mode}")
         guards = attention_guard.remove(graph) if self.quantize_mha and not self.weight_only else 0
-        block_mode, self.mode = self.mode, "fp8"
-        try:
-            plan = rules.plan(graph, self)
-        finally:
-            self.mode = block_mode
+        plan = self._as_fp8(rules.plan, graph, self)
         block_nodes, fp8_nodes, reasons = [], [], {}
         for n in plan.nodes:
             why = rules.block_format_reason(n, fmt.block_size, fmt.name.upper())
@@ -81,21 +71,21 @@ class BlockFP(QDQ):
             groups = [[n for n in g if n in acts] for g in plan.shared_scales]
             sub = rules.Plan(nodes=plan.nodes, activations=acts, weights=plan.weights,
                              shared_scales=[g for g in groups if len(g) > 1], fixed_amax=plan.fixed_amax)
-            amax, means = self.calibrate(ctx, sub)
+            amax, means = self._as_fp8(self.calibrate, ctx, sub)
         elif ctx.data is not None and ctx.measure_ranges:  # Autocast's ranges, measured before ORT meets FP4 nodes
-            self.calibrate(ctx, rules.Plan())
+            self._as_fp8(self.calibrate, ctx, rules.Plan())
         t1 = time.perf_counter()
         layers = self._insert_fp8(graph, plan, fp8_ids, amax, means, ctx.high_precision)
         before = {id(n) for n in graph.nodes}
         layers.update(self._insert_block(graph, plan, block_ids, amax))
         if fmt.name == "nvfp4":  # FP32 tensor scales (amax / 2688 underflows FP16): Autocast casts around these nodes
-            ctx.stats.setdefault("fp32_nodes", []).extend(n.name for n in graph.nodes if id(n) not in before)
+            ctx.fp32_nodes.extend(n.name for n in graph.nodes if id(n) not in before)
         report = {"mode": self.mode, "format": fmt.name, "weight_only": self.weight_only, "method": self.method,
                   "block_size": fmt.block_size,
                   "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in block_nodes + fp8_nodes},
                   "activations": {k: float(v) for k, v in amax.items()},
                   "skipped": plan.skipped, "fp8_reasons": reasons,
-                  "coverage": {"quantized": len(block_nodes) + len(fp8_nodes), fmt.name: len(block_nodes), "fp8": len(fp8_nodes),
+                  "coverage": {"quantized": len(block_nodes) + len(fp8_nodes), fmt.name: len(block_nodes), formats.FP8.name: len(fp8_nodes),
                                "skipped": len(plan.skipped) + (len(reasons) if self.weight_only else 0),
                                "attention_bmms": sum(1 for n in fp8_nodes if reasons[n.name].startswith("attention"))},
                   "attention_guards_removed": guards, "timings_s": {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}}
@@ -103,6 +93,14 @@ class BlockFP(QDQ):
             report["skipped"] = {**plan.skipped, **reasons}
         log.info("%d layers %s, %d FP8, %d skipped", len(block_nodes), fmt.name, len(fp8_nodes), len(plan.skipped))
         return report
+
+    def _as_fp8(self, fn, *args):
+        """Run a QDQ step (placement rules, calibration, insertion) as the FP8 pass it is for the other layers."""
+        mode, self.mode = self.mode, formats.FP8.name
+        try:
+            return fn(*args)
+        finally:
+            self.mode = mode
 
     def _insert_fp8(self, graph, plan, fp8_ids, amax, means, hp) -> dict:
         """The FP8 part: the QDQ pass's insertion on the sub-plan of the FP8 layers."""
@@ -112,12 +110,8 @@ class BlockFP(QDQ):
         sub.activations = {k: v for k, v in sub.activations.items() if v}
         if not sub.nodes:
             return {}
-        mode, self.mode = self.mode, "fp8"
-        try:
-            layers = self._insert(graph, sub, amax, means, hp)
-        finally:
-            self.mode = mode
-        return {k: {**v, "format": "fp8"} for k, v in layers.items()}
+        layers = self._as_fp8(self._insert, graph, sub, amax, means, hp)
+        return {k: {**v, "format": formats.FP8.name} for k, v in layers.items()}
 
     def _insert_block(self, graph, plan, block_ids, amax) -> dict:
         fmt, names = self.fmt, G.taken_names(graph)
@@ -138,7 +132,7 @@ class BlockFP(QDQ):
             trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
             key = (const.name, trans)
             if key not in done:
-                w_kn = to_kn(node, effective_weight(node, idx))
+                w_kn = G.to_kn(node, effective_weight(node, idx))
                 done[key] = writer(graph, const.name, w_kn, trans, unique)
             out, info = done[key]
             node.inputs[idx] = out

@@ -94,7 +94,7 @@ def rule_gemm_size(node, ctx):
 def rule_mha(node, ctx):
     """Activation-by-activation MatMuls (attention BMMs) follow the MHA setting, and only for head sizes
     that TensorRT's fused MHA supports."""
-    if node.op != "MatMul" or _is_weight(node.inputs[1]):
+    if node.op != "MatMul" or is_weight(node.inputs[1]):
         return None
     if not ctx.config.quantize_mha:
         return "MHA quantization is off"
@@ -190,7 +190,7 @@ def block_format_reason(node, block: int, fmt: str = "NVFP4") -> str | None:
         return f"conv: TensorRT has no {fmt} convolution (blocks must run along one of the last two axes)"
     if node.op not in ("MatMul", "Gemm"):
         return f"op {node.op} has no {fmt} kernel"
-    if not _is_weight(node.inputs[1]):
+    if not is_weight(node.inputs[1]):
         return f"attention BMM: no {fmt} kernel for activation x activation GEMMs in TensorRT-RTX (FP16 GEMM measured)"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return "Gemm with transA"
@@ -224,7 +224,7 @@ def plan(graph: gs.Graph, config) -> Plan:
         p.nodes.append(node)
         for idx in (0, 1):
             t = node.inputs[idx]
-            if idx == 1 and _is_weight(t):
+            if idx == 1 and is_weight(t):
                 const, _ = G.weight_of(t)
                 axis = G.weight_output_channel_axis(node) % len(const.shape)
                 p.weights.append((node, idx, const, axis))
@@ -277,7 +277,8 @@ def _plan_softmax_outputs(graph, p: Plan, config) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _is_weight(t) -> bool:
+def is_weight(t) -> bool:
+    """A constant (through Cast/Transpose/Identity) that is not already quantized."""
     const, chain = G.weight_of(t)
     return const is not None and not any(n.op == "DequantizeLinear" for n in chain)
 
