@@ -106,7 +106,7 @@ class MXFP8(Format):
                                    attrs={"axis": axis, "block_size": BLOCK, "output_dtype": int(TensorProto.FLOAT16)}))
         return out, {"format": self.name, "block_size": BLOCK, "bytes": int(q.size + e.size)}
 
-    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None):
+    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
         """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16."""
         name = name or (lambda n: n)
         base = base or tensor.name

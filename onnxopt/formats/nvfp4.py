@@ -174,16 +174,17 @@ class NVFP4(Format):
                 "bytes": int((codes.size + 1) // 2 + bs.size + 4)}
         return out, info
 
-    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None):
+    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
         """TRT_FP4DynamicQuantize + two DequantizeLinears on `tensor` (its last axis blocked), rewiring `uses`.
         Inputs other than 2-D are reshaped to [-1, K] around it (the op takes 2-D or 3-D, with K known when the
-        engine is built, which a 3-D input reshaped from dynamic shapes is not). Returns the FP32 output."""
+        engine is built, which a 3-D input reshaped from dynamic shapes is not; `k` gives it where shape inference
+        did not). Returns the FP32 output."""
         name = name or (lambda n: n)
         base = base or tensor.name
         s = gs.Constant(name(f"{base}_fp4_scale"), np.asarray(tensor_scale(amax), np.float32))
         rank = len(tensor.shape) if tensor.shape is not None else 0
         x = tensor
-        k = tensor.shape[-1] if rank else None
+        k = int(k) if k is not None else int(tensor.shape[-1])  # the layer's K (its weight's) where inference lost it
         flat = rank != 2  # TensorRT needs a build-time K and a 2-D/3-D input: [-1, K] around the quantizer
         if flat:
             x = gs.Variable(name(f"{base}_fp4_2d"), dtype=tensor.dtype, shape=[None, k])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .. import attention_guard, formats
 from .. import graph as G
 from ..errors import OnnxoptError
-from ..fold import effective_weight
+from ..fold import effective_shape, effective_weight
 from ..quant import rules
 from .base import check_choice
 from .qdq import QDQ
@@ -123,7 +123,8 @@ class BlockFP(QDQ):
             for name, uses in plan.activations.items():
                 uses = [u for u in uses if id(u[0]) in block_ids]
                 if uses:
-                    fmt.write_dynamic_activation(graph, tensors[name], uses, amax=amax.get(name), name=unique)
+                    fmt.write_dynamic_activation(graph, tensors[name], uses, amax=amax.get(name), name=unique,
+                                                 k=_reduction_size(uses[0][0]))
         layers, done = {}, {}
         writer = fmt.write_fp4_weight if fmt.name == "nvfp4" else fmt.write_mx_weight
         for node, idx, const, _ in plan.weights:
@@ -138,3 +139,9 @@ class BlockFP(QDQ):
             node.inputs[idx] = out
             layers[node.name] = info
         return layers
+
+
+def _reduction_size(node) -> int:
+    """K of a MatMul/Gemm, from its weight's shape ([K, N], or [N, K] for Gemm with transB)."""
+    shape = effective_shape(node, 1)
+    return int(shape[1] if node.op == "Gemm" and node.attrs.get("transB", 0) else shape[0])
