@@ -124,7 +124,9 @@ def _check_mode_options(mode: str, o: dict) -> None:
     wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only)
     w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
     if not _weight_only(mode):
-        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
+        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
+        if formats.get(mode).awq and o.get("awq") not in (None, "none", "lite"):
+            raise OnnxoptError(f"--awq {o['awq']}: --{mode} takes --awq lite (default with data) or none")
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:

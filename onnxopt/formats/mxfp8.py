@@ -107,17 +107,31 @@ class MXFP8(Format):
         return out, {"format": self.name, "block_size": BLOCK, "bytes": int(q.size + e.size)}
 
     def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
-        """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16."""
+        """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16; inputs other
+        than 2-D are reshaped to [-1, K] around them (K known when the engine is built, `k` where inference lost it)."""
         name = name or (lambda n: n)
         base = base or tensor.name
-        x8 = gs.Variable(name(f"{base}_mxfp8"), dtype=FP8_E4M3.np_dtype, shape=tensor.shape)
+        rank = len(tensor.shape) if tensor.shape is not None else 0
+        k = int(k) if k is not None else int(tensor.shape[-1])
+        x = tensor
+        if rank != 2:
+            x = gs.Variable(name(f"{base}_mxfp8_2d"), dtype=tensor.dtype, shape=[None, k])
+            graph.nodes.append(gs.Node("Reshape", name=name(f"{base}_mxfp8_Reshape"), outputs=[x],
+                                       inputs=[tensor, gs.Constant(name(f"{base}_mxfp8_2d_shape"), np.array([-1, k], np.int64))]))
+        x8 = gs.Variable(name(f"{base}_mxfp8"), dtype=FP8_E4M3.np_dtype, shape=x.shape)
         e8 = gs.Variable(name(f"{base}_mxfp8_e8m0"), dtype=np.uint8)
-        y = gs.Variable(name(f"{base}_mxfp8_dequantized"), dtype=np.float16, shape=tensor.shape)
-        graph.nodes.append(gs.Node(DYNAMIC_OP, name=name(f"{base}_{DYNAMIC_OP}"), domain=TRT_DOMAIN, inputs=[tensor],
+        y = gs.Variable(name(f"{base}_mxfp8_dequantized"), dtype=np.float16, shape=x.shape)
+        graph.nodes.append(gs.Node(DYNAMIC_OP, name=name(f"{base}_{DYNAMIC_OP}"), domain=TRT_DOMAIN, inputs=[x],
                                    outputs=[x8, e8], attrs={"axis": -1, "block_size": BLOCK,
                                                             "output_dtype": int(TensorProto.FLOAT8E4M3FN)}))
         graph.nodes.append(gs.Node(DQ_OP, name=name(f"{base}_{DQ_OP}"), domain=TRT_DOMAIN, inputs=[x8, e8], outputs=[y],
                                    attrs={"axis": -1, "block_size": BLOCK, "output_dtype": int(TensorProto.FLOAT16)}))
+        if rank != 2:
+            shp = gs.Variable(name(f"{base}_mxfp8_shape"), dtype=np.int64, shape=[rank or None])
+            y_nd = gs.Variable(name(f"{base}_mxfp8_dequantized_nd"), dtype=np.float16, shape=tensor.shape)
+            graph.nodes.append(gs.Node("Shape", name=name(f"{base}_mxfp8_Shape"), inputs=[tensor], outputs=[shp]))
+            graph.nodes.append(gs.Node("Reshape", name=name(f"{base}_mxfp8_Reshape_back"), inputs=[y, shp], outputs=[y_nd]))
+            y = y_nd
         for node, idx in uses:
             node.inputs[idx] = y
         return y

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import attention_guard, formats
+from .. import attention_guard, awq, formats
 from .. import graph as G
 from ..errors import OnnxoptError
 from ..fold import effective_shape, effective_weight
@@ -26,12 +26,14 @@ FORMATS = ("nvfp4", "mxfp8")
 class BlockFP(QDQ):
     mode: str = "nvfp4"                # "nvfp4" | "mxfp8"
     weight_only: bool = False          # NVFP4 weights, FP16 activations (W4A16); no FP8 layers, no calibration
+    awq: str = "none"                  # "lite": AWQ's per-input-channel scales searched with this format, folded
     name = "blockfp"
     FORMATS = FORMATS
     min_opset = 23                     # FLOAT4E2M1 initializers and DequantizeLinear-23
 
     def __post_init__(self):
         check_choice(self.mode, FORMATS, "block format")
+        check_choice(self.awq, ("none", "lite"), "--awq for block formats")
         if self.weight_only and self.mode != "nvfp4":
             raise OnnxoptError("--weight-only goes with --nvfp4 (MXFP8 quantizes activations at run time)")
         self.fmt = formats.get(self.mode)
@@ -49,6 +51,15 @@ class BlockFP(QDQ):
             ctx.require_data(f"--{self.mode}")
         guards = attention_guard.remove(graph) if self.quantize_mha and not self.weight_only else 0
         plan = self._as_fp8(rules.plan, graph, self)
+        clips, awq_report = {}, None
+        if self.awq != "none" and ctx.data is None:
+            log.info("no calibration data: AWQ-lite skipped (pass --calib to search the scales)")
+        elif self.awq != "none":  # AWQ's search with this format's quantizer; scales fold into the graph, so plan again
+            layers = [(n, fmt) for n in plan.nodes if rules.block_format_reason(n, fmt.block_size, fmt.name.upper()) is None]
+            awq_report, clips = awq.apply(graph, ctx.require_data(f"--awq {self.awq}"), layers, method=self.awq,
+                                          block_size=fmt.block_size, high_precision=ctx.high_precision, provider=ctx.provider,
+                                          memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+            plan = self._as_fp8(rules.plan, graph, self)
         block_nodes, fp8_nodes, reasons = [], [], {}
         for n in plan.nodes:
             why = rules.block_format_reason(n, fmt.block_size, fmt.name.upper())
@@ -77,7 +88,7 @@ class BlockFP(QDQ):
         t1 = time.perf_counter()
         layers = self._insert_fp8(graph, plan, fp8_ids, amax, means, ctx.high_precision)
         before = {id(n) for n in graph.nodes}
-        layers.update(self._insert_block(graph, plan, block_ids, amax))
+        layers.update(self._insert_block(graph, plan, block_ids, amax, clips))
         if fmt.name == "nvfp4":  # FP32 tensor scales (amax / 2688 underflows FP16): Autocast casts around these nodes
             ctx.fp32_nodes.extend(n.name for n in graph.nodes if id(n) not in before)
         report = {"mode": self.mode, "format": fmt.name, "weight_only": self.weight_only, "method": self.method,
@@ -88,7 +99,7 @@ class BlockFP(QDQ):
                   "coverage": {"quantized": len(block_nodes) + len(fp8_nodes), fmt.name: len(block_nodes), formats.FP8.name: len(fp8_nodes),
                                "skipped": len(plan.skipped) + (len(reasons) if self.weight_only else 0),
                                "attention_bmms": sum(1 for n in fp8_nodes if reasons[n.name].startswith("attention"))},
-                  "attention_guards_removed": guards, "timings_s": {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}}
+                  "awq": awq_report, "attention_guards_removed": guards, "timings_s": {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}}
         if self.weight_only:
             report["skipped"] = {**plan.skipped, **reasons}
         log.info("%d layers %s, %d FP8, %d skipped", len(block_nodes), fmt.name, len(fp8_nodes), len(plan.skipped))
@@ -113,7 +124,7 @@ class BlockFP(QDQ):
         layers = self._as_fp8(self._insert, graph, sub, amax, means, hp)
         return {k: {**v, "format": formats.FP8.name} for k, v in layers.items()}
 
-    def _insert_block(self, graph, plan, block_ids, amax) -> dict:
+    def _insert_block(self, graph, plan, block_ids, amax, clips) -> dict:
         fmt, names = self.fmt, G.taken_names(graph)
 
         def unique(n):
@@ -134,7 +145,7 @@ class BlockFP(QDQ):
             key = (const.name, trans)
             if key not in done:
                 w_kn = G.to_kn(node, effective_weight(node, idx))
-                done[key] = writer(graph, const.name, w_kn, trans, unique)
+                done[key] = writer(graph, const.name, w_kn, trans, unique, clip=clips.get(node.name))
             out, info = done[key]
             node.inputs[idx] = out
             layers[node.name] = info
