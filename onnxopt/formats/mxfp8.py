@@ -92,19 +92,26 @@ class MXFP8(Format):
         q, e = self.quantize_weight(w, axis, clip=clip)
         return self.dequantize(q, e, axis)
 
-    def write_mx_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
+    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
                         ) -> tuple[gs.Variable, dict]:
-        """TRT_MXFP8DequantizeLinear of the weight in the layer's layout, output FP16."""
+        """TRT_MXFP8DequantizeLinear of the weight in the layer's layout, output FP16 (FP32 where a dequantized
+        weight exceeds FP16's range: info "fp32_node" names the node that must stay FP32)."""
         q, e = self.quantize_weight(w_kn, clip=clip)
+        wide = float(np.abs(self.dequantize(q, e)).max(initial=0.0)) > float(np.finfo(np.float16).max)
         axis = 1 if transposed else 0
         if transposed:
             q, e = q.T, e.T
         qc = gs.Constant(name(f"{base}_mxfp8"), np.ascontiguousarray(q))
         ec = gs.Constant(name(f"{base}_e8m0"), np.ascontiguousarray(e))
-        out = gs.Variable(name(f"{base}_dequantized"), dtype=np.float16, shape=list(q.shape))
-        graph.nodes.append(gs.Node(DQ_OP, name=name(f"{base}_{DQ_OP}"), domain=TRT_DOMAIN, inputs=[qc, ec], outputs=[out],
-                                   attrs={"axis": axis, "block_size": BLOCK, "output_dtype": int(TensorProto.FLOAT16)}))
-        return out, {"format": self.name, "block_size": BLOCK, "bytes": int(q.size + e.size)}
+        out = gs.Variable(name(f"{base}_dequantized"), dtype=np.float32 if wide else np.float16, shape=list(q.shape))
+        node = name(f"{base}_{DQ_OP}")
+        graph.nodes.append(gs.Node(DQ_OP, name=node, domain=TRT_DOMAIN, inputs=[qc, ec], outputs=[out],
+                                   attrs={"axis": axis, "block_size": BLOCK,
+                                          "output_dtype": int(TensorProto.FLOAT if wide else TensorProto.FLOAT16)}))
+        info = {"format": self.name, "block_size": BLOCK, "bytes": int(q.size + e.size)}
+        if wide:
+            info["fp32_node"] = node
+        return out, info
 
     def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
         """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16; inputs other

@@ -156,7 +156,7 @@ class NVFP4(Format):
         return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(np.ascontiguousarray(codes, _FP4), name)))
 
     # ------------------------------------------------------------ ONNX forms
-    def write_fp4_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
+    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
                          ) -> tuple[gs.Variable, dict]:
         """The two DequantizeLinears of an NVFP4 weight in the layer's layout ([K, N], or [N, K] for
         Gemm transB), output FP32 (`name` makes names unique). Returns (output, report info)."""

@@ -19,7 +19,7 @@ from .qdq import QDQ
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nvfp4", "mxfp8")
+FORMATS = tuple(n for n in formats.names() if formats.get(n).activations == "dynamic")  # nvfp4, mxfp8
 
 
 @dataclass
@@ -34,7 +34,7 @@ class BlockFP(QDQ):
     def __post_init__(self):
         check_choice(self.mode, FORMATS, "block format")
         check_choice(self.awq, ("none", "lite"), "--awq for block formats")
-        if self.weight_only and self.mode != "nvfp4":
+        if self.weight_only and not formats.get(self.mode).extra.get("weight_only_variant"):
             raise OnnxoptError("--weight-only goes with --nvfp4 (MXFP8 quantizes activations at run time)")
         self.fmt = formats.get(self.mode)
         self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
@@ -76,7 +76,7 @@ class BlockFP(QDQ):
         t0 = time.perf_counter()
         amax, means = ({}, {})
         if not self.weight_only:  # ranges of the FP8 layers' inputs and of NVFP4's (MXFP8 has no tensor scale)
-            calibrated = {k: [u for u in uses if id(u[0]) in fp8_ids or (id(u[0]) in block_ids and fmt.name == "nvfp4")]
+            calibrated = {k: [u for u in uses if id(u[0]) in fp8_ids or (id(u[0]) in block_ids and fmt.calib_method)]
                           for k, uses in plan.activations.items()}
             acts = {k: v for k, v in calibrated.items() if v}
             groups = [[n for n in g if n in acts] for g in plan.shared_scales]
@@ -89,8 +89,9 @@ class BlockFP(QDQ):
         layers = self._insert_fp8(graph, plan, fp8_ids, amax, means, ctx.high_precision)
         before = {id(n) for n in graph.nodes}
         layers.update(self._insert_block(graph, plan, block_ids, amax, clips))
-        if fmt.name == "nvfp4":  # FP32 tensor scales (amax / 2688 underflows FP16): Autocast casts around these nodes
+        if fmt.calib_method:  # NVFP4: FP32 tensor scales (amax / 2688 underflows FP16): Autocast casts around them
             ctx.fp32_nodes.extend(n.name for n in graph.nodes if id(n) not in before)
+        ctx.fp32_nodes.extend(i["fp32_node"] for i in layers.values() if "fp32_node" in i)  # weights beyond FP16
         report = {"mode": self.mode, "format": fmt.name, "weight_only": self.weight_only, "method": self.method,
                   "block_size": fmt.block_size,
                   "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in block_nodes + fp8_nodes},
@@ -137,7 +138,7 @@ class BlockFP(QDQ):
                     fmt.write_dynamic_activation(graph, tensors[name], uses, amax=amax.get(name), name=unique,
                                                  k=_reduction_size(uses[0][0]))
         layers, done = {}, {}
-        writer = fmt.write_fp4_weight if fmt.name == "nvfp4" else fmt.write_mx_weight
+        writer = fmt.write_block_weight
         for node, idx, const, _ in plan.weights:
             if id(node) not in block_ids:
                 continue
