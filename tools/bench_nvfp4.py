@@ -97,9 +97,23 @@ def bench_auto_files(p: Path) -> int:
     return sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
 
 
-def rtx_report(path: Path) -> dict:
+def profiles(model: Path, npz: Path) -> dict:
+    """One calibration sample's input shapes as a fixed build profile (the models have dynamic axes)."""
+    m = io.load(model)
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in m.graph.input}
+    out = {}
+    with np.load(npz) as z:
+        for k in z.files:
+            if k in ranks:
+                s = tuple(z[k].shape[1:]) if z[k].ndim == ranks[k] + 1 else (1,) + tuple(z[k].shape[1:])
+                out[k] = (s, s, s)
+    return out
+
+
+def rtx_report(path: Path, shapes: dict) -> dict:
     from onnxopt.trt import report
-    rep = report.engine_report_of(path, targets=["12.0"])
+    from onnxopt.trt.build import BuildConfig
+    rep = report.engine_report_of(path, config=BuildConfig(profiles=shapes), targets=["12.0"])
     by = {}
     for r in rep["layers"]:
         key = f"{r['graph']} -> {r['engine']}"
@@ -139,7 +153,7 @@ def main() -> None:
                    "size_vs_fp16": round(bench_auto_files(out) / base, 3), "coverage": res.report.get("coverage")}
             if not a.no_rtx and row != "int4-awq":
                 try:
-                    rec["rtx_sm120"] = rtx_report(out)
+                    rec["rtx_sm120"] = rtx_report(out, profiles(Path(model), Path(calib)))
                 except Exception as e:  # noqa: BLE001
                     rec["rtx_sm120"] = {"error": str(e)[:200]}
             results.append(rec)
