@@ -13,13 +13,9 @@ import onnx
 from . import calib, pipeline
 from . import formats as registry
 from .errors import OnnxoptError
-<<<<<<< HEAD
+from .sampler import SamplerOptions
 from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, SmoothQuant, Sparsify
 from .settings import MEMORY_BUDGET_MB
-=======
-from .sampler import SamplerOptions
-from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, SmoothQuant, Sparsify
->>>>>>> main
 
 MODES = registry.modes()
 DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
@@ -88,14 +84,9 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
-<<<<<<< HEAD
-                                sensitivity=c.sensitivity, cost_model=c.cost_model,
+                                target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=registry.INT4.block_size if c.block_size is None
                                 else c.block_size, exclude=c.exclude,
-=======
-                                target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
-                                engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
->>>>>>> main
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode in BlockFP.FORMATS:
         passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq="lite" if c.awq != "none" and registry.get(c.mode).awq else "none",

@@ -33,13 +33,8 @@ from . import staged
 from .staged import StagedEvaluator
 from .sampled import SampledEvaluator
 
-<<<<<<< HEAD
 __all__ = ["ABITS", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
-           "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
-=======
-__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
            "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
->>>>>>> main
            "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "staged", "totals"]

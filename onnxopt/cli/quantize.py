@@ -77,12 +77,8 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     from .. import recipes
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
-<<<<<<< HEAD
-    mode = "auto" if options["auto"] else (mode or DEFAULT_MODE)
-=======
     _sampler_options(options)
-    mode = "auto" if options["auto"] else (mode or "fp8")
->>>>>>> main
+    mode = "auto" if options["auto"] else (mode or DEFAULT_MODE)
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
@@ -126,10 +122,9 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
-<<<<<<< HEAD
     o["formats"] = tuple(f.strip() for f in (o.get("formats") or ",".join(formats.auto_defaults())).split(",") if f.strip())
-=======
-    o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+
+
 def _sampler_options(o: dict) -> None:
     """--sampler/--steps/--guidance/--verify-seeds/--size become one SamplerOptions (or None)."""
     from .. import sampler as S
@@ -143,7 +138,6 @@ def _sampler_options(o: dict) -> None:
                                     S.parse_size(loop["sample_size"]))
 
 
->>>>>>> main
 _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
 
 

@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import attention_guard, autoquant, awq, io, precision
-<<<<<<< HEAD
 from .. import formats as registry
-=======
 from .. import sampler as smp
 from ..sampler import SamplerOptions
->>>>>>> main
 from ..autoquant import engine as aq_engine
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
@@ -313,13 +310,8 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-<<<<<<< HEAD
         counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, "none")}
-        target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
-=======
-        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}
->>>>>>> main
         broken = int8_broken(cands.layers, mix)
         if broken:
             log.info("INT8 breaks %d layer(s) (10x the median INT8 error, 3x their FP8 error): %s", len(broken),
