@@ -256,6 +256,7 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, 
     from ..calib import parse_shapes
     from ..passes import Autocast
     from ..pipeline import Runner
+    dtype = dtype or formats.FP16.name
     runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
