@@ -17,7 +17,8 @@ def main(out: str, seq: int = 64) -> None:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = AlbertModel(AlbertConfig()).eval()   # albert-base-v2 sizes: 12 layers sharing one layer's weights
+    cfg = AlbertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072)  # albert-base-v2 sizes
+    model = AlbertModel(cfg).eval()   # 12 layers sharing one layer's weights
     ids = torch.randint(5, 30000, (1, seq))
     mask = torch.ones_like(ids)
     torch.onnx.export(model, (ids, mask), d / "albert.onnx", input_names=["input_ids", "attention_mask"],
