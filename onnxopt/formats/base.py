@@ -37,13 +37,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal FP16: scales below it lose precision
+FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def round_scale(scale, high_precision: str) -> np.ndarray:
     """Scales as the engine will hold them: FP16 graphs keep FP16 scales, so quantize with exactly those."""
     scale = np.asarray(scale, dtype=np.float32)
     if high_precision == "fp16":
-        scale = np.maximum(scale, FP16_TINY).astype(np.float16).astype(np.float32)
+        # A scale beyond FP16's range (amax > qmax x 65504) stays FP32, as does the island autocast keeps around it
+        # (precision.plan_fp32: such a Q/DQ pair's range exceeds FP16); rounding it would give inf (issue 22).
+        fits = scale <= FP16_MAX
+        low = np.clip(np.maximum(scale, FP16_TINY), 0, FP16_MAX).astype(np.float16).astype(np.float32)
+        scale = np.where(fits, low, scale).astype(np.float32)
     return scale
 
 
