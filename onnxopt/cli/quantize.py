@@ -161,7 +161,7 @@ def _check_mode_options(mode: str, o: dict) -> None:
         raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
-    if o.get("io_dtype") and o.get("high_precision") == "fp32":
+    if o.get("io_dtype") and o.get("high_precision") not in formats.low_precision():
         raise OnnxoptError("--io-dtype converts graph inputs/outputs to low precision, which --high-precision fp32 does not use")
 
 
