@@ -167,7 +167,7 @@ def _check_mode_options(mode: str, o: dict) -> None:
         raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
-    if o.get("io_dtype") and o.get("high_precision") == "fp32":
+    if o.get("io_dtype") and o.get("high_precision") not in formats.low_precision():
         raise OnnxoptError("--io-dtype converts graph inputs/outputs to low precision, which --high-precision fp32 does not use")
 
 
@@ -291,6 +291,7 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, 
     from ..calib import parse_shapes
     from ..passes import Autocast
     from ..pipeline import Runner
+    dtype = dtype or formats.FP16.name
     runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",

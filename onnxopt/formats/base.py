@@ -44,7 +44,7 @@ def round_scale(scale, high_precision: str) -> np.ndarray:
     """Scales as the engine will hold them: FP16 graphs keep FP16 scales, so quantize with exactly those."""
     scale = np.asarray(scale, dtype=np.float32)
     if high_precision == "fp16":
-        # A scale beyond FP16's range (amax > 448 x 65504) stays FP32, as does the island autocast keeps around it
+        # A scale beyond FP16's range (amax > qmax x 65504) stays FP32, as does the island autocast keeps around it
         # (precision.plan_fp32: such a Q/DQ pair's range exceeds FP16); rounding it would give inf (issue 22).
         fits = scale <= FP16_MAX
         low = np.clip(np.maximum(scale, FP16_TINY), 0, FP16_MAX).astype(np.float16).astype(np.float32)

@@ -41,7 +41,7 @@ class Autocast(PassBase):
 
     @property
     def wants_ranges(self) -> bool:
-        return self.measure_ranges and self.dtype != "fp32"
+        return self.measure_ranges and self.dtype in formats.low_precision()
 
     def check_recipe(self, recipe, index: int) -> None:
         if index != len(recipe) - 1:
