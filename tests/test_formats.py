@@ -20,7 +20,7 @@ def test_get_unknown_lists_the_names():
 
 
 def test_filters_and_facts():
-    assert formats.modes() == ("fp8", "int8", "int4")
+    assert formats.modes() == ("fp8", "int8", "int4", "nvfp4", "mxfp8")
     assert formats.static() == ("fp8", "int8")
     assert formats.weight_only() == ("int4",)
     assert formats.auto_candidates() == ("fp8", "int8", "int4", "int8-sq")
