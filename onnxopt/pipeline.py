@@ -140,6 +140,7 @@ class Runner:
     memory_budget_mb: int = 4096
     progress: bool = True
     check_finite: bool = True               # run the written graph against the FP32 model before the save
+    skip_nonfinite: bool = False            # leave out calibration samples holding inf/NaN (else an error)
     verify: Callable | None = None
 
     def __post_init__(self):
@@ -190,6 +191,9 @@ class Runner:
         fp32 = fp32_source(m)
         data = self._data(fp32) if (self.needs_data or self.data is not None or self.calib_random) else None
         report: dict = {"recipe": [describe(p) for p in self.recipe], "timings_s": {}}
+        if data is not None and data.skipped:
+            report["skipped_nonfinite"] = data.skipped
+            log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
         ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
                       provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
@@ -240,7 +244,8 @@ class Runner:
             return self.data
         specs = calib.input_specs(model)
         if self.data is not None:
-            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch)
+            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch,
+                                             skip_nonfinite=self.skip_nonfinite)
         if self.calib_random:
             return calib.CalibData.random(specs, self.calib_random, seed=self.seed, shapes=self.shapes,
                                           max_batch=self.max_batch)

@@ -126,6 +126,7 @@ def _shared_run_options(fn, exclude: bool = True):
         click.option("--calib-random", type=int, help="Calibrate on N generated samples instead of --calib (smoke tests)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random."),
         click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable)."),
+        click.option("--skip-nonfinite", is_flag=True, help="Leave out calibration samples holding inf or NaN (counted in the report) instead of failing."),
         click.option("--calib-batches", type=int, help="Use at most N calibration batches."),
         click.option("--max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory)."),
         click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
@@ -176,10 +177,11 @@ def _provider_options(fn):
 
 
 def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
-            memory_budget):
+            memory_budget, skip_nonfinite=False):
     """The Runner of a command, every setting checked here, before any model is read."""
     from ..calib import parse_shapes
     from ..pipeline import Runner
     return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                   calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled())
+                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
+                  skip_nonfinite=skip_nonfinite)

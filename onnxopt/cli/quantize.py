@@ -45,8 +45,8 @@ from .common import (
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
 @handle_errors
-def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
-             allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
+def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
+             max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import recipes
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
@@ -62,7 +62,8 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
-                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb)
+                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
+                     skip_nonfinite=skip_nonfinite)
     _check_input(model)
     result = runner.run(model, output or _default_output(model, mode))
     result.report = {"mode": mode, **result.report}
@@ -228,7 +229,7 @@ def _sq_alpha(value):
 @functools.partial(_shared_run_options, exclude=False)
 @handle_errors
 def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
-            calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+            skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
@@ -239,7 +240,7 @@ def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, 
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
                     allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                    check_finite=not no_check)
+                    check_finite=not no_check, skip_nonfinite=skip_nonfinite)
     _check_input(model)
     result = runner.run(model, output or _default_output(model, dtype))
     if report_path:
