@@ -212,4 +212,5 @@ def test_cli_trt_backend_without_tensorrt(models):
     d, base, cands, data = models
     r = CliRunner().invoke(main, ["bench", str(base), str(cands[0]), "--backend", "trt"])
     assert r.exit_code == 2
-    assert "TensorRT is not importable; install the trt extra: pip install 'onnxopt[trt]'" in r.output
+    from onnxopt.trt import install_hint
+    assert f"TensorRT is not importable; install the trt extra: {install_hint('trt')}" in r.output

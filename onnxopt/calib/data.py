@@ -46,6 +46,26 @@ def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def check_shapes(specs: Sequence[InputSpec], shapes: dict) -> None:
+    """--shapes entries name real inputs and keep their static dimensions."""
+    names = [s.name for s in specs]
+    for name, shp in shapes.items():
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:
+            raise OnnxoptError(f"--shapes names input '{name}', which the model does not have; its inputs: {', '.join(names) or 'none'}")
+        if len(shp) != len(spec.shape):
+            raise OnnxoptError(f"--shapes {name}:{_fmt(shp)} has {len(shp)} dimensions, input '{name}' has {len(spec.shape)} "
+                               f"({_fmt(spec.shape)}); e.g. --shapes {name}:{_example(spec.shape)}")
+        for i, (d, e) in enumerate(zip(shp, spec.shape)):
+            if d <= 0 or (isinstance(e, int) and e > 0 and d != e):
+                raise OnnxoptError(f"--shapes {name}:{_fmt(shp)}: dimension {i} must be "
+                                   f"{e if isinstance(e, int) and e > 0 else 'a positive size'} (input '{name}' is {_fmt(spec.shape)})")
+
+
+def _example(shape) -> str:
+    return "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in shape) or "1"
+
+
 class CalibData:
     """An iterable of feed dicts. Sources are read lazily, one file at a time."""
 
@@ -86,12 +106,14 @@ class CalibData:
     def random(cls, specs: Sequence[InputSpec], n: int, seed: int = 0, shapes: dict | None = None,
                batch_size: int = 1, max_batch: int | None = None) -> "CalibData":
         shapes = shapes or {}
+        check_shapes(specs, shapes)
         concrete = {}
         for s in specs:
             shp = shapes.get(s.name)
             if shp is None:
                 if any(not isinstance(d, int) or d <= 0 for d in s.shape):
-                    raise OnnxoptError(f"input '{s.name}' has dynamic shape {_fmt(s.shape)}; give --shapes {s.name}:1x...")
+                    raise OnnxoptError(f"input '{s.name}' has dynamic shape {_fmt(s.shape)}; give its shape, e.g. "
+                                       f"--shapes {s.name}:{_example(s.shape)}")
                 shp = s.shape
             concrete[s.name] = tuple(shp)
 

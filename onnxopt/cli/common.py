@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 
 import click
@@ -28,8 +29,19 @@ def handle_errors(fn):
     return wrapper
 
 
+# Options whose value is optional: click would read a negative number after them as an option ("-0").
+_OPTIONAL_VALUE = ("--smoothquant",)
+
+
 class _OneLineErrors(click.Group):
     """Bad option values (click's usage errors) print one `error:` line too, exit 2, like every user error."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i in range(1, len(args)):  # a leading space keeps the value a value (float() strips it)
+            if args[i - 1] in _OPTIONAL_VALUE and re.fullmatch(r"-\.?\d.*", args[i]):
+                args[i] = " " + args[i]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -49,7 +61,7 @@ class _OneLineErrors(click.Group):
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
-@click.version_option(package_name="onnxopt")
+@click.version_option(package_name="onnxopt", prog_name="onnxopt")
 @click.pass_context
 def main(ctx, verbose, quiet):
     """onnxopt: quantize, sparsify and convert ONNX graphs for TensorRT."""
@@ -146,6 +158,14 @@ def _alias(new, old, new_name: str = "", old_name: str = "", default=None):
             raise OnnxoptError(f"{old_name} is the old name of {new_name}; give only {new_name}")
         return old
     return new if new is not None else default
+
+
+def one_of(flags: dict, what: str):
+    """The one flag given among mutually exclusive ones (None if none); two or more are an error, not the last."""
+    given = [f for f, on in flags.items() if on]
+    if len(given) > 1:
+        raise OnnxoptError(f"{' and '.join(given)} are different {what}; give one of {', '.join(flags)}")
+    return given[0] if given else None
 
 
 def _check_report(report, *inputs) -> None:

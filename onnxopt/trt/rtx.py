@@ -101,8 +101,8 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
                 dropped[_name(cc)] = why
             lines.clear()
     seconds = time.perf_counter() - t0
-    if dropped:
-        log.warning("dropped GPU targets: %s", ", ".join(f"SM {k} ({v})" for k, v in dropped.items()))
+    if dropped:  # at INFO: the engine report's own line says it, once
+        log.info("dropped GPU targets: %s", ", ".join(f"SM {k} ({v})" for k, v in dropped.items()))
     with io.atomic_path(output) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(plan))
