@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, io, ort
+from . import autocast, calib, finite, io, ort, progress
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ class Runner:
         for p in self.recipe:
             t = time.perf_counter()
             log.info("pass %s", p.name)
-            report[p.name] = section = p.run(ctx)
+            with progress.stage(f"pass {p.name}", self.progress):
+                report[p.name] = section = p.run(ctx)
             timings[p.name] = time.perf_counter() - t
             if isinstance(section, dict) and "coverage" in section:
                 report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
@@ -212,14 +213,16 @@ class Runner:
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
         if self.check_finite:
             t = time.perf_counter()
-            out, report["finite"] = self._check_finite(fp32, out, ctx)
+            with progress.stage("finite-output check", self.progress):
+                out, report["finite"] = self._check_finite(fp32, out, ctx)
             timings["finite_check"] = time.perf_counter() - t
         ctx.rebuild = None
         del fp32
         path = None
         if output is not None:
             t = time.perf_counter()
-            path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
+            with progress.stage(f"saving {output}", self.progress):
+                path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
             out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
             report["output_bytes"] = output_bytes(path)
