@@ -72,6 +72,13 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
         raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
     if not os.access(p, os.W_OK | os.X_OK):
         raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
+    try:  # access() says yes to root everywhere: a read-only mount or /proc only shows when one tries
+        fd, probe = tempfile.mkstemp(prefix=".onnxopt-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxoptError(f"{option} {path}: cannot create files in {p} ({e.strerror or type(e).__name__}); "
+                           "choose another location") from None
 
 
 @contextlib.contextmanager
@@ -400,8 +407,12 @@ def _field_for(t: onnx.TensorProto) -> str:
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
+    """-o is not the input, and its folder can take a file: both before any work."""
     if Path(output).resolve() == Path(input_path).resolve():
         raise OnnxoptError(f"output path {output} is the input; choose another -o so that the input stays untouched")
+    if Path(output).is_dir():
+        raise OnnxoptError(f"output path {output} is a folder; give a file name, e.g. -o {Path(output) / 'model.out.onnx'}")
+    check_writable(output, "-o")
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -409,6 +420,32 @@ def opset_of(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A model below the oldest opset onnxopt reads, raised to `target` by onnx's version converter, with one
+    warning saying so; what the converter cannot adapt is one error line."""
+    from onnx import version_converter
+    current = opset_of(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    declared = {vi.name for vi in m.graph.input}
+    added = [t.name for t in m.graph.initializer if t.name not in declared]
+    for t in m.graph.initializer:  # IR < 4 lists weights as graph inputs; the converter looks for them there
+        if t.name in added:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        out = version_converter.convert_version(infer_shapes(m), target)
+    except Exception as e:
+        raise OnnxoptError(f"opset {current} is older than onnxopt reads and onnx's version converter cannot raise it to "
+                           f"{target} ({str(e).strip().splitlines()[-1][:160]}); re-export the model with opset 17") from None
+    keep = [vi for vi in out.graph.input if vi.name not in added]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    out.ir_version = max(out.ir_version, 7)
+    log.warning("the model's opset %d is older than onnxopt reads: upgraded to opset %d with onnx.version_converter "
+                "(the output uses opset %d or newer)", current, target, target)
+    return out
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -29,6 +29,7 @@ from .errors import OnnxoptError
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
+OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
 PROVIDERS = ("cpu", "cuda")
 
 
@@ -293,6 +294,9 @@ def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
     if workdir is not None:
         m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
     opset = io.opset_of(m)
+    if 0 < opset < SUPPORTED_OPSETS.start:
+        m = io.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
+        opset = io.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
                            "re-export the model with opset 17")

@@ -169,14 +169,17 @@ def one_of(flags: dict, what: str):
     return given[0] if given else None
 
 
-def _check_report(report, *inputs) -> None:
+def _check_report(report, *inputs, output=None, option: str = "--report") -> None:
+    """A JSON file the command writes (--report, --sensitivity) is neither an input nor the output model."""
     from pathlib import Path
 
     from ..io import check_writable
     if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
-        raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+        raise OnnxoptError(f"{option} {report} is an input model; choose another file so that the input stays untouched")
+    if report and output and Path(report).resolve() == Path(output).resolve():
+        raise OnnxoptError(f"{option} {report} is also the output model (-o); choose another file")
     if report:
-        check_writable(report, "--report")
+        check_writable(report, option)
 
 
 def _size(path) -> str:

@@ -7,7 +7,7 @@ import click
 
 from ..errors import OnnxoptError
 from .common import (
-    _alias, _check_input, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
+    _alias, _check_input, _check_report, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
@@ -67,8 +67,11 @@ def quantize(ctx, model, output, int8, fp8, int4, preset, calib_path, calib_rand
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
                      allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
                      skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, mode)
+    _check_report(report_path, model, output=output)
+    _check_report(options.get("sensitivity"), model, output=output, option="--sensitivity")
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, mode))
+    result = runner.run(model, output)
     result.report = {"mode": mode, **result.report}
     if report_path:
         _write_json(report_path, result.report)
@@ -274,8 +277,10 @@ def convert(model, output, fp16, bf16, io_dtype, keep_fp32_ops, no_ranges, no_ch
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
                     allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
                     check_finite=not no_check, skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, dtype)
+    _check_report(report_path, model, output=output)
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, dtype))
+    result = runner.run(model, output)
     if report_path:
         _write_json(report_path, result.report)
     ac = result.report["autocast"]
