@@ -127,3 +127,11 @@ def test_rtx_dropped_targets_said_once(tmp_path):
     code, out = invoke("build", q.path, "--backend", "rtx", "--shapes", "ids:1x16", "-o", tmp_path / "t.plan")
     assert code == 0, out
     assert out.count("dropped GPU targets") == 1, out
+
+
+@pytest.mark.parametrize("shapes,needle", [("bogus:1x3x16x16", "names input 'bogus', which the model does not have; its inputs: x"),
+                                           ("x:1x3x16", "does not fit input 'x' (?x3x16x16)")])
+def test_build_shapes_checked_before_the_builder(cnn, tmp_path, shapes, needle):
+    """Full TensorRT is not installed here: the profile is checked before TensorRT is even imported."""
+    _, dyn, _ = cnn
+    one_error(*invoke("build", dyn, "--shapes", shapes, "-o", tmp_path / "m.plan"), needle)
