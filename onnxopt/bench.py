@@ -105,7 +105,7 @@ class OnnxrtBackend:
                     log.info("%s: %s; timed at level '%s'", model.name, errors[0], level)
                     self.timing_notes[str(model)] = f"timed at ORT level '{level}': {errors[0]}"
                 if precision_of(m).fp8 and c.provider == "cpu":  # the model is fine: the CPU just has no FP8 kernels
-                    why = f" (level '{levels[0]}' fusions reject FP8 Q/DQ on this ORT: timed at '{level}')" if errors else ""
+                    why = f" (level '{levels[0]}' fusions reject FP8 Q/DQ on this ORT: timed at ORT level '{level}')" if errors else ""
                     self.timing_notes[str(model)] = ("FP8 model: valid, but ONNX Runtime's CPU provider has no FP8 kernels and "
                                                      "emulates every Q/DQ, so this latency says nothing about TensorRT" + why +
                                                      "; fidelity is exact")

@@ -55,11 +55,11 @@ def check_shapes(specs: Sequence[InputSpec], shapes: dict) -> None:
             raise OnnxoptError(f"--shapes names input '{name}', which the model does not have; its inputs: {', '.join(names) or 'none'}")
         if len(shp) != len(spec.shape):
             raise OnnxoptError(f"--shapes {name}:{_fmt(shp)} has {len(shp)} dimensions, input '{name}' has {len(spec.shape)} "
-                               f"({_fmt(spec.shape)}); e.g. --shapes {name}:{_example(spec.shape)}")
+                               f"(the model expects {_fmt(spec.shape)}); e.g. --shapes {name}:{_example(spec.shape)}")
         for i, (d, e) in enumerate(zip(shp, spec.shape)):
             if d <= 0 or (isinstance(e, int) and e > 0 and d != e):
                 raise OnnxoptError(f"--shapes {name}:{_fmt(shp)}: dimension {i} must be "
-                                   f"{e if isinstance(e, int) and e > 0 else 'a positive size'} (input '{name}' is {_fmt(spec.shape)})")
+                                   f"{e if isinstance(e, int) and e > 0 else 'a positive size'} (the model expects {name}:{_fmt(spec.shape)})")
 
 
 def _example(shape) -> str:

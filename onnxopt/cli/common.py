@@ -66,6 +66,7 @@ class _OneLineErrors(click.Group):
 def main(ctx, verbose, quiet):
     """onnxopt: quantize, sparsify and convert ONNX graphs for TensorRT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # each invocation starts afresh (an earlier -q in-process left ERROR)
     logging.getLogger("onnxopt.progress").setLevel(logging.INFO)  # off a terminal, progress is these lines
     ctx.obj = {"progress": True}
     _set_verbosity(ctx, verbose, quiet)
