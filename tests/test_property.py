@@ -31,7 +31,7 @@ MODES = {
     "auto": ("quantize", "--auto", "--bits", "8", "--formats", "fp8,int8,int4", "--block-size", "32"),
     "convert": ("convert", "--fp16"),
 }
-SIZES = [3, 5, 8, 16, 17, 32, 33]
+SIZES = [3, 16, 17, 24, 32, 33, 48]  # mostly past the placement rules' K, N >= 16; a few below
 SEQ_OPS = ["matmul", "matmul", "gemm", "layernorm", "relu", "residual", "attention"]
 CONV_OPS = ["conv", "conv", "relu", "residual", "pool_fc"]
 
@@ -199,6 +199,9 @@ def check(tmp_path, spec: Spec, mode: str) -> None:
 
 # Failures the search found, kept as regression cases (the spec, as drawn).
 REGRESSIONS = [
+    # --auto stacked the samples of a static batch dimension along axis 0 (ORT: "Got invalid dimensions for input: x").
+    (Spec(family="seq", rank=2, batch=1, dynamic=False, channels=3, ops=("matmul",), widths=(3,), share=(False,),
+          middle_output=False, seed=0), "auto"),
 ]
 
 # CI: 12 derandomized examples per mode (~30 s on 2 cores); a longer hunt: ONNXOPT_PROPERTY_EXAMPLES=200
