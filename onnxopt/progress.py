@@ -15,7 +15,7 @@ T = TypeVar("T")
 log = logging.getLogger("onnxopt.progress")
 # Seconds between lines; ONNXOPT_LOG_EVERY_S changes it (tests, very chatty CI).
 LOG_EVERY_S = float(os.environ.get("ONNXOPT_LOG_EVERY_S", "") or 10.0)
-_TICK_S = min(1.0, LOG_EVERY_S / 4)
+_TICK_S = min(1.0, max(0.01, LOG_EVERY_S / 4))
 
 
 def on_terminal() -> bool:
@@ -135,6 +135,10 @@ class _LogBar:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __del__(self):  # a counter dropped by an exception must not keep the heartbeat reporting it
+        if not self.closed and self.enabled:
+            _HEART.pop(self.activity)
 
 
 def bar(*, total: int | None, desc: str, enabled: bool = True, unit: str = "it"):

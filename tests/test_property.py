@@ -214,6 +214,7 @@ DERANDOMIZE = not os.environ.get("ONNXOPT_PROPERTY_RANDOM")
 @settings(max_examples=EXAMPLES_PER_MODE, deadline=None, derandomize=DERANDOMIZE, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(spec=specs())
+@example(spec=REGRESSIONS[0][0])
 def test_random_graph(tmp_path, mode, spec):
     check(tmp_path, spec, mode)
 
