@@ -142,3 +142,11 @@ def test_auto_static_batch(tmp_path, formats):
                   "-o", tmp_path / "o.onnx")
     assert rc == 0, out
     assert "target met" in out
+
+
+def test_compare_skip_nonfinite(tmp_path, cnn):
+    model, x = cnn
+    x[5, 0, 0, 0, 0] = np.inf
+    rc, out = cli("compare", model, model, "--data", _calib(tmp_path, x), "--skip-nonfinite")
+    assert rc == 0, out
+    assert "over 7 batch(es)" in out and "left out 1 sample(s) holding inf or NaN" in out, out
