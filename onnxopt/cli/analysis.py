@@ -45,7 +45,6 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
     formats = ", ".join(f"{f} {n}" for f, n in summary["formats"].items())
     _summary(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
              f"{f' ({formats})' if formats else ''}, lint {'clean' if not summary['lint'] else str(len(summary['lint'])) + ' issue(s)'}"
-             + (f"; left out {skipped} sample(s) holding inf or NaN" if skipped else "")
              + (f"; wrote {report_path}" if report_path else ""))
 
 
