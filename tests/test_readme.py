@@ -24,7 +24,9 @@ SKIP = {
     "pip install": "installs packages (the test runs in the installed environment)",
     "python -m pytest": "runs the test suite itself",
     "python -m models.sdxl_unet": "exports the full-size SDXL UNet (9.6 GiB of weights)",
-    "python -m onnxopt calib-data sdxl": "writes SDXL-size latents for the full-size UNet line that follows",
+    "python -m onnxopt calib-data sdxl -o unet/calib.npz": "writes SDXL-size latents for the full-size UNet line that follows",
+    "python -m onnxopt calib-data trajectory unet.onnx": "samples an SDXL UNet (timestep input): the full-size export",
+    "python -m onnxopt compare unet.onnx unet.fp8.onnx --sampler": "samples an SDXL UNet (timestep input): the full-size export",
     "python -m onnxopt quantize unet/unet.onnx": "needs the full-size SDXL UNet export",
     "python -m onnxopt inspect unet/unet.fp8.onnx": "needs the full-size SDXL UNet export",
     "python -m onnxopt build model.fp8.onnx -o model.plan": "full TensorRT (the trt extra) is not installable here",
@@ -32,7 +34,8 @@ SKIP = {
 # Lines that also need a GPU: any with --provider cuda.
 GPU = "--provider cuda"
 # Heavy lines (searches, error-feedback rounding, engine builds): marked slow.
-SLOW = ("--auto", "--awq full", "sparsegpt", "--engine", "--backend rtx", "bench ", "--smoothquant auto", "--preset sdxl")
+SLOW = ("--auto", "--awq full", "sparsegpt", "--engine", "--backend rtx", "bench ", "--smoothquant auto", "--preset sdxl",
+        "--sampler", "calib-data")
 
 
 def _blocks(text: str):
@@ -40,9 +43,13 @@ def _blocks(text: str):
     return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)]
 
 
+ASSIGN = re.compile(r"^[A-Za-z_]\w*=")
+
+
 def _lines() -> list[list[str]]:
-    """Each README shell line as its commands (a `&&` chain runs in order, in one folder)."""
-    lines = []
+    """Each README shell line as its commands (a `&&` chain runs in order, in one folder). A variable the block
+    sets (`T=$(...)`) is set again in front of every later command that reads a variable."""
+    lines, prelude = [], ""  # a reader's shell keeps a variable for the blocks after it too
     for lang, body in _blocks(README.read_text()):
         if lang == "python":
             continue
@@ -50,10 +57,14 @@ def _lines() -> list[list[str]]:
             line = re.sub(r"\s+#.*$", "", line).strip()
             if not line:
                 continue
+            if ASSIGN.match(line):
+                prelude += line + "; "
+                continue
             cmds = []
             for part in line.split(" && "):
                 part = re.sub(r"^onnxopt ", "python -m onnxopt ", part.strip())
-                cmds.append(re.sub(r"^python tools/", f"python {ROOT}/tools/", part))  # run from the checkout
+                part = re.sub(r"^python tools/", f"python {ROOT}/tools/", part)  # run from the checkout
+                cmds.append(prelude + part if prelude and "$" in part else part)
             lines.append(cmds)
     return lines
 
@@ -67,6 +78,7 @@ def _snippets() -> list[str]:
 
 
 def _skip_reason(cmd: str) -> str | None:
+    cmd = cmd.rsplit("; ", 1)[-1]  # past a block's variable assignments
     for prefix, why in SKIP.items():
         if cmd.startswith(prefix):
             return why
@@ -84,7 +96,7 @@ def _params():
             marks.append(pytest.mark.slow)
         if any("rtx" in c or "--engine" in c for c in run):
             marks.append(pytest.mark.rtx)
-        out.append(pytest.param(cmds, marks=marks, id=f"{i:02d}-{' && '.join(cmds)[:70]}"))
+        out.append(pytest.param(cmds, marks=marks, id=f"{i:02d}-{' && '.join(c.rsplit('; ', 1)[-1] for c in cmds)[:70]}"))
     return out
 
 
@@ -127,12 +139,28 @@ def test_readme_has_commands_and_snippets():
     assert any(c.startswith("python -m onnxopt bench ") for c in cmds)
 
 
+TERRAIN = ("T=$(python -c \"import terrain_diffusion,os;print(os.path.dirname(terrain_diffusion.__file__))\")"
+           "/weights/terrain_consistency_unet_difficulty100.onnx; ")
+
+
+def _terrain_int8(workdir) -> None:
+    """t.int8.onnx, which the README's sampler lines compare: the terrain UNet quantized as the README's
+    trajectory section says (calibration recorded along its own sampler loop)."""
+    steps = [TERRAIN + "python -m onnxopt -q calib-data trajectory $T --sampler consistency --steps 3 --seeds 0-3 -o t.traj.npz",
+             TERRAIN + "python -m onnxopt -q quantize $T --int8 --calib t.traj.npz -o t.int8.onnx"]
+    for step in steps:
+        subprocess.run(["bash", "-c", step], cwd=workdir, check=True, env=_env(), timeout=TIMEOUT)
+
+
 @pytest.mark.parametrize("cmds", _params())
 def test_readme_command(cmds, workdir):
+    if any("t.int8.onnx" in c for c in cmds):
+        _terrain_int8(workdir)
     for cmd in cmds:
         if _skip_reason(cmd):
             continue
-        r = subprocess.run(shlex.split(cmd), cwd=workdir, capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+        argv = ["bash", "-c", cmd] if "$" in cmd else shlex.split(cmd)
+        r = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
         out = r.stdout + r.stderr
         assert r.returncode == 0, f"{cmd}\n{out[-3000:]}"
         assert "Traceback" not in out, out[-3000:]
