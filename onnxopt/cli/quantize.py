@@ -116,7 +116,7 @@ def _check_block_size(mode: str, o: dict) -> None:
     b = o.get("block_size")
     if b is None:
         return
-    if mode == "auto" and "int4" not in o["formats"]:
+    if mode == "auto" and not any(f in formats.names() and formats.get(f).weights == "per-block" for f in o["formats"]):
         raise OnnxoptError(f"--block-size sets INT4 blocks, and --formats {','.join(o['formats'])} has no int4; "
                            "add int4 to --formats or drop --block-size")
     if b not in BLOCK_SIZES:
