@@ -8,23 +8,27 @@ import click
 from .. import formats
 from ..errors import OnnxoptError
 from .common import (
-    _alias, _check_input, _default_output, _runner, _shared_run_options, _summary, _write_json,
+    _alias, _check_input, _check_report, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
 DEFAULT_MODE = formats.FP8.name
 
 
-def _flags(param: str, names: tuple, default: str, *, preset: bool = False):
-    """One --<name> flag per registered format, all setting `param` (a new format gets its flag here); `preset`:
-    the default flag is set when none is given (else `param` stays None and the command decides)."""
+def _flags(names: tuple, default: str):
+    """One --<name> flag per registered format (a new format gets its flag here); `_given_flag` reads them."""
     def deco(fn):
         for name in reversed(names):
-            f = formats.get(name)
-            fn = click.option(f"--{name}", param, flag_value=name, default=True if preset and name == default else None,
-                              help=f"{f.description}" + (" (default)." if name == default else "."))(fn)
+            fn = click.option(f"--{name}", name.replace("-", "_"), is_flag=True,
+                              help=f"{formats.get(name).description}" + (" (default)." if name == default else "."))(fn)
         return fn
     return deco
+
+
+def _given_flag(options: dict, names: tuple, what: str) -> str | None:
+    """The one format flag given among `names` (popped from `options`), None if none; two are an error."""
+    flag = one_of({f"--{n}": options.pop(n.replace("-", "_")) for n in names}, what)
+    return flag[2:] if flag else None
 
 
 def _weight_only(mode: str) -> bool:
@@ -34,7 +38,7 @@ def _weight_only(mode: str) -> bool:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
-@_flags("mode", formats.modes(), DEFAULT_MODE)
+@_flags(formats.modes(), DEFAULT_MODE)
 @click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
@@ -71,10 +75,11 @@ def _weight_only(mode: str) -> bool:
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
 @handle_errors
-def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
-             allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
+def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
+             max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import recipes
+    mode = _given_flag(options, formats.modes(), "quantization modes")
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
     _sampler_options(options)
@@ -82,6 +87,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
+    _check_block_size(mode, options)
     config = _quant_config(ctx, DEFAULT_MODE if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
     if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
@@ -89,13 +95,46 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
-                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb)
+                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
+                     skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, mode)
+    _check_report(report_path, model, output=output)
+    _check_report(options.get("sensitivity"), model, output=output, option="--sensitivity")
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, mode))
+    result = runner.run(model, output)
     result.report = {"mode": mode, **result.report}
     if report_path:
         _write_json(report_path, result.report)
-    _summary(_describe_quantize(result.report, mode), result.path, result.report)
+    _summary(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity")),
+             result.path, result.report)
+
+
+BLOCK_SIZES = (128, 64, 32, 0)  # TensorRT's blocked INT4 weight-only GEMM; 0 = per output channel
+
+
+def _check_block_size(mode: str, o: dict) -> None:
+    """--block-size: a block TensorRT runs, and only where an INT4 format is in play."""
+    b = o.get("block_size")
+    if b is None:
+        return
+    if mode == "auto" and not any(f in formats.names() and formats.get(f).weights == "per-block" for f in o["formats"]):
+        raise OnnxoptError(f"--block-size sets INT4 blocks, and --formats {','.join(o['formats'])} has no int4; "
+                           "add int4 to --formats or drop --block-size")
+    if b not in BLOCK_SIZES:
+        raise OnnxoptError(f"--block-size {b} is not an INT4 block size TensorRT runs; use one of "
+                           f"{', '.join(map(str, BLOCK_SIZES))} (0: per channel)")
+
+
+def _sensitivity_note(report: dict, path) -> str:
+    """--sensitivity: how many of the measurements came from the file, so a stale reuse is visible."""
+    a = report.get("autoquant") or {}
+    if not path or not a:
+        return ""
+    total = sum(1 for layer in a.get("layers", {}).values() for f in layer.get("sensitivity", {}) if f != "none")
+    now = int(a.get("measured_now", 0))
+    reused = max(0, total - now)
+    return (f"; sensitivities: {reused} reused from {path}, {now} measured" if reused
+            else f"; sensitivities measured ({now}) and saved to {path}")
 
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
@@ -276,29 +315,31 @@ def _sq_alpha(value):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
-@_flags("dtype", formats.low_precision(), formats.FP16.name, preset=True)
+@_flags(formats.low_precision(), formats.FP16.name)
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
 @click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
 @functools.partial(_shared_run_options, exclude=False)
 @handle_errors
-def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
-            calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+def convert(model, output, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
+            skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path, **options):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
     from ..calib import parse_shapes
     from ..passes import Autocast
     from ..pipeline import Runner
-    dtype = dtype or formats.FP16.name
+    dtype = (_given_flag(options, formats.low_precision(), "precisions") or formats.FP16.name)
     runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
                     allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                    check_finite=not no_check)
+                    check_finite=not no_check, skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, dtype)
+    _check_report(report_path, model, output=output)
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, dtype))
+    result = runner.run(model, output)
     if report_path:
         _write_json(report_path, result.report)
     ac = result.report["autocast"]

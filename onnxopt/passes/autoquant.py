@@ -381,6 +381,8 @@ def split_feeds(data, verify_fraction: float, merge: int) -> tuple[list, list]:
     if len(feeds) < 2:
         raise OnnxoptError(f"--auto needs at least 2 calibration samples (one to search, one to verify); got {len(feeds)}")
     n_verify = max(1, int(round(len(feeds) * verify_fraction)))
+    if any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in getattr(data, "specs", ())):
+        merge = 1  # a static batch dimension (the usual TensorRT export): ORT takes no stacked feed
     return Feeds(_merge(feeds[:-n_verify], merge)), Feeds(_merge(feeds[-n_verify:], merge))
 
 
