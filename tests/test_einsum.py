@@ -10,7 +10,7 @@ import pytest
 from onnxopt import QuantConfig, einsum, io, ort, quantize
 from onnxopt.trt import rtx_available
 
-C, T, HEADS = 64, 64, 2   # channels, tokens, heads: head size 32
+C, T, HEADS = 64, 256, 2   # channels, tokens, heads: head size 32
 
 
 def einsum_attention(opset: int = 18) -> onnx.ModelProto:
@@ -104,13 +104,12 @@ def test_einsum_attention_quantized(tmp_path):
 @pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
 def test_einsum_attention_fuses_in_rtx(tmp_path, mode):
-    """TensorRT-RTX runs both rewritten attention BMMs in quantized kernels. It does not fuse this layout (heads
-    folded into the batch, [B·H, hd, T]) into an attention kernel, in FP16 either, in Einsum or MatMul form
-    (checked at T 64, 256, 1024): the report counts the block as unfused."""
+    """TensorRT-RTX fuses the rewritten Einsum attention into one quantized attention kernel. It fuses only 4-D
+    attention: without the unit head axis ([B·H, hd, T] as written) no attention kernel, in FP16 either."""
     from onnxopt.trt import report as R
     from onnxopt.trt.build import BuildConfig
     quantize(einsum_attention(), tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), data=_calib(tmp_path))
     rep = R.engine_report_of(tmp_path / "q.onnx", config=BuildConfig(profiles={"x": ((2, C, T),) * 3}))
     assert rep["attention"]["blocks"] == 1
-    assert rep["attention"]["quantized_blocks"] == 1 and rep["attention"]["fused_by_precision"] == {}
+    assert rep["attention"]["quantized_blocks"] == 1 and rep["attention"]["fused_by_precision"] == {mode: 1}, rep["attention"]
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 4
