@@ -37,6 +37,12 @@ from .common import (
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
+@click.option("--target-psnr", type=float, help="With --auto and --sampler: mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds (--verify-seeds), e.g. 30; sensitivities stay per layer, the mix is verified and repaired on the samples.")
+@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="With --target-psnr: the denoising loop, as in compare --sampler.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default 50; consistency 1).")
+@click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: CFG scale (default 5.0; 1 = none).")
+@click.option("--verify-seeds", help="With --sampler: held-out seeds the mix is verified on (default 1000-1003; keep them apart from the calibration seeds).")
+@click.option("--size", "sample_size", help="With --sampler: HxW of the sample when the model's is dynamic.")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
 @click.option("--engine-shapes", multiple=True, help="With --cost-model rtx: the deployment shapes the engine check builds for, name:1x31 or name:MIN/OPT/MAX as in `build --shapes` (repeatable; default: one calibration sample's shapes).")
@@ -51,6 +57,7 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     from .. import recipes
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
+    _sampler_options(options)
     mode = "auto" if options["auto"] else (mode or "fp8")
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
@@ -74,7 +81,9 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
-              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages"}
+              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
+              "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
+              "sample_size": "--size"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
@@ -94,6 +103,19 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
     o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+def _sampler_options(o: dict) -> None:
+    """--sampler/--steps/--guidance/--verify-seeds/--size become one SamplerOptions (or None)."""
+    from .. import sampler as S
+    loop = {k: o.pop(k) for k in ("steps", "guidance", "verify_seeds", "sample_size")}
+    if o.get("sampler") is None:
+        given = [f"--{k.replace('_', '-')}" if k != "sample_size" else "--size" for k, v in loop.items() if v is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} with --sampler (and --target-psnr) only")
+        return
+    o["sampler"] = S.SamplerOptions(o["sampler"], loop["steps"], loop["guidance"], S.parse_seeds(loop["verify_seeds"] or "1000-1003"),
+                                    S.parse_size(loop["sample_size"]))
+
+
 _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
 
 
