@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from .. import attention_guard, calib, einsum, formats, precision
-from .. import graph as G
 from ..errors import OnnxoptError
 from ..quant import calibration, rules, writer
 from .base import PassBase, check_choice, check_regexes, one_quantizer
