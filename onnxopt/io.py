@@ -72,6 +72,13 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
         raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
     if not os.access(p, os.W_OK | os.X_OK):
         raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
+    try:  # access() says yes to root everywhere: a read-only mount or /proc only shows when one tries
+        fd, probe = tempfile.mkstemp(prefix=".onnxopt-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxoptError(f"{option} {path}: cannot create files in {p} ({e.strerror or type(e).__name__}); "
+                           "choose another location") from None
 
 
 @contextlib.contextmanager
@@ -101,7 +108,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxoptError(f"{path}: the model has no nodes; the file may be truncated, re-export it")
     base = path.resolve().parent
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
             loc = base / info.location
@@ -110,15 +117,17 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
             need = (info.offset or 0) + (info.length or 0)
             if info.length and loc.stat().st_size < need:
                 raise OnnxoptError(f"{path}: external data file '{info.location}' is truncated (tensor '{t.name}' needs {need} bytes); re-export the model")
-            _set_location(t, str(loc))
+            set_location(t, str(loc))
     return model
 
 
-def _all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor of `model` (initializers, attributes, subgraphs)."""
     yield from external_data_helper._get_all_tensors(model)
 
 
-def _set_location(t: onnx.TensorProto, location: str) -> None:
+def set_location(t: onnx.TensorProto, location: str) -> None:
+    """Point an external tensor at file `location`."""
     for e in t.external_data:
         if e.key == "location":
             e.value = location
@@ -161,7 +170,7 @@ def to_array(t: onnx.TensorProto) -> np.ndarray:
 
 def embedded_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weights held inside the protobuf (not in external files)."""
-    return sum(t.ByteSize() for t in _all_tensors(model) if not external_data_helper.uses_external_data(t))
+    return sum(t.ByteSize() for t in all_tensors(model) if not external_data_helper.uses_external_data(t))
 
 
 EXTERNALIZE_BYTES = 32 * 2**20  # above this, copies of the protobuf would dominate peak memory
@@ -188,7 +197,7 @@ def externalize(model: onnx.ModelProto, workdir: str | os.PathLike) -> onnx.Mode
 
 def internalize(model: onnx.ModelProto) -> None:
     """Read every external tensor into the protobuf (for models that must outlive their data files)."""
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             raw = read_external(t)
             del t.external_data[:]
@@ -198,7 +207,7 @@ def internalize(model: onnx.ModelProto) -> None:
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Approximate size of the model with all its weights."""
-    return sum(tensor_bytes(t) for t in _all_tensors(model)) + model.graph.ByteSize() // 4
+    return sum(tensor_bytes(t) for t in all_tensors(model)) + model.graph.ByteSize() // 4
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -342,7 +351,7 @@ def _weights_before_use(g: onnx.GraphProto) -> None:
 def stamp_ir_version(model: onnx.ModelProto) -> None:
     """Lowest IR version that the opsets and data types need, never above what ORT 1.31 reads."""
     need = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    types = {t.data_type for t in _all_tensors(model)}
+    types = {t.data_type for t in all_tensors(model)}
     types |= {vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     P = onnx.TensorProto
     if types & {P.FLOAT8E4M3FN, P.FLOAT8E4M3FNUZ, P.FLOAT8E5M2, P.FLOAT8E5M2FNUZ}:
@@ -370,7 +379,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         if external_data:
             fd, tmp_data = _mkstemp(path, name=data_name)
             with os.fdopen(fd, "wb") as f:
-                for t in _all_tensors(model):
+                for t in all_tensors(model):
                     _move_to_file(t, f, data_name)
         else:
             internalize(model)
@@ -418,8 +427,12 @@ def _field_for(t: onnx.TensorProto) -> str:
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
+    """-o is not the input, and its folder can take a file: both before any work."""
     if Path(output).resolve() == Path(input_path).resolve():
         raise OnnxoptError(f"output path {output} is the input; choose another -o so that the input stays untouched")
+    if Path(output).is_dir():
+        raise OnnxoptError(f"output path {output} is a folder; give a file name, e.g. -o {Path(output) / 'model.out.onnx'}")
+    check_writable(output, "-o")
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -427,6 +440,57 @@ def opset_of(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A model below the oldest opset onnxopt reads, raised to `target` by onnx's version converter, with one
+    warning saying so; what the converter cannot adapt is one error line."""
+    from onnx import version_converter
+    current = opset_of(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    declared = {vi.name for vi in m.graph.input}
+    added = [t.name for t in m.graph.initializer if t.name not in declared]
+    for t in m.graph.initializer:  # IR < 4 lists weights as graph inputs; the converter looks for them there
+        if t.name in added:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    # The converter's broadcast adapters need every shape, as numbers: shapes come from a copy at the oldest
+    # opset that infers them all, with symbolic dims pinned to 1 (restored afterwards).
+    symbolic = {}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                symbolic[(vi.name, i)] = d.dim_param
+                d.dim_value = 1
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for o in probe.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 7
+    m.graph.value_info.extend(infer_shapes(probe).graph.value_info)
+    try:
+        out = version_converter.convert_version(m, target)
+    except Exception as e:
+        raise OnnxoptError(f"opset {current} is older than onnxopt reads and onnx's version converter cannot raise it to "
+                           f"{target} ({_converter_reason(e)}); re-export the model with opset 17") from None
+    keep = [vi for vi in out.graph.input if vi.name not in added]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    del out.graph.value_info[:]  # pinned shapes; inferred again on load
+    for vi in list(out.graph.input) + list(out.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (vi.name, i) in symbolic:
+                d.dim_param = symbolic[(vi.name, i)] or f"{vi.name}_{i}"
+    out.ir_version = max(out.ir_version, 7)
+    log.warning("the model's opset %d is older than onnxopt reads: upgraded to opset %d with onnx.version_converter "
+                "(the output uses opset %d or newer)", current, target, target)
+    return out
+
+
+def _converter_reason(e: Exception) -> str:
+    """The converter's assertion without its source path: 'adapt_gemm_6_7: ... failed: <why>' -> '<why>'."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.split(" failed: ", 1)[-1][:160]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -23,13 +23,14 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, io, ort
+from . import autocast, calib, finite, io, ort, progress
 from .errors import OnnxoptError
+from .settings import MEMORY_BUDGET_MB, PROVIDERS, RunSettings
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
-PROVIDERS = ("cpu", "cuda")
+OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
 
 
 @runtime_checkable
@@ -48,21 +49,27 @@ class Pass(Protocol):
 
 
 @dataclass
+class AwqChoice:
+    """The AWQ pass's result for the Int4 pass: per layer, clip ratios or error-feedback rounded (codes, scales)."""
+    clips: dict
+    method: str
+
+
+@dataclass
 class Context:
     """What a pass sees: the graph it rewrites in place and the run's shared settings and state."""
     graph: gs.Graph
     data: calib.CalibData | None
     workdir: Path
     recipe: tuple
-    memory_budget_mb: int = 4096
-    provider: str = "cpu"
-    allow_cpu_fallback: bool = False
-    progress: bool = True
+    settings: RunSettings = field(default_factory=RunSettings)
     high_precision: str = "fp32"   # precision of what is not quantized (the recipe's Autocast), for scale rounding
     report: dict = field(default_factory=dict)
-    # Shared statistics between passes, e.g. "awq_clips" (AWQ -> Int4), "fp32_nodes" (QDQ -> Autocast);
+    # Hand-offs between passes: what the AWQ pass chose for the Int4 pass after it, and the nodes a
+    # quantizing pass needs kept in FP32 (weight scales below FP16's range) for Autocast.
+    awq: AwqChoice | None = None
+    fp32_nodes: list = field(default_factory=list)
     # `extra_reducers` (tensor name -> calib reducers) ride on the Q/DQ pass's one calibration pass.
-    stats: dict = field(default_factory=dict)
     extra_reducers: dict = field(default_factory=dict)
     reference: onnx.ModelProto | None = None  # the FP32 source (lazy weights), for checks against it
     opset: int = 0                            # default-domain opset of the export (0: the model's)
@@ -72,6 +79,22 @@ class Context:
     range_reducers: dict | None = None
     rebuild: Callable | None = None           # Autocast's "convert again with these nodes in FP32" (finite repair)
     check_data: calib.CalibData | None = None  # generated samples when no data was given
+
+    @property
+    def provider(self) -> str:
+        return self.settings.provider
+
+    @property
+    def memory_budget_mb(self) -> int:
+        return self.settings.memory_budget_mb
+
+    @property
+    def progress(self) -> bool:
+        return self.settings.progress
+
+    @property
+    def allow_cpu_fallback(self) -> bool:
+        return self.settings.allow_cpu_fallback
 
     def require_data(self, who: str) -> calib.CalibData:
         if self.data is None:
@@ -137,9 +160,10 @@ class Runner:
     max_batch: int | None = None            # split calibration feeds to at most this batch
     provider: str = "cpu"
     allow_cpu_fallback: bool = False
-    memory_budget_mb: int = 4096
+    memory_budget_mb: int = MEMORY_BUDGET_MB
     progress: bool = True
     check_finite: bool = True               # run the written graph against the FP32 model before the save
+    skip_nonfinite: bool = False            # leave out calibration samples holding inf/NaN (else an error)
     verify: Callable | None = None
 
     def __post_init__(self):
@@ -163,6 +187,7 @@ class Runner:
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
         self.provider = _checked_provider(self.provider, self.allow_cpu_fallback)
+        self.settings = RunSettings(self.provider, self.allow_cpu_fallback, self.memory_budget_mb, self.progress, self.seed)
         if self.needs_data and self.data is None and not self.calib_random:
             who = ", ".join(p.name for p in self.recipe if p.needs_data)
             raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
@@ -190,8 +215,10 @@ class Runner:
         fp32 = fp32_source(m)
         data = self._data(fp32) if (self.needs_data or self.data is not None or self.calib_random) else None
         report: dict = {"recipe": [describe(p) for p in self.recipe], "timings_s": {}}
-        ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
-                      provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
+        if data is not None and data.skipped:
+            report["skipped_nonfinite"] = data.skipped
+            log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
+        ctx = Context(io.import_graph(fp32), data, work, self.recipe, self.settings,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
                       opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
         del m
@@ -199,7 +226,8 @@ class Runner:
         for p in self.recipe:
             t = time.perf_counter()
             log.info("pass %s", p.name)
-            report[p.name] = section = p.run(ctx)
+            with progress.stage(f"pass {p.name}", self.progress):
+                report[p.name] = section = p.run(ctx)
             timings[p.name] = time.perf_counter() - t
             if isinstance(section, dict) and "coverage" in section:
                 report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
@@ -208,14 +236,16 @@ class Runner:
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
         if self.check_finite:
             t = time.perf_counter()
-            out, report["finite"] = self._check_finite(fp32, out, ctx)
+            with progress.stage("finite-output check", self.progress):
+                out, report["finite"] = self._check_finite(fp32, out, ctx)
             timings["finite_check"] = time.perf_counter() - t
         ctx.rebuild = None
         del fp32
         path = None
         if output is not None:
             t = time.perf_counter()
-            path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
+            with progress.stage(f"saving {output}", self.progress):
+                path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
             out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
             report["output_bytes"] = output_bytes(path)
@@ -240,7 +270,8 @@ class Runner:
             return self.data
         specs = calib.input_specs(model)
         if self.data is not None:
-            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch)
+            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch,
+                                             skip_nonfinite=self.skip_nonfinite)
         if self.calib_random:
             return calib.CalibData.random(specs, self.calib_random, seed=self.seed, shapes=self.shapes,
                                           max_batch=self.max_batch)
@@ -285,6 +316,9 @@ def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
     if workdir is not None:
         m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
     opset = io.opset_of(m)
+    if 0 < opset < SUPPORTED_OPSETS.start:
+        m = io.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
+        opset = io.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
                            "re-export the model with opset 17")

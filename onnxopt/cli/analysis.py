@@ -5,7 +5,7 @@ import click
 
 from .engines import _build_config
 from .common import (
-    _alias, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
+    _alias, _check_input, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
     progress_enabled)
 
 
@@ -56,6 +56,7 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the generated samples (calibrate on another one).")
 @click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
+@click.option("--skip-nonfinite", is_flag=True, help="Leave out --data samples holding inf or NaN (counted in the summary) instead of failing.")
 @_provider_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
 @click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
@@ -70,8 +71,8 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--data-range", type=float, help="With --sampler: PSNR/SSIM data range (default: each reference sample's peak-to-peak).")
 @click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG.")
 @handle_errors
-def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provider, allow_cpu_fallback, report_path, old_json,
-            sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid):
+def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback,
+            report_path, old_json, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid):
     """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL); with --sampler,
     the final samples of a denoising loop run with each model (same seeds, noise and conditioning): PSNR, SSIM,
     cosine and the drift step by step. With --sampler, --data is an .npz of conditioning inputs (leading axis:
@@ -86,6 +87,13 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provi
     from ..compare import compare as run
     report_path = _alias(report_path, old_json, "--report", "--json")
     _check_report(report_path, reference, candidate)
+    skipped = 0
+    if skip_nonfinite and data is not None:
+        from .. import io
+        from ..calib import CalibData, input_specs
+        _check_input(reference)
+        data = CalibData.from_path(data, input_specs(io.load(reference)), max_batch=max_batch, skip_nonfinite=True)
+        skipped = data.skipped
     res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
               provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}{'cos/sample':>12}{'worst':>10}")
@@ -97,6 +105,7 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provi
     worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
     _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
              f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
+             + (f"; left out {skipped} sample(s) holding inf or NaN" if skipped else "")
              + (f"; wrote {report_path}" if report_path else ""))
 
 
