@@ -119,10 +119,12 @@ class SamplerOptions:
 
     @property
     def n_steps(self) -> int:
+        """Steps with the default filled in."""
         return self.steps if self.steps is not None else (1 if self.sampler == "consistency" else SDXL_STEPS)
 
     @property
     def cfg(self) -> float:
+        """Guidance scale with the default filled in (1: no CFG)."""
         return 1.0 if self.sampler == "consistency" else (self.guidance if self.guidance is not None else SDXL_GUIDANCE)
 
 
@@ -250,6 +252,7 @@ class Trajectory:
 
     @property
     def final(self) -> np.ndarray:
+        """The last step's samples."""
         return self.steps[-1]
 
 
