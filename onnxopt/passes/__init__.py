@@ -7,8 +7,9 @@ from .autocast import Autocast
 from .autoquant import AutoQuant
 from .awq import AWQ
 from .int4 import Int4
+from .lowrank import LowRank
 from .qdq import QDQ
 from .smoothquant import SmoothQuant
 from .sparsify import Sparsify
 
-__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "Autocast"]
+__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "LowRank", "Autocast"]

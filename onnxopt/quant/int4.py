@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from .. import awq as awq_search
 from .. import fold
 from .. import graph as G
+from .. import lowrank
 from ..errors import OnnxoptError
 from . import qdq
 from .blockwise import INT8_MAX, QMAX, QMIN, block_scales, expand, fake_quant, fake_quant_int8, quantize_blocks, to_kn
@@ -48,7 +49,9 @@ def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str
         if n.op not in OPS or n.op not in op_types:
             continue
         reason = None
-        if any(p.search(n.name or "") for p in exclude):
+        if lowrank.is_branch(n):
+            reason = "low-rank branch GEMM stays high precision"
+        elif any(p.search(n.name or "") for p in exclude):
             reason = "excluded by --exclude"
         elif len(n.inputs) < 2 or not G.is_float(n.inputs[0]):
             reason = "input is not a float tensor"
