@@ -15,6 +15,7 @@ the format the next pass writes) plus the activation quantization noise through 
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import time
@@ -79,6 +80,24 @@ class _Layer:
     ranks: list = field(default_factory=list)   # candidate ranks, 0 first
     errors: list = field(default_factory=list)  # modelled relative output error at each
     chosen: int = 0                   # index into ranks
+
+
+SMALL_SVD = 1024  # below this min(K, N) an SVD runs on one BLAS thread
+
+
+def _blas_threads(shape):
+    """One BLAS thread for a small layer's linear algebra: OpenBLAS's threads spin-wait, and on a loaded
+    2-core machine a 2304x128 SVD took 18 s threaded vs 0.3 s on one thread (threadpoolctl, when installed)."""
+    if min(shape) <= SMALL_SVD:
+        with contextlib.suppress(ImportError):
+            from threadpoolctl import threadpool_limits
+            return threadpool_limits(1)
+    return contextlib.nullcontext()
+
+
+def _svd(w: np.ndarray):
+    with _blas_threads(w.shape):
+        return np.linalg.svd(w.astype(np.float64), full_matrices=False)
 
 
 def _factors(w_kn: np.ndarray, r: int, u, s, vt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,14 +232,15 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
     # the SVD is done again at the rewrite rather than keeping every layer's factors.
     for L in track(layers, total=len(layers), enabled=progress, desc="lowrank: SVD"):
         w = fold.weight_matrix(L.node)[0]
-        u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        u, s, vt = _svd(w)
         if rank:
             L.ranks, L.chosen = [0, rank], 1
         else:
             norm = max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
             cap = min(min(L.k, L.n) // 2, int(LAYER_CAP * L.qbytes / ((L.k + L.n) * BRANCH_BYTES)))
             L.ranks = [0] + [r for r in RANK_GRID if r <= cap]
-            L.errors = [_error(w, r, u, s, vt, fake_quant, act_noise, norm) for r in L.ranks]
+            with _blas_threads(w.shape):
+                L.errors = [_error(w, r, u, s, vt, fake_quant, act_noise, norm) for r in L.ranks]
         del u, s, vt, w
     if not rank:
         _allocate(layers, budget_bytes)
@@ -231,7 +251,7 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
             report["skipped"][L.node.name] = "no rank paid for itself within the budget"
             continue
         w = fold.weight_matrix(L.node)[0]
-        u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        u, s, vt = _svd(w)
         l1, l2, res = _factors(w.astype(np.float64), r, u, s, vt)
         entry = {"op": L.node.op, "K": L.k, "N": L.n, "rank": r, "extra_bytes": r * (L.k + L.n) * BRANCH_BYTES,
                  "energy": float(np.sum(s[:r] ** 2) / max(np.sum(s ** 2), 1e-30))}
