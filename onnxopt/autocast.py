@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import io, precision
+from . import io, precision, prescale
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     if dtype == "fp32":
         return {"dtype": "fp32", "casts": 0}
     low = DTYPES[dtype]
+    plan = None
+    if ranges is not None:  # tensors that only normalisations rescale: divided down into range, not kept FP32
+        ranges, plan = prescale.rescale(graph, ranges, dtype)
     keep, chosen = _fp32_nodes(graph, dtype, ranges, keep_fp32_ops, keep_fp32_nodes)
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())
@@ -81,7 +84,8 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
         log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])
     total = max(1, len(graph.nodes))
     return {"dtype": dtype, "casts": casts, "fp32_nodes": len(keep), "ranges_checked": ranges is not None,
-            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen}
+            "fp32_share": len(keep) / total, "range_fp32_share": len(chosen) / total, "kept_fp32": chosen,
+            "prescaled_tensors": plan.tensors if plan else 0}
 
 
 def _fp32_nodes(graph: gs.Graph, dtype: str, ranges, keep_fp32_ops, keep_fp32_nodes) -> tuple[set[int], dict]:

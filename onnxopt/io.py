@@ -267,13 +267,31 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
 
 
 def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:
+    """The graph as a ModelProto. Lazy constants export their source TensorProto, which graphsurgeon renames
+    in place: a renamed one (autocast's `w` -> `w_fp32`) gets its own copy first, or the source model (the
+    runner's FP32 reference) would lose the name its nodes read (issue 22: "'val_32' is not a graph input")."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _detach_renamed(graph)
     kwargs = {}
     if opset is not None:
         graph.opset = max(graph.opset, opset)
     model = gs.export_onnx(graph, do_type_check=False, **kwargs)
     _weights_before_use(model.graph)
     return model
+
+
+def _detach_renamed(graph: gs.Graph) -> None:
+    claimed: dict[int, str] = {}
+    for c in graph.tensors().values():
+        if not (isinstance(c, gs.Constant) and isinstance(c._values, gs.ir.tensor.LazyValues)):
+            continue
+        src = c._values.tensor
+        if src.name == c.name and claimed.setdefault(id(src), c.name) == c.name:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(src)  # external data: the location only; embedded: that one tensor
+        copy.name = c.name
+        c._values = _LazyExternal(copy)
 
 
 def has_subgraphs(g: onnx.GraphProto) -> bool:

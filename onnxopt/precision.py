@@ -14,6 +14,7 @@ import math
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from . import calib
 from .graph import read_values
@@ -267,6 +268,7 @@ def _const_range(c: gs.Constant) -> float | None:
 
 def _small_float(c: gs.Constant, limit: int) -> np.ndarray | None:
     """Values of a float constant of at most `limit` elements (read lazily, never for big weights)."""
-    if c.dtype is None or np.dtype(c.dtype).kind != "f" or int(np.prod(c.shape or ())) > limit:
+    dt = helper.tensor_dtype_to_np_dtype(c.dtype) if isinstance(c.dtype, int) else c.dtype  # FP8 re-imported: an enum
+    if dt is None or np.dtype(dt).kind != "f" or int(np.prod(c.shape or ())) > limit:
         return None
     return np.asarray(read_values(c), np.float64)

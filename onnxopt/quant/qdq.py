@@ -11,13 +11,18 @@ from . import fp8, int8
 
 FORMATS = {"int8": int8, "fp8": fp8}
 _FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal FP16: scales below it lose precision
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def round_scale(scale: np.ndarray, high_precision: str) -> np.ndarray:
     """Scales as the engine will hold them: FP16 graphs keep FP16 scales, so quantize with exactly those."""
     scale = np.asarray(scale, dtype=np.float32)
     if high_precision == "fp16":
-        scale = np.maximum(scale, _FP16_TINY).astype(np.float16).astype(np.float32)
+        # A scale beyond FP16's range (amax > 448 x 65504) stays FP32, as does the island autocast keeps around it
+        # (precision.plan_fp32: such a Q/DQ pair's range exceeds FP16); rounding it would give inf (issue 22).
+        fits = scale <= _FP16_MAX
+        low = np.clip(np.maximum(scale, _FP16_TINY), 0, _FP16_MAX).astype(np.float16).astype(np.float32)
+        scale = np.where(fits, low, scale).astype(np.float32)
     return scale
 
 
