@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from onnxopt import io, lowrank
+from onnxopt.errors import OnnxoptError
 from onnxopt.trt import rtx
 from onnxopt.trt import report as R
 from onnxopt.trt.build import BuildConfig, parse_profiles
@@ -45,7 +46,12 @@ def main() -> None:
     ap.add_argument("--shapes", action="append", default=[])
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    rows = [summarize(m, a.shapes) for m in a.models]
+    rows = []
+    for m in a.models:
+        try:
+            rows.append(summarize(m, a.shapes))
+        except OnnxoptError as e:  # one model failing to build still leaves the others' rows
+            rows.append({"model": str(m), "error": str(e)[:300], "examples": []})
     for r in rows:
         print(json.dumps({k: v for k, v in r.items() if k != "examples"}))
         for e in r["examples"]:
