@@ -172,3 +172,6 @@ def test_rtx_every_quantized_layer_in_a_quantized_kernel(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3
     assert {ly["name"] for ly in rep["layers"]} == {"mm", "gemm", "conv"}
+    from onnxopt.inspect import engine_findings
+    from onnxopt.trt import report as R
+    assert not R.disagreements(engine_findings(io.import_graph(io.load(tmp_path / "q.onnx"))), rep)   # the lint agrees
