@@ -3,6 +3,7 @@ import logging as _logging
 
 from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER
 
+from . import presets  # noqa: F401  (onnxopt.presets.recipe, as the README shows)
 from .compare import compare
 from .errors import OnnxoptError
 from .passes import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify

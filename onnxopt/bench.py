@@ -104,6 +104,11 @@ class OnnxrtBackend:
                 if errors:  # the table's note says it too: log it only at INFO, so it is printed once
                     log.info("%s: %s; timed at level '%s'", model.name, errors[0], level)
                     self.timing_notes[str(model)] = f"timed at ORT level '{level}': {errors[0]}"
+                if precision_of(m).fp8 and c.provider == "cpu":  # the model is fine: the CPU just has no FP8 kernels
+                    why = f" (level '{levels[0]}' fusions reject FP8 Q/DQ on this ORT: timed at ORT level '{level}')" if errors else ""
+                    self.timing_notes[str(model)] = ("FP8 model: valid, but ONNX Runtime's CPU provider has no FP8 kernels and "
+                                                     "emulates every Q/DQ, so this latency says nothing about TensorRT" + why +
+                                                     "; fidelity is exact")
                 return sess
             # e.g. FP16 kernels or FP16 Q/DQ scales that the CPU provider lacks
             from .autocast import fp32_view
@@ -317,6 +322,12 @@ def _fp16_baseline(e: _Entry, work: Path) -> None:
 def _feeds(specs: list[InputSpec], config: BenchConfig, data) -> list[dict]:
     if data is None:
         shapes = {name: opt for name, (_, opt, _) in (config.profiles or {}).items()}
+        for s in specs:  # dynamic dimensions default to 1 (a latency benchmark of one sample), said once
+            if s.name not in shapes and any(not isinstance(d, int) or d <= 0 for d in s.shape):
+                shapes[s.name] = tuple(d if isinstance(d, int) and d > 0 else 1 for d in s.shape)
+                log.warning("input '%s' has dynamic shape %s: benchmarking %s (give --shapes %s:... for others)", s.name,
+                            "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in s.shape),
+                            "x".join(map(str, shapes[s.name])), s.name)
         data = CalibData.random(specs, config.samples, seed=config.seed, shapes=shapes)
     elif not isinstance(data, CalibData):
         data = CalibData.from_path(data, specs)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from . import io
+from . import metrics as M
 from . import ort as ortx
 from .calib import CalibData, input_specs
 from .errors import OnnxoptError
@@ -19,47 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def metrics(ref: np.ndarray, cand: np.ndarray) -> dict:
-    """Cosine similarity, SNR in dB (signal = ref, noise = cand - ref), and max abs error."""
-    r = np.asarray(ref, dtype=np.float64).ravel()
-    c = np.asarray(cand, dtype=np.float64).ravel()
-    if r.shape != c.shape:
-        raise OnnxoptError(f"output shapes differ: {np.shape(ref)} vs {np.shape(cand)}")
-    finite = bool(np.all(np.isfinite(c)))
-    noise = float(np.sum((c - r) ** 2))
-    signal = float(np.sum(r ** 2))
-    denom = np.linalg.norm(r) * np.linalg.norm(c)
-    cos = float(np.dot(r, c) / denom) if denom > 0 else float(noise == 0.0)
-    snr = float("inf") if noise == 0 else 10 * np.log10(signal / noise) if signal > 0 else float("-inf")
-    return {"cosine": cos if finite else float("nan"), "snr_db": snr if finite else float("nan"),
-            "max_abs": float(np.max(np.abs(c - r))) if r.size else 0.0}
-
-
-class _Accum:
-    """Streaming version of `metrics` over many batches."""
-
-    def __init__(self):
-        self.dot = self.rr = self.cc = self.noise = 0.0
-        self.max_abs = 0.0
-        self.finite = True
-
-    def update(self, r, c):
-        r = np.asarray(r, np.float64).ravel()
-        c = np.asarray(c, np.float64).ravel()
-        self.finite &= bool(np.all(np.isfinite(c)))
-        self.dot += float(r @ c)
-        self.rr += float(r @ r)
-        self.cc += float(c @ c)
-        self.noise += float(np.sum((c - r) ** 2))
-        if r.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(c - r))))
-
-    def result(self) -> dict:
-        if not self.finite:
-            return {"cosine": float("nan"), "snr_db": float("nan"), "max_abs": float("nan")}
-        denom = np.sqrt(self.rr * self.cc)
-        cos = self.dot / denom if denom > 0 else float(self.noise == 0)
-        snr = float("inf") if self.noise == 0 else 10 * np.log10(self.rr / self.noise)
-        return {"cosine": float(cos), "snr_db": float(snr), "max_abs": self.max_abs}
+    """Global cosine similarity, SNR in dB (signal = ref, noise = cand - ref), and max abs error (onnxopt.metrics)."""
+    return {"cosine": M.cosine(ref, cand), "snr_db": M.snr_db(ref, cand), "max_abs": M.max_abs(ref, cand)}
 
 
 def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
@@ -90,7 +52,7 @@ def compare(ref, cand, data: CalibData | str | None = None, *, n_random: int = 4
 
 
 class Comparison(dict):
-    """{output: metrics}, plus how many batches were compared and on which provider."""
+    """{output: metrics (global cosine, SNR, max abs; per-sample cosine mean and worst)}, plus how many batches were compared and on which provider."""
     samples: int = 0
     provider: str = "cpu"
 
@@ -112,7 +74,7 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     extra = [i.name for i in cand_m.graph.input if i.name not in inits and i.name not in {s.name for s in specs}]
     if extra:
         raise OnnxoptError(f"candidate takes inputs {extra} that the reference does not; compare models of the same network")
-    acc = {o: _Accum() for o in outs}
+    acc = {o: M.Stream() for o in outs}
     # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
     # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
     rs, _ = evaluation_session(ref_m, provider)

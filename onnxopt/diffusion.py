@@ -114,6 +114,20 @@ def synthesize_sdxl(n_samples: int = 8, *, steps: int = 30, shapes: SDXLShapes =
     return {k: np.stack(v).astype(np.float32) for k, v in out.items()}
 
 
+def sdxl_conditioning(seed: int, shapes: SDXLShapes = SDXLShapes(), *, cfg: bool = True) -> dict[str, np.ndarray]:
+    """One synthetic prompt's SDXL conditioning (encoder_hidden_states, text_embeds, time_ids), batch 2
+    [empty negative prompt as zeros, prompt] with `cfg`, else batch 1; deterministic in `seed`."""
+    text = _TextModel(shapes, np.random.default_rng(12345))  # encoder "weights": the same for every seed
+    tokens, pooled = text.prompt(np.random.default_rng(seed))
+    ids = np.array([shapes.height, shapes.width, 0, 0, shapes.height, shapes.width], np.float64)
+    if cfg:
+        tokens, pooled = np.stack([np.zeros_like(tokens), tokens]), np.stack([np.zeros_like(pooled), pooled])
+    else:
+        tokens, pooled = tokens[None], pooled[None]
+    return {"encoder_hidden_states": tokens.astype(np.float32), "text_embeds": pooled.astype(np.float32),
+            "time_ids": np.tile(ids, (len(tokens), 1)).astype(np.float32)}
+
+
 def _smooth_latent(rng, c: int, h: int, w: int) -> np.ndarray:
     """Unit-scale field with image-like spatial correlation: coarse noise, bilinearly upsampled, plus detail."""
     gh, gw = max(2, h // 8 + 1), max(2, w // 8 + 1)
@@ -135,10 +149,10 @@ class _TextModel:
         d = shapes.text_dim
         self.shapes = shapes
         self.scale = rng.lognormal(0.0, 0.35, d) * 0.9
-        self.scale[rng.choice(d, 8, replace=False)] *= 8.0  # outlier channels
+        self.scale[rng.choice(d, min(8, d), replace=False)] *= 8.0  # outlier channels
         self.offset = rng.normal(0.0, 0.2, d)
         self.bos = rng.standard_normal(d) * 2.5  # causal attention: BOS state is the same for all prompts
-        self.bos[rng.choice(d, 4, replace=False)] = rng.choice([-1, 1], 4) * 25.0
+        self.bos[rng.choice(d, min(4, d), replace=False)] = rng.choice([-1, 1], min(4, d)) * 25.0
         self.pooled_scale = rng.lognormal(0.0, 0.3, shapes.pooled_dim)
 
     def prompt(self, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -72,6 +72,13 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
         raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
     if not os.access(p, os.W_OK | os.X_OK):
         raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
+    try:  # access() says yes to root everywhere: a read-only mount or /proc only shows when one tries
+        fd, probe = tempfile.mkstemp(prefix=".onnxopt-probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OnnxoptError(f"{option} {path}: cannot create files in {p} ({e.strerror or type(e).__name__}); "
+                           "choose another location") from None
 
 
 @contextlib.contextmanager
@@ -418,8 +425,12 @@ def _field_for(t: onnx.TensorProto) -> str:
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
+    """-o is not the input, and its folder can take a file: both before any work."""
     if Path(output).resolve() == Path(input_path).resolve():
         raise OnnxoptError(f"output path {output} is the input; choose another -o so that the input stays untouched")
+    if Path(output).is_dir():
+        raise OnnxoptError(f"output path {output} is a folder; give a file name, e.g. -o {Path(output) / 'model.out.onnx'}")
+    check_writable(output, "-o")
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -427,6 +438,57 @@ def opset_of(model: onnx.ModelProto) -> int:
         if o.domain in ("", "ai.onnx"):
             return o.version
     return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A model below the oldest opset onnxopt reads, raised to `target` by onnx's version converter, with one
+    warning saying so; what the converter cannot adapt is one error line."""
+    from onnx import version_converter
+    current = opset_of(model)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    declared = {vi.name for vi in m.graph.input}
+    added = [t.name for t in m.graph.initializer if t.name not in declared]
+    for t in m.graph.initializer:  # IR < 4 lists weights as graph inputs; the converter looks for them there
+        if t.name in added:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    # The converter's broadcast adapters need every shape, as numbers: shapes come from a copy at the oldest
+    # opset that infers them all, with symbolic dims pinned to 1 (restored afterwards).
+    symbolic = {}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                symbolic[(vi.name, i)] = d.dim_param
+                d.dim_value = 1
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for o in probe.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 7
+    m.graph.value_info.extend(infer_shapes(probe).graph.value_info)
+    try:
+        out = version_converter.convert_version(m, target)
+    except Exception as e:
+        raise OnnxoptError(f"opset {current} is older than onnxopt reads and onnx's version converter cannot raise it to "
+                           f"{target} ({_converter_reason(e)}); re-export the model with opset 17") from None
+    keep = [vi for vi in out.graph.input if vi.name not in added]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    del out.graph.value_info[:]  # pinned shapes; inferred again on load
+    for vi in list(out.graph.input) + list(out.graph.output):
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (vi.name, i) in symbolic:
+                d.dim_param = symbolic[(vi.name, i)] or f"{vi.name}_{i}"
+    out.ir_version = max(out.ir_version, 7)
+    log.warning("the model's opset %d is older than onnxopt reads: upgraded to opset %d with onnx.version_converter "
+                "(the output uses opset %d or newer)", current, target, target)
+    return out
+
+
+def _converter_reason(e: Exception) -> str:
+    """The converter's assertion without its source path: 'adapt_gemm_6_7: ... failed: <why>' -> '<why>'."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return text.split(" failed: ", 1)[-1][:160]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

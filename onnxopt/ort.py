@@ -149,8 +149,9 @@ def _session_via_file(m: onnx.ModelProto, so, providers: list) -> ort.InferenceS
 
 
 def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:400] if s else type(e).__name__
+    s = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    # ORT puts the detail on the following lines ("... for the following indices\n index: 0 Got: 4 Expected: 2")
+    return " ".join(s)[:400] if s else type(e).__name__
 
 
 _NODE_FAILED = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)

@@ -23,12 +23,13 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, io, ort
+from . import autocast, calib, finite, io, ort, progress
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
+OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
 PROVIDERS = ("cpu", "cuda")
 
 
@@ -140,6 +141,7 @@ class Runner:
     memory_budget_mb: int = 4096
     progress: bool = True
     check_finite: bool = True               # run the written graph against the FP32 model before the save
+    skip_nonfinite: bool = False            # leave out calibration samples holding inf/NaN (else an error)
     verify: Callable | None = None
 
     def __post_init__(self):
@@ -190,6 +192,9 @@ class Runner:
         fp32 = fp32_source(m)
         data = self._data(fp32) if (self.needs_data or self.data is not None or self.calib_random) else None
         report: dict = {"recipe": [describe(p) for p in self.recipe], "timings_s": {}}
+        if data is not None and data.skipped:
+            report["skipped_nonfinite"] = data.skipped
+            log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
         ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
                       provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
@@ -199,7 +204,8 @@ class Runner:
         for p in self.recipe:
             t = time.perf_counter()
             log.info("pass %s", p.name)
-            report[p.name] = section = p.run(ctx)
+            with progress.stage(f"pass {p.name}", self.progress):
+                report[p.name] = section = p.run(ctx)
             timings[p.name] = time.perf_counter() - t
             if isinstance(section, dict) and "coverage" in section:
                 report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
@@ -208,14 +214,16 @@ class Runner:
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
         if self.check_finite:
             t = time.perf_counter()
-            out, report["finite"] = self._check_finite(fp32, out, ctx)
+            with progress.stage("finite-output check", self.progress):
+                out, report["finite"] = self._check_finite(fp32, out, ctx)
             timings["finite_check"] = time.perf_counter() - t
         ctx.rebuild = None
         del fp32
         path = None
         if output is not None:
             t = time.perf_counter()
-            path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
+            with progress.stage(f"saving {output}", self.progress):
+                path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
             out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
             report["output_bytes"] = output_bytes(path)
@@ -240,7 +248,8 @@ class Runner:
             return self.data
         specs = calib.input_specs(model)
         if self.data is not None:
-            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch)
+            return calib.CalibData.from_path(self.data, specs, limit=self.calib_batches, max_batch=self.max_batch,
+                                             skip_nonfinite=self.skip_nonfinite)
         if self.calib_random:
             return calib.CalibData.random(specs, self.calib_random, seed=self.seed, shapes=self.shapes,
                                           max_batch=self.max_batch)
@@ -285,6 +294,9 @@ def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
     if workdir is not None:
         m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
     opset = io.opset_of(m)
+    if 0 < opset < SUPPORTED_OPSETS.start:
+        m = io.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
+        opset = io.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
                            "re-export the model with opset 17")

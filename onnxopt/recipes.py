@@ -13,6 +13,7 @@ import onnx
 
 from . import autocast, calib, pipeline
 from .errors import OnnxoptError
+from .sampler import SamplerOptions
 from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, LowRank, SmoothQuant, Sparsify
 
 MODES = ("int8", "fp8", "int4")
@@ -51,6 +52,8 @@ class QuantConfig:
     target_cosine: float | None = None         # --auto targets (exactly one)
     target_top1: float | None = None
     bits: float | None = None
+    target_psnr: float | None = None           # --auto --target-psnr: on the sampler's final samples
+    sampler: SamplerOptions | None = None      # with target_psnr: the loop and its held-out seeds
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
     cost_model: str = "bits"                   # --auto: "bits", or "rtx" (TensorRT-RTX engine reports)
     engine_shapes: tuple = ()                  # --cost-model rtx: "name:1x31" or "name:MIN/OPT/MAX" to build for
@@ -81,7 +84,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
-                                sensitivity=c.sensitivity, cost_model=c.cost_model,
+                                target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode == "int4":

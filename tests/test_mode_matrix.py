@@ -37,8 +37,6 @@ def _cosines(ref: onnx.ModelProto, cand: onnx.ModelProto, feed: dict) -> list[fl
 @pytest.mark.parametrize("batch", ["N", 2])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_mode_on_huge_activations(tmp_path, mode, batch):
-    if mode == "auto" and batch == 2:
-        pytest.xfail("--auto stacks candidates along axis 0: static batch is issue 22 item 3 (branch robust)")
     model = huge.model(batch)
     src = tmp_path / "huge.onnx"
     onnx.save(model, src)

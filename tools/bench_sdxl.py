@@ -110,7 +110,8 @@ def stage_compare(work: Path, args) -> dict:
 
     from onnxopt import io
     from onnxopt.calib import CalibData, input_specs
-    from onnxopt.compare import _Accum, evaluation_session
+    from onnxopt.compare import evaluation_session
+    from onnxopt.metrics import Stream
 
     ref_model = io.load(work / "unet.onnx")
     data = CalibData.from_path(work / "heldout.npz", input_specs(ref_model))
@@ -131,12 +132,12 @@ def stage_compare(work: Path, args) -> dict:
             continue
         t = time.perf_counter()
         sess, _ = evaluation_session(io.load(path))
-        acc, per_sample = _Accum(), []
+        acc, per_sample = Stream(), []
         for feed, ref in zip(data, refs):
             feed = {k: v.astype(np.float32) for k, v in feed.items()}
             got = sess.run(None, feed)[0].astype(np.float32)
             acc.update(ref, got)
-            one = _Accum()
+            one = Stream()
             one.update(ref, got)
             per_sample.append({"timestep": float(feed["timestep"].ravel()[0]), **{k: round(v, 5) for k, v in one.result().items()}})
         del sess

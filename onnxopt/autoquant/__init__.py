@@ -30,9 +30,10 @@ from .evaluate import Evaluator, Memo, cosine, load_sensitivities, measure, samp
 from .gated import build_gated, fake_weight, macs_of, shape_outputs
 from . import staged
 from .staged import StagedEvaluator
+from .sampled import SampledEvaluator
 
 __all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
-           "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
+           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
            "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "staged", "totals"]

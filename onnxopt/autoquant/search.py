@@ -22,7 +22,7 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     bracket in log space. A mix that misses is repaired by the smaller budget, which
     promotes its most sensitive layers first. Returns (mix, trials)."""
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
-    b = (1.0 - target) if metric == "cosine" else 1e-3
+    b = (1.0 - target) if metric == "cosine" else 10 ** (-target / 10) if metric == "psnr" else 1e-3
     b = min(max(b, 1e-7), everything)
     ev = ev if isinstance(ev, Memo) else Memo(ev)  # nearby budgets often give the same mix
     lo, hi, best, trials = 0.0, None, {n: "none" for n in layers}, []
@@ -51,22 +51,33 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     return best, trials
 
 
+def _error(metric: str, value: float) -> float | None:
+    """What the budget is about proportional to: 1 - cosine, or the MSE ratio 10^(-PSNR/10); None for top-1."""
+    if metric == "cosine":
+        return 1.0 - value
+    if metric == "psnr":
+        return 10 ** (-value / 10)
+    return None
+
+
 def _inside(metric: str, at_lo: float, at_hi: float, need: float) -> float:
-    """Where in the bracket [lo, hi] (0..1 in log budget) to try next: for a cosine, where the line through the
-    two measured errors (log-log) meets the allowance, kept within 0.1..0.9 so the bracket always narrows;
+    """Where in the bracket [lo, hi] (0..1 in log budget) to try next: for a cosine or PSNR, where the line through
+    the two measured errors (log-log) meets the allowance, kept within 0.1..0.9 so the bracket always narrows;
     otherwise (top-1) the middle."""
-    allowed, e_lo, e_hi = 1.0 - need, 1.0 - at_lo, 1.0 - at_hi
-    if metric != "cosine" or min(allowed, e_lo, e_hi) <= 0 or e_hi <= e_lo:
+    if _error(metric, need) is None:
+        return 0.5
+    allowed, e_lo, e_hi = _error(metric, need), _error(metric, at_lo), _error(metric, at_hi)
+    if min(allowed, e_lo, e_hi) <= 0 or e_hi <= e_lo:
         return 0.5
     return min(max(math.log(allowed / e_lo) / math.log(e_hi / e_lo), 0.1), 0.9)
 
 
 def _step(metric: str, got: float, need: float, ok: bool) -> float:
-    """Factor to the next budget before the target is bracketed. A cosine error grows about in proportion to
-    the budget (the prediction is additive and measured ~1:1), so the budget moves by allowed error over
-    measured error instead of by 8; at least RATIO and at most 8 either way. Top-1 moves in steps: x8 or /8."""
-    if metric != "cosine":
+    """Factor to the next budget before the target is bracketed. A cosine error (or a final-sample MSE) grows
+    about in proportion to the budget, so the budget moves by allowed error over measured error instead of by 8;
+    at least RATIO and at most 8 either way. Top-1 moves in steps: x8 or /8."""
+    if _error(metric, got) is None:
         return 8.0 if ok else 1 / 8
-    allowed, err = 1.0 - need, 1.0 - got
+    allowed, err = _error(metric, need), _error(metric, got)
     r = allowed / err if err > 0 and allowed > 0 else (8.0 if ok else 1 / 8)
     return min(max(r, RATIO), 8.0) if ok else max(min(r, 1 / RATIO), 1 / 8)

@@ -19,7 +19,7 @@ from .. import ort as ortx
 from .. import progress as progress_
 from ..errors import OnnxoptError
 from .data import CalibData
-from .reducers import PreReduce, Reducer
+from .reducers import NonFiniteActivation, PreReduce, Reducer
 from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, split_stages, stage_count, stage_index
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,10 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     with _BoundaryCache(len(plan) > 1) as cache:
         for si, gi, group in passes:
             st = plan[si]
-            small = [(outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
+            small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
             keep = st.outputs if gi == 0 else []
             aux = {n: v for n, v in aux_nodes.items() if gi == 0 and where.get(n, 0) == si}
-            names = list(dict.fromkeys(list(group) + [o for outs, _ in small for o in outs] + keep))
+            names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
             sess = ortx.session(_stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
             if not names:
                 names = [sess.get_outputs()[0].name]
@@ -129,11 +129,16 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                 feed = {k: v for k, v in feed.items() if k in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
                 got = _run(sess, names, feed, data, bi)
-                for name in group:
-                    for r in full[name]:
-                        r.update(got[name])
-                for outs, r in small:
-                    r.update(*(got[o] for o in outs))
+                try:
+                    for name in group:
+                        for r in full[name]:
+                            r.update(got[name])
+                    for name, outs, r in small:
+                        r.update(*(got[o] for o in outs))
+                except NonFiniteActivation:
+                    raise OnnxoptError(f"tensor '{name}' holds inf or NaN on calibration batch {bi} of {data.describe} "
+                                       "although the inputs are finite (the FP32 model overflows there); calibrate "
+                                       "on other data or --exclude the layers that read it") from None
                 if keep:
                     cache.save(bi, {n: got[n] for n in keep})
                 del got, feed
@@ -179,7 +184,7 @@ def _run(sess, names, feed, data, batch: int) -> dict:
         lines = str(e).strip().splitlines() or [type(e).__name__]
         ranges = "; ".join(f"'{s.name}' accepts {s.values.describe()}" for s in getattr(data, "specs", ())
                            if s.values is not None and s.values.kind != "unknown")
-        raise OnnxoptError(f"ONNX Runtime failed on calibration batch {batch} of {data.describe}: {lines[0][:300]}; "
+        raise OnnxoptError(f"ONNX Runtime failed on calibration batch {batch} of {data.describe}: {' '.join(l.strip() for l in lines)[:400]}; "
                            f"check that the data fits the model's inputs" + (f" ({ranges})" if ranges else "")) from None
 
 

@@ -46,12 +46,33 @@ def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def check_shapes(specs: Sequence[InputSpec], shapes: dict) -> None:
+    """--shapes entries name real inputs and keep their static dimensions."""
+    names = [s.name for s in specs]
+    for name, shp in shapes.items():
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:
+            raise OnnxoptError(f"--shapes names input '{name}', which the model does not have; its inputs: {', '.join(names) or 'none'}")
+        if len(shp) != len(spec.shape):
+            raise OnnxoptError(f"--shapes {name}:{_fmt(shp)} has {len(shp)} dimensions, input '{name}' has {len(spec.shape)} "
+                               f"(the model expects {_fmt(spec.shape)}); e.g. --shapes {name}:{_example(spec.shape)}")
+        for i, (d, e) in enumerate(zip(shp, spec.shape)):
+            if d <= 0 or (isinstance(e, int) and e > 0 and d != e):
+                raise OnnxoptError(f"--shapes {name}:{_fmt(shp)}: dimension {i} must be "
+                                   f"{e if isinstance(e, int) and e > 0 else 'a positive size'} (the model expects {name}:{_fmt(spec.shape)})")
+
+
+def _example(shape) -> str:
+    return "x".join(str(d) if isinstance(d, int) and d > 0 else "1" for d in shape) or "1"
+
+
 class CalibData:
     """An iterable of feed dicts. Sources are read lazily, one file at a time."""
 
     def __init__(self, specs: Sequence[InputSpec], sources: Sequence, batch_size: int = 1, limit: int | None = None,
                  describe: str = "data", max_batch: int | None = None):
         self.specs = list(specs)
+        self.bad: dict[int, set[int]] = {}  # source index -> rows (samples) holding inf/NaN, left out when skipped
         self._sources = list(sources)  # callables returning {name: array with leading sample axis}
         self.batch_size = batch_size
         self.limit = limit
@@ -62,7 +83,7 @@ class CalibData:
     # -- constructors
     @classmethod
     def from_path(cls, path, specs: Sequence[InputSpec], batch_size: int = 1, limit: int | None = None,
-                  max_batch: int | None = None) -> "CalibData":
+                  max_batch: int | None = None, skip_nonfinite: bool = False) -> "CalibData":
         p = Path(path)
         if p.is_dir():
             files = sorted(p.glob("*.npz"))
@@ -78,18 +99,21 @@ class CalibData:
         sources = [(lambda f=f: _read_file(f, specs)) for f in files]
         data = cls(specs, sources, batch_size, limit, describe=str(p), max_batch=max_batch)
         data._validate(sources[0]())
+        data._scan_nonfinite(files if len(files) > 1 else None, skip_nonfinite)
         return data
 
     @classmethod
     def random(cls, specs: Sequence[InputSpec], n: int, seed: int = 0, shapes: dict | None = None,
                batch_size: int = 1, max_batch: int | None = None) -> "CalibData":
         shapes = shapes or {}
+        check_shapes(specs, shapes)
         concrete = {}
         for s in specs:
             shp = shapes.get(s.name)
             if shp is None:
                 if any(not isinstance(d, int) or d <= 0 for d in s.shape):
-                    raise OnnxoptError(f"input '{s.name}' has dynamic shape {_fmt(s.shape)}; give --shapes {s.name}:1x...")
+                    raise OnnxoptError(f"input '{s.name}' has dynamic shape {_fmt(s.shape)}; give its shape, e.g. "
+                                       f"--shapes {s.name}:{_example(s.shape)}")
                 shp = s.shape
             concrete[s.name] = tuple(shp)
 
@@ -112,6 +136,34 @@ class CalibData:
             return out
 
         return cls(specs, [gen], batch_size, None, describe=f"random(n={n}, seed={seed})", max_batch=max_batch)
+
+    @property
+    def skipped(self) -> int:
+        """Samples left out because they hold inf or NaN (`skip_nonfinite`)."""
+        return sum(len(rows) for rows in self.bad.values())
+
+    def _scan_nonfinite(self, files, skip: bool) -> None:
+        """Every file read once before any work: a float sample holding inf/NaN is an error naming the input
+        and the sample, or (with `skip`) left out of every pass and counted in `skipped`."""
+        for si, src in enumerate(self._sources):
+            arrays = src()
+            for s in self.specs:
+                a = arrays.get(s.name)
+                if a is None or a.dtype.kind != "f" or not a.size:
+                    continue
+                bad = ~np.isfinite(a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)).all(axis=1)
+                rows = np.flatnonzero(bad)
+                if rows.size and not skip:
+                    where = f"{files[si]}: " if files else f"{self.describe}: "
+                    kind = "NaN" if np.isnan(a[rows[0]]).any() else "inf"
+                    raise OnnxoptError(f"{where}input '{s.name}' sample {int(rows[0])} holds {kind} "
+                                       f"({rows.size} sample(s) in all); fix the data or pass --skip-nonfinite to leave them out")
+                self.bad.setdefault(si, set()).update(int(r) for r in rows)
+            del arrays
+        if skip and self.skipped:
+            total = sum(_rows(src(), self.specs) for src in self._sources)
+            if self.skipped >= total:
+                raise OnnxoptError(f"{self.describe}: every sample holds inf or NaN; nothing is left to calibrate on")
 
     # -- iteration
     def _validate(self, arrays: dict) -> None:
@@ -136,16 +188,16 @@ class CalibData:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         produced = 0
-        for src in self._sources:
+        for si, src in enumerate(self._sources):
             arrays = src()
             self._validate(arrays)
-            for sample in self._split(arrays):
+            for sample in self._split(arrays, self.bad.get(si, ())):
                 if self.limit is not None and produced >= self.limit:
                     return
                 produced += 1
                 yield from self._chunks(sample)
 
-    def _split(self, arrays: dict) -> Iterator[dict]:
+    def _split(self, arrays: dict, bad=()) -> Iterator[dict]:
         # With a leading sample axis, each sample is a whole feed; otherwise chunk along the batch axis.
         spec = self.specs[0]
         a0 = arrays[spec.name]
@@ -153,6 +205,8 @@ class CalibData:
         n = a0.shape[0]
         step = 1 if stacked else self.batch_size
         for i in range(0, n, step):
+            if any(j in bad for j in range(i, i + step)):
+                continue
             feed = {}
             for s in self.specs:
                 a = arrays[s.name]
@@ -177,6 +231,11 @@ class CalibData:
         if self._n is None:
             self._n = sum(1 for _ in self)
         return self._n
+
+
+def _rows(arrays: dict, specs) -> int:
+    a = arrays.get(specs[0].name) if specs else None
+    return 1 if a is None or not a.ndim else a.shape[0]
 
 
 def _random_ints(rng, s: InputSpec, shape) -> np.ndarray:

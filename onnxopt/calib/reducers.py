@@ -31,6 +31,10 @@ class PreReduce:
 HIST_SAMPLE = 2**18
 
 
+class NonFiniteActivation(OnnxoptError):
+    """A tensor reached a reducer holding inf or NaN; `collect` names the tensor and the batch."""
+
+
 class Reducer:
     """Folds each batch of one tensor into a running statistic."""
 
@@ -127,16 +131,22 @@ class Histogram(Reducer):
         elif n > a.size:
             parts = [(a, n / a.size)]
         m = float(max(p.max() for p, _ in parts))
+        if not math.isfinite(m):  # inf would double the range forever, NaN would index a negative bin
+            raise NonFiniteActivation("holds inf or NaN")
         self.amax = max(self.amax, m)
         if m == 0.0 and self.range == 0.0:
             self.counts[0] += n
             return
         if self.range == 0.0:
             self.range = m * (1 + 1e-6)
-        while m >= self.range:
+        # Doublings needed, computed rather than looped: at most ~2100 between float32's tiniest and largest.
+        doublings = max(0, math.ceil(math.log2(m / self.range) + 1e-12)) if m >= self.range else 0
+        if doublings and m >= self.range * 2.0 ** doublings:
+            doublings += 1
+        for _ in range(min(doublings, int(math.log2(self.bins)) + 1)):
             c = self.counts.reshape(-1, 2).sum(axis=1)
             self.counts = np.concatenate([c, np.zeros(self.bins - c.size)])
-            self.range *= 2
+        self.range *= 2.0 ** doublings
         for p, w in parts:
             idx = np.minimum((p * (self.bins / self.range)).astype(np.int64), self.bins - 1)
             c = np.bincount(idx, minlength=self.bins)

@@ -5,7 +5,7 @@ import click
 
 from .engines import _build_config
 from .common import (
-    _alias, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
+    _alias, _check_input, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
     progress_enabled)
 
 
@@ -56,24 +56,84 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the generated samples (calibrate on another one).")
 @click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
+@click.option("--skip-nonfinite", is_flag=True, help="Leave out --data samples holding inf or NaN (counted in the summary) instead of failing.")
 @_provider_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
 @click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
+@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="Compare final samples of a denoising loop instead of one call: euler/ddim/dpmpp (diffusers, SDXL config; epsilon/v UNets with a timestep input) or consistency (EDM D(x, sigma) models).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default: 50, diffusers' SDXL default; consistency: 1).")
+@click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: classifier-free guidance scale, 1 = none (default: 5.0, SDXL's); doubles the batch.")
+@click.option("--seeds", default="0-3", show_default=True, help="With --sampler: seeds of the initial noise, e.g. 0-7 or 0,3,5.")
+@click.option("--size", "sample_size", help="With --sampler: HxW of the sample (latents: pixels / 8) when the model's is dynamic.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="With --sampler euler/ddim/dpmpp: what the UNet predicts.")
+@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="With --sampler consistency: initial noise level.")
+@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="With --sampler consistency: the model's smallest noise level.")
+@click.option("--data-range", type=float, help="With --sampler: PSNR/SSIM data range (default: each reference sample's peak-to-peak).")
+@click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG.")
 @handle_errors
-def compare(reference, candidate, data, n_random, seed, shapes, max_batch, provider, allow_cpu_fallback, report_path, old_json):
-    """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL)."""
+def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback,
+            report_path, old_json, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid):
+    """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL); with --sampler,
+    the final samples of a denoising loop run with each model (same seeds, noise and conditioning): PSNR, SSIM,
+    cosine and the drift step by step. With --sampler, --data is an .npz of conditioning inputs (leading axis:
+    prompts; two rows [unconditional, conditional] each with guidance); without it, conditioning is synthesised
+    from the seed."""
+    if sampler or any(v is not None for v in (steps, guidance, sample_size, data_range, save_grid)):
+        report_path = _alias(report_path, old_json, "--report", "--json")
+        return _compare_sampled(reference, candidate, data, shapes, max_batch, provider, allow_cpu_fallback, report_path,
+                                sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
+                                data_range, save_grid)
     from ..calib import parse_shapes
     from ..compare import compare as run
     report_path = _alias(report_path, old_json, "--report", "--json")
     _check_report(report_path, reference, candidate)
+    skipped = 0
+    if skip_nonfinite and data is not None:
+        from .. import io
+        from ..calib import CalibData, input_specs
+        _check_input(reference)
+        data = CalibData.from_path(data, input_specs(io.load(reference)), max_batch=max_batch, skip_nonfinite=True)
+        skipped = data.skipped
     res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
               provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
-    click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}")
+    click.echo(f"{'output':<32}{'cosine':>12}{'SNR dB':>10}{'max abs':>12}{'cos/sample':>12}{'worst':>10}")
     for name, m in res.items():
-        click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}")
+        click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}"
+                   f"{m['cosine_mean']:>12.6f}{m['cosine_worst']:>10.6f}")
     if report_path:
         _write_json(report_path, res)
     worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
     _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
              f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
+             + (f"; left out {skipped} sample(s) holding inf or NaN" if skipped else "")
              + (f"; wrote {report_path}" if report_path else ""))
+
+
+def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, allow_cpu_fallback, report_path,
+                     sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid):
+    from .. import sampler as S
+    from ..errors import OnnxoptError
+    if not sampler:
+        raise OnnxoptError("--steps, --guidance, --size, --data-range and --save-grid apply with --sampler; add --sampler euler|ddim|dpmpp|consistency")
+    if shapes or max_batch:
+        raise OnnxoptError(f"{'--shapes' if shapes else '--max-batch'} does not apply with --sampler; use --size HxW")
+    opts = S.SamplerOptions(sampler, steps, guidance, S.parse_seeds(seeds), S.parse_size(sample_size), prediction,
+                            sigma_min, sigma_max, data_range=data_range)
+    _check_report(report_path, reference, candidate)
+    if save_grid:
+        from ..io import check_writable
+        if not save_grid.endswith(".png"):
+            raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
+        check_writable(save_grid, "--save-grid")
+    res = S.compare_sampled(reference, candidate, opts, data=data, provider=provider,
+                            allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
+    click.echo(S.format_table(res))
+    if report_path:
+        _write_json(report_path, res.as_dict())
+    if save_grid:
+        from ..imagegrid import save_grid as write_grid
+        write_grid(save_grid, res.reference, res.candidate)
+    f = res.final
+    wrote = ", ".join(p for p in (report_path, save_grid) if p)
+    _summary(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
+             f"PSNR {f.psnr_mean:.2f} dB, SSIM {f.ssim_mean:.4f}, cosine {f.cosine_mean:.6f}" + (f"; wrote {wrote}" if wrote else ""))

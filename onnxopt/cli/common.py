@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 
 import click
@@ -28,8 +29,19 @@ def handle_errors(fn):
     return wrapper
 
 
+# Options whose value is optional: click would read a negative number after them as an option ("-0").
+_OPTIONAL_VALUE = ("--smoothquant",)
+
+
 class _OneLineErrors(click.Group):
     """Bad option values (click's usage errors) print one `error:` line too, exit 2, like every user error."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i in range(1, len(args)):  # a leading space keeps the value a value (float() strips it)
+            if args[i - 1] in _OPTIONAL_VALUE and re.fullmatch(r"-\.?\d.*", args[i]):
+                args[i] = " " + args[i]
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -49,11 +61,13 @@ class _OneLineErrors(click.Group):
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
-@click.version_option(package_name="onnxopt")
+@click.version_option(package_name="onnxopt", prog_name="onnxopt")
 @click.pass_context
 def main(ctx, verbose, quiet):
     """onnxopt: quantize, sparsify and convert ONNX graphs for TensorRT."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # each invocation starts afresh (an earlier -q in-process left ERROR)
+    logging.getLogger("onnxopt.progress").setLevel(logging.INFO)  # off a terminal, progress is these lines
     ctx.obj = {"progress": True}
     _set_verbosity(ctx, verbose, quiet)
 
@@ -126,6 +140,7 @@ def _shared_run_options(fn, exclude: bool = True):
         click.option("--calib-random", type=int, help="Calibrate on N generated samples instead of --calib (smoke tests)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --calib-random."),
         click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable)."),
+        click.option("--skip-nonfinite", is_flag=True, help="Leave out calibration samples holding inf or NaN (counted in the report) instead of failing."),
         click.option("--calib-batches", type=int, help="Use at most N calibration batches."),
         click.option("--max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory)."),
         click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
@@ -147,14 +162,25 @@ def _alias(new, old, new_name: str = "", old_name: str = "", default=None):
     return new if new is not None else default
 
 
-def _check_report(report, *inputs) -> None:
+def one_of(flags: dict, what: str):
+    """The one flag given among mutually exclusive ones (None if none); two or more are an error, not the last."""
+    given = [f for f, on in flags.items() if on]
+    if len(given) > 1:
+        raise OnnxoptError(f"{' and '.join(given)} are different {what}; give one of {', '.join(flags)}")
+    return given[0] if given else None
+
+
+def _check_report(report, *inputs, output=None, option: str = "--report") -> None:
+    """A JSON file the command writes (--report, --sensitivity) is neither an input nor the output model."""
     from pathlib import Path
 
     from ..io import check_writable
     if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
-        raise OnnxoptError(f"--report {report} is an input model; choose another file so that the input stays untouched")
+        raise OnnxoptError(f"{option} {report} is an input model; choose another file so that the input stays untouched")
+    if report and output and Path(report).resolve() == Path(output).resolve():
+        raise OnnxoptError(f"{option} {report} is also the output model (-o); choose another file")
     if report:
-        check_writable(report, "--report")
+        check_writable(report, option)
 
 
 def _size(path) -> str:
@@ -176,10 +202,11 @@ def _provider_options(fn):
 
 
 def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
-            memory_budget):
+            memory_budget, skip_nonfinite=False):
     """The Runner of a command, every setting checked here, before any model is read."""
     from ..calib import parse_shapes
     from ..pipeline import Runner
     return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                   calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled())
+                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
+                  skip_nonfinite=skip_nonfinite)

@@ -4,12 +4,19 @@ from __future__ import annotations
 import click
 
 from ..errors import OnnxoptError
-from .common import (_check_report, _size, _summary, _write_json, handle_errors, main)
+from .common import (_check_report, _provider_options, _size, _summary, _write_json, handle_errors, main,
+                     progress_enabled)
 
 
 @main.group("calib-data")
 def calib_data():
-    """Write calibration data (.npz for `quantize --calib`) for a model family."""
+    """Write calibration data (.npz for `quantize --calib`).
+
+    \b
+    trajectory  recorded along a sampler's own trajectory: runs the given FP32 ONNX denoiser in the loop
+                (steps, guidance, size and seeds you deploy); conditioning from --data or synthesised
+    sdxl        synthetic SDXL UNet inputs spread over an Euler schedule (no model run), or recorded
+                from a diffusers pipeline with --pipeline"""
 
 
 @calib_data.command("sdxl")
@@ -25,7 +32,9 @@ def calib_data():
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write shapes and ranges of the arrays as JSON to this file.")
 @handle_errors
 def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, prompts, device, report_path):
-    """SDXL UNet inputs at noise levels across the schedule, CFG batch 2, 1024x1024 time ids."""
+    """SDXL UNet inputs at noise levels across the schedule, CFG batch 2, 1024x1024 time ids: synthetic (no
+    model runs; latents and text embeddings follow SDXL's statistics), or recorded from a real pipeline with
+    --pipeline. For inputs along your own sampler's trajectory, use `calib-data trajectory`."""
     import os
 
     from .. import diffusion
@@ -62,3 +71,39 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
     _summary(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
              f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {_size(path)})"
              + (f"; wrote {report_path}" if report_path else ""))
+
+
+@calib_data.command("trajectory")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="trajectory_calib.npz", show_default=True, help="Output .npz.")
+@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), required=True, help="The sampler you deploy (as in compare --sampler).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default: 50; consistency: 1).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (euler/ddim/dpmpp; default 5.0; 1 = none).")
+@click.option("--seeds", default="0-7", show_default=True, help="Seeds of the recorded runs (keep them apart from compare's held-out seeds).")
+@click.option("--size", "sample_size", help="HxW of the sample (latents: pixels / 8) when the model's is dynamic.")
+@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="What the UNet predicts (euler/ddim/dpmpp).")
+@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="consistency: initial noise level.")
+@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="consistency: smallest noise level.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Conditioning .npz (as compare --sampler --data); default: synthesised from the seed.")
+@_provider_options
+@handle_errors
+def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
+                          data, provider, allow_cpu_fallback):
+    """Record MODEL's inputs at every step of the sampler's trajectory (the FP32 ONNX model runs the loop): one
+    sample per call, steps x seeds samples. For SDXL-style UNets the text conditioning is synthetic unless --data
+    gives recorded embeddings; the latents, timesteps and guidance are the loop's own."""
+    from .. import diffusion
+    from .. import sampler as S
+    from ..io import check_writable
+    if not output.endswith(".npz"):
+        raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
+    check_writable(output, "-o")
+    opts = S.SamplerOptions(sampler, steps, guidance, S.parse_seeds(seeds), S.parse_size(sample_size), prediction,
+                            sigma_min, sigma_max)
+    arrays = S.record_trajectory(model, opts, data=data, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
+                                 progress=progress_enabled())
+    path = diffusion.save_npz(arrays, output)
+    _summary(diffusion.describe(arrays))
+    n = len(next(iter(arrays.values())))
+    _summary(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
+             f"{len(opts.seeds)} seed(s), recorded from {model}, {_size(path)})")

@@ -7,16 +7,16 @@ import click
 
 from ..errors import OnnxoptError
 from .common import (
-    _alias, _check_input, _default_output, _runner, _shared_run_options, _summary, _write_json,
+    _alias, _check_input, _check_report, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
-@click.option("--int8", "mode", flag_value="int8", help="INT8 W8A8.")
-@click.option("--fp8", "mode", flag_value="fp8", help="FP8 E4M3 W8A8 (default).")
-@click.option("--int4", "mode", flag_value="int4", help="INT4 blockwise weight-only.")
+@click.option("--int8", "int8", is_flag=True, help="INT8 W8A8.")
+@click.option("--fp8", "fp8", is_flag=True, help="FP8 E4M3 W8A8 (default).")
+@click.option("--int4", "int4", is_flag=True, help="INT4 blockwise weight-only.")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
@@ -39,6 +39,12 @@ from .common import (
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
+@click.option("--target-psnr", type=float, help="With --auto and --sampler: mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds (--verify-seeds), e.g. 30; sensitivities stay per layer, the mix is verified and repaired on the samples.")
+@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="With --target-psnr: the denoising loop, as in compare --sampler.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default 50; consistency 1).")
+@click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: CFG scale (default 5.0; 1 = none).")
+@click.option("--verify-seeds", help="With --sampler: held-out seeds the mix is verified on (default 1000-1003; keep them apart from the calibration seeds).")
+@click.option("--size", "sample_size", help="With --sampler: HxW of the sample when the model's is dynamic.")
 @click.option("--sensitivity", type=click.Path(dir_okay=False), help="With --auto: JSON of per-layer sensitivities; reused if it matches the model and options, written as they are measured (restartable).")
 @click.option("--cost-model", type=click.Choice(["bits", "rtx"]), help="With --auto: what a format saves: bits (weight bits over params, activation bits over MACs; default), or rtx: also build the mix with TensorRT-RTX on the CPU and count a layer whose quantized kernel does not fuse as saving nothing (rtx extra).")
 @click.option("--engine-shapes", multiple=True, help="With --cost-model rtx: the deployment shapes the engine check builds for, name:1x31 or name:MIN/OPT/MAX as in `build --shapes` (repeatable; default: one calibration sample's shapes).")
@@ -47,16 +53,20 @@ from .common import (
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
 @handle_errors
-def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
-             allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
+def quantize(ctx, model, output, int8, fp8, int4, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
+             max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import recipes
+    mode = one_of({"--int8": int8, "--fp8": fp8, "--int4": int4}, "quantization modes")
+    mode = mode[2:] if mode else None
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
+    _sampler_options(options)
     mode = "auto" if options["auto"] else (mode or "fp8")
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
+    _check_block_size(mode, options)
     config = _quant_config(ctx, "fp8" if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
     if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
@@ -64,19 +74,54 @@ def quantize(ctx, model, output, mode, preset, calib_path, calib_random, seed, s
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
-                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb)
+                     allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
+                     skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, mode)
+    _check_report(report_path, model, output=output)
+    _check_report(options.get("sensitivity"), model, output=output, option="--sensitivity")
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, mode))
+    result = runner.run(model, output)
     result.report = {"mode": mode, **result.report}
     if report_path:
         _write_json(report_path, result.report)
-    _summary(_describe_quantize(result.report, mode), result.path, result.report)
+    _summary(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity")),
+             result.path, result.report)
+
+
+BLOCK_SIZES = (128, 64, 32, 0)  # TensorRT's blocked INT4 weight-only GEMM; 0 = per output channel
+
+
+def _check_block_size(mode: str, o: dict) -> None:
+    """--block-size: a block TensorRT runs, and only where an INT4 format is in play."""
+    b = o.get("block_size")
+    if b is None:
+        return
+    if mode == "auto" and "int4" not in o["formats"]:
+        raise OnnxoptError(f"--block-size sets INT4 blocks, and --formats {','.join(o['formats'])} has no int4; "
+                           "add int4 to --formats or drop --block-size")
+    if b not in BLOCK_SIZES:
+        raise OnnxoptError(f"--block-size {b} is not an INT4 block size TensorRT runs; use one of "
+                           f"{', '.join(map(str, BLOCK_SIZES))} (0: per channel)")
+
+
+def _sensitivity_note(report: dict, path) -> str:
+    """--sensitivity: how many of the measurements came from the file, so a stale reuse is visible."""
+    a = report.get("autoquant") or {}
+    if not path or not a:
+        return ""
+    total = sum(1 for layer in a.get("layers", {}).values() for f in layer.get("sensitivity", {}) if f != "none")
+    now = int(a.get("measured_now", 0))
+    reused = max(0, total - now)
+    return (f"; sensitivities: {reused} reused from {path}, {now} measured" if reused
+            else f"; sensitivities measured ({now}) and saved to {path}")
 
 
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
-              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages"}
+              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
+              "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
+              "sample_size": "--size"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant", "lowrank": "--lowrank",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
@@ -96,6 +141,19 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
     o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+def _sampler_options(o: dict) -> None:
+    """--sampler/--steps/--guidance/--verify-seeds/--size become one SamplerOptions (or None)."""
+    from .. import sampler as S
+    loop = {k: o.pop(k) for k in ("steps", "guidance", "verify_seeds", "sample_size")}
+    if o.get("sampler") is None:
+        given = [f"--{k.replace('_', '-')}" if k != "sample_size" else "--size" for k, v in loop.items() if v is not None]
+        if given:
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} with --sampler (and --target-psnr) only")
+        return
+    o["sampler"] = S.SamplerOptions(o["sampler"], loop["steps"], loop["guidance"], S.parse_seeds(loop["verify_seeds"] or "1000-1003"),
+                                    S.parse_size(loop["sample_size"]))
+
+
 _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha"}
 
 
@@ -227,29 +285,32 @@ def _sq_alpha(value):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
-@click.option("--fp16", "dtype", flag_value="fp16", default=True, help="FP16 (default).")
-@click.option("--bf16", "dtype", flag_value="bf16", help="BF16.")
+@click.option("--fp16", "fp16", is_flag=True, help="FP16 (default).")
+@click.option("--bf16", "bf16", is_flag=True, help="BF16.")
 @click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
 @click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
 @functools.partial(_shared_run_options, exclude=False)
 @handle_errors
-def convert(model, output, dtype, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
-            calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+def convert(model, output, fp16, bf16, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
+            skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
     from ..calib import parse_shapes
     from ..passes import Autocast
     from ..pipeline import Runner
+    dtype = (one_of({"--fp16": fp16, "--bf16": bf16}, "precisions") or "--fp16")[2:]
     runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
                     allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                    check_finite=not no_check)
+                    check_finite=not no_check, skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, dtype)
+    _check_report(report_path, model, output=output)
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, dtype))
+    result = runner.run(model, output)
     if report_path:
         _write_json(report_path, result.report)
     ac = result.report["autocast"]

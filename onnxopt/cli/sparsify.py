@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import (
-    _alias, _check_input, _default_output, _runner, _shared_run_options, _summary, _write_json,
+    _alias, _check_input, _check_report, _default_output, _runner, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
@@ -24,7 +24,7 @@ from .common import (
 @click.option("--calib-limit", "old_calib_limit", type=int, hidden=True, help="Old spelling of --calib-batches.")
 @click.option("--calib-provider", "old_provider", type=click.Choice(["cpu", "cuda"]), hidden=True, help="Old spelling of --provider.")
 @handle_errors
-def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider,
+def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches, max_batch, provider,
                  allow_cpu_fallback, memory_budget, exclude, report_path, min_params, damp, block, one_shot, old_pattern,
                  old_method, old_calib_limit, old_provider):
     """Prune Conv/ConvTranspose/MatMul/Gemm weights to 2:4 along input channels (TensorRT sparse tensor cores)."""
@@ -34,9 +34,11 @@ def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed,
     runner = _runner([sp], calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=_alias(calib_batches, old_calib_limit, "--calib-batches", "--calib-limit"), max_batch=max_batch,
                      provider=_alias(provider, old_provider, "--provider", "--calib-provider"), allow_cpu_fallback=allow_cpu_fallback,
-                     memory_budget=memory_budget)
+                     memory_budget=memory_budget, skip_nonfinite=skip_nonfinite)
+    output = output or _default_output(model, "sparse")
+    _check_report(report_path, model, output=output)
     _check_input(model)
-    result = runner.run(model, output or _default_output(model, "sparse"))
+    result = runner.run(model, output)
     rep = result.report["sparsity"]
     if report_path:
         _write_json(report_path, rep)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import attention_guard, autoquant, awq, io, precision
+from .. import sampler as smp
+from ..sampler import SamplerOptions
 from ..autoquant import engine as aq_engine
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
@@ -28,6 +30,8 @@ class AutoQuant(PassBase):
     target_cosine: float | None = None  # mean cosine of the output vs FP32 on held-out batches
     target_top1: float | None = None    # argmax agreement (classifiers) on held-out batches
     bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
+    target_psnr: float | None = None    # mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds
+    sampler: SamplerOptions | None = None  # with target_psnr: the denoising loop (and its held-out seeds)
     sensitivity: str | None = None      # JSON of measured sensitivities: read if there, written as measured
     verify_fraction: float = 0.25       # share of the calibration batches held out to verify the mix
     confidence_k: float = 1.64          # a cosine target is verified with k standard errors of the held-out mean
@@ -52,13 +56,18 @@ class AutoQuant(PassBase):
         bad = [f for f in self.formats if f not in autoquant.FORMATS]
         if bad or not self.formats:
             raise OnnxoptError(f"--formats {','.join(self.formats) or '(empty)'}: use some of {','.join(autoquant.FORMATS)}")
-        targets = [t for t in (self.target_cosine, self.target_top1, self.bits) if t is not None]
+        targets = [t for t in (self.target_cosine, self.target_top1, self.bits, self.target_psnr) if t is not None]
         if len(targets) != 1:
-            raise OnnxoptError("--auto needs exactly one target: --target-cosine X, --target-top1 X or --bits B"
+            raise OnnxoptError("--auto needs exactly one target: --target-cosine X, --target-top1 X, --target-psnr DB or --bits B"
                                + (f" (got {len(targets)})" if targets else ""))
         for opt, v in (("--target-cosine", self.target_cosine), ("--target-top1", self.target_top1)):
             if v is not None and not 0.0 < v <= 1.0:
                 raise OnnxoptError(f"{opt} {v} is out of range; use a value in (0, 1], e.g. 0.999")
+        if (self.target_psnr is None) != (self.sampler is None):
+            raise OnnxoptError("--target-psnr DB judges the sampler's final samples: give it with --sampler "
+                               "euler|ddim|dpmpp|consistency (and --steps), and --sampler only with --target-psnr")
+        if self.target_psnr is not None and not 0 < self.target_psnr < 200:
+            raise OnnxoptError(f"--target-psnr {self.target_psnr}: give a PSNR in dB within (0, 200), e.g. 30")
         if self.bits is not None:
             low = min(autoquant.WBITS[f] for f in self.formats)
             if not low <= self.bits <= 16:
@@ -93,7 +102,7 @@ class AutoQuant(PassBase):
 
     @property
     def metric(self) -> str:
-        return "top1" if self.target_top1 is not None else "cosine"
+        return "top1" if self.target_top1 is not None else "psnr" if self.target_psnr is not None else "cosine"
 
     def check_recipe(self, recipe, index: int) -> None:
         one_quantizer(recipe)
@@ -105,6 +114,7 @@ class AutoQuant(PassBase):
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
         graph, t0 = ctx.graph, time.perf_counter()
+        roles = self._sampler_roles(graph)  # before any work: the model must fit the sampler
         aq_engine.check_shapes(graph, self.engine_shapes)
         guards = attention_guard.remove(graph) if self.quantize_mha else 0
         configs = self.configs()
@@ -129,6 +139,8 @@ class AutoQuant(PassBase):
         key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
+        if roles is not None:  # verification and repair on the sampler's final samples, held-out seeds
+            ev = autoquant.Memo(autoquant.SampledEvaluator(ev, roles, self.sampler, ctx.progress))
         mix, trials = self._choose(ev, cands, ctx)
         rounds = []
         if self.cost_model == "rtx":
@@ -148,6 +160,10 @@ class AutoQuant(PassBase):
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "insert": time.perf_counter() - t3})
         rep["groups"] = groups
+        rep["kept_wide"] = sorted(n for n, f in mix.items() if f == "none")
+        if self.sampler is not None:
+            o = self.sampler
+            rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds)}
         if staged is not None:
             rep["staged"] = staged
         for name, g in groups.items():
@@ -160,6 +176,13 @@ class AutoQuant(PassBase):
             for x in r["no_savings"]:
                 rep["layers"][x["layer"]].setdefault("engine_no_savings", {})[x["format"]] = x["reason"]
         return rep
+
+    def _sampler_roles(self, graph):
+        """The sampler roles of the model's inputs (--target-psnr), checked before any work; None otherwise."""
+        if self.sampler is None:
+            return None
+        io_only = smp.io_model([(t.name, t.dtype, t.shape) for t in graph.inputs], [t.name for t in graph.outputs])
+        return smp.roles(io_only, self.sampler)
 
     # ---------------------------------------------------------------- cost model (engineer A)
     def _check_cost_model(self) -> None:
@@ -187,7 +210,7 @@ class AutoQuant(PassBase):
     def _choose(self, ev, cands, ctx) -> tuple[dict, list]:
         if self.bits is not None:
             return autoquant.mix_for_bits(cands.layers, self.bits), []
-        target = self.target_cosine if self.metric == "cosine" else self.target_top1
+        target = {"cosine": self.target_cosine, "top1": self.target_top1, "psnr": self.target_psnr}[self.metric]
         margin, k = self._margin()
         return autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
                                        margin=margin, split=self._split(), k=k)
@@ -202,6 +225,8 @@ class AutoQuant(PassBase):
 
     def _margin(self) -> tuple[float, float]:
         """(fixed margin, k standard errors) a cosine target is verified with; top-1 has none."""
+        if self.metric == "psnr":
+            return 0.0, self.confidence_k
         if self.metric != "cosine":
             return 0.0, 0.0
         if self.cosine_margin is not None:
@@ -228,6 +253,9 @@ class AutoQuant(PassBase):
     def _evaluator(self, ctx, cands, amax, means, search, verify):
         fp32 = io.export_graph(ctx.graph)
         n = self.stages or autoquant.staged.stages_needed(fp32, cands.layers, ctx.memory_budget_mb)
+        if n > 1 and self.target_psnr is not None:
+            raise OnnxoptError(f"--target-psnr runs the sampler on one gated graph, but this model needs {n} stages "
+                               "within --memory-budget; raise --memory-budget (or use --target-cosine)")
         if n > 1 and io.has_subgraphs(fp32.graph):
             log.warning("auto: the model has subgraphs (If/Loop); evaluating it in one gated graph, not %d stages", n)
             n = 1
@@ -276,7 +304,7 @@ class AutoQuant(PassBase):
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
         counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")}
-        target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits}
+        target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}
         broken = int8_broken(cands.layers, mix)
         if broken:
             log.info("INT8 breaks %d layer(s) (10x the median INT8 error, 3x their FP8 error): %s", len(broken),
@@ -321,7 +349,7 @@ def _met(p: AutoQuant, final: dict):
     """The target met with the verification margin to spare (what the search asked of every mix)."""
     if p.bits is not None:
         return None
-    target = p.target_cosine if p.metric == "cosine" else p.target_top1
+    target = {"cosine": p.target_cosine, "top1": p.target_top1, "psnr": p.target_psnr}[p.metric]
     return bool(final[p.metric] >= target + _margin_used(p, final))
 
 
@@ -345,6 +373,8 @@ def split_feeds(data, verify_fraction: float, merge: int) -> tuple[list, list]:
     if len(feeds) < 2:
         raise OnnxoptError(f"--auto needs at least 2 calibration samples (one to search, one to verify); got {len(feeds)}")
     n_verify = max(1, int(round(len(feeds) * verify_fraction)))
+    if any(s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 for s in getattr(data, "specs", ())):
+        merge = 1  # a static batch dimension (the usual TensorRT export): ORT takes no stacked feed
     return Feeds(_merge(feeds[:-n_verify], merge)), Feeds(_merge(feeds[-n_verify:], merge))
 
 

@@ -11,8 +11,17 @@ import sys
 
 from ..errors import OnnxoptError
 
-MISSING = "TensorRT is not importable; install the trt extra: pip install 'onnxopt[trt]'"
-MISSING_RTX = "TensorRT-RTX is not importable; install the rtx extra: pip install 'onnxopt[rtx]'"
+def install_hint(extra: str) -> str:
+    """The pip line that adds `extra` to this installation: editable from a source checkout, else the wheel's."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "onnxopt").is_dir():
+        return f"pip install -e '{root}[{extra}]'"
+    return f"pip install 'onnxopt[{extra}]'"
+
+
+MISSING = f"TensorRT is not importable; install the trt extra: {install_hint('trt')}"
+MISSING_RTX = f"TensorRT-RTX is not importable; install the rtx extra: {install_hint('rtx')}"
 
 
 def import_tensorrt():
@@ -22,7 +31,7 @@ def import_tensorrt():
     except ImportError:
         raise OnnxoptError(MISSING) from None
     except OSError as e:  # the wheel is there but its CUDA libraries are not
-        raise OnnxoptError(f"TensorRT is installed but cannot load ({str(e).splitlines()[0][:200]}); check the CUDA libraries, or reinstall: pip install 'onnxopt[trt]'") from None
+        raise OnnxoptError(f"TensorRT is installed but cannot load ({str(e).splitlines()[0][:200]}); check the CUDA libraries, or reinstall: {install_hint('trt')}") from None
     if is_rtx(tensorrt):
         raise OnnxoptError(f"the 'tensorrt' module here is TensorRT-RTX {tensorrt.__version__}; build with --backend rtx")
     return tensorrt
@@ -66,7 +75,7 @@ def import_tensorrt_rtx():
         except ImportError:
             raise OnnxoptError(MISSING_RTX) from None
         except OSError as e:
-            raise OnnxoptError(f"TensorRT-RTX is installed but cannot load ({str(e).splitlines()[0][:200]}); reinstall: pip install 'onnxopt[rtx]'") from None
+            raise OnnxoptError(f"TensorRT-RTX is installed but cannot load ({str(e).splitlines()[0][:200]}); reinstall: {install_hint('rtx')}") from None
         sys.modules["tensorrt_rtx"] = trt
     os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
     if "polygraphy.config" in sys.modules:

@@ -92,6 +92,24 @@ def parse_profiles(items: Sequence[str], option: str = "--shapes") -> dict[str, 
     return out
 
 
+def check_profiles(model: onnx.ModelProto, profiles: dict | None, option: str = "--shapes") -> None:
+    """Profile shapes name real inputs, keep their rank and static dimensions, and have min <= opt <= max."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in model.graph.input if vi.name not in inits}
+    for name, shapes in (profiles or {}).items():
+        if name not in inputs:
+            raise OnnxoptError(f"{option} names input '{name}', which the model does not have; its inputs: {', '.join(inputs)}")
+        want = inputs[name]
+        for shp in shapes:
+            if len(shp) != len(want) or any(w and d != w for d, w in zip(shp, want)):
+                shown = "x".join(str(w or "?") for w in want)
+                raise OnnxoptError(f"{option} {name}:{'x'.join(map(str, shp))} does not fit input '{name}' ({shown})")
+        lo, opt, hi = shapes
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise OnnxoptError(f"{option} {name}: need MIN <= OPT <= MAX in every dimension")
+
+
 def _graphs(g: onnx.GraphProto):
     yield g
     for n in g.node:
@@ -166,6 +184,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     model, output = Path(model), Path(output)
     io.check_output_path(output, model)
     proto = io.load(model)  # checks the file (and its external data) before TensorRT sees it
+    check_profiles(proto, config.profiles)
     if config.opt_level is not None and not 0 <= config.opt_level <= 5:
         raise OnnxoptError(f"--opt-level {config.opt_level}: TensorRT's builder optimization level is 0..5")
     trt = import_tensorrt()

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import io
 from ..errors import OnnxoptError
 from . import import_tensorrt_rtx
-from .build import BuildConfig, builder_settings, precision_of
+from .build import BuildConfig, builder_settings, check_profiles, precision_of
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     model, output = Path(model), Path(output)
     io.check_output_path(output, model)
     proto = io.load(model)  # checks the file (and its external data) before TensorRT-RTX sees it
+    check_profiles(proto, config.profiles)
     if config.strongly_typed is False:
         raise OnnxoptError("TensorRT-RTX builds strongly typed networks only; drop --weakly-typed")
     if config.opt_level is not None and not 0 <= config.opt_level <= 5:
@@ -101,8 +102,8 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
                 dropped[_name(cc)] = why
             lines.clear()
     seconds = time.perf_counter() - t0
-    if dropped:
-        log.warning("dropped GPU targets: %s", ", ".join(f"SM {k} ({v})" for k, v in dropped.items()))
+    if dropped:  # at INFO: the engine report's own line says it, once
+        log.info("dropped GPU targets: %s", ", ".join(f"SM {k} ({v})" for k, v in dropped.items()))
     with io.atomic_path(output) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(plan))
