@@ -65,6 +65,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | Non
     plan = None
     if ranges is not None:  # tensors that only normalisations rescale: divided down into range, not kept FP32
         ranges, plan = prescale.rescale(graph, ranges, dtype)
+        keep_fp32_nodes = tuple(keep_fp32_nodes) + tuple(plan.fp32_nodes)
     keep, chosen = _fp32_nodes(graph, dtype, ranges, keep_fp32_ops, keep_fp32_nodes)
     graph_inputs = {t.name for t in graph.inputs}
     names = {n.name for n in graph.nodes} | set(graph.tensors())

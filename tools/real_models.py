@@ -68,14 +68,16 @@ def read_sentences() -> list[str]:
     return [s for s in lines if s]
 
 
-def export_minilm(out: Path) -> Prepared:
+def export_minilm(out: Path, attn_implementation: str = "eager") -> Prepared:
+    """MiniLM with mean pooling; `attn_implementation` "sdpa" spells attention as PyTorch's SDPA export does
+    (a NaN guard after Softmax, a view after P·V, Shape readers), "eager" as the benchmarks' export."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     src = minilm_dir()
     tok = AutoTokenizer.from_pretrained(str(src))
-    bert = AutoModel.from_pretrained(str(src), attn_implementation="eager").eval()
+    bert = AutoModel.from_pretrained(str(src), attn_implementation=attn_implementation).eval()
 
     class MeanPooled(torch.nn.Module):
         """Sentence embedding = attention-mask weighted mean of the last hidden states."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import attention_guard, autoquant, awq, io, precision
+from .. import attention_guard, autoquant, awq, einsum, io, precision
 from .. import sampler as smp
 from ..sampler import SamplerOptions
 from ..autoquant import engine as aq_engine
@@ -116,6 +116,7 @@ class AutoQuant(PassBase):
         graph, t0 = ctx.graph, time.perf_counter()
         roles = self._sampler_roles(graph)  # before any work: the model must fit the sampler
         aq_engine.check_shapes(graph, self.engine_shapes)
+        einsum.rewrite(graph)  # Einsum attention as MatMul, as in the QDQ pass
         guards = attention_guard.remove(graph) if self.quantize_mha else 0
         configs = self.configs()
         cands = autoquant.candidates(graph, self.formats, configs, self.block_size)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import attention_guard, calib, precision
+from .. import attention_guard, calib, einsum, precision
 from .. import graph as G
 from ..errors import OnnxoptError
 from ..quant import bias_correction, qdq, rules
@@ -61,6 +61,7 @@ class QDQ(PassBase):
     def run(self, ctx) -> dict:
         graph = ctx.graph
         ctx.require_data(f"--{self.mode}")
+        einsums = einsum.rewrite(graph)  # Einsum attention as MatMul: the rules and TensorRT's MHA fusion see it
         guards = attention_guard.remove(graph) if self.quantize_mha else 0  # they keep TensorRT from fusing quantized MHA
         plan = rules.plan(graph, self)
         if not plan.nodes:
@@ -82,7 +83,7 @@ class QDQ(PassBase):
                 "layers": {n.name: {"op": n.op, **layers.get(n.name, {})} for n in plan.nodes},
                 "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
                 "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
-                "attention_guards_removed": guards, "fp32_scale_layers": fp32_scale,
+                "attention_guards_removed": guards, "einsum_rewritten": einsums, "fp32_scale_layers": fp32_scale,
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
