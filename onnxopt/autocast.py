@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import logging
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import io, precision, prescale
+from . import formats, io, precision, prescale
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32)}
-_ONNX = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "fp32": TensorProto.FLOAT}
+DTYPES = {n: formats.get(n).np_dtype for n in formats.high_precision()}
+_ONNX = {n: formats.get(n).onnx_type for n in formats.high_precision()}
+_FMAX = {formats.get(n).np_dtype: formats.get(n).qmax for n in formats.high_precision()}  # saturation of each type
 _F32 = np.dtype(np.float32)
 # Inputs that ONNX pins to float32 whatever the data type (op, input index).
 _FIXED_FP32_INPUTS = {("Resize", 2), ("Upsample", 1)}
@@ -52,15 +52,15 @@ def shape_nodes(graph: gs.Graph) -> set[int]:
     return nodes
 
 
-def to_low_precision(graph: gs.Graph, dtype: str = "fp16", *, ranges: dict | None = None, keep_fp32_ops=(),
+def to_low_precision(graph: gs.Graph, dtype: str = formats.FP16.name, *, ranges: dict | None = None, keep_fp32_ops=(),
                      keep_fp32_nodes=(), io_dtype: str | None = None) -> dict:
     """Convert the float32 data path of `graph` to `dtype` in place. Returns a small report.
     `ranges` (max |x| per tensor from calibration, see precision.range_reducers) keeps nodes that would
     overflow or lose precision in FP32; without it the ranges are not checked."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown precision {dtype}")
-    if dtype == "fp32":
-        return {"dtype": "fp32", "casts": 0}
+    if dtype == formats.FP32.name:
+        return {"dtype": dtype, "casts": 0}
     low = DTYPES[dtype]
     plan = None
     if ranges is not None:  # tensors that only normalisations rescale: divided down into range, not kept FP32
@@ -149,7 +149,7 @@ def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str]
             if key not in converted:
                 out = gs.Variable(unique(f"{t.name}_cast_{np.dtype(want).name}"), dtype=want, shape=t.shape)
                 graph.nodes.append(gs.Node("Cast", name=unique(f"{t.name}_Cast_{np.dtype(want).name}"), inputs=[t], outputs=[out],
-                                           attrs={"to": _ONNX["fp32"] if want == _F32 else low_onnx}))
+                                           attrs={"to": formats.FP32.onnx_type if want == _F32 else low_onnx}))
                 converted[key] = out
                 casts += 1
             node.inputs[i] = converted[key]
@@ -222,12 +222,12 @@ def _dtype(t: gs.Tensor):
 
 
 def _is_floatish(dt) -> bool:
-    return dt in (_F32, DTYPES["fp16"], DTYPES["bf16"], np.dtype(np.float64))
+    return dt in _FMAX or dt == np.dtype(np.float64)
 
 
 def _to_low(values: np.ndarray, low: np.dtype) -> np.ndarray:
     # Saturate instead of overflowing to inf: masks like finfo(float32).min must stay finite.
-    fmax = float(np.finfo(np.float16).max) if low == DTYPES["fp16"] else float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    fmax = _FMAX[np.dtype(low)]
     return np.asarray(np.clip(np.asarray(values), -fmax, fmax).astype(low))
 
 
@@ -252,7 +252,7 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
     (exact, and no FP32 copy of the weights in memory)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    lows = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    lows = tuple(t for n, t in _ONNX.items() if n != formats.FP32.name)
     if cast_weights:
         casts = []
         for t in m.graph.initializer:

@@ -26,9 +26,10 @@ from . import calib, fold, obs
 from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .progress import track
-from .graph import activation_channel_axis
-from .quant import blockwise as q4
-from .quant import qdq
+from .formats import FP16, INT4, round_scale
+from .formats.int4 import expand
+from .graph import activation_channel_axis, to_kn
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ ROWS = 2048               # sampled input rows per activation when Gram matrices
 _S_RANGE = (1e-4, 1e4)
 
 
-def _quant(w_kn: np.ndarray, bits: int, block_size: int, hp: str, clip=None) -> np.ndarray:
-    return q4.fake_quant(w_kn, block_size, clip, hp) if bits == 4 else q4.fake_quant_int8(w_kn, hp)
+def _quant(w_kn: np.ndarray, fmt, block_size: int, hp: str, clip=None) -> np.ndarray:
+    return fmt.fake_quant(w_kn, 1, hp, block_size=block_size, clip=clip)
 
 
 def _weight_norm_mean(w_kn: np.ndarray, block_size: int) -> np.ndarray:
@@ -65,14 +66,14 @@ def _block_candidates(wb: np.ndarray, hp: str, ratios=CLIP_RATIOS) -> np.ndarray
     """Quantize-dequantize of one block [B, N] at every clip ratio: [ratios, B, N]."""
     amax = np.abs(wb).max(axis=0)
     r = np.asarray(ratios, np.float32)[:, None]
-    scale = qdq.round_scale(np.where(amax > 0, amax * r / q4.QMAX, 1.0), hp)[:, None, :]
-    return np.clip(np.rint(wb[None] / scale), q4.QMIN, q4.QMAX) * scale
+    scale = round_scale(np.where(amax > 0, amax * r / INT4.qmax, 1.0), hp)[:, None, :]
+    return np.clip(np.rint(wb[None] / scale), INT4.qmin, INT4.qmax) * scale
 
 
 def search_scale(h: np.ndarray, x_mean: np.ndarray, weights: list[tuple[np.ndarray, int]], block_size: int,
                  hp: str = "fp32") -> tuple[float | None, np.ndarray, dict]:
     """AWQ-lite: the s (one per input channel) minimizing sum over layers of ||X W - (X/s) Q(W s)||^2 / ||X W||^2,
-    with H = X^T X; alpha on a 0.1 grid, then refined by 0.05. `weights` holds (W [K, N], bits).
+    with H = X^T X; alpha on a 0.1 grid, then refined by 0.05. `weights` holds (W [K, N], format).
     Returns (alpha, or None for no scaling, s, errors)."""
     norms = [max(float(np.sum((h @ w) * w, dtype=np.float64)), 1e-30) for w, _ in weights]
     w_mean = np.mean([_weight_norm_mean(w, block_size) for w, _ in weights], axis=0)
@@ -81,7 +82,7 @@ def search_scale(h: np.ndarray, x_mean: np.ndarray, weights: list[tuple[np.ndarr
 
     def loss(s):
         sc = s[:, None].astype(np.float32)
-        return sum(_rel_error(h, w, _quant(w * sc, bits, block_size, hp) / sc, nrm) for (w, bits), nrm in zip(weights, norms))
+        return sum(_rel_error(h, w, _quant(w * sc, fmt, block_size, hp) / sc, nrm) for (w, fmt), nrm in zip(weights, norms))
 
     def scales(a):
         s = xm ** a / wm ** (1.0 - a)
@@ -172,14 +173,14 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
     hh, dead = obs.undead(h[np.ix_(perm, perm)])
     w[dead] = 0.0
     u = obs.hinv_upper(hh, damp, via_cholesky=False)  # raises obs.SingularHessian: the caller keeps plain rounding
-    s = q4.expand(scale, k, block_size).astype(np.float64)[perm]
+    s = expand(scale, k, block_size).astype(np.float64)[perm]
     q = np.zeros((k, n), np.int8)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1, err = w[i1:i2].copy(), np.zeros((i2 - i1, n))
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            qi = np.clip(np.rint(w1[i] / s[i1 + i]), q4.QMIN, q4.QMAX)
+            qi = np.clip(np.rint(w1[i] / s[i1 + i]), INT4.qmin, INT4.qmax)
             q[i1 + i] = qi
             e = (w1[i] - qi * s[i1 + i]) / u1[i, i]
             w1[i:] -= np.outer(u1[i, i:], e)
@@ -191,29 +192,29 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
 def _error_feedback(node, w, h, clips, block_size, hp, entry: dict) -> None:
     """Replace the clip ratios of `node` by (values, scales) rounded with error feedback, or keep them (plain
     rounding with the searched scales) when the Hessian is not positive definite even with more damping."""
-    scale = q4.block_scales(w, block_size, clips[node.name], hp)
+    scale = INT4.block_scales(w, block_size, clips[node.name], hp)
     try:
         q = gptq_round(w, h, scale, block_size)
     except obs.SingularHessian as e:
         log.warning("awq: %s: %s; keeping the searched scales without error feedback", node.name, e)
         entry["gptq"] = f"skipped: {e}"
         return
-    deq = q.astype(np.float32) * q4.expand(scale, w.shape[0], block_size)
+    deq = q.astype(np.float32) * expand(scale, w.shape[0], block_size)
     nrm = max(_rel_error(h, w, np.zeros_like(w), 1.0), 1e-30)
     entry["gptq_error"] = _rel_error(h, w, deq, nrm)
     clips[node.name] = (q, scale)
 
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
-          block_size: int = 128, high_precision: str = "fp16", provider: str = "cpu", memory_budget_mb: int = 4096,
+          block_size: int = 128, high_precision: str = FP16.name, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB,
           progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-    """AWQ on `layers` ((node, bits) pairs) of `graph`: scales folded in place, clip ratios returned
+    """AWQ on `layers` ((node, format) pairs) of `graph`: scales folded in place, clip ratios returned
     (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback
     (`gptq_round`) and returns (q, scale) pairs instead of clip ratios. Returns (report, clips)."""
     if method not in ("lite", "clip", "full"):
         raise OnnxoptError(f"unknown AWQ method '{method}'; use lite, clip or full")
     t0 = time.perf_counter()
-    bits = {id(n): b for n, b in layers}
+    fmts = {id(n): f for n, f in layers}
     groups: dict[str, list[gs.Node]] = {}
     for n, _ in layers:
         groups.setdefault(n.inputs[0].name, []).append(n)
@@ -221,7 +222,7 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
     report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if stats.use_gram else "sampled rows"}
-    run = _Search(groups, order, bits, stats, block_size, high_precision, progress, report)
+    run = _Search(groups, order, fmts, stats, block_size, high_precision, progress, report)
     if method in ("lite", "full"):
         run.scales(graph, keep_grams=method == "full")
     if method in ("clip", "full"):
@@ -276,7 +277,7 @@ class _Search:
     """The searches after the calibration pass, over activations in `order` (downstream first)."""
     groups: dict                 # activation -> the layers reading it
     order: list
-    bits: dict                   # id(node) -> weight bits
+    formats: dict                # id(node) -> its weight Format (INT4, or INT8 for --int8-layers)
     stats: _Stats
     block_size: int
     hp: str
@@ -296,7 +297,7 @@ class _Search:
             h = self.hs[name] = self.stats.gram(name)
             if mean is None or h is None:
                 continue
-            ws = [(q4.to_kn(n, fold.effective_weight(n)), self.bits[id(n)]) for n in nodes]
+            ws = [(to_kn(n, fold.effective_weight(n)), self.formats[id(n)]) for n in nodes]
             alpha, s, errs = search_scale(h, mean, ws, self.block_size, self.hp)
             entry = {"activation": name, "layers": [n.name for n in nodes], "alpha": alpha, "error": errs}
             if alpha is not None:
@@ -312,7 +313,7 @@ class _Search:
 
     def clip(self, feedback: bool) -> None:
         """clip: per-block clip ratios of each INT4 layer; with `feedback`, error-feedback rounding after."""
-        todo = [(name, n) for name in self.order for n in self.groups[name] if self.bits[id(n)] == 4]
+        todo = [(name, n) for name in self.order for n in self.groups[name] if self.formats[id(n)].awq]
         for j, (name, n) in enumerate(track(todo, total=len(todo), desc="awq: clip search", enabled=self.progress)):
             h = self.hs[name] if name in self.hs else self.stats.gram(name)
             if h is None:
@@ -320,7 +321,7 @@ class _Search:
             if name in self.x_scale:  # the layer now reads X / s
                 inv = (1.0 / self.x_scale[name]).astype(np.float32)
                 h = h * inv[:, None] * inv[None, :]
-            w = q4.to_kn(n, fold.effective_weight(n))
+            w = to_kn(n, fold.effective_weight(n))
             self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp)
             self.report["layers"].setdefault(n.name, {})["clip"] = info
             # Error feedback needs a well-determined H: with fewer calibration rows than input channels it

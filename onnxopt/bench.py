@@ -429,7 +429,7 @@ def artifact_bytes(path: Path) -> int:
     if path.suffix == ".onnx":
         files = set()
         model = io.load(path)
-        for t in io._all_tensors(model):
+        for t in io.all_tensors(model):
             if external_data_helper.uses_external_data(t):
                 files.add(external_data_helper.ExternalDataInfo(t).location)
         total += sum(os.path.getsize(f) for f in files)

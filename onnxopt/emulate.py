@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from . import io
 from .autocast import fp32_view
+from .formats.emulation import lower_for_ort
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def low_tensors(model: onnx.ModelProto) -> dict[str, int]:
 
 def emulated_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """An FP32 graph that rounds each FP16/BF16 tensor of `model` to its format: runs on any provider."""
+    model = lower_for_ort(model)  # NVFP4/MXFP8: their standard-ONNX emulation first
     lows = low_tensors(model)
     m = fp32_view(model, cast_weights=True)
     g = m.graph

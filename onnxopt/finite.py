@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import io
 from . import ort as ortx
 from .errors import OnnxoptError
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _checker(model: onnx.ModelProto) -> None:
     for t in lazy:
         m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         m.graph.initializer.remove(t)
-    for t in io._all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
+    for t in io.all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
         if ext.uses_external_data(t):
             t.CopyFrom(numpy_helper.from_array(io.to_array(t), t.name))
     try:
@@ -112,7 +113,7 @@ def ensure_finite(reference: onnx.ModelProto, candidate: onnx.ModelProto, data,
 
 
 def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild=None, *, provider: str = "cpu",
-           memory_budget_mb: int = 4096) -> tuple[onnx.ModelProto, dict]:
+           memory_budget_mb: int = MEMORY_BUDGET_MB) -> tuple[onnx.ModelProto, dict]:
     """`ensure_finite` for the runner. Models whose weights exceed the memory budget (they calibrate in
     stages) get the checker only: a whole-model session would exceed the memory the run promises."""
     if not runs_outputs(reference, memory_budget_mb):
@@ -122,7 +123,7 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild
     return ensure_finite(reference, candidate, data, rebuild, provider=provider)
 
 
-def runs_outputs(reference: onnx.ModelProto, memory_budget_mb: int = 4096) -> bool:
+def runs_outputs(reference: onnx.ModelProto, memory_budget_mb: int = MEMORY_BUDGET_MB) -> bool:
     """Whether `verify` will run the model (else only the checker): callers skip preparing a repair."""
     return io.model_bytes(reference) <= memory_budget_mb * 2**20 // 4  # the emulation holds FP32 weights: 2x
 

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 CONSUMER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _NORMS_LAST = ("LayerNormalization",)  # scale/bias over the trailing axes
 _NORMS_CHANNEL = ("BatchNormalization", "InstanceNormalization", "GroupNormalization")  # scale/bias on axis 1
+
+
+def is_norm(node: gs.Node) -> bool:
+    """A normalization whose scale a per-channel factor can be folded into."""
+    return node.op in _NORMS_LAST + _NORMS_CHANNEL
 _MAX_DEPTH = 3  # Add(bias) -> Mul(gamma) -> ... chains followed upwards
 # Positively homogeneous per channel: f(x / s) = f(x) / s for s > 0 (layout kept, channels not mixed).
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "MaxPool")
@@ -113,7 +118,7 @@ def input_channel_absmax(node: gs.Node, w: np.ndarray | None = None) -> np.ndarr
     return np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1).max(axis=1)
 
 
-def _input_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
+def input_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
     """`s` laid out to broadcast against the effective weight along its input channels."""
     r = len(shape)
     if node.op == "Conv":
@@ -210,7 +215,7 @@ def _const_input(graph: gs.Graph, node: gs.Node) -> int | None:
 
 
 # ---------------------------------------------------------------- folding 1/s into the producer
-def _act_shape(v: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
+def activation_shape(v: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
     """`v` (one value per channel) shaped to broadcast against the activation along `axis`."""
     if axis == -1 or (rank is not None and axis == rank - 1):
         return v
@@ -364,7 +369,7 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
         return None
     c_shape = tuple(p.inputs[ci].shape if isinstance(p.inputs[ci], gs.Constant) else effective_weight(p, ci).shape)
     out_rank = rank if rank is not None else max(len(c_shape), 1)
-    f = _act_shape(inv, axis, out_rank)
+    f = activation_shape(inv, axis, out_rank)
     # The scaled constant must not grow the output: its broadcast with the other operand stays X's shape.
     if len(np.broadcast_shapes(c_shape, f.shape)) > out_rank:
         return None
@@ -421,7 +426,7 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
         by_tensor.setdefault(id(n.inputs[1]), []).append(n)
     for group in by_tensor.values():
         ref = group[0]
-        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: _input_factor(ref, shp, s), names)
+        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
 
     # Activation: fold 1/s upwards, or insert a Mul in front of the consumers.
     group_ids = {id(n) for n in consumers}
@@ -430,7 +435,7 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
     how = None if is_output else _fold_into(graph, x, inv, axis, rank, names)
     dtype = x.dtype if x.dtype is not None and np.dtype(x.dtype).kind == "f" else np.float32
     if how is None:
-        c = gs.Constant(names.new(x.name + "_inv_scale"), _act_shape(inv, axis, rank).astype(dtype))
+        c = gs.Constant(names.new(x.name + "_inv_scale"), activation_shape(inv, axis, rank).astype(dtype))
         xs = gs.Variable(names.new(x.name + "_scaled"), dtype=x.dtype, shape=x.shape)
         graph.nodes.append(gs.Node("Mul", name=names.new(x.name + "_smooth_mul"), inputs=[x, c], outputs=[xs]))
         for n in consumers:
@@ -439,7 +444,7 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
         log.debug("'%s': no foldable producer; %s", x.name, how)
         return how
     if others:
-        c = gs.Constant(names.new(x.name + "_restore_scale"), _act_shape(s, axis, rank).astype(dtype))
+        c = gs.Constant(names.new(x.name + "_restore_scale"), activation_shape(s, axis, rank).astype(dtype))
         xr = gs.Variable(names.new(x.name + "_restored"), dtype=x.dtype, shape=x.shape)
         mul = gs.Node("Mul", name=names.new(x.name + "_restore_mul"), inputs=[x, c], outputs=[xr])
         for n in others:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .formats.mxfp8 import DQ_OP as MX_DQ_OP
+
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 VIEW_OPS = ("Cast", "Transpose", "Identity")  # show a constant's values to a layer (cast or permuted)
-PASS_THROUGH = VIEW_OPS + ("DequantizeLinear",)  # what lies between a layer and its weight initializer
+PASS_THROUGH = VIEW_OPS + ("DequantizeLinear", MX_DQ_OP)  # what lies between a layer and its weight initializer
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:
@@ -27,26 +29,23 @@ def weight_of(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
         t = p.inputs[0]
 
 
+# (input-channel axis, output-channel axis) of each weighted op's weight (input 1); Gemm with transB swaps them.
+_WEIGHT_AXES = {"Conv": (1, 0), "ConvTranspose": (0, 1), "Gemm": (0, 1), "MatMul": (-2, -1)}  # MatMul B [..., K, N]
+
+
+def _weight_axes(node: gs.Node) -> tuple[int, int]:
+    axes = _WEIGHT_AXES.get(node.op, _WEIGHT_AXES["MatMul"])
+    return axes[::-1] if node.op == "Gemm" and node.attrs.get("transB", 0) else axes
+
+
 def weight_input_channel_axis(node: gs.Node) -> int:
     """Axis of the weight (input 1) that runs over the layer's input channels (the reduction axis)."""
-    if node.op == "Conv":
-        return 1
-    if node.op == "ConvTranspose":
-        return 0
-    if node.op == "Gemm":
-        return 1 if node.attrs.get("transB", 0) else 0
-    return -2  # MatMul B [..., K, N]
+    return _weight_axes(node)[0]
 
 
 def weight_output_channel_axis(node: gs.Node) -> int:
     """Axis of the weight (input 1) that runs over the layer's output channels (per-channel scales)."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return -1  # MatMul B [..., K, N]
+    return _weight_axes(node)[1]
 
 
 def activation_channel_axis(node: gs.Node) -> int:
@@ -92,3 +91,8 @@ def unique_name(base: str, taken: set) -> str:
 def taken_names(graph: gs.Graph) -> set:
     """Every tensor and node name of `graph`: new names must avoid them."""
     return set(graph.tensors()) | {n.name for n in graph.nodes}
+
+
+def to_kn(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """A MatMul/Gemm weight as [K, N] (reduction axis first): transposed for a Gemm with transB."""
+    return w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w

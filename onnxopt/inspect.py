@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import formats
 from . import graph as G
-from . import io
+from . import formats, io
 
 # Ops that may consume a DequantizeLinear output without breaking TensorRT's fusions: the quantized layers,
 # a residual Add, and the data-movement / pooling ops that TensorRT propagates Q/DQ through.
@@ -56,7 +57,37 @@ class Inspection:
 
 
 def _is_dq(t) -> bool:
-    return bool(t.inputs) and t.inputs[0].op == "DequantizeLinear"
+    """A DequantizeLinear output, also seen through the Cast (and Reshape) of a block format's FP32 output."""
+    p = t.inputs[0] if t.inputs else None
+    for _ in range(3):
+        if p is None:
+            return False
+        if p.op in ("DequantizeLinear", G.MX_DQ_OP):
+            return True
+        if p.op not in ("Cast", "Reshape"):
+            return False
+        p = p.inputs[0].inputs[0] if p.inputs and p.inputs[0].inputs else None
+    return False
+
+
+def block_format(node) -> str:
+    """'nvfp4' / 'mxfp8' when the layer's weight is stored in that block format (else '')."""
+    if len(node.inputs) < 2:
+        return ""
+    const, chain = G.weight_of(node.inputs[1])
+    if const is None:
+        return ""
+    if any(c.op == G.MX_DQ_OP for c in chain):
+        return formats.MXFP8.name
+    return formats.NVFP4.name if _type_name(const.dtype) in formats.NVFP4.storage_names else ""
+
+
+def _in_block_form(dq) -> bool:
+    """A DequantizeLinear of an NVFP4 form: of FP4 codes (constant or dynamic), or of FP8 block scales feeding one."""
+    src = dq.inputs[0]
+    if _type_name(src.dtype) in formats.NVFP4.storage_names or (src.inputs and src.inputs[0].domain == formats.nvfp4.TRT_DOMAIN):
+        return True
+    return any(c.op == "DequantizeLinear" and c.inputs[1] is dq.outputs[0] for c in dq.outputs[0].outputs)
 
 
 def _weight_params(node) -> tuple[int, bool]:
@@ -72,8 +103,9 @@ def _weight_params(node) -> tuple[int, bool]:
     return n, bool(quantized)
 
 
-_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "float8_e4m3fn": 8, "float8_e5m2": 8,
-         "float8_e4m3fnuz": 8, "float8_e5m2fnuz": 8}
+def _format_of(stored: str):
+    """The registered format stored as numpy dtype name `stored` (None if none)."""
+    return formats.from_storage(stored or "")
 
 
 def _type_name(dtype) -> str:
@@ -113,11 +145,16 @@ def layer_format(node) -> str:
     weight into the FP16 GEMM); "" otherwise."""
     stored = _stored_type(node)
     data = [t for t in node.inputs[:2] if t is not None and t.name]
+    block = block_format(node)
+    if block:
+        f = formats.get(block)
+        return (f"{block}/{f.block_size}" if _is_dq(node.inputs[0]) else f"W{f.bits}A16-{block}/{f.block_size}")
     if data and all(_is_dq(t) for t in data):
         kind = stored or _activation_type(node.inputs[0])  # no weight: an attention BMM
-        return "fp8" if kind.startswith("float8") else kind.lstrip("u")
-    if node.op in ("MatMul", "Gemm") and not _is_dq(node.inputs[0]) and stored in _BITS:
-        return f"W{_BITS[stored]}A16"
+        f = _format_of(kind)
+        return f.name if f is not None else kind
+    if node.op in ("MatMul", "Gemm") and not _is_dq(node.inputs[0]) and _format_of(stored) is not None:
+        return f"W{_format_of(stored).bits}A16"
     return ""
 
 
@@ -178,7 +215,7 @@ def engine_findings(graph: gs.Graph) -> EngineFindings:
                 w, _ = G.weight_of(node.inputs[1])
                 dq = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
                 if w is not None and w.shape is not None and len(w.shape) > 1 and w.shape[1] == 1 and dq is not None \
-                        and "int8" in (_quant_type(dq) or ""):
+                        and _format_of(_quant_type(dq)) is formats.INT8:  # TensorRT pads INT8 depthwise
                     f.depthwise_bloat.add(node.name)
         elif node.op == "Softmax":
             why = _attention_break(node)
@@ -194,7 +231,8 @@ def _int4_one_block(node) -> str | None:
     (per-channel scales, or block_size >= K) it dequantizes in a kernel of its own and runs the GEMM in FP16."""
     const, chain = G.weight_of(node.inputs[1])
     dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
-    if const is None or dq is None or "int4" not in _type_name(const.dtype) or const.shape is None or len(const.shape) != 2:
+    f = _format_of(_type_name(const.dtype)) if const is not None else None
+    if dq is None or f is None or f.weights != "per-block" or const.shape is None or len(const.shape) != 2:
         return None
     axis = int(dq.attrs.get("axis", 1)) % 2
     bs = int(dq.attrs.get("block_size", 0))
@@ -259,6 +297,8 @@ def lint(graph: gs.Graph) -> list[str]:
                 issues.append(f"{node.name}: activation scale is not per-tensor")
             if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and np.any(np.asarray(node.inputs[2].values, dtype=np.float32) != 0):
                 issues.append(f"{node.name}: non-zero zero point; TensorRT needs symmetric quantization")
+        elif node.op == "DequantizeLinear" and _in_block_form(node):
+            continue  # the block formats' own form (formats.nvfp4), checked by the TensorRT-RTX probe
         elif node.op == "DequantizeLinear":
             src = node.inputs[0]
             if not isinstance(src, gs.Constant) and not (src.inputs and src.inputs[0].op == "QuantizeLinear"):
@@ -287,7 +327,7 @@ def _small_int8_convs(graph: gs.Graph) -> list[str]:
         const, chain = G.weight_of(n.inputs[1]) if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1 else (None, [])
         if const is not None and const.shape is not None:
             dq = next((c for c in chain if c.op == "DequantizeLinear"), None)
-            convs.append((n, int(np.prod(const.shape)), dq is not None and "int8" in (_quant_type(dq) or "")))
+            convs.append((n, int(np.prod(const.shape)), dq is not None and _format_of(_quant_type(dq)) is formats.INT8))
     if not any(w >= MIN_INT8_CONV_WEIGHTS for _, w, _ in convs):
         return []
     return [f"{n.name} ({n.op}): INT8 conv with {w} weights next to larger ones: TensorRT-RTX adds a separate FP32 "

@@ -108,7 +108,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise OnnxoptError(f"{path}: the model has no nodes; the file may be truncated, re-export it")
     base = path.resolve().parent
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             info = external_data_helper.ExternalDataInfo(t)
             loc = base / info.location
@@ -117,15 +117,17 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
             need = (info.offset or 0) + (info.length or 0)
             if info.length and loc.stat().st_size < need:
                 raise OnnxoptError(f"{path}: external data file '{info.location}' is truncated (tensor '{t.name}' needs {need} bytes); re-export the model")
-            _set_location(t, str(loc))
+            set_location(t, str(loc))
     return model
 
 
-def _all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor of `model` (initializers, attributes, subgraphs)."""
     yield from external_data_helper._get_all_tensors(model)
 
 
-def _set_location(t: onnx.TensorProto, location: str) -> None:
+def set_location(t: onnx.TensorProto, location: str) -> None:
+    """Point an external tensor at file `location`."""
     for e in t.external_data:
         if e.key == "location":
             e.value = location
@@ -168,7 +170,7 @@ def to_array(t: onnx.TensorProto) -> np.ndarray:
 
 def embedded_bytes(model: onnx.ModelProto) -> int:
     """Bytes of weights held inside the protobuf (not in external files)."""
-    return sum(t.ByteSize() for t in _all_tensors(model) if not external_data_helper.uses_external_data(t))
+    return sum(t.ByteSize() for t in all_tensors(model) if not external_data_helper.uses_external_data(t))
 
 
 EXTERNALIZE_BYTES = 32 * 2**20  # above this, copies of the protobuf would dominate peak memory
@@ -195,7 +197,7 @@ def externalize(model: onnx.ModelProto, workdir: str | os.PathLike) -> onnx.Mode
 
 def internalize(model: onnx.ModelProto) -> None:
     """Read every external tensor into the protobuf (for models that must outlive their data files)."""
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             raw = read_external(t)
             del t.external_data[:]
@@ -205,7 +207,7 @@ def internalize(model: onnx.ModelProto) -> None:
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Approximate size of the model with all its weights."""
-    return sum(tensor_bytes(t) for t in _all_tensors(model)) + model.graph.ByteSize() // 4
+    return sum(tensor_bytes(t) for t in all_tensors(model)) + model.graph.ByteSize() // 4
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -349,7 +351,7 @@ def _weights_before_use(g: onnx.GraphProto) -> None:
 def stamp_ir_version(model: onnx.ModelProto) -> None:
     """Lowest IR version that the opsets and data types need, never above what ORT 1.31 reads."""
     need = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    types = {t.data_type for t in _all_tensors(model)}
+    types = {t.data_type for t in all_tensors(model)}
     types |= {vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
     P = onnx.TensorProto
     if types & {P.FLOAT8E4M3FN, P.FLOAT8E4M3FNUZ, P.FLOAT8E5M2, P.FLOAT8E5M2FNUZ}:
@@ -377,7 +379,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         if external_data:
             fd, tmp_data = _mkstemp(path, name=data_name)
             with os.fdopen(fd, "wb") as f:
-                for t in _all_tensors(model):
+                for t in all_tensors(model):
                     _move_to_file(t, f, data_name)
         else:
             internalize(model)

@@ -121,7 +121,7 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
     m.CopyFrom(model)
     io.stamp_ir_version(m)
     folders = set()
-    for t in io._all_tensors(m):
+    for t in io.all_tensors(m):
         if external_data_helper.uses_external_data(t):
             folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
     try:
@@ -129,9 +129,9 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
             return _session_via_file(m, so, providers)
         if folders:
             base = os.path.commonpath(list(folders))
-            for t in io._all_tensors(m):
+            for t in io.all_tensors(m):
                 if external_data_helper.uses_external_data(t):
-                    io._set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
+                    io.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
         return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
     except OnnxoptError:

@@ -25,12 +25,12 @@ import onnx_graphsurgeon as gs
 
 from . import autocast, calib, finite, io, ort, progress
 from .errors import OnnxoptError
+from .settings import MEMORY_BUDGET_MB, PROVIDERS, RunSettings
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
 OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
-PROVIDERS = ("cpu", "cuda")
 
 
 @runtime_checkable
@@ -49,21 +49,27 @@ class Pass(Protocol):
 
 
 @dataclass
+class AwqChoice:
+    """The AWQ pass's result for the Int4 pass: per layer, clip ratios or error-feedback rounded (codes, scales)."""
+    clips: dict
+    method: str
+
+
+@dataclass
 class Context:
     """What a pass sees: the graph it rewrites in place and the run's shared settings and state."""
     graph: gs.Graph
     data: calib.CalibData | None
     workdir: Path
     recipe: tuple
-    memory_budget_mb: int = 4096
-    provider: str = "cpu"
-    allow_cpu_fallback: bool = False
-    progress: bool = True
+    settings: RunSettings = field(default_factory=RunSettings)
     high_precision: str = "fp32"   # precision of what is not quantized (the recipe's Autocast), for scale rounding
     report: dict = field(default_factory=dict)
-    # Shared statistics between passes, e.g. "awq_clips" (AWQ -> Int4), "fp32_nodes" (QDQ -> Autocast);
+    # Hand-offs between passes: what the AWQ pass chose for the Int4 pass after it, and the nodes a
+    # quantizing pass needs kept in FP32 (weight scales below FP16's range) for Autocast.
+    awq: AwqChoice | None = None
+    fp32_nodes: list = field(default_factory=list)
     # `extra_reducers` (tensor name -> calib reducers) ride on the Q/DQ pass's one calibration pass.
-    stats: dict = field(default_factory=dict)
     extra_reducers: dict = field(default_factory=dict)
     reference: onnx.ModelProto | None = None  # the FP32 source (lazy weights), for checks against it
     opset: int = 0                            # default-domain opset of the export (0: the model's)
@@ -73,6 +79,22 @@ class Context:
     range_reducers: dict | None = None
     rebuild: Callable | None = None           # Autocast's "convert again with these nodes in FP32" (finite repair)
     check_data: calib.CalibData | None = None  # generated samples when no data was given
+
+    @property
+    def provider(self) -> str:
+        return self.settings.provider
+
+    @property
+    def memory_budget_mb(self) -> int:
+        return self.settings.memory_budget_mb
+
+    @property
+    def progress(self) -> bool:
+        return self.settings.progress
+
+    @property
+    def allow_cpu_fallback(self) -> bool:
+        return self.settings.allow_cpu_fallback
 
     def require_data(self, who: str) -> calib.CalibData:
         if self.data is None:
@@ -138,7 +160,7 @@ class Runner:
     max_batch: int | None = None            # split calibration feeds to at most this batch
     provider: str = "cpu"
     allow_cpu_fallback: bool = False
-    memory_budget_mb: int = 4096
+    memory_budget_mb: int = MEMORY_BUDGET_MB
     progress: bool = True
     check_finite: bool = True               # run the written graph against the FP32 model before the save
     skip_nonfinite: bool = False            # leave out calibration samples holding inf/NaN (else an error)
@@ -165,6 +187,7 @@ class Runner:
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
         self.provider = _checked_provider(self.provider, self.allow_cpu_fallback)
+        self.settings = RunSettings(self.provider, self.allow_cpu_fallback, self.memory_budget_mb, self.progress, self.seed)
         if self.needs_data and self.data is None and not self.calib_random:
             who = ", ".join(p.name for p in self.recipe if p.needs_data)
             raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
@@ -195,8 +218,7 @@ class Runner:
         if data is not None and data.skipped:
             report["skipped_nonfinite"] = data.skipped
             log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
-        ctx = Context(io.import_graph(fp32), data, work, self.recipe, memory_budget_mb=self.memory_budget_mb,
-                      provider=self.provider, allow_cpu_fallback=self.allow_cpu_fallback, progress=self.progress,
+        ctx = Context(io.import_graph(fp32), data, work, self.recipe, self.settings,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
                       opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
         del m

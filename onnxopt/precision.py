@@ -16,14 +16,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from . import calib
+from onnx import helper
+
+from . import calib, formats
 from .graph import read_values
 
 log = logging.getLogger(__name__)
 
-FMAX = {"fp16": float(np.finfo(np.float16).max), "bf16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}
+_LOW = [formats.get(n) for n in formats.low_precision()]
+FMAX = {f.name: f.qmax for f in _LOW}
 # Unit roundoff of each format: the relative error of rounding one value.
-UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+UNIT = {f.name: f.extra["unit"] for f in _LOW}
 SENTINEL = 1e30  # |x| this large is a mask value, not data
 SAFE_FRACTION = 1 / 8  # headroom: calibration never sees the worst input
 # Ops whose output range is at most their inputs' (data movement, selection, Q/DQ) or bounded by 1.
@@ -140,10 +143,17 @@ def _scaled(node, ins) -> float | None:
 
 
 def _qmax(dtype) -> float:
-    if isinstance(dtype, int):
-        dtype = {17: "float8_e4m3fn", 3: "int8", 2: "uint8", 22: "int4", 21: "uint4"}.get(dtype, "float8_e4m3fn")
-    name = np.dtype(dtype).name if dtype is not None else ""
-    return {"int8": 128.0, "uint8": 255.0, "int4": 8.0, "uint4": 15.0}.get(name, 448.0)
+    """Largest |value| a DequantizeLinear's stored type holds (an ONNX enum or numpy dtype): its integer or float
+    range; unknown types count as the widest registered format."""
+    try:
+        dt = np.dtype(helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else dtype)
+        try:
+            info = ml_dtypes.iinfo(dt)
+            return float(max(-int(info.min), int(info.max)))
+        except ValueError:
+            return float(ml_dtypes.finfo(dt).max)
+    except (TypeError, ValueError, KeyError):
+        return max(max(-f.qmin, f.qmax) for f in map(formats.get, formats.names()) if f.quantized)
 
 
 def plan_fp32(graph: gs.Graph, measured: dict[str, float], dtype: str, skip=frozenset()) -> dict[str, dict]:
@@ -229,7 +239,7 @@ def _fp16_error(node, rng: dict, out_hi: float, dtype: str) -> tuple[float, floa
             return None
         eps = node.attrs.get("epsilon", 1e-5)
         exact = [np.asarray(read_values(c), np.float64) for c in consts]
-        low = np.float16 if dtype == "fp16" else ml_dtypes.bfloat16
+        low = formats.get(dtype).np_dtype
         rounded = [np.asarray(v).astype(low).astype(np.float64) for v in exact]
 
         def affine(s, b, m, v):

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from . import recipes
 from .errors import OnnxoptError
+from .passes.blockfp import BlockFP
 from .pipeline import Recipe
 from .recipes import QuantConfig
 
@@ -51,10 +52,12 @@ def sdxl_int8(**overrides) -> QuantConfig:
 
 
 def sdxl(mode: str = "fp8", **overrides) -> QuantConfig:
-    """The SDXL recipe for `mode` ("fp8" or "int8")."""
+    """The SDXL recipe for `mode` ("fp8", "int8", or "nvfp4"/"mxfp8": FP8's with the block format on its GEMMs)."""
     recipes = {"fp8": sdxl_fp8, "int8": sdxl_int8}
+    # Block formats (NVFP4, MXFP8) take FP8's exclusions and calibration; the block format goes on the GEMMs it allows.
+    recipes.update({n: lambda m=n, **o: sdxl_fp8(**{"mode": m, **o}) for n in BlockFP.FORMATS})
     if mode not in recipes:
-        raise OnnxoptError(f"the sdxl preset has fp8 and int8 recipes, not '{mode}'; use --fp8 or --int8")
+        raise OnnxoptError(f"the sdxl preset has {', '.join(recipes)} recipes, not '{mode}'; use --fp8 or --int8")
     return recipes[mode](**overrides)
 
 

@@ -11,25 +11,28 @@ from pathlib import Path
 
 import onnx
 
-from . import autocast, calib, pipeline
+from . import calib, pipeline
+from . import formats as registry
 from .errors import OnnxoptError
 from .sampler import SamplerOptions
-from .passes import AWQ, QDQ, Autocast, AutoQuant, Int4, LowRank, SmoothQuant, Sparsify
+from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, LowRank, SmoothQuant, Sparsify
+from .settings import MEMORY_BUDGET_MB
 
-MODES = ("int8", "fp8", "int4")
-DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
-MIN_OPSET = {"int8": QDQ.min_opset, "fp8": QDQ.min_opset, "int4": Int4.min_opset}
+MODES = registry.modes()
+DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
+MIN_OPSET = {m: max(registry.get(m).min_opset, QDQ.min_opset) for m in MODES}
 QuantResult = pipeline.Result
 
 
 @dataclass
 class QuantConfig:
-    mode: str = "fp8"                          # "int8" | "fp8" | "int4"
+    mode: str = registry.FP8.name               # one of registry.modes()
+    weight_only: bool = False                  # nvfp4: FP4 weights, FP16 activations (W4A16)
     calib_method: str | None = None            # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
     exclude: tuple = ()                        # regexes on node names
     op_types: tuple = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-    high_precision: str = "fp16"               # "fp16" | "bf16" | "fp32"
+    high_precision: str = registry.FP16.name    # one of registry.high_precision()
     io_dtype: str | None = None                # None keeps graph I/O dtypes
     quantize_mha: bool = True                  # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
@@ -38,17 +41,17 @@ class QuantConfig:
     lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
     lowrank_budget: float | None = None        # --lowrank auto: extra bytes / quantized weight bytes (default 0.1)
     awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
-    block_size: int = 128                      # int4; 0 = per-channel
+    block_size: int | None = None              # int4: along K (0 = per-channel); None: the format's (INT4: 128)
     int8_layers: str | None = None             # int4: regex of layers kept at per-channel INT8 weights
     sparsity: str | None = None                # "2:4": sparsify before quantization
     sparsity_method: str = "magnitude"         # "magnitude" | "sparsegpt"
     provider: str = "cpu"                      # calibration execution provider
-    memory_budget_mb: int = 4096               # calibration: weights held at once (else stages), whole activations per pass
+    memory_budget_mb: int = MEMORY_BUDGET_MB               # calibration: weights held at once (else stages), whole activations per pass
     calib_batches: int | None = None           # use at most this many calibration batches
     calib_max_batch: int | None = None         # split calibration feeds to at most this batch (bounds activations)
     progress: bool = True
     auto: bool = False                         # per-layer format search (AutoQuant) instead of one mode
-    formats: tuple = ("fp8", "int8")           # --auto: candidate formats besides FP16
+    formats: tuple = registry.auto_defaults()   # --auto: candidate formats besides FP16
     target_cosine: float | None = None         # --auto targets (exactly one)
     target_top1: float | None = None
     bits: float | None = None
@@ -66,14 +69,14 @@ class QuantConfig:
             raise OnnxoptError(f"unknown calibration method '{self.calib_method}'; use one of {', '.join(calib.METHODS)}")
         if not 0.0 < self.percentile <= 100.0:
             raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
-        if self.high_precision not in autocast.DTYPES:
-            raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use fp16, bf16 or fp32")
+        if self.high_precision not in registry.high_precision():
+            raise OnnxoptError(f"unknown --high-precision '{self.high_precision}'; use {', '.join(registry.high_precision())}")
         self.exclude = tuple(self.exclude or ())
         self.op_types = tuple(self.op_types)
 
     @property
     def method(self) -> str:
-        return self.calib_method or DEFAULT_METHOD.get(self.mode, "max")
+        return self.calib_method or registry.get(self.mode).calib_method or "max"
 
 
 def recipe(config: QuantConfig) -> pipeline.Recipe:
@@ -85,13 +88,20 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
                                 target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
-                                engine_shapes=c.engine_shapes, block_size=c.block_size, exclude=c.exclude,
+                                engine_shapes=c.engine_shapes, block_size=registry.INT4.block_size if c.block_size is None
+                                else c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
-    elif c.mode == "int4":
+    elif c.mode in BlockFP.FORMATS:
+        passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq="lite" if c.awq != "none" and registry.get(c.mode).awq else "none",
+                              calib_method=c.calib_method, percentile=c.percentile,
+                              exclude=c.exclude, op_types=c.op_types, quantize_mha=c.quantize_mha,
+                              bias_correction=c.bias_correction))
+    elif registry.get(c.mode).weight_only:
         if c.awq != "none":
             passes.append(AWQ(c.awq))
         passes += _lowrank(c)
-        passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types))
+        passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types,
+                           format=c.mode))
     else:
         if c.smoothquant is not None:
             passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))
@@ -132,7 +142,7 @@ def prepare(model, mode: str, workdir: str | None = None) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------- file-level API of single passes
-def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = None, keep_fp32_ops=(),
+def convert(model_path, output, dtype: str = registry.FP16.name, *, io_dtype: str | None = None, keep_fp32_ops=(),
             data=None, calib_random: int | None = None, shapes: dict | None = None, seed: int = 0,
             provider: str = "cpu", measure: bool = True, verify: bool = True, report: dict | None = None) -> Path:
     """The FP16 (or BF16) baseline of a model: `onnxopt convert model.onnx --fp16 -o out.onnx`.
@@ -151,7 +161,7 @@ def convert(model_path, output, dtype: str = "fp16", *, io_dtype: str | None = N
 
 def sparsify_model(input_path, output_path, *, data=None,
                    calib_limit: int | None = None, calib_random: int | None = None, shapes: dict | None = None,
-                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+                   seed: int = 0, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
                    **options) -> dict:
     """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
     (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are

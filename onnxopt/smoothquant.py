@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib, fold
+from . import calib, fold, formats
 from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
 from .progress import track
 from .graph import activation_channel_axis
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class _Layer:
     y_norm: float
 
 
-def _layer(node: gs.Node, sample: np.ndarray) -> _Layer:
+def sim_layer(node: gs.Node, sample: np.ndarray) -> _Layer:
+    """The layer's weight matrix, input samples and FP32 output on them, for the simulated INT8 error."""
     w = fold.effective_weight(node)
     w3 = fold.weight_matrix(node, w)
     g, r, _ = w3.shape
@@ -118,14 +120,17 @@ def _layer(node: gs.Node, sample: np.ndarray) -> _Layer:
     return _Layer(w3, chan, col_group, x, y, float(np.sum(y.astype(np.float64) ** 2)) or 1.0)
 
 
+TARGET = formats.INT8   # the format SmoothQuant prepares activations for (its numbers in the simulated error)
+
+
 def _qdq_int8(v: np.ndarray, scale) -> np.ndarray:
-    return np.clip(np.rint(v / scale), -127, 127) * scale
+    return np.clip(np.rint(v / scale), TARGET.qmin, TARGET.qmax) * scale
 
 
 def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray) -> float:
     """Sum over layers of ||Y_qdq - Y_fp32||^2 / ||Y_fp32||^2 with INT8 activations (per-tensor scale from
     the smoothed max) and INT8 weights (per output channel) after smoothing by `s`."""
-    a_scale = max(float(np.max(act_max / s)), 1e-12) / 127.0
+    a_scale = max(float(np.max(act_max / s)), 1e-12) / TARGET.qmax
     err = 0.0
     for L in layers:
         srow = s[L.chan].astype(np.float32)  # [g, r]
@@ -133,7 +138,7 @@ def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray) ->
         ws = L.w3 * srow[:, :, None]
         g, r, o = ws.shape
         amax = np.abs(ws).reshape(g, r, o // L.col_group, L.col_group).max(axis=(1, 3))
-        w_scale = np.repeat(np.maximum(amax, 1e-12) / 127.0, L.col_group, axis=1)[:, None, :]
+        w_scale = np.repeat(np.maximum(amax, 1e-12) / TARGET.qmax, L.col_group, axis=1)[:, None, :]
         y = np.matmul(xq, _qdq_int8(ws, w_scale))
         err += float(np.sum((y - L.y_ref).astype(np.float64) ** 2)) / L.y_norm
     return err
@@ -154,7 +159,8 @@ def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray) -
 
 
 # ---------------------------------------------------------------- entry point
-def _parse_alpha(value) -> float | str:
+def parse_alpha(value) -> float | str:
+    """A SmoothQuant alpha in [0, 1], or 'auto'."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
@@ -167,12 +173,12 @@ def _parse_alpha(value) -> float | str:
 
 
 def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: float | str = 0.5, exclude=(),
-           op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True) -> dict:
+           op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True) -> dict:
     """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers (`plan`,
     else every weight layer of `op_types` not matching `exclude`), alpha fixed (a float) or searched per
     activation ('auto'). Returns the report."""
     t0 = time.perf_counter()
-    alpha = _parse_alpha(alpha)
+    alpha = parse_alpha(alpha)
     if data is None:
         raise OnnxoptError("SmoothQuant needs calibration data: pass --calib FILE (or --calib-random N)")
     groups = find_groups(graph, plan, exclude, op_types)
@@ -221,7 +227,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
         w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
         entry = {"activation": g.activation, "layers": [n.name for n in g.layers]}
         if batches:
-            layers = [_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
+            layers = [sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
             chosen, s, entry["error"] = search_alpha(layers, act_max, w_max)
             del layers
             g.samplers.clear()

@@ -19,7 +19,7 @@ from . import calib, io, obs
 from . import graph as G
 from .errors import OnnxoptError
 from .progress import bar as bar_
-from .sparsity_layers import _Unit, is_n_m, keep_mask
+from .sparsity_layers import Unit, is_n_m, keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,12 @@ def _hkey(node: gs.Node, eff_shape: tuple) -> _HKey:
 
 @dataclass
 class _SGPlan:
-    unit: _Unit
+    unit: Unit
     keys: list        # one _HKey per use
     rows: np.ndarray  # [out, in] flat constant positions
 
 
-def plan(unit: _Unit, hbudget: int):
+def plan(unit: Unit, hbudget: int):
     """The SparseGPT plan of a unit (Hessian keys, row layout), or (None, why it prunes by magnitude)."""
     plans = []
     for use in unit.uses:

@@ -26,9 +26,10 @@ from .errors import OnnxoptError
 from .sparsegpt import plan as _sparsegpt_plan
 from .sparsegpt import run as _run_sparsegpt
 from .sparsegpt import sparsegpt_prune
-from .sparsity_layers import (_dq_fields, _effective_nonzero, _groups_ok, _other_uses, _Unit, _Use, _weight_layers,
-                              _dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
+from .sparsity_layers import (dq_fields, effective_nonzero, groups_ok, other_uses, Unit, Use, weight_layers,
+                              dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
 from .sparsity_report import format_report, report, summary
+from .settings import MEMORY_BUDGET_MB
 
 __all__ = ["METHODS", "sparsify", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
            "report", "summary", "format_report"]
@@ -41,7 +42,7 @@ METHODS = ("magnitude", "sparsegpt")
 def _plan(graph, n, m, exclude, min_params):
     """Per-layer rows for the report and the units (initializers) to prune."""
     rows, units = {}, {}
-    for node, const, chain, axis, reason in _weight_layers(graph):
+    for node, const, chain, axis, reason in weight_layers(graph):
         params = int(np.prod(const.shape))
         row = {"name": node.name, "op": node.op, "weight": const.name, "shape": [int(d) for d in const.shape],
                "axis": axis, "params": params, "status": "skipped", "method": None, "reason": reason}
@@ -50,8 +51,8 @@ def _plan(graph, n, m, exclude, min_params):
             row["reason"] = f"input-channel axis has {const.shape[axis]} channels, not a multiple of {m}"
         if reason is None and any(r.search(node.name or "") for r in exclude):
             row["reason"] = "excluded by --exclude"
-        unit = units.setdefault(id(const), _Unit(const))
-        unit.uses.append(_Use(node, chain, axis))
+        unit = units.setdefault(id(const), Unit(const))
+        unit.uses.append(Use(node, chain, axis))
     for unit in units.values():
         urows = [rows[id(u.node)] for u in unit.uses]
         bad = next((r for r in urows if r["reason"]), None)
@@ -61,11 +62,11 @@ def _plan(graph, n, m, exclude, min_params):
             unit.skip = "shared initializer used along different input-channel axes"
         elif len({id(next((p for p in u.chain if p.op == "DequantizeLinear"), None)) for u in unit.uses}) > 1:
             unit.skip = "shared initializer behind different DequantizeLinear nodes"
-        elif (other := _other_uses(graph, unit.const)):
+        elif (other := other_uses(graph, unit.const)):
             unit.skip = f"initializer also feeds {other[0]}"
         elif urows[0]["params"] < min_params:
             unit.skip = f"{urows[0]['params']} weights < min_params {min_params}: too small to gain"
-        elif unit.dq is not None and _dq_parts(unit.dq) is None:
+        elif unit.dq is not None and dq_parts(unit.dq) is None:
             unit.skip = "DequantizeLinear scale or zero point is not an initializer"
         elif unit.dq is not None and unit.dq.inputs[0] is not unit.const:
             unit.skip = "DequantizeLinear does not read the initializer directly"
@@ -76,10 +77,10 @@ def _plan(graph, n, m, exclude, min_params):
 
 
 # ---------------------------------------------------------------- magnitude
-def _prune_magnitude(unit: _Unit, n: int, m: int) -> None:
+def _prune_magnitude(unit: Unit, n: int, m: int) -> None:
     v = np.array(G.read_values(unit.const), copy=True)
     if unit.dq is not None:
-        s, z = _dq_fields(unit.dq, v)
+        s, z = dq_fields(unit.dq, v)
         score = np.abs(v.astype(np.float32) - np.asarray(z).astype(np.float32)) * np.abs(s)
         keep = keep_mask(score, unit.axis, n, m)
         v[~keep] = np.asarray(z)[~keep]  # the zero point dequantizes to exactly 0
@@ -93,7 +94,7 @@ def _prune_magnitude(unit: _Unit, n: int, m: int) -> None:
 # ---------------------------------------------------------------- the pass
 def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude", data: calib.CalibData | None = None,
              exclude=(), min_params: int = 4096, damp: float = 0.01, block: int = 128, provider: str = "cpu",
-             memory_budget_mb: int = 4096, progress: bool = True, sequential: bool = True) -> dict:
+             memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True, sequential: bool = True) -> dict:
     """Prune the weights of Conv/ConvTranspose/MatMul/Gemm layers to N:M along their input-channel axis, in place.
 
     Weights are found through Cast/Transpose/DequantizeLinear/Identity; a shared initializer is pruned once.
@@ -125,7 +126,7 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
     for unit in units:
         if unit.skip:
             continue
-        if _groups_ok(_effective_nonzero(unit.const, unit.dq), unit.axis, n, m):
+        if groups_ok(effective_nonzero(unit.const, unit.dq), unit.axis, n, m):
             unit.skip = f"already {n}:{m}"
             for u in unit.uses:
                 rows[id(u.node)].update(status="already", reason=unit.skip)

@@ -35,7 +35,8 @@ def _nonzero(a: np.ndarray) -> np.ndarray:
     return a != 0
 
 
-def _groups_ok(nonzero: np.ndarray, axis: int, n: int, m: int) -> bool:
+def groups_ok(nonzero: np.ndarray, axis: int, n: int, m: int) -> bool:
+    """Whether every group of `m` along `axis` has at most `n` non-zeros."""
     if nonzero.ndim == 0 or nonzero.shape[axis] % m:
         return False
     nz = np.moveaxis(nonzero, axis, -1)
@@ -46,7 +47,7 @@ def _groups_ok(nonzero: np.ndarray, axis: int, n: int, m: int) -> bool:
 def is_n_m(array: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
     """True when every group of `m` consecutive values along `axis` holds at most `n` non-zeros
     (False when the axis length is not a multiple of `m`)."""
-    return _groups_ok(_nonzero(array), axis, n, m)
+    return groups_ok(_nonzero(array), axis, n, m)
 
 
 def is_2_4(array: np.ndarray, axis: int) -> bool:
@@ -67,14 +68,15 @@ def keep_mask(score: np.ndarray, axis: int, n: int = 2, m: int = 4) -> np.ndarra
 
 # ---------------------------------------------------------------- finding weights
 @dataclass
-class _Use:
+class Use:
+    """One layer reading a weight: the node, the pass-through chain and the constant's input-channel axis."""
     node: gs.Node
     chain: list  # pass-through nodes between the constant and the layer, nearest the layer first
     axis: int    # input-channel axis on the constant
 
 
 @dataclass
-class _Unit:
+class Unit:
     """One initializer and the layers that use it as their weight (pruned once)."""
     const: gs.Constant
     uses: list = field(default_factory=list)
@@ -89,7 +91,7 @@ class _Unit:
         return next((p for p in self.uses[0].chain if p.op == "DequantizeLinear"), None)
 
 
-def _weight_layers(graph: gs.Graph):
+def weight_layers(graph: gs.Graph):
     """(node, constant, chain, constant axis or None, reason) for each layer whose weight is an initializer."""
     for node in graph.nodes:
         if node.op not in G.WEIGHT_OPS or len(node.inputs) < 2:
@@ -124,7 +126,7 @@ def _is_float_dtype(dt) -> bool:
         return False
 
 
-def _other_uses(graph: gs.Graph, const: gs.Constant) -> list[str]:
+def other_uses(graph: gs.Graph, const: gs.Constant) -> list[str]:
     """Uses of `const` other than as the weight input of a Conv/ConvTranspose/MatMul/Gemm (through pass-throughs)."""
     outs = {id(t) for t in graph.outputs}
     stack, other = [const], []
@@ -143,7 +145,8 @@ def _other_uses(graph: gs.Graph, const: gs.Constant) -> list[str]:
 
 
 # ---------------------------------------------------------------- values behind DequantizeLinear
-def _dq_parts(dq: gs.Node):
+def dq_parts(dq: gs.Node):
+    """(scale, zero point) constants of a DequantizeLinear, or None if they are not constants."""
     scale = dq.inputs[1] if len(dq.inputs) > 1 else None
     zp = dq.inputs[2] if len(dq.inputs) > 2 else None
     if not isinstance(scale, gs.Constant) or (zp is not None and zp.name and not isinstance(zp, gs.Constant)):
@@ -163,8 +166,9 @@ def _broadcast_param(v: np.ndarray, shape, axis: int, block: int) -> np.ndarray:
     return rep[tuple(slice(0, d) for d in shape)]
 
 
-def _dq_fields(dq: gs.Node, q: np.ndarray):
-    scale, zp = _dq_parts(dq)
+def dq_fields(dq: gs.Node, q: np.ndarray):
+    """Scale and zero point of a DequantizeLinear broadcast to its quantized input `q`."""
+    scale, zp = dq_parts(dq)
     axis = int(dq.attrs.get("axis", 1)) % max(q.ndim, 1)
     block = int(dq.attrs.get("block_size", 0))
     s = _broadcast_param(scale.values, q.shape, axis, block).astype(np.float32)
@@ -172,9 +176,10 @@ def _dq_fields(dq: gs.Node, q: np.ndarray):
     return s, z
 
 
-def _effective_nonzero(const: gs.Constant, dq: gs.Node | None) -> np.ndarray:
+def effective_nonzero(const: gs.Constant, dq: gs.Node | None) -> np.ndarray:
+    """Where the weight is non-zero as the layer sees it (after its DequantizeLinear's zero point)."""
     v = G.read_values(const)
-    if dq is None or _dq_parts(dq) is None or dq.inputs[0] is not const:
+    if dq is None or dq_parts(dq) is None or dq.inputs[0] is not const:
         return _nonzero(v)
-    _, z = _dq_fields(dq, v)
+    _, z = dq_fields(dq, v)
     return np.asarray(v).astype(np.float32) != np.asarray(z).astype(np.float32)

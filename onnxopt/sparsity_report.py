@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G
-from .sparsity_layers import _effective_nonzero, _groups_ok, _weight_layers, parse_pattern
+from .sparsity_layers import effective_nonzero, groups_ok, weight_layers, parse_pattern
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +20,12 @@ def report(graph: gs.Graph, pattern: str = "2:4", *, flops: bool = True) -> list
     n, m = parse_pattern(pattern)
     shapes = _shapes(graph) if flops else {}
     out = []
-    for node, const, chain, axis, reason in _weight_layers(graph):
+    for node, const, chain, axis, reason in weight_layers(graph):
         eligible = reason is None and const.shape[axis] % m == 0
         if reason is None and not eligible:
             reason = f"input-channel axis has {const.shape[axis]} channels, not a multiple of {m}"
         dq = next((p for p in chain if p.op == "DequantizeLinear"), None)
-        ok = eligible and _groups_ok(_effective_nonzero(const, dq), axis, n, m)
+        ok = eligible and groups_ok(effective_nonzero(const, dq), axis, n, m)
         params = int(np.prod(const.shape))
         flops, exact = _flops(node, const.shape, shapes)
         out.append({"name": node.name, "op": node.op, "weight": const.name, "shape": [int(d) for d in const.shape],

@@ -117,9 +117,10 @@ def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
     from onnxopt import pipeline
     graph, p, cands, feeds, amax, means = _calibrated(model, calib, ("fp8", "int8", "int4"))
     assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int4"]
-    from onnxopt.quant import mixed
+    from onnxopt.quant import writer
     mix = {"layer0": "fp8", "layer1": "int4", "layer2": "int8"}
-    info = mixed.insert(graph, mix, p.configs(), amax, means, high_precision="fp32", block_size=32)
+    info = writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means, block_size=32),
+                        high_precision="fp32")
     assert {info[n]["format"] for n in mix} == {"fp8", "int8", "int4"}
     out = io.export_graph(graph, opset=21)
     types = {(n.op_type, t.data_type) for n in out.graph.node if n.op_type == "DequantizeLinear"
@@ -193,7 +194,7 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
     folded or a Mul in front, s ⊙ W), and SmoothQuant rescues the outlier layer that plain INT8 cannot keep."""
     model, calib = mlp
     from onnxopt import pipeline
-    from onnxopt.quant import mixed
+    from onnxopt.quant import writer
     graph, p, cands, feeds, amax, means = _calibrated(model, calib, ("fp8", "int8", "int8-sq"))
     assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int8-sq"]
     assert cands.smooth["r0"].alpha is not None and cands.smooth["r0"].s.max() > 10  # the outlier channel moved
@@ -207,7 +208,8 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
         for key in m.items():
             gates[index[key]] = 1
         return gsess.run(None, {"x": x, autoquant.GATES: gates})[0]
-    info = mixed.insert(graph, mix, p.configs(), amax, means, high_precision="fp32", smooth=cands.smooth)
+    info = writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means,
+                                                         smooth=cands.smooth), high_precision="fp32")
     out = io.export_graph(graph, opset=21)
     assert all(info[n]["format"] == f for n, f in mix.items())
     y = ort.session(out, level="disable").run(None, {"x": x})[0]
@@ -243,7 +245,7 @@ def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
     """A Conv in INT8 (plain or smoothed): the mixed graph folds the same bias correction the gated graph
     measured (its mean looked up behind the activation's Q/DQ), so both compute the same output."""
     from onnxopt import pipeline
-    from onnxopt.quant import mixed
+    from onnxopt.quant import writer
     path = tmp_path / "conv.onnx"
     feeds = _conv_model(path)
     graph = io.import_graph(pipeline.load(str(path), 21))
@@ -257,7 +259,8 @@ def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
     gates[index[("conv1", fmt)]] = 1
     x = feeds[0]["x"]
     want = ort.session(io.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
-    info = mixed.insert(graph, {"conv1": fmt}, p.configs(), amax, means, high_precision="fp32", smooth=cands.smooth)
+    info = writer.write(graph, writer.QuantPlan.from_mix({"conv1": fmt}, configs=p.configs(), amax=amax, means=means,
+                                                         smooth=cands.smooth), high_precision="fp32")
     assert info["conv1"]["format"] == fmt and info["conv1"]["bias_correction"] > 0
     got = ort.session(io.export_graph(graph, opset=21), level="disable").run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -87,7 +87,7 @@ def test_compact_weights_give_the_same_sensitivities(setup, monkeypatch):
     for compact in (False, True):
         monkeypatch.setattr(gated, "COMPACT_WEIGHTS", compact)
         model, index, shapes = _gated(graph, cands, amax, means)
-        size[compact] = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+        size[compact] = sum(io.tensor_bytes(t) for t in io.all_tensors(model))
         res[compact] = _exact(autoquant.Evaluator(model, index, search, verify, "cpu", shapes), index)
     assert {"fp8", "int8", "int4"} <= {f for _, f in res[True]}
     assert {"Gemm", "Conv", "MatMul"} <= {cands.layers[n].op for n, _ in res[True]}
@@ -187,7 +187,7 @@ def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
         s = real(model, **kw)
         alive[0] += 1
         peak[0] = max(peak[0], alive[0])
-        sizes.append(sum(io.tensor_bytes(t) for t in io._all_tensors(model)))
+        sizes.append(sum(io.tensor_bytes(t) for t in io.all_tensors(model)))
         import weakref
         weakref.finalize(s, lambda: alive.__setitem__(0, alive[0] - 1))
         return s
@@ -199,7 +199,7 @@ def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
     list(st.sensitivities(list(index), progress=False))
     st.metrics(st.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "verify")
     assert peak[0] == 1 and len(sizes) > 6
-    whole = sum(io.tensor_bytes(t) for t in io._all_tensors(model))
+    whole = sum(io.tensor_bytes(t) for t in io.all_tensors(model))
     assert max(sizes) < 0.6 * whole
 
 

@@ -9,6 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import awq, calib, io, ort
+from onnxopt import graph as G
+from onnxopt.formats import INT4
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import int4
 
@@ -72,8 +74,8 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     m = _mlp(k=k, gemm=gemm)
     ref_graph = io.import_graph(m)
     fc1 = next(n for n in ref_graph.nodes if n.name == "fc1")
-    w = int4.to_kn(fc1, np.asarray(fc1.inputs[1].values))
-    q_ref, s_ref = int4.quantize_blocks(w, block)
+    w = G.to_kn(fc1, np.asarray(fc1.inputs[1].values))
+    q_ref, s_ref = INT4.quantize_weight(w, 1, block_size=block)
 
     graph = io.import_graph(m)
     report = int4.quantize_int4(graph, None, **_config(block_size=block))
@@ -98,7 +100,7 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     # ORT at ORT_DISABLE_ALL computes with exactly the dequantized weight.
     feed = _feed(m)
     got = _run(out, feed)[1]
-    deq = int4.fake_quant(w, block)
+    deq = INT4.fake_quant(w, 1, block_size=block)
     h = _run(_model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"])], [("x", list(feed["x"].shape))], ["h"],
                     [t for t in m.graph.initializer if t.name in ("g", "b")]), feed)[0]
     np.testing.assert_allclose(got, h @ deq, rtol=1e-4, atol=1e-4)
@@ -183,7 +185,7 @@ def test_clip_search_coordinate_descent_never_worse_than_blockwise():
     r2, info2 = awq.search_clip(h, w, b, sweeps=2)
     assert info0["clip"] < info0["rtn"]
     assert info2["clip"] <= info0["clip"] + 1e-12
-    err = lambda r: float(np.sum((x @ (int4.fake_quant(w, b, r) - w)) ** 2))  # noqa: E731
+    err = lambda r: float(np.sum((x @ (INT4.fake_quant(w, 1, block_size=b, clip=r) - w)) ** 2))  # noqa: E731
     assert err(r2) <= err(np.ones_like(r2))
 
 
@@ -262,7 +264,7 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
 
 def test_no_module_level_import_circle():
     """No import circle anywhere in the package (module-level imports, read from the source): AWQ's searches
-    use quant.blockwise; only the INT4 writer imports awq."""
+    use onnxopt.formats; only the INT4 writer imports awq."""
     import ast
     from pathlib import Path
 

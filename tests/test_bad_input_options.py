@@ -42,7 +42,7 @@ CASES = {
     "shapes zero dim": (("{dyn}", "--calib-random", "2", "--shapes", "x:0x3x16x16"), "dimension 0 must be a positive size"),
     "dynamic without shapes": (("{dyn}", "--calib-random", "2"), "give its shape, e.g. --shapes x:1x3x16x16"),
     # item 5: conflicting modes took the last one
-    "int8 and fp8": (("{static}", "--calib", "{calib}", "--int8", "--fp8"), "--int8 and --fp8 are different quantization modes"),
+    "int8 and fp8": (("{static}", "--calib", "{calib}", "--int8", "--fp8"), "--fp8 and --int8 are different quantization modes"),
     "fp8 and int4": (("{static}", "--calib", "{calib}", "--fp8", "--int4"), "--fp8 and --int4 are different"),
     # item 8: option values checked against what they apply to, accepted values named
     "smoothquant negative": (("{static}", "--calib", "{calib}", "--int8", "--smoothquant", "-0.1"), "alpha -0.1 is outside [0, 1]"),

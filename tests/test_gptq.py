@@ -1,7 +1,8 @@
 import numpy as np
 
 from onnxopt import awq
-from onnxopt.quant import int4 as q4
+from onnxopt.formats import INT4
+from onnxopt.formats.int4 import expand
 
 
 def test_error_feedback_rounding_lowers_output_error_not_weight_error():
@@ -14,11 +15,11 @@ def test_error_feedback_rounding_lowers_output_error_not_weight_error():
     x[:, :8] *= 10
     w = rng.standard_normal((k, n)).astype(np.float32) / np.sqrt(k)
     h = x.T @ x
-    scale = q4.block_scales(w, 128)
-    rtn = np.clip(np.rint(w / q4._expand(scale, k, 128)), -8, 7)
+    scale = INT4.block_scales(w, 128)
+    rtn = np.clip(np.rint(w / expand(scale, k, 128)), -8, 7)
     q = awq.gptq_round(w, h, scale, 128)
     assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7
-    s = q4._expand(scale, k, 128)
+    s = expand(scale, k, 128)
 
     def out_err(qv):
         return np.linalg.norm(x @ (qv * s - w)) / np.linalg.norm(x @ w)

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import awq, calib, io, obs, sparsity
-from onnxopt.quant import blockwise, int4
+from onnxopt.formats import INT4
+from onnxopt.quant import int4
 
 F = TensorProto.FLOAT
 
@@ -118,7 +119,7 @@ def test_gptq_keeps_the_searched_scales_when_the_hessian_is_singular(caplog):
     assert isinstance(clips["fc"], np.ndarray)  # clip ratios kept: round-to-nearest with the searched scales
     assert entry["gptq"].startswith("skipped") and "without error feedback" in caplog.text
     with pytest.raises(obs.SingularHessian):
-        awq.gptq_round(w, h, blockwise.block_scales(w, 16), 16)
+        awq.gptq_round(w, h, INT4.block_scales(w, 16), 16)
 
 
 def test_both_routes_to_the_inverse_agree():

@@ -304,10 +304,10 @@ def test_fp8_cast_in_threaded_chunks_equals_one_cast(monkeypatch):
     NaN kept, any layout)."""
     import ml_dtypes
 
-    from onnxopt.quant import fp8
+    from onnxopt.formats import FP8, fp8
     monkeypatch.setattr(fp8, "CHUNK", 1000)
     x = (np.random.default_rng(3).standard_normal((37, 211)).astype(np.float32) * 300).T  # not contiguous
     x[0, :3] = [np.nan, 1e9, -1e9]
-    want = np.clip(x, -fp8.QMAX, fp8.QMAX).astype(ml_dtypes.float8_e4m3fn)
-    got = fp8.cast(x)
+    want = np.clip(x, -FP8.qmax, FP8.qmax).astype(ml_dtypes.float8_e4m3fn)
+    got = FP8.cast(x)
     assert got.shape == x.shape and np.array_equal(got.view(np.uint8), want.view(np.uint8))

@@ -383,13 +383,13 @@ def test_int4_one_block_split_keeps_numbers(monkeypatch):
     """A weight with one block along K is written as two half blocks with the same scale: same outputs."""
     import numpy as np
     from onnxopt import ort
-    from onnxopt.quant import int4
+    from onnxopt.quant import int4, writer
     assert [int4.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
     x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
     outs = []
     for split in (True, False):
         if not split:
-            monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)
+            monkeypatch.setattr(writer, "fusable_block_size", lambda k, b: b)
         for bs in (128, 0):
             q = quantize(int4_mlp(), config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False), calib_random=1).model
             dqs = {n.name: {a.name: onnx_attr(a) for a in n.attribute} for n in q.graph.node if n.op_type == "DequantizeLinear"}
@@ -411,7 +411,7 @@ def onnx_attr(a):
 
 @rtx_test
 def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
-    from onnxopt.quant import int4
+    from onnxopt.quant import writer
     io.save(int4_mlp(), tmp_path / "m.onnx")
     for bs in (128, 0):
         quantize(tmp_path / "m.onnx", tmp_path / f"q{bs}.onnx", config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False),
@@ -419,7 +419,7 @@ def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
         rep, issues = _agree(tmp_path / f"q{bs}.onnx")
         assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3 and not rep["int4_dq_kernels"]
         assert not [x for x in issues if "INT4" in x]
-    monkeypatch.setattr(int4, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
+    monkeypatch.setattr(writer, "fusable_block_size", lambda k, b: b)  # the counterfactual: one block stays one block
     quantize(tmp_path / "m.onnx", tmp_path / "q1.onnx", config=QuantConfig(mode="int4", awq="none", progress=False), calib_random=1)
     rep, issues = _agree(tmp_path / "q1.onnx")
     assert sorted(rep["fallbacks"]) == ["k128_gemm", "k64"] and rep["quantized_in_quantized_kernels"] == 1

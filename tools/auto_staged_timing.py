@@ -71,7 +71,7 @@ def measure(args, work: Path) -> dict:
         load = ev.stats["load_s"] - load0
         per = (t_c - load) / len(sample)
         _, t_g = _t(ev._gain, s, rse)
-        wbytes = sum(io.tensor_bytes(t) for t in io._all_tensors(ev.plan.proto(s, ev.types)))
+        wbytes = sum(io.tensor_bytes(t) for t in io.all_tensors(ev.plan.proto(s, ev.types)))
         passes = {}
         for tag, only in (("fp32_pass_s", ()), ("gated_pass_s", None)):  # one pass over the search batches
             sess = ev._session(s, only=only)

@@ -21,18 +21,19 @@
    of 1 − cosine is within a few % of the measured one, so the finer grid is worth its trials); a mix
    reached by two budgets is measured once.
 """
-from .candidates import (ABITS, CAL_METHOD, EIGHT_BIT, FORMATS, GATES, PLANNED, WBITS, Candidates, Layer,
+from .candidates import (ABITS, FORMATS, GATES, PLANNED, WBITS, Candidates, Layer,
                          calibrate, candidates)
 from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
 from .evaluate import Evaluator, Memo, cosine, load_sensitivities, measure, sample_cosines, save_sensitivities
-from .gated import build_gated, fake_weight, macs_of, shape_outputs
+from ..quant.writer import fake_weight
+from .gated import build_gated, macs_of, shape_outputs
 from . import staged
 from .staged import StagedEvaluator
 from .sampled import SampledEvaluator
 
-__all__ = ["ABITS", "CAL_METHOD", "EIGHT_BIT", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
+__all__ = ["ABITS", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
            "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
            "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",

@@ -7,18 +7,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, smoothquant
+from .. import calib, fold, formats, smoothquant
 from .. import graph as G
-from ..quant import bias_correction, rules
+from ..quant import calibration, rules
 from ..quant import int4 as int4q
 from . import smooth
 
-FORMATS = ("fp8", "int8", "int4", "int8-sq")
-PLANNED = ("fp8", "int8")               # formats with a QDQ plan of their own (int8-sq uses INT8's)
-EIGHT_BIT = ("fp8", "int8", "int8-sq")
-WBITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 4.0, "int8-sq": 8.0}
-ABITS = {"none": 16.0, "fp8": 8.0, "int8": 8.0, "int4": 16.0, "int8-sq": 8.0}   # INT4 is weight-only: activations stay FP16
-CAL_METHOD = {"fp8": "max", "int8": "mse"}
+FORMATS = formats.auto_candidates()
+PLANNED = formats.static()               # formats with a QDQ plan of their own (int8-sq uses INT8's)
+WBITS = formats.weight_bits()            # --auto's cost of each candidate, "none" (FP16) included
+ABITS = formats.activation_bits()        # weight-only formats keep FP16 activations
 GATES = "autoquant_gates"
 
 
@@ -48,17 +46,17 @@ class Candidates:
 
 
 # ---------------------------------------------------------------- candidates
-def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Candidates:
+def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> Candidates:
     """Candidate formats of every weighted layer; `configs` maps each planned 8-bit format to its QDQ options
     (int8-sq needs INT8's)."""
     plans = {f: rules.plan(graph, configs[f]) for f in PLANNED if f in configs}
     in_plan = {f: {n.name for n in p.nodes} for f, p in plans.items()}
     sq_groups = []
-    if smooth.SQ in formats:
-        sq_groups = smooth.groups(graph, plans["int8"], in_plan["int8"])
+    if smooth.SQ in fmts_wanted:
+        sq_groups = smooth.groups(graph, plans[smooth.BASE], in_plan[smooth.BASE])
         in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
-    if "int4" in formats:
+    if any(not formats.get(f).planned and not formats.get(f).base for f in fmts_wanted):  # chosen layer by layer
         cfg = next(iter(configs.values()))
         sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
         int4_ok = {n.name for n, _ in sel}
@@ -67,11 +65,11 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
         if node.op not in G.WEIGHT_OPS:
             continue
         fmts, reasons = ["none"], {}
-        for f in formats:
+        for f in fmts_wanted:
             if f == smooth.SQ:
                 ok = node.name in in_plan[f]
-                why = plans["int8"].skipped.get(node.name, "no constant weight reading a smoothable activation")
-            elif f in EIGHT_BIT:
+                why = plans[smooth.BASE].skipped.get(node.name, "no constant weight reading a smoothable activation")
+            elif f in plans:
                 ok = node.name in in_plan[f]
                 why = plans[f].skipped.get(node.name, "not planned")
             else:
@@ -81,7 +79,7 @@ def candidates(graph: gs.Graph, formats, configs: dict, block_size: int) -> Cand
                 fmts.append(f)
             else:
                 reasons[f] = why
-        wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules._is_weight(node.inputs[1]) else ()
+        wshape = tuple(int(d) for d in fold.effective_shape(node)) if rules.is_weight(node.inputs[1]) else ()
         layers[node.name] = Layer(node.name, node.op, fmts, reasons, int(np.prod(wshape)) if wshape else 0, wshape,
                                   bool(node.attrs.get("transB", 0)))
     return Candidates(layers, plans, {f: configs[f] for f in plans}, int4=int4_ok, sq_groups=sq_groups)
@@ -92,39 +90,17 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
     """Activation ranges per 8-bit format (Concat groups share the largest) and bias-correction means, in
     one pass over `data`, which also feeds the `extra` reducers ({tensor: [reducer]}).
     Returns ({format: {tensor: amax}}, {tensor: channel mean})."""
+    cp = calibration.plan(cands.plans, {f: formats.get(f).calib_method for f in cands.plans}, provider=provider)
     reducers: dict[str, list] = {n: list(rs) for n, rs in (extra or {}).items()}
-    by_fmt: dict[str, dict] = {}
-    for f, plan in cands.plans.items():
-        by_fmt[f] = {}
-        for name in plan.activations:
-            if name in plan.fixed_amax:
-                continue
-            r = calib.AbsMax() if CAL_METHOD[f] == "max" else calib.Histogram.for_provider(provider)
-            by_fmt[f][name] = r
-            reducers.setdefault(name, []).append(r)
-    means = {}
-    for plan in cands.plans.values():
-        for node, _, _, _ in plan.weights:
-            if node.op in bias_correction.OPS and node.inputs[0].name not in means:
-                means[node.inputs[0].name] = r = calib.ChannelMean(bias_correction.input_axis(node),
-                                                                   bias_correction.input_rank(node))
-                reducers.setdefault(node.inputs[0].name, []).append(r)
+    for n, rs in cp.reducers().items():
+        reducers.setdefault(n, []).extend(rs)
     if cands.sq_groups:
         smooth.add_reducers(cands.sq_groups, reducers, min(smoothquant.SEARCH_BATCHES, len(data)))
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb,
                         progress=progress, desc="calibrating (once, all candidates)")
     if cands.sq_groups:
         cands.smooth = smooth.finish(cands.sq_groups)
-    amax = {}
-    for f, plan in cands.plans.items():
-        a = dict(plan.fixed_amax)
-        for name, r in by_fmt[f].items():
-            a[name] = calib.amax_from_histogram(r, "mse", f) if isinstance(r, calib.Histogram) else r.value
-        for group in plan.shared_scales:
-            shared = max(a[n] for n in group)
-            for n in group:
-                a[n] = shared
-        amax[f] = a
-    return amax, {n: r.value for n, r in means.items() if r.value is not None}
+    return cp.amax(), cp.mean_values()
+
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .candidates import ABITS, EIGHT_BIT, WBITS, Layer
+from .candidates import ABITS, WBITS, Layer
 
 
 # ---------------------------------------------------------------- cost model and choice
@@ -27,7 +27,7 @@ def bits_of(mix: dict, layers: dict) -> dict:
     t = totals(layers)
     w = sum(WBITS[mix[n]] * l.params for n, l in layers.items()) / t.params
     a = sum(ABITS[mix[n]] * l.macs for n, l in layers.items()) / t.macs
-    eight = sum(l.macs for n, l in layers.items() if mix[n] in EIGHT_BIT) / t.macs
+    eight = sum(l.macs for n, l in layers.items() if ABITS[mix[n]] < ABITS["none"]) / t.macs  # activations quantized
     return {"weight_bits": w, "activation_bits": a, "macs_8bit": eight}
 
 

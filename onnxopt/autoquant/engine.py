@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import autocast, io
+from .. import autocast, formats, io
 from ..errors import OnnxoptError
-from ..quant import mixed
+from ..quant import writer as qwriter
 from ..trt.report import attention_blocks
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ MAX_ROUNDS = 3
 
 @dataclass
 class Writer:
-    """Writes a mix of `graph` (never modified) as the final graph: what mixed.insert needs, the autocast type."""
+    """Writes a mix of `graph` (never modified) as the final graph: what the writer needs, the autocast type."""
     graph: gs.Graph
     configs: dict
     amax: dict
@@ -42,12 +42,16 @@ class Writer:
     smooth: dict | None = None           # int8-sq smoothing vectors (as the final graph gets them)
     built: list = field(default_factory=list)
 
+    def plan(self, mix: dict) -> qwriter.QuantPlan:
+        """The QuantPlan of `mix` with this search's statistics."""
+        return qwriter.QuantPlan.from_mix(mix, "search", configs=self.configs, amax=self.amax, means=self.means,
+                                          block_size=self.block_size, clips=self.clips, smooth=self.smooth or {})
+
     def engine_report(self, mix: dict) -> dict:
         from ..trt.build import BuildConfig
         from ..trt.report import engine_report_of
         g = io.import_graph(io.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
-        mixed.insert(g, mix, self.configs, self.amax, self.means, high_precision=self.high_precision,
-                     block_size=self.block_size, clips=self.clips, smooth=self.smooth)
+        qwriter.write(g, self.plan(mix), high_precision=self.high_precision)
         autocast.to_low_precision(g, self.high_precision, keep_fp32_ops=self.keep_fp32_ops,
                                   keep_fp32_nodes=self.keep_fp32_nodes)
         model = io.export_graph(g, opset=self.opset)
@@ -108,7 +112,7 @@ def no_savings(rep: dict, mix: dict, graph: gs.Graph) -> dict:
 
 def _row(label, mix: dict, rep: dict, found: dict, verified) -> dict:
     att = rep["attention"]
-    return {"round": label, "counts": {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")},
+    return {"round": label, "counts": {f: sum(v == f for v in mix.values()) for f in (*formats.auto_candidates(), "none")},
             "quantized_in_quantized_kernels": rep["quantized_in_quantized_kernels"],
             "quantized_layers": rep["quantized_layers"], "fused_attention": att["fused_by_precision"],
             "attention_blocks": att["blocks"], "weights_memory": rep["weights"]["engine_weights_memory"],
@@ -134,7 +138,7 @@ def probe(mix: dict, writer: Writer, layers: dict) -> list:
     blocks the choice had moved there and 3 rounds did not converge. One report row per probe."""
     blocks = [b for b in attention_blocks(writer.graph) if b["qk"] in layers and b["pv"] in layers]
     rows = []
-    for f in ("fp8", "int8"):
+    for f in formats.static():
         take = [b for b in blocks if f in layers[b["qk"]].formats and f in layers[b["pv"]].formats]
         if not take or all(mix.get(b["qk"]) == f and mix.get(b["pv"]) == f for b in take):
             continue   # nothing to try, or round 0 tries exactly this

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io, ort
+from .. import io, metrics, ort
 from ..errors import OnnxoptError
 from ..progress import track
 from .candidates import GATES
@@ -113,12 +113,11 @@ def sample_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     """Cosine of each sample's output against its FP32 reference (-1 everywhere if any output is not finite)."""
     if not np.all(np.isfinite(cand)):
         return np.full(len(ref), -1.0)
-    num = (ref * cand).sum(1)
-    den = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1), 1e-30)
-    return num / den
+    return metrics.cosine_per_sample(ref, cand)
 
 
 def cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    """Mean per-sample cosine (onnxopt.metrics), -1 if any output is not finite."""
     return float(sample_cosines(ref, cand).mean())
 
 

@@ -2,38 +2,16 @@
 input), so one ORT session measures any mix exactly; plus the MACs of each layer from real feeds."""
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
-from .. import fold, io
+from .. import fold, formats, io
 from .. import graph as G
 from ..progress import track
-from ..quant import bias_correction, blockwise, qdq, rules
+from ..quant import bias_correction, qdq, rules
+from ..quant.writer import fake_weight, quantized_weight
 from . import smooth
-from .candidates import EIGHT_BIT, GATES, Candidates, Layer
-
-
-# ---------------------------------------------------------------- fake-quant numerics
-def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
-    """What the layer will see of weight `w` (its consumed layout) in `fmt` (INT4: with AWQ clip ratios)."""
-    if fmt == "int4":
-        kn = blockwise.to_kn(node, w)
-        fq = blockwise.fake_quant(kn, block_size, clip, hp)
-        return fq.T if kn is not w else fq
-    q, scale, _ = _per_channel(node, w, fmt, hp)
-    return qdq.FORMATS[fmt].to_float(q) * scale
-
-
-def _per_channel(node: gs.Node, w: np.ndarray, fmt: str, hp: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """8-bit weights per output channel: (q, scale broadcast to w, channel axis)."""
-    f = qdq.FORMATS[fmt]
-    axis = G.weight_output_channel_axis(node) % w.ndim
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.max(np.abs(w), axis=red, keepdims=True)
-    scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
-    return f.cast(w / scale), scale, axis
+from .candidates import GATES, Candidates, Layer
 
 
 # ---------------------------------------------------------------- the gated graph
@@ -88,9 +66,12 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     b = _Builder(graph)
     nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
+    # A weight read by several layers gets no bias correction in the written graph (quant.writer): nor here.
+    shared = {n.name for p in plans.values() for n, _, c, _ in p.weights if len(c.outputs) > 1}
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
-        _gate_weight(b, node, cands.layers[name], means, hp, block_size, cands.clips.get(name), _smoothing(cands, node))
+        _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
+                     _smoothing(cands, node))
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         residual = {(id(a), i) for a, i in plan.residuals}
@@ -106,24 +87,24 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
                 node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
                                             f"{tname}_{f}")
     if cands.smooth:
-        _gate_smoothed(b, plans["int8"], cands, amax, hp)
+        _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp)
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
 
 
 def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> gs.Variable:
-    f = qdq.FORMATS[fmt]
+    f = formats.get(fmt)
     s = b.const(f"{x.name}_{fmt}_scale", np.asarray(scale, np.float32))
     zp = b.const(f"{x.name}_{fmt}_zp", f.zero_point())
-    q = b.node("QuantizeLinear", [x, s, zp], f"{x.name}_{fmt}_Q", dtype=f.NP_TYPE, shape=x.shape, into=into)
+    q = b.node("QuantizeLinear", [x, s, zp], f"{x.name}_{fmt}_Q", dtype=f.np_dtype, shape=x.shape, into=into)
     return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
 
 
 def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None,
                  sm=None) -> None:
     fmts = [f for f in layer.formats if f != "none"]
-    if not fmts or not rules._is_weight(node.inputs[1]):
+    if not fmts or not rules.is_weight(node.inputs[1]):
         return
     w = _consumed_weight(node)
     y = node.outputs[0]
@@ -171,8 +152,8 @@ def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str) ->
             if owner is node and idx == 0 and sm is None:
                 continue
             if sm is None:
-                scale = qdq.activation_scale(amax["int8"][tname], "int8", hp)
-                make = lambda x, into, s=scale: _qdq(b, x, s, "int8", into)  # noqa: E731
+                scale = qdq.activation_scale(amax[smooth.BASE][tname], smooth.BASE, hp)
+                make = lambda x, into, s=scale: _qdq(b, x, s, smooth.BASE, into)  # noqa: E731
             else:
                 make = lambda x, into, sm=sm, node=node: _smoothed_qdq(b, x, sm, node, hp, into)  # noqa: E731
             node.inputs[idx] = b.branch(owner.name, smooth.SQ, x, make, f"{tname}_sq")
@@ -183,7 +164,7 @@ def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: l
     axis = G.activation_channel_axis(node)
     inv = smooth.activation_factor(1.0 / sm.s, axis, rank)  # x · (1/s), as the final graph's Mul
     xs = b.node("Mul", [x, b.const(f"{x.name}_sq_inv", inv)], f"{x.name}_sq_div", shape=x.shape, into=into)
-    y = _qdq(b, xs, smooth.activation_scale(sm, hp), "int8", into)
+    y = _qdq(b, xs, smooth.activation_scale(sm, hp), smooth.BASE, into)
     s = smooth.activation_factor(sm.s, axis, rank)
     return b.node("Mul", [y, b.const(f"{x.name}_sq_s", s)], f"{x.name}_sq_mul", shape=x.shape, into=into)
 
@@ -199,23 +180,16 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
         wc = io.constant(G.unique_name(base, b.names), wq)
         return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))), wq
-    if fmt == "int4":
-        kn = blockwise.to_kn(node, w)
-        q, scale = blockwise.quantize_blocks(kn, block_size, clip, hp)
-        wq = q.astype(np.float32) * blockwise.expand(scale, kn.shape[0], block_size)
-        attrs = {"axis": 0, "block_size": int(block_size)} if block_size else {"axis": 1}
+    f = formats.get(fmt)
+    q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
+    wq = f.dequantize(q, scale, axis, block_size=block_size)
+    if f.weights == "per-block":
+        attrs = {"axis": 1 - axis, "block_size": int(block_size)} if block_size else {"axis": axis}
         if not block_size:
-            scale = scale[0]
-        if kn is not w:  # Gemm transB: the weight is [N, K]
-            q, scale, wq = q.T, scale.T, wq.T
-            attrs["axis"] = 1 - attrs["axis"]
-        qc = gs.Constant(G.unique_name(base + "_q", b.names), gs.ir.tensor.LazyValues(
-            numpy_helper.from_array(np.ascontiguousarray(q).astype(ml_dtypes.int4), base + "_q")))
+            scale = scale[:, 0] if axis == 0 else scale[0]
     else:
-        q, scale, axis = _per_channel(node, w, fmt, hp)
-        wq = qdq.FORMATS[fmt].to_float(q) * scale
-        qc = io.constant(G.unique_name(base + "_q", b.names), q)  # spilled: stays lazy
         scale, attrs = scale.reshape(-1), {"axis": axis}
+    qc = f.weight_constant(G.unique_name(base + "_q", b.names), np.ascontiguousarray(q))  # spilled: stays lazy
     sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))
     return (lambda x, into: b.node("DequantizeLinear", [qc, sc], f"{node.name}_{fmt}_wq", attrs, into=into,
                                    shape=list(w.shape))), wq
@@ -223,7 +197,7 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
 
 def _bias_shift(node, dw, means, fmt):
     """−ΔW·E[x] shaped to broadcast over the layer output, where the QDQ pass folds bias correction."""
-    if fmt not in EIGHT_BIT or node.op not in bias_correction.OPS or node.inputs[0].name not in means:
+    if not formats.get(fmt).bias_correction or node.op not in bias_correction.OPS or node.inputs[0].name not in means:
         return None
     if bias_correction.bias_target(_NoGraph, node) is None:
         return None
@@ -239,7 +213,7 @@ class _NoGraph:  # bias_target only reads the node
 
 
 def _consumed_weight(node: gs.Node) -> np.ndarray:
-    return fold.effective_weight(node)  # as quant.mixed reads it: the constant through its Cast/Transpose
+    return fold.effective_weight(node)  # as quant.writer reads it: the constant through its Cast/Transpose
 
 
 

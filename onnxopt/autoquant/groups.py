@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from .. import graph as G
 from ..trt.report import attention_blocks
 
 
@@ -49,7 +50,23 @@ def rule_attention_block(graph: gs.Graph, layers: dict) -> dict:
     return out
 
 
-RULES = (rule_attention_block,)
+def rule_shared_weight(graph: gs.Graph, layers: dict) -> dict:
+    """Layers reading one weight constant (ALBERT: one set of weights serving 12 layers) take one format: the
+    writer stores the weight once per format, so a mix of formats would store it several times and save
+    nothing (one decision per weight, its error the sum over its uses)."""
+    by_const: dict[int, list] = {}
+    names: dict[int, str] = {}
+    for n in graph.nodes:
+        if n.name in layers and len(n.inputs) > 1:
+            const, _ = G.weight_of(n.inputs[1])
+            if const is not None and const.shape is not None and len(const.shape) > 1:
+                by_const.setdefault(id(const), []).append(n.name)
+                names[id(const)] = const.name
+    return {f"weight:{names[k]}": (members, "shared weight: one weight constant read by several layers takes one format")
+            for k, members in by_const.items() if len(members) > 1}
+
+
+RULES = (rule_attention_block, rule_shared_weight)
 
 
 def tie(graph: gs.Graph, layers: dict) -> dict:

@@ -4,7 +4,7 @@ Per activation read by INT8-planned weight layers, one smoothing vector s along 
 searched per activation as `onnxopt.smoothquant` does (simulated INT8 error of the layers' outputs on row
 samples), from the same single calibration pass as every other candidate. A layer in int8-sq computes
 QDQ(x ⊘ s) · QDQ(s ⊙ W): the gated graph writes it as s ⊙ QDQ(x ⊘ s) on the activation and QDQ(s ⊙ W) ⊘ s
-on the weight (its other inputs untouched), the final graph (`quant.mixed`) divides x by s (folded into a
+on the weight (its other inputs untouched), the final graph (`quant.writer`) divides x by s (folded into a
 norm producer when every reader of x is int8-sq, else a Mul in front of the layers) and multiplies W by s.
 The INT8 range of x ⊘ s is a share of its max (the one pass sees x, not x ⊘ s), chosen after alpha by
 the same simulated output error on the row samples (outliers that smoothing leaves are clipped as INT8's MSE
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, smoothquant
-from ..quant import qdq
+from .. import calib, fold, formats, smoothquant
+from ..quant import writer
 
-SQ = "int8-sq"
+SQ = formats.INT8_SQ.name       # the candidate's name
+BASE = formats.INT8_SQ.base     # the format it quantizes to once smoothed (its plan and ranges are that format's)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)   # INT8 range of x ⊘ s as a share of its max
 
 
@@ -71,7 +72,7 @@ def finish(gs_: list) -> dict:
         if act_max is None:
             continue
         w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
-        layers = [smoothquant._layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
+        layers = [smoothquant.sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
         alpha, s, _ = smoothquant.search_alpha(layers, act_max, w_max)
         s = np.asarray(s, np.float64)
         clip = min(CLIPS, key=lambda c: smoothquant.simulated_error(layers, act_max * c, s))
@@ -82,21 +83,21 @@ def finish(gs_: list) -> dict:
 
 def channel_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
     """s laid out along the input channels of the layer's effective weight (float64, as fold scales it)."""
-    return np.asarray(fold._input_factor(node, shape, np.asarray(s, np.float64)), np.float64)
+    return np.asarray(fold.input_factor(node, shape, np.asarray(s, np.float64)), np.float64)
 
 
 def activation_factor(s: np.ndarray, axis: int, rank: int | None) -> np.ndarray:
     """s laid out along the channel axis of an activation of `rank` dimensions."""
-    return fold._act_shape(np.asarray(s, np.float64), axis, rank).astype(np.float32)
+    return fold.activation_shape(np.asarray(s, np.float64), axis, rank).astype(np.float32)
 
 
 def fake_weight(node: gs.Node, w: np.ndarray, sm: Smoothing, hp: str) -> np.ndarray:
     """QDQ(s ⊙ W) ⊘ s, per-output-channel INT8 as the final graph quantizes s ⊙ W."""
-    from .gated import fake_weight as fq  # gated imports this module
     f = channel_factor(node, w.shape, sm.s)
     ws = (w.astype(np.float64) * f).astype(np.float32)  # what fold.fold_input_scale writes
-    return (fq(node, ws, "int8", hp, 0) / f).astype(np.float32)
+    return (writer.fake_weight(node, ws, BASE, hp, 0) / f).astype(np.float32)
 
 
 def activation_scale(sm: Smoothing, hp: str) -> np.ndarray:
-    return qdq.activation_scale(sm.amax, "int8", hp)
+    """The scale of the smoothed activation's per-tensor Q/DQ."""
+    return formats.get(BASE).activation_scale(sm.amax, hp)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import io, ort
+from .. import formats, io, ort
 from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
@@ -49,7 +49,8 @@ MAX_STAGES = 32
 LARGE = 1000          # candidates beyond which the model counts as large: staged for time, not only for memory
 PER_STAGE = 32        # candidates per stage of a large model (a candidate costs a forward of its stage;
                       # full-size SDXL, H200, 32 stages: 0.04-0.15 s a candidate, fewer stages: longer forwards)
-QBYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}   # bytes per parameter of a gated weight candidate
+# bytes per parameter of a gated weight candidate (a variant such as int8-sq gates an FP32 fake weight: not counted)
+QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not formats.get(n).base}
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
@@ -80,8 +81,8 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     tokens costs more than its weights say) and `layers` (the candidates' nodes), a third each."""
     sizes = cost = None
     if feed is not None and n > 1:
-        from ..calib.collect import _estimate_bytes
-        sizes = _estimate_bytes(model, feed, cstages._tensor_names(model))
+        from ..calib.collect import estimate_bytes
+        sizes = estimate_bytes(model, feed, cstages.tensor_names(model))
         wsum = max(1.0, float(sum(io.tensor_bytes(t) for t in model.graph.initializer)))
         asum = max(1.0, float(sum(sizes.values())))
         mine = set(layers)
@@ -176,7 +177,7 @@ class StagedEvaluator(Gates):
             self.cached.move_to_end(key)
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
-        size = sum(io.tensor_bytes(t) for t in io._all_tensors(m))
+        size = sum(io.tensor_bytes(t) for t in io.all_tensors(m))
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()

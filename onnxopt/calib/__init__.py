@@ -10,14 +10,14 @@
 """
 from .collect import collect, collect_graph
 from .data import CalibData, InputSpec, input_specs, parse_shapes
-from .methods import FP8_MAX, METHODS, amax_from_histogram
+from .methods import METHODS, amax_from_histogram
 from .im2col import ConvView, im2col
 from .inputs import IntRange, integer_ranges
 from .reducers import (AbsMax, ChannelAbsMax, ChannelMean, ChannelMeanAbs, Gram, Hessian, Histogram, PatchSample,
                        PreReduce, Reducer, RowSample, TopAbs, top_k)
 from .stages import MAX_STAGES, STAGE_MIN_BYTES, Stage, split_stages, stage_count, stage_index
 
-__all__ = ["collect", "collect_graph", "CalibData", "InputSpec", "input_specs", "parse_shapes", "FP8_MAX", "METHODS",
+__all__ = ["collect", "collect_graph", "CalibData", "InputSpec", "input_specs", "parse_shapes", "METHODS",
            "amax_from_histogram", "ConvView", "im2col", "IntRange", "integer_ranges", "AbsMax", "ChannelAbsMax", "ChannelMean",
            "ChannelMeanAbs", "Gram", "Hessian", "RowSample", "PatchSample", "Histogram", "PreReduce", "Reducer",
            "TopAbs", "top_k", "MAX_STAGES", "STAGE_MIN_BYTES", "Stage", "split_stages", "stage_count", "stage_index"]

@@ -20,7 +20,8 @@ from .. import progress as progress_
 from ..errors import OnnxoptError
 from .data import CalibData
 from .reducers import NonFiniteActivation, PreReduce, Reducer
-from .stages import _BoundaryCache, _stage_model, _tensor_names, needed_only, split_stages, stage_count, stage_index
+from .stages import BoundaryCache, stage_model, tensor_names, needed_only, split_stages, stage_count, stage_index
+from ..settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _inferred(model: onnx.ModelProto, feed: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str], inferred: dict | None = None) -> dict[str, int]:
+def estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str], inferred: dict | None = None) -> dict[str, int]:
     """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
     inferred = _inferred(model, feed) if inferred is None else inferred
     batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
@@ -70,7 +71,7 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
-            provider: str = "cpu", memory_budget_mb: int = 4096, progress: bool = True,
+            provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
             desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
@@ -97,8 +98,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
     # Bytes per tensor for one batch: to group fetched tensors under the budget and to place stage cuts.
-    wanted = fetch + (_tensor_names(model) if stages > 1 else [])
-    sizes = _estimate_bytes(model, first, wanted, inferred) if wanted else {}
+    wanted = fetch + (tensor_names(model) if stages > 1 else [])
+    sizes = estimate_bytes(model, first, wanted, inferred) if wanted else {}
     plan = split_stages(model, stages, sizes)
     where = stage_index(plan)
     # Per stage: the whole tensors it produces, in groups under the budget (one pass each).
@@ -115,14 +116,14 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         log.info("calibrating in %d stages of at most %.2f GB of weights (budget %d MB)", len(plan),
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
     bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
-    with _BoundaryCache(len(plan) > 1) as cache:
+    with BoundaryCache(len(plan) > 1) as cache:
         for si, gi, group in passes:
             st = plan[si]
             small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
             keep = st.outputs if gi == 0 else []
             aux = {n: v for n, v in aux_nodes.items() if gi == 0 and where.get(n, 0) == si}
             names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
-            sess = ortx.session(_stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
+            sess = ortx.session(stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
             if not names:
                 names = [sess.get_outputs()[0].name]
             for bi, feed in enumerate(data):

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import math
 
-import ml_dtypes
 import numpy as np
 
+from .. import formats
 from ..errors import OnnxoptError
 from .reducers import Histogram
 
-FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 METHODS = ("max", "percentile", "entropy", "mse")
+ENTROPY_LEVELS = 128   # TensorRT's entropy calibrator quantizes the |x| histogram to 128 levels
 
 
-def amax_from_histogram(h: Histogram, method: str, qtype: str = "int8", percentile: float = 99.99) -> float:
-    """Clip range for symmetric quantization to `qtype` ('int8' or 'fp8'), chosen by `method`."""
+def amax_from_histogram(h: Histogram, method: str, qtype: str = formats.INT8.name, percentile: float = 99.99) -> float:
+    """Clip range for symmetric quantization to format `qtype` (a registered name), chosen by `method`."""
     if h.amax == 0.0:
         return 0.0
     if method == "max":
@@ -41,18 +41,15 @@ def _candidates(h: Histogram) -> np.ndarray:
 
 
 def _quant_mse(x: np.ndarray, w: np.ndarray, amax: float, qtype: str) -> float:
-    if qtype == "fp8":
-        s = amax / FP8_MAX
-        q = np.clip(x / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * s
-    else:
-        s = amax / 127.0
-        q = np.clip(np.round(x / s), -127, 127) * s
+    f = formats.get(formats.get(qtype).clip_qtype)
+    s = amax / f.qmax
+    q = f.to_float(f.cast(x / s)).astype(np.float64) * s
     return float(np.sum(w * (x - q) ** 2))
 
 
 def _entropy_amax(h: Histogram, qtype: str) -> float:
-    """TensorRT's KL-divergence calibration over the |x| histogram (128 levels for INT8)."""
-    levels = 128
+    """TensorRT's KL-divergence calibration over the |x| histogram (ENTROPY_LEVELS levels, whatever the format)."""
+    levels = ENTROPY_LEVELS
     counts = h.counts.copy()
     # A spike in the first bin (the zeros of a ReLU output) would make KL favour tiny ranges; TensorRT's
     # calibrator flattens it the same way.

@@ -180,11 +180,12 @@ def _live_bytes(model, nodes, sizes: dict) -> np.ndarray:
     return np.cumsum(diff)
 
 
-def _tensor_names(model) -> list[str]:
+def tensor_names(model) -> list[str]:
+    """Names of every node output of `model`."""
     return [o for nd in model.graph.node for o in nd.output if o]
 
 
-def _stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "_BoundaryCache") -> onnx.ModelProto:
+def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "BoundaryCache") -> onnx.ModelProto:
     """The sub-model of one stage: its nodes (plus reductions), the initializers they read, its inputs
     (typed from the model or from the cached arrays of the first batch) and `outputs`."""
     m = onnx.ModelProto()
@@ -209,7 +210,7 @@ def _stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], afte
     return _with_outputs(m, out, after)
 
 
-class _BoundaryCache:
+class BoundaryCache:
     """Tensors that cross from one stage into a later one, one .npy per tensor and batch in a temporary
     directory, read back memory-mapped. Small ones (shape values, scalars: thousands per batch on a UNet)
     stay in memory up to SMALL_TOTAL bytes: a file each cost more time than the tensors themselves."""

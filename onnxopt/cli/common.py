@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..errors import OnnxoptError
+from ..settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger("onnxopt")
 
@@ -145,7 +146,7 @@ def _shared_run_options(fn, exclude: bool = True):
         click.option("--max-batch", type=int, help="Split calibration feeds along a dynamic batch axis into at most N (bounds activation memory)."),
         click.option("--provider", type=click.Choice(["cpu", "cuda"]), help="ONNX Runtime execution provider for calibration (default: cpu)."),
         click.option("--allow-cpu-fallback", is_flag=True, help="Run on the CPU when --provider cuda is not available instead of failing."),
-        click.option("--memory-budget", type=int, default=4096, show_default=True, help="Calibration memory in MB: weights ONNX Runtime holds at once (bigger models run in stages), whole activations fetched per pass, Hessians."),
+        click.option("--memory-budget", type=int, default=MEMORY_BUDGET_MB, show_default=True, help="Calibration memory in MB: weights ONNX Runtime holds at once (bigger models run in stages), whole activations fetched per pass, Hessians."),
         click.option("--exclude", multiple=True, help="Regex on node names to leave alone (repeatable).") if exclude else None,
         click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the run's JSON report here."),
     ]):

@@ -5,26 +5,49 @@ import functools
 
 import click
 
+from .. import formats
 from ..errors import OnnxoptError
 from .common import (
     _alias, _check_input, _check_report, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
     handle_errors, main, progress_enabled)
 
 
+DEFAULT_MODE = formats.FP8.name
+
+
+def _flags(names: tuple, default: str):
+    """One --<name> flag per registered format (a new format gets its flag here); `_given_flag` reads them."""
+    def deco(fn):
+        for name in reversed(names):
+            fn = click.option(f"--{name}", name.replace("-", "_"), is_flag=True,
+                              help=f"{formats.get(name).description}" + (" (default)." if name == default else "."))(fn)
+        return fn
+    return deco
+
+
+def _given_flag(options: dict, names: tuple, what: str) -> str | None:
+    """The one format flag given among `names` (popped from `options`), None if none; two are an error."""
+    flag = one_of({f"--{n}": options.pop(n.replace("-", "_")) for n in names}, what)
+    return flag[2:] if flag else None
+
+
+def _weight_only(mode: str) -> bool:
+    return mode in formats.names() and formats.get(mode).weight_only
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
-@click.option("--int8", "int8", is_flag=True, help="INT8 W8A8.")
-@click.option("--fp8", "fp8", is_flag=True, help="FP8 E4M3 W8A8 (default).")
-@click.option("--int4", "int4", is_flag=True, help="INT4 blockwise weight-only.")
+@_flags(formats.modes(), DEFAULT_MODE)
+@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
 @click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
-@click.option("--high-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Precision of everything not quantized.")
-@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs (default: keep them).")
+@click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
+@click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
@@ -35,7 +58,8 @@ from .common import (
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
 @click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
 @click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
-@click.option("--formats", help="With --auto: comma-separated candidate formats besides FP16, from fp8,int8,int4,int8-sq (int8-sq: SmoothQuant then INT8; default fp8,int8).")
+@click.option("--formats", help=f"With --auto: comma-separated candidate formats besides FP16, from {','.join(formats.auto_candidates())} "
+              f"(int8-sq: SmoothQuant then INT8; default {','.join(formats.auto_defaults())}).")
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
@@ -53,23 +77,22 @@ from .common import (
 @click.option("--calib-max-batch", "old_max_batch", type=int, hidden=True, help="Old spelling of --max-batch.")
 @click.pass_context
 @handle_errors
-def quantize(ctx, model, output, int8, fp8, int4, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
+def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
              max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import recipes
-    mode = one_of({"--int8": int8, "--fp8": fp8, "--int4": int4}, "quantization modes")
-    mode = mode[2:] if mode else None
+    mode = _given_flag(options, formats.modes(), "quantization modes")
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
     _sampler_options(options)
-    mode = "auto" if options["auto"] else (mode or "fp8")
+    mode = "auto" if options["auto"] else (mode or DEFAULT_MODE)
     provider = _alias(provider, old_provider, "--provider", "--calib-provider")
     max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
     _check_block_size(mode, options)
-    config = _quant_config(ctx, "fp8" if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
+    config = _quant_config(ctx, DEFAULT_MODE if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
-    if options.get("percentile") is not None and mode != "int4" and config.method != "percentile":
+    if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
     recipe = recipes.recipe(config)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
@@ -96,7 +119,7 @@ def _check_block_size(mode: str, o: dict) -> None:
     b = o.get("block_size")
     if b is None:
         return
-    if mode == "auto" and "int4" not in o["formats"]:
+    if mode == "auto" and not any(f in formats.names() and formats.get(f).weights == "per-block" for f in o["formats"]):
         raise OnnxoptError(f"--block-size sets INT4 blocks, and --formats {','.join(o['formats'])} has no int4; "
                            "add int4 to --formats or drop --block-size")
     if b not in BLOCK_SIZES:
@@ -140,7 +163,9 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
-    o["formats"] = tuple(f.strip() for f in (o.get("formats") or "fp8,int8").split(",") if f.strip())
+    o["formats"] = tuple(f.strip() for f in (o.get("formats") or ",".join(formats.auto_defaults())).split(",") if f.strip())
+
+
 def _sampler_options(o: dict) -> None:
     """--sampler/--steps/--guidance/--verify-seeds/--size become one SamplerOptions (or None)."""
     from .. import sampler as S
@@ -161,23 +186,33 @@ def _check_mode_options(mode: str, o: dict) -> None:
     """Options that do not fit the mode are errors, not silently ignored."""
     if mode == "auto":
         return
-    if mode != "int4":
-        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None]
+    wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only)
+    w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
+    if not _weight_only(mode):
+        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
+        if formats.get(mode).awq and o.get("awq") not in (None, "none", "lite"):
+            raise OnnxoptError(f"--awq {o['awq']}: --{mode} takes --awq lite (default with data) or none")
         if given:
-            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int4 only (weight-only INT4); drop {_it(given)} or use --int4")
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:
         given = [flag for k, flag in _W8A8_ONLY.items() if o.get(k)] + (["--percentile"] if o.get("percentile") is not None else [])
         if o.get("smoothquant") is not None:
             given.append("--smoothquant")
         if given:
-            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to --int8/--fp8 only; --int4 is weight-only (no activation ranges)")
-    if mode == "fp8" and o.get("smoothquant") is not None:
-        raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+            raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {w8} only; --{mode} is weight-only (no activation ranges)")
+    sq = [m for m in formats.modes() if formats.get(m).smoothquant]
+    if mode not in sq and o.get("smoothquant") is not None:
+        raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
+    if o.get("weight_only") and not formats.get(mode).extra.get("weight_only_variant"):
+        with_wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).extra.get("weight_only_variant"))
+        raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
         raise OnnxoptError("--lowrank-budget needs --lowrank auto")
+    if o.get("lowrank") is not None and mode not in ("int8", "fp8", "int4"):
+        raise OnnxoptError(f"--lowrank applies to --int8, --fp8 and --int4 only (not --{mode} yet); drop it")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
-    if o.get("io_dtype") and o.get("high_precision") == "fp32":
+    if o.get("io_dtype") and o.get("high_precision") not in formats.low_precision():
         raise OnnxoptError("--io-dtype converts graph inputs/outputs to low precision, which --high-precision fp32 does not use")
 
 
@@ -226,7 +261,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
     q, s = cov.get("quantized", 0), cov.get("skipped", 0)
     if mode == "auto":
         a = report.get("autoquant", {})
-        mix = ", ".join(f"{cov[f]} {f}" for f in ("fp8", "int8", "int8-sq", "int4") if cov.get(f))
+        mix = ", ".join(f"{cov[f]} {f}" for f in formats.auto_candidates() if cov.get(f))
         v = a.get("verified", {})
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
@@ -234,13 +269,18 @@ def _describe_quantize(report: dict, mode: str) -> str:
                 f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})" + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"
                    if a.get("int8_broken") else ""))
-    if mode == "int4":
-        sec = report.get("int4", {})
+    if _weight_only(mode):
+        sec = report.get(mode, {})
         extra = [f"block {sec.get('block_size')}" if sec.get("block_size") else "per-channel",
                  f"AWQ {sec.get('awq')}" if sec.get("awq", "none") != "none" else "round-to-nearest"]
         if cov.get("int8"):
             extra.append(f"{cov['int8']} kept INT8")
-        text = f"quantized {q}/{q + s} layers to int4 weight-only ({', '.join(extra)}), {s} skipped"
+        text = f"quantized {q}/{q + s} layers to {mode} weight-only ({', '.join(extra)}), {s} skipped"
+    elif report.get("blockfp"):
+        sec = report["blockfp"]
+        kind = " weight-only" if sec.get("weight_only") else ""
+        text = (f"quantized {q}/{q + s} layers: {cov.get(mode, 0)} {mode}{kind} (block {sec.get('block_size')}), "
+                f"{cov.get('fp8', 0)} fp8 ({cov.get('attention_bmms', 0)} attention BMMs), {s} skipped")
     else:
         bmm = cov.get("attention_bmms", 0)
         text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
@@ -285,23 +325,22 @@ def _sq_alpha(value):
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.fp16.onnx).")
-@click.option("--fp16", "fp16", is_flag=True, help="FP16 (default).")
-@click.option("--bf16", "bf16", is_flag=True, help="BF16.")
-@click.option("--io-dtype", type=click.Choice(["fp16", "bf16"]), help="Also convert graph inputs/outputs.")
+@_flags(formats.low_precision(), formats.FP16.name)
+@click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs.")
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
 @click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
 @functools.partial(_shared_run_options, exclude=False)
 @handle_errors
-def convert(model, output, fp16, bf16, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
-            skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path):
+def convert(model, output, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
+            skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path, **options):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
     from ..calib import parse_shapes
     from ..passes import Autocast
     from ..pipeline import Runner
-    dtype = (one_of({"--fp16": fp16, "--bf16": bf16}, "precisions") or "--fp16")[2:]
+    dtype = (_given_flag(options, formats.low_precision(), "precisions") or formats.FP16.name)
     runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
                     data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
                     calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",

@@ -6,10 +6,11 @@
 from .autocast import Autocast
 from .autoquant import AutoQuant
 from .awq import AWQ
+from .blockfp import BlockFP
 from .int4 import Int4
 from .lowrank import LowRank
 from .qdq import QDQ
 from .smoothquant import SmoothQuant
 from .sparsify import Sparsify
 
-__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "LowRank", "Autocast"]
+__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "BlockFP", "LowRank", "Autocast"]

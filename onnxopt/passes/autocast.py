@@ -8,19 +8,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .. import autocast, calib, finite, io, precision
+from .. import autocast, calib, finite, formats, io, precision
 from ..errors import OnnxoptError
 from .base import PassBase, check_choice
 
 log = logging.getLogger(__name__)
 
-IO_DTYPES = ("fp16", "bf16")
+IO_DTYPES = formats.low_precision()
 GENERATED_SAMPLES = 2  # when no data is given: enough to find the overflows that the weights alone cause
 
 
 @dataclass
 class Autocast(PassBase):
-    dtype: str = "fp16"                # "fp16" | "bf16" | "fp32" (leave everything in FP32)
+    dtype: str = formats.FP16.name     # one of formats.high_precision() ("fp32": leave everything in FP32)
     io_dtype: str | None = None        # also convert graph inputs/outputs; None keeps them
     keep_fp32_ops: tuple = ()          # op types left in FP32
     keep_fp32_nodes: tuple = ()        # node names left in FP32
@@ -41,7 +41,7 @@ class Autocast(PassBase):
 
     @property
     def wants_ranges(self) -> bool:
-        return self.measure_ranges and self.dtype != "fp32"
+        return self.measure_ranges and self.dtype in formats.low_precision()
 
     def check_recipe(self, recipe, index: int) -> None:
         if index != len(recipe) - 1:
@@ -49,7 +49,7 @@ class Autocast(PassBase):
 
     def run(self, ctx) -> dict:
         ranges = self._ranges(ctx) if self.wants_ranges else None
-        keep_nodes = self.keep_fp32_nodes + tuple(ctx.stats.get("fp32_nodes", ()))
+        keep_nodes = self.keep_fp32_nodes + tuple(ctx.fp32_nodes)
         if ctx.reference is not None and finite.runs_outputs(ctx.reference, ctx.memory_budget_mb):
             before = io.export_graph(ctx.graph, opset=ctx.opset or None)  # lazy weights: no copy
             ctx.rebuild = autocast.reconverter(before, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,

@@ -1,5 +1,6 @@
-"""AutoQuant pass: per-layer format search to a target (onnxopt.autoquant), then one mixed Q/DQ graph
-(onnxopt.quant.mixed): FP8 / INT8 W8A8 and INT4 weight-only layers side by side, the rest left to Autocast."""
+"""AutoQuant pass: per-layer format search to a target (onnxopt.autoquant); the chosen QuantPlan is written by
+the one writer (onnxopt.quant.writer): FP8 / INT8 W8A8 and INT4 weight-only layers side by side, the rest left
+to Autocast."""
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import attention_guard, autoquant, awq, einsum, io, precision
+from .. import formats as registry
 from .. import sampler as smp
 from ..sampler import SamplerOptions
 from ..autoquant import engine as aq_engine
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
-from ..quant import int4, mixed
+from ..quant import int4, writer
 from .base import PassBase, check_regexes, one_quantizer
 from .qdq import QDQ, WEIGHT_OPS
 
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AutoQuant(PassBase):
-    formats: tuple = ("fp8", "int8")    # candidates besides "none" (FP16): some of fp8, int8, int4
+    formats: tuple = registry.auto_defaults()  # candidates besides "none" (FP16): some of registry.auto_candidates()
     target_cosine: float | None = None  # mean cosine of the output vs FP32 on held-out batches
     target_top1: float | None = None    # argmax agreement (classifiers) on held-out batches
     bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
@@ -70,9 +72,10 @@ class AutoQuant(PassBase):
             raise OnnxoptError(f"--target-psnr {self.target_psnr}: give a PSNR in dB within (0, 200), e.g. 30")
         if self.bits is not None:
             low = min(autoquant.WBITS[f] for f in self.formats)
+            cheapest = min(autoquant.FORMATS, key=autoquant.WBITS.get)
             if not low <= self.bits <= 16:
                 raise OnnxoptError(f"--bits {self.bits} cannot be met with --formats {','.join(self.formats)}: "
-                                   f"use {low:g} to 16" + ("" if "int4" in self.formats else ", or add int4 to --formats"))
+                                   f"use {low:g} to 16" + ("" if cheapest in self.formats else f", or add {cheapest} to --formats"))
         if self.cosine_margin is not None and not 0.0 <= self.cosine_margin < 1.0:
             raise OnnxoptError(f"cosine margin {self.cosine_margin} must be in [0, 1)")
         if not 0.0 <= self.confidence_k <= 10.0:
@@ -94,7 +97,7 @@ class AutoQuant(PassBase):
 
     @property
     def min_opset(self) -> int:
-        return 21 if "int4" in self.formats else QDQ.min_opset
+        return max([QDQ.min_opset] + [registry.get(f).min_opset for f in self.formats])
 
     @property
     def needs_data(self) -> bool:
@@ -109,7 +112,7 @@ class AutoQuant(PassBase):
 
     def configs(self) -> dict:
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
-                for f in autoquant.PLANNED if f in self.formats or (f == "int8" and autoquant.SQ in self.formats)}
+                for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)}
 
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
@@ -130,8 +133,9 @@ class AutoQuant(PassBase):
         ranges = precision.range_reducers(graph) if ctx.measure_ranges else None
         amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider, extra=ranges,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        if cands.int4 and self.awq_clip:
-            nodes = [(n, 4) for n in graph.nodes if n.name in cands.int4]
+        awq_formats = [registry.get(f) for f in self.formats if registry.get(f).awq]
+        if cands.int4 and self.awq_clip and awq_formats:
+            nodes = [(n, awq_formats[0]) for n in graph.nodes if n.name in cands.int4]
             _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
                                        high_precision=ctx.high_precision, provider=ctx.provider,
                                        memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
@@ -153,8 +157,11 @@ class AutoQuant(PassBase):
                       "loads": ev.loads, "peak_live": ev.peak_live}
         del ev
         t3 = time.perf_counter()
-        inserted = mixed.insert(graph, mix, configs, amax, means, high_precision=ctx.high_precision,
+        plan = writer.QuantPlan({n: writer.Choice(f, _reason(cands.layers[n], f)) if n in cands.layers else writer.Choice(f)
+                                 for n, f in mix.items()}, configs=configs, amax=amax, means=means,
                                 block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
+        inserted = writer.write(graph, plan, high_precision=ctx.high_precision)
+        ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
         if ranges is not None and autoquant.SQ not in mix.values():
             ctx.range_reducers = ranges  # SmoothQuant's folded scales would change the ranges it measured
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,
@@ -304,7 +311,7 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-        counts = {f: sum(v == f for v in mix.values()) for f in ("fp8", "int8", "int8-sq", "int4", "none")}
+        counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}
         broken = int8_broken(cands.layers, mix)
         if broken:
@@ -331,12 +338,13 @@ def int8_broken(layers: dict, mix: dict) -> list:
     """Layers where INT8 W8A8 breaks, worst first: alone in INT8 they cost more than 10x the median layer's INT8
     error and more than 3x their own FP8 error (where FP8 was measured): the signature of outlier channels that a
     per-tensor INT8 scale cannot hold while FP8's exponent can."""
-    errs = {n: l.error["int8"] for n, l in layers.items() if "int8" in l.error}
+    fmt, ref = registry.INT8.name, registry.FP8.name   # the format that breaks, the one whose exponent holds
+    errs = {n: l.error[fmt] for n, l in layers.items() if fmt in l.error}
     if not errs:
         return []
     limit = 10 * float(np.median(list(errs.values())))
-    out = [{"layer": n, "int8_error": e, "fp8_error": layers[n].error.get("fp8"), "choice": mix[n]}
-           for n, e in errs.items() if e > limit and e > 3 * (layers[n].error.get("fp8") or 0.0)]
+    out = [{"layer": n, f"{fmt}_error": e, f"{ref}_error": layers[n].error.get(ref), "choice": mix[n]}
+           for n, e in errs.items() if e > limit and e > 3 * (layers[n].error.get(ref) or 0.0)]
     return sorted(out, key=lambda b: -b["int8_error"])
 
 

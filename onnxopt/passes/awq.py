@@ -1,11 +1,12 @@
 """AWQ pass: activation-aware scale and clip search for the INT4 pass that follows it (onnxopt.awq).
 Scales are folded into the graph here; clip ratios (or error-feedback rounded weights, `full`) go to the
-Int4 pass through `ctx.stats`."""
+Int4 pass through `ctx.awq`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .. import awq
+from ..pipeline import AwqChoice
 from ..errors import OnnxoptError
 from .base import PassBase, after, check_choice
 
@@ -38,5 +39,5 @@ class AWQ(PassBase):
         report, clips = awq.apply(ctx.graph, ctx.require_data(f"--awq {self.method}"), layers, method=self.method,
                                   block_size=target.block_size, high_precision=ctx.high_precision,
                                   provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        ctx.stats["awq_clips"], ctx.stats["awq_method"] = clips, self.method
+        ctx.awq = AwqChoice(clips, self.method)
         return report

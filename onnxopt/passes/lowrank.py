@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import lowrank
 from ..errors import OnnxoptError
-from ..quant import blockwise, qdq, rules
+from .. import formats
+from ..quant import rules
 from .base import PassBase, after
 
 # Relative noise power that 8-bit per-tensor activation quantization adds (E|ΔX|² / E|X|²), assumed for the
@@ -46,23 +45,16 @@ class LowRank(PassBase):
         hp = ctx.high_precision
         if isinstance(q, QDQ):
             nodes = rules.plan(ctx.graph, q).nodes
-            bits, noise = 8, ACT_NOISE[q.mode]
-            fake = _per_column_8bit(q.mode, hp)
+            f = formats.get(q.mode)
+            bits, noise, block = f.bits, ACT_NOISE.get(q.mode, ACT_NOISE["fp8"]), 0
         else:
             layers, _ = q.select(ctx.graph)
-            nodes = [n for n, b in layers if b == 4]
-            bits, noise = 4, 0.0
-            fake = lambda w, bs=q.block_size: blockwise.fake_quant(w, bs, high_precision=hp)  # noqa: E731
+            f = formats.get(q.format)
+            nodes = [n for n, b in layers if b != 8]
+            bits, noise, block = f.bits, 0.0, q.block_size
+
+        def fake(w_kn, f=f, block=block):  # the registry format's exact quantize-dequantize, per output column
+            return f.fake_quant(w_kn, 1, hp, block_size=block)
         return lowrank.split(ctx.graph, nodes, fake_quant=fake, bits=bits, act_noise=noise, rank=self.rank,
                              budget=self.budget, progress=ctx.progress)
 
-
-def _per_column_8bit(mode: str, hp: str):
-    """Quantize-dequantize of a [K, N] weight per output column, as quant.qdq.quantize_weight writes it."""
-    f = qdq.FORMATS[mode]
-
-    def fake(w: np.ndarray) -> np.ndarray:
-        amax = np.abs(w).max(axis=0)
-        scale = qdq.round_scale(np.where(amax > 0, amax / f.QMAX, 1.0), hp)
-        return f.to_float(f.cast(w / scale)) * scale
-    return fake

@@ -6,25 +6,22 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import attention_guard, calib, einsum, precision
-from .. import graph as G
+from .. import attention_guard, calib, einsum, formats, precision
 from ..errors import OnnxoptError
-from ..quant import bias_correction, qdq, rules
+from ..quant import calibration, rules, writer
 from .base import PassBase, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "fp8")
-DEFAULT_METHOD = {"fp8": "max", "int8": "mse"}
+MODES = formats.static()
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass
 class QDQ(PassBase):
-    mode: str = "fp8"                  # "int8" | "fp8"
+    mode: str = formats.FP8.name       # a format with static activations: formats.static()
     calib_method: str | None = None    # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
     exclude: tuple = ()                # regexes on node names left unquantized
@@ -49,7 +46,7 @@ class QDQ(PassBase):
 
     @property
     def method(self) -> str:
-        return self.calib_method or DEFAULT_METHOD[self.mode]
+        return self.calib_method or formats.get(self.mode).calib_method
 
     @property
     def needs_data(self) -> bool:
@@ -75,7 +72,7 @@ class QDQ(PassBase):
         layers = self._insert(graph, plan, amax, means, ctx.high_precision)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
-        ctx.stats.setdefault("fp32_nodes", []).extend(fp32_scale)
+        ctx.fp32_nodes.extend(fp32_scale)
         timings = {"calibrate": t1 - t0, "insert": time.perf_counter() - t1}
         log.info("quantized %d layers (%d activations, %d weights), skipped %d", len(plan.nodes),
                  len(plan.activations), len(plan.weights), len(plan.skipped))
@@ -87,54 +84,15 @@ class QDQ(PassBase):
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
-        tensors = graph.tensors()
-        layers = {}
-        inputs_before_qdq = {id(n): n.inputs[0].name for n in plan.nodes}
-        for name, uses in plan.activations.items():
-            scale = qdq.activation_scale(amax[name], self.mode, hp)
-            qdq.insert_activation_qdq(graph, tensors[name], uses, scale, self.mode)
-        done: dict[str, gs.Variable] = {}
-        shared = {c.name for _, _, c, _ in plan.weights if len(c.outputs) > 1}
-        for node, idx, const, axis in plan.weights:
-            key = const.name
-            if key not in done:
-                src = node.inputs[idx]
-                values = _fold_chain(src) if src is not const else None
-                mean = means.get(inputs_before_qdq[id(node)]) if key not in shared else None
-                corrected = {}
-
-                def on_error(w, w_deq, node=node, mean=mean):
-                    corrected["bias_correction"] = bias_correction.apply(graph, node, w, w_deq, mean)
-                done[key], info = qdq.quantize_weight(graph, const, axis, self.mode, hp, values,
-                                                      on_error=on_error if mean is not None else None)
-                layers[node.name] = {**info, **corrected}
-            node.inputs[idx] = done[key]
-        return layers
+        return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means), high_precision=hp)
 
     def calibrate(self, ctx, plan):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),
         and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
         which also feeds `ctx.extra_reducers` and the ranges range-aware autocast asks for (`ctx.range_reducers`)."""
-        method = self.method
-
-        def reducer():
-            if method == "max":
-                return calib.AbsMax()
-            if method == "percentile":  # exact, from the top values each batch keeps in the graph
-                return calib.TopAbs(self.percentile)
-            return calib.Histogram.for_provider(ctx.provider)
-        ranges = {n: reducer() for n in plan.activations if n not in plan.fixed_amax}
-        mean_r = {}
-        if self.bias_correction:
-            for node, _, _, _ in plan.weights:
-                if node.op not in bias_correction.OPS:
-                    continue
-                mean_r.setdefault(node.inputs[0].name, calib.ChannelMean(bias_correction.input_axis(node),
-                                                                         bias_correction.input_rank(node)))
-        reducers: dict[str, list] = {}
-        for group in (ranges, mean_r):
-            for n, r in group.items():
-                reducers.setdefault(n, []).append(r)
+        cp = calibration.plan({self.mode: plan}, {self.mode: self.method}, provider=ctx.provider,
+                              percentile=self.percentile, bias_correction_means=self.bias_correction)
+        reducers = cp.reducers()
         for n, rs in ctx.extra_reducers.items():
             reducers.setdefault(n, []).extend(rs)
         if ctx.measure_ranges:  # range-aware autocast's max |x| of every float tensor, in this same pass
@@ -143,28 +101,8 @@ class QDQ(PassBase):
                 reducers.setdefault(n, []).extend(rs)
         calib.collect_graph(ctx.graph, ctx.data, reducers, provider=ctx.provider,
                             memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        amax = dict(plan.fixed_amax)
-        for name, r in ranges.items():
-            amax[name] = calib.amax_from_histogram(r, method, self.mode) if isinstance(r, calib.Histogram) else r.value
-        for group in plan.shared_scales:
-            shared = max(amax[n] for n in group)
-            for n in group:
-                amax[n] = shared
-        return amax, {n: r.value for n, r in mean_r.items() if r.value is not None}
+        return cp.amax()[self.mode], cp.mean_values()
 
 
 def _has_weight(node: gs.Node) -> bool:
-    return rules._is_weight(node.inputs[1])
-
-
-def _fold_chain(t: gs.Tensor) -> np.ndarray:
-    """Values of a weight seen through Cast/Transpose/Identity, so the quantized initializer is what the layer consumes."""
-    const, chain = G.weight_of(t)
-    w = G.read_values(const)
-    for node in reversed(chain):
-        if node.op == "Transpose":
-            perm = node.attrs.get("perm")
-            w = np.transpose(w, perm) if perm is not None else w.T
-        elif node.op == "Cast":
-            w = w.astype(np.float32)
-    return w
+    return rules.is_weight(node.inputs[1])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import fold, smoothquant
+from .. import fold, formats, smoothquant
 from ..errors import OnnxoptError
 from ..quant import rules
 from .base import PassBase, after, check_regexes
@@ -19,7 +19,7 @@ class SmoothQuant(PassBase):
     name = "smoothquant"
 
     def __post_init__(self):
-        self.alpha = smoothquant._parse_alpha(self.alpha)
+        self.alpha = smoothquant.parse_alpha(self.alpha)
         self.exclude = check_regexes(self.exclude, "--exclude")
         self.op_types = tuple(self.op_types)
 
@@ -31,7 +31,7 @@ class SmoothQuant(PassBase):
         from .int4 import Int4
         from .qdq import QDQ
         nxt = after(recipe, index, (QDQ, Int4))
-        if nxt and not (isinstance(nxt[0], QDQ) and nxt[0].mode == "int8"):
+        if nxt and not (isinstance(nxt[0], QDQ) and formats.get(nxt[0].mode).smoothquant):
             raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
 
     def run(self, ctx) -> dict:

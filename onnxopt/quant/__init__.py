@@ -1,5 +1,6 @@
-"""Quantization building blocks: `rules` (where TensorRT fuses Q/DQ), `qdq` (insertion), `int8`, `fp8`,
-`int4` (weight-only writer), `bias_correction`. The passes that use them are in `onnxopt.passes`; the
+"""Quantization building blocks: `rules` (where TensorRT fuses Q/DQ), `writer` (the one writer: a QuantPlan
+into Q/DQ), `qdq` (per-tensor activation and per-channel weight insertion), `int4` (weight-only layer selection
+and AWQ), `bias_correction`; the formats' numbers are in `onnxopt.formats`. The passes that use them are in `onnxopt.passes`; the
 flat `QuantConfig` / `quantize()` API lives in `onnxopt.recipes` and is re-exported here."""
 from __future__ import annotations
 

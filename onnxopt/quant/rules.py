@@ -102,7 +102,7 @@ def rule_gemm_size(node, ctx):
 def rule_mha(node, ctx):
     """Activation-by-activation MatMuls (attention BMMs) follow the MHA setting, and only for head sizes
     that TensorRT's fused MHA supports."""
-    if node.op != "MatMul" or _is_weight(node.inputs[1]):
+    if node.op != "MatMul" or is_weight(node.inputs[1]):
         return None
     if not ctx.config.quantize_mha:
         return "MHA quantization is off"
@@ -185,6 +185,37 @@ RULES = (rule_op_type, rule_lowrank_branch, rule_user_exclude, rule_not_shape_su
          rule_int8_depthwise, rule_int8_small_conv, rule_conv_kernels, rule_gemm_size, rule_mha)
 
 
+
+# ---------------------------------------------------------------- block formats (NVFP4, MXFP8)
+# Measured with TensorRT-RTX 1.7.1 for SM 12.0 (tools/probe_fp4_rtx.py); layers refused here keep FP8 (the rules
+# above) or FP16, with the reason in the report.
+MIN_BLOCK_GEMM_DIM = 32  # K or N below this: a few blocks per row, little to gain and the 4-bit error undiluted
+
+
+def block_format_reason(node, block: int, fmt: str = "NVFP4") -> str | None:
+    """None when `node` may take block-format weights (and dynamic activations), else why it keeps FP8/FP16."""
+    if node.op in ("Conv", "ConvTranspose"):
+        return f"conv: TensorRT has no {fmt} convolution (blocks must run along one of the last two axes)"
+    if node.op not in ("MatMul", "Gemm"):
+        return f"op {node.op} has no {fmt} kernel"
+    if not is_weight(node.inputs[1]):
+        return f"attention BMM: no {fmt} kernel for activation x activation GEMMs in TensorRT-RTX (FP16 GEMM measured)"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return "Gemm with transA"
+    const, chain = G.weight_of(node.inputs[1])
+    if const is None or const.shape is None or len(const.shape) != 2:
+        return f"weight is not 2-D: no {fmt} GEMM"
+    a = node.inputs[0]
+    if a.shape is not None and len(a.shape) < 2:
+        return "1-D input"
+    k, n, _ = _gemm_dims(node)
+    if k is None or k % block:
+        return f"K={k} is not a multiple of the {fmt} block ({block})"
+    if k < MIN_BLOCK_GEMM_DIM or (n is not None and n < MIN_BLOCK_GEMM_DIM):
+        return f"tiny GEMM (K={k}, N={n} < {MIN_BLOCK_GEMM_DIM}): kept at higher precision"
+    return None
+
+
 # ---------------------------------------------------------------- planning
 def plan(graph: gs.Graph, config) -> Plan:
     ctx = Context(config, shape_nodes(graph), [re.compile(p) for p in config.exclude], {t.name for t in graph.inputs})
@@ -201,7 +232,7 @@ def plan(graph: gs.Graph, config) -> Plan:
         p.nodes.append(node)
         for idx in (0, 1):
             t = node.inputs[idx]
-            if idx == 1 and _is_weight(t):
+            if idx == 1 and is_weight(t):
                 const, _ = G.weight_of(t)
                 axis = G.weight_output_channel_axis(node) % len(const.shape)
                 p.weights.append((node, idx, const, axis))
@@ -254,7 +285,8 @@ def _plan_softmax_outputs(graph, p: Plan, config) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _is_weight(t) -> bool:
+def is_weight(t) -> bool:
+    """A constant (through Cast/Transpose/Identity) that is not already quantized."""
     const, chain = G.weight_of(t)
     return const is not None and not any(n.op == "DequantizeLinear" for n in chain)
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
+from .. import formats
 from .. import graph as G
 
 _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], Constants: \[(?P<consts>.*?)\], "
@@ -31,8 +32,21 @@ _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inpu
 _DTYPE = re.compile(r"Dimensions: \[([-0-9,]*)\][^}]*?Datatype: (\w+)")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
-_QUANT = {"Int8": "int8", "FP8": "fp8", "Int4": "int4", "FP4": "fp4", "UInt8": "int8"}
-_LOW = {"Half": "fp16", "BFloat16": "bf16", "Float": "fp32"}
+
+
+def _engine_format(datatype: str, quantized: bool):
+    """The registered format of a kernel datatype string ("Int8", "FP8", "Half"), if it is (not) quantized."""
+    f = formats.from_engine(datatype)
+    return f if f is not None and f.quantized == quantized else None
+
+
+def _weight_only_variants() -> tuple:
+    """Formats that also come weight-only (NVFP4 W4A16) besides the weight-only formats."""
+    return tuple(n for n in formats.names() if formats.get(n).extra.get("weight_only_variant"))
+
+
+def _is_quantized(name: str) -> bool:
+    return name in formats.names() and formats.get(name).quantized
 _COMPUTE = ("gemm", "correlation", "convolution", "conv", "deconvolution", "runtime", "runtime_fusion")
 PADDING_MIN_BYTES = 4096  # a smaller quantized constant in an elementwise kernel is noise, not bloat
 SCALE_WARNING = re.compile(r"[Cc]onverting .*scales? to fp32")
@@ -61,14 +75,18 @@ class Kernel:
 
     @property
     def precision(self) -> str:
-        """'int8'/'fp8' (quantized activations), 'int4-weight' (weight-only), else the float type."""
+        """'int8'/'fp8'/'nvfp4'/'mxfp8' (quantized activations), 'int4-weight' (weight-only), else the float type."""
+        for dt in self.inputs:  # block scales name the format first (MXFP8's E8M0 beside its FP8 codes)
+            f = _engine_format(dt, True)
+            if f is not None and f.activations == "dynamic":
+                return f.name
         for dt in self.inputs:
-            if dt in _QUANT:
-                return _QUANT[dt]
+            if _engine_format(dt, True):
+                return _engine_format(dt, True).name
         for dt in self.constants:
-            if dt in _QUANT:
-                return _QUANT[dt] + "-weight"
-        return next((_LOW[dt] for dt in self.inputs if dt in _LOW), "other")
+            if _engine_format(dt, True):
+                return _engine_format(dt, True).name + "-weight"
+        return next((_engine_format(dt, False).name for dt in self.inputs if _engine_format(dt, False)), "other")
 
 
 @dataclass
@@ -98,7 +116,7 @@ def parse_log(lines) -> BuildLog:
             if m["type"] in ("signal", "wait"):
                 continue
             qbytes = sum(int(np.prod([max(int(d), 0) for d in dims.split(",") if d])) for dims, dt in _DTYPE.findall(m["consts"])
-                         if dt in ("Int8", "FP8", "UInt8"))
+                         if (f := _engine_format(dt, True)) is not None and f.activations == "static")
             out.kernels.append(Kernel(m["name"], m["type"], _dtypes(m["inputs"], False), _dtypes(m["consts"], True),
                                       _dtypes(m["outputs"], False), m["tactic"].strip(), _ONNX_LAYER.findall(m["meta"]), qbytes))
             continue
@@ -128,6 +146,8 @@ def _dq_dtype(t) -> str | None:
         p = G.producer(t)
         if p is None:
             return None
+        if p.op == G.MX_DQ_OP:
+            return "mxfp8"
         if p.op == "DequantizeLinear":
             src = p.inputs[0]
             if isinstance(src, gs.Constant):
@@ -137,7 +157,7 @@ def _dq_dtype(t) -> str | None:
                 return _np_kind(p.inputs[2].dtype)
             if q is not None and len(q.inputs) > 2 and q.inputs[2].name:
                 return _np_kind(q.inputs[2].dtype)
-            return _np_kind(src.dtype) if src.dtype is not None else "int8"
+            return _np_kind(src.dtype) if src.dtype is not None else _np_kind(np.uint8)  # ONNX's default without a zero point
         if p.op not in ("Transpose", "Cast", "Reshape", "Identity"):
             return None
         t = p.inputs[0]
@@ -147,14 +167,12 @@ def _dq_dtype(t) -> str | None:
 def _np_kind(dt) -> str:
     if dt is None:
         return "?"
-    s = TensorProto.DataType.Name(dt).lower() if isinstance(dt, int) else str(np.dtype(dt))
-    if "float8" in s:
-        return "fp8"
-    if "int4" in s:
-        return "int4"
-    if "int8" in s:
-        return "int8"
-    return s or "?"
+    try:
+        s = np.dtype(helper.tensor_dtype_to_np_dtype(dt) if isinstance(dt, int) else dt).name
+    except (TypeError, KeyError, ValueError):
+        s = TensorProto.DataType.Name(dt).lower() if isinstance(dt, int) else str(dt)
+    f = formats.from_storage(s)
+    return f.name if f is not None else (s or "?")
 
 
 def attention_blocks(graph: gs.Graph) -> list[dict]:
@@ -207,8 +225,8 @@ def quantized_layers(graph: gs.Graph) -> list[QuantLayer]:
         kinds = [_dq_dtype(t) for t in n.inputs[:2] if t is not None and t.name]
         if len(kinds) == 2 and all(kinds):
             out.append(QuantLayer(n.name, n.op, "w8a8", kinds[0], n.name in attn))
-        elif len(kinds) == 2 and kinds[1] == "int4":
-            out.append(QuantLayer(n.name, n.op, "weight-only", "int4"))
+        elif len(kinds) == 2 and kinds[1] in formats.weight_only() + _weight_only_variants():
+            out.append(QuantLayer(n.name, n.op, "weight-only", kinds[1]))
     return out
 
 
@@ -216,14 +234,16 @@ def weight_bytes(model: onnx.ModelProto) -> dict:
     """Bytes of the file's weights: quantized (INT8/FP8/INT4), all, and the same weights in FP16."""
     from .. import io
     quant = total = fp16 = 0
-    qtypes = {TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2, TensorProto.INT4, TensorProto.UINT4}
+    qtypes = {helper.np_dtype_to_tensor_dtype(np.dtype(s)) for f in map(formats.get, formats.names()) if f.quantized
+              for s in f.storage_names}
+    floats = {formats.get(n).onnx_type for n in formats.high_precision()}
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
         b = io.tensor_bytes(t)
         total += b
         if t.data_type in qtypes:
             quant += b
-        if t.data_type in qtypes | {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16} and n > 1:
+        if t.data_type in qtypes | floats and n > 1:
             fp16 += 2 * n
     return {"quantized": quant, "all": total, "fp16": fp16}
 
@@ -244,7 +264,7 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
     for l in layers:
         k = _main_kernel(l, by_layer.get(l.name, []))
         prec = k.precision if k else "none"
-        ok = prec == l.dtype if l.kind == "w8a8" else prec == "int4-weight"
+        ok = prec == (l.dtype if l.kind == "w8a8" else f"{l.dtype}-weight")
         rows.append({"name": l.name, "op": l.op, "graph": f"{l.dtype} {l.kind}", "attention": l.attention,
                      "kernel": k.name if k else None, "engine": prec, "quantized_kernel": bool(ok)})
     fused = {}
@@ -254,9 +274,9 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
             fused[k.precision] = fused.get(k.precision, 0) + 1
             fused_blocks |= {b["softmax"] for b in blocks if b["softmax"] in k.layers}
     quant_blocks = [b for b in blocks if b["quantized"]]
-    qfused = sum(v for p, v in fused.items() if p in ("int8", "fp8"))
+    qfused = sum(v for p, v in fused.items() if _is_quantized(p))
     standalone_dq = [k.name for k in build_log.kernels
-                     if "Int4" in k.constants and k.layers and all(n.endswith("DequantizeLinear") or "DequantizeLinear" in n for n in k.layers)]
+                     if any((f := _engine_format(c, True)) is not None and f.weight_only for c in k.constants) and k.layers and all(n.endswith("DequantizeLinear") or "DequantizeLinear" in n for n in k.layers)]
     dw = depthwise_convs(graph)
     padding = [k for k in build_log.kernels if not k.computes and k.quantized_constant_bytes >= PADDING_MIN_BYTES]
     bloat = sorted({n for k in padding for n in k.layers if n in dw})
@@ -267,6 +287,7 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         "quantized_layers": len(rows),
         "quantized_in_quantized_kernels": sum(r["quantized_kernel"] for r in rows),
         "fallbacks": [r["name"] for r in rows if not r["quantized_kernel"]],
+        "kernel_precisions": _count(r["engine"] for r in rows if r["quantized_kernel"]),
         "attention": {"blocks": len(blocks), "quantized_blocks": len(quant_blocks), "fused_by_precision": fused,
                       "fused_quantized": qfused, "unfused": [b["softmax"] for b in blocks if b["softmax"] not in fused_blocks],
                       "quantized_unfused": [b["softmax"] for b in quant_blocks if b["softmax"] not in fused_blocks]},
@@ -285,13 +306,20 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
     }
 
 
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
 def _main_kernel(layer: QuantLayer, kernels: list[Kernel]) -> Kernel | None:
     """The kernel that computes the layer (not an epilogue that also lists it in its metadata)."""
     if not kernels:
         return None
     def rank(k: Kernel):
         own = k.name.split("_myl")[0].split("+")
-        return (layer.name in own, k.attention and layer.attention, k.computes, k.precision not in _LOW.values())
+        return (layer.name in own, k.attention and layer.attention, k.computes, k.precision not in formats.high_precision())
     return max(kernels, key=rank)
 
 
@@ -303,7 +331,9 @@ def format_report(rep: dict, all_layers: bool = False) -> str:
         lines.append(f"{r['name'][:39]:<40}{r['op']:<10}{r['graph']:<18}{r['engine']:<18}{'yes' if r['quantized_kernel'] else 'NO'}")
     a, w = rep["attention"], rep["weights"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "none"
-    lines.append(f"quantized layers in quantized kernels: {rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}")
+    by = ", ".join(f"{v} {p}" for p, v in sorted(rep.get("kernel_precisions", {}).items()))
+    lines.append(f"quantized layers in quantized kernels: {rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}"
+                 + (f" ({by})" if by else ""))
     lines.append(f"attention blocks: {a['blocks']} ({a['quantized_blocks']} quantized); fused attention kernels: {fused}"
                  + (f"; quantized not fused: {len(a['quantized_unfused'])}" if a["quantized_unfused"] else ""))
     if rep["int4_dq_kernels"]:
@@ -367,5 +397,7 @@ def summary_line(rep: dict) -> str:
     a = rep["attention"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "no"
     tw = rep["weights"]["engine_weights_memory"]
-    return (f"{rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']} quantized layers in quantized kernels, "
+    by = ", ".join(f"{v} {p}" for p, v in sorted(rep.get("kernel_precisions", {}).items()))
+    return (f"{rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']} quantized layers in quantized kernels"
+            + (f" ({by})" if by else "") + ", "
             f"{fused} fused attention of {a['blocks']} blocks" + (f", weights {tw / 1e6:.1f} MB" if tw is not None else ""))

@@ -1,0 +1,125 @@
+"""The format registry: one `Format` object per number format, registered by name (as ml_dtypes makes a
+dtype one object). Everything outside this package asks it instead of spelling a format's constants or
+testing its name; `base.py` documents how to add a format.
+
+    from onnxopt import formats
+    f = formats.get("fp8")            # raises OnnxoptError listing the names
+    f.qmax, f.calib_method, f.quantize_weight(w, axis, "fp16")
+"""
+from __future__ import annotations
+
+from ..errors import OnnxoptError
+from .base import Format, round_scale
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Add `fmt` under its name (once); returns it."""
+    if fmt.name in _REGISTRY and _REGISTRY[fmt.name] is not fmt:
+        raise ValueError(f"format '{fmt.name}' is registered twice")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    """The format called `name` (a Format passes through)."""
+    if isinstance(name, Format):
+        return name
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise OnnxoptError(f"unknown format '{name}'; use one of {', '.join(_REGISTRY)}") from None
+
+
+def names() -> tuple[str, ...]:
+    """Every registered format's name, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def _where(pred) -> tuple[Format, ...]:
+    return tuple(f for f in _REGISTRY.values() if pred(f))
+
+
+def modes() -> tuple[str, ...]:
+    """Uniform modes of `onnxopt quantize` (--int8, --fp8, --int4)."""
+    return tuple(f.name for f in _where(lambda f: f.mode))
+
+
+def static() -> tuple[str, ...]:
+    """Formats quantizing activations per tensor from calibrated ranges, each with its own placement plan."""
+    return tuple(f.name for f in _where(lambda f: f.planned and f.activations == "static"))
+
+
+def activation_formats() -> tuple[str, ...]:
+    """Formats usable for activations (static or dynamic)."""
+    return tuple(f.name for f in _where(lambda f: f.quantized and f.activations != "none"))
+
+
+def weight_only() -> tuple[str, ...]:
+    """Formats quantizing weights only (activations stay in high precision)."""
+    return tuple(f.name for f in _where(lambda f: f.weight_only))
+
+
+def auto_candidates() -> tuple[str, ...]:
+    """Candidates `--auto` may offer per layer (besides "none", FP16)."""
+    return tuple(f.name for f in _where(lambda f: f.auto))
+
+
+def auto_defaults() -> tuple[str, ...]:
+    """`--auto`'s default candidates."""
+    return tuple(f.name for f in _where(lambda f: f.auto_default))
+
+
+def high_precision() -> tuple[str, ...]:
+    """Unquantized float formats (cast, not scaled): fp16, bf16, fp32."""
+    return tuple(f.name for f in _where(lambda f: not f.quantized))
+
+
+def low_precision() -> tuple[str, ...]:
+    """Unquantized float formats narrower than FP32 (what `convert` and `--io-dtype` offer)."""
+    return tuple(f.name for f in _where(lambda f: not f.quantized and f.bits < 32))
+
+
+def from_storage(stored: str, scale: str = "") -> Format | None:
+    """The format a DequantizeLinear holds, from its input's numpy dtype name (and its scale's), or None.
+    Later registrations win, so a format sharing storage with an older one (MXFP8's E4M3 codes with E8M0
+    scales) is recognised by its narrower `recognises`."""
+    for f in reversed(list(_REGISTRY.values())):
+        if f.quantized and not f.base and f.recognises(stored, scale):
+            return f
+    return None
+
+
+def from_engine(precision: str) -> Format | None:
+    """The format of a TensorRT kernel datatype string ("Int8", "FP8", "Half"), or None."""
+    for f in reversed(list(_REGISTRY.values())):
+        if precision in f.engine_precisions:
+            return f
+    return None
+
+
+def weight_bits() -> dict[str, float]:
+    """--auto's weight-bit cost of each candidate, "none" (FP16) included."""
+    return {"none": get("fp16").cost_weight_bits, **{n: get(n).cost_weight_bits for n in auto_candidates()}}
+
+
+def activation_bits() -> dict[str, float]:
+    """--auto's activation-bit cost of each candidate, "none" (FP16) included."""
+    return {"none": float(get("fp16").bits), **{n: get(n).cost_activation_bits for n in auto_candidates()}}
+
+
+from . import bf16, fp8, fp16, fp32, int4, int8  # noqa: E402  (the built-in formats register below)
+
+INT8, INT8_SQ, FP8, INT4, FP16, BF16, FP32 = (int8.INT8, int8.INT8_SQ, fp8.FP8_E4M3, int4.INT4, fp16.FP16, bf16.BF16,
+                                             fp32.FP32)
+for _f in (FP8, INT8, INT4, INT8_SQ, FP16, BF16, FP32):
+    register(_f)
+
+from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + standard-ONNX emulation)
+
+NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
+
+__all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
+           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
+           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8"]

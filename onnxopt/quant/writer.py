@@ -1,0 +1,247 @@
+"""The one writer: any `QuantPlan` (layer -> format, with its reason) becomes Q/DQ in one strongly typed graph.
+
+Formats with static activations (FP8, INT8) get W8A8 Q/DQ where the TensorRT rules place them (`quant.rules`,
+one placement per format, filtered to the plan's layers), weights per output channel behind a DequantizeLinear
+and bias correction; weight-only formats (INT4) a blocked DequantizeLinear on the weight; int8-sq layers are
+smoothed (x ⊘ s, W ⊙ s) first and then written in their base format. `--fp8` is the plan "FP8 wherever the
+rules allow" (`QuantPlan.uniform`); `--auto`'s search picks a plan per layer. Every number comes from the
+format objects (onnxopt.formats), as the search's gated graph's do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import fold, formats
+from .. import graph as G
+from ..formats import Format
+from . import bias_correction, qdq, rules
+
+WEIGHT_ONLY_OPS = ("MatMul", "Gemm")
+
+
+@dataclass
+class Choice:
+    format: str             # a registered format name, or "none" (left to autocast)
+    reason: str = ""        # why: "rules", "preset", "search: ...", "override file"
+
+
+@dataclass
+class QuantPlan:
+    """The hand-off between deciding and writing: each layer's format and reason, plus what the writer needs
+    of the decision (statistics, search results)."""
+    layers: dict                                  # layer name -> Choice
+    configs: dict = field(default_factory=dict)   # static format -> the QDQ options its rules placement uses
+    placements: dict = field(default_factory=dict)  # static format -> rules.Plan already made on this graph
+    amax: dict = field(default_factory=dict)      # static format -> {tensor: calibrated range}
+    means: dict = field(default_factory=dict)     # tensor -> channel mean (bias correction); empty: none
+    block_size: int = 128                         # per-block formats
+    clips: dict = field(default_factory=dict)     # weight-only layer -> AWQ clip ratios, or (codes, scales)
+    smooth: dict = field(default_factory=dict)    # activation -> autoquant.smooth.Smoothing (int8-sq layers)
+
+    @classmethod
+    def from_mix(cls, mix: dict, reason: str = "", **kw) -> "QuantPlan":
+        """A plan from {layer: format name}."""
+        return cls({n: Choice(f, reason) for n, f in mix.items()}, **kw)
+
+    @classmethod
+    def uniform(cls, fmt: str, placement, amax: dict, means: dict, **kw) -> "QuantPlan":
+        """`fmt` on every layer the rules placement quantizes (--fp8, --int8)."""
+        return cls({n.name: Choice(fmt, "rules") for n in placement.nodes}, placements={fmt: placement},
+                   amax={fmt: amax}, means=means, **kw)
+
+    def mix(self) -> dict:
+        """{layer: format name}."""
+        return {n: c.format for n, c in self.layers.items()}
+
+
+def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
+    """Quantize each layer of `graph` in place to its format in `plan`. Returns {layer: info}."""
+    hp = high_precision
+    mix, amax, means, smoothed = _smooth_inputs(graph, plan)
+    used = set(mix.values())
+    placements = dict(plan.placements) or {f: rules.plan(graph, plan.configs[f]) for f in formats.static() if f in used}
+    layers: dict[str, dict] = {}
+    tensors = graph.tensors()
+    names = G.taken_names(graph)
+    for f, place in placements.items():
+        residual = {(id(a), i) for a, i in place.residuals}
+        for tname, uses in place.activations.items():
+            mine = [(n, i) for n, i in uses if mix.get(_owner(n, i, residual).name) == f]
+            if mine:
+                scale = qdq.activation_scale(amax[f][tname], f, hp)
+                qdq.insert_activation_qdq(graph, tensors[tname], mine, scale, f,
+                                          base=G.unique_name(f"{tname}_{f}", names) if len(placements) > 1 else None)
+        done: dict = {}
+        shared = {c.name for _, _, c, _ in place.weights if len(c.outputs) > 1}
+        for node, idx, const, axis in place.weights:
+            if mix.get(node.name) != f:
+                continue
+            if const.name not in done:
+                src = node.inputs[idx]
+                values = fold.effective_weight(node) if src is not const else None
+                # One weight read by several layers gets no bias correction (one correction cannot fit every reader).
+                mean = (means.get(_unquantized(node.inputs[0]).name)
+                        if node.op in bias_correction.OPS and const.name not in shared else None)
+                extra = {}
+
+                def on_error(w, w_deq, node=node, mean=mean):
+                    extra["bias_correction"] = bias_correction.apply(graph, node, w, w_deq, mean)
+                done[const.name] = qdq.quantize_weight(graph, const, axis, f, hp, values,
+                                                       on_error=on_error if mean is not None else None)
+                layers[node.name] = {"format": f, **done[const.name][1], **extra}
+            node.inputs[idx] = done[const.name][0]
+        for node in place.nodes:
+            if mix.get(node.name) == f:
+                layers.setdefault(node.name, {"format": f})
+    per_layer = [(n, formats.get(mix[n.name])) for n in graph.nodes
+                 if mix.get(n.name, "none") != "none" and not formats.get(mix[n.name]).planned and n.op in WEIGHT_ONLY_OPS]
+    wo, _, _ = write_per_layer(graph, per_layer, plan.block_size, plan.clips, hp, names)
+    layers.update(wo)
+    for name, how in smoothed.items():
+        layers.setdefault(name, {})["format"] = plan.layers[name].format
+        layers[name]["smoothing"] = how
+    return layers
+
+
+def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set
+                    ) -> tuple[dict, int, int]:
+    """(node, format) layers of formats without a static placement, in place: the weight (each once however many
+    layers read it) behind a DequantizeLinear; for a format with dynamic activations, also its activation nodes
+    (`Format.write_dynamic_activation`) on the layer's input. Returns ({layer: info}, weight bytes before, after)."""
+    done: dict[int, tuple[gs.Variable, dict]] = {}
+    out, before, after = {}, 0, 0
+    for node, fmt in layers:
+        key = id(node.inputs[1])
+        if key not in done:
+            w = G.to_kn(node, fold.effective_weight(node))
+            before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
+            done[key] = write_weight(graph, node, w, fmt, block_size, (clips or {}).get(node.name), hp, names)
+            after += done[key][1]["bytes"]
+        node.inputs[1], info = done[key]
+        out[node.name] = dict(info)
+        if fmt.activations == "dynamic":
+            x = node.inputs[0]
+            fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
+                                         base=G.unique_name(f"{x.name}_{fmt.name}", names))
+    return out, before, after
+
+
+def fusable_block_size(k: int, block_size: int) -> int:
+    """The DequantizeLinear block size TensorRT(-RTX) fuses into its weight-only INT4 GEMM for reduction size `k`.
+
+    Its builder fuses only weights with at least two blocks along K: with one (per-channel, or K <= block
+    size) the DequantizeLinear runs as its own kernel and the GEMM in FP16 (measured on TensorRT-RTX 1.7.1:
+    K=64/128 with block 128, K=256 with block 256, per-channel at any K). One block is written as two halves
+    with the same scale. Odd K has no such split (the parser rejects its blocked INT4 weights anyway)."""
+    if (block_size and block_size < k) or k < 2 or k % 2:
+        return block_size
+    return k // 2
+
+
+def write_weight(graph: gs.Graph, node: gs.Node, w_kn: np.ndarray, fmt: Format, block_size: int, clip,
+                 high_precision: str, names: set) -> tuple[gs.Variable, dict]:
+    """Quantized weight + DequantizeLinear in the node's own weight layout; returns the DQ output. A per-block
+    format (INT4) takes `clip`: per-block clip ratios, or the (codes, scales) error-feedback rounding chose;
+    a per-channel one (INT8 of --int8-layers) quantizes per output column."""
+    trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    k, n = w_kn.shape
+    base = G.unique_name(f"{node.inputs[1].name}_{fmt.name}", names)
+    if fmt.weights == "per-block":
+        q, scale = clip if isinstance(clip, tuple) else fmt.quantize_weight(w_kn, 1, high_precision,
+                                                                            block_size=block_size, clip=clip)
+        info = {"format": fmt.name, "bits": fmt.bits, "block_size": block_size, "blocks": int(scale.shape[0])}
+        split = fusable_block_size(k, block_size)
+        if split != block_size:  # one block along K: the same scale written for two half blocks (same numbers)
+            scale, block_size = np.repeat(scale[:1], 2, axis=0), split
+            info["dq_block_size"] = split
+        if block_size:
+            attrs = {"axis": 1 if trans else 0, "block_size": int(block_size)}
+        else:  # one block per output channel: per-axis scales
+            scale = scale[0]
+            attrs = {"axis": 0 if trans else 1}
+    else:
+        q, scale = fmt.quantize_weight(w_kn, 1, high_precision)
+        scale = scale.reshape(-1)
+        attrs = {"axis": 0 if trans else 1}
+        info = {"format": fmt.name, "bits": fmt.bits, "per_channel": True}
+    if trans:
+        q, scale = q.T, scale.T
+    q = np.ascontiguousarray(q)
+    dtype = node.inputs[1].dtype if G.is_float(node.inputs[1]) else np.float32
+    out = fmt.write_weight(graph, base, q, scale, attrs, zero_point=False, dtype=dtype, qname=base,
+                           unique=lambda s: G.unique_name(s, names))
+    info["bytes"] = int(-(-q.size * fmt.bits // 8) + scale.size * 4)
+    return out, info
+
+
+# ---------------------------------------------------------------- the effective weight
+def fake_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip=None) -> np.ndarray:
+    """What the layer will see of weight `w` (its consumed layout) in `fmt` (per-block: with AWQ clip ratios)."""
+    q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
+    return formats.get(fmt).dequantize(q, scale, axis, block_size=block_size)
+
+
+def quantized_weight(node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int = 0, clip=None):
+    """(codes, scales, output-channel axis) of the layer's weight `w` in `fmt`, as the final graph writes it."""
+    axis = G.weight_output_channel_axis(node) % w.ndim
+    f = formats.get(fmt)
+    if f.weights == "per-channel":
+        q, scale, _ = qdq.weight_codes(f, w, axis, hp)
+    else:
+        q, scale = f.quantize_weight(w, axis, hp, block_size=block_size, clip=clip)
+    return q, scale, axis
+
+
+def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
+    """Smoothed layers (a format whose `base` is another, after SmoothQuant: int8-sq): x ⊘ s folded into x's
+    producer where every reader of x is smoothed and the producer is a norm, else a Mul in front of these
+    layers; W ⊙ s. They then quantize in the base format, the smoothed activation's range (and bias-correction
+    mean) under its new name. Returns the base-format view (mix, amax, means) and {layer: how s was folded}."""
+    mix = plan.mix()
+    sq = {n for n, f in mix.items() if f != "none" and formats.get(f).base}
+    if not sq:
+        return mix, plan.amax, plan.means, {}
+    amax = {k: dict(v) for k, v in plan.amax.items()}
+    means, done = dict(plan.means), {}
+    by_name = {n.name: n for n in graph.nodes}
+    for tname, sm in plan.smooth.items():
+        nodes = [by_name[n] for n in sm.layers if n in sq]
+        if not nodes:
+            continue
+        x = nodes[0].inputs[0]
+        p = x.inputs[0] if x.inputs else None
+        if not (p is not None and fold.is_norm(p) and len(x.outputs) == len(nodes)):
+            # a private Identity in front of the layers: fold finds no producer to fold into and inserts the Mul
+            xi = gs.Variable(G.unique_name(f"{tname}_sq_in", G.taken_names(graph)), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Identity", name=xi.name, inputs=[x], outputs=[xi]))
+            for n in nodes:
+                n.inputs[0] = xi
+        how = fold.fold_input_scale(graph, nodes, sm.s)
+        new = nodes[0].inputs[0].name
+        base = formats.get(mix[nodes[0].name]).base
+        amax.setdefault(base, {})[new] = sm.amax
+        if tname in means:  # the mean of x ⊘ s, so that bias correction sees what the gated graph saw
+            means[new] = np.asarray(means[tname], np.float64).reshape(-1) / sm.s
+        for n in nodes:
+            done[n.name] = how
+    graph.cleanup().toposort()
+    view = {n: (formats.get(f).base or f) if f != "none" else f for n, f in mix.items()}
+    return view, amax, means, done
+
+
+def _unquantized(t: gs.Tensor) -> gs.Tensor:
+    """The tensor behind an activation Q/DQ pair (inserted above): bias-correction means are keyed by it."""
+    dq = t.inputs[0] if t.inputs else None
+    if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs and dq.inputs[0].inputs[0].op == "QuantizeLinear":
+        return dq.inputs[0].inputs[0].inputs[0]
+    return t
+
+
+def _owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
+    """The layer an activation use belongs to: the node itself, or for a residual Add the Conv feeding it."""
+    if (id(node), idx) in residual:
+        return node.inputs[1 - idx].inputs[0]
+    return node
