@@ -1,6 +1,7 @@
 """QuantConfig, the flat option set of `onnxopt quantize`, and the recipe it stands for.
 
-`recipe(config)` turns it into passes: [Sparsify] -> [SmoothQuant] -> QDQ | [AWQ] -> Int4 -> Autocast;
+`recipe(config)` turns it into passes: [Sparsify] -> [SmoothQuant] -> [LowRank] -> QDQ | [AWQ] -> [LowRank] -> Int4
+-> Autocast;
 `runner(config, ...)` adds the data and resource settings. `quantize()` keeps the original Python API.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from . import calib, pipeline
 from . import formats as registry
 from .errors import OnnxoptError
 from .sampler import SamplerOptions
-from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, SmoothQuant, Sparsify
+from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, LowRank, SmoothQuant, Sparsify
 from .settings import MEMORY_BUDGET_MB
 
 MODES = registry.modes()
@@ -37,6 +38,8 @@ class QuantConfig:
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
     bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
     smoothquant: float | str | None = None     # alpha, "auto", or None
+    lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
+    lowrank_budget: float | None = None        # --lowrank auto: extra bytes / quantized weight bytes (default 0.1)
     awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
     block_size: int | None = None              # int4: along K (0 = per-channel); None: the format's (INT4: 128)
     int8_layers: str | None = None             # int4: regex of layers kept at per-channel INT8 weights
@@ -96,15 +99,23 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
     elif registry.get(c.mode).weight_only:
         if c.awq != "none":
             passes.append(AWQ(c.awq))
+        passes += _lowrank(c)
         passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types,
                            format=c.mode))
     else:
         if c.smoothquant is not None:
             passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))
+        passes += _lowrank(c)
         passes.append(QDQ(c.mode, calib_method=c.calib_method, percentile=c.percentile, exclude=c.exclude,
                           op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction))
     passes.append(Autocast(c.high_precision, io_dtype=c.io_dtype, keep_fp32_ops=c.keep_fp32_ops))
     return pipeline.Recipe(passes, max_batch=c.calib_max_batch)
+
+
+def _lowrank(c: QuantConfig) -> list:
+    if c.lowrank is None:
+        return []
+    return [LowRank(c.lowrank) if c.lowrank_budget is None else LowRank(c.lowrank, budget=c.lowrank_budget)]
 
 
 def runner(config: QuantConfig, *, data=None, calib_random: int | None = None, seed: int = 0, shapes: dict | None = None,

@@ -50,6 +50,8 @@ def _weight_only(mode: str) -> bool:
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
+@click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
+@click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
@@ -143,7 +145,7 @@ _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "targe
               "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
               "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
               "sample_size": "--size"}
-_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
+_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant", "lowrank": "--lowrank",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
 
@@ -204,6 +206,10 @@ def _check_mode_options(mode: str, o: dict) -> None:
     if o.get("weight_only") and not formats.get(mode).extra.get("weight_only_variant"):
         with_wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).extra.get("weight_only_variant"))
         raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
+    if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
+        raise OnnxoptError("--lowrank-budget needs --lowrank auto")
+    if o.get("lowrank") is not None and mode not in ("int8", "fp8", "int4"):
+        raise OnnxoptError(f"--lowrank applies to --int8, --fp8 and --int4 only (not --{mode} yet); drop it")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
     if o.get("io_dtype") and o.get("high_precision") not in formats.low_precision():
@@ -282,6 +288,10 @@ def _describe_quantize(report: dict, mode: str) -> str:
         text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
         if report.get("smoothquant"):
             text += f"; SmoothQuant on {len(report['smoothquant'].get('groups', []))} activations"
+    lr = report.get("lowrank")
+    if lr and lr.get("layers"):
+        text += (f"; low-rank branch on {len(lr['layers'])} layers (+{lr['extra_bytes']} bytes, "
+                 f"{100 * lr['extra_fraction']:.1f}% of their quantized weights)")
     sp = report.get("sparsity")
     if sp:
         text += f"; pruned {sp['pruned']} layers to {sp['pattern']} ({sp['method']})"

@@ -8,8 +8,9 @@ from .autoquant import AutoQuant
 from .awq import AWQ
 from .blockfp import BlockFP
 from .int4 import Int4
+from .lowrank import LowRank
 from .qdq import QDQ
 from .smoothquant import SmoothQuant
 from .sparsify import Sparsify
 
-__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "BlockFP", "Autocast"]
+__all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "BlockFP", "LowRank", "Autocast"]

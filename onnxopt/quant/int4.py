@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from .. import awq as awq_search
 from .. import fold
 from .. import graph as G
+from .. import lowrank
 from ..errors import OnnxoptError
 from ..formats import FP16, INT4, INT8, Format
 from .writer import WEIGHT_ONLY_OPS, fusable_block_size, write_per_layer, write_weight
@@ -44,7 +45,9 @@ def select_layers(graph: gs.Graph, *, exclude=(), op_types=OPS, int8_layers: str
         if n.op not in OPS or n.op not in op_types:
             continue
         reason = None
-        if any(p.search(n.name or "") for p in exclude):
+        if lowrank.is_branch(n):
+            reason = "low-rank branch GEMM stays high precision"
+        elif any(p.search(n.name or "") for p in exclude):
             reason = "excluded by --exclude"
         elif len(n.inputs) < 2 or not G.is_float(n.inputs[0]):
             reason = "input is not a float tensor"

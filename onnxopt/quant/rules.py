@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
+from .. import lowrank
 from ..autocast import shape_nodes
 
 # Head sizes of TensorRT's fused multi-head-attention kernels.
@@ -46,6 +47,13 @@ class Plan:
 def rule_op_type(node, ctx):
     """Only the layers TensorRT runs in low precision are quantized (norms and softmax stay high precision)."""
     return None if node.op in ctx.config.op_types and node.op in G.WEIGHT_OPS else f"op {node.op} is not quantized"
+
+
+def rule_lowrank_branch(node, ctx):
+    """Low-rank branch GEMMs stay high precision: they hold the weight's largest singular directions, the
+    part the branch exists to keep out of quantization; with K or N = r they are thin GEMMs whose Q/DQ
+    would cost more than it saves (onnxopt.lowrank)."""
+    return "low-rank branch GEMM stays high precision" if lowrank.is_branch(node) else None
 
 
 def rule_user_exclude(node, ctx):
@@ -173,7 +181,7 @@ def rule_conv_kernels(node, ctx):
     return None
 
 
-RULES = (rule_op_type, rule_user_exclude, rule_not_shape_subgraph, rule_float_data, rule_not_prequantized,
+RULES = (rule_op_type, rule_lowrank_branch, rule_user_exclude, rule_not_shape_subgraph, rule_float_data, rule_not_prequantized,
          rule_int8_depthwise, rule_int8_small_conv, rule_conv_kernels, rule_gemm_size, rule_mha)
 
 
@@ -240,8 +248,8 @@ def _plan_residual_adds(graph, p: Plan) -> None:
     """Q/DQ the skip input of an Add fed by a quantized Conv, so that TensorRT fuses Conv+Add."""
     convs = {id(n) for n in p.nodes if n.op in ("Conv", "ConvTranspose")}
     for node in graph.nodes:
-        if node.op != "Add" or len(node.inputs) != 2:
-            continue
+        if node.op != "Add" or len(node.inputs) != 2 or lowrank.is_branch(node):
+            continue  # a low-rank branch's sum: its FP16 side stays unquantized
         from_conv = [bool(t.inputs) and id(t.inputs[0]) in convs for t in node.inputs]
         if not any(from_conv):
             continue
