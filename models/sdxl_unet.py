@@ -187,7 +187,7 @@ def export_unet(unet, output: str | os.PathLike, *, opset: int = 17, batch: int 
                 latent_size: int | None = None) -> Path:
     """Export `unet` to FP32 ONNX at `output` with its weights in one `<output>.data` file."""
     import torch
-    from onnxopt import io
+    from onnxopt import modelfile
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,8 @@ def export_unet(unet, output: str | os.PathLike, *, opset: int = 17, batch: int 
         log.info("torch export took %.1f s", time.perf_counter() - t0)
         # The legacy exporter writes one file per tensor above 2 GB; gather them into one data file,
         # streaming one tensor at a time.
-        model = io.load(raw)
-        io.save(model, output, external_data=True)
+        model = modelfile.load(raw)
+        modelfile.save(model, output, external_data=True)
     return output
 
 

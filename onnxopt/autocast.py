@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import formats, io, precision, prescale
+from . import formats, modelfile, precision, prescale
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
     if key not in cache:
         name = c.name
         c.name = f"{name}_fp32"
-        cache[key] = io.constant(name, _to_low(G.read_values(c), low))  # spilled in quantize()/convert()
+        cache[key] = modelfile.constant(name, _to_low(G.read_values(c), low))  # spilled in quantize()/convert()
     return cache[key]
 
 
@@ -266,7 +266,7 @@ def fp32_view(model: onnx.ModelProto, *, cast_weights: bool = False) -> onnx.Mod
 
     def fix_tensor(t):
         if t.data_type in lows:
-            arr = io.to_array(t).astype(np.float32)
+            arr = modelfile.to_array(t).astype(np.float32)
             t.CopyFrom(numpy_helper.from_array(arr, t.name))
 
     def walk(g):
@@ -297,8 +297,8 @@ def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_
     """For the finite repair (finite.ensure_finite): `model` (the graph before autocast) converted again
     with more nodes kept in FP32."""
     def run(extra_fp32: set[str]) -> onnx.ModelProto:
-        g = io.import_graph(model)
+        g = modelfile.import_graph(model)
         to_low_precision(g, dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, ranges=ranges,
                          keep_fp32_nodes=tuple(keep_fp32_nodes) + tuple(extra_fp32))
-        return io.export_graph(g, opset=opset)
+        return modelfile.export_graph(g, opset=opset)
     return run

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from . import io
+from . import modelfile
 from . import ort as ortx
 from .calib import CalibData, InputSpec, input_specs
 from .compare import evaluation_session, metrics
@@ -91,7 +91,7 @@ class OnnxrtBackend:
         c = self.config
 
         def make():
-            m = io.load(model)
+            m = modelfile.load(model)
             order = list(ortx.LEVELS)  # disable, basic, extended, all
             levels = order[order.index(c.ort_level)::-1]
             errors = []
@@ -122,7 +122,7 @@ class OnnxrtBackend:
 
         def make():
             self.active = model  # which model a failure in Polygraphy's Comparator came from
-            sess, viewed = evaluation_session(io.load(model), self.config.provider)
+            sess, viewed = evaluation_session(modelfile.load(model), self.config.provider)
             if viewed:
                 self.views.add(str(model))
             return sess
@@ -253,7 +253,7 @@ def _prepare(backend, entries: list[_Entry], config: BenchConfig, data, work: Pa
     for e in entries[1:]:
         if backend.name == "trt" and e.model.suffix == ".onnx" and _is_fp32(e.model):
             log.warning("candidate %s is FP32; its engine will be compared with an FP16 baseline", e.label)
-    specs = input_specs(io.load(entries[0].model)) if entries[0].model.suffix == ".onnx" else \
+    specs = input_specs(modelfile.load(entries[0].model)) if entries[0].model.suffix == ".onnx" else \
         backend.input_specs(entries[0].model)
     feeds = _feeds(specs, config, data)
     if backend.name == "trt" and not backend.build_config.profiles:
@@ -292,7 +292,7 @@ def _run_errors(backend, model: Path, label: str, feed: dict | list[dict]):
     except Exception as e:  # noqa: BLE001 - ORT's pybind exceptions share no useful base class
         if backend.name != "onnxrt" or not type(e).__module__.startswith("onnxruntime"):
             raise
-        raise ortx.run_error(e, io.load(model), feed, label) from None
+        raise ortx.run_error(e, modelfile.load(model), feed, label) from None
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -304,7 +304,7 @@ def _labels(paths: list[Path]) -> list[str]:
 
 def _is_fp32(path: Path) -> bool:
     """An ONNX graph with no FP16/BF16 tensor and no Q/DQ: a plain FP32 model."""
-    p = precision_of(io.load(path))
+    p = precision_of(modelfile.load(path))
     return not (p.low_float or p.int8 or p.fp8 or p.int4)
 
 
@@ -428,8 +428,8 @@ def artifact_bytes(path: Path) -> int:
     total = path.stat().st_size
     if path.suffix == ".onnx":
         files = set()
-        model = io.load(path)
-        for t in io.all_tensors(model):
+        model = modelfile.load(path)
+        for t in modelfile.all_tensors(model):
             if external_data_helper.uses_external_data(t):
                 files.add(external_data_helper.ExternalDataInfo(t).location)
         total += sum(os.path.getsize(f) for f in files)
@@ -459,7 +459,7 @@ def _polygraphy_quiet():
 # ---------------------------------------------------------------- output
 def write_report(result: dict, path: str | os.PathLike) -> Path:
     """JSON, written atomically (non-finite numbers as strings: JSON has no inf/nan)."""
-    with io.atomic_path(path) as tmp:
+    with modelfile.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     return Path(path)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import io
+from . import modelfile
 from . import metrics as M
 from . import ort as ortx
 from .calib import CalibData, input_specs
@@ -59,8 +59,8 @@ class Comparison(dict):
 
 def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work: Path, progress: bool = False) -> dict:
     # Embedded weights go to files first, so that session creation does not copy them.
-    ref_m = ref if isinstance(ref, onnx.ModelProto) else io.externalize_if_large(io.load(ref), work / "ref")
-    cand_m = cand if isinstance(cand, onnx.ModelProto) else io.externalize_if_large(io.load(cand), work / "cand")
+    ref_m = ref if isinstance(ref, onnx.ModelProto) else modelfile.externalize_if_large(modelfile.load(ref), work / "ref")
+    cand_m = cand if isinstance(cand, onnx.ModelProto) else modelfile.externalize_if_large(modelfile.load(cand), work / "cand")
     specs = input_specs(ref_m)
     if data is None:
         data = CalibData.random(specs, n_random, seed=seed, shapes=shapes, max_batch=max_batch)

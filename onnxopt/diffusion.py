@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import io
+from . import modelfile
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise OnnxoptError(f"{path}: calibration data is written as .npz; name the output *.npz")
-    with io.atomic_path(path, suffix=".tmp.npz") as tmp:
+    with modelfile.atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return path
 

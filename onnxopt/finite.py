@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import io
+from . import modelfile
 from . import ort as ortx
 from .errors import OnnxoptError
 from .settings import MEMORY_BUDGET_MB
@@ -48,16 +48,16 @@ def _checker(model: onnx.ModelProto) -> None:
         return  # the checker needs a serialized copy; ORT's load below still type-checks
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    io.stamp_ir_version(m)
+    modelfile.stamp_ir_version(m)
     from onnx import external_data_helper as ext
     # Lazy weights live in files the checker cannot follow: it sees them as typed inputs (no data read).
     lazy = [t for t in m.graph.initializer if ext.uses_external_data(t)]
     for t in lazy:
         m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         m.graph.initializer.remove(t)
-    for t in io.all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
+    for t in modelfile.all_tensors(m):  # external tensors elsewhere (Constant attributes): read in, one at a time
         if ext.uses_external_data(t):
-            t.CopyFrom(numpy_helper.from_array(io.to_array(t), t.name))
+            t.CopyFrom(numpy_helper.from_array(modelfile.to_array(t), t.name))
     try:
         onnx.checker.check_model(m, full_check=True)
     except Exception as e:
@@ -125,7 +125,7 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild
 
 def runs_outputs(reference: onnx.ModelProto, memory_budget_mb: int = MEMORY_BUDGET_MB) -> bool:
     """Whether `verify` will run the model (else only the checker): callers skip preparing a repair."""
-    return io.model_bytes(reference) <= memory_budget_mb * 2**20 // 4  # the emulation holds FP32 weights: 2x
+    return modelfile.model_bytes(reference) <= memory_budget_mb * 2**20 // 4  # the emulation holds FP32 weights: 2x
 
 
 def _has_low(model) -> bool:
@@ -219,7 +219,7 @@ def _copy(model):
 
 
 def _float_types(m) -> set[str]:
-    inferred = io.infer_shapes(m)
+    inferred = modelfile.infer_shapes(m)
     f = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     return {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
             if vi.type.tensor_type.elem_type in f}

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import io
+from . import modelfile
 from .errors import OnnxoptError
 from .graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
@@ -190,10 +190,10 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
     readers: list = []
     private = _terminal_users(graph, const, readers) and {(id(n), i) for n, i in readers} == {(id(n), i) for n, i in users}
     if private:
-        io.set_values(const, new)
+        modelfile.set_values(const, new)
         return
     # Shared with other readers: clone the constant and its chain for these users only.
-    t = io.constant(names.new(const.name + "_scaled"), new)
+    t = modelfile.constant(names.new(const.name + "_scaled"), new)
     for n in reversed(chain):
         out = gs.Variable(names.new(n.outputs[0].name + "_scaled"), dtype=n.outputs[0].dtype, shape=n.outputs[0].shape)
         graph.nodes.append(gs.Node(n.op, name=names.new(n.name + "_scaled"), attrs=dict(n.attrs), inputs=[t], outputs=[out]))

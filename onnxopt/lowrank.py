@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import fold, io
+from . import fold, modelfile
 from .errors import OnnxoptError
 from .graph import taken_names, unique_name
 from .progress import track
@@ -165,7 +165,7 @@ def _write(graph: gs.Graph, node: gs.Node, l1: np.ndarray, l2: np.ndarray, res: 
     else:
         r_w = res.T if node.op == "Gemm" and node.attrs.get("transB", 0) else res
         down_w, up_w, down_attrs, op = l1, l2, {}, "MatMul"
-    node.inputs[1] = io.constant(unique_name(f"{const.name}_residual", names), np.ascontiguousarray(r_w, np.float32))
+    node.inputs[1] = modelfile.constant(unique_name(f"{const.name}_residual", names), np.ascontiguousarray(r_w, np.float32))
     x = node.inputs[0]
     out = node.outputs[0]
     main = gs.Variable(unique_name(f"{out.name}_quantized_part", names), dtype=out.dtype, shape=out.shape)
@@ -173,9 +173,9 @@ def _write(graph: gs.Graph, node: gs.Node, l1: np.ndarray, l2: np.ndarray, res: 
     low = gs.Variable(unique_name(f"{base}_lowrank_out", names), dtype=out.dtype, shape=out.shape)
     node.outputs[0] = main
     graph.nodes.append(gs.Node(op, name=unique_name(base + DOWN, names), attrs=down_attrs, inputs=[
-        x, io.constant(unique_name(f"{base}_lowrank_L1", names), np.ascontiguousarray(down_w, np.float32))], outputs=[mid]))
+        x, modelfile.constant(unique_name(f"{base}_lowrank_L1", names), np.ascontiguousarray(down_w, np.float32))], outputs=[mid]))
     graph.nodes.append(gs.Node(op, name=unique_name(base + UP, names), inputs=[
-        mid, io.constant(unique_name(f"{base}_lowrank_L2", names), np.ascontiguousarray(up_w, np.float32))], outputs=[low]))
+        mid, modelfile.constant(unique_name(f"{base}_lowrank_L2", names), np.ascontiguousarray(up_w, np.float32))], outputs=[low]))
     graph.nodes.append(gs.Node("Add", name=unique_name(base + ADD, names), inputs=[main, low], outputs=[out]))
 
 

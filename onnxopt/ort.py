@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import external_data_helper
 
-from . import io
+from . import modelfile
 from .errors import OnnxoptError
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
@@ -95,7 +95,7 @@ def _providers(provider: str) -> list:
 
 def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disable",
             threads: int = 0, lean: bool = False) -> ort.InferenceSession:
-    """An InferenceSession for a model whose external tensors carry absolute locations (see io.load).
+    """An InferenceSession for a model whose external tensors carry absolute locations (see modelfile.load).
 
     ORT refuses absolute external-data paths, so locations are made relative to their folder, which the
     session is told about. ORT_DISABLE_ALL (the default) simulates Q/DQ exactly; higher levels fuse them
@@ -119,9 +119,9 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    io.stamp_ir_version(m)
+    modelfile.stamp_ir_version(m)
     folders = set()
-    for t in io.all_tensors(m):
+    for t in modelfile.all_tensors(m):
         if external_data_helper.uses_external_data(t):
             folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
     try:
@@ -129,9 +129,9 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
             return _session_via_file(m, so, providers)
         if folders:
             base = os.path.commonpath(list(folders))
-            for t in io.all_tensors(m):
+            for t in modelfile.all_tensors(m):
                 if external_data_helper.uses_external_data(t):
-                    io.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
+                    modelfile.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
         return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
     except OnnxoptError:
@@ -144,7 +144,7 @@ def _session_via_file(m: onnx.ModelProto, so, providers: list) -> ort.InferenceS
     # Weights changed in memory beyond protobuf's 2 GB: stream them to a temporary external-data file.
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as d:
         path = Path(d) / "model.onnx"
-        io.save(m, path, external_data=True)
+        modelfile.save(m, path, external_data=True)
         return ort.InferenceSession(str(path), so, providers=providers)
 
 

@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, io, ort, progress
+from . import autocast, calib, finite, modelfile, ort, progress
 from .errors import OnnxoptError
 from .settings import MEMORY_BUDGET_MB, PROVIDERS, RunSettings
 
@@ -205,9 +205,9 @@ class Runner:
         """Run the recipe on `model` (path or ModelProto); save to `output` if given."""
         t0 = time.perf_counter()
         if output is not None and not isinstance(model, onnx.ModelProto):
-            io.check_output_path(output, model)
+            modelfile.check_output_path(output, model)
         # New weights (2:4, SmoothQuant, quantized, FP16) spill to the work directory and stay lazy.
-        with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, io.spilling(work):
+        with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, modelfile.spilling(work):
             return self._run(model, output, Path(work), t0)
 
     def _run(self, model, output, work: Path, t0: float) -> Result:
@@ -218,7 +218,7 @@ class Runner:
         if data is not None and data.skipped:
             report["skipped_nonfinite"] = data.skipped
             log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
-        ctx = Context(io.import_graph(fp32), data, work, self.recipe, self.settings,
+        ctx = Context(modelfile.import_graph(fp32), data, work, self.recipe, self.settings,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
                       opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
         del m
@@ -231,7 +231,7 @@ class Runner:
             timings[p.name] = time.perf_counter() - t
             if isinstance(section, dict) and "coverage" in section:
                 report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
-        out = io.export_graph(ctx.graph, opset=self.min_opset or None)
+        out = modelfile.export_graph(ctx.graph, opset=self.min_opset or None)
         ctx.graph = None  # the exported protobuf now owns the weights; keep one copy
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
         if self.check_finite:
@@ -245,14 +245,14 @@ class Runner:
         if output is not None:
             t = time.perf_counter()
             with progress.stage(f"saving {output}", self.progress):
-                path = io.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
+                path = modelfile.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
-            out = io.load(path)  # lazy again, pointing at the saved file rather than the work directory
+            out = modelfile.load(path)  # lazy again, pointing at the saved file rather than the work directory
             report["output_bytes"] = output_bytes(path)
             if self.verify is not None:
                 report["verify"] = self.verify(path, report)
         else:
-            io.internalize(out)  # the work directory is about to go
+            modelfile.internalize(out)  # the work directory is about to go
         timings["total"] = time.perf_counter() - t0
         return Result(out, report, path)
 
@@ -312,26 +312,26 @@ def output_bytes(path: Path) -> int:
 def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
     """Load (lazily), check the opset and raise it to `min_opset`, infer shapes. Big embedded weights move to
     an external file in `workdir` first, so that no pass copies them."""
-    m = model if isinstance(model, onnx.ModelProto) else io.load(model)
+    m = model if isinstance(model, onnx.ModelProto) else modelfile.load(model)
     if workdir is not None:
-        m = io.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
-    opset = io.opset_of(m)
+        m = modelfile.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
+    opset = modelfile.opset_of(m)
     if 0 < opset < SUPPORTED_OPSETS.start:
-        m = io.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
-        opset = io.opset_of(m)
+        m = modelfile.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
+        opset = modelfile.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
                            "re-export the model with opset 17")
     if opset < min_opset:
         m = convert_opset(m, min_opset)
-    return io.infer_shapes(m)
+    return modelfile.infer_shapes(m)
 
 
 def convert_opset(m: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Raise the default-domain opset. When no op of the model changed between the two versions, only the
     import changes (fast on big graphs); otherwise onnx's version converter rewrites the nodes."""
     from onnx import defs, version_converter
-    current = io.opset_of(m)
+    current = modelfile.opset_of(m)
     ops = {n.op_type for n in m.graph.node if n.domain in ("", "ai.onnx")}
     try:
         unchanged = all(defs.get_schema(op, target).since_version <= current for op in ops)
@@ -359,5 +359,5 @@ def fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     if any(t.data_type in low for t in m.graph.initializer) or any(v.type.tensor_type.elem_type in low for v in m.graph.input):
         log.info("low-precision input model: working on its FP32 view")
-        return io.infer_shapes(autocast.fp32_view(m))
+        return modelfile.infer_shapes(autocast.fp32_view(m))
     return m

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G
-from . import io, precision
+from . import modelfile, precision
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _apply(graph, k, find, layers, norms, sigmoids, rng) -> dict[str, float]:
             x = sg.inputs[0]
             up = gs.Variable(G.unique_name(f"{x.name}_unscaled", names), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Mul", name=G.unique_name(f"{sg.name}_unscale", names),
-                                       inputs=[x, io.constant(G.unique_name(f"{sg.name}_k", names), np.asarray(f, np.float32))],
+                                       inputs=[x, modelfile.constant(G.unique_name(f"{sg.name}_k", names), np.asarray(f, np.float32))],
                                        outputs=[up]))
             sg.inputs[0] = up
             added[up.name] = rng.get(x.name) or 0.0
@@ -296,4 +296,4 @@ def _apply(graph, k, find, layers, norms, sigmoids, rng) -> dict[str, float]:
 
 def _scaled_const(c: gs.Constant, f: float, names: set) -> gs.Constant:
     v = np.asarray(G.read_values(c))
-    return io.constant(G.unique_name(f"{c.name}_prescaled", names), np.asarray(v * np.asarray(f, v.dtype), dtype=v.dtype))
+    return modelfile.constant(G.unique_name(f"{c.name}_prescaled", names), np.asarray(v * np.asarray(f, v.dtype), dtype=v.dtype))

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from . import io
+from . import modelfile
 from . import metrics as M
 from . import ort as ortx
 from .calib import InputSpec, input_specs
@@ -339,8 +339,8 @@ def load_model(path, work: Path | None = None) -> onnx.ModelProto:
         return path
     if not Path(path).is_file():
         raise OnnxoptError(f"{path}: no such model file; check the path")
-    m = io.load(path)
-    return io.externalize_if_large(m, work) if work is not None else m
+    m = modelfile.load(path)
+    return modelfile.externalize_if_large(m, work) if work is not None else m
 
 
 def run_all(model: onnx.ModelProto, r: Roles, opts: SamplerOptions, data, provider: str, label: str,

@@ -4,8 +4,8 @@ With H = XᵀX of the layer input (streamed by `calib.collect` into `calib.Hessi
 w²/diag(H⁻¹)² per group and the kept weights of each row get the optimal-brain-surgeon update (`obs`), which
 minimises the layer-output error. Layers are pruned in stages in topological order, each stage calibrated on the
 graph whose earlier layers are already pruned; a stage holds only the Hessians of its own layers (under the memory
-budget). Weights are read through `graph.read_values` and written through `io.set_values`, so inside
-`io.spilling` no pruned weight stays in memory. A Hessian that stays singular sends its layer back to magnitude.
+budget). Weights are read through `graph.read_values` and written through `modelfile.set_values`, so inside
+`modelfile.spilling` no pruned weight stays in memory. A Hessian that stays singular sends its layer back to magnitude.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib, io, obs
+from . import calib, modelfile, obs
 from . import graph as G
 from .errors import OnnxoptError
 from .progress import bar as bar_
@@ -279,7 +279,7 @@ def _apply_sparsegpt(p: _SGPlan, hs: list[calib.Hessian], n, m, damp, block, pro
     if not is_n_m(out, unit.axis, n, m):  # the rows view guarantees the groups; keep the output exact regardless
         log.warning("%s: SparseGPT result not %d:%d along axis %d; projecting by magnitude", name, n, m, unit.axis)
         out[~keep_mask(np.abs(out.astype(np.float32)), unit.axis, n, m)] = 0
-    io.set_values(unit.const, out)
+    modelfile.set_values(unit.const, out)
     mag = np.where(keep_mask(np.abs(W), 1, n, m), W, 0.0)
     err, err_mag = _output_errors(W, [out.reshape(-1)[p.rows], mag], H)
     for u in unit.uses:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from . import calib
 from . import graph as G
-from . import io
+from . import modelfile
 from .errors import OnnxoptError
 from .sparsegpt import plan as _sparsegpt_plan
 from .sparsegpt import run as _run_sparsegpt
@@ -88,7 +88,7 @@ def _prune_magnitude(unit: Unit, n: int, m: int) -> None:
         score = np.abs(v.astype(np.float32))
         keep = keep_mask(score, unit.axis, n, m)
         v[~keep] = 0
-    io.set_values(unit.const, v)
+    modelfile.set_values(unit.const, v)
 
 
 # ---------------------------------------------------------------- the pass

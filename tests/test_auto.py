@@ -10,7 +10,7 @@ import tiny
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import autoquant, io, ort
+from onnxopt import autoquant, modelfile, ort
 from onnxopt.cli import main
 from onnxopt.passes import AutoQuant
 
@@ -39,7 +39,7 @@ def mlp(tmp_path_factory):
 
 
 def _run(model, x):
-    sess = ort.session(io.load(model), level="disable")
+    sess = ort.session(modelfile.load(model), level="disable")
     return sess.run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
 
 
@@ -104,7 +104,7 @@ def test_search_keeps_k_standard_errors_to_spare(se):
 def _calibrated(model, calib, formats):
     """The MLP loaded at opset 21, its candidates for `formats` and the one calibration pass over each sample."""
     from onnxopt import pipeline
-    graph = io.import_graph(pipeline.load(str(model), 21))
+    graph = modelfile.import_graph(pipeline.load(str(model), 21))
     p = AutoQuant(formats, bits=8)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     feeds = [{"x": v[None]} for v in np.load(calib)["x"]]
@@ -122,7 +122,7 @@ def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
     info = writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means, block_size=32),
                         high_precision="fp32")
     assert {info[n]["format"] for n in mix} == {"fp8", "int8", "int4"}
-    out = io.export_graph(graph, opset=21)
+    out = modelfile.export_graph(graph, opset=21)
     types = {(n.op_type, t.data_type) for n in out.graph.node if n.op_type == "DequantizeLinear"
              for t in out.graph.initializer if t.name == n.input[0]}
     q = [n for n in out.graph.node if n.op_type == "QuantizeLinear"]
@@ -134,12 +134,12 @@ def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
     y = sess.run(None, {"x": x})[0]
     assert autoquant.cosine(_run(model, x), y.reshape(4, -1).astype(np.float64)) > 0.9
     # the gated graph with this mix's gates on computes exactly what the mixed graph computes
-    gated = io.import_graph(pipeline.load(str(model), 21))
+    gated = modelfile.import_graph(pipeline.load(str(model), 21))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 32)
     gates = np.zeros(len(index), np.float32)
     for key in mix.items():
         gates[index[key]] = 1
-    g = ort.session(io.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
+    g = ort.session(modelfile.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
     np.testing.assert_allclose(g, y, rtol=1e-5, atol=1e-5)
 
 
@@ -198,9 +198,9 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
     graph, p, cands, feeds, amax, means = _calibrated(model, calib, ("fp8", "int8", "int8-sq"))
     assert cands.layers["layer1"].formats == ["none", "fp8", "int8", "int8-sq"]
     assert cands.smooth["r0"].alpha is not None and cands.smooth["r0"].s.max() > 10  # the outlier channel moved
-    gated = io.import_graph(pipeline.load(str(model), 21))
+    gated = modelfile.import_graph(pipeline.load(str(model), 21))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
-    gsess = ort.session(io.export_graph(gated, opset=21), level="disable")
+    gsess = ort.session(modelfile.export_graph(gated, opset=21), level="disable")
     x = np.load(calib)["x"][:4]
 
     def gated_run(m):
@@ -210,7 +210,7 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
         return gsess.run(None, {"x": x, autoquant.GATES: gates})[0]
     info = writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means,
                                                          smooth=cands.smooth), high_precision="fp32")
-    out = io.export_graph(graph, opset=21)
+    out = modelfile.export_graph(graph, opset=21)
     assert all(info[n]["format"] == f for n, f in mix.items())
     y = ort.session(out, level="disable").run(None, {"x": x})[0]
     np.testing.assert_allclose(gated_run(mix), y, rtol=1e-5, atol=1e-5)
@@ -248,21 +248,21 @@ def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
     from onnxopt.quant import writer
     path = tmp_path / "conv.onnx"
     feeds = _conv_model(path)
-    graph = io.import_graph(pipeline.load(str(path), 21))
+    graph = modelfile.import_graph(pipeline.load(str(path), 21))
     p = AutoQuant(("fp8", "int8", "int8-sq"), bits=8)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     assert cands.layers["conv1"].formats == ["none", "fp8", "int8", "int8-sq"]
     amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
-    gated = io.import_graph(pipeline.load(str(path), 21))
+    gated = modelfile.import_graph(pipeline.load(str(path), 21))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
     gates = np.zeros(len(index), np.float32)
     gates[index[("conv1", fmt)]] = 1
     x = feeds[0]["x"]
-    want = ort.session(io.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
+    want = ort.session(modelfile.export_graph(gated, opset=21), level="disable").run(None, {"x": x, autoquant.GATES: gates})[0]
     info = writer.write(graph, writer.QuantPlan.from_mix({"conv1": fmt}, configs=p.configs(), amax=amax, means=means,
                                                          smooth=cands.smooth), high_precision="fp32")
     assert info["conv1"]["format"] == fmt and info["conv1"]["bias_correction"] > 0
-    got = ort.session(io.export_graph(graph, opset=21), level="disable").run(None, {"x": x})[0]
+    got = ort.session(modelfile.export_graph(graph, opset=21), level="disable").run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -312,8 +312,8 @@ def test_autocast_ranges_come_from_the_search_calibration(tmp_path, monkeypatch)
     assert auto["ranges_checked"] and (kept or auto["prescaled_tensors"])
     # the same ranges measured on their own over the search samples, on the FP32 graph
     from onnxopt import pipeline
-    graph = io.import_graph(pipeline.load(str(model), 21))
-    search, _ = split_feeds(calib.CalibData.from_path(str(data), calib.input_specs(io.load(model))),
+    graph = modelfile.import_graph(pipeline.load(str(model), 21))
+    search, _ = split_feeds(calib.CalibData.from_path(str(data), calib.input_specs(modelfile.load(model))),
                             p.verify_fraction, p.merge_batch)
     reducers = precision.range_reducers(graph)
     collect(graph, search, reducers, provider="cpu", memory_budget_mb=512, progress=False)

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from onnxopt import autoquant, io, pipeline
+from onnxopt import autoquant, modelfile, pipeline
 from onnxopt.autoquant import engine as aq_engine
 from onnxopt.autoquant import groups
 from onnxopt.autoquant.choose import collapse
@@ -45,7 +45,7 @@ def _layers(errors: dict, params: dict, group: dict) -> dict:
 
 # ---------------------------------------------------------------- tied groups in the choice
 def test_attention_bmms_tied_in_tiny_transformer():
-    graph = io.import_graph(pipeline.load(tiny.transformer(), 17))
+    graph = modelfile.import_graph(pipeline.load(tiny.transformer(), 17))
     p = AutoQuant(("fp8", "int8"), bits=8)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     found = groups.tie(graph, cands.layers)
@@ -99,7 +99,7 @@ def test_tied_search_meets_target(tmp_path):
     assert a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert a["layers"]["attn_qk"]["group"] == "attention:attn_softmax" and "both BMMs" in a["groups"]["attention:attn_softmax"]["reason"]
     assert a["cost_model"] == {"name": "bits", "rounds": []}
-    q = {l.name: l for l in R.quantized_layers(io.import_graph(io.load(tmp_path / "q.onnx")))}
+    q = {l.name: l for l in R.quantized_layers(modelfile.import_graph(modelfile.load(tmp_path / "q.onnx")))}
     assert ("attn_qk" in q) == ("attn_pv" in q) and (not q.get("attn_qk") or q["attn_qk"].dtype == q["attn_pv"].dtype)
 
 
@@ -255,7 +255,7 @@ def test_engine_shapes_bad_input(monkeypatch, tmp_path):
     assert r.exit_code == 2 and "--engine-shapes applies to --auto only" in r.output
     two = tiny.transformer(seq=16)
     two.graph.input.append(onnx_helper.make_tensor_value_info("mask", 7, ["N", 16]))
-    graph = io.import_graph(two)
+    graph = modelfile.import_graph(two)
     with pytest.raises(OnnxoptError, match="not the dynamic input.s. mask"):
         aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3})
     aq_engine.check_shapes(graph, {"ids": ((1, 16),) * 3, "mask": ((1, 16), (2, 16), (2, 16))})

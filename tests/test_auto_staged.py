@@ -10,7 +10,7 @@ import tiny
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import autoquant, io, ort, pipeline
+from onnxopt import autoquant, modelfile, ort, pipeline
 from onnxopt.autoquant import gated, staged
 from onnxopt.cli import main
 from onnxopt.passes import AutoQuant
@@ -56,7 +56,7 @@ def deep(tmp_path_factory):
 
 
 def _setup(model, calib, formats=("fp8", "int8", "int4"), block_size=32):
-    graph = io.import_graph(pipeline.load(str(model), 21))
+    graph = modelfile.import_graph(pipeline.load(str(model), 21))
     p = AutoQuant(formats, bits=8, block_size=block_size)
     cands = autoquant.candidates(graph, p.formats, p.configs(), block_size)
     x = np.load(calib)["x"]
@@ -66,10 +66,10 @@ def _setup(model, calib, formats=("fp8", "int8", "int4"), block_size=32):
 
 
 def _gated(graph, cands, amax, means, block_size=32):
-    g = io.import_graph(io.export_graph(graph))
+    g = modelfile.import_graph(modelfile.export_graph(graph))
     index = autoquant.build_gated(g, cands, amax, means, "fp32", block_size)
     shapes = autoquant.shape_outputs(g, list(cands.layers))
-    return io.export_graph(g, opset=21), index, shapes
+    return modelfile.export_graph(g, opset=21), index, shapes
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_compact_weights_give_the_same_sensitivities(setup, monkeypatch):
     for compact in (False, True):
         monkeypatch.setattr(gated, "COMPACT_WEIGHTS", compact)
         model, index, shapes = _gated(graph, cands, amax, means)
-        size[compact] = sum(io.tensor_bytes(t) for t in io.all_tensors(model))
+        size[compact] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(model))
         res[compact] = _exact(autoquant.Evaluator(model, index, search, verify, "cpu", shapes), index)
     assert {"fp8", "int8", "int4"} <= {f for _, f in res[True]}
     assert {"Gemm", "Conv", "MatMul"} <= {cands.layers[n].op for n, _ in res[True]}
@@ -99,7 +99,7 @@ def test_compact_weights_give_the_same_sensitivities(setup, monkeypatch):
 
 def _both(setup, n=3):
     graph, cands, amax, means, search, verify = setup
-    fp32 = io.export_graph(graph)
+    fp32 = modelfile.export_graph(graph)
     where = staged.fp32_stages(fp32, n)
     model, index, shapes = _gated(graph, cands, amax, means)
     ev = autoquant.Evaluator(model, index, search, verify, "cpu", shapes)
@@ -147,7 +147,7 @@ def test_staged_sensitivities_rank_like_exact(setup):
 
 
 def _run(model, x):
-    sess = ort.session(io.load(model), level="disable")
+    sess = ort.session(modelfile.load(model), level="disable")
     return sess.run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
 
 
@@ -187,26 +187,26 @@ def test_one_stage_session_alive_at_a_time(setup, monkeypatch):
         s = real(model, **kw)
         alive[0] += 1
         peak[0] = max(peak[0], alive[0])
-        sizes.append(sum(io.tensor_bytes(t) for t in io.all_tensors(model)))
+        sizes.append(sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(model)))
         import weakref
         weakref.finalize(s, lambda: alive.__setitem__(0, alive[0] - 1))
         return s
     monkeypatch.setattr(ortx, "session", counting)
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
-    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, staged.fp32_stages(io.export_graph(graph), 3),
+    st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, staged.fp32_stages(modelfile.export_graph(graph), 3),
                                 progress=False)
     list(st.sensitivities(list(index), progress=False))
     st.metrics(st.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "verify")
     assert peak[0] == 1 and len(sizes) > 6
-    whole = sum(io.tensor_bytes(t) for t in io.all_tensors(model))
+    whole = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(model))
     assert max(sizes) < 0.6 * whole
 
 
 def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path, monkeypatch):
     graph, cands, *_ = setup
-    fp32 = io.export_graph(graph)
-    total = sum(io.tensor_bytes(t) for t in fp32.graph.initializer) + \
+    fp32 = modelfile.export_graph(graph)
+    total = sum(modelfile.tensor_bytes(t) for t in fp32.graph.initializer) + \
         sum(l.params * staged.QBYTES[f] for l in cands.layers.values() for f in l.formats if f != "none")
     assert staged.stages_needed(fp32, cands.layers, 4096) == 1
     budget = total / 3.5 / 2**20
@@ -227,7 +227,7 @@ def test_auto_stage_rule_and_option_errors(deep, setup, tmp_path, monkeypatch):
 def test_stage_sessions_kept_within_the_budget(setup, monkeypatch):
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
-    where = staged.fp32_stages(io.export_graph(graph), 3)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
     mix = {n: l.formats[1] for n, l in cands.layers.items()}
     big = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
                                  memory_budget_mb=64)
@@ -267,17 +267,17 @@ def test_tiny_sdxl_staged_sensitivities_rank_like_exact(tmp_path):
     unet = str(sdxl_unet.export(tmp_path / "unet" / "unet.onnx", scale="tiny", seed=0))
     from onnxopt import attention_guard, calib, diffusion
     from onnxopt.passes.autoquant import split_feeds
-    with io.spilling(tmp_path):
+    with modelfile.spilling(tmp_path):
         p = AutoQuant(("fp8", "int8"), target_cosine=0.99)
-        graph = io.import_graph(pipeline.load(unet, p.min_opset, tmp_path))
+        graph = modelfile.import_graph(pipeline.load(unet, p.min_opset, tmp_path))
         attention_guard.remove(graph)
         npz = tmp_path / "calib.npz"
         diffusion.save_npz(diffusion.synthesize_sdxl(8, shapes=diffusion.SDXLShapes(height=64, width=64), seed=0), npz)
-        data = calib.CalibData.from_path(npz, calib.input_specs(io.export_graph(graph)))
+        data = calib.CalibData.from_path(npz, calib.input_specs(modelfile.export_graph(graph)))
         search, verify = split_feeds(data, 0.25, 16)
         cands = autoquant.candidates(graph, p.formats, p.configs(), 128)
         amax, means = autoquant.calibrate(graph, search, cands, provider="cpu", memory_budget_mb=4096, progress=False)
-        where = staged.fp32_stages(io.export_graph(graph), 4)
+        where = staged.fp32_stages(modelfile.export_graph(graph), 4)
         model, index, shapes = _gated(graph, cands, amax, means, 128)
         keys = list(index)[:: len(index) // 40][:40]
         st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, workdir=tmp_path, progress=False)
@@ -299,7 +299,7 @@ def test_cuda_stages_inline_their_gates(setup, monkeypatch):
     (sessions made on the CPU here; the provider only picks the form)."""
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
-    where = staged.fp32_stages(io.export_graph(graph), 3)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
     made = ort.session
     monkeypatch.setattr(staged.ort, "session", lambda m, provider="cpu", **k: made(m, provider="cpu", **k))
     cuda = staged.StagedEvaluator(model, index, search, verify, "cuda", shapes, where, progress=False,

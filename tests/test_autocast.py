@@ -7,11 +7,11 @@ from onnx import numpy_helper as nh
 import tiny
 import onnxopt
 from onnxopt import recipes
-from onnxopt import autocast, io, ort
+from onnxopt import autocast, modelfile, ort
 
 
 def _run(path, feed):
-    return ort.session(io.load(path)).run(None, feed)
+    return ort.session(modelfile.load(path)).run(None, feed)
 
 
 def test_fp16_baseline_matches_fp32_and_keeps_io_types(tmp_path):
@@ -67,7 +67,7 @@ def test_keep_fp32_ops_get_casts_around_them(tmp_path):
 def test_fp32_view_restores_a_runnable_fp32_graph(tmp_path):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     out = onnxopt.convert(src, tmp_path / "m16.onnx", dtype="bf16")
-    view = autocast.fp32_view(io.load(out))
+    view = autocast.fp32_view(modelfile.load(out))
     assert T.BFLOAT16 not in {t.data_type for t in view.graph.initializer}
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     (a,) = _run(src, {"x": x})
@@ -90,15 +90,15 @@ def test_dq_shared_by_fp32_and_fp16_layers_is_split(tmp_path):
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 16])],
                      [h.make_tensor_value_info(f"y_{n}", T.FLOAT, [4, 8]) for n in ("keep", "low")], inits)
     src = h.make_model(g, opset_imports=[h.make_opsetid("", 19)])
-    graph = io.import_graph(onnx.ModelProto.FromString(src.SerializeToString()))  # import may take the weights
+    graph = modelfile.import_graph(onnx.ModelProto.FromString(src.SerializeToString()))  # import may take the weights
     autocast.to_low_precision(graph, "fp16", keep_fp32_nodes=("keep",))
     nodes = {n.name: n for n in graph.nodes}
     scale = lambda mm: mm.inputs[0].inputs[0]   # noqa: E731  (the DQ feeding the MatMul's activation)
     assert scale(nodes["keep"]).op == scale(nodes["low"]).op == "DequantizeLinear" and scale(nodes["keep"]) is not scale(nodes["low"])
     assert scale(nodes["keep"]).inputs[1].dtype == np.float32 and scale(nodes["low"]).inputs[1].dtype == np.float16
     assert scale(nodes["low"]).inputs[0] is scale(nodes["keep"]).inputs[0]       # one Q, two DQs
-    m16 = io.export_graph(graph)
-    io.stamp_ir_version(m16)
+    m16 = modelfile.export_graph(graph)
+    modelfile.stamp_ir_version(m16)
     out = tiny.save(m16, tmp_path / "m16.onnx")
     feed = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
     ref = ort.session(src).run(None, feed)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import awq, calib, io, ort
+from onnxopt import awq, calib, modelfile, ort
 from onnxopt import graph as G
 from onnxopt.formats import INT4
 from onnxopt.errors import OnnxoptError
@@ -72,15 +72,15 @@ def _feed(model, seed=7):
 @pytest.mark.parametrize("k,block,gemm", [(256, 128, False), (200, 64, False), (256, 0, False), (256, 32, True), (96, 0, True)])
 def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     m = _mlp(k=k, gemm=gemm)
-    ref_graph = io.import_graph(m)
+    ref_graph = modelfile.import_graph(m)
     fc1 = next(n for n in ref_graph.nodes if n.name == "fc1")
     w = G.to_kn(fc1, np.asarray(fc1.inputs[1].values))
     q_ref, s_ref = INT4.quantize_weight(w, 1, block_size=block)
 
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     report = int4.quantize_int4(graph, None, **_config(block_size=block))
     assert report["layers"]["fc1"]["bits"] == 4
-    out = io.export_graph(graph, opset=21)
+    out = modelfile.export_graph(graph, opset=21)
     onnx.checker.check_model(out)
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and "w1" in n.input[0])
     attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
@@ -108,32 +108,32 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
 
 def test_int8_layers_keep_per_channel_int8():
     m = _mlp()
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     report = int4.quantize_int4(graph, None, **_config(int8_layers="fc2"))
     assert report["layers"]["fc2"]["bits"] == 8 and report["layers"]["fc1"]["bits"] == 4
-    out = io.export_graph(graph, opset=21)
+    out = modelfile.export_graph(graph, opset=21)
     inits = {t.name: t for t in out.graph.initializer}
     dqs = {n.input[0]: n for n in out.graph.node if n.op_type == "DequantizeLinear"}
     w2q = next(v for k, v in dqs.items() if "w2" in k)
     assert inits[w2q.input[0]].data_type == TensorProto.INT8
     assert {a.name: helper.get_attribute_value(a) for a in w2q.attribute} == {"axis": 1}
-    all4 = io.import_graph(m)
+    all4 = modelfile.import_graph(m)
     int4.quantize_int4(all4, None, **_config())
     feed = _feed(m)
     ref = _run(m, feed)[0]
-    assert _rel(_run(out, feed)[0], ref) < _rel(_run(io.export_graph(all4, opset=21), feed)[0], ref)
+    assert _rel(_run(out, feed)[0], ref) < _rel(_run(modelfile.export_graph(all4, opset=21), feed)[0], ref)
 
 
 def test_bad_options_are_user_errors():
     m = _mlp()
     with pytest.raises(OnnxoptError, match="block-size"):
-        int4.quantize_int4(io.import_graph(m), None, **_config(block_size=100))
+        int4.quantize_int4(modelfile.import_graph(m), None, **_config(block_size=100))
     with pytest.raises(OnnxoptError, match="awq"):
-        int4.quantize_int4(io.import_graph(m), None, **_config(awq="best"))
+        int4.quantize_int4(modelfile.import_graph(m), None, **_config(awq="best"))
     with pytest.raises(OnnxoptError, match="calibration data"):
-        int4.quantize_int4(io.import_graph(m), None, **_config(awq="full"))
+        int4.quantize_int4(modelfile.import_graph(m), None, **_config(awq="full"))
     with pytest.raises(OnnxoptError, match="int8-layers"):
-        int4.quantize_int4(io.import_graph(m), None, **_config(int8_layers="("))
+        int4.quantize_int4(modelfile.import_graph(m), None, **_config(int8_layers="("))
 
 
 # ---------------------------------------------------------------- AWQ
@@ -148,9 +148,9 @@ def test_awq_beats_rtn_on_activation_outliers(gemm):
     ref = _run(m, feed)[1]
     errs = {}
     for method in ("none", "lite", "clip", "full"):
-        graph = io.import_graph(m)
+        graph = modelfile.import_graph(m)
         report = int4.quantize_int4(graph, _data(m), **_config(awq=method))
-        errs[method] = _layer_error(io.export_graph(graph, opset=21), feed, ref)
+        errs[method] = _layer_error(modelfile.export_graph(graph, opset=21), feed, ref)
         if method in ("lite", "full"):
             group = next(g for g in report["awq_search"]["groups"] if g["layers"] == ["fc1"])
             assert group["alpha"] is not None and "LayerNormalization 'ln'" in group["fold"]
@@ -161,7 +161,7 @@ def test_awq_beats_rtn_on_activation_outliers(gemm):
 
 def test_awq_scaled_fp32_graph_is_exact_before_quantization():
     m = _mlp(outliers=(3, 50, 130))
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     layers, _ = _select(graph)
     report, clips = awq.apply(graph, _data(m), layers, method="full", block_size=128, high_precision="fp32", progress=False)
     assert any(g["alpha"] is not None for g in report["groups"])
@@ -170,7 +170,7 @@ def test_awq_scaled_fp32_graph_is_exact_before_quantization():
     for c in clips.values():
         assert (c[0].dtype == np.int8) if isinstance(c, tuple) else ((c >= 0.5) & (c <= 1.0)).all()
     feed = _feed(m)
-    for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
+    for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
 
 
@@ -213,7 +213,7 @@ def test_int4_model_is_under_30_percent_of_fp16(tmp_path):
         x = f"r{i}"
     m = _model(nodes, [("x", [1, 16, k])], [x], inits, opset=17)
     src = tmp_path / "mlp.onnx"
-    io.save(m, src)
+    modelfile.save(m, src)
     fp16 = convert(src, tmp_path / "fp16.onnx")
     res = quantize(src, tmp_path / "int4.onnx", config=QuantConfig(mode="int4", awq="full", progress=False),
                    calib_random=4)
@@ -222,7 +222,7 @@ def test_int4_model_is_under_30_percent_of_fp16(tmp_path):
     assert all(v["bits"] == 4 for v in res.report["int4"]["layers"].values())
     feed = _feed(m)
     from onnxopt.autocast import fp32_view
-    got = _run(fp32_view(io.load(tmp_path / "int4.onnx")), feed)[0]
+    got = _run(fp32_view(modelfile.load(tmp_path / "int4.onnx")), feed)[0]
     assert _rel(got, _run(m, feed)[0]) < 0.2
 
 
@@ -233,7 +233,7 @@ def test_cli_int4_options(tmp_path):
 
     from onnxopt.cli import main
     src = tmp_path / "mlp.onnx"
-    io.save(_mlp(outliers=(3,)), src)
+    modelfile.save(_mlp(outliers=(3,)), src)
     r = CliRunner().invoke(main, ["-q", "quantize", str(src), "--int4", "--awq", "lite", "--block-size", "64", "--int8-layers", "fc2",
                                   "--calib-random", "4", "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "q.json")])
     assert r.exit_code == 0, r.output
@@ -248,18 +248,18 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
     m = _mlp(outliers=(3, 50, 130))
     feed = _feed(m)
     ref = _run(m, feed)[1]
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     layers, _ = _select(graph)
     report, clips = awq.apply(graph, _data(m), layers, method="full", block_size=128, high_precision="fp32",
                               memory_budget_mb=0, progress=False)
     assert report["statistics"] == "sampled rows" and set(clips) == {"fc1", "fc2"}
-    for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
+    for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
-    rtn = io.import_graph(m)
+    rtn = modelfile.import_graph(m)
     int4.quantize_int4(rtn, None, **_config())
-    graph2 = io.import_graph(m)
+    graph2 = modelfile.import_graph(m)
     int4.quantize_int4(graph2, _data(m), **_config(awq="full", memory_budget_mb=0))
-    assert _layer_error(io.export_graph(graph2, opset=21), feed, ref) < _layer_error(io.export_graph(rtn, opset=21), feed, ref)
+    assert _layer_error(modelfile.export_graph(graph2, opset=21), feed, ref) < _layer_error(modelfile.export_graph(rtn, opset=21), feed, ref)
 
 
 def test_no_module_level_import_circle():

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import tiny
-from onnxopt import QuantConfig, io, quantize
+from onnxopt import QuantConfig, modelfile, quantize
 from onnxopt.recipes import convert
 from onnxopt.bench import BenchConfig, bench, format_table
 from onnxopt.cli import main
@@ -34,7 +34,7 @@ def models(tmp_path_factory):
     """FP32 tiny CNN (baseline) and three candidates: FP16, INT8, FP8; 3 evaluation samples."""
     d = tmp_path_factory.mktemp("bench")
     base = d / "cnn.onnx"
-    io.save(tiny.cnn(), base)
+    modelfile.save(tiny.cnn(), base)
     fp16 = convert(base, d / "cnn_fp16.onnx")
     shapes = {"x": (1, 3, 16, 16)}
     cands = [fp16]
@@ -113,7 +113,7 @@ def _scaled(path, scale: float):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(scale, np.float32), "s")])
-    io.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    modelfile.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     return w
 
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 
 import tiny
-from onnxopt import calib, io
+from onnxopt import calib, modelfile
 from onnxopt.errors import OnnxoptError
 
 
 @pytest.fixture
 def cnn(tmp_path):
-    return io.load(tiny.save(tiny.cnn(), tmp_path / "m.onnx"))
+    return modelfile.load(tiny.save(tiny.cnn(), tmp_path / "m.onnx"))
 
 
 def test_npz_directory_and_npy_sources(tmp_path, cnn):
@@ -162,7 +162,7 @@ def _stats(model, data, names, **kwargs):
 def test_staged_calibration_matches_one_stage(tmp_path, stages):
     """Big models run in stages (weights of one stage at a time, boundary tensors on disk); the
     statistics must not change."""
-    m = io.load(tiny.save(tiny.transformer(), tmp_path / "t.onnx"))
+    m = modelfile.load(tiny.save(tiny.transformer(), tmp_path / "t.onnx"))
     data = calib.CalibData.from_path(_token_npz(tmp_path, m), calib.input_specs(m))
     names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "LayerNormalization", "Add") for o in n.output]
     one = _stats(m, data, names, stages=1)
@@ -192,7 +192,7 @@ def _token_npz(tmp_path, m):
 
 def test_stage_count_follows_the_weight_budget(cnn):
     assert calib.stage_count(cnn, 2**30) == 1
-    weights = sum(io.tensor_bytes(t) for t in cnn.graph.initializer)
+    weights = sum(modelfile.tensor_bytes(t) for t in cnn.graph.initializer)
     assert calib.stage_count(cnn, 0) == 1  # budgets below 64 MB are raised to it
     big = calib.STAGE_MIN_BYTES
     assert calib.stage_count(cnn, big) == 1 and weights < big

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 from onnxopt import recipes
-from onnxopt import autocast, calib, emulate, finite, io, ort
+from onnxopt import autocast, calib, emulate, finite, modelfile, ort
 from onnxopt.compare import compare, metrics
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import QuantConfig, quantize
@@ -28,7 +28,7 @@ def test_output_read_internally_keeps_user_dtype_and_loads(tmp_path, mode, floor
     src = _albert_like(tmp_path)
     r = quantize(src, tmp_path / f"q.{mode}.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=4, shapes=IDS)
     assert [o.type.tensor_type.elem_type for o in r.model.graph.output] == [T.FLOAT, T.FLOAT]
-    ort.session(io.load(r.path))  # ORT loads it as written (no FP32 view)
+    ort.session(modelfile.load(r.path))  # ORT loads it as written (no FP32 view)
     res = compare(src, r.path, n_random=2, shapes=IDS)
     assert set(res) == {"y", "p"}
     for name, m in res.items():
@@ -71,7 +71,7 @@ def _feeds(n=4, seed=11, batch=1):
 
 def _emulated_metrics(src, cand, feeds):
     # What a GPU computes: every FP16/BF16 tensor rounded to its format (ORT's CPU FP16 kernels can hide inf).
-    ref, got = ort.session(io.load(src)), ort.session(emulate.emulated_view(io.load(cand)))
+    ref, got = ort.session(modelfile.load(src)), ort.session(emulate.emulated_view(modelfile.load(cand)))
     a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds])
     b = np.concatenate([got.run(None, f)[0].ravel() for f in feeds])
     return metrics(a, b), bool(np.all(np.isfinite(b)))
@@ -113,21 +113,21 @@ def test_quantized_layers_on_the_overflow_path_stay_fp32(tmp_path, mode, floor):
 
 
 def test_finite_check_repairs_by_widening_fp32(tmp_path):
-    model = io.infer_shapes(overflow_unet())
-    g = io.import_graph(model)
+    model = modelfile.infer_shapes(overflow_unet())
+    g = modelfile.import_graph(model)
     autocast.to_low_precision(g, "fp16")  # no ranges: overflows
     data = calib.CalibData.random(calib.input_specs(model), 4)
-    fixed, report = finite.ensure_finite(model, io.export_graph(g), data, autocast.reconverter(model, "fp16"))
+    fixed, report = finite.ensure_finite(model, modelfile.export_graph(g), data, autocast.reconverter(model, "fp16"))
     assert "time_linear_1" in report["repaired_fp32_nodes"]
     with pytest.raises(OnnxoptError, match="non-finite"):
-        finite.ensure_finite(model, io.export_graph(_blind(model)), data, None)
+        finite.ensure_finite(model, modelfile.export_graph(_blind(model)), data, None)
     sess = ort.session(emulate.emulated_view(fixed))
     for feed in data:
         assert np.all(np.isfinite(sess.run(None, feed)[0]))
 
 
 def _blind(model):
-    g = io.import_graph(model)
+    g = modelfile.import_graph(model)
     autocast.to_low_precision(g, "fp16")
     return g
 
@@ -140,9 +140,9 @@ def test_bf16_emulation_matches_numpy():
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 8])],
                      [h.make_tensor_value_info("y", T.FLOAT, [4, 8])], [nh.from_array(w, "w")])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
-    gg = io.import_graph(io.infer_shapes(m))
+    gg = modelfile.import_graph(modelfile.infer_shapes(m))
     autocast.to_low_precision(gg, "bf16")
-    low = io.export_graph(gg)
+    low = modelfile.export_graph(gg)
     x = (rng.standard_normal((4, 8)) * 50).astype(np.float32)
     (y,) = ort.session(emulate.emulated_view(low)).run(None, {"x": x})
     bf = lambda v: v.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
@@ -182,7 +182,7 @@ def bn_after_relu_cnn():
 def _cnn_cosine(src, cand, n=8):
     rng = np.random.default_rng(2)
     feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
-    ref, got = ort.session(io.load(src)), ort.session(emulate.emulated_view(io.load(cand)))
+    ref, got = ort.session(modelfile.load(src)), ort.session(emulate.emulated_view(modelfile.load(cand)))
     a = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds])
     return metrics(a, np.concatenate([got.run(None, f)[0].ravel() for f in feeds]))["cosine"]
 
@@ -235,7 +235,7 @@ def test_bf16_result_can_be_compared(tmp_path):
                  calib_random=4)
     assert r.report["finite"]["emulated"] is True
     with pytest.raises(OnnxoptError):
-        ort.session(io.load(r.path))  # the real BF16 graph (for TensorRT) does not load on CPU
+        ort.session(modelfile.load(r.path))  # the real BF16 graph (for TensorRT) does not load on CPU
     res = compare(src, r.path, n_random=2)
     assert res["y"]["cosine"] >= 0.99
 
@@ -258,10 +258,10 @@ def test_real_crepe_fp16_and_int8(tmp_path):
                {"frames": {0: "batch"}, "probabilities": {0: "batch"}})
     np.savez(tmp_path / "calib.npz", frames=rm.audio_frames(32, seed=0))
     ev = rm.audio_frames(64, seed=1)
-    ref = ort.session(io.load(src)).run(None, {"frames": ev})[0]
+    ref = ort.session(modelfile.load(src)).run(None, {"frames": ev})[0]
 
     def cos(path):
-        return metrics(ref, ort.session(emulate.emulated_view(io.load(path))).run(None, {"frames": ev})[0])["cosine"]
+        return metrics(ref, ort.session(emulate.emulated_view(modelfile.load(path))).run(None, {"frames": ev})[0])["cosine"]
     out = recipes.convert(src, tmp_path / "fp16.onnx", data=tmp_path / "calib.npz")
     assert cos(out) >= 0.9999
     r = quantize(src, tmp_path / "int8.onnx", config=QuantConfig(mode="int8", progress=False), data=tmp_path / "calib.npz")

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxopt import QuantConfig, einsum, io, ort, quantize
+from onnxopt import QuantConfig, einsum, modelfile, ort, quantize
 from onnxopt.trt import rtx_available
 
 C, T, HEADS = 64, 256, 2   # channels, tokens, heads: head size 32
@@ -44,7 +44,7 @@ def einsum_attention(opset: int = 18) -> onnx.ModelProto:
     nodes.append(gs.Node("Conv", "proj", inputs=[vs["am"], w_o], outputs=[var("o", ["B", C, T])]))
     nodes.append(gs.Node("Add", "residual", inputs=[x, vs["o"]], outputs=[y]))
     g = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=opset)
-    return io.export_graph(g)
+    return modelfile.export_graph(g)
 
 
 def _calib(tmp_path, n=4):
@@ -67,7 +67,7 @@ def test_equation_as_matmul_exact(eq):
     g = gs.Graph(nodes=[gs.Node("Einsum", "e", attrs={"equation": eq}, inputs=[a, b], outputs=[y])], inputs=[a, b],
                  outputs=[y], opset=18)
     assert einsum.rewrite(g) == 1 and not [n for n in g.nodes if n.op == "Einsum"]
-    got = ort.session(io.export_graph(g), level="disable").run(None, {"a": A, "b": B})[0]
+    got = ort.session(modelfile.export_graph(g), level="disable").run(None, {"a": A, "b": B})[0]
     np.testing.assert_allclose(got, np.einsum(eq, A, B), rtol=1e-5, atol=1e-5)
 
 
@@ -82,7 +82,7 @@ def test_einsum_attention_quantized(tmp_path):
     m = einsum_attention()
     res = quantize(m, tmp_path / "q.onnx", config=QuantConfig(mode="fp8", progress=False), data=_calib(tmp_path))
     assert res.report["qdq"]["coverage"]["attention_bmms"] == 2 and res.report["qdq"]["einsum_rewritten"] == 2
-    q = io.import_graph(io.load(tmp_path / "q.onnx"))
+    q = modelfile.import_graph(modelfile.load(tmp_path / "q.onnx"))
     def up(t, k):
         for _ in range(k):
             t = t.inputs[0].inputs[0] if t.inputs else None
@@ -95,7 +95,7 @@ def test_einsum_attention_quantized(tmp_path):
     x = np.random.default_rng(2).standard_normal((2, C, T)).astype(np.float32)
     ref = ort.session(m, level="disable").run(None, {"x": x})[0]
     from onnxopt.emulate import emulated_view
-    got = ort.session(emulated_view(io.load(tmp_path / "q.onnx")), level="disable").run(None, {"x": x})[0]
+    got = ort.session(emulated_view(modelfile.load(tmp_path / "q.onnx")), level="disable").run(None, {"x": x})[0]
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.99
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxopt import formats, io, ort
+from onnxopt import formats, modelfile, ort
 from onnxopt.errors import OnnxoptError
 
 
@@ -50,7 +50,7 @@ def test_fake_quant_is_what_ort_computes(name):
     q, s = f.quantize_weight(w, 1, "fp32")
     mm.inputs[1] = f.write_weight(g, "w", q, s.reshape(-1), {"axis": 1})
     g.toposort()
-    got = ort.session(io.export_graph(g, opset=19), level="disable").run(None, {"x": x_val})[0]
+    got = ort.session(modelfile.export_graph(g, opset=19), level="disable").run(None, {"x": x_val})[0]
     xq = f.to_float(f.cast(x_val / a_scale)) * a_scale
     np.testing.assert_allclose(got, xq @ f.fake_quant(w, 1, "fp32"), rtol=1e-5, atol=1e-6)
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import huge
-from onnxopt import calib, io, precision, prescale, recipes
+from onnxopt import calib, modelfile, precision, prescale, recipes
 from onnxopt import ort as ortx
 from onnxopt.quant import qdq
 
@@ -15,9 +15,9 @@ def test_export_leaves_the_source_model_names_alone():
     """Autocast renames a shared lazy constant (w -> w_fp32); graphsurgeon's export renamed the source
     TensorProto too, and the runner's FP32 reference then read a name that no longer existed."""
     m = huge.model()
-    g = io.import_graph(m)
+    g = modelfile.import_graph(m)
     g.tensors()["gn_scale"].name = "gn_scale_fp32"
-    out = io.export_graph(g)
+    out = modelfile.export_graph(g)
     assert "gn_scale" in {t.name for t in m.graph.initializer}
     assert "gn_scale_fp32" in {t.name for t in out.graph.initializer}
     ortx.session(m, level="disable")  # the source still loads
@@ -30,7 +30,7 @@ def test_fp8_scale_beyond_fp16_stays_finite():
 
 
 def _ranges(model):
-    g = io.import_graph(model)
+    g = modelfile.import_graph(model)
     red = precision.range_reducers(g)
     batch = 2 if model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2 else 1
     calib.collect_graph(g, calib.CalibData(calib.input_specs(model), [lambda: huge.calib(8)], batch_size=batch), red)
@@ -39,7 +39,7 @@ def _ranges(model):
 
 @pytest.mark.parametrize("batch", ["N", 2])
 def test_prescale_is_exact_in_fp32_and_brings_norm_inputs_into_fp16(batch):
-    model = io.infer_shapes(huge.model(batch))
+    model = modelfile.infer_shapes(huge.model(batch))
     g, ranges = _ranges(model)
     new, plan = prescale.rescale(g, ranges, "fp16")
     scaled = {n for _, names, _ in plan.classes for n in names}
@@ -51,7 +51,7 @@ def test_prescale_is_exact_in_fp32_and_brings_norm_inputs_into_fp16(batch):
     assert all(new[n] <= safe for n in scaled if n in new)
     feed = huge.calib(2, seed=3)
     ref = ortx.session(model, level="disable").run(None, feed)
-    got = ortx.session(io.export_graph(g), level="disable").run(None, feed)
+    got = ortx.session(modelfile.export_graph(g), level="disable").run(None, feed)
     for a, b in zip(ref, got):  # powers of two: exact but for epsilon (eps / k^2, floored at 2^-24)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     eps = {n.name: n.attrs["epsilon"] for n in g.nodes if n.op in ("InstanceNormalization", "LayerNormalization")}
@@ -68,7 +68,7 @@ def test_fp8_on_huge_activations_fails_no_more(tmp_path):
     ac = res.report["autocast"]
     assert ac["prescaled_tensors"] >= 6
     out = onnx.load(tmp_path / "o.onnx")
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in io.infer_shapes(out).graph.value_info}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in modelfile.infer_shapes(out).graph.value_info}
     assert types["hsum"] == onnx.TensorProto.FLOAT16 and types["m1b"] == onnx.TensorProto.FLOAT16
     # SiLU of 1e8: scaled down into FP16; only sigmoid's input x · k truly leaves FP16 and stays FP32
     assert types["se"] == onnx.TensorProto.FLOAT16

@@ -11,7 +11,7 @@ import onnxopt
 import tiny
 
 from onnxopt.cli import main
-from onnxopt.inspect import inspect_graph, inspect_path
+from onnxopt.inspection import inspect_graph, inspect_path
 
 WEIGHT_LAYERS = {"q_proj", "k_proj", "v_proj", "o_proj", "mlp_up", "mlp_down"}
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import tiny
-from onnxopt import io, ort
+from onnxopt import modelfile, ort
 from onnxopt.errors import OnnxoptError
 
 
@@ -16,23 +16,23 @@ def _digest(path):
 
 def test_roundtrip_inline_stamps_ir_that_ort_reads(tmp_path):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
-    m = io.load(src)
+    m = modelfile.load(src)
     m.ir_version = 14  # what onnx 1.23 would stamp
-    out = io.save(m, tmp_path / "o.onnx")
+    out = modelfile.save(m, tmp_path / "o.onnx")
     saved = onnx.load(str(out))
-    assert saved.ir_version <= io.MAX_IR_VERSION
+    assert saved.ir_version <= modelfile.MAX_IR_VERSION
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    assert ort.session(io.load(out)).run(None, {"x": x})[0].shape == (1, 10)
+    assert ort.session(modelfile.load(out)).run(None, {"x": x})[0].shape == (1, 10)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_external_data_roundtrip_is_lazy_and_page_aligned(tmp_path):
     src = tmp_path / "ext.onnx"
     onnx.save(tiny.cnn(), str(src), save_as_external_data=True, location="ext.bin", size_threshold=0)
-    m = io.load(src)
+    m = modelfile.load(src)
     # Loading reads no weights: external tensors keep only their (absolute) locations.
     assert all(not t.raw_data for t in m.graph.initializer)
-    out = io.save(m, tmp_path / "sub" / "copy.onnx", external_data=True)
+    out = modelfile.save(m, tmp_path / "sub" / "copy.onnx", external_data=True)
     saved = onnx.load(str(out), load_external_data=False)
     infos = [onnx.external_data_helper.ExternalDataInfo(t) for t in saved.graph.initializer
              if onnx.external_data_helper.uses_external_data(t)]
@@ -50,29 +50,29 @@ def test_missing_and_truncated_external_data(tmp_path):
     raw = data.read_bytes()
     data.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(OnnxoptError, match="truncated"):
-        io.load(src)
+        modelfile.load(src)
     data.unlink()
     with pytest.raises(OnnxoptError, match="missing"):
-        io.load(src)
+        modelfile.load(src)
 
 
 def test_corrupt_and_truncated_model(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)
     with pytest.raises(OnnxoptError, match="not a readable ONNX model|no nodes"):
-        io.load(bad)
+        modelfile.load(bad)
     good = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(open(good, "rb").read()[:200])
     with pytest.raises(OnnxoptError):
-        io.load(cut)
+        modelfile.load(cut)
 
 
 def test_output_equal_to_input_is_refused_and_input_untouched(tmp_path):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     before = _digest(src)
     with pytest.raises(OnnxoptError, match="is the input"):
-        io.save(io.load(src), src, input_path=src)
+        modelfile.save(modelfile.load(src), src, input_path=src)
     assert _digest(src) == before
 
 
@@ -83,7 +83,7 @@ def test_exported_graphs_dequantize_each_weight_just_before_its_layer(tmp_path):
     src = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
     res = onnxopt.quantize(src, tmp_path / "q.onnx", config=onnxopt.QuantConfig(mode="int8", progress=False),
                            calib_random=2, shapes={"ids": (2, 16)})
-    m = io.load(res.path)
+    m = modelfile.load(res.path)
     inits = {t.name for t in m.graph.initializer}
     nodes = list(m.graph.node)
     weight_dq = [k for k, n in enumerate(nodes) if n.op_type == "DequantizeLinear" and n.input[0] in inits]
@@ -113,8 +113,8 @@ def test_outputs_get_the_mode_open_gives(tmp_path, umask, mask, want):
     from onnxopt.bench import write_report
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     umask(mask)
-    inline = io.save(io.load(src), tmp_path / "inline.onnx")
-    ext = io.save(io.load(src), tmp_path / "ext.onnx", external_data=True)
+    inline = modelfile.save(modelfile.load(src), tmp_path / "inline.onnx")
+    ext = modelfile.save(modelfile.load(src), tmp_path / "ext.onnx", external_data=True)
     report = write_report({"a": 1}, tmp_path / "r.json")
     npz = diffusion.save_npz({"x": np.zeros(3, np.float32)}, tmp_path / "c.npz")
     with open(tmp_path / "plain", "w"):
@@ -123,19 +123,19 @@ def test_outputs_get_the_mode_open_gives(tmp_path, umask, mask, want):
     for p in (inline, ext, tmp_path / "ext.onnx.data", report, npz):
         assert _mode(p) == want, p
     # what was written is what ORT reads back
-    assert ort.session(io.load(ext)).run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
+    assert ort.session(modelfile.load(ext)).run(None, {"x": np.zeros((1, 3, 16, 16), np.float32)})[0].shape == (1, 10)
 
 
 def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     out = tmp_path / "o.onnx"
-    io.save(io.load(src), out, external_data=True)
+    modelfile.save(modelfile.load(src), out, external_data=True)
     os.chmod(out, 0o640)
     os.chmod(tmp_path / "o.onnx.data", 0o604)
     umask(0o077)
-    io.save(io.load(src), out, external_data=True)
+    modelfile.save(modelfile.load(src), out, external_data=True)
     assert _mode(out) == 0o640 and _mode(tmp_path / "o.onnx.data") == 0o604
-    with io.atomic_path(out) as tmp:
+    with modelfile.atomic_path(out) as tmp:
         tmp.write_bytes(b"x")
     assert _mode(out) == 0o640
 
@@ -143,8 +143,8 @@ def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
 def test_unwritable_location_is_a_user_error(tmp_path):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
     with pytest.raises(OnnxoptError, match="a file is in the way"):
-        io.save(io.load(src), tmp_path / "m.onnx" / "o.onnx")
+        modelfile.save(modelfile.load(src), tmp_path / "m.onnx" / "o.onnx")
     with pytest.raises(OnnxoptError, match="m.onnx is a file, not a folder"):
-        io.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
-    io.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
+        modelfile.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
+    modelfile.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import QuantConfig, io, lowrank, ort, quantize
+from onnxopt import QuantConfig, modelfile, lowrank, ort, quantize
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
 from onnxopt.passes import QDQ, LowRank
@@ -52,9 +52,9 @@ def run(m, f):
 
 def split(rank, fake=lambda w: w, m=None):
     m = m or model()
-    g = io.import_graph(m)
+    g = modelfile.import_graph(m)
     rep = lowrank.split(g, [n for n in g.nodes if n.op in lowrank.OPS], fake_quant=fake, bits=8, rank=rank, progress=False)
-    return io.export_graph(g), rep
+    return modelfile.export_graph(g), rep
 
 
 @pytest.mark.parametrize("rank", [4, 31])   # 31: the largest rank the 32-output Conv takes
@@ -89,7 +89,7 @@ def test_int8_branch_stays_fp16_and_lowers_error(tmp_path):
     """INT8 quantizes the three residuals only: the branch's GEMMs read the unquantized input, have no
     DequantizeLinear weights, and its Add gets no residual Q/DQ. With an outlier input channel, the branch nearly halves
     the output error of INT8 (numbers from ORT)."""
-    io.save(model(outlier=60.0), tmp_path / "m.onnx")
+    modelfile.save(model(outlier=60.0), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", **{k: np.stack([feed(s)[k] for s in range(4)]) for k in ("x", "img")})
     ref = run(model(outlier=60.0), feed(9))
     errs = {}
@@ -124,7 +124,7 @@ def test_auto_rank_goes_to_the_outlier_layer_within_budget():
     def int8(w):
         s = np.abs(w).max(axis=0) / 127
         return np.clip(np.rint(w / s), -127, 127) * s
-    g = io.import_graph(model(outlier=60.0))
+    g = modelfile.import_graph(model(outlier=60.0))
     rep = lowrank.split(g, [n for n in g.nodes if n.op in lowrank.OPS], fake_quant=int8, bits=8, rank=0, budget=0.05,
                         progress=False)
     assert rep["rank"] == "auto" and rep["extra_bytes"] <= 0.05 * rep["quantized_weight_bytes"]
@@ -149,7 +149,7 @@ def test_bad_options_one_line_before_work(tmp_path, args, msg):
 
 
 def test_rank_too_large_for_every_layer(tmp_path):
-    io.save(model(), tmp_path / "m.onnx")
+    modelfile.save(model(), tmp_path / "m.onnx")
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "m.onnx"), "--int8", "--lowrank", "48", "--calib-random", "2",
                                   "--shapes", f"x:2x{K}", "--shapes", "img:1x64x8x8", "-o", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "rank 48 >= min(K, N)" in r.output and not (tmp_path / "o.onnx").exists(), r.output
@@ -163,7 +163,7 @@ def test_rank_too_large_for_every_layer(tmp_path):
 @pytest.mark.rtx
 @pytest.mark.skipif(not rtx_available(), reason="tensorrt_rtx is not importable (install the rtx extra)")
 def test_rtx_every_quantized_layer_in_a_quantized_kernel(tmp_path):
-    io.save(model(outlier=60.0), tmp_path / "m.onnx")
+    modelfile.save(model(outlier=60.0), tmp_path / "m.onnx")
     quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", lowrank=8, progress=False),
              calib_random=2, shapes={"x": (8, K), "img": (2, 64, 8, 8)})
     r = CliRunner().invoke(main, ["build", str(tmp_path / "q.onnx"), "--backend", "rtx", "-o", str(tmp_path / "q.plan"),
@@ -172,6 +172,6 @@ def test_rtx_every_quantized_layer_in_a_quantized_kernel(tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3
     assert {ly["name"] for ly in rep["layers"]} == {"mm", "gemm", "conv"}
-    from onnxopt.inspect import engine_findings
+    from onnxopt.inspection import engine_findings
     from onnxopt.trt import report as R
-    assert not R.disagreements(engine_findings(io.import_graph(io.load(tmp_path / "q.onnx"))), rep)   # the lint agrees
+    assert not R.disagreements(engine_findings(modelfile.import_graph(modelfile.load(tmp_path / "q.onnx"))), rep)   # the lint agrees

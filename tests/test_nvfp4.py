@@ -17,7 +17,7 @@ from onnxopt import ort as ortx
 from onnxopt.cli import main
 from onnxopt.emulate import emulated_view
 from onnxopt.formats import emulation, mxfp8, nvfp4
-from onnxopt.inspect import inspect_path
+from onnxopt.inspection import inspect_path
 
 F32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
@@ -159,7 +159,7 @@ def test_emulation_lowering_removes_every_block_op_and_runs(written):
 
 def test_weight_lowering_equals_the_dequantized_weight(written):
     m = onnx.load(written["nvfp4"].path)
-    g = onnxopt.io.import_graph(m)
+    g = onnxopt.modelfile.import_graph(m)
     dq = next(n for n in g.nodes if n.op == "DequantizeLinear" and isinstance(n.inputs[0], gs.Constant)
               and n.inputs[0].dtype == nvfp4.NVFP4_FORMAT.np_dtype)
     sdq = dq.inputs[1].inputs[0]

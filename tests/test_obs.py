@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import awq, calib, io, obs, sparsity
+from onnxopt import awq, calib, modelfile, obs, sparsity
 from onnxopt.formats import INT4
 from onnxopt.quant import int4
 
@@ -68,7 +68,7 @@ def _identical_rows(model, k=32, zero=3):
 
 def test_sparsegpt_on_identical_rows_and_a_zero_channel():
     model = _mm_model()
-    graph = io.import_graph(model)
+    graph = modelfile.import_graph(model)
     rep = sparsity.sparsify(graph, method="sparsegpt", data=_identical_rows(model), min_params=0, progress=False)
     row = rep["layers"][0]
     assert row["method"] == "sparsegpt" and np.isfinite(row["output_error"])
@@ -78,7 +78,7 @@ def test_sparsegpt_on_identical_rows_and_a_zero_channel():
 
 def test_sparsegpt_falls_back_to_magnitude_on_a_nan_hessian(caplog):
     model = _mm_model(sqrt=True)  # sqrt of negative inputs: NaN activations, a NaN Hessian
-    graph = io.import_graph(model)
+    graph = modelfile.import_graph(model)
     data = calib.CalibData.random(calib.input_specs(model), 2, shapes={"x": (1, 8, 32)})
     with caplog.at_level(logging.WARNING):
         rep = sparsity.sparsify(graph, method="sparsegpt", data=data, min_params=0, progress=False)
@@ -98,7 +98,7 @@ def _int4_config(**kw):
 
 def test_gptq_on_identical_rows_and_a_zero_channel_completes():
     model = onnx.shape_inference.infer_shapes(_mm_model())
-    graph = io.import_graph(model)
+    graph = modelfile.import_graph(model)
     data = _identical_rows(model)
     data = calib.CalibData(data.specs, [lambda: {"x": np.broadcast_to(np.linspace(0.5, 2.0, 32, dtype=np.float32)
                                                                     * (np.arange(32) != 3), (16, 8, 32)).copy()}])

@@ -7,7 +7,7 @@ import pytest
 
 import onnxopt
 import tiny
-from onnxopt import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify, io, ort, presets, sparsity
+from onnxopt import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify, modelfile, ort, presets, sparsity
 from onnxopt.calib import AbsMax
 from onnxopt.errors import OnnxoptError
 from onnxopt.passes.base import PassBase
@@ -25,7 +25,7 @@ def tr(tmp_path):
 
 
 def _out(path, feed):
-    return ort.session(io.load(path)).run(None, feed)[0]
+    return ort.session(modelfile.load(path)).run(None, feed)[0]
 
 
 def _cos(a, b):
@@ -34,7 +34,7 @@ def _cos(a, b):
 
 
 def _all_2_4(path) -> bool:
-    rows = [r for r in sparsity.report(io.import_graph(io.load(path))) if r.get("eligible", True)]
+    rows = [r for r in sparsity.report(modelfile.import_graph(modelfile.load(path))) if r.get("eligible", True)]
     return bool(rows) and all(r["is_2_4"] for r in rows)
 
 
@@ -106,7 +106,7 @@ def test_extra_reducers_ride_on_the_qdq_calibration(tmp_path, tr):
     src, data, _ = tr
     watch = _Watch()
     onnxopt.run([watch, QDQ("fp8")], src, tmp_path / "q.onnx", data=str(data), progress=False)
-    m = io.load(src)
+    m = modelfile.load(src)
     m.graph.output.add().name = "ln"  # the same tensor fetched by ORT directly
     sess = ort.session(m)
     with np.load(data) as z:
@@ -119,7 +119,7 @@ def test_verify_hook_and_in_memory_model(tmp_path, tr):
     seen = []
     res = Runner([Autocast("fp16")], verify=lambda path, rep: seen.append(path) or "ok", progress=False).run(src, tmp_path / "h.onnx")
     assert seen == [res.path] and res.report["verify"] == "ok" and res.report["output_bytes"] > 0
-    mem = Runner([Autocast("fp16")], progress=False).run(io.load(src))  # no output: the model comes back
+    mem = Runner([Autocast("fp16")], progress=False).run(modelfile.load(src))  # no output: the model comes back
     assert mem.path is None and ort.session(mem.model).run(None, feed)[0].shape == (2, 16, 64)
 
 

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 import onnxopt
-from onnxopt import QuantConfig, io, ort
+from onnxopt import QuantConfig, modelfile, ort
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import rules
 
@@ -16,7 +16,7 @@ SHAPES = {"cnn": {"x": (2, 3, 16, 16)}, "tr": {"ids": (2, 16)}}
 
 
 def _graph(model):
-    return io.import_graph(io.infer_shapes(model))
+    return modelfile.import_graph(modelfile.infer_shapes(model))
 
 
 def _q(tmp_path, model, mode, **kw):
@@ -82,8 +82,8 @@ def test_bias_correction_removes_the_mean_shift_of_weight_quantization(tmp_path)
     for bc in (False, True):
         res = onnxopt.quantize(src, tmp_path / f"q{bc}.onnx", config=QuantConfig(mode="int8", bias_correction=bc, high_precision="fp32",
                                                                                     progress=False), data=tmp_path / "c.npz")
-        ref = ort.session(io.load(src)).run(None, {"x": x[0]})[0]
-        got = ort.session(io.load(res.path)).run(None, {"x": x[0]})[0]
+        ref = ort.session(modelfile.load(src)).run(None, {"x": x[0]})[0]
+        got = ort.session(modelfile.load(res.path)).run(None, {"x": x[0]})[0]
         errs[bc] = np.abs((got - ref)[..., 1:-1, 1:-1].mean(axis=(0, 2, 3))).mean()  # per-channel mean error, inside the padding
     assert errs[True] < 0.5 * errs[False]
 
@@ -181,7 +181,7 @@ def test_quantized_graph_is_close_to_fp32(tmp_path, which, mode, floor):
     (metrics,) = m.values()
     assert metrics["cosine"] >= floor
     q = onnx.load(str(res.path))
-    assert q.ir_version <= io.MAX_IR_VERSION
+    assert q.ir_version <= modelfile.MAX_IR_VERSION
     assert all(o.version >= (19 if mode == "fp8" else 13) for o in q.opset_import if o.domain == "")
     qtype = T.FLOAT8E4M3FN if mode == "fp8" else T.INT8
     inits = {t.name: t for t in q.graph.initializer}
@@ -199,7 +199,7 @@ def test_quantized_graph_is_close_to_fp32(tmp_path, which, mode, floor):
 
 
 def test_lint_clean_and_coverage_full_on_outputs(tmp_path):
-    from onnxopt.inspect import inspect_path
+    from onnxopt.inspection import inspect_path
     for model in (tiny.cnn(), tiny.transformer()):
         _, res, _ = _q(tmp_path, model, "fp8")
         ins = inspect_path(res.path)
@@ -209,7 +209,7 @@ def test_lint_clean_and_coverage_full_on_outputs(tmp_path):
 
 
 def test_lint_flags_partial_and_asymmetric_placements():
-    from onnxopt.inspect import lint
+    from onnxopt.inspection import lint
     # Q/DQ on the activation only (a quantized weight alone would be weight-only W8A16, which is fine)
     w = nh.from_array(np.ones((16, 16), np.float32), "w")
     s = nh.from_array(np.array(0.1, np.float32), "s")
@@ -221,7 +221,7 @@ def test_lint_flags_partial_and_asymmetric_placements():
              h.make_node("DequantizeLinear", ["yq", "s", "zp"], ["yd"], name="dq"),
              h.make_node("Softmax", ["yd"], ["z"], name="sm")]
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 16])], [h.make_tensor_value_info("z", T.FLOAT, None)], [w, s, zp])
-    issues = lint(io.import_graph(h.make_model(g, opset_imports=[h.make_opsetid("", 19)])))
+    issues = lint(modelfile.import_graph(h.make_model(g, opset_imports=[h.make_opsetid("", 19)])))
     text = "\n".join(issues)
     assert "mm (MatMul): only some data inputs" in text
     assert "non-zero zero point" in text
@@ -279,24 +279,24 @@ def test_shared_weight_quantized_once(tmp_path):
                                  QuantConfig(mode="fp8", progress=False)], ids=["int8-sq-2:4", "fp8"])
 def test_rewritten_weights_spill_to_disk_and_give_the_same_model(tmp_path, monkeypatch, cfg):
     """SmoothQuant, 2:4, weight quantization and FP16 conversion make new weights; inside `quantize` they
-    go to a file in the work directory (io.spilling) instead of memory. The output must not change."""
+    go to a file in the work directory (modelfile.spilling) instead of memory. The output must not change."""
     src = tiny.save(tiny.transformer(), tmp_path / "t.onnx")
     kept = onnxopt.quantize(src, tmp_path / "mem.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
     spilled_to = []
-    real_set = io.set_values
+    real_set = modelfile.set_values
 
     def spy(const, values):
         real_set(const, values)
         spilled_to.append(type(const._values).__name__)
-    monkeypatch.setattr(io, "SPILL_BYTES", 0)
-    monkeypatch.setattr(io, "set_values", spy)
+    monkeypatch.setattr(modelfile, "SPILL_BYTES", 0)
+    monkeypatch.setattr(modelfile, "set_values", spy)
     spilled = onnxopt.quantize(src, tmp_path / "disk.onnx", config=cfg, calib_random=4, shapes={"ids": (2, 16)})
     assert spilled_to and set(spilled_to) == {"_LazyExternal"}
-    a, b = io.load(kept.path), io.load(spilled.path)
+    a, b = modelfile.load(kept.path), modelfile.load(spilled.path)
     assert len(a.graph.initializer) == len(b.graph.initializer)
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         assert (ta.name, ta.data_type) == (tb.name, tb.data_type)
-        np.testing.assert_array_equal(io.to_array(ta), io.to_array(tb))
+        np.testing.assert_array_equal(modelfile.to_array(ta), modelfile.to_array(tb))
 
 
 def test_fp8_cast_in_threaded_chunks_equals_one_cast(monkeypatch):

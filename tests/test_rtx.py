@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from onnxopt import QuantConfig, io, quantize
+from onnxopt import QuantConfig, modelfile, quantize
 from onnxopt.recipes import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
-from onnxopt.inspect import engine_findings, lint
+from onnxopt.inspection import engine_findings, lint
 from onnxopt.trt import rtx_available
 from onnxopt.trt import report as R
 from onnxopt.trt.rtx import _cannot_compile, parse_targets
@@ -103,7 +103,7 @@ def test_build_rtx_rejects_bad_options(tmp_path):
 def example(tmp_path_factory):
     d = tmp_path_factory.mktemp("rtx")
     base = d / "model.onnx"
-    io.save(tiny.transformer(d=256, heads=4, seq=64), base)
+    modelfile.save(tiny.transformer(d=256, heads=4, seq=64), base)
     return d, base
 
 
@@ -137,7 +137,7 @@ def test_example_engine(example, mode, tmp_path):
     tw = rep["weights"]["engine_weights_memory"]
     assert tw < {"fp16": 1.1, "fp8": 0.55, "int8": 0.55, "int4": 0.3}[mode] * rep["weights"]["fp16_bytes"]
     assert "quantized layers in quantized kernels" in r.output
-    assert not R.disagreements(engine_findings(io.import_graph(io.load(src))), rep)
+    assert not R.disagreements(engine_findings(modelfile.import_graph(modelfile.load(src))), rep)
 
 
 @rtx_test
@@ -178,7 +178,7 @@ def test_attention_guard_removed_and_equal(tmp_path):
     import numpy as np
     from onnxopt import attention_guard, ort
     m = guarded_transformer()
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     assert [w.name for w in attention_guard.find(graph)] == ["attn_guard"]
     assert attention_guard.remove(graph) == 1 and not attention_guard.find(graph)
     assert not any(n.op in ("IsNaN", "Where") for n in graph.nodes)
@@ -186,7 +186,7 @@ def test_attention_guard_removed_and_equal(tmp_path):
     assert pv.inputs[0].inputs[0].op == "Softmax"
     ids = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int64)
     ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
-    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(modelfile.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
     assert np.array_equal(ref, got)  # finite inputs: the guard never fires
     q = quantize(guarded_transformer(), config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 16)})
     assert q.report["qdq"]["attention_guards_removed"] == 1 and not any(n.op_type == "IsNaN" for n in q.model.graph.node)
@@ -196,7 +196,7 @@ def test_attention_guard_removed_and_equal(tmp_path):
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
 def test_guarded_attention_fuses(mode, tmp_path):
     src = tmp_path / "guarded.onnx"
-    io.save(guarded_transformer(d=256, heads=4, seq=64), src)
+    modelfile.save(guarded_transformer(d=256, heads=4, seq=64), src)
     quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode=mode, progress=False), calib_random=2, shapes={"ids": (1, 64)})
     rep = R.engine_report_of(tmp_path / "q.onnx")
     assert rep["attention"]["fused_by_precision"] == {mode: 1} and not rep["attention"]["quantized_unfused"]
@@ -208,7 +208,7 @@ def test_attention_output_scale_folds_into_v():
     import numpy as np
     from onnxopt import fold, ort
     m = tiny.transformer(d=64, heads=2, seq=16)
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     o_proj = next(n for n in graph.nodes if n.name == "o_proj")
     s = np.random.default_rng(0).uniform(0.2, 5.0, 64)
     how = fold.fold_input_scale(graph, [o_proj], s)
@@ -216,7 +216,7 @@ def test_attention_output_scale_folds_into_v():
     assert not any(n.op == "Mul" and "smooth" in n.name for n in graph.nodes)
     ids = np.random.default_rng(1).integers(0, 50, (2, 16)).astype(np.int64)
     ref = ort.session(m, level="disable").run(None, {"ids": ids})[0]
-    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
+    got = ort.session(modelfile.export_graph(graph), level="disable").run(None, {"ids": ids})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -225,7 +225,7 @@ def _sdpa_spelling(m):
     Shape readers of the per-head tensors (its dynamic reshapes)."""
     import numpy as np
     import onnx_graphsurgeon as gs
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     pv = next(n for n in graph.nodes if n.name == "attn_pv")
     out = pv.outputs[0]
     raw = gs.Variable("o0_raw", dtype=out.dtype, shape=out.shape)
@@ -238,7 +238,7 @@ def _sdpa_spelling(m):
     graph.nodes.append(gs.Node("Shape", name="v2_shape_of", inputs=[v2], outputs=[vshape]))
     graph.outputs.append(vshape)
     graph.cleanup().toposort()
-    return io.infer_shapes(io.export_graph(graph))
+    return modelfile.infer_shapes(modelfile.export_graph(graph))
 
 
 def test_attention_output_scale_folds_into_v_sdpa_spelling():
@@ -246,14 +246,14 @@ def test_attention_output_scale_folds_into_v_sdpa_spelling():
     import numpy as np
     from onnxopt import fold, ort
     m = _sdpa_spelling(tiny.transformer(d=64, heads=2, seq=16))
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     o_proj = next(n for n in graph.nodes if n.name == "o_proj")
     s = np.random.default_rng(0).uniform(0.2, 5.0, 64)
     how = fold.fold_input_scale(graph, [o_proj], s)
     assert how.startswith("folded into MatMul 'v_proj' (weight) (through attention softmax·V 'attn_pv')"), how
     ids = np.random.default_rng(1).integers(0, 50, (2, 16)).astype(np.int64)
     ref = ort.session(m, level="disable").run(None, {"ids": ids})
-    got = ort.session(io.export_graph(graph), level="disable").run(None, {"ids": ids})
+    got = ort.session(modelfile.export_graph(graph), level="disable").run(None, {"ids": ids})
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4)
 
 
@@ -262,7 +262,7 @@ def test_attention_output_scale_not_folded_through_mixing_reshape():
     import numpy as np
     import onnx_graphsurgeon as gs
     from onnxopt import fold
-    graph = io.import_graph(tiny.transformer(d=64, heads=2, seq=16))
+    graph = modelfile.import_graph(tiny.transformer(d=64, heads=2, seq=16))
     pv = next(n for n in graph.nodes if n.name == "attn_pv")
     out = pv.outputs[0]  # [B, 2, 16, 32]
     raw = gs.Variable("o0_raw", dtype=out.dtype, shape=["B", 2, 16, 32])
@@ -303,7 +303,7 @@ def test_qdq_scales_honest_names():
 # ---------------------------------------------------------------- the lint agrees with the builder
 def _agree(path):
     rep = R.engine_report_of(path)
-    graph = io.import_graph(io.load(path))
+    graph = modelfile.import_graph(modelfile.load(path))
     assert not R.disagreements(engine_findings(graph), rep)
     return rep, lint(graph)
 
@@ -313,13 +313,13 @@ def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
     """Counterfactuals of findings 1 and 2: the guard kept, and SmoothQuant's Mul on the attention output."""
     from onnxopt import attention_guard, fold
     monkeypatch.setattr(attention_guard, "remove", lambda graph: 0)
-    io.save(guarded_transformer(d=256, heads=4, seq=64), tmp_path / "g.onnx")
+    modelfile.save(guarded_transformer(d=256, heads=4, seq=64), tmp_path / "g.onnx")
     quantize(tmp_path / "g.onnx", tmp_path / "gq.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)})
     rep, issues = _agree(tmp_path / "gq.onnx")
     assert rep["attention"]["quantized_unfused"] == ["attn_softmax"]
     assert any("attn_softmax (Softmax): quantized attention will not fuse: IsNaN/Where between Softmax" in x for x in issues)
     monkeypatch.setattr(fold, "_fold_attention_output", lambda *a: None)
-    io.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
+    modelfile.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
     quantize(tmp_path / "t.onnx", tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
              calib_random=2, shapes={"ids": (1, 64)})
     rep, issues = _agree(tmp_path / "sq.onnx")
@@ -348,7 +348,7 @@ def test_int8_depthwise_stays_fp16_and_lint_agrees(tmp_path, monkeypatch):
     """Finding 3: with the rule, the depthwise conv stays FP16 and the builder adds no padding; without it
     (the counterfactual) the builder pads it and the lint says so."""
     from onnxopt.quant import rules
-    io.save(depthwise_net(), tmp_path / "dw.onnx")
+    modelfile.save(depthwise_net(), tmp_path / "dw.onnx")
     res = quantize(tmp_path / "dw.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
     assert res.report["qdq"]["skipped"]["dw"].startswith("INT8 depthwise conv")
     rep, issues = _agree(tmp_path / "q.onnx")
@@ -396,9 +396,9 @@ def test_int4_one_block_split_keeps_numbers(monkeypatch):
             assert len(dqs) == 3
             if split:  # every DQ has two or more blocks along K
                 assert sorted(d.get("block_size") for d in dqs.values()) == [32, 64, 128]
-                assert not engine_findings(io.import_graph(q)).fp16_layers
+                assert not engine_findings(modelfile.import_graph(q)).fp16_layers
             else:
-                assert len(engine_findings(io.import_graph(q)).fp16_layers) == (2 if bs else 3)
+                assert len(engine_findings(modelfile.import_graph(q)).fp16_layers) == (2 if bs else 3)
             outs.append(ort.session(q, level="disable").run(None, {"x": x})[0])
     np.testing.assert_array_equal(outs[0], outs[2])
     np.testing.assert_array_equal(outs[1], outs[3])
@@ -412,7 +412,7 @@ def onnx_attr(a):
 @rtx_test
 def test_int4_every_layer_fuses_and_lint_agrees(tmp_path, monkeypatch):
     from onnxopt.quant import writer
-    io.save(int4_mlp(), tmp_path / "m.onnx")
+    modelfile.save(int4_mlp(), tmp_path / "m.onnx")
     for bs in (128, 0):
         quantize(tmp_path / "m.onnx", tmp_path / f"q{bs}.onnx", config=QuantConfig(mode="int4", awq="none", block_size=bs, progress=False),
                  calib_random=1)
@@ -467,7 +467,7 @@ def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
     """With the rule the INT8 engine is smaller than FP16's; with every conv INT8 (the counterfactual) each
     small conv adds an elementwise kernel and its source, and the engine is larger."""
     from onnxopt.quant import rules
-    io.save(conv_chain(), tmp_path / "m.onnx")
+    modelfile.save(conv_chain(), tmp_path / "m.onnx")
     convert(tmp_path / "m.onnx", tmp_path / "fp16.onnx")
     fp16 = R.engine_report_of(tmp_path / "fp16.onnx")
     quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2)
@@ -478,7 +478,7 @@ def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
     every, issues = _agree(tmp_path / "all.onnx")
     assert every["quantized_layers"] == 4 and every["generated_kernels"] > rep["generated_kernels"]
     monkeypatch.undo()
-    assert sorted(x.split(" ")[0] for x in lint(io.import_graph(io.load(tmp_path / "all.onnx"))) if "epilogue" in x) == ["conv0", "conv1"]
+    assert sorted(x.split(" ")[0] for x in lint(modelfile.import_graph(modelfile.load(tmp_path / "all.onnx"))) if "epilogue" in x) == ["conv0", "conv1"]
     assert rep["engine_bytes"] < fp16["engine_bytes"] and rep["engine_bytes"] < every["engine_bytes"]
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from onnxopt import QuantConfig, diffusion, io, presets, quantize
+from onnxopt import QuantConfig, diffusion, modelfile, presets, quantize
 from onnxopt.recipes import convert
-from onnxopt.inspect import engine_findings
+from onnxopt.inspection import engine_findings
 from onnxopt.trt import report as R
 from onnxopt.trt import rtx_available
 from onnxopt.trt.build import BuildConfig, parse_profiles
@@ -33,7 +33,7 @@ def _report(path, strict=True):
     rep = R.engine_report_of(path, BuildConfig(profiles=parse_profiles(SHAPES)))
     assert rep["attention"]["blocks"] == BLOCKS
     if strict:
-        assert not R.disagreements(engine_findings(io.import_graph(io.load(path))), rep)
+        assert not R.disagreements(engine_findings(modelfile.import_graph(modelfile.load(path))), rep)
         assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] and not rep["fallbacks"]
     return rep
 

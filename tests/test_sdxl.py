@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxopt import diffusion, io, presets
+from onnxopt import diffusion, modelfile, presets
 from onnxopt import ort as ortx
 from onnxopt.calib import CalibData, input_specs
 from onnxopt.cli import main
 from onnxopt.compare import compare
 from onnxopt.errors import OnnxoptError
-from onnxopt.inspect import inspect_path
+from onnxopt.inspection import inspect_path
 
 TINY_PX = 256  # tiny UNet: 32x32 latents
 
@@ -126,8 +126,8 @@ def test_export_matches_torch_with_dynamic_batch(tiny_unet):
 
     from models import sdxl_unet
     assert sorted(p.name for p in tiny_unet.parent.glob("unet.onnx*")) == ["unet.onnx", "unet.onnx.data"]
-    model = io.load(tiny_unet)
-    assert io.opset_of(model) >= 17
+    model = modelfile.load(tiny_unet)
+    assert modelfile.opset_of(model) >= 17
     specs = {s.name: s for s in input_specs(model)}
     assert list(specs) == list(sdxl_unet.INPUT_NAMES)
     assert specs["sample"].shape[0] == specs["encoder_hidden_states"].shape[0] == "batch"
@@ -155,7 +155,7 @@ def test_export_attention_is_the_fused_mha_pattern(tiny_unet):
         from diffusers import UNet2DConditionModel
         blocks = sum(isinstance(m, BasicTransformerBlock)
                      for m in UNet2DConditionModel.from_config(sdxl_unet.unet_config("tiny")).modules())
-    graph = gs.import_onnx(io.infer_shapes(io.load(tiny_unet)))
+    graph = gs.import_onnx(modelfile.infer_shapes(modelfile.load(tiny_unet)))
     softmax = [n for n in graph.nodes if n.op == "Softmax"]
     assert len(softmax) == 2 * blocks  # self- and cross-attention per transformer block
     for sm in softmax:
@@ -171,7 +171,7 @@ def test_export_attention_is_the_fused_mha_pattern(tiny_unet):
 
 @pytest.mark.slow
 def test_preset_exclusions_match_exported_names(tiny_unet):
-    names = [n.name for n in io.load(tiny_unet).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    names = [n.name for n in modelfile.load(tiny_unet).graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     expected = {r"(^|/)time_embedding/": {"/time_embedding/linear_1/Gemm", "/time_embedding/linear_2/Gemm"},
                 r"(^|/)add_embedding/": {"/add_embedding/linear_1/Gemm", "/add_embedding/linear_2/Gemm"},
                 r"(^|/)conv_in/": {"/conv_in/Conv"}, r"(^|/)conv_out/": {"/conv_out/Conv"}}
@@ -194,7 +194,7 @@ def test_fp8_preset_end_to_end(tiny_unet, tmp_path):
     for layer in ins.layers:
         assert layer.quantized != any(r.search(layer.name) for r in excl), layer.name
     mha = [l for l in ins.layers if re.search(r"/attn[12]/MatMul(_1)?$", l.name)]
-    assert len(mha) == 2 * sum(n.op_type == "Softmax" for n in io.load(out).graph.node) and all(l.quantized for l in mha)
+    assert len(mha) == 2 * sum(n.op_type == "Softmax" for n in modelfile.load(out).graph.node) and all(l.quantized for l in mha)
 
 
 @pytest.mark.slow
@@ -243,7 +243,7 @@ def test_record_unet_inputs_from_a_pipeline(tiny_unet):
     np.testing.assert_allclose(a["encoder_hidden_states"][0, 1], prompt["prompt_embeds"][0].numpy())
     # what it records feeds the exported graph as calibration data
     path = diffusion.save_npz(a, tiny_unet.parent / "recorded.npz")
-    feeds = list(CalibData.from_path(path, input_specs(io.load(tiny_unet))))
+    feeds = list(CalibData.from_path(path, input_specs(modelfile.load(tiny_unet))))
     assert len(feeds) == 2
-    out = ortx.session(io.load(tiny_unet)).run(None, feeds[0])[0]
+    out = ortx.session(modelfile.load(tiny_unet)).run(None, feeds[0])[0]
     assert out.shape == (2, 4, 32, 32) and np.isfinite(out).all()

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, fold, io, ort, smoothquant
+from onnxopt import calib, fold, modelfile, ort, smoothquant
 from onnxopt.errors import OnnxoptError
 
 RNG = np.random.default_rng(0)
@@ -39,12 +39,12 @@ def _rel(a, b):
 
 def _fold_and_compare(model, feed, consumer_names, channels, expect):
     ref = _run(model, feed)
-    graph = io.import_graph(model)
+    graph = modelfile.import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     s = np.exp(RNG.uniform(np.log(0.05), np.log(20.0), channels))
     how = fold.fold_input_scale(graph, [nodes[n] for n in consumer_names], s)
     assert expect in how, how
-    out = _run(io.export_graph(graph), feed)
+    out = _run(modelfile.export_graph(graph), feed)
     for a, b in zip(out, ref):
         assert _rel(a, b) <= 1e-5
     return how, graph
@@ -164,7 +164,7 @@ def test_fold_shared_weight_is_scaled_once_or_copied():
 def test_fold_rejects_bad_input():
     C = 4
     m = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [("x", [2, C])], ["y"], [_init("w", [C, 3])])
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     with pytest.raises(OnnxoptError, match="input channels"):
         fold.fold_input_scale(graph, graph.nodes, np.ones(C + 1))
     with pytest.raises(OnnxoptError, match="positive"):
@@ -198,7 +198,7 @@ def _data(model, n=8, seed=1):
 @pytest.mark.parametrize("alpha", [0.5, "auto"])
 def test_smooth_is_exact_in_fp32_and_reports_alphas(alpha):
     m = _outlier_block()
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     report = smoothquant.smooth(graph, _data(m), None, **_config(alpha))
     assert set(report["alphas"]) == {"q", "k", "v", "fc2"}
     qkv = next(g for g in report["groups"] if g["activation"] == "h")
@@ -207,7 +207,7 @@ def test_smooth_is_exact_in_fp32_and_reports_alphas(alpha):
     if alpha == "auto":
         assert qkv["alpha"] is not None and qkv["error"]["smoothed"] < 0.5 * qkv["error"]["unsmoothed"]
     feed = {"x": RNG.standard_normal((1, 16, 32)).astype(np.float32)}
-    for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
+    for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
 
 
@@ -218,7 +218,7 @@ def test_smooth_auto_lowers_int8_error_in_ort():
     ref = _run(m, feed)[0]
 
     def int8_q_error(model):
-        g = io.import_graph(model)
+        g = modelfile.import_graph(model)
         q = next(n for n in g.nodes if n.name == "q")
         x = q.inputs[0]
         absmax = calib.AbsMax()
@@ -233,11 +233,11 @@ def test_smooth_auto_lowers_int8_error_in_ort():
         g.nodes += [gs.Node("QuantizeLinear", inputs=[x, sc, zp], outputs=[qx]),
                     gs.Node("DequantizeLinear", inputs=[qx, sc, zp], outputs=[dx])]
         q.inputs[0] = dx
-        return _rel(_run(io.export_graph(g), feed)[0], ref)
+        return _rel(_run(modelfile.export_graph(g), feed)[0], ref)
 
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     smoothquant.smooth(graph, _data(m), None, **_config("auto"))
-    smoothed = io.export_graph(graph)
+    smoothed = modelfile.export_graph(graph)
     assert int8_q_error(smoothed) < 0.5 * int8_q_error(m)
 
 
@@ -252,7 +252,7 @@ def test_smooth_conv_patches_and_plan_groups():
     m = _model(nodes, [("x", [2, 3, 8, 8])], ["y", "z"],
                [_init("w1", [C, 3, 3, 3]), _init("b1", [C]), numpy_helper.from_array(scale, "sc"),
                 _init("w2", [4, C, 3, 3]), _init("b2", [4]), _init("w3", [4, C, 1, 1])])
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     nodes = {n.name: n for n in graph.nodes}
     plan = types.SimpleNamespace(
         activations={"h": [(nodes["conv2"], 0), (nodes["pw"], 0)], "x": [(nodes["conv1"], 0)]},
@@ -261,7 +261,7 @@ def test_smooth_conv_patches_and_plan_groups():
     h = next(g for g in report["groups"] if g["activation"] == "h")
     assert h["layers"] == ["conv2", "pw"] and h["alpha"] is not None and "Mul 'mul'" in h["fold"]
     feed = {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
+    for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
 
 
@@ -286,9 +286,9 @@ def test_patch_sample_matches_conv():
 def test_bad_alpha_is_a_user_error():
     m = _outlier_block()
     with pytest.raises(OnnxoptError, match="alpha"):
-        smoothquant.smooth(io.import_graph(m), _data(m), None, **_config(1.5))
+        smoothquant.smooth(modelfile.import_graph(m), _data(m), None, **_config(1.5))
     with pytest.raises(OnnxoptError, match="calibration data"):
-        smoothquant.smooth(io.import_graph(m), None, None, **_config("auto"))
+        smoothquant.smooth(modelfile.import_graph(m), None, None, **_config("auto"))
 
 
 def test_cli_smoothquant_flag_and_value(tmp_path):
@@ -298,7 +298,7 @@ def test_cli_smoothquant_flag_and_value(tmp_path):
 
     from onnxopt.cli import main
     src = tmp_path / "blk.onnx"
-    io.save(_outlier_block(), src)
+    modelfile.save(_outlier_block(), src)
     r = CliRunner().invoke(main, ["-q", "quantize", str(src), "--int8", "--smoothquant", "--calib-random", "4",
                                   "-o", str(tmp_path / "a.onnx"), "--report", str(tmp_path / "a.json")])
     assert r.exit_code == 0, r.output
@@ -319,7 +319,7 @@ def test_smooth_conv_graph_with_quantizer_plan():
 
     from onnxopt.quant import QuantConfig, prepare, rules
     m = prepare(tiny.cnn(batch=2), "int8")
-    graph = io.import_graph(m)
+    graph = modelfile.import_graph(m)
     config = QuantConfig(mode="int8", smoothquant="auto", progress=False, memory_budget_mb=256)
     plan = rules.plan(graph, config)
     report = smoothquant.smooth(graph, _data(m, 4), plan, alpha="auto", memory_budget_mb=256, progress=False)
@@ -327,5 +327,5 @@ def test_smooth_conv_graph_with_quantizer_plan():
     assert smoothed and smoothed <= {n.name for n in plan.nodes}
     assert all(("alpha" in g) and g["fold"] for g in report["groups"])
     feed = {"x": RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)}
-    for a, b in zip(_run(io.export_graph(graph), feed), _run(m, feed)):
+    for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, io, sparsegpt, sparsity
+from onnxopt import calib, modelfile, sparsegpt, sparsity
 from onnxopt import ort as oort
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
@@ -31,7 +31,7 @@ def _w(rng, shape, name, dtype=np.float32):
 
 
 def _graph(model):
-    return io.import_graph(model)
+    return modelfile.import_graph(model)
 
 
 def _const(graph, name):
@@ -98,7 +98,7 @@ def test_every_layer_kind_is_2_4_along_its_input_channels():
             assert not sparsity.is_2_4(np.asarray(w).astype(np.float32), other), name
     assert _const(graph, "mm_cast_w").dtype == np.float16 and _const(graph, "mm_q_w").dtype == np.int8
     # the pruned model runs and matches numpy on the pruned weights (the Conv path checked against ORT)
-    out = io.export_graph(graph)
+    out = modelfile.export_graph(graph)
     x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
     y = oort.session(out).run(None, {"x": x})[0]
     assert y.shape == (2, 8) and np.all(np.isfinite(y))
@@ -258,7 +258,7 @@ def test_sparsegpt_graph_beats_magnitude(sequential):
         assert all(r["method"] == method for r in rep["layers"])
         for name, axis in (("w1", 0), ("w2", 0), ("cw", 1)):
             assert sparsity.is_2_4(_const(graph, name), axis), (method, name)
-        outs[method] = err(io.export_graph(graph))
+        outs[method] = err(modelfile.export_graph(graph))
         if method == "sparsegpt":
             assert rep["stages"] == (3 if sequential else 1)
             # sequential holds one layer's H at a time (the Conv's im2col H is the largest: 288x288 float64)
@@ -307,7 +307,7 @@ def test_sparsegpt_falls_back_to_magnitude_for_conv_transpose():
 def test_cli_sparsify(tmp_path):
     rng = np.random.default_rng(13)
     src = tmp_path / "m.onnx"
-    io.save(_zoo(rng), src)
+    modelfile.save(_zoo(rng), src)
     raw = src.read_bytes()
     out, rep = tmp_path / "s.onnx", tmp_path / "r.json"
     r = CliRunner().invoke(main, ["sparsify", str(src), "-o", str(out), "--min-params", "0",
@@ -315,7 +315,7 @@ def test_cli_sparsify(tmp_path):
     assert r.exit_code == 0, r.output
     assert "pruned 7 layers to 2:4 (magnitude), 1 skipped" in r.output and "skipped mm_q: excluded" in r.output
     assert src.read_bytes() == raw
-    rows = {x["name"]: x for x in sparsity.report(io.import_graph(io.load(out)))}
+    rows = {x["name"]: x for x in sparsity.report(modelfile.import_graph(modelfile.load(out)))}
     assert all(x["is_2_4"] for n, x in rows.items() if n != "mm_q") and not rows["mm_q"]["is_2_4"]
     assert json.loads(rep.read_text())["pruned"] == 7
     # inspect --sparsity lists the layers and the sparse shares
@@ -331,12 +331,12 @@ def test_cli_sparsify(tmp_path):
     r = CliRunner().invoke(main, ["-q", "sparsify", str(src), "-o", str(out), "--min-params", "0", "--method", "sparsegpt",
                                   "--calib-random", "4"])
     assert r.exit_code == 0, r.output
-    assert all(x["is_2_4"] for x in sparsity.report(io.import_graph(io.load(out))))
+    assert all(x["is_2_4"] for x in sparsity.report(modelfile.import_graph(modelfile.load(out))))
 
 
 def test_cli_errors(tmp_path):
     src = tmp_path / "m.onnx"
-    io.save(_zoo(np.random.default_rng(14)), src)
+    modelfile.save(_zoo(np.random.default_rng(14)), src)
     r = CliRunner().invoke(main, ["sparsify", str(src), "-o", str(tmp_path / "o.onnx"), "--method", "sparsegpt"])
     assert r.exit_code == 2 and "needs calibration data" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["sparsify", str(src), "-o", str(src)])
@@ -351,16 +351,16 @@ def test_quantized_weights_stay_2_4(tmp_path, mode):
     from onnxopt import quant
     rng = np.random.default_rng(15)
     src = tmp_path / "m.onnx"
-    io.save(_mlp_model(rng, k=64, hidden=128, cout=32), src)  # above min_params, and FP8-sized for TensorRT
+    modelfile.save(_mlp_model(rng, k=64, hidden=128, cout=32), src)  # above min_params, and FP8-sized for TensorRT
     cfg = quant.QuantConfig(mode=mode, sparsity="2:4", progress=False, high_precision="fp32")
     res = quant.quantize(src, tmp_path / "q.onnx", config=cfg, calib_random=4)
-    graph = io.import_graph(io.load(res.path))
+    graph = modelfile.import_graph(modelfile.load(res.path))
     rows = {r["weight"]: r for r in sparsity.report(graph)}
     assert len(rows) == 3
     for r in rows.values():
         assert r["is_2_4"], r
     # and the stored (quantized) weights themselves are 2:4 with zero points 0
-    stored = {t.name: t for t in io.load(res.path).graph.initializer}
+    stored = {t.name: t for t in modelfile.load(res.path).graph.initializer}
     want = TensorProto.INT8 if mode == "int8" else TensorProto.FLOAT8E4M3FN
     for r in rows.values():
         t = stored[r["weight"]]
@@ -400,11 +400,11 @@ def test_batched_feeds_merge_only_dynamic_batches():
 def test_cli_quantize_with_sparsity(tmp_path):
     pytest.importorskip("onnxopt.quant")
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
-    io.save(_mlp_model(np.random.default_rng(17), k=64, hidden=128, cout=32), src)
+    modelfile.save(_mlp_model(np.random.default_rng(17), k=64, hidden=128, cout=32), src)
     r = CliRunner().invoke(main, ["-q", "quantize", str(src), "-o", str(out), "--int8", "--calib-random", "4",
                                   "--sparsity", "2:4", "--sparsity-method", "sparsegpt", "--high-precision", "fp32"])
     assert r.exit_code == 0, r.output
-    rows = sparsity.report(io.import_graph(io.load(out)))
+    rows = sparsity.report(modelfile.import_graph(modelfile.load(out)))
     assert len(rows) == 3 and all(x["is_2_4"] for x in rows)
     r = CliRunner().invoke(main, ["quantize", str(src), "-o", str(out), "--calib-random", "4", "--sparsity", "4"])
     assert r.exit_code == 2 and "pattern" in r.output
@@ -412,11 +412,11 @@ def test_cli_quantize_with_sparsity(tmp_path):
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
 def test_no_pruned_weight_stays_in_memory(tmp_path, monkeypatch, method):
-    """Inside io.spilling, pruned weights go to the spill file; the graph holds no weight array afterwards
+    """Inside modelfile.spilling, pruned weights go to the spill file; the graph holds no weight array afterwards
     (SparseGPT reads weights through graph.read_values, never through the caching `.values`)."""
     import onnx_graphsurgeon as gs
     rng = np.random.default_rng(20)
-    monkeypatch.setattr(io, "SPILL_BYTES", 1 << 15)  # small weights spill like big ones
+    monkeypatch.setattr(modelfile, "SPILL_BYTES", 1 << 15)  # small weights spill like big ones
     k, hidden = 64, 256
     inits = [_w(rng, (k, hidden), "w1"), _w(rng, (hidden, k), "w2")]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
@@ -424,7 +424,7 @@ def test_no_pruned_weight_stays_in_memory(tmp_path, monkeypatch, method):
              helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]
     model = _model(nodes, [_vi("x", ["n", k])], [_vi("y", ["n", k])], inits)
     data = calib.CalibData.random(calib.input_specs(model), 4, shapes={"x": (8, k)})
-    with io.spilling(tmp_path):
+    with modelfile.spilling(tmp_path):
         graph = _graph(model)
         rep = sparsity.sparsify(graph, method=method, data=data, progress=False)
         assert rep["pruned"] == 2 and all(r["method"] == method for r in rep["layers"])

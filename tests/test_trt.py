@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import tiny
 from onnxopt import recipes
-from onnxopt import QuantConfig, io, quantize
+from onnxopt import QuantConfig, modelfile, quantize
 from onnxopt.recipes import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
@@ -25,7 +25,7 @@ SHAPES = {"x": (1, 3, 16, 16)}
 def cnn(tmp_path_factory):
     d = tmp_path_factory.mktemp("trt")
     base = d / "cnn.onnx"
-    io.save(tiny.cnn(), base)
+    modelfile.save(tiny.cnn(), base)
     return d, base
 
 
@@ -42,12 +42,12 @@ def test_parse_profiles():
 
 def test_precision_of(cnn):
     d, base = cnn
-    assert precision_of(io.load(base)) == precision_of(tiny.cnn())
-    p = precision_of(io.load(base))
+    assert precision_of(modelfile.load(base)) == precision_of(tiny.cnn())
+    p = precision_of(modelfile.load(base))
     assert not (p.fp16 or p.bf16 or p.int8 or p.fp8 or p.int4)
-    p = precision_of(io.load(convert(base, d / "fp16.onnx")))
+    p = precision_of(modelfile.load(convert(base, d / "fp16.onnx")))
     assert p.fp16 and not (p.int8 or p.fp8 or p.bf16)
-    p = precision_of(io.load(convert(base, d / "bf16.onnx", dtype="bf16")))
+    p = precision_of(modelfile.load(convert(base, d / "bf16.onnx", dtype="bf16")))
     assert p.bf16 and not p.fp16
     for mode in ("int8", "fp8"):
         q = quantize(base, config=QuantConfig(mode=mode, progress=False), calib_random=2, shapes=SHAPES).model
@@ -65,9 +65,9 @@ def test_precision_of_int4_weights():
 
 def test_sparse_weights_detected(cnn):
     d, base = cnn
-    assert not has_sparse_weights(io.load(base))
+    assert not has_sparse_weights(modelfile.load(base))
     recipes.sparsify_model(base, d / "sparse.onnx", min_params=16, progress=False)
-    assert has_sparse_weights(io.load(d / "sparse.onnx"))
+    assert has_sparse_weights(modelfile.load(d / "sparse.onnx"))
     q = quantize(d / "sparse.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes=SHAPES).model
     assert has_sparse_weights(q)  # seen through the weights' DequantizeLinear
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import attention_guard, autoquant, calib, io, pipeline  # noqa: E402
+from onnxopt import attention_guard, autoquant, calib, modelfile, pipeline
 from onnxopt.passes import AutoQuant  # noqa: E402
 from onnxopt.passes.autoquant import split_feeds  # noqa: E402
 
@@ -43,20 +43,20 @@ def _t(f, *a, **k):
 def measure(args, work: Path) -> dict:
     p = AutoQuant(tuple(args.formats.split(",")), target_cosine=0.99, block_size=args.block_size)
     model, t_load = _t(pipeline.load, str(args.model), p.min_opset, work)
-    graph = io.import_graph(model)
+    graph = modelfile.import_graph(model)
     del model
     attention_guard.remove(graph)
-    data = calib.CalibData.from_path(args.calib, calib.input_specs(io.export_graph(graph)))
+    data = calib.CalibData.from_path(args.calib, calib.input_specs(modelfile.export_graph(graph)))
     search, verify = split_feeds(data, p.verify_fraction, p.merge_batch)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     (amax, means), t_cal = _t(autoquant.calibrate, graph, search, cands, provider=args.provider,
                               memory_budget_mb=args.memory_budget, progress=False)
-    fp32 = io.export_graph(graph)
+    fp32 = modelfile.export_graph(graph)
     where = autoquant.staged.fp32_stages(fp32, args.stages)
-    gated = io.import_graph(fp32)
+    gated = modelfile.import_graph(fp32)
     index, t_build = _t(autoquant.build_gated, gated, cands, amax, means, "fp32", p.block_size)
     shapes = autoquant.shape_outputs(gated, list(cands.layers))
-    gm = io.export_graph(gated, opset=p.min_opset)
+    gm = modelfile.export_graph(gated, opset=p.min_opset)
     del gated
     ev, t_ref = _t(autoquant.StagedEvaluator, gm, index, search, verify, args.provider, shapes, where,
                    workdir=work, progress=False, memory_budget_mb=0)
@@ -71,7 +71,7 @@ def measure(args, work: Path) -> dict:
         load = ev.stats["load_s"] - load0
         per = (t_c - load) / len(sample)
         _, t_g = _t(ev._gain, s, rse)
-        wbytes = sum(io.tensor_bytes(t) for t in io.all_tensors(ev.plan.proto(s, ev.types)))
+        wbytes = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(ev.plan.proto(s, ev.types)))
         passes = {}
         for tag, only in (("fp32_pass_s", ()), ("gated_pass_s", None)):  # one pass over the search batches
             sess = ev._session(s, only=only)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="auto-timing-") as d, io.spilling(d):
+    with tempfile.TemporaryDirectory(prefix="auto-timing-") as d, modelfile.spilling(d):
         out = measure(args, Path(d))
     print(json.dumps(out, indent=1))
     if args.json:

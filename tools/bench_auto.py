@@ -25,7 +25,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import autoquant, io, ort  # noqa: E402
+from onnxopt import autoquant, modelfile, ort
 from onnxopt.recipes import QuantConfig, quantize  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -96,7 +96,7 @@ def sdxl_data(work: Path) -> None:
 # ---------------------------------------------------------------- evaluation
 def outputs(path, npz: Path) -> np.ndarray:
     """First output over the eval samples, one row per sample item (FP32 view if FP16 kernels are missing)."""
-    model = io.load(path)
+    model = modelfile.load(path)
     try:
         sess = ort.session(model, level="disable")
         feeds = _feeds(sess, npz)

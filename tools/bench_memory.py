@@ -56,7 +56,7 @@ def large_model(path: Path, gb: float) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    from onnxopt import io as oio
+    from onnxopt import modelfile as oio
 
     layers = max(1, int(round(gb * 2**30 / (HIDDEN * HIDDEN * 4))))
     if path.is_file() and path.with_name(path.name + ".data").is_file():
@@ -110,7 +110,7 @@ def _work(spec: dict) -> dict:
         from onnxopt import recipes
         recipes.sparsify_model(spec["model"], spec["out"], data=spec["data"], method=spec["method"], progress=False)
     else:  # ORT inference of the model alone, one batch
-        from onnxopt import io as oio
+        from onnxopt import modelfile as oio
         from onnxopt import ort as oort
         sess = oort.session(oio.load(spec["model"]), level=spec.get("level", "disable"))
         with np.load(spec["data"]) as z:

@@ -97,7 +97,7 @@ def _export_torch(module, sample: tuple, path: Path, inputs, outputs, axes) -> N
     import onnx
     import torch
 
-    from onnxopt import io
+    from onnxopt import modelfile
     tmp = path.with_name(path.stem + ".tmp.onnx")
     with torch.no_grad():
         torch.onnx.export(module, sample, str(tmp), input_names=list(inputs), output_names=list(outputs),
@@ -106,7 +106,7 @@ def _export_torch(module, sample: tuple, path: Path, inputs, outputs, axes) -> N
     tmp.unlink()
     for extra in tmp.parent.glob(tmp.name + ".data"):
         extra.unlink()
-    io.save(model, path)
+    modelfile.save(model, path)
 
 
 def prepare_unet(out: Path, n_calib: int, n_eval: int) -> Prepared:
@@ -164,7 +164,7 @@ def prepare_bert(out: Path, n_calib: int, n_eval: int, seq: int = 128) -> Prepar
 def prepare_cnn(out: Path, n_calib: int, n_eval: int, size: int = 56, width: int = 64, depth: int = 8) -> Prepared:
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxopt import io
+    from onnxopt import modelfile
     rng = np.random.default_rng(0)
     model = out / "model.onnx"
     if not model.is_file():
@@ -188,7 +188,7 @@ def prepare_cnn(out: Path, n_calib: int, n_eval: int, size: int = 56, width: int
                   helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], name="fc", transB=1)]
         g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])], inits)
-        io.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
+        modelfile.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), model)
     calib, ev = out / "calib.npz", out / "eval.npz"
     np.savez(calib, x=rng.standard_normal((n_calib, 1, 3, size, size)).astype(np.float32))
     np.savez(ev, x=np.random.default_rng(1).standard_normal((n_eval, 1, 3, size, size)).astype(np.float32))

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_auto  # noqa: E402
 import real_models as rm  # noqa: E402
 
-from onnxopt import io, ort, presets  # noqa: E402
+from onnxopt import modelfile, ort, presets
 from onnxopt.autocast import fp32_view  # noqa: E402
 from onnxopt.formats.emulation import lower_for_ort  # noqa: E402
 from onnxopt.recipes import QuantConfig, quantize  # noqa: E402
@@ -44,7 +44,7 @@ ROWS = {
 
 def outputs(path, npz: Path) -> np.ndarray:
     """First output over the eval samples; block formats through their exact emulation."""
-    model = lower_for_ort(io.load(path))
+    model = lower_for_ort(modelfile.load(path))
     try:
         sess = ort.session(model, level="disable")
         feeds = bench_auto._feeds(sess, npz)
@@ -99,7 +99,7 @@ def bench_auto_files(p: Path) -> int:
 
 def profiles(model: Path, npz: Path) -> dict:
     """One calibration sample's input shapes as a fixed build profile (the models have dynamic axes)."""
-    m = io.load(model)
+    m = modelfile.load(model)
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in m.graph.input}
     out = {}
     with np.load(npz) as z:

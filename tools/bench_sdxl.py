@@ -83,7 +83,7 @@ def stage_int8(work: Path, args) -> dict:
 def stage_inspect(work: Path, args) -> dict:
     """Q/DQ coverage of the FP8 graph: every layer the preset does not exclude, and every attention BMM."""
     from onnxopt import presets
-    from onnxopt.inspect import inspect_path
+    from onnxopt.inspection import inspect_path
     out = {}
     for mode in ("fp8", "int8"):
         path = work / f"unet.{mode}.onnx"
@@ -108,12 +108,12 @@ def stage_inspect(work: Path, args) -> dict:
 def stage_compare(work: Path, args) -> dict:
     import numpy as np
 
-    from onnxopt import io
+    from onnxopt import modelfile
     from onnxopt.calib import CalibData, input_specs
     from onnxopt.compare import evaluation_session
     from onnxopt.metrics import Stream
 
-    ref_model = io.load(work / "unet.onnx")
+    ref_model = modelfile.load(work / "unet.onnx")
     data = CalibData.from_path(work / "heldout.npz", input_specs(ref_model))
     ref_path = work / "heldout_ref.npz"
     t = time.perf_counter()
@@ -131,7 +131,7 @@ def stage_compare(work: Path, args) -> dict:
         if not path.exists():
             continue
         t = time.perf_counter()
-        sess, _ = evaluation_session(io.load(path))
+        sess, _ = evaluation_session(modelfile.load(path))
         acc, per_sample = Stream(), []
         for feed, ref in zip(data, refs):
             feed = {k: v.astype(np.float32) for k, v in feed.items()}

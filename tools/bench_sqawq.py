@@ -35,7 +35,7 @@ def _embed(model, feeds) -> np.ndarray:
 
 
 def folding(prep) -> list[dict]:
-    from onnxopt import QuantConfig, awq, calib, io, smoothquant
+    from onnxopt import QuantConfig, awq, calib, modelfile, smoothquant
     from onnxopt.quant import int4, prepare, rules
     with np.load(prep.eval) as z:
         feeds = {k: z[k] for k in z.files}
@@ -44,7 +44,7 @@ def folding(prep) -> list[dict]:
         mode = "int8" if name.startswith("smooth") else "int4"
         m = prepare(str(prep.model), mode)
         ref = _embed(m, feeds)
-        graph = io.import_graph(m)
+        graph = modelfile.import_graph(m)
         data = calib.CalibData.from_path(prep.calib, calib.input_specs(m))
         t = time.perf_counter()
         if mode == "int8":
@@ -57,7 +57,7 @@ def folding(prep) -> list[dict]:
             rep, _ = awq.apply(graph, data, layers, method="full", block_size=128, progress=False)
             groups = rep["groups"]
         wall = time.perf_counter() - t
-        got = _embed(io.export_graph(graph), feeds)
+        got = _embed(modelfile.export_graph(graph), feeds)
         err = float(np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref.astype(np.float64)))
         folds = [g["fold"] for g in groups if g.get("alpha") is not None]
         rows.append({"check": f"fold exactness, {name} (MiniLM FP32)", "rel_error": err, "pass": err <= 1e-5,
@@ -71,7 +71,7 @@ def _mlp(path: Path, width=1024, depth=8) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxopt import io
+    from onnxopt import modelfile
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for i in range(depth):
@@ -81,7 +81,7 @@ def _mlp(path: Path, width=1024, depth=8) -> Path:
         x = f"r{i}"
     g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, width])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
-    io.save(onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])), path)
+    modelfile.save(onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])), path)
     return path
 
 

@@ -210,7 +210,7 @@ def _export(module, sample, path: Path, input_names, output_names, dynamic_axes)
     import onnx
     import torch
 
-    from onnxopt import io as oio
+    from onnxopt import modelfile as oio
 
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad():
@@ -275,7 +275,7 @@ class Outputs:
 def run_model(path: str | os.PathLike, eval_npz: str | os.PathLike, limit: int | None = None,
               chunk: int = 16) -> Outputs:
     """First output of the model over the eval samples (ORT CPU, ORT_DISABLE_ALL), in chunks of `chunk`."""
-    from onnxopt import io as oio
+    from onnxopt import modelfile as oio
     from onnxopt import ort as oort
 
     model = oio.load(path)

@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from onnxopt import io, lowrank
+from onnxopt import modelfile, lowrank
 from onnxopt.errors import OnnxoptError
 from onnxopt.trt import rtx
 from onnxopt.trt import report as R
@@ -26,8 +26,8 @@ def summarize(path: Path, shapes: tuple) -> dict:
     with tempfile.TemporaryDirectory() as d:
         res = rtx.build(path, Path(d) / "m.plan", config=cfg)
     log = R.parse_log(res.log)
-    rep = R.engine_report(io.load(path), log, res.engine_bytes, res.dropped)
-    branch = {n.name for n in io.import_graph(io.load(path)).nodes if lowrank.is_branch(n)}
+    rep = R.engine_report(modelfile.load(path), log, res.engine_bytes, res.dropped)
+    branch = {n.name for n in modelfile.import_graph(modelfile.load(path)).nodes if lowrank.is_branch(n)}
     only_branch = [k for k in log.kernels if k.layers and set(k.layers) <= branch]
     mixed = [k for k in log.kernels if set(k.layers) & branch and not set(k.layers) <= branch]
     return {"model": str(path), "kernels": len(log.kernels), "compute_kernels": sum(k.computes for k in log.kernels),

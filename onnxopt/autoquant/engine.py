@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import autocast, formats, io
+from .. import autocast, formats, modelfile
 from ..errors import OnnxoptError
 from ..quant import writer as qwriter
 from ..trt.report import attention_blocks
@@ -50,15 +50,15 @@ class Writer:
     def engine_report(self, mix: dict) -> dict:
         from ..trt.build import BuildConfig
         from ..trt.report import engine_report_of
-        g = io.import_graph(io.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
+        g = modelfile.import_graph(modelfile.export_graph(self.graph))  # weights stay lazy: only the quantized ones are new
         qwriter.write(g, self.plan(mix), high_precision=self.high_precision)
         autocast.to_low_precision(g, self.high_precision, keep_fp32_ops=self.keep_fp32_ops,
                                   keep_fp32_nodes=self.keep_fp32_nodes)
-        model = io.export_graph(g, opset=self.opset)
+        model = modelfile.export_graph(g, opset=self.opset)
         del g
         with tempfile.TemporaryDirectory(prefix="onnxopt-autoquant-", dir=self.workdir) as d:
             path = f"{d}/mix.onnx"
-            io.save(model, path)
+            modelfile.save(model, path)
             del model
             return engine_report_of(path, BuildConfig(profiles=dict(self.shapes)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import fold, formats, io
+from .. import fold, formats, modelfile
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
@@ -113,7 +113,7 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     for f in fmts:
         if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
             wq = smooth.fake_weight(node, w, sm, hp).astype(np.float32)
-            wc = io.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)
+            wc = modelfile.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)
             make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
                                                   shape=list(w.shape)))
         else:
@@ -178,7 +178,7 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     base = f"{node.name}_{fmt}_w"
     if not COMPACT_WEIGHTS:
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
-        wc = io.constant(G.unique_name(base, b.names), wq)
+        wc = modelfile.constant(G.unique_name(base, b.names), wq)
         return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))), wq
     f = formats.get(fmt)
     q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)

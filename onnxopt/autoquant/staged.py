@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import formats, io, ort
+from .. import formats, modelfile, ort
 from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
@@ -64,9 +64,9 @@ GAIN_BATCHES = 2
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
     """Auto rule: stages so that one stage's gated weights (FP32 + every quantized candidate) fit the budget, and,
     for a large model (over LARGE candidates), one stage per PER_STAGE candidates; at most MAX_STAGES."""
-    if io.has_subgraphs(model.graph):
+    if modelfile.has_subgraphs(model.graph):
         return 1
-    fp32 = sum(io.tensor_bytes(t) for t in model.graph.initializer)
+    fp32 = sum(modelfile.tensor_bytes(t) for t in model.graph.initializer)
     cand = sum(l.params * QBYTES[f] for l in layers.values() for f in l.formats if f in QBYTES)
     memory = math.ceil((fp32 + cand) / (max(budget_mb, 1e-6) * 2**20))
     n = sum(len(l.formats) - 1 for l in layers.values())
@@ -83,7 +83,7 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     if feed is not None and n > 1:
         from ..calib.collect import estimate_bytes
         sizes = estimate_bytes(model, feed, cstages.tensor_names(model))
-        wsum = max(1.0, float(sum(io.tensor_bytes(t) for t in model.graph.initializer)))
+        wsum = max(1.0, float(sum(modelfile.tensor_bytes(t) for t in model.graph.initializer)))
         asum = max(1.0, float(sum(sizes.values())))
         mine = set(layers)
 
@@ -177,7 +177,7 @@ class StagedEvaluator(Gates):
             self.cached.move_to_end(key)
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
-        size = sum(io.tensor_bytes(t) for t in io.all_tensors(m))
+        size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()

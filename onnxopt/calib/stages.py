@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import io
+from .. import modelfile
 from ..errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ class Stage:
 
 def stage_count(model: onnx.ModelProto, budget: int) -> int:
     """Stages needed so that each holds at most `budget` bytes of weights (1 for graphs with subgraphs)."""
-    if io.has_subgraphs(model.graph):
+    if modelfile.has_subgraphs(model.graph):
         return 1
-    total = sum(io.tensor_bytes(t) for t in model.graph.initializer)
+    total = sum(modelfile.tensor_bytes(t) for t in model.graph.initializer)
     return int(min(MAX_STAGES, max(1, math.ceil(total / max(budget, STAGE_MIN_BYTES)))))
 
 
@@ -47,7 +47,7 @@ def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None, cost
     is placed, among the positions near its target, where the fewest activation bytes cross it (`sizes`:
     tensor name -> bytes)."""
     nodes = _toposort(model.graph.node)
-    inits = {t.name: io.tensor_bytes(t) for t in model.graph.initializer}
+    inits = {t.name: modelfile.tensor_bytes(t) for t in model.graph.initializer}
     w = np.array([sum(inits.get(i, 0) for i in set(nd.input)) for nd in nodes], dtype=np.float64)
     if cost is not None:
         w = np.array([cost(nd, wb) for nd, wb in zip(nodes, w)], dtype=np.float64)
@@ -93,7 +93,7 @@ def split_stages(model: onnx.ModelProto, n: int, sizes: dict | None = None, cost
 def needed_only(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """`model` reduced to the nodes that the tensors `names` depend on, with those (that nodes produce) as its
     outputs. Graphs with subgraphs stay whole: their reads of outer tensors are implicit."""
-    if io.has_subgraphs(model.graph):
+    if modelfile.has_subgraphs(model.graph):
         return model
     nodes = model.graph.node
     producer = {o: i for i, nd in enumerate(nodes) for o in nd.output if o}

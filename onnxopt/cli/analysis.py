@@ -22,7 +22,7 @@ from .common import (
 def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, engine, engine_shapes):
     """Op histogram, Q/DQ coverage (W8A8 and weight-only formats), a TensorRT placement lint of MODEL and,
     with --engine, the report of a TensorRT-RTX engine built from it."""
-    from ..inspect import format_report, inspect_path
+    from ..inspection import format_report, inspect_path
     report_path = _alias(report_path, old_json, "--report", "--json")
     show_sparsity = show_sparsity or old_sparsity
     _check_report(report_path, model)
@@ -36,8 +36,8 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
         click.echo(format_engine(rep))
         summary["engine"] = rep
     if show_sparsity:
-        from .. import io, sparsity
-        rows = sparsity.report(io.import_graph(io.load(model)))
+        from .. import modelfile, sparsity
+        rows = sparsity.report(modelfile.import_graph(modelfile.load(model)))
         click.echo(sparsity.format_report(rows))
         summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
     if report_path:
@@ -89,10 +89,10 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_
     _check_report(report_path, reference, candidate)
     skipped = 0
     if skip_nonfinite and data is not None:
-        from .. import io
+        from .. import modelfile
         from ..calib import CalibData, input_specs
         _check_input(reference)
-        data = CalibData.from_path(data, input_specs(io.load(reference)), max_batch=max_batch, skip_nonfinite=True)
+        data = CalibData.from_path(data, input_specs(modelfile.load(reference)), max_batch=max_batch, skip_nonfinite=True)
         skipped = data.skipped
     res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
               provider=provider, allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
@@ -121,7 +121,7 @@ def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, al
                             sigma_min, sigma_max, data_range=data_range)
     _check_report(report_path, reference, candidate)
     if save_grid:
-        from ..io import check_writable
+        from ..modelfile import check_writable
         if not save_grid.endswith(".png"):
             raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
         check_writable(save_grid, "--save-grid")

@@ -108,7 +108,7 @@ def _default_output(model: str, suffix: str) -> str:
 def _write_json(path, obj) -> None:
     import json
 
-    from ..io import atomic_path
+    from ..modelfile import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
@@ -175,7 +175,7 @@ def _check_report(report, *inputs, output=None, option: str = "--report") -> Non
     """A JSON file the command writes (--report, --sensitivity) is neither an input nor the output model."""
     from pathlib import Path
 
-    from ..io import check_writable
+    from ..modelfile import check_writable
     if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
         raise OnnxoptError(f"{option} {report} is an input model; choose another file so that the input stays untouched")
     if report and output and Path(report).resolve() == Path(output).resolve():

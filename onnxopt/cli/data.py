@@ -43,7 +43,7 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
     if report_path and os.path.abspath(report_path) == os.path.abspath(output):
         raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
     _check_report(report_path)
-    from ..io import check_writable
+    from ..modelfile import check_writable
     check_writable(output, "-o")
     if not pipeline and (prompts or device):
         raise OnnxoptError(f"{'--prompts' if prompts else '--device'} applies only with --pipeline DIR (recording a real pipeline)")
@@ -94,7 +94,7 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     gives recorded embeddings; the latents, timesteps and guidance are the loop's own."""
     from .. import diffusion
     from .. import sampler as S
-    from ..io import check_writable
+    from ..modelfile import check_writable
     if not output.endswith(".npz"):
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
     check_writable(output, "-o")

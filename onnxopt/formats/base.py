@@ -169,8 +169,8 @@ class Format:
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """The initializer holding `codes` (spilled inside a quantize run: no second copy at export)."""
-        from .. import io
-        return io.constant(name, codes)
+        from .. import modelfile
+        return modelfile.constant(name, codes)
 
     def write_weight(self, graph: gs.Graph, base: str, codes: np.ndarray, scales: np.ndarray, attrs: dict, *,
                      zero_point: bool = True, dtype=np.float32, shape=None, qname: str | None = None, unique=None

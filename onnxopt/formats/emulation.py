@@ -29,10 +29,10 @@ def lower_for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with the block formats in their standard-ONNX emulation (unchanged if it has none)."""
     if not has_block_formats(model):
         return model
-    from .. import io
-    graph = io.import_graph(model)
+    from .. import modelfile
+    graph = modelfile.import_graph(model)
     lower_graph(graph)
-    out = io.export_graph(graph)
+    out = modelfile.export_graph(graph)
     keep = [o for o in out.opset_import if o.domain != nvfp4.TRT_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(keep)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .. import autocast, calib, finite, formats, io, precision
+from .. import autocast, calib, finite, formats, modelfile, precision
 from ..errors import OnnxoptError
 from .base import PassBase, check_choice
 
@@ -51,7 +51,7 @@ class Autocast(PassBase):
         ranges = self._ranges(ctx) if self.wants_ranges else None
         keep_nodes = self.keep_fp32_nodes + tuple(ctx.fp32_nodes)
         if ctx.reference is not None and finite.runs_outputs(ctx.reference, ctx.memory_budget_mb):
-            before = io.export_graph(ctx.graph, opset=ctx.opset or None)  # lazy weights: no copy
+            before = modelfile.export_graph(ctx.graph, opset=ctx.opset or None)  # lazy weights: no copy
             ctx.rebuild = autocast.reconverter(before, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,
                                                ranges=ranges, opset=ctx.opset or None, keep_fp32_nodes=keep_nodes)
         return autocast.to_low_precision(ctx.graph, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import attention_guard, autoquant, awq, einsum, io, precision
+from .. import attention_guard, autoquant, awq, einsum, modelfile, precision
 from .. import formats as registry
 from .. import sampler as smp
 from ..sampler import SamplerOptions
@@ -259,20 +259,20 @@ class AutoQuant(PassBase):
         return mix, last["trials"], rounds
 
     def _evaluator(self, ctx, cands, amax, means, search, verify):
-        fp32 = io.export_graph(ctx.graph)
+        fp32 = modelfile.export_graph(ctx.graph)
         n = self.stages or autoquant.staged.stages_needed(fp32, cands.layers, ctx.memory_budget_mb)
         if n > 1 and self.target_psnr is not None:
             raise OnnxoptError(f"--target-psnr runs the sampler on one gated graph, but this model needs {n} stages "
                                "within --memory-budget; raise --memory-budget (or use --target-cosine)")
-        if n > 1 and io.has_subgraphs(fp32.graph):
+        if n > 1 and modelfile.has_subgraphs(fp32.graph):
             log.warning("auto: the model has subgraphs (If/Loop); evaluating it in one gated graph, not %d stages", n)
             n = 1
         where = autoquant.staged.fp32_stages(fp32, n, search[0], cands.layers) if n > 1 else {}
-        gated = io.import_graph(fp32)
+        gated = modelfile.import_graph(fp32)
         del fp32
         index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
         shapes = autoquant.shape_outputs(gated, list(cands.layers))
-        model = io.export_graph(gated, opset=self.min_opset)
+        model = modelfile.export_graph(gated, opset=self.min_opset)
         del gated
         if n > 1:
             ev = autoquant.staged.StagedEvaluator(model, index, search, verify, ctx.provider, shapes, where,

@@ -3,16 +3,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
+import numpy as np
+
 from .. import lowrank
 from ..errors import OnnxoptError
 from .. import formats
 from ..quant import rules
 from .base import PassBase, after
 
-# Relative noise power that 8-bit per-tensor activation quantization adds (E|ΔX|² / E|X|²), assumed for the
-# rank choice (no calibration pass here): step² / 12 with max|x| / rms(x) ≈ 16 (INT8); FP8 E4M3's relative
-# rounding error (2^-4 / sqrt(3))² is of the same order.
-ACT_NOISE = {"int8": (16 / 127) ** 2 / 12, "fp8": (2 ** -4) ** 2 / 3}
+
+
+def act_noise(f) -> float:
+    """Relative noise power (E|ΔX|² / E|X|²) that per-tensor activation quantization in format `f` adds, assumed
+    for the rank choice (no calibration pass here): an integer grid's step² / 12 with max|x| / rms(x) ≈ 16; a
+    float format's relative rounding error (2^-(mantissa bits + 1))² / 3."""
+    if np.dtype(f.np_dtype).kind in "iu":
+        return (16 / f.qmax) ** 2 / 12
+    return (2.0 ** -(ml_dtypes.finfo(f.np_dtype).nmant + 1)) ** 2 / 3
 
 
 @dataclass
@@ -46,7 +54,7 @@ class LowRank(PassBase):
         if isinstance(q, QDQ):
             nodes = rules.plan(ctx.graph, q).nodes
             f = formats.get(q.mode)
-            bits, noise, block = f.bits, ACT_NOISE.get(q.mode, ACT_NOISE["fp8"]), 0
+            bits, noise, block = f.bits, act_noise(f), 0
         else:
             layers, _ = q.select(ctx.graph)
             f = formats.get(q.format)

@@ -26,7 +26,7 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto
 
-from .. import io
+from .. import modelfile
 from ..errors import OnnxoptError
 from . import import_tensorrt, major_version
 
@@ -159,7 +159,7 @@ def has_sparse_weights(model: onnx.ModelProto) -> bool:
     """Whether `onnxopt inspect`'s 2:4 report finds a 2:4-sparse Conv/MatMul/Gemm weight (along input
     channels, looking through DequantizeLinear): what TensorRT's SPARSE_WEIGHTS tactics can use."""
     from .. import sparsity
-    return any(r["is_2_4"] for r in sparsity.report(io.import_graph(model), "2:4", flops=False))
+    return any(r["is_2_4"] for r in sparsity.report(modelfile.import_graph(model), "2:4", flops=False))
 
 
 # ---------------------------------------------------------------- build
@@ -182,8 +182,8 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     """Build a TensorRT engine (plan) from an ONNX file with Polygraphy, and save it atomically."""
     config = config or BuildConfig()
     model, output = Path(model), Path(output)
-    io.check_output_path(output, model)
-    proto = io.load(model)  # checks the file (and its external data) before TensorRT sees it
+    modelfile.check_output_path(output, model)
+    proto = modelfile.load(model)  # checks the file (and its external data) before TensorRT sees it
     check_profiles(proto, config.profiles)
     if config.opt_level is not None and not 0 <= config.opt_level <= 5:
         raise OnnxoptError(f"--opt-level {config.opt_level}: TensorRT's builder optimization level is 0..5")
@@ -208,7 +208,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
 
     t0 = time.perf_counter()
     try:
-        with io.atomic_path(output) as tmp:  # the mode a plain open() gives, like every output
+        with modelfile.atomic_path(output) as tmp:  # the mode a plain open() gives, like every output
             network = network_from_onnx_path(str(model), strongly_typed=strongly)
             builder_config = CreateConfig(fp16=fp16, bf16=bf16, int8=int8, fp8=fp8, sparse_weights=sparse, profiles=profiles,
                                           load_timing_cache=cache, builder_optimization_level=config.opt_level,

@@ -232,14 +232,14 @@ def quantized_layers(graph: gs.Graph) -> list[QuantLayer]:
 
 def weight_bytes(model: onnx.ModelProto) -> dict:
     """Bytes of the file's weights: quantized (INT8/FP8/INT4), all, and the same weights in FP16."""
-    from .. import io
+    from .. import modelfile
     quant = total = fp16 = 0
     qtypes = {helper.np_dtype_to_tensor_dtype(np.dtype(s)) for f in map(formats.get, formats.names()) if f.quantized
               for s in f.storage_names}
     floats = {formats.get(n).onnx_type for n in formats.high_precision()}
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
-        b = io.tensor_bytes(t)
+        b = modelfile.tensor_bytes(t)
         total += b
         if t.data_type in qtypes:
             quant += b
@@ -252,8 +252,8 @@ def weight_bytes(model: onnx.ModelProto) -> dict:
 def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int | None = None,
                   dropped_targets: dict | None = None) -> dict:
     """JSON-able report of the engine built from `model` (its builder log parsed into `build_log`)."""
-    from .. import io
-    graph = io.import_graph(model)
+    from .. import modelfile
+    graph = modelfile.import_graph(model)
     layers = quantized_layers(graph)
     blocks = attention_blocks(graph)
     by_layer: dict[str, list[Kernel]] = {}
@@ -373,8 +373,8 @@ def disagreements(findings, rep: dict) -> list[str]:
 
 def report_for(model_path, result) -> dict:
     """The engine report of an `rtx.build` result for the ONNX file it was built from."""
-    from .. import io
-    rep = engine_report(io.load(model_path), parse_log(result.log), result.engine_bytes, result.dropped)
+    from .. import modelfile
+    rep = engine_report(modelfile.load(model_path), parse_log(result.log), result.engine_bytes, result.dropped)
     rep["targets"] = [f"{a}.{b}" for a, b in result.targets]
     rep["build_seconds"] = round(result.seconds, 2)
     rep["tensorrt_rtx"] = result.tensorrt_rtx

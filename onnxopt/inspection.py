@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from . import formats
 from . import graph as G
-from . import formats, io
+from . import formats, modelfile
 
 # Ops that may consume a DequantizeLinear output without breaking TensorRT's fusions: the quantized layers,
 # a residual Add, and the data-movement / pooling ops that TensorRT propagates Q/DQ through.
@@ -335,8 +335,8 @@ def _small_int8_convs(graph: gs.Graph) -> list[str]:
 
 
 def inspect_path(path) -> Inspection:
-    model = io.load(path)
-    return inspect_graph(io.import_graph(model))
+    model = modelfile.load(path)
+    return inspect_graph(modelfile.import_graph(model))
 
 
 def format_report(ins: Inspection, show_layers: bool = False) -> str:
