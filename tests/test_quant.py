@@ -120,6 +120,30 @@ def test_rule_integer_and_shape_subgraph_untouched():
     assert p.skipped["shape_matmul"] in ("part of a shape subgraph",) or p.skipped["shape_matmul"].startswith("K=")
 
 
+def test_rule_conditioning_gemv_stays_high_precision():
+    """A time-embedding MLP whose projection is broadcast over a feature map ([B, 32] -> [B, 32, 1, 1] + map) is
+    per-sample conditioning: both its GEMMs stay high precision; a 2-D MLP that is the data path is quantized."""
+    rng = np.random.default_rng(0)
+    init = [nh.from_array(rng.standard_normal(s).astype(np.float32), n)
+            for n, s in (("w1", (32, 32)), ("w2", (32, 32)), ("wc", (32, 32, 3, 3)), ("wm", (32, 32)))]
+    init.append(nh.from_array(np.array([2, 3], np.int64), "axes"))
+    nodes = [h.make_node("MatMul", ["emb", "w1"], ["e1"], name="time_linear_1"),
+             h.make_node("Relu", ["e1"], ["e1r"], name="act"),
+             h.make_node("MatMul", ["e1r", "w2"], ["e2"], name="time_proj"),
+             h.make_node("Unsqueeze", ["e2", "axes"], ["e4"], name="unsq"),
+             h.make_node("Add", ["x", "e4"], ["xe"], name="add_cond"),
+             h.make_node("Conv", ["xe", "wc"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             h.make_node("MatMul", ["v", "wm"], ["z"], name="data_mlp")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["B", 32, 8, 8]),
+                                  h.make_tensor_value_info("emb", T.FLOAT, ["B", 32]),
+                                  h.make_tensor_value_info("v", T.FLOAT, ["N", 32])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None), h.make_tensor_value_info("z", T.FLOAT, None)], init)
+    p = _plan(onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", 17)])))
+    assert {n.name for n in p.nodes} == {"conv", "data_mlp"}
+    for name in ("time_linear_1", "time_proj"):
+        assert p.skipped[name].startswith("per-sample conditioning GEMM"), p.skipped[name]
+
+
 def test_rule_mha_head_size_and_switch():
     p = _plan(tiny.transformer(d=64, heads=2))  # head size 32: supported
     assert {"attn_qk", "attn_pv"} <= {n.name for n in p.nodes}
