@@ -41,7 +41,7 @@ CASES = {
     "awq with int8": (Q + ("--int8", "--awq", "full"), "--awq applies to --int4 only"),
     "awq with fp8 default mode": (Q + ("--awq", "lite"), "--awq applies to --int4 only"),
     "int8-layers with fp8": (Q + ("--fp8", "--int8-layers", "fc"), "--int8-layers applies to --int4 only"),
-    "calib-method with int4": (Q + ("--int4", "--calib-method", "max"), "--calib-method applies to --fp8/--int8 only"),
+    "calib-method with int4": (Q + ("--int4", "--calib-method", "max"), "--calib-method applies to --fp8/--int8/--nvfp4/--mxfp8 only; --int4 is weight-only"),
     "smoothquant with fp8": (Q + ("--fp8", "--smoothquant", "0.5"), "--smoothquant applies to --int8 only"),
     "smoothquant with preset fp8": (Q + ("--preset", "sdxl", "--smoothquant"), "--smoothquant applies to --int8 only"),
     "calib and calib-random": (Q + ("--calib-random", "4"), "--calib and --calib-random both given"),

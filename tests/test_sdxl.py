@@ -51,7 +51,7 @@ def test_presets():
     assert fp8.exclude == int8.exclude == presets.SDXL_EXCLUDE
     assert fp8.calib_max_batch == int8.calib_max_batch == 1  # CFG pairs split: same statistics, half the memory
     assert presets.sdxl_fp8(memory_budget_mb=123).memory_budget_mb == 123
-    with pytest.raises(OnnxoptError, match="fp8 and int8"):
+    with pytest.raises(OnnxoptError, match="sdxl preset has fp8, int8, nvfp4, mxfp8 recipes, not .int4."):
         presets.config("sdxl", "int4")
     with pytest.raises(OnnxoptError, match="unknown preset"):
         presets.config("sd15")
