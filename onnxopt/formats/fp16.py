@@ -8,4 +8,4 @@ FP16 = Format(
     name="fp16", bits=16, qmax=float(np.finfo(np.float16).max), qmin=-float(np.finfo(np.float16).max),
     np_dtype=np.dtype(np.float16), onnx_type=TensorProto.FLOAT16, description="FP16", quantized=False,
     weights="none", activations="none", calib_method="", bias_correction=False, engine_precisions=("Half",),
-    extra={"unit": 2.0 ** -11})  # unit roundoff
+    min_opset=0, extra={"unit": 2.0 ** -11})  # unit roundoff

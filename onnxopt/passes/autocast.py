@@ -35,6 +35,11 @@ class Autocast(PassBase):
         self.keep_fp32_nodes = (self.keep_fp32_nodes,) if isinstance(self.keep_fp32_nodes, str) else tuple(self.keep_fp32_nodes)
 
     @property
+    def min_opset(self) -> int:
+        """The opset the graph needs in `dtype` (BF16 Conv: 22; FP16: any)."""
+        return formats.get(self.dtype).min_opset
+
+    @property
     def high_precision(self) -> str:
         """Scales of the quantization passes are rounded to what the rest of the graph runs in."""
         return self.dtype
