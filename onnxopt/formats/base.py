@@ -217,3 +217,18 @@ class Format:
         """Whether a DequantizeLinear whose input is stored as numpy dtype name `stored` (and whose scale is
         `scale`, '' if unknown) holds this format."""
         return stored in self.storage_names and (not scale or not self.scale_names or scale in self.scale_names)
+
+
+def emitters(graph: gs.Graph, base: str):
+    """(var, const, node) builders that append to `graph` with names under `base`, for the emulation subgraphs:
+    var(name, dtype) a new tensor, const(name, array) a constant, node(op, inputs, outputs, **attrs) its first output."""
+    def var(n, dtype=np.float32):
+        return gs.Variable(f"{base}_{n}", dtype=dtype)
+
+    def const(n, a):
+        return gs.Constant(f"{base}_{n}", np.asarray(a))
+
+    def node(op, inputs, outputs, **attrs):
+        graph.nodes.append(gs.Node(op, name=f"{base}_{op}_{len(graph.nodes)}", inputs=inputs, outputs=outputs, attrs=attrs))
+        return outputs[0]
+    return var, const, node

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from .base import Format
+from .base import Format, emitters
 from .fp8 import FP8_E4M3
 
 BLOCK = 32
@@ -147,15 +147,7 @@ class MXFP8(Format):
 def emulate_dynamic(graph: gs.Graph, x: gs.Tensor, out: gs.Variable, base: str) -> None:
     """Standard-ONNX nodes computing `out` = MXFP8 quantize-dequantize of x as `fake_quant_blocks` does. ceil(log2 r)
     is taken from Log and corrected to the exact power of two by comparing 2^e with r (opset 19: FP8 Cast)."""
-    def v(n, dtype=np.float32):
-        return gs.Variable(f"{base}_{n}", dtype=dtype)
-
-    def c(n, a):
-        return gs.Constant(f"{base}_{n}", np.asarray(a))
-
-    def node(op, inputs, outputs, **attrs):
-        graph.nodes.append(gs.Node(op, name=f"{base}_{op}_{len(graph.nodes)}", inputs=inputs, outputs=outputs, attrs=attrs))
-        return outputs[0]
+    v, c, node = emitters(graph, base)
     f = np.float32
     f32 = node("Cast", [x], [v("f32")], to=int(TensorProto.FLOAT))
     shp = node("Shape", [x], [v("shape", np.int64)])

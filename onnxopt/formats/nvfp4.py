@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
 
-from .base import Format
+from .base import Format, emitters
 from .fp8 import FP8_E4M3
 
 E2M1_MAX = 6.0
@@ -215,15 +215,7 @@ def emulate_dynamic(graph: gs.Graph, x: gs.Tensor, s: np.float32, out: gs.Variab
     """Standard-ONNX nodes computing `out` = NVFP4 quantize-dequantize of x (blocks of 16 along the last axis)
     exactly as `fake_quant_blocks` does: FP32 arithmetic, FP8 by Cast(saturate), E2M1 by Round (half to even)
     on the step of x's binade. Needs opset 19 (FP8 Cast)."""
-    def v(n, dtype=np.float32):
-        return gs.Variable(f"{base}_{n}", dtype=dtype)
-
-    def c(n, a):
-        return gs.Constant(f"{base}_{n}", np.asarray(a))
-
-    def node(op, inputs, outputs, **attrs):
-        graph.nodes.append(gs.Node(op, name=f"{base}_{op}_{len(graph.nodes)}", inputs=inputs, outputs=outputs, attrs=attrs))
-        return outputs[0]
+    v, c, node = emitters(graph, base)
     f32 = node("Cast", [x], [v("f32")], to=int(TensorProto.FLOAT))
     shp = node("Shape", [x], [v("shape", np.int64)])
     xb = node("Reshape", [f32, c("blocks", np.array([-1, BLOCK], np.int64))], [v("xb")])
