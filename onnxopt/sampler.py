@@ -146,7 +146,7 @@ def roles(model: onnx.ModelProto, opts: SamplerOptions) -> Roles:
     four = [s for s in floats if len(s.shape) == 4]
     sample = next((s for s in four if s.name in SAMPLE_NAMES), four[0] if len(four) == 1 else None)
     if sample is None:
-        raise OnnxoptError(f"the model's inputs ({names}) have no noisy sample [batch, C, H, W]; compare --sampler needs a denoiser")
+        raise OnnxoptError(f"the model's inputs ({names}) have no noisy sample [batch, C, H, W]; --sampler needs a denoiser (a UNet/DiT noise or x0 predictor)")
     wanted = SIGMA_NAMES if opts.sampler == "consistency" else TIMESTEP_NAMES
     level = next((s for s in specs if s.name in wanted), None)
     if level is None:

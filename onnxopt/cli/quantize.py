@@ -95,6 +95,7 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
     recipe = recipes.recipe(config)
+    _check_input(model)  # a wrong path first: the runner's own checks (calibration data) would hide it
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
                      allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
