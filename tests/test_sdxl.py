@@ -180,6 +180,9 @@ def test_preset_exclusions_match_exported_names(tiny_unet):
         assert {n for n in names if re.search(rx, n)} == want
 
 
+COND = re.compile(r"/time_emb_proj/")  # the resnets' conditioning projections: per-sample GEMMs kept FP16
+
+
 @pytest.mark.slow
 def test_fp8_preset_end_to_end(tiny_unet, tmp_path):
     d = tiny_unet.parent
@@ -191,8 +194,8 @@ def test_fp8_preset_end_to_end(tiny_unet, tmp_path):
     ins = inspect_path(out)
     assert not ins.lint
     excl = [re.compile(p) for p in presets.SDXL_EXCLUDE]
-    for layer in ins.layers:
-        assert layer.quantized != any(r.search(layer.name) for r in excl), layer.name
+    for layer in ins.layers:  # each resnet's time_emb_proj is per-sample conditioning (rule_conditioning_gemv)
+        assert layer.quantized != any(r.search(layer.name) for r in excl + [COND]), layer.name
     mha = [l for l in ins.layers if re.search(r"/attn[12]/MatMul(_1)?$", l.name)]
     assert len(mha) == 2 * sum(n.op_type == "Softmax" for n in modelfile.load(out).graph.node) and all(l.quantized for l in mha)
 
@@ -213,9 +216,11 @@ def test_int8_preset_end_to_end(tiny_unet, tmp_path):
     skipped = res.report["qdq"]["skipped"]
     small = [n for n, why in skipped.items() if why.startswith("INT8 conv with")]  # rule_int8_small_conv
     assert small and all(int(skipped[n].split()[3]) < 131072 for n in small)
+    cond = {n for n, why in skipped.items() if why.startswith("per-sample conditioning GEMM")}
+    assert cond and all(COND.search(n) for n in cond)
     for layer in ins.layers:
         if layer not in mha:
-            excluded = any(r.search(layer.name) for r in excl)
+            excluded = any(r.search(layer.name) for r in excl + [COND])
             assert layer.quantized != (excluded or layer.name in small), layer.name
 
 
