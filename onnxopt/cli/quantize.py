@@ -80,7 +80,7 @@ def _weight_only(mode: str) -> bool:
 def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
              max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
-    from .. import recipes
+    from .. import pipeline, recipes
     mode = _given_flag(options, formats.modes(), "quantization modes")
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
@@ -95,7 +95,8 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
     recipe = recipes.recipe(config)
-    _check_input(model)  # a wrong path first: the runner's own checks (calibration data) would hide it
+    pipeline.check_recipe(recipe.passes)  # option conflicts between passes first, then a wrong path, then the data
+    _check_input(model)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
                      allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
