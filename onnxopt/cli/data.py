@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import OnnxoptError
-from .common import (_check_report, _provider_options, _size, _summary, _write_json, handle_errors, main,
+from .common import (_check_report, _provider_options, _sampler_loop_options, _size, _summary, _write_json, handle_errors, main,
                      progress_enabled)
 
 
@@ -77,13 +77,8 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="trajectory_calib.npz", show_default=True, help="Output .npz.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), required=True, help="The sampler you deploy (as in compare --sampler).")
-@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default: 50; consistency: 1).")
-@click.option("--guidance", type=float, help="Classifier-free guidance scale (euler/ddim/dpmpp; default 5.0; 1 = none).")
 @click.option("--seeds", default="0-7", show_default=True, help="Seeds of the recorded runs (keep them apart from compare's held-out seeds).")
-@click.option("--size", "sample_size", help="HxW of the sample (latents: pixels / 8) when the model's is dynamic.")
-@click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="What the UNet predicts (euler/ddim/dpmpp).")
-@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="consistency: initial noise level.")
-@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="consistency: smallest noise level.")
+@_sampler_loop_options
 @click.option("--data", type=click.Path(dir_okay=False), help="Conditioning .npz (as compare --sampler --data); default: synthesised from the seed.")
 @_provider_options
 @handle_errors
