@@ -39,7 +39,8 @@ def _weight_only(mode: str) -> bool:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
 @_flags(formats.modes(), DEFAULT_MODE)
-@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
+@click.option("--weight-only", is_flag=True, default=None, help=f"With {'/'.join('--' + m for m in formats.with_weight_only_variant())}: 4-bit weights, FP16 activations "
+              "(W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
@@ -205,8 +206,8 @@ def _check_mode_options(mode: str, o: dict) -> None:
     sq = [m for m in formats.modes() if formats.get(m).smoothquant]
     if mode not in sq and o.get("smoothquant") is not None:
         raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
-    if o.get("weight_only") and not formats.get(mode).extra.get("weight_only_variant"):
-        with_wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).extra.get("weight_only_variant"))
+    if o.get("weight_only") and not formats.get(mode).weight_only_variant:
+        with_wo = "/".join(f"--{m}" for m in formats.with_weight_only_variant())
         raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
         raise OnnxoptError("--lowrank-budget needs --lowrank auto")
