@@ -1,4 +1,4 @@
-"""AWQ for INT4 weight-only layers: activation-aware input-channel scales and per-block clip ratios.
+"""AWQ for 4-bit block weights (INT4 W4A16, NVFP4): activation-aware input-channel scales and per-block clip ratios.
 
 - lite: per activation (layers that read it share one s), s = x^a / w^(1-a) with x the mean |X_j| over the
   calibration data and w the mean block-normalized |W_j|; a is searched on a grid (0.1, refined by 0.05)
@@ -26,7 +26,7 @@ from . import calib, fold, obs
 from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .progress import track
-from .formats import FP16, INT4, round_scale
+from .formats import FP16, INT4
 from .formats.int4 import expand
 from .graph import activation_channel_axis, to_kn
 from .settings import MEMORY_BUDGET_MB
@@ -112,6 +112,7 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
     b = block_size or k
     nb = -(-k // b)
     ratios = np.asarray(CLIP_RATIOS, np.float32)
+    amax_all = float(np.abs(w_kn).max())  # NVFP4's tensor scale is the whole weight's
     cols = np.arange(n)
     choice = np.zeros((nb, n), np.int64)
     d = np.empty_like(w_kn)
@@ -119,7 +120,7 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
     own = []
     for i in range(nb):
         sl = slice(i * b, min((i + 1) * b, k))
-        c = fmt.block_candidates(w_kn, sl, ratios, hp, b) - w_kn[sl][None]  # [R, B, N]: weight error at each ratio
+        c = fmt.block_candidates(w_kn, sl, ratios, hp, b, tensor_amax=amax_all) - w_kn[sl][None]  # [R, B, N]: weight error at each ratio
         err = _quad(h[sl, sl], c)                               # [R, N]: c^T H_bb c
         choice[i] = np.argmin(err, axis=0)
         d[sl] = np.take_along_axis(c, choice[i][None, None, :], axis=0)[0]
@@ -131,7 +132,7 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
             moved = 0
             for i in range(nb):
                 sl = slice(i * b, min((i + 1) * b, k))
-                c, db = fmt.block_candidates(w_kn, sl, ratios, hp, b) - w_kn[sl][None], d[sl]  # recomputed: R copies of W are big
+                c, db = fmt.block_candidates(w_kn, sl, ratios, hp, b, tensor_amax=amax_all) - w_kn[sl][None], d[sl]  # recomputed: R copies of W are big
                 hd = h[sl, sl] @ db                             # H_bb d_b
                 # Error change when block i switches from d_b to c_r, all else fixed:
                 # 2 (c_r - d_b).g_b + c_r^T H c_r - 2 c_r^T H d_b + d_b^T H d_b

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import formats
 from . import graph as G
 from . import formats, modelfile
 

@@ -53,7 +53,7 @@ def _weight_only(mode: str) -> bool:
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
-@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4/NVFP4 weights: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default with data), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
@@ -193,8 +193,6 @@ def _check_mode_options(mode: str, o: dict) -> None:
     w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
     if not _weight_only(mode):
         given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
-        if formats.get(mode).awq and o.get("awq") not in (None, "none", "lite"):
-            raise OnnxoptError(f"--awq {o['awq']}: --{mode} takes --awq lite (default with data) or none")
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:

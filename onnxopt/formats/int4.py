@@ -41,7 +41,7 @@ class Int4(Format):
         return round_scale(np.where(amax > 0, amax / self.qmax, 1.0), high_precision)
 
     def block_candidates(self, w_kn: np.ndarray, rows: slice, ratios, high_precision: str = "fp32",
-                         block_size: int = 0) -> np.ndarray:
+                         block_size: int = 0, tensor_amax=None) -> np.ndarray:
         """Quantize-dequantize of the block of rows `rows` of w [K, N] at every clip ratio: [R, B, N] (AWQ's clip search)."""
         wb = w_kn[rows]
         amax = np.abs(wb).max(axis=0)

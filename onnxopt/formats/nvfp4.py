@@ -189,10 +189,10 @@ class NVFP4(Format):
         return (FP8_E4M3.to_float(p.block_scales) * p.scale).astype(np.float32)
 
     def block_candidates(self, w_kn: np.ndarray, rows: slice, ratios, high_precision: str = "fp32",
-                         block_size: int = BLOCK) -> np.ndarray:
+                         block_size: int = BLOCK, tensor_amax=None) -> np.ndarray:
         """Quantize-dequantize of the block of rows `rows` of w [K, N] at every clip ratio: [R, B, N] (the tensor
-        scale is the whole weight's)."""
-        s = tensor_scale(float(np.abs(w_kn).max()))
+        scale is the whole weight's: max |w|, or `tensor_amax` where the caller has it)."""
+        s = tensor_scale(float(np.abs(w_kn).max()) if tensor_amax is None else tensor_amax)
         wb = np.asarray(w_kn[rows], np.float32)
         r = np.asarray(ratios, np.float32)[:, None]
         eff = (FP8_E4M3.to_float(block_scale_codes(np.abs(wb).max(0)[None] * r, s)) * s).astype(np.float32)[:, None, :]
