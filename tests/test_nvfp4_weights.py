@@ -117,3 +117,21 @@ def test_block_formats_are_not_named_outside_formats():
             if isinstance(node, ast.Constant) and node.value in ("nvfp4", "mxfp8"):
                 bad.append(f"{rel}:{node.lineno} spells '{node.value}'")
     assert not bad, "; ".join(bad)
+
+
+def test_nvfp4_defaults_to_awq_full_with_data(tmp_path):
+    """With calibration data --nvfp4 (here weight-only) runs AWQ full: scales, clip ratios, error-feedback rounding;
+    the written FP4 codes are the rounded ones, and the file still lowers to an emulation ORT runs."""
+    import onnxopt
+    import tiny
+    from onnxopt import ort as ortx
+    from onnxopt.emulate import emulated_view
+    src = tiny.save(tiny.transformer(d=64, seq=16), tmp_path / "t.onnx")
+    res = onnxopt.quantize(src, tmp_path / "o.onnx", config=onnxopt.QuantConfig(mode="nvfp4", weight_only=True, progress=False),
+                           calib_random=8, shapes={"ids": (2, 16)})
+    awq_report = res.report["blockfp"]["awq"]
+    assert awq_report["method"] == "full"
+    assert all({"clip", "gptq_error"} <= set(v) for v in awq_report["layers"].values())
+    sess = ortx.session(emulated_view(onnxopt.modelfile.load(tmp_path / "o.onnx")), level="disable")
+    ids = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int64)
+    assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids})[0]).all()

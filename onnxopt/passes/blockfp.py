@@ -54,7 +54,7 @@ class BlockFP(QDQ):
         plan = self._as_fp8(rules.plan, graph, self)
         clips, awq_report = {}, None
         if self.awq != "none" and ctx.data is None:
-            log.info("no calibration data: AWQ-lite skipped (pass --calib to search the scales)")
+            log.info("no calibration data: AWQ %s skipped (pass --calib to search the scales and clips)", self.awq)
         elif self.awq != "none":  # AWQ's search with this format's quantizer; scales fold into the graph, so plan again
             layers = [(n, fmt) for n in plan.nodes if rules.block_format_reason(n, fmt.block_size, fmt.name.upper()) is None]
             awq_report, clips = awq.apply(graph, ctx.require_data(f"--awq {self.awq}"), layers, method=self.awq,
