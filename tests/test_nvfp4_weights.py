@@ -135,3 +135,11 @@ def test_nvfp4_defaults_to_awq_full_with_data(tmp_path):
     sess = ortx.session(emulated_view(onnxopt.modelfile.load(tmp_path / "o.onnx")), level="disable")
     ids = np.random.default_rng(0).integers(0, 50, (2, 16)).astype(np.int64)
     assert np.isfinite(sess.run(None, {sess.get_inputs()[0].name: ids})[0]).all()
+
+
+def test_sdxl_preset_block_formats_round_to_nearest():
+    from onnxopt import presets
+    for mode in ("nvfp4", "mxfp8"):
+        assert presets.config("sdxl", mode).awq == "none"
+    assert presets.config("sdxl", "nvfp4", awq="full").awq == "full"
+    assert presets.config("sdxl", "fp8").awq == presets.config("sdxl", "fp8", awq="full").awq  # FP8's recipe unchanged
