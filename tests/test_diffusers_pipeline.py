@@ -157,30 +157,44 @@ def test_image_grid_keeps_pixels():
 
 
 # ---------------------------------------------------------------- the tiny pipeline, end to end (slow: builds, runs)
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
+def _build(tmp_path_factory, sdxl: bool) -> Path:
     pytest.importorskip("diffusers")
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import make_tiny_pipeline
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    return make_tiny_pipeline.build(tmp_path_factory.mktemp("tiny-sd") / "tiny-sd")
+    name = "tiny-sdxl" if sdxl else "tiny-sd"
+    return make_tiny_pipeline.build(tmp_path_factory.mktemp(name) / name, sdxl=sdxl)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    return _build(tmp_path_factory, False)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return _build(tmp_path_factory, True)
 
 
 STEPS = 3
 
 
 @pytest.mark.slow
-def test_onnx_unet_in_the_pipeline_matches_torch(tiny_sd):
-    """The pipeline with the exported UNet in ORT gives the images of the same pipeline with its torch UNet."""
+@pytest.mark.parametrize("kind", ["tiny_sd", "tiny_sdxl"])
+def test_onnx_unet_in_the_pipeline_matches_torch(kind, request):
+    """The pipeline with the exported UNet in ORT gives the images of the same pipeline with its torch UNet
+    (SD: sample, timestep, encoder_hidden_states; SDXL adds text_embeds and time_ids)."""
     import torch
-    from diffusers import StableDiffusionPipeline
-    folder = P.check_folder(tiny_sd)
+    from diffusers import DiffusionPipeline
+    d = request.getfixturevalue(kind)
+    folder = P.check_folder(d)
+    assert folder.text_time == (kind == "tiny_sdxl")
     opts = P.PipelineOptions(steps=STEPS, guidance=4.0, seeds=(3,))
-    res = P.compare_pipeline(tiny_sd / "unet.onnx", tiny_sd / "unet.onnx", folder, ["a red fox in the snow"], opts)
+    res = P.compare_pipeline(d / "unet.onnx", d / "unet.onnx", folder, ["a red fox in the snow"], opts)
     assert res.images.psnr_mean == np.inf and res.latents.psnr_mean == np.inf and res.images.ssim_mean == pytest.approx(1.0)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(d, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         want = pipe("a red fox in the snow", num_inference_steps=STEPS, guidance_scale=4.0, output_type="np",
