@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 
 from . import metrics as M
-from . import modelfile
 from . import ort as ortx
 from . import sampler as S
 from .calib import InputSpec, input_specs
@@ -195,6 +194,18 @@ def check_pipeline_class(folder: PipelineFolder):
         raise OnnxoptError(f"--pipeline {folder.path}: {folder.pipeline_class} does not report its steps (no callback_on_step_end); "
                            "use a Stable Diffusion / SDXL-style pipeline")
     return cls
+
+
+def settings(folder: PipelineFolder, opts: PipelineOptions) -> tuple[int | None, float | None]:
+    """The steps and guidance a run uses: the options given, else the pipeline class's call defaults."""
+    params = inspect.signature(check_pipeline_class(folder).__call__).parameters
+    default = lambda name: params[name].default if name in params else None  # noqa: E731
+    return (opts.steps if opts.steps is not None else default("num_inference_steps"),
+            opts.guidance if opts.guidance is not None else default("guidance_scale"))
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else "the pipeline's"
 
 
 # ---------------------------------------------------------------- the pipeline with an ONNX UNet
@@ -389,18 +400,19 @@ class PipelineComparison:
         o = self.options
         h, w = self.reference.shape[1:3]
         return {"pipeline": str(self.folder.path), "pipeline_class": self.folder.pipeline_class, "scheduler": self.scheduler,
-                "steps": self.steps, "guidance": o.guidance if o.guidance is not None else "pipeline default",
+                "steps": self.steps, "guidance": settings(self.folder, o)[1],
                 "size": f"{h}x{w}", "prompts": list(self.prompts), "seeds": list(o.seeds), "provider": self.provider,
                 "images": {**self.images.as_dict(), "data_range": IMAGE_RANGE},
                 "lpips": {"mean": self.lpips[0], "worst": self.lpips[1]} if self.lpips else f"not available offline ({self.lpips_note})",
                 "latents": self.latents.as_dict(), "drift": [vars(d) for d in self.drift]}
 
 
-def load_and_check(reference, candidate, folder: PipelineFolder, opts: PipelineOptions):
-    """Both ONNX UNets read (weights lazily) and checked against the pipeline's UNet call and each other."""
-    ref = S.load_model(reference)
+def load_and_check(reference, candidate, folder: PipelineFolder, opts: PipelineOptions, work: Path):
+    """Both ONNX UNets read (external weights lazily, large embedded ones moved out to `work`) and checked against
+    the pipeline's UNet call and each other."""
+    ref = S.load_model(reference, work / "ref")
     io = check_unet(ref, folder, opts, f"the reference {reference}")
-    cand = S.load_model(candidate) if candidate is not None else None
+    cand = S.load_model(candidate, work / "cand") if candidate is not None else None
     if cand is not None:
         io_c = check_unet(cand, folder, opts, f"the candidate {candidate}")
         if {s.name for s in io_c.inputs} != {s.name for s in io.inputs} or io_c.output != io.output:
@@ -412,17 +424,19 @@ def compare_pipeline(reference, candidate, folder: PipelineFolder, prompts: Sequ
                      provider: str = "cpu", allow_cpu_fallback: bool = False, progress: bool = False) -> PipelineComparison:
     """Generate every (prompt, seed) image with each ONNX UNet in the pipeline; compare latents, drift and images."""
     import gc
+    import tempfile
     ran_on = "cuda" if "CUDAExecutionProvider" in ortx.check_provider(provider, allow_cpu_fallback) else "cpu"
-    ref_m, cand_m, io = load_and_check(reference, candidate, folder, opts)
     todo = jobs(prompts, opts.seeds)
-    score, note = lpips_metric()
-    pipe = load(folder, ran_on, opts)
-    runs = []
-    for model, label in ((ref_m, "the reference"), (cand_m, "the candidate")):
-        den = _denoiser(model, io, folder, opts, ran_on, label)
-        runs.append(generate(pipe, den, todo, opts, progress=progress))
-        del den
-        gc.collect()
+    with tempfile.TemporaryDirectory(prefix="onnxopt-pipeline-") as work:
+        ref_m, cand_m, io = load_and_check(reference, candidate, folder, opts, Path(work))
+        score, note = lpips_metric()
+        pipe = load(folder, ran_on, opts)
+        runs = []
+        for model, label in ((ref_m, "the reference"), (cand_m, "the candidate")):
+            den = _denoiser(model, io, folder, opts, ran_on, label)
+            runs.append(generate(pipe, den, todo, opts, progress=progress))
+            del den
+            gc.collect()
     ref, cand = runs
     latent = S.compare_trajectories(ref.latents, cand.latents, S.SamplerOptions(seeds=opts.seeds))
     nchw = lambda a: np.moveaxis(a, -1, 1)  # noqa: E731
@@ -444,7 +458,7 @@ def format_table(res: PipelineComparison) -> str:
     n, h, w = res.reference.shape[:3]
     lines.append(f"final latents: PSNR {f.psnr_mean:.2f} dB (worst {f.psnr_worst:.2f}), cosine {f.cosine_mean:.6f}")
     lines.append(f"decoded images ({n} = {len(res.prompts)} prompt(s) x {len(res.options.seeds)} seed(s), {h}x{w}, 8-bit, "
-                 f"{res.scheduler} {res.steps} step(s)): PSNR {im.psnr_mean:.2f} dB (worst {im.psnr_worst:.2f}), "
+                 f"{res.scheduler} {res.steps} step(s), guidance {_num(settings(res.folder, res.options)[1])}): PSNR {im.psnr_mean:.2f} dB (worst {im.psnr_worst:.2f}), "
                  f"SSIM {im.ssim_mean:.4f} (worst {im.ssim_worst:.4f})")
     lines.append(f"LPIPS: {res.lpips[0]:.4f} (worst {res.lpips[1]:.4f})" if res.lpips
                  else f"LPIPS: not available offline ({res.lpips_note})")
@@ -456,19 +470,23 @@ def record_trajectory(model, folder: PipelineFolder, prompts: Sequence[str], opt
                       allow_cpu_fallback: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
     """The ONNX UNet's inputs at every call while the real pipeline generates each (prompt, seed) with it: arrays with a
     leading sample axis (images × steps), each sample one call's batch (2 rows [uncond, cond] with guidance)."""
+    import tempfile
     ran_on = "cuda" if "CUDAExecutionProvider" in ortx.check_provider(provider, allow_cpu_fallback) else "cpu"
-    m, _, io = load_and_check(model, None, folder, opts)
     todo = jobs(prompts, opts.seeds)
-    pipe = load(folder, ran_on, opts)
     calls: list[dict[str, np.ndarray]] = []
-    den = _denoiser(m, io, folder, opts, ran_on, "the model")
-    generate(pipe, den, todo, opts, record=lambda feed: calls.append({k: np.array(v) for k, v in feed.items()}), progress=progress)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-pipeline-") as work:
+        m, _, io = load_and_check(model, None, folder, opts, Path(work))
+        pipe = load(folder, ran_on, opts)
+        den = _denoiser(m, io, folder, opts, ran_on, "the model")
+        generate(pipe, den, todo, opts, record=lambda feed: calls.append({k: np.array(v) for k, v in feed.items()}),
+                 progress=progress)
     return {k: np.stack([c[k] for c in calls]) for k in calls[0]}
 
 
 def describe_source(folder: PipelineFolder, prompts: Sequence[str], opts: PipelineOptions, scheduler: str | None = None) -> str:
     """Where trajectory calibration came from, for the summary line."""
     h, w = opts.size or folder.default_size
+    steps, guidance = settings(folder, opts)
     return (f"recorded from the pipeline {folder.path} ({folder.pipeline_class}: its text encoders, "
-            f"{opts.sampler or 'its own'} scheduler, {opts.steps or 'default'} steps, guidance "
-            f"{opts.guidance if opts.guidance is not None else 'default'}, {h}x{w}, {len(prompts)} prompt(s) x {len(opts.seeds)} seed(s))")
+            f"{opts.sampler or 'its own'} scheduler, {steps} steps, guidance {_num(guidance)}, {h}x{w}, "
+            f"{len(prompts)} prompt(s) x {len(opts.seeds)} seed(s))")
