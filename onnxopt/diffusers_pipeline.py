@@ -155,7 +155,8 @@ def check_unet(model: onnx.ModelProto, folder: PipelineFolder, opts: PipelineOpt
     """The ONNX UNet takes what the pipeline's UNet call gives, or one error line saying what differs."""
     specs = tuple(input_specs(model))
     names = {s.name for s in specs}
-    need = {"sample", "timestep", "encoder_hidden_states"} | (set(TEXT_TIME) if folder.text_time else set())
+    need = ({"sample", "timestep", "encoder_hidden_states"} | (set(TEXT_TIME) if folder.text_time else set())
+            | ({"timestep_cond"} if folder.unet.get("time_cond_proj_dim") else set()))  # LCM's guidance embedding
     have = ", ".join(s.name for s in specs)
     unknown = sorted(names - set(UNET_INPUTS))
     if unknown or need - names:
@@ -165,6 +166,8 @@ def check_unet(model: onnx.ModelProto, folder: PipelineFolder, opts: PipelineOpt
     if not folder.text_time and names & set(TEXT_TIME):
         raise OnnxoptError(f"{what} takes {', '.join(sorted(names & set(TEXT_TIME)))} (SDXL conditioning) but the pipeline's "
                            "UNet has no addition_embed_type text_time; export the pipeline's own UNet")
+    if "timestep_cond" in names - need:
+        raise OnnxoptError(f"{what} takes timestep_cond but the pipeline's UNet has no time_cond_proj_dim; export the pipeline's own UNet")
     by = {s.name: s for s in specs}
     h, w = opts.size or folder.default_size
     checks = [("sample", 1, folder.unet.get("in_channels")), ("encoder_hidden_states", 2, folder.unet.get("cross_attention_dim")),

@@ -82,6 +82,7 @@ def checks(tmp_path):
     ("wrong_channels", "input sample has 3 at axis 1"),
     ("wrong_text_width", "input encoder_hidden_states has 64 at axis 2"),
     ("sdxl_inputs", "SDXL conditioning"),
+    ("timestep_cond", "takes timestep_cond but"),
     ("consistency", "--sampler consistency does not apply with --pipeline"),
     ("data", "--data does not apply with --pipeline"),
     ("prompts_alone", "--prompts applies with --pipeline"),
@@ -107,6 +108,8 @@ def test_bad_input_is_one_error_line(checks, tmp_path, case, want):
         args[2] = _unet_io(tmp_path / "w.onnx", GOOD[:2] + [("encoder_hidden_states", ["N", 77, 64])])
     elif case == "sdxl_inputs":
         args[1] = _unet_io(tmp_path / "w.onnx", GOOD + [("text_embeds", ["N", 32]), ("time_ids", ["N", 6])])
+    elif case == "timestep_cond":
+        args[2] = _unet_io(tmp_path / "w.onnx", GOOD + [("timestep_cond", ["N", 256])])
     elif case == "consistency":
         args += ["--sampler", "consistency"]
     elif case == "data":
@@ -224,6 +227,10 @@ def test_trajectory_fp8_compare_grid_end_to_end(tiny_sd, tmp_path):
 
     grid, report = tmp_path / "grid.png", tmp_path / "r.json"
     (tmp_path / "p.txt").write_text("a lighthouse at dusk\na bowl of lemons\n")
+    import shutil  # the pipeline's torch UNet weights are never read: a copy without them compares the same
+    d = Path(shutil.copytree(d, tmp_path / "no-unet-weights", ignore=lambda where, names: [
+        n for n in names if Path(where).name == "unet" and n.endswith(".safetensors")]))
+    assert not list((d / "unet").glob("*.safetensors"))
     code, out = run("compare", d / "unet.onnx", fp8, "--pipeline", d, "--prompts", tmp_path / "p.txt", "--steps", STEPS,
                     "--seeds", "0-1", "--save-grid", grid, "--report", report, quiet=False)
     assert code == 0, out
