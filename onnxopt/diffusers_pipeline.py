@@ -312,7 +312,8 @@ def scheduler_for(sampler: str, config):
 
 @dataclass
 class Generated:
-    """One model's run over every (prompt, seed): latents after each step, the 8-bit images [N, H, W, 3]."""
+    """One model's run over every (prompt, seed): latents after each step, the 8-bit images [N, H, W, 3] as float32
+    levels 0..255 (NaN where the decoded image was not finite, so that no metric scores it)."""
     latents: S.Trajectory
     images: np.ndarray
 
@@ -346,7 +347,7 @@ def generate(pipe, den: S.Denoiser, todo: Sequence[tuple[str, int]], opts: Pipel
                 out = pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                            callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"], **opts.call_kwargs())
             steps_per_image.append(seen)
-            images.append((np.asarray(out.images[0], np.float32) * 255).round().clip(0, 255).astype(np.uint8))
+            images.append((np.asarray(out.images[0], np.float32) * 255).round().clip(0, 255))  # as numpy_to_pil; NaN stays
     finally:
         pipe.unet.use(None)
     traj = S.Trajectory([np.concatenate([s[i] for s in steps_per_image]) for i in range(len(steps_per_image[0]))], levels)
@@ -361,7 +362,7 @@ def _denoiser(model, io: UNetIO, folder: PipelineFolder, opts: PipelineOptions, 
 
 # ---------------------------------------------------------------- LPIPS, when it is on this machine
 def lpips_metric():
-    """(a function of two uint8 image batches -> per-image LPIPS, None), or (None, why not) when the lpips package or
+    """(a function of two 8-bit image batches [N, H, W, 3] -> per-image LPIPS, None), or (None, why not) when the lpips package or
     the AlexNet weights it needs are not on this machine. Nothing is downloaded."""
     try:
         import lpips
@@ -395,7 +396,7 @@ class PipelineComparison:
     lpips: tuple[float, float] | None   # mean, worst
     lpips_note: str | None              # why LPIPS is missing
     provider: str
-    reference: np.ndarray = field(repr=False, default=None)   # uint8 [N, H, W, 3]
+    reference: np.ndarray = field(repr=False, default=None)   # 8-bit levels [N, H, W, 3] (float32, NaN: not finite)
     candidate: np.ndarray = field(repr=False, default=None)
 
     def as_dict(self) -> dict:
@@ -444,8 +445,8 @@ def compare_pipeline(reference, candidate, folder: PipelineFolder, prompts: Sequ
     latent = S.compare_trajectories(ref.latents, cand.latents, S.SamplerOptions(seeds=opts.seeds))
     nchw = lambda a: np.moveaxis(a, -1, 1)  # noqa: E731
     lp = None
-    if score is not None:
-        v = score(ref.images, cand.images)
+    if score is not None:  # NaN for a candidate whose images are not finite (as every other metric)
+        v = score(ref.images, cand.images) if np.isfinite(cand.images).all() else np.array([np.nan])
         lp = (float(np.mean(v)), float(np.max(v)))
     return PipelineComparison(folder, opts, tuple(prompts), type(pipe.scheduler).__name__, len(ref.latents.steps),
                               M.fidelity(nchw(ref.images), nchw(cand.images), IMAGE_RANGE), latent.final, latent.drift,

@@ -58,8 +58,8 @@ def save_grid(path, ref: np.ndarray, cand: np.ndarray) -> Path:
 
 
 def image_grid(ref: np.ndarray, cand: np.ndarray, pad: int = 2) -> np.ndarray:
-    """One row per image: reference | candidate, uint8 [N, H, W, 3] pixels unchanged, white gaps of `pad`."""
-    ref, cand = np.asarray(ref, np.uint8), np.asarray(cand, np.uint8)
+    """One row per image: reference | candidate, 8-bit [N, H, W, 3] pixels unchanged (NaN black), white gaps of `pad`."""
+    ref, cand = (np.nan_to_num(np.asarray(a, np.float64), nan=0.0).clip(0, 255).astype(np.uint8) for a in (ref, cand))
     n, h, w = ref.shape[:3]
     out = np.full((n * h + (n - 1) * pad, 2 * w + pad) + ref.shape[3:], 255, np.uint8)
     for i in range(n):
@@ -69,5 +69,5 @@ def image_grid(ref: np.ndarray, cand: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 def save_image_grid(path, ref: np.ndarray, cand: np.ndarray) -> Path:
-    """PNG of `image_grid(ref, cand)` at `path` (decoded images [N, H, W, 3] uint8)."""
+    """PNG of `image_grid(ref, cand)` at `path` (decoded images [N, H, W, 3], levels 0..255)."""
     return write_png(path, image_grid(ref, cand))

@@ -251,3 +251,22 @@ def test_trajectory_fp8_compare_grid_end_to_end(tiny_sd, tmp_path):
     assert code == 0, out
     r = json.loads(report.read_text())
     assert r["scheduler"] == "DDIMScheduler" and r["images"]["psnr_mean"] == float("inf") and r["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_non_finite_candidate_scores_nan(tiny_sd, tmp_path):
+    """A UNet that returns NaN decodes to NaN images: every image metric NaN (never a good score), grid still written."""
+    from onnx import numpy_helper
+    from onnxopt.imagegrid import save_image_grid
+    m = onnx.load(tiny_sd / "unet.onnx")
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [o if o != out else "pre_nan" for o in n.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    m.graph.node.append(helper.make_node("Mul", ["pre_nan", "nan"], [out]))
+    onnx.save(m, tmp_path / "nan.onnx")
+    res = P.compare_pipeline(tiny_sd / "unet.onnx", tmp_path / "nan.onnx", P.check_folder(tiny_sd), ["a cat"],
+                             P.PipelineOptions(steps=1, seeds=(0,)))
+    assert np.isnan(res.images.psnr_mean) and np.isnan(res.images.ssim_mean) and np.isnan(res.latents.psnr_mean)
+    assert "PSNR nan dB" in P.format_table(res)
+    assert _read_png(save_image_grid(tmp_path / "g.png", res.reference, res.candidate)).shape == (32, 66, 3)
