@@ -235,10 +235,12 @@ def _unet_class():
 
         @property
         def device(self):
+            """Where the pipeline puts the UNet's inputs (no parameters to ask)."""
             return self._where
 
         @property
         def dtype(self):
+            """FP32: the ONNX UNet's inputs and outputs (an FP16 graph's inputs are cast by the Denoiser)."""
             return torch.float32
 
         def use(self, denoiser: S.Denoiser | None, record=None) -> None:
@@ -247,6 +249,7 @@ def _unet_class():
 
         def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
                     return_dict: bool = True, **unused):
+            """The UNet call: its arguments fed to the ONNX model by input name, its output as the noise prediction."""
             if self.denoiser is None:
                 raise RuntimeError("OnnxUNet called before use(denoiser)")
             added = added_cond_kwargs or {}
