@@ -53,7 +53,8 @@ def _weight_only(mode: str) -> bool:
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
-@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4/NVFP4 weights: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default with data), or round-to-nearest (none).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
+              "error-feedback rounding (full, default with data), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
