@@ -111,7 +111,10 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
     k, n = w_kn.shape
     b = block_size or k
     nb = -(-k // b)
-    ratios = np.asarray(CLIP_RATIOS, np.float32)
+    # A format whose block scales round to a coarse type (NVFP4's FP8) may clip the block's max at ratio 1: it also
+    # tries ratios above 1 (MiniLM NVFP4 weight-only 0.98539 -> 0.98636).
+    ratios = np.asarray(tuple(fmt.awq_ratios_above) + CLIP_RATIOS, np.float32)
+    rtn = len(fmt.awq_ratios_above)  # the index of ratio 1
     amax_all = float(np.abs(w_kn).max())  # NVFP4's tensor scale is the whole weight's
     cols = np.arange(n)
     choice = np.zeros((nb, n), np.int64)
@@ -124,7 +127,7 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
         err = _quad(h[sl, sl], c)                               # [R, N]: c^T H_bb c
         choice[i] = np.argmin(err, axis=0)
         d[sl] = np.take_along_axis(c, choice[i][None, None, :], axis=0)[0]
-        d_rtn[sl] = c[0]
+        d_rtn[sl] = c[rtn]
         own.append(err)
     if nb > 1 and sweeps:
         g = h @ d                                               # H d, kept current

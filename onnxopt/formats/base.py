@@ -94,6 +94,7 @@ class Format:
     activation_bits: float = 0.0    # --auto cost: bits per activation element (weight-only: 16)
     min_opset: int = 19             # opset its ONNX form needs (FP16 scales on Q/DQ: 19; blocked DQ: 21)
     weight_only_variant: bool = False  # also comes weight-only (--weight-only: NVFP4 W4A16)
+    awq_ratios_above: tuple = ()    # block-range ratios above 1 AWQ's clip search also tries (scales rounded down clip)
     dequantize_op: str = "DequantizeLinear"  # op type dequantizing it (MXFP8: TensorRT's own)
     dynamic_op: str = ""            # op type quantizing its activations at run time ("" = none)
     storage_names: tuple = ()       # numpy dtype names of DQ inputs that mean this format ("int8", "uint8")
