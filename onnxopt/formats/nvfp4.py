@@ -119,8 +119,8 @@ def _search_blocks(wb: np.ndarray, s: np.float32) -> np.ndarray:
 
 
 def _map(fn, items: list, size: int) -> list:
-    """fn over items, on a thread per core for weights of a million elements or more."""
-    workers = min(len(items), os.cpu_count() or 1)
+    """fn over items, on up to 8 threads for weights of a million elements or more (numpy releases the GIL)."""
+    workers = min(len(items), os.cpu_count() or 1, 8)  # as FP8.cast
     if size < 1 << 20 or workers < 2:
         return [fn(i) for i in items]
     with ThreadPoolExecutor(workers) as ex:
