@@ -296,11 +296,16 @@ _LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Ident
 _SCORE_OPS = ("Mul", "Div", "Add", "Where", "Cast")   # scale and mask between Q·Kᵀ and Softmax
 
 
+def _data_readers(t):
+    """Readers of `t` other than Shape (exporters read shapes beside the data path)."""
+    return [r for r in t.outputs if r.op != "Shape"]
+
+
 def _next_gemm(t, limit: int = 8):
     """The Conv/MatMul/Gemm reading `t` through single-reader layout ops (an attention block's output
-    projection), or None."""
+    projection), or None. Shape readers do not count."""
     for _ in range(limit):
-        readers = t.outputs
+        readers = _data_readers(t)
         if len(readers) != 1:
             return None
         r = readers[0]
@@ -327,7 +332,7 @@ def _attention_bmms(softmax):
             todo += [(i, depth + 1) for i in n.inputs if not isinstance(i, gs.Constant)]
     t = softmax.outputs[0]
     for _ in range(4):
-        readers = t.outputs
+        readers = _data_readers(t)
         if len(readers) != 1:
             break
         if readers[0].op == "MatMul":
