@@ -41,6 +41,7 @@ class Plan:
     residuals: list = field(default_factory=list)            # (add node, input index)
     shared_scales: list = field(default_factory=list)        # groups of tensor names sharing one scale
     fixed_amax: dict = field(default_factory=dict)           # tensor name -> amax known without calibration
+    unshared: list = field(default_factory=list)             # (tensor names, reason): kept out of a Concat's scale
 
 
 # ---------------------------------------------------------------- rules (None = go ahead)
@@ -412,6 +413,37 @@ def _plan_softmax_outputs(graph, p: Plan, config) -> None:
         t = uses[0][0].inputs[uses[0][1]]
         if t.inputs and t.inputs[0].op == "Softmax":
             p.fixed_amax[name] = 1.0
+
+
+# ---------------------------------------------------------------- shared scales (after calibration)
+MAX_SHARED_RANGE_RATIO = 16.0
+
+
+def share_concat_scales(p: Plan, amax: dict) -> None:
+    """Concat inputs share one scale only within a 16x range of each other (rule, in place on `amax`).
+    TensorRT moves a Q across a Concat only when every input has the same scale, so sharing saves a
+    requantization; but a scale stretched past a tensor's own range costs it 4 bits in INT8 and, in FP8,
+    flushes it to zero below 2^-9 of the shared scale's step: the real terrain UNet's stem output (max 8)
+    shared the scale of a decoder Concat reaching 1.7e10 (a UNet's last skip joins its largest stream) and
+    was quantized to all zeros on its residual path. Tensors further apart keep their own scales (TensorRT then
+    concatenates in high precision and quantizes the result for its readers)."""
+    p.unshared = []
+    for group in p.shared_scales:
+        members = sorted((n for n in group if n in amax), key=lambda n: amax[n])
+        clusters: list = []
+        for n in members:
+            if clusters and amax[n] <= MAX_SHARED_RANGE_RATIO * max(amax[clusters[-1][0]], 1e-30):
+                clusters[-1].append(n)
+            else:
+                clusters.append([n])
+        for c in clusters:
+            shared = max(amax[n] for n in c)
+            for n in c:
+                amax[n] = shared
+        if len(clusters) > 1:
+            for c in clusters[:-1]:
+                p.unshared.append((tuple(c), f"range {max(amax[n] for n in c):.3g} is over {MAX_SHARED_RANGE_RATIO:g}x "
+                                             f"below the Concat group's {amax[clusters[-1][0]]:.3g}: own scale"))
 
 
 # ---------------------------------------------------------------- helpers
