@@ -9,6 +9,7 @@ from .. import fold, formats, modelfile
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
+from ..quant import writer
 from ..quant.writer import fake_weight, quantized_weight
 from . import smooth
 from .candidates import GATES, Candidates, Layer
@@ -68,29 +69,35 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
     # A weight read by several layers gets no bias correction in the written graph (quant.writer): nor here.
     shared = {n.name for p in plans.values() for n, _, c, _ in p.weights if len(c.outputs) > 1}
+    # Owners before any gate: a gated weight puts an Identity (bias correction) behind the layer's output, and a
+    # residual Add's owner is the layer feeding it, as the writer sees it (quant.writer.activation_owner).
+    owners = {f: _owners(plan) for f, plan in plans.items()}
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
                      _smoothing(cands, node))
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
-        residual = {(id(a), i) for a, i in plan.residuals}
         for tname, uses in plan.activations.items():
             scale = qdq.activation_scale(amax[f][tname], f, hp)
             for node, idx in uses:
-                owner = node
-                if (id(node), idx) in residual:
-                    owner = node.inputs[1 - idx].inputs[0]
-                if owner.name not in cands.layers or f not in cands.layers[owner.name].formats:
+                owner = owners[f][(id(node), idx)]
+                if owner not in cands.layers or f not in cands.layers[owner].formats:
                     continue
                 x = node.inputs[idx]
-                node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
+                node.inputs[idx] = b.branch(owner, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
                                             f"{tname}_{f}")
     if cands.smooth:
-        _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp)
+        _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp, owners[smooth.BASE])
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
+
+
+def _owners(plan) -> dict:
+    """{(id(node), input index): name of the layer that owns that activation use} of a rules placement."""
+    residual = {(id(a), j) for a, j in plan.residuals}
+    return {(id(n), i): writer.activation_owner(n, i, residual).name for uses in plan.activations.values() for n, i in uses}
 
 
 def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> gs.Variable:
@@ -138,25 +145,25 @@ def _smoothing(cands: Candidates, node: gs.Node):
     return cands.smooth.get(node.inputs[0].name)
 
 
-def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str) -> None:
+def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str, owners: dict) -> None:
     """int8-sq activations: s ⊙ QDQ(x ⊘ s) on the layer's own input, the INT8 plan's plain QDQ on the other uses
     it owns (a residual Add), each behind the (layer, int8-sq) gate."""
-    residual = {(id(a), i) for a, i in plan.residuals}
     for tname, uses in plan.activations.items():
         for node, idx in uses:
-            owner = node.inputs[1 - idx].inputs[0] if (id(node), idx) in residual else node
-            if owner.name not in cands.layers or smooth.SQ not in cands.layers[owner.name].formats:
+            owner = owners[(id(node), idx)]
+            if owner not in cands.layers or smooth.SQ not in cands.layers[owner].formats:
                 continue
             x = node.inputs[idx]
-            sm = cands.smooth.get(tname) if owner is node and idx == 0 else None
-            if owner is node and idx == 0 and sm is None:
+            own = owner == node.name
+            sm = cands.smooth.get(tname) if own and idx == 0 else None
+            if own and idx == 0 and sm is None:
                 continue
             if sm is None:
                 scale = qdq.activation_scale(amax[smooth.BASE][tname], smooth.BASE, hp)
                 make = lambda x, into, s=scale: _qdq(b, x, s, smooth.BASE, into)  # noqa: E731
             else:
                 make = lambda x, into, sm=sm, node=node: _smoothed_qdq(b, x, sm, node, hp, into)  # noqa: E731
-            node.inputs[idx] = b.branch(owner.name, smooth.SQ, x, make, f"{tname}_sq")
+            node.inputs[idx] = b.branch(owner, smooth.SQ, x, make, f"{tname}_sq")
 
 
 def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: list) -> gs.Variable:

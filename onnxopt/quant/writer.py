@@ -69,7 +69,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
     for f, place in placements.items():
         residual = {(id(a), i) for a, i in place.residuals}
         for tname, uses in place.activations.items():
-            mine = [(n, i) for n, i in uses if mix.get(_owner(n, i, residual).name) == f]
+            mine = [(n, i) for n, i in uses if mix.get(activation_owner(n, i, residual).name) == f]
             if mine:
                 scale = qdq.activation_scale(amax[f][tname], f, hp)
                 qdq.insert_activation_qdq(graph, tensors[tname], mine, scale, f,
@@ -240,7 +240,7 @@ def _unquantized(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
+def activation_owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
     """The layer an activation use belongs to: the node itself, or for a residual Add the Conv feeding it."""
     if (id(node), idx) in residual:
         return node.inputs[1 - idx].inputs[0]
