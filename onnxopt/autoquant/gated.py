@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import fold, formats, modelfile
+from ..formats import emulation
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
@@ -72,6 +73,7 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     # Owners before any gate: a gated weight puts an Identity (bias correction) behind the layer's output, and a
     # residual Add's owner is the layer feeding it, as the writer sees it (quant.writer.activation_owner).
     owners = {f: _owners(plan) for f, plan in plans.items()}
+    inputs = {name: (node.inputs[0].name, node.inputs[1]) for name, node in nodes.items()}  # before the gates
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
@@ -89,9 +91,49 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
                                             f"{tname}_{f}")
     if cands.smooth:
         _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp, owners[smooth.BASE])
+    _gate_block_activations(b, nodes, cands, amax.get(formats.FP8.name, {}), inputs)
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
+
+
+def _gate_block_activations(b: _Builder, nodes: dict, cands: Candidates, amax: dict, inputs: dict) -> None:
+    """Block formats with dynamic activations (NVFP4, MXFP8): the writer's quantizer on the layer's input
+    (quant.writer.write_block_activation), lowered to what ONNX Runtime runs (formats.emulation), behind the gate."""
+    for name, node in nodes.items():
+        for f in cands.layers[name].formats:
+            fmt = formats.get(f) if f != "none" else None
+            if fmt is None or fmt.activations != "dynamic":
+                continue
+            x = node.inputs[0]
+            node.inputs[0] = b.branch(name, f, x, lambda x, into, fmt=fmt, node=node: _lowered(
+                b, lambda g: _block_activation(g, node, x, fmt, amax.get(inputs[name][0]), b.names, inputs[name][1]),
+                f"{x.name}_{f}", into),
+                f"{x.name}_{f}")
+
+
+def _block_activation(g: gs.Graph, node: gs.Node, x: gs.Tensor, fmt, amax, names: set, weight) -> gs.Variable:
+    """The writer's activation nodes on `x` in a scratch graph (a stand-in layer with the layer's weight reads x,
+    so the writer can read K and rewire it)."""
+    stand_in = gs.Node(node.op, inputs=[x, weight], outputs=[], attrs=dict(node.attrs))
+    g.nodes.append(stand_in)
+    y = writer.write_block_activation(g, stand_in, fmt, amax, names)
+    g.nodes.remove(stand_in)
+    stand_in.inputs.clear()
+    return y
+
+
+def _lowered(b: _Builder, build, base: str, into: list) -> gs.Variable:
+    """Nodes that `build(graph)` writes (the real NVFP4/MXFP8 form), lowered in place by formats.emulation to
+    standard ONNX with the same numbers, appended to `into`; returns the output."""
+    g = gs.Graph(nodes=[], opset=b.graph.opset)
+    out = build(g)
+    y = b.var(base + "_emu_out", shape=out.shape)
+    g.nodes.append(gs.Node("Identity", name=G.unique_name(base + "_emu_out", b.names), inputs=[out], outputs=[y]))
+    g.outputs = [y]
+    emulation.lower_graph(g)
+    into.extend(g.nodes)
+    return y
 
 
 def _owners(plan) -> dict:
@@ -188,6 +230,8 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
         wc = modelfile.constant(G.unique_name(base, b.names), wq)
         return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))), wq
     f = formats.get(fmt)
+    if f.activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact numbers)
+        return _block_weight_maker(b, node, w, f)
     q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
     wq = f.dequantize(q, scale, axis, block_size=block_size)
     if f.weights == "per-block":
@@ -200,6 +244,26 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))
     return (lambda x, into: b.node("DequantizeLinear", [qc, sc], f"{node.name}_{fmt}_wq", attrs, into=into,
                                    shape=list(w.shape))), wq
+
+
+def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f):
+    """(then-branch maker, the weight it gives) of a block-format weight gate: quant.writer.write_block_weight's
+    nodes on a stand-in layer, lowered to one constant of exactly the numbers they dequantize to."""
+    g = gs.Graph(nodes=[], opset=b.graph.opset)
+    stand_in = gs.Node(node.op, inputs=[node.inputs[0], gs.Constant(f"{node.name}_{f.name}_w_src", w)],
+                       outputs=[], attrs=dict(node.attrs))
+    out, _ = writer.write_block_weight(g, stand_in, f, b.names)
+    stand_in.inputs.clear()
+    y = b.var(f"{node.name}_{f.name}_wq_out", shape=list(w.shape))
+    keep = gs.Node("Identity", name=G.unique_name(f"{node.name}_{f.name}_wq", b.names), inputs=[out], outputs=[y])
+    g.nodes.append(keep)
+    g.outputs = [y]
+    emulation.lower_graph(g)
+    wc = keep.inputs[0]
+    wq = np.asarray(wc.values, np.float32)
+    keep.inputs.clear()
+    keep.outputs.clear()
+    return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{f.name}_wq", into=into, shape=list(w.shape))), wq
 
 
 def _bias_shift(node, dw, means, fmt):

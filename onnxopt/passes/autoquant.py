@@ -113,8 +113,10 @@ class AutoQuant(PassBase):
         one_quantizer(recipe)
 
     def configs(self) -> dict:
+        block = any(registry.get(g).activations == "dynamic" for g in self.formats)  # placed by FP8's rules
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
-                for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)}
+                for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)
+                or (block and f == registry.FP8.name)}
 
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
@@ -135,7 +137,7 @@ class AutoQuant(PassBase):
         ranges = precision.range_reducers(graph) if ctx.measure_ranges else None
         amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider, extra=ranges,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        awq_formats = [registry.get(f) for f in self.formats if registry.get(f).awq]
+        awq_formats = [registry.get(f) for f in self.formats if registry.get(f).awq and registry.get(f).weight_only]
         if cands.int4 and self.awq_clip and awq_formats:
             nodes = [(n, awq_formats[0]) for n in graph.nodes if n.name in cands.int4]
             _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
@@ -179,6 +181,7 @@ class AutoQuant(PassBase):
         graph = ctx.graph
         inserted = writer.write(graph, plan, high_precision=ctx.high_precision)
         ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
+        ctx.fp32_nodes.extend(n for info in inserted.values() for n in info.pop("fp32_nodes", ()))  # NVFP4 scales
         if ranges is not None and autoquant.SQ not in mix.values():
             ctx.range_reducers = ranges  # SmoothQuant's folded scales would change the ranges it measured
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,
