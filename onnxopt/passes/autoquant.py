@@ -190,6 +190,7 @@ class AutoQuant(PassBase):
         rep["written_repairs"] = repairs
         rep["groups"] = groups
         rep["kept_wide"] = sorted(n for n, f in mix.items() if f == "none")
+        rep["kept_wide_why"] = {n: rep["layers"][n]["reason"] for n in rep["kept_wide"] if n in rep["layers"]}
         if self.sampler is not None:
             o = self.sampler
             rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds)}
