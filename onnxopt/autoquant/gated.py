@@ -225,13 +225,13 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     """(then-branch maker, the weight it gives) of a weight gate: the quantized weight (1 byte/param, INT4 0.5)
     behind a DequantizeLinear, which gives exactly `fake_weight`'s numbers (the same q, float32 scales, one multiply)."""
     base = f"{node.name}_{fmt}_w"
+    if formats.get(fmt).activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact)
+        return _block_weight_maker(b, node, w, formats.get(fmt))
     if not COMPACT_WEIGHTS:
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
         wc = modelfile.constant(G.unique_name(base, b.names), wq)
         return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{fmt}_wq", into=into, shape=list(w.shape))), wq
     f = formats.get(fmt)
-    if f.activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact numbers)
-        return _block_weight_maker(b, node, w, f)
     q, scale, axis = quantized_weight(node, w, fmt, hp, block_size, clip)
     wq = f.dequantize(q, scale, axis, block_size=block_size)
     if f.weights == "per-block":
