@@ -220,11 +220,13 @@ def _provider_options(fn):
 
 
 def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
-            memory_budget, skip_nonfinite=False):
+            memory_budget, skip_nonfinite=False, check_finite=True):
     """The Runner of a command, every setting checked here, before any model is read."""
     from ..calib import parse_shapes
     from ..pipeline import Runner
-    return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
-                  calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                  skip_nonfinite=skip_nonfinite)
+    from ..settings import RunSettings
+    settings = RunSettings(provider=provider or "cpu", allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget,
+                           progress=progress_enabled(), seed=seed)
+    return Runner.from_settings(recipe, settings, data=calib_path, calib_random=calib_random, shapes=parse_shapes(shapes),
+                                calib_batches=calib_batches, max_batch=max_batch, skip_nonfinite=skip_nonfinite,
+                                check_finite=check_finite)

@@ -343,15 +343,12 @@ def convert(model, output, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_p
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
-    from ..calib import parse_shapes
     from ..passes import Autocast
-    from ..pipeline import Runner
     dtype = (_given_flag(options, formats.low_precision(), "precisions") or formats.FP16.name)
-    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
-                    data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
-                    calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                    allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                    check_finite=not no_check, skip_nonfinite=skip_nonfinite)
+    runner = _runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
+                     calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes, calib_batches=calib_batches,
+                     max_batch=max_batch, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
+                     memory_budget=memory_budget, skip_nonfinite=skip_nonfinite, check_finite=not no_check)
     output = output or _default_output(model, dtype)
     _check_report(report_path, model, output=output)
     _check_input(model)
