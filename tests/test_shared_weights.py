@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import calib, ort
-from onnxopt.recipes import QuantConfig, quantize
+from onnxopt.api import QuantConfig, quantize
 
 D, F, T, DEPTH = 32, 64, 16, 4
 

@@ -56,7 +56,7 @@ def stage_calib(work: Path, args) -> dict:
 
 
 def stage_fp16(work: Path, args) -> dict:
-    from onnxopt.recipes import convert
+    from onnxopt.api import convert
     path = convert(work / "unet.onnx", work / "unet.fp16.onnx", "fp16")
     return {"bytes": files_bytes(Path(path))}
 

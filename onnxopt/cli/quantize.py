@@ -80,7 +80,7 @@ def _weight_only(mode: str) -> bool:
 def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
              max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
-    from .. import pipeline, recipes
+    from .. import api, pipeline
     mode = _given_flag(options, formats.modes(), "quantization modes")
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
@@ -94,7 +94,7 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
     if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
-    recipe = recipes.recipe(config)
+    recipe = api.recipe(config)
     pipeline.check_recipe(recipe.passes)  # option conflicts between passes first, then a wrong path, then the data
     _check_input(model)
     runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
@@ -232,7 +232,7 @@ def _quant_config(ctx, mode, preset, **fields):
     """QuantConfig of the command line: a preset's recipe with the options the user gave on top."""
     import dataclasses
 
-    from ..recipes import QuantConfig
+    from ..api import QuantConfig
     no_mha = fields.pop("no_mha")
     op_types = fields.pop("op_types")
     fields.update(quantize_mha=not no_mha, op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()),

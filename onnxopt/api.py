@@ -1,8 +1,9 @@
-"""QuantConfig, the flat option set of `onnxopt quantize`, and the recipe it stands for.
+"""The Python API of `onnxopt quantize`: QuantConfig (its flat option set), the recipe of passes it stands for
+(`recipe`), the Runner that runs it (`runner`), and the file-level functions `quantize`, `convert` and
+`sparsify_model`. Model-family QuantConfigs (`--preset`) are in `onnxopt.presets`.
 
-`recipe(config)` turns it into passes: [Sparsify] -> [SmoothQuant] -> [LowRank] -> QDQ | [AWQ] -> [LowRank] -> Int4
--> Autocast;
-`runner(config, ...)` adds the data and resource settings. `quantize()` keeps the original Python API.
+`recipe(config)` turns a config into passes: [Sparsify] -> [SmoothQuant] -> [LowRank] -> QDQ | [AWQ] -> [LowRank]
+-> Int4 -> Autocast; `runner(config, ...)` adds the data and the run's resources (settings.RunSettings).
 """
 from __future__ import annotations
 
