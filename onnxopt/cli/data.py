@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import OnnxoptError
-from .common import (_check_report, _provider_options, _sampler_loop_options, _size, _summary, _write_json, handle_errors, main,
+from .common import (check_report, provider_options, sampler_loop_options, file_size, summary_line, write_json, handle_errors, main,
                      progress_enabled)
 
 
@@ -42,7 +42,7 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
     if report_path and os.path.abspath(report_path) == os.path.abspath(output):
         raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
-    _check_report(report_path)
+    check_report(report_path)
     from ..modelfile import check_writable
     check_writable(output, "-o")
     if not pipeline and (prompts or device):
@@ -63,13 +63,13 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
         arrays = diffusion.synthesize_sdxl(samples, steps=steps, seed=seed,
                                            shapes=diffusion.SDXLShapes(height=height, width=width))
     path = diffusion.save_npz(arrays, output)
-    _summary(diffusion.describe(arrays))
+    summary_line(diffusion.describe(arrays))
     if report_path:
-        _write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
+        write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
                                   "arrays": {k: {"shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
                                                  "std": float(v.std())} for k, v in arrays.items()}})
-    _summary(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
-             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {_size(path)})"
+    summary_line(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
+             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {file_size(path)})"
              + (f"; wrote {report_path}" if report_path else ""))
 
 
@@ -78,9 +78,9 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="trajectory_calib.npz", show_default=True, help="Output .npz.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), required=True, help="The sampler you deploy (as in compare --sampler).")
 @click.option("--seeds", default="0-7", show_default=True, help="Seeds of the recorded runs (keep them apart from compare's held-out seeds).")
-@_sampler_loop_options
+@sampler_loop_options
 @click.option("--data", type=click.Path(dir_okay=False), help="Conditioning .npz (as compare --sampler --data); default: synthesised from the seed.")
-@_provider_options
+@provider_options
 @handle_errors
 def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
                           data, provider, allow_cpu_fallback):
@@ -98,7 +98,7 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     arrays = S.record_trajectory(model, opts, data=data, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
                                  progress=progress_enabled())
     path = diffusion.save_npz(arrays, output)
-    _summary(diffusion.describe(arrays))
+    summary_line(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
-    _summary(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
-             f"{len(opts.seeds)} seed(s), recorded from {model}, {_size(path)})")
+    summary_line(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
+             f"{len(opts.seeds)} seed(s), recorded from {model}, {file_size(path)})")
