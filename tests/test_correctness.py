@@ -11,7 +11,7 @@ from onnxopt import api
 from onnxopt import autocast, calib, emulate, finite, modelfile, ort
 from onnxopt.compare import compare, metrics
 from onnxopt.errors import OnnxoptError
-from onnxopt.quant import QuantConfig, quantize
+from onnxopt.api import QuantConfig, quantize
 
 IDS = {"ids": (2, 16)}
 

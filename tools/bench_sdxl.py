@@ -63,7 +63,7 @@ def stage_fp16(work: Path, args) -> dict:
 
 def _quantize(work: Path, mode: str, args) -> dict:
     from onnxopt import presets
-    from onnxopt.quant import quantize
+    from onnxopt.api import quantize
     cfg = presets.sdxl(mode, progress=False, memory_budget_mb=args.memory_budget)
     res = quantize(work / "unet.onnx", work / f"unet.{mode}.onnx", config=cfg, data=work / "calib.npz")
     rep = res.report
