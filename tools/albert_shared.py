@@ -76,16 +76,6 @@ def export_minilm(d: Path, layer: int) -> None:
     import real_models
     alb = minilm_albert(layer)
 
-    class MeanPooled(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            h = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-            w = attention_mask.unsqueeze(-1).to(h.dtype)
-            return (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
-
     tok = AutoTokenizer.from_pretrained(str(real_models.minilm_dir()))
     sentences = real_models.read_sentences()
     enc = tok(sentences, padding=True, truncation=True, max_length=real_models.MAX_SEQ, return_tensors="np")
@@ -97,7 +87,7 @@ def export_minilm(d: Path, layer: int) -> None:
     sample = tuple(torch.from_numpy(arrays[k][:2]) for k in names)
     axes = {k: {0: "batch", 1: "sequence"} for k in names}
     axes["embedding"] = {0: "batch"}
-    torch.onnx.export(MeanPooled(alb).eval(), sample, d / "albert.onnx", input_names=names,
+    torch.onnx.export(real_models.mean_pooled(alb), sample, d / "albert.onnx", input_names=names,
                       output_names=["embedding"], opset_version=17, dynamo=False, dynamic_axes=axes)
 
 
