@@ -299,6 +299,12 @@ def _fold_attention_output(graph, merge: gs.Node, inv: np.ndarray, names: _Names
     return None if inner is None else f"{inner} (through attention softmax·V '{pv.name}')"
 
 
+def is_attention_output(x: gs.Tensor) -> bool:
+    """`x` is an attention block's merged heads (merge(P · V)): a Mul on it would split TensorRT's fused attention."""
+    p = producer(x)
+    return p is not None and p.op == "Reshape" and _walk_heads(p.inputs[0], stop="MatMul")[0] is not None
+
+
 def _walk_heads(t: gs.Tensor, stop: str, limit: int = 6):
     """From a per-head tensor [B, H, S, hd] up to the `stop` op: exactly one Transpose 0,2,1,3 and any
     Reshapes that keep rank 4 and the head size hd (views). Returns (stop node, tensors passed) or (None, [])."""

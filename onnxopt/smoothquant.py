@@ -268,8 +268,11 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                 g.samplers.clear()
         else:
             chosen, s = alpha, scales(act_max, w_max, alpha)
-        entry["alpha"] = chosen
-        if chosen is None:
+        if chosen is not None and len(unit) > 1 and any(fold.is_attention_output(g.layers[0].inputs[0]) for g in unit):
+            # 1/s would go into the shared V projection once per use (copies) or a Mul would split fused attention.
+            chosen = None
+            entry["fold"] = "not smoothed: a shared weight reading attention outputs"
+        elif chosen is None:
             entry["fold"] = "not smoothed: smoothing did not lower the simulated error"
         elif len(unit) == 1:
             entry["fold"] = fold.fold_input_scale(graph, unit[0].layers, s)
@@ -278,7 +281,8 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
             fold.scale_weights(graph, layers_all, s)
             ins = sum(f.startswith("inserted") for f in folds)
             entry["fold"] = f"shared weights scaled once; {len(folds) - ins} activation(s) folded into norms, {ins} Mul(s) inserted"
-            report["inserted_muls"] += sum(f.startswith("inserted") for f in folds)
+            report["inserted_muls"] += ins
+        entry["alpha"] = chosen
         if chosen is not None:
             entry["s_range"] = [float(s.min()), float(s.max())]
             report["inserted_muls"] += len(unit) == 1 and entry["fold"].startswith("inserted")
