@@ -41,6 +41,7 @@ class Plan:
     residuals: list = field(default_factory=list)            # (add node, input index)
     shared_scales: list = field(default_factory=list)        # groups of tensor names sharing one scale
     fixed_amax: dict = field(default_factory=dict)           # tensor name -> amax known without calibration
+    unshared: list = field(default_factory=list)             # (tensor names, reason): kept out of a Concat's scale
 
 
 # ---------------------------------------------------------------- rules (None = go ahead)
@@ -296,11 +297,16 @@ _LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Ident
 _SCORE_OPS = ("Mul", "Div", "Add", "Where", "Cast")   # scale and mask between Q·Kᵀ and Softmax
 
 
+def _data_readers(t):
+    """Readers of `t` other than Shape (exporters read shapes beside the data path)."""
+    return [r for r in t.outputs if r.op != "Shape"]
+
+
 def _next_gemm(t, limit: int = 8):
     """The Conv/MatMul/Gemm reading `t` through single-reader layout ops (an attention block's output
-    projection), or None."""
+    projection), or None. Shape readers do not count."""
     for _ in range(limit):
-        readers = t.outputs
+        readers = _data_readers(t)
         if len(readers) != 1:
             return None
         r = readers[0]
@@ -327,7 +333,7 @@ def _attention_bmms(softmax):
             todo += [(i, depth + 1) for i in n.inputs if not isinstance(i, gs.Constant)]
     t = softmax.outputs[0]
     for _ in range(4):
-        readers = t.outputs
+        readers = _data_readers(t)
         if len(readers) != 1:
             break
         if readers[0].op == "MatMul":
@@ -407,6 +413,37 @@ def _plan_softmax_outputs(graph, p: Plan, config) -> None:
         t = uses[0][0].inputs[uses[0][1]]
         if t.inputs and t.inputs[0].op == "Softmax":
             p.fixed_amax[name] = 1.0
+
+
+# ---------------------------------------------------------------- shared scales (after calibration)
+MAX_SHARED_RANGE_RATIO = 16.0
+
+
+def share_concat_scales(p: Plan, amax: dict) -> None:
+    """Concat inputs share one scale only within a 16x range of each other (rule, in place on `amax`).
+    TensorRT moves a Q across a Concat only when every input has the same scale, so sharing saves a
+    requantization; but a scale stretched past a tensor's own range costs it 4 bits in INT8 and, in FP8,
+    flushes it to zero below 2^-9 of the shared scale's step: the real terrain UNet's stem output (max 8)
+    shared the scale of a decoder Concat reaching 1.7e10 (a UNet's last skip joins its largest stream) and
+    was quantized to all zeros on its residual path. Tensors further apart keep their own scales (TensorRT then
+    concatenates in high precision and quantizes the result for its readers)."""
+    p.unshared = []
+    for group in p.shared_scales:
+        members = sorted((n for n in group if n in amax), key=lambda n: amax[n])
+        clusters: list = []
+        for n in members:
+            if clusters and amax[n] <= MAX_SHARED_RANGE_RATIO * max(amax[clusters[-1][0]], 1e-30):
+                clusters[-1].append(n)
+            else:
+                clusters.append([n])
+        for c in clusters:
+            shared = max(amax[n] for n in c)
+            for n in c:
+                amax[n] = shared
+        if len(clusters) > 1:
+            for c in clusters[:-1]:
+                p.unshared.append((tuple(c), f"range {max(amax[n] for n in c):.3g} is over {MAX_SHARED_RANGE_RATIO:g}x "
+                                             f"below the Concat group's {amax[clusters[-1][0]]:.3g}: own scale"))
 
 
 # ---------------------------------------------------------------- helpers
