@@ -27,3 +27,6 @@ class RunSettings:
             raise OnnxoptError(f"--seed must be >= 0, got {self.seed}")
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
+
+
+RUN_SETTINGS = tuple(RunSettings.__dataclass_fields__)   # the field names, for APIs taking them as keywords
