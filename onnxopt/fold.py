@@ -68,7 +68,12 @@ def effective_shape(node: gs.Node, index: int = 1) -> tuple[int, ...]:
 
 def effective_weight(node: gs.Node, index: int = 1) -> np.ndarray:
     """Values that `node` sees at `index` (the constant with its Transposes applied), as float32."""
-    const, chain = weight_chain(node, index)
+    return chain_values(*weight_chain(node, index))
+
+
+def chain_values(const: gs.Constant, chain: list[gs.Node]) -> np.ndarray:
+    """`effective_weight` from a `weight_chain` found earlier: reads no graph edges (worker threads may call it
+    while the graph is edited elsewhere)."""
     return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32)
 
 
