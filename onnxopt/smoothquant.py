@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import calib, fold, formats
+from . import graph as G
 from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
 from .progress import track
@@ -217,6 +218,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
 
+    taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
     for g in track(sorted(groups, key=lambda g: -g.order), total=len(groups), enabled=progress,
@@ -237,7 +239,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
         if chosen is None:
             entry["fold"] = "not smoothed: smoothing did not lower the simulated error"
         else:
-            entry["fold"] = fold.fold_input_scale(graph, g.layers, s)
+            entry["fold"] = fold.fold_input_scale(graph, g.layers, s, taken)
             entry["s_range"] = [float(s.min()), float(s.max())]
             report["inserted_muls"] += entry["fold"].startswith("inserted")
         for n in g.layers:

@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 from .. import formats
 from .. import graph as G
 from ..formats import round_scale
-from ..formats.base import scales_underflow
+from ..formats.base import Format, scales_underflow
 
 __all__ = ["round_scale", "activation_scale", "insert_activation_qdq", "quantize_weight", "write_weight_codes", "weight_codes"]
 
@@ -58,5 +58,10 @@ def weight_codes(f, w: np.ndarray, axis: int, high_precision: str):
     amax = f.weight_amax(w, axis)
     raw = f.scale_of(amax, formats.FP32.name)
     underflow = scales_underflow(amax, raw, high_precision)  # FP16 scales would clamp those weights to ~0
-    q, scale = f.quantize_weight(w, axis, formats.FP32.name if underflow else high_precision)
+    hp = formats.FP32.name if underflow else high_precision
+    if type(f).quantize_weight is Format.quantize_weight:  # its numbers, from the amax found above (not twice)
+        scale = raw if hp == formats.FP32.name else f.scale_of(amax, hp)
+        q = f.cast(w / scale)
+    else:
+        q, scale = f.quantize_weight(w, axis, hp)
     return q, scale, float(raw.min()) if underflow else None

@@ -281,6 +281,7 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
     amax = {k: dict(v) for k, v in plan.amax.items()}
     means, done = dict(plan.means), {}
     by_name = {n.name: n for n in graph.nodes}
+    taken = G.taken_names(graph)  # once, kept up to date by each fold (not a walk of the graph per layer)
     for tname, sm in plan.smooth.items():
         nodes = [by_name[n] for n in sm.layers if n in sq]
         if not nodes:
@@ -289,11 +290,11 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
         p = x.inputs[0] if x.inputs else None
         if not (p is not None and fold.is_norm(p) and len(x.outputs) == len(nodes)):
             # a private Identity in front of the layers: fold finds no producer to fold into and inserts the Mul
-            xi = gs.Variable(G.unique_name(f"{tname}_sq_in", G.taken_names(graph)), dtype=x.dtype, shape=x.shape)
+            xi = gs.Variable(G.unique_name(f"{tname}_sq_in", taken), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Identity", name=xi.name, inputs=[x], outputs=[xi]))
             for n in nodes:
                 n.inputs[0] = xi
-        how = fold.fold_input_scale(graph, nodes, sm.s)
+        how = fold.fold_input_scale(graph, nodes, sm.s, taken)
         new = nodes[0].inputs[0].name
         base = formats.get(mix[nodes[0].name]).base
         amax.setdefault(base, {})[new] = sm.amax
