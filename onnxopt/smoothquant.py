@@ -215,8 +215,10 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                     continue
                 g.samplers.append(sampler)
                 reducers[g.activation].append(sampler)
+    t1 = time.perf_counter()
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
+    t2 = time.perf_counter()
 
     taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
@@ -246,6 +248,8 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
             report["alphas"][n.name] = chosen
         report["groups"].append(entry)
     report["time_s"] = round(time.perf_counter() - t0, 3)
+    # the run's breakdown (pipeline.breakdown): statistics as calibrate, alpha search and folding as write
+    report["timings_s"] = {"calibrate": t2 - t1, "fold": time.perf_counter() - t2}
     log.info("smoothquant: %d activation(s), %d inserted Mul(s), %.1f s", len(report["groups"]),
              report["inserted_muls"], report["time_s"])
     return report
