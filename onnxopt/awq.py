@@ -1,4 +1,4 @@
-"""AWQ for INT4 weight-only layers: activation-aware input-channel scales and per-block clip ratios.
+"""AWQ for 4-bit block weights (INT4 W4A16, NVFP4): activation-aware input-channel scales and per-block clip ratios.
 
 - lite: per activation (layers that read it share one s), s = x^a / w^(1-a) with x the mean |X_j| over the
   calibration data and w the mean block-normalized |W_j|; a is searched on a grid (0.1, refined by 0.05)
@@ -26,7 +26,7 @@ from . import calib, fold, obs
 from .calib import ChannelMeanAbs, Gram, RowSample
 from .errors import OnnxoptError
 from .progress import track
-from .formats import FP16, INT4, round_scale
+from .formats import FP16, INT4
 from .formats.int4 import expand
 from .graph import activation_channel_axis, to_kn
 from .settings import MEMORY_BUDGET_MB
@@ -62,12 +62,6 @@ def _rel_error(h: np.ndarray, w: np.ndarray, deq: np.ndarray, norm: float) -> fl
     return float(np.sum((h @ d) * d, dtype=np.float64)) / norm
 
 
-def _block_candidates(wb: np.ndarray, hp: str, ratios=CLIP_RATIOS) -> np.ndarray:
-    """Quantize-dequantize of one block [B, N] at every clip ratio: [ratios, B, N]."""
-    amax = np.abs(wb).max(axis=0)
-    r = np.asarray(ratios, np.float32)[:, None]
-    scale = round_scale(np.where(amax > 0, amax * r / INT4.qmax, 1.0), hp)[:, None, :]
-    return np.clip(np.rint(wb[None] / scale), INT4.qmin, INT4.qmax) * scale
 
 
 def search_scale(h: np.ndarray, x_mean: np.ndarray, weights: list[tuple[np.ndarray, int]], block_size: int,
@@ -110,14 +104,18 @@ def _quad(hbb: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp32",
-                sweeps: int = CLIP_SWEEPS) -> tuple[np.ndarray, dict]:
-    """Per (block, output channel) clip ratio of the INT4 scale. First each block alone minimizes its own
+                sweeps: int = CLIP_SWEEPS, fmt=INT4) -> tuple[np.ndarray, dict]:
+    """Per (block, output channel) clip ratio of the block scale of `fmt` (INT4, NVFP4). First each block alone minimizes its own
     output error d_b^T H_bb d_b; then coordinate descent over the blocks minimizes each column's whole
     output error d^T H d (the blocks of one column interact through H)."""
     k, n = w_kn.shape
     b = block_size or k
     nb = -(-k // b)
-    ratios = np.asarray(CLIP_RATIOS, np.float32)
+    # A format whose block scales round to a coarse type (NVFP4's FP8) may clip the block's max at ratio 1: it also
+    # tries ratios above 1 (MiniLM NVFP4 weight-only 0.98539 -> 0.98636).
+    ratios = np.asarray(tuple(fmt.awq_ratios_above) + CLIP_RATIOS, np.float32)
+    rtn = len(fmt.awq_ratios_above)  # the index of ratio 1
+    amax_all = float(np.abs(w_kn).max())  # NVFP4's tensor scale is the whole weight's
     cols = np.arange(n)
     choice = np.zeros((nb, n), np.int64)
     d = np.empty_like(w_kn)
@@ -125,11 +123,11 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
     own = []
     for i in range(nb):
         sl = slice(i * b, min((i + 1) * b, k))
-        c = _block_candidates(w_kn[sl], hp) - w_kn[sl][None]  # [R, B, N]: weight error at each ratio
+        c = fmt.block_candidates(w_kn, sl, ratios, hp, b, tensor_amax=amax_all) - w_kn[sl][None]  # [R, B, N]: weight error at each ratio
         err = _quad(h[sl, sl], c)                               # [R, N]: c^T H_bb c
         choice[i] = np.argmin(err, axis=0)
         d[sl] = np.take_along_axis(c, choice[i][None, None, :], axis=0)[0]
-        d_rtn[sl] = c[0]
+        d_rtn[sl] = c[rtn]
         own.append(err)
     if nb > 1 and sweeps:
         g = h @ d                                               # H d, kept current
@@ -137,7 +135,7 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
             moved = 0
             for i in range(nb):
                 sl = slice(i * b, min((i + 1) * b, k))
-                c, db = _block_candidates(w_kn[sl], hp) - w_kn[sl][None], d[sl]  # recomputed: R copies of W are big
+                c, db = fmt.block_candidates(w_kn, sl, ratios, hp, b, tensor_amax=amax_all) - w_kn[sl][None], d[sl]  # recomputed: R copies of W are big
                 hd = h[sl, sl] @ db                             # H_bb d_b
                 # Error change when block i switches from d_b to c_r, all else fixed:
                 # 2 (c_r - d_b).g_b + c_r^T H c_r - 2 c_r^T H d_b + d_b^T H d_b
@@ -161,8 +159,8 @@ def search_clip(h: np.ndarray, w_kn: np.ndarray, block_size: int, hp: str = "fp3
 
 
 def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: int, damp: float = 0.01,
-               lazy: int = 128) -> np.ndarray:
-    """INT4 values for W [K, N] with fixed block scales, rounded one input channel at a time with the
+               lazy: int = 128, fmt=INT4) -> np.ndarray:
+    """`fmt` codes (INT4, NVFP4) for W [K, N] with fixed block scales, rounded one input channel at a time with the
     error of each fed back into the channels not yet rounded (GPTQ, Frantar et al. 2023), so that the
     layer output error ||X (W - Q)||, not the weight error, is what the rounding minimizes."""
     k, n = w_kn.shape
@@ -174,32 +172,32 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
     w[dead] = 0.0
     u = obs.hinv_upper(hh, damp, via_cholesky=False)  # raises obs.SingularHessian: the caller keeps plain rounding
     s = expand(scale, k, block_size).astype(np.float64)[perm]
-    q = np.zeros((k, n), np.int8)
+    s[s == 0] = 1.0  # an all-zero NVFP4 block (scale 0): its codes round the fed-back error at scale 1, written as 0s
+    q = np.zeros((k, n), fmt.np_dtype)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1, err = w[i1:i2].copy(), np.zeros((i2 - i1, n))
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            qi = np.clip(np.rint(w1[i] / s[i1 + i]), INT4.qmin, INT4.qmax)
-            q[i1 + i] = qi
-            e = (w1[i] - qi * s[i1 + i]) / u1[i, i]
+            q[i1 + i] = fmt.cast(w1[i] / s[i1 + i])
+            e = (w1[i] - fmt.to_float(q[i1 + i]) * s[i1 + i]) / u1[i, i]
             w1[i:] -= np.outer(u1[i, i:], e)
             err[i] = e
         w[i2:] -= u[i1:i2, i2:].T @ err
     return q[inv_perm]
 
 
-def _error_feedback(node, w, h, clips, block_size, hp, entry: dict) -> None:
+def _error_feedback(node, fmt, w, h, clips, block_size, hp, entry: dict) -> None:
     """Replace the clip ratios of `node` by (values, scales) rounded with error feedback, or keep them (plain
     rounding with the searched scales) when the Hessian is not positive definite even with more damping."""
-    scale = INT4.block_scales(w, block_size, clips[node.name], hp)
+    scale = fmt.block_scales(w, block_size, clips[node.name], hp)
     try:
-        q = gptq_round(w, h, scale, block_size)
+        q = gptq_round(w, h, scale, block_size, fmt=fmt)
     except obs.SingularHessian as e:
         log.warning("awq: %s: %s; keeping the searched scales without error feedback", node.name, e)
         entry["gptq"] = f"skipped: {e}"
         return
-    deq = q.astype(np.float32) * expand(scale, w.shape[0], block_size)
+    deq = fmt.dequantize(q, scale, 1, block_size=block_size)
     nrm = max(_rel_error(h, w, np.zeros_like(w), 1.0), 1e-30)
     entry["gptq_error"] = _rel_error(h, w, deq, nrm)
     clips[node.name] = (q, scale)
@@ -322,11 +320,12 @@ class _Search:
                 inv = (1.0 / self.x_scale[name]).astype(np.float32)
                 h = h * inv[:, None] * inv[None, :]
             w = to_kn(n, fold.effective_weight(n))
-            self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp)
+            fmt = self.formats[id(n)]
+            self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp, fmt=fmt)
             self.report["layers"].setdefault(n.name, {})["clip"] = info
             # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
             # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
             if feedback and self.stats.rows(name) >= w.shape[0]:
-                _error_feedback(n, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
+                _error_feedback(n, fmt, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
             if j + 1 == len(todo) or todo[j + 1][0] != name:
                 self.hs.pop(name, None)

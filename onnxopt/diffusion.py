@@ -232,7 +232,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
         raise OnnxoptError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu")
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     try:
-        with _quiet_hf():
+        with quiet_hf():
             from diffusers import StableDiffusionXLPipeline
             pipe = StableDiffusionXLPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -241,7 +241,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
 
 
 @contextlib.contextmanager
-def _quiet_hf():
+def quiet_hf():
     """transformers and diffusers warn about optional backends, deprecations and accelerate while a
     pipeline loads, with a progress bar even into a log file; keep all that for -v."""
     import warnings
@@ -255,6 +255,7 @@ def _quiet_hf():
     transformers.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -263,6 +264,7 @@ def _quiet_hf():
         transformers.logging.set_verbosity(levels[0])
         diffusers.utils.logging.set_verbosity(levels[1])
         diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- files

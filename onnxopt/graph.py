@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .formats.mxfp8 import DQ_OP as MX_DQ_OP
+from . import formats
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 VIEW_OPS = ("Cast", "Transpose", "Identity")  # show a constant's values to a layer (cast or permuted)
-PASS_THROUGH = VIEW_OPS + ("DequantizeLinear", MX_DQ_OP)  # what lies between a layer and its weight initializer
+PASS_THROUGH = VIEW_OPS + formats.dequantize_ops()  # what lies between a layer and its weight initializer
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:

@@ -1,4 +1,5 @@
-"""Side-by-side PNG grids (reference | candidate | |difference|), written with zlib and struct alone."""
+"""Side-by-side PNG grids (reference | candidate | |difference| of samples; reference | candidate of decoded images),
+written with zlib and struct alone."""
 from __future__ import annotations
 
 import struct
@@ -54,3 +55,19 @@ def grid(ref: np.ndarray, cand: np.ndarray, pad: int = 2) -> np.ndarray:
 def save_grid(path, ref: np.ndarray, cand: np.ndarray) -> Path:
     """PNG of `grid(ref, cand)` at `path` (samples [N, C, H, W])."""
     return write_png(path, grid(ref, cand))
+
+
+def image_grid(ref: np.ndarray, cand: np.ndarray, pad: int = 2) -> np.ndarray:
+    """One row per image: reference | candidate, 8-bit [N, H, W, 3] pixels unchanged (NaN black), white gaps of `pad`."""
+    ref, cand = (np.nan_to_num(np.asarray(a, np.float64), nan=0.0).clip(0, 255).astype(np.uint8) for a in (ref, cand))
+    n, h, w = ref.shape[:3]
+    out = np.full((n * h + (n - 1) * pad, 2 * w + pad) + ref.shape[3:], 255, np.uint8)
+    for i in range(n):
+        y = i * (h + pad)
+        out[y:y + h, :w], out[y:y + h, w + pad:] = ref[i], cand[i]
+    return out
+
+
+def save_image_grid(path, ref: np.ndarray, cand: np.ndarray) -> Path:
+    """PNG of `image_grid(ref, cand)` at `path` (decoded images [N, H, W, 3], levels 0..255)."""
+    return write_png(path, image_grid(ref, cand))

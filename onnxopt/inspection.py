@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import formats
 from . import graph as G
 from . import formats, modelfile
 
@@ -62,7 +61,7 @@ def _is_dq(t) -> bool:
     for _ in range(3):
         if p is None:
             return False
-        if p.op in ("DequantizeLinear", G.MX_DQ_OP):
+        if p.op in formats.dequantize_ops():
             return True
         if p.op not in ("Cast", "Reshape"):
             return False
@@ -71,21 +70,21 @@ def _is_dq(t) -> bool:
 
 
 def block_format(node) -> str:
-    """'nvfp4' / 'mxfp8' when the layer's weight is stored in that block format (else '')."""
+    """The block format's name ('nvfp4', 'mxfp8') when the layer's weight is stored in one (else '')."""
     if len(node.inputs) < 2:
         return ""
     const, chain = G.weight_of(node.inputs[1])
     if const is None:
         return ""
-    if any(c.op == G.MX_DQ_OP for c in chain):
-        return formats.MXFP8.name
-    return formats.NVFP4.name if _type_name(const.dtype) in formats.NVFP4.storage_names else ""
+    f = formats.block_format_of(_type_name(const.dtype), [c.op for c in chain])
+    return f.name if f is not None else ""
 
 
 def _in_block_form(dq) -> bool:
-    """A DequantizeLinear of an NVFP4 form: of FP4 codes (constant or dynamic), or of FP8 block scales feeding one."""
+    """A DequantizeLinear of a block format's form (NVFP4): of its codes (constant or from its dynamic quantizer),
+    or of block scales feeding one."""
     src = dq.inputs[0]
-    if _type_name(src.dtype) in formats.NVFP4.storage_names or (src.inputs and src.inputs[0].domain == formats.nvfp4.TRT_DOMAIN):
+    if formats.block_format_of(_type_name(src.dtype)) is not None or (src.inputs and formats.from_dynamic_op(src.inputs[0].op)):
         return True
     return any(c.op == "DequantizeLinear" and c.inputs[1] is dq.outputs[0] for c in dq.outputs[0].outputs)
 

@@ -40,7 +40,7 @@ class QuantConfig:
     smoothquant: float | str | None = None     # alpha, "auto", or None
     lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
     lowrank_budget: float | None = None        # --lowrank auto: extra bytes / quantized weight bytes (default 0.1)
-    awq: str = "full"                          # int4: "none" | "lite" | "clip" | "full"
+    awq: str = "full"                          # int4 / nvfp4 weights: "none" | "lite" | "clip" | "full"
     block_size: int | None = None              # int4: along K (0 = per-channel); None: the format's (INT4: 128)
     int8_layers: str | None = None             # int4: regex of layers kept at per-channel INT8 weights
     sparsity: str | None = None                # "2:4": sparsify before quantization
@@ -92,7 +92,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                                 else c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode in BlockFP.FORMATS:
-        passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq="lite" if c.awq != "none" and registry.get(c.mode).awq else "none",
+        passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq=c.awq if registry.get(c.mode).awq else "none",
                               calib_method=c.calib_method, percentile=c.percentile,
                               exclude=c.exclude, op_types=c.op_types, quantize_mha=c.quantize_mha,
                               bias_correction=c.bias_correction))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("export", "calib", "fp16", "fp8", "int8", "inspect", "compare")
+STAGES = ("export", "calib", "fp16", "fp8", "int8", "nvfp4", "inspect", "compare")
 
 
 def files_bytes(model: Path) -> int:
@@ -64,7 +64,8 @@ def stage_fp16(work: Path, args) -> dict:
 def _quantize(work: Path, mode: str, args) -> dict:
     from onnxopt import presets
     from onnxopt.quant import quantize
-    cfg = presets.sdxl(mode, progress=False, memory_budget_mb=args.memory_budget)
+    cfg = presets.sdxl(mode, progress=False, memory_budget_mb=args.memory_budget, provider=args.provider,
+                       **({"awq": args.awq} if mode == "nvfp4" else {}))
     res = quantize(work / "unet.onnx", work / f"unet.{mode}.onnx", config=cfg, data=work / "calib.npz")
     rep = res.report
     (work / f"report.{mode}.json").write_text(json.dumps(rep, indent=1, default=str))
@@ -78,6 +79,11 @@ def stage_fp8(work: Path, args) -> dict:
 
 def stage_int8(work: Path, args) -> dict:
     return _quantize(work, "int8", args)
+
+
+def stage_nvfp4(work: Path, args) -> dict:
+    """quantize --nvfp4 --preset sdxl (W4A4 GEMMs, FP8 convolutions and attention), with --awq."""
+    return _quantize(work, "nvfp4", args)
 
 
 def stage_inspect(work: Path, args) -> dict:
@@ -189,8 +195,12 @@ def summarize(res: dict) -> dict:
         s["fp32_gib"] = fp32 / 2**30
         s["rss_limit_gib"] = 1.5 * fp32 / 2**30
     fp16 = res.get("fp16", {}).get("bytes")
-    for mode in ("fp8", "int8"):
+    if fp32:  # every initializer at 2 bytes: what convert --fp16 writes, without running it
+        s["fp16_estimate_gib"] = fp32 / 2 / 2**30
+    for mode in ("fp8", "int8", "nvfp4"):
         r = res.get(mode, {})
+        if r.get("bytes") and fp32 and not fp16:
+            s[f"{mode}_over_fp16_estimate"] = r["bytes"] / (fp32 / 2)
         if r.get("bytes") and fp16:
             s[f"{mode}_over_fp16"] = r["bytes"] / fp16
         if r.get("peak_rss_gib") and fp32:
@@ -230,6 +240,8 @@ def main():
     ap.add_argument("--held-out", type=int, default=4, help="Held-out evaluation samples (seed 1).")
     ap.add_argument("--steps", type=int, default=30, help="Denoising schedule the samples are spread over.")
     ap.add_argument("--memory-budget", type=int, default=4096, help="Calibration memory budget (MB).")
+    ap.add_argument("--provider", default="cpu", help="Calibration provider of the quantize stages (cuda on the GPU machine).")
+    ap.add_argument("--awq", default="none", help="nvfp4 stage: AWQ method (none | lite | clip | full).")
     ap.add_argument("--compare", default="fp16,fp8,int8", type=lambda s: [m for m in s.split(",") if m])
     ap.add_argument("--json", type=Path, help="Also write all results here.")
     ap.add_argument("--_stage", help=argparse.SUPPRESS)

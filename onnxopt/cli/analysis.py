@@ -64,15 +64,25 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--seeds", default="0-3", show_default=True, help="With --sampler: seeds of the initial noise, e.g. 0-7 or 0,3,5.")
 @_sampler_loop_options
 @click.option("--data-range", type=float, help="With --sampler: PSNR/SSIM data range (default: each reference sample's peak-to-peak).")
-@click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG.")
+@click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG (with --pipeline: reference | candidate decoded images, exact 8-bit pixels).")
+@click.option("--pipeline", type=click.Path(), help="A local diffusers pipeline folder (save_pretrained: model_index.json, unet/, vae/, text encoders, tokenizers, scheduler/): run it with each ONNX UNet swapped in and compare decoded images; --sampler then picks another scheduler (default: the pipeline's own), --size is the image HxW in pixels.")
+@click.option("--prompts", type=click.Path(), help="With --pipeline: text file, one prompt per line (each prompt is generated with every seed).")
 @handle_errors
 def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback,
-            report_path, old_json, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid):
+            report_path, old_json, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid,
+            pipeline, prompts):
     """Per-output cosine, SNR and max abs error of CANDIDATE vs REFERENCE (ORT, ORT_DISABLE_ALL); with --sampler,
     the final samples of a denoising loop run with each model (same seeds, noise and conditioning): PSNR, SSIM,
     cosine and the drift step by step. With --sampler, --data is an .npz of conditioning inputs (leading axis:
     prompts; two rows [unconditional, conditional] each with guidance); without it, conditioning is synthesised
-    from the seed."""
+    from the seed. With --pipeline, the user's diffusers pipeline generates every prompt x seed with each UNet
+    (ONNX Runtime) and the decoded 8-bit images are compared (PSNR, SSIM over 0..255; LPIPS when its weights are
+    on this machine), latents too."""
+    if pipeline or prompts:
+        report_path = _alias(report_path, old_json, "--report", "--json")
+        return _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback,
+                                 report_path, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
+                                 data_range, save_grid, pipeline, prompts)
     if sampler or any(v is not None for v in (steps, guidance, sample_size, data_range, save_grid)):
         report_path = _alias(report_path, old_json, "--report", "--json")
         return _compare_sampled(reference, candidate, data, shapes, max_batch, provider, allow_cpu_fallback, report_path,
@@ -132,3 +142,41 @@ def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, al
     wrote = ", ".join(p for p in (report_path, save_grid) if p)
     _summary(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
              f"PSNR {f.psnr_mean:.2f} dB, SSIM {f.ssim_mean:.4f}, cosine {f.cosine_mean:.6f}" + (f"; wrote {wrote}" if wrote else ""))
+
+
+def _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback, report_path,
+                      sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min, data_range, save_grid,
+                      pipeline, prompts):
+    from .. import diffusers_pipeline as P
+    from .. import sampler as S
+    from ..errors import OnnxoptError
+    if not pipeline:
+        raise OnnxoptError("--prompts applies with --pipeline DIR (a diffusers pipeline folder)")
+    unused = [o for o, v in (("--data", data), ("--shapes", shapes), ("--max-batch", max_batch), ("--skip-nonfinite", skip_nonfinite),
+                             ("--prediction", prediction != "epsilon"), ("--sigma-max", sigma_max != 80.0),
+                             ("--sigma-min", sigma_min != 0.002), ("--data-range", data_range is not None)) if v]
+    if unused:
+        raise OnnxoptError(f"{unused[0]} does not apply with --pipeline (the pipeline gives conditioning, images are 8-bit)")
+    opts = P.PipelineOptions(sampler, steps, guidance, S.parse_size(sample_size), S.parse_seeds(seeds))
+    folder = P.check_folder(pipeline)
+    lines = P.read_prompts(prompts)
+    _check_report(report_path, reference, candidate)
+    if save_grid:
+        from ..modelfile import check_writable
+        if not save_grid.endswith(".png"):
+            raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
+        check_writable(save_grid, "--save-grid")
+    res = P.compare_pipeline(reference, candidate, folder, lines, opts, provider=provider,
+                             allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
+    click.echo(P.format_table(res))
+    if report_path:
+        _write_json(report_path, res.as_dict())
+    if save_grid:
+        from ..imagegrid import save_image_grid
+        save_image_grid(save_grid, res.reference, res.candidate)
+    im = res.images
+    wrote = ", ".join(p for p in (report_path, save_grid) if p)
+    _summary(f"compared {len(res.reference)} decoded image(s) of {folder.pipeline_class} ({res.scheduler} {res.steps} step(s)) "
+             f"on {res.provider}: PSNR {im.psnr_mean:.2f} dB, SSIM {im.ssim_mean:.4f}, "
+             + (f"LPIPS {res.lpips[0]:.4f}" if res.lpips else "LPIPS not available offline")
+             + f"; final latents PSNR {res.latents.psnr_mean:.2f} dB" + (f"; wrote {wrote}" if wrote else ""))

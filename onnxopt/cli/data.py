@@ -14,7 +14,9 @@ def calib_data():
 
     \b
     trajectory  recorded along a sampler's own trajectory: runs the given FP32 ONNX denoiser in the loop
-                (steps, guidance, size and seeds you deploy); conditioning from --data or synthesised
+                (steps, guidance, size and seeds you deploy); with --pipeline DIR --prompts FILE inside your
+                real diffusers pipeline (its text encoders, scheduler, resolution), else with the synthetic
+                SDXL schedule and conditioning from --data or synthesised; the summary says which
     sdxl        synthetic SDXL UNet inputs spread over an Euler schedule (no model run), or recorded
                 from a diffusers pipeline with --pipeline"""
 
@@ -76,22 +78,31 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
 @calib_data.command("trajectory")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="trajectory_calib.npz", show_default=True, help="Output .npz.")
-@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), required=True, help="The sampler you deploy (as in compare --sampler).")
+@click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="The sampler you deploy (as in compare --sampler); required without --pipeline, where the default is the pipeline's own scheduler.")
 @click.option("--seeds", default="0-7", show_default=True, help="Seeds of the recorded runs (keep them apart from compare's held-out seeds).")
 @_sampler_loop_options
 @click.option("--data", type=click.Path(dir_okay=False), help="Conditioning .npz (as compare --sampler --data); default: synthesised from the seed.")
+@click.option("--pipeline", type=click.Path(), help="A local diffusers pipeline folder: record MODEL's inputs while that pipeline generates with MODEL as its UNet (--size is then the image HxW in pixels).")
+@click.option("--prompts", type=click.Path(), help="With --pipeline: text file, one prompt per line (each generated with every seed).")
 @_provider_options
 @handle_errors
 def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
-                          data, provider, allow_cpu_fallback):
+                          data, pipeline, prompts, provider, allow_cpu_fallback):
     """Record MODEL's inputs at every step of the sampler's trajectory (the FP32 ONNX model runs the loop): one
     sample per call, steps x seeds samples. For SDXL-style UNets the text conditioning is synthetic unless --data
-    gives recorded embeddings; the latents, timesteps and guidance are the loop's own."""
+    gives recorded embeddings; the latents, timesteps and guidance are the loop's own. With --pipeline, the
+    real pipeline runs with MODEL as its UNet on --prompts: text conditioning, scheduler, steps, guidance and
+    resolution are the pipeline's (or the options given)."""
     from .. import diffusion
     from .. import sampler as S
     from ..modelfile import check_writable
     if not output.endswith(".npz"):
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
+    if pipeline or prompts:
+        return _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max,
+                                    sigma_min, data, pipeline, prompts, provider, allow_cpu_fallback)
+    if sampler is None:
+        raise OnnxoptError("--sampler is required (euler, ddim, dpmpp or consistency), or give --pipeline DIR --prompts FILE")
     check_writable(output, "-o")
     opts = S.SamplerOptions(sampler, steps, guidance, S.parse_seeds(seeds), S.parse_size(sample_size), prediction,
                             sigma_min, sigma_max)
@@ -101,4 +112,29 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     _summary(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
     _summary(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
-             f"{len(opts.seeds)} seed(s), recorded from {model}, {_size(path)})")
+             f"{len(opts.seeds)} seed(s), recorded from {model} in onnxopt's loop with "
+             f"{'conditioning from ' + data if data else 'synthetic conditioning'}, {_size(path)})")
+
+
+def _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
+                         data, pipeline, prompts, provider, allow_cpu_fallback):
+    from .. import diffusers_pipeline as P
+    from .. import diffusion
+    from .. import sampler as S
+    from ..modelfile import check_writable
+    if not pipeline:
+        raise OnnxoptError("--prompts applies with --pipeline DIR (a diffusers pipeline folder)")
+    unused = [o for o, v in (("--data", data), ("--prediction", prediction != "epsilon"), ("--sigma-max", sigma_max != 80.0),
+                             ("--sigma-min", sigma_min != 0.002)) if v]
+    if unused:
+        raise OnnxoptError(f"{unused[0]} does not apply with --pipeline (the pipeline gives conditioning and schedule)")
+    opts = P.PipelineOptions(sampler, steps, guidance, S.parse_size(sample_size), S.parse_seeds(seeds))
+    folder = P.check_folder(pipeline)
+    lines = P.read_prompts(prompts)
+    check_writable(output, "-o")
+    arrays = P.record_trajectory(model, folder, lines, opts, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
+                                 progress=progress_enabled())
+    path = diffusion.save_npz(arrays, output)
+    _summary(diffusion.describe(arrays))
+    n = len(next(iter(arrays.values())))
+    _summary(f"wrote {path} ({n} samples: UNet calls {P.describe_source(folder, lines, opts)}, {_size(path)})")

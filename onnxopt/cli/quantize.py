@@ -39,7 +39,8 @@ def _weight_only(mode: str) -> bool:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.<mode>.onnx).")
 @_flags(formats.modes(), DEFAULT_MODE)
-@click.option("--weight-only", is_flag=True, default=None, help="With --nvfp4: FP4 weights, FP16 activations (W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
+@click.option("--weight-only", is_flag=True, default=None, help=f"With {'/'.join('--' + m for m in formats.with_weight_only_variant())}: 4-bit weights, FP16 activations "
+              "(W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
 @_shared_run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
@@ -52,7 +53,8 @@ def _weight_only(mode: str) -> bool:
               help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
 @click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
-@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help="INT4: AWQ scale search (lite), clip search (clip), both then error-feedback rounding (full, default), or round-to-nearest (none).")
+@click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
+              "error-feedback rounding (full, default with data), or round-to-nearest (none).")
 @click.option("--block-size", type=int, help="INT4: block size along K: 128 (default), 64, 32, or 0 for per-channel.")
 @click.option("--int8-layers", metavar="REGEX", help="INT4: layers whose names match keep per-channel INT8 weights.")
 @click.option("--sparsity", metavar="N:M", help="Prune weights to N:M (2:4) before quantization, so scales see the pruned weights.")
@@ -192,8 +194,6 @@ def _check_mode_options(mode: str, o: dict) -> None:
     w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
     if not _weight_only(mode):
         given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
-        if formats.get(mode).awq and o.get("awq") not in (None, "none", "lite"):
-            raise OnnxoptError(f"--awq {o['awq']}: --{mode} takes --awq lite (default with data) or none")
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:
@@ -205,8 +205,8 @@ def _check_mode_options(mode: str, o: dict) -> None:
     sq = [m for m in formats.modes() if formats.get(m).smoothquant]
     if mode not in sq and o.get("smoothquant") is not None:
         raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
-    if o.get("weight_only") and not formats.get(mode).extra.get("weight_only_variant"):
-        with_wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).extra.get("weight_only_variant"))
+    if o.get("weight_only") and not formats.get(mode).weight_only_variant:
+        with_wo = "/".join(f"--{m}" for m in formats.with_weight_only_variant())
         raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
         raise OnnxoptError("--lowrank-budget needs --lowrank auto")

@@ -99,6 +99,36 @@ def from_engine(precision: str) -> Format | None:
     return None
 
 
+def with_weight_only_variant() -> tuple[str, ...]:
+    """Formats that also come weight-only (--weight-only) besides the weight-only formats."""
+    return tuple(f.name for f in _where(lambda f: f.weight_only_variant))
+
+
+def dequantize_ops() -> tuple[str, ...]:
+    """Op types that dequantize a registered format: DequantizeLinear and the formats' own (TensorRT's MXFP8 one)."""
+    return tuple(dict.fromkeys(f.dequantize_op for f in _REGISTRY.values()))
+
+
+def from_dequantize_op(op: str) -> Format | None:
+    """The format whose own dequantize op `op` is (None for the standard DequantizeLinear or any other op)."""
+    return next((f for f in _where(lambda f: f.dequantize_op == op and op != "DequantizeLinear")), None)
+
+
+def from_dynamic_op(op: str) -> Format | None:
+    """The format whose run-time activation quantizer `op` is, or None."""
+    return next((f for f in _where(lambda f: op and f.dynamic_op == op)), None)
+
+
+def block_format_of(stored: str, ops=()) -> Format | None:
+    """The block format (dynamic per-block activations: NVFP4, MXFP8) of a weight stored as numpy dtype name
+    `stored` and dequantized by the ops `ops`, or None."""
+    for op in ops:
+        if from_dequantize_op(op) is not None:
+            return from_dequantize_op(op)
+    f = from_storage(stored)
+    return f if f is not None and f.activations == "dynamic" else None
+
+
 def weight_bits() -> dict[str, float]:
     """--auto's weight-bit cost of each candidate, "none" (FP16) included."""
     return {"none": get("fp16").cost_weight_bits, **{n: get(n).cost_weight_bits for n in auto_candidates()}}
@@ -121,5 +151,6 @@ from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + s
 NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
 
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
-           "weight_only", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
+           "weight_only", "with_weight_only_variant", "dequantize_ops", "from_dequantize_op", "from_dynamic_op",
+           "block_format_of", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
            "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8"]

@@ -40,6 +40,15 @@ class Int4(Format):
             amax = amax * clip
         return round_scale(np.where(amax > 0, amax / self.qmax, 1.0), high_precision)
 
+    def block_candidates(self, w_kn: np.ndarray, rows: slice, ratios, high_precision: str = "fp32",
+                         block_size: int = 0, tensor_amax=None) -> np.ndarray:
+        """Quantize-dequantize of the block of rows `rows` of w [K, N] at every clip ratio: [R, B, N] (AWQ's clip search)."""
+        wb = w_kn[rows]
+        amax = np.abs(wb).max(axis=0)
+        r = np.asarray(ratios, np.float32)[:, None]
+        scale = round_scale(np.where(amax > 0, amax * r / self.qmax, 1.0), high_precision)[:, None, :]
+        return np.clip(np.rint(wb[None] / scale), self.qmin, self.qmax) * scale
+
     def quantize_weight(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
         """(codes as int8, scales) of 2-D `w` whose output channels run along `axis`: 1 for [K, N] (codes [K, N],
         scales [ceil(K/B), N]), 0 for [N, K] as a Gemm with transB stores it (both transposed). Blocks run along

@@ -175,4 +175,4 @@ MXFP8_FORMAT = MXFP8(
     onnx_type=TensorProto.FLOAT8E4M3FN, description="MXFP8 (E4M3, E8M0 scale per 32)", weights="per-block",
     activations="dynamic", block_size=BLOCK, calib_method="", bias_correction=False, mode=True, min_opset=23,
     weight_bits=8.25, activation_bits=8.25, storage_names=(), engine_precisions=("FP8UE8M0",),
-    extra={"scale_format": "e8m0", "dynamic_op": DYNAMIC_OP, "dq_op": DQ_OP})
+    dequantize_op=DQ_OP, dynamic_op=DYNAMIC_OP, extra={"scale_format": "e8m0"})

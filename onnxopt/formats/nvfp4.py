@@ -19,6 +19,8 @@ standard ops that reproduce the same rounding bit for bit (`emulate_dynamic` bel
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -85,6 +87,46 @@ def expand(scales: np.ndarray, k: int, block: int = BLOCK) -> np.ndarray:
     return np.repeat(scales, block, axis=0)[:k]
 
 
+_CHUNK = 1 << 18                    # elements per chunk of the clip search (about 1 MiB of float32)
+# floor(4 y) -> E2M1 value of y in [0, 6.25): every rounding threshold (0.25, 0.75, ..., 5) starts a quarter, so
+# the table is exact except at an exact tie, which only the search's error estimate sees (the codes are exact).
+_QUARTERS = np.array([0, .5, .5, 1, 1, 1.5, 1.5, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6], np.float32)
+_CODES = np.array([0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7], np.uint8)  # same, as codes
+_DOWN_TIE = np.isin(np.arange(len(_CODES)), (1, 5, 10, 20)).astype(np.uint8)  # 4y exactly 1, 5, 10, 20: ties to the even code below
+
+
+def _search_blocks(wb: np.ndarray, s: np.float32) -> np.ndarray:
+    """FP8 block scales [nb, N] of blocks wb [nb, 16, N]: per block the CLIP_RATIOS candidate with the smallest
+    squared error (E2M1 magnitudes by table lookup: the error is sign-symmetric)."""
+    a = np.abs(wb)
+    amax = a.max(axis=1)
+    y = np.empty_like(a)
+    best_err = best_bs = None
+    for r in CLIP_RATIOS:
+        bs = block_scale_codes((amax * np.float32(r)).astype(np.float32), s)
+        eff = (FP8_E4M3.to_float(bs) * s).astype(np.float32)
+        np.multiply(a, np.where(eff > 0, np.float32(4) / np.where(eff > 0, eff, np.float32(1)), np.float32(0))[:, None, :], out=y)
+        q = _QUARTERS.take(np.minimum(y, np.float32(len(_QUARTERS) - 1), out=y).astype(np.int32))
+        q *= eff[:, None, :]
+        q -= a
+        err = np.square(q, out=q).sum(axis=1)
+        if best_err is None:
+            best_err, best_bs = err, bs
+        else:
+            better = err < best_err
+            best_err, best_bs = np.where(better, err, best_err), np.where(better, bs, best_bs)
+    return best_bs
+
+
+def _map(fn, items: list, size: int) -> list:
+    """fn over items, on up to 8 threads for weights of a million elements or more (numpy releases the GIL)."""
+    workers = min(len(items), os.cpu_count() or 1, 8)  # as FP8.cast
+    if size < 1 << 20 or workers < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, items))
+
+
 @dataclass
 class Fp4Weight:
     """A quantized [K, N] weight: E2M1 codes, FP8 block scales [K/16, N], FP32 tensor scale."""
@@ -103,8 +145,12 @@ class NVFP4(Format):
     """E2M1 numerics with two-level (FP8 block, FP32 tensor) scales; weights in [K, N] (K first)."""
 
     def cast(self, x_over_scale: np.ndarray) -> np.ndarray:
-        """castToFp4: round half to even onto E2M1, saturating at ±6."""
-        return round_e2m1(x_over_scale).astype(_FP4)
+        """castToFp4: round half to even onto E2M1, saturating at ±6 (codes by table: `round_e2m1`'s result)."""
+        y = np.asarray(x_over_scale, np.float32)
+        t = np.minimum(np.abs(y) * np.float32(4), np.float32(len(_QUARTERS) - 1))
+        i = t.astype(np.uint8)  # floor(4 |y|)
+        codes = _CODES.take(i) - (_DOWN_TIE.take(i) & (t == i))
+        return (codes | (np.signbit(y).astype(np.uint8) << 3)).view(_FP4)
 
     def to_float(self, codes: np.ndarray) -> np.ndarray:
         """E2M1 codes as float32 (table lookup)."""
@@ -112,26 +158,45 @@ class NVFP4(Format):
 
     def quantize_parts(self, w: np.ndarray, clip=None) -> Fp4Weight:
         """Codes and both scales of w [K, N] (K divisible by 16). `clip`: per-block ratios [K/16, N] of the block
-        ranges (AWQ's clip search); None searches CLIP_RATIOS per block for the smallest squared error."""
+        ranges (AWQ's clip search), or (codes, effective block scales) already rounded (error feedback); None
+        searches CLIP_RATIOS per block for the smallest squared error (in cache-sized chunks of blocks, on
+        threads for large weights: numpy releases the GIL)."""
         w = np.asarray(w, np.float32)
         k, n = w.shape
         s = tensor_scale(float(np.abs(w).max()) if w.size else 0.0)
         wb = w.reshape(k // BLOCK, BLOCK, n)
-        amax = np.abs(wb).max(axis=1)
-        ratios = [np.asarray(clip, np.float32)] if clip is not None else [np.float32(r) for r in CLIP_RATIOS]
-        best_err = best_bs = None
-        for r in ratios:
-            bs = block_scale_codes((amax * r).astype(np.float32), s)
+        if isinstance(clip, tuple):  # error-feedback rounding's result: keep its codes, recover the FP8 block scales
+            codes, eff = clip
+            return Fp4Weight(np.asarray(codes).astype(_FP4), FP8_E4M3.cast(np.asarray(eff, np.float32) / np.float32(s)), s)
+        ratios = None if clip is None else np.broadcast_to(np.asarray(clip, np.float32), (k // BLOCK, n))
+        rows = max(1, _CHUNK // max(BLOCK * n, 1))  # block rows per chunk: the temporaries stay in cache
+        spans = [slice(i, min(i + rows, k // BLOCK)) for i in range(0, k // BLOCK, rows)]
+
+        def part(sl):
+            bs = _search_blocks(wb[sl], s) if ratios is None else block_scale_codes(np.abs(wb[sl]).max(1) * ratios[sl], s)
             eff = (FP8_E4M3.to_float(bs) * s).astype(np.float32)[:, None, :]
-            err = np.square(round_e2m1(wb / np.where(eff > 0, eff, np.float32(1.0))) * eff - wb).sum(axis=1)
-            if best_err is None:
-                best_err, best_bs = err, bs
-            else:
-                better = err < best_err
-                best_err, best_bs = np.where(better, err, best_err), np.where(better, bs, best_bs)
-        eff = (FP8_E4M3.to_float(best_bs) * s).astype(np.float32)
-        div = np.where(eff > 0, eff, np.float32(1.0))
-        return Fp4Weight(self.cast(w / expand(div, k)), best_bs, s)
+            return self.cast(wb[sl] / np.where(eff > 0, eff, np.float32(1.0))), bs
+        parts = _map(part, spans, w.size)
+        codes = np.concatenate([c for c, _ in parts]).reshape(k, n) if parts else np.zeros((k, n), _FP4)
+        bs = np.concatenate([b for _, b in parts]) if parts else np.zeros((0, n), FP8_E4M3.np_dtype)
+        return Fp4Weight(codes, bs, s)
+
+    def block_scales(self, w_kn: np.ndarray, block_size: int = BLOCK, clip=None, high_precision: str = "fp32") -> np.ndarray:
+        """Effective block scales [K/16, N] (FP8 block scale x tensor scale) of w with per-block clip ratios `clip`
+        (AWQ's error-feedback rounding rounds onto them)."""
+        w_kn = np.asarray(w_kn, np.float32)
+        p = self.quantize_parts(w_kn, np.ones((w_kn.shape[0] // BLOCK, w_kn.shape[1]), np.float32) if clip is None else clip)
+        return (FP8_E4M3.to_float(p.block_scales) * p.scale).astype(np.float32)
+
+    def block_candidates(self, w_kn: np.ndarray, rows: slice, ratios, high_precision: str = "fp32",
+                         block_size: int = BLOCK, tensor_amax=None) -> np.ndarray:
+        """Quantize-dequantize of the block of rows `rows` of w [K, N] at every clip ratio: [R, B, N] (the tensor
+        scale is the whole weight's: max |w|, or `tensor_amax` where the caller has it)."""
+        s = tensor_scale(float(np.abs(w_kn).max()) if tensor_amax is None else tensor_amax)
+        wb = np.asarray(w_kn[rows], np.float32)
+        r = np.asarray(ratios, np.float32)[:, None]
+        eff = (FP8_E4M3.to_float(block_scale_codes(np.abs(wb).max(0)[None] * r, s)) * s).astype(np.float32)[:, None, :]
+        return round_e2m1(wb[None] / np.where(eff > 0, eff, np.float32(1.0))) * eff
 
     def quantize_weight(self, w, axis=1, high_precision="fp32", *, block_size=None, clip=None):
         """(E2M1 codes, effective float32 block scales = FP8 block scale * tensor scale) of a 2-D w whose output
@@ -249,4 +314,5 @@ NVFP4_FORMAT = NVFP4(
     description="NVFP4 W4A4 (E2M1, FP8 scale per 16, FP32 per tensor)", weights="per-block", activations="dynamic",
     block_size=BLOCK, calib_method="max", awq=True, bias_correction=False, mode=True, min_opset=23,
     weight_bits=4.5, activation_bits=4.5, storage_names=("float4_e2m1fn",), engine_precisions=("FP4E2M1",),
-    extra={"scale_format": "fp8", "dynamic_op": DYNAMIC_OP, "weight_only_variant": True})
+    weight_only_variant=True, dynamic_op=DYNAMIC_OP, awq_ratios_above=(1.1, 1.05),
+    extra={"scale_format": "fp8"})

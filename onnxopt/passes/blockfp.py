@@ -24,18 +24,19 @@ FORMATS = tuple(n for n in formats.names() if formats.get(n).activations == "dyn
 
 @dataclass
 class BlockFP(QDQ):
-    mode: str = "nvfp4"                # "nvfp4" | "mxfp8"
+    mode: str = FORMATS[0]             # a dynamic block format: "nvfp4" | "mxfp8"
     weight_only: bool = False          # NVFP4 weights, FP16 activations (W4A16); no FP8 layers, no calibration
-    awq: str = "none"                  # "lite": AWQ's per-input-channel scales searched with this format, folded
+    awq: str = "none"                  # "lite" | "clip" | "full": AWQ (onnxopt.awq) with this format's quantizer
     name = "blockfp"
     FORMATS = FORMATS
     min_opset = 23                     # FLOAT4E2M1 initializers and DequantizeLinear-23
 
     def __post_init__(self):
         check_choice(self.mode, FORMATS, "block format")
-        check_choice(self.awq, ("none", "lite"), "--awq for block formats")
-        if self.weight_only and not formats.get(self.mode).extra.get("weight_only_variant"):
-            raise OnnxoptError("--weight-only goes with --nvfp4 (MXFP8 quantizes activations at run time)")
+        check_choice(self.awq, ("none", "lite", "clip", "full"), "--awq for block formats")
+        if self.weight_only and not formats.get(self.mode).weight_only_variant:
+            with_wo = "/".join("--" + m for m in formats.with_weight_only_variant())
+            raise OnnxoptError(f"--weight-only goes with {with_wo} ({self.mode.upper()} quantizes activations at run time)")
         self.fmt = formats.get(self.mode)
         self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
 
@@ -53,7 +54,7 @@ class BlockFP(QDQ):
         plan = self._as_fp8(rules.plan, graph, self)
         clips, awq_report = {}, None
         if self.awq != "none" and ctx.data is None:
-            log.info("no calibration data: AWQ-lite skipped (pass --calib to search the scales)")
+            log.info("no calibration data: AWQ %s skipped (pass --calib to search the scales and clips)", self.awq)
         elif self.awq != "none":  # AWQ's search with this format's quantizer; scales fold into the graph, so plan again
             layers = [(n, fmt) for n in plan.nodes if rules.block_format_reason(n, fmt.block_size, fmt.name.upper()) is None]
             awq_report, clips = awq.apply(graph, ctx.require_data(f"--awq {self.awq}"), layers, method=self.awq,

@@ -81,6 +81,7 @@ class QDQ(PassBase):
                 "activations": {k: float(v) for k, v in amax.items()}, "skipped": plan.skipped,
                 "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
                 "attention_guards_removed": guards, "einsum_rewritten": einsums, "fp32_scale_layers": fp32_scale,
+                "unshared_scales": [{"tensors": list(t), "reason": r} for t, r in plan.unshared],
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str, threads: int = 0) -> dict:

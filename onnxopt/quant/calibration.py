@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import calib
-from . import bias_correction
+from . import bias_correction, rules
 
 
 def range_reducer(method: str, provider: str, percentile: float = 99.99):
@@ -38,17 +38,15 @@ class CalibrationPlan:
         return out
 
     def amax(self) -> dict:
-        """{format: {tensor: clip range}} once the data has run; Concat groups share their largest range."""
+        """{format: {tensor: clip range}} once the data has run; Concat groups share their largest range where
+        rules.share_concat_scales allows."""
         out = {}
         for f, place in self.placements.items():
             a = dict(place.fixed_amax)
             for name, r in self.ranges[f].items():
                 a[name] = (calib.amax_from_histogram(r, self.methods[f], f, self.percentile)
                            if isinstance(r, calib.Histogram) else r.value)
-            for group in place.shared_scales:
-                shared = max(a[n] for n in group)
-                for n in group:
-                    a[n] = shared
+            rules.share_concat_scales(place, a)
             out[f] = a
         return out
 

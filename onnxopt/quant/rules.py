@@ -41,6 +41,7 @@ class Plan:
     residuals: list = field(default_factory=list)            # (add node, input index)
     shared_scales: list = field(default_factory=list)        # groups of tensor names sharing one scale
     fixed_amax: dict = field(default_factory=dict)           # tensor name -> amax known without calibration
+    unshared: list = field(default_factory=list)             # (tensor names, reason): kept out of a Concat's scale
 
 
 # ---------------------------------------------------------------- rules (None = go ahead)
@@ -276,6 +277,8 @@ def plan(graph: gs.Graph, config) -> Plan:
             p.skipped[node.name] = reason
             continue
         p.nodes.append(node)
+    _plan_int8_attention_reader(graph, p, config)
+    for node in p.nodes:
         for idx in (0, 1):
             t = node.inputs[idx]
             if idx == 1 and is_weight(t):
@@ -288,6 +291,88 @@ def plan(graph: gs.Graph, config) -> Plan:
     _plan_concat_sharing(graph, p)
     _plan_softmax_outputs(graph, p, config)
     return p
+
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+_SCORE_OPS = ("Mul", "Div", "Add", "Where", "Cast")   # scale and mask between Q·Kᵀ and Softmax
+
+
+def _data_readers(t):
+    """Readers of `t` other than Shape (exporters read shapes beside the data path)."""
+    return [r for r in t.outputs if r.op != "Shape"]
+
+
+def _next_gemm(t, limit: int = 8):
+    """The Conv/MatMul/Gemm reading `t` through single-reader layout ops (an attention block's output
+    projection), or None. Shape readers do not count."""
+    for _ in range(limit):
+        readers = _data_readers(t)
+        if len(readers) != 1:
+            return None
+        r = readers[0]
+        if r.op in G.WEIGHT_OPS:
+            return r
+        if r.op not in _LAYOUT_OPS:
+            return None
+        t = r.outputs[0]
+    return None
+
+
+def _attention_bmms(softmax):
+    """(Q·Kᵀ, P·V) MatMuls around a Softmax, either None where the pattern does not hold."""
+    qk = pv = None
+    todo = [(softmax.inputs[0], 0)]
+    while todo and qk is None:
+        t, depth = todo.pop(0)
+        n = G.producer(t)
+        if n is None or depth > 4:
+            continue
+        if n.op == "MatMul" and not is_weight(n.inputs[1]):
+            qk = n
+        elif n.op in _SCORE_OPS:
+            todo += [(i, depth + 1) for i in n.inputs if not isinstance(i, gs.Constant)]
+    t = softmax.outputs[0]
+    for _ in range(4):
+        readers = _data_readers(t)
+        if len(readers) != 1:
+            break
+        if readers[0].op == "MatMul":
+            pv = readers[0]
+            break
+        if readers[0].op not in _LAYOUT_OPS + ("Cast",):
+            break
+        t = readers[0].outputs[0]
+    return qk, pv
+
+
+def _plan_int8_attention_reader(graph, p: Plan, config) -> None:
+    """INT8 attention BMMs stay FP16 unless the block's output projection is quantized too: TensorRT(-RTX)
+    fuses INT8 attention into one MHA kernel only when its output feeds an INT8 GEMM/conv (measured: the
+    terrain UNet's 19 INT8 attention blocks before FP16 1x1 projections ran unfused; the same blocks in FP16
+    fuse; tests/test_auto_engine.py shows it on a tiny transformer). Unfused INT8 BMMs are slower than fused
+    FP16 attention, so the Q/DQ would cost speed and accuracy for nothing."""
+    if config.mode != "int8":
+        return
+    planned = {id(n) for n in p.nodes}
+    drop = {}
+    for sm in graph.nodes:
+        if sm.op != "Softmax":
+            continue
+        qk, pv = _attention_bmms(sm)
+        bmms = [n for n in (qk, pv) if n is not None and id(n) in planned]
+        if not bmms or pv is None:
+            continue
+        proj = _next_gemm(pv.outputs[0])
+        if proj is not None and id(proj) in planned:
+            continue
+        why = (f"INT8 attention fuses only into an INT8 output projection ({proj.name} is not quantized: "
+               f"{p.skipped.get(proj.name, 'not planned')}); fused FP16 attention instead") if proj is not None else \
+              "INT8 attention fuses only into an INT8 output projection (none found); fused FP16 attention instead"
+        for n in bmms:
+            drop[id(n)] = why
+            p.skipped[n.name] = why
+    if drop:
+        p.nodes = [n for n in p.nodes if id(n) not in drop]
 
 
 def _plan_residual_adds(graph, p: Plan) -> None:
@@ -328,6 +413,37 @@ def _plan_softmax_outputs(graph, p: Plan, config) -> None:
         t = uses[0][0].inputs[uses[0][1]]
         if t.inputs and t.inputs[0].op == "Softmax":
             p.fixed_amax[name] = 1.0
+
+
+# ---------------------------------------------------------------- shared scales (after calibration)
+MAX_SHARED_RANGE_RATIO = 16.0
+
+
+def share_concat_scales(p: Plan, amax: dict) -> None:
+    """Concat inputs share one scale only within a 16x range of each other (rule, in place on `amax`).
+    TensorRT moves a Q across a Concat only when every input has the same scale, so sharing saves a
+    requantization; but a scale stretched past a tensor's own range costs it 4 bits in INT8 and, in FP8,
+    flushes it to zero below 2^-9 of the shared scale's step: the real terrain UNet's stem output (max 8)
+    shared the scale of a decoder Concat reaching 1.7e10 (a UNet's last skip joins its largest stream) and
+    was quantized to all zeros on its residual path. Tensors further apart keep their own scales (TensorRT then
+    concatenates in high precision and quantizes the result for its readers)."""
+    p.unshared = []
+    for group in p.shared_scales:
+        members = sorted((n for n in group if n in amax), key=lambda n: amax[n])
+        clusters: list = []
+        for n in members:
+            if clusters and amax[n] <= MAX_SHARED_RANGE_RATIO * max(amax[clusters[-1][0]], 1e-30):
+                clusters[-1].append(n)
+            else:
+                clusters.append([n])
+        for c in clusters:
+            shared = max(amax[n] for n in c)
+            for n in c:
+                amax[n] = shared
+        if len(clusters) > 1:
+            for c in clusters[:-1]:
+                p.unshared.append((tuple(c), f"range {max(amax[n] for n in c):.3g} is over {MAX_SHARED_RANGE_RATIO:g}x "
+                                             f"below the Concat group's {amax[clusters[-1][0]]:.3g}: own scale"))
 
 
 # ---------------------------------------------------------------- helpers

@@ -40,11 +40,6 @@ def _engine_format(datatype: str, quantized: bool):
     return f if f is not None and f.quantized == quantized else None
 
 
-def _weight_only_variants() -> tuple:
-    """Formats that also come weight-only (NVFP4 W4A16) besides the weight-only formats."""
-    return tuple(n for n in formats.names() if formats.get(n).extra.get("weight_only_variant"))
-
-
 def _is_quantized(name: str) -> bool:
     return name in formats.names() and formats.get(name).quantized
 _COMPUTE = ("gemm", "correlation", "convolution", "conv", "deconvolution", "runtime", "runtime_fusion")
@@ -146,8 +141,8 @@ def _dq_dtype(t) -> str | None:
         p = G.producer(t)
         if p is None:
             return None
-        if p.op == G.MX_DQ_OP:
-            return "mxfp8"
+        if formats.from_dequantize_op(p.op) is not None:  # a format's own dequantize op (MXFP8's) names it
+            return formats.from_dequantize_op(p.op).name
         if p.op == "DequantizeLinear":
             src = p.inputs[0]
             if isinstance(src, gs.Constant):
@@ -225,7 +220,7 @@ def quantized_layers(graph: gs.Graph) -> list[QuantLayer]:
         kinds = [_dq_dtype(t) for t in n.inputs[:2] if t is not None and t.name]
         if len(kinds) == 2 and all(kinds):
             out.append(QuantLayer(n.name, n.op, "w8a8", kinds[0], n.name in attn))
-        elif len(kinds) == 2 and kinds[1] in formats.weight_only() + _weight_only_variants():
+        elif len(kinds) == 2 and kinds[1] in formats.weight_only() + formats.with_weight_only_variant():
             out.append(QuantLayer(n.name, n.op, "weight-only", kinds[1]))
     return out
 
