@@ -88,7 +88,9 @@ class GpuPeak(threading.Thread):
 
 def run_job(tree: Path, argv: list[str], timeout: float, log: Path) -> dict:
     """One child process: wall time, peak RSS (ru_maxrss), peak GPU memory, exit status."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+    # the tree first; the rest of PYTHONPATH stays (carried wheels such as onnx-graphsurgeon in .site/)
+    rest = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": str(tree) + (os.pathsep + rest if rest else ""), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "onnxopt", "-v", *argv]
     check = subprocess.run([sys.executable, "-c", "import onnxopt; print(onnxopt.__file__)"], env=env, cwd=tree,
                            capture_output=True, text=True)
