@@ -140,7 +140,8 @@ def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str]
                     and _is_f32(t) and id(t) not in seen):
                 seen.add(id(t))
                 todo.append(t)
-    ahead = threads.ordered_map(lambda c: (c, _to_low(G.read_values(c), low)), todo)
+    nbytes = sum(4 * int(np.prod(c.shape)) for c in todo if c.shape is not None)
+    ahead = threads.ordered_map(lambda c: (c, _to_low(G.read_values(c), low)), todo, threads.for_bytes(nbytes))
     for node in nodes:
         node_low = id(node) not in keep
         for i, t in enumerate(node.inputs):

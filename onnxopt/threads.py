@@ -26,6 +26,15 @@ def count(threads: int = 0) -> int:
     return max(1, min(cores, MAX_THREADS))
 
 
+SMALL_BYTES = 32 << 20  # below this much data, worker threads cost more than they save
+
+
+def for_bytes(nbytes: int, threads: int = 0) -> int:
+    """Threads for work over `nbytes` of arrays: an explicit `threads` as given; automatic (0): one for small
+    models (no pool at all), else one per core."""
+    return count(threads) if threads and threads > 0 else (1 if nbytes < SMALL_BYTES else count(0))
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 0, window: int = 0) -> Iterator[R]:
     """`map(fn, items)` on `threads` worker threads, yielding results in input order. At most `window` items
     (default 2 per thread) are in flight, which bounds the memory their results hold. One thread: no pool."""

@@ -57,6 +57,8 @@ def test_ordered_map_keeps_order_and_bounds_the_window():
     assert list(threads.ordered_map(f, range(50), threads=4, window=3)) == [i * i for i in range(50)]
     assert list(threads.ordered_map(f, range(5), threads=1)) == [0, 1, 4, 9, 16]
     assert threads.count(0) >= 1 and threads.count(5) == 5
+    assert threads.for_bytes(1 << 10) == 1 and threads.for_bytes(1 << 10, 4) == 4  # small work: no pool unless asked
+    assert threads.for_bytes(1 << 40) == threads.count(0)
 
 
 def test_report_has_a_phase_breakdown(models, tmp_path):

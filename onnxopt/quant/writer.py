@@ -93,7 +93,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
         have = quantized or {}
         todo = [j for j in jobs if (j.const.name, f) not in have]
         by_const = {j.const.name: j for j in jobs}
-        fresh = threads_.ordered_map(quantize_job, todo, threads)
+        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(_bytes(todo), threads))
         done: dict = {}
         for node, idx, const, axis in place.weights:
             if mix.get(node.name) != f:
@@ -177,7 +177,12 @@ def quantize_weights(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, t
     included: their weights change when the writer folds the smoothing."""
     jobs = weight_jobs(graph, plan, high_precision=high_precision)
     return {(j.const.name, j.format): r for j, r in
-            ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads))}
+            ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(_bytes(jobs), threads)))}
+
+
+def _bytes(jobs: list) -> int:
+    """FP32 bytes of the weights of `jobs` (from their shapes; nothing is read)."""
+    return sum(4 * int(np.prod(j.const.shape)) for j in jobs if j.const.shape is not None)
 
 
 def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set
