@@ -309,6 +309,12 @@ def _fold_attention_output(graph, merge: gs.Node, inv: np.ndarray, names: _Names
     return None if inner is None else f"{inner} (through attention softmax·V '{pv.name}')"
 
 
+def is_attention_output(x: gs.Tensor) -> bool:
+    """`x` is an attention block's merged heads (merge(P · V)): a Mul on it would split TensorRT's fused attention."""
+    p = producer(x)
+    return p is not None and p.op == "Reshape" and _walk_heads(p.inputs[0], stop="MatMul")[0] is not None
+
+
 def _walk_heads(t: gs.Tensor, stop: str, limit: int = 6):
     """From a per-head tensor [B, H, S, hd] up to the `stop` op: exactly one Transpose 0,2,1,3 and any
     Reshapes that keep rank 4 and the head size hd (views). Returns (stop node, tensors passed) or (None, [])."""
@@ -398,12 +404,32 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
 
 
 # ---------------------------------------------------------------- public entry point
-def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray, taken: set | None = None) -> str:
+def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> None:
+    """Multiply each consumer's weight by `s` along its input channels, each weight constant once however many
+    of `consumers` read it (through their own Identity/Cast/Transpose chains): a weight every reader of which
+    is among `consumers` is scaled in place, so a shared weight stays one tensor."""
+    s = np.asarray(s, dtype=np.float64).reshape(-1)
+    by_const: dict[tuple, list] = {}
+    for n in consumers:
+        const, chain = weight_chain(n, 1)
+        layout = tuple((c.op, tuple(_perm(c, len(effective_shape(n, 1))))) for c in chain if c.op == "Transpose")
+        by_const.setdefault((id(const), layout), []).append(n)
+    names = _Names(graph)
+    for group in by_const.values():
+        ref = group[0]
+        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
+
+
+def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray, *, weights: bool = True,
+                     norm_only: bool = False, taken: set | None = None) -> str:
     """Multiply each consumer's weight by `s` along its input channels and divide their shared activation
     (input 0) by `s`, folding 1/s into the activation's producer when it is linear along the channel, else
     inserting a Mul. Other readers of the activation keep the original values (a restoring Mul).
-    Returns how 1/s was folded, for the log and the report. Exact up to float rounding. `taken`: the graph's
-    names (graph.taken_names), kept up to date here, for callers that fold many times (else found each call)."""
+    `weights=False` leaves the weights to the caller (`scale_weights`, once for a weight several activations
+    feed); `norm_only` folds only into a normalization producer (its small constants), never into a producer's
+    weight, which may be shared. Returns how 1/s was folded, for the log and the report. Exact up to float rounding.
+    `taken`: the graph's names (graph.taken_names), kept up to date here, for callers that fold many times (else
+    found each call)."""
     if not consumers:
         raise OnnxoptError("fold_input_scale: no consumer layers given")
     s = np.asarray(s, dtype=np.float64).reshape(-1)
@@ -432,18 +458,20 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray, t
     inv = 1.0 / s
 
     # Weights: once per distinct weight tensor.
-    by_tensor: dict[int, list] = {}
-    for n in consumers:
-        by_tensor.setdefault(id(n.inputs[1]), []).append(n)
-    for group in by_tensor.values():
-        ref = group[0]
-        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
+    if weights:
+        by_tensor: dict[int, list] = {}
+        for n in consumers:
+            by_tensor.setdefault(id(n.inputs[1]), []).append(n)
+        for group in by_tensor.values():
+            ref = group[0]
+            _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
 
     # Activation: fold 1/s upwards, or insert a Mul in front of the consumers.
     group_ids = {id(n) for n in consumers}
     others = [n for n in x.outputs if id(n) not in group_ids]
     is_output = any(o is x for o in graph.outputs)
-    how = None if is_output else _fold_into(graph, x, inv, axis, rank, names)
+    foldable = not is_output and not (norm_only and not (x.inputs and is_norm(x.inputs[0])))
+    how = _fold_into(graph, x, inv, axis, rank, names) if foldable else None
     dtype = x.dtype if x.dtype is not None and np.dtype(x.dtype).kind == "f" else np.float32
     if how is None:
         c = gs.Constant(names.new(x.name + "_inv_scale"), activation_shape(inv, axis, rank).astype(dtype))

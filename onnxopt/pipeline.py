@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import autocast, calib, finite, modelfile, ort, progress
 from .errors import OnnxoptError
-from .settings import MEMORY_BUDGET_MB, PROVIDERS, RunSettings
+from .settings import MEMORY_BUDGET_MB, PROVIDERS, RUN_SETTINGS, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,14 @@ class Runner:
             raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
                                "(or a directory) or --calib-random N")
 
+    @classmethod
+    def from_settings(cls, recipe, settings: RunSettings, **data) -> "Runner":
+        """The one way the package builds a Runner: `recipe` with the run's resources `settings` (made once from
+        the CLI or the API); `data` are the calibration-data and check fields (data, calib_random, shapes,
+        calib_batches, max_batch, skip_nonfinite, check_finite, verify)."""
+        return cls(recipe, seed=settings.seed, provider=settings.provider, allow_cpu_fallback=settings.allow_cpu_fallback,
+                   memory_budget_mb=settings.memory_budget_mb, progress=settings.progress, threads=settings.threads, **data)
+
     @property
     def needs_data(self) -> bool:
         return any(p.needs_data for p in self.recipe)
@@ -295,7 +303,8 @@ class Runner:
 def run(recipe, model, output=None, *, data=None, **settings) -> Result:
     """Run `recipe` (a list of passes or a Recipe) on `model` and save to `output`. `settings` are Runner
     fields: calib_random, seed, shapes, calib_batches, max_batch, provider, memory_budget_mb, progress."""
-    return Runner(recipe, data=data, **settings).run(model, output)
+    resources = {k: settings.pop(k) for k in RUN_SETTINGS if k in settings}
+    return Runner.from_settings(recipe, RunSettings(**resources), data=data, **settings).run(model, output)
 
 
 def _checked_provider(name: str, allow_fallback: bool) -> str:

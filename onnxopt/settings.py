@@ -30,3 +30,6 @@ class RunSettings:
             raise OnnxoptError(f"--threads must be >= 0 (0: one per core), got {self.threads}")
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
+
+
+RUN_SETTINGS = tuple(RunSettings.__dataclass_fields__)   # the field names, for APIs taking them as keywords

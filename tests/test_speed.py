@@ -11,7 +11,7 @@ import tiny
 from onnxopt import Autocast, threads
 from onnxopt.errors import OnnxoptError
 from onnxopt.pipeline import PHASES, Runner
-from onnxopt.recipes import QuantConfig, quantize, recipe
+from onnxopt.api import QuantConfig, quantize, recipe
 
 
 def _digest(path) -> str:

@@ -299,7 +299,7 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
             graph.nodes.append(gs.Node("Identity", name=xi.name, inputs=[x], outputs=[xi]))
             for n in nodes:
                 n.inputs[0] = xi
-        how = fold.fold_input_scale(graph, nodes, sm.s, taken)
+        how = fold.fold_input_scale(graph, nodes, sm.s, taken=taken)
         new = nodes[0].inputs[0].name
         base = formats.get(mix[nodes[0].name]).base
         amax.setdefault(base, {})[new] = sm.amax
