@@ -266,11 +266,11 @@ def _describe_quantize(report: dict, mode: str) -> str:
     if mode == "auto":
         a = report.get("autoquant", {})
         mix = ", ".join(f"{cov[f]} {f}" for f in formats.auto_candidates() if cov.get(f))
-        v = a.get("verified", {})
+        v = a.get("verified_written") or a.get("verified", {})  # what ships, where it was verified
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
-                + (f"sampler's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
+                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
                    f"kept wide: {', '.join(a.get('kept_wide', [])[:6]) or 'none'} ({met})" if a.get("metric") == "psnr" else
                    f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})") + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"

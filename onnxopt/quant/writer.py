@@ -73,7 +73,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
     for f, place in placements.items():
         residual = {(id(a), i) for a, i in place.residuals}
         for tname, uses in place.activations.items():
-            mine = [(n, i) for n, i in uses if mix.get(_owner(n, i, residual).name) == f]
+            mine = [(n, i) for n, i in uses if mix.get(activation_owner(n, i, residual).name) == f]
             if mine:
                 scale = qdq.activation_scale(amax[f][tname], f, hp)
                 qdq.insert_activation_qdq(graph, tensors[tname], mine, scale, f,
@@ -116,8 +116,16 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
                 layers.setdefault(node.name, {"format": f})
     per_layer = [(n, formats.get(mix[n.name])) for n in graph.nodes
                  if mix.get(n.name, "none") != "none" and not formats.get(mix[n.name]).planned and n.op in WEIGHT_ONLY_OPS]
-    wo, _, _ = write_per_layer(graph, per_layer, plan.block_size, plan.clips, hp, names)
+    wo, _, _ = write_per_layer(graph, [(n, f) for n, f in per_layer if f.activations != "dynamic"], plan.block_size,
+                               plan.clips, hp, names)
     layers.update(wo)
+    ranges = amax.get(formats.FP8.name, {})  # block formats' per-tensor activation scales: FP8's calibration (max)
+    for node, f in per_layer:
+        if f.activations == "dynamic":
+            before = {id(n) for n in graph.nodes}
+            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names)  # K from the weight: first
+            layers[node.name] = write_block_weight(graph, node, f, names)[1]
+            layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
         layers[name]["smoothing"] = how
@@ -206,6 +214,25 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
             fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
                                          base=G.unique_name(f"{x.name}_{fmt.name}", names))
     return out, before, after
+
+
+def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set) -> tuple[gs.Variable, dict]:
+    """The layer's weight in a block format with dynamic activations (NVFP4, MXFP8), the format's own nodes, wired
+    into the layer; the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
+    trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
+    w_kn = G.to_kn(node, fold.effective_weight(node))
+    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names))
+    node.inputs[1] = out
+    return out, {**info, "format": fmt.name}
+
+
+def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set) -> gs.Variable:
+    """The format's dynamic quantizer on the layer's input (its per-tensor scale from `amax`, where the format has
+    one), wired into the layer. Returns its output."""
+    trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
+    k = int(fold.effective_shape(node)[1 if trans else 0])
+    x = node.inputs[0]
+    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k)
 
 
 def fusable_block_size(k: int, block_size: int) -> int:
@@ -320,7 +347,7 @@ def _unquantized(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
+def activation_owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
     """The layer an activation use belongs to: the node itself, or for a residual Add the Conv feeding it."""
     if (id(node), idx) in residual:
         return node.inputs[1 - idx].inputs[0]
