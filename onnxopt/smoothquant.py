@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import calib, fold, formats
+from . import graph as G
 from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
 from .progress import track
@@ -243,9 +244,12 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                     continue
                 g.samplers.append(sampler)
                 reducers[g.activation].append(sampler)
+    t1 = time.perf_counter()
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
+    t2 = time.perf_counter()
 
+    taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
     units = tied(groups)
@@ -275,9 +279,9 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
         elif chosen is None:
             entry["fold"] = "not smoothed: smoothing did not lower the simulated error"
         elif len(unit) == 1:
-            entry["fold"] = fold.fold_input_scale(graph, unit[0].layers, s)
+            entry["fold"] = fold.fold_input_scale(graph, unit[0].layers, s, taken=taken)
         else:  # one weight read at several places: W ⊙ s once, each activation ⊘ s on its own
-            folds = [fold.fold_input_scale(graph, g.layers, s, weights=False, norm_only=True) for g in unit]
+            folds = [fold.fold_input_scale(graph, g.layers, s, weights=False, norm_only=True, taken=taken) for g in unit]
             fold.scale_weights(graph, layers_all, s)
             ins = sum(f.startswith("inserted") for f in folds)
             entry["fold"] = f"shared weights scaled once; {len(folds) - ins} activation(s) folded into norms, {ins} Mul(s) inserted"
@@ -290,6 +294,8 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
             report["alphas"][n.name] = chosen
         report["groups"].append(entry)
     report["time_s"] = round(time.perf_counter() - t0, 3)
+    # the run's breakdown (pipeline.breakdown): statistics as calibrate, alpha search and folding as write
+    report["timings_s"] = {"calibrate": t2 - t1, "fold": time.perf_counter() - t2}
     log.info("smoothquant: %d activation(s), %d inserted Mul(s), %.1f s", len(report["groups"]),
              report["inserted_muls"], report["time_s"])
     return report
