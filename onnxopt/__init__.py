@@ -8,7 +8,7 @@ from .compare import compare
 from .errors import OnnxoptError
 from .passes import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify
 from .pipeline import Recipe, Result, Runner, run
-from .recipes import QuantConfig, QuantResult, convert, quantize, sparsify_model
+from .api import QuantConfig, QuantResult, convert, quantize, sparsify_model
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 _GS_LOGGER.severity = _GS_LOGGER.ERROR  # its INFO/WARNING chatter is not for our users

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from . import graph as G
-from . import formats, modelfile, precision, prescale
+from . import formats, modelfile, precision, prescale, threads
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,20 @@ def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str]
     low, low_onnx = DTYPES[dtype], _ONNX[dtype]
     converted: dict[tuple[str, str], gs.Tensor] = {}
     casts = 0
-    for node in list(graph.nodes):
+    nodes = list(graph.nodes)
+    # The constants this loop converts, in the order it meets them: their values are converted ahead on worker
+    # threads (numpy releases the GIL), and taken here in the same order (the graph does not depend on threads).
+    todo, seen = [], set()
+    for node in nodes:
+        node_low = id(node) not in keep
+        for i, t in enumerate(node.inputs):
+            if (isinstance(t, gs.Constant) and t.name and node_low and (node.op, i) not in _FIXED_FP32_INPUTS
+                    and _is_f32(t) and id(t) not in seen):
+                seen.add(id(t))
+                todo.append(t)
+    nbytes = sum(4 * int(np.prod(c.shape)) for c in todo if c.shape is not None)
+    ahead = threads.ordered_map(lambda c: (c, _to_low(G.read_values(c), low)), todo, threads.for_bytes(nbytes))
+    for node in nodes:
         node_low = id(node) not in keep
         for i, t in enumerate(node.inputs):
             if t is None or not t.name:
@@ -138,7 +151,7 @@ def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str]
             want = low if node_low and not fixed else _F32
             if isinstance(t, gs.Constant):
                 if want == low and _is_f32(t):
-                    node.inputs[i] = _low_constant(t, low, converted)
+                    node.inputs[i] = _low_constant(t, low, converted, ahead)
                 continue
             have = _dtype(t)
             if have is None or have == want or not _is_floatish(have):
@@ -231,14 +244,16 @@ def _to_low(values: np.ndarray, low: np.dtype) -> np.ndarray:
     return np.asarray(np.clip(np.asarray(values), -fmax, fmax).astype(low))
 
 
-def _low_constant(c: gs.Constant, low, cache) -> gs.Constant:
+def _low_constant(c: gs.Constant, low, cache, ahead) -> gs.Constant:
     # One converted copy per constant, shared by all low-precision consumers; the FP32 original
     # stays only if an FP32 island still reads it (cleanup drops it otherwise).
     key = (id(c), "const")  # not the name: it changes below, and a second reader must find this copy
     if key not in cache:
+        src, values = next(ahead)  # converted ahead, in the order this is called
+        assert src is c
         name = c.name
         c.name = f"{name}_fp32"
-        cache[key] = modelfile.constant(name, _to_low(G.read_values(c), low))  # spilled in quantize()/convert()
+        cache[key] = modelfile.constant(name, values)  # spilled in quantize()/convert()
     return cache[key]
 
 

@@ -311,7 +311,7 @@ def _is_fp32(path: Path) -> bool:
 def _fp16_baseline(e: _Entry, work: Path) -> None:
     if e.model.suffix != ".onnx" or not _is_fp32(e.model):
         return
-    from .recipes import convert
+    from .api import convert
     out = work / f"{e.model.stem}.fp16.onnx"
     log.info("converting the FP32 baseline %s to FP16 (%s)", e.model, out)
     e.model = convert(e.model, out, dtype="fp16")

@@ -68,7 +68,12 @@ def effective_shape(node: gs.Node, index: int = 1) -> tuple[int, ...]:
 
 def effective_weight(node: gs.Node, index: int = 1) -> np.ndarray:
     """Values that `node` sees at `index` (the constant with its Transposes applied), as float32."""
-    const, chain = weight_chain(node, index)
+    return chain_values(*weight_chain(node, index))
+
+
+def chain_values(const: gs.Constant, chain: list[gs.Node]) -> np.ndarray:
+    """`effective_weight` from a `weight_chain` found earlier: reads no graph edges (worker threads may call it
+    while the graph is edited elsewhere)."""
     return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32)
 
 
@@ -106,16 +111,19 @@ def input_channels(node: gs.Node, shape) -> int:
 
 def input_channel_absmax(node: gs.Node, w: np.ndarray | None = None) -> np.ndarray:
     """max |W| over everything but the input channel: one value per input channel of the layer."""
-    w = np.abs(effective_weight(node) if w is None else w)
+    w = effective_weight(node) if w is None else w
+
+    def absmax(a, axis):  # max(max a, -min a) = max |a|, without an |a| copy of the weight
+        return np.maximum(a.max(axis=axis), -a.min(axis=axis))
     if node.op == "Conv":
         g = int(node.attrs.get("group", 1))
         o, cg = w.shape[0], w.shape[1]
-        return w.reshape(g, o // g, cg, -1).max(axis=(1, 3)).reshape(-1)
+        return absmax(w.reshape(g, o // g, cg, -1), (1, 3)).reshape(-1)
     if node.op == "ConvTranspose":
-        return w.reshape(w.shape[0], -1).max(axis=1)
+        return absmax(w.reshape(w.shape[0], -1), 1)
     if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return w.max(axis=0)
-    return np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1).max(axis=1)
+        return absmax(w, 0)
+    return absmax(np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1), 1)
 
 
 def input_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
@@ -150,8 +158,8 @@ def _output_factor(node: gs.Node, shape, v: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- scaling one constant input in place
 class _Names:
-    def __init__(self, graph: gs.Graph):
-        self.used = taken_names(graph)
+    def __init__(self, graph: gs.Graph, taken: set | None = None):
+        self.used = taken_names(graph) if taken is None else taken
 
     def new(self, base: str) -> str:
         return unique_name(base, self.used)
@@ -186,7 +194,9 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
     for n in chain:
         if n.op == "Transpose":
             f = np.transpose(f, np.argsort(_perm(n, f.ndim)))
-    new = (values.astype(np.float64) * f).astype(values.dtype)
+    # The float64 product rounded to the weight's type, computed in buffered chunks (no float64 copy of the weight)
+    new = np.empty(values.shape, dtype=values.dtype)
+    np.multiply(values, f, out=new, dtype=np.float64, casting="unsafe")
     readers: list = []
     private = _terminal_users(graph, const, readers) and {(id(n), i) for n, i in readers} == {(id(n), i) for n, i in users}
     if private:
@@ -299,6 +309,12 @@ def _fold_attention_output(graph, merge: gs.Node, inv: np.ndarray, names: _Names
     return None if inner is None else f"{inner} (through attention softmax·V '{pv.name}')"
 
 
+def is_attention_output(x: gs.Tensor) -> bool:
+    """`x` is an attention block's merged heads (merge(P · V)): a Mul on it would split TensorRT's fused attention."""
+    p = producer(x)
+    return p is not None and p.op == "Reshape" and _walk_heads(p.inputs[0], stop="MatMul")[0] is not None
+
+
 def _walk_heads(t: gs.Tensor, stop: str, limit: int = 6):
     """From a per-head tensor [B, H, S, hd] up to the `stop` op: exactly one Transpose 0,2,1,3 and any
     Reshapes that keep rank 4 and the head size hd (views). Returns (stop node, tensors passed) or (None, [])."""
@@ -388,11 +404,32 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
 
 
 # ---------------------------------------------------------------- public entry point
-def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> str:
+def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> None:
+    """Multiply each consumer's weight by `s` along its input channels, each weight constant once however many
+    of `consumers` read it (through their own Identity/Cast/Transpose chains): a weight every reader of which
+    is among `consumers` is scaled in place, so a shared weight stays one tensor."""
+    s = np.asarray(s, dtype=np.float64).reshape(-1)
+    by_const: dict[tuple, list] = {}
+    for n in consumers:
+        const, chain = weight_chain(n, 1)
+        layout = tuple((c.op, tuple(_perm(c, len(effective_shape(n, 1))))) for c in chain if c.op == "Transpose")
+        by_const.setdefault((id(const), layout), []).append(n)
+    names = _Names(graph)
+    for group in by_const.values():
+        ref = group[0]
+        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
+
+
+def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray, *, weights: bool = True,
+                     norm_only: bool = False, taken: set | None = None) -> str:
     """Multiply each consumer's weight by `s` along its input channels and divide their shared activation
     (input 0) by `s`, folding 1/s into the activation's producer when it is linear along the channel, else
     inserting a Mul. Other readers of the activation keep the original values (a restoring Mul).
-    Returns how 1/s was folded, for the log and the report. Exact up to float rounding."""
+    `weights=False` leaves the weights to the caller (`scale_weights`, once for a weight several activations
+    feed); `norm_only` folds only into a normalization producer (its small constants), never into a producer's
+    weight, which may be shared. Returns how 1/s was folded, for the log and the report. Exact up to float rounding.
+    `taken`: the graph's names (graph.taken_names), kept up to date here, for callers that fold many times (else
+    found each call)."""
     if not consumers:
         raise OnnxoptError("fold_input_scale: no consumer layers given")
     s = np.asarray(s, dtype=np.float64).reshape(-1)
@@ -417,22 +454,24 @@ def fold_input_scale(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -
             rank = 2
     if rank is None and x.shape is not None:
         rank = len(x.shape)
-    names = _Names(graph)
+    names = _Names(graph, taken)
     inv = 1.0 / s
 
     # Weights: once per distinct weight tensor.
-    by_tensor: dict[int, list] = {}
-    for n in consumers:
-        by_tensor.setdefault(id(n.inputs[1]), []).append(n)
-    for group in by_tensor.values():
-        ref = group[0]
-        _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
+    if weights:
+        by_tensor: dict[int, list] = {}
+        for n in consumers:
+            by_tensor.setdefault(id(n.inputs[1]), []).append(n)
+        for group in by_tensor.values():
+            ref = group[0]
+            _scale_constant_input(graph, [(n, 1) for n in group], lambda shp, ref=ref: input_factor(ref, shp, s), names)
 
     # Activation: fold 1/s upwards, or insert a Mul in front of the consumers.
     group_ids = {id(n) for n in consumers}
     others = [n for n in x.outputs if id(n) not in group_ids]
     is_output = any(o is x for o in graph.outputs)
-    how = None if is_output else _fold_into(graph, x, inv, axis, rank, names)
+    foldable = not is_output and not (norm_only and not (x.inputs and is_norm(x.inputs[0])))
+    how = _fold_into(graph, x, inv, axis, rank, names) if foldable else None
     dtype = x.dtype if x.dtype is not None and np.dtype(x.dtype).kind == "f" else np.float32
     if how is None:
         c = gs.Constant(names.new(x.name + "_inv_scale"), activation_shape(inv, axis, rank).astype(dtype))

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -156,9 +157,27 @@ def read_external(t: onnx.TensorProto) -> bytes:
         return f.read(info.length) if info.length else f.read()
 
 
+# Types whose external bytes are the numpy array's as is (little-endian, one element per item): read straight
+# into the array, without the bytes -> protobuf -> numpy copies (three passes over 10 GB for an SDXL UNet).
+_PLAIN = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+          onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
+          onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT32: np.uint32,
+          onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64}
+
+
 def to_array(t: onnx.TensorProto) -> np.ndarray:
     """Values of a tensor, reading external data (with an absolute location) on demand."""
     if external_data_helper.uses_external_data(t):
+        dtype = _PLAIN.get(t.data_type)
+        if dtype is not None and sys.byteorder == "little":
+            info = external_data_helper.ExternalDataInfo(t)
+            count = int(np.prod(t.dims)) if t.dims else 1
+            if not info.length or info.length == count * np.dtype(dtype).itemsize:
+                with open(info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    a = np.fromfile(f, dtype=dtype, count=count)
+                if a.size == count:
+                    return a.reshape(tuple(t.dims))
         tmp = onnx.TensorProto()
         tmp.CopyFrom(t)
         del tmp.external_data[:]
@@ -259,7 +278,7 @@ def set_values(const: gs.Constant, values: np.ndarray) -> None:
     end = f.seek(0, os.SEEK_END)
     offset = end + (-end) % _ALIGN  # page-aligned, like io.save
     f.seek(offset)
-    f.write(np.ascontiguousarray(values).tobytes())
+    f.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # the array's own bytes, not a copy
     f.flush()
     t = onnx.TensorProto(name=const.name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
                          dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
@@ -399,8 +418,39 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     return path
 
 
+def _copy_external(t: onnx.TensorProto, f) -> int | None:
+    """Append an external tensor's bytes to `f` inside the kernel (no copy through Python). Returns the byte
+    count, or None where that is not possible (then nothing was written)."""
+    info = external_data_helper.ExternalDataInfo(t)
+    if not info.length or not hasattr(os, "copy_file_range"):
+        return None
+    f.flush()
+    start = f.tell()
+    try:
+        with open(info.location, "rb") as src:
+            offset, left = info.offset or 0, int(info.length)
+            while left:
+                n = os.copy_file_range(src.fileno(), f.fileno(), left, offset, None)
+                if n <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                offset, left = offset + n, left - n
+    except OSError:
+        f.seek(start)
+        f.truncate()
+        return None
+    f.seek(0, os.SEEK_END)
+    return int(info.length)
+
+
 def _move_to_file(t: onnx.TensorProto, f, data_name: str) -> None:
     if external_data_helper.uses_external_data(t):
+        pad = (-f.tell()) % _ALIGN
+        f.write(b"\0" * pad)
+        offset = f.tell()
+        n = _copy_external(t, f)
+        if n is not None:
+            _point_at(t, data_name, offset, n)
+            return
         raw = read_external(t)
     elif t.HasField("raw_data"):
         raw = t.raw_data
@@ -415,9 +465,13 @@ def _move_to_file(t: onnx.TensorProto, f, data_name: str) -> None:
     f.write(b"\0" * pad)
     offset = f.tell()
     f.write(raw)
+    _point_at(t, data_name, offset, len(raw))
+
+
+def _point_at(t: onnx.TensorProto, data_name: str, offset: int, length: int) -> None:
     del t.external_data[:]
     t.ClearField("raw_data")
-    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+    for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
         t.external_data.add(key=k, value=v)
     t.data_location = onnx.TensorProto.EXTERNAL
 

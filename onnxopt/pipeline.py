@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import autocast, calib, finite, modelfile, ort, progress
 from .errors import OnnxoptError
-from .settings import MEMORY_BUDGET_MB, PROVIDERS, RunSettings
+from .settings import MEMORY_BUDGET_MB, PROVIDERS, RUN_SETTINGS, RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ class Context:
     def allow_cpu_fallback(self) -> bool:
         return self.settings.allow_cpu_fallback
 
+    @property
+    def threads(self) -> int:
+        return self.settings.threads
+
     def require_data(self, who: str) -> calib.CalibData:
         if self.data is None:
             raise OnnxoptError(f"{who} needs calibration data; pass --calib FILE.npz (or --calib-random N)")
@@ -164,6 +168,7 @@ class Runner:
     progress: bool = True
     check_finite: bool = True               # run the written graph against the FP32 model before the save
     skip_nonfinite: bool = False            # leave out calibration samples holding inf/NaN (else an error)
+    threads: int = 0                        # worker threads for per-weight numpy work (0: one per core)
     verify: Callable | None = None
 
     def __post_init__(self):
@@ -184,14 +189,24 @@ class Runner:
         _positive(self.max_batch, "--max-batch")
         _positive(self.memory_budget_mb, "--memory-budget")
         _positive(self.seed, "--seed", allow_zero=True)
+        _positive(self.threads, "--threads", allow_zero=True)
         if self.provider not in PROVIDERS:
             raise OnnxoptError(f"unknown provider '{self.provider}'; use one of {', '.join(PROVIDERS)}")
         self.provider = _checked_provider(self.provider, self.allow_cpu_fallback)
-        self.settings = RunSettings(self.provider, self.allow_cpu_fallback, self.memory_budget_mb, self.progress, self.seed)
+        self.settings = RunSettings(self.provider, self.allow_cpu_fallback, self.memory_budget_mb, self.progress, self.seed,
+                                    self.threads)
         if self.needs_data and self.data is None and not self.calib_random:
             who = ", ".join(p.name for p in self.recipe if p.needs_data)
             raise OnnxoptError(f"no calibration data; the {who} pass needs calibration data: pass --calib FILE.npz "
                                "(or a directory) or --calib-random N")
+
+    @classmethod
+    def from_settings(cls, recipe, settings: RunSettings, **data) -> "Runner":
+        """The one way the package builds a Runner: `recipe` with the run's resources `settings` (made once from
+        the CLI or the API); `data` are the calibration-data and check fields (data, calib_random, shapes,
+        calib_batches, max_batch, skip_nonfinite, check_finite, verify)."""
+        return cls(recipe, seed=settings.seed, provider=settings.provider, allow_cpu_fallback=settings.allow_cpu_fallback,
+                   memory_budget_mb=settings.memory_budget_mb, progress=settings.progress, threads=settings.threads, **data)
 
     @property
     def needs_data(self) -> bool:
@@ -223,6 +238,7 @@ class Runner:
                       opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
         del m
         timings = report["timings_s"]
+        timings["load"] = time.perf_counter() - t0
         for p in self.recipe:
             t = time.perf_counter()
             log.info("pass %s", p.name)
@@ -231,9 +247,11 @@ class Runner:
             timings[p.name] = time.perf_counter() - t
             if isinstance(section, dict) and "coverage" in section:
                 report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
+        t = time.perf_counter()
         out = modelfile.export_graph(ctx.graph, opset=self.min_opset or None)
         ctx.graph = None  # the exported protobuf now owns the weights; keep one copy
         gc.collect()      # graphsurgeon graphs are cyclic: free their arrays now, not at some later collection
+        timings["export"] = time.perf_counter() - t
         if self.check_finite:
             t = time.perf_counter()
             with progress.stage("finite-output check", self.progress):
@@ -250,10 +268,14 @@ class Runner:
             out = modelfile.load(path)  # lazy again, pointing at the saved file rather than the work directory
             report["output_bytes"] = output_bytes(path)
             if self.verify is not None:
+                t = time.perf_counter()
                 report["verify"] = self.verify(path, report)
+                timings["verify"] = time.perf_counter() - t
         else:
             modelfile.internalize(out)  # the work directory is about to go
         timings["total"] = time.perf_counter() - t0
+        report["breakdown_s"] = breakdown(report, self.recipe)
+        log.info("timings: %s", ", ".join(f"{k} {v:.1f} s" for k, v in report["breakdown_s"].items()))
         return Result(out, report, path)
 
     def _check_finite(self, reference: onnx.ModelProto, out: onnx.ModelProto, ctx: Context):
@@ -281,7 +303,8 @@ class Runner:
 def run(recipe, model, output=None, *, data=None, **settings) -> Result:
     """Run `recipe` (a list of passes or a Recipe) on `model` and save to `output`. `settings` are Runner
     fields: calib_random, seed, shapes, calib_batches, max_batch, provider, memory_budget_mb, progress."""
-    return Runner(recipe, data=data, **settings).run(model, output)
+    resources = {k: settings.pop(k) for k in RUN_SETTINGS if k in settings}
+    return Runner.from_settings(recipe, RunSettings(**resources), data=data, **settings).run(model, output)
 
 
 def _checked_provider(name: str, allow_fallback: bool) -> str:
@@ -291,6 +314,35 @@ def _checked_provider(name: str, allow_fallback: bool) -> str:
     if check is None or name == "cpu":
         return name
     return name if "CUDAExecutionProvider" in check(name, allow_fallback) else "cpu"
+
+
+# A pass's own timings_s keys -> the phase of the run's breakdown they belong to.
+PHASES = ("load", "calibrate", "plan", "search", "write", "check", "save")
+_PASS_PHASES = {"calibrate": "calibrate", "statistics": "calibrate", "sensitivity": "search", "search": "search",
+                "choose_verify": "search", "insert": "write", "write": "write", "fold": "write"}
+
+
+def breakdown(report: dict, recipe) -> dict:
+    """The run's seconds by phase (PHASES, then total) from the report's timings: load; each pass's own
+    calibrate / search / write timings, the rest of the pass (placement rules, rewrites, statistics it does
+    not time separately) as plan; the graph's export as write; the finite-output check and the verification after the save as check; save."""
+    t = report.get("timings_s", {})
+    out = dict.fromkeys(PHASES, 0.0)
+    out["load"] = t.get("load", 0.0)
+    for p in recipe:
+        total = t.get(p.name, 0.0)
+        inner = (report.get(p.name) or {}).get("timings_s") if isinstance(report.get(p.name), dict) else None
+        known = 0.0
+        for k, v in (inner or {}).items():
+            if k in _PASS_PHASES and isinstance(v, (int, float)):
+                out[_PASS_PHASES[k]] += v
+                known += v
+        out["plan"] += max(total - known, 0.0)
+    out["write"] += t.get("export", 0.0)
+    out["check"] = t.get("finite_check", 0.0) + t.get("verify", 0.0)
+    out["save"] = t.get("save", 0.0)
+    out["total"] = t.get("total", sum(out.values()))
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def describe(p) -> dict:

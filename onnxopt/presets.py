@@ -1,5 +1,5 @@
-"""Model recipes: what the field does for a given network, as pipeline recipes (`recipe`: passes for
-`onnxopt.run`) and as the flat QuantConfigs behind them (`config`, what `quantize --preset` starts from).
+"""Model-family presets: what the field does for a given network, as the QuantConfigs `quantize --preset` starts
+from (`config`) and as pipeline recipes for `onnxopt.run` (`recipe`, through `onnxopt.api.recipe`).
 
 SDXL UNet (as models/sdxl_unet.py exports it, or any legacy-exporter export of diffusers'
 UNet2DConditionModel, whose node names follow the module tree: /time_embedding/linear_1/Gemm,
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import recipes
+from . import api
 from .errors import OnnxoptError
 from .passes.blockfp import BlockFP
 from .pipeline import Recipe
-from .recipes import QuantConfig
+from .api import QuantConfig
 
 # The field's usual exclusions for diffusion UNets (time/text conditioning MLPs, first and last conv):
 # small layers, sensitive to error, no speed to gain.
@@ -53,14 +53,14 @@ def sdxl_int8(**overrides) -> QuantConfig:
 
 def sdxl(mode: str = "fp8", **overrides) -> QuantConfig:
     """The SDXL recipe for `mode` ("fp8", "int8", or "nvfp4"/"mxfp8": FP8's with the block format on its GEMMs)."""
-    recipes = {"fp8": sdxl_fp8, "int8": sdxl_int8}
+    by_mode = {"fp8": sdxl_fp8, "int8": sdxl_int8}
     # Block formats (NVFP4, MXFP8) take FP8's exclusions and calibration; the block format goes on the GEMMs it allows.
     # Round-to-nearest weights (--awq none): on the tiny UNet AWQ full gave 0.99001 vs 0.99020 without, at 12x the
     # time, and at full size (2.2 B GEMM weights, K up to 10240) its search does not fit minutes; --awq overrides.
-    recipes.update({n: lambda m=n, **o: sdxl_fp8(**{"mode": m, "awq": "none", **o}) for n in BlockFP.FORMATS})
-    if mode not in recipes:
-        raise OnnxoptError(f"the sdxl preset has {', '.join(recipes)} recipes, not '{mode}'; use --fp8 or --int8")
-    return recipes[mode](**overrides)
+    by_mode.update({n: lambda m=n, **o: sdxl_fp8(**{"mode": m, "awq": "none", **o}) for n in BlockFP.FORMATS})
+    if mode not in by_mode:
+        raise OnnxoptError(f"the sdxl preset has {', '.join(by_mode)} recipes, not '{mode}'; use --fp8 or --int8")
+    return by_mode[mode](**overrides)
 
 
 # name -> function(mode, **overrides) -> QuantConfig; `onnxopt quantize --preset NAME` looks here.
@@ -76,4 +76,4 @@ def config(name: str, mode: str = "fp8", **overrides) -> QuantConfig:
 
 def recipe(name: str, mode: str = "fp8", **overrides) -> Recipe:
     """Passes of preset `name` for `mode` (plus its calibration batch split), for `onnxopt.run`."""
-    return recipes.recipe(config(name, mode, **overrides))
+    return api.recipe(config(name, mode, **overrides))

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import calib, fold, formats
+from . import graph as G
 from .calib import PatchSample, RowSample
 from .errors import OnnxoptError
 from .progress import track
@@ -79,6 +80,27 @@ def find_groups(graph: gs.Graph, plan=None, exclude: tuple[str, ...] = (),
             continue
         groups.append(Group(name, layers, axes.pop(), min(position.get(id(n), 0) for n in layers)))
     return groups
+
+
+def tied(groups: list[Group]) -> list[list[Group]]:
+    """Groups joined by a weight constant their layers share (ALBERT: one layer's weights read at every depth):
+    such a weight takes one smoothing scale, since W ⊙ s is stored once. Other groups stand alone."""
+    parent = list(range(len(groups)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    owner: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        for n in g.layers:
+            j = owner.setdefault(id(fold.weight_chain(n, 1)[0]), i)
+            parent[root(i)] = root(j)
+    units: dict[int, list] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(root(i), []).append(g)
+    return list(units.values())
 
 
 # ---------------------------------------------------------------- scales
@@ -144,15 +166,23 @@ def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray) ->
     return err
 
 
-def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray) -> tuple[float | None, np.ndarray, dict]:
-    """alpha on a 0.1 grid, refined by 0.05 around the best; None (no smoothing) when that is better still."""
-    tried = {a: simulated_error(layers, act_max, scales(act_max, w_max, a)) for a in ALPHAS[::2]}
+def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray, uses=None
+                 ) -> tuple[float | None, np.ndarray, dict]:
+    """alpha on a 0.1 grid, refined by 0.05 around the best; None (no smoothing) when that is better still.
+    `uses` ([(layers, act_max)], default one: (layers, act_max)) are the activations one shared weight reads:
+    one s (from `act_max`, their elementwise maximum) for all, the error summed over them, each with its own
+    per-tensor activation scale."""
+    uses = uses or [(layers, act_max)]
+
+    def error(s):
+        return sum(simulated_error(ls, am, s) for ls, am in uses)
+    tried = {a: error(scales(act_max, w_max, a)) for a in ALPHAS[::2]}
     best = min(tried, key=tried.get)
     for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
         if 0.0 <= a <= 1.0 and a not in tried:
-            tried[a] = simulated_error(layers, act_max, scales(act_max, w_max, a))
+            tried[a] = error(scales(act_max, w_max, a))
     best = min(tried, key=tried.get)
-    base = simulated_error(layers, act_max, np.ones_like(act_max))
+    base = error(np.ones_like(act_max))
     if base <= tried[best]:
         return None, np.ones_like(act_max), {"unsmoothed": base, "smoothed": base}
     return float(best), scales(act_max, w_max, best), {"unsmoothed": base, "smoothed": tried[best]}
@@ -214,36 +244,58 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                     continue
                 g.samplers.append(sampler)
                 reducers[g.activation].append(sampler)
+    t1 = time.perf_counter()
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
+    t2 = time.perf_counter()
 
+    taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
-    for g in track(sorted(groups, key=lambda g: -g.order), total=len(groups), enabled=progress,
-                   desc="smoothquant: alpha search" if batches else "smoothquant"):
-        act_max = g.absmax.value
-        if act_max is None:
+    units = tied(groups)
+    for unit in track(sorted(units, key=lambda u: -max(g.order for g in u)), total=len(units), enabled=progress,
+                      desc="smoothquant: alpha search" if batches else "smoothquant"):
+        unit = [g for g in unit if g.absmax.value is not None]
+        if not unit:
             continue
-        w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
-        entry = {"activation": g.activation, "layers": [n.name for n in g.layers]}
+        act_max = np.max([g.absmax.value for g in unit], axis=0)
+        layers_all = [n for g in unit for n in g.layers]
+        w_max = np.max([fold.input_channel_absmax(n) for n in layers_all], axis=0)
+        entry = {"activation": unit[0].activation, "layers": [n.name for n in layers_all]}
+        if len(unit) > 1:
+            entry["shared_weight_activations"] = [g.activation for g in unit]
         if batches:
-            layers = [sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
-            chosen, s, entry["error"] = search_alpha(layers, act_max, w_max)
-            del layers
-            g.samplers.clear()
+            uses = [([sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)], g.absmax.value) for g in unit]
+            chosen, s, entry["error"] = search_alpha(uses[0][0], act_max, w_max, uses)
+            del uses
+            for g in unit:
+                g.samplers.clear()
         else:
             chosen, s = alpha, scales(act_max, w_max, alpha)
-        entry["alpha"] = chosen
-        if chosen is None:
+        if chosen is not None and len(unit) > 1 and any(fold.is_attention_output(g.layers[0].inputs[0]) for g in unit):
+            # 1/s would go into the shared V projection once per use (copies) or a Mul would split fused attention.
+            chosen = None
+            entry["fold"] = "not smoothed: a shared weight reading attention outputs"
+        elif chosen is None:
             entry["fold"] = "not smoothed: smoothing did not lower the simulated error"
-        else:
-            entry["fold"] = fold.fold_input_scale(graph, g.layers, s)
+        elif len(unit) == 1:
+            entry["fold"] = fold.fold_input_scale(graph, unit[0].layers, s, taken=taken)
+        else:  # one weight read at several places: W ⊙ s once, each activation ⊘ s on its own
+            folds = [fold.fold_input_scale(graph, g.layers, s, weights=False, norm_only=True, taken=taken) for g in unit]
+            fold.scale_weights(graph, layers_all, s)
+            ins = sum(f.startswith("inserted") for f in folds)
+            entry["fold"] = f"shared weights scaled once; {len(folds) - ins} activation(s) folded into norms, {ins} Mul(s) inserted"
+            report["inserted_muls"] += ins
+        entry["alpha"] = chosen
+        if chosen is not None:
             entry["s_range"] = [float(s.min()), float(s.max())]
-            report["inserted_muls"] += entry["fold"].startswith("inserted")
-        for n in g.layers:
+            report["inserted_muls"] += len(unit) == 1 and entry["fold"].startswith("inserted")
+        for n in layers_all:
             report["alphas"][n.name] = chosen
         report["groups"].append(entry)
     report["time_s"] = round(time.perf_counter() - t0, 3)
+    # the run's breakdown (pipeline.breakdown): statistics as calibrate, alpha search and folding as write
+    report["timings_s"] = {"calibrate": t2 - t1, "fold": time.perf_counter() - t2}
     log.info("smoothquant: %d activation(s), %d inserted Mul(s), %.1f s", len(report["groups"]),
              report["inserted_muls"], report["time_s"])
     return report

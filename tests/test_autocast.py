@@ -6,7 +6,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 import onnxopt
-from onnxopt import recipes
+from onnxopt import api
 from onnxopt import autocast, modelfile, ort
 
 
@@ -29,7 +29,7 @@ def test_fp16_baseline_matches_fp32_and_keeps_io_types(tmp_path):
 
 def test_io_dtype_converts_graph_io(tmp_path):
     src = tiny.save(tiny.cnn(), tmp_path / "m.onnx")
-    out = recipes.convert(src, tmp_path / "m16.onnx", io_dtype="fp16")
+    out = api.convert(src, tmp_path / "m16.onnx", io_dtype="fp16")
     m = onnx.load(str(out))
     assert m.graph.input[0].type.tensor_type.elem_type == T.FLOAT16
     assert m.graph.output[0].type.tensor_type.elem_type == T.FLOAT16
@@ -53,7 +53,7 @@ def test_mask_constants_saturate_instead_of_overflowing(tmp_path):
 
 def test_keep_fp32_ops_get_casts_around_them(tmp_path):
     src = tiny.save(tiny.transformer(), tmp_path / "m.onnx")
-    out = recipes.convert(src, tmp_path / "m16.onnx", keep_fp32_ops=("LayerNormalization",))
+    out = api.convert(src, tmp_path / "m16.onnx", keep_fp32_ops=("LayerNormalization",))
     m = onnx.load(str(out))
     ln = next(n for n in m.graph.node if n.op_type == "LayerNormalization")
     inits = {t.name: t for t in m.graph.initializer}

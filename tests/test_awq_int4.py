@@ -203,7 +203,7 @@ def test_gram_and_channel_mean_reducers_stream():
 def test_int4_model_is_under_30_percent_of_fp16(tmp_path):
     """End to end through quantize(): a MatMul-dominated model shrinks to <= 0.30x its FP16 size."""
     from onnxopt import QuantConfig, quantize
-    from onnxopt.recipes import convert
+    from onnxopt.api import convert
     k = 512
     nodes, inits, x = [], [], "x"
     for i in range(3):

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import tiny
 from onnxopt import QuantConfig, modelfile, quantize
-from onnxopt.recipes import convert
+from onnxopt.api import convert
 from onnxopt.bench import BenchConfig, bench, format_table
 from onnxopt.cli import main
 from onnxopt.compare import compare

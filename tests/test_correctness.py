@@ -7,11 +7,11 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import tiny
-from onnxopt import recipes
+from onnxopt import api
 from onnxopt import autocast, calib, emulate, finite, modelfile, ort
 from onnxopt.compare import compare, metrics
 from onnxopt.errors import OnnxoptError
-from onnxopt.quant import QuantConfig, quantize
+from onnxopt.api import QuantConfig, quantize
 
 IDS = {"ids": (2, 16)}
 
@@ -79,10 +79,10 @@ def _emulated_metrics(src, cand, feeds):
 
 def test_overflow_unet_convert_fp16_is_finite_with_ranges(tmp_path):
     src = tiny.save(overflow_unet(), tmp_path / "unet.onnx")
-    blind = recipes.convert(src, tmp_path / "blind.onnx", measure=False, verify=False)
+    blind = api.convert(src, tmp_path / "blind.onnx", measure=False, verify=False)
     assert not _emulated_metrics(src, blind, _feeds())[1]  # without ranges the conditioning MLP overflows
     report = {}
-    out = recipes.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
+    out = api.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
     m, finite = _emulated_metrics(src, out, _feeds())
     assert finite and m["cosine"] >= 0.999
     kept = report["autocast"]["kept_fp32"]
@@ -195,9 +195,9 @@ def _cnn_cosine(src, cand, n=8):
 
 def test_bn_after_relu_stays_fp32_where_fp16_costs_accuracy(tmp_path):
     src = tiny.save(bn_after_relu_cnn(), tmp_path / "cnn.onnx")
-    blind = _cnn_cosine(src, recipes.convert(src, tmp_path / "blind.onnx", measure=False, verify=False))
+    blind = _cnn_cosine(src, api.convert(src, tmp_path / "blind.onnx", measure=False, verify=False))
     report = {}
-    out = recipes.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
+    out = api.convert(src, tmp_path / "fp16.onnx", calib_random=8, report=report)
     assert blind < 0.9995 and _cnn_cosine(src, out) >= 0.9999
     kept = report["autocast"]["kept_fp32"]
     assert kept["bn1"]["relative_error"] > 1e-2 and "conv2" not in kept and "fc" not in kept
@@ -268,7 +268,7 @@ def test_real_crepe_fp16_and_int8(tmp_path):
 
     def cos(path):
         return metrics(ref, ort.session(emulate.emulated_view(modelfile.load(path))).run(None, {"frames": ev})[0])["cosine"]
-    out = recipes.convert(src, tmp_path / "fp16.onnx", data=tmp_path / "calib.npz")
+    out = api.convert(src, tmp_path / "fp16.onnx", data=tmp_path / "calib.npz")
     assert cos(out) >= 0.9999
     r = quantize(src, tmp_path / "int8.onnx", config=QuantConfig(mode="int8", progress=False), data=tmp_path / "calib.npz")
     assert cos(r.path) >= 0.999

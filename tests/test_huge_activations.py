@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import huge
-from onnxopt import calib, modelfile, precision, prescale, recipes
+from onnxopt import calib, modelfile, precision, prescale, api
 from onnxopt import ort as ortx
 from onnxopt.quant import qdq
 
@@ -63,7 +63,7 @@ def test_fp8_on_huge_activations_fails_no_more(tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(huge.model(), src)
     np.savez(tmp_path / "c.npz", **huge.calib(8))
-    res = recipes.quantize(str(src), tmp_path / "o.onnx", config=recipes.QuantConfig(progress=False),
+    res = api.quantize(str(src), tmp_path / "o.onnx", config=api.QuantConfig(progress=False),
                            data=str(tmp_path / "c.npz"))
     ac = res.report["autocast"]
     assert ac["prescaled_tensors"] >= 6

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 import huge
-from onnxopt import calib, recipes
+from onnxopt import calib, api
 from onnxopt.emulate import emulated_view
 from onnxopt import ort as ortx
 
@@ -51,10 +51,10 @@ def test_mode_on_huge_activations(tmp_path, mode, batch):
     data = calib.CalibData.from_path(cal, specs, batch_size=2 if batch == 2 else 1)
     if isinstance(how, str):
         report: dict = {}
-        recipes.convert(src, out, how.split(":")[1], data=data, report=report)
+        api.convert(src, out, how.split(":")[1], data=data, report=report)
         ac = report["autocast"]
     else:
-        res = recipes.quantize(str(src), out, config=recipes.QuantConfig(progress=False, **how), data=data)
+        res = api.quantize(str(src), out, config=api.QuantConfig(progress=False, **how), data=data)
         ac = res.report["autocast"]
     cand = onnx.load(out)
     held = huge.calib(2, seed=1)

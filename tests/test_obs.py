@@ -115,7 +115,7 @@ def test_gptq_keeps_the_searched_scales_when_the_hessian_is_singular(caplog):
     clips = {"fc": np.full((2, 8), 0.9, np.float32)}
     entry = {}
     with caplog.at_level(logging.WARNING):
-        awq._error_feedback(types.SimpleNamespace(name="fc"), w, h, clips, 16, "fp32", entry)
+        awq._error_feedback(types.SimpleNamespace(name="fc"), INT4, w, h, clips, 16, "fp32", entry)
     assert isinstance(clips["fc"], np.ndarray)  # clip ratios kept: round-to-nearest with the searched scales
     assert entry["gptq"].startswith("skipped") and "without error feedback" in caplog.text
     with pytest.raises(obs.SingularHessian):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import tiny
 from onnxopt import QuantConfig, modelfile, quantize
-from onnxopt.recipes import convert
+from onnxopt.api import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import rules

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from onnxopt import QuantConfig, diffusion, modelfile, presets, quantize
-from onnxopt.recipes import convert
+from onnxopt.api import convert
 from onnxopt.inspection import engine_findings
 from onnxopt.trt import report as R
 from onnxopt.trt import rtx_available

@@ -249,6 +249,10 @@ def test_auto_target_psnr_verified_on_samples(tmp_path):
     # the written graph, sampled on the same held-out seeds, gives what the search verified
     res = S.compare_sampled(str(ref), str(out), S.SamplerOptions("consistency", steps=2, seeds=(100, 101, 102, 103)))
     assert res.final.psnr_mean == pytest.approx(min(auto["verified"]["psnr"], 200), abs=1.0)
+    # ...and the report's verification is that written graph's own (what ships is what was verified)
+    assert auto["met_on"] == "written graph" and auto["verified_written"]["psnr"] >= 35
+    assert res.final.psnr_mean == pytest.approx(min(auto["verified_written"]["psnr"], 200), abs=0.05)
+    assert set(auto["kept_wide_why"]) == set(auto["kept_wide"])
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -202,7 +202,7 @@ def test_fp8_preset_end_to_end(tiny_unet, tmp_path):
 
 @pytest.mark.slow
 def test_int8_preset_end_to_end(tiny_unet, tmp_path):
-    from onnxopt.quant import quantize
+    from onnxopt.api import quantize
     d = tiny_unet.parent
     res = quantize(tiny_unet, tmp_path / "unet.int8.onnx", config=presets.sdxl_int8(progress=False), data=d / "calib.npz")
     assert res.report.get("smoothquant")

@@ -317,7 +317,8 @@ def test_smooth_conv_graph_with_quantizer_plan():
     every planned layer gets an alpha, and the smoothed FP32 graph is exact."""
     import tiny
 
-    from onnxopt.quant import QuantConfig, prepare, rules
+    from onnxopt.api import QuantConfig, prepare
+    from onnxopt.quant import rules
     m = prepare(tiny.cnn(batch=2), "int8")
     graph = modelfile.import_graph(m)
     config = QuantConfig(mode="int8", smoothquant="auto", progress=False, memory_budget_mb=256)

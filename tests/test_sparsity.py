@@ -348,7 +348,7 @@ def test_cli_errors(tmp_path):
 # ---------------------------------------------------------------- stacked with quantization
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantized_weights_stay_2_4(tmp_path, mode):
-    from onnxopt import quant
+    from onnxopt import api as quant
     rng = np.random.default_rng(15)
     src = tmp_path / "m.onnx"
     modelfile.save(_mlp_model(rng, k=64, hidden=128, cout=32), src)  # above min_params, and FP8-sized for TensorRT

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from onnxopt import recipes
+from onnxopt import api
 from onnxopt import QuantConfig, modelfile, quantize
-from onnxopt.recipes import convert
+from onnxopt.api import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
 from onnxopt.trt import MISSING, available
@@ -66,7 +66,7 @@ def test_precision_of_int4_weights():
 def test_sparse_weights_detected(cnn):
     d, base = cnn
     assert not has_sparse_weights(modelfile.load(base))
-    recipes.sparsify_model(base, d / "sparse.onnx", min_params=16, progress=False)
+    api.sparsify_model(base, d / "sparse.onnx", min_params=16, progress=False)
     assert has_sparse_weights(modelfile.load(d / "sparse.onnx"))
     q = quantize(d / "sparse.onnx", config=QuantConfig(mode="int8", progress=False), calib_random=2, shapes=SHAPES).model
     assert has_sparse_weights(q)  # seen through the weights' DequantizeLinear

@@ -141,9 +141,9 @@ def _work_onnxopt(spec: dict) -> dict:
 
 
 def _work_sparsify(spec: dict) -> dict:
-    from onnxopt import recipes
+    from onnxopt import api
     t = time.perf_counter()
-    rep = recipes.sparsify_model(spec["model"], spec["out"], data=spec["calib"], pattern="2:4",
+    rep = api.sparsify_model(spec["model"], spec["out"], data=spec["calib"], pattern="2:4",
                                   method=spec["config"]["method"], progress=False)
     return {"wall_s": time.perf_counter() - t, "report": _summary(rep)}
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnxopt import autoquant, modelfile, ort
-from onnxopt.recipes import QuantConfig, quantize  # noqa: E402
+from onnxopt.api import QuantConfig, quantize  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import real_models as rm  # noqa: E402

@@ -8,7 +8,7 @@ Cases (each run in its own subprocess, peak RSS = VmHWM of that process):
 - samples: EfficientNet-Lite0 quantized with 16 and with 256 calibration images (chunked .npz directory,
   16 images per file, so the input data is streamed as well).
 - sparsegpt: MiniLM (real weights, exported by real_models.py under --work, or `--minilm DIR` with model.onnx, calib.npz)
-  pruned 2:4 by magnitude and by SparseGPT (`recipes.sparsify_model`): peak RSS of each.
+  pruned 2:4 by magnitude and by SparseGPT (`api.sparsify_model`): peak RSS of each.
 - large: a generated ~1 GB FP32 model (a stack of 4096x4096 MatMul+Relu layers, external data) quantized
   to FP8, against a bound of 2 x model size + the peak RSS of an ORT inference session of the FP32 model
   measured alone.
@@ -107,8 +107,8 @@ def _work(spec: dict) -> dict:
         quantize(spec["model"], spec["out"], config=QuantConfig(mode="fp8", calib_method="max", progress=False),
                  data=spec["data"])
     elif spec["kind"] == "sparsify":
-        from onnxopt import recipes
-        recipes.sparsify_model(spec["model"], spec["out"], data=spec["data"], method=spec["method"], progress=False)
+        from onnxopt import api
+        api.sparsify_model(spec["model"], spec["out"], data=spec["data"], method=spec["method"], progress=False)
     else:  # ORT inference of the model alone, one batch
         from onnxopt import modelfile as oio
         from onnxopt import ort as oort

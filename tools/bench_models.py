@@ -225,14 +225,14 @@ def prepare(name: str, work: Path, n_calib: int, n_eval: int) -> Prepared:
 
 # ---------------------------------------------------------------- candidates
 def make_variant(p: Prepared, v: Variant, out_dir: Path, n_calib: int) -> Path:
-    from onnxopt import QuantConfig, quantize, recipes
-    from onnxopt.recipes import convert
+    from onnxopt import QuantConfig, quantize, api
+    from onnxopt.api import convert
     out = out_dir / f"{p.name}.{v.name.replace('+2:4', '-sparse24')}.onnx"
     if v.mode is None:
         src = p.model
         if v.sparse:
             src = out_dir / f"{p.name}.fp32-sparse24.onnx"
-            recipes.sparsify_model(p.model, src, pattern="2:4", progress=False)
+            api.sparsify_model(p.model, src, pattern="2:4", progress=False)
         return convert(src, out, dtype="fp16")
     cfg = QuantConfig(mode=v.mode, sparsity="2:4" if v.sparse else None, calib_batches=n_calib, progress=False, **v.options)
     return quantize(p.model, out, config=cfg, data=p.calib).path

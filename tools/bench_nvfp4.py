@@ -31,7 +31,7 @@ import real_models as rm  # noqa: E402
 from onnxopt import modelfile, ort, presets
 from onnxopt.autocast import fp32_view  # noqa: E402
 from onnxopt.formats.emulation import lower_for_ort  # noqa: E402
-from onnxopt.recipes import QuantConfig, quantize  # noqa: E402
+from onnxopt.api import QuantConfig, quantize  # noqa: E402
 
 ROWS = {
     "fp8": dict(mode="fp8"),
@@ -86,7 +86,7 @@ def config(row: str, preset: str | None) -> QuantConfig:
 
 
 def fp16_bytes(model: Path, work: Path) -> int:
-    from onnxopt.recipes import convert
+    from onnxopt.api import convert
     out = work / f"{model.parent.name}.fp16.onnx"
     if not out.is_file():
         convert(model, out, measure=False, verify=False)

@@ -56,14 +56,14 @@ def stage_calib(work: Path, args) -> dict:
 
 
 def stage_fp16(work: Path, args) -> dict:
-    from onnxopt.recipes import convert
+    from onnxopt.api import convert
     path = convert(work / "unet.onnx", work / "unet.fp16.onnx", "fp16")
     return {"bytes": files_bytes(Path(path))}
 
 
 def _quantize(work: Path, mode: str, args) -> dict:
     from onnxopt import presets
-    from onnxopt.quant import quantize
+    from onnxopt.api import quantize
     cfg = presets.sdxl(mode, progress=False, memory_budget_mb=args.memory_budget, provider=args.provider,
                        **({"awq": args.awq} if mode == "nvfp4" else {}))
     res = quantize(work / "unet.onnx", work / f"unet.{mode}.onnx", config=cfg, data=work / "calib.npz")

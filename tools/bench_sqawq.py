@@ -87,7 +87,7 @@ def _mlp(path: Path, width=1024, depth=8) -> Path:
 
 def sizes(prep, tmp: Path) -> list[dict]:
     from onnxopt import QuantConfig, quantize
-    from onnxopt.recipes import convert
+    from onnxopt.api import convert
     rows = []
     for name, src, data in (("MLP 8x1024 (MatMul only)", _mlp(tmp / "mlp.onnx"), None), ("MiniLM", prep.model, prep.calib)):
         fp16 = convert(src, tmp / "fp16.onnx")

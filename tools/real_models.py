@@ -68,6 +68,23 @@ def read_sentences() -> list[str]:
     return [s for s in lines if s]
 
 
+def mean_pooled(encoder):
+    """`encoder` (a transformers model) with the sentence embedding as output: the attention-mask weighted mean
+    of its last hidden states, as sentence-transformers computes it."""
+    import torch
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            h = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            w = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
+    return MeanPooled(encoder).eval()
+
+
 def export_minilm(out: Path, attn_implementation: str = "eager") -> Prepared:
     """MiniLM with mean pooling; `attn_implementation` "sdpa" spells attention as PyTorch's SDPA export does
     (a NaN guard after Softmax, a view after P·V, Shape readers), "eager" as the benchmarks' export."""
@@ -79,18 +96,6 @@ def export_minilm(out: Path, attn_implementation: str = "eager") -> Prepared:
     tok = AutoTokenizer.from_pretrained(str(src))
     bert = AutoModel.from_pretrained(str(src), attn_implementation=attn_implementation).eval()
 
-    class MeanPooled(torch.nn.Module):
-        """Sentence embedding = attention-mask weighted mean of the last hidden states."""
-
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            h = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-            w = attention_mask.unsqueeze(-1).to(h.dtype)
-            return (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
-
     sentences = read_sentences()
     if len(sentences) != 2 * N_CALIB_TEXT:
         raise SystemExit(f"{SENTENCES}: expected {2 * N_CALIB_TEXT} sentences, found {len(sentences)}")
@@ -100,7 +105,7 @@ def export_minilm(out: Path, attn_implementation: str = "eager") -> Prepared:
     np.savez(out / "calib.npz", **{k: v[:N_CALIB_TEXT] for k, v in arrays.items()})
     np.savez(out / "eval.npz", **{k: v[N_CALIB_TEXT:] for k, v in arrays.items()})
 
-    wrapped = MeanPooled(bert).eval()
+    wrapped = mean_pooled(bert)
     sample = tuple(torch.from_numpy(arrays[k][:2]) for k in names)
     axes = {k: {0: "batch", 1: "sequence"} for k in names}
     axes["embedding"] = {0: "batch"}

@@ -56,7 +56,8 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
         sq_groups = smooth.groups(graph, plans[smooth.BASE], in_plan[smooth.BASE])
         in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
-    if any(not formats.get(f).planned and not formats.get(f).base for f in fmts_wanted):  # chosen layer by layer
+    if any(not formats.get(f).planned and not formats.get(f).base and formats.get(f).activations != "dynamic"
+           for f in fmts_wanted):  # chosen layer by layer
         cfg = next(iter(configs.values()))
         sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
         int4_ok = {n.name for n, _ in sel}
@@ -72,6 +73,11 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
             elif f in plans:
                 ok = node.name in in_plan[f]
                 why = plans[f].skipped.get(node.name, "not planned")
+            elif formats.get(f).activations == "dynamic":  # block formats: FP8's placement, then their own rules
+                fp8 = formats.FP8.name
+                why = (plans[fp8].skipped.get(node.name, "not planned") if node.name not in in_plan[fp8]
+                       else rules.block_format_reason(node, formats.get(f).block_size, f.upper()))
+                ok = why is None
             else:
                 ok = node.name in int4_ok
                 why = int4_skip.get(node.name, "INT4 is for MatMul/Gemm weights only")

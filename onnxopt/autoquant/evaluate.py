@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import modelfile, metrics, ort
+from ..compare import evaluation_session
 from ..errors import OnnxoptError
 from ..progress import track
 from .candidates import GATES
@@ -36,7 +37,7 @@ class Evaluator(Gates):
     """One ORT session over the gated graph; outputs of the FP32 reference are computed once."""
 
     def __init__(self, model, index: dict, search: list, verify: list, provider: str, shape_names: dict):
-        self.index = index
+        self.index, self.provider = index, provider
         self.sess = ort.session(model, provider=provider, level="disable")
         self.out = self.sess.get_outputs()[0].name
         self.shape_names = shape_names
@@ -44,11 +45,12 @@ class Evaluator(Gates):
         self.shapes: dict[str, list] = {}
         self.ref = {"search": self._outputs(self.zeros(), search, shapes=True), "verify": self._outputs(self.zeros(), verify)}
 
-    def _outputs(self, gates, feeds, shapes=False) -> np.ndarray:
+    def _outputs(self, gates, feeds, shapes=False, sess=None) -> np.ndarray:
         names = [self.out] + (list(self.shape_names) if shapes else [])
         outs = []
         for feed in feeds:
-            got = ort.run(self.sess, names, {**feed, GATES: gates}, label="the gated graph")
+            got = (ort.run(self.sess, names, {**feed, GATES: gates}, label="the gated graph") if sess is None
+                   else ort.run(sess, names, feed, label="the written graph"))
             outs.append(got[0].reshape(got[0].shape[0] if got[0].ndim > 1 else 1, -1))
             if shapes:
                 for n, v in zip(names[1:], got[1:]):
@@ -71,6 +73,17 @@ class Evaluator(Gates):
         ref = self.ref[split]
         cand = self._outputs(gates, self.search if split == "search" else self.verify)
         return metrics_of(ref, cand)
+
+
+    def written_metrics(self, model, split: str = "search") -> dict:
+        """`metrics` of `model` (the graph the writer produced: no gates) on the same batches and FP32 reference:
+        what ships is what is verified."""
+        sess = evaluation_session(model, self.provider)[0]
+        if split in ("all", HELD_OUT):
+            ref = np.concatenate([self.ref["search"], self.ref["verify"]])
+            cand = np.concatenate([self._outputs(None, self.search, sess=sess), self._outputs(None, self.verify, sess=sess)])
+            return metrics_of(ref, cand, len(self.ref["verify"]) if split == HELD_OUT else 0)
+        return metrics_of(self.ref[split], self._outputs(None, self.search if split == "search" else self.verify, sess=sess))
 
 
 HELD_OUT = "held-out"

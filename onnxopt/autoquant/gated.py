@@ -6,9 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import fold, formats, modelfile
+from ..formats import emulation
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
+from ..quant import writer
 from ..quant.writer import fake_weight, quantized_weight
 from . import smooth
 from .candidates import GATES, Candidates, Layer
@@ -68,29 +70,76 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
     # A weight read by several layers gets no bias correction in the written graph (quant.writer): nor here.
     shared = {n.name for p in plans.values() for n, _, c, _ in p.weights if len(c.outputs) > 1}
+    # Owners before any gate: a gated weight puts an Identity (bias correction) behind the layer's output, and a
+    # residual Add's owner is the layer feeding it, as the writer sees it (quant.writer.activation_owner).
+    owners = {f: _owners(plan) for f, plan in plans.items()}
+    inputs = {name: (node.inputs[0].name, node.inputs[1]) for name, node in nodes.items()}  # before the gates
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
                      _smoothing(cands, node))
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
-        residual = {(id(a), i) for a, i in plan.residuals}
         for tname, uses in plan.activations.items():
             scale = qdq.activation_scale(amax[f][tname], f, hp)
             for node, idx in uses:
-                owner = node
-                if (id(node), idx) in residual:
-                    owner = node.inputs[1 - idx].inputs[0]
-                if owner.name not in cands.layers or f not in cands.layers[owner.name].formats:
+                owner = owners[f][(id(node), idx)]
+                if owner not in cands.layers or f not in cands.layers[owner].formats:
                     continue
                 x = node.inputs[idx]
-                node.inputs[idx] = b.branch(owner.name, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
+                node.inputs[idx] = b.branch(owner, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
                                             f"{tname}_{f}")
     if cands.smooth:
-        _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp)
+        _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp, owners[smooth.BASE])
+    _gate_block_activations(b, nodes, cands, amax.get(formats.FP8.name, {}), inputs)
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
+
+
+def _gate_block_activations(b: _Builder, nodes: dict, cands: Candidates, amax: dict, inputs: dict) -> None:
+    """Block formats with dynamic activations (NVFP4, MXFP8): the writer's quantizer on the layer's input
+    (quant.writer.write_block_activation), lowered to what ONNX Runtime runs (formats.emulation), behind the gate."""
+    for name, node in nodes.items():
+        for f in cands.layers[name].formats:
+            fmt = formats.get(f) if f != "none" else None
+            if fmt is None or fmt.activations != "dynamic":
+                continue
+            x = node.inputs[0]
+            node.inputs[0] = b.branch(name, f, x, lambda x, into, fmt=fmt, node=node: _lowered(
+                b, lambda g: _block_activation(g, node, x, fmt, amax.get(inputs[name][0]), b.names, inputs[name][1]),
+                f"{x.name}_{f}", into),
+                f"{x.name}_{f}")
+
+
+def _block_activation(g: gs.Graph, node: gs.Node, x: gs.Tensor, fmt, amax, names: set, weight) -> gs.Variable:
+    """The writer's activation nodes on `x` in a scratch graph (a stand-in layer with the layer's weight reads x,
+    so the writer can read K and rewire it)."""
+    stand_in = gs.Node(node.op, inputs=[x, weight], outputs=[], attrs=dict(node.attrs))
+    g.nodes.append(stand_in)
+    y = writer.write_block_activation(g, stand_in, fmt, amax, names)
+    g.nodes.remove(stand_in)
+    stand_in.inputs.clear()
+    return y
+
+
+def _lowered(b: _Builder, build, base: str, into: list) -> gs.Variable:
+    """Nodes that `build(graph)` writes (the real NVFP4/MXFP8 form), lowered in place by formats.emulation to
+    standard ONNX with the same numbers, appended to `into`; returns the output."""
+    g = gs.Graph(nodes=[], opset=b.graph.opset)
+    out = build(g)
+    y = b.var(base + "_emu_out", shape=out.shape)
+    g.nodes.append(gs.Node("Identity", name=G.unique_name(base + "_emu_out", b.names), inputs=[out], outputs=[y]))
+    g.outputs = [y]
+    emulation.lower_graph(g)
+    into.extend(g.nodes)
+    return y
+
+
+def _owners(plan) -> dict:
+    """{(id(node), input index): name of the layer that owns that activation use} of a rules placement."""
+    residual = {(id(a), j) for a, j in plan.residuals}
+    return {(id(n), i): writer.activation_owner(n, i, residual).name for uses in plan.activations.values() for n, i in uses}
 
 
 def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> gs.Variable:
@@ -138,25 +187,25 @@ def _smoothing(cands: Candidates, node: gs.Node):
     return cands.smooth.get(node.inputs[0].name)
 
 
-def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str) -> None:
+def _gate_smoothed(b: _Builder, plan, cands: Candidates, amax: dict, hp: str, owners: dict) -> None:
     """int8-sq activations: s ⊙ QDQ(x ⊘ s) on the layer's own input, the INT8 plan's plain QDQ on the other uses
     it owns (a residual Add), each behind the (layer, int8-sq) gate."""
-    residual = {(id(a), i) for a, i in plan.residuals}
     for tname, uses in plan.activations.items():
         for node, idx in uses:
-            owner = node.inputs[1 - idx].inputs[0] if (id(node), idx) in residual else node
-            if owner.name not in cands.layers or smooth.SQ not in cands.layers[owner.name].formats:
+            owner = owners[(id(node), idx)]
+            if owner not in cands.layers or smooth.SQ not in cands.layers[owner].formats:
                 continue
             x = node.inputs[idx]
-            sm = cands.smooth.get(tname) if owner is node and idx == 0 else None
-            if owner is node and idx == 0 and sm is None:
+            own = owner == node.name
+            sm = cands.smooth.get(tname) if own and idx == 0 else None
+            if own and idx == 0 and sm is None:
                 continue
             if sm is None:
                 scale = qdq.activation_scale(amax[smooth.BASE][tname], smooth.BASE, hp)
                 make = lambda x, into, s=scale: _qdq(b, x, s, smooth.BASE, into)  # noqa: E731
             else:
                 make = lambda x, into, sm=sm, node=node: _smoothed_qdq(b, x, sm, node, hp, into)  # noqa: E731
-            node.inputs[idx] = b.branch(owner.name, smooth.SQ, x, make, f"{tname}_sq")
+            node.inputs[idx] = b.branch(owner, smooth.SQ, x, make, f"{tname}_sq")
 
 
 def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: list) -> gs.Variable:
@@ -176,6 +225,8 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     """(then-branch maker, the weight it gives) of a weight gate: the quantized weight (1 byte/param, INT4 0.5)
     behind a DequantizeLinear, which gives exactly `fake_weight`'s numbers (the same q, float32 scales, one multiply)."""
     base = f"{node.name}_{fmt}_w"
+    if formats.get(fmt).activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact)
+        return _block_weight_maker(b, node, w, formats.get(fmt))
     if not COMPACT_WEIGHTS:
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
         wc = modelfile.constant(G.unique_name(base, b.names), wq)
@@ -193,6 +244,26 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     sc = b.const(base + "_scale", np.ascontiguousarray(scale, dtype=np.float32))
     return (lambda x, into: b.node("DequantizeLinear", [qc, sc], f"{node.name}_{fmt}_wq", attrs, into=into,
                                    shape=list(w.shape))), wq
+
+
+def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f):
+    """(then-branch maker, the weight it gives) of a block-format weight gate: quant.writer.write_block_weight's
+    nodes on a stand-in layer, lowered to one constant of exactly the numbers they dequantize to."""
+    g = gs.Graph(nodes=[], opset=b.graph.opset)
+    stand_in = gs.Node(node.op, inputs=[node.inputs[0], gs.Constant(f"{node.name}_{f.name}_w_src", w)],
+                       outputs=[], attrs=dict(node.attrs))
+    out, _ = writer.write_block_weight(g, stand_in, f, b.names)
+    stand_in.inputs.clear()
+    y = b.var(f"{node.name}_{f.name}_wq_out", shape=list(w.shape))
+    keep = gs.Node("Identity", name=G.unique_name(f"{node.name}_{f.name}_wq", b.names), inputs=[out], outputs=[y])
+    g.nodes.append(keep)
+    g.outputs = [y]
+    emulation.lower_graph(g)
+    wc = keep.inputs[0]
+    wq = np.asarray(wc.values, np.float32)
+    keep.inputs.clear()
+    keep.outputs.clear()
+    return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{f.name}_wq", into=into, shape=list(w.shape))), wq
 
 
 def _bias_shift(node, dw, means, fmt):

@@ -28,7 +28,14 @@ class SampledEvaluator:
 
     def metrics(self, gates, split: str = "held-out") -> dict:
         """{psnr, psnr_se, psnr_worst, ssim, cosine, cosine_se, n, top1 (NaN)} of the final samples on the held-out seeds."""
-        got = self._sample(gates)
+        return self._metrics(self._sample(gates))
+
+    def written_metrics(self, model, split: str = "held-out") -> dict:
+        """`metrics` of `model` (the written graph, no gates) in the same loop, seeds and FP32 reference."""
+        den = Denoiser(model, self.roles, self.ev.provider, "the written graph in the sampler")
+        return self._metrics(run_with(den, self.opts, None, progress=False))
+
+    def _metrics(self, got: Trajectory) -> dict:
         ref, cand = self.ref.final, got.final
         ps = M.psnr_per_sample(ref, cand, self.opts.data_range)
         cs = M.cosine_per_sample(ref, cand)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from . import analysis, data, engines, quantize, sparsify  # noqa: F401  (each registers its commands on `main`)
-from .common import _verbosity_after_command, main
+from .common import verbosity_after_command, main
 
 for _cmd in list(main.commands.values()):
-    _verbosity_after_command(_cmd)
-_verbosity_after_command(data.calib_data_sdxl)
+    verbosity_after_command(_cmd)
+verbosity_after_command(data.calib_data_sdxl)
 
 __all__ = ["main"]
 

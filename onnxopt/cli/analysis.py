@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from .engines import _build_config
+from .engines import engine_build_config
 from .common import (
-    _alias, _check_input, _check_report, _provider_options, _sampler_loop_options, _summary, _write_json, handle_errors, main,
+    option_alias, check_input, check_report, provider_options, sampler_loop_options, summary_line, write_json, handle_errors, main,
     progress_enabled)
 
 
@@ -23,15 +23,15 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
     """Op histogram, Q/DQ coverage (W8A8 and weight-only formats), a TensorRT placement lint of MODEL and,
     with --engine, the report of a TensorRT-RTX engine built from it."""
     from ..inspection import format_report, inspect_path
-    report_path = _alias(report_path, old_json, "--report", "--json")
+    report_path = option_alias(report_path, old_json, "--report", "--json")
     show_sparsity = show_sparsity or old_sparsity
-    _check_report(report_path, model)
+    check_report(report_path, model)
     ins = inspect_path(model)
     click.echo(format_report(ins, show_layers=layers))
     summary = ins.summary()
     if engine or engine_shapes:
         from ..trt.report import engine_report_of
-        rep = engine_report_of(model, _build_config(engine_shapes, None, None, None, None, None))
+        rep = engine_report_of(model, engine_build_config(engine_shapes, None, None, None, None, None))
         from ..trt.report import format_report as format_engine
         click.echo(format_engine(rep))
         summary["engine"] = rep
@@ -41,9 +41,9 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
         click.echo(sparsity.format_report(rows))
         summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}
     if report_path:
-        _write_json(report_path, summary)
+        write_json(report_path, summary)
     formats = ", ".join(f"{f} {n}" for f, n in summary["formats"].items())
-    _summary(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
+    summary_line(f"inspected {model}: {summary['quantized_layers']}/{summary['layers']} layers quantized"
              f"{f' ({formats})' if formats else ''}, lint {'clean' if not summary['lint'] else str(len(summary['lint'])) + ' issue(s)'}"
              + (f"; wrote {report_path}" if report_path else ""))
 
@@ -57,12 +57,12 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
 @click.option("--shapes", multiple=True, help="name:1x4x128x128 for dynamic inputs of generated data (repeatable).")
 @click.option("--max-batch", type=click.IntRange(min=1), help="Split feeds along a dynamic batch axis into at most N (less memory; results differ only by float rounding).")
 @click.option("--skip-nonfinite", is_flag=True, help="Leave out --data samples holding inf or NaN (counted in the summary) instead of failing.")
-@_provider_options
+@provider_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON to this file.")
 @click.option("--json", "old_json", type=click.Path(dir_okay=False), hidden=True, help="Old name of --report.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="Compare final samples of a denoising loop instead of one call: euler/ddim/dpmpp (diffusers, SDXL config; epsilon/v UNets with a timestep input) or consistency (EDM D(x, sigma) models).")
 @click.option("--seeds", default="0-3", show_default=True, help="With --sampler: seeds of the initial noise, e.g. 0-7 or 0,3,5.")
-@_sampler_loop_options
+@sampler_loop_options
 @click.option("--data-range", type=float, help="With --sampler: PSNR/SSIM data range (default: each reference sample's peak-to-peak).")
 @click.option("--save-grid", type=click.Path(dir_okay=False), help="With --sampler: write reference | candidate | |diff| of each seed as a PNG (with --pipeline: reference | candidate decoded images, exact 8-bit pixels).")
 @click.option("--pipeline", type=click.Path(), help="A local diffusers pipeline folder (save_pretrained: model_index.json, unet/, vae/, text encoders, tokenizers, scheduler/): run it with each ONNX UNet swapped in and compare decoded images; --sampler then picks another scheduler (default: the pipeline's own), --size is the image HxW in pixels.")
@@ -79,24 +79,24 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_
     (ONNX Runtime) and the decoded 8-bit images are compared (PSNR, SSIM over 0..255; LPIPS when its weights are
     on this machine), latents too."""
     if pipeline or prompts:
-        report_path = _alias(report_path, old_json, "--report", "--json")
+        report_path = option_alias(report_path, old_json, "--report", "--json")
         return _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback,
                                  report_path, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
                                  data_range, save_grid, pipeline, prompts)
     if sampler or any(v is not None for v in (steps, guidance, sample_size, data_range, save_grid)):
-        report_path = _alias(report_path, old_json, "--report", "--json")
+        report_path = option_alias(report_path, old_json, "--report", "--json")
         return _compare_sampled(reference, candidate, data, shapes, max_batch, provider, allow_cpu_fallback, report_path,
                                 sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
                                 data_range, save_grid)
     from ..calib import parse_shapes
     from ..compare import compare as run
-    report_path = _alias(report_path, old_json, "--report", "--json")
-    _check_report(report_path, reference, candidate)
+    report_path = option_alias(report_path, old_json, "--report", "--json")
+    check_report(report_path, reference, candidate)
     skipped = 0
     if skip_nonfinite and data is not None:
         from .. import modelfile
         from ..calib import CalibData, input_specs
-        _check_input(reference)
+        check_input(reference)
         data = CalibData.from_path(data, input_specs(modelfile.load(reference)), max_batch=max_batch, skip_nonfinite=True)
         skipped = data.skipped
     res = run(reference, candidate, data, n_random=n_random, seed=seed, shapes=parse_shapes(shapes), max_batch=max_batch,
@@ -106,9 +106,9 @@ def compare(reference, candidate, data, n_random, seed, shapes, max_batch, skip_
         click.echo(f"{name:<32}{m['cosine']:>12.6f}{m['snr_db']:>10.2f}{m['max_abs']:>12.4g}"
                    f"{m['cosine_mean']:>12.6f}{m['cosine_worst']:>10.6f}")
     if report_path:
-        _write_json(report_path, res)
+        write_json(report_path, res)
     worst = min(res, key=lambda o: (res[o]["cosine"] == res[o]["cosine"], res[o]["cosine"]))  # NaN first
-    _summary(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
+    summary_line(f"compared {len(res)} output(s) over {res.samples} batch(es) on {res.provider}: worst cosine "
              f"{res[worst]['cosine']:.6f} ({worst}), SNR {res[worst]['snr_db']:.2f} dB"
              + (f"; left out {skipped} sample(s) holding inf or NaN" if skipped else "")
              + (f"; wrote {report_path}" if report_path else ""))
@@ -124,7 +124,7 @@ def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, al
         raise OnnxoptError(f"{'--shapes' if shapes else '--max-batch'} does not apply with --sampler; use --size HxW")
     opts = S.SamplerOptions(sampler, steps, guidance, S.parse_seeds(seeds), S.parse_size(sample_size), prediction,
                             sigma_min, sigma_max, data_range=data_range)
-    _check_report(report_path, reference, candidate)
+    check_report(report_path, reference, candidate)
     if save_grid:
         from ..modelfile import check_writable
         if not save_grid.endswith(".png"):
@@ -134,13 +134,13 @@ def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, al
                             allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(S.format_table(res))
     if report_path:
-        _write_json(report_path, res.as_dict())
+        write_json(report_path, res.as_dict())
     if save_grid:
         from ..imagegrid import save_grid as write_grid
         write_grid(save_grid, res.reference, res.candidate)
     f = res.final
     wrote = ", ".join(p for p in (report_path, save_grid) if p)
-    _summary(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
+    summary_line(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
              f"PSNR {f.psnr_mean:.2f} dB, SSIM {f.ssim_mean:.4f}, cosine {f.cosine_mean:.6f}" + (f"; wrote {wrote}" if wrote else ""))
 
 
@@ -160,7 +160,7 @@ def _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfin
     opts = P.PipelineOptions(sampler, steps, guidance, S.parse_size(sample_size), S.parse_seeds(seeds))
     folder = P.check_folder(pipeline)
     lines = P.read_prompts(prompts)
-    _check_report(report_path, reference, candidate)
+    check_report(report_path, reference, candidate)
     if save_grid:
         from ..modelfile import check_writable
         if not save_grid.endswith(".png"):
@@ -170,13 +170,13 @@ def _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfin
                              allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(P.format_table(res))
     if report_path:
-        _write_json(report_path, res.as_dict())
+        write_json(report_path, res.as_dict())
     if save_grid:
         from ..imagegrid import save_image_grid
         save_image_grid(save_grid, res.reference, res.candidate)
     im = res.images
     wrote = ", ".join(p for p in (report_path, save_grid) if p)
-    _summary(f"compared {len(res.reference)} decoded image(s) of {folder.pipeline_class} ({res.scheduler} {res.steps} step(s)) "
+    summary_line(f"compared {len(res.reference)} decoded image(s) of {folder.pipeline_class} ({res.scheduler} {res.steps} step(s)) "
              f"on {res.provider}: PSNR {im.psnr_mean:.2f} dB, SSIM {im.ssim_mean:.4f}, "
              + (f"LPIPS {res.lpips[0]:.4f}" if res.lpips else "LPIPS not available offline")
              + f"; final latents PSNR {res.latents.psnr_mean:.2f} dB" + (f"; wrote {wrote}" if wrote else ""))

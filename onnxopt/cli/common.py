@@ -83,7 +83,7 @@ def _set_verbosity(ctx, verbose: int, quiet: bool) -> None:
         root.obj["progress"] = False
 
 
-def _verbosity_after_command(cmd: click.Command) -> None:
+def verbosity_after_command(cmd: click.Command) -> None:
     """-v / -q are accepted after the subcommand too (`onnxopt quantize m.onnx -q`)."""
     cmd.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
                                    help="More logging (-vv for debug).",
@@ -94,18 +94,21 @@ def _verbosity_after_command(cmd: click.Command) -> None:
 
 
 def progress_enabled() -> bool:
+    """Whether this invocation shows progress (not -q)."""
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root() if ctx else None
     return bool(root and root.obj and root.obj.get("progress", True))
 
 
 # ---- quantize / convert / inspect / compare (core)
-def _default_output(model: str, suffix: str) -> str:
+def default_output(model: str, suffix: str) -> str:
+    """MODEL.SUFFIX.onnx beside the input: the output path when -o is not given."""
     base = model[:-5] if model.endswith(".onnx") else model
     return f"{base}.{suffix}.onnx"
 
 
-def _write_json(path, obj) -> None:
+def write_json(path, obj) -> None:
+    """Write `obj` as indented JSON to `path`, atomically."""
     import json
 
     from ..modelfile import atomic_path
@@ -113,13 +116,14 @@ def _write_json(path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
-def _check_input(model: str) -> None:
+def check_input(model: str) -> None:
+    """An input model that is not a file is a user error."""
     from pathlib import Path
     if not Path(model).is_file():
         raise OnnxoptError(f"{model}: no such model file; check the path")
 
 
-def _summary(text: str, path=None, ctx_report: dict | None = None) -> None:
+def summary_line(text: str, path=None, ctx_report: dict | None = None) -> None:
     """The one line every command ends with (stdout, unless -q); `path`: the file it wrote."""
     if not progress_enabled():
         return
@@ -134,7 +138,7 @@ def _summary(text: str, path=None, ctx_report: dict | None = None) -> None:
     click.echo(f"{text}; wrote {path}{shown}")
 
 
-def _shared_run_options(fn, exclude: bool = True):
+def run_options(fn, exclude: bool = True):
     """Calibration-data and ONNX Runtime options shared by quantize, sparsify and convert (one vocabulary)."""
     for opt in reversed([
         click.option("--calib", "calib_path", type=click.Path(), help=".npz (arrays keyed by input name, first axis = samples), .npy, or a directory of .npz."),
@@ -154,7 +158,7 @@ def _shared_run_options(fn, exclude: bool = True):
     return fn
 
 
-def _alias(new, old, new_name: str = "", old_name: str = "", default=None):
+def option_alias(new, old, new_name: str = "", old_name: str = "", default=None):
     """The value of an option that also has a hidden old spelling (kept for one release)."""
     if old is not None and old is not False:
         if new not in (None, False) and new != old:
@@ -171,7 +175,7 @@ def one_of(flags: dict, what: str):
     return given[0] if given else None
 
 
-def _check_report(report, *inputs, output=None, option: str = "--report") -> None:
+def check_report(report, *inputs, output=None, option: str = "--report") -> None:
     """A JSON file the command writes (--report, --sensitivity) is neither an input nor the output model."""
     from pathlib import Path
 
@@ -184,7 +188,8 @@ def _check_report(report, *inputs, output=None, option: str = "--report") -> Non
         check_writable(report, option)
 
 
-def _size(path) -> str:
+def file_size(path) -> str:
+    """A file's size in MB, for summary lines."""
     import os
     return f"{os.path.getsize(path) / 2**20:.1f} MB"
 
@@ -207,24 +212,28 @@ _SAMPLER_LOOP_OPTIONS = [
 ]
 
 
-def _sampler_loop_options(fn):
+def sampler_loop_options(fn):
+    """The denoising loop's options (compare --sampler, calib-data trajectory)."""
     for opt in reversed(_SAMPLER_LOOP_OPTIONS):
         fn = opt(fn)
     return fn
 
 
-def _provider_options(fn):
+def provider_options(fn):
+    """--provider and --allow-cpu-fallback."""
     for opt in reversed(_PROVIDER_OPTIONS):
         fn = opt(fn)
     return fn
 
 
-def _runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
-            memory_budget, skip_nonfinite=False):
+def command_runner(recipe, *, calib_path, calib_random, seed, shapes, calib_batches, max_batch, provider, allow_cpu_fallback,
+            memory_budget, skip_nonfinite=False, check_finite=True):
     """The Runner of a command, every setting checked here, before any model is read."""
     from ..calib import parse_shapes
     from ..pipeline import Runner
-    return Runner(recipe, data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
-                  calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                  allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                  skip_nonfinite=skip_nonfinite)
+    from ..settings import RunSettings
+    settings = RunSettings(provider=provider or "cpu", allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget,
+                           progress=progress_enabled(), seed=seed)
+    return Runner.from_settings(recipe, settings, data=calib_path, calib_random=calib_random, shapes=parse_shapes(shapes),
+                                calib_batches=calib_batches, max_batch=max_batch, skip_nonfinite=skip_nonfinite,
+                                check_finite=check_finite)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import OnnxoptError
-from .common import (_check_report, _provider_options, _sampler_loop_options, _size, _summary, _write_json, handle_errors, main,
+from .common import (check_report, provider_options, sampler_loop_options, file_size, summary_line, write_json, handle_errors, main,
                      progress_enabled)
 
 
@@ -44,7 +44,7 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
     if report_path and os.path.abspath(report_path) == os.path.abspath(output):
         raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
-    _check_report(report_path)
+    check_report(report_path)
     from ..modelfile import check_writable
     check_writable(output, "-o")
     if not pipeline and (prompts or device):
@@ -65,13 +65,13 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
         arrays = diffusion.synthesize_sdxl(samples, steps=steps, seed=seed,
                                            shapes=diffusion.SDXLShapes(height=height, width=width))
     path = diffusion.save_npz(arrays, output)
-    _summary(diffusion.describe(arrays))
+    summary_line(diffusion.describe(arrays))
     if report_path:
-        _write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
+        write_json(report_path, {"output": str(path), "samples": len(arrays["sample"]),
                                   "arrays": {k: {"shape": list(v.shape), "min": float(v.min()), "max": float(v.max()),
                                                  "std": float(v.std())} for k, v in arrays.items()}})
-    _summary(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
-             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {_size(path)})"
+    summary_line(f"wrote {path} ({len(arrays['sample'])} samples of {len(arrays)} UNet inputs, "
+             f"{'recorded from ' + str(pipeline) if pipeline else f'synthetic {height}x{width}'}, {file_size(path)})"
              + (f"; wrote {report_path}" if report_path else ""))
 
 
@@ -80,11 +80,11 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="trajectory_calib.npz", show_default=True, help="Output .npz.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="The sampler you deploy (as in compare --sampler); required without --pipeline, where the default is the pipeline's own scheduler.")
 @click.option("--seeds", default="0-7", show_default=True, help="Seeds of the recorded runs (keep them apart from compare's held-out seeds).")
-@_sampler_loop_options
+@sampler_loop_options
 @click.option("--data", type=click.Path(dir_okay=False), help="Conditioning .npz (as compare --sampler --data); default: synthesised from the seed.")
 @click.option("--pipeline", type=click.Path(), help="A local diffusers pipeline folder: record MODEL's inputs while that pipeline generates with MODEL as its UNet (--size is then the image HxW in pixels).")
 @click.option("--prompts", type=click.Path(), help="With --pipeline: text file, one prompt per line (each generated with every seed).")
-@_provider_options
+@provider_options
 @handle_errors
 def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
                           data, pipeline, prompts, provider, allow_cpu_fallback):
@@ -109,11 +109,11 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     arrays = S.record_trajectory(model, opts, data=data, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
                                  progress=progress_enabled())
     path = diffusion.save_npz(arrays, output)
-    _summary(diffusion.describe(arrays))
+    summary_line(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
-    _summary(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
+    summary_line(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
              f"{len(opts.seeds)} seed(s), recorded from {model} in onnxopt's loop with "
-             f"{'conditioning from ' + data if data else 'synthetic conditioning'}, {_size(path)})")
+             f"{'conditioning from ' + data if data else 'synthetic conditioning'}, {file_size(path)})")
 
 
 def _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
@@ -135,6 +135,6 @@ def _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_
     arrays = P.record_trajectory(model, folder, lines, opts, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
                                  progress=progress_enabled())
     path = diffusion.save_npz(arrays, output)
-    _summary(diffusion.describe(arrays))
+    summary_line(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
-    _summary(f"wrote {path} ({n} samples: UNet calls {P.describe_source(folder, lines, opts)}, {_size(path)})")
+    summary_line(f"wrote {path} ({n} samples: UNet calls {P.describe_source(folder, lines, opts)}, {file_size(path)})")

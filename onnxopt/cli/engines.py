@@ -6,13 +6,14 @@ import logging
 import click
 
 from ..errors import OnnxoptError
-from .common import (_check_report, _provider_options, _summary, _write_json, handle_errors, main)
+from .common import (check_report, provider_options, summary_line, write_json, handle_errors, main)
 
 
 _SHAPES_HELP = "Input shapes, name:MIN/OPT/MAX (e.g. sample:1x4x64x64/2x4x128x128/2x4x128x128) or name:1x4x128x128 (repeatable)."
 
 
-def _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
+def engine_build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
+    """The TensorRT build settings of the build/inspect --engine options."""
     from ..trt.build import BuildConfig, parse_profiles
     return BuildConfig(profiles=parse_profiles(shapes) or None, timing_cache=timing_cache, opt_level=opt_level,
                        workspace_mb=workspace, sparse_weights=sparse_weights, strongly_typed=strongly_typed)
@@ -44,7 +45,7 @@ def _build_options(fn):
 @handle_errors
 def build(model, output, backend, shapes, targets, report_path, log_path, timing_cache, opt_level, workspace, sparse_weights, strongly_typed):
     """Build a TensorRT (trt) or TensorRT-RTX (rtx) engine from MODEL with Polygraphy."""
-    config = _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
+    config = engine_build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
     output = output or (model[:-5] if model.endswith(".onnx") else model) + ".plan"
     if backend == "rtx":
         from ..trt import report, rtx
@@ -55,7 +56,7 @@ def build(model, output, backend, shapes, targets, report_path, log_path, timing
         if level < logging.ERROR:  # the table on stderr; stdout keeps the one summary line
             click.echo(report.format_report(rep, all_layers=level <= logging.INFO), err=True)
         if report_path:
-            _write_json(report_path, rep)
+            write_json(report_path, rep)
         if level < logging.ERROR:
             click.echo(f"built TensorRT-RTX {res.tensorrt_rtx} engine for SM {', '.join(rep['targets'])} in {res.seconds:.1f} s: "
                        f"{report.summary_line(rep)}; wrote {res.path} ({res.engine_bytes / 1e6:.1f} MB)")
@@ -88,7 +89,7 @@ def build(model, output, backend, shapes, targets, report_path, log_path, timing
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxrt: intra-op threads (0: ORT's default).")
 @click.option("--ort-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="onnxrt: optimization level of the timed session (fidelity always uses 'disable').")
-@_provider_options
+@provider_options
 @_build_options
 @click.pass_context
 @handle_errors
@@ -99,15 +100,15 @@ def bench(ctx, baseline, candidates, backend, warmup, iters, data, samples, shap
     from ..bench import BenchConfig, format_table
     from ..bench import bench as run
     _check_bench_options(ctx, backend)
-    _check_report(report_path, baseline, *candidates)
-    build_config = _build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
+    check_report(report_path, baseline, *candidates)
+    build_config = engine_build_config(shapes, timing_cache, opt_level, workspace, sparse_weights, strongly_typed)
     config = BenchConfig(backend=backend, warmup=warmup, iters=iters, samples=samples, profiles=build_config.profiles,
                          seed=seed, threads=threads, ort_level=ort_level, provider=provider,
                          allow_cpu_fallback=allow_cpu_fallback, fp16_baseline=not no_fp16_baseline,
                          work_dir=work_dir, build=build_config)
     result = run(baseline, candidates, config=config, data=data, labels=labels or None, report=report_path)
     click.echo(format_table(result))
-    _summary(_bench_summary(result) + (f"; wrote {report_path}" if report_path else ""))
+    summary_line(_bench_summary(result) + (f"; wrote {report_path}" if report_path else ""))
 
 
 _BACKEND_ONLY = {"onnxrt": ("threads", "ort_level", "provider", "allow_cpu_fallback"),

@@ -8,7 +8,7 @@ import click
 from .. import formats
 from ..errors import OnnxoptError
 from .common import (
-    _alias, _check_input, _check_report, _default_output, _runner, one_of, _shared_run_options, _summary, _write_json,
+    option_alias, check_input, check_report, default_output, command_runner, one_of, run_options, summary_line, write_json,
     handle_errors, main, progress_enabled)
 
 
@@ -42,7 +42,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--weight-only", is_flag=True, default=None, help=f"With {'/'.join('--' + m for m in formats.with_weight_only_variant())}: 4-bit weights, FP16 activations "
               "(W4A16; TensorRT-RTX dequantizes them into FP16 GEMMs).")
 @click.option("--preset", type=click.Choice(["sdxl"]), help="Recipe for a model family (exclusions, calibration, MHA).")
-@_shared_run_options
+@run_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
@@ -82,36 +82,36 @@ def _weight_only(mode: str) -> bool:
 def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
              max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
-    from .. import pipeline, recipes
+    from .. import api, pipeline
     mode = _given_flag(options, formats.modes(), "quantization modes")
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
     _sampler_options(options)
     mode = "auto" if options["auto"] else (mode or DEFAULT_MODE)
-    provider = _alias(provider, old_provider, "--provider", "--calib-provider")
-    max_batch = _alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
+    provider = option_alias(provider, old_provider, "--provider", "--calib-provider")
+    max_batch = option_alias(max_batch, old_max_batch, "--max-batch", "--calib-max-batch")
     _check_mode_options(mode, options)
     _check_block_size(mode, options)
     config = _quant_config(ctx, DEFAULT_MODE if mode == "auto" else mode, preset, exclude=tuple(exclude), provider=provider, memory_budget_mb=memory_budget,
                            calib_batches=calib_batches, calib_max_batch=max_batch, **options)
     if options.get("percentile") is not None and not _weight_only(mode) and config.method != "percentile":
         raise OnnxoptError(f"--percentile applies to --calib-method percentile, not {config.method}")
-    recipe = recipes.recipe(config)
+    recipe = api.recipe(config)
     pipeline.check_recipe(recipe.passes)  # option conflicts between passes first, then a wrong path, then the data
-    _check_input(model)
-    runner = _runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
+    check_input(model)
+    runner = command_runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
                      allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
                      skip_nonfinite=skip_nonfinite)
-    output = output or _default_output(model, mode)
-    _check_report(report_path, model, output=output)
-    _check_report(options.get("sensitivity"), model, output=output, option="--sensitivity")
-    _check_input(model)
+    output = output or default_output(model, mode)
+    check_report(report_path, model, output=output)
+    check_report(options.get("sensitivity"), model, output=output, option="--sensitivity")
+    check_input(model)
     result = runner.run(model, output)
     result.report = {"mode": mode, **result.report}
     if report_path:
-        _write_json(report_path, result.report)
-    _summary(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity")),
+        write_json(report_path, result.report)
+    summary_line(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity")),
              result.path, result.report)
 
 
@@ -232,7 +232,7 @@ def _quant_config(ctx, mode, preset, **fields):
     """QuantConfig of the command line: a preset's recipe with the options the user gave on top."""
     import dataclasses
 
-    from ..recipes import QuantConfig
+    from ..api import QuantConfig
     no_mha = fields.pop("no_mha")
     op_types = fields.pop("op_types")
     fields.update(quantize_mha=not no_mha, op_types=tuple(o.strip() for o in op_types.split(",") if o.strip()),
@@ -266,11 +266,11 @@ def _describe_quantize(report: dict, mode: str) -> str:
     if mode == "auto":
         a = report.get("autoquant", {})
         mix = ", ".join(f"{cov[f]} {f}" for f in formats.auto_candidates() if cov.get(f))
-        v = a.get("verified", {})
+        v = a.get("verified_written") or a.get("verified", {})  # what ships, where it was verified
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
-                + (f"sampler's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
+                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
                    f"kept wide: {', '.join(a.get('kept_wide', [])[:6]) or 'none'} ({met})" if a.get("metric") == "psnr" else
                    f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})") + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"
@@ -336,30 +336,27 @@ def _sq_alpha(value):
 @click.option("--keep-fp32", "keep_fp32_ops", multiple=True, help="Op type to keep in FP32 (repeatable).")
 @click.option("--no-ranges", is_flag=True, help="Do not measure value ranges (FP32 only where the op type needs it; not recommended).")
 @click.option("--no-check", is_flag=True, help="Skip the finite-output check of the written graph against the FP32 model.")
-@functools.partial(_shared_run_options, exclude=False)
+@functools.partial(run_options, exclude=False)
 @handle_errors
 def convert(model, output, io_dtype, keep_fp32_ops, no_ranges, no_check, calib_path, calib_random, seed, shapes,
             skip_nonfinite, calib_batches, max_batch, provider, allow_cpu_fallback, memory_budget, report_path, **options):
     """Convert MODEL to FP16 (the TensorRT baseline) or BF16. Measured value ranges (--calib, or a few
     generated samples where the input shapes are static) decide what stays FP32, and the written graph is
     checked for finite outputs against the FP32 model."""
-    from ..calib import parse_shapes
     from ..passes import Autocast
-    from ..pipeline import Runner
     dtype = (_given_flag(options, formats.low_precision(), "precisions") or formats.FP16.name)
-    runner = Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
-                    data=calib_path, calib_random=calib_random, seed=seed, shapes=parse_shapes(shapes),
-                    calib_batches=calib_batches, max_batch=max_batch, provider=provider or "cpu",
-                    allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=memory_budget, progress=progress_enabled(),
-                    check_finite=not no_check, skip_nonfinite=skip_nonfinite)
-    output = output or _default_output(model, dtype)
-    _check_report(report_path, model, output=output)
-    _check_input(model)
+    runner = command_runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=tuple(keep_fp32_ops), measure_ranges=not no_ranges)],
+                     calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes, calib_batches=calib_batches,
+                     max_batch=max_batch, provider=provider, allow_cpu_fallback=allow_cpu_fallback,
+                     memory_budget=memory_budget, skip_nonfinite=skip_nonfinite, check_finite=not no_check)
+    output = output or default_output(model, dtype)
+    check_report(report_path, model, output=output)
+    check_input(model)
     result = runner.run(model, output)
     if report_path:
-        _write_json(report_path, result.report)
+        write_json(report_path, result.report)
     ac = result.report["autocast"]
     checked = (f"{len(ac.get('kept_fp32', {}))} kept in fp32 by measured range" if ac.get("ranges_checked")
                else "ranges not checked (pass --calib, or --calib-random N --shapes for dynamic inputs)")
-    _summary(f"converted to {dtype}: {ac.get('fp32_nodes', 0)} nodes fp32 ({100 * ac.get('fp32_share', 0):.1f}%), {checked}, "
+    summary_line(f"converted to {dtype}: {ac.get('fp32_nodes', 0)} nodes fp32 ({100 * ac.get('fp32_share', 0):.1f}%), {checked}, "
              f"{ac.get('casts', 0)} casts", result.path, result.report)

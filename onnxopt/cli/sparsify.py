@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import (
-    _alias, _check_input, _check_report, _default_output, _runner, _shared_run_options, _summary, _write_json,
+    option_alias, check_input, check_report, default_output, command_runner, run_options, summary_line, write_json,
     handle_errors, main, progress_enabled)
 
 
@@ -14,7 +14,7 @@ from .common import (
 @click.option("--sparsity", "pattern", metavar="N:M", help="N:M: at most N non-zeros in every M input channels (default 2:4).")
 @click.option("--sparsity-method", "method", type=click.Choice(["magnitude", "sparsegpt"]),
               help="magnitude (default): keep the largest |w|; sparsegpt: minimise layer-output error (needs --calib).")
-@_shared_run_options
+@run_options
 @click.option("--min-params", type=int, default=4096, show_default=True, help="Skip weights with fewer values.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="SparseGPT damping, a fraction of mean diag(H).")
 @click.option("--block", type=int, default=128, show_default=True, help="SparseGPT lazy-update block (columns).")
@@ -29,22 +29,22 @@ def sparsify_cmd(model, output, pattern, method, calib_path, calib_random, seed,
                  old_method, old_calib_limit, old_provider):
     """Prune Conv/ConvTranspose/MatMul/Gemm weights to 2:4 along input channels (TensorRT sparse tensor cores)."""
     from ..passes import Sparsify
-    sp = Sparsify(_alias(pattern, old_pattern, "--sparsity", "--pattern", default="2:4"), method=_alias(method, old_method, "--sparsity-method", "--method", default="magnitude"),
+    sp = Sparsify(option_alias(pattern, old_pattern, "--sparsity", "--pattern", default="2:4"), method=option_alias(method, old_method, "--sparsity-method", "--method", default="magnitude"),
                   exclude=tuple(exclude), min_params=min_params, damp=damp, block=block, sequential=not one_shot)
-    runner = _runner([sp], calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
-                     calib_batches=_alias(calib_batches, old_calib_limit, "--calib-batches", "--calib-limit"), max_batch=max_batch,
-                     provider=_alias(provider, old_provider, "--provider", "--calib-provider"), allow_cpu_fallback=allow_cpu_fallback,
+    runner = command_runner([sp], calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
+                     calib_batches=option_alias(calib_batches, old_calib_limit, "--calib-batches", "--calib-limit"), max_batch=max_batch,
+                     provider=option_alias(provider, old_provider, "--provider", "--calib-provider"), allow_cpu_fallback=allow_cpu_fallback,
                      memory_budget=memory_budget, skip_nonfinite=skip_nonfinite)
-    output = output or _default_output(model, "sparse")
-    _check_report(report_path, model, output=output)
-    _check_input(model)
+    output = output or default_output(model, "sparse")
+    check_report(report_path, model, output=output)
+    check_input(model)
     result = runner.run(model, output)
     rep = result.report["sparsity"]
     if report_path:
-        _write_json(report_path, rep)
+        write_json(report_path, rep)
     for r in rep["layers"] if progress_enabled() else ():  # -q: errors only
         if r["status"] == "skipped":
             click.echo(f"skipped {r['name']}: {r['reason']}", err=True)
-    _summary(f"pruned {rep['pruned']} layers to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
+    summary_line(f"pruned {rep['pruned']} layers to {rep['pattern']} ({rep['method']}), {rep['skipped']} skipped, "
              f"{rep['already']} already {rep['pattern']}; {100 * rep['sparse_param_share']:.1f}% of weight parameters sparse",
              result.path, result.report)

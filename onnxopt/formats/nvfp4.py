@@ -312,7 +312,7 @@ def _round_e2m1_nodes(node, v, c, y):
 NVFP4_FORMAT = NVFP4(
     name="nvfp4", bits=4, qmax=E2M1_MAX, qmin=-E2M1_MAX, np_dtype=_FP4, onnx_type=TensorProto.FLOAT4E2M1,
     description="NVFP4 W4A4 (E2M1, FP8 scale per 16, FP32 per tensor)", weights="per-block", activations="dynamic",
-    block_size=BLOCK, calib_method="max", awq=True, bias_correction=False, mode=True, min_opset=23,
+    block_size=BLOCK, calib_method="max", awq=True, bias_correction=False, mode=True, auto=True, min_opset=23,
     weight_bits=4.5, activation_bits=4.5, storage_names=("float4_e2m1fn",), engine_precisions=("FP4E2M1",),
     weight_only_variant=True, dynamic_op=DYNAMIC_OP, awq_ratios_above=(1.1, 1.05),
     extra={"scale_format": "fp8"})

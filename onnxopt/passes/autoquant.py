@@ -24,6 +24,8 @@ from .qdq import QDQ, WEIGHT_OPS
 
 log = logging.getLogger(__name__)
 
+WRITTEN_REPAIRS = 2  # searches again when the written graph misses what the gated one met (each: one more write)
+
 
 
 @dataclass
@@ -111,8 +113,10 @@ class AutoQuant(PassBase):
         one_quantizer(recipe)
 
     def configs(self) -> dict:
+        block = any(registry.get(g).activations == "dynamic" for g in self.formats)  # placed by FP8's rules
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
-                for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)}
+                for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)
+                or (block and f == registry.FP8.name)}
 
     def run(self, ctx) -> dict:
         data = ctx.require_data("--auto")
@@ -133,7 +137,7 @@ class AutoQuant(PassBase):
         ranges = precision.range_reducers(graph) if ctx.measure_ranges else None
         amax, means = autoquant.calibrate(graph, search, cands, provider=ctx.provider, extra=ranges,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        awq_formats = [registry.get(f) for f in self.formats if registry.get(f).awq]
+        awq_formats = [registry.get(f) for f in self.formats if registry.get(f).awq and registry.get(f).weight_only]
         if cands.int4 and self.awq_clip and awq_formats:
             nodes = [(n, awq_formats[0]) for n in graph.nodes if n.name in cands.int4]
             _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
@@ -155,20 +159,38 @@ class AutoQuant(PassBase):
         if staged is not None:
             staged = {**staged, "stages": {str(k): v for k, v in staged["stages"].items()}, "n": ev.plan.n,
                       "loads": ev.loads, "peak_live": ev.peak_live}
-        del ev
         t3 = time.perf_counter()
-        plan = writer.QuantPlan({n: writer.Choice(f, _reason(cands.layers[n], f)) if n in cands.layers else writer.Choice(f)
-                                 for n, f in mix.items()}, configs=configs, amax=amax, means=means,
-                                block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
+        fp32 = modelfile.export_graph(graph) if staged is None and self.bits is None else None
+        written, repairs = None, []
+        for _ in range(WRITTEN_REPAIRS + 1):  # verify what ships: the written graph, on the same data or seeds
+            plan = self._plan(mix, cands, configs, amax, means)
+            if fp32 is None:
+                break
+            graph = modelfile.import_graph(fp32)
+            writer.write(graph, plan, high_precision=ctx.high_precision)
+            written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
+            gap = final[self.metric] - written[self.metric]
+            repairs.append({"gated": final[self.metric], "written": written[self.metric], **autoquant.bits_of(mix, cands.layers)})
+            if _met(self, written) or len(repairs) > WRITTEN_REPAIRS or gap <= 0:
+                break
+            log.warning("auto: the written graph gives %s %.5g, the gated graph %.5g: searching again with %.3g to spare",
+                        self.metric, written[self.metric], final[self.metric], gap)
+            mix, trials = self._choose(ev, cands, ctx, extra=sum(r["gated"] - r["written"] for r in repairs))
+            final = ev.metrics(ev.gates(mix), self._split())
+        del ev
+        graph = ctx.graph
         inserted = writer.write(graph, plan, high_precision=ctx.high_precision)
         ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
+        ctx.fp32_nodes.extend(n for info in inserted.values() for n in info.pop("fp32_nodes", ()))  # NVFP4 scales
         if ranges is not None and autoquant.SQ not in mix.values():
             ctx.range_reducers = ranges  # SmoothQuant's folded scales would change the ranges it measured
         rep = self._report(cands, mix, trials, final, inserted, measured, guards,
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
-                             "insert": time.perf_counter() - t3})
+                             "write_verify": time.perf_counter() - t3}, written)
+        rep["written_repairs"] = repairs
         rep["groups"] = groups
         rep["kept_wide"] = sorted(n for n, f in mix.items() if f == "none")
+        rep["kept_wide_why"] = {n: rep["layers"][n]["reason"] for n in rep["kept_wide"] if n in rep["layers"]}
         if self.sampler is not None:
             o = self.sampler
             rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds)}
@@ -215,13 +237,20 @@ class AutoQuant(PassBase):
         """{input: (min, opt, max)} of the engine check: --engine-shapes, else one calibration sample's shapes."""
         return self.engine_shapes or {k: (s, s, s) for k, s in aq_engine.build_shapes(search[0]).items()}
 
-    def _choose(self, ev, cands, ctx) -> tuple[dict, list]:
+    def _choose(self, ev, cands, ctx, extra: float = 0.0) -> tuple[dict, list]:
+        """(mix, trials) to the target; `extra`: more to spare (what the written graph fell short of the gated one)."""
         if self.bits is not None:
             return autoquant.mix_for_bits(cands.layers, self.bits), []
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "psnr": self.target_psnr}[self.metric]
         margin, k = self._margin()
         return autoquant.search_target(ev, cands.layers, self.metric, target, progress=ctx.progress,
-                                       margin=margin, split=self._split(), k=k)
+                                       margin=margin + extra, split=self._split(), k=k)
+
+    def _plan(self, mix, cands, configs, amax, means) -> writer.QuantPlan:
+        """The QuantPlan of a mix, with each layer's reason."""
+        return writer.QuantPlan({n: writer.Choice(f, _reason(cands.layers[n], f)) if n in cands.layers else writer.Choice(f)
+                                 for n, f in mix.items()}, configs=configs, amax=amax, means=means,
+                                block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
 
     def _split(self) -> str:
         """Batches a mix is verified on. A cosine target is judged on the held-out samples (the calibrated ones
@@ -303,7 +332,7 @@ class AutoQuant(PassBase):
             h.update(f"{n.op}:{n.name};".encode())
         return h.hexdigest()
 
-    def _report(self, cands, mix, trials, final, inserted, measured, guards, timings) -> dict:
+    def _report(self, cands, mix, trials, final, inserted, measured, guards, timings, written=None) -> dict:
         bits = autoquant.bits_of(mix, cands.layers)
         layers = {}
         for n, l in cands.layers.items():
@@ -326,7 +355,8 @@ class AutoQuant(PassBase):
                           "error); error budget bisected (to 1.15x) against the metric on every calibration sample, a "
                           "cosine with k standard errors of the mean per-sample cosine to spare",
                 "target": {k: v for k, v in target.items() if v is not None}, "metric": self.metric,
-                "verified": final, "met": _met(self, final),
+                "verified": final, "verified_written": written, "met": _met(self, written or final),
+                "met_on": "written graph" if written is not None else "gated graph",
                 "margin": _margin_used(self, final), **bits, "counts": counts, "layers": layers,
                 "int8_broken": broken, "trials": trials, "measured_now": measured, "attention_guards_removed": guards,
                 "coverage": {"quantized": sum(v != "none" for v in mix.values()),

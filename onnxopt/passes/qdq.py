@@ -69,7 +69,7 @@ class QDQ(PassBase):
         t0 = time.perf_counter()
         amax, means = self.calibrate(ctx, plan)
         t1 = time.perf_counter()
-        layers = self._insert(graph, plan, amax, means, ctx.high_precision)
+        layers = self._insert(graph, plan, amax, means, ctx.high_precision, ctx.threads)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
         ctx.fp32_nodes.extend(fp32_scale)
@@ -84,8 +84,9 @@ class QDQ(PassBase):
                 "unshared_scales": [{"tensors": list(t), "reason": r} for t, r in plan.unshared],
                 "timings_s": timings}
 
-    def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str) -> dict:
-        return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means), high_precision=hp)
+    def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str, threads: int = 0) -> dict:
+        return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means), high_precision=hp,
+                            threads=threads)
 
     def calibrate(self, ctx, plan):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),

@@ -68,7 +68,12 @@ def bias_target(graph: gs.Graph, node: gs.Node):
 
 def apply(graph: gs.Graph, node: gs.Node, w: np.ndarray, w_deq: np.ndarray, mean: np.ndarray) -> float | None:
     """Fold -ΔW·E[x] into the bias of `node`. Returns the largest correction, or None if not applicable."""
-    shift = output_shift(node, w_deq - w, np.asarray(mean, dtype=np.float64))
+    return apply_shift(graph, node, output_shift(node, w_deq - w, np.asarray(mean, dtype=np.float64)))
+
+
+def apply_shift(graph: gs.Graph, node: gs.Node, shift: np.ndarray | None) -> float | None:
+    """Subtract `shift` (from `output_shift`) from the bias of `node`. Returns the largest correction, or None
+    if not applicable."""
     if shift is None:
         return None
     target = bias_target(graph, node)

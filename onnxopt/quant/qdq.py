@@ -9,9 +9,9 @@ import onnx_graphsurgeon as gs
 from .. import formats
 from .. import graph as G
 from ..formats import round_scale
-from ..formats.base import scales_underflow
+from ..formats.base import Format, scales_underflow
 
-__all__ = ["round_scale", "activation_scale", "insert_activation_qdq", "quantize_weight"]
+__all__ = ["round_scale", "activation_scale", "insert_activation_qdq", "quantize_weight", "write_weight_codes", "weight_codes"]
 
 
 def activation_scale(amax: float, fmt: str, high_precision: str) -> np.ndarray:
@@ -36,9 +36,16 @@ def quantize_weight(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, hi
     q, scale, fp32_scale = weight_codes(f, w, axis, high_precision)
     if on_error is not None:
         on_error(w, f.dequantize(q, scale))
+    return write_weight_codes(graph, const, axis, fmt, q, scale, fp32_scale)
+
+
+def write_weight_codes(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str, q: np.ndarray, scale: np.ndarray,
+                       fp32_scale: float | None = None) -> tuple[gs.Variable, dict]:
+    """`quantize_weight`'s graph half: codes and scales from `weight_codes` behind a DequantizeLinear named after
+    `const`. Returns (DQ output, info)."""
     scale = scale.reshape(-1)
-    out = f.write_weight(graph, const.name, q, scale, {"axis": int(axis)})
-    info = {"axis": int(axis), "channels": int(scale.size), "params": int(w.size)}
+    out = formats.get(fmt).write_weight(graph, const.name, q, scale, {"axis": int(axis)})
+    info = {"axis": int(axis), "channels": int(scale.size), "params": int(q.size)}
     if fp32_scale is not None:
         info["fp32_scale"] = fp32_scale
     return out, info
@@ -51,5 +58,10 @@ def weight_codes(f, w: np.ndarray, axis: int, high_precision: str):
     amax = f.weight_amax(w, axis)
     raw = f.scale_of(amax, formats.FP32.name)
     underflow = scales_underflow(amax, raw, high_precision)  # FP16 scales would clamp those weights to ~0
-    q, scale = f.quantize_weight(w, axis, formats.FP32.name if underflow else high_precision)
+    hp = formats.FP32.name if underflow else high_precision
+    if type(f).quantize_weight is Format.quantize_weight:  # its numbers, from the amax found above (not twice)
+        scale = raw if hp == formats.FP32.name else f.scale_of(amax, hp)
+        q = f.cast(w / scale)
+    else:
+        q, scale = f.quantize_weight(w, axis, hp)
     return q, scale, float(raw.min()) if underflow else None

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import fold, formats
+from .. import threads as threads_
 from .. import graph as G
 from ..formats import Format
 from . import bias_correction, qdq, rules
@@ -57,8 +58,11 @@ class QuantPlan:
         return {n: c.format for n, c in self.layers.items()}
 
 
-def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
-    """Quantize each layer of `graph` in place to its format in `plan`. Returns {layer: info}."""
+def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0, quantized: dict | None = None) -> dict:
+    """Quantize each layer of `graph` in place to its format in `plan` (weights on `threads` worker threads,
+    0: one per core; the result does not depend on it). `quantized` ({(weight constant name, format): result of
+    `quantize_weights`}) supplies per-channel weights quantized earlier, which are not quantized again.
+    Returns {layer: info}."""
     hp = high_precision
     mix, amax, means, smoothed = _smooth_inputs(graph, plan)
     used = set(mix.values())
@@ -69,28 +73,42 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
     for f, place in placements.items():
         residual = {(id(a), i) for a, i in place.residuals}
         for tname, uses in place.activations.items():
-            mine = [(n, i) for n, i in uses if mix.get(_owner(n, i, residual).name) == f]
+            mine = [(n, i) for n, i in uses if mix.get(activation_owner(n, i, residual).name) == f]
             if mine:
                 scale = qdq.activation_scale(amax[f][tname], f, hp)
                 qdq.insert_activation_qdq(graph, tensors[tname], mine, scale, f,
                                           base=G.unique_name(f"{tname}_{f}", names) if len(placements) > 1 else None)
-        done: dict = {}
         shared = {c.name for _, _, c, _ in place.weights if len(c.outputs) > 1}
+        jobs, first = [], set()
+        for node, idx, const, axis in place.weights:
+            if mix.get(node.name) == f and const.name not in first:
+                first.add(const.name)
+                # One weight read by several layers gets no bias correction (one correction cannot fit every reader).
+                mean = (means.get(_unquantized(node.inputs[0]).name)
+                        if node.op in bias_correction.OPS and const.name not in shared else None)
+                chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
+                jobs.append(WeightJob(node, const, chain, axis, f, hp, mean))
+        # The numbers in worker threads (or from `quantized`, computed before), the graph edits here in plan
+        # order: the same graph at any thread count.
+        have = quantized or {}
+        todo = [j for j in jobs if (j.const.name, f) not in have]
+        by_const = {j.const.name: j for j in jobs}
+        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(_bytes(todo), threads))
+        done: dict = {}
         for node, idx, const, axis in place.weights:
             if mix.get(node.name) != f:
                 continue
             if const.name not in done:
-                src = node.inputs[idx]
-                values = fold.effective_weight(node) if src is not const else None
-                # One weight read by several layers gets no bias correction (one correction cannot fit every reader).
-                mean = (means.get(_unquantized(node.inputs[0]).name)
-                        if node.op in bias_correction.OPS and const.name not in shared else None)
+                if (const.name, f) in have:
+                    job = by_const[const.name]
+                    q, scale, fp32_scale, shift = have[(const.name, f)][1]
+                else:
+                    job, (q, scale, fp32_scale, shift) = next(fresh)
+                    assert job.const is const
                 extra = {}
-
-                def on_error(w, w_deq, node=node, mean=mean):
-                    extra["bias_correction"] = bias_correction.apply(graph, node, w, w_deq, mean)
-                done[const.name] = qdq.quantize_weight(graph, const, axis, f, hp, values,
-                                                       on_error=on_error if mean is not None else None)
+                if job.mean is not None:
+                    extra["bias_correction"] = bias_correction.apply_shift(graph, node, shift)
+                done[const.name] = qdq.write_weight_codes(graph, const, axis, f, q, scale, fp32_scale)
                 layers[node.name] = {"format": f, **done[const.name][1], **extra}
             node.inputs[idx] = done[const.name][0]
         for node in place.nodes:
@@ -98,12 +116,81 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> dict:
                 layers.setdefault(node.name, {"format": f})
     per_layer = [(n, formats.get(mix[n.name])) for n in graph.nodes
                  if mix.get(n.name, "none") != "none" and not formats.get(mix[n.name]).planned and n.op in WEIGHT_ONLY_OPS]
-    wo, _, _ = write_per_layer(graph, per_layer, plan.block_size, plan.clips, hp, names)
+    wo, _, _ = write_per_layer(graph, [(n, f) for n, f in per_layer if f.activations != "dynamic"], plan.block_size,
+                               plan.clips, hp, names)
     layers.update(wo)
+    ranges = amax.get(formats.FP8.name, {})  # block formats' per-tensor activation scales: FP8's calibration (max)
+    for node, f in per_layer:
+        if f.activations == "dynamic":
+            before = {id(n) for n in graph.nodes}
+            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names)  # K from the weight: first
+            layers[node.name] = write_block_weight(graph, node, f, names)[1]
+            layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
         layers[name]["smoothing"] = how
     return layers
+
+
+@dataclass
+class WeightJob:
+    """One per-channel weight of a static-activation layer to quantize (the numbers only; no graph edit)."""
+    node: gs.Node
+    const: gs.Constant
+    chain: list | None         # the view nodes (Transpose, Cast) between const and the layer (fold.weight_chain)
+    axis: int
+    format: str
+    high_precision: str
+    mean: np.ndarray | None    # input channel means: bias correction
+
+
+def quantize_job(job: WeightJob) -> tuple:
+    """(codes, scales, smallest FP32 scale or None, bias-correction output shift or None) of one weight, as
+    `write` stores it. Reads the weight (lazily, from its file) and touches no graph: safe in worker threads."""
+    values = fold.chain_values(job.const, job.chain) if job.chain is not None else G.read_values(job.const)
+    w = np.asarray(values, dtype=np.float32)
+    f = formats.get(job.format)
+    q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
+    shift = None
+    if job.mean is not None:
+        shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
+    return job, (q, scale, fp32_scale, shift)
+
+
+def weight_jobs(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> list:
+    """The per-channel weights `write(graph, plan)` will quantize, as WeightJobs (no graph edit, no weight read)."""
+    mix = plan.mix()
+    view = {n: (formats.get(f).base or f) if f != "none" else f for n, f in mix.items()}
+    placements = dict(plan.placements) or {f: rules.plan(graph, plan.configs[f]) for f in formats.static()
+                                           if f in set(view.values())}
+    jobs = []
+    for f, place in placements.items():
+        shared = {c.name for _, _, c, _ in place.weights if len(c.outputs) > 1}
+        first = set()
+        for node, idx, const, axis in place.weights:
+            if view.get(node.name) == f and const.name not in first and not formats.get(mix[node.name]).base:
+                first.add(const.name)
+                mean = (plan.means.get(_unquantized(node.inputs[0]).name)
+                        if node.op in bias_correction.OPS and const.name not in shared else None)
+                chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
+                jobs.append(WeightJob(node, const, chain, axis, f, high_precision, mean))
+    return jobs
+
+
+def quantize_weights(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0) -> dict:
+    """Each per-channel (FP8/INT8) weight of `plan` quantized once, on `threads` worker threads:
+    {(weight constant name, format): (WeightJob, (codes, scales, smallest FP32 scale or None, bias-correction
+    shift or None))}, exactly what `write` computes. Give the result to `write(..., quantized=...)` (and read the
+    codes for a search's gated graph) so that no weight is quantized twice. Smoothed (int8-sq) layers are not
+    included: their weights change when the writer folds the smoothing."""
+    jobs = weight_jobs(graph, plan, high_precision=high_precision)
+    return {(j.const.name, j.format): r for j, r in
+            ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(_bytes(jobs), threads)))}
+
+
+def _bytes(jobs: list) -> int:
+    """FP32 bytes of the weights of `jobs` (from their shapes; nothing is read)."""
+    return sum(4 * int(np.prod(j.const.shape)) for j in jobs if j.const.shape is not None)
 
 
 def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set
@@ -127,6 +214,25 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
             fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
                                          base=G.unique_name(f"{x.name}_{fmt.name}", names))
     return out, before, after
+
+
+def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set) -> tuple[gs.Variable, dict]:
+    """The layer's weight in a block format with dynamic activations (NVFP4, MXFP8), the format's own nodes, wired
+    into the layer; the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
+    trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
+    w_kn = G.to_kn(node, fold.effective_weight(node))
+    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names))
+    node.inputs[1] = out
+    return out, {**info, "format": fmt.name}
+
+
+def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set) -> gs.Variable:
+    """The format's dynamic quantizer on the layer's input (its per-tensor scale from `amax`, where the format has
+    one), wired into the layer. Returns its output."""
+    trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
+    k = int(fold.effective_shape(node)[1 if trans else 0])
+    x = node.inputs[0]
+    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k)
 
 
 def fusable_block_size(k: int, block_size: int) -> int:
@@ -207,6 +313,7 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
     amax = {k: dict(v) for k, v in plan.amax.items()}
     means, done = dict(plan.means), {}
     by_name = {n.name: n for n in graph.nodes}
+    taken = G.taken_names(graph)  # once, kept up to date by each fold (not a walk of the graph per layer)
     for tname, sm in plan.smooth.items():
         nodes = [by_name[n] for n in sm.layers if n in sq]
         if not nodes:
@@ -215,11 +322,11 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
         p = x.inputs[0] if x.inputs else None
         if not (p is not None and fold.is_norm(p) and len(x.outputs) == len(nodes)):
             # a private Identity in front of the layers: fold finds no producer to fold into and inserts the Mul
-            xi = gs.Variable(G.unique_name(f"{tname}_sq_in", G.taken_names(graph)), dtype=x.dtype, shape=x.shape)
+            xi = gs.Variable(G.unique_name(f"{tname}_sq_in", taken), dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Identity", name=xi.name, inputs=[x], outputs=[xi]))
             for n in nodes:
                 n.inputs[0] = xi
-        how = fold.fold_input_scale(graph, nodes, sm.s)
+        how = fold.fold_input_scale(graph, nodes, sm.s, taken=taken)
         new = nodes[0].inputs[0].name
         base = formats.get(mix[nodes[0].name]).base
         amax.setdefault(base, {})[new] = sm.amax
@@ -240,7 +347,7 @@ def _unquantized(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
+def activation_owner(node: gs.Node, idx: int, residual: set) -> gs.Node:
     """The layer an activation use belongs to: the node itself, or for a residual Add the Conv feeding it."""
     if (id(node), idx) in residual:
         return node.inputs[1 - idx].inputs[0]

@@ -1,8 +1,9 @@
-"""QuantConfig, the flat option set of `onnxopt quantize`, and the recipe it stands for.
+"""The Python API of `onnxopt quantize`: QuantConfig (its flat option set), the recipe of passes it stands for
+(`recipe`), the Runner that runs it (`runner`), and the file-level functions `quantize`, `convert` and
+`sparsify_model`. Model-family QuantConfigs (`--preset`) are in `onnxopt.presets`.
 
-`recipe(config)` turns it into passes: [Sparsify] -> [SmoothQuant] -> [LowRank] -> QDQ | [AWQ] -> [LowRank] -> Int4
--> Autocast;
-`runner(config, ...)` adds the data and resource settings. `quantize()` keeps the original Python API.
+`recipe(config)` turns a config into passes: [Sparsify] -> [SmoothQuant] -> [LowRank] -> QDQ | [AWQ] -> [LowRank]
+-> Int4 -> Autocast; `runner(config, ...)` adds the data and the run's resources (settings.RunSettings).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from . import formats as registry
 from .errors import OnnxoptError
 from .sampler import SamplerOptions
 from .passes import AWQ, QDQ, Autocast, AutoQuant, BlockFP, Int4, LowRank, SmoothQuant, Sparsify
-from .settings import MEMORY_BUDGET_MB
+from .settings import MEMORY_BUDGET_MB, RunSettings
 
 MODES = registry.modes()
 DEFAULT_METHOD = {m: registry.get(m).calib_method for m in MODES if registry.get(m).calib_method}
@@ -74,6 +75,11 @@ class QuantConfig:
         self.exclude = tuple(self.exclude or ())
         self.op_types = tuple(self.op_types)
 
+    def run_settings(self, *, allow_cpu_fallback: bool = False, seed: int = 0) -> RunSettings:
+        """The run's resources this config holds (provider, memory budget, progress) with the API's others."""
+        return RunSettings(provider=self.provider, allow_cpu_fallback=allow_cpu_fallback,
+                           memory_budget_mb=self.memory_budget_mb, progress=self.progress, seed=seed)
+
     @property
     def method(self) -> str:
         return self.calib_method or registry.get(self.mode).calib_method or "max"
@@ -121,10 +127,9 @@ def _lowrank(c: QuantConfig) -> list:
 def runner(config: QuantConfig, *, data=None, calib_random: int | None = None, seed: int = 0, shapes: dict | None = None,
            allow_cpu_fallback: bool = False) -> pipeline.Runner:
     """A Runner for `config`, fully checked (no model is read)."""
-    return pipeline.Runner(recipe(config), data=data, calib_random=calib_random, seed=seed, shapes=shapes,
-                           calib_batches=config.calib_batches, provider=config.provider,
-                           allow_cpu_fallback=allow_cpu_fallback, memory_budget_mb=config.memory_budget_mb,
-                           progress=config.progress)
+    return pipeline.Runner.from_settings(recipe(config), config.run_settings(allow_cpu_fallback=allow_cpu_fallback, seed=seed),
+                                         data=data, calib_random=calib_random, shapes=shapes,
+                                         calib_batches=config.calib_batches)
 
 
 def quantize(model, output=None, *, config: QuantConfig | None = None, data=None, calib_random: int | None = None,
@@ -150,9 +155,9 @@ def convert(model_path, output, dtype: str = registry.FP16.name, *, io_dtype: st
     measured ranges (a few generated samples serve where no data is given and the input shapes are static)
     and the written graph is checked for finite outputs (onnxopt.finite). `measure=False` skips the ranges,
     `verify=False` the check; `report`, if given, receives the run's report."""
-    runner = pipeline.Runner([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, measure_ranges=measure)], data=data,
-                    calib_random=calib_random, shapes=shapes, seed=seed, provider=provider, progress=False,
-                    check_finite=verify)
+    runner = pipeline.Runner.from_settings([Autocast(dtype, io_dtype=io_dtype, keep_fp32_ops=keep_fp32_ops, measure_ranges=measure)],
+                                           RunSettings(provider=provider, progress=False, seed=seed), data=data,
+                                           calib_random=calib_random, shapes=shapes, check_finite=verify)
     res = runner.run(model_path, output)
     if report is not None:
         report.update(res.report)
@@ -166,6 +171,7 @@ def sparsify_model(input_path, output_path, *, data=None,
     """File-level `sparsify`: load, prune, save (the input stays untouched). `data` may be a CalibData or a path
     (.npz, .npy, directory of .npz); `calib_random` generates that many random samples instead. `options` are
     the Sparsify pass's (pattern, method, exclude, min_params, damp, block, sequential)."""
-    runner = pipeline.Runner([Sparsify(**options)], data=data, calib_random=calib_random, seed=seed, shapes=shapes,
-                    calib_batches=calib_limit, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress)
+    settings = RunSettings(provider=provider, memory_budget_mb=memory_budget_mb, progress=progress, seed=seed)
+    runner = pipeline.Runner.from_settings([Sparsify(**options)], settings, data=data, calib_random=calib_random,
+                                           shapes=shapes, calib_batches=calib_limit)
     return runner.run(input_path, output_path).report["sparsity"]

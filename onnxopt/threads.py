@@ -1,0 +1,53 @@
+"""Worker threads for per-weight numpy work (quantizing, dequantizing, reading weights): numpy and ml_dtypes
+release the GIL on big arrays, so a thread pool over weights uses the cores without copying anything
+between processes. Results come back in input order, so whatever consumes them (graph edits, file writes)
+does so in the same order as a single thread would: outputs do not depend on the thread count."""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_THREADS = 16  # beyond this, per-weight work is bound by memory bandwidth
+
+
+def count(threads: int = 0) -> int:
+    """Threads to use: `threads` if > 0, else the cores this process may run on (at most MAX_THREADS)."""
+    if threads and threads > 0:
+        return int(threads)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_THREADS))
+
+
+SMALL_BYTES = 32 << 20  # below this much data, worker threads cost more than they save
+
+
+def for_bytes(nbytes: int, threads: int = 0) -> int:
+    """Threads for work over `nbytes` of arrays: an explicit `threads` as given; automatic (0): one for small
+    models (no pool at all), else one per core."""
+    return count(threads) if threads and threads > 0 else (1 if nbytes < SMALL_BYTES else count(0))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 0, window: int = 0) -> Iterator[R]:
+    """`map(fn, items)` on `threads` worker threads, yielding results in input order. At most `window` items
+    (default 2 per thread) are in flight, which bounds the memory their results hold. One thread: no pool."""
+    n = count(threads)
+    if n <= 1:
+        yield from map(fn, items)
+        return
+    window = window or 2 * n
+    with ThreadPoolExecutor(n, thread_name_prefix="onnxopt") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

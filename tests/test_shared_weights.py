@@ -1,0 +1,107 @@
+"""ALBERT-style weight sharing: one layer's weights read at every depth. The written graph stores each shared
+weight once (one set of codes and scales), in FP8, INT8 and INT8 + SmoothQuant (one smoothing scale from the
+statistics of every use), and stays close to FP32."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt import calib, ort
+from onnxopt.api import QuantConfig, quantize
+
+D, F, T, DEPTH = 32, 64, 16, 4
+
+
+def _shared_stack(identity: bool) -> onnx.ModelProto:
+    """DEPTH pre-norm blocks x + W2·relu(W1·LN(x) + b1) + b2 sharing W1, W2, b1, b2 and the LN constants
+    (as torch exports ALBERT: with `identity`, each later use reads the weight through its own Identity)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((D, F)) / np.sqrt(D)).astype(np.float32)
+    w2 = (rng.standard_normal((F, D)) / np.sqrt(F)).astype(np.float32)
+    gamma = np.ones(D, np.float32)
+    gamma[3] = 12.0  # an outlier channel, as trained LayerNorms have: SmoothQuant has something to move
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "W1"), (w2, "W2"), (gamma, "gamma"),
+                                                       (np.zeros(D, np.float32), "beta"),
+                                                       (rng.standard_normal(F).astype(np.float32) * 0.1, "b1"),
+                                                       (rng.standard_normal(D).astype(np.float32) * 0.1, "b2"))]
+    nodes, x = [], "x"
+    for i in range(DEPTH):
+        w1n, w2n = "W1", "W2"
+        if identity and i:
+            w1n, w2n = f"W1_use{i}", f"W2_use{i}"
+            nodes += [helper.make_node("Identity", ["W1"], [w1n], name=f"id1_{i}"),
+                      helper.make_node("Identity", ["W2"], [w2n], name=f"id2_{i}")]
+        nodes += [helper.make_node("LayerNormalization", [x, "gamma", "beta"], [f"h{i}"], name=f"ln{i}", axis=-1),
+                  helper.make_node("MatMul", [f"h{i}", w1n], [f"u{i}"], name=f"fc1_{i}"),
+                  helper.make_node("Add", [f"u{i}", "b1"], [f"ub{i}"], name=f"add1_{i}"),
+                  helper.make_node("Relu", [f"ub{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("MatMul", [f"r{i}", w2n], [f"v{i}"], name=f"fc2_{i}"),
+                  helper.make_node("Add", [f"v{i}", "b2"], [f"vb{i}"], name=f"add2_{i}"),
+                  helper.make_node("Add", [x, f"vb{i}"], [f"x{i + 1}"], name=f"res{i}")]
+        x = f"x{i + 1}"
+    g = helper.make_graph(nodes, "albert_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, D])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, T, D])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _data(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, T, D)).astype(np.float32)
+
+
+def _outputs(model, xs) -> np.ndarray:
+    sess = ort.session(model, level="disable")
+    return np.stack([sess.run(None, {"x": x})[0] for x in xs]).astype(np.float64)
+
+
+def _stored_weights(model: onnx.ModelProto) -> dict:
+    """{shape: count} of the 2-D initializers read by a DequantizeLinear (the stored weight codes)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2:
+            key = tuple(inits[n.input[0]].dims)
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["one-initializer", "identity-per-use"])
+@pytest.mark.parametrize("mode,smoothquant,bound", [("fp8", None, 0.995), ("int8", None, 0.995), ("int8", "auto", 0.995),
+                                                   ("int8", 0.5, 0.995)])
+def test_shared_weights_stored_once_and_close_to_fp32(tmp_path, identity, mode, smoothquant, bound):
+    src = tmp_path / "m.onnx"
+    onnx.save(_shared_stack(identity), src)
+    xs = _data(8, 1)
+    cfg = QuantConfig(mode=mode, smoothquant=smoothquant, progress=False, high_precision="fp32")
+    np.savez(tmp_path / "c.npz", x=_data(16, 0))
+    res = quantize(str(src), tmp_path / "q.onnx", config=cfg, data=str(tmp_path / "c.npz"))
+    q = onnx.load(res.path)
+    # W1 [D, F] and W2 [F, D]: one stored tensor each, read by every depth (before the fix, SmoothQuant wrote a
+    # smoothed copy per use: DEPTH of each).
+    assert _stored_weights(q) == {(D, F): 1, (F, D): 1}
+    assert sum(n.op_type == "MatMul" for n in q.graph.node) == 2 * DEPTH
+    ref, out = _outputs(onnx.load(src), xs), _outputs(q, xs)
+    cos = float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > bound, cos
+    if smoothquant is not None:
+        sq = res.report["smoothquant"]
+        shared = [g for g in sq["groups"] if g.get("shared_weight_activations")]
+        assert shared and all(len(g["shared_weight_activations"]) == DEPTH for g in shared)
+
+
+def test_shared_smoothing_is_exact_in_fp32(tmp_path):
+    """SmoothQuant alone (no quantization) on the shared stack: the same function, weights still stored once."""
+    from onnxopt import modelfile, smoothquant
+    m = _shared_stack(True)
+    graph = modelfile.import_graph(m)
+    np.savez(tmp_path / "c.npz", x=_data(8, 0))
+    data = calib.CalibData.from_path(tmp_path / "c.npz", calib.input_specs(m))
+    rep = smoothquant.smooth(graph, data, alpha=0.5, progress=False)
+    out = modelfile.export_graph(graph.cleanup().toposort())
+    xs = _data(4, 1)
+    ref, got = _outputs(m, xs), _outputs(out, xs)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    shapes = [tuple(i.dims) for i in out.graph.initializer if len(i.dims) == 2]
+    assert sorted(shapes) == sorted([(D, F), (F, D)])
+    assert any(g.get("shared_weight_activations") for g in rep["groups"])
