@@ -28,7 +28,7 @@ def test_filters_and_facts():
     assert (formats.FP8.qmax, formats.INT8.qmax, formats.INT4.qmax) == (448.0, 127.0, 7.0)
     assert (formats.FP8.calib_method, formats.INT8.calib_method) == ("max", "mse")
     assert formats.weight_bits()["int4"] == 4 and formats.activation_bits()["int4"] == 16
-    assert formats.INT8_SQ.base == "int8" and formats.INT8.smoothquant and not formats.FP8.smoothquant
+    assert formats.INT8_SQ.base == "int8" and formats.INT8.smoothquant and formats.FP8.smoothquant
     assert formats.from_storage("uint8") is formats.INT8 and formats.from_storage("float8_e4m3fn") is formats.FP8
     assert formats.from_storage("int4") is formats.INT4 and formats.from_storage("float16") is None
     assert formats.from_engine("FP8") is formats.FP8 and formats.from_engine("Half") is formats.FP16

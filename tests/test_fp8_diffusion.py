@@ -91,3 +91,45 @@ def test_terrain_fp8_stem_output_keeps_its_scale_and_samples_follow(tmp_path):
 # BENCHMARKS.md "Terrain UNet: where the default --fp8 loses...": 1 step, seeds 1000-1003, 48-feed calibration:
 # 22.92 dB before the rule, 25.16 after. Before the rule this test fails on the stem output's range (1.7e10) already.
 PSNR_1STEP = 24.0
+
+
+def _silu_conv_model() -> onnx.ModelProto:
+    """x -> SiLU -> 3x3 conv: SiLU is not linear, so SmoothQuant's 1/s goes into an inserted Mul."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((32, 32, 3, 3)) / 17).astype(np.float32)
+    nodes = [h.make_node("Sigmoid", ["x"], ["sg"], name="sig"), h.make_node("Mul", ["x", "sg"], ["a"], name="silu"),
+             h.make_node("Conv", ["a", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    g = h.make_graph(nodes, "siluconv", [h.make_tensor_value_info("x", T.FLOAT, ["N", 32, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 32, 8, 8])], [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_fp8_smoothquant_at_given_alpha(tmp_path):
+    """--fp8 takes SmoothQuant at a given alpha: the conv's input is divided per channel (inserted Mul), its weight
+    multiplied, and the FP8 model stays as close to the FP32 one as FP8 without it."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_silu_conv_model(), src)
+    rng = np.random.default_rng(2)
+    spread = (10.0 ** np.linspace(-1, 3, 32)).astype(np.float32)[None, :, None, None]  # channels 1e-1..1e3 apart
+    x = (rng.standard_normal((8, 32, 8, 8)) * spread).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    ref = ort.session(modelfile.load(src)).run(None, {"x": x[:2]})[0]
+    runs = {}
+    for alpha in (None, 1.0):
+        recipe = ([onnxopt.SmoothQuant(alpha)] if alpha is not None else []) + [onnxopt.QDQ("fp8")]
+        res = onnxopt.run(recipe, src, tmp_path / f"q{alpha}.onnx", data=str(tmp_path / "calib.npz"), progress=False)
+        runs[alpha] = (res, ort.session(modelfile.load(res.path)).run(None, {"x": x[:2]})[0])
+    res, y = runs[1.0]
+    m = modelfile.load(res.path)
+    assert res.report["smoothquant"]["inserted_muls"] == 1
+    assert [n.op_type for n in m.graph.node].count("Mul") == 2  # SiLU's and the smoothing Mul
+    made = {o: n for n in m.graph.node for o in n.output}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    assert [made[i].op_type for i in conv.input[:2]] == ["DequantizeLinear", "DequantizeLinear"]  # FP8 in, FP8 weight
+    assert made[made[conv.input[0]].input[0]].op_type == "QuantizeLinear"
+    assert made[made[made[conv.input[0]].input[0]].input[0]].op_type == "Mul"  # Q reads the smoothing Mul
+    def snr(a):
+        return 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((a - ref).astype(np.float64) ** 2))
+    assert snr(y) > 25 and snr(y) > snr(runs[None][1]) - 3

@@ -153,7 +153,8 @@ def test_pass_options_are_checked_when_built(build, needle):
 
 @pytest.mark.parametrize("recipe, needle", [
     ([], "empty recipe"),
-    ([SmoothQuant(0.5), QDQ("fp8")], "--int8 only"),
+    ([SmoothQuant("auto"), QDQ("fp8")], "give an alpha"),
+    ([SmoothQuant(0.5), Int4()], "--fp8/--int8 only"),
     ([AWQ("full"), QDQ("int8")], "--int4 only"),
     ([AWQ("full")], "--int4 only"),
     ([QDQ("int8"), Int4()], "quantizes once"),

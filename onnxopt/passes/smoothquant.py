@@ -1,4 +1,5 @@
-"""SmoothQuant pass: move activation outliers into the weights before INT8 Q/DQ (onnxopt.smoothquant)."""
+"""SmoothQuant pass: move activation outliers into the weights before INT8 (or, at a given alpha, FP8) Q/DQ
+(onnxopt.smoothquant)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,13 @@ class SmoothQuant(PassBase):
         from .qdq import QDQ
         nxt = after(recipe, index, (QDQ, Int4))
         if nxt and not (isinstance(nxt[0], QDQ) and formats.get(nxt[0].mode).smoothquant):
-            raise OnnxoptError("--smoothquant applies to --int8 only; drop it or quantize with --int8")
+            sq = [m for m in formats.modes() if formats.get(m).smoothquant]
+            raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
+        target = smoothquant.TARGET.name
+        if nxt and self.alpha == "auto" and nxt[0].mode != target:
+            # the alpha search simulates the target format's rounding; another format needs a given alpha
+            raise OnnxoptError(f"--smoothquant auto searches alpha for --{target} only; with --{nxt[0].mode} give an "
+                               f"alpha in [0, 1], e.g. --smoothquant 1.0")
 
     def run(self, ctx) -> dict:
         from .qdq import QDQ
