@@ -125,23 +125,35 @@ def _compare_sampled(reference, candidate, data, shapes, max_batch, provider, al
     opts = S.SamplerOptions(sampler, steps, guidance, S.parse_seeds(seeds), S.parse_size(sample_size), prediction,
                             sigma_min, sigma_max, data_range=data_range)
     check_report(report_path, reference, candidate)
-    if save_grid:
-        from ..modelfile import check_writable
-        if not save_grid.endswith(".png"):
-            raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
-        check_writable(save_grid, "--save-grid")
+    _check_grid(save_grid)
     res = S.compare_sampled(reference, candidate, opts, data=data, provider=provider,
                             allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(S.format_table(res))
+    from ..imagegrid import save_grid as write_grid
+    wrote = _write_outputs(res, report_path, save_grid, write_grid)
+    f = res.final
+    summary_line(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
+             f"PSNR {f.psnr_mean:.2f} dB, SSIM {f.ssim_mean:.4f}, cosine {f.cosine_mean:.6f}" + (f"; wrote {wrote}" if wrote else ""))
+
+
+def _write_outputs(res, report_path, save_grid, grid_writer) -> str:
+    """The --report JSON and the --save-grid PNG of a sampled comparison; the paths written, for the summary."""
     if report_path:
         write_json(report_path, res.as_dict())
     if save_grid:
-        from ..imagegrid import save_grid as write_grid
-        write_grid(save_grid, res.reference, res.candidate)
-    f = res.final
-    wrote = ", ".join(p for p in (report_path, save_grid) if p)
-    summary_line(f"compared final samples of {len(opts.seeds)} seed(s), {opts.sampler} {opts.n_steps} step(s) on {res.provider}: "
-             f"PSNR {f.psnr_mean:.2f} dB, SSIM {f.ssim_mean:.4f}, cosine {f.cosine_mean:.6f}" + (f"; wrote {wrote}" if wrote else ""))
+        grid_writer(save_grid, res.reference, res.candidate)
+    return ", ".join(p for p in (report_path, save_grid) if p)
+
+
+def _check_grid(save_grid) -> None:
+    """--save-grid names a writable *.png (checked before any work)."""
+    if not save_grid:
+        return
+    from ..errors import OnnxoptError
+    from ..modelfile import check_writable
+    if not save_grid.endswith(".png"):
+        raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
+    check_writable(save_grid, "--save-grid")
 
 
 def _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfinite, provider, allow_cpu_fallback, report_path,
@@ -161,21 +173,13 @@ def _compare_pipeline(reference, candidate, data, shapes, max_batch, skip_nonfin
     folder = P.check_folder(pipeline)
     lines = P.read_prompts(prompts)
     check_report(report_path, reference, candidate)
-    if save_grid:
-        from ..modelfile import check_writable
-        if not save_grid.endswith(".png"):
-            raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
-        check_writable(save_grid, "--save-grid")
+    _check_grid(save_grid)
     res = P.compare_pipeline(reference, candidate, folder, lines, opts, provider=provider,
                              allow_cpu_fallback=allow_cpu_fallback, progress=progress_enabled())
     click.echo(P.format_table(res))
-    if report_path:
-        write_json(report_path, res.as_dict())
-    if save_grid:
-        from ..imagegrid import save_image_grid
-        save_image_grid(save_grid, res.reference, res.candidate)
+    from ..imagegrid import save_image_grid
+    wrote = _write_outputs(res, report_path, save_grid, save_image_grid)
     im = res.images
-    wrote = ", ".join(p for p in (report_path, save_grid) if p)
     summary_line(f"compared {len(res.reference)} decoded image(s) of {folder.pipeline_class} ({res.scheduler} {res.steps} step(s)) "
              f"on {res.provider}: PSNR {im.psnr_mean:.2f} dB, SSIM {im.ssim_mean:.4f}, "
              + (f"LPIPS {res.lpips[0]:.4f}" if res.lpips else "LPIPS not available offline")

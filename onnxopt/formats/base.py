@@ -239,3 +239,13 @@ def emitters(graph: gs.Graph, base: str):
         graph.nodes.append(gs.Node(op, name=f"{base}_{op}_{len(graph.nodes)}", inputs=inputs, outputs=outputs, attrs=attrs))
         return outputs[0]
     return var, const, node
+
+
+def reshape_back(graph: gs.Graph, y: gs.Tensor, like: gs.Tensor, name, prefix: str, dtype) -> gs.Variable:
+    """`y` (the 2-D view a dynamic block quantizer needs) reshaped back to `like`'s shape by Shape + Reshape;
+    `name` makes unique node/tensor names, `prefix` starts them."""
+    shp = gs.Variable(name(f"{prefix}_shape"), dtype=np.int64, shape=[len(like.shape) if like.shape is not None else None])
+    out = gs.Variable(name(f"{prefix}_dequantized_nd"), dtype=dtype, shape=like.shape)
+    graph.nodes.append(gs.Node("Shape", name=name(f"{prefix}_Shape"), inputs=[like], outputs=[shp]))
+    graph.nodes.append(gs.Node("Reshape", name=name(f"{prefix}_Reshape_back"), inputs=[y, shp], outputs=[out]))
+    return out

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from .base import Format, emitters
+from .base import Format, emitters, reshape_back
 from .fp8 import FP8_E4M3
 
 BLOCK = 32
@@ -134,11 +134,7 @@ class MXFP8(Format):
         graph.nodes.append(gs.Node(DQ_OP, name=name(f"{base}_{DQ_OP}"), domain=TRT_DOMAIN, inputs=[x8, e8], outputs=[y],
                                    attrs={"axis": -1, "block_size": BLOCK, "output_dtype": int(TensorProto.FLOAT16)}))
         if rank != 2:
-            shp = gs.Variable(name(f"{base}_mxfp8_shape"), dtype=np.int64, shape=[rank or None])
-            y_nd = gs.Variable(name(f"{base}_mxfp8_dequantized_nd"), dtype=np.float16, shape=tensor.shape)
-            graph.nodes.append(gs.Node("Shape", name=name(f"{base}_mxfp8_Shape"), inputs=[tensor], outputs=[shp]))
-            graph.nodes.append(gs.Node("Reshape", name=name(f"{base}_mxfp8_Reshape_back"), inputs=[y, shp], outputs=[y_nd]))
-            y = y_nd
+            y = reshape_back(graph, y, tensor, name, f"{base}_mxfp8", np.float16)
         for node, idx in uses:
             node.inputs[idx] = y
         return y

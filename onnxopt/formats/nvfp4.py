@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper
 
-from .base import Format, emitters
+from .base import Format, emitters, reshape_back
 from .fp8 import FP8_E4M3
 
 E2M1_MAX = 6.0
@@ -266,11 +266,7 @@ class NVFP4(Format):
         graph.nodes.append(gs.Node("DequantizeLinear", name=name(f"{base}_fp4_DequantizeLinear"), inputs=[x4, sx], outputs=[y],
                                    attrs={"axis": -1, "block_size": BLOCK}))
         if flat:
-            y4 = gs.Variable(name(f"{base}_fp4_dequantized_nd"), dtype=np.float32, shape=tensor.shape)
-            shp = gs.Variable(name(f"{base}_fp4_shape"), dtype=np.int64, shape=[rank])
-            graph.nodes.append(gs.Node("Shape", name=name(f"{base}_fp4_Shape"), inputs=[tensor], outputs=[shp]))
-            graph.nodes.append(gs.Node("Reshape", name=name(f"{base}_fp4_Reshape_back"), inputs=[y, shp], outputs=[y4]))
-            y = y4
+            y = reshape_back(graph, y, tensor, name, f"{base}_fp4", np.float32)
         for node, idx in uses:
             node.inputs[idx] = y
         return y
