@@ -50,8 +50,9 @@ def job_argv(job: str, model: Path, out: Path, args) -> list[str]:
         return ["convert", str(model), "--fp16", *prov, "-o", str(out / "unet.fp16.onnx"),
                 "--report", str(out / "report.fp16.json")]
     if job == "auto":
+        # no --preset: --auto chooses each layer's format and refuses a preset
         return ["quantize", str(model), "--auto", "--formats", args.auto_formats, "--target-cosine", str(args.target_cosine),
-                "--preset", "sdxl", *calib, *prov, "--memory-budget", str(args.memory_budget),
+                *calib, *prov, "--memory-budget", str(args.memory_budget),
                 "-o", str(out / "unet.auto.onnx"), "--report", str(out / "report.auto.json")]
     if job == "compare":
         return ["compare", str(model), str(out / "unet.fp8.onnx"), "--data", str(args.heldout), *prov,
