@@ -10,12 +10,13 @@ import onnx_graphsurgeon as gs
 
 from .. import attention_guard, calib, einsum, formats, precision
 from ..errors import OnnxoptError
-from ..quant import calibration, rules, writer
+from ..quant import calibration, feedback, rules, writer
 from .base import PassBase, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
 
 MODES = formats.static()
+ROUNDINGS = ("nearest", "feedback")
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -28,6 +29,7 @@ class QDQ(PassBase):
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True          # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     bias_correction: bool = True       # fold -ΔW·E[x] of weight quantization into the bias
+    weight_rounding: str | None = None  # "nearest" | "feedback" (GPTQ from calibration); None = the format's
     name = "qdq"
     min_opset = 19                     # FP16 scales on Q/DQ need opset 19
     quantizes = True
@@ -39,6 +41,8 @@ class QDQ(PassBase):
         if not 0.0 < self.percentile <= 100.0:
             raise OnnxoptError(f"percentile {self.percentile} is out of range; use a value in (0, 100], e.g. 99.99")
         self.exclude = check_regexes(self.exclude, "--exclude")
+        if self.weight_rounding is not None:
+            check_choice(self.weight_rounding, ROUNDINGS, "weight rounding")
         self.op_types = tuple(self.op_types)
         unknown = [o for o in self.op_types if o not in WEIGHT_OPS]
         if unknown or not self.op_types:
@@ -47,6 +51,10 @@ class QDQ(PassBase):
     @property
     def method(self) -> str:
         return self.calib_method or formats.get(self.mode).calib_method
+
+    @property
+    def rounding(self) -> str:
+        return self.weight_rounding or formats.get(self.mode).weight_rounding
 
     @property
     def needs_data(self) -> bool:
@@ -67,9 +75,14 @@ class QDQ(PassBase):
                                + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing was written")
         bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
         t0 = time.perf_counter()
-        amax, means = self.calibrate(ctx, plan)
+        fb = (feedback.Feedback.plan(plan, len(ctx.data), ctx.memory_budget_mb) if self.rounding == "feedback"
+              else None)
+        amax, means = self.calibrate(ctx, plan, fb.reducers if fb else None)
         t1 = time.perf_counter()
-        layers = self._insert(graph, plan, amax, means, ctx.high_precision, ctx.threads)
+        qplan = writer.QuantPlan.uniform(self.mode, plan, amax, means)
+        quantized, fb_report = (fb.quantize(graph, qplan, high_precision=ctx.high_precision, threads=ctx.threads)
+                                if fb else (None, None))
+        layers = writer.write(graph, qplan, high_precision=ctx.high_precision, threads=ctx.threads, quantized=quantized)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
         ctx.fp32_nodes.extend(fp32_scale)
@@ -82,13 +95,14 @@ class QDQ(PassBase):
                 "coverage": {"quantized": len(plan.nodes), "skipped": len(plan.skipped), "attention_bmms": bmm},
                 "attention_guards_removed": guards, "einsum_rewritten": einsums, "fp32_scale_layers": fp32_scale,
                 "unshared_scales": [{"tensors": list(t), "reason": r} for t, r in plan.unshared],
+                "weight_rounding": self.rounding, **({"error_feedback": fb_report} if fb_report else {}),
                 "timings_s": timings}
 
     def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str, threads: int = 0) -> dict:
         return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means), high_precision=hp,
                             threads=threads)
 
-    def calibrate(self, ctx, plan):
+    def calibrate(self, ctx, plan, extra: dict | None = None):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),
         and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
         which also feeds `ctx.extra_reducers` and the ranges range-aware autocast asks for (`ctx.range_reducers`)."""
@@ -96,6 +110,8 @@ class QDQ(PassBase):
                               percentile=self.percentile, bias_correction_means=self.bias_correction)
         reducers = cp.reducers()
         for n, rs in ctx.extra_reducers.items():
+            reducers.setdefault(n, []).extend(rs)
+        for n, rs in (extra or {}).items():  # error feedback's Hessians
             reducers.setdefault(n, []).extend(rs)
         if ctx.measure_ranges:  # range-aware autocast's max |x| of every float tensor, in this same pass
             ctx.range_reducers = precision.range_reducers(ctx.graph)
