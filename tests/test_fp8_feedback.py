@@ -1,5 +1,6 @@
-"""FP8 per-channel weights rounded with error feedback from the calibration data (quant.feedback, GPTQ): the
-default of --fp8. Same graph, same scales, lower output error than round-to-nearest; bounded; INT8 unchanged."""
+"""FP8 per-channel weights rounded with error feedback from the calibration data (quant.feedback, GPTQ;
+`--weight-rounding feedback`): same graph, same scales, lower output error than round-to-nearest; bounded;
+round-to-nearest stays the default."""
 import numpy as np
 import onnx
 import pytest
@@ -57,14 +58,14 @@ def test_fp8_feedback_lowers_output_error_same_graph(tmp_path):
     x = {"x": _smooth_inputs(rng, 4)}  # held out
     ref = ort.session(modelfile.load(str(src)), level="disable").run(None, x)
     out = {}
-    for rounding in ("nearest", None):  # None: the format's default (FP8: feedback)
+    for rounding in ("nearest", "feedback"):
         res = onnxopt.run([onnxopt.QDQ("fp8", weight_rounding=rounding)], src, tmp_path / f"q{rounding}.onnx",
                           data=str(tmp_path / "c.npz"), progress=False)
         m = modelfile.load(res.path)
         got = ort.session(m, level="disable").run(None, x)
         inits = {i.name: nh.to_array(i) for i in m.graph.initializer}
         out[rounding] = (res.report["qdq"], [n.op_type for n in m.graph.node], inits, [_snr(r, g) for r, g in zip(ref, got)])
-    (rn, ops_n, init_n, snr_n), (fb, ops_f, init_f, snr_f) = out["nearest"], out[None]
+    (rn, ops_n, init_n, snr_n), (fb, ops_f, init_f, snr_f) = out["nearest"], out["feedback"]
     assert rn["weight_rounding"] == "nearest" and "error_feedback" not in rn
     assert fb["weight_rounding"] == "feedback" and set(fb["error_feedback"]["layers"]) == {"conv", "proj"}
     assert ops_n == ops_f and init_n.keys() == init_f.keys()  # the same graph and the same scales
@@ -80,8 +81,8 @@ def test_fp8_feedback_lowers_output_error_same_graph(tmp_path):
     assert snr_f[1] > snr_n[1] + 1 and snr_f[0] > snr_n[0] - 0.5, (snr_n, snr_f)  # and on held-out inputs, through the whole model
 
 
-def test_int8_keeps_nearest_and_bad_choice_refused():
-    assert onnxopt.QDQ("int8").rounding == "nearest" and onnxopt.QDQ("fp8").rounding == "feedback"
+def test_nearest_by_default_and_bad_choice_refused():
+    assert onnxopt.QDQ("int8").rounding == "nearest" and onnxopt.QDQ("fp8").rounding == "nearest"
     with pytest.raises(OnnxoptError, match="weight rounding"):
         onnxopt.QDQ("fp8", weight_rounding="gptq")
 
@@ -99,3 +100,17 @@ def test_feedback_bounded_by_size_and_budget():
     tiny = feedback.Feedback.plan(plan, batches=4, memory_budget_mb=0)  # no room for any Hessian
     assert not tiny.keys and set(tiny.skipped) == weighted
     assert set(tiny.skipped.values()) == {"Hessians beyond a quarter of the memory budget"}
+
+
+def test_cli_weight_rounding_is_w8a8_only(tmp_path):
+    """`--weight-rounding` with a weight-only mode is one error line, exit 2, before the model is read."""
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 1, 3, 8, 8), np.float32))
+    r = CliRunner().invoke(main, ["quantize", str(model), "--int4", "--weight-rounding", "feedback",
+                                  "--calib", str(tmp_path / "c.npz")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "--weight-rounding" in lines[0], r.output

@@ -46,7 +46,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
-@click.option("--weight-rounding", type=click.Choice(["nearest", "feedback"]), help="INT8/FP8 per-channel weights: round to nearest, or with error feedback from the calibration data (GPTQ: the layer output error, not the weight error, is minimized; same graph and scales). Default: feedback for FP8, nearest for INT8.")
+@click.option("--weight-rounding", type=click.Choice(["nearest", "feedback"]), help="INT8/FP8 per-channel weights: round to nearest, or with error feedback from the calibration data (GPTQ: the layer output error, not the weight error, is minimized; same graph and scales). Default: nearest.")
 @click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
 @click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
