@@ -1,0 +1,94 @@
+"""Issue 25 (speed2): the load-only finite check without reading weights, and its strictness."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import tiny
+from onnxopt import autocast, finite, modelfile
+from onnxopt.errors import OnnxoptError
+
+
+def _fp16_cnn(tmp_path):
+    g = modelfile.import_graph(tiny.cnn())
+    autocast.to_low_precision(g, "fp16")
+    path = tmp_path / "cnn16.onnx"
+    modelfile.save(modelfile.export_graph(g), path, external_data=True)
+    return path
+
+
+def test_weightless_keeps_the_graph_and_types_without_weight_bytes(tmp_path):
+    m = modelfile.load(_fp16_cnn(tmp_path))
+    light = finite.weightless(m)
+    assert [n.name for n in light.graph.node] == [n.name for n in m.graph.node]
+    big = {t.name: t for t in m.graph.initializer if onnx.external_data_helper.uses_external_data(t)}
+    assert big and not any(t.name in big for t in light.graph.initializer)
+    inputs = {i.name: i for i in light.graph.input}
+    for name, t in big.items():
+        tt = inputs[name].type.tensor_type
+        assert tt.elem_type == t.data_type and [d.dim_value for d in tt.shape.dim] == list(t.dims)
+    assert light.ByteSize() < 20_000  # the weights stayed on disk
+    assert len(m.graph.initializer) == len(big) + len(light.graph.initializer)  # the source is untouched
+
+
+def test_check_loads_loads_the_written_fp16_graph(tmp_path):
+    assert finite.check_loads(modelfile.load(_fp16_cnn(tmp_path))) == "written"
+
+
+def test_check_loads_refuses_what_ort_cannot_load():
+    # Float and float16 into one Add (caught by the checker), and a Conv whose weight has the wrong rank
+    # (caught only by ORT's session): both internal errors, as before.
+    g = h.make_graph([h.make_node("Cast", ["x"], ["x16"], to=T.FLOAT16), h.make_node("Add", ["x", "x16"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [2])], [h.make_tensor_value_info("y", T.FLOAT, [2])])
+    with pytest.raises(OnnxoptError, match="internal error"):
+        finite.check_loads(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    w = nh.from_array(np.ones((4, 3, 3), np.float32), "w")  # 3-D weight for a 2-D Conv
+    g = h.make_graph([h.make_node("Conv", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [w])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(OnnxoptError, match="internal error"):
+        finite.check_loads(m)
+
+
+def test_check_data_refuses_truncated_or_missized_weights(tmp_path):
+    path = _fp16_cnn(tmp_path)
+    m = modelfile.load(path)
+    finite.check_data(m)
+    t = next(t for t in m.graph.initializer if onnx.external_data_helper.uses_external_data(t))
+    for e in t.external_data:
+        if e.key == "length":
+            e.value = str(int(e.value) - 2)
+    with pytest.raises(OnnxoptError, match=f"weight '{t.name}'"):
+        finite.check_loads(m)
+    m = modelfile.load(path)
+    with open(str(path) + ".data", "r+b") as f:  # the data file lost its tail
+        f.truncate(100)
+    with pytest.raises(OnnxoptError, match="internal error: weight"):
+        finite.check_loads(m)
+    e = nh.from_array(np.ones((64, 32), np.float16), "e")
+    e.raw_data = e.raw_data[:-2]
+    g = h.make_graph([h.make_node("MatMul", ["x", "e"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT16, [1, 64])],
+                     [h.make_tensor_value_info("y", T.FLOAT16, None)], [e])
+    with pytest.raises(OnnxoptError, match="weight 'e' holds 4094 bytes where 4096"):
+        finite.check_data(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_convert_without_data_checks_loading_only_and_writes_the_same(tmp_path):
+    from onnxopt import api
+    src = tiny.save(tiny.transformer(), tmp_path / "dyn.onnx")  # dynamic shapes: no generated samples
+    report = {}
+    out = api.convert(src, tmp_path / "dyn16.onnx", report=report)
+    assert report["finite"] == {"checked": "load only (no data to run)", "loaded": "written"}
+    again = finite.check_loads(modelfile.load(out))
+    assert again == "written"
+
+
+def test_bf16_on_the_cpu_loads_through_the_emulation(tmp_path):
+    # ORT's CPU provider has no BF16 Conv: the written graph does not load there, its exact emulation does.
+    g = modelfile.import_graph(tiny.cnn())
+    autocast.to_low_precision(g, "bf16")
+    m = modelfile.export_graph(g, opset=22)
+    assert finite.check_loads(m) == "emulated"
