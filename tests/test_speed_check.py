@@ -92,3 +92,30 @@ def test_bf16_on_the_cpu_loads_through_the_emulation(tmp_path):
     autocast.to_low_precision(g, "bf16")
     m = modelfile.export_graph(g, opset=22)
     assert finite.check_loads(m) == "emulated"
+
+
+def test_auto_ships_the_verified_copy_byte_for_byte(tmp_path):
+    # --auto writes the verified plan on a copy of the graph (import(export(graph))) and ships that copy instead
+    # of writing the graph a second time: the copy's export must be byte-identical to writing the graph itself.
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_auto_written import _resnet
+    from onnxopt import autoquant, pipeline
+    from onnxopt.passes import AutoQuant
+    from onnxopt.quant import writer
+    path = tmp_path / "res.onnx"
+    feeds = _resnet(path)
+    graph = modelfile.import_graph(pipeline.load(str(path), 21))
+    p = AutoQuant(("fp8", "int8"), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    plan = writer.QuantPlan.from_mix({"conv0": "fp8", "conv1": "int8", "conv2": "fp8"}, configs=p.configs(),
+                                     amax=amax, means=means)
+    copy = modelfile.import_graph(modelfile.export_graph(graph))
+    info_copy = writer.write(copy, plan, high_precision="fp16")
+    info = writer.write(graph, plan, high_precision="fp16")
+    assert info_copy == info
+    a = modelfile.export_graph(copy, opset=21)
+    b = modelfile.export_graph(graph, opset=21)
+    assert a.SerializeToString() == b.SerializeToString()
