@@ -119,3 +119,60 @@ def test_auto_ships_the_verified_copy_byte_for_byte(tmp_path):
     a = modelfile.export_graph(copy, opset=21)
     b = modelfile.export_graph(graph, opset=21)
     assert a.SerializeToString() == b.SerializeToString()
+
+
+def _cnn_pair(tmp_path):
+    from onnxopt.api import QuantConfig, quantize
+    src, calib = tiny.model_and_calib(tmp_path, tiny.cnn(), (6, 3, 16, 16))
+    out = quantize(src, tmp_path / "q.onnx", config=QuantConfig(mode="fp8", progress=False), data=str(calib)).path
+    return src, out, calib
+
+
+def test_compare_equals_a_numpy_reference_with_sessions_built_together(tmp_path):
+    # Both sessions alive at once (small models on the CPU fit the budget): the numbers are numpy's over ORT's
+    # outputs, batch by batch, as when the models ran one after the other.
+    from onnxopt import ort
+    from onnxopt.compare import compare
+    src, out, calib = _cnn_pair(tmp_path)
+    assert ort.fit_together([modelfile.load(src), modelfile.load(out)], "cpu", 4096)
+    res = compare(src, out, str(calib), max_batch=2)
+    x = np.load(calib)["x"]
+    ref = ort.session(modelfile.load(src)).run(None, {"x": x})[0].astype(np.float64)
+    cand = ort.session(modelfile.load(out)).run(None, {"x": x})[0].astype(np.float64)
+    (name, m), = res.items()
+    assert res.samples == 6  # batches: one sample each
+    assert m["cosine"] == pytest.approx(float(np.dot(ref.ravel(), cand.ravel()) / np.linalg.norm(ref) / np.linalg.norm(cand)), abs=1e-9)
+    assert m["snr_db"] == pytest.approx(float(10 * np.log10(np.sum(ref ** 2) / np.sum((cand - ref) ** 2))), abs=1e-4)
+    assert m["max_abs"] == pytest.approx(float(np.abs(cand - ref).max()), abs=1e-6)
+
+
+def test_fit_together_follows_the_budget(tmp_path):
+    from onnxopt import ort
+    src, out, _ = _cnn_pair(tmp_path)
+    models = [modelfile.load(src), modelfile.load(out)]
+    need = sum(modelfile.model_bytes(m) for m in models)
+    assert ort.fit_together(models, "cpu", need // 2**20 + 1)
+    assert not ort.fit_together(models, "cpu", max(need // 2**20 - 1, 0))
+
+
+def test_sampler_comparison_with_the_candidate_built_alongside(tmp_path):
+    # The candidate's session built while the reference samples gives what one model at a time gives.
+    pytest.importorskip("diffusers")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_sampler as ts
+    from onnxopt import ort
+    from onnxopt import sampler as S
+    ref, cand = tmp_path / "r.onnx", tmp_path / "c.onnx"
+    onnx.save(ts._eps_model(), ref)
+    onnx.save(ts._eps_model(ts.W_EPS * 1.01), cand)
+    assert ort.fit_together([modelfile.load(ref), modelfile.load(cand)], "cpu", 4096)
+    opts = S.SamplerOptions("euler", steps=3, guidance=2.0, seeds=(0, 1))
+    got = S.compare_sampled(str(ref), str(cand), opts)
+    r_m, c_m = modelfile.load(ref), modelfile.load(cand)
+    r = S.roles(r_m, opts)
+    one = S.compare_trajectories(S.run_all(r_m, r, opts, None, "cpu", "r"), S.run_all(c_m, r, opts, None, "cpu", "c"), opts)
+    np.testing.assert_array_equal(got.candidate, one.candidate)
+    np.testing.assert_array_equal(got.reference, one.reference)
+    assert got.final.psnr_mean == one.final.psnr_mean
