@@ -7,8 +7,8 @@ split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
-import functools
 import logging
+import math
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +19,7 @@ from .. import ort as ortx
 from .. import progress as progress_
 from ..errors import OnnxoptError
 from .data import CalibData
-from .reducers import NonFiniteActivation, PreReduce, Reducer
+from .reducers import DEVICE_SORT_K, NonFiniteActivation, PreReduce, Reducer
 from .stages import BoundaryCache, stage_model, tensor_names, needed_only, split_stages, stage_count, stage_index
 from ..settings import MEMORY_BUDGET_MB
 
@@ -76,7 +76,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
-    samples) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
+    counts) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
@@ -93,7 +93,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     budget = memory_budget_mb * 2**20
     n_batches = len(data)
     inferred = _inferred(model, first)
-    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches, {n: e for n, (e, _) in inferred.items()})
+    full, reduced, aux_nodes, feeds = _attach(model, reducers, inputs, n_batches)
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
@@ -122,20 +122,25 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
             keep = st.outputs if gi == 0 else []
             aux = {n: v for n, v in aux_nodes.items() if gi == 0 and where.get(n, 0) == si}
+            mine = {id(r) for _, _, r in small}
+            fed = [(f, r) for f, r in feeds if id(r) in mine]
             names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
-            sess = ortx.session(stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
+            extra = [helper.make_tensor_value_info(f, onnx.TensorProto.DOUBLE, []) for f, _ in fed]
+            sess = ortx.session(stage_model(model, st, names, aux, cache, extra), provider=provider, level="basic",
+                                lean=True)
             if not names:
                 names = [sess.get_outputs()[0].name]
             for bi, feed in enumerate(data):
                 feed = {k: v for k, v in feed.items() if k in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
+                feed.update((f, np.array(r.feed_range(), np.float64)) for f, r in fed)
                 got = _run(sess, names, feed, data, bi)
                 try:
                     for name in group:
                         for r in full[name]:
                             r.update(got[name])
                     for name, outs, r in small:
-                        r.update(*(got[o] for o in outs))
+                        r.reduced(*(got[o] for o in outs))
                 except NonFiniteActivation:
                     raise OnnxoptError(f"tensor '{name}' holds inf or NaN on calibration batch {bi} of {data.describe} "
                                        "although the inputs are finite (the FP32 model overflows there); calibrate "
@@ -153,28 +158,29 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int, elements: dict):
+def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
-    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer).
-    Histograms of tensors known (`elements`: counts of the first batch) to be at or below the sample cap
-    take them whole, without sampling nodes."""
+    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer and
+    [(graph input, reducer)]: the values the host feeds those nodes before each batch). In-graph histograms
+    need ScatterElements' reduction (opset 16); older models fetch those tensors whole."""
     ranks = _ranks(model)
     full: dict[str, list] = {}
-    reduced, aux_nodes = [], {}
+    reduced, aux_nodes, feeds = [], {}, []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for name, rs in reducers.items():
         for r in rs:
             r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            small = spec is not None and spec.op == "Sample" and 0 < elements.get(name, 0) <= spec.sample
-            if name in inputs or spec is None or small or (spec.keep_axis is not None and rank is None):
+            if (name in inputs or spec is None or (spec.keep_axis is not None and rank is None)
+                    or (spec.op == "Histogram" and opset < HISTOGRAM_OPSET)):
                 full.setdefault(name, []).append(r)
                 continue
-            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
+            nodes, outs, fed = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
             aux_nodes.setdefault(name, []).extend(nodes)
             reduced.append((name, outs, r))
-    return full, reduced, aux_nodes
+            feeds.extend((f, r) for f in fed)
+    return full, reduced, aux_nodes, feeds
 
 
 def _run(sess, names, feed, data, batch: int) -> dict:
@@ -199,32 +205,38 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1):
-    """Nodes computing `spec` of tensor `name`, and their output names (what the reducer's update takes)."""
+    """Nodes computing `spec` of tensor `name`, their output names (what the reducer's `reduced` takes) and
+    the graph inputs they read (fed by the host each batch)."""
     src = name
     nodes = []
     if spec.absolute:
         nodes.append(helper.make_node("Abs", [name], [f"{out}_abs"], name=f"{out}_Abs"))
         src = f"{out}_abs"
     if spec.op == "TopK":
-        return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
-    if spec.op == "Sample":
-        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
+        return nodes + _topk_nodes(src, out, spec.fraction * batches, spec.sorted), [out, f"{out}_n"], []
+    if spec.op == "Histogram":
+        return nodes + _histogram_nodes(src, out, spec.bins), [out, f"{out}_max", f"{out}_range"], [f"{out}_in"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
-        return nodes, [out]
+        return nodes, [out], []
     axes = [i for i in range(rank) if i != spec.keep_axis % rank]
     if opset >= 18:
         nodes.append(_const(f"{out}_axes", np.array(axes, np.int64)))
         nodes.append(helper.make_node(spec.op, [src, f"{out}_axes"], [out], name=f"{out}_{spec.op}", keepdims=1))
     else:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", axes=axes, keepdims=1))
-    return nodes, [out]
+    return nodes, [out], []
 
 
-def _topk_nodes(src: str, out: str, scale: float) -> list:
-    """The k = min(n, ceil(scale * n) + 2) largest of the flattened `src` (`top_k` in the graph), and n."""
+def _topk_nodes(src: str, out: str, scale: float, device_sort: bool = False) -> list:
+    """The k = min(n, ceil(scale * n) + 2) largest of the flattened `src` (`top_k` in the graph), and n;
+    `device_sort`: k = min(n, max(that, DEVICE_SORT_K)), sorted (see TopAbs)."""
     p = f"{out}_"
     mk = helper.make_node
+    k = [_const(p + "two", np.array(2, np.int64)), mk("Add", [p + "ki", p + "two"], [p + "k2"], name=p + "Add")]
+    if device_sort:
+        k += [_const(p + "kmin", np.array(DEVICE_SORT_K, np.int64)),
+              mk("Max", [p + "k2", p + "kmin"], [p + "k3"], name=p + "Max")]
     return [
         _const(p + "flat_shape", np.array([-1], np.int64)),
         mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
@@ -234,61 +246,82 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
         mk("Mul", [p + "nd", p + "scale"], [p + "kd"], name=p + "Mul"),
         mk("Ceil", [p + "kd"], [p + "kc"], name=p + "Ceil"),
         mk("Cast", [p + "kc"], [p + "ki"], name=p + "CastK", to=onnx.TensorProto.INT64),
-        _const(p + "two", np.array(2, np.int64)),
-        mk("Add", [p + "ki", p + "two"], [p + "k2"], name=p + "Add"),
-        mk("Min", [p + "k2", f"{out}_n"], [p + "km"], name=p + "Min"),
+        *k,
+        mk("Min", [p + ("k3" if device_sort else "k2"), f"{out}_n"], [p + "km"], name=p + "Min"),
         _const(p + "k_shape", np.array([1], np.int64)),
         mk("Reshape", [p + "km", p + "k_shape"], [p + "k"], name=p + "ReshapeK"),
-        mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+        mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1,
+           sorted=int(device_sort)),
     ]
 
 
-def _sample_nodes(src: str, out: str, cap: int) -> list:
-    """Every p-th element of the flattened `src`, with n and the cap // 16 largest (unsorted); p = 1 (all
-    elements, no tail) when n <= cap, else the smallest prime >= max(n / cap, 11): no aliasing with channel
-    strides, whose factors are 2, 3, 5 and 7. p and the tail size come from small tables indexed by
-    ceil(n / cap), since shape inference often leaves n unknown. Few nodes: ORT's allocation planner slows
-    down sharply with thousands of extra nodes."""
+HISTOGRAM_OPSET = 16  # ScatterElements' reduction attribute
+
+
+def _histogram_nodes(src: str, out: str, bins: int) -> list:
+    """Bin counts (float64, `out`) of the flattened |x| `src`, its max (`out`_max) and the range they were
+    binned at (`out`_range), as `Histogram.update` bins on the host: the range fed in `out`_in (0 before the
+    first batch, then range = max * (1 + 1e-6)), grown to `grown_range` when the batch exceeds it, all in
+    float64; bin = min(floor(float32(v) * float32(bins / range)), bins - 1). Non-finite values go to bin 0 (the
+    host raises on the max). ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact."""
     p = f"{out}_"
     mk = helper.make_node
-    strides, tails = _tables(cap)
+    D, F = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
+    fed = f"{out}_in"
+    c = lambda n, v, t=np.float64: _const(p + n, np.array(v, t))  # noqa: E731
     return [
-        _const(p + "flat_shape", np.array([-1], np.int64)),
-        mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
-        mk("Size", [src], [f"{out}_n"], name=p + "Size"),
-        _const(p + "cap_m1", np.array([cap - 1], np.int64)),
-        mk("Add", [f"{out}_n", p + "cap_m1"], [p + "n_up"], name=p + "Add"),
-        _const(p + "cap", np.array([cap], np.int64)),
-        mk("Div", [p + "n_up", p + "cap"], [p + "q_all"], name=p + "Div"),
-        _const(p + "q_max", np.array([_STRIDES - 1], np.int64)),
-        mk("Min", [p + "q_all", p + "q_max"], [p + "q"], name=p + "Min"),
-        _const(p + "strides", strides),
-        mk("Gather", [p + "strides", p + "q"], [p + "step"], name=p + "Step", axis=0),
-        _const(p + "tails", tails),
-        mk("Gather", [p + "tails", p + "q"], [p + "t"], name=p + "Tail", axis=0),
-        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
-        _const(p + "start", np.array([0], np.int64)),
-        _const(p + "end", np.array([np.iinfo(np.int64).max], np.int64)),
-        _const(p + "axis", np.array([0], np.int64)),
-        mk("Slice", [p + "flat", p + "start", p + "end", p + "axis", p + "step"], [out], name=p + "Slice"),
+        c("flat_shape", [-1], np.int64),
+        mk("Reshape", [src, p + "flat_shape"], [p + "flat0"], name=p + "Reshape"),
+        mk("Cast", [p + "flat0"], [p + "flat"], name=p + "CastF", to=F),
+        mk("ReduceMax", [p + "flat"], [f"{out}_max"], name=p + "ReduceMax", keepdims=0),
+        mk("Cast", [f"{out}_max"], [p + "md"], name=p + "CastM", to=D),
+        # the range: the first batch's, or the fed one grown by the smallest power of two above the max
+        c("tiny", np.finfo(np.float64).tiny), c("zero", 0.0), c("one", 1.0), c("two", 2.0), c("half", 0.5),
+        c("inv_ln2", 1.0 / math.log(2.0)), c("first_scale", 1 + 1e-6),
+        mk("Max", [fed, p + "tiny"], [p + "rpos"], name=p + "MaxR"),
+        mk("Div", [p + "md", p + "rpos"], [p + "q"], name=p + "DivQ"),
+        mk("Log", [p + "q"], [p + "lnq"], name=p + "Log"),
+        mk("Mul", [p + "lnq", p + "inv_ln2"], [p + "l2"], name=p + "MulL2"),
+        mk("Ceil", [p + "l2"], [p + "l2c"], name=p + "Ceil"),
+        mk("Max", [p + "l2c", p + "one"], [p + "d"], name=p + "MaxD"),
+        mk("Pow", [p + "two", p + "d"], [p + "pw"], name=p + "Pow"),
+        mk("Mul", [fed, p + "pw"], [p + "g0"], name=p + "MulG0"),
+        mk("GreaterOrEqual", [p + "md", p + "g0"], [p + "up"], name=p + "GeUp"),
+        mk("Mul", [p + "g0", p + "two"], [p + "g0x2"], name=p + "MulUp"),
+        mk("Where", [p + "up", p + "g0x2", p + "g0"], [p + "g1"], name=p + "WhereUp"),
+        mk("Mul", [p + "g1", p + "half"], [p + "g1h"], name=p + "MulDown"),
+        mk("Greater", [p + "g1h", fed], [p + "above"], name=p + "GtDown"),
+        mk("Less", [p + "md", p + "g1h"], [p + "fits"], name=p + "LtDown"),
+        mk("And", [p + "above", p + "fits"], [p + "down"], name=p + "AndDown"),
+        mk("Where", [p + "down", p + "g1h", p + "g1"], [p + "grown"], name=p + "WhereDown"),
+        mk("Less", [p + "md", fed], [p + "inside"], name=p + "LtIn"),
+        mk("Where", [p + "inside", fed, p + "grown"], [p + "later"], name=p + "WhereIn"),
+        mk("Mul", [p + "md", p + "first_scale"], [p + "rfirst"], name=p + "MulFirst"),
+        mk("LessOrEqual", [fed, p + "zero"], [p + "is_first"], name=p + "LeFirst"),
+        mk("Where", [p + "is_first", p + "rfirst", p + "later"], [f"{out}_range"], name=p + "WhereFirst"),
+        # bins / range in float64, then float32 (numpy's weak scalar); 0 where the range is 0 or not finite
+        mk("Greater", [f"{out}_range", p + "zero"], [p + "rok"], name=p + "GtR"),
+        mk("Where", [p + "rok", f"{out}_range", p + "one"], [p + "rsafe"], name=p + "WhereR"),
+        c("bins", float(bins)),
+        mk("Div", [p + "bins", p + "rsafe"], [p + "sd"], name=p + "DivS"),
+        mk("Cast", [p + "sd"], [p + "s0"], name=p + "CastS", to=F),
+        c("fmax", np.finfo(np.float32).max, np.float32), c("fzero", 0.0, np.float32),
+        c("last", float(bins - 1), np.float32),
+        mk("LessOrEqual", [p + "s0", p + "fmax"], [p + "sok"], name=p + "LeS"),
+        mk("Where", [p + "sok", p + "s0", p + "fzero"], [p + "s"], name=p + "WhereS"),
+        mk("LessOrEqual", [p + "flat", p + "fmax"], [p + "finite"], name=p + "LeX"),
+        mk("Where", [p + "finite", p + "flat", p + "fzero"], [p + "xf"], name=p + "WhereX"),
+        mk("Mul", [p + "xf", p + "s"], [p + "xs"], name=p + "MulX"),
+        mk("Floor", [p + "xs"], [p + "xfl"], name=p + "Floor"),
+        mk("Min", [p + "xfl", p + "last"], [p + "xb"], name=p + "MinB"),
+        mk("Cast", [p + "xb"], [p + "idx"], name=p + "CastIdx", to=onnx.TensorProto.INT32),
+        mk("Shape", [p + "idx"], [p + "shape"], name=p + "Shape"),
+        mk("ConstantOfShape", [p + "shape"], [p + "ones"], name=p + "Ones",
+           value=numpy_helper.from_array(np.array([1.0]), p + "one_value")),
+        c("empty", np.zeros(bins)),
+        mk("ScatterElements", [p + "empty", p + "idx", p + "ones"], [out], name=p + "Scatter", axis=0,
+           reduction="add"),
     ]
-
-
-_STRIDES = 1024  # stride table size: tensors up to 1023 * cap elements get a sample of at most cap
-
-
-@functools.lru_cache(maxsize=4)
-def _tables(cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stride and tail size by ceil(n / cap) (see `_sample_nodes`)."""
-    q = np.arange(_STRIDES)
-    strides = np.array([1 if i <= 1 else _prime_at_least(max(i, 11)) for i in q], np.int64)
-    return strides, np.where(q <= 1, 0, max(1, cap // 16)).astype(np.int64)
-
-
-def _prime_at_least(n: int) -> int:
-    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
-        n += 1
-    return n
 
 
 def _const(name: str, value: np.ndarray):
