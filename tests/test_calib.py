@@ -153,7 +153,8 @@ def test_entropy_ignores_the_zero_spike_of_relu_outputs():
 
 def _stats(model, data, names, **kwargs):
     red = {n: [calib.AbsMax(), calib.ChannelMean(-1, 3) if n.startswith("ln") else calib.AbsMax(), calib.Histogram(),
-               calib.TopAbs(99.0)] for n in names}
+               calib.TopAbs(99.0), calib.Histogram(in_graph=True), calib.TopAbs(99.0, device_sort=True)]
+           for n in names}
     calib.collect(model, data, red, progress=False, **kwargs)
     return red
 
@@ -178,6 +179,9 @@ def test_staged_calibration_matches_one_stage(tmp_path, stages):
                 assert a.value == b.value and a.count == b.count
             else:
                 np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+        # the CUDA forms (in-graph bins, device-sorted TopK) give the host's numbers, staged or not
+        np.testing.assert_array_equal(many[n][4].counts, one[n][2].counts)
+        assert many[n][5].value == one[n][3].value
 
 
 def _token_npz(tmp_path, m):
