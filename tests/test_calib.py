@@ -363,3 +363,21 @@ def test_device_sorted_top_abs_gives_the_same_percentile(cnn, pct):
     for n, (plain, dev, fetched) in red.items():
         allv = np.abs(np.concatenate([b.ravel() for b in fetched.batches]))
         assert plain.value == dev.value == np.percentile(allv, pct, method="inverted_cdf"), n
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy", "percentile"])
+def test_cuda_reducers_give_the_cpu_ranges(tmp_path, method):
+    """The reducers quant.calibration picks for CUDA (in-graph bins, device-sorted TopK), run here on the CPU
+    provider, give the same clip ranges as the CPU's: the same graphs whichever provider calibrates."""
+    from onnxopt.quant import calibration
+    m = modelfile.load(tiny.save(tiny.transformer(), tmp_path / "t.onnx"))
+    data = calib.CalibData.from_path(_token_npz(tmp_path, m), calib.input_specs(m))
+    names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "Add") for o in n.output]
+    red = {n: [calibration.range_reducer(method, "cpu"), calibration.range_reducer(method, "cuda")] for n in names}
+    assert all(r.pre_reduce is not None for _, r in red.values())
+    calib.collect(m, data, red, progress=False)
+
+    def amax(r):
+        return calib.amax_from_histogram(r, method) if isinstance(r, calib.Histogram) else r.value
+    for n, (cpu, cuda) in red.items():
+        assert amax(cpu) == amax(cuda) and amax(cpu) > 0, n
