@@ -301,18 +301,24 @@ def test_in_graph_histogram_equals_the_numpy_reference(tmp_path, case):
         assert calib.amax_from_histogram(graph, method) == calib.amax_from_histogram(host, method)
 
 
-def test_in_graph_histogram_fetches_bins_not_tensors(tmp_path):
+@pytest.mark.parametrize("scales, runs", [((1.0, 1.0, 1.0), 4), ((1.0, 3.0, 11.0), 4), ((1.0, 40.0, 0.5), 5)])
+def test_in_graph_histogram_fetches_bins_and_reruns_only_big_growth(tmp_path, scales, runs):
+    """Only the grid's counts and the max come back. The first batch runs twice (its max sets the range), a
+    range growing up to 2^HIST_GROWTH = 4x merges on the grid, 40x runs the batch again; counts as numpy's."""
     n = 300_000
-    x = _heavy_tail(np.random.default_rng(0), 2, n)
+    x = np.clip(_heavy_tail(np.random.default_rng(0), len(scales), n), -50, 50)
+    x[:, 7] = 50.0  # every batch's max is 50 * its scale: growths of 3x and 11x/3 (2 doublings), 40x (6)
+    x *= np.array(scales, np.float32)[:, None]
     np.savez(tmp_path / "d.npz", x=x)
     m = _mul_model(n)
     data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
     h = calib.Histogram(1024, in_graph=True)
     got = []
     reduced = h.reduced
-    h.reduced = lambda *outs: (got.append([np.size(o) for o in outs]), reduced(*outs))  # noqa: E731
+    h.reduced = lambda *outs: (got.append([np.size(o) for o in outs]), reduced(*outs))[1]  # noqa: E731
     calib.collect(m, data, {"y": [h]}, progress=False)
-    assert got == [[1024, 1, 1]] * 2 and h.counts.sum() == 2 * n
+    assert got == [[4 * 1024 + 1, 1]] * runs
+    np.testing.assert_array_equal(h.counts, _reference(list(x), 1024)[0])
 
 
 def test_in_graph_histogram_names_non_finite_tensors(tmp_path):

@@ -8,7 +8,6 @@ split into groups and each group gets its own pass.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import numpy as np
@@ -125,22 +124,36 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             mine = {id(r) for _, _, r in small}
             fed = [(f, r) for f, r in feeds if id(r) in mine]
             names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
-            extra = [helper.make_tensor_value_info(f, onnx.TensorProto.DOUBLE, []) for f, _ in fed]
-            sess = ortx.session(stage_model(model, st, names, aux, cache, extra), provider=provider, level="basic",
-                                lean=True)
+            extra = [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f, _ in fed]
+            shared = _histogram_constants({r.pre_reduce.bins for _, r in fed}) if fed else []
+            sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared), provider=provider,
+                                level="basic", lean=True)
             if not names:
                 names = [sess.get_outputs()[0].name]
             for bi, feed in enumerate(data):
                 feed = {k: v for k, v in feed.items() if k in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
-                feed.update((f, np.array(r.feed_range(), np.float64)) for f, r in fed)
+                feed.update((f, r.feed_scale()) for f, r in fed)
                 got = _run(sess, names, feed, data, bi)
                 try:
                     for name in group:
                         for r in full[name]:
                             r.update(got[name])
-                    for name, outs, r in small:
-                        r.reduced(*(got[o] for o in outs))
+                    again, outputs = small, got
+                    for _ in range(MAX_RUNS):  # histograms that set or grew their range: the batch runs again
+                        if outputs is not got:
+                            feed.update((f, r.feed_scale()) for f, r in fed)
+                            outputs = _run(sess, [o for _, outs, _ in again for o in outs], feed, data, bi)
+                        pending = []
+                        for name, outs, r in again:
+                            if r.reduced(*(outputs[o] for o in outs)) is False:
+                                pending.append((name, outs, r))
+                        again, outputs = pending, None
+                        if not again:
+                            break
+                    if again:
+                        raise OnnxoptError(f"tensor '{again[0][0]}' changed its range on every one of {MAX_RUNS} runs of "
+                                           f"calibration batch {bi}; calibrate with --provider cpu")
                 except NonFiniteActivation:
                     raise OnnxoptError(f"tensor '{name}' holds inf or NaN on calibration batch {bi} of {data.describe} "
                                        "although the inputs are finite (the FP32 model overflows there); calibrate "
@@ -215,7 +228,7 @@ def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset:
     if spec.op == "TopK":
         return nodes + _topk_nodes(src, out, spec.fraction * batches, spec.sorted), [out, f"{out}_n"], []
     if spec.op == "Histogram":
-        return nodes + _histogram_nodes(src, out, spec.bins), [out, f"{out}_max", f"{out}_range"], [f"{out}_in"]
+        return nodes + _histogram_nodes(src, out, spec.bins), [out, f"{out}_max"], [f"{out}_in"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
         return nodes, [out], []
@@ -256,72 +269,43 @@ def _topk_nodes(src: str, out: str, scale: float, device_sort: bool = False) -> 
 
 
 HISTOGRAM_OPSET = 16  # ScatterElements' reduction attribute
+MAX_RUNS = 4  # runs of one batch while in-graph histograms set or grow their ranges (2 in practice)
 
 
 def _histogram_nodes(src: str, out: str, bins: int) -> list:
-    """Bin counts (float64, `out`) of the flattened |x| `src`, its max (`out`_max) and the range they were
-    binned at (`out`_range), as `Histogram.update` bins on the host: the range fed in `out`_in (0 before the
-    first batch, then range = max * (1 + 1e-6)), grown to `grown_range` when the batch exceeds it, all in
-    float64; bin = min(floor(float32(v) * float32(bins / range)), bins - 1). Non-finite values go to bin 0 (the
-    host raises on the max). ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact."""
+    """Bin counts (float64, `out`) of the flattened |x| `src` and its max (`out`_max): bin of v =
+    min(trunc(float32(v) * s), bins - 1), s the float32 the host feeds in `out`_in (Histogram.feed_scale).
+    ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact. Few nodes: ORT's
+    priority-based session set-up grows about quadratically with the node count. NaN (the host raises on
+    the max) casts to a negative index on the CPU: Max(., 0) keeps it inside."""
     p = f"{out}_"
     mk = helper.make_node
-    D, F = onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT
-    fed = f"{out}_in"
-    c = lambda n, v, t=np.float64: _const(p + n, np.array(v, t))  # noqa: E731
     return [
-        c("flat_shape", [-1], np.int64),
-        mk("Reshape", [src, p + "flat_shape"], [p + "flat0"], name=p + "Reshape"),
-        mk("Cast", [p + "flat0"], [p + "flat"], name=p + "CastF", to=F),
+        mk("Reshape", [src, HIST_CONST + "flat"], [p + "flat"], name=p + "Reshape"),
         mk("ReduceMax", [p + "flat"], [f"{out}_max"], name=p + "ReduceMax", keepdims=0),
-        mk("Cast", [f"{out}_max"], [p + "md"], name=p + "CastM", to=D),
-        # the range: the first batch's, or the fed one grown by the smallest power of two above the max
-        c("tiny", np.finfo(np.float64).tiny), c("zero", 0.0), c("one", 1.0), c("two", 2.0), c("half", 0.5),
-        c("inv_ln2", 1.0 / math.log(2.0)), c("first_scale", 1 + 1e-6),
-        mk("Max", [fed, p + "tiny"], [p + "rpos"], name=p + "MaxR"),
-        mk("Div", [p + "md", p + "rpos"], [p + "q"], name=p + "DivQ"),
-        mk("Log", [p + "q"], [p + "lnq"], name=p + "Log"),
-        mk("Mul", [p + "lnq", p + "inv_ln2"], [p + "l2"], name=p + "MulL2"),
-        mk("Ceil", [p + "l2"], [p + "l2c"], name=p + "Ceil"),
-        mk("Max", [p + "l2c", p + "one"], [p + "d"], name=p + "MaxD"),
-        mk("Pow", [p + "two", p + "d"], [p + "pw"], name=p + "Pow"),
-        mk("Mul", [fed, p + "pw"], [p + "g0"], name=p + "MulG0"),
-        mk("GreaterOrEqual", [p + "md", p + "g0"], [p + "up"], name=p + "GeUp"),
-        mk("Mul", [p + "g0", p + "two"], [p + "g0x2"], name=p + "MulUp"),
-        mk("Where", [p + "up", p + "g0x2", p + "g0"], [p + "g1"], name=p + "WhereUp"),
-        mk("Mul", [p + "g1", p + "half"], [p + "g1h"], name=p + "MulDown"),
-        mk("Greater", [p + "g1h", fed], [p + "above"], name=p + "GtDown"),
-        mk("Less", [p + "md", p + "g1h"], [p + "fits"], name=p + "LtDown"),
-        mk("And", [p + "above", p + "fits"], [p + "down"], name=p + "AndDown"),
-        mk("Where", [p + "down", p + "g1h", p + "g1"], [p + "grown"], name=p + "WhereDown"),
-        mk("Less", [p + "md", fed], [p + "inside"], name=p + "LtIn"),
-        mk("Where", [p + "inside", fed, p + "grown"], [p + "later"], name=p + "WhereIn"),
-        mk("Mul", [p + "md", p + "first_scale"], [p + "rfirst"], name=p + "MulFirst"),
-        mk("LessOrEqual", [fed, p + "zero"], [p + "is_first"], name=p + "LeFirst"),
-        mk("Where", [p + "is_first", p + "rfirst", p + "later"], [f"{out}_range"], name=p + "WhereFirst"),
-        # bins / range in float64, then float32 (numpy's weak scalar); 0 where the range is 0 or not finite
-        mk("Greater", [f"{out}_range", p + "zero"], [p + "rok"], name=p + "GtR"),
-        mk("Where", [p + "rok", f"{out}_range", p + "one"], [p + "rsafe"], name=p + "WhereR"),
-        c("bins", float(bins)),
-        mk("Div", [p + "bins", p + "rsafe"], [p + "sd"], name=p + "DivS"),
-        mk("Cast", [p + "sd"], [p + "s0"], name=p + "CastS", to=F),
-        c("fmax", np.finfo(np.float32).max, np.float32), c("fzero", 0.0, np.float32),
-        c("last", float(bins - 1), np.float32),
-        mk("LessOrEqual", [p + "s0", p + "fmax"], [p + "sok"], name=p + "LeS"),
-        mk("Where", [p + "sok", p + "s0", p + "fzero"], [p + "s"], name=p + "WhereS"),
-        mk("LessOrEqual", [p + "flat", p + "fmax"], [p + "finite"], name=p + "LeX"),
-        mk("Where", [p + "finite", p + "flat", p + "fzero"], [p + "xf"], name=p + "WhereX"),
-        mk("Mul", [p + "xf", p + "s"], [p + "xs"], name=p + "MulX"),
-        mk("Floor", [p + "xs"], [p + "xfl"], name=p + "Floor"),
-        mk("Min", [p + "xfl", p + "last"], [p + "xb"], name=p + "MinB"),
-        mk("Cast", [p + "xb"], [p + "idx"], name=p + "CastIdx", to=onnx.TensorProto.INT32),
+        mk("Mul", [p + "flat", f"{out}_in"], [p + "xs"], name=p + "Mul"),
+        mk("Min", [p + "xs", HIST_CONST + f"last{bins}"], [p + "xb"], name=p + "Min"),
+        mk("Cast", [p + "xb"], [p + "i0"], name=p + "Cast", to=onnx.TensorProto.INT32),
+        mk("Max", [p + "i0", HIST_CONST + "zero"], [p + "idx"], name=p + "Max"),
         mk("Shape", [p + "idx"], [p + "shape"], name=p + "Shape"),
         mk("ConstantOfShape", [p + "shape"], [p + "ones"], name=p + "Ones",
-           value=numpy_helper.from_array(np.array([1.0]), p + "one_value")),
-        c("empty", np.zeros(bins)),
-        mk("ScatterElements", [p + "empty", p + "idx", p + "ones"], [out], name=p + "Scatter", axis=0,
-           reduction="add"),
+           value=numpy_helper.from_array(np.array([1.0]), p + "one")),
+        mk("ScatterElements", [HIST_CONST + f"empty{bins}", p + "idx", p + "ones"], [out], name=p + "Scatter",
+           axis=0, reduction="add"),
     ]
+
+
+HIST_CONST = "__onnxopt_hist_"  # prefix of the constants all histograms of a stage share
+
+
+def _histogram_constants(bins: set) -> list:
+    """The shared initializers of `_histogram_nodes` for grids of `bins` bins."""
+    t = [numpy_helper.from_array(np.array([-1], np.int64), HIST_CONST + "flat"),
+         numpy_helper.from_array(np.array(0, np.int32), HIST_CONST + "zero")]
+    for b in sorted(bins):
+        t += [numpy_helper.from_array(np.array(b - 1, np.float32), HIST_CONST + f"last{b}"),
+              numpy_helper.from_array(np.zeros(b), HIST_CONST + f"empty{b}")]
+    return t
 
 
 def _const(name: str, value: np.ndarray):
