@@ -115,6 +115,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         log.info("calibrating in %d stages of at most %.2f GB of weights (budget %d MB)", len(plan),
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
     bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
+    reruns = 0
     with BoundaryCache(len(plan) > 1) as cache:
         for si, gi, group in passes:
             st = plan[si]
@@ -144,6 +145,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                         if outputs is not got:
                             feed.update((f, r.feed_scale()) for f, r in fed)
                             outputs = _run(sess, [o for _, outs, _ in again for o in outs], feed, data, bi)
+                            reruns += 1
                         pending = []
                         for name, outs, r in again:
                             if r.reduced(*(outputs[o] for o in outs)) is False:
@@ -163,6 +165,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                 del got, feed
                 bar.update(1)
             del sess
+    if reruns:
+        log.info("in-graph histograms ran %d of %d stage batches again to set or grow their ranges", reruns,
+                 n_batches * len(plan))
     for name, rs in full.items():
         if name in inputs:
             for feed in data:
