@@ -387,3 +387,22 @@ def test_cuda_reducers_give_the_cpu_ranges(tmp_path, method):
         return calib.amax_from_histogram(r, method) if isinstance(r, calib.Histogram) else r.value
     for n, (cpu, cuda) in red.items():
         assert amax(cpu) == amax(cuda) and amax(cpu) > 0, n
+
+
+def test_in_graph_histogram_of_an_fp16_tensor(tmp_path):
+    """FP16 activations are binned as float32, as the host does."""
+    from onnx import TensorProto
+    x = _heavy_tail(np.random.default_rng(2), 3, 4000).astype(np.float16)
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(4000)
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    one = m.graph.initializer[0]
+    one.data_type = TensorProto.FLOAT16
+    del one.float_data[:]
+    one.int32_data.append(int(np.array(1.0, np.float16).view(np.uint16)))
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [calib.Histogram(in_graph=True), calib.Histogram()]}
+    calib.collect(m, data, red, progress=False)
+    np.testing.assert_array_equal(red["y"][0].counts, red["y"][1].counts)
+    assert red["y"][0].range == red["y"][1].range > 0

@@ -280,13 +280,14 @@ MAX_RUNS = 4  # runs of one batch while in-graph histograms set or grow their ra
 def _histogram_nodes(src: str, out: str, bins: int) -> list:
     """Bin counts (float64, `out`) of the flattened |x| `src` and its max (`out`_max): bin of v =
     min(trunc(float32(v) * s), bins - 1), s the float32 the host feeds in `out`_in (Histogram.feed_scale).
-    ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact. Few nodes: ORT's
+    ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact. Few nodes (10): ORT's
     priority-based session set-up grows about quadratically with the node count. NaN (the host raises on
     the max) casts to a negative index on the CPU: Max(., 0) keeps it inside."""
     p = f"{out}_"
     mk = helper.make_node
     return [
-        mk("Reshape", [src, HIST_CONST + "flat"], [p + "flat"], name=p + "Reshape"),
+        mk("Reshape", [src, HIST_CONST + "flat"], [p + "flat0"], name=p + "Reshape"),
+        mk("Cast", [p + "flat0"], [p + "flat"], name=p + "CastF", to=onnx.TensorProto.FLOAT),  # FP16/BF16 models
         mk("ReduceMax", [p + "flat"], [f"{out}_max"], name=p + "ReduceMax", keepdims=0),
         mk("Mul", [p + "flat", f"{out}_in"], [p + "xs"], name=p + "Mul"),
         mk("Min", [p + "xs", HIST_CONST + f"last{bins}"], [p + "xb"], name=p + "Min"),
