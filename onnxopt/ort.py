@@ -168,15 +168,15 @@ def run(sess: ort.InferenceSession, outputs, feed: dict, *, model: onnx.ModelPro
 
 
 def run_fetched(sess: ort.InferenceSession, outputs: list[str], feed: dict, *, model: onnx.ModelProto | None = None,
-                label: str = "the model") -> list:
-    """`run` whose outputs come back as numpy arrays; on CUDA through I/O binding (inputs copied to the device
-    once, outputs allocated by ORT where the last node leaves them and copied to the host once), elsewhere `run`."""
-    if "CUDAExecutionProvider" not in sess.get_providers():
+                label: str = "the model", bind: bool | None = None) -> list:
+    """`run` whose outputs come back as numpy arrays; through I/O binding (inputs bound once, outputs allocated by
+    ORT and copied to the host once) where `bind` (default: on CUDA), else `run`."""
+    if not (bind if bind is not None else "CUDAExecutionProvider" in sess.get_providers()):
         return run(sess, outputs, feed, model=model, label=label)
     try:
         io = sess.io_binding()
         for k, v in feed.items():
-            io.bind_cpu_input(k, np.ascontiguousarray(v))
+            io.bind_cpu_input(k, np.asarray(v, order="C"))  # (ascontiguousarray would make a 0-d input 1-d)
         for o in outputs:
             io.bind_output(o)
         sess.run_with_iobinding(io)

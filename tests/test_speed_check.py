@@ -176,3 +176,19 @@ def test_sampler_comparison_with_the_candidate_built_alongside(tmp_path):
     np.testing.assert_array_equal(got.candidate, one.candidate)
     np.testing.assert_array_equal(got.reference, one.reference)
     assert got.final.psnr_mean == one.final.psnr_mean
+
+
+def test_run_fetched_through_io_binding_equals_run():
+    # The CUDA path (I/O binding), exercised on the CPU: same numbers, a 0-d input stays 0-d, errors are one line.
+    from onnxopt import ort
+    g = h.make_graph([h.make_node("Mul", ["x", "s"], ["y"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [2, 3]), h.make_tensor_value_info("s", T.FLOAT, [])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    sess = ort.session(m)
+    feed = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1], "s": np.asarray(2.5, np.float32)}
+    got = ort.run_fetched(sess, ["y"], feed, bind=True)
+    np.testing.assert_array_equal(got[0], sess.run(["y"], feed)[0])
+    with pytest.raises(OnnxoptError, match="ONNX Runtime failed running"):
+        ort.run_fetched(sess, ["y"], {"x": np.zeros((2, 4), np.float32), "s": feed["s"]}, bind=True)
