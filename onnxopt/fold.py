@@ -403,6 +403,28 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
     return f"{p.op} '{p.name}' (constant) and {inner}"
 
 
+def tied(groups: list[list[gs.Node]]) -> list[list[int]]:
+    """Indices of `groups` (the layers reading one activation each) joined into units by a weight constant their
+    layers share (ALBERT: one layer's weights read at every depth): a unit's weight is stored once, so it takes one
+    input-channel scale from the statistics of every use. Other groups stand alone; units keep the input order."""
+    parent = list(range(len(groups)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    owner: dict[int, int] = {}
+    for i, layers in enumerate(groups):
+        for n in layers:
+            j = owner.setdefault(id(weight_chain(n, 1)[0]), i)
+            parent[root(i)] = root(j)
+    units: dict[int, list] = {}
+    for i in range(len(groups)):
+        units.setdefault(root(i), []).append(i)
+    return list(units.values())
+
+
 # ---------------------------------------------------------------- public entry point
 def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> None:
     """Multiply each consumer's weight by `s` along its input channels, each weight constant once however many
