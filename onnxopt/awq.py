@@ -344,7 +344,7 @@ class _Search:
         for name in self.order:
             for n in self.groups[name]:
                 if self.formats[id(n)].awq:
-                    todo.setdefault(id(fold.weight_chain(n, 1)[0]), []).append((name, n))
+                    todo.setdefault(fold.weight_key(n), []).append((name, n))
         left: dict = {}   # activation -> weights still to search (its Gram matrix is dropped after the last)
         for uses in todo.values():
             for name in {name for name, _ in uses}:

@@ -403,6 +403,13 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
     return f"{p.op} '{p.name}' (constant) and {inner}"
 
 
+def weight_key(node: gs.Node) -> tuple:
+    """(id of the stored weight constant, its Transpose views) of a layer's weight (input 1): layers with equal
+    keys compute with the same matrix, however many Identity/Cast nodes each reads it through."""
+    const, chain = weight_chain(node, 1)
+    return id(const), tuple((c.op, tuple(_perm(c, len(effective_shape(node, 1))))) for c in chain if c.op == "Transpose")
+
+
 def tied(groups: list[list[gs.Node]]) -> list[list[int]]:
     """Indices of `groups` (the layers reading one activation each) joined into units by a weight constant their
     layers share (ALBERT: one layer's weights read at every depth): a unit's weight is stored once, so it takes one
@@ -433,9 +440,7 @@ def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> N
     s = np.asarray(s, dtype=np.float64).reshape(-1)
     by_const: dict[tuple, list] = {}
     for n in consumers:
-        const, chain = weight_chain(n, 1)
-        layout = tuple((c.op, tuple(_perm(c, len(effective_shape(n, 1))))) for c in chain if c.op == "Transpose")
-        by_const.setdefault((id(const), layout), []).append(n)
+        by_const.setdefault(weight_key(n), []).append(n)
     names = _Names(graph)
     for group in by_const.values():
         ref = group[0]
