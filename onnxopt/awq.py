@@ -351,7 +351,7 @@ class _Search:
                 left[name] = left.get(name, 0) + 1
         for uses in track(list(todo.values()), total=len(todo), desc="awq: clip search", enabled=self.progress):
             h, rows = None, 0
-            for name, _ in uses:
+            for name in dict.fromkeys(name for name, _ in uses):   # each activation once
                 hu = self.hs[name] if name in self.hs else self.stats.gram(name)
                 if hu is None:
                     h = None
