@@ -48,12 +48,16 @@ def shared_weights(place) -> dict:
 
 def hessian_reducers(place) -> tuple[dict, dict]:
     """({input tensor: [reducer]} for the calibration pass, {weight constant name: calib.Hessian}): one Hessian
-    per shared weight, fed by the inputs of all its readers, so it sums XᵀX over every use."""
-    reducers, hessians = {}, {}
+    per shared weight, fed by the inputs of all its readers, so it sums XᵀX over every use. Weights read by the
+    same inputs (ALBERT's Q, K and V projections) share one."""
+    reducers, hessians, by_inputs = {}, {}, {}
     for cname, uses in shared_weights(place).items():
-        h = hessians[cname] = calib.Hessian(_inputs(*uses[0]))
-        for n, _ in uses:
-            reducers.setdefault(n.inputs[0].name, []).append(h)
+        inputs = tuple(dict.fromkeys(n.inputs[0].name for n, _ in uses))
+        if inputs not in by_inputs:
+            h = by_inputs[inputs] = calib.Hessian(_inputs(*uses[0]))
+            for name in inputs:
+                reducers.setdefault(name, []).append(h)
+        hessians[cname] = by_inputs[inputs]
     return reducers, hessians
 
 
