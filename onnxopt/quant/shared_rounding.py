@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DAMP = 0.01           # GPTQ's damping: 1% of the mean diagonal
 OPS = ("MatMul", "Gemm")
+LAZY = 128            # rows rounded between two updates of the rest (the same numbers, fewer passes over W)
 
 
 def _reads_rows(node) -> bool:
@@ -78,12 +79,16 @@ def round_with_feedback(f, w: np.ndarray, axis: int, scale: np.ndarray, h: np.nd
     hh, dead = obs.undead(h[np.ix_(perm, perm)])
     wp = w_kn[perm].copy()
     wp[dead] = 0.0
-    u = obs.hinv_upper(hh, damp)
+    u = obs.hinv_upper(hh, damp, via_cholesky=False)   # one Cholesky (GPTQ's route in awq): the other costs as much again
     q = np.zeros(wp.shape, f.np_dtype)
-    for i in range(k):
-        q[i] = f.cast(wp[i] / s)
-        e = (wp[i] - np.asarray(f.to_float(q[i]), np.float64) * s) / u[i, i]
-        wp[i + 1:] -= np.outer(u[i, i + 1:], e)
+    for i1 in range(0, k, LAZY):   # GPTQ's lazy batches: the rows after a batch take its errors in one product
+        i2 = min(i1 + LAZY, k)
+        blk, err = wp[i1:i2], np.zeros((i2 - i1, wp.shape[1]))
+        for i in range(i2 - i1):
+            q[i1 + i] = f.cast(blk[i] / s)
+            e = err[i] = (blk[i] - np.asarray(f.to_float(q[i1 + i]), np.float64) * s) / u[i1 + i, i1 + i]
+            blk[i + 1:] -= np.outer(u[i1 + i, i1 + i + 1:i2], e)
+        wp[i2:] -= u[i1:i2, i2:].T @ err
     q = q[np.argsort(perm)]
     return q if axis == 1 else q.T
 
