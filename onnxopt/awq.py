@@ -28,7 +28,7 @@ from .errors import OnnxoptError
 from .progress import track
 from .formats import FP16, INT4
 from .formats.int4 import expand
-from .graph import activation_channel_axis, taken_names, to_kn
+from .graph import activation_channel_axis, to_kn
 from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
@@ -65,20 +65,18 @@ def _rel_error(h: np.ndarray, w: np.ndarray, deq: np.ndarray, norm: float) -> fl
 
 
 def search_scale(h: np.ndarray, x_mean: np.ndarray, weights: list[tuple[np.ndarray, int]], block_size: int,
-                 hp: str = "fp32", uses: list | None = None) -> tuple[float | None, np.ndarray, dict]:
+                 hp: str = "fp32") -> tuple[float | None, np.ndarray, dict]:
     """AWQ-lite: the s (one per input channel) minimizing sum over layers of ||X W - (X/s) Q(W s)||^2 / ||X W||^2,
-    with H = X^T X; alpha on a 0.1 grid, then refined by 0.05. `weights` holds (W [K, N], format). `uses`
-    ([(H, weights)], default [(h, weights)]): the activations a shared weight reads at its several places, whose
-    errors are summed (`x_mean` then their mean). Returns (alpha, or None for no scaling, s, errors)."""
-    uses = uses or [(h, weights)]
-    terms = [(hu, w, fmt, max(float(np.sum((hu @ w) * w, dtype=np.float64)), 1e-30)) for hu, ws in uses for w, fmt in ws]
+    with H = X^T X; alpha on a 0.1 grid, then refined by 0.05. `weights` holds (W [K, N], format).
+    Returns (alpha, or None for no scaling, s, errors)."""
+    norms = [max(float(np.sum((h @ w) * w, dtype=np.float64)), 1e-30) for w, _ in weights]
     w_mean = np.mean([_weight_norm_mean(w, block_size) for w, _ in weights], axis=0)
     xm = np.maximum(x_mean, 1e-8)
     wm = np.maximum(w_mean, 1e-8)
 
     def loss(s):
         sc = s[:, None].astype(np.float32)
-        return sum(_rel_error(hu, w, _quant(w * sc, fmt, block_size, hp) / sc, nrm) for hu, w, fmt, nrm in terms)
+        return sum(_rel_error(h, w, _quant(w * sc, fmt, block_size, hp) / sc, nrm) for (w, fmt), nrm in zip(weights, norms))
 
     def scales(a):
         s = xm ** a / wm ** (1.0 - a)
@@ -288,94 +286,46 @@ class _Search:
     hs: dict = field(default_factory=dict)        # activation -> Gram matrix kept for the clip search
 
     def scales(self, graph: gs.Graph, keep_grams: bool) -> None:
-        """lite: one input-channel scale per activation, folded into the graph; activations whose layers share a
-        weight (fold.tied) take one scale from all their statistics and the weight is scaled once. With
-        `keep_grams` the Gram matrices stay for the clip search (else one at a time)."""
+        """lite: one input-channel scale per activation, folded into the graph; with `keep_grams` the Gram
+        matrices stay for the clip search (else one at a time)."""
         # Downstream first: a fold into a producer rescales its output columns before its own search.
-        units = [[self.order[i] for i in u] for u in fold.tied([self.groups[name] for name in self.order])]
-        taken = taken_names(graph)
-        for unit in track(units, total=len(units), desc="awq: scale search", enabled=self.progress):
-            stats = [(name, self.stats.mean(name), self.stats.gram(name)) for name in unit]
-            stats = [(name, m, h) for name, m, h in stats if m is not None and h is not None]
-            for name, _, h in stats:
-                self.hs[name] = h
-            if stats:
-                self._scale_unit(graph, stats, taken)
-            if not keep_grams:
-                for name in unit:
-                    self.hs.pop(name, None)
-
-    def _scale_unit(self, graph: gs.Graph, stats: list, taken: set) -> None:
-        """Search and fold one scale for the activations in `stats` ([(name, channel mean, Gram)])."""
-        nodes = [n for name, _, _ in stats for n in self.groups[name]]
-        uses = [(h, [(to_kn(n, fold.effective_weight(n)), self.formats[id(n)]) for n in self.groups[name]])
-                for name, _, h in stats]
-        mean = np.mean([m for _, m, _ in stats], axis=0)
-        alpha, s, errs = search_scale(uses[0][0], mean, uses[0][1], self.block_size, self.hp, uses=uses)
-        entry = {"activation": stats[0][0], "layers": [n.name for n in nodes], "alpha": alpha, "error": errs}
-        if len(stats) > 1:
-            entry["shared_weight_activations"] = [name for name, _, _ in stats]
-        if alpha is not None and len(stats) > 1 and any(fold.is_attention_output(self.groups[name][0].inputs[0])
-                                                        for name, _, _ in stats):
-            # 1/s would go into the shared V projection once per use (copies) or a Mul would split fused attention.
-            alpha = entry["alpha"] = None
-            entry["fold"] = "not scaled: a shared weight reading attention outputs"
-        elif alpha is None:
-            entry["fold"] = "not scaled: scaling did not lower the output error"
-        elif len(stats) == 1:
-            entry["fold"] = fold.fold_input_scale(graph, nodes, s, taken=taken)
-        else:  # one weight read at several places: W ⊙ s once, each activation ⊘ s on its own
-            for name, _, _ in stats:
-                fold.fold_input_scale(graph, self.groups[name], s, weights=False, norm_only=True, taken=taken)
-            fold.scale_weights(graph, nodes, s)
-            entry["fold"] = f"shared weights scaled once for {len(stats)} activations"
-        if alpha is not None:
-            for name, _, _ in stats:
+        for name in track(self.order, total=len(self.order), desc="awq: scale search", enabled=self.progress):
+            nodes = self.groups[name]
+            mean = self.stats.mean(name)
+            h = self.hs[name] = self.stats.gram(name)
+            if mean is None or h is None:
+                continue
+            ws = [(to_kn(n, fold.effective_weight(n)), self.formats[id(n)]) for n in nodes]
+            alpha, s, errs = search_scale(h, mean, ws, self.block_size, self.hp)
+            entry = {"activation": name, "layers": [n.name for n in nodes], "alpha": alpha, "error": errs}
+            if alpha is not None:
+                entry["fold"] = fold.fold_input_scale(graph, nodes, s)
                 self.x_scale[name] = s
-        self.report["groups"].append(entry)
-        for n in nodes:
-            self.report["layers"][n.name] = {"alpha": alpha}
+            else:
+                entry["fold"] = "not scaled: scaling did not lower the output error"
+            self.report["groups"].append(entry)
+            for n in nodes:
+                self.report["layers"][n.name] = {"alpha": alpha}
+            if not keep_grams:
+                self.hs.pop(name)
 
     def clip(self, feedback: bool) -> None:
-        """clip: per-block clip ratios of each INT4 weight; with `feedback`, error-feedback rounding after. A weight
-        several layers read is searched once, against the Gram matrices of all its uses summed, and all of them
-        get the same result (the writer stores it once)."""
-        todo: dict = {}   # weight constant -> [(activation, layer)], downstream first
-        for name in self.order:
-            for n in self.groups[name]:
-                if self.formats[id(n)].awq:
-                    todo.setdefault(fold.weight_key(n), []).append((name, n))
-        left: dict = {}   # activation -> weights still to search (its Gram matrix is dropped after the last)
-        for uses in todo.values():
-            for name in {name for name, _ in uses}:
-                left[name] = left.get(name, 0) + 1
-        for uses in track(list(todo.values()), total=len(todo), desc="awq: clip search", enabled=self.progress):
-            h, rows = None, 0
-            for name in dict.fromkeys(name for name, _ in uses):   # each activation once
-                hu = self.hs[name] if name in self.hs else self.stats.gram(name)
-                if hu is None:
-                    h = None
-                    break
-                if name in self.x_scale:  # the layer now reads X / s
-                    inv = (1.0 / self.x_scale[name]).astype(np.float32)
-                    hu = hu * inv[:, None] * inv[None, :]
-                h = hu if h is None else h + hu
-                rows += self.stats.rows(name)
-            n = uses[0][1]
-            if h is not None:
-                w = to_kn(n, fold.effective_weight(n))
-                fmt = self.formats[id(n)]
-                self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp, fmt=fmt)
-                entry = self.report["layers"].setdefault(n.name, {})
-                entry["clip"] = info
-                # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
-                # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
-                if feedback and rows >= w.shape[0]:
-                    _error_feedback(n, fmt, w, h, self.clips, self.block_size, self.hp, entry)
-                for _, other in uses[1:]:
-                    self.clips[other.name] = self.clips[n.name]
-                    self.report["layers"].setdefault(other.name, {})["clip"] = {"shared_with": n.name}
-            for name in {name for name, _ in uses}:
-                left[name] -= 1
-                if not left[name]:
-                    self.hs.pop(name, None)
+        """clip: per-block clip ratios of each INT4 layer; with `feedback`, error-feedback rounding after."""
+        todo = [(name, n) for name in self.order for n in self.groups[name] if self.formats[id(n)].awq]
+        for j, (name, n) in enumerate(track(todo, total=len(todo), desc="awq: clip search", enabled=self.progress)):
+            h = self.hs[name] if name in self.hs else self.stats.gram(name)
+            if h is None:
+                continue
+            if name in self.x_scale:  # the layer now reads X / s
+                inv = (1.0 / self.x_scale[name]).astype(np.float32)
+                h = h * inv[:, None] * inv[None, :]
+            w = to_kn(n, fold.effective_weight(n))
+            fmt = self.formats[id(n)]
+            self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp, fmt=fmt)
+            self.report["layers"].setdefault(n.name, {})["clip"] = info
+            # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
+            # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
+            if feedback and self.stats.rows(name) >= w.shape[0]:
+                _error_feedback(n, fmt, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
+            if j + 1 == len(todo) or todo[j + 1][0] != name:
+                self.hs.pop(name, None)

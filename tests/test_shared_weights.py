@@ -164,26 +164,3 @@ def test_shared_weight_rounded_for_all_uses(tmp_path, mode):
     cos = {on: float((ref * (o := _outputs(out[on], xs))).sum() / np.linalg.norm(ref) / np.linalg.norm(o)) for on in out}
     assert cos[True] >= cos[False] - 1e-4, cos
 
-
-@pytest.mark.parametrize("identity", [False, True], ids=["one-initializer", "identity-per-use"])
-@pytest.mark.parametrize("awq", ["lite", "full"])
-def test_awq_shared_weight_one_scale_one_tensor(tmp_path, identity, awq):
-    """INT4 + AWQ on the shared stack: one input-channel scale from the statistics of every use and one clip /
-    error-feedback rounding from their summed Gram matrices, so each shared weight is stored once (before: one
-    scaled copy per use, DEPTH of each) and the file is about a DEPTH-th of the weight bytes it was."""
-    src = tmp_path / "m.onnx"
-    onnx.save(_shared_stack(identity), src)
-    np.savez(tmp_path / "c.npz", x=_data(16, 0))
-    cfg = QuantConfig(mode="int4", awq=awq, block_size=16, progress=False, high_precision="fp32")
-    res = quantize(str(src), tmp_path / "q.onnx", config=cfg, data=str(tmp_path / "c.npz"))
-    q = onnx.load(res.path)
-    assert _stored_weights(q) == {(D, F): 1, (F, D): 1}
-    # The weights' bytes: 2 INT4 matrices (+ FP32 block scales), not DEPTH copies of each.
-    codes = sum(i.ByteSize() for i in q.graph.initializer if len(i.dims) == 2)
-    assert codes < 2 * D * F * (0.5 + 4 / 16) + 400, codes
-    rep = res.report["awq"]
-    shared = [g for g in rep["groups"] if g.get("shared_weight_activations")]
-    assert shared and all(len(g["shared_weight_activations"]) == DEPTH for g in shared)
-    xs = _data(8, 1)
-    ref, out = _outputs(onnx.load(src), xs), _outputs(q, xs)
-    assert float((ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.98

@@ -205,7 +205,7 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
     done: dict[int, tuple[gs.Variable, dict]] = {}
     out, before, after = {}, 0, 0
     for node, fmt in layers:
-        key = fold.weight_key(node)   # a weight read through an Identity per use (torch's ALBERT export): once
+        key = id(node.inputs[1])
         if key not in done:
             w = G.to_kn(node, fold.effective_weight(node))
             before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
