@@ -164,3 +164,28 @@ def test_shared_weight_rounded_for_all_uses(tmp_path, mode):
     cos = {on: float((ref * (o := _outputs(out[on], xs))).sum() / np.linalg.norm(ref) / np.linalg.norm(o)) for on in out}
     assert cos[True] >= cos[False] - 1e-4, cos
 
+
+
+def test_shared_hessians_one_per_input_set_within_the_budget():
+    """Weights read by the same inputs share one summed Hessian, fed by every use; past the byte budget none is
+    collected (those weights keep nearest rounding)."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.quant import shared_rounding
+    xs = [gs.Variable(f"x{i}", np.float32, (1, T, D)) for i in range(3)]
+    wq, wk = (gs.Constant(n, np.zeros((D, D), np.float32)) for n in ("Wq", "Wk"))
+    nodes = [gs.Node("MatMul", f"{w.name}_{i}", inputs=[x, w], outputs=[gs.Variable(f"y{w.name}{i}", np.float32, (1, T, D))])
+             for i, x in enumerate(xs) for w in (wq, wk)]
+    place = SimpleNamespace(weights=[(n, 1, n.inputs[1], 1) for n in nodes])
+    feeds, hs = shared_rounding.hessian_reducers(place)
+    assert set(hs) == {"Wq", "Wk"} and hs["Wq"] is hs["Wk"]            # one XᵀX for Q and K
+    assert {k: len(v) for k, v in feeds.items()} == {"x0": 1, "x1": 1, "x2": 1}
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1, T, D)).astype(np.float32) for _ in xs]
+    for x, r in zip(xs, rows):
+        feeds[x.name][0].update(r)
+    want = sum(r.reshape(-1, D).astype(np.float64).T @ r.reshape(-1, D) for r in rows) / (3 * T)
+    np.testing.assert_allclose(shared_rounding.hessian_values(hs)["Wq"], want, rtol=1e-5)
+    assert shared_rounding.hessian_reducers(place, max_bytes=8 * D * D - 1) == ({}, {})

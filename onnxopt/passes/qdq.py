@@ -98,7 +98,9 @@ class QDQ(PassBase):
         cp = calibration.plan({self.mode: plan}, {self.mode: self.method}, provider=ctx.provider,
                               percentile=self.percentile, bias_correction_means=self.bias_correction)
         reducers = cp.reducers()
-        feeds, shared = shared_rounding.hessian_reducers(plan) if self.shared_rounding else ({}, {})
+        # the summed Hessians within half the memory budget (the other half: whole activations of the pass)
+        feeds, shared = (shared_rounding.hessian_reducers(plan, ctx.memory_budget_mb * 2**20 // 2)
+                         if self.shared_rounding else ({}, {}))
         for n, rs in feeds.items():
             reducers.setdefault(n, []).extend(rs)
         for n, rs in ctx.extra_reducers.items():

@@ -48,13 +48,19 @@ def shared_weights(place) -> dict:
     return {c: u for c, u in uses.items() if len(u) > 1 and len({_inputs(n, a) for n, a in u}) == 1}
 
 
-def hessian_reducers(place) -> tuple[dict, dict]:
+def hessian_reducers(place, max_bytes: int | None = None) -> tuple[dict, dict]:
     """({input tensor: [reducer]} for the calibration pass, {weight constant name: calib.Hessian}): one Hessian
     per shared weight, fed by the inputs of all its readers, so it sums XᵀX over every use. Weights read by the
-    same inputs (ALBERT's Q, K and V projections) share one."""
-    reducers, hessians, by_inputs = {}, {}, {}
+    same inputs (ALBERT's Q, K and V projections) share one. Hessians beyond `max_bytes` in all (float64 K x K)
+    are not collected: those weights keep nearest rounding (said in the log)."""
+    reducers, hessians, by_inputs, used = {}, {}, {}, 0
     for cname, uses in shared_weights(place).items():
         inputs = tuple(dict.fromkeys(n.inputs[0].name for n, _ in uses))
+        k = _inputs(*uses[0])
+        if inputs not in by_inputs and max_bytes is not None and used + 8 * k * k > max_bytes:
+            log.info("%s: its %dx%d Hessian exceeds the memory budget; rounded to nearest", cname, k, k)
+            continue
+        used += 0 if inputs in by_inputs else 8 * k * k
         if inputs not in by_inputs:
             h = by_inputs[inputs] = calib.Hessian(_inputs(*uses[0]))
             for name in inputs:
