@@ -205,10 +205,12 @@ def _error_feedback(node, fmt, w, h, clips, block_size, hp, entry: dict) -> None
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
           block_size: int = 128, high_precision: str = FP16.name, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB,
-          progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+          progress: bool = True, feedback: bool | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """AWQ on `layers` ((node, format) pairs) of `graph`: scales folded in place, clip ratios returned
     (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback
-    (`gptq_round`) and returns (q, scale) pairs instead of clip ratios. Returns (report, clips)."""
+    (`gptq_round`) and returns (q, scale) pairs instead of clip ratios; `feedback` (default: only `full`) asks
+    for it with `clip` too (--auto's NVFP4 candidate: no scales folded, the graph stays the FP32 one).
+    Returns (report, clips)."""
     if method not in ("lite", "clip", "full"):
         raise OnnxoptError(f"unknown AWQ method '{method}'; use lite, clip or full")
     t0 = time.perf_counter()
@@ -224,7 +226,7 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     if method in ("lite", "full"):
         run.scales(graph, keep_grams=method == "full")
     if method in ("clip", "full"):
-        run.clip(feedback=method == "full")
+        run.clip(feedback=method == "full" if feedback is None else feedback)
     clips = run.clips
     report["time_s"] = round(time.perf_counter() - t0, 3)
     log.info("awq-%s: %d activations, %d layers, %.1f s", method, len(groups), len(layers), report["time_s"])

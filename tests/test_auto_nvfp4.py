@@ -36,7 +36,7 @@ def _setup(path, ids, fmts):
     return graph, p, cands, amax, means
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4"])  # mxfp8: FP16 outputs need Casts in an FP32 graph (not done)
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
 def test_block_candidate_gated_equals_written(model, fmt):
     path, _, ids = model
     graph, p, cands, amax, means = _setup(path, ids, ("fp8", fmt))
@@ -79,3 +79,44 @@ def test_auto_mixes_nvfp4_to_a_cosine_target(model, tmp_path):
     m = onnx.load(str(out))
     assert any(t.data_type == onnx.TensorProto.FLOAT4E2M1 for t in m.graph.initializer)
     assert sum(n.op_type == "TRT_FP4DynamicQuantize" for n in m.graph.node) == list(choice.values()).count("nvfp4")
+
+
+def _layer_io(path, ids, names):
+    """The FP32 model's tensors `names` on `ids` (ORT, every tensor an output)."""
+    m = onnx.load(str(path))
+    for n in names:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    sess = ort.session(m, level="disable")
+    return dict(zip(names, sess.run(list(names), {"ids": ids})))
+
+
+def test_nvfp4_candidate_with_awq_matches_numpy_and_beats_plain(model):
+    """--auto's NVFP4 candidate carries AWQ's clip search + error-feedback rounding: the gated layer output equals
+    the numpy reference (NVFP4 activation blocks x the AWQ weight), and its output error is below the plain one's."""
+    from onnxopt import formats
+    from onnxopt.formats import nvfp4
+    path, _, ids = model
+    graph, p, cands, amax, means = _setup(path, ids, ("fp8", "nvfp4"))
+    feeds = [{"ids": ids[i:i + 1]} for i in range(len(ids))]
+    autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
+                        progress=False)
+    assert {("mlp_up", "nvfp4"), ("q_proj", "nvfp4")} <= set(cands.block_clips)
+    assert isinstance(cands.block_clips[("mlp_up", "nvfp4")], tuple)  # 256 rows >= K = 128: error feedback ran
+    gated = modelfile.import_graph(pipeline.load(str(path), 23))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
+    gated.outputs.append(gated.tensors()["u0"])  # mlp_up's output, behind its weight and activation gates
+    x = ids[:4]
+    gates = np.zeros(len(index), np.float32)
+    gates[index[("mlp_up", "nvfp4")]] = 1
+    got = ort.session(modelfile.export_graph(gated, opset=23), level="disable").run(["u0"], {"ids": x, autoquant.GATES: gates})[0]
+    io = _layer_io(path, x, ["x1", "u0"])
+    w = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w_up"))
+    xq = nvfp4.fake_quant_activation(io["x1"], amax["fp8"]["x1"])
+    w_awq = formats.NVFP4.fake_quant(w, 1, "fp32", clip=cands.block_clips[("mlp_up", "nvfp4")])
+    want = xq @ w_awq
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+    def rel(y):
+        return float(np.sum((y - io["u0"]) ** 2) / np.sum(io["u0"] ** 2))
+    plain = rel(xq @ formats.NVFP4.fake_quant(w, 1, "fp32"))
+    assert rel(want) < 0.9 * plain, (rel(want), plain)

@@ -22,7 +22,7 @@
    reached by two budgets is measured once.
 """
 from .candidates import (ABITS, FORMATS, GATES, PLANNED, WBITS, Candidates, Layer,
-                         calibrate, candidates)
+                         block_awq, calibrate, candidates)
 from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
@@ -34,7 +34,7 @@ from .staged import StagedEvaluator
 from .sampled import SampledEvaluator
 
 __all__ = ["ABITS", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
-           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
+           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "block_awq", "build_gated", "calibrate", "candidates", "cosine", "fake_weight",
            "sample_cosines", "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "staged", "totals"]

@@ -124,7 +124,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
         if f.activations == "dynamic":
             before = {id(n) for n in graph.nodes}
             write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names)  # K from the weight: first
-            layers[node.name] = write_block_weight(graph, node, f, names)[1]
+            layers[node.name] = write_block_weight(graph, node, f, names, plan.clips.get(node.name))[1]
             layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
@@ -216,12 +216,14 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
     return out, before, after
 
 
-def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set) -> tuple[gs.Variable, dict]:
+def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set, clip=None) -> tuple[gs.Variable, dict]:
     """The layer's weight in a block format with dynamic activations (NVFP4, MXFP8), the format's own nodes, wired
-    into the layer; the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
+    into the layer (`clip`: AWQ's clip ratios or error-fed codes, [K, N] layout); the gated graph of --auto lowers
+    these very nodes for ONNX Runtime. Returns (output, info)."""
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
     w_kn = G.to_kn(node, fold.effective_weight(node))
-    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names))
+    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names), clip=clip,
+                                       dtype=node.inputs[0].dtype or np.float32)  # the graph's type here (MXFP8: FP16 + Cast)
     node.inputs[1] = out
     return out, {**info, "format": fmt.name}
 
@@ -232,7 +234,8 @@ def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, na
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
     k = int(fold.effective_shape(node)[1 if trans else 0])
     x = node.inputs[0]
-    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k)
+    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k,
+                                        dtype=x.dtype or np.float32)
 
 
 def fusable_block_size(k: int, block_size: int) -> int:
