@@ -40,25 +40,33 @@ def _setup(path, ids, fmts):
 def test_block_candidate_gated_equals_written(model, fmt):
     path, _, ids = model
     graph, p, cands, amax, means = _setup(path, ids, ("fp8", fmt))
+    feeds = [{"ids": ids[i:i + 1]} for i in range(len(ids))]
+    autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
+                        progress=False)  # NVFP4: its helpers (smoothing, AWQ + error feedback); MXFP8 has none
+    assert bool(cands.block_clips) == (fmt == "nvfp4")
     for n in WEIGHTED:
         assert cands.layers[n].formats == ["none", "fp8", fmt], (n, cands.layers[n].formats)
     assert fmt not in cands.layers["attn_qk"].formats and "attention BMM" in cands.layers["attn_qk"].reasons[fmt]
     gated = modelfile.import_graph(pipeline.load(str(path), 23))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
-    mix = {"q_proj": fmt, "v_proj": "fp8", "mlp_up": fmt, "mlp_down": fmt}
+    mix = {"q_proj": fmt, "v_proj": "fp8", "o_proj": fmt, "mlp_up": fmt, "mlp_down": fmt}
     gates = np.zeros(len(index), np.float32)
     for key in mix.items():
         gates[index[key]] = 1
     x = ids[:4]
     gsess = ort.session(modelfile.export_graph(gated, opset=23), level="disable")
     want = gsess.run(None, {"ids": x, autoquant.GATES: gates})[0]
-    info = writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means),
-                        high_precision="fp32")
+    plan = writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means,
+                                     clips={n: cands.clip_of(n, f) for n, f in mix.items() if cands.clip_of(n, f) is not None},
+                                     block_smooth={n: cands.smooth_of(n, f) for n, f in mix.items() if cands.smooth_of(n, f)})
+    info = writer.write(graph, plan, high_precision="fp32")
     assert [info[n]["format"] for n in mix] == list(mix.values())
     out = modelfile.export_graph(graph, opset=23)
     ops = [n.op_type for n in out.graph.node]
     dyn = {"nvfp4": "TRT_FP4DynamicQuantize", "mxfp8": "TRT_MXFP8DynamicQuantize"}[fmt]
-    assert ops.count(dyn) == 3  # the real TensorRT form in the file: one dynamic quantizer per block layer
+    assert ops.count(dyn) == 4  # the real TensorRT form in the file: one dynamic quantizer per block layer
+    smoothed = [n.name for n in out.graph.node if n.op_type == "Mul" and n.name.endswith("_w4a4_smooth")]
+    assert smoothed == (["o_proj_w4a4_smooth"] if fmt == "nvfp4" else [])  # o_proj's NVFP4 takes x / s (alpha 0.25)
     got = evaluation_session(out)[0].run(None, {"ids": x})[0]
     ref = gsess.run(None, {"ids": x, autoquant.GATES: np.zeros_like(gates)})[0]
     err = float(np.abs(got - ref).max())
@@ -111,12 +119,15 @@ def test_nvfp4_candidate_with_awq_matches_numpy_and_beats_plain(model):
     got = ort.session(modelfile.export_graph(gated, opset=23), level="disable").run(["u0"], {"ids": x, autoquant.GATES: gates})[0]
     io = _layer_io(path, x, ["x1", "u0"])
     w = onnx.numpy_helper.to_array(next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w_up"))
-    xq = nvfp4.fake_quant_activation(io["x1"], amax["fp8"]["x1"])
-    w_awq = formats.NVFP4.fake_quant(w, 1, "fp32", clip=cands.block_clips[("mlp_up", "nvfp4")])
+    sm = cands.smooth_of("mlp_up", "nvfp4")
+    xq = (nvfp4.fake_quant_activation(io["x1"], amax["fp8"]["x1"]) if sm is None else
+          nvfp4.fake_quant_activation(io["x1"] / sm.s, sm.amax))
+    w_awq = formats.NVFP4.fake_quant(w if sm is None else w * sm.s[:, None], 1, "fp32",
+                                     clip=cands.block_clips[("mlp_up", "nvfp4")])
     want = xq @ w_awq
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
     def rel(y):
         return float(np.sum((y - io["u0"]) ** 2) / np.sum(io["u0"] ** 2))
-    plain = rel(xq @ formats.NVFP4.fake_quant(w, 1, "fp32"))
+    plain = rel(nvfp4.fake_quant_activation(io["x1"], amax["fp8"]["x1"]) @ formats.NVFP4.fake_quant(w, 1, "fp32"))
     assert rel(want) < 0.9 * plain, (rel(want), plain)

@@ -22,7 +22,8 @@
    reached by two budgets is measured once.
 """
 from .candidates import (ABITS, FORMATS, GATES, PLANNED, WBITS, Candidates, Layer,
-                         block_awq, calibrate, candidates)
+                         calibrate, candidates)
+from .block_helpers import block_awq
 from .smooth import SQ
 from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import awq, calib, fold, formats, smoothquant
+from .. import calib, fold, formats, smoothquant
 from .. import graph as G
 from ..quant import calibration, rules
 from ..quant import int4 as int4q
@@ -41,6 +41,7 @@ class Candidates:
     configs: dict                       # format -> the QDQ options its plan was made with
     clips: dict = field(default_factory=dict)   # INT4 layer -> AWQ clip ratios per block
     block_clips: dict = field(default_factory=dict)  # (layer, block format) -> AWQ clip ratios or error-fed codes
+    block_smooth: dict = field(default_factory=dict)  # (layer, block format) -> quant.writer.Smooth (W4A4 scaling)
     int4: set = field(default_factory=set)      # names of layers that may take INT4 weights
     smooth: dict = field(default_factory=dict)  # int8-sq: activation -> smooth.Smoothing
     sq_groups: list = field(default_factory=list)  # int8-sq: smoothquant groups of the INT8 plan
@@ -52,6 +53,10 @@ class Candidates:
         if formats.get(fmt).activations == "dynamic":
             return self.block_clips.get((layer, fmt))
         return self.clips.get(layer)
+
+    def smooth_of(self, layer: str, fmt: str):
+        """The input scaling `layer` takes in `fmt` (None: none)."""
+        return self.block_smooth.get((layer, fmt))
 
 
 # ---------------------------------------------------------------- candidates
@@ -120,20 +125,3 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
 
 
 
-
-def block_awq(graph: gs.Graph, data, cands: Candidates, fmts_wanted, *, high_precision: str, provider: str,
-              memory_budget_mb: int, progress: bool) -> None:
-    """AWQ's clip search and error-feedback rounding (`awq.apply`, method clip, on `data`: the search split) for
-    every candidate of a W4A4 block format with AWQ (NVFP4), into `cands.block_clips`. No scale is folded (the
-    other candidates see the FP32 graph); the gated graph and the writer quantize with these, so the measured
-    sensitivities are the helped candidate's."""
-    for f in fmts_wanted:
-        fmt = formats.get(f)
-        if fmt.activations != "dynamic" or not fmt.awq:
-            continue
-        nodes = [(n, fmt) for n in graph.nodes if n.name in cands.layers and f in cands.layers[n.name].formats]
-        if nodes:
-            _, clips = awq.apply(graph, data, nodes, method="clip", feedback=True, block_size=fmt.block_size,
-                                 high_precision=high_precision, provider=provider, memory_budget_mb=memory_budget_mb,
-                                 progress=progress)
-            cands.block_clips.update({(n, f): c for n, c in clips.items()})

@@ -152,6 +152,10 @@ class NVFP4(Format):
         codes = _CODES.take(i) - (_DOWN_TIE.take(i) & (t == i))
         return (codes | (np.signbit(y).astype(np.uint8) << 3)).view(_FP4)
 
+    def fake_quant_activation(self, x: np.ndarray, amax: float) -> np.ndarray:
+        """W4A4's view of activation rows x (blocks along the last axis) with calibrated range amax (numpy)."""
+        return fake_quant_activation(x, amax)
+
     def to_float(self, codes: np.ndarray) -> np.ndarray:
         """E2M1 codes as float32 (table lookup)."""
         return _TO_FLOAT[np.asarray(codes).view(np.uint8) & 0x0F]
