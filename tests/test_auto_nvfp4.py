@@ -42,7 +42,7 @@ def test_block_candidate_gated_equals_written(model, fmt):
     graph, p, cands, amax, means = _setup(path, ids, ("fp8", fmt))
     feeds = [{"ids": ids[i:i + 1]} for i in range(len(ids))]
     autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
-                        progress=False)  # NVFP4: its helpers (smoothing, AWQ + error feedback); MXFP8 has none
+                        progress=False, smooth=True)  # NVFP4: its helpers (smoothing, AWQ + error feedback); MXFP8 none
     assert bool(cands.block_clips) == (fmt == "nvfp4")
     for n in WEIGHTED:
         assert cands.layers[n].formats == ["none", "fp8", fmt], (n, cands.layers[n].formats)
@@ -107,7 +107,7 @@ def test_nvfp4_candidate_with_awq_matches_numpy_and_beats_plain(model):
     graph, p, cands, amax, means = _setup(path, ids, ("fp8", "nvfp4"))
     feeds = [{"ids": ids[i:i + 1]} for i in range(len(ids))]
     autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
-                        progress=False)
+                        progress=False, smooth=True)
     assert {("mlp_up", "nvfp4"), ("q_proj", "nvfp4")} <= set(cands.block_clips)
     assert isinstance(cands.block_clips[("mlp_up", "nvfp4")], tuple)  # 256 rows >= K = 128: error feedback ran
     gated = modelfile.import_graph(pipeline.load(str(path), 23))

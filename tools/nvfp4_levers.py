@@ -9,7 +9,7 @@ an optimistic guide to which lever to build, not a result.
     gptq      AWQ clip search + error-feedback rounding (what --auto's NVFP4 candidate carries now)
     sq.5      SmoothQuant-style scaling s = max|X|^0.5 / max|W|^0.5 (x / s quantized, s * W quantized)
     lr32      SVDQuant-style rank-32 16-bit branch on unquantized X, residual W - L quantized
-    combos    sq.5lr32, sq.5lr32gptq
+    combos    sq.5gptq (what --auto's NVFP4 candidate does, alpha chosen per layer), sq.5lr32, sq.5lr32gptq
 
     python tools/nvfp4_levers.py --model /tmp/mlm/minilm/model.onnx --calib /tmp/mlm/minilm/calib.npz \
         --report r.json --budget 4.35e-3 [--json out.json]
@@ -31,7 +31,7 @@ from onnxopt import autoquant, awq, ort  # noqa: E402
 from onnxopt.formats import NVFP4  # noqa: E402
 from onnxopt.formats.nvfp4 import BLOCK, fake_quant_activation  # noqa: E402
 
-VARIANTS = ("rtn", "gptq", "sq.5", "lr32", "sq.5lr32", "sq.5lr32gptq")
+VARIANTS = ("rtn", "gptq", "sq.5", "sq.5gptq", "lr32", "sq.5lr32", "sq.5lr32gptq")
 
 
 def activations(model: str, calib: str) -> tuple[list, dict]:

@@ -1,7 +1,7 @@
 """Accuracy helpers of the W4A4 block candidates (NVFP4) of --auto, fitted on the search split so that each
 candidate is cheaper in error before the search weighs it:
 
-- smoothing (SmoothQuant-style, per layer): x ⊘ s quantized, s ⊙ W quantized, s = max|x_j|^a / max|W_j|^(1-a); a
+- smoothing (opt-in; SmoothQuant-style, per layer): x ⊘ s quantized, s ⊙ W quantized, s = max|x_j|^a / max|W_j|^(1-a); a
   from (none, 0.25, 0.5, 0.75) by the simulated W4A4 output error on sampled input rows (the format's own
   numerics); written as a Mul in front of the layer's dynamic quantizer (quant.writer.Smooth);
 - AWQ's clip search and error-feedback rounding (`awq.apply`, method clip) of the (scaled) weight.
@@ -25,7 +25,7 @@ GAIN = 0.97          # smoothing is kept only when it lowers the simulated error
 
 
 def block_awq(graph: gs.Graph, data, cands: Candidates, fmts_wanted, *, high_precision: str, provider: str,
-              memory_budget_mb: int, progress: bool, smooth: bool = True) -> None:
+              memory_budget_mb: int, progress: bool, smooth: bool = False) -> None:
     """Fill `cands.block_smooth` (with `smooth`) and `cands.block_clips` for every candidate of a W4A4 block
     format with AWQ (NVFP4), from `data` (the search split)."""
     for f in fmts_wanted:

@@ -47,7 +47,8 @@ class AutoQuant(PassBase):
     awq_clip: bool = True               # INT4 candidates with AWQ's per-block clip search (no scale folding)
     block_awq: bool = True              # W4A4 block candidates (NVFP4) with AWQ's clip search and error-feedback
                                         # rounding on the search split (no scale folding)
-    block_smooth: bool = True           # ... and their own SmoothQuant-style input scaling where it helps
+    block_smooth: bool = False          # ... and their own SmoothQuant-style input scaling where it helps on sampled
+                                        # rows (opt-in: on MiniLM its held-out errors added up worse, BENCHMARKS)
     exclude: tuple = ()
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
