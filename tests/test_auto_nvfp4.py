@@ -59,7 +59,7 @@ def test_block_candidate_gated_equals_written(model, fmt):
     plan = writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means,
                                      clips={n: cands.clip_of(n, f) for n, f in mix.items() if cands.clip_of(n, f) is not None},
                                      block_smooth={n: cands.smooth_of(n, f) for n, f in mix.items() if cands.smooth_of(n, f)})
-    info = writer.write(graph, plan, high_precision="fp32")
+    info = writer.write(graph, plan, high_precision="fp32", block_dtype=np.float32)  # evaluated before Autocast
     assert [info[n]["format"] for n in mix] == list(mix.values())
     out = modelfile.export_graph(graph, opset=23)
     ops = [n.op_type for n in out.graph.node]

@@ -119,7 +119,7 @@ def _block_activation(g: gs.Graph, node: gs.Node, x: gs.Tensor, fmt, amax, names
     so the writer can read K and rewire it)."""
     stand_in = gs.Node(node.op, inputs=[x, weight], outputs=[], attrs=dict(node.attrs))
     g.nodes.append(stand_in)
-    y = writer.write_block_activation(g, stand_in, fmt, amax, names, smooth)
+    y = writer.write_block_activation(g, stand_in, fmt, amax, names, smooth, np.float32)  # as --auto's check writes
     g.nodes.remove(stand_in)
     stand_in.inputs.clear()
     return y
@@ -256,7 +256,7 @@ def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f, clip=None,
     g = gs.Graph(nodes=[], opset=b.graph.opset)
     stand_in = gs.Node(node.op, inputs=[node.inputs[0], gs.Constant(f"{node.name}_{f.name}_w_src", w)],
                        outputs=[], attrs=dict(node.attrs))
-    out, _ = writer.write_block_weight(g, stand_in, f, b.names, clip, smooth)
+    out, _ = writer.write_block_weight(g, stand_in, f, b.names, clip, smooth, np.float32)
     stand_in.inputs.clear()
     y = b.var(f"{node.name}_{f.name}_wq_out", shape=list(w.shape))
     keep = gs.Node("Identity", name=G.unique_name(f"{node.name}_{f.name}_wq", b.names), inputs=[out], outputs=[y])

@@ -175,7 +175,7 @@ class AutoQuant(PassBase):
             if fp32 is None:
                 break
             graph = modelfile.import_graph(fp32)
-            writer.write(graph, plan, high_precision=ctx.high_precision)
+            writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
             written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
             gap = final[self.metric] - written[self.metric]
             repairs.append({"gated": final[self.metric], "written": written[self.metric], **autoquant.bits_of(mix, cands.layers)})

@@ -59,10 +59,13 @@ class QuantPlan:
         return {n: c.format for n, c in self.layers.items()}
 
 
-def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0, quantized: dict | None = None) -> dict:
+def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0, quantized: dict | None = None,
+          block_dtype=None) -> dict:
     """Quantize each layer of `graph` in place to its format in `plan` (weights on `threads` worker threads,
     0: one per core; the result does not depend on it). `quantized` ({(weight constant name, format): result of
     `quantize_weights`}) supplies per-channel weights quantized earlier, which are not quantized again.
+    `block_dtype` np.float32: block formats whose TensorRT dequantizers output FP16 (MXFP8) are cast to it, for a
+    graph evaluated before Autocast (--auto's check); None: TensorRT's own types (the file; Autocast follows).
     Returns {layer: info}."""
     hp = high_precision
     mix, amax, means, smoothed = _smooth_inputs(graph, plan)
@@ -125,11 +128,12 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
         if f.activations == "dynamic":
             before = {id(n) for n in graph.nodes}
             sm = plan.block_smooth.get(node.name)
-            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names, sm)  # K from the weight: first
-            layers[node.name] = write_block_weight(graph, node, f, names, plan.clips.get(node.name), sm)[1]
+            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names, sm, block_dtype)  # K: first
+            layers[node.name] = write_block_weight(graph, node, f, names, plan.clips.get(node.name), sm, block_dtype)[1]
             if sm is not None:
                 layers[node.name]["smoothing"] = {"alpha": sm.alpha, "amax": sm.amax}
-            layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
+            if f.calib_method:  # NVFP4's FP32 tensor scales (amax / 2688 underflows FP16); MXFP8 has none (as BlockFP)
+                layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
         layers[name]["smoothing"] = how
@@ -229,23 +233,23 @@ class Smooth:
     alpha: float = 0.0
 
 
-def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set, clip=None, smooth: Smooth | None = None
-                       ) -> tuple[gs.Variable, dict]:
+def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set, clip=None, smooth: Smooth | None = None,
+                       dtype=None) -> tuple[gs.Variable, dict]:
     """The layer's weight in a block format with dynamic activations (NVFP4, MXFP8), the format's own nodes, wired
-    into the layer (`clip`: AWQ's clip ratios or error-fed codes, [K, N] layout); the gated graph of --auto lowers
-    these very nodes for ONNX Runtime. Returns (output, info)."""
+    into the layer (`clip`: AWQ's clip ratios or error-fed codes, [K, N] layout; `dtype`: as `write`'s block_dtype);
+    the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
     w_kn = G.to_kn(node, fold.effective_weight(node))
     if smooth is not None:
         w_kn = (w_kn * smooth.s[:, None]).astype(np.float32)
     out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names), clip=clip,
-                                       dtype=node.inputs[0].dtype or np.float32)  # the graph's type here (MXFP8: FP16 + Cast)
+                                       dtype=dtype)
     node.inputs[1] = out
     return out, {**info, "format": fmt.name}
 
 
-def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set, smooth: Smooth | None = None
-                           ) -> gs.Variable:
+def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set, smooth: Smooth | None = None,
+                           dtype=None) -> gs.Variable:
     """The format's dynamic quantizer on the layer's input (its per-tensor scale from `amax`, where the format has
     one), wired into the layer; with `smooth`, on x ⊘ s (a Mul of its own, range smooth.amax). Returns its output."""
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
@@ -259,7 +263,7 @@ def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, na
         node.inputs[0] = x = xs
         amax = smooth.amax
     return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k,
-                                        dtype=x.dtype or np.float32)
+                                        dtype=dtype)
 
 
 def fusable_block_size(k: int, block_size: int) -> int:
