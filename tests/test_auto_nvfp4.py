@@ -131,3 +131,27 @@ def test_nvfp4_candidate_with_awq_matches_numpy_and_beats_plain(model):
         return float(np.sum((y - io["u0"]) ** 2) / np.sum(io["u0"] ** 2))
     plain = rel(nvfp4.fake_quant_activation(io["x1"], amax["fp8"]["x1"]) @ formats.NVFP4.fake_quant(w, 1, "fp32"))
     assert rel(want) < 0.9 * plain, (rel(want), plain)
+
+
+@pytest.mark.rtx
+def test_auto_nvfp4_with_helpers_builds_fp4_kernels(model, tmp_path):
+    """--auto's NVFP4 layers with their helpers (smoothed ones: a Mul in front of the dynamic quantizer) all run
+    TensorRT-RTX FP4 kernels for SM 12.0, no fallbacks."""
+    from onnxopt.trt import rtx_available
+    if not rtx_available():
+        pytest.skip("tensorrt_rtx is not importable (install the rtx extra)")
+    import onnxopt
+    from onnxopt.api import QuantConfig, recipe
+    from onnxopt.trt import report
+    from onnxopt.trt.build import BuildConfig
+    path, calib, _ = model
+    rec = recipe(QuantConfig(auto=True, formats=("fp8", "nvfp4"), bits=4.5))
+    next(p for p in rec.passes if p.name == "autoquant").block_smooth = True  # the opt-in helper, on the Python API
+    out = tmp_path / "q.onnx"
+    layers = onnxopt.run(rec, str(path), str(out), data=str(calib), progress=False).report["autoquant"]["layers"]
+    nv = {n for n, l in layers.items() if l["choice"] == "nvfp4"}
+    assert len(nv) >= 4 and any(layers[n].get("smoothing") for n in nv), layers
+    rep = report.engine_report_of(out, config=BuildConfig(profiles={"ids": ((1, 16),) * 3}), targets=["12.0"])
+    assert rep["fallbacks"] == []
+    got = {r["engine"] for r in rep["layers"] if r["graph"].startswith("nvfp4")}
+    assert got == {"nvfp4"} and sum(r["graph"].startswith("nvfp4") for r in rep["layers"]) == len(nv)
