@@ -1,4 +1,6 @@
 """Per-channel weights rounded with error feedback (GPTQ, Frantar et al. 2023) from the calibration data.
+The rounding itself is `shared_rounding.round_with_feedback` (one error-feedback function for per-channel
+weights); this module adds the per-layer Hessians (Conv im2col rows included) and the bounds.
 
 Round-to-nearest makes each weight's own error small; what the model sees is the layer output error
 ||X (W - Q)||, which is weight error times activations. With H = XᵀX of the layer input (rows sampled from the
@@ -23,11 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import awq, formats, obs
+from .. import formats, obs
 from .. import graph as G
 from .. import threads as threads_
 from ..calib import ConvView, PatchSample, RowSample
-from . import bias_correction, qdq
+from . import bias_correction, qdq, shared_rounding
 from .writer import QuantPlan, WeightJob, quantize_job, weight_jobs
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,8 @@ def _feedback_job(job: WeightJob, h: np.ndarray):
     s = np.broadcast_to(scale, w.shape).reshape(n, -1)[:, 0] if transposed else np.broadcast_to(scale, w.shape)[0]
     as_kn = (lambda a: a.reshape(n, -1).T) if transposed else (lambda a: a)
     try:
-        q_kn = awq.gptq_round(w_kn, h, np.asarray(s, np.float32)[None, :], k, damp=DAMP, fmt=f)
+        with threads_.one_blas_thread(k <= shared_rounding.SMALL_K):  # several run at once on the writer's threads
+            q_kn = shared_rounding.round_with_feedback(f, w_kn, 1, np.asarray(s, np.float32)[None, :], h, damp=DAMP)
     except obs.SingularHessian as e:
         return _nearest(job, w, f, q, scale, fp32_scale), {"skipped": str(e)}
     q_new = (q_kn.T.reshape(w.shape) if transposed else q_kn).astype(q.dtype)
