@@ -41,6 +41,11 @@ class BlockFP(QDQ):
         self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
 
 
+    def block_nodes(self, graph) -> list:
+        """The layers this pass will write in its block format (what the LowRank pass before it splits)."""
+        return [n for n in self._as_fp8(rules.plan, graph, self).nodes
+                if rules.block_format_reason(n, self.fmt.block_size, self.fmt.name.upper()) is None]
+
     @property
     def needs_data(self) -> bool:
         return not self.weight_only
