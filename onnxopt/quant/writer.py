@@ -18,7 +18,7 @@ from .. import fold, formats
 from .. import threads as threads_
 from .. import graph as G
 from ..formats import Format
-from . import bias_correction, qdq, rules
+from . import bias_correction, qdq, rules, shared_rounding
 
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm")
 
@@ -41,6 +41,7 @@ class QuantPlan:
     block_size: int = 128                         # per-block formats
     clips: dict = field(default_factory=dict)     # weight-only layer -> AWQ clip ratios, or (codes, scales)
     smooth: dict = field(default_factory=dict)    # activation -> autoquant.smooth.Smoothing (int8-sq layers)
+    hessians: dict = field(default_factory=dict)  # weight read by several layers -> Σ XᵀX of all uses (shared_rounding)
     block_smooth: dict = field(default_factory=dict)  # block-format layer -> Smooth (its own input scaling)
 
     @classmethod
@@ -91,7 +92,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
                 mean = (means.get(_unquantized(node.inputs[0]).name)
                         if node.op in bias_correction.OPS and const.name not in shared else None)
                 chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
-                jobs.append(WeightJob(node, const, chain, axis, f, hp, mean))
+                jobs.append(WeightJob(node, const, chain, axis, f, hp, mean, plan.hessians.get(const.name)))
         # The numbers in worker threads (or from `quantized`, computed before), the graph edits here in plan
         # order: the same graph at any thread count.
         have = quantized or {}
@@ -150,6 +151,7 @@ class WeightJob:
     format: str
     high_precision: str
     mean: np.ndarray | None    # input channel means: bias correction
+    hessian: np.ndarray | None = None   # Σ XᵀX over every layer reading a shared weight: rounded for all uses
 
 
 def quantize_job(job: WeightJob) -> tuple:
@@ -159,6 +161,8 @@ def quantize_job(job: WeightJob) -> tuple:
     w = np.asarray(values, dtype=np.float32)
     f = formats.get(job.format)
     q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
+    if job.hessian is not None:
+        q = shared_rounding.codes(f, w, job.axis, scale, q, job.hessian, job.const.name)
     shift = None
     if job.mean is not None:
         shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
@@ -181,7 +185,7 @@ def weight_jobs(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> lis
                 mean = (plan.means.get(_unquantized(node.inputs[0]).name)
                         if node.op in bias_correction.OPS and const.name not in shared else None)
                 chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
-                jobs.append(WeightJob(node, const, chain, axis, f, high_precision, mean))
+                jobs.append(WeightJob(node, const, chain, axis, f, high_precision, mean, plan.hessians.get(const.name)))
     return jobs
 
 
