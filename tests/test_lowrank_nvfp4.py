@@ -117,5 +117,6 @@ def test_rtx_nvfp4_layers_stay_fp4_with_the_branch(files, tmp_path):
     rows = {r["name"]: r for r in rep["layers"]}
     assert rows["mm"]["engine"] == rows["gemm"]["engine"] == "nvfp4" and rows["mm"]["graph"].startswith("nvfp4")
     assert rep["fallbacks"] == []
-    assert rep["lowrank_branch"] == {"gemms": 4, "in_gemm_kernels": 4, "precisions": {"fp16": 4}}   # FP16 GEMMs beside
+    assert rep["lowrank_branch"] == {"gemms": 4, "in_gemm_kernels": 4, "in_elementwise_kernels": 0,
+                                     "precisions": {"fp16": 4}}   # FP16 GEMMs beside
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3, json.dumps(rep["layers"])

@@ -296,7 +296,9 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         # JIT-generated elementwise kernels: the engine carries ~130 KB of CUDA source for each one (an INT8
         # conv's separate FP32 epilogue is one of them)
         # the SVDQuant branch's GEMMs (onnxopt.lowrank): high-precision kernels beside the quantized layer
+        # (a rank-4 GEMM may become a generated elementwise kernel: `in_elementwise_kernels`)
         "lowrank_branch": {"gemms": len(branch), "in_gemm_kernels": len(branch_kernels),
+                           "in_elementwise_kernels": sum(n not in branch_kernels and bool(by_layer.get(n)) for n in branch),
                            "precisions": _count(k.precision for k in branch_kernels.values())},
         "generated_kernels": sum(k.type == "kgen" for k in build_log.kernels),
         "engine_bytes": engine_bytes,
