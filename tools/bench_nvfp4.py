@@ -41,6 +41,7 @@ ROWS = {
     "mxfp8": dict(mode="mxfp8"),
     "nvfp4-lr": dict(mode="nvfp4", lowrank="auto"),             # + low-rank branch, budget 0.1 (SVDQuant)
     "nvfp4-lr32": dict(mode="nvfp4", lowrank=32),
+    "nvfp4-lr-b50": dict(mode="nvfp4", lowrank="auto", lowrank_budget=0.5),   # about rank 32's bytes, chosen per layer
     "nvfp4-lr-noawq": dict(mode="nvfp4", lowrank="auto", awq="none"),
 }
 
