@@ -120,3 +120,16 @@ def test_rtx_nvfp4_layers_stay_fp4_with_the_branch(files, tmp_path):
     assert rep["lowrank_branch"] == {"gemms": 4, "in_gemm_kernels": 4, "in_elementwise_kernels": 0,
                                      "precisions": {"fp16": 4}}   # FP16 GEMMs beside
     assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 3, json.dumps(rep["layers"])
+
+
+def test_weight_only_nvfp4_takes_the_branch_too():
+    """W4A16 (no activation noise in the rank model): the branch on both NVFP4 layers, the outlier layer's error falls."""
+    ref = ort.session(model(outlier=60.0), level="disable").run(None, feed(9))
+    errs = {}
+    for lr in (None, 8):
+        res = quantize(model(outlier=60.0), config=QuantConfig(mode="nvfp4", weight_only=True, awq="none", lowrank=lr,
+                                                               progress=False), calib_random=2, shapes={"x": (2, K), "img": (1, 64, 8, 8)})
+        out = ort.session(fp32_view(lower_for_ort(res.model)), level="disable").run(None, feed(9))
+        errs[lr] = float(np.linalg.norm(out[0] - ref[0]) / np.linalg.norm(ref[0]))
+    assert set(res.report["lowrank"]["layers"]) == {"mm", "gemm"}
+    assert errs[8] < 0.7 * errs[None], errs
