@@ -267,22 +267,39 @@ def spilling(workdir: str | os.PathLike):
             _SPILL.reset(token)
 
 
+# Element types stored two to a byte: their external bytes are onnx's packing, not the numpy array's.
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
+
+
 def set_values(const: gs.Constant, values: np.ndarray) -> None:
-    """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand."""
+    """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand.
+    4-bit values (INT4, FP4 E2M1, which graphsurgeon cannot serialize) are kept packed, two a byte."""
     spill = _SPILL.get()
     values = np.asarray(values)
+    if values.dtype.kind == "V" and helper.np_dtype_to_tensor_dtype(values.dtype) in _PACKED:
+        t = numpy_helper.from_array(values, const.name)  # packed: half the array's bytes
+        if spill is None or len(t.raw_data) < SPILL_BYTES:
+            const._values = _LazyExternal(t)
+        else:
+            _spill(const, t.data_type, values.shape, memoryview(t.raw_data), spill)
+        return
     if spill is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiuV":  # V: ml_dtypes FP8
         const.values = values
         return
+    _spill(const, helper.np_dtype_to_tensor_dtype(values.dtype), values.shape,
+           np.ascontiguousarray(values).reshape(-1).view(np.uint8), spill)  # the array's own bytes, not a copy
+
+
+def _spill(const: gs.Constant, data_type: int, shape: tuple, payload, spill) -> None:
+    """Append `payload` (the tensor's external bytes) to the spill file, page-aligned, and make `const` read it lazily."""
     f, path = spill
     end = f.seek(0, os.SEEK_END)
     offset = end + (-end) % _ALIGN  # page-aligned, like io.save
     f.seek(offset)
-    f.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # the array's own bytes, not a copy
+    f.write(payload)
     f.flush()
-    t = onnx.TensorProto(name=const.name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
-                         dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
-    for k, v in (("location", path), ("offset", str(offset)), ("length", str(values.nbytes))):
+    t = onnx.TensorProto(name=const.name, data_type=data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+    for k, v in (("location", path), ("offset", str(offset)), ("length", str(payload.nbytes))):
         t.external_data.add(key=k, value=v)
     const._values = _LazyExternal(t)
 
