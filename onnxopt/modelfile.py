@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
 import sys
@@ -165,6 +166,10 @@ _PLAIN = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float
           onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64}
 
 
+# Element types stored two to a byte: their external bytes are onnx's packing, not the numpy array's.
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
+
+
 def to_array(t: onnx.TensorProto) -> np.ndarray:
     """Values of a tensor, reading external data (with an absolute location) on demand."""
     if external_data_helper.uses_external_data(t):
@@ -220,7 +225,10 @@ def internalize(model: onnx.ModelProto) -> None:
         if external_data_helper.uses_external_data(t):
             raw = read_external(t)
             del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+            if t.data_type in _PACKED:  # as numpy_helper.from_array writes them (the form they had before spilling)
+                t.ClearField("data_location")
+            else:
+                t.data_location = onnx.TensorProto.DEFAULT
             t.raw_data = raw
 
 
@@ -265,10 +273,6 @@ def spilling(workdir: str | os.PathLike):
             yield path
         finally:
             _SPILL.reset(token)
-
-
-# Element types stored two to a byte: their external bytes are onnx's packing, not the numpy array's.
-_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
 
 
 def set_values(const: gs.Constant, values: np.ndarray) -> None:
@@ -400,7 +404,8 @@ def stamp_ir_version(model: onnx.ModelProto) -> None:
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
          input_path: str | os.PathLike | None = None) -> Path:
     """Write `model` atomically. External data is used automatically above 2 GB (or when asked);
-    external tensors of the source are streamed one at a time into the new data file."""
+    external tensors of the source are streamed one at a time into the new data file (or into the one file).
+    Afterwards `model` is lazy on the saved file(s): its big tensors are read from there."""
     path = Path(path)
     if input_path is not None:
         check_output_path(path, input_path)
@@ -417,15 +422,23 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             with os.fdopen(fd, "wb") as f:
                 for t in all_tensors(model):
                     _move_to_file(t, f, data_name)
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString())
         else:
-            internalize(model)
-            if model.ByteSize() > 2**31 - 1:
-                raise OnnxoptError("model exceeds 2 GB; save it with external data")
-        with open(tmp_model, "wb") as f:
-            f.write(model.SerializeToString())
+            with open(tmp_model, "wb") as f:
+                placed = _write_embedded(model, f)
         if tmp_data:
             replace(tmp_data, path.parent / data_name)
         replace(tmp_model, path)
+        # `model` reads its weights from the saved files from now on (a work directory it read them from may go)
+        if external_data:
+            data = str((path.parent / data_name).resolve())
+            for t in all_tensors(model):
+                if external_data_helper.uses_external_data(t):
+                    set_location(t, data)
+        else:
+            for t, offset, length in placed:
+                _point_at(t, str(path.resolve()), offset, length)
     except BaseException:
         for p in (tmp_model, tmp_data):
             if p and os.path.exists(p):
@@ -433,6 +446,139 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         raise
     log.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
     return path
+
+
+# ---------------------------------------------------------------- one file, streamed
+# A model saved as one file is `model.SerializeToString()` with every tensor embedded. Built whole, it holds the
+# weights twice (the internalized message and its bytes: 2 x 1.6 GB for SDXL in NVFP4). Protobuf writes a message's
+# fields in field-number order, each a key, (for messages and bytes) a length, then the payload, so the same bytes
+# are written here piece by piece: the graph without its initializers, and each initializer read, written and
+# dropped in turn, its length known beforehand from its metadata.
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+def _split_at(buf: bytes, field: int) -> tuple[bytes, bytes]:
+    """A serialized message without `field`, split where that field would go: (fields before it, fields after)."""
+    i = 0
+    while i < len(buf):
+        start, key, shift = i, 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            key |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if key >> 3 > field:
+            return buf[:start], buf[start:]
+        wire = key & 7
+        if wire == 0:
+            while buf[i] & 0x80:
+                i += 1
+            i += 1
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, shift = 0, 0
+            while True:
+                b = buf[i]
+                i += 1
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            i += n
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    return buf, b""
+
+
+def _embedded_form(t: onnx.TensorProto) -> tuple[onnx.TensorProto, int]:
+    """An external tensor's metadata as `internalize` leaves it, without its bytes, and their count."""
+    meta = onnx.TensorProto()
+    meta.CopyFrom(t)
+    del meta.external_data[:]
+    if t.data_type in _PACKED:
+        meta.ClearField("data_location")
+    else:
+        meta.data_location = onnx.TensorProto.DEFAULT
+    info = external_data_helper.ExternalDataInfo(t)
+    if info.length:
+        return meta, int(info.length)
+    return meta, os.path.getsize(info.location) - (info.offset or 0)
+
+
+def _write_embedded(model: onnx.ModelProto, f) -> list:
+    """Write `model` with every tensor embedded, byte for byte `internalize(model); model.SerializeToString()`,
+    holding one initializer's bytes at a time; `model` is not changed. Returns [(initializer, offset of its bytes
+    in the file, length)] for the initializers that were external."""
+    # tensors outside the initializers (Constant attributes, subgraphs; rare and small): embedded in place
+    for t in [t for t in _tensors_outside_initializers(model) if external_data_helper.uses_external_data(t)]:
+        raw = read_external(t)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
+    shell = onnx.GraphProto()
+    shell.CopyFrom(model.graph)
+    del shell.initializer[:]
+    g_head, g_tail = _split_at(shell.SerializeToString(), _INITIALIZER)
+    del shell
+    sizes = []  # (tensor, metadata or None, byte count, serialized size)
+    for t in model.graph.initializer:
+        if external_data_helper.uses_external_data(t):
+            meta, n = _embedded_form(t)
+            sizes.append((t, meta, n, meta.ByteSize() + len(_key(_RAW_DATA)) + len(_varint(n)) + n))
+        else:
+            sizes.append((t, None, 0, t.ByteSize()))
+    graph_len = len(g_head) + len(g_tail) + sum(len(_key(_INITIALIZER)) + len(_varint(s)) + s for *_, s in sizes)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.ClearField("graph")
+    m_head, m_tail = _split_at(m.SerializeToString(), _GRAPH)
+    if len(m_head) + len(m_tail) + len(_key(_GRAPH)) + len(_varint(graph_len)) + graph_len > 2**31 - 1:
+        raise OnnxoptError("model exceeds 2 GB; save it with external data")
+    f.write(m_head + _key(_GRAPH) + _varint(graph_len) + g_head)
+    placed = []
+    for t, meta, n, size in sizes:
+        f.write(_key(_INITIALIZER) + _varint(size))
+        if meta is None:
+            f.write(t.SerializeToString())
+            continue
+        head, tail = _split_at(meta.SerializeToString(), _RAW_DATA)
+        f.write(head + _key(_RAW_DATA) + _varint(n))
+        offset = f.tell()
+        raw = read_external(t)
+        if len(raw) != n:
+            raise OnnxoptError(f"external data of tensor '{t.name}' is truncated; re-export the model")
+        f.write(raw)
+        del raw
+        f.write(tail)
+        placed.append((t, offset, n))
+    f.write(g_tail + m_tail)
+    return placed
+
+
+def _tensors_outside_initializers(model: onnx.ModelProto) -> list:
+    """Every tensor of `model` but the main graph's initializers (which `all_tensors` lists first)."""
+    return list(itertools.islice(all_tensors(model), len(model.graph.initializer), None))
 
 
 def _copy_external(t: onnx.TensorProto, f) -> int | None:

@@ -108,3 +108,37 @@ def test_fp4_and_int4_codes_spill_packed(tmp_path):
     c = fp4.weight_constant("mem", p.codes[:16])
     assert not uses_external_data(c._values.tensor)
     assert np.array_equal(modelfile.to_array(c._values.tensor).view(np.uint8), p.codes[:16].view(np.uint8))
+
+
+def test_one_file_save_is_streamed_byte_for_byte(tmp_path):
+    """A model saved as one file: the same bytes as internalize + SerializeToString (FP32, packed FP4, FP8 spilled
+    tensors, small embedded ones), and afterwards the model reads its weights from the saved file."""
+    rng = np.random.default_rng(2)
+    fp4 = formats.get("nvfp4")
+    src = _model(tmp_path)  # external FP32 weights
+    m = modelfile.load(src)
+    with modelfile.spilling(tmp_path):
+        graph = modelfile.import_graph(m)
+        p = fp4.quantize_parts(rng.standard_normal((2048, 1024)).astype(np.float32))
+        extra = [fp4.weight_constant("codes_big", p.codes), fp4.weight_constant("codes_small", p.codes[:32]),
+                 modelfile.constant("fp8_big", formats.get("fp8").cast(rng.standard_normal((1024, 1024)).astype(np.float32))),
+                 modelfile.constant("small", np.arange(6, dtype=np.float32))]
+        for i, c in enumerate(extra):  # read by Identity nodes so that export keeps them
+            graph.nodes.append(onnx_gs_identity(c, f"id{i}"))
+            graph.outputs.append(graph.nodes[-1].outputs[0])
+        model = modelfile.export_graph(graph)
+        del graph
+        expect = onnx.ModelProto()
+        expect.CopyFrom(model)
+        modelfile.internalize(expect)
+        want = expect.SerializeToString()
+        values = {t.name: modelfile.to_array(t) for t in expect.graph.initializer}
+        out = modelfile.save(model, tmp_path / "one.onnx", external_data=False)
+    assert out.read_bytes() == want
+    assert all(np.array_equal(modelfile.to_array(t).view(np.uint8), values[t.name].view(np.uint8))
+               for t in model.graph.initializer)  # lazy on the saved file (the spill file is gone)
+
+
+def onnx_gs_identity(c, name):
+    import onnx_graphsurgeon as gs
+    return gs.Node("Identity", name=name, inputs=[c], outputs=[gs.Variable(f"{name}_out", dtype=None)])
