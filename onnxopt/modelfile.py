@@ -258,6 +258,9 @@ class _LazyExternal(gs.ir.tensor.LazyValues):
 
 
 SPILL_BYTES = 1 << 20
+# 4-bit codes spill from a smaller size: a save writes them the same whether they were spilled or not (`internalize`),
+# and full-size SDXL has hundreds of NVFP4 weights of 0.1 to 1 MB packed (0.4 GB held otherwise).
+PACKED_SPILL_BYTES = 64 << 10
 _SPILL: contextvars.ContextVar = contextvars.ContextVar("onnxopt_spill", default=None)
 
 
@@ -282,7 +285,7 @@ def set_values(const: gs.Constant, values: np.ndarray) -> None:
     values = np.asarray(values)
     if values.dtype.kind == "V" and helper.np_dtype_to_tensor_dtype(values.dtype) in _PACKED:
         t = numpy_helper.from_array(values, const.name)  # packed: half the array's bytes
-        if spill is None or len(t.raw_data) < SPILL_BYTES:
+        if spill is None or len(t.raw_data) < PACKED_SPILL_BYTES:
             const._values = _LazyExternal(t)
         else:
             _spill(const, t.data_type, values.shape, memoryview(t.raw_data), spill)
@@ -536,11 +539,7 @@ def _write_embedded(model: onnx.ModelProto, f) -> list:
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
         t.raw_data = raw
-    shell = onnx.GraphProto()
-    shell.CopyFrom(model.graph)
-    del shell.initializer[:]
-    g_head, g_tail = _split_at(shell.SerializeToString(), _INITIALIZER)
-    del shell
+    g_head, g_tail = _split_at(_copy_without(model.graph, "initializer").SerializeToString(), _INITIALIZER)
     sizes = []  # (tensor, metadata or None, byte count, serialized size)
     for t in model.graph.initializer:
         if external_data_helper.uses_external_data(t):
@@ -549,10 +548,7 @@ def _write_embedded(model: onnx.ModelProto, f) -> list:
         else:
             sizes.append((t, None, 0, t.ByteSize()))
     graph_len = len(g_head) + len(g_tail) + sum(len(_key(_INITIALIZER)) + len(_varint(s)) + s for *_, s in sizes)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.ClearField("graph")
-    m_head, m_tail = _split_at(m.SerializeToString(), _GRAPH)
+    m_head, m_tail = _split_at(_copy_without(model, "graph").SerializeToString(), _GRAPH)
     if len(m_head) + len(m_tail) + len(_key(_GRAPH)) + len(_varint(graph_len)) + graph_len > 2**31 - 1:
         raise OnnxoptError("model exceeds 2 GB; save it with external data")
     f.write(m_head + _key(_GRAPH) + _varint(graph_len) + g_head)
@@ -574,6 +570,21 @@ def _write_embedded(model: onnx.ModelProto, f) -> list:
         placed.append((t, offset, n))
     f.write(g_tail + m_tail)
     return placed
+
+
+def _copy_without(msg, name: str):
+    """A copy of protobuf message `msg` without its field `name` (which is not copied at all)."""
+    out = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name == name:
+            continue
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf >= 5.29 / older
+            getattr(out, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
 
 
 def _tensors_outside_initializers(model: onnx.ModelProto) -> list:
