@@ -97,16 +97,16 @@ def test_nonfinite_evaluation_data(tmp_path, cnn):
 
 def test_histogram_range_growth_is_bounded():
     """inf in the data doubled the range forever; a huge finite jump now costs a bounded number of merges."""
-    h = Histogram(sample=None)
+    h = Histogram()
     with pytest.raises(NonFiniteActivation):
         h.update(np.array([1.0, np.inf], np.float32))
     with pytest.raises(NonFiniteActivation):
         h.update(np.array([np.nan, 1.0], np.float32))
-    h = Histogram(sample=None)
+    h = Histogram()
     h.update(np.array([1.0, 2.0], np.float32))
     h.update(np.array([3e38], np.float32))
     assert h.range > 3e38 and np.isfinite(h.range) and h.counts.sum() == 3 and h.counts[0] == 2
-    h = Histogram(sample=None)
+    h = Histogram()
     h.update(np.array([2.0], np.float32))
     h.update(np.array([4.0], np.float32))  # lands exactly on a doubled edge: still inside the range
     assert h.range > 4.0 and h.counts.sum() == 2 and h.counts[h.bins - 1] == 1

@@ -153,7 +153,8 @@ def test_entropy_ignores_the_zero_spike_of_relu_outputs():
 
 def _stats(model, data, names, **kwargs):
     red = {n: [calib.AbsMax(), calib.ChannelMean(-1, 3) if n.startswith("ln") else calib.AbsMax(), calib.Histogram(),
-               calib.TopAbs(99.0)] for n in names}
+               calib.TopAbs(99.0), calib.Histogram(in_graph=True), calib.TopAbs(99.0, device_sort=True)]
+           for n in names}
     calib.collect(model, data, red, progress=False, **kwargs)
     return red
 
@@ -178,6 +179,9 @@ def test_staged_calibration_matches_one_stage(tmp_path, stages):
                 assert a.value == b.value and a.count == b.count
             else:
                 np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+        # the CUDA forms (in-graph bins, device-sorted TopK) give the host's numbers, staged or not
+        np.testing.assert_array_equal(many[n][4].counts, one[n][2].counts)
+        assert many[n][5].value == one[n][3].value
 
 
 def _token_npz(tmp_path, m):
@@ -238,62 +242,167 @@ def _heavy_tail(rng, batches, n):
     return x
 
 
-def _sized(h):
-    """Wraps h.update to record the sizes of the arrays ORT hands it."""
-    h.fetched = []
-    update = h.update
-
-    def record(*arrays):
-        h.fetched.append(tuple(np.size(a) for a in arrays))
-        update(*arrays)
-    h.update = record
-    return h
-
-
-def _sampled_and_whole(tmp_path, x, cap):
-    """Histograms of y = 1 * x collected in one pass: one sampled in the graph at `cap` (its fetches recorded),
-    one fed whole tensors."""
+def _in_graph_and_whole(tmp_path, x, bins=4096):
+    """Histograms of y = 1 * x (one batch per row of x) in one pass: one binned in the graph, one fed whole
+    tensors, the same definition."""
     np.savez(tmp_path / "d.npz", x=x)
     m = _mul_model(x.shape[-1])
     data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
-    red = {"y": [_sized(calib.Histogram(sample=cap)), calib.Histogram(sample=None)]}
+    red = {"y": [calib.Histogram(bins, in_graph=True), calib.Histogram(bins), _Fetched()]}
     calib.collect(m, data, red, progress=False)
     return red["y"]
 
 
-@pytest.mark.parametrize("qtype", ["int8", "fp8"])
-def test_sampled_histogram_gives_the_whole_tensor_clip_and_fetches_little(tmp_path, qtype):
-    n, cap, batches = 300_000, 2**14, 3
-    x = _heavy_tail(np.random.default_rng(0), batches, n)
-    sampled, whole = _sampled_and_whole(tmp_path, x, cap)
-    # Only the sample, the count and the exact tail travel, never the 300k elements.
-    assert len(sampled.fetched) == batches
-    assert all(cap // 2 < k <= cap and c == 1 and t == cap // 16 for k, c, t in sampled.fetched)
-    assert sampled.amax == whole.amax == pytest.approx(float(np.abs(x).max()))
-    assert sampled.counts.sum() == pytest.approx(whole.counts.sum()) and whole.counts.sum() == x.size
-    for method in ("mse", "entropy"):
-        a, b = (calib.amax_from_histogram(h, method, qtype) for h in (sampled, whole))
-        assert a == pytest.approx(b, rel=0.05), method  # one step of the candidate grid is 4.4%
-    # Without the exact tail, a sample of the same size misses the outliers that set the MSE clip.
-    plain = calib.Histogram()
-    for b in x:
-        plain.update(b[np.arange(cap) * (n // cap)], n)
-    mse = calib.amax_from_histogram(whole, "mse", qtype)
-    assert abs(calib.amax_from_histogram(plain, "mse", qtype) - mse) > 0.05 * mse
+def _reference(batches, bins):
+    """The histogram definition in plain numpy: first range max * (1 + 1e-6), doubled (bin pairs merged) as
+    often as a batch needs, bin = min(floor(f32(v) * f32(bins / range)), bins - 1)."""
+    counts, rng = np.zeros(bins), 0.0
+    for b in batches:
+        a = np.abs(b.astype(np.float32)).ravel()
+        m = float(a.max())
+        if rng == 0.0:
+            if m == 0.0:
+                counts[0] += a.size
+                continue
+            rng = m * (1 + 1e-6)
+        while m >= rng:
+            counts = np.concatenate([counts.reshape(-1, 2).sum(axis=1), np.zeros(bins // 2)])
+            rng *= 2.0
+        idx = np.minimum((a * np.float32(bins / rng)).astype(np.int64), bins - 1)
+        counts += np.bincount(idx, minlength=bins)
+    return counts, rng
 
 
-def test_histogram_below_the_cap_is_the_whole_tensor(tmp_path):
-    n = 5000
-    x = _heavy_tail(np.random.default_rng(1), 3, n)
-    sampled, whole = _sampled_and_whole(tmp_path, x, n)
-    assert sampled.fetched == [(n,)] * 3  # the whole tensor, as before
-    np.testing.assert_array_equal(sampled.counts, whole.counts)
-    assert sampled.amax == whole.amax
-    assert calib.amax_from_histogram(sampled, "mse") == calib.amax_from_histogram(whole, "mse")
+@pytest.mark.parametrize("case", ["growing", "zeros_first", "exact_powers", "shrinking"])
+def test_in_graph_histogram_equals_the_numpy_reference(tmp_path, case):
+    """Random data with outliers; ranges that grow by 1..5 doublings, a first batch of zeros, maxima landing
+    exactly on doubled edges: the in-graph counts equal numpy's bit for bit."""
+    rng = np.random.default_rng(7)
+    n = 20_000
+    x = _heavy_tail(rng, 5, n)
+    if case == "growing":
+        x *= np.array([0.01, 0.5, 0.7, 13.0, 900.0], np.float32)[:, None]
+    elif case == "zeros_first":
+        x[0] = 0.0
+        x[2] *= 1e-3
+    elif case == "exact_powers":
+        m0 = float(np.abs(x[0]).max())
+        for i, k in enumerate([1, 2, 3, 8], start=1):
+            x[i, 0] = np.float32(m0 * (1 + 1e-6) * 2.0 ** k)  # exactly on a doubled edge (as float32 allows)
+    else:
+        x *= np.array([100.0, 1.0, 0.01, 50.0, 1e-5], np.float32)[:, None]
+    graph, host, fetched = _in_graph_and_whole(tmp_path, x, bins=2048)
+    counts, r = _reference(fetched.batches, 2048)
+    np.testing.assert_array_equal(host.counts, counts)
+    np.testing.assert_array_equal(graph.counts, counts)
+    assert graph.range == host.range == r and graph.amax == host.amax == float(np.abs(x).max())
+    assert graph.counts.sum() == x.size
+    for method in ("mse", "entropy", "percentile"):
+        assert calib.amax_from_histogram(graph, method) == calib.amax_from_histogram(host, method)
 
 
-def test_histograms_sample_in_the_graph_on_cuda_only():
-    """Whole tensors on the CPU (TopK there costs more than the fetch), the in-graph sample on CUDA."""
+@pytest.mark.parametrize("scales, runs", [((1.0, 1.0, 1.0), 4), ((1.0, 3.0, 11.0), 4), ((1.0, 40.0, 0.5), 5)])
+def test_in_graph_histogram_fetches_bins_and_reruns_only_big_growth(tmp_path, scales, runs):
+    """Only the grid's counts and the max come back. The first batch runs twice (its max sets the range), a
+    range growing up to 2^HIST_GROWTH = 4x merges on the grid, 40x runs the batch again; counts as numpy's."""
+    n = 300_000
+    x = np.clip(_heavy_tail(np.random.default_rng(0), len(scales), n), -50, 50)
+    x[:, 7] = 50.0  # every batch's max is 50 * its scale: growths of 3x and 11x/3 (2 doublings), 40x (6)
+    x *= np.array(scales, np.float32)[:, None]
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(n)
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    h = calib.Histogram(1024, in_graph=True)
+    got = []
+    reduced = h.reduced
+    h.reduced = lambda *outs: (got.append([np.size(o) for o in outs]), reduced(*outs))[1]  # noqa: E731
+    calib.collect(m, data, {"y": [h]}, progress=False)
+    assert got == [[4 * 1024 + 1, 1]] * runs
+    np.testing.assert_array_equal(h.counts, _reference(list(x), 1024)[0])
+
+
+def test_in_graph_histogram_names_non_finite_tensors(tmp_path):
+    x = _heavy_tail(np.random.default_rng(0), 2, 1000)
+    x[1, 5] = 3e38  # finite input, y = 10 * x overflows
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(1000)
+    m.graph.initializer[0].float_data[0] = 10.0
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    with pytest.raises(OnnxoptError, match="'y' holds inf or NaN on calibration batch 1"):
+        calib.collect(m, data, {"y": [calib.Histogram(in_graph=True)]}, progress=False)
+
+
+def test_in_graph_histogram_needs_opset_16_else_whole_tensors(tmp_path):
+    x = _heavy_tail(np.random.default_rng(0), 2, 1000)
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(1000)
+    m.opset_import[0].version = 13
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [calib.Histogram(in_graph=True), calib.Histogram()]}
+    calib.collect(m, data, red, progress=False)
+    np.testing.assert_array_equal(red["y"][0].counts, red["y"][1].counts)
+
+
+def test_grown_range_is_the_smallest_power_of_two_above():
+    from onnxopt.calib.reducers import grown_range
+    for r, m in [(1.0, 0.5), (1.0, 1.0), (1.0, 3.9), (1.0, 4.0), (3.0, 3e38), (1e-30, 1e30), (0.1, 0.1 * 2 ** 7)]:
+        g = grown_range(r, m)
+        d = round(np.log2(g / r))
+        assert g == r * 2.0 ** d and m < g and (d == 0 or m >= g / 2 or d == 1)
+
+
+def test_reducers_in_the_graph_on_cuda_only():
+    """Whole tensors and unsorted TopK on the CPU (faster there); in-graph bins and device-wide sorted TopK on CUDA."""
     assert calib.Histogram.for_provider("cpu").pre_reduce is None
-    spec = calib.Histogram.for_provider("cuda").pre_reduce
-    assert spec.op == "Sample" and spec.sample == calib.reducers.HIST_SAMPLE
+    assert calib.Histogram.for_provider("cuda").pre_reduce.op == "Histogram"
+    assert not calib.TopAbs.for_provider(99.99, "cpu").pre_reduce.sorted
+    assert calib.TopAbs.for_provider(99.99, "cuda").pre_reduce.sorted
+
+
+@pytest.mark.parametrize("pct", [99.99, 50.0])
+def test_device_sorted_top_abs_gives_the_same_percentile(cnn, pct):
+    """The CUDA form (sorted, at least DEVICE_SORT_K values) run here on the CPU: the same exact percentile."""
+    data = calib.CalibData.random(calib.input_specs(cnn), 3, shapes={"x": (2, 3, 16, 16)}, seed=5)
+    names = ["c1", "cat", "logits"]
+    red = {n: [calib.TopAbs(pct), calib.TopAbs(pct, device_sort=True), _Fetched()] for n in names}
+    calib.collect(cnn, data, red, progress=False)
+    for n, (plain, dev, fetched) in red.items():
+        allv = np.abs(np.concatenate([b.ravel() for b in fetched.batches]))
+        assert plain.value == dev.value == np.percentile(allv, pct, method="inverted_cdf"), n
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy", "percentile"])
+def test_cuda_reducers_give_the_cpu_ranges(tmp_path, method):
+    """The reducers quant.calibration picks for CUDA (in-graph bins, device-sorted TopK), run here on the CPU
+    provider, give the same clip ranges as the CPU's: the same graphs whichever provider calibrates."""
+    from onnxopt.quant import calibration
+    m = modelfile.load(tiny.save(tiny.transformer(), tmp_path / "t.onnx"))
+    data = calib.CalibData.from_path(_token_npz(tmp_path, m), calib.input_specs(m))
+    names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "Add") for o in n.output]
+    red = {n: [calibration.range_reducer(method, "cpu"), calibration.range_reducer(method, "cuda")] for n in names}
+    assert all(r.pre_reduce is not None for _, r in red.values())
+    calib.collect(m, data, red, progress=False)
+
+    def amax(r):
+        return calib.amax_from_histogram(r, method) if isinstance(r, calib.Histogram) else r.value
+    for n, (cpu, cuda) in red.items():
+        assert amax(cpu) == amax(cuda) and amax(cpu) > 0, n
+
+
+def test_in_graph_histogram_of_an_fp16_tensor(tmp_path):
+    """FP16 activations are binned as float32, as the host does."""
+    from onnx import TensorProto
+    x = _heavy_tail(np.random.default_rng(2), 3, 4000).astype(np.float16)
+    np.savez(tmp_path / "d.npz", x=x)
+    m = _mul_model(4000)
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    one = m.graph.initializer[0]
+    one.data_type = TensorProto.FLOAT16
+    del one.float_data[:]
+    one.int32_data.append(int(np.array(1.0, np.float16).view(np.uint16)))
+    data = calib.CalibData.from_path(tmp_path / "d.npz", calib.input_specs(m))
+    red = {"y": [calib.Histogram(in_graph=True), calib.Histogram()]}
+    calib.collect(m, data, red, progress=False)
+    np.testing.assert_array_equal(red["y"][0].counts, red["y"][1].counts)
+    assert red["y"][0].range == red["y"][1].range > 0

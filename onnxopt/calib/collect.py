@@ -7,7 +7,6 @@ split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Sequence
 
@@ -19,7 +18,7 @@ from .. import ort as ortx
 from .. import progress as progress_
 from ..errors import OnnxoptError
 from .data import CalibData
-from .reducers import NonFiniteActivation, PreReduce, Reducer
+from .reducers import DEVICE_SORT_K, NonFiniteActivation, PreReduce, Reducer
 from .stages import BoundaryCache, stage_model, tensor_names, needed_only, split_stages, stage_count, stage_index
 from ..settings import MEMORY_BUDGET_MB
 
@@ -76,7 +75,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
-    samples) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
+    counts) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
@@ -93,7 +92,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     budget = memory_budget_mb * 2**20
     n_batches = len(data)
     inferred = _inferred(model, first)
-    full, reduced, aux_nodes = _attach(model, reducers, inputs, n_batches, {n: e for n, (e, _) in inferred.items()})
+    full, reduced, aux_nodes, feeds = _attach(model, reducers, inputs, n_batches)
     if stages is None:
         stages = stage_count(model, budget)
     fetch = [n for n in full if n not in inputs]
@@ -116,26 +115,47 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         log.info("calibrating in %d stages of at most %.2f GB of weights (budget %d MB)", len(plan),
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
     bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
+    reruns = 0
     with BoundaryCache(len(plan) > 1) as cache:
         for si, gi, group in passes:
             st = plan[si]
             small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
             keep = st.outputs if gi == 0 else []
             aux = {n: v for n, v in aux_nodes.items() if gi == 0 and where.get(n, 0) == si}
+            mine = {id(r) for _, _, r in small}
+            fed = [(f, r) for f, r in feeds if id(r) in mine]
             names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
-            sess = ortx.session(stage_model(model, st, names, aux, cache), provider=provider, level="basic", lean=True)
+            extra = [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f, _ in fed]
+            shared = _histogram_constants({r.pre_reduce.bins for _, r in fed}) if fed else []
+            sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared), provider=provider,
+                                level="basic", lean=True)
             if not names:
                 names = [sess.get_outputs()[0].name]
             for bi, feed in enumerate(data):
                 feed = {k: v for k, v in feed.items() if k in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
+                feed.update((f, r.feed_scale()) for f, r in fed)
                 got = _run(sess, names, feed, data, bi)
                 try:
                     for name in group:
                         for r in full[name]:
                             r.update(got[name])
-                    for name, outs, r in small:
-                        r.update(*(got[o] for o in outs))
+                    again, outputs = small, got
+                    for _ in range(MAX_RUNS):  # histograms that set or grew their range: the batch runs again
+                        if outputs is not got:
+                            feed.update((f, r.feed_scale()) for f, r in fed)
+                            outputs = _run(sess, [o for _, outs, _ in again for o in outs], feed, data, bi)
+                            reruns += 1
+                        pending = []
+                        for name, outs, r in again:
+                            if r.reduced(*(outputs[o] for o in outs)) is False:
+                                pending.append((name, outs, r))
+                        again, outputs = pending, None
+                        if not again:
+                            break
+                    if again:
+                        raise OnnxoptError(f"tensor '{again[0][0]}' changed its range on every one of {MAX_RUNS} runs of "
+                                           f"calibration batch {bi}; calibrate with --provider cpu")
                 except NonFiniteActivation:
                     raise OnnxoptError(f"tensor '{name}' holds inf or NaN on calibration batch {bi} of {data.describe} "
                                        "although the inputs are finite (the FP32 model overflows there); calibrate "
@@ -145,6 +165,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                 del got, feed
                 bar.update(1)
             del sess
+    if reruns:
+        log.info("in-graph histograms ran %d of %d stage batches again to set or grow their ranges", reruns,
+                 n_batches * len(plan))
     for name, rs in full.items():
         if name in inputs:
             for feed in data:
@@ -153,28 +176,29 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int, elements: dict):
+def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
     """Split reducers into those fed whole tensors ({name: [reducer]}) and those fed an in-graph reduction
-    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer).
-    Histograms of tensors known (`elements`: counts of the first batch) to be at or below the sample cap
-    take them whole, without sampling nodes."""
+    ([(name, reduction outputs, reducer)], with {name: reduction nodes} to place after each producer and
+    [(graph input, reducer)]: the values the host feeds those nodes before each batch). In-graph histograms
+    need ScatterElements' reduction (opset 16); older models fetch those tensors whole."""
     ranks = _ranks(model)
     full: dict[str, list] = {}
-    reduced, aux_nodes = [], {}
+    reduced, aux_nodes, feeds = [], {}, []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for name, rs in reducers.items():
         for r in rs:
             r.start(n_batches)
             spec = r.pre_reduce
             rank = ranks.get(name) or (spec.rank if spec is not None else None)
-            small = spec is not None and spec.op == "Sample" and 0 < elements.get(name, 0) <= spec.sample
-            if name in inputs or spec is None or small or (spec.keep_axis is not None and rank is None):
+            if (name in inputs or spec is None or (spec.keep_axis is not None and rank is None)
+                    or (spec.op == "Histogram" and opset < HISTOGRAM_OPSET)):
                 full.setdefault(name, []).append(r)
                 continue
-            nodes, outs = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
+            nodes, outs, fed = _reduce_nodes(name, f"{name}__calib{len(reduced)}", spec, rank, opset, n_batches)
             aux_nodes.setdefault(name, []).extend(nodes)
             reduced.append((name, outs, r))
-    return full, reduced, aux_nodes
+            feeds.extend((f, r) for f in fed)
+    return full, reduced, aux_nodes, feeds
 
 
 def _run(sess, names, feed, data, batch: int) -> dict:
@@ -199,32 +223,38 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _reduce_nodes(name: str, out: str, spec: PreReduce, rank: int | None, opset: int, batches: int = 1):
-    """Nodes computing `spec` of tensor `name`, and their output names (what the reducer's update takes)."""
+    """Nodes computing `spec` of tensor `name`, their output names (what the reducer's `reduced` takes) and
+    the graph inputs they read (fed by the host each batch)."""
     src = name
     nodes = []
     if spec.absolute:
         nodes.append(helper.make_node("Abs", [name], [f"{out}_abs"], name=f"{out}_Abs"))
         src = f"{out}_abs"
     if spec.op == "TopK":
-        return nodes + _topk_nodes(src, out, spec.fraction * batches), [out, f"{out}_n"]
-    if spec.op == "Sample":
-        return nodes + _sample_nodes(src, out, spec.sample), [out, f"{out}_n", f"{out}_top"]
+        return nodes + _topk_nodes(src, out, spec.fraction * batches, spec.sorted), [out, f"{out}_n"], []
+    if spec.op == "Histogram":
+        return nodes + _histogram_nodes(src, out, spec.bins), [out, f"{out}_max"], [f"{out}_in"]
     if spec.keep_axis is None:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", keepdims=1))
-        return nodes, [out]
+        return nodes, [out], []
     axes = [i for i in range(rank) if i != spec.keep_axis % rank]
     if opset >= 18:
         nodes.append(_const(f"{out}_axes", np.array(axes, np.int64)))
         nodes.append(helper.make_node(spec.op, [src, f"{out}_axes"], [out], name=f"{out}_{spec.op}", keepdims=1))
     else:
         nodes.append(helper.make_node(spec.op, [src], [out], name=f"{out}_{spec.op}", axes=axes, keepdims=1))
-    return nodes, [out]
+    return nodes, [out], []
 
 
-def _topk_nodes(src: str, out: str, scale: float) -> list:
-    """The k = min(n, ceil(scale * n) + 2) largest of the flattened `src` (`top_k` in the graph), and n."""
+def _topk_nodes(src: str, out: str, scale: float, device_sort: bool = False) -> list:
+    """The k = min(n, ceil(scale * n) + 2) largest of the flattened `src` (`top_k` in the graph), and n;
+    `device_sort`: k = min(n, max(that, DEVICE_SORT_K)), sorted (see TopAbs)."""
     p = f"{out}_"
     mk = helper.make_node
+    k = [_const(p + "two", np.array(2, np.int64)), mk("Add", [p + "ki", p + "two"], [p + "k2"], name=p + "Add")]
+    if device_sort:
+        k += [_const(p + "kmin", np.array(DEVICE_SORT_K, np.int64)),
+              mk("Max", [p + "k2", p + "kmin"], [p + "k3"], name=p + "Max")]
     return [
         _const(p + "flat_shape", np.array([-1], np.int64)),
         mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
@@ -234,61 +264,54 @@ def _topk_nodes(src: str, out: str, scale: float) -> list:
         mk("Mul", [p + "nd", p + "scale"], [p + "kd"], name=p + "Mul"),
         mk("Ceil", [p + "kd"], [p + "kc"], name=p + "Ceil"),
         mk("Cast", [p + "kc"], [p + "ki"], name=p + "CastK", to=onnx.TensorProto.INT64),
-        _const(p + "two", np.array(2, np.int64)),
-        mk("Add", [p + "ki", p + "two"], [p + "k2"], name=p + "Add"),
-        mk("Min", [p + "k2", f"{out}_n"], [p + "km"], name=p + "Min"),
+        *k,
+        mk("Min", [p + ("k3" if device_sort else "k2"), f"{out}_n"], [p + "km"], name=p + "Min"),
         _const(p + "k_shape", np.array([1], np.int64)),
         mk("Reshape", [p + "km", p + "k_shape"], [p + "k"], name=p + "ReshapeK"),
-        mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
+        mk("TopK", [p + "flat", p + "k"], [out, p + "idx"], name=p + "TopK", axis=0, largest=1,
+           sorted=int(device_sort)),
     ]
 
 
-def _sample_nodes(src: str, out: str, cap: int) -> list:
-    """Every p-th element of the flattened `src`, with n and the cap // 16 largest (unsorted); p = 1 (all
-    elements, no tail) when n <= cap, else the smallest prime >= max(n / cap, 11): no aliasing with channel
-    strides, whose factors are 2, 3, 5 and 7. p and the tail size come from small tables indexed by
-    ceil(n / cap), since shape inference often leaves n unknown. Few nodes: ORT's allocation planner slows
-    down sharply with thousands of extra nodes."""
+HISTOGRAM_OPSET = 16  # ScatterElements' reduction attribute
+MAX_RUNS = 4  # runs of one batch while in-graph histograms set or grow their ranges (2 in practice)
+
+
+def _histogram_nodes(src: str, out: str, bins: int) -> list:
+    """Bin counts (float64, `out`) of the flattened |x| `src` and its max (`out`_max): bin of v =
+    min(trunc(float32(v) * s), bins - 1), s the float32 the host feeds in `out`_in (Histogram.feed_scale).
+    ScatterElements(reduction='add') counts; float64 keeps counts above 2^24 exact. Few nodes (10): ORT's
+    priority-based session set-up grows about quadratically with the node count. NaN (the host raises on
+    the max) casts to a negative index on the CPU: Max(., 0) keeps it inside."""
     p = f"{out}_"
     mk = helper.make_node
-    strides, tails = _tables(cap)
     return [
-        _const(p + "flat_shape", np.array([-1], np.int64)),
-        mk("Reshape", [src, p + "flat_shape"], [p + "flat"], name=p + "Reshape"),
-        mk("Size", [src], [f"{out}_n"], name=p + "Size"),
-        _const(p + "cap_m1", np.array([cap - 1], np.int64)),
-        mk("Add", [f"{out}_n", p + "cap_m1"], [p + "n_up"], name=p + "Add"),
-        _const(p + "cap", np.array([cap], np.int64)),
-        mk("Div", [p + "n_up", p + "cap"], [p + "q_all"], name=p + "Div"),
-        _const(p + "q_max", np.array([_STRIDES - 1], np.int64)),
-        mk("Min", [p + "q_all", p + "q_max"], [p + "q"], name=p + "Min"),
-        _const(p + "strides", strides),
-        mk("Gather", [p + "strides", p + "q"], [p + "step"], name=p + "Step", axis=0),
-        _const(p + "tails", tails),
-        mk("Gather", [p + "tails", p + "q"], [p + "t"], name=p + "Tail", axis=0),
-        mk("TopK", [p + "flat", p + "t"], [f"{out}_top", p + "top_idx"], name=p + "TopK", axis=0, largest=1, sorted=0),
-        _const(p + "start", np.array([0], np.int64)),
-        _const(p + "end", np.array([np.iinfo(np.int64).max], np.int64)),
-        _const(p + "axis", np.array([0], np.int64)),
-        mk("Slice", [p + "flat", p + "start", p + "end", p + "axis", p + "step"], [out], name=p + "Slice"),
+        mk("Reshape", [src, HIST_CONST + "flat"], [p + "flat0"], name=p + "Reshape"),
+        mk("Cast", [p + "flat0"], [p + "flat"], name=p + "CastF", to=onnx.TensorProto.FLOAT),  # FP16/BF16 models
+        mk("ReduceMax", [p + "flat"], [f"{out}_max"], name=p + "ReduceMax", keepdims=0),
+        mk("Mul", [p + "flat", f"{out}_in"], [p + "xs"], name=p + "Mul"),
+        mk("Min", [p + "xs", HIST_CONST + f"last{bins}"], [p + "xb"], name=p + "Min"),
+        mk("Cast", [p + "xb"], [p + "i0"], name=p + "Cast", to=onnx.TensorProto.INT32),
+        mk("Max", [p + "i0", HIST_CONST + "zero"], [p + "idx"], name=p + "Max"),
+        mk("Shape", [p + "idx"], [p + "shape"], name=p + "Shape"),
+        mk("ConstantOfShape", [p + "shape"], [p + "ones"], name=p + "Ones",
+           value=numpy_helper.from_array(np.array([1.0]), p + "one")),
+        mk("ScatterElements", [HIST_CONST + f"empty{bins}", p + "idx", p + "ones"], [out], name=p + "Scatter",
+           axis=0, reduction="add"),
     ]
 
 
-_STRIDES = 1024  # stride table size: tensors up to 1023 * cap elements get a sample of at most cap
+HIST_CONST = "__onnxopt_hist_"  # prefix of the constants all histograms of a stage share
 
 
-@functools.lru_cache(maxsize=4)
-def _tables(cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stride and tail size by ceil(n / cap) (see `_sample_nodes`)."""
-    q = np.arange(_STRIDES)
-    strides = np.array([1 if i <= 1 else _prime_at_least(max(i, 11)) for i in q], np.int64)
-    return strides, np.where(q <= 1, 0, max(1, cap // 16)).astype(np.int64)
-
-
-def _prime_at_least(n: int) -> int:
-    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
-        n += 1
-    return n
+def _histogram_constants(bins: set) -> list:
+    """The shared initializers of `_histogram_nodes` for grids of `bins` bins."""
+    t = [numpy_helper.from_array(np.array([-1], np.int64), HIST_CONST + "flat"),
+         numpy_helper.from_array(np.array(0, np.int32), HIST_CONST + "zero")]
+    for b in sorted(bins):
+        t += [numpy_helper.from_array(np.array(b - 1, np.float32), HIST_CONST + f"last{b}"),
+              numpy_helper.from_array(np.zeros(b), HIST_CONST + f"empty{b}")]
+    return t
 
 
 def _const(name: str, value: np.ndarray):

@@ -185,9 +185,12 @@ def tensor_names(model) -> list[str]:
     return [o for nd in model.graph.node for o in nd.output if o]
 
 
-def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "BoundaryCache") -> onnx.ModelProto:
+def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "BoundaryCache",
+                extra_inputs: Sequence[onnx.ValueInfoProto] = (),
+                extra_initializers: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:
     """The sub-model of one stage: its nodes (plus reductions), the initializers they read, its inputs
-    (typed from the model or from the cached arrays of the first batch) and `outputs`."""
+    (typed from the model or from the cached arrays of the first batch, plus `extra_inputs`: what the
+    reductions read from the host), `extra_initializers` (the reductions' shared constants) and `outputs`."""
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
     m.opset_import.extend(model.opset_import)
@@ -205,6 +208,8 @@ def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after
         # A tensor from an earlier stage: type and rank from its cached array, dims left free.
         a = cache.peek(name)
         m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim))
+    m.graph.input.extend(extra_inputs)
+    m.graph.initializer.extend(extra_initializers)
     m.graph.value_info.extend(vi for n, vi in known.items() if n in st.produces and n not in outputs)
     out = outputs or [o.name for o in model.graph.output if o.name in st.produces] or [st.nodes[-1].output[0]]
     return _with_outputs(m, out, after)

@@ -14,7 +14,7 @@ def range_reducer(method: str, provider: str, percentile: float = 99.99):
     if method == "max":
         return calib.AbsMax()
     if method == "percentile":  # exact, from the top values each batch keeps in the graph
-        return calib.TopAbs(percentile)
+        return calib.TopAbs.for_provider(percentile, provider)
     return calib.Histogram.for_provider(provider)
 
 
