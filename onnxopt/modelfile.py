@@ -458,15 +458,17 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
 # are written here piece by piece: the graph without its initializers, and each initializer read, written and
 # dropped in turn, its length known beforehand from its metadata.
 _GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+_MORE = 1 << 7        # varint byte: more bytes follow
+_LOW7 = _MORE - 1     # varint byte: its 7 payload bits
 
 
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
-        b = n & 0x7F
+        b = n & _LOW7
         n >>= 7
         if n:
-            out.append(b | 0x80)
+            out.append(b | _MORE)
         else:
             out.append(b)
             return bytes(out)
@@ -484,15 +486,15 @@ def _split_at(buf: bytes, field: int) -> tuple[bytes, bytes]:
         while True:
             b = buf[i]
             i += 1
-            key |= (b & 0x7F) << shift
+            key |= (b & _LOW7) << shift
             shift += 7
-            if not b & 0x80:
+            if not b & _MORE:
                 break
         if key >> 3 > field:
             return buf[:start], buf[start:]
         wire = key & 7
         if wire == 0:
-            while buf[i] & 0x80:
+            while buf[i] & _MORE:
                 i += 1
             i += 1
         elif wire == 1:
@@ -504,9 +506,9 @@ def _split_at(buf: bytes, field: int) -> tuple[bytes, bytes]:
             while True:
                 b = buf[i]
                 i += 1
-                n |= (b & 0x7F) << shift
+                n |= (b & _LOW7) << shift
                 shift += 7
-                if not b & 0x80:
+                if not b & _MORE:
                     break
             i += n
         else:
