@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 
+from .protowire import copy_without, key, split_at, varint
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -458,62 +459,6 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
 # are written here piece by piece: the graph without its initializers, and each initializer read, written and
 # dropped in turn, its length known beforehand from its metadata.
 _GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
-_MORE = 1 << 7        # varint byte: more bytes follow
-_LOW7 = _MORE - 1     # varint byte: its 7 payload bits
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & _LOW7
-        n >>= 7
-        if n:
-            out.append(b | _MORE)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(field: int) -> bytes:
-    return _varint(field << 3 | 2)  # wire type 2: length-delimited
-
-
-def _split_at(buf: bytes, field: int) -> tuple[bytes, bytes]:
-    """A serialized message without `field`, split where that field would go: (fields before it, fields after)."""
-    i = 0
-    while i < len(buf):
-        start, key, shift = i, 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            key |= (b & _LOW7) << shift
-            shift += 7
-            if not b & _MORE:
-                break
-        if key >> 3 > field:
-            return buf[:start], buf[start:]
-        wire = key & 7
-        if wire == 0:
-            while buf[i] & _MORE:
-                i += 1
-            i += 1
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        elif wire == 2:
-            n, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                n |= (b & _LOW7) << shift
-                shift += 7
-                if not b & _MORE:
-                    break
-            i += n
-        else:
-            raise ValueError(f"unexpected wire type {wire}")
-    return buf, b""
 
 
 def _embedded_form(t: onnx.TensorProto) -> tuple[onnx.TensorProto, int]:
@@ -541,27 +486,27 @@ def _write_embedded(model: onnx.ModelProto, f) -> list:
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
         t.raw_data = raw
-    g_head, g_tail = _split_at(_copy_without(model.graph, "initializer").SerializeToString(), _INITIALIZER)
+    g_head, g_tail = split_at(copy_without(model.graph, "initializer").SerializeToString(), _INITIALIZER)
     sizes = []  # (tensor, metadata or None, byte count, serialized size)
     for t in model.graph.initializer:
         if external_data_helper.uses_external_data(t):
             meta, n = _embedded_form(t)
-            sizes.append((t, meta, n, meta.ByteSize() + len(_key(_RAW_DATA)) + len(_varint(n)) + n))
+            sizes.append((t, meta, n, meta.ByteSize() + len(key(_RAW_DATA)) + len(varint(n)) + n))
         else:
             sizes.append((t, None, 0, t.ByteSize()))
-    graph_len = len(g_head) + len(g_tail) + sum(len(_key(_INITIALIZER)) + len(_varint(s)) + s for *_, s in sizes)
-    m_head, m_tail = _split_at(_copy_without(model, "graph").SerializeToString(), _GRAPH)
-    if len(m_head) + len(m_tail) + len(_key(_GRAPH)) + len(_varint(graph_len)) + graph_len > 2**31 - 1:
+    graph_len = len(g_head) + len(g_tail) + sum(len(key(_INITIALIZER)) + len(varint(s)) + s for *_, s in sizes)
+    m_head, m_tail = split_at(copy_without(model, "graph").SerializeToString(), _GRAPH)
+    if len(m_head) + len(m_tail) + len(key(_GRAPH)) + len(varint(graph_len)) + graph_len > 2**31 - 1:
         raise OnnxoptError("model exceeds 2 GB; save it with external data")
-    f.write(m_head + _key(_GRAPH) + _varint(graph_len) + g_head)
+    f.write(m_head + key(_GRAPH) + varint(graph_len) + g_head)
     placed = []
     for t, meta, n, size in sizes:
-        f.write(_key(_INITIALIZER) + _varint(size))
+        f.write(key(_INITIALIZER) + varint(size))
         if meta is None:
             f.write(t.SerializeToString())
             continue
-        head, tail = _split_at(meta.SerializeToString(), _RAW_DATA)
-        f.write(head + _key(_RAW_DATA) + _varint(n))
+        head, tail = split_at(meta.SerializeToString(), _RAW_DATA)
+        f.write(head + key(_RAW_DATA) + varint(n))
         offset = f.tell()
         raw = read_external(t)
         if len(raw) != n:
@@ -572,21 +517,6 @@ def _write_embedded(model: onnx.ModelProto, f) -> list:
         placed.append((t, offset, n))
     f.write(g_tail + m_tail)
     return placed
-
-
-def _copy_without(msg, name: str):
-    """A copy of protobuf message `msg` without its field `name` (which is not copied at all)."""
-    out = type(msg)()
-    for fd, value in msg.ListFields():
-        if fd.name == name:
-            continue
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:  # protobuf >= 5.29 / older
-            getattr(out, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(out, fd.name).CopyFrom(value)
-        else:
-            setattr(out, fd.name, value)
-    return out
 
 
 def _tensors_outside_initializers(model: onnx.ModelProto) -> list:
