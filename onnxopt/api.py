@@ -38,6 +38,7 @@ class QuantConfig:
     quantize_mha: bool = True                  # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
     bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
+    shared_rounding: bool = True               # a weight read by several layers: rounded for all its uses
     smoothquant: float | str | None = None     # alpha, "auto", or None
     lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
     lowrank_budget: float | None = None        # --lowrank auto: extra bytes / quantized weight bytes (default 0.1)
@@ -113,7 +114,8 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
             passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))
         passes += _lowrank(c)
         passes.append(QDQ(c.mode, calib_method=c.calib_method, percentile=c.percentile, exclude=c.exclude,
-                          op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction))
+                          op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction,
+                          shared_rounding=c.shared_rounding))
     passes.append(Autocast(c.high_precision, io_dtype=c.io_dtype, keep_fp32_ops=c.keep_fp32_ops))
     return pipeline.Recipe(passes, max_batch=c.calib_max_batch)
 

@@ -205,10 +205,14 @@ def _error_feedback(node, fmt, w, h, clips, block_size, hp, entry: dict) -> None
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
           block_size: int = 128, high_precision: str = FP16.name, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB,
-          progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+          progress: bool = True, feedback: bool | None = None, prescale: dict | None = None
+          ) -> tuple[dict, dict[str, np.ndarray]]:
     """AWQ on `layers` ((node, format) pairs) of `graph`: scales folded in place, clip ratios returned
     (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback
-    (`gptq_round`) and returns (q, scale) pairs instead of clip ratios. Returns (report, clips)."""
+    (`gptq_round`) and returns (q, scale) pairs instead of clip ratios; `feedback` (default: only `full`) asks
+    for it with `clip` too (--auto's NVFP4 candidate: no scales folded, the graph stays the FP32 one); `prescale`
+    {layer: s [K]}: that layer will read x ⊘ s with weight s ⊙ W (applied by the caller), its clips are for s ⊙ W.
+    Returns (report, clips)."""
     if method not in ("lite", "clip", "full"):
         raise OnnxoptError(f"unknown AWQ method '{method}'; use lite, clip or full")
     t0 = time.perf_counter()
@@ -220,11 +224,11 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
     report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if stats.use_gram else "sampled rows"}
-    run = _Search(groups, order, fmts, stats, block_size, high_precision, progress, report)
+    run = _Search(groups, order, fmts, stats, block_size, high_precision, progress, report, prescale=dict(prescale or {}))
     if method in ("lite", "full"):
         run.scales(graph, keep_grams=method == "full")
     if method in ("clip", "full"):
-        run.clip(feedback=method == "full")
+        run.clip(feedback=method == "full" if feedback is None else feedback)
     clips = run.clips
     report["time_s"] = round(time.perf_counter() - t0, 3)
     log.info("awq-%s: %d activations, %d layers, %.1f s", method, len(groups), len(layers), report["time_s"])
@@ -284,6 +288,7 @@ class _Search:
     clips: dict = field(default_factory=dict)     # node name -> clip ratios, or (q, scale) after error feedback
     x_scale: dict = field(default_factory=dict)   # activation -> folded input-channel scale
     hs: dict = field(default_factory=dict)        # activation -> Gram matrix kept for the clip search
+    prescale: dict = field(default_factory=dict)  # layer -> s: it reads x ⊘ s, weight s ⊙ W (applied by the caller)
 
     def scales(self, graph: gs.Graph, keep_grams: bool) -> None:
         """lite: one input-channel scale per activation, folded into the graph; with `keep_grams` the Gram
@@ -320,6 +325,9 @@ class _Search:
                 inv = (1.0 / self.x_scale[name]).astype(np.float32)
                 h = h * inv[:, None] * inv[None, :]
             w = to_kn(n, fold.effective_weight(n))
+            if n.name in self.prescale:
+                s = np.asarray(self.prescale[n.name], np.float32)
+                h, w = h * (1.0 / s)[:, None] * (1.0 / s)[None, :], (w * s[:, None]).astype(np.float32)
             fmt = self.formats[id(n)]
             self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp, fmt=fmt)
             self.report["layers"].setdefault(n.name, {})["clip"] = info

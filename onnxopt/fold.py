@@ -403,6 +403,35 @@ def _fold_elementwise(graph, p, x, inv, axis, rank, names, depth) -> str | None:
     return f"{p.op} '{p.name}' (constant) and {inner}"
 
 
+def weight_key(node: gs.Node) -> tuple:
+    """(id of the stored weight constant, its Transpose views) of a layer's weight (input 1): layers with equal
+    keys compute with the same matrix, however many Identity/Cast nodes each reads it through."""
+    const, chain = weight_chain(node, 1)
+    return id(const), tuple((c.op, tuple(_perm(c, len(effective_shape(node, 1))))) for c in chain if c.op == "Transpose")
+
+
+def tied(groups: list[list[gs.Node]]) -> list[list[int]]:
+    """Indices of `groups` (the layers reading one activation each) joined into units by a weight constant their
+    layers share (ALBERT: one layer's weights read at every depth): a unit's weight is stored once, so it takes one
+    input-channel scale from the statistics of every use. Other groups stand alone; units keep the input order."""
+    parent = list(range(len(groups)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    owner: dict[int, int] = {}
+    for i, layers in enumerate(groups):
+        for n in layers:
+            j = owner.setdefault(id(weight_chain(n, 1)[0]), i)
+            parent[root(i)] = root(j)
+    units: dict[int, list] = {}
+    for i in range(len(groups)):
+        units.setdefault(root(i), []).append(i)
+    return list(units.values())
+
+
 # ---------------------------------------------------------------- public entry point
 def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> None:
     """Multiply each consumer's weight by `s` along its input channels, each weight constant once however many
@@ -411,9 +440,7 @@ def scale_weights(graph: gs.Graph, consumers: list[gs.Node], s: np.ndarray) -> N
     s = np.asarray(s, dtype=np.float64).reshape(-1)
     by_const: dict[tuple, list] = {}
     for n in consumers:
-        const, chain = weight_chain(n, 1)
-        layout = tuple((c.op, tuple(_perm(c, len(effective_shape(n, 1))))) for c in chain if c.op == "Transpose")
-        by_const.setdefault((id(const), layout), []).append(n)
+        by_const.setdefault(weight_key(n), []).append(n)
     names = _Names(graph)
     for group in by_const.values():
         ref = group[0]

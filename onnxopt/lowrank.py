@@ -15,7 +15,6 @@ the format the next pass writes) plus the activation quantization noise through 
 """
 from __future__ import annotations
 
-import contextlib
 import heapq
 import logging
 import time
@@ -25,7 +24,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import fold, modelfile
+from . import fold, modelfile, threads
 from .errors import OnnxoptError
 from .graph import taken_names, unique_name
 from .progress import track
@@ -86,13 +85,8 @@ SMALL_SVD = 1024  # below this min(K, N) an SVD runs on one BLAS thread
 
 
 def _blas_threads(shape):
-    """One BLAS thread for a small layer's linear algebra: OpenBLAS's threads spin-wait, and on a loaded
-    2-core machine a 2304x128 SVD took 18 s threaded vs 0.3 s on one thread (threadpoolctl, when installed)."""
-    if min(shape) <= SMALL_SVD:
-        with contextlib.suppress(ImportError):
-            from threadpoolctl import threadpool_limits
-            return threadpool_limits(1)
-    return contextlib.nullcontext()
+    """One BLAS thread for a small layer's linear algebra (threads.one_blas_thread)."""
+    return threads.one_blas_thread(min(shape) <= SMALL_SVD)
 
 
 def _svd(w: np.ndarray):

@@ -84,23 +84,8 @@ def find_groups(graph: gs.Graph, plan=None, exclude: tuple[str, ...] = (),
 
 def tied(groups: list[Group]) -> list[list[Group]]:
     """Groups joined by a weight constant their layers share (ALBERT: one layer's weights read at every depth):
-    such a weight takes one smoothing scale, since W ⊙ s is stored once. Other groups stand alone."""
-    parent = list(range(len(groups)))
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    owner: dict[int, int] = {}
-    for i, g in enumerate(groups):
-        for n in g.layers:
-            j = owner.setdefault(id(fold.weight_chain(n, 1)[0]), i)
-            parent[root(i)] = root(j)
-    units: dict[int, list] = {}
-    for i, g in enumerate(groups):
-        units.setdefault(root(i), []).append(g)
-    return list(units.values())
+    such a weight takes one smoothing scale, since W ⊙ s is stored once (fold.tied). Other groups stand alone."""
+    return [[groups[i] for i in unit] for unit in fold.tied([g.layers for g in groups])]
 
 
 # ---------------------------------------------------------------- scales

@@ -10,7 +10,7 @@ import tiny
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import autoquant, modelfile, ort
+from onnxopt import autoquant, metrics, modelfile, ort
 from onnxopt.cli import main
 from onnxopt.passes import AutoQuant
 
@@ -57,12 +57,12 @@ def test_sensitive_layer_kept_and_target_met(mlp, tmp_path):
     assert a["layers"]["layer0"]["choice"] != "none" and a["layers"]["layer2"]["choice"] != "none"
     # held-out samples (the last quarter of the calibration data): ORT on the saved graph meets the target
     x = np.load(calib)["x"][-4:]
-    assert autoquant.cosine(_run(model, x), _run(out, x)) >= 0.9995
+    assert metrics.mean_cosine_score(_run(model, x), _run(out, x)) >= 0.9995
     assert a["met"] is True and a["verified"]["cosine"] >= 0.9995
     # verified on the held-out quarter, with 1.64 standard errors of its mean to spare: the spread of every
     # calibration sample's cosine over sqrt(4)
     x = np.load(calib)["x"]
-    cos = autoquant.sample_cosines(_run(model, x), _run(out, x))
+    cos = metrics.cosine_scores(_run(model, x), _run(out, x))
     assert a["verified"]["cosine"] == pytest.approx(cos[-4:].mean(), abs=1e-7) and a["verified"]["n"] == 4
     assert a["verified"]["cosine_all"] == pytest.approx(cos.mean(), abs=1e-7)
     assert a["margin"] == pytest.approx(1.64 * cos.std(ddof=1) / np.sqrt(4), rel=0.05, abs=1e-8)
@@ -132,7 +132,7 @@ def test_mixed_graph_has_fp8_int8_and_int4(mlp, tmp_path):
     x = np.load(calib)["x"][:4]
     sess = ort.session(out, level="disable")
     y = sess.run(None, {"x": x})[0]
-    assert autoquant.cosine(_run(model, x), y.reshape(4, -1).astype(np.float64)) > 0.9
+    assert metrics.mean_cosine_score(_run(model, x), y.reshape(4, -1).astype(np.float64)) > 0.9
     # the gated graph with this mix's gates on computes exactly what the mixed graph computes
     gated = modelfile.import_graph(pipeline.load(str(model), 21))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 32)
@@ -217,8 +217,8 @@ def test_smoothquant_candidate_gated_equals_final(mlp, mix):
     ref = _run(model, x)
     if mix == {"layer1": "int8-sq"}:
         assert sum(n.op_type == "Mul" for n in out.graph.node) == 1  # Relu's producer is a MatMul: a Mul, not a fold
-        sq = autoquant.cosine(ref, y.reshape(4, -1).astype(np.float64))
-        plain = autoquant.cosine(ref, gated_run({"layer1": "int8"}).reshape(4, -1).astype(np.float64))
+        sq = metrics.mean_cosine_score(ref, y.reshape(4, -1).astype(np.float64))
+        plain = metrics.mean_cosine_score(ref, gated_run({"layer1": "int8"}).reshape(4, -1).astype(np.float64))
         assert 1 - sq < 0.1 * (1 - plain)
 
 

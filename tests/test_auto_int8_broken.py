@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import autoquant, modelfile, ort
+from onnxopt import metrics, modelfile, ort
 from onnxopt.cli import main
 
 D, PLANTED = 64, ("layer1", "layer3")
@@ -47,7 +47,7 @@ def massive(tmp_path_factory):
 def _cosine(a, b, x) -> float:
     outs = [ort.session(modelfile.load(m), level="disable").run(None, {"x": x})[0].reshape(len(x), -1).astype(np.float64)
             for m in (a, b)]
-    return autoquant.cosine(*outs)
+    return metrics.mean_cosine_score(*outs)
 
 
 def test_uniform_int8_collapses_and_auto_names_the_layers(massive, tmp_path):

@@ -84,3 +84,24 @@ def test_stream_matches_whole_and_compare_fields():
     c = cand.ravel()
     assert whole["cosine"] == pytest.approx(r @ c / np.linalg.norm(r) / np.linalg.norm(c), rel=1e-12)
     assert whole["snr_db"] == pytest.approx(10 * np.log10((r @ r) / np.sum((c - r) ** 2)), rel=1e-12)
+
+
+def test_search_cosine_is_the_per_sample_cosine():
+    """--auto's figures come from this module: mean per-sample cosine, its standard error, held-out rows, top-1;
+    a candidate with any non-finite value scores -1 on every sample (never passes a target)."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(6, 10))
+    cand = ref + 0.3 * rng.normal(size=ref.shape)
+    per = np.array([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(ref, cand)])
+    np.testing.assert_allclose(M.cosine_scores(ref, cand), per, rtol=1e-12)
+    assert M.mean_cosine_score(ref, cand) == pytest.approx(per.mean(), abs=1e-12)
+    s = M.cosine_summary(ref, cand)
+    assert s["cosine"] == pytest.approx(per.mean()) and s["n"] == 6
+    assert s["cosine_se"] == pytest.approx(per.std(ddof=1) / np.sqrt(6))
+    assert s["top1"] == pytest.approx(np.mean(ref.argmax(-1) == cand.argmax(-1)))
+    h = M.cosine_summary(ref, cand, held=2)
+    assert h["cosine"] == pytest.approx(per[-2:].mean()) and h["n"] == 2 and h["cosine_all"] == pytest.approx(per.mean())
+    bad = cand.copy()
+    bad[0, 0] = np.nan
+    assert np.all(M.cosine_scores(ref, bad) == -1.0) and M.cosine_summary(ref, bad)["cosine"] == -1.0
+    assert np.isnan(M.cosine_per_sample(ref, bad)[0])   # the report's metric stays NaN for that sample

@@ -105,3 +105,87 @@ def test_shared_smoothing_is_exact_in_fp32(tmp_path):
     shapes = [tuple(i.dims) for i in out.graph.initializer if len(i.dims) == 2]
     assert sorted(shapes) == sorted([(D, F), (F, D)])
     assert any(g.get("shared_weight_activations") for g in rep["groups"])
+
+
+def _use_inputs(model: onnx.ModelProto, xs) -> dict:
+    """{weight: [rows of every use's FP32 input]}: W1 reads LN outputs h_i, W2 the ReLU outputs r_i."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = {"W1": [f"h{i}" for i in range(DEPTH)], "W2": [f"r{i}" for i in range(DEPTH)]}
+    for ts in names.values():
+        m.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ts])
+    sess = ort.session(m, level="disable")
+    outs = [t for ts in names.values() for t in ts]
+    got = [dict(zip(outs, sess.run(outs, {"x": x}))) for x in xs]
+    return {w: np.concatenate([g[t].reshape(-1, g[t].shape[-1]) for g in got for t in ts]).astype(np.float64)
+            for w, ts in names.items()}
+
+
+def _codes(model: onnx.ModelProto, shape) -> np.ndarray:
+    inits = {i.name: i for i in model.graph.initializer}
+    (q,) = [numpy_helper.to_array(inits[n.input[0]]) for n in model.graph.node if n.op_type == "DequantizeLinear"
+            and n.input[0] in inits and tuple(inits[n.input[0]].dims) == shape]
+    return np.asarray(q).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_shared_weight_rounded_for_all_uses(tmp_path, mode):
+    """A weight read at every depth is rounded with error feedback against the Hessian summed over its uses
+    (quant.shared_rounding): the written codes are that numpy rounding of the FP32 activations' Σ XᵀX, its
+    output error summed over the uses is below round-to-nearest's on held-out data, and it is still stored once."""
+    from onnxopt import formats
+    from onnxopt.quant import shared_rounding
+    src = tmp_path / "m.onnx"
+    model = _shared_stack(True)
+    onnx.save(model, src)
+    cal, held = _data(16, 0), _data(16, 1)
+    np.savez(tmp_path / "c.npz", x=cal)
+    out = {}
+    for on in (True, False):
+        cfg = QuantConfig(mode=mode, progress=False, high_precision="fp32", shared_rounding=on)
+        out[on] = onnx.load(quantize(str(src), tmp_path / f"q{on}.onnx", config=cfg, data=str(tmp_path / "c.npz")).path)
+        assert _stored_weights(out[on]) == {(D, F): 1, (F, D): 1}
+    f = formats.get(mode)
+    x_cal, x_held = _use_inputs(model, cal), _use_inputs(model, held)
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for wname in ("W1", "W2"):
+        w = weights[wname]
+        scale = f.scale_of(f.weight_amax(w, 1), "fp32")
+        want = shared_rounding.round_with_feedback(f, w, 1, scale, x_cal[wname].T @ x_cal[wname])
+        got, rtn = _codes(out[True], w.shape), _codes(out[False], w.shape)
+        np.testing.assert_array_equal(rtn, f.to_float(f.cast(w / scale)))
+        assert np.mean(got == f.to_float(want)) > 0.99       # summation order may flip a rare tie
+        assert np.mean(got != rtn) > 0.05                     # error feedback moved codes
+        h = x_held[wname].T @ x_held[wname]
+        err = {k: shared_rounding.output_error(w, c * scale, 1, h) for k, c in (("feedback", got), ("nearest", rtn))}
+        assert err["feedback"] < 0.9 * err["nearest"], err
+    xs = _data(8, 2)
+    ref = _outputs(model, xs)
+    cos = {on: float((ref * (o := _outputs(out[on], xs))).sum() / np.linalg.norm(ref) / np.linalg.norm(o)) for on in out}
+    assert cos[True] >= cos[False] - 1e-4, cos
+
+
+
+def test_shared_hessians_one_per_input_set_within_the_budget():
+    """Weights read by the same inputs share one summed Hessian, fed by every use; past the byte budget none is
+    collected (those weights keep nearest rounding)."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.quant import shared_rounding
+    xs = [gs.Variable(f"x{i}", np.float32, (1, T, D)) for i in range(3)]
+    wq, wk = (gs.Constant(n, np.zeros((D, D), np.float32)) for n in ("Wq", "Wk"))
+    nodes = [gs.Node("MatMul", f"{w.name}_{i}", inputs=[x, w], outputs=[gs.Variable(f"y{w.name}{i}", np.float32, (1, T, D))])
+             for i, x in enumerate(xs) for w in (wq, wk)]
+    place = SimpleNamespace(weights=[(n, 1, n.inputs[1], 1) for n in nodes])
+    feeds, hs = shared_rounding.hessian_reducers(place)
+    assert set(hs) == {"Wq", "Wk"} and hs["Wq"] is hs["Wk"]            # one XᵀX for Q and K
+    assert {k: len(v) for k, v in feeds.items()} == {"x0": 1, "x1": 1, "x2": 1}
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1, T, D)).astype(np.float32) for _ in xs]
+    for x, r in zip(xs, rows):
+        feeds[x.name][0].update(r)
+    want = sum(r.reshape(-1, D).astype(np.float64).T @ r.reshape(-1, D) for r in rows) / (3 * T)
+    np.testing.assert_allclose(shared_rounding.hessian_values(hs)["Wq"], want, rtol=1e-5)
+    assert shared_rounding.hessian_reducers(place, max_bytes=8 * D * D - 1) == ({}, {})

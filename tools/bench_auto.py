@@ -25,7 +25,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import autoquant, modelfile, ort
+from onnxopt import autoquant, metrics, modelfile, ort
 from onnxopt.api import QuantConfig, quantize  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -133,7 +133,7 @@ def _feeds(sess, npz: Path) -> list:
 
 def metric(kind: str, ref: np.ndarray, cand: np.ndarray) -> float:
     if kind == "cosine":
-        return autoquant.cosine(ref, cand)
+        return metrics.mean_cosine_score(ref, cand)
     return float(np.mean(ref.argmax(-1) == cand.argmax(-1))) if np.all(np.isfinite(cand)) else float("nan")
 
 

@@ -8,7 +8,7 @@ Accuracy: the candidate's first output over the eval split against the FP32 mode
 evaluated through their exact standard-ONNX emulation (onnxopt.formats.emulation); every file then runs as
 the FP8/INT4 rows do (as is, or its FP32 view where ORT's CPU provider lacks FP16 kernels), so the rows differ
 only by their formats. MiniLM: mean cosine of the sentence embeddings (tools/real_models.py); the example and
-the tiny SDXL UNet: global cosine of the output (onnxopt.autoquant.cosine), as tools/bench_auto.py.
+the tiny SDXL UNet: global cosine of the output (onnxopt.metrics.mean_cosine_score), as tools/bench_auto.py.
 """
 from __future__ import annotations
 

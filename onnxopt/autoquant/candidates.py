@@ -40,9 +40,23 @@ class Candidates:
     plans: dict                         # format -> rules.Plan (8-bit formats)
     configs: dict                       # format -> the QDQ options its plan was made with
     clips: dict = field(default_factory=dict)   # INT4 layer -> AWQ clip ratios per block
+    block_clips: dict = field(default_factory=dict)  # (layer, block format) -> AWQ clip ratios or error-fed codes
+    block_smooth: dict = field(default_factory=dict)  # (layer, block format) -> quant.writer.Smooth (W4A4 scaling)
     int4: set = field(default_factory=set)      # names of layers that may take INT4 weights
     smooth: dict = field(default_factory=dict)  # int8-sq: activation -> smooth.Smoothing
     sq_groups: list = field(default_factory=list)  # int8-sq: smoothquant groups of the INT8 plan
+
+    def clip_of(self, layer: str, fmt: str):
+        """The AWQ result the writer and the gated graph quantize `layer`'s weight in `fmt` with (None: plain)."""
+        if fmt == "none":
+            return None
+        if formats.get(fmt).activations == "dynamic":
+            return self.block_clips.get((layer, fmt))
+        return self.clips.get(layer)
+
+    def smooth_of(self, layer: str, fmt: str):
+        """The input scaling `layer` takes in `fmt` (None: none)."""
+        return self.block_smooth.get((layer, fmt))
 
 
 # ---------------------------------------------------------------- candidates
@@ -107,6 +121,7 @@ def calibrate(graph: gs.Graph, data, cands: Candidates, *, provider: str, memory
     if cands.sq_groups:
         cands.smooth = smooth.finish(cands.sq_groups)
     return cp.amax(), cp.mean_values()
+
 
 
 

@@ -40,12 +40,18 @@ class Writer:
     shapes: dict                         # input -> (min, opt, max) shapes the engine is built for
     workdir: str | None = None
     smooth: dict | None = None           # int8-sq smoothing vectors (as the final graph gets them)
+    clip_of: object = None               # Candidates.clip_of: each layer's clips for its chosen format (else `clips`)
+    smooth_of: object = None             # Candidates.smooth_of: block-format layers' own input scaling
     built: list = field(default_factory=list)
 
     def plan(self, mix: dict) -> qwriter.QuantPlan:
         """The QuantPlan of `mix` with this search's statistics."""
         return qwriter.QuantPlan.from_mix(mix, "search", configs=self.configs, amax=self.amax, means=self.means,
-                                          block_size=self.block_size, clips=self.clips, smooth=self.smooth or {})
+                                          block_size=self.block_size, smooth=self.smooth or {},
+                                          clips=self.clips if self.clip_of is None else
+                                          {n: c for n, f in mix.items() if (c := self.clip_of(n, f)) is not None},
+                                          block_smooth={} if self.smooth_of is None else
+                                          {n: sm for n, f in mix.items() if (sm := self.smooth_of(n, f)) is not None})
 
     def engine_report(self, mix: dict) -> dict:
         from ..trt.build import BuildConfig

@@ -107,32 +107,8 @@ class Memo:
 
 
 def metrics_of(ref: np.ndarray, cand: np.ndarray, held: int = 0) -> dict:
-    """Mean per-sample cosine with its standard error (how far the mean of these samples can sit from the
-    expected one), the sample count and top-1 agreement. With `held` > 0 the last `held` rows are the held-out
-    samples: the cosine is theirs (samples that calibrated the ranges score higher: MiniLM, 0.99916 against
-    0.99891 held out, eval 0.99892), its standard error from the spread of all rows over sqrt(held); top-1 and
-    `cosine_all` stay over all rows (top-1 of a few samples moves in steps of 1/n)."""
-    cos = sample_cosines(ref, cand)
-    se = float(cos.std(ddof=1) / np.sqrt(len(cos))) if len(cos) > 1 else 0.0
-    out = {"cosine": float(cos.mean()), "cosine_se": se, "n": len(cos),
-           "top1": float(np.mean(ref.argmax(-1) == cand.argmax(-1)))}
-    if 0 < held < len(cos):
-        out.update(cosine=float(cos[-held:].mean()), cosine_se=se * np.sqrt(len(cos) / held), n=held,
-                   cosine_all=float(cos.mean()))
-    return out
-
-
-def sample_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Cosine of each sample's output against its FP32 reference (-1 everywhere if any output is not finite)."""
-    if not np.all(np.isfinite(cand)):
-        return np.full(len(ref), -1.0)
-    return metrics.cosine_per_sample(ref, cand)
-
-
-def cosine(ref: np.ndarray, cand: np.ndarray) -> float:
-    """Mean per-sample cosine (onnxopt.metrics), -1 if any output is not finite."""
-    return float(sample_cosines(ref, cand).mean())
-
+    """The search's figures of `cand` against `ref` (onnxopt.metrics.cosine_summary: the one cosine)."""
+    return metrics.cosine_summary(ref, cand, held)
 
 
 # ---------------------------------------------------------------- sensitivities (restartable)

@@ -77,7 +77,8 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
-                     _smoothing(cands, node))
+                     _smoothing(cands, node), {f: (cands.block_clips.get((name, f)), cands.smooth_of(name, f))
+                                               for f in cands.layers[name].formats})
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         for tname, uses in plan.activations.items():
@@ -107,17 +108,18 @@ def _gate_block_activations(b: _Builder, nodes: dict, cands: Candidates, amax: d
                 continue
             x = node.inputs[0]
             node.inputs[0] = b.branch(name, f, x, lambda x, into, fmt=fmt, node=node: _lowered(
-                b, lambda g: _block_activation(g, node, x, fmt, amax.get(inputs[name][0]), b.names, inputs[name][1]),
+                b, lambda g: _block_activation(g, node, x, fmt, amax.get(inputs[name][0]), b.names, inputs[name][1],
+                                               cands.smooth_of(name, fmt.name)),
                 f"{x.name}_{f}", into),
                 f"{x.name}_{f}")
 
 
-def _block_activation(g: gs.Graph, node: gs.Node, x: gs.Tensor, fmt, amax, names: set, weight) -> gs.Variable:
+def _block_activation(g: gs.Graph, node: gs.Node, x: gs.Tensor, fmt, amax, names: set, weight, smooth=None) -> gs.Variable:
     """The writer's activation nodes on `x` in a scratch graph (a stand-in layer with the layer's weight reads x,
     so the writer can read K and rewire it)."""
     stand_in = gs.Node(node.op, inputs=[x, weight], outputs=[], attrs=dict(node.attrs))
     g.nodes.append(stand_in)
-    y = writer.write_block_activation(g, stand_in, fmt, amax, names)
+    y = writer.write_block_activation(g, stand_in, fmt, amax, names, smooth, np.float32)  # as --auto's check writes
     g.nodes.remove(stand_in)
     stand_in.inputs.clear()
     return y
@@ -151,7 +153,7 @@ def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> 
 
 
 def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None,
-                 sm=None) -> None:
+                 sm=None, block_clips: dict | None = None) -> None:
     fmts = [f for f in layer.formats if f != "none"]
     if not fmts or not rules.is_weight(node.inputs[1]):
         return
@@ -166,7 +168,7 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
             make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
                                                   shape=list(w.shape)))
         else:
-            make, wq = _weight_maker(b, node, w, f, hp, block_size, clip)
+            make, wq = _weight_maker(b, node, w, f, hp, block_size, clip, (block_clips or {}).get(f, (None, None)))
         shift = _bias_shift(node, wq - w, means, f)
         del wq
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
@@ -221,12 +223,13 @@ def _smoothed_qdq(b: _Builder, x: gs.Tensor, sm, node: gs.Node, hp: str, into: l
 COMPACT_WEIGHTS = True  # False: FP32 fake-quant constants (4 bytes/param; the reference the tests compare with)
 
 
-def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip):
+def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, block_size: int, clip,
+                  block=(None, None)):
     """(then-branch maker, the weight it gives) of a weight gate: the quantized weight (1 byte/param, INT4 0.5)
     behind a DequantizeLinear, which gives exactly `fake_weight`'s numbers (the same q, float32 scales, one multiply)."""
     base = f"{node.name}_{fmt}_w"
     if formats.get(fmt).activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact)
-        return _block_weight_maker(b, node, w, formats.get(fmt))
+        return _block_weight_maker(b, node, w, formats.get(fmt), *block)
     if not COMPACT_WEIGHTS:
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)
         wc = modelfile.constant(G.unique_name(base, b.names), wq)
@@ -246,13 +249,14 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
                                    shape=list(w.shape))), wq
 
 
-def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f):
+def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f, clip=None, smooth=None):
     """(then-branch maker, the weight it gives) of a block-format weight gate: quant.writer.write_block_weight's
-    nodes on a stand-in layer, lowered to one constant of exactly the numbers they dequantize to."""
+    nodes on a stand-in layer (with the candidate's AWQ `clip`), lowered to one constant of exactly the numbers
+    they dequantize to."""
     g = gs.Graph(nodes=[], opset=b.graph.opset)
     stand_in = gs.Node(node.op, inputs=[node.inputs[0], gs.Constant(f"{node.name}_{f.name}_w_src", w)],
                        outputs=[], attrs=dict(node.attrs))
-    out, _ = writer.write_block_weight(g, stand_in, f, b.names)
+    out, _ = writer.write_block_weight(g, stand_in, f, b.names, clip, smooth, np.float32)
     stand_in.inputs.clear()
     y = b.var(f"{node.name}_{f.name}_wq_out", shape=list(w.shape))
     keep = gs.Node("Identity", name=G.unique_name(f"{node.name}_{f.name}_wq", b.names), inputs=[out], outputs=[y])
@@ -260,7 +264,11 @@ def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f):
     g.outputs = [y]
     emulation.lower_graph(g)
     wc = keep.inputs[0]
+    while not isinstance(wc, gs.Constant) and len(wc.inputs) == 1 and wc.inputs[0].op == "Cast":
+        wc = wc.inputs[0].inputs[0]  # MXFP8: its FP16 output cast to the FP32 graph's type (exact)
     wq = np.asarray(wc.values, np.float32)
+    if np.dtype(wc.dtype) != np.float32:
+        wc = b.const(f"{node.name}_{f.name}_wq_f32", wq)
     keep.inputs.clear()
     keep.outputs.clear()
     return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{f.name}_wq", into=into, shape=list(w.shape))), wq

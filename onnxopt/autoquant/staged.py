@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import formats, modelfile, ort
+from .. import formats, metrics, modelfile, ort
 from .. import progress as progress_
 from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
-from .evaluate import HELD_OUT, Gates, cosine, metrics_of
+from .evaluate import HELD_OUT, Gates, metrics_of
 from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ class StagedEvaluator(Gates):
         ids = self.ids["search"][:GAIN_BATCHES]
         out, stage_err = self._chain(self.gates(mix), ids, s)
         ref = np.concatenate([self.refout[b] for b in ids])
-        model_err = max(0.0, 1.0 - cosine(ref, np.concatenate([out.get(b, self.refout[b]) for b in ids])))
+        model_err = max(0.0, 1.0 - metrics.mean_cosine_score(ref, np.concatenate([out.get(b, self.refout[b]) for b in ids])))
         gain = model_err / stage_err if stage_err > 0 else 1.0
         log.info("stage %d: gain %.3g (model error %.3g over stage error %.3g, %d layers)", s, gain, model_err,
                  stage_err, len(mix))

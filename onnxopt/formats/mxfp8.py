@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from .base import Format, emitters, reshape_back
 from .fp8 import FP8_E4M3
@@ -92,10 +92,11 @@ class MXFP8(Format):
         q, e = self.quantize_weight(w, axis, clip=clip)
         return self.dequantize(q, e, axis)
 
-    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
-                        ) -> tuple[gs.Variable, dict]:
+    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None,
+                           dtype=None) -> tuple[gs.Variable, dict]:
         """TRT_MXFP8DequantizeLinear of the weight in the layer's layout, output FP16 (FP32 where a dequantized
-        weight exceeds FP16's range: info "fp32_node" names the node that must stay FP32)."""
+        weight exceeds FP16's range: info "fp32_node" names the node that must stay FP32). `dtype` float32: the
+        graph is still FP32 (--auto's write, before Autocast): a Cast to it follows (Autocast relabels it)."""
         q, e = self.quantize_weight(w_kn, clip=clip)
         wide = float(np.abs(self.dequantize(q, e)).max(initial=0.0)) > float(np.finfo(np.float16).max)
         axis = 1 if transposed else 0
@@ -111,11 +112,13 @@ class MXFP8(Format):
         info = {"format": self.name, "block_size": BLOCK, "bytes": int(q.size + e.size)}
         if wide:
             info["fp32_node"] = node
-        return out, info
+        return _cast_to(graph, out, dtype, name, base), info
 
-    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
-        """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16; inputs other
-        than 2-D are reshaped to [-1, K] around them (K known when the engine is built, `k` where inference lost it)."""
+    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None,
+                                 dtype=None):
+        """TRT_MXFP8DynamicQuantize + TRT_MXFP8DequantizeLinear on `tensor` (last axis), output FP16 (then a Cast to
+        `dtype` float32 in a graph that is still FP32); inputs other than 2-D are reshaped to [-1, K] around them
+        (K known when the engine is built, `k` where inference lost it)."""
         name = name or (lambda n: n)
         base = base or tensor.name
         rank = len(tensor.shape) if tensor.shape is not None else 0
@@ -135,9 +138,20 @@ class MXFP8(Format):
                                    attrs={"axis": -1, "block_size": BLOCK, "output_dtype": int(TensorProto.FLOAT16)}))
         if rank != 2:
             y = reshape_back(graph, y, tensor, name, f"{base}_mxfp8", np.float16)
+        y = _cast_to(graph, y, dtype, name, f"{base}_mxfp8")
         for node, idx in uses:
             node.inputs[idx] = y
         return y
+
+
+def _cast_to(graph: gs.Graph, y: gs.Variable, dtype, name, base: str) -> gs.Variable:
+    """`y` (FP16, or FP32 for a wide weight) cast to `dtype` where it differs (None: as it is)."""
+    if dtype is None or np.dtype(dtype) == np.dtype(y.dtype):
+        return y
+    out = gs.Variable(name(f"{base}_as_{np.dtype(dtype).name}"), dtype=np.dtype(dtype), shape=y.shape)
+    graph.nodes.append(gs.Node("Cast", name=name(f"{base}_Cast_{np.dtype(dtype).name}"), inputs=[y], outputs=[out],
+                               attrs={"to": int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))}))
+    return out
 
 
 def emulate_dynamic(graph: gs.Graph, x: gs.Tensor, out: gs.Variable, base: str) -> None:
@@ -169,6 +183,6 @@ def emulate_dynamic(graph: gs.Graph, x: gs.Tensor, out: gs.Variable, base: str) 
 MXFP8_FORMAT = MXFP8(
     name="mxfp8", bits=8, qmax=FP8_E4M3.qmax, qmin=-FP8_E4M3.qmax, np_dtype=FP8_E4M3.np_dtype,
     onnx_type=TensorProto.FLOAT8E4M3FN, description="MXFP8 (E4M3, E8M0 scale per 32)", weights="per-block",
-    activations="dynamic", block_size=BLOCK, calib_method="", bias_correction=False, mode=True, min_opset=23,
+    activations="dynamic", block_size=BLOCK, calib_method="", bias_correction=False, mode=True, auto=True, min_opset=23,
     weight_bits=8.25, activation_bits=8.25, storage_names=(), engine_precisions=("FP8UE8M0",),
     dequantize_op=DQ_OP, dynamic_op=DYNAMIC_OP, extra={"scale_format": "e8m0"})

@@ -152,6 +152,10 @@ class NVFP4(Format):
         codes = _CODES.take(i) - (_DOWN_TIE.take(i) & (t == i))
         return (codes | (np.signbit(y).astype(np.uint8) << 3)).view(_FP4)
 
+    def fake_quant_activation(self, x: np.ndarray, amax: float) -> np.ndarray:
+        """W4A4's view of activation rows x (blocks along the last axis) with calibrated range amax (numpy)."""
+        return fake_quant_activation(x, amax)
+
     def to_float(self, codes: np.ndarray) -> np.ndarray:
         """E2M1 codes as float32 (table lookup)."""
         return _TO_FLOAT[np.asarray(codes).view(np.uint8) & 0x0F]
@@ -223,10 +227,11 @@ class NVFP4(Format):
         return modelfile.constant(name, np.ascontiguousarray(codes, _FP4))
 
     # ------------------------------------------------------------ ONNX forms
-    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None
-                         ) -> tuple[gs.Variable, dict]:
+    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None,
+                           dtype=None) -> tuple[gs.Variable, dict]:
         """The two DequantizeLinears of an NVFP4 weight in the layer's layout ([K, N], or [N, K] for
-        Gemm transB), output FP32 (`name` makes names unique). Returns (output, report info)."""
+        Gemm transB), output FP32 whatever `dtype` (Autocast casts around its FP32 scales); `name` makes names
+        unique. Returns (output, report info)."""
         p = self.quantize_parts(w_kn, clip)
         codes, bs, axis = (p.codes.T, p.block_scales.T, 1) if transposed else (p.codes, p.block_scales, 0)
         qc = self.weight_constant(name(f"{base}_fp4"), codes)
@@ -242,7 +247,8 @@ class NVFP4(Format):
                 "bytes": int((codes.size + 1) // 2 + bs.size + 4)}
         return out, info
 
-    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None):
+    def write_dynamic_activation(self, graph, tensor, uses, *, axis=-1, base=None, amax=None, name=None, k=None,
+                                 dtype=None):
         """TRT_FP4DynamicQuantize + two DequantizeLinears on `tensor` (its last axis blocked), rewiring `uses`.
         Inputs other than 2-D are reshaped to [-1, K] around it (the op takes 2-D or 3-D, with K known when the
         engine is built, which a 3-D input reshaped from dynamic shapes is not; `k` gives it where shape inference

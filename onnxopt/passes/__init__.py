@@ -2,6 +2,10 @@
 
     onnxopt.run([Sparsify("2:4"), SmoothQuant(0.8), QDQ("int8"), Autocast("fp16")], "m.onnx", "out.onnx",
                 data="calib.npz")
+
+Each pass adapts its options to a technique module's keyword entry point (Sparsify: sparsity, SmoothQuant:
+smoothquant, AWQ: awq, LowRank: lowrank, QDQ/Int4/BlockFP: quant.rules/calibration/writer, AutoQuant: autoquant,
+Autocast: autocast); docs/ARCHITECTURE.md "Map" has the table.
 """
 from .autocast import Autocast
 from .autoquant import AutoQuant

@@ -45,6 +45,10 @@ class AutoQuant(PassBase):
     merge_batch: int = 16               # samples run together in the gated graph (where inputs allow)
     block_size: int = 128               # INT4 blocks along K
     awq_clip: bool = True               # INT4 candidates with AWQ's per-block clip search (no scale folding)
+    block_awq: bool = True              # W4A4 block candidates (NVFP4) with AWQ's clip search and error-feedback
+                                        # rounding on the search split (no scale folding)
+    block_smooth: bool = False          # ... and their own SmoothQuant-style input scaling where it helps on sampled
+                                        # rows (opt-in: on MiniLM its held-out errors added up worse, BENCHMARKS)
     exclude: tuple = ()
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True
@@ -143,6 +147,10 @@ class AutoQuant(PassBase):
             _, cands.clips = awq.apply(graph, search, nodes, method="clip", block_size=self.block_size,
                                        high_precision=ctx.high_precision, provider=ctx.provider,
                                        memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        if self.block_awq:
+            autoquant.block_awq(graph, search, cands, self.formats, high_precision=ctx.high_precision,
+                                provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
+                                smooth=self.block_smooth)
         t1 = time.perf_counter()
         ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify))  # the final mix was verified
         key = self._key(ctx, graph, search)
@@ -167,7 +175,7 @@ class AutoQuant(PassBase):
             if fp32 is None:
                 break
             graph = modelfile.import_graph(fp32)
-            writer.write(graph, plan, high_precision=ctx.high_precision)
+            writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
             written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
             gap = final[self.metric] - written[self.metric]
             repairs.append({"gated": final[self.metric], "written": written[self.metric], **autoquant.bits_of(mix, cands.layers)})
@@ -250,7 +258,9 @@ class AutoQuant(PassBase):
         """The QuantPlan of a mix, with each layer's reason."""
         return writer.QuantPlan({n: writer.Choice(f, _reason(cands.layers[n], f)) if n in cands.layers else writer.Choice(f)
                                  for n, f in mix.items()}, configs=configs, amax=amax, means=means,
-                                block_size=self.block_size, clips=cands.clips, smooth=cands.smooth)
+                                block_size=self.block_size, smooth=cands.smooth,
+                                clips={n: c for n, f in mix.items() if (c := cands.clip_of(n, f)) is not None},
+                                block_smooth={n: sm for n, f in mix.items() if (sm := cands.smooth_of(n, f)) is not None})
 
     def _split(self) -> str:
         """Batches a mix is verified on. A cosine target is judged on the held-out samples (the calibrated ones
@@ -277,7 +287,8 @@ class AutoQuant(PassBase):
         keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
         writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,
                                   self.block_size, cands.clips, self.min_opset, self._engine_profiles(search),
-                                  str(ctx.workdir), smooth=cands.smooth)
+                                  str(ctx.workdir), smooth=cands.smooth, clip_of=cands.clip_of,
+                                  smooth_of=cands.smooth_of)
         last = {"trials": trials}
 
         def choose():
@@ -324,7 +335,7 @@ class AutoQuant(PassBase):
         for f in (feeds[0], feeds[-1]):
             for k in sorted(f):
                 h.update(k.encode() + np.ascontiguousarray(f[k]).tobytes()[:1 << 20])
-        h.update(repr((self.formats, self.block_size, self.awq_clip, self.exclude, self.op_types, self.quantize_mha,
+        h.update(repr((self.formats, self.block_size, self.awq_clip, self.block_awq, self.block_smooth, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
         if getattr(self, "_stages_used", 1) > 1:
             h.update(f"stages={self._stages_used},{autoquant.staged.ERROR_BATCHES},{autoquant.staged.GAIN_BATCHES}".encode())

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from .. import attention_guard, calib, einsum, formats, precision
 from ..errors import OnnxoptError
-from ..quant import calibration, rules, writer
+from ..quant import calibration, rules, shared_rounding, writer
 from .base import PassBase, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class QDQ(PassBase):
     op_types: tuple = WEIGHT_OPS
     quantize_mha: bool = True          # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     bias_correction: bool = True       # fold -ΔW·E[x] of weight quantization into the bias
+    shared_rounding: bool = True       # a weight read by several layers: rounded for all uses (quant.shared_rounding)
     name = "qdq"
     min_opset = 19                     # FP16 scales on Q/DQ need opset 19
     quantizes = True
@@ -67,9 +68,9 @@ class QDQ(PassBase):
                                + (f" ({'; '.join(reasons)})" if reasons else "") + "; nothing was written")
         bmm = sum(1 for n in plan.nodes if n.op == "MatMul" and not _has_weight(n))
         t0 = time.perf_counter()
-        amax, means = self.calibrate(ctx, plan)
+        amax, means, hessians = self.calibrate(ctx, plan)
         t1 = time.perf_counter()
-        layers = self._insert(graph, plan, amax, means, ctx.high_precision, ctx.threads)
+        layers = self._insert(graph, plan, amax, means, ctx.high_precision, ctx.threads, hessians)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]
         ctx.fp32_nodes.extend(fp32_scale)
@@ -84,17 +85,24 @@ class QDQ(PassBase):
                 "unshared_scales": [{"tensors": list(t), "reason": r} for t, r in plan.unshared],
                 "timings_s": timings}
 
-    def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str, threads: int = 0) -> dict:
-        return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means), high_precision=hp,
-                            threads=threads)
+    def _insert(self, graph: gs.Graph, plan, amax: dict, means: dict, hp: str, threads: int = 0,
+                hessians: dict | None = None) -> dict:
+        return writer.write(graph, writer.QuantPlan.uniform(self.mode, plan, amax, means, hessians=hessians or {}),
+                            high_precision=hp, threads=threads)
 
     def calibrate(self, ctx, plan):
         """Clip range of each planned activation, by the configured method (Concat groups share the largest),
-        and, for bias correction, the per-channel mean of each weighted layer's input. One pass over the data,
+        and, for bias correction, the per-channel mean of each weighted layer's input; with `shared_rounding` the
+        Hessian of each weight read by several layers, summed over its uses. One pass over the data,
         which also feeds `ctx.extra_reducers` and the ranges range-aware autocast asks for (`ctx.range_reducers`)."""
         cp = calibration.plan({self.mode: plan}, {self.mode: self.method}, provider=ctx.provider,
                               percentile=self.percentile, bias_correction_means=self.bias_correction)
         reducers = cp.reducers()
+        # the summed Hessians within half the memory budget (the other half: whole activations of the pass)
+        feeds, shared = (shared_rounding.hessian_reducers(plan, ctx.memory_budget_mb * 2**20 // 2)
+                         if self.shared_rounding else ({}, {}))
+        for n, rs in feeds.items():
+            reducers.setdefault(n, []).extend(rs)
         for n, rs in ctx.extra_reducers.items():
             reducers.setdefault(n, []).extend(rs)
         if ctx.measure_ranges:  # range-aware autocast's max |x| of every float tensor, in this same pass
@@ -103,7 +111,7 @@ class QDQ(PassBase):
                 reducers.setdefault(n, []).extend(rs)
         calib.collect_graph(ctx.graph, ctx.data, reducers, provider=ctx.provider,
                             memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
-        return cp.amax()[self.mode], cp.mean_values()
+        return cp.amax()[self.mode], cp.mean_values(), shared_rounding.hessian_values(shared)
 
 
 def _has_weight(node: gs.Node) -> bool:

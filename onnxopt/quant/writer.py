@@ -18,7 +18,7 @@ from .. import fold, formats
 from .. import threads as threads_
 from .. import graph as G
 from ..formats import Format
-from . import bias_correction, qdq, rules
+from . import bias_correction, qdq, rules, shared_rounding
 
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm")
 
@@ -41,6 +41,8 @@ class QuantPlan:
     block_size: int = 128                         # per-block formats
     clips: dict = field(default_factory=dict)     # weight-only layer -> AWQ clip ratios, or (codes, scales)
     smooth: dict = field(default_factory=dict)    # activation -> autoquant.smooth.Smoothing (int8-sq layers)
+    hessians: dict = field(default_factory=dict)  # weight read by several layers -> Σ XᵀX of all uses (shared_rounding)
+    block_smooth: dict = field(default_factory=dict)  # block-format layer -> Smooth (its own input scaling)
 
     @classmethod
     def from_mix(cls, mix: dict, reason: str = "", **kw) -> "QuantPlan":
@@ -59,13 +61,15 @@ class QuantPlan:
 
 
 def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0, quantized: dict | None = None,
-          in_flight_bytes: int = threads_.IN_FLIGHT_BYTES) -> dict:
+          block_dtype=None, in_flight_bytes: int = threads_.IN_FLIGHT_BYTES) -> dict:
     """Quantize each layer of `graph` in place to its format in `plan` (weights on `threads` worker threads,
     0: one per core; the result does not depend on it; at most `in_flight_bytes` of memory for weights being quantized
     or waiting to be written at once (their work counted as `JOB_FP32_COPIES` copies of the FP32 weight), each
-    written (spilled) before the next is taken). `quantized`
-    ({(weight constant name, format): result of `quantize_weights`}) supplies per-channel weights quantized
-    earlier, which are not quantized again. Returns {layer: info}."""
+    written (spilled) before the next is taken). `quantized` ({(weight constant name, format): result of
+    `quantize_weights`}) supplies per-channel weights quantized earlier, which are not quantized again.
+    `block_dtype` np.float32: block formats whose TensorRT dequantizers output FP16 (MXFP8) are cast to it, for a
+    graph evaluated before Autocast (--auto's check); None: TensorRT's own types (the file; Autocast follows).
+    Returns {layer: info}."""
     hp = high_precision
     mix, amax, means, smoothed = _smooth_inputs(graph, plan)
     used = set(mix.values())
@@ -90,7 +94,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
                 mean = (means.get(_unquantized(node.inputs[0]).name)
                         if node.op in bias_correction.OPS and const.name not in shared else None)
                 chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
-                jobs.append(WeightJob(node, const, chain, axis, f, hp, mean))
+                jobs.append(WeightJob(node, const, chain, axis, f, hp, mean, plan.hessians.get(const.name)))
         # The numbers in worker threads (or from `quantized`, computed before), the graph edits here in plan
         # order: the same graph at any thread count.
         have = quantized or {}
@@ -128,9 +132,13 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
     for node, f in per_layer:
         if f.activations == "dynamic":
             before = {id(n) for n in graph.nodes}
-            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names)  # K from the weight: first
-            layers[node.name] = write_block_weight(graph, node, f, names)[1]
-            layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
+            sm = plan.block_smooth.get(node.name)
+            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names, sm, block_dtype)  # K: first
+            layers[node.name] = write_block_weight(graph, node, f, names, plan.clips.get(node.name), sm, block_dtype)[1]
+            if sm is not None:
+                layers[node.name]["smoothing"] = {"alpha": sm.alpha, "amax": sm.amax}
+            if f.calib_method:  # NVFP4's FP32 tensor scales (amax / 2688 underflows FP16); MXFP8 has none (as BlockFP)
+                layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format
         layers[name]["smoothing"] = how
@@ -147,6 +155,7 @@ class WeightJob:
     format: str
     high_precision: str
     mean: np.ndarray | None    # input channel means: bias correction
+    hessian: np.ndarray | None = None   # Σ XᵀX over every layer reading a shared weight: rounded for all uses
 
 
 def quantize_job(job: WeightJob) -> tuple:
@@ -156,6 +165,8 @@ def quantize_job(job: WeightJob) -> tuple:
     w = np.asarray(values, dtype=np.float32)
     f = formats.get(job.format)
     q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
+    if job.hessian is not None:
+        q = shared_rounding.codes(f, w, job.axis, scale, q, job.hessian, job.const.name)
     shift = None
     if job.mean is not None:
         shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
@@ -178,7 +189,7 @@ def weight_jobs(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> lis
                 mean = (plan.means.get(_unquantized(node.inputs[0]).name)
                         if node.op in bias_correction.OPS and const.name not in shared else None)
                 chain = fold.weight_chain(node, idx)[1] if node.inputs[idx] is not const else None
-                jobs.append(WeightJob(node, const, chain, axis, f, high_precision, mean))
+                jobs.append(WeightJob(node, const, chain, axis, f, high_precision, mean, plan.hessians.get(const.name)))
     return jobs
 
 
@@ -233,23 +244,46 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
     return out, before, after
 
 
-def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set) -> tuple[gs.Variable, dict]:
+@dataclass
+class Smooth:
+    """A block-format layer's own input scaling (--auto's W4A4 helper): the layer reads x ⊘ s (a Mul in front of
+    its dynamic quantizer, whose per-tensor range is `amax`) and s ⊙ W (K rows scaled)."""
+    s: np.ndarray
+    amax: float
+    alpha: float = 0.0
+
+
+def write_block_weight(graph: gs.Graph, node: gs.Node, fmt: Format, names: set, clip=None, smooth: Smooth | None = None,
+                       dtype=None) -> tuple[gs.Variable, dict]:
     """The layer's weight in a block format with dynamic activations (NVFP4, MXFP8), the format's own nodes, wired
-    into the layer; the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
+    into the layer (`clip`: AWQ's clip ratios or error-fed codes, [K, N] layout; `dtype`: as `write`'s block_dtype);
+    the gated graph of --auto lowers these very nodes for ONNX Runtime. Returns (output, info)."""
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
     w_kn = G.to_kn(node, fold.effective_weight(node))
-    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names))
+    if smooth is not None:
+        w_kn = (w_kn * smooth.s[:, None]).astype(np.float32)
+    out, info = fmt.write_block_weight(graph, node.inputs[1].name, w_kn, trans, lambda s: G.unique_name(s, names), clip=clip,
+                                       dtype=dtype)
     node.inputs[1] = out
     return out, {**info, "format": fmt.name}
 
 
-def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set) -> gs.Variable:
+def write_block_activation(graph: gs.Graph, node: gs.Node, fmt: Format, amax, names: set, smooth: Smooth | None = None,
+                           dtype=None) -> gs.Variable:
     """The format's dynamic quantizer on the layer's input (its per-tensor scale from `amax`, where the format has
-    one), wired into the layer. Returns its output."""
+    one), wired into the layer; with `smooth`, on x ⊘ s (a Mul of its own, range smooth.amax). Returns its output."""
     trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
     k = int(fold.effective_shape(node)[1 if trans else 0])
     x = node.inputs[0]
-    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k)
+    if smooth is not None:
+        inv = gs.Constant(G.unique_name(f"{node.name}_w4a4_inv_s", names), (1.0 / smooth.s).astype(np.float32))
+        xs = gs.Variable(G.unique_name(f"{x.name}_w4a4_smoothed", names), dtype=x.dtype or np.float32, shape=x.shape)
+        graph.nodes.append(gs.Node("Mul", name=G.unique_name(f"{node.name}_w4a4_smooth", names), inputs=[x, inv],
+                                   outputs=[xs]))
+        node.inputs[0] = x = xs
+        amax = smooth.amax
+    return fmt.write_dynamic_activation(graph, x, [(node, 0)], amax=amax, name=lambda s: G.unique_name(s, names), k=k,
+                                        dtype=dtype)
 
 
 def fusable_block_size(k: int, block_size: int) -> int:

@@ -1,0 +1,124 @@
+"""Rounding of a weight read at several places (ALBERT's one layer at every depth) for all its uses at once.
+
+A per-channel FP8/INT8 weight rounded to nearest carries one fixed error; a weight that serves 12 depths applies
+that same error 12 times, so the errors add up coherently instead of partly cancelling as independent ones
+would (tools/albert_shared.py --init minilm: weights-only FP8 output cosine 0.9848 with the shared error,
+0.9905 with the same errors shuffled per depth). Such a weight is rounded with error feedback (GPTQ, Frantar et
+al. 2023) against H = Σ_uses XᵀX, the Hessian of the output error summed over every layer that reads it: the
+rounding minimises Σ_uses ||X_u (W - Q)||², the error accumulated over all uses, not the weight error. The
+per-channel scales stay the format's (max |w| per output channel), so the written graph's form is unchanged.
+Only weights with several readers are rounded this way: for a weight read once the same Hessian would need one
+more statistic per layer for a gain the measurements here did not need.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .. import calib, obs, threads
+
+log = logging.getLogger(__name__)
+
+DAMP = 0.01           # GPTQ's damping: 1% of the mean diagonal
+OPS = ("MatMul", "Gemm")
+SMALL_K = 4096        # up to this many inputs, one BLAS thread per rounding (on the ALBERT stand-in: write 14-18 s -> ~3 s)
+LAZY = 128            # rows rounded between two updates of the rest (the same numbers, fewer passes over W)
+
+
+def _reads_rows(node) -> bool:
+    """The layer multiplies rows of input 0 by the [K, N] weight at input 1 (MatMul, Gemm without transA)."""
+    return node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transA", 0))
+
+
+def _inputs(node, axis: int) -> int | None:
+    """K, the weight's input-channel count as the layer sees it (after any Transpose/Identity view)."""
+    view = node.inputs[1].shape
+    k = view[1 - axis] if view is not None and len(view) == 2 else None
+    return k if isinstance(k, int) else None
+
+
+def shared_weights(place) -> dict:
+    """{weight constant name: [(node, axis)]} of the 2-D MatMul/Gemm weights in a rules placement that more than
+    one planned layer reads (the writer quantizes such a weight once, for all of them)."""
+    uses: dict = {}
+    for node, idx, const, axis in place.weights:
+        if node.op in OPS and idx == 1 and _reads_rows(node) and _inputs(node, axis):
+            uses.setdefault(const.name, []).append((node, axis))
+    return {c: u for c, u in uses.items() if len(u) > 1 and len({_inputs(n, a) for n, a in u}) == 1}
+
+
+def hessian_reducers(place, max_bytes: int | None = None) -> tuple[dict, dict]:
+    """({input tensor: [reducer]} for the calibration pass, {weight constant name: calib.Hessian}): one Hessian
+    per shared weight, fed by the inputs of all its readers, so it sums XᵀX over every use. Weights read by the
+    same inputs (ALBERT's Q, K and V projections) share one. Hessians beyond `max_bytes` in all (float64 K x K)
+    are not collected: those weights keep nearest rounding (said in the log)."""
+    reducers, hessians, by_inputs, used = {}, {}, {}, 0
+    for cname, uses in shared_weights(place).items():
+        inputs = tuple(dict.fromkeys(n.inputs[0].name for n, _ in uses))
+        k = _inputs(*uses[0])
+        if inputs not in by_inputs and max_bytes is not None and used + 8 * k * k > max_bytes:
+            log.info("%s: its %dx%d Hessian exceeds the memory budget; rounded to nearest", cname, k, k)
+            continue
+        used += 0 if inputs in by_inputs else 8 * k * k
+        if inputs not in by_inputs:
+            h = by_inputs[inputs] = calib.Hessian(_inputs(*uses[0]))
+            for name in inputs:
+                reducers.setdefault(name, []).append(h)
+        hessians[cname] = by_inputs[inputs]
+    return reducers, hessians
+
+
+def hessian_values(hessians: dict) -> dict:
+    """{weight constant name: H (float64)} of the reducers from `hessian_reducers` once the data has run."""
+    return {c: h.mean for c, h in hessians.items() if h.rows}
+
+
+def round_with_feedback(f, w: np.ndarray, axis: int, scale: np.ndarray, h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Codes of `f` for the 2-D weight `w` (output channels on `axis`) with the fixed per-channel `scale`
+    (broadcast over w), rounded one input channel at a time with each channel's error fed back into those not
+    yet rounded. Raises obs.SingularHessian when H is not positive definite even with more damping."""
+    w_kn = np.asarray(w if axis == 1 else w.T, dtype=np.float64)
+    s = np.asarray(scale if axis == 1 else scale.T, dtype=np.float64)[0]   # [N]
+    s = np.where(s == 0, 1.0, s)   # an all-zero channel: rounds its fed-back error at scale 1 (codes 0 anyway)
+    k, _ = w_kn.shape
+    perm = np.argsort(-np.diag(h), kind="stable")   # largest inputs first: their error is absorbed by the most others
+    hh, dead = obs.undead(h[np.ix_(perm, perm)])
+    wp = w_kn[perm].copy()
+    wp[dead] = 0.0
+    u = obs.hinv_upper(hh, damp, via_cholesky=False)   # one Cholesky (GPTQ's route in awq): the other costs as much again
+    q = np.zeros(wp.shape, f.np_dtype)
+    for i1 in range(0, k, LAZY):   # GPTQ's lazy batches: the rows after a batch take its errors in one product
+        i2 = min(i1 + LAZY, k)
+        blk, err = wp[i1:i2], np.zeros((i2 - i1, wp.shape[1]))
+        for i in range(i2 - i1):
+            q[i1 + i] = f.cast(blk[i] / s)
+            e = err[i] = (blk[i] - np.asarray(f.to_float(q[i1 + i]), np.float64) * s) / u[i1 + i, i1 + i]
+            blk[i + 1:] -= np.outer(u[i1 + i, i1 + i + 1:i2], e)
+        wp[i2:] -= u[i1:i2, i2:].T @ err
+    q = q[np.argsort(perm)]
+    return q if axis == 1 else q.T
+
+
+def output_error(w: np.ndarray, w_q: np.ndarray, axis: int, h: np.ndarray) -> float:
+    """tr(Dᵀ H D) / tr(Wᵀ H W), D = W - W_q: the output error over all uses relative to the output energy."""
+    w_kn = np.asarray(w if axis == 1 else w.T, np.float64)
+    d = w_kn - np.asarray(w_q if axis == 1 else w_q.T, np.float64)
+    return float(np.sum((h @ d) * d) / max(np.sum((h @ w_kn) * w_kn), 1e-30))
+
+
+def codes(f, w: np.ndarray, axis: int, scale: np.ndarray, q: np.ndarray, h: np.ndarray, name: str = "") -> np.ndarray:
+    """`round_with_feedback`'s codes when they lower the output error summed over the uses, else `q` (the
+    nearest-rounded codes; also when H stays singular, said in the log)."""
+    if w.ndim != 2 or np.ndim(scale) != 2 or np.size(scale) != w.shape[axis]:   # one scale per output channel only
+        return q
+    try:
+        with threads.one_blas_thread(h.shape[0] <= SMALL_K):   # the writer runs several at once on its threads
+            fb = round_with_feedback(f, w, axis, scale, h)
+    except obs.SingularHessian as e:
+        log.warning("%s: %s; rounding to nearest", name, e)
+        return q
+    before = output_error(w, f.dequantize(q, scale), axis, h)
+    after = output_error(w, f.dequantize(fb, scale), axis, h)
+    log.debug("%s: output error over all uses %.3g -> %.3g with error feedback", name, before, after)
+    return fb if after < before else q

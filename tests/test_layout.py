@@ -1,0 +1,77 @@
+"""The package's layout as docs/ARCHITECTURE.md describes it: no import circle between onnxopt's modules
+(module-level imports), every pass in passes/ named in the map, and no technique module importing a pass."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "onnxopt"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: onnxopt modules it imports at module level} (function-level imports are lazy by intent)."""
+    mods = {_module(p): p for p in PKG.rglob("*.py")}
+    out: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    deps.add(full if full in mods else base)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        out[name] = {d for d in deps if d in mods and d != name}
+    return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, or None. A package's __init__ importing its own submodules is not a circle."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if d.startswith(m + "."):
+                continue
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if not state.get(d) and (c := visit(d)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+    for m in sorted(graph):
+        if not state.get(m) and (c := visit(m)):
+            return c
+    return None
+
+
+def test_no_import_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]   # the check finds one
+    imports = _imports()
+    # Importing a package runs its __init__: an edge into a submodule also depends on the package.
+    graph = {m: set(ds) | {d.rsplit(".", 1)[0] for d in ds if d.rsplit(".", 1)[0] in imports and d.rsplit(".", 1)[0] != m
+                           and not m.startswith(d.rsplit(".", 1)[0] + ".")} for m, ds in imports.items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_passes_in_the_map_and_techniques_import_no_pass():
+    doc = (PKG.parent / "docs" / "ARCHITECTURE.md").read_text()
+    passes = [p.stem for p in (PKG / "passes").glob("*.py") if p.stem not in ("__init__", "base")]
+    assert passes and all(f"({p}.py)" in doc for p in passes), [p for p in passes if f"({p}.py)" not in doc]
+    imports = _imports()
+    users = {m for m, ds in imports.items() if any(d == "onnxopt.passes" or d.startswith("onnxopt.passes.") for d in ds)}
+    allowed = {"onnxopt", "onnxopt.api", "onnxopt.presets"}   # the API and presets build recipes of passes
+    assert {m for m in users if not m.startswith(("onnxopt.passes", "onnxopt.cli"))} <= allowed
