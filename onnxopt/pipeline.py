@@ -284,8 +284,7 @@ class Runner:
         Autocast pass's rebuild widens the FP32 region, or the run ends with one error line."""
         data = ctx.data if ctx.data is not None else ctx.check_data
         if data is None:
-            finite.check_valid(out, ctx.provider)
-            return out, {"checked": "load only (no data to run)"}
+            return out, {"checked": "load only (no data to run)", "loaded": finite.check_loads(out, ctx.provider)}
         return finite.verify(reference, out, data, ctx.rebuild, provider=ctx.provider, memory_budget_mb=self.memory_budget_mb)
 
     def _data(self, model: onnx.ModelProto) -> calib.CalibData | None:
