@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from . import ort as ortx
 from .calib import CalibData, input_specs
 from .errors import OnnxoptError
 from .progress import track
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +77,31 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     if extra:
         raise OnnxoptError(f"candidate takes inputs {extra} that the reference does not; compare models of the same network")
     acc = {o: M.Stream() for o in outs}
-    # One model in memory at a time: the reference's outputs wait on disk while the candidate runs, so the
-    # peak is the larger model's, not the sum (a full-size SDXL UNet pair would not fit 24 GB otherwise).
-    rs, _ = evaluation_session(ref_m, provider)
-    n = 0
-    for i, feed in enumerate(track(data, desc="compare: reference", enabled=progress, unit="batch")):
-        for j, a in enumerate(ortx.run(rs, outs, feed, model=ref_m, label=f"{_name(ref, 'the reference')} on batch {i + 1}")):
-            np.save(work / f"{i}_{j}.npy", a)
-        n = i + 1
-    if n == 0:
-        raise OnnxoptError(f"{getattr(data, 'describe', data)}: no samples to compare; give data with at least one sample")
-    del rs
-    gc.collect()
-    cs, viewed = evaluation_session(cand_m, provider)
+    # The reference's outputs wait on disk while the candidate runs. Where both models' weights fit at once
+    # (CUDA: a third of the GPU; CPU: the memory budget), the candidate's session is built in a worker thread
+    # while the reference's is built and run (ORT releases the GIL: the two session set-ups, most of a big
+    # UNet's compare, overlap). Otherwise one model at a time, so the peak is the larger model's, not the sum
+    # (a full-size SDXL UNet pair would not fit 24 GB of host memory).
+    with ThreadPoolExecutor(1) as pool:
+        pending = (pool.submit(evaluation_session, cand_m, provider)
+                   if ortx.fit_together([ref_m, cand_m], provider, MEMORY_BUDGET_MB) else None)
+        rs, _ = evaluation_session(ref_m, provider)
+        n = 0
+        for i, feed in enumerate(track(data, desc="compare: reference", enabled=progress, unit="batch")):
+            got = ortx.run_fetched(rs, outs, feed, model=ref_m, label=f"{_name(ref, 'the reference')} on batch {i + 1}")
+            for j, a in enumerate(got):
+                np.save(work / f"{i}_{j}.npy", a)
+            n = i + 1
+        if n == 0:
+            raise OnnxoptError(f"{getattr(data, 'describe', data)}: no samples to compare; give data with at least one sample")
+        del rs
+        gc.collect()
+        cs, viewed = pending.result() if pending is not None else evaluation_session(cand_m, provider)
     cand_inputs = {i.name: i.type for i in cs.get_inputs()}
     for i, feed in track(zip(range(n), data), total=n, desc="compare: candidate", enabled=progress, unit="batch"):
         cfeed = {k: (v.astype(np.float32) if viewed and v.dtype == np.float16 else _match(v, cand_inputs.get(k)))
                  for k, v in feed.items()}
-        got = ortx.run(cs, outs, cfeed, model=cand_m, label=f"{_name(cand, 'the candidate')} on batch {i + 1}")
+        got = ortx.run_fetched(cs, outs, cfeed, model=cand_m, label=f"{_name(cand, 'the candidate')} on batch {i + 1}")
         for j, (o, c) in enumerate(zip(outs, got)):
             acc[o].update(np.load(work / f"{i}_{j}.npy"), c)
     del cs

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,7 @@ from . import sampler as S
 from .calib import InputSpec, input_specs
 from .errors import OnnxoptError
 from .progress import track
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -439,11 +441,18 @@ def compare_pipeline(reference, candidate, folder: PipelineFolder, prompts: Sequ
         score, note = lpips_metric()
         pipe = load(folder, ran_on, opts)
         runs = []
-        for model, label in ((ref_m, "the reference"), (cand_m, "the candidate")):
-            den = _denoiser(model, io, folder, opts, ran_on, label)
+        # The candidate's session built while the reference generates, where both fit (compare.py).
+        together = ortx.fit_together([ref_m, cand_m], ran_on, MEMORY_BUDGET_MB)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_denoiser, cand_m, io, folder, opts, ran_on, "the candidate") if together else None
+            den = _denoiser(ref_m, io, folder, opts, ran_on, "the reference")
             runs.append(generate(pipe, den, todo, opts, progress=progress))
             del den
             gc.collect()
+            den = pending.result() if pending is not None else _denoiser(cand_m, io, folder, opts, ran_on, "the candidate")
+        runs.append(generate(pipe, den, todo, opts, progress=progress))
+        del den
+        gc.collect()
     ref, cand = runs
     latent = S.compare_trajectories(ref.latents, cand.latents, S.SamplerOptions(seeds=opts.seeds))
     nchw = lambda a: np.moveaxis(a, -1, 1)  # noqa: E731

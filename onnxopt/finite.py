@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -28,7 +31,8 @@ _PROTO_LIMIT = 1_800_000_000
 def check_valid(model: onnx.ModelProto, provider: str = "cpu"):
     """onnx checker with full type inference, then an ORT_DISABLE_ALL session (the exact emulation where
     the provider cannot run the low-precision graph). Returns (session, emulated). A failure is a bug."""
-    _checker(model)  # catches what ORT refuses (mixed float/float16 type parameters) without a session
+    check_data(model)
+    _checker(weightless(model))  # catches what ORT refuses (mixed float/float16 type parameters) without a session
     if not _has_low(model):
         try:
             return ortx.session(model, provider=provider, level="disable", lean=True), False
@@ -41,6 +45,133 @@ def check_valid(model: onnx.ModelProto, provider: str = "cpu"):
         return ortx.session(emulated_view(model), provider=provider, level="disable", lean=True), True
     except OnnxoptError as e2:
         raise OnnxoptError(f"internal error: the written graph does not load: {e2}; please report it") from None
+
+
+def check_loads(model: onnx.ModelProto, provider: str = "cpu") -> str:
+    """The load-only guarantee without reading a weight: every tensor's bytes where ORT will look for them
+    (`check_data`), the onnx checker, and an ORT session on `provider` of the weightless graph (weights as
+    typed inputs: the same type and shape checks, kernels and allocation plan, none of the 5 GB read or copied
+    to the GPU). The written graph itself is tried first; the exact emulation where ORT has no kernels for it
+    (BF16 on the CPU, the block formats' trt ops). The checker runs while ORT builds its session (ORT releases
+    the GIL). Returns which graph loaded ("written" | "emulated"); a failure is an internal error."""
+    check_data(model)
+    light = weightless(model)
+    with ThreadPoolExecutor(1) as pool:
+        loaded = pool.submit(_load_weightless, model, light, provider)
+        _checker(light)
+        return loaded.result()
+
+
+def _load_weightless(model: onnx.ModelProto, light: onnx.ModelProto, provider: str) -> str:
+    from .emulate import emulated_view
+    from .formats.emulation import has_block_formats
+    first = None
+    if not has_block_formats(model):  # lowering the block formats reads their weights: the emulation below
+        try:
+            ortx.session(light, provider=provider, level="disable", lean=True)
+            return "written"
+        except OnnxoptError as e:
+            if not _has_low(model):
+                raise OnnxoptError(f"internal error: the written graph does not load: {e}; please report it") from None
+            first = e
+    view = emulated_view(light if first is not None else model)
+    try:
+        ortx.session(weightless(view), provider=provider, level="disable", lean=True)
+    except OnnxoptError as e2:
+        raise OnnxoptError(f"internal error: the written graph does not load: {e2}; please report it") from None
+    if first is not None:
+        log.info("the written graph has no %s kernels in ONNX Runtime (%s); its exact emulation loads", provider, first)
+    return "emulated"
+
+
+WEIGHTLESS_MIN = 1024  # elements: smaller initializers (shapes, axes, scales) stay, as ORT may read their values
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose big or external initializers of the main graph are typed graph inputs of the
+    same name, type and shape: everything but the weights' bytes, without copying or serializing them."""
+    m = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _assign(m, field, value)
+    g = m.graph
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _assign(g, field, value)
+    inputs = {i.name for i in g.input}
+    from onnx import external_data_helper as ext
+    for t in model.graph.initializer:
+        if ext.uses_external_data(t) or (_elements(t) >= WEIGHTLESS_MIN and t.data_type not in _INDEX_TYPES):
+            if t.name not in inputs:  # IR < 4 models list their initializers as inputs already
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return m
+
+
+_INDEX_TYPES = (TensorProto.INT64, TensorProto.INT32)
+
+
+def _assign(msg, field, value) -> None:
+    if field.is_repeated:
+        getattr(msg, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(msg, field.name).CopyFrom(value)
+    else:
+        setattr(msg, field.name, value)
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n
+
+
+def check_data(model: onnx.ModelProto) -> None:
+    """Every main-graph initializer holds as many values as its type and shape need, in memory or in its
+    external file (what ORT checks when it reads a weight, which `weightless` sessions do not)."""
+    from onnx import external_data_helper as ext
+    for t in model.graph.initializer:
+        n, bits = _elements(t), _bits(t.data_type)
+        if bits is None:
+            continue  # strings: ORT sizes them itself
+        need = (n * bits + 7) // 8
+        if ext.uses_external_data(t):
+            info = ext.ExternalDataInfo(t)
+            offset = int(info.offset or 0)
+            size = os.path.getsize(info.location) if info.location and os.path.isfile(info.location) else -1
+            have = int(info.length) if info.length else size - offset
+            if size < 0 or offset + have > size or have != need:
+                raise OnnxoptError(f"internal error: weight '{t.name}' has {max(have, 0)} bytes in '{info.location}' "
+                                   f"where {need} are needed; please report it")
+        elif t.HasField("raw_data"):
+            if len(t.raw_data) != need:
+                raise OnnxoptError(f"internal error: weight '{t.name}' holds {len(t.raw_data)} bytes where {need} "
+                                   "are needed; please report it")
+        else:
+            fields = [f.name for f, _ in t.ListFields() if f.name.endswith("_data") and f.name != "raw_data"]
+            count = len(getattr(t, fields[0])) if fields else 0
+            want = 2 * n if t.data_type in _COMPLEX else n
+            if bits >= 8 and count != want:
+                raise OnnxoptError(f"internal error: weight '{t.name}' holds {count} values where {want} are needed; "
+                                   "please report it")
+
+
+_COMPLEX = (TensorProto.COMPLEX64, TensorProto.COMPLEX128)
+
+
+def _bits(data_type: int) -> int | None:
+    """Bits per element of an ONNX tensor type (packed sub-byte types: 2, 4, 6); None for strings."""
+    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    packed = re.match(r"[A-Z]*?(\d+)", TensorProto.DataType.Name(data_type))
+    if packed and int(packed.group(1)) < 8:
+        return int(packed.group(1))
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize * 8
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _checker(model: onnx.ModelProto) -> None:
@@ -76,8 +207,8 @@ def ensure_finite(reference: onnx.ModelProto, candidate: onnx.ModelProto, data,
     and check again. Returns the (possibly rebuilt) candidate and a report."""
     report = {"checked": True, "repaired_fp32_nodes": [], "batches": 0}
     if skip_run:
-        check_valid(candidate, provider)
         report["checked"] = "load only"
+        report["loaded"] = check_loads(candidate, provider)
         return candidate, report
     feeds = list(itertools.islice(iter(data), batches))
     report["batches"] = len(feeds)
@@ -117,7 +248,8 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, rebuild
     """`ensure_finite` for the runner. Models whose weights exceed the memory budget (they calibrate in
     stages) get the checker only: a whole-model session would exceed the memory the run promises."""
     if not runs_outputs(reference, memory_budget_mb):
-        _checker(candidate)
+        check_data(candidate)
+        _checker(weightless(candidate))
         log.info("model above a quarter of the memory budget: checked the graph, not its outputs")
         return candidate, {"checked": "checker only (model above a quarter of the memory budget)"}
     return ensure_finite(reference, candidate, data, rebuild, provider=provider)

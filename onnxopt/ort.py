@@ -167,6 +167,54 @@ def run(sess: ort.InferenceSession, outputs, feed: dict, *, model: onnx.ModelPro
         raise run_error(e, model, feed, label) from None
 
 
+def run_fetched(sess: ort.InferenceSession, outputs: list[str], feed: dict, *, model: onnx.ModelProto | None = None,
+                label: str = "the model", bind: bool | None = None) -> list:
+    """`run` whose outputs come back as numpy arrays; through I/O binding (inputs bound once, outputs allocated by
+    ORT and copied to the host once) where `bind` (default: on CUDA), else `run`."""
+    if not (bind if bind is not None else "CUDAExecutionProvider" in sess.get_providers()):
+        return run(sess, outputs, feed, model=model, label=label)
+    try:
+        io = sess.io_binding()
+        for k, v in feed.items():
+            io.bind_cpu_input(k, np.asarray(v, order="C"))  # (ascontiguousarray would make a 0-d input 1-d)
+        for o in outputs:
+            io.bind_output(o)
+        sess.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()
+    except Exception as e:  # noqa: BLE001 - ORT's pybind exceptions share no useful base class
+        raise run_error(e, model, feed, label) from None
+
+
+def device_memory_bytes() -> int | None:
+    """Total memory of the GPU that ORT's CUDA provider uses (the first visible one), from nvidia-smi; None where
+    that cannot be read."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return None
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    try:
+        r = subprocess.run(["nvidia-smi", "-i", first, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=10)
+        return int(r.stdout.split()[0]) * 2**20 if r.returncode == 0 and r.stdout.split() else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def fit_together(models: list, provider: str, host_budget_mb: int) -> bool:
+    """Whether sessions of all `models` may live at once: their weights within a third of the GPU's memory on
+    CUDA (activations and the arena take the rest), within `host_budget_mb` on the CPU."""
+    need = sum(modelfile.model_bytes(m) for m in models)
+    if "CUDAExecutionProvider" in _providers_of(provider):
+        total = device_memory_bytes()
+        return total is not None and 3 * need <= total
+    return need <= host_budget_mb * 2**20
+
+
+def _providers_of(provider: str) -> list[str]:
+    return list(PROVIDERS["cpu"]) if provider in _fallen_back else list(PROVIDERS.get(provider, PROVIDERS["cpu"]))
+
+
 def shrinking(sess: ort.InferenceSession) -> ort.RunOptions | None:
     """Run options that hand a CUDA session's unused arena memory back after each run (None on the CPU): many
     sessions alive at once (staged evaluation) would otherwise each keep their peak activations on the GPU."""

@@ -265,7 +265,8 @@ class Runner:
             with progress.stage(f"saving {output}", self.progress):
                 path = modelfile.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
-            out = modelfile.load(path)  # lazy again, pointing at the saved file rather than the work directory
+            # `out` now reads its weights from the saved file rather than the work directory (no reload: a model
+            # saved as one file would be read whole)
             report["output_bytes"] = output_bytes(path)
             if self.verify is not None:
                 t = time.perf_counter()
@@ -283,8 +284,7 @@ class Runner:
         Autocast pass's rebuild widens the FP32 region, or the run ends with one error line."""
         data = ctx.data if ctx.data is not None else ctx.check_data
         if data is None:
-            finite.check_valid(out, ctx.provider)
-            return out, {"checked": "load only (no data to run)"}
+            return out, {"checked": "load only (no data to run)", "loaded": finite.check_loads(out, ctx.provider)}
         return finite.verify(reference, out, data, ctx.rebuild, provider=ctx.provider, memory_budget_mb=self.memory_budget_mb)
 
     def _data(self, model: onnx.ModelProto) -> calib.CalibData | None:

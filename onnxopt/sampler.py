@@ -9,8 +9,9 @@ Two kinds of model:
 - EDM / consistency denoisers D(x, sigma, conditioning) -> x0: x = sigma_max·z, x0 = D(x, sigma_max), then
   for each further sigma of a Karras (rho 7) schedule x = x0 + sqrt(sigma² - sigma_min²)·z', x0 = D(x, sigma).
 
-Each model runs its whole trajectory alone (one session alive at a time; the reference's per-step samples are
-kept in memory, a few MB), then the two trajectories are compared. Conditioning comes from a data file (.npz,
+Each model runs its whole trajectory alone (the reference's per-step samples are kept in memory, a few MB; the
+candidate's session is built while the reference samples where both models fit, else one session at a time),
+then the two trajectories are compared. Conditioning comes from a data file (.npz,
 arrays keyed by input name, leading axis = prompts, each row the call's batch: 2 rows [uncond, cond] with
 guidance) or is synthesised deterministically from the seed: SDXL text inputs from onnxopt.diffusion's
 synthetic text model (empty negative prompt = zeros), a [batch] float input (a class or difficulty label)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +36,7 @@ from .calib import InputSpec, input_specs
 from .compare import evaluation_session
 from .errors import OnnxoptError
 from .progress import track
+from .settings import MEMORY_BUDGET_MB
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +277,7 @@ class Denoiser:
             record(feed)
         fed = {k: v.astype(np.float16 if self.types.get(k) == "tensor(float16)" else v.dtype, copy=False)
                if np.issubdtype(v.dtype, np.floating) else v for k, v in feed.items()}
-        out = ortx.run(self.sess, [self.roles.output], {**fed, **self.extra}, model=self.model, label=self.label)[0]
+        out = ortx.run_fetched(self.sess, [self.roles.output], {**fed, **self.extra}, model=self.model, label=self.label)[0]
         return np.asarray(out, np.float32)
 
 
@@ -425,9 +428,16 @@ def compare_sampled(reference, candidate, opts: SamplerOptions, *, data: str | d
         cand_m = load_model(candidate, Path(work) / "cand")
         check_candidate(cand_m, r)
         cond = load_conditioning(data, r, opts)
-        ref = reference_run or run_all(ref_m, r, opts, cond, provider, "the reference", progress=progress)
-        del ref_m
-        cand = run_all(cand_m, r, opts, cond, provider, "the candidate", progress=progress)
+        # Both sessions alive at once where both models fit (compare.py): the candidate's is built in a worker
+        # thread while the reference samples; else one model at a time.
+        together = reference_run is None and ortx.fit_together([ref_m, cand_m], provider, MEMORY_BUDGET_MB)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(Denoiser, cand_m, r, provider, "the candidate") if together else None
+            ref = reference_run or run_all(ref_m, r, opts, cond, provider, "the reference", progress=progress)
+            del ref_m
+            den = pending.result() if pending is not None else Denoiser(cand_m, r, provider, "the candidate")
+        cand = run_with(den, opts, cond, progress=progress)
+        del den
     return compare_trajectories(ref, cand, opts, ran_on)
 
 

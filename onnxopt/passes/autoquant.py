@@ -169,13 +169,13 @@ class AutoQuant(PassBase):
                       "loads": ev.loads, "peak_live": ev.peak_live}
         t3 = time.perf_counter()
         fp32 = modelfile.export_graph(graph) if staged is None and self.bits is None else None
-        written, repairs = None, []
+        written, repairs, inserted = None, [], None
         for _ in range(WRITTEN_REPAIRS + 1):  # verify what ships: the written graph, on the same data or seeds
             plan = self._plan(mix, cands, configs, amax, means)
             if fp32 is None:
                 break
             graph = modelfile.import_graph(fp32)
-            writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
+            inserted = writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
             written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
             gap = final[self.metric] - written[self.metric]
             repairs.append({"gated": final[self.metric], "written": written[self.metric], **autoquant.bits_of(mix, cands.layers)})
@@ -185,9 +185,18 @@ class AutoQuant(PassBase):
                         self.metric, written[self.metric], final[self.metric], gap)
             mix, trials = self._choose(ev, cands, ctx, extra=sum(r["gated"] - r["written"] for r in repairs))
             final = ev.metrics(ev.gates(mix), self._split())
+            inserted = None
         del ev
-        graph = ctx.graph
-        inserted = writer.write(graph, plan, high_precision=ctx.high_precision)
+        # Block formats (dynamic activations) were checked with FP32 dequantizer outputs; every other layer is
+        # written as it ships.
+        blocks = any(registry.get(f).activations == "dynamic" for f in set(plan.mix().values()) if f != "none")
+        if inserted is not None and not blocks:
+            # The verified graph is the output: the same writer on a copy of the same graph, so the same bytes,
+            # without quantizing and spilling every weight a second time.
+            ctx.graph = graph
+        else:  # no written verification (staged evaluation, --bits) or block formats: the one write as shipped
+            inserted = writer.write(ctx.graph, plan, high_precision=ctx.high_precision)
+        del fp32
         ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
         ctx.fp32_nodes.extend(n for info in inserted.values() for n in info.pop("fp32_nodes", ()))  # NVFP4 scales
         if ranges is not None and autoquant.SQ not in mix.values():

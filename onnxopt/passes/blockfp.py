@@ -88,7 +88,7 @@ class BlockFP(QDQ):
             groups = [[n for n in g if n in acts] for g in plan.shared_scales]
             sub = rules.Plan(nodes=plan.nodes, activations=acts, weights=plan.weights,
                              shared_scales=[g for g in groups if len(g) > 1], fixed_amax=plan.fixed_amax)
-            amax, means, _ = self._as_fp8(self.calibrate, ctx, sub)  # shared-weight Hessians unused here
+            amax, means = self._as_fp8(self.calibrate, ctx, sub)[:2]  # (QDQ's third result: shared-weight Hessians)
         elif ctx.data is not None and ctx.measure_ranges:  # Autocast's ranges, measured before ORT meets FP4 nodes
             self._as_fp8(self.calibrate, ctx, rules.Plan())
         t1 = time.perf_counter()
