@@ -100,6 +100,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                                 else c.block_size, exclude=c.exclude,
                                 op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
     elif c.mode in BlockFP.FORMATS:
+        passes += _lowrank(c)
         passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq=c.awq if registry.get(c.mode).awq else "none",
                               calib_method=c.calib_method, percentile=c.percentile,
                               exclude=c.exclude, op_types=c.op_types, quantize_mha=c.quantize_mha,

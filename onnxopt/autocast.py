@@ -141,7 +141,8 @@ def _fix_edges(graph: gs.Graph, keep: set[int], dtype: str, low_inputs: set[str]
                 seen.add(id(t))
                 todo.append(t)
     nbytes = sum(4 * int(np.prod(c.shape)) for c in todo if c.shape is not None)
-    ahead = threads.ordered_map(lambda c: (c, _to_low(G.read_values(c), low)), todo, threads.for_bytes(nbytes))
+    ahead = threads.ordered_map(lambda c: (c, _to_low(G.read_values(c), low)), todo, threads.for_bytes(nbytes),
+                                cost=lambda c: 3 * 4 * int(np.prod(c.shape)) if c.shape is not None else 0)  # read, clip, cast
     for node in nodes:
         node_low = id(node) not in keep
         for i, t in enumerate(node.inputs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 
+from .protowire import copy_without, key, split_at, varint
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,10 @@ _PLAIN = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float
           onnx.TensorProto.INT64: np.int64, onnx.TensorProto.UINT64: np.uint64}
 
 
+# Element types stored two to a byte: their external bytes are onnx's packing, not the numpy array's.
+_PACKED = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1}
+
+
 def to_array(t: onnx.TensorProto) -> np.ndarray:
     """Values of a tensor, reading external data (with an absolute location) on demand."""
     if external_data_helper.uses_external_data(t):
@@ -220,7 +226,10 @@ def internalize(model: onnx.ModelProto) -> None:
         if external_data_helper.uses_external_data(t):
             raw = read_external(t)
             del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+            if t.data_type in _PACKED:  # as numpy_helper.from_array writes them (the form they had before spilling)
+                t.ClearField("data_location")
+            else:
+                t.data_location = onnx.TensorProto.DEFAULT
             t.raw_data = raw
 
 
@@ -250,6 +259,9 @@ class _LazyExternal(gs.ir.tensor.LazyValues):
 
 
 SPILL_BYTES = 1 << 20
+# 4-bit codes spill from a smaller size: a save writes them the same whether they were spilled or not (`internalize`),
+# and full-size SDXL has hundreds of NVFP4 weights of 0.1 to 1 MB packed (0.4 GB held otherwise).
+PACKED_SPILL_BYTES = 64 << 10
 _SPILL: contextvars.ContextVar = contextvars.ContextVar("onnxopt_spill", default=None)
 
 
@@ -268,21 +280,34 @@ def spilling(workdir: str | os.PathLike):
 
 
 def set_values(const: gs.Constant, values: np.ndarray) -> None:
-    """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand."""
+    """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand.
+    4-bit values (INT4, FP4 E2M1, which graphsurgeon cannot serialize) are kept packed, two a byte."""
     spill = _SPILL.get()
     values = np.asarray(values)
+    if values.dtype.kind == "V" and helper.np_dtype_to_tensor_dtype(values.dtype) in _PACKED:
+        t = numpy_helper.from_array(values, const.name)  # packed: half the array's bytes
+        if spill is None or len(t.raw_data) < PACKED_SPILL_BYTES:
+            const._values = _LazyExternal(t)
+        else:
+            _spill(const, t.data_type, values.shape, memoryview(t.raw_data), spill)
+        return
     if spill is None or values.nbytes < SPILL_BYTES or values.dtype.kind not in "fiuV":  # V: ml_dtypes FP8
         const.values = values
         return
+    _spill(const, helper.np_dtype_to_tensor_dtype(values.dtype), values.shape,
+           np.ascontiguousarray(values).reshape(-1).view(np.uint8), spill)  # the array's own bytes, not a copy
+
+
+def _spill(const: gs.Constant, data_type: int, shape: tuple, payload, spill) -> None:
+    """Append `payload` (the tensor's external bytes) to the spill file, page-aligned, and make `const` read it lazily."""
     f, path = spill
     end = f.seek(0, os.SEEK_END)
     offset = end + (-end) % _ALIGN  # page-aligned, like io.save
     f.seek(offset)
-    f.write(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # the array's own bytes, not a copy
+    f.write(payload)
     f.flush()
-    t = onnx.TensorProto(name=const.name, data_type=helper.np_dtype_to_tensor_dtype(values.dtype),
-                         dims=values.shape, data_location=onnx.TensorProto.EXTERNAL)
-    for k, v in (("location", path), ("offset", str(offset)), ("length", str(values.nbytes))):
+    t = onnx.TensorProto(name=const.name, data_type=data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
+    for k, v in (("location", path), ("offset", str(offset)), ("length", str(payload.nbytes))):
         t.external_data.add(key=k, value=v)
     const._values = _LazyExternal(t)
 
@@ -383,7 +408,8 @@ def stamp_ir_version(model: onnx.ModelProto) -> None:
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
          input_path: str | os.PathLike | None = None) -> Path:
     """Write `model` atomically. External data is used automatically above 2 GB (or when asked);
-    external tensors of the source are streamed one at a time into the new data file."""
+    external tensors of the source are streamed one at a time into the new data file (or into the one file).
+    Afterwards `model` is lazy on the saved file(s): its big tensors are read from there."""
     path = Path(path)
     if input_path is not None:
         check_output_path(path, input_path)
@@ -400,15 +426,23 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
             with os.fdopen(fd, "wb") as f:
                 for t in all_tensors(model):
                     _move_to_file(t, f, data_name)
+            with open(tmp_model, "wb") as f:
+                f.write(model.SerializeToString())
         else:
-            internalize(model)
-            if model.ByteSize() > 2**31 - 1:
-                raise OnnxoptError("model exceeds 2 GB; save it with external data")
-        with open(tmp_model, "wb") as f:
-            f.write(model.SerializeToString())
+            with open(tmp_model, "wb") as f:
+                placed = _write_embedded(model, f)
         if tmp_data:
             replace(tmp_data, path.parent / data_name)
         replace(tmp_model, path)
+        # `model` reads its weights from the saved files from now on (a work directory it read them from may go)
+        if external_data:
+            data = str((path.parent / data_name).resolve())
+            for t in all_tensors(model):
+                if external_data_helper.uses_external_data(t):
+                    set_location(t, data)
+        else:
+            for t, offset, length in placed:
+                _point_at(t, str(path.resolve()), offset, length)
     except BaseException:
         for p in (tmp_model, tmp_data):
             if p and os.path.exists(p):
@@ -416,6 +450,78 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
         raise
     log.info("saved %s%s", path, f" (+ {data_name})" if external_data else "")
     return path
+
+
+# ---------------------------------------------------------------- one file, streamed
+# A model saved as one file is `model.SerializeToString()` with every tensor embedded. Built whole, it holds the
+# weights twice (the internalized message and its bytes: 2 x 1.6 GB for SDXL in NVFP4). Protobuf writes a message's
+# fields in field-number order, each a key, (for messages and bytes) a length, then the payload, so the same bytes
+# are written here piece by piece: the graph without its initializers, and each initializer read, written and
+# dropped in turn, its length known beforehand from its metadata.
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+
+
+def _embedded_form(t: onnx.TensorProto) -> tuple[onnx.TensorProto, int]:
+    """An external tensor's metadata as `internalize` leaves it, without its bytes, and their count."""
+    meta = onnx.TensorProto()
+    meta.CopyFrom(t)
+    del meta.external_data[:]
+    if t.data_type in _PACKED:
+        meta.ClearField("data_location")
+    else:
+        meta.data_location = onnx.TensorProto.DEFAULT
+    info = external_data_helper.ExternalDataInfo(t)
+    if info.length:
+        return meta, int(info.length)
+    return meta, os.path.getsize(info.location) - (info.offset or 0)
+
+
+def _write_embedded(model: onnx.ModelProto, f) -> list:
+    """Write `model` with every tensor embedded, byte for byte `internalize(model); model.SerializeToString()`,
+    holding one initializer's bytes at a time; `model` is not changed. Returns [(initializer, offset of its bytes
+    in the file, length)] for the initializers that were external."""
+    # tensors outside the initializers (Constant attributes, subgraphs; rare and small): embedded in place
+    for t in [t for t in _tensors_outside_initializers(model) if external_data_helper.uses_external_data(t)]:
+        raw = read_external(t)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = raw
+    g_head, g_tail = split_at(copy_without(model.graph, "initializer").SerializeToString(), _INITIALIZER)
+    sizes = []  # (tensor, metadata or None, byte count, serialized size)
+    for t in model.graph.initializer:
+        if external_data_helper.uses_external_data(t):
+            meta, n = _embedded_form(t)
+            sizes.append((t, meta, n, meta.ByteSize() + len(key(_RAW_DATA)) + len(varint(n)) + n))
+        else:
+            sizes.append((t, None, 0, t.ByteSize()))
+    graph_len = len(g_head) + len(g_tail) + sum(len(key(_INITIALIZER)) + len(varint(s)) + s for *_, s in sizes)
+    m_head, m_tail = split_at(copy_without(model, "graph").SerializeToString(), _GRAPH)
+    if len(m_head) + len(m_tail) + len(key(_GRAPH)) + len(varint(graph_len)) + graph_len > 2**31 - 1:
+        raise OnnxoptError("model exceeds 2 GB; save it with external data")
+    f.write(m_head + key(_GRAPH) + varint(graph_len) + g_head)
+    placed = []
+    for t, meta, n, size in sizes:
+        f.write(key(_INITIALIZER) + varint(size))
+        if meta is None:
+            f.write(t.SerializeToString())
+            continue
+        head, tail = split_at(meta.SerializeToString(), _RAW_DATA)
+        f.write(head + key(_RAW_DATA) + varint(n))
+        offset = f.tell()
+        raw = read_external(t)
+        if len(raw) != n:
+            raise OnnxoptError(f"external data of tensor '{t.name}' is truncated; re-export the model")
+        f.write(raw)
+        del raw
+        f.write(tail)
+        placed.append((t, offset, n))
+    f.write(g_tail + m_tail)
+    return placed
+
+
+def _tensors_outside_initializers(model: onnx.ModelProto) -> list:
+    """Every tensor of `model` but the main graph's initializers (which `all_tensors` lists first)."""
+    return list(itertools.islice(all_tensors(model), len(model.graph.initializer), None))
 
 
 def _copy_external(t: onnx.TensorProto, f) -> int | None:

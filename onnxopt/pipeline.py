@@ -265,7 +265,8 @@ class Runner:
             with progress.stage(f"saving {output}", self.progress):
                 path = modelfile.save(out, output, input_path=None if isinstance(model, onnx.ModelProto) else model)
             timings["save"] = time.perf_counter() - t
-            out = modelfile.load(path)  # lazy again, pointing at the saved file rather than the work directory
+            # `out` now reads its weights from the saved file rather than the work directory (no reload: a model
+            # saved as one file would be read whole)
             report["output_bytes"] = output_bytes(path)
             if self.verify is not None:
                 t = time.perf_counter()

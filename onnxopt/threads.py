@@ -36,22 +36,41 @@ def for_bytes(nbytes: int, threads: int = 0) -> int:
     return count(threads) if threads and threads > 0 else (1 if nbytes < SMALL_BYTES else count(0))
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 0, window: int = 0) -> Iterator[R]:
+# Memory that per-weight work in flight (submitted to a worker, or done and not yet consumed) may hold at once:
+# this, not the thread count, bounds the pool (16 threads x a window of 2 items of SDXL's 52 MB FP32 weights,
+# with their codes and temporaries, took the writer to 2.8 GiB). Callers give each item's cost in bytes.
+IN_FLIGHT_BYTES = 512 << 20
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 0, window: int = 0,
+                cost: Callable[[T], int] | None = None, budget: int = IN_FLIGHT_BYTES) -> Iterator[R]:
     """`map(fn, items)` on `threads` worker threads, yielding results in input order. At most `window` items
-    (default 2 per thread) are in flight, which bounds the memory their results hold. One thread: no pool."""
+    (default 2 per thread) are in flight, and with `cost(item)` (bytes) at most `budget` bytes of them: an item
+    counts from its submission until the consumer asks for the result after it, so a consumer that writes each
+    result out before asking for the next holds at most `budget` bytes of work (one item alone may exceed it).
+    One thread: no pool, one item at a time."""
     n = count(threads)
     if n <= 1:
         yield from map(fn, items)
         return
     window = window or 2 * n
     with ThreadPoolExecutor(n, thread_name_prefix="onnxopt") as pool:
-        pending: deque = deque()
+        pending: deque = deque()  # (future, its cost), oldest first
+        held = 0                  # cost of the pending items and of the result the consumer holds
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
+            c = int(cost(item)) if cost is not None else 0
+            while pending and (len(pending) >= window or (cost is not None and held + c > budget)):
+                fut, done = pending.popleft()
+                yield fut.result()
+                del fut   # the future holds the result: the consumer has come back and no longer needs it
+                held -= done
+            pending.append((pool.submit(fn, item), c))
+            held += c
         while pending:
-            yield pending.popleft().result()
+            fut, done = pending.popleft()
+            yield fut.result()
+            del fut
+            held -= done
 
 
 def one_blas_thread(enabled: bool = True):

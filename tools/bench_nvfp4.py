@@ -39,6 +39,10 @@ ROWS = {
     "nvfp4": dict(mode="nvfp4"),
     "nvfp4-w": dict(mode="nvfp4", weight_only=True),
     "mxfp8": dict(mode="mxfp8"),
+    "nvfp4-lr": dict(mode="nvfp4", lowrank="auto"),             # + low-rank branch, budget 0.1 (SVDQuant)
+    "nvfp4-lr32": dict(mode="nvfp4", lowrank=32),
+    "nvfp4-lr-b50": dict(mode="nvfp4", lowrank="auto", lowrank_budget=0.5),   # about rank 32's bytes, chosen per layer
+    "nvfp4-lr-noawq": dict(mode="nvfp4", lowrank="auto", awq="none"),
 }
 
 
@@ -120,7 +124,7 @@ def rtx_report(path: Path, shapes: dict) -> dict:
         by[key] = by.get(key, 0) + 1
     return {"in_quantized_kernels": f"{rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}",
             "fallbacks": rep["fallbacks"], "layers": by, "attention": rep["attention"]["fused_by_precision"],
-            "weights_vs_fp16": rep["weights"]["vs_fp16"]}
+            "weights_vs_fp16": rep["weights"]["vs_fp16"], "lowrank_branch": rep["lowrank_branch"]}
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ exported full-size SDXL UNet, for one or two onnxopt source trees (old vs new) i
 
 Jobs (each one child process `python -m onnxopt ...` with PYTHONPATH set to the tree; nothing else changes):
   fp8      quantize --fp8 --preset sdxl          int8    quantize --int8 --preset sdxl
+  nvfp4    quantize --nvfp4 --preset sdxl
   fp16     convert --fp16                        auto    quantize --auto --formats fp8,int8 --target-cosine 0.998
   compare  compare MODEL <fp8 output of the same tree> --data HELDOUT (3 samples)
 Each child gets `--timeout` seconds (then it is killed and recorded as a timeout), so a session with a
@@ -36,14 +37,14 @@ import threading
 import time
 from pathlib import Path
 
-JOBS = ("fp8", "int8", "fp16", "auto", "compare")
+JOBS = ("fp8", "int8", "nvfp4", "fp16", "auto", "compare")
 
 
 def job_argv(job: str, model: Path, out: Path, args) -> list[str]:
     """The onnxopt command line of one job (outputs under `out`)."""
     prov = ["--provider", args.provider]
     calib = ["--calib", str(args.calib)]
-    if job in ("fp8", "int8"):
+    if job in ("fp8", "int8", "nvfp4"):
         return ["quantize", str(model), f"--{job}", "--preset", "sdxl", *calib, *prov,
                 "-o", str(out / f"unet.{job}.onnx"), "--report", str(out / f"report.{job}.json")]
     if job == "fp16":

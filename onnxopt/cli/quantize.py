@@ -211,10 +211,6 @@ def _check_mode_options(mode: str, o: dict) -> None:
         raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
     if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
         raise OnnxoptError("--lowrank-budget needs --lowrank auto")
-    # the branch is split before a calibrated (static) or weight-only quantizer; dynamic block formats not yet
-    with_lr = [m for m in formats.modes() if formats.get(m).activations != "dynamic"]
-    if o.get("lowrank") is not None and mode not in with_lr:
-        raise OnnxoptError(f"--lowrank applies to {', '.join('--' + m for m in with_lr)} only (not --{mode} yet); drop it")
     if o.get("sparsity_method") and not o.get("sparsity"):
         raise OnnxoptError("--sparsity-method needs --sparsity N:M (e.g. --sparsity 2:4)")
     if o.get("io_dtype") and o.get("high_precision") not in formats.low_precision():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from .base import Format, round_scale
 
@@ -74,7 +74,8 @@ class Int4(Format):
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
         """Packed INT4 initializer (onnx-graphsurgeon cannot serialize ml_dtypes.int4 arrays itself)."""
-        return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(codes.astype(ml_dtypes.int4), name)))
+        from .. import modelfile  # packed, and spilled inside a quantize run (not held until the save)
+        return modelfile.constant(name, np.asarray(codes).astype(ml_dtypes.int4))
 
 
 INT4 = Int4(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from .base import Format, emitters, reshape_back
 from .fp8 import FP8_E4M3
@@ -221,8 +221,10 @@ class NVFP4(Format):
         return d if axis % 2 else d.T
 
     def weight_constant(self, name: str, codes: np.ndarray) -> gs.Constant:
-        """FLOAT4E2M1 initializer, two codes a byte (onnx packs ml_dtypes' float4_e2m1fn)."""
-        return gs.Constant(name, gs.ir.tensor.LazyValues(numpy_helper.from_array(np.ascontiguousarray(codes, _FP4), name)))
+        """FLOAT4E2M1 initializer, two codes a byte (onnx packs ml_dtypes' float4_e2m1fn); spilled inside a
+        quantize run, so the written codes of every layer are not held until the save."""
+        from .. import modelfile
+        return modelfile.constant(name, np.ascontiguousarray(codes, _FP4))
 
     # ------------------------------------------------------------ ONNX forms
     def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None,
@@ -233,7 +235,8 @@ class NVFP4(Format):
         p = self.quantize_parts(w_kn, clip)
         codes, bs, axis = (p.codes.T, p.block_scales.T, 1) if transposed else (p.codes, p.block_scales, 0)
         qc = self.weight_constant(name(f"{base}_fp4"), codes)
-        bc = gs.Constant(name(f"{base}_fp8_scale"), np.ascontiguousarray(bs))
+        from .. import modelfile
+        bc = modelfile.constant(name(f"{base}_fp8_scale"), np.ascontiguousarray(bs))  # spilled, as the codes
         sc = gs.Constant(name(f"{base}_scale"), np.asarray(p.scale, np.float32))
         sw = gs.Variable(name(f"{base}_block_scale"), dtype=np.float32, shape=list(bs.shape))
         out = gs.Variable(name(f"{base}_dequantized"), dtype=np.float32, shape=list(codes.shape))

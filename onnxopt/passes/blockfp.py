@@ -41,6 +41,11 @@ class BlockFP(QDQ):
         self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
 
 
+    def block_nodes(self, graph) -> list:
+        """The layers this pass will write in its block format (what the LowRank pass before it splits)."""
+        return [n for n in self._as_fp8(rules.plan, graph, self).nodes
+                if rules.block_format_reason(n, self.fmt.block_size, self.fmt.name.upper()) is None]
+
     @property
     def needs_data(self) -> bool:
         return not self.weight_only
@@ -83,7 +88,7 @@ class BlockFP(QDQ):
             groups = [[n for n in g if n in acts] for g in plan.shared_scales]
             sub = rules.Plan(nodes=plan.nodes, activations=acts, weights=plan.weights,
                              shared_scales=[g for g in groups if len(g) > 1], fixed_amax=plan.fixed_amax)
-            amax, means = self._as_fp8(self.calibrate, ctx, sub)
+            amax, means = self._as_fp8(self.calibrate, ctx, sub)[:2]  # (QDQ's third result: shared-weight Hessians)
         elif ctx.data is not None and ctx.measure_ranges:  # Autocast's ranges, measured before ORT meets FP4 nodes
             self._as_fp8(self.calibrate, ctx, rules.Plan())
         t1 = time.perf_counter()

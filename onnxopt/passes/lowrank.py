@@ -25,7 +25,7 @@ def act_noise(f) -> float:
 
 @dataclass
 class LowRank(PassBase):
-    """Before a QDQ (INT8/FP8) or Int4 pass, splits each layer it will quantize into a 16-bit rank-r branch
+    """Before a QDQ (INT8/FP8), BlockFP (NVFP4/MXFP8 layers) or Int4 pass, splits each layer it will quantize into a 16-bit rank-r branch
     and a residual it quantizes. rank: a positive integer, or "auto" (per layer, within `budget` times the
     quantized weight bytes of those layers)."""
     rank: int | str = "auto"
@@ -41,7 +41,7 @@ class LowRank(PassBase):
         from .qdq import QDQ
         from .awq import AWQ
         if not after(recipe, index, (QDQ, Int4)):
-            raise OnnxoptError("--lowrank needs a quantizing pass after it (--int8, --fp8 or --int4)")
+            raise OnnxoptError("--lowrank needs a quantizing pass after it (--int8, --fp8, --int4, --nvfp4 or --mxfp8)")
         if any(isinstance(p, AWQ) for p in recipe):
             # AWQ's scales and rounded weights are searched for the whole weight, not the residual.
             raise OnnxoptError("--lowrank with --int4 needs --awq none (AWQ is not combined with the branch yet)")
@@ -49,9 +49,13 @@ class LowRank(PassBase):
     def run(self, ctx) -> dict:
         from .int4 import Int4
         from .qdq import QDQ
+        from .blockfp import BlockFP
         q = ctx.following(QDQ, self) or ctx.following(Int4, self)
         hp = ctx.high_precision
-        if isinstance(q, QDQ):
+        if isinstance(q, BlockFP):  # block weights (e.g. NVFP4): the residual is written by the format's own writer
+            nodes, f = q.block_nodes(ctx.graph), q.fmt
+            bits, noise, block = f.bits, 0.0 if q.weight_only else act_noise(f), f.block_size
+        elif isinstance(q, QDQ):
             nodes = rules.plan(ctx.graph, q).nodes
             f = formats.get(q.mode)
             bits, noise, block = f.bits, act_noise(f), 0

@@ -61,9 +61,11 @@ class QuantPlan:
 
 
 def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int = 0, quantized: dict | None = None,
-          block_dtype=None) -> dict:
+          block_dtype=None, in_flight_bytes: int = threads_.IN_FLIGHT_BYTES) -> dict:
     """Quantize each layer of `graph` in place to its format in `plan` (weights on `threads` worker threads,
-    0: one per core; the result does not depend on it). `quantized` ({(weight constant name, format): result of
+    0: one per core; the result does not depend on it; at most `in_flight_bytes` of memory for weights being quantized
+    or waiting to be written at once (their work counted as `JOB_FP32_COPIES` copies of the FP32 weight), each
+    written (spilled) before the next is taken). `quantized` ({(weight constant name, format): result of
     `quantize_weights`}) supplies per-channel weights quantized earlier, which are not quantized again.
     `block_dtype` np.float32: block formats whose TensorRT dequantizers output FP16 (MXFP8) are cast to it, for a
     graph evaluated before Autocast (--auto's check); None: TensorRT's own types (the file; Autocast follows).
@@ -98,7 +100,9 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
         have = quantized or {}
         todo = [j for j in jobs if (j.const.name, f) not in have]
         by_const = {j.const.name: j for j in jobs}
-        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(_bytes(todo), threads))
+        # Bounded by bytes in flight (threads.IN_FLIGHT_BYTES): each result is spilled below before the next is taken.
+        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(_bytes(todo), threads), cost=_job_bytes,
+                                     budget=in_flight_bytes)
         done: dict = {}
         for node, idx, const, axis in place.weights:
             if mix.get(node.name) != f:
@@ -200,9 +204,21 @@ def quantize_weights(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, t
             ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(_bytes(jobs), threads)))}
 
 
+JOB_FP32_COPIES = 4  # a job's peak, in FP32 copies of its weight: the read weight, w / scale, codes, bias correction's error
+
+
+def _job_bytes(job: WeightJob) -> int:
+    """Memory one job holds at its peak (from the weight's shape; nothing is read)."""
+    return JOB_FP32_COPIES * _fp32_bytes(job)
+
+
+def _fp32_bytes(job: WeightJob) -> int:
+    return 4 * int(np.prod(job.const.shape)) if job.const.shape is not None else 0
+
+
 def _bytes(jobs: list) -> int:
     """FP32 bytes of the weights of `jobs` (from their shapes; nothing is read)."""
-    return sum(4 * int(np.prod(j.const.shape)) for j in jobs if j.const.shape is not None)
+    return sum(_fp32_bytes(j) for j in jobs)
 
 
 def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict, hp: str, names: set

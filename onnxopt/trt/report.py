@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from .. import formats
+from .. import formats, lowrank
 from .. import graph as G
 
 _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], Constants: \[(?P<consts>.*?)\], "
@@ -276,6 +276,8 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
     padding = [k for k in build_log.kernels if not k.computes and k.quantized_constant_bytes >= PADDING_MIN_BYTES]
     bloat = sorted({n for k in padding for n in k.layers if n in dw})
     wb = weight_bytes(model)
+    branch = [n.name for n in graph.nodes if lowrank.is_branch(n) and n.op in lowrank.OPS]
+    branch_kernels = {n: k for n in branch if (k := next((k for k in by_layer.get(n, []) if k.computes), None))}
     scale_warnings = [w for w in build_log.warnings if SCALE_WARNING.search(w)]
     return {
         "layers": rows,
@@ -293,6 +295,11 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
                     "vs_fp16": round(build_log.weights_memory / wb["fp16"], 4) if build_log.weights_memory and wb["fp16"] else None},
         # JIT-generated elementwise kernels: the engine carries ~130 KB of CUDA source for each one (an INT8
         # conv's separate FP32 epilogue is one of them)
+        # the SVDQuant branch's GEMMs (onnxopt.lowrank): high-precision kernels beside the quantized layer
+        # (a rank-4 GEMM may become a generated elementwise kernel: `in_elementwise_kernels`)
+        "lowrank_branch": {"gemms": len(branch), "in_gemm_kernels": len(branch_kernels),
+                           "in_elementwise_kernels": sum(n not in branch_kernels and bool(by_layer.get(n)) for n in branch),
+                           "precisions": _count(k.precision for k in branch_kernels.values())},
         "generated_kernels": sum(k.type == "kgen" for k in build_log.kernels),
         "engine_bytes": engine_bytes,
         "dropped_targets": dict(dropped_targets or {}),
