@@ -163,28 +163,7 @@ def gptq_round(w_kn: np.ndarray, h: np.ndarray, scale: np.ndarray, block_size: i
     """`fmt` codes (INT4, NVFP4) for W [K, N] with fixed block scales, rounded one input channel at a time with the
     error of each fed back into the channels not yet rounded (GPTQ, Frantar et al. 2023), so that the
     layer output error ||X (W - Q)||, not the weight error, is what the rounding minimizes."""
-    k, n = w_kn.shape
-    # Channels with the largest activations first: their rounding error is absorbed by the most others.
-    perm = np.argsort(-np.diag(h), kind="stable")
-    inv_perm = np.argsort(perm)
-    w = w_kn[perm].astype(np.float64)
-    hh, dead = obs.undead(h[np.ix_(perm, perm)])
-    w[dead] = 0.0
-    u = obs.hinv_upper(hh, damp, via_cholesky=False)  # raises obs.SingularHessian: the caller keeps plain rounding
-    s = expand(scale, k, block_size).astype(np.float64)[perm]
-    s[s == 0] = 1.0  # an all-zero NVFP4 block (scale 0): its codes round the fed-back error at scale 1, written as 0s
-    q = np.zeros((k, n), fmt.np_dtype)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1, err = w[i1:i2].copy(), np.zeros((i2 - i1, n))
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q[i1 + i] = fmt.cast(w1[i] / s[i1 + i])
-            e = (w1[i] - fmt.to_float(q[i1 + i]) * s[i1 + i]) / u1[i, i]
-            w1[i:] -= np.outer(u1[i, i:], e)
-            err[i] = e
-        w[i2:] -= u[i1:i2, i2:].T @ err
-    return q[inv_perm]
+    return obs.feedback_round(fmt, w_kn, expand(scale, w_kn.shape[0], block_size), h, damp, lazy)
 
 
 def _error_feedback(node, fmt, w, h, clips, block_size, hp, entry: dict) -> None:

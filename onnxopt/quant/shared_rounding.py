@@ -78,25 +78,9 @@ def round_with_feedback(f, w: np.ndarray, axis: int, scale: np.ndarray, h: np.nd
     """Codes of `f` for the 2-D weight `w` (output channels on `axis`) with the fixed per-channel `scale`
     (broadcast over w), rounded one input channel at a time with each channel's error fed back into those not
     yet rounded. Raises obs.SingularHessian when H is not positive definite even with more damping."""
-    w_kn = np.asarray(w if axis == 1 else w.T, dtype=np.float64)
-    s = np.asarray(scale if axis == 1 else scale.T, dtype=np.float64)[0]   # [N]
-    s = np.where(s == 0, 1.0, s)   # an all-zero channel: rounds its fed-back error at scale 1 (codes 0 anyway)
-    k, _ = w_kn.shape
-    perm = np.argsort(-np.diag(h), kind="stable")   # largest inputs first: their error is absorbed by the most others
-    hh, dead = obs.undead(h[np.ix_(perm, perm)])
-    wp = w_kn[perm].copy()
-    wp[dead] = 0.0
-    u = obs.hinv_upper(hh, damp, via_cholesky=False)   # one Cholesky (GPTQ's route in awq): the other costs as much again
-    q = np.zeros(wp.shape, f.np_dtype)
-    for i1 in range(0, k, LAZY):   # GPTQ's lazy batches: the rows after a batch take its errors in one product
-        i2 = min(i1 + LAZY, k)
-        blk, err = wp[i1:i2], np.zeros((i2 - i1, wp.shape[1]))
-        for i in range(i2 - i1):
-            q[i1 + i] = f.cast(blk[i] / s)
-            e = err[i] = (blk[i] - np.asarray(f.to_float(q[i1 + i]), np.float64) * s) / u[i1 + i, i1 + i]
-            blk[i + 1:] -= np.outer(u[i1 + i, i1 + i + 1:i2], e)
-        wp[i2:] -= u[i1:i2, i2:].T @ err
-    q = q[np.argsort(perm)]
+    w_kn = w if axis == 1 else w.T
+    s = np.asarray(scale if axis == 1 else scale.T)[0]   # [N]
+    q = obs.feedback_round(f, w_kn, s, h, damp, LAZY)
     return q if axis == 1 else q.T
 
 
