@@ -114,3 +114,20 @@ def test_cli_weight_rounding_is_w8a8_only(tmp_path):
                                   "--calib", str(tmp_path / "c.npz")])
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and "--weight-rounding" in lines[0], r.output
+
+
+@pytest.mark.parametrize("mode", ["--auto", "--nvfp4", "--mxfp8"])
+def test_cli_weight_rounding_refused_where_nothing_would_round(tmp_path, mode):
+    """--auto and the block formats write no per-channel calibrated weights: the flag is an error, not ignored."""
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 1, 3, 8, 8), np.float32))
+    r = CliRunner().invoke(main, ["quantize", str(model), mode, "--weight-rounding", "feedback",
+                                  "--calib", str(tmp_path / "c.npz")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("error: --weight-rounding applies to") and "--fp8" in lines[0] and "--int8" in lines[0]
+    assert mode in lines[0].split("only")[1], lines[0]   # names the mode it was given with

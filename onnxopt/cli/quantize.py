@@ -189,6 +189,13 @@ _W8A8_ONLY = {"calib_method": "--calib-method", "no_mha": "--no-mha", "weight_ro
 
 def _check_mode_options(mode: str, o: dict) -> None:
     """Options that do not fit the mode are errors, not silently ignored."""
+    if o.get("weight_rounding"):
+        def rounds(m):  # error feedback rounds per-channel weights of the calibrated (QDQ-pass) formats
+            return formats.get(m).weights == "per-channel" and formats.get(m).activations == "static"
+        if mode == "auto" or not rounds(mode):
+            ok = "/".join(f"--{m}" for m in formats.modes() if rounds(m))
+            raise OnnxoptError(f"--weight-rounding applies to {ok} only (per-channel weights, calibrated activations); "
+                               f"drop it with --{mode}")
     if mode == "auto":
         return
     wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only)
