@@ -189,3 +189,18 @@ def test_progress_logs_plain_lines_off_a_terminal(monkeypatch, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert [m.split(" (")[0] for m in msgs[:3]] == [f"compare: reference: {i}/3 batch" for i in (1, 2, 3)]
     assert msgs[-1].startswith("compare: reference: done, 3 batch")
+
+
+def test_every_command_and_subcommand_takes_v_and_q():
+    """-v/-q after any command name, subcommands of groups included (calib-data trajectory lacked -q)."""
+    def walk(group, path):
+        for name, cmd in group.commands.items():
+            yield path + [name], cmd
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, path + [name])
+    seen = 0
+    for path, cmd in walk(main, []):
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        assert {"-q", "--quiet", "-v", "--verbose"} <= opts, " ".join(path)
+        seen += 1
+    assert seen >= 10

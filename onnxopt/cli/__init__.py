@@ -4,9 +4,17 @@ from __future__ import annotations
 from . import analysis, data, engines, quantize, sparsify  # noqa: F401  (each registers its commands on `main`)
 from .common import verbosity_after_command, main
 
-for _cmd in list(main.commands.values()):
+
+
+def _every_command(group):
+    for cmd in group.commands.values():
+        yield cmd
+        if hasattr(cmd, "commands"):   # a group's subcommands (calib-data sdxl|trajectory) take -v/-q too
+            yield from _every_command(cmd)
+
+
+for _cmd in list(_every_command(main)):
     verbosity_after_command(_cmd)
-verbosity_after_command(data.calib_data_sdxl)
 
 __all__ = ["main"]
 
