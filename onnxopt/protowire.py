@@ -25,38 +25,35 @@ def key(field: int) -> bytes:
     return varint(field << 3 | 2)  # wire type 2: length-delimited
 
 
+def read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    """The varint starting at `buf[i]`: (its value, the index after it)."""
+    n, shift = 0, 0
+    while True:
+        b = buf[i]
+        i += 1
+        n |= (b & _LOW7) << shift
+        shift += 7
+        if not b & _MORE:
+            return n, i
+
+
 def split_at(buf: bytes, field: int) -> tuple[bytes, bytes]:
     """A serialized message without `field`, split where that field would go: (fields before it, fields after)."""
     i = 0
     while i < len(buf):
-        start, key, shift = i, 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            key |= (b & _LOW7) << shift
-            shift += 7
-            if not b & _MORE:
-                break
-        if key >> 3 > field:
+        start = i
+        k, i = read_varint(buf, i)
+        if k >> 3 > field:
             return buf[:start], buf[start:]
-        wire = key & 7
+        wire = k & 7
         if wire == 0:
-            while buf[i] & _MORE:
-                i += 1
-            i += 1
+            _, i = read_varint(buf, i)
         elif wire == 1:
             i += 8
         elif wire == 5:
             i += 4
         elif wire == 2:
-            n, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                n |= (b & _LOW7) << shift
-                shift += 7
-                if not b & _MORE:
-                    break
+            n, i = read_varint(buf, i)
             i += n
         else:
             raise ValueError(f"unexpected wire type {wire}")
