@@ -29,8 +29,8 @@ from .. import formats, obs
 from .. import graph as G
 from .. import threads as threads_
 from ..calib import ConvView, PatchSample, RowSample
-from . import bias_correction, qdq, shared_rounding
-from .writer import QuantPlan, WeightJob, quantize_job, weight_jobs
+from . import qdq, shared_rounding
+from .writer import QuantPlan, WeightJob, job_result, quantize_job, weight_jobs
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _feedback_job(job: WeightJob, h: np.ndarray):
     q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
     k, transposed = _layout(job.node, w.shape)
     if job.axis != (0 if transposed else w.ndim - 1) or f.weights != "per-channel":
-        return _nearest(job, w, f, q, scale, fp32_scale), {"skipped": f"per-channel axis {job.axis}"}
+        return job_result(job, w, f, q, scale, fp32_scale), {"skipped": f"per-channel axis {job.axis}"}
     n = w.shape[0] if transposed else w.shape[1]
     w_kn = w.reshape(n, -1).T if transposed else w
     s = np.broadcast_to(scale, w.shape).reshape(n, -1)[:, 0] if transposed else np.broadcast_to(scale, w.shape)[0]
@@ -176,25 +176,12 @@ def _feedback_job(job: WeightJob, h: np.ndarray):
         with threads_.one_blas_thread(k <= shared_rounding.SMALL_K):  # several run at once on the writer's threads
             q_kn = shared_rounding.round_with_feedback(f, w_kn, 1, np.asarray(s, np.float32)[None, :], h, damp=DAMP)
     except obs.SingularHessian as e:
-        return _nearest(job, w, f, q, scale, fp32_scale), {"skipped": str(e)}
+        return job_result(job, w, f, q, scale, fp32_scale), {"skipped": str(e)}
     q_new = (q_kn.T.reshape(w.shape) if transposed else q_kn).astype(q.dtype)
-    hw = float(np.einsum("ij,ij->", h @ w_kn.astype(np.float64), w_kn)) or 1.0
-
-    def out_err(codes):
-        d = as_kn(f.dequantize(codes, scale)).astype(np.float64) - w_kn
-        return float(np.einsum("ij,ij->", h @ d, d)) / hw
-    e_old, e_new = out_err(q), out_err(q_new)
+    e_old, e_new = (shared_rounding.output_error(w_kn, as_kn(f.dequantize(c, scale)), 1, h) for c in (q, q_new))
     if not e_new < e_old:  # damping can lose on a tiny or degenerate sample: keep the nearest codes
-        return _nearest(job, w, f, q, scale, fp32_scale), {"kept_nearest": True, "rtn_db": _db(e_old)}
-    return _nearest(job, w, f, q_new, scale, fp32_scale), {"rtn_db": _db(e_old), "feedback_db": _db(e_new)}
-
-
-def _nearest(job: WeightJob, w: np.ndarray, f, q, scale, fp32_scale) -> tuple:
-    """The writer's (job, (codes, scales, FP32 scale, bias-correction shift)) for these codes."""
-    shift = None
-    if job.mean is not None:
-        shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
-    return job, (q, scale, fp32_scale, shift)
+        return job_result(job, w, f, q, scale, fp32_scale), {"kept_nearest": True, "rtn_db": _db(e_old)}
+    return job_result(job, w, f, q_new, scale, fp32_scale), {"rtn_db": _db(e_old), "feedback_db": _db(e_new)}
 
 
 def _db(rel: float) -> float:

@@ -167,6 +167,11 @@ def quantize_job(job: WeightJob) -> tuple:
     q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
     if job.hessian is not None:
         q = shared_rounding.codes(f, w, job.axis, scale, q, job.hessian, job.const.name)
+    return job_result(job, w, f, q, scale, fp32_scale)
+
+
+def job_result(job: WeightJob, w: np.ndarray, f, q, scale, fp32_scale) -> tuple:
+    """`quantize_job`'s result for weight `w` with these codes: adds the bias-correction output shift."""
     shift = None
     if job.mean is not None:
         shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
