@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import modelfile
+from . import modelfile, protowire
 from . import ort as ortx
 from .errors import OnnxoptError
 from .settings import MEMORY_BUDGET_MB
@@ -90,14 +90,9 @@ WEIGHTLESS_MIN = 1024  # elements: smaller initializers (shapes, axes, scales) s
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose big or external initializers of the main graph are typed graph inputs of the
     same name, type and shape: everything but the weights' bytes, without copying or serializing them."""
-    m = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _assign(m, field, value)
+    m = protowire.copy_without(model, "graph")
+    m.graph.CopyFrom(protowire.copy_without(model.graph, "initializer"))  # no weights: a cheap copy
     g = m.graph
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _assign(g, field, value)
     inputs = {i.name for i in g.input}
     from onnx import external_data_helper as ext
     for t in model.graph.initializer:
@@ -110,15 +105,6 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 _INDEX_TYPES = (TensorProto.INT64, TensorProto.INT32)
-
-
-def _assign(msg, field, value) -> None:
-    if field.is_repeated:
-        getattr(msg, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(msg, field.name).CopyFrom(value)
-    else:
-        setattr(msg, field.name, value)
 
 
 def _elements(t: onnx.TensorProto) -> int:
