@@ -51,6 +51,11 @@ SDXL_STEPS, SDXL_GUIDANCE = 50, 5.0
 SDXL_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading"}
 MAX_SEEDS = 4096
+# calib-data trajectory with --sampler consistency and no --steps: every seed recorded at each of these step
+# counts (the 1-4 step samplers a consistency model is deployed with), so the calibration covers each one's sigmas;
+# a 1-step-only calibration sees sigma_max alone and 3-step sampling of the model quantized with it collapses
+# (BENCHMARKS.md "as a stranger would run it": FP8 19.3 dB at 3 steps).
+CALIB_CONSISTENCY_STEPS = (1, 2, 3, 4)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -304,17 +309,41 @@ def sample(den: Denoiser, opts: SamplerOptions, seeds: Sequence[int], start: int
     return _scheduled(den, opts, seeds, cond, cfg, record)
 
 
-def _consistency(den, opts, seeds, cond, record) -> Trajectory:
+def _consistency(den, opts, seeds, cond, record, first: np.ndarray | None = None) -> Trajectory:
+    """`first`: the first step's x0 of these seeds, computed before (every step count starts with the same call)."""
     r, traj = den.roles, Trajectory()
     sigmas = karras_sigmas(opts.n_steps, opts.sigma_min, opts.sigma_max)
     x0 = None
     for i, sigma in enumerate(sigmas):
-        z = np.concatenate([_noise(s, r.shape, i) for s in seeds])
-        x = z * np.float32(sigma) if x0 is None else x0 + np.float32(np.sqrt(sigma ** 2 - opts.sigma_min ** 2)) * z
-        x0 = den({r.sample.name: x.astype(np.float32), r.level.name: _level_feed(r.level, float(sigma), len(seeds)), **cond}, record)
+        if i == 0 and first is not None:
+            x0 = first
+        else:
+            z = np.concatenate([_noise(s, r.shape, i) for s in seeds])
+            x = z * np.float32(sigma) if x0 is None else x0 + np.float32(np.sqrt(sigma ** 2 - opts.sigma_min ** 2)) * z
+            x0 = den({r.sample.name: x.astype(np.float32), r.level.name: _level_feed(r.level, float(sigma), len(seeds)), **cond},
+                     record)
         traj.steps.append(x0)
         traj.levels.append(float(sigma))
     return traj
+
+
+def step_counts(opts: SamplerOptions) -> tuple[int, ...]:
+    """The step counts `record_trajectory` records: --steps if given; consistency without it: 1-4 (each seed at
+    each count, the shared first call once); the other samplers: their one default schedule (SDXL's 50 steps)."""
+    if opts.steps is None and opts.sampler == "consistency":
+        return CALIB_CONSISTENCY_STEPS
+    return (opts.n_steps,)
+
+
+def _spread(den: Denoiser, opts: SamplerOptions, counts: Sequence[int], data, record: Recorder, progress: bool) -> None:
+    """Each seed (one at a time) sampled at every step count of `counts`, the first call made and recorded once."""
+    r = den.roles
+    for i, s in enumerate(track(list(opts.seeds), desc="recording: the model", enabled=progress, unit="seed")):
+        cond = conditioning(r, s, i, False, data)
+        first = None
+        for n in sorted(counts):
+            one = SamplerOptions(**{**vars(opts), "steps": n, "seeds": (s,), "batch": 1})
+            first = _consistency(den, one, (s,), cond, record, first).steps[0]
 
 
 def _scheduled(den, opts, seeds, cond, cfg, record) -> Trajectory:
@@ -371,16 +400,22 @@ def run_with(den: Denoiser, opts: SamplerOptions, data=None, record: Recorder | 
 def record_trajectory(model, opts: SamplerOptions, *, data=None, provider: str = "cpu",
                       allow_cpu_fallback: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
     """Calibration data along the sampler's own trajectory: every input of every call the model gets while
-    `opts` samples each seed (one seed per call: batch 1, or 2 with CFG). Arrays with a leading sample axis
-    (steps × seeds samples), as `quantize --calib` reads them."""
+    `opts` samples each seed (one seed per call: batch 1, or 2 with CFG), at each of `step_counts(opts)`.
+    Arrays with a leading sample axis (calls × seeds samples), as `quantize --calib` reads them."""
     ortx.check_provider(provider, allow_cpu_fallback)
     m = load_model(model)
     r = roles(m, opts)
     cond = load_conditioning(data, r, opts)
     calls: list[dict[str, np.ndarray]] = []
-    one = SamplerOptions(**{**vars(opts), "batch": 1})
-    run_all(m, r, one, cond, provider, "the model", record=lambda feed: calls.append({k: np.array(v) for k, v in feed.items()}),
-            progress=progress)
+    keep = lambda feed: calls.append({k: np.array(v) for k, v in feed.items()})  # noqa: E731
+    counts = step_counts(opts)
+    if len(counts) == 1:
+        run_all(m, r, SamplerOptions(**{**vars(opts), "batch": 1}), cond, provider, "the model", record=keep, progress=progress)
+    else:
+        den = Denoiser(m, r, provider, "the model")
+        _spread(den, opts, counts, cond, keep, progress)
+        del den
+        gc.collect()
     return {k: np.stack([c[k] for c in calls]) for k in calls[0]}
 
 

@@ -89,7 +89,10 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
 def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample_size, prediction, sigma_max, sigma_min,
                           data, pipeline, prompts, provider, allow_cpu_fallback):
     """Record MODEL's inputs at every step of the sampler's trajectory (the FP32 ONNX model runs the loop): one
-    sample per call, steps x seeds samples. For SDXL-style UNets the text conditioning is synthetic unless --data
+    sample per call, steps x seeds samples. What is recorded by default: euler/ddim/dpmpp: the whole
+    schedule you deploy (--steps, default 50, SDXL's); consistency without --steps: every seed at 1, 2, 3 and 4
+    steps (the first call, at sigma-max, shared: 7 calls a seed, 56 with the default 8 seeds), so a model
+    quantized with it is calibrated at the noise levels of each 1-4 step sampler; --steps N records N steps only. For SDXL-style UNets the text conditioning is synthetic unless --data
     gives recorded embeddings; the latents, timesteps and guidance are the loop's own. With --pipeline, the
     real pipeline runs with MODEL as its UNet on --prompts: text conditioning, scheduler, steps, guidance and
     resolution are the pipeline's (or the options given)."""
@@ -111,7 +114,8 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     path = diffusion.save_npz(arrays, output)
     summary_line(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
-    summary_line(f"wrote {path} ({n} samples: {opts.sampler} {opts.n_steps} step(s), guidance {opts.cfg:g}, "
+    counts = S.step_counts(opts)
+    summary_line(f"wrote {path} ({n} samples: {opts.sampler} {'/'.join(map(str, counts))} step(s), guidance {opts.cfg:g}, "
              f"{len(opts.seeds)} seed(s), recorded from {model} in onnxopt's loop with "
              f"{'conditioning from ' + data if data else 'synthetic conditioning'}, {file_size(path)})")
 

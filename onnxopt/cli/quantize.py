@@ -46,13 +46,13 @@ def _weight_only(mode: str) -> bool:
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), help="INT8/FP8 clip-range method (default: max for FP8, mse for INT8).")
 @click.option("--percentile", type=float, help="With --calib-method percentile: the percentile of |x| kept, in (0, 100] (default 99.99).")
 @click.option("--op-types", default="Conv,ConvTranspose,MatMul,Gemm", show_default=True, help="Comma-separated op types to quantize.")
-@click.option("--weight-rounding", type=click.Choice(["nearest", "feedback"]), help="INT8/FP8 per-channel weights: round to nearest, or with error feedback from the calibration data (GPTQ: the layer output error, not the weight error, is minimized; same graph and scales). Default: nearest.")
+@click.option("--weight-rounding", type=click.Choice(["nearest", "feedback"]), help="INT8/FP8 per-channel weights: round to nearest, or with error feedback from the calibration data (GPTQ: the layer output error, not the weight error, is minimized; same graph and scales). Default: nearest (--fp8 on a diffusion denoiser with --calib: feedback).")
 @click.option("--no-mha", is_flag=True, help="INT8/FP8: leave attention BMMs (Q·Kᵀ, softmax·V) unquantized.")
 @click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
-              help="INT8: SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (per-layer search; the flag alone).")
-@click.option("--lowrank", metavar="R|auto", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget.")
+              help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search; the flag alone), or 'none' (off; default, except --fp8 on a diffusion denoiser with --calib: 1.0).")
+@click.option("--lowrank", metavar="R|auto|none", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget; 'none' (or 0) turns it off (default: off; --fp8 on a diffusion denoiser with --calib: auto).")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
               "error-feedback rounding (full, default with data), or round-to-nearest (none).")
@@ -85,6 +85,8 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
     from .. import api, pipeline
     mode = _given_flag(options, formats.modes(), "quantization modes")
+    if str(options.get("lowrank")).strip().lower() in LOWRANK_OFF:
+        options["lowrank"] = None  # explicit off (a denoiser's default branch too)
     options["engine_shapes"] = tuple(options["engine_shapes"]) or None
     _check_auto_options(mode, preset, options)
     _sampler_options(options)
@@ -100,6 +102,10 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     recipe = api.recipe(config)
     pipeline.check_recipe(recipe.passes)  # option conflicts between passes first, then a wrong path, then the data
     check_input(model)
+    config, defaults = _denoiser_defaults(ctx, model, config, preset, has_data=calib_path is not None)
+    if defaults.switched_on:
+        recipe = api.recipe(config)
+        pipeline.check_recipe(recipe.passes)
     runner = command_runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
                      calib_batches=config.calib_batches, max_batch=recipe.max_batch, provider=config.provider,
                      allow_cpu_fallback=allow_cpu_fallback, memory_budget=config.memory_budget_mb,
@@ -110,12 +116,26 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     check_input(model)
     result = runner.run(model, output)
     result.report = {"mode": mode, **result.report}
+    if defaults.recognised is not None:
+        result.report["denoiser"] = defaults.as_dict()
     if report_path:
         write_json(report_path, result.report)
-    summary_line(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity")),
-             result.path, result.report)
+    note = defaults.summary()
+    summary_line(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity"))
+                 + (f"; {note}" if note else ""), result.path, result.report)
 
 
+def _denoiser_defaults(ctx, model, config, preset, *, has_data: bool):
+    """onnxopt.denoiser's defaults for a denoiser graph (its inputs read, no weights); options the user gave win."""
+    from .. import denoiser
+    from ..modelfile import load
+    if config.auto:
+        return config, denoiser.Defaults(None)
+    given = frozenset(f for f in ("weight_rounding", "smoothquant", "lowrank") if _given(ctx, f))
+    return denoiser.apply(config, load(model), given=given, has_data=has_data, preset=preset)
+
+
+LOWRANK_OFF = ("none", "off", "0")
 BLOCK_SIZES = (128, 64, 32, 0)  # TensorRT's blocked INT4 weight-only GEMM; 0 = per output channel
 
 
@@ -321,6 +341,8 @@ def _given(ctx, field_name: str) -> bool:
 
 def _sq_alpha(value):
     """--smoothquant value: None, 'auto' or a float in [0, 1]."""
+    if value is not None and str(value).strip().lower() in ("none", "off"):
+        return None  # explicit off: the command line's source says it was given (a denoiser's default off too)
     if value is None or str(value).strip().lower() == "auto":
         return None if value is None else "auto"
     try:

@@ -86,6 +86,7 @@ class Format:
     awq: bool = False               # AWQ (activation-aware weight scaling and clipping) applies
     bias_correction: bool = True    # the writer folds −ΔW·E[x] of weight quantization into the bias
     weight_rounding: str = "nearest"  # per-channel weights: "nearest" | "feedback" (GPTQ from calibration, quant.feedback)
+    denoiser_recipe: bool = False   # on a diffusion denoiser (onnxopt.denoiser) `quantize` defaults to its quality recipe
     mode: bool = False              # a uniform mode of `onnxopt quantize` (--<name>)
     auto: bool = False              # a candidate of `--auto`
     auto_default: bool = False      # in `--auto`'s default candidate list

@@ -47,7 +47,7 @@ class FP8(Format):
 _MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
 FP8_E4M3 = FP8(
     name="fp8", bits=8, qmax=_MAX, qmin=-_MAX, np_dtype=np.dtype(ml_dtypes.float8_e4m3fn),
-    onnx_type=TensorProto.FLOAT8E4M3FN, description="FP8 E4M3 W8A8", calib_method="max", smoothquant=True, mode=True, auto=True,
+    onnx_type=TensorProto.FLOAT8E4M3FN, description="FP8 E4M3 W8A8", calib_method="max", smoothquant=True, denoiser_recipe=True, mode=True, auto=True,
     auto_default=True, planned=True,
     storage_names=("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"),
     scale_names=("float32", "float16", "bfloat16"), engine_precisions=("FP8",))

@@ -35,7 +35,10 @@ from .writer import QuantPlan, WeightJob, job_result, quantize_job, weight_jobs
 log = logging.getLogger(__name__)
 
 MAX_K = 4096           # input size (C * kernel) above which a layer keeps round-to-nearest (Hessian 128 MB)
-ROWS_MIN, ROWS_PER_K, ROWS_MAX = 32768, 64, 131072  # sampled input rows per Hessian: clamp(64 K, 32768, 131072)
+# Sampled input rows per Hessian: clamp(16 K, 8192, 32768). Four times fewer than the first version's clamp(64 K,
+# 32768, 131072) (same final samples on the terrain UNet, BENCHMARKS.md "Denoiser-aware FP8 defaults"): the
+# Hessian products were most of a feedback run's time.
+ROWS_MIN, ROWS_PER_K, ROWS_MAX = 8192, 16, 32768
 DAMP = 0.01            # GPTQ's damping, relative to the mean diagonal
 MIN_ROWS_PER_K = 4     # fewer calibration rows than 4 K: the Hessian is too thin to trust (EfficientNet's
                        # classifier Gemm sees one row per image: 64 rows for K = 1280 overfit, top-1 0.93 -> 0.83)
@@ -56,7 +59,8 @@ class _HessianMixin:
     def update(self, x):
         super().update(x)
         while self.parts:
-            r = self.parts.pop().astype(np.float64)
+            r = self.parts.pop()
+            # float32 product (BLAS syrk, 1.7x float64's speed), summed over batches in float64
             self.h += r.T @ r
             self.n += len(r)
 

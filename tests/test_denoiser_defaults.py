@@ -1,0 +1,142 @@
+"""Denoiser-aware FP8 defaults (onnxopt.denoiser): a diffusion denoiser is recognised from its graph and `quantize
+--fp8 --calib` defaults to error-feedback rounding, SmoothQuant 1.0 and the low-rank branch there; explicit options
+turn each off; other graphs, presets, other modes and random calibration keep today's plan."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxopt import denoiser
+from onnxopt.cli import main
+
+import tiny
+
+
+def run(*args):
+    r = CliRunner().invoke(main, ["-q", *map(str, args)])
+    return r.exit_code, r.output
+
+
+def _io(inputs, outputs) -> onnx.ModelProto:
+    g = h.make_graph([], "io", [h.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                     [h.make_tensor_value_info(n, t, s) for n, t, s in outputs])
+    return h.make_model(g)
+
+
+def test_detect_sdxl_terrain_and_not_others():
+    sdxl = _io([("sample", T.FLOAT, ["B", 4, 128, 128]), ("timestep", T.FLOAT, ["B"]),
+                ("encoder_hidden_states", T.FLOAT, ["B", 77, 2048]), ("text_embeds", T.FLOAT, ["B", 1280]),
+                ("time_ids", T.FLOAT, ["B", 6])], [("out_sample", T.FLOAT, ["B", 4, 128, 128])])
+    assert denoiser.detect(sdxl) == denoiser.Recognised("sample", "timestep", "out_sample")
+    terrain = _io([("noisy", T.FLOAT, ["batch", 1, 128, 128]), ("sigma", T.FLOAT, ["batch"]),
+                   ("difficulty", T.FLOAT, ["batch"])], [("denoised", T.FLOAT, ["batch", 1, 128, 128])])
+    assert denoiser.detect(terrain) == denoiser.Recognised("noisy", "sigma", "denoised")
+    minilm = _io([("input_ids", T.INT64, ["B", "S"]), ("attention_mask", T.INT64, ["B", "S"])],
+                 [("last_hidden_state", T.FLOAT, ["B", "S", 384])])
+    cnn = _io([("images", T.FLOAT, ["B", 3, 224, 224])], [("logits", T.FLOAT, ["B", 1000])])
+    # an image-to-image net without a noise level, and one whose output has other channels, are not denoisers
+    seg = _io([("x", T.FLOAT, ["B", 3, 64, 64])], [("y", T.FLOAT, ["B", 3, 64, 64])])
+    wrong_c = _io([("sample", T.FLOAT, ["B", 4, 64, 64]), ("timestep", T.FLOAT, ["B"])], [("y", T.FLOAT, ["B", 8, 64, 64])])
+    assert [denoiser.detect(m) for m in (minilm, cnn, seg, wrong_c, tiny.cnn(), tiny.transformer())] == [None] * 6
+
+
+def _denoiser_model() -> onnx.ModelProto:
+    """sample [N,8,16,16], timestep [N] -> conv -> SiLU(+ t) -> conv 32->48 -> SiLU -> conv -> out [N,8,16,16]:
+    a tiny epsilon predictor whose middle conv FP8 quantizes (the outer ones are too narrow for an FP8 kernel)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((32, 8, 3, 3)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((48, 32, 3, 3)) / 17).astype(np.float32)
+    w3 = (rng.standard_normal((8, 48, 3, 3)) / 20).astype(np.float32)
+    nodes = [h.make_node("Conv", ["sample", "w1"], ["c1"], name="conv_in", pads=[1, 1, 1, 1]),
+             h.make_node("Reshape", ["timestep", "tshape"], ["t4"], name="t_reshape"),
+             h.make_node("Add", ["c1", "t4"], ["a"], name="t_add"),
+             h.make_node("Sigmoid", ["a"], ["sg"], name="sig"), h.make_node("Mul", ["a", "sg"], ["s"], name="silu"),
+             h.make_node("Conv", ["s", "w2"], ["c2"], name="conv_mid", pads=[1, 1, 1, 1]),
+             h.make_node("Sigmoid", ["c2"], ["sg2"], name="sig2"), h.make_node("Mul", ["c2", "sg2"], ["s2"], name="silu2"),
+             h.make_node("Conv", ["s2", "w3"], ["out_sample"], name="conv_out", pads=[1, 1, 1, 1])]
+    g = h.make_graph(nodes, "den", [h.make_tensor_value_info("sample", T.FLOAT, ["N", 8, 16, 16]),
+                                    h.make_tensor_value_info("timestep", T.FLOAT, ["N"])],
+                     [h.make_tensor_value_info("out_sample", T.FLOAT, ["N", 8, 16, 16])],
+                     [nh.from_array(w1, "w1"), nh.from_array(w2, "w2"), nh.from_array(w3, "w3"),
+                      nh.from_array(np.array([-1, 1, 1, 1], np.int64), "tshape")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.fixture(scope="module")
+def den(tmp_path_factory):
+    d = tmp_path_factory.mktemp("den")
+    onnx.save(_denoiser_model(), d / "den.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(d / "calib.npz", sample=(rng.standard_normal((16, 1, 8, 16, 16)) * 3).astype(np.float32),
+             timestep=rng.uniform(0, 2, (16, 1)).astype(np.float32))
+    return d
+
+
+def _quantize(d, name, *flags):
+    code, out = run("quantize", d / "den.onnx", "--calib", d / "calib.npz", "-o", d / f"{name}.onnx",
+                    "--report", d / f"{name}.json", *flags)
+    assert code == 0, out
+    return json.loads((d / f"{name}.json").read_text()), onnx.load(str(d / f"{name}.onnx"))
+
+
+def test_fp8_on_a_denoiser_defaults_to_the_recipe_and_says_so(den):
+    rep, m = _quantize(den, "dflt", "--fp8")
+    d = rep["denoiser"]
+    assert (d["recognised"], d["sample"], d["level"], d["output"]) == (True, "sample", "timestep", "out_sample")
+    assert d["defaults_on"] == {"weight_rounding": "feedback", "smoothquant": 1.0, "lowrank": "auto"}
+    assert d["turn_off"] == {"weight_rounding": "--weight-rounding nearest", "smoothquant": "--smoothquant none",
+                             "lowrank": "--lowrank none"}
+    assert rep["qdq"]["error_feedback"]["layers"]            # rounded with feedback
+    assert rep["smoothquant"]["groups"]                        # smoothed
+    assert "lowrank" in rep                                    # the branch pass ran (auto ranks: 0 on random weights)
+
+
+def test_explicit_options_turn_each_default_off(den):
+    rep, _ = _quantize(den, "nofb", "--fp8", "--weight-rounding", "nearest")
+    assert "weight_rounding" not in rep["denoiser"]["defaults_on"] and "error_feedback" not in rep["qdq"]
+    assert rep["denoiser"]["defaults_on"] == {"smoothquant": 1.0, "lowrank": "auto"}
+    rep, _ = _quantize(den, "nosq", "--fp8", "--smoothquant", "none", "--lowrank", "0")
+    assert rep["denoiser"]["defaults_on"] == {"weight_rounding": "feedback"}
+    assert not rep.get("smoothquant") and not (rep.get("lowrank") or {}).get("layers")
+    rep, m = _quantize(den, "off", "--fp8", "--smoothquant", "none", "--lowrank", "none", "--weight-rounding", "nearest")
+    assert rep["denoiser"]["not_applied"] == "every recipe option was given explicitly"
+    # all three off: the same graph as --fp8 on the graph before this feature (no Mul inserted, no branch)
+    plain, _ = _quantize(den, "int8", "--int8")
+    assert "defaults_on" in plain["denoiser"] and plain["denoiser"]["defaults_on"] == {}
+    assert "no denoiser recipe" in plain["denoiser"]["not_applied"]
+    assert [n.op_type for n in m.graph.node].count("Mul") == 2  # only the SiLUs': no SmoothQuant Mul
+
+
+def test_random_calibration_and_summary_line(den):
+    r = CliRunner().invoke(main, ["quantize", str(den / "den.onnx"), "--fp8", "--calib-random", "4", "--shapes",
+                                  "sample:2x8x16x16", "--shapes", "timestep:2", "-o", str(den / "r.onnx")])
+    assert r.exit_code == 0, r.output
+    assert ("recognised a diffusion denoiser (sample, timestep -> out_sample); denoiser defaults not applied: "
+            "no calibration data") in " ".join(r.output.split())
+    r = CliRunner().invoke(main, ["quantize", str(den / "den.onnx"), "--fp8", "--calib", str(den / "calib.npz"),
+                                  "-o", str(den / "s.onnx")])
+    assert r.exit_code == 0, r.output
+    assert ("recognised a diffusion denoiser (sample, timestep -> out_sample): denoiser defaults on: error-feedback "
+            "weight rounding (off: --weight-rounding nearest), SmoothQuant alpha 1.0 (off: --smoothquant none), "
+            "low-rank branch (auto ranks) (off: --lowrank none)") in " ".join(r.output.split())
+
+
+def test_preset_keeps_its_recipe(den):
+    from onnxopt import presets
+    cfg, d = denoiser.apply(presets.config("sdxl", "fp8"), _denoiser_model(), preset="sdxl")
+    assert cfg == presets.config("sdxl", "fp8") and d.not_applied == "--preset sdxl keeps its own recipe"
+
+
+def test_non_denoiser_has_no_denoiser_section(tmp_path):
+    m, calib = tiny.model_and_calib(tmp_path, tiny.cnn(), (8, 3, 16, 16))
+    code, out = run("quantize", m, "--fp8", "--calib", calib, "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert "denoiser" not in rep and "error_feedback" not in rep["qdq"] and not rep.get("lowrank")
