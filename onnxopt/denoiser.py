@@ -22,6 +22,10 @@ from .sampler import SAMPLE_NAMES, SIGMA_NAMES, TIMESTEP_NAMES
 
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
+# Above this many bytes of weights the recipe is not a default (the summary says how to ask for it): its error-feedback
+# Hessians and low-rank SVDs scale with the weights, measured in seconds on the terrain UNet (45 MB) and the tiny
+# SDXL UNet, not at full-size SDXL (9.6 GiB, whose --fp8 has a 25 s target; tools/time_denoiser_defaults.py times it).
+MAX_RECIPE_BYTES = 2 << 30
 # The recipe's QuantConfig fields and values, and the option that turns each off. Measured on the terrain UNet
 # (BENCHMARKS.md "Denoiser-aware FP8 defaults"): each of the three adds dB at 1 and 3 steps.
 RECIPE = (("weight_rounding", "feedback", "error-feedback weight rounding", "--weight-rounding nearest"),
@@ -96,7 +100,7 @@ class Defaults:
 
 
 def apply(config, model: onnx.ModelProto, *, given: frozenset | set = frozenset(), has_data: bool = True,
-          preset: str | None = None):
+          preset: str | None = None, max_bytes: int = MAX_RECIPE_BYTES):
     """`config` (an api.QuantConfig) with the denoiser recipe in every recipe field not in `given` (the fields the
     user set, "off" included), when `model` is a denoiser and the format asks for it. Returns (config, Defaults)."""
     found = detect(model)
@@ -107,10 +111,22 @@ def apply(config, model: onnx.ModelProto, *, given: frozenset | set = frozenset(
            f"--{config.mode} has no denoiser recipe (measured for FP8 only)" if not fmt.denoiser_recipe else
            f"--preset {preset} keeps its own recipe" if preset else
            "no calibration data (--calib-random or none); give --calib, e.g. from calib-data trajectory" if not has_data else
-           "--sparsity is given" if config.sparsity else "")
+           "--sparsity is given" if config.sparsity else
+           _too_big(model, max_bytes))
     if why:
         return config, Defaults(found, (), why)
     on = tuple(item for item in RECIPE if item[0] not in given and getattr(config, item[0]) is None)
     if not on:
         return config, Defaults(found, (), "every recipe option was given explicitly")
     return replace(config, **{f: v for f, v, _, _ in on}), Defaults(found, on)
+
+
+def _too_big(model: onnx.ModelProto, max_bytes: int) -> str:
+    """Why the recipe is not a default for a model this size ('' when it is)."""
+    from .modelfile import model_bytes
+    size = model_bytes(model)
+    if size <= max_bytes:
+        return ""
+    flags = " ".join(f"{off.split()[0]} {v}" for _, v, _, off in RECIPE)
+    return (f"{size / 2**30:.1f} GiB of weights, above the {max_bytes / 2**30:.1f} GiB its cost was measured for "
+            f"(minutes at full-size SDXL); add {flags} to apply it")

@@ -134,6 +134,15 @@ def test_preset_keeps_its_recipe(den):
     assert cfg == presets.config("sdxl", "fp8") and d.not_applied == "--preset sdxl keeps its own recipe"
 
 
+def test_big_denoiser_keeps_the_plain_plan_and_says_how_to_ask():
+    from onnxopt.api import QuantConfig
+    cfg, d = denoiser.apply(QuantConfig(mode="fp8"), _denoiser_model(), max_bytes=1000)
+    assert cfg == QuantConfig(mode="fp8") and not d.switched_on
+    assert d.not_applied.endswith("add --weight-rounding feedback --smoothquant 1.0 --lowrank auto to apply it")
+    cfg, d = denoiser.apply(QuantConfig(mode="fp8"), _denoiser_model())
+    assert (cfg.weight_rounding, cfg.smoothquant, cfg.lowrank) == ("feedback", 1.0, "auto")
+
+
 def test_non_denoiser_has_no_denoiser_section(tmp_path):
     m, calib = tiny.model_and_calib(tmp_path, tiny.cnn(), (8, 3, 16, 16))
     code, out = run("quantize", m, "--fp8", "--calib", calib, "-o", tmp_path / "q.onnx", "--report", tmp_path / "r.json")

@@ -205,6 +205,27 @@ def test_calib_data_trajectory(tmp_path):
     assert code == 2 and "needs a timestep" in text
 
 
+def test_calib_data_trajectory_default_covers_1_to_4_steps(tmp_path):
+    """Without --steps, consistency calibration holds every call of the 1, 2, 3 and 4 step loops of each seed (the
+    shared first call once): exactly the feeds those loops give the model."""
+    ref = tmp_path / "r.onnx"
+    onnx.save(_edm_model(), ref)
+    out = tmp_path / "c.npz"
+    code, text = run("calib-data", "trajectory", ref, "--sampler", "consistency", "--seeds", "10-11", "-o", out, quiet=False)
+    assert code == 0, text
+    assert "14 samples: consistency 1/2/3/4 step(s)" in " ".join(text.split())
+    calls = []
+    m = _edm_model()
+    for n in S.CALIB_CONSISTENCY_STEPS:
+        opts = S.SamplerOptions("consistency", n, None, (10, 11), batch=1)
+        S.run_all(m, S.roles(m, opts), opts, None, "cpu", "x", record=lambda f: calls.append({k: np.array(v) for k, v in f.items()}))
+    want = {(round(float(c["sigma"][0]), 4), zlib.crc32(c["noisy"].tobytes())) for c in calls}
+    with np.load(out) as z:
+        got = [(round(float(sg[0]), 4), zlib.crc32(x.tobytes())) for sg, x in zip(z["sigma"], z["noisy"])]
+    assert len(got) == len(set(got)) == 2 * (1 + 1 + 2 + 3) and set(got) == want
+    assert {s for s, _ in got} == {round(float(v), 4) for n in (1, 2, 3, 4) for v in S.karras_sigmas(n, 0.002, 80.0)}
+
+
 def _edm_deep(seed=3) -> onnx.ModelProto:
     """A denoiser with quantizable convs: x0 = conv(relu(conv(relu(conv(x·c_in)) + emb))) with 16 channels."""
     r = np.random.default_rng(seed)

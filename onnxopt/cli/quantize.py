@@ -127,12 +127,17 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
 
 def _denoiser_defaults(ctx, model, config, preset, *, has_data: bool):
     """onnxopt.denoiser's defaults for a denoiser graph (its inputs read, no weights); options the user gave win."""
+    import onnx
+
     from .. import denoiser
-    from ..modelfile import load
     if config.auto:
         return config, denoiser.Defaults(None)
+    try:  # the graph's inputs only (external weights stay on disk; 0.1 s for full-size SDXL)
+        header = onnx.load(str(model), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model is the run's error to report, in its own words
+        return config, denoiser.Defaults(None)
     given = frozenset(f for f in ("weight_rounding", "smoothquant", "lowrank") if _given(ctx, f))
-    return denoiser.apply(config, load(model), given=given, has_data=has_data, preset=preset)
+    return denoiser.apply(config, header, given=given, has_data=has_data, preset=preset)
 
 
 LOWRANK_OFF = ("none", "off", "0")
