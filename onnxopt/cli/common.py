@@ -203,7 +203,7 @@ _PROVIDER_OPTIONS = [
 
 # The denoising loop's settings, shared by compare --sampler and calib-data trajectory (onnxopt.sampler).
 _SAMPLER_LOOP_OPTIONS = [
-    click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default: 50, diffusers' SDXL default; consistency: 1)."),
+    click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default: 50, diffusers' SDXL default; consistency: 1, and calib-data trajectory records 1, 2, 3 and 4)."),
     click.option("--guidance", type=float, help="euler/ddim/dpmpp: classifier-free guidance scale, 1 = none (default: 5.0, SDXL's); doubles the batch."),
     click.option("--size", "sample_size", help="HxW of the sample (latents: pixels / 8) when the model's is dynamic."),
     click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon", show_default=True, help="euler/ddim/dpmpp: what the UNet predicts."),
