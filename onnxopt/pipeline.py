@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -23,7 +24,7 @@ from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, modelfile, ort, progress
+from . import calib, finite, modelfile, ort, progress
 from .errors import OnnxoptError
 from .settings import MEMORY_BUDGET_MB, PROVIDERS, RUN_SETTINGS, RunSettings
 
@@ -46,6 +47,49 @@ class Pass(Protocol):
         """Raise OnnxoptError when this pass cannot run at `index` of `recipe` (e.g. AWQ without Int4 after it)."""
 
     def run(self, ctx: "Context") -> dict: ...
+
+
+# What every pass shares (the passes live in their technique modules, rewrite/ and cast/, and in passes/).
+class PassBase:
+    """Defaults for `onnxopt.pipeline.Pass`; subclasses are dataclasses whose fields are the options."""
+    name: ClassVar[str] = "pass"
+    min_opset: ClassVar[int] = 0
+    quantizes: ClassVar[bool] = False   # a recipe holds at most one quantizing pass
+
+    @property
+    def needs_data(self) -> bool:
+        return False
+
+    def check_recipe(self, recipe, index: int) -> None:
+        return None
+
+
+def check_regexes(patterns, option: str) -> tuple:
+    """Compile each regex now, so a bad one is an error before any model is read."""
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise OnnxoptError(f"bad {option} regex '{p}': {e}; escape special characters (e.g. '\\[')") from None
+    return patterns
+
+
+def check_choice(value, choices, option: str) -> None:
+    """An option's value among its choices, or a one-line error naming them."""
+    if value not in choices:
+        raise OnnxoptError(f"unknown {option} '{value}'; use one of {', '.join(map(str, choices))}")
+
+
+def after(recipe, index: int, kinds: tuple) -> list:
+    """Passes of `kinds` after position `index`."""
+    return [p for p in recipe[index + 1:] if isinstance(p, kinds)]
+
+
+def one_quantizer(recipe) -> None:
+    """A recipe holds at most one quantizing pass."""
+    if sum(getattr(p, "quantizes", False) for p in recipe) > 1:
+        raise OnnxoptError("a recipe quantizes once: use one QDQ or Int4 pass")
 
 
 @dataclass
@@ -411,5 +455,6 @@ def fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     if any(t.data_type in low for t in m.graph.initializer) or any(v.type.tensor_type.elem_type in low for v in m.graph.input):
         log.info("low-precision input model: working on its FP32 view")
-        return modelfile.infer_shapes(autocast.fp32_view(m))
+        from .cast.autocast import fp32_view  # lazy: the Autocast pass in cast.autocast builds on this module
+        return modelfile.infer_shapes(fp32_view(m))
     return m

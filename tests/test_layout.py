@@ -68,10 +68,27 @@ def test_no_import_circle():
 
 
 def test_passes_in_the_map_and_techniques_import_no_pass():
+    import onnxopt.passes
     doc = (PKG.parent / "docs" / "ARCHITECTURE.md").read_text()
-    passes = [p.stem for p in (PKG / "passes").glob("*.py") if p.stem not in ("__init__", "base")]
-    assert passes and all(f"({p}.py)" in doc for p in passes), [p for p in passes if f"({p}.py)" not in doc]
+    where = {n: getattr(onnxopt.passes, n).__module__ for n in onnxopt.passes.__all__}
+    rows = {n: f"| `{n}` | `{m.removeprefix('onnxopt.').replace('.', '/')}.py" for n, m in where.items()}
+    assert len(where) >= 9 and all(r in doc for r in rows.values()), [n for n, r in rows.items() if r not in doc]
     imports = _imports()
     users = {m for m, ds in imports.items() if any(d == "onnxopt.passes" or d.startswith("onnxopt.passes.") for d in ds)}
     allowed = {"onnxopt", "onnxopt.api", "onnxopt.presets"}   # the API and presets build recipes of passes
     assert {m for m in users if not m.startswith(("onnxopt.passes", "onnxopt.cli"))} <= allowed
+
+
+def test_a_technique_is_one_module():
+    """Each rewrite's pass is defined in its technique's module (rewrite/, cast/), not in a wrapper beside it;
+    passes/ holds only the quantizing passes, and no module name repeats between these folders."""
+    import onnxopt.passes
+    for name in ("Sparsify", "SmoothQuant", "AWQ", "LowRank", "Autocast"):
+        module = getattr(onnxopt.passes, name).__module__
+        assert module.split(".")[1] in ("rewrite", "cast"), (name, module)
+    for name in ("QDQ", "Int4", "BlockFP", "AutoQuant"):
+        assert getattr(onnxopt.passes, name).__module__.startswith("onnxopt.passes."), name
+    stems = {d: {p.stem for p in (PKG / d).glob("*.py")} - {"__init__"} for d in ("passes", "rewrite", "cast")}
+    assert not stems["passes"] & (stems["rewrite"] | stems["cast"]) and not stems["rewrite"] & stems["cast"]
+    top = {p.stem for p in PKG.glob("*.py")}
+    assert not top & (stems["rewrite"] | stems["cast"]), top & (stems["rewrite"] | stems["cast"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .. import formats
 from ..formats import INT4
 from ..quant import int4
-from .base import PassBase, check_choice, check_regexes, one_quantizer
+from ..pipeline import PassBase, check_choice, check_regexes, one_quantizer
 
 
 @dataclass

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from .. import attention_guard, calib, einsum, formats, precision
+from .. import attention_guard, calib, einsum, formats
+from ..cast import precision
 from ..errors import OnnxoptError
 from ..quant import calibration, feedback, rules, shared_rounding, writer
-from .base import PassBase, check_choice, check_regexes, one_quantizer
+from ..pipeline import PassBase, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
 
