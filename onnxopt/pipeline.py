@@ -14,89 +14,25 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Callable, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from . import calib, finite, modelfile, ort, progress
+from .cast import autocast
 from .errors import OnnxoptError
+from .pass_protocol import AwqChoice, Pass
 from .settings import MEMORY_BUDGET_MB, PROVIDERS, RUN_SETTINGS, RunSettings
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
 OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
-
-
-@runtime_checkable
-class Pass(Protocol):
-    """A graph rewrite. Options are dataclass fields checked in __post_init__ (raising OnnxoptError)."""
-    name: ClassVar[str]          # report section and timing key
-    min_opset: ClassVar[int]     # default-domain opset the rewritten graph needs (0: any)
-
-    @property
-    def needs_data(self) -> bool: ...
-
-    def check_recipe(self, recipe: Sequence["Pass"], index: int) -> None:
-        """Raise OnnxoptError when this pass cannot run at `index` of `recipe` (e.g. AWQ without Int4 after it)."""
-
-    def run(self, ctx: "Context") -> dict: ...
-
-
-# What every pass shares (the passes live in their technique modules, rewrite/ and cast/, and in passes/).
-class PassBase:
-    """Defaults for `onnxopt.pipeline.Pass`; subclasses are dataclasses whose fields are the options."""
-    name: ClassVar[str] = "pass"
-    min_opset: ClassVar[int] = 0
-    quantizes: ClassVar[bool] = False   # a recipe holds at most one quantizing pass
-
-    @property
-    def needs_data(self) -> bool:
-        return False
-
-    def check_recipe(self, recipe, index: int) -> None:
-        return None
-
-
-def check_regexes(patterns, option: str) -> tuple:
-    """Compile each regex now, so a bad one is an error before any model is read."""
-    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise OnnxoptError(f"bad {option} regex '{p}': {e}; escape special characters (e.g. '\\[')") from None
-    return patterns
-
-
-def check_choice(value, choices, option: str) -> None:
-    """An option's value among its choices, or a one-line error naming them."""
-    if value not in choices:
-        raise OnnxoptError(f"unknown {option} '{value}'; use one of {', '.join(map(str, choices))}")
-
-
-def after(recipe, index: int, kinds: tuple) -> list:
-    """Passes of `kinds` after position `index`."""
-    return [p for p in recipe[index + 1:] if isinstance(p, kinds)]
-
-
-def one_quantizer(recipe) -> None:
-    """A recipe holds at most one quantizing pass."""
-    if sum(getattr(p, "quantizes", False) for p in recipe) > 1:
-        raise OnnxoptError("a recipe quantizes once: use one QDQ or Int4 pass")
-
-
-@dataclass
-class AwqChoice:
-    """The AWQ pass's result for the Int4 pass: per layer, clip ratios or error-feedback rounded (codes, scales)."""
-    clips: dict
-    method: str
 
 
 @dataclass
@@ -122,6 +58,7 @@ class Context:
     measure_ranges: bool = False
     range_reducers: dict | None = None
     rebuild: Callable | None = None           # Autocast's "convert again with these nodes in FP32" (finite repair)
+    checks_outputs: bool = False              # the finite check will run the model (finite.runs_outputs), so a repair helps
     check_data: calib.CalibData | None = None  # generated samples when no data was given
 
     @property
@@ -279,7 +216,8 @@ class Runner:
             log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
         ctx = Context(modelfile.import_graph(fp32), data, work, self.recipe, self.settings,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
-                      opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
+                      opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe),
+                      checks_outputs=finite.runs_outputs(fp32, self.memory_budget_mb))
         del m
         timings = report["timings_s"]
         timings["load"] = time.perf_counter() - t0
@@ -455,6 +393,5 @@ def fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     if any(t.data_type in low for t in m.graph.initializer) or any(v.type.tensor_type.elem_type in low for v in m.graph.input):
         log.info("low-precision input model: working on its FP32 view")
-        from .cast.autocast import fp32_view  # lazy: the Autocast pass in cast.autocast builds on this module
-        return modelfile.infer_shapes(fp32_view(m))
+        return modelfile.infer_shapes(autocast.fp32_view(m))
     return m

@@ -11,7 +11,7 @@ from onnxopt import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify, modelfile, 
 from onnxopt.rewrite import sparsity
 from onnxopt.calib import AbsMax
 from onnxopt.errors import OnnxoptError
-from onnxopt.pipeline import PassBase
+from onnxopt.pass_protocol import PassBase
 from onnxopt.pipeline import Runner
 
 

@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import graph as G
 from .. import formats, modelfile, threads
 from . import precision, prescale
-from .. import calib, finite
+from .. import calib
 from ..errors import OnnxoptError
-from ..pipeline import PassBase, check_choice
+from ..pass_protocol import PassBase, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_
     return run
 
 
-# The pass: autocast's options as a recipe step (onnxopt.pipeline.Pass).
+# The pass: autocast's options as a recipe step (onnxopt.pass_protocol.Pass).
 IO_DTYPES = formats.low_precision()
 GENERATED_SAMPLES = 2  # when no data is given: enough to find the overflows that the weights alone cause
 
@@ -367,7 +367,7 @@ class Autocast(PassBase):
     def run(self, ctx) -> dict:
         ranges = self._ranges(ctx) if self.wants_ranges else None
         keep_nodes = self.keep_fp32_nodes + tuple(ctx.fp32_nodes)
-        if ctx.reference is not None and finite.runs_outputs(ctx.reference, ctx.memory_budget_mb):
+        if ctx.reference is not None and ctx.checks_outputs:
             before = modelfile.export_graph(ctx.graph, opset=ctx.opset or None)  # lazy weights: no copy
             ctx.rebuild = reconverter(before, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,
                                                ranges=ranges, opset=ctx.opset or None, keep_fp32_nodes=keep_nodes)

@@ -5,7 +5,7 @@
 
 A rewrite's pass lives in its technique module (`rewrite/`: Sparsify, SmoothQuant, AWQ, LowRank; `cast/`:
 Autocast); the quantizing passes live here (QDQ, Int4, BlockFP, AutoQuant over `quant/` and `autoquant/`).
-The protocol they share is `onnxopt.pipeline.Pass`/`PassBase`; docs/ARCHITECTURE.md "Map" has the table.
+The protocol they share is `onnxopt.pass_protocol`; docs/ARCHITECTURE.md "Map" has the table.
 """
 from ..cast.autocast import Autocast
 from ..rewrite.awq import AWQ

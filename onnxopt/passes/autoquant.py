@@ -21,7 +21,7 @@ from ..autoquant import engine as aq_engine
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
 from ..quant import int4, writer
-from ..pipeline import PassBase, check_regexes, one_quantizer
+from ..pass_protocol import PassBase, check_regexes, one_quantizer
 from .qdq import QDQ, WEIGHT_OPS
 
 log = logging.getLogger(__name__)

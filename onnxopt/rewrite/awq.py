@@ -31,7 +31,7 @@ from ..formats import FP16, INT4
 from ..formats.int4 import expand
 from ..graph import activation_channel_axis, to_kn
 from ..settings import MEMORY_BUDGET_MB
-from ..pipeline import AwqChoice, PassBase, after, check_choice
+from ..pass_protocol import AwqChoice, PassBase, StaticQuantizer, WeightOnlyQuantizer, after, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class _Search:
                 self.hs.pop(name, None)
 
 
-# The pass: awq's options as a recipe step (onnxopt.pipeline.Pass).
+# The pass: awq's options as a recipe step (onnxopt.pass_protocol.Pass).
 METHODS = ("lite", "clip", "full")
 
 
@@ -337,15 +337,12 @@ class AWQ(PassBase):
         return True
 
     def check_recipe(self, recipe, index: int) -> None:
-        from ..passes.int4 import Int4
-        from ..passes.qdq import QDQ
-        nxt = after(recipe, index, (Int4, QDQ))
-        if not nxt or not isinstance(nxt[0], Int4):
+        nxt = after(recipe, index, (WeightOnlyQuantizer, StaticQuantizer))
+        if not nxt or not isinstance(nxt[0], WeightOnlyQuantizer):
             raise OnnxoptError("--awq applies to --int4 only (it searches INT4 scales); drop it or quantize with --int4")
 
     def run(self, ctx) -> dict:
-        from ..passes.int4 import Int4
-        target = ctx.following(Int4, self)
+        target = ctx.following(WeightOnlyQuantizer, self)
         layers, _ = target.select(ctx.graph)
         report, clips = apply(ctx.graph, ctx.require_data(f"--awq {self.method}"), layers, method=self.method,
                                   block_size=target.block_size, high_precision=ctx.high_precision,

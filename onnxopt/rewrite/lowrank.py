@@ -31,7 +31,8 @@ from ..graph import taken_names, unique_name
 from ..progress import track
 import ml_dtypes
 from .. import formats
-from ..pipeline import PassBase, after
+from .awq import AWQ
+from ..pass_protocol import BlockQuantizer, PassBase, StaticQuantizer, WeightOnlyQuantizer, after
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
     return report
 
 
-# The pass: lowrank's options as a recipe step (onnxopt.pipeline.Pass).
+# The pass: lowrank's options as a recipe step (onnxopt.pass_protocol.Pass).
 def act_noise(f) -> float:
     """Relative noise power (E|ΔX|² / E|X|²) that per-tensor activation quantization in format `f` adds, assumed
     for the rank choice (no calibration pass here): an integer grid's step² / 12 with max|x| / rms(x) ≈ 16; a
@@ -291,27 +292,20 @@ class LowRank(PassBase):
         check_rank(self.rank, self.budget)
 
     def check_recipe(self, recipe, index: int) -> None:
-        from ..passes.int4 import Int4
-        from ..passes.qdq import QDQ
-        from .awq import AWQ
-        if not after(recipe, index, (QDQ, Int4)):
+        if not after(recipe, index, (StaticQuantizer, WeightOnlyQuantizer)):
             raise OnnxoptError("--lowrank needs a quantizing pass after it (--int8, --fp8, --int4, --nvfp4 or --mxfp8)")
         if any(isinstance(p, AWQ) for p in recipe):
             # AWQ's scales and rounded weights are searched for the whole weight, not the residual.
             raise OnnxoptError("--lowrank with --int4 needs --awq none (AWQ is not combined with the branch yet)")
 
     def run(self, ctx) -> dict:
-        from ..passes.int4 import Int4
-        from ..passes.qdq import QDQ
-        from ..passes.blockfp import BlockFP
-        q = ctx.following(QDQ, self) or ctx.following(Int4, self)
+        q = ctx.following(StaticQuantizer, self) or ctx.following(WeightOnlyQuantizer, self)
         hp = ctx.high_precision
-        if isinstance(q, BlockFP):  # block weights (e.g. NVFP4): the residual is written by the format's own writer
+        if isinstance(q, BlockQuantizer):  # block weights (e.g. NVFP4): the residual is written by the format's own writer
             nodes, f = q.block_nodes(ctx.graph), q.fmt
             bits, noise, block = f.bits, 0.0 if q.weight_only else act_noise(f), f.block_size
-        elif isinstance(q, QDQ):
-            from ..quant import rules  # lazy: quant.rules reads this module's branch marks
-            nodes = rules.plan(ctx.graph, q).nodes
+        elif isinstance(q, StaticQuantizer):
+            nodes = q.plan(ctx.graph).nodes
             f = formats.get(q.mode)
             bits, noise, block = f.bits, act_noise(f), 0
         else:

@@ -24,8 +24,7 @@ from ..errors import OnnxoptError
 from ..progress import track
 from ..graph import activation_channel_axis
 from ..settings import MEMORY_BUDGET_MB
-from ..pipeline import PassBase, after, check_regexes
-from ..quant import rules
+from ..pass_protocol import PassBase, StaticQuantizer, WeightOnlyQuantizer, after, check_regexes
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +288,7 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     return report
 
 
-# The pass: smoothquant's options as a recipe step (onnxopt.pipeline.Pass).
+# The pass: smoothquant's options as a recipe step (onnxopt.pass_protocol.Pass).
 @dataclass
 class SmoothQuant(PassBase):
     """Before a QDQ("int8") pass, smooths exactly the layers that pass will quantize; alone, every weight
@@ -309,10 +308,8 @@ class SmoothQuant(PassBase):
         return True
 
     def check_recipe(self, recipe, index: int) -> None:
-        from ..passes.int4 import Int4
-        from ..passes.qdq import QDQ
-        nxt = after(recipe, index, (QDQ, Int4))
-        if nxt and not (isinstance(nxt[0], QDQ) and formats.get(nxt[0].mode).smoothquant):
+        nxt = after(recipe, index, (StaticQuantizer, WeightOnlyQuantizer))
+        if nxt and not (isinstance(nxt[0], StaticQuantizer) and formats.get(nxt[0].mode).smoothquant):
             sq = [m for m in formats.modes() if formats.get(m).smoothquant]
             raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
         target = TARGET.name
@@ -322,9 +319,8 @@ class SmoothQuant(PassBase):
                                f"alpha in [0, 1], e.g. --smoothquant 1.0")
 
     def run(self, ctx) -> dict:
-        from ..passes.qdq import QDQ
         data = ctx.require_data("SmoothQuant")
-        qdq = ctx.following(QDQ, self)
-        plan = rules.plan(ctx.graph, qdq) if qdq is not None else None
+        qdq = ctx.following(StaticQuantizer, self)
+        plan = qdq.plan(ctx.graph) if qdq is not None else None
         return smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
                                   provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)

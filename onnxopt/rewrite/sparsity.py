@@ -31,7 +31,7 @@ from .sparsity_layers import (dq_fields, effective_nonzero, groups_ok, other_use
                               dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
 from .sparsity_report import format_report, report, summary
 from ..settings import MEMORY_BUDGET_MB
-from ..pipeline import PassBase, check_choice, check_regexes
+from ..pass_protocol import PassBase, check_choice, check_regexes
 
 __all__ = ["METHODS", "sparsify", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
            "report", "summary", "format_report"]
@@ -176,7 +176,7 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
     return report
 
 
-# The pass: sparsity's options as a recipe step (onnxopt.pipeline.Pass).
+# The pass: sparsity's options as a recipe step (onnxopt.pass_protocol.Pass).
 @dataclass
 class Sparsify(PassBase):
     pattern: str = "2:4"
