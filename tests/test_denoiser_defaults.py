@@ -149,3 +149,23 @@ def test_non_denoiser_has_no_denoiser_section(tmp_path):
     assert code == 0, out
     rep = json.loads((tmp_path / "r.json").read_text())
     assert "denoiser" not in rep and "error_feedback" not in rep["qdq"] and not rep.get("lowrank")
+
+
+@pytest.mark.slow
+def test_terrain_default_fp8_as_a_stranger_runs_it(tmp_path):
+    """The real terrain UNet, everything at its defaults: calib-data trajectory (1-4 steps), quantize --fp8 (the
+    denoiser recipe), final samples on held-out seeds 1000-1007 at 1 and 3 steps >= 30 dB (BENCHMARKS.md
+    "Denoiser-aware FP8 defaults": 34.75 / 36.54 dB)."""
+    from terrain import terrain_unet
+
+    from onnxopt import sampler as S
+    t = terrain_unet()
+    calib, q, rep = tmp_path / "c.npz", tmp_path / "q.onnx", tmp_path / "r.json"
+    assert run("calib-data", "trajectory", t, "--sampler", "consistency", "-o", calib)[0] == 0
+    code, out = run("quantize", t, "--fp8", "--calib", calib, "-o", q, "--report", rep)
+    assert code == 0, out
+    d = json.loads(rep.read_text())["denoiser"]
+    assert (d["sample"], d["level"], d["output"]) == ("noisy", "sigma", "denoised") and len(d["defaults_on"]) == 3
+    for steps in (1, 3):
+        res = S.compare_sampled(t, str(q), S.SamplerOptions("consistency", steps, None, tuple(range(1000, 1008))))
+        assert res.final.psnr_mean >= 30.0 and res.final.psnr_worst >= 26.0, (steps, res.final)
