@@ -1,11 +1,11 @@
 """Diffusion denoisers recognised from the graph, and the quality defaults `quantize` gives them.
 
 A denoiser (a diffusion UNet or DiT) is judged on the sampler's final samples, where per-call errors compound over
-the steps; round-to-nearest W8A8 FP8 that is fine for a transformer or a CNN loses 6-11 dB there (the terrain UNet,
-BENCHMARKS.md "Terrain ..."). So when the graph is a denoiser, the formats that ask for it (`Format.denoiser_recipe`)
-default to the recipe measured to keep final samples: error-feedback weight rounding, SmoothQuant at alpha 1.0
-and the low-rank branch (`--lowrank auto`). Options given explicitly win (`--weight-rounding nearest`,
-`--smoothquant none`, `--lowrank none`); presets keep their own recipes; every other graph is untouched.
+the steps; round-to-nearest W8A8 FP8 that is fine for a transformer or a CNN loses 7-9 dB more there than the recipe
+below (the terrain UNet, BENCHMARKS.md "Terrain ..."). So when the graph is a denoiser, the formats that ask for it
+(`Format.denoiser_recipe`) default to the recipe measured to keep final samples: error-feedback weight rounding and
+the low-rank branch (`--lowrank auto`). Options given explicitly win (`--weight-rounding nearest`, `--lowrank none`);
+presets keep their own recipes; every other graph is untouched.
 
 Recognised from the graph's inputs and output alone (no weights read): a 4-D float input (the noisy sample; by
 name as the sampler knows it, or the only one), a per-batch noise-level input named as a timestep or sigma (rank 0
@@ -26,10 +26,11 @@ FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFL
 # Hessians and low-rank SVDs scale with the weights, measured in seconds on the terrain UNet (45 MB) and the tiny
 # SDXL UNet, not at full-size SDXL (9.6 GiB, whose --fp8 has a 25 s target; tools/time_denoiser_defaults.py times it).
 MAX_RECIPE_BYTES = 2 << 30
-# The recipe's QuantConfig fields and values, and the option that turns each off. Measured on the terrain UNet
-# (BENCHMARKS.md "Denoiser-aware FP8 defaults"): each of the three adds dB at 1 and 3 steps.
+# The recipe's QuantConfig fields and values, and the option that turns each off. Measured on the terrain UNet with
+# calib-data trajectory's default calibration (BENCHMARKS.md "Denoiser-aware FP8 defaults", 8 held-out seeds, 1 / 3
+# steps): nearest 21.2 / 23.2 dB; feedback + low-rank 38.8 / 40.7; without feedback 29.2 / 30.4; without the branch
+# 23.9 / 24.5. SmoothQuant 1.0 on top of the two lost 4 dB (34.8 / 36.5), so it is not part of the recipe.
 RECIPE = (("weight_rounding", "feedback", "error-feedback weight rounding", "--weight-rounding nearest"),
-          ("smoothquant", 1.0, "SmoothQuant alpha 1.0", "--smoothquant none"),
           ("lowrank", "auto", "low-rank branch (auto ranks)", "--lowrank none"))
 
 

@@ -51,7 +51,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
-              help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search; the flag alone), or 'none' (off; default, except --fp8 on a diffusion denoiser with --calib: 1.0).")
+              help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search; the flag alone), or 'none' (off, the default).")
 @click.option("--lowrank", metavar="R|auto|none", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget; 'none' (or 0) turns it off (default: off; --fp8 on a diffusion denoiser with --calib: auto).")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
@@ -136,7 +136,7 @@ def _denoiser_defaults(ctx, model, config, preset, *, has_data: bool):
         header = onnx.load(str(model), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable model is the run's error to report, in its own words
         return config, denoiser.Defaults(None)
-    given = frozenset(f for f in ("weight_rounding", "smoothquant", "lowrank") if _given(ctx, f))
+    given = frozenset(f for f, *_ in denoiser.RECIPE if _given(ctx, f))
     return denoiser.apply(config, header, given=given, has_data=has_data, preset=preset)
 
 
