@@ -135,7 +135,7 @@ def test_auto_rank_goes_to_the_outlier_layer_within_budget():
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--lowrank", "0"], "--lowrank 0: the rank must be a positive integer"),
+    (["--lowrank", "1.5"], "--lowrank 1.5: the rank must be a positive integer"),  # 0 and none: the branch off
     (["--lowrank", "-3"], "the rank must be a positive integer"),
     (["--lowrank", "x"], "the rank must be a positive integer, or 'auto'"),
     (["--lowrank", "auto", "--lowrank-budget", "0"], "--lowrank-budget 0.0: give a fraction"),
