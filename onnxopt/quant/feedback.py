@@ -35,9 +35,10 @@ from .writer import QuantPlan, WeightJob, job_result, quantize_job, weight_jobs
 log = logging.getLogger(__name__)
 
 MAX_K = 4096           # input size (C * kernel) above which a layer keeps round-to-nearest (Hessian 128 MB)
-# Sampled input rows per Hessian: clamp(16 K, 8192, 32768). Four times fewer than the first version's clamp(64 K,
-# 32768, 131072) (same final samples on the terrain UNet, BENCHMARKS.md "Denoiser-aware FP8 defaults"): the
-# Hessian products were most of a feedback run's time.
+# Sampled input rows per Hessian: clamp(16 K, 8192, 32768), 4x above MIN_ROWS_PER_K. A quarter of the first
+# version's clamp(64 K, 32768, 131072): the Hessian products were most of a feedback run's time, and the row count
+# moved the terrain UNet's final samples little (BENCHMARKS.md "FP8 weights rounded with error feedback" and
+# "Denoiser-aware FP8 defaults").
 ROWS_MIN, ROWS_PER_K, ROWS_MAX = 8192, 16, 32768
 DAMP = 0.01            # GPTQ's damping, relative to the mean diagonal
 MIN_ROWS_PER_K = 4     # fewer calibration rows than 4 K: the Hessian is too thin to trust (EfficientNet's
