@@ -232,22 +232,40 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
     """(node, format) layers of formats without a static placement, in place: the weight (each once however many
     layers read it) behind a DequantizeLinear; for a format with dynamic activations, also its activation nodes
     (`Format.write_dynamic_activation`) on the layer's input. Returns ({layer: info}, weight bytes before, after)."""
-    done: dict[int, tuple[gs.Variable, dict]] = {}
+    done: dict[tuple, tuple[gs.Variable, dict]] = {}
     out, before, after = {}, 0, 0
     for node, fmt in layers:
-        key = id(node.inputs[1])
+        clip = (clips or {}).get(node.name)
+        # one stored weight per matrix (through Identity/Cast views; ALBERT's layer read at every depth) and format
+        key = (fold.weight_key(node), node.op == "Gemm" and bool(node.attrs.get("transB", 0)), fmt.name,
+               None if clip is None else node.name)
         if key not in done:
             w = G.to_kn(node, fold.effective_weight(node))
             before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
-            done[key] = write_weight(graph, node, w, fmt, block_size, (clips or {}).get(node.name), hp, names)
+            done[key] = write_weight(graph, node, w, fmt, block_size, clip, hp, names)
             after += done[key][1]["bytes"]
-        node.inputs[1], info = done[key]
+            node.inputs[1], info = done[key]
+        else:
+            node.inputs[1], info = per_use_dequantize(graph, done[key][0], names), done[key][1]
         out[node.name] = dict(info)
         if fmt.activations == "dynamic":
             x = node.inputs[0]
             fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
                                          base=G.unique_name(f"{x.name}_{fmt.name}", names))
     return out, before, after
+
+
+def per_use_dequantize(graph: gs.Graph, dq_out: gs.Variable, names: set) -> gs.Variable:
+    """A further reader's DequantizeLinear of a weight already written: the same codes initializer, its own copy of
+    the (small) scales. TensorRT-RTX 1.7.1 cannot build one INT4 DequantizeLinear, or one scale tensor, feeding
+    several GEMMs (Myelin vector::_M_range_check); this form builds, the codes stored once (BENCHMARKS.md
+    "INT4 weights shared by several GEMMs")."""
+    dq = dq_out.inputs[0]
+    copies = [gs.Constant(G.unique_name(f"{t.name}_use", names), np.array(t.values)) for t in dq.inputs[1:]]
+    out = gs.Variable(G.unique_name(f"{dq_out.name}_use", names), dtype=dq_out.dtype, shape=dq_out.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(f"{dq.name}_use", names), inputs=[dq.inputs[0], *copies],
+                               outputs=[out], attrs=dict(dq.attrs)))
+    return out
 
 
 @dataclass
