@@ -157,7 +157,7 @@ class BlockFP(QDQ, BlockQuantizer):
             trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
             key = (const.name, trans)
             if key not in done:
-                w_kn = G.to_kn(node, effective_weight(node, idx))
+                w_kn = G.to_kn(node, effective_weight(node, idx, read_only=True))  # one FP32 copy in memory, not two
                 done[key] = writer(graph, const.name, w_kn, trans, unique, clip=clips.get(node.name))
             out, info = done[key]
             node.inputs[idx] = out

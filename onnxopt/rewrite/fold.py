@@ -66,15 +66,16 @@ def effective_shape(node: gs.Node, index: int = 1) -> tuple[int, ...]:
     return shape
 
 
-def effective_weight(node: gs.Node, index: int = 1) -> np.ndarray:
-    """Values that `node` sees at `index` (the constant with its Transposes applied), as float32."""
-    return chain_values(*weight_chain(node, index))
+def effective_weight(node: gs.Node, index: int = 1, *, read_only: bool = False) -> np.ndarray:
+    """Values that `node` sees at `index` (the constant with its Transposes applied), as float32; `read_only`:
+    a caller that never writes to them gets FP32 values without a copy (possibly the constant's own array)."""
+    return chain_values(*weight_chain(node, index), read_only=read_only)
 
 
-def chain_values(const: gs.Constant, chain: list[gs.Node]) -> np.ndarray:
+def chain_values(const: gs.Constant, chain: list[gs.Node], *, read_only: bool = False) -> np.ndarray:
     """`effective_weight` from a `weight_chain` found earlier: reads no graph edges (worker threads may call it
     while the graph is edited elsewhere)."""
-    return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32)
+    return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32, copy=not read_only)
 
 
 def weight_matrix(node: gs.Node, w: np.ndarray | None = None) -> np.ndarray:
