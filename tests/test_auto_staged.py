@@ -334,3 +334,26 @@ def test_bound_inputs_keep_their_rank():
         v = staged.onnxruntime_value(a, "cpu")
         assert v.shape() == list(a.shape)
         np.testing.assert_array_equal(v.numpy(), a)
+
+
+def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
+    """Inlined gates (the CUDA form) cost a Q/DQ each, not an If: one error session holds up to GROUP_INLINE
+    candidates (full-size SDXL: ~1 session a stage instead of 5). Same errors as GROUP at a time, and as the Ifs."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    inl = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=True)
+    ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
+    s = 1
+    mine = [k for k in index if inl.plan.gate_stages[index[k]] == {s}]
+    assert 2 < len(mine) <= staged.GROUP_INLINE
+    loads = inl.loads
+    many = inl._stage_errors(s, mine, False)
+    assert inl.loads - loads == 1
+    monkeypatch.setattr(staged, "GROUP_INLINE", 2)
+    few = inl._stage_errors(s, mine, False)
+    assert inl.loads - loads == 1 + -(-len(mine) // 2)
+    by_if = ifs._stage_errors(s, mine, False)
+    for k in mine:
+        assert many[k] == pytest.approx(few[k], rel=1e-6, abs=1e-12)
+        assert many[k] == pytest.approx(by_if[k], rel=1e-5, abs=1e-12)

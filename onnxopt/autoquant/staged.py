@@ -54,6 +54,9 @@ QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not f
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
+# ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
+# (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
+GROUP_INLINE = 64
 # Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
 # relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per
 # candidate (full-size SDXL at 4096 tokens: ~0.2 s) and a chained forward per gain.
@@ -99,8 +102,9 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
 
 
 class _Store:
-    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped;
-    a tensor is dropped once no later stage reads it."""
+    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped
+    for each use (a mapping held for the evaluator's life kept every page read in the process's RSS: the full-size
+    run reached 13.7 GiB at stage 13 of 32); a tensor is dropped once no later stage reads it."""
 
     def __init__(self, root: Path):
         self.dir = Path(tempfile.mkdtemp(prefix="stream-", dir=root))
@@ -115,11 +119,12 @@ class _Store:
                 self.files += 1
                 np.save(p, a)
                 self.paths.setdefault(name, []).append(p)
-                a = np.load(p, mmap_mode="r")
+                a = p
             self.data.setdefault(name, {})[batch] = a
 
     def get(self, batch: int, name: str):
-        return self.data[name][batch]
+        a = self.data[name][batch]
+        return np.load(a, mmap_mode="r") if isinstance(a, Path) else a
 
     def has(self, name: str) -> bool:
         return name in self.data
@@ -312,7 +317,8 @@ class StagedEvaluator(Gates):
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
         """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
         differences are summed inside the graph; the inputs stay bound on the device across candidates; each
-        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math)."""
+        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math;
+        inlined gates: GROUP_INLINE)."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"][:ERROR_BATCHES]
         den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
@@ -321,8 +327,11 @@ class StagedEvaluator(Gates):
         bound, out = None, {}
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
-        for g0 in range(0, len(keys), GROUP):
-            group = keys[g0:g0 + GROUP]
+        step = GROUP
+        if self.plan.inline:  # as few sessions, of equal size
+            step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
+        for g0 in range(0, len(keys), step):
+            group = keys[g0:g0 + step]
             sess = self._session(s, errors=True, only={self.index[k] for k in group})
             if bound is None:
                 device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
