@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import fold, formats, modelfile
+from .. import formats, modelfile
+from ..rewrite import fold
 from ..formats import emulation
 from .. import graph as G
 from ..progress import track

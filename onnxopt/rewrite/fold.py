@@ -15,10 +15,10 @@ from typing import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import modelfile
-from . import threads as threads_
-from .errors import OnnxoptError
-from .graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
+from .. import modelfile
+from .. import threads as threads_
+from ..errors import OnnxoptError
+from ..graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
 log = logging.getLogger(__name__)
 
