@@ -6,7 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnxopt import fold, formats
+from onnxopt import formats
+from onnxopt.rewrite import fold
 from onnxopt.autoquant import staged
 from onnxopt.formats.base import Format
 from onnxopt.quant import bias_correction, qdq, writer

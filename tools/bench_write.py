@@ -30,7 +30,11 @@ if str(ROOT) not in sys.path:
 
 def run(args, work: Path, cap_mb: int) -> dict:
     import numpy as np
-    from onnxopt import fold, modelfile, pipeline, presets
+    from onnxopt import modelfile, pipeline, presets
+    try:
+        from onnxopt.rewrite import fold
+    except ImportError:  # a tree before the layout move
+        from onnxopt import fold
     from onnxopt import graph as G
     from onnxopt.passes import QDQ
     from onnxopt.quant import rules, writer
@@ -84,7 +88,10 @@ def _has_weight(n) -> bool:
 
 
 def _in_channels(n) -> int:
-    from onnxopt import fold
+    try:
+        from onnxopt.rewrite import fold
+    except ImportError:
+        from onnxopt import fold
     shape = fold.effective_shape(n)
     if n.op == "Conv":
         return int(shape[1]) * int(n.attrs.get("group", 1))
