@@ -37,6 +37,8 @@ def measure(args, work: Path) -> dict:
     from onnxopt import attention_guard, autoquant, calib, modelfile, pipeline
     from onnxopt.passes import AutoQuant
     from onnxopt.passes.autoquant import split_feeds
+    if args.error_batches:  # a what-if for this measurement only (the package's constant is not changed on disk)
+        autoquant.staged.ERROR_BATCHES = args.error_batches
     p = AutoQuant(tuple(args.formats.split(",")), target_cosine=0.99)
     model, t_load = _t(pipeline.load, str(args.model), p.min_opset, work)
     graph = modelfile.import_graph(model)
@@ -73,7 +75,8 @@ def measure(args, work: Path) -> dict:
            "verify_s": round(t_verify, 1), "session_load_s": round(ev.stats["load_s"], 1),
            "sessions_loaded": ev.loads, "sessions_loaded_reference": loads_ref, "peak_alive": ev.peak_live,
            "gain_s": round(sum(s["gain_s"] for s in ev.stats["stages"].values()), 1),
-           "verified_cosine": verified["cosine"],
+           "verified_cosine": verified["cosine"], "error_batches": autoquant.staged.ERROR_BATCHES,
+           "per_stage": {int(k): {a: round(b, 3) for a, b in v.items()} for k, v in ev.stats["stages"].items()},
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "sensitivities": sens}
     ev.close()
@@ -81,11 +84,15 @@ def measure(args, work: Path) -> dict:
 
 
 def same(a: Path, b: Path) -> int:
+    import numpy as np
     x, y = json.loads(a.read_text()), json.loads(b.read_text())
     sa, sb = x["sensitivities"], y["sensitivities"]
     diff = [k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k)]
-    print(f"{len(sa)} vs {len(sb)} sensitivities, {len(diff)} differ; verified cosine {x['verified_cosine']!r} vs "
-          f"{y['verified_cosine']!r}")
+    keys = sorted(sa.keys() & sb.keys())
+    ra, rb = (np.argsort(np.argsort([d[k] for k in keys])) for d in (sa, sb))
+    rho = float(np.corrcoef(ra, rb)[0, 1]) if len(keys) > 1 else 1.0
+    print(f"{len(sa)} vs {len(sb)} sensitivities, {len(diff)} differ (Spearman {rho:.4f}); verified cosine "
+          f"{x['verified_cosine']!r} vs {y['verified_cosine']!r}")
     for k in diff[:10]:
         print(f"  {k}: {sa.get(k)!r} vs {sb.get(k)!r}")
     return 0 if not diff and x["verified_cosine"] == y["verified_cosine"] else 1
@@ -100,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="fp8,int8")
     ap.add_argument("--memory-budget", type=int, default=4096)
     ap.add_argument("--inline", action="store_true", help="gates as Where (the CUDA layout) on any provider")
+    ap.add_argument("--error-batches", type=int, default=0, help="what-if: batches per candidate error (0: the package's)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--same", type=Path, nargs=2, metavar=("A", "B"))
     args = ap.parse_args(argv)
