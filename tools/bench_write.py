@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 def run(args, work: Path, cap_mb: int) -> dict:
     import numpy as np
+    import onnx_graphsurgeon as gs
     from onnxopt import modelfile, pipeline, presets
     try:
         from onnxopt.rewrite import fold
@@ -72,8 +73,10 @@ def run(args, work: Path, cap_mb: int) -> dict:
     out["write_s"] = round(time.perf_counter() - t, 2)
     out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     h = hashlib.sha256()
-    for c in sorted((t for t in graph.tensors().values() if isinstance(t, __import__("onnx_graphsurgeon").Constant)
-                     and t.dtype is not None and np.dtype(t.dtype).itemsize == 1), key=lambda c: c.name):
+    def byte_codes(t) -> bool:  # INT8 codes (numpy int8) or FP8 ones (graphsurgeon keeps an ONNX type number)
+        return isinstance(t, gs.Constant) and t.dtype is not None and (
+            isinstance(t.dtype, int) or np.dtype(t.dtype).itemsize == 1)
+    for c in sorted((t for t in graph.tensors().values() if byte_codes(t)), key=lambda c: c.name):
         h.update(c.name.encode() + np.ascontiguousarray(G.read_values(c)).tobytes())
     for name in sorted(layers):
         h.update(repr(sorted((k, str(v)) for k, v in layers[name].items())).encode())
