@@ -358,10 +358,3 @@ def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
         assert many[k] == pytest.approx(few[k], rel=1e-6, abs=1e-12)
         assert many[k] == pytest.approx(by_if[k], rel=1e-5, abs=1e-12)
 
-
-def test_error_batches_spread_over_the_search_split():
-    """Candidate errors are measured on ERROR_BATCHES batches from both ends of the search split (a diffusion
-    calibration's samples run along its schedule), not the first ones."""
-    assert staged.spread(list(range(6)), 2) == [0, 5]
-    assert staged.spread(list(range(7)), 3) == [0, 3, 6]
-    assert staged.spread([4, 5], 4) == [4, 5] and staged.spread([3, 4, 5], 1) == [3]

@@ -57,20 +57,13 @@ GROUP = 16                                          # candidates per error sessi
 # ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
 # (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
 GROUP_INLINE = 64
-# Batches a stage's candidate errors (spread over the search batches: a diffusion calibration's samples run along
-# its schedule) and its gain (the first ones) are measured on: errors are relative MSEs over whole activations,
-# steady from batch to batch; each batch costs a stage forward per candidate (full-size SDXL at 4096 tokens: ~0.2 s;
-# the candidates are most of the search) and a chained forward per gain. 2 spread batches against the first 4 on the
-# tiny SDXL UNet, 583 candidates in 8 stages: Spearman 0.9986, candidate time 289 -> 102 s (BENCHMARKS.md).
+# Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
+# relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per candidate
+# (full-size SDXL at 4096 tokens: ~0.2 s; the candidates are most of the search) and a chained forward per gain.
+# Tiny SDXL UNet, 583 candidates in 8 stages, against all 6 search batches: the first 2 Spearman 0.9985 (the
+# first 4: 0.9991; 2 spread over the split: 0.9921), candidate time 289 -> 102 s (BENCHMARKS.md).
 ERROR_BATCHES = 2
 GAIN_BATCHES = 2
-
-
-def spread(ids: list, k: int) -> list:
-    """`k` of `ids` evenly spaced from the first to the last (all of them where k >= len(ids))."""
-    if k >= len(ids):
-        return list(ids)
-    return [ids[0]] if k <= 1 else [ids[round(i * (len(ids) - 1) / (k - 1))] for i in range(k)]
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -329,7 +322,7 @@ class StagedEvaluator(Gates):
         session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math;
         inlined gates: GROUP_INLINE)."""
         floats = self.plan.float_outputs(s, self.types)
-        batches = spread(self.ids["search"], ERROR_BATCHES)
+        batches = self.ids["search"][:ERROR_BATCHES]
         den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
                for b in batches}
         errs = [f"{n}__err" for n in floats]
