@@ -142,6 +142,16 @@ class _Store:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Batch:
+    """One batch's tensors between stages, in memory (`_Store`'s get for `_chain_by_batch`)."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def get(self, batch: int, name: str):
+        return self.data[name]
+
+
 # ---------------------------------------------------------------- the evaluator
 class StagedEvaluator(Gates):
     """The Evaluator's interface (index, zeros, gates, metrics, ref, shapes, sensitivities) over the gated graph
@@ -163,6 +173,7 @@ class StagedEvaluator(Gates):
         self.live = self.peak_live = self.loads = 0
         # Stage sessions stay loaded while their weights fit the budget together (else one at a time).
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
+        self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
         self.stats = {"load_s": 0.0, "stages": {}}
         self.types: dict = {}
         self.refs = _Store(self.root)
@@ -185,6 +196,8 @@ class StagedEvaluator(Gates):
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
         size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+        if keep:
+            self.sizes[key] = size
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
@@ -252,16 +265,21 @@ class StagedEvaluator(Gates):
     def _chain(self, gates, batches: list, start: int) -> tuple[dict, float]:
         """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
         outputs of stage `start` against the FP32 ones)."""
-        store, out, num, den = _Store(self.root), {}, {}, {}
         on = {int(i) for i in np.flatnonzero(np.asarray(gates) > 0.5)}
+        only = {}
+        for s in range(start, self.plan.n):
+            here = on & self.plan.stage_gates.get(s, set())
+            # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
+            # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
+            # verifications loading per-mix sessions).
+            few = len(here) <= GROUP and not (self.plan.inline and here)
+            only[s] = here if few else None
+        if len(batches) > 1 and self._fit(only):
+            return self._chain_by_batch(gates, batches, start, only)
+        store, out, num, den = _Store(self.root), {}, {}, {}
         try:
             for s in range(start, self.plan.n):
-                here = on & self.plan.stage_gates.get(s, set())
-                # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
-                # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
-                # verifications loading per-mix sessions).
-                few = len(here) <= GROUP and not (self.plan.inline and here)
-                sess = self._session(s, only=here if few else None)
+                sess = self._session(s, only=only[s])
                 floats = self.plan.float_outputs(s, self.types) if s == start else []
                 for b in batches:
                     got = self._run(sess, s, self._feed(s, b, gates, store, start))
@@ -276,6 +294,41 @@ class StagedEvaluator(Gates):
                 store.drop_dead(self.plan, s)
         finally:
             store.close()
+        return out, _relative(num, den)
+
+    def _fit(self, only: dict) -> bool:
+        """Whether the sessions of stages {s: only} stay cached together within the budget (whole or FP32 stages)."""
+        total = 0
+        for s, o in only.items():
+            if o:  # a few gates' Ifs: a session per mix, not kept
+                return False
+            key = (s, None if o is None else frozenset(o))
+            if key not in self.sizes:
+                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types, False, o)))
+            total += self.sizes[key]
+        return total <= self.budget
+
+    def _chain_by_batch(self, gates, batches: list, start: int, only: dict) -> tuple[dict, float]:
+        """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
+        batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
+        chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
+        out, num, den = {}, {}, {}
+        for b in batches:
+            live = _Batch()
+            for s in range(start, self.plan.n):
+                sess = self._session(s, only=only[s])
+                got = self._run(sess, s, self._feed(s, b, gates, live, start))
+                if self.plan.out in got:
+                    out[b] = self._final(got[self.plan.out])
+                if s == start:
+                    floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
+                    if floats:
+                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
+                del got, sess
+                for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
+                    del live.data[name]
         return out, _relative(num, den)
 
     def metrics(self, gates, split: str = "search") -> dict:
