@@ -19,7 +19,8 @@ their weights fit the memory budget together.
   the half of lower error keeps the probe in that range. (Measured on the tiny SDXL UNet, 4 stages: Spearman
   0.97 against the one-graph sensitivities, median ratio 1.00; pooling the tensors instead gave 0.81.)
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
-  (the stages before it are the reference).
+  (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
+  through all stages with the tensors between them in memory, else stage by stage through disk.
 """
 from __future__ import annotations
 
