@@ -98,7 +98,8 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                                 target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=registry.INT4.block_size if c.block_size is None
                                 else c.block_size, exclude=c.exclude,
-                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
+                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0, lowrank=c.lowrank,
+                                **({} if c.lowrank_budget is None else {"lowrank_budget": c.lowrank_budget})))
     elif c.mode in BlockFP.FORMATS:
         passes += _lowrank(c)
         passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq=c.awq if registry.get(c.mode).awq else "none",

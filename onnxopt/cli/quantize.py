@@ -150,7 +150,7 @@ _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "targe
               "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
               "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
               "sample_size": "--size"}
-_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant", "lowrank": "--lowrank",
+_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
 
@@ -168,6 +168,8 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
+    if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
+        raise OnnxoptError("--lowrank-budget needs --lowrank auto")
     o["formats"] = tuple(f.strip() for f in (o.get("formats") or ",".join(formats.auto_defaults())).split(",") if f.strip())
 
 
@@ -274,6 +276,9 @@ def _describe_quantize(report: dict, mode: str) -> str:
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
+                + (f"low-rank branch on {a['branch_layers']} of them (+{a['branch_bytes']} bytes, "
+                   f"{a['branch_macs'] / max(sum(l['macs'] for l in a['layers'].values()), 1):.1%} more MACs, report: "
+                   "lowrank); " if a.get("lowrank") else "")
                 + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
                    f"kept wide: {', '.join(a.get('kept_wide', [])[:6]) or 'none'} ({met})" if a.get("metric") == "psnr" else
                    f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})") + _engine_rounds(a)

@@ -3,24 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
-import numpy as np
-
 from .. import lowrank
 from ..errors import OnnxoptError
 from .. import formats
 from ..quant import rules
 from .base import PassBase, after
 
-
-
-def act_noise(f) -> float:
-    """Relative noise power (E|ΔX|² / E|X|²) that per-tensor activation quantization in format `f` adds, assumed
-    for the rank choice (no calibration pass here): an integer grid's step² / 12 with max|x| / rms(x) ≈ 16; a
-    float format's relative rounding error (2^-(mantissa bits + 1))² / 3."""
-    if np.dtype(f.np_dtype).kind in "iu":
-        return (16 / f.qmax) ** 2 / 12
-    return (2.0 ** -(ml_dtypes.finfo(f.np_dtype).nmant + 1)) ** 2 / 3
 
 
 @dataclass
@@ -54,11 +42,11 @@ class LowRank(PassBase):
         hp = ctx.high_precision
         if isinstance(q, BlockFP):  # block weights (e.g. NVFP4): the residual is written by the format's own writer
             nodes, f = q.block_nodes(ctx.graph), q.fmt
-            bits, noise, block = f.bits, 0.0 if q.weight_only else act_noise(f), f.block_size
+            bits, noise, block = f.bits, 0.0 if q.weight_only else lowrank.act_noise(f), f.block_size
         elif isinstance(q, QDQ):
             nodes = rules.plan(ctx.graph, q).nodes
             f = formats.get(q.mode)
-            bits, noise, block = f.bits, act_noise(f), 0
+            bits, noise, block = f.bits, lowrank.act_noise(f), 0
         else:
             layers, _ = q.select(ctx.graph)
             f = formats.get(q.format)
