@@ -160,7 +160,11 @@ def residual(w_kn: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
 
 def factors(node: gs.Node, r: int) -> tuple[np.ndarray, np.ndarray]:
     """(L1 [K, r], L2 [r, N]) of `node`'s weight, FP16-rounded, as float32 (one SVD)."""
-    w = fold.weight_matrix(node)[0]
+    return factors_of(fold.weight_matrix(node)[0], r)
+
+
+def factors_of(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L1 [K, r], L2 [r, N]) of a [K, N] matrix, FP16-rounded, as float32 (one SVD)."""
     u, s, vt = _svd(w)
     l1, l2, _ = _factors(w.astype(np.float64), r, u, s, vt)
     return l1.astype(np.float32), l2.astype(np.float32)

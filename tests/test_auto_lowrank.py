@@ -46,7 +46,8 @@ def test_branch_candidates_and_their_cost(model):
         l = cands.layers[n]
         assert l.formats == ["none", "fp8", "nvfp4", "fp8+lr", "nvfp4+lr"], (n, l.formats)
         k, nn = l.wshape
-        assert l.branch.rank == RANK and l.branch.params == RANK * (k + nn)
+        assert list(l.branch) == ["fp8+lr", "nvfp4+lr"]
+        assert l.branch["nvfp4+lr"].rank == RANK and l.branch["nvfp4+lr"].params == RANK * (k + nn)
         l.macs = 1000.0
         # the branch's 16-bit factors and MACs are charged on top of the residual's format
         assert l.weight_bits("nvfp4+lr") == pytest.approx(l.weight_bits("nvfp4") + 16 * RANK * (k + nn))
@@ -57,7 +58,7 @@ def test_branch_candidates_and_their_cost(model):
     mix["mlp_up"] = "nvfp4+lr"
     bits = autoquant.bits_of(mix, cands.layers)
     up = cands.layers["mlp_up"]
-    assert bits["branch_layers"] == 1 and bits["branch_bytes"] == 2 * up.branch.params
+    assert bits["branch_layers"] == 1 and bits["branch_bytes"] == 2 * up.branch["nvfp4+lr"].params
     assert bits["branch_macs"] == pytest.approx(up.branch_macs("nvfp4+lr"))
 
 
@@ -69,8 +70,12 @@ def test_branch_candidate_gated_equals_written(model, fmts):
     autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
                         progress=False)
     branch.block_awq(graph, feeds, cands, high_precision="fp32", provider="cpu", memory_budget_mb=512, progress=False)
-    if other == "nvfp4":  # the residual's own AWQ result, not the whole weight's
+    if other == "nvfp4":  # the residual's own AWQ result (and smoothing, SVDQuant's order), not the whole weight's
         assert ("mlp_up", "nvfp4+lr") in cands.block_clips and ("mlp_up", "nvfp4") in cands.block_clips
+        smoothed = [n for (n, c) in cands.block_smooth if c == "nvfp4+lr"]
+        assert smoothed, "no branch candidate took a smoothing"
+        for n in smoothed:  # its own factors: the SVD of s ⊙ W
+            assert cands.layers[n].branch["nvfp4+lr"] is not cands.layers[n].branch["fp8+lr"]
     gated = modelfile.import_graph(pipeline.load(str(path), 23))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
     mix = {"q_proj": other + "+lr", "k_proj": other, "v_proj": "fp8+lr", "o_proj": other + "+lr", "mlp_up": "fp8",
@@ -84,7 +89,8 @@ def test_branch_candidate_gated_equals_written(model, fmts):
     assert branch.split(graph, mix, cands) == 4
     plan = writer.QuantPlan.from_mix({n: base_format(f) for n, f in mix.items()}, configs=p.configs(),
                                      amax=amax, means=means,
-                                     clips={n: c for n, f in mix.items() if (c := cands.clip_of(n, f)) is not None})
+                                     clips={n: c for n, f in mix.items() if (c := cands.clip_of(n, f)) is not None},
+                                     block_smooth={n: sm for n, f in mix.items() if (sm := cands.smooth_of(n, f)) is not None})
     info = writer.write(graph, plan, high_precision="fp32", block_dtype=np.float32)
     assert [info[n]["format"] for n in mix] == [base_format(f) for f in mix.values()]
     out = modelfile.export_graph(graph, opset=23)

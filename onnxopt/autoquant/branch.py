@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 
 from .. import fold, formats, lowrank, modelfile
 from ..graph import taken_names
-from .block_helpers import block_awq as _base_block_awq
+from ..quant.writer import Smooth
+from .block_helpers import GAIN, block_awq as _base_block_awq, input_samples, smoothing_scales
 from .candidates import BRANCH, Branch, Candidates, Layer, base_format, has_branch
 
 
@@ -48,14 +49,10 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
     why.update(skipped)
     for name, r in ranks.items():
         l = cands.layers[name]
-        l.branch = Branch(*lowrank.factors(nodes[name], r))
-        l.formats = l.formats + [f + BRANCH for f in l.formats if f != "none" and takes_branch(f)]
+        b = Branch(*lowrank.factors(nodes[name], r))
+        l.branch = {f + BRANCH: b for f in l.formats if f != "none" and takes_branch(f)}
+        l.formats = l.formats + list(l.branch)
     return why
-
-
-def residual_weight(node: gs.Node, branch: Branch) -> np.ndarray:
-    """R = W - L1·L2 in the layout the layer consumes its weight, float32 (what the writer quantizes)."""
-    return lowrank.layer_weight(node, lowrank.residual(fold.weight_matrix(node)[0], branch.l1, branch.l2))
 
 
 def split(graph: gs.Graph, mix: dict, cands: Candidates) -> int:
@@ -66,30 +63,72 @@ def split(graph: gs.Graph, mix: dict, cands: Candidates) -> int:
     for node in list(graph.nodes):
         f = mix.get(node.name)
         if f is not None and has_branch(f):
-            b = cands.layers[node.name].branch
+            b = cands.layers[node.name].branch[f]
             lowrank.attach(graph, node, b.l1, b.l2, names)
             done += 1
     return done
 
 
 def block_awq(graph: gs.Graph, data, cands: Candidates, *, high_precision: str, provider: str,
-              memory_budget_mb: int, progress: bool, smooth: bool = False) -> None:
-    """AWQ's clip search and error-feedback rounding of the residual of every block-format branch candidate
-    ("nvfp4+lr"-style), on a copy of `graph` with those layers split, into `cands.block_clips[(layer, cand)]`."""
+              memory_budget_mb: int, progress: bool, smooth: bool = True) -> None:
+    """The W4A4 helpers of every block-format branch candidate ("nvfp4+lr"): with `smooth`, SVDQuant's order (x ⊘ s,
+    the branch from the SVD of s ⊙ W, s chosen per layer with the branch in the simulated output error, `smooth_branch`);
+    then AWQ's clip search and error-feedback rounding of the residual, on a copy of `graph` with those layers split.
+    Results under (layer, candidate) in `cands.block_smooth` / `cands.block_clips`, the new factors in Layer.branch."""
     wanted = sorted({f for l in cands.layers.values() for f in l.formats
-                     if has_branch(f) and formats.get(base_format(f)).activations == "dynamic"})
+                     if has_branch(f) and formats.get(base_format(f)).activations == "dynamic"
+                     and formats.get(base_format(f)).awq})
     if not wanted:
         return
-    copy = modelfile.import_graph(modelfile.export_graph(graph))
-    split(copy, {n: wanted[0] for n, l in cands.layers.items() if l.branch is not None
-                 and any(f in l.formats for f in wanted)}, cands)
-    for cand in wanted:  # the base format's helpers on the residual, stored under the branch candidate
-        f = base_format(cand)
-        sub = Candidates({n: Layer(n, l.op, ["none", f], {}) for n, l in cands.layers.items() if cand in l.formats}, {}, {})
-        _base_block_awq(copy, data, sub, [f], high_precision=high_precision, provider=provider,
-                        memory_budget_mb=memory_budget_mb, progress=progress, smooth=smooth)
-        for (n, g), c in sub.block_clips.items():
-            cands.block_clips[(n, cand)] = c
-        for (n, g), sm in sub.block_smooth.items():
-            cands.block_smooth[(n, cand)] = sm
-    del copy
+    nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
+    for cand in wanted:
+        fmt = formats.get(base_format(cand))
+        mine = [nodes[n] for n, l in cands.layers.items() if cand in l.formats]
+        if smooth and fmt.calib_method:
+            stats = input_samples(graph, data, mine, provider, memory_budget_mb, progress)
+            for node in mine:
+                cmax, rows = stats[node.inputs[0].name]
+                if cmax is None or not len(rows):
+                    continue
+                l = cands.layers[node.name]
+                found = smooth_branch(rows, cmax, fold.weight_matrix(node)[0], l.branch[cand].rank, fmt)
+                if found is not None:
+                    l.branch[cand], cands.block_smooth[(node.name, cand)] = found
+        copy = modelfile.import_graph(modelfile.export_graph(graph))
+        split(copy, {n.name: cand for n in mine}, cands)
+        # the base format's helpers on the residual (prescaled by the smoothing chosen here), stored under the branch
+        sub = Candidates({n.name: Layer(n.name, n.op, ["none", fmt.name], {}) for n in mine}, {}, {})
+        sub.block_smooth = {(n, fmt.name): sm for (n, c), sm in cands.block_smooth.items() if c == cand}
+        _base_block_awq(copy, data, sub, [fmt.name], high_precision=high_precision, provider=provider,
+                        memory_budget_mb=memory_budget_mb, progress=progress, smooth=False)
+        cands.block_clips.update({(n, cand): c for (n, _), c in sub.block_clips.items()})
+        del copy
+
+
+def smooth_branch(rows: np.ndarray, cmax: np.ndarray, w_kn: np.ndarray, rank: int, fmt):
+    """(Branch, Smooth) of SVDQuant's order with the least simulated output error on `rows` (x ⊘ s and the residual
+    of s ⊙ W quantized in `fmt`, the branch of s ⊙ W reading x ⊘ s, i.e. x through L1 ⊘ s), or None when no
+    smoothing beats the unsmoothed branch by block_helpers.GAIN."""
+    w_kn = w_kn.astype(np.float32)
+    y = rows @ w_kn
+    norm = max(float(np.sum(y.astype(np.float64) ** 2)), 1e-30)
+
+    def trial(s):
+        ones = s is None
+        s = np.ones(len(cmax), np.float32) if ones else s
+        l1, l2 = lowrank.factors_of(w_kn * s[:, None], rank)
+        l1 = (l1 / s[:, None]).astype(np.float16).astype(np.float32)  # the branch reads x: L1 ⊘ s, stored in 16 bits
+        res = lowrank.residual(w_kn, l1, l2)
+        amax = float((cmax / s).max())
+        yq = fmt.fake_quant_activation(rows / s, amax) @ fmt.fake_quant(res * s[:, None], 1, "fp32") + (rows @ l1) @ l2
+        err = float(np.sum((yq - y).astype(np.float64) ** 2)) / norm
+        return err, Branch(l1, l2), (None if ones else Smooth(s, amax, 0.0))
+    best = trial(None)
+    plain = best[0]
+    for a, s in smoothing_scales(cmax, w_kn):
+        t = trial(s)
+        if t[0] < best[0]:
+            best = (t[0], t[1], Smooth(t[2].s, t[2].amax, a))
+    if best[2] is None or best[0] > plain * GAIN:
+        return None
+    return best[1], best[2]

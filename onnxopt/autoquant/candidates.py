@@ -64,16 +64,17 @@ class Layer:
     macs: float = 0.0
     error: dict = field(default_factory=dict)   # format -> measured 1 - cosine (only this layer quantized)
     group: str = ""                     # layers of one group take one format (autoquant.groups)
-    branch: Branch | None = None        # the low-rank branch of its "+lr" candidates
+    branch: dict = field(default_factory=dict)  # "+lr" candidate -> its low-rank Branch
 
     def weight_bits(self, cand: str) -> float:
         """Weight bits of the layer in candidate `cand` (the branch's 16-bit factors included)."""
-        extra = BRANCH_BITS * self.branch.params if has_branch(cand) and self.branch is not None else 0.0
-        return WBITS[base_format(cand)] * self.params + extra
+        b = self.branch.get(cand)
+        return WBITS[base_format(cand)] * self.params + (BRANCH_BITS * b.params if b is not None else 0.0)
 
     def branch_macs(self, cand: str) -> float:
         """The 16-bit MACs the branch of `cand` adds (0 without one)."""
-        return self.macs * self.branch.mac_ratio() if has_branch(cand) and self.branch is not None else 0.0
+        b = self.branch.get(cand)
+        return self.macs * b.mac_ratio() if b is not None else 0.0
 
     def activation_bits(self, cand: str) -> float:
         """Activation bits times MACs of the layer in `cand` (the branch's MACs at 16 bits)."""

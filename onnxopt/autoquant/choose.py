@@ -30,8 +30,7 @@ def bits_of(mix: dict, layers: dict) -> dict:
     a = sum(l.activation_bits(mix[n]) for n, l in layers.items()) / t.macs
     branch_macs = sum(l.branch_macs(mix[n]) for n, l in layers.items())
     low = sum(l.macs for n, l in layers.items() if ABITS[base_format(mix[n])] < ABITS["none"])  # activations quantized
-    branch_bytes = sum(BRANCH_BITS // 8 * l.branch.params for n, l in layers.items()
-                       if has_branch(mix[n]) and l.branch is not None)
+    branch_bytes = sum(BRANCH_BITS // 8 * l.branch[mix[n]].params for n, l in layers.items() if mix[n] in l.branch)
     return {"weight_bits": w, "activation_bits": a, "macs_8bit": low / (t.macs + branch_macs),
             "branch_layers": sum(has_branch(f) for f in mix.values()), "branch_bytes": int(branch_bytes),
             "branch_macs": branch_macs}

@@ -75,7 +75,7 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     owners = {f: _owners(plan) for f, plan in plans.items()}
     inputs = {name: (node.inputs[0].name, node.inputs[1]) for name, node in nodes.items()}  # before the gates
     ends = {name: (node.inputs[0], node.outputs[0], fold.effective_shape(node)) for name, node in nodes.items()
-            if cands.layers[name].branch is not None}  # a low-rank branch reads x and is added to y, around the gates
+            if cands.layers[name].branch}  # a low-rank branch reads x and is added to y, around the gates
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
@@ -113,7 +113,7 @@ def _gate_branch(b: _Builder, node: gs.Node, layer: Layer, x: gs.Tensor, y: gs.T
     producer.outputs[producer.outputs.index(y)] = cur
     for c in (c for c in layer.formats if has_branch(c)):
         def make(v, into, c=c):
-            branch, low = lowrank.branch_nodes(node, x, layer.branch.l1, layer.branch.l2, b.names, f"{node.name}_{c}",
+            branch, low = lowrank.branch_nodes(node, x, layer.branch[c].l1, layer.branch[c].l2, b.names, f"{node.name}_{c}",
                                                 shape)
             into.extend(branch)
             return b.node("Add", [v, low], f"{node.name}_{c}_branch_add", shape=y.shape, into=into)
@@ -182,7 +182,6 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if not fmts or not rules.is_weight(node.inputs[1]):
         return
     w = _consumed_weight(node)
-    w_res = _residual(node, layer) if any(has_branch(f) for f in fmts) else None
     y = node.outputs[0]
     if any(_bias_shift(node, np.zeros_like(w), means, base_format(f)) is not None for f in fmts):
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
@@ -193,10 +192,10 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
             make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
                                                   shape=list(w.shape)))
         else:  # a branch candidate quantizes the residual W - L1·L2 in its base format
-            wf = w_res if has_branch(f) else w
+            wf = _residual(node, w, layer.branch[f]) if has_branch(f) else w
             make, wq = _weight_maker(b, node, wf, base_format(f), hp, block_size, clip if not has_branch(f) else None,
                                      (block_clips or {}).get(f, (None, None)))
-        shift = _bias_shift(node, wq - (w_res if has_branch(f) else w), means, base_format(f))
+        shift = _bias_shift(node, wq - (wf if has_branch(f) else w), means, base_format(f))
         del wq
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
@@ -209,9 +208,9 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
                                      outputs=[y]))
 
 
-def _residual(node: gs.Node, layer: Layer) -> np.ndarray:
-    """The layer's weight less its branch, in the layout it consumes (what the writer gets after lowrank.attach)."""
-    res = lowrank.residual(fold.weight_matrix(node)[0], layer.branch.l1, layer.branch.l2)
+def _residual(node: gs.Node, w: np.ndarray, branch) -> np.ndarray:
+    """The layer's weight `w` less its `branch`, in the layout it consumes (what the writer gets after lowrank.attach)."""
+    res = lowrank.residual(fold.weight_matrix(node, w)[0], branch.l1, branch.l2)
     return lowrank.layer_weight(node, res).astype(np.float32)
 
 

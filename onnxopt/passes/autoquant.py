@@ -60,6 +60,7 @@ class AutoQuant(PassBase):
     stages: int = 0                     # staged evaluation: 0 = auto (autoquant.staged.stages_needed), 1 = one graph
     lowrank: int | str | None = None    # low-rank branch candidates ("<format>+lr"): a rank, "auto", or None (none)
     lowrank_budget: float = 0.1         # lowrank "auto": the data-free rank choice's bytes / quantized weight bytes
+    lowrank_smooth: bool = True         # W4A4 branch candidates in SVDQuant's order: x ⊘ s, the branch from s ⊙ W
     name = "autoquant"
     quantizes = True
 
@@ -165,7 +166,7 @@ class AutoQuant(PassBase):
                                 provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
                                 smooth=self.block_smooth)
             aq_branch.block_awq(graph, search, cands, high_precision=ctx.high_precision, provider=ctx.provider,
-                                memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress, smooth=self.block_smooth)
+                                memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress, smooth=self.lowrank_smooth)
         t1 = time.perf_counter()
         ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify))  # the final mix was verified
         key = self._key(ctx, graph, search)
@@ -370,7 +371,7 @@ class AutoQuant(PassBase):
         h.update(repr((self.formats, self.block_size, self.awq_clip, self.block_awq, self.block_smooth, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
         if self.lowrank is not None:  # branch candidates: their ranks decide their sensitivities
-            h.update(f"lowrank={self.lowrank},{self.lowrank_budget}".encode())
+            h.update(f"lowrank={self.lowrank},{self.lowrank_budget},{self.lowrank_smooth}".encode())
         if getattr(self, "_stages_used", 1) > 1:
             h.update(f"stages={self._stages_used},{autoquant.staged.ERROR_BATCHES},{autoquant.staged.GAIN_BATCHES}".encode())
         for n in graph.nodes:
@@ -385,10 +386,11 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-            if l.branch is not None:  # what its branch candidates add
-                layers[n]["branch"] = {"rank": l.branch.rank, "bytes": l.branch.params * 2,
-                                       "macs": l.branch_macs(next(c for c in l.formats if has_branch(c))),
-                                       "chosen": has_branch(f)}
+            if l.branch:  # what its branch candidates add
+                b = next(iter(l.branch.values()))
+                layers[n]["branch"] = {"rank": b.rank, "bytes": b.params * lowrank.BRANCH_BYTES,
+                                       "macs": l.branch_macs(next(iter(l.branch))), "chosen": has_branch(f),
+                                       "smoothed": [c for c in l.branch if cands.smooth_of(n, c) is not None]}
         cands_all = list(dict.fromkeys(c for l in cands.layers.values() for c in l.formats if c != "none"))
         counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, *cands_all, "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}
@@ -416,11 +418,13 @@ class AutoQuant(PassBase):
 
 def _branch_report(p: AutoQuant, cands, mix: dict, no_branch: dict) -> dict:
     """The low-rank branch candidates: ranks offered, chosen, their bytes and MACs, and why layers had none."""
-    with_branch = {n: l for n, l in cands.layers.items() if l.branch is not None}
-    chosen = {n: {"choice": mix[n], "rank": l.branch.rank, "bytes": l.branch.params * 2, "macs": l.branch_macs(mix[n])}
+    with_branch = {n: l for n, l in cands.layers.items() if l.branch}
+    chosen = {n: {"choice": mix[n], "rank": l.branch[mix[n]].rank, "bytes": l.branch[mix[n]].params * lowrank.BRANCH_BYTES,
+                  "macs": l.branch_macs(mix[n]), "smoothed": cands.smooth_of(n, mix[n]) is not None}
               for n, l in with_branch.items() if has_branch(mix[n])}
-    return {"rank": p.lowrank or "auto", "budget": p.lowrank_budget, "candidate_layers": len(with_branch),
-            "ranks": {n: l.branch.rank for n, l in with_branch.items()}, "chosen": chosen,
+    return {"rank": p.lowrank or "auto", "budget": p.lowrank_budget, "smooth": p.lowrank_smooth,
+            "candidate_layers": len(with_branch),
+            "ranks": {n: next(iter(l.branch.values())).rank for n, l in with_branch.items()}, "chosen": chosen,
             "bytes": int(sum(c["bytes"] for c in chosen.values())), "macs": float(sum(c["macs"] for c in chosen.values())),
             "no_branch": no_branch}
 
