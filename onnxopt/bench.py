@@ -111,7 +111,7 @@ class OnnxrtBackend:
                                                      "; fidelity is exact")
                 return sess
             # e.g. FP16 kernels or FP16 Q/DQ scales that the CPU provider lacks
-            from .autocast import fp32_view
+            from .cast.autocast import fp32_view
             log.info("%s: %s; timing its FP32 view instead", model.name, errors[0])
             self.timing_notes[str(model)] = f"timed on its FP32 view: {errors[0]}"
             return ortx.session(fp32_view(m), provider=c.provider, level=c.ort_level, threads=c.threads)

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import modelfile
-from .autocast import fp32_view
+from .cast.autocast import fp32_view
 from .formats.emulation import lower_for_ort
 
 log = logging.getLogger(__name__)

@@ -18,41 +18,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Callable, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import autocast, calib, finite, modelfile, ort, progress
+from . import calib, finite, modelfile, ort, progress
+from .cast import autocast
 from .errors import OnnxoptError
+from .pass_protocol import AwqChoice, Pass
 from .settings import MEMORY_BUDGET_MB, PROVIDERS, RUN_SETTINGS, RunSettings
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(7, 24)
 OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
-
-
-@runtime_checkable
-class Pass(Protocol):
-    """A graph rewrite. Options are dataclass fields checked in __post_init__ (raising OnnxoptError)."""
-    name: ClassVar[str]          # report section and timing key
-    min_opset: ClassVar[int]     # default-domain opset the rewritten graph needs (0: any)
-
-    @property
-    def needs_data(self) -> bool: ...
-
-    def check_recipe(self, recipe: Sequence["Pass"], index: int) -> None:
-        """Raise OnnxoptError when this pass cannot run at `index` of `recipe` (e.g. AWQ without Int4 after it)."""
-
-    def run(self, ctx: "Context") -> dict: ...
-
-
-@dataclass
-class AwqChoice:
-    """The AWQ pass's result for the Int4 pass: per layer, clip ratios or error-feedback rounded (codes, scales)."""
-    clips: dict
-    method: str
 
 
 @dataclass
@@ -78,6 +58,7 @@ class Context:
     measure_ranges: bool = False
     range_reducers: dict | None = None
     rebuild: Callable | None = None           # Autocast's "convert again with these nodes in FP32" (finite repair)
+    checks_outputs: bool = False              # the finite check will run the model (finite.runs_outputs), so a repair helps
     check_data: calib.CalibData | None = None  # generated samples when no data was given
 
     @property
@@ -235,7 +216,8 @@ class Runner:
             log.warning("left out %d calibration sample(s) holding inf or NaN (--skip-nonfinite)", data.skipped)
         ctx = Context(modelfile.import_graph(fp32), data, work, self.recipe, self.settings,
                       high_precision=_high_precision(self.recipe), report=report, reference=fp32,
-                      opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe))
+                      opset=self.min_opset, measure_ranges=any(getattr(p, "wants_ranges", False) for p in self.recipe),
+                      checks_outputs=finite.runs_outputs(fp32, self.memory_budget_mb))
         del m
         timings = report["timings_s"]
         timings["load"] = time.perf_counter() - t0

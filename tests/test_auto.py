@@ -293,7 +293,8 @@ def test_autocast_ranges_come_from_the_search_calibration(tmp_path, monkeypatch)
     (no second pass over the data), and it decides as its own pass would: here about an outlier channel (~15000)
     that FP16 cannot hold with headroom (kept FP32, or divided into range by prescale: the same either way)."""
     import onnxopt
-    from onnxopt import calib, precision
+    from onnxopt import calib
+    from onnxopt.cast import precision
     from onnxopt.passes import Autocast
     from onnxopt.passes.autoquant import split_feeds
     model, data = tiny.model_and_calib(tmp_path, _mlp(6000.0), (16, 8, D))

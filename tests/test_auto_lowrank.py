@@ -8,7 +8,8 @@ import pytest
 import tiny
 from click.testing import CliRunner
 
-from onnxopt import autoquant, lowrank, modelfile, ort, pipeline
+from onnxopt import autoquant, modelfile, ort, pipeline
+from onnxopt.rewrite import lowrank
 from onnxopt.autoquant import branch
 from onnxopt.autoquant.candidates import base_format
 from onnxopt.cli import main

@@ -7,7 +7,8 @@ from onnx import numpy_helper as nh
 import tiny
 import onnxopt
 from onnxopt import api
-from onnxopt import autocast, modelfile, ort
+from onnxopt import modelfile, ort
+from onnxopt.cast import autocast
 
 
 def _run(path, feed):

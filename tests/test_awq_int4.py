@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import awq, calib, modelfile, ort
+from onnxopt import calib, modelfile, ort
+from onnxopt.rewrite import awq
 from onnxopt import graph as G
 from onnxopt.formats import INT4
 from onnxopt.errors import OnnxoptError
@@ -221,7 +222,7 @@ def test_int4_model_is_under_30_percent_of_fp16(tmp_path):
     assert ratio <= 0.30, ratio
     assert all(v["bits"] == 4 for v in res.report["int4"]["layers"].values())
     feed = _feed(m)
-    from onnxopt.autocast import fp32_view
+    from onnxopt.cast.autocast import fp32_view
     got = _run(fp32_view(modelfile.load(tmp_path / "int4.onnx")), feed)[0]
     assert _rel(got, _run(m, feed)[0]) < 0.2
 
@@ -291,7 +292,7 @@ def test_no_module_level_import_circle():
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
         edges[name] = {d for d in deps if d in mods and d != name}
-    assert "onnxopt.quant.int4" not in edges["onnxopt.awq"]
+    assert "onnxopt.quant.int4" not in edges["onnxopt.rewrite.awq"]
 
     state = {}
 

@@ -8,7 +8,8 @@ from onnx import numpy_helper as nh
 
 import tiny
 from onnxopt import api
-from onnxopt import autocast, calib, emulate, finite, modelfile, ort
+from onnxopt import calib, emulate, finite, modelfile, ort
+from onnxopt.cast import autocast
 from onnxopt.compare import compare, metrics
 from onnxopt.errors import OnnxoptError
 from onnxopt.api import QuantConfig, quantize

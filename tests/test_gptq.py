@@ -1,6 +1,6 @@
 import numpy as np
 
-from onnxopt import awq
+from onnxopt.rewrite import awq
 from onnxopt.formats import INT4
 from onnxopt.formats.int4 import expand
 

@@ -6,7 +6,8 @@ import onnx
 import pytest
 
 import huge
-from onnxopt import calib, modelfile, precision, prescale, api
+from onnxopt import calib, modelfile, api
+from onnxopt.cast import precision, prescale
 from onnxopt import ort as ortx
 from onnxopt.quant import qdq
 

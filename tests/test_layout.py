@@ -13,14 +13,15 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports() -> dict[str, set[str]]:
-    """{module: onnxopt modules it imports at module level} (function-level imports are lazy by intent)."""
+def _imports(lazy: bool = False) -> dict[str, set[str]]:
+    """{module: onnxopt modules it imports at module level}, or with `lazy` also inside functions."""
     mods = {_module(p): p for p in PKG.rglob("*.py")}
     out: dict[str, set[str]] = {}
     for name, path in mods.items():
         pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
-        for node in ast.parse(path.read_text()).body:
+        tree = ast.parse(path.read_text())
+        for node in (ast.walk(tree) if lazy else tree.body):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -59,19 +60,38 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_circle():
+    """None at module level, and none dodged by a function-level import either."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]   # the check finds one
-    imports = _imports()
-    # Importing a package runs its __init__: an edge into a submodule also depends on the package.
-    graph = {m: set(ds) | {d.rsplit(".", 1)[0] for d in ds if d.rsplit(".", 1)[0] in imports and d.rsplit(".", 1)[0] != m
-                           and not m.startswith(d.rsplit(".", 1)[0] + ".")} for m, ds in imports.items()}
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    for lazy in (False, True):
+        imports = _imports(lazy)
+        # Importing a package runs its __init__: an edge into a submodule also depends on the package.
+        graph = {m: set(ds) | {d.rsplit(".", 1)[0] for d in ds if d.rsplit(".", 1)[0] in imports and d.rsplit(".", 1)[0] != m
+                               and not m.startswith(d.rsplit(".", 1)[0] + ".")} for m, ds in imports.items()}
+        assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
 def test_passes_in_the_map_and_techniques_import_no_pass():
+    import onnxopt.passes
     doc = (PKG.parent / "docs" / "ARCHITECTURE.md").read_text()
-    passes = [p.stem for p in (PKG / "passes").glob("*.py") if p.stem not in ("__init__", "base")]
-    assert passes and all(f"({p}.py)" in doc for p in passes), [p for p in passes if f"({p}.py)" not in doc]
-    imports = _imports()
+    where = {n: getattr(onnxopt.passes, n).__module__ for n in onnxopt.passes.__all__}
+    rows = {n: f"| `{n}` | `{m.removeprefix('onnxopt.').replace('.', '/')}.py" for n, m in where.items()}
+    assert len(where) >= 9 and all(r in doc for r in rows.values()), [n for n, r in rows.items() if r not in doc]
+    imports = _imports(lazy=True)   # a technique module names the pass after it by its kind (pass_protocol)
     users = {m for m, ds in imports.items() if any(d == "onnxopt.passes" or d.startswith("onnxopt.passes.") for d in ds)}
     allowed = {"onnxopt", "onnxopt.api", "onnxopt.presets"}   # the API and presets build recipes of passes
     assert {m for m in users if not m.startswith(("onnxopt.passes", "onnxopt.cli"))} <= allowed
+
+
+def test_a_technique_is_one_module():
+    """Each rewrite's pass is defined in its technique's module (rewrite/, cast/), not in a wrapper beside it;
+    passes/ holds only the quantizing passes, and no module name repeats between these folders."""
+    import onnxopt.passes
+    for name in ("Sparsify", "SmoothQuant", "AWQ", "LowRank", "Autocast"):
+        module = getattr(onnxopt.passes, name).__module__
+        assert module.split(".")[1] in ("rewrite", "cast"), (name, module)
+    for name in ("QDQ", "Int4", "BlockFP", "AutoQuant"):
+        assert getattr(onnxopt.passes, name).__module__.startswith("onnxopt.passes."), name
+    stems = {d: {p.stem for p in (PKG / d).glob("*.py")} - {"__init__"} for d in ("passes", "rewrite", "cast")}
+    assert not stems["passes"] & (stems["rewrite"] | stems["cast"]) and not stems["rewrite"] & stems["cast"]
+    top = {p.stem for p in PKG.glob("*.py")}
+    assert not top & (stems["rewrite"] | stems["cast"]), top & (stems["rewrite"] | stems["cast"])

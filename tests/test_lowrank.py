@@ -1,4 +1,4 @@
-"""Low-rank branch (onnxopt.lowrank, passes.LowRank): exact in FP32, graph structure, the branch kept FP16 by the
+"""Low-rank branch (onnxopt.rewrite.lowrank, passes.LowRank): exact in FP32, graph structure, the branch kept FP16 by the
 placement rules, error reduction of the quantized residual, bad options, and a TensorRT-RTX build."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import QuantConfig, modelfile, lowrank, ort, quantize
+from onnxopt import QuantConfig, modelfile, ort, quantize
+from onnxopt.rewrite import lowrank
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
 from onnxopt.passes import QDQ, LowRank

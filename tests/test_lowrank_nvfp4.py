@@ -12,8 +12,9 @@ import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
 
-from onnxopt import QuantConfig, formats, lowrank, modelfile, ort, quantize
-from onnxopt.autocast import fp32_view
+from onnxopt import QuantConfig, formats, modelfile, ort, quantize
+from onnxopt.rewrite import lowrank
+from onnxopt.cast.autocast import fp32_view
 from onnxopt.cli import main
 from onnxopt.formats import nvfp4
 from onnxopt.formats.emulation import lower_for_ort

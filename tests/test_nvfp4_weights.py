@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxopt import awq, formats
+from onnxopt import formats
+from onnxopt.rewrite import awq
 from onnxopt.formats import mxfp8, nvfp4
 from onnxopt.formats.fp8 import FP8_E4M3
 

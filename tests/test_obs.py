@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import awq, calib, modelfile, obs, sparsity
+from onnxopt import calib, modelfile, obs
+from onnxopt.rewrite import awq, sparsity
 from onnxopt.formats import INT4
 from onnxopt.quant import int4
 

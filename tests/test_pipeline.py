@@ -7,10 +7,11 @@ import pytest
 
 import onnxopt
 import tiny
-from onnxopt import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify, modelfile, ort, presets, sparsity
+from onnxopt import AWQ, QDQ, Autocast, Int4, SmoothQuant, Sparsify, modelfile, ort, presets
+from onnxopt.rewrite import sparsity
 from onnxopt.calib import AbsMax
 from onnxopt.errors import OnnxoptError
-from onnxopt.passes.base import PassBase
+from onnxopt.pass_protocol import PassBase
 from onnxopt.pipeline import Runner
 
 

@@ -207,7 +207,8 @@ def test_guarded_attention_fuses(mode, tmp_path):
 # ---------------------------------------------------------------- finding 2: SmoothQuant folds the attention-output scale into V
 def test_attention_output_scale_folds_into_v():
     import numpy as np
-    from onnxopt import fold, ort
+    from onnxopt import ort
+    from onnxopt.rewrite import fold
     m = tiny.transformer(d=64, heads=2, seq=16)
     graph = modelfile.import_graph(m)
     o_proj = next(n for n in graph.nodes if n.name == "o_proj")
@@ -245,7 +246,8 @@ def _sdpa_spelling(m):
 def test_attention_output_scale_folds_into_v_sdpa_spelling():
     """Where SmoothQuant's attention-output scale goes does not depend on the exporter's spelling."""
     import numpy as np
-    from onnxopt import fold, ort
+    from onnxopt import ort
+    from onnxopt.rewrite import fold
     m = _sdpa_spelling(tiny.transformer(d=64, heads=2, seq=16))
     graph = modelfile.import_graph(m)
     o_proj = next(n for n in graph.nodes if n.name == "o_proj")
@@ -262,7 +264,7 @@ def test_attention_output_scale_not_folded_through_mixing_reshape():
     """A Reshape that changes the head size between P · V and the merge is no view: a Mul is inserted."""
     import numpy as np
     import onnx_graphsurgeon as gs
-    from onnxopt import fold
+    from onnxopt.rewrite import fold
     graph = modelfile.import_graph(tiny.transformer(d=64, heads=2, seq=16))
     pv = next(n for n in graph.nodes if n.name == "attn_pv")
     out = pv.outputs[0]  # [B, 2, 16, 32]
@@ -312,7 +314,8 @@ def _agree(path):
 @rtx_test
 def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
     """Counterfactuals of findings 1 and 2: the guard kept, and SmoothQuant's Mul on the attention output."""
-    from onnxopt import attention_guard, fold
+    from onnxopt import attention_guard
+    from onnxopt.rewrite import fold
     monkeypatch.setattr(attention_guard, "remove", lambda graph: 0)
     modelfile.save(guarded_transformer(d=256, heads=4, seq=64), tmp_path / "g.onnx")
     quantize(tmp_path / "g.onnx", tmp_path / "gq.onnx", config=QuantConfig(mode="fp8", progress=False), calib_random=2, shapes={"ids": (1, 64)})

@@ -92,7 +92,8 @@ def test_shared_weights_stored_once_and_close_to_fp32(tmp_path, identity, mode, 
 
 def test_shared_smoothing_is_exact_in_fp32(tmp_path):
     """SmoothQuant alone (no quantization) on the shared stack: the same function, weights still stored once."""
-    from onnxopt import modelfile, smoothquant
+    from onnxopt import modelfile
+    from onnxopt.rewrite import smoothquant
     m = _shared_stack(True)
     graph = modelfile.import_graph(m)
     np.savez(tmp_path / "c.npz", x=_data(8, 0))

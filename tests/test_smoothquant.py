@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, fold, modelfile, ort, smoothquant
+from onnxopt import calib, modelfile, ort
+from onnxopt.rewrite import fold, smoothquant
 from onnxopt.errors import OnnxoptError
 
 RNG = np.random.default_rng(0)

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, modelfile, sparsegpt, sparsity
+from onnxopt import calib, modelfile
+from onnxopt.rewrite import sparsegpt, sparsity
 from onnxopt import ort as oort
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError

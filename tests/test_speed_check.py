@@ -7,7 +7,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import tiny
-from onnxopt import autocast, finite, modelfile
+from onnxopt import finite, modelfile
+from onnxopt.cast import autocast
 from onnxopt.errors import OnnxoptError
 
 

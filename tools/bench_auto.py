@@ -102,7 +102,7 @@ def outputs(path, npz: Path) -> np.ndarray:
         feeds = _feeds(sess, npz)
         sess.run(None, feeds[0])
     except Exception:  # noqa: BLE001 - FP16 kernels missing on the CPU provider
-        from onnxopt.autocast import fp32_view
+        from onnxopt.cast.autocast import fp32_view
         sess = ort.session(fp32_view(model), level="disable")
         feeds = _feeds(sess, npz)
     rows = []

@@ -29,7 +29,7 @@ import bench_auto  # noqa: E402
 import real_models as rm  # noqa: E402
 
 from onnxopt import modelfile, ort, presets
-from onnxopt.autocast import fp32_view  # noqa: E402
+from onnxopt.cast.autocast import fp32_view  # noqa: E402
 from onnxopt.formats.emulation import lower_for_ort  # noqa: E402
 from onnxopt.api import QuantConfig, quantize  # noqa: E402
 

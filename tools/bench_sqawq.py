@@ -35,7 +35,8 @@ def _embed(model, feeds) -> np.ndarray:
 
 
 def folding(prep) -> list[dict]:
-    from onnxopt import QuantConfig, awq, calib, modelfile, smoothquant
+    from onnxopt import QuantConfig, calib, modelfile
+    from onnxopt.rewrite import awq, smoothquant
     from onnxopt.quant import int4, prepare, rules
     with np.load(prep.eval) as z:
         feeds = {k: z[k] for k in z.files}

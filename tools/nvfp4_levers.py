@@ -27,7 +27,8 @@ from onnx import helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxopt import autoquant, awq, ort  # noqa: E402
+from onnxopt import autoquant, ort  # noqa: E402
+from onnxopt.rewrite import awq
 from onnxopt.formats import NVFP4  # noqa: E402
 from onnxopt.formats.nvfp4 import BLOCK, fake_quant_activation  # noqa: E402
 

@@ -273,7 +273,7 @@ def peak_rss_mb() -> float:
 @dataclass
 class Outputs:
     values: np.ndarray
-    fp32_view: bool  # the candidate needed onnxopt.autocast.fp32_view to run on ORT's CPU provider
+    fp32_view: bool  # the candidate needed onnxopt.cast.autocast.fp32_view to run on ORT's CPU provider
     why: str = ""    # ORT's error on the candidate as is, when fp32_view was needed
 
 
@@ -294,9 +294,9 @@ def run_model(path: str | os.PathLike, eval_npz: str | os.PathLike, limit: int |
         why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         log.info("%s does not run on ORT CPU as is (%s); evaluating its FP32 view", path, why)
         try:
-            from onnxopt.autocast import fp32_view
+            from onnxopt.cast.autocast import fp32_view
         except ImportError:
-            raise RuntimeError(f"{path} does not run on ORT CPU and onnxopt.autocast.fp32_view is not available: {e}") from None
+            raise RuntimeError(f"{path} does not run on ORT CPU and onnxopt.cast.autocast.fp32_view is not available: {e}") from None
         sess = oort.session(fp32_view(model), level="disable")
         used_view = True
     n = next(iter(feeds.values())).shape[0]

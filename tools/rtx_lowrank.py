@@ -14,7 +14,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from onnxopt import modelfile, lowrank
+from onnxopt import modelfile
+from onnxopt.rewrite import lowrank
 from onnxopt.errors import OnnxoptError
 from onnxopt.trt import rtx
 from onnxopt.trt import report as R

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt import smoothquant
+from onnxopt.rewrite import smoothquant
 from onnxopt.calib.data import CalibData, input_specs
 
 LEVEL_CHANNELS = 32  # output channels of the 128x128 level's convs

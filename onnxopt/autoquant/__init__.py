@@ -6,7 +6,7 @@
 2. Calibration once: max |x| (FP8) and the MSE clip (INT8) of every candidate activation, and the input
    means for bias correction, in one pass; reused for every candidate and for the final graph. The same
    pass keeps per-channel maxima and row samples of int8-sq inputs: alpha, then the INT8 clip of x ⊘ s, are
-   chosen per activation by the simulated output error (as onnxopt.smoothquant does).
+   chosen per activation by the simulated output error (as onnxopt.rewrite.smoothquant does).
 3. Sensitivity: ONE fake-quant graph where each candidate (layer, format) sits behind a gate that is a
    graph input, y = x + g·(QDQ(x) − x) on activations and W + g·(Wq − W) on weights (plus g·bias
    correction), so one ORT session (ORT_DISABLE_ALL) measures "only this layer in this format" exactly by

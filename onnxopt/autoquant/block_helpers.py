@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import awq, calib, fold, formats
+from .. import calib, formats
+from ..rewrite import awq, fold
 from .. import graph as G
 from ..quant.writer import Smooth
 from .candidates import Candidates

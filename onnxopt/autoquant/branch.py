@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import fold, formats, lowrank, modelfile
+from .. import formats, modelfile
+from ..rewrite import fold, lowrank
 from ..graph import taken_names
 from ..quant.writer import Smooth
 from .block_helpers import GAIN, block_awq as _base_block_awq, input_samples, smoothing_scales

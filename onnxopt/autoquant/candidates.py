@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, formats, smoothquant
+from .. import calib, formats
+from ..rewrite import fold, smoothquant
 from .. import graph as G
 from ..quant import calibration, rules
 from ..quant import int4 as int4q

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import autocast, formats, modelfile
+from .. import formats, modelfile
+from ..cast import autocast
 from ..errors import OnnxoptError
 from ..quant import writer as qwriter
 from ..trt.report import attention_blocks

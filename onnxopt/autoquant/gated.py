@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import fold, formats, lowrank, modelfile
+from .. import formats, modelfile
+from ..rewrite import fold, lowrank
 from ..formats import emulation
 from .. import graph as G
 from ..progress import track

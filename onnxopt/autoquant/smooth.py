@@ -1,7 +1,7 @@
 """SmoothQuant INT8 as a candidate format of the search ("int8-sq").
 
 Per activation read by INT8-planned weight layers, one smoothing vector s along the input channels, alpha
-searched per activation as `onnxopt.smoothquant` does (simulated INT8 error of the layers' outputs on row
+searched per activation as `onnxopt.rewrite.smoothquant` does (simulated INT8 error of the layers' outputs on row
 samples), from the same single calibration pass as every other candidate. A layer in int8-sq computes
 QDQ(x ⊘ s) · QDQ(s ⊙ W): the gated graph writes it as s ⊙ QDQ(x ⊘ s) on the activation and QDQ(s ⊙ W) ⊘ s
 on the weight (its other inputs untouched), the final graph (`quant.writer`) divides x by s (folded into a
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, fold, formats, smoothquant
+from .. import calib, formats
+from ..rewrite import fold, smoothquant
 from ..quant import writer
 
 SQ = formats.INT8_SQ.name       # the candidate's name

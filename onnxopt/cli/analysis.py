@@ -36,7 +36,8 @@ def inspect(model, layers, report_path, old_json, show_sparsity, old_sparsity, e
         click.echo(format_engine(rep))
         summary["engine"] = rep
     if show_sparsity:
-        from .. import modelfile, sparsity
+        from .. import modelfile
+        from ..rewrite import sparsity
         rows = sparsity.report(modelfile.import_graph(modelfile.load(model)))
         click.echo(sparsity.format_report(rows))
         summary["sparsity"] = {**sparsity.summary(rows), "per_layer": rows}

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import attention_guard, autoquant, awq, einsum, lowrank, modelfile, precision
+from .. import attention_guard, autoquant, einsum, modelfile
+from ..rewrite import awq, lowrank
+from ..cast import precision
 from .. import formats as registry
 from .. import sampler as smp
 from ..sampler import SamplerOptions
@@ -21,7 +23,7 @@ from ..autoquant.candidates import base_format, has_branch
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
 from ..quant import int4, writer
-from .base import PassBase, check_regexes, one_quantizer
+from ..pass_protocol import PassBase, check_regexes, one_quantizer
 from .qdq import QDQ, WEIGHT_OPS
 
 log = logging.getLogger(__name__)
@@ -312,7 +314,7 @@ class AutoQuant(PassBase):
 
     def _engine_rounds(self, ctx, ev, cands, mix, trials, amax, means, search) -> tuple[dict, list, list]:
         """Rounds of build -> drop what saved nothing -> choose and verify again: (mix, its trials, rounds)."""
-        from .autocast import Autocast
+        from ..cast.autocast import Autocast
         ac = ctx.following(Autocast, self)
         keep_ops, keep_nodes = (ac.keep_fp32_ops, ac.keep_fp32_nodes) if ac is not None else ((), ())
         writer = aq_engine.Writer(ctx.graph, self.configs(), amax, means, ctx.high_precision, keep_ops, keep_nodes,

@@ -9,12 +9,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import attention_guard, awq, formats
+from .. import attention_guard, formats
+from ..rewrite import awq
 from .. import graph as G
 from ..errors import OnnxoptError
-from ..fold import effective_shape, effective_weight
+from ..rewrite.fold import effective_shape, effective_weight
 from ..quant import rules
-from .base import check_choice
+from ..pass_protocol import BlockQuantizer, check_choice
 from .qdq import QDQ
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ FORMATS = tuple(n for n in formats.names() if formats.get(n).activations == "dyn
 
 
 @dataclass
-class BlockFP(QDQ):
+class BlockFP(QDQ, BlockQuantizer):
     mode: str = FORMATS[0]             # a dynamic block format: "nvfp4" | "mxfp8"
     weight_only: bool = False          # NVFP4 weights, FP16 activations (W4A16); no FP8 layers, no calibration
-    awq: str = "none"                  # "lite" | "clip" | "full": AWQ (onnxopt.awq) with this format's quantizer
+    awq: str = "none"                  # "lite" | "clip" | "full": AWQ (onnxopt.rewrite.awq) with this format's quantizer
     name = "blockfp"
     FORMATS = FORMATS
     min_opset = 23                     # FLOAT4E2M1 initializers and DequantizeLinear-23

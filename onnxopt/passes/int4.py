@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from .. import formats
 from ..formats import INT4
 from ..quant import int4
-from .base import PassBase, check_choice, check_regexes, one_quantizer
+from ..pass_protocol import WeightOnlyQuantizer, check_choice, check_regexes, one_quantizer
 
 
 @dataclass
-class Int4(PassBase):
+class Int4(WeightOnlyQuantizer):
     block_size: int | None = None      # along K: 128, 64, 32 (a power of two >= 16), 0 per-channel; None: the format's
     int8_layers: str | None = None     # regex: matching layers keep per-channel INT8 weights
     exclude: tuple = ()

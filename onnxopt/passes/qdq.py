@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from .. import attention_guard, calib, einsum, formats, precision
+from .. import attention_guard, calib, einsum, formats
+from ..cast import precision
 from ..errors import OnnxoptError
 from ..quant import calibration, feedback, rules, shared_rounding, writer
-from .base import PassBase, check_choice, check_regexes, one_quantizer
+from ..pass_protocol import StaticQuantizer, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 @dataclass
-class QDQ(PassBase):
+class QDQ(StaticQuantizer):
     mode: str = formats.FP8.name       # a format with static activations: formats.static()
     calib_method: str | None = None    # "max" | "percentile" | "entropy" | "mse"; None = mode default
     percentile: float = 99.99
@@ -64,12 +65,16 @@ class QDQ(PassBase):
     def check_recipe(self, recipe, index: int) -> None:
         one_quantizer(recipe)
 
+    def plan(self, graph) -> rules.Plan:
+        """Where the rules place this pass's Q/DQ in `graph` (what SmoothQuant and LowRank before it prepare)."""
+        return rules.plan(graph, self)
+
     def run(self, ctx) -> dict:
         graph = ctx.graph
         ctx.require_data(f"--{self.mode}")
         einsums = einsum.rewrite(graph)  # Einsum attention as MatMul: the rules and TensorRT's MHA fusion see it
         guards = attention_guard.remove(graph) if self.quantize_mha else 0  # they keep TensorRT from fusing quantized MHA
-        plan = rules.plan(graph, self)
+        plan = self.plan(graph)
         if not plan.nodes:
             reasons = sorted(set(plan.skipped.values()))[:3]
             raise OnnxoptError("nothing to quantize: no Conv, ConvTranspose, MatMul or Gemm passes the placement rules"

@@ -2,7 +2,7 @@
 
 Weights are symmetric INT4 in blocks of `block_size` along K (the reduction axis; 0 = one block per
 output channel), stored packed (onnx INT4) and fed to a DequantizeLinear with `axis` and `block_size`
-(opset 21). Optionally AWQ (onnxopt.awq) first scales input channels and searches per-block clip ratios.
+(opset 21). Optionally AWQ (onnxopt.rewrite.awq) first scales input channels and searches per-block clip ratios.
 Layers matching `int8_layers` keep per-channel INT8 weights instead.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 
 import onnx_graphsurgeon as gs
 
-from .. import awq as awq_search
-from .. import fold
+from ..rewrite import awq as awq_search
+from ..rewrite import fold
 from .. import graph as G
-from .. import lowrank
+from ..rewrite import lowrank
 from ..errors import OnnxoptError
 from ..formats import FP16, INT4, INT8, Format
 from .writer import WEIGHT_ONLY_OPS, fusable_block_size, write_per_layer, write_weight

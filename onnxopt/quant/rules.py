@@ -14,8 +14,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
-from .. import lowrank
-from ..autocast import shape_nodes
+from ..rewrite import lowrank
+from ..cast.autocast import shape_nodes
 
 # Head sizes of TensorRT's fused multi-head-attention kernels.
 MHA_HEAD_SIZES = (16, 32, 40, 64, 80, 96, 104, 128, 160, 192, 256)
@@ -53,7 +53,7 @@ def rule_op_type(node, ctx):
 def rule_lowrank_branch(node, ctx):
     """Low-rank branch GEMMs stay high precision: they hold the weight's largest singular directions, the
     part the branch exists to keep out of quantization; with K or N = r they are thin GEMMs whose Q/DQ
-    would cost more than it saves (onnxopt.lowrank)."""
+    would cost more than it saves (onnxopt.rewrite.lowrank)."""
     return "low-rank branch GEMM stays high precision" if lowrank.is_branch(node) else None
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import fold, formats
+from .. import formats
+from ..rewrite import fold
 from .. import threads as threads_
 from .. import graph as G
 from ..formats import Format

@@ -158,7 +158,7 @@ def precision_of(model: onnx.ModelProto) -> Precision:
 def has_sparse_weights(model: onnx.ModelProto) -> bool:
     """Whether `onnxopt inspect`'s 2:4 report finds a 2:4-sparse Conv/MatMul/Gemm weight (along input
     channels, looking through DequantizeLinear): what TensorRT's SPARSE_WEIGHTS tactics can use."""
-    from .. import sparsity
+    from ..rewrite import sparsity
     return any(r["is_2_4"] for r in sparsity.report(modelfile.import_graph(model), "2:4", flops=False))
 
 

@@ -24,7 +24,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
-from .. import formats, lowrank
+from .. import formats
+from ..rewrite import lowrank
 from .. import graph as G
 
 _KERNEL = re.compile(r"^\s*Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], Constants: \[(?P<consts>.*?)\], "
@@ -295,7 +296,7 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
                     "vs_fp16": round(build_log.weights_memory / wb["fp16"], 4) if build_log.weights_memory and wb["fp16"] else None},
         # JIT-generated elementwise kernels: the engine carries ~130 KB of CUDA source for each one (an INT8
         # conv's separate FP32 epilogue is one of them)
-        # the SVDQuant branch's GEMMs (onnxopt.lowrank): high-precision kernels beside the quantized layer
+        # the SVDQuant branch's GEMMs (onnxopt.rewrite.lowrank): high-precision kernels beside the quantized layer
         # (a rank-4 GEMM may become a generated elementwise kernel: `in_elementwise_kernels`)
         "lowrank_branch": {"gemms": len(branch), "in_gemm_kernels": len(branch_kernels),
                            "in_elementwise_kernels": sum(n not in branch_kernels and bool(by_layer.get(n)) for n in branch),

@@ -25,10 +25,14 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import fold, modelfile, threads
-from .errors import OnnxoptError
-from .graph import taken_names, unique_name
-from .progress import track
+from .. import modelfile, threads
+from . import fold
+from ..errors import OnnxoptError
+from ..graph import taken_names, unique_name
+from ..progress import track
+from .. import formats
+from .awq import AWQ
+from ..pass_protocol import BlockQuantizer, PassBase, StaticQuantizer, WeightOnlyQuantizer, after
 
 log = logging.getLogger(__name__)
 
@@ -329,3 +333,46 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
     log.info("lowrank: %d branch(es), %d extra bytes (%.1f%% of the %d quantized weight bytes)", len(report["layers"]),
              extra, 100 * extra / max(qbytes, 1), qbytes)
     return report
+
+
+# The pass: lowrank's options as a recipe step (onnxopt.pass_protocol.Pass).
+@dataclass
+class LowRank(PassBase):
+    """Before a QDQ (INT8/FP8), BlockFP (NVFP4/MXFP8 layers) or Int4 pass, splits each layer it will quantize into a 16-bit rank-r branch
+    and a residual it quantizes. rank: a positive integer, or "auto" (per layer, within `budget` times the
+    quantized weight bytes of those layers)."""
+    rank: int | str = "auto"
+    budget: float = 0.1
+    name = "lowrank"
+
+    def __post_init__(self):
+        self.rank = parse_rank(self.rank)
+        check_rank(self.rank, self.budget)
+
+    def check_recipe(self, recipe, index: int) -> None:
+        if not after(recipe, index, (StaticQuantizer, WeightOnlyQuantizer)):
+            raise OnnxoptError("--lowrank needs a quantizing pass after it (--int8, --fp8, --int4, --nvfp4 or --mxfp8)")
+        if any(isinstance(p, AWQ) for p in recipe):
+            # AWQ's scales and rounded weights are searched for the whole weight, not the residual.
+            raise OnnxoptError("--lowrank with --int4 needs --awq none (AWQ is not combined with the branch yet)")
+
+    def run(self, ctx) -> dict:
+        q = ctx.following(StaticQuantizer, self) or ctx.following(WeightOnlyQuantizer, self)
+        hp = ctx.high_precision
+        if isinstance(q, BlockQuantizer):  # block weights (e.g. NVFP4): the residual is written by the format's own writer
+            nodes, f = q.block_nodes(ctx.graph), q.fmt
+            bits, noise, block = f.bits, 0.0 if q.weight_only else act_noise(f), f.block_size
+        elif isinstance(q, StaticQuantizer):
+            nodes = q.plan(ctx.graph).nodes
+            f = formats.get(q.mode)
+            bits, noise, block = f.bits, act_noise(f), 0
+        else:
+            layers, _ = q.select(ctx.graph)
+            f = formats.get(q.format)
+            nodes = [n for n, b in layers if b != 8]
+            bits, noise, block = f.bits, 0.0, q.block_size
+
+        def fake(w_kn, f=f, block=block):  # the registry format's exact quantize-dequantize, per output column
+            return f.fake_quant(w_kn, 1, hp, block_size=block)
+        return split(ctx.graph, nodes, fake_quant=fake, bits=bits, act_noise=noise, rank=self.rank,
+                             budget=self.budget, progress=ctx.progress)

@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import modelfile
-from .errors import OnnxoptError
-from .graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
+from .. import modelfile
+from ..errors import OnnxoptError
+from ..graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
 log = logging.getLogger(__name__)
 

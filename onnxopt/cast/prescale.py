@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import graph as G
-from . import modelfile, precision
+from .. import graph as G
+from .. import modelfile
+from . import precision
 
 log = logging.getLogger(__name__)
 

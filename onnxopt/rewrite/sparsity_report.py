@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import graph as G
+from .. import graph as G
 from .sparsity_layers import effective_nonzero, groups_ok, weight_layers, parse_pattern
 
 log = logging.getLogger(__name__)

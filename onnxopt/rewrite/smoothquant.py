@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib, fold, formats
-from . import graph as G
-from .calib import PatchSample, RowSample
-from .errors import OnnxoptError
-from .progress import track
-from .graph import activation_channel_axis
-from .settings import MEMORY_BUDGET_MB
+from .. import calib, formats
+from . import fold
+from .. import graph as G
+from ..calib import PatchSample, RowSample
+from ..errors import OnnxoptError
+from ..progress import track
+from ..graph import activation_channel_axis
+from ..settings import MEMORY_BUDGET_MB
+from ..pass_protocol import PassBase, StaticQuantizer, WeightOnlyQuantizer, after, check_regexes
 
 log = logging.getLogger(__name__)
 
@@ -284,3 +286,41 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     log.info("smoothquant: %d activation(s), %d inserted Mul(s), %.1f s", len(report["groups"]),
              report["inserted_muls"], report["time_s"])
     return report
+
+
+# The pass: smoothquant's options as a recipe step (onnxopt.pass_protocol.Pass).
+@dataclass
+class SmoothQuant(PassBase):
+    """Before a QDQ("int8") pass, smooths exactly the layers that pass will quantize; alone, every weight
+    layer of `op_types` not matching `exclude`."""
+    alpha: float | str = "auto"      # migration strength in [0, 1], or "auto" (per-activation search)
+    exclude: tuple = ()
+    op_types: tuple = fold.CONSUMER_OPS
+    name = "smoothquant"
+
+    def __post_init__(self):
+        self.alpha = parse_alpha(self.alpha)
+        self.exclude = check_regexes(self.exclude, "--exclude")
+        self.op_types = tuple(self.op_types)
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def check_recipe(self, recipe, index: int) -> None:
+        nxt = after(recipe, index, (StaticQuantizer, WeightOnlyQuantizer))
+        if nxt and not (isinstance(nxt[0], StaticQuantizer) and formats.get(nxt[0].mode).smoothquant):
+            sq = [m for m in formats.modes() if formats.get(m).smoothquant]
+            raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
+        target = TARGET.name
+        if nxt and self.alpha == "auto" and nxt[0].mode != target:
+            # the alpha search simulates the target format's rounding; another format needs a given alpha
+            raise OnnxoptError(f"--smoothquant auto searches alpha for --{target} only; with --{nxt[0].mode} give an "
+                               f"alpha in [0, 1], e.g. --smoothquant 1.0")
+
+    def run(self, ctx) -> dict:
+        data = ctx.require_data("SmoothQuant")
+        qdq = ctx.following(StaticQuantizer, self)
+        plan = qdq.plan(ctx.graph) if qdq is not None else None
+        return smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
+                                  provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)

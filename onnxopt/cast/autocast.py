@@ -9,14 +9,19 @@ rounding of unquantized ops is not simulated.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from . import graph as G
-from . import formats, modelfile, precision, prescale, threads
+from .. import graph as G
+from .. import formats, modelfile, threads
+from . import precision, prescale
+from .. import calib
+from ..errors import OnnxoptError
+from ..pass_protocol import PassBase, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -318,3 +323,79 @@ def reconverter(model: onnx.ModelProto, dtype: str, *, io_dtype=None, keep_fp32_
                          keep_fp32_nodes=tuple(keep_fp32_nodes) + tuple(extra_fp32))
         return modelfile.export_graph(g, opset=opset)
     return run
+
+
+# The pass: autocast's options as a recipe step (onnxopt.pass_protocol.Pass).
+IO_DTYPES = formats.low_precision()
+GENERATED_SAMPLES = 2  # when no data is given: enough to find the overflows that the weights alone cause
+
+
+@dataclass
+class Autocast(PassBase):
+    dtype: str = formats.FP16.name     # one of formats.high_precision() ("fp32": leave everything in FP32)
+    io_dtype: str | None = None        # also convert graph inputs/outputs; None keeps them
+    keep_fp32_ops: tuple = ()          # op types left in FP32
+    keep_fp32_nodes: tuple = ()        # node names left in FP32
+    measure_ranges: bool = True        # keep FP32 where measured ranges overflow or lose precision in `dtype`
+    name = "autocast"
+
+    def __post_init__(self):
+        check_choice(self.dtype, tuple(DTYPES), "precision")
+        if self.io_dtype is not None:
+            check_choice(self.io_dtype, IO_DTYPES, "--io-dtype")
+        self.keep_fp32_ops = (self.keep_fp32_ops,) if isinstance(self.keep_fp32_ops, str) else tuple(self.keep_fp32_ops)
+        self.keep_fp32_nodes = (self.keep_fp32_nodes,) if isinstance(self.keep_fp32_nodes, str) else tuple(self.keep_fp32_nodes)
+
+    @property
+    def min_opset(self) -> int:
+        """The opset the graph needs in `dtype` (BF16 Conv: 22; FP16: any)."""
+        return formats.get(self.dtype).min_opset
+
+    @property
+    def high_precision(self) -> str:
+        """Scales of the quantization passes are rounded to what the rest of the graph runs in."""
+        return self.dtype
+
+    @property
+    def wants_ranges(self) -> bool:
+        return self.measure_ranges and self.dtype in formats.low_precision()
+
+    def check_recipe(self, recipe, index: int) -> None:
+        if index != len(recipe) - 1:
+            raise OnnxoptError("Autocast must be the last pass: the passes before it work on the FP32 graph")
+
+    def run(self, ctx) -> dict:
+        ranges = self._ranges(ctx) if self.wants_ranges else None
+        keep_nodes = self.keep_fp32_nodes + tuple(ctx.fp32_nodes)
+        if ctx.reference is not None and ctx.checks_outputs:
+            before = modelfile.export_graph(ctx.graph, opset=ctx.opset or None)  # lazy weights: no copy
+            ctx.rebuild = reconverter(before, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,
+                                               ranges=ranges, opset=ctx.opset or None, keep_fp32_nodes=keep_nodes)
+        return to_low_precision(ctx.graph, self.dtype, io_dtype=self.io_dtype, keep_fp32_ops=self.keep_fp32_ops,
+                                         keep_fp32_nodes=keep_nodes, ranges=ranges)
+
+    def _ranges(self, ctx) -> dict | None:
+        if ctx.range_reducers is not None:  # measured by the quantizing pass's calibration
+            return precision.ranges_of(ctx.range_reducers)
+        data = ctx.data
+        if data is None and ctx.reference is not None:
+            try:
+                data = calib.CalibData.random(calib.input_specs(ctx.reference), GENERATED_SAMPLES)
+                ctx.check_data = data
+            except OnnxoptError as e:
+                log.info("cannot generate samples (%s)", e)
+        if data is None:
+            log.warning("no calibration data (--calib, or --calib-random N with --shapes for dynamic inputs): "
+                        "%s value ranges were not checked", self.dtype)
+            return None
+        reducers = precision.range_reducers(ctx.graph)
+        try:
+            calib.collect_graph(ctx.graph, data, reducers, provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb,
+                                progress=ctx.progress, desc="measuring ranges")
+        except OnnxoptError as e:
+            if ctx.data is not None:
+                raise
+            log.warning("generated samples do not run (%s); pass --calib: %s value ranges were not checked", e, self.dtype)
+            ctx.check_data = None
+            return None
+        return precision.ranges_of(reducers)

@@ -13,23 +13,25 @@ Patterns and weight finding live in `sparsity_layers`, the 2:4 report (inspect) 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import re
 import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib
-from . import graph as G
-from . import modelfile
-from .errors import OnnxoptError
+from .. import calib
+from .. import graph as G
+from .. import modelfile
+from ..errors import OnnxoptError
 from .sparsegpt import plan as _sparsegpt_plan
 from .sparsegpt import run as _run_sparsegpt
 from .sparsegpt import sparsegpt_prune
 from .sparsity_layers import (dq_fields, effective_nonzero, groups_ok, other_uses, Unit, Use, weight_layers,
                               dq_parts, is_2_4, is_n_m, keep_mask, parse_pattern)
 from .sparsity_report import format_report, report, summary
-from .settings import MEMORY_BUDGET_MB
+from ..settings import MEMORY_BUDGET_MB
+from ..pass_protocol import PassBase, check_choice, check_regexes
 
 __all__ = ["METHODS", "sparsify", "parse_pattern", "is_n_m", "is_2_4", "keep_mask", "sparsegpt_prune",
            "report", "summary", "format_report"]
@@ -173,3 +175,37 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
              method, report["pruned"], report["skipped"], 100 * report["sparse_param_share"])
     return report
 
+
+# The pass: sparsity's options as a recipe step (onnxopt.pass_protocol.Pass).
+@dataclass
+class Sparsify(PassBase):
+    pattern: str = "2:4"
+    method: str = "magnitude"        # "magnitude" | "sparsegpt" (needs calibration data)
+    exclude: tuple = ()              # regexes on node names left dense
+    min_params: int = 4096           # skip weights with fewer values
+    damp: float = 0.01               # SparseGPT damping, a fraction of mean diag(H)
+    block: int = 128                 # SparseGPT lazy-update block (columns)
+    sequential: bool = True          # SparseGPT: calibrate each stage on the already pruned graph
+    name = "sparsity"
+
+    def __post_init__(self):
+        n, m = parse_pattern(self.pattern)
+        check_choice(self.method, METHODS, "--sparsity-method")
+        self.exclude = check_regexes(self.exclude, "--exclude")
+        if self.min_params < 0:
+            raise OnnxoptError(f"--min-params must be >= 0, got {self.min_params}")
+        if self.damp < 0:
+            raise OnnxoptError(f"--damp must be >= 0, got {self.damp}")
+        if self.block <= 0 or self.block % m:
+            raise OnnxoptError(f"--block must be a positive multiple of {m}, got {self.block}")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method == "sparsegpt"
+
+    def run(self, ctx) -> dict:
+        data = ctx.require_data("--sparsity-method sparsegpt") if self.needs_data else ctx.data
+        return sparsify(ctx.graph, pattern=self.pattern, method=self.method, data=data, exclude=self.exclude,
+                                 min_params=self.min_params, damp=self.damp, block=self.block,
+                                 provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
+                                 sequential=self.sequential)

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib, fold, obs
-from .calib import ChannelMeanAbs, Gram, RowSample
-from .errors import OnnxoptError
-from .progress import track
-from .formats import FP16, INT4
-from .formats.int4 import expand
-from .graph import activation_channel_axis, to_kn
-from .settings import MEMORY_BUDGET_MB
+from .. import calib, obs
+from . import fold
+from ..calib import ChannelMeanAbs, Gram, RowSample
+from ..errors import OnnxoptError
+from ..progress import track
+from ..formats import FP16, INT4
+from ..formats.int4 import expand
+from ..graph import activation_channel_axis, to_kn
+from ..settings import MEMORY_BUDGET_MB
+from ..pass_protocol import AwqChoice, PassBase, StaticQuantizer, WeightOnlyQuantizer, after, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +318,34 @@ class _Search:
                 _error_feedback(n, fmt, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
             if j + 1 == len(todo) or todo[j + 1][0] != name:
                 self.hs.pop(name, None)
+
+
+# The pass: awq's options as a recipe step (onnxopt.pass_protocol.Pass).
+METHODS = ("lite", "clip", "full")
+
+
+@dataclass
+class AWQ(PassBase):
+    method: str = "full"   # lite: scale search; clip: clip search; full: both, then error-feedback rounding
+    name = "awq"
+
+    def __post_init__(self):
+        check_choice(self.method, METHODS, "--awq")
+
+    @property
+    def needs_data(self) -> bool:
+        return True
+
+    def check_recipe(self, recipe, index: int) -> None:
+        nxt = after(recipe, index, (WeightOnlyQuantizer, StaticQuantizer))
+        if not nxt or not isinstance(nxt[0], WeightOnlyQuantizer):
+            raise OnnxoptError("--awq applies to --int4 only (it searches INT4 scales); drop it or quantize with --int4")
+
+    def run(self, ctx) -> dict:
+        target = ctx.following(WeightOnlyQuantizer, self)
+        layers, _ = target.select(ctx.graph)
+        report, clips = apply(ctx.graph, ctx.require_data(f"--awq {self.method}"), layers, method=self.method,
+                                  block_size=target.block_size, high_precision=ctx.high_precision,
+                                  provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+        ctx.awq = AwqChoice(clips, self.method)
+        return report

@@ -18,8 +18,8 @@ from onnx import helper
 
 from onnx import helper
 
-from . import calib, formats
-from .graph import read_values
+from .. import calib, formats
+from ..graph import read_values
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import calib, modelfile, obs
-from . import graph as G
-from .errors import OnnxoptError
-from .progress import bar as bar_
+from .. import calib, modelfile, obs
+from .. import graph as G
+from ..errors import OnnxoptError
+from ..progress import bar as bar_
 from .sparsity_layers import Unit, is_n_m, keep_mask
 
 log = logging.getLogger(__name__)

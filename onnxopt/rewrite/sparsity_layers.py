@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import graph as G
-from .errors import OnnxoptError
+from .. import graph as G
+from ..errors import OnnxoptError
 
 log = logging.getLogger(__name__)
 
