@@ -141,3 +141,10 @@ def test_cli_lowrank_auto_refusals(model, tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--bits", "8", "--lowrank-budget", "0.2",
                                   "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "--lowrank-budget needs --lowrank auto" in r.output
+
+
+def test_psnr_of_worst_needs_target_psnr(model, tmp_path):
+    path, calib, _ = model
+    r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--target-cosine", "0.99", "--psnr-of", "worst",
+                                  "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "--psnr-of judges --target-psnr's held-out seeds" in r.output, r.output

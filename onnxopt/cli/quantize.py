@@ -67,6 +67,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--target-psnr", type=float, help="With --auto and --sampler: mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds (--verify-seeds), e.g. 30; sensitivities stay per layer, the mix is verified and repaired on the samples.")
+@click.option("--psnr-of", type=click.Choice(["mean", "worst"]), help="With --target-psnr: judge the mean PSNR of the held-out seeds (default) or the worst seed's.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="With --target-psnr: the denoising loop, as in compare --sampler.")
 @click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default 50; consistency 1).")
 @click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: CFG scale (default 5.0; 1 = none).")
@@ -147,7 +148,7 @@ def _sensitivity_note(report: dict, path) -> str:
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
-              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
+              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr", "psnr_of": "--psnr-of",
               "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
               "sample_size": "--size"}
 _NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",

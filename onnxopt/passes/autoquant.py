@@ -40,6 +40,7 @@ class AutoQuant(PassBase):
     bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
     target_psnr: float | None = None    # mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds
     sampler: SamplerOptions | None = None  # with target_psnr: the denoising loop (and its held-out seeds)
+    psnr_of: str = "mean"               # with target_psnr: the held-out seeds' "mean" PSNR or the "worst" seed's
     sensitivity: str | None = None      # JSON of measured sensitivities: read if there, written as measured
     verify_fraction: float = 0.25       # share of the calibration batches held out to verify the mix
     confidence_k: float = 1.64          # a cosine target is verified with k standard errors of the held-out mean
@@ -81,6 +82,10 @@ class AutoQuant(PassBase):
         if (self.target_psnr is None) != (self.sampler is None):
             raise OnnxoptError("--target-psnr DB judges the sampler's final samples: give it with --sampler "
                                "euler|ddim|dpmpp|consistency (and --steps), and --sampler only with --target-psnr")
+        if self.psnr_of not in ("mean", "worst"):
+            raise OnnxoptError(f"--psnr-of {self.psnr_of}: use mean or worst")
+        if self.psnr_of != "mean" and self.target_psnr is None:
+            raise OnnxoptError("--psnr-of judges --target-psnr's held-out seeds; add --target-psnr DB --sampler ... or drop it")
         if self.target_psnr is not None and not 0 < self.target_psnr < 200:
             raise OnnxoptError(f"--target-psnr {self.target_psnr}: give a PSNR in dB within (0, 200), e.g. 30")
         if self.bits is not None:
@@ -175,7 +180,8 @@ class AutoQuant(PassBase):
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
         if roles is not None:  # verification and repair on the sampler's final samples, held-out seeds
-            ev = autoquant.Memo(autoquant.SampledEvaluator(ev, roles, self.sampler, ctx.progress))
+            ev = autoquant.Memo(autoquant.SampledEvaluator(ev, roles, self.sampler, ctx.progress,
+                                                                worst=self.psnr_of == "worst"))
         mix, trials = self._choose(ev, cands, ctx)
         rounds = []
         if self.cost_model == "rtx":
@@ -232,7 +238,8 @@ class AutoQuant(PassBase):
         rep["kept_wide_why"] = {n: rep["layers"][n]["reason"] for n in rep["kept_wide"] if n in rep["layers"]}
         if self.sampler is not None:
             o = self.sampler
-            rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds)}
+            rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds),
+                              "psnr_of": self.psnr_of}
         if staged is not None:
             rep["staged"] = staged
         for name, g in groups.items():
