@@ -148,3 +148,57 @@ def test_psnr_of_worst_needs_target_psnr(model, tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--target-cosine", "0.99", "--psnr-of", "worst",
                                   "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "--psnr-of judges --target-psnr's held-out seeds" in r.output, r.output
+
+
+def _resnet(path, c=64):
+    """conv0 -> relu -> conv1 (3x3) -> Add(conv1, conv0) -> relu -> conv2 (3x3): a residual block."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    w = [rng.normal(0, c ** -0.5, (c, c, k, k)).astype(np.float32) for k in (1, 3, 3)]
+    b = [rng.normal(0, 0.3, (c,)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="conv0"),
+             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["h1", "h0"], ["s"], name="residual"),
+             helper.make_node("Relu", ["s"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)] + \
+        [numpy_helper.from_array(a, f"b{i}") for i, a in enumerate(b)]
+    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", c, 6, 6])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return [{"x": (rng.normal(size=(1, c, 6, 6)) + 0.5).astype(np.float32)} for _ in range(8)]
+
+
+def test_conv_branch_gated_equals_written(tmp_path):
+    """A 3x3 Conv with fp8+lr (the branch a Conv pair, bias correction on the residual's error) beside plain FP8
+    layers; the Convs feeding the residual Add take no branch (split, the rules would place that Add's Q/DQ
+    differently), with the reason."""
+    path = tmp_path / "res.onnx"
+    feeds = _resnet(path)
+    graph = modelfile.import_graph(pipeline.load(str(path), 21))
+    p = AutoQuant(("fp8",), bits=8, lowrank=RANK)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    why = branch.add_candidates(graph, cands, rank=RANK, budget=0.1, high_precision="fp32", progress=False)
+    assert cands.layers["conv2"].formats == ["none", "fp8", "fp8+lr"]
+    for n in ("conv0", "conv1"):
+        assert cands.layers[n].formats == ["none", "fp8"] and "residual Add" in why[n]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    gated = modelfile.import_graph(pipeline.load(str(path), 21))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
+    x = np.concatenate([f["x"] for f in feeds])
+    gsess = ort.session(modelfile.export_graph(gated, opset=21), level="disable")
+    ref = gsess.run(None, {"x": x, autoquant.GATES: np.zeros(len(index), np.float32)})[0]
+    for mix in ({"conv0": "fp8", "conv1": "fp8", "conv2": "fp8+lr"}, {"conv1": "fp8", "conv2": "fp8+lr"}):
+        gates = np.zeros(len(index), np.float32)
+        for key in mix.items():
+            gates[index[key]] = 1
+        want = gsess.run(None, {"x": x, autoquant.GATES: gates})[0]
+        g = modelfile.import_graph(pipeline.load(str(path), 21))
+        branch.split(g, mix, cands)
+        writer.write(g, writer.QuantPlan.from_mix({n: base_format(f) for n, f in mix.items()}, configs=p.configs(),
+                                                  amax=amax, means=means), high_precision="fp32")
+        got = ort.session(modelfile.export_graph(g, opset=21), level="disable").run(None, {"x": x})[0]
+        err = np.abs(got - ref).max()
+        assert err > 1e-3
+        np.testing.assert_allclose(want, got, rtol=0, atol=1e-3 * err)

@@ -30,6 +30,9 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
     chooses it per layer (lowrank.choose_ranks, data-free, the layer's lowest-bit candidate, within `budget`).
     Tied layers (a group) take none. Returns {layer: why it takes none} for the layers with a branchable format."""
     nodes = {n.name: n for n in graph.nodes}
+    # A Conv feeding a residual Add: split, it would no longer feed the Add, and the rules would quantize the Add's
+    # other input for another layer (or not at all), which no per-layer gate can model.
+    residual = {t.inputs[0].name for p in cands.plans.values() for add, _ in p.residuals for t in add.inputs if t.inputs}
     todo, why = [], {}
     for name, l in cands.layers.items():
         fmts = [f for f in l.formats if f != "none" and takes_branch(f)]
@@ -37,6 +40,9 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
             continue
         if l.group:
             why[name] = "tied to other layers (one weight, several readers)"
+            continue
+        if name in residual:
+            why[name] = "feeds a residual Add (with the branch the rules would quantize that Add differently)"
             continue
         todo.append(nodes[name])
 

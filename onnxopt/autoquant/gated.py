@@ -212,7 +212,7 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
 def _residual(node: gs.Node, w: np.ndarray, branch) -> np.ndarray:
     """The layer's weight `w` less its `branch`, in the layout it consumes (what the writer gets after lowrank.attach)."""
     res = lowrank.residual(fold.weight_matrix(node, w)[0], branch.l1, branch.l2)
-    return lowrank.layer_weight(node, res).astype(np.float32)
+    return lowrank.layer_weight(node, res, w.shape).astype(np.float32)
 
 
 def _smoothing(cands: Candidates, node: gs.Node):

@@ -174,10 +174,11 @@ def factors_of(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     return l1.astype(np.float32), l2.astype(np.float32)
 
 
-def layer_weight(node: gs.Node, res_kn: np.ndarray) -> np.ndarray:
-    """A [K, N] matrix in the layout `node` consumes its weight (a Conv's kernel, a transB Gemm's [N, K])."""
+def layer_weight(node: gs.Node, res_kn: np.ndarray, w_shape: tuple | None = None) -> np.ndarray:
+    """A [K, N] matrix in the layout `node` consumes its weight (a Conv's kernel, a transB Gemm's [N, K]);
+    `w_shape`: that weight's shape where the node's weight input is no longer the constant."""
     if node.op == "Conv":
-        return res_kn.T.reshape(fold.effective_shape(node))
+        return res_kn.T.reshape(fold.effective_shape(node) if w_shape is None else w_shape)
     return res_kn.T if node.op == "Gemm" and node.attrs.get("transB", 0) else res_kn
 
 
