@@ -38,6 +38,9 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
         fmts = [f for f in l.formats if f != "none" and takes_branch(f)]
         if not fmts:
             continue
+        if not l.wshape:
+            why[name] = "no constant weight (e.g. an attention BMM)"
+            continue
         if l.group:
             why[name] = "tied to other layers (one weight, several readers)"
             continue
