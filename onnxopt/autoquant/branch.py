@@ -1,7 +1,7 @@
-"""Low-rank branch candidates of --auto (SVDQuant, onnxopt.lowrank). A layer that can take a branch gets, for
-each of its 8-bit or block candidates F, the candidate "F+lr": W = L1·L2 + R with the rank-r part L1·L2 in 16 bits
-reading the unquantized input and the residual R quantized in F. One set of factors per layer serves the gated
-graph (gated.py), the residual's AWQ (block formats, `block_awq`) and the written graph (`split`), so the search
+"""Low-rank branch candidates of --auto (SVDQuant, onnxopt.rewrite.lowrank). A layer that can take a branch gets,
+for each of its 8-bit or block candidates F, the candidate "F+lr": W = L1·L2 + R with the rank-r part L1·L2 in 16 bits
+reading the unquantized input and the residual R quantized in F. One set of factors per (layer, candidate) serves the
+gated graph (gated.py), the residual's AWQ (block formats, `block_awq`) and the written graph (`split`), so the search
 measures what is written; the branch's bytes and MACs are part of the candidate's cost (Layer.weight_bits,
 Layer.activation_bits)."""
 from __future__ import annotations
