@@ -280,7 +280,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
                 + (f"low-rank branch on {a['branch_layers']} of them (+{a['branch_bytes']} bytes, "
                    f"{a['branch_macs'] / max(sum(l['macs'] for l in a['layers'].values()), 1):.1%} more MACs, report: "
                    "lowrank); " if a.get("lowrank") else "")
-                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
+                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr_mean', v.get('psnr', 0)):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
                    f"kept wide: {', '.join(a.get('kept_wide', [])[:6]) or 'none'} ({met})" if a.get("metric") == "psnr" else
                    f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})") + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"
