@@ -35,6 +35,11 @@ SUPPORTED_OPSETS = range(7, 24)
 OPSET_UPGRADE = 13  # models below SUPPORTED_OPSETS are converted to this opset first
 
 
+def _setting(name: str) -> property:
+    """A read-only Context attribute that is the run's `settings.<name>`."""
+    return property(lambda ctx: getattr(ctx.settings, name), doc=f"RunSettings.{name} of this run")
+
+
 @dataclass
 class Context:
     """What a pass sees: the graph it rewrites in place and the run's shared settings and state."""
@@ -61,25 +66,11 @@ class Context:
     checks_outputs: bool = False              # the finite check will run the model (finite.runs_outputs), so a repair helps
     check_data: calib.CalibData | None = None  # generated samples when no data was given
 
-    @property
-    def provider(self) -> str:
-        return self.settings.provider
-
-    @property
-    def memory_budget_mb(self) -> int:
-        return self.settings.memory_budget_mb
-
-    @property
-    def progress(self) -> bool:
-        return self.settings.progress
-
-    @property
-    def allow_cpu_fallback(self) -> bool:
-        return self.settings.allow_cpu_fallback
-
-    @property
-    def threads(self) -> int:
-        return self.settings.threads
+    # The run's settings a pass reads most, read-only (ctx.settings has them all).
+    provider = _setting("provider")
+    memory_budget_mb = _setting("memory_budget_mb")
+    progress = _setting("progress")
+    threads = _setting("threads")
 
     def require_data(self, who: str) -> calib.CalibData:
         if self.data is None:

@@ -406,3 +406,39 @@ def test_in_graph_histogram_of_an_fp16_tensor(tmp_path):
     calib.collect(m, data, red, progress=False)
     np.testing.assert_array_equal(red["y"][0].counts, red["y"][1].counts)
     assert red["y"][0].range == red["y"][1].range > 0
+
+
+def test_one_hessian_for_all_rows_sampled_rows_and_awq_gram():
+    """calib.Hessian is the one XᵀX: all rows of any channel axis, Conv im2col patches, sampled rows (error-feedback
+    rounding), and AWQ's float32 Gram; each equals numpy's product of the same rows, batch by batch."""
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(2, 6, 5, 5)).astype(np.float32) for _ in range(3)]
+    rows = np.concatenate([np.moveaxis(b, 1, -1).reshape(-1, 6) for b in batches]).astype(np.float64)
+    h, g = calib.Hessian(axis=1), calib.Gram(axis=1)
+    for b in batches:
+        h.update(b)
+        g.update(b)
+    np.testing.assert_allclose(h.value, rows.T @ rows, rtol=1e-5)
+    assert h.value.dtype == np.float64 and h.rows == len(rows) and h.dim == 6
+    assert g.value.dtype == np.float32 and g.total_rows == len(rows)
+    np.testing.assert_allclose(g.value, rows.T @ rows, rtol=1e-4)
+    assert calib.Gram().value is None   # no rows yet, no size
+
+    # sampled rows: exactly XᵀX (float64) of the rows the same seeded sampler draws; the rows are not kept
+    x2 = [rng.normal(size=(40, 8)).astype(np.float32) for _ in range(2)]
+    ref, hs = calib.RowSample(-1, 30, 2), calib.Hessian(8, sample=calib.RowSample(-1, 30, 2))
+    for b in x2:
+        ref.update(b)
+        hs.update(b)
+    r = ref.value.astype(np.float64)
+    np.testing.assert_allclose(hs.value, r.T @ r, rtol=1e-12)
+    assert hs.n == len(r) == 30 and not hs.sample.parts
+
+    # a Conv input: im2col patches, (kernel position, channel) order
+    view = calib.ConvView((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "NOTSET")
+    hc = calib.Hessian(6 * 9, view)
+    hc.update(batches[0])
+    xp = np.pad(batches[0], [(0, 0), (0, 0), (1, 1), (1, 1)]).astype(np.float64)
+    patches = np.stack([xp[:, :, i:i + 3, j:j + 3].transpose(0, 2, 3, 1).reshape(2, -1) for i in range(5) for j in range(5)], 1).reshape(-1, 54)
+    ref = patches.T @ patches   # float32 products: cancellation error relative to the largest entry
+    np.testing.assert_allclose(hc.value, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())

@@ -96,7 +96,7 @@ def test_feedback_bounded_by_size_and_budget():
     fb = feedback.Feedback.plan(plan, batches=4, memory_budget_mb=4096)
     weighted = {n.name for n, _, _, _ in plan.weights}
     assert "conv" in fb.keys and set(fb.keys) == weighted and not fb.skipped
-    assert fb.by_key[fb.keys["conv"]].rows == feedback.rows_for(32 * 9)
+    assert fb.by_key[fb.keys["conv"]].sample.rows == feedback.rows_for(32 * 9)   # rows drawn for its Hessian
     tiny = feedback.Feedback.plan(plan, batches=4, memory_budget_mb=0)  # no room for any Hessian
     assert not tiny.keys and set(tiny.skipped) == weighted
     assert set(tiny.skipped.values()) == {"Hessians beyond a quarter of the memory budget"}

@@ -252,35 +252,57 @@ def top_k(n: int, fraction: float, batches: int) -> int:
     return math.ceil(fraction * n * batches) + 2
 
 
-# ---------------------------------------------------------------- second moments (SparseGPT, AWQ)
+# ---------------------------------------------------------------- second moments (SparseGPT, AWQ, GPTQ-style rounding)
 class Hessian(Reducer):
-    """Streaming H = XᵀX (float64) of a layer input seen as rows X[rows, dim]: the last axis of a MatMul input
-    (the first with `trans`, Gemm transA), the im2col patches of a Conv input (`conv`)."""
+    """The one streaming H = XᵀX of a layer input seen as rows X[rows, dim] (SparseGPT, shared rounding, AWQ's
+    Gram, error-feedback rounding). Rows: the channel `axis` moved last (a MatMul input: -1; the first axis with
+    `trans`, Gemm transA), or the im2col patches of a Conv input (`conv`, (kernel position, channel) order). All rows, or with `sample` (a
+    RowSample or PatchSample) only the rows it draws, folded in as each batch arrives and not kept. Streamed rows
+    are many: their products are float32, summed in `dtype` (float64; AWQ's float32 halves the memory); sampled
+    rows are few: their product is taken in `dtype`. `dim` None: taken from the first rows."""
 
-    def __init__(self, dim: int, conv: ConvView | None = None, trans: bool = False):
-        self.dim, self.conv, self.trans = dim, conv, trans
-        self.H = np.zeros((dim, dim), dtype=np.float64)
+    def __init__(self, dim: int | None = None, conv: ConvView | None = None, trans: bool = False, *, axis: int = -1,
+                 sample: "RowSample | None" = None, dtype=np.float64, chunk_bytes: int = CHUNK_BYTES):
+        self.dim, self.conv, self.trans, self.axis, self.sample = dim, conv, trans, axis, sample
+        self.dtype, self.chunk_bytes = np.dtype(dtype), chunk_bytes
+        self.H = None if dim is None else np.zeros((dim, dim), dtype=self.dtype)
         self.n = 0
         self._buf, self._buf_rows = [], 0  # small batches are gathered into one product (fewer BLAS calls)
 
     def update(self, x):
+        if self.sample is not None:
+            self.sample.update(x)
+            while self.sample.parts:
+                self._add(self.sample.parts.pop().astype(self.dtype))
+            return
         for rows in self._rows(np.asarray(x)):
             self._buf.append(np.asarray(rows, dtype=np.float32))
             self._buf_rows += rows.shape[0]
-            if self._buf_rows * self.dim * 4 >= CHUNK_BYTES:
+            if self._buf_rows * rows.shape[1] * 4 >= self.chunk_bytes:
                 self._flush()
 
     def _flush(self):
         if self._buf:
             rows = np.concatenate(self._buf) if len(self._buf) > 1 else np.ascontiguousarray(self._buf[0])
             self._buf, self._buf_rows = [], 0
-            self.H += (rows.T @ rows).astype(np.float64)
-            self.n += rows.shape[0]
+            self._add(rows)
+
+    def _add(self, rows: np.ndarray) -> None:
+        g = rows.T @ rows
+        if self.H is None:
+            self.dim, self.H = rows.shape[1], g.astype(self.dtype)
+        else:
+            self.H += g if g.dtype == self.dtype else g.astype(self.dtype)
+        self.n += rows.shape[0]
 
     def _rows(self, x):
         if self.conv is None:
-            x = x.T if self.trans else x.reshape(-1, x.shape[-1])
-            step = max(1, CHUNK_BYTES // (4 * x.shape[1]))
+            if self.trans:
+                x = x.T
+            else:
+                x = np.moveaxis(x, self.axis, -1) if self.axis not in (-1, x.ndim - 1) else x
+                x = x.reshape(-1, x.shape[-1])
+            step = max(1, self.chunk_bytes // (4 * x.shape[1]))
             for i in range(0, x.shape[0], step):
                 yield x[i:i + step]
             return
@@ -289,6 +311,12 @@ class Hessian(Reducer):
     @property
     def rows(self) -> int:
         return self.n + self._buf_rows
+
+    @property
+    def value(self) -> np.ndarray | None:
+        """H = Σ xᵀx over the rows seen (None before any row when `dim` was not given)."""
+        self._flush()
+        return self.H
 
     @property
     def mean(self) -> np.ndarray:
@@ -316,42 +344,17 @@ class ChannelMeanAbs(Reducer):
         return None if self.sum is None else self.sum / max(self.count, 1)
 
 
-class Gram(Reducer):
-    """H = X^T X over all rows (channel axis last), float32, streaming: the layer output error of any weight
-    change D is tr(D^T H D), so searches need no stored activations. Rows are buffered (about 8 MB)
-    so that the products are few and large."""
+class Gram(Hessian):
+    """AWQ's H = XᵀX over all rows of the channel `axis`: the one Hessian in float32, rows gathered about 8 MB at a
+    time (what AWQ's memory budget counts). The layer output error of any weight change D is tr(Dᵀ H D), so
+    searches need no stored activations."""
 
     def __init__(self, axis: int = -1):
-        self.axis = axis
-        self.h = None
-        self.buf: list[np.ndarray] = []
-        self.rows = 0
-        self.total_rows = 0
-
-    def update(self, x):
-        x = np.moveaxis(np.asarray(x, dtype=np.float32), self.axis, -1)
-        x = x.reshape(-1, x.shape[-1])
-        self.buf.append(x)
-        self.rows += len(x)
-        self.total_rows += len(x)
-        if self.rows * x.shape[1] >= 2**21:
-            self._flush()
-
-    def _flush(self):
-        if not self.buf:
-            return
-        x = np.concatenate(self.buf)
-        self.buf, self.rows = [], 0
-        g = x.T @ x
-        if self.h is None:
-            self.h = g
-        else:
-            self.h += g
+        super().__init__(axis=axis, dtype=np.float32, chunk_bytes=2**23)
 
     @property
-    def value(self) -> np.ndarray | None:
-        self._flush()
-        return self.h
+    def total_rows(self) -> int:
+        return self.rows
 
 
 # ---------------------------------------------------------------- row samples (SmoothQuant's alpha search, AWQ)

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 from .. import formats, obs
 from .. import graph as G
 from .. import threads as threads_
-from ..calib import ConvView, PatchSample, RowSample
+from ..calib import ConvView, Hessian, PatchSample, RowSample
 from . import qdq, shared_rounding
 from .writer import QuantPlan, WeightJob, job_result, quantize_job, weight_jobs
 
@@ -44,41 +44,6 @@ MIN_ROWS_PER_K = 4     # fewer calibration rows than 4 K: the Hessian is too thi
 def rows_for(k: int) -> int:
     """Sampled rows per Hessian of a K-input layer (well above K, bounded)."""
     return int(min(ROWS_MAX, max(ROWS_MIN, ROWS_PER_K * k)))
-
-
-class _HessianMixin:
-    """H = XᵀX (float64) of sampled rows, folded in as each batch arrives (the rows are not kept)."""
-
-    def _init_h(self, k: int) -> None:
-        self.h = np.zeros((k, k), np.float64)
-        self.n = 0
-
-    def update(self, x):
-        super().update(x)
-        while self.parts:
-            r = self.parts.pop().astype(np.float64)
-            self.h += r.T @ r
-            self.n += len(r)
-
-    @property
-    def value(self) -> np.ndarray:
-        return self.h
-
-
-class RowHessian(_HessianMixin, RowSample):
-    """Hessian of a MatMul/Gemm input (channel axis last) from sampled rows."""
-
-    def __init__(self, k: int, rows: int, batches: int):
-        RowSample.__init__(self, -1, rows, batches)
-        self._init_h(k)
-
-
-class PatchHessian(_HessianMixin, PatchSample):
-    """Hessian of a Conv input's im2col patches ((channel, kernel position) order: the weight's [O, C*kh*kw])."""
-
-    def __init__(self, node: gs.Node, kernel: tuple, k: int, rows: int, batches: int):
-        PatchSample.__init__(self, node, kernel, rows, batches)
-        self._init_h(k)
 
 
 def _layout(node: gs.Node, shape: tuple) -> tuple[int, bool] | None:
@@ -126,8 +91,9 @@ class Feedback:
                     continue
                 left -= 8 * k * k
                 rows = rows_for(k)
-                r = (PatchHessian(node, key[2].kernel, k, rows, batches) if key[2] is not None
-                     else RowHessian(k, rows, batches))
+                # calib's one Hessian over sampled rows: a Conv input's im2col patches, else rows of its last axis
+                r = Hessian(k, sample=PatchSample(node, key[2].kernel, rows, batches) if key[2] is not None
+                            else RowSample(-1, rows, batches))
                 fb.by_key[key] = r
                 fb.reducers.setdefault(key[0], []).append(r)
             fb.keys[node.name] = key
