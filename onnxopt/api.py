@@ -60,6 +60,7 @@ class QuantConfig:
     bits: float | None = None
     target_psnr: float | None = None           # --auto --target-psnr: on the sampler's final samples
     sampler: SamplerOptions | None = None      # with target_psnr: the loop and its held-out seeds
+    psnr_of: str | None = None                 # with target_psnr: "mean" (default) or "worst" held-out seed
     sensitivity: str | None = None             # --auto: saved sensitivities (restartable search)
     cost_model: str = "bits"                   # --auto: "bits", or "rtx" (TensorRT-RTX engine reports)
     engine_shapes: tuple = ()                  # --cost-model rtx: "name:1x31" or "name:MIN/OPT/MAX" to build for
@@ -95,10 +96,11 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes.append(Sparsify(c.sparsity, method=c.sparsity_method, exclude=c.exclude))
     if c.auto:
         passes.append(AutoQuant(tuple(c.formats), target_cosine=c.target_cosine, target_top1=c.target_top1, bits=c.bits,
-                                target_psnr=c.target_psnr, sampler=c.sampler, sensitivity=c.sensitivity, cost_model=c.cost_model,
+                                target_psnr=c.target_psnr, sampler=c.sampler, psnr_of=c.psnr_of or "mean", sensitivity=c.sensitivity, cost_model=c.cost_model,
                                 engine_shapes=c.engine_shapes, block_size=registry.INT4.block_size if c.block_size is None
                                 else c.block_size, exclude=c.exclude,
-                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0))
+                                op_types=c.op_types, quantize_mha=c.quantize_mha, stages=c.auto_stages or 0, lowrank=c.lowrank,
+                                **({} if c.lowrank_budget is None else {"lowrank_budget": c.lowrank_budget})))
     elif c.mode in BlockFP.FORMATS:
         passes += _lowrank(c)
         passes.append(BlockFP(c.mode, weight_only=c.weight_only, awq=c.awq if registry.get(c.mode).awq else "none",

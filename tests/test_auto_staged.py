@@ -334,3 +334,53 @@ def test_bound_inputs_keep_their_rank():
         v = staged.onnxruntime_value(a, "cpu")
         assert v.shape() == list(a.shape)
         np.testing.assert_array_equal(v.numpy(), a)
+
+
+def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
+    """Inlined gates (the CUDA form) cost a Q/DQ each, not an If: one error session holds up to GROUP_INLINE
+    candidates (full-size SDXL: ~1 session a stage instead of 5). Same errors as GROUP at a time, and as the Ifs."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    inl = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=True)
+    ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
+    s = 1
+    mine = [k for k in index if inl.plan.gate_stages[index[k]] == {s}]
+    assert 2 < len(mine) <= staged.GROUP_INLINE
+    loads = inl.loads
+    many = inl._stage_errors(s, mine, False)
+    assert inl.loads - loads == 1
+    monkeypatch.setattr(staged, "GROUP_INLINE", 2)
+    few = inl._stage_errors(s, mine, False)
+    assert inl.loads - loads == 1 + -(-len(mine) // 2)
+    by_if = ifs._stage_errors(s, mine, False)
+    for k in mine:
+        assert many[k] == pytest.approx(few[k], rel=1e-6, abs=1e-12)
+        assert many[k] == pytest.approx(by_if[k], rel=1e-5, abs=1e-12)
+
+
+
+def test_chains_run_batch_by_batch_in_memory_where_the_stages_stay_loaded(setup):
+    """Where every stage session of a chain stays loaded (inlined gates: whole and FP32 stages), a chain runs each
+    batch through all stages with the tensors between stages in memory (no .npy per stage and batch): the same
+    metrics and gains, bit for bit, as stage by stage through disk."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    mem = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64, inline=True)
+    disk = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                  memory_budget_mb=0.01, inline=True)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        mix = {n: l.formats[rng.integers(len(l.formats))] for n, l in cands.layers.items()}
+        g = mem.gates(mix)
+        start = mem._start(g)
+        assert mem._fit({s: None for s in range(start, mem.plan.n)}) and not disk._fit({s: None for s in range(start, disk.plan.n)})
+        for split in ("search", "all"):
+            assert mem.metrics(g, split) == disk.metrics(g, split)
+        a, b = mem._chain(g, mem.ids["search"], start), disk._chain(g, disk.ids["search"], start)
+        assert a[1] == b[1] and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+    loads = mem.loads
+    mem.metrics(mem.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "all")
+    assert mem.loads == loads  # every stage stayed loaded

@@ -141,7 +141,8 @@ def test_auto_rank_goes_to_the_outlier_layer_within_budget():
     (["--lowrank", "auto", "--lowrank-budget", "0"], "--lowrank-budget 0.0: give a fraction"),
     (["--lowrank-budget", "0.2"], "--lowrank-budget needs --lowrank auto"),
     (["--lowrank", "4", "--int4"], "--lowrank with --int4 needs --awq none"),
-    (["--lowrank", "4", "--auto", "--target-cosine", "0.99"], "--lowrank applies to a single mode"),
+    (["--lowrank", "4", "--auto", "--target-cosine", "0.99", "--auto-stages", "2"],
+     "--lowrank with --auto is measured in one gated graph"),
 ])
 def test_bad_options_one_line_before_work(tmp_path, args, msg):
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "missing.onnx"), "--int8" if "--int4" not in args and "--auto" not in args else "--calib-random=2", *args])

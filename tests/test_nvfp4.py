@@ -219,3 +219,35 @@ def test_rtx_runs_every_nvfp4_layer_in_an_fp4_kernel(tmp_path):
     fp4 = [n for n, r in rows.items() if r["graph"].startswith("nvfp4")]
     assert len(fp4) == 6 and all(rows[n]["engine"] == "nvfp4" for n in fp4)
     assert rep["fallbacks"] == []
+
+
+# ---------------------------------------------------------------- an input shared across attention blocks
+def test_value_projections_of_a_shared_input_keep_fp8(tmp_path):
+    """SDXL's cross-attention: every block's K/V projections read encoder_hidden_states. TensorRT-RTX 1.7.1 merges
+    the FP4 GEMMs reading one quantized input and cannot compile two merged value projections at batch > 1
+    (BENCHMARKS.md "NVFP4 at batch 2"), so those stay FP8 (reason in the report); keys, queries, outputs NVFP4."""
+    from onnxopt.quant import rules
+    src = tiny.save(tiny.cross_attention(blocks=2), tmp_path / "ca.onnx")
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((4, 1, 16, 64)).astype(np.float32),
+             enc=rng.standard_normal((4, 1, 77, 64)).astype(np.float32))
+    res = onnxopt.quantize(src, tmp_path / "ca.nvfp4.onnx", config=onnxopt.QuantConfig(mode="nvfp4", progress=False), data=calib)
+    r = res.report["blockfp"]
+    assert r["coverage"]["nvfp4"] == 6 and r["coverage"]["fp8"] == 6
+    assert {n for n, why in r["fp8_reasons"].items() if "value projection" in why} == {"b0_v_proj", "b1_v_proj"}
+    fmt = {l.name: l.format for l in inspect_path(res.path).layers}
+    assert all(fmt[f"b{b}_{p}_proj"] == "nvfp4/16" for b in (0, 1) for p in "qko")
+    assert fmt["b0_v_proj"] == fmt["b1_v_proj"] == "fp8"
+    # weight-only has no dynamic FP4 input to merge: every projection stays NVFP4
+    wo = onnxopt.quantize(src, tmp_path / "ca.w.onnx", config=onnxopt.QuantConfig(mode="nvfp4", weight_only=True, progress=False),
+                          data=calib)
+    assert wo.report["blockfp"]["coverage"]["nvfp4"] == 8
+    # one block: its value projection is the only one reading `enc`, so it stays NVFP4
+    g = onnxopt.modelfile.import_graph(tiny.cross_attention(blocks=1))
+    v = next(n for n in g.nodes if n.name == "b0_v_proj")
+    assert rules.block_format_reason(v, 16) is None
+    feeds = {"x": rng.standard_normal((2, 16, 64)).astype(np.float32), "enc": rng.standard_normal((2, 77, 64)).astype(np.float32)}
+    ref = ortx.session(onnx.load(src), level="disable").run(None, feeds)[0]
+    got = ortx.session(emulated_view(onnx.load(res.path)), level="disable").run(None, feeds)[0]
+    assert float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.98

@@ -65,3 +65,16 @@ def test_fp16_and_int4(unet):
     # 128 along K), which the writer splits into two half blocks with the same scale.
     assert rep4["quantized_layers"] > 200 and not rep4["int4_dq_kernels"]
     assert rep4["weights"]["engine_weights_memory"] < 0.8 * rep["weights"]["engine_weights_memory"]
+
+
+def test_nvfp4_preset_builds_at_batch_1_and_2(unet):
+    # TensorRT-RTX 1.7.1 failed this at batch 2 (Myelin "perm.size() == t.size()") while its cross-attention value
+    # projections, all reading encoder_hidden_states, were NVFP4: now FP8 (quant.rules), every NVFP4 layer an FP4 kernel.
+    d, path = unet
+    quantize(path, d / "nvfp4.onnx", config=presets.config("sdxl", "nvfp4", progress=False), data=d / "calib.npz")
+    rep = _report(d / "nvfp4.onnx")  # SHAPES: batch 2
+    assert rep["kernel_precisions"].get("nvfp4", 0) >= 170
+    assert all(r["engine"] == "nvfp4" for r in rep["layers"] if r["graph"].startswith("nvfp4"))
+    one = [s.replace(":2x", ":1x") for s in SHAPES]
+    rep1 = R.engine_report_of(d / "nvfp4.onnx", BuildConfig(profiles=parse_profiles(one)))
+    assert rep1["quantized_in_quantized_kernels"] == rep1["quantized_layers"] == rep["quantized_layers"]

@@ -276,6 +276,25 @@ def test_auto_target_psnr_verified_on_samples(tmp_path):
     assert set(auto["kept_wide_why"]) == set(auto["kept_wide"])
 
 
+def test_auto_target_psnr_of_the_worst_seed(tmp_path):
+    """--psnr-of worst: the target is the worst held-out seed's PSNR, that of the written graph when sampled again."""
+    ref = tmp_path / "r.onnx"
+    onnx.save(_edm_deep(), ref)
+    cal = tmp_path / "c.npz"
+    assert run("calib-data", "trajectory", ref, "--sampler", "consistency", "--steps", 2, "--seeds", "0-7", "-o", cal)[0] == 0
+    out, rep = tmp_path / "q.onnx", tmp_path / "q.json"
+    code, text = run("quantize", ref, "--auto", "--formats", "int8", "--target-psnr", 35, "--psnr-of", "worst",
+                     "--sampler", "consistency", "--steps", 2, "--verify-seeds", "100-103", "--high-precision", "fp32",
+                     "--calib", cal, "-o", out, "--report", rep, quiet=False)
+    assert code == 0, text
+    auto = json.loads(rep.read_text())["autoquant"]
+    v = auto["verified_written"]
+    assert auto["sampler"]["psnr_of"] == "worst" and v["psnr"] == v["psnr_worst"] <= v["psnr_mean"]
+    assert auto["met"] == (v["psnr"] >= 35)
+    res = S.compare_sampled(str(ref), str(out), S.SamplerOptions("consistency", steps=2, seeds=(100, 101, 102, 103)))
+    assert res.final.psnr_worst == pytest.approx(min(v["psnr"], 200), abs=0.05)
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--auto", "--target-psnr", "30"], "give it with --sampler"),
     (["--auto", "--target-psnr", "30", "--sampler", "euler"], "needs a timestep"),

@@ -190,3 +190,57 @@ def test_shared_hessians_one_per_input_set_within_the_budget():
     want = sum(r.reshape(-1, D).astype(np.float64).T @ r.reshape(-1, D) for r in rows) / (3 * T)
     np.testing.assert_allclose(shared_rounding.hessian_values(hs)["Wq"], want, rtol=1e-5)
     assert shared_rounding.hessian_reducers(place, max_bytes=8 * D * D - 1) == ({}, {})
+
+
+def _int4_written(tmp_path, identity: bool):
+    src = tmp_path / "m.onnx"
+    onnx.save(_shared_stack(identity), src)
+    np.savez(tmp_path / "c.npz", x=_data(16, 0))
+    cfg = QuantConfig(mode="int4", awq="none", progress=False, high_precision="fp32")
+    return src, quantize(str(src), tmp_path / "q.onnx", config=cfg, data=str(tmp_path / "c.npz"))
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["one-initializer", "identity-per-use"])
+def test_int4_shared_weight_codes_once_dequantized_per_use(tmp_path, identity):
+    """INT4 of a weight read by several GEMMs: the codes stored once, one DequantizeLinear per use with its own copy
+    of the scales (TensorRT-RTX 1.7.1 cannot build one DQ, or one scale tensor, feeding several GEMMs; before, the
+    Identity export stored DEPTH copies of the codes and the plain export one shared DQ). The numbers are the
+    FP32 graph's with each weight replaced by its INT4 round trip (numpy)."""
+    from onnxopt import formats
+    src, res = _int4_written(tmp_path, identity)
+    q = onnx.load(res.path)
+    inits = {i.name: i for i in q.graph.initializer}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+           and inits[n.input[0]].data_type == TensorProto.INT4]
+    codes = {n.input[0] for n in dqs}
+    assert len(codes) == 2 and len(dqs) == 2 * DEPTH  # W1, W2 once; a DQ per MatMul
+    assert len({n.input[1] for n in dqs}) == 2 * DEPTH and len({n.output[0] for n in dqs}) == 2 * DEPTH
+    readers = {}
+    for n in q.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    assert all(len(readers[n.output[0]]) == 1 and readers[n.output[0]][0].op_type == "MatMul" for n in dqs)
+    ref = onnx.load(src)
+    int4 = formats.get("int4")
+    for t in ref.graph.initializer:
+        if t.name in ("W1", "W2"):
+            w = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(int4.fake_quant(w, 1, "fp32", block_size=128).astype(np.float32), t.name))
+    xs = _data(4, 1)
+    np.testing.assert_allclose(_outputs(q, xs), _outputs(ref, xs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.rtx
+def test_int4_shared_weight_builds_with_tensorrt_rtx(tmp_path):
+    """The one-initializer export (no Identity per use) crashed TensorRT-RTX 1.7.1's Myelin with one shared INT4
+    DequantizeLinear (vector::_M_range_check); with a DQ per use it builds, every INT4 layer in an INT4 kernel."""
+    from onnxopt import trt
+    if not trt.rtx_available():
+        pytest.skip("TensorRT-RTX not installed")
+    from onnxopt.trt import report
+    _, res = _int4_written(tmp_path, False)
+    rep = report.engine_report_of(res.path)  # before: the build failed (Myelin), no layer in a kernel
+    fused = {r["name"] for r in rep["layers"] if r["quantized_kernel"]}
+    # fc1 (K=32, N=64) in the fused INT4 GEMM at every depth; fc2 (N=32) gets a dequantizing kernel + FP16 GEMM,
+    # exactly as with one stored copy per use (measured with the old writer on the Identity export)
+    assert rep["quantized_layers"] == 2 * DEPTH and fused == {f"fc1_{i}" for i in range(DEPTH)}

@@ -97,3 +97,46 @@ def model_and_calib(d, model: onnx.ModelProto, shape: tuple, seed: int = 1) -> t
     onnx.save(model, path)
     np.savez(calib, x=np.random.default_rng(seed).normal(size=shape).astype(np.float32))
     return path, calib
+
+
+def cross_attention(blocks: int = 2, d: int = 64, e: int = 64, heads: int = 2, seq: int = 16, ctx: int = 77,
+                    opset: int = 17) -> onnx.ModelProto:
+    """`blocks` pre-LN cross-attention blocks whose keys and values all project the one input `enc` (as SDXL's
+    transformer blocks read encoder_hidden_states); heads split with the batch taken from the query's Shape, as
+    the diffusers export spells it."""
+    rng = np.random.default_rng(2)
+    hd = d // heads
+    inits = [nh.from_array(np.array([0], np.int64), "i0"), nh.from_array(np.array([-1, heads, hd], np.int64), "split_rest"),
+             nh.from_array(np.array([-1, d], np.int64), "merge_rest"), nh.from_array(np.array(1.0 / np.sqrt(hd), np.float32), "qk_scale")]
+    nodes, x = [], "x"
+    for b in range(blocks):
+        inits += [nh.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), f"ln{b}_g"), _init(rng, f"ln{b}_b", (d,), 0.1)]
+        inits += [_init(rng, f"w{n}{b}", (e if n in "kv" else d, d)) for n in "qkvo"]
+        nodes += [h.make_node("LayerNormalization", [x, f"ln{b}_g", f"ln{b}_b"], [f"ln{b}"], name=f"ln{b}", axis=-1),
+                  h.make_node("Shape", [f"ln{b}"], [f"shape{b}"], name=f"shape{b}"),
+                  h.make_node("Gather", [f"shape{b}", "i0"], [f"batch{b}"], name=f"batch{b}", axis=0),
+                  h.make_node("Concat", [f"batch{b}", "split_rest"], [f"split{b}"], name=f"split{b}", axis=0),
+                  h.make_node("Concat", [f"batch{b}", "merge_rest"], [f"merge{b}"], name=f"merge{b}", axis=0),
+                  h.make_node("MatMul", [f"ln{b}", f"wq{b}"], [f"q{b}_0"], name=f"b{b}_q_proj"),
+                  h.make_node("MatMul", ["enc", f"wk{b}"], [f"k{b}_0"], name=f"b{b}_k_proj"),
+                  h.make_node("MatMul", ["enc", f"wv{b}"], [f"v{b}_0"], name=f"b{b}_v_proj")]
+        for n in "qkv":
+            nodes += [h.make_node("Reshape", [f"{n}{b}_0", f"split{b}"], [f"{n}{b}_1"], name=f"b{b}_{n}_split"),
+                      h.make_node("Transpose", [f"{n}{b}_1"], [f"{n}{b}_2"], name=f"b{b}_{n}_heads",
+                                  perm=[0, 2, 3, 1] if n == "k" else [0, 2, 1, 3])]
+        nodes += [h.make_node("MatMul", [f"q{b}_2", f"k{b}_2"], [f"s{b}_0"], name=f"b{b}_attn_qk"),
+                  h.make_node("Mul", [f"s{b}_0", "qk_scale"], [f"s{b}_1"], name=f"b{b}_attn_scale"),
+                  h.make_node("Softmax", [f"s{b}_1"], [f"p{b}"], name=f"b{b}_attn_softmax", axis=-1),
+                  h.make_node("MatMul", [f"p{b}", f"v{b}_2"], [f"o{b}_0"], name=f"b{b}_attn_pv"),
+                  h.make_node("Transpose", [f"o{b}_0"], [f"o{b}_1"], name=f"b{b}_o_merge_t", perm=[0, 2, 1, 3]),
+                  h.make_node("Reshape", [f"o{b}_1", f"merge{b}"], [f"o{b}_2"], name=f"b{b}_o_merge"),
+                  h.make_node("MatMul", [f"o{b}_2", f"wo{b}"], [f"o{b}_3"], name=f"b{b}_o_proj"),
+                  h.make_node("Add", [x, f"o{b}_3"], [f"x{b + 1}"], name=f"b{b}_res")]
+        x = f"x{b + 1}"
+    nodes[-1].output[0] = "y"
+    g = h.make_graph(nodes, "cross_attention", [h.make_tensor_value_info("x", T.FLOAT, ["N", seq, d]),
+                                                h.make_tensor_value_info("enc", T.FLOAT, ["N", ctx, e])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", seq, d])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m

@@ -46,27 +46,39 @@ def block_awq(graph: gs.Graph, data, cands: Candidates, fmts_wanted, *, high_pre
         cands.block_clips.update({(n, f): c for n, c in clips.items()})
 
 
-def _smoothing(graph, data, nodes, fmt, provider, memory_budget_mb, progress) -> dict:
-    """{layer: Smooth} where scaling lowers the simulated output error (one pass: channel max and row samples)."""
-    by_x: dict[str, list] = {}
-    for n in nodes:
-        by_x.setdefault(n.inputs[0].name, []).append(n)
-    stats = {x: (calib.ChannelAbsMax(-1), calib.RowSample(-1, ROWS, len(data), seed=i)) for i, x in enumerate(by_x)}
+def input_samples(graph, data, nodes, provider, memory_budget_mb, progress) -> dict:
+    """{input tensor name: (per-channel max |x|, sampled rows)} of the layers `nodes` (one calibration pass)."""
+    names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+    stats = {x: (calib.ChannelAbsMax(-1), calib.RowSample(-1, ROWS, len(data), seed=i)) for i, x in enumerate(names)}
     calib.collect_graph(graph, data, {x: list(r) for x, r in stats.items()}, provider=provider,
                         memory_budget_mb=memory_budget_mb, progress=progress, desc="w4a4: smoothing statistics")
+    return {x: (r[0].value, r[1].value) for x, r in stats.items()}
+
+
+def _smoothing(graph, data, nodes, fmt, provider, memory_budget_mb, progress) -> dict:
+    """{layer: Smooth} where scaling lowers the simulated output error (one pass: channel max and row samples)."""
+    stats = input_samples(graph, data, nodes, provider, memory_budget_mb, progress)
     out = {}
-    for x, layers in by_x.items():
-        cmax, rows = stats[x][0].value, stats[x][1].value
+    for n in nodes:
+        cmax, rows = stats[n.inputs[0].name]
         if cmax is None or not len(rows):
             continue
-        for n in layers:
-            w = G.to_kn(n, fold.effective_weight(n)).astype(np.float32)
-            if w.shape[0] != len(cmax):
-                continue
-            sm = choose(rows, cmax, w, fmt)
-            if sm is not None:
-                out[n.name] = sm
+        w = G.to_kn(n, fold.effective_weight(n)).astype(np.float32)
+        if w.shape[0] != len(cmax):
+            continue
+        sm = choose(rows, cmax, w, fmt)
+        if sm is not None:
+            out[n.name] = sm
     return out
+
+
+def smoothing_scales(cmax: np.ndarray, w_kn: np.ndarray):
+    """(alpha, s) for each of ALPHAS: s = max|x_j|^a / max|W_j|^(1-a), geometric mean 1."""
+    wmax = np.maximum(np.abs(w_kn).max(axis=1), 1e-12)
+    c = np.maximum(cmax, 1e-12)
+    for a in ALPHAS:
+        s = np.clip(c ** a / wmax ** (1 - a), 1e-4, 1e4)
+        yield a, (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: values stay near their range
 
 
 def choose(rows: np.ndarray, cmax: np.ndarray, w_kn: np.ndarray, fmt) -> Smooth | None:
@@ -81,11 +93,7 @@ def choose(rows: np.ndarray, cmax: np.ndarray, w_kn: np.ndarray, fmt) -> Smooth 
         yq = fmt.fake_quant_activation(xs, a) @ fmt.fake_quant(ws, 1, "fp32")
         return float(np.sum((yq - y).astype(np.float64) ** 2)) / norm
     best, best_err = None, err(None)
-    wmax = np.maximum(np.abs(w_kn).max(axis=1), 1e-12)
-    c = np.maximum(cmax, 1e-12)
-    for a in ALPHAS:
-        s = np.clip(c ** a / wmax ** (1 - a), 1e-4, 1e4)
-        s = (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: values stay near their range
+    for a, s in smoothing_scales(cmax, w_kn):
         e = err(s)
         if e < best_err * (GAIN if best is None else 1.0):
             best, best_err = Smooth(s, float((cmax / s).max()), a), e

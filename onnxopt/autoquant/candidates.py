@@ -19,6 +19,38 @@ PLANNED = formats.static()               # formats with a QDQ plan of their own 
 WBITS = formats.weight_bits()            # --auto's cost of each candidate, "none" (FP16) included
 ABITS = formats.activation_bits()        # weight-only formats keep FP16 activations
 GATES = "autoquant_gates"
+BRANCH = "+lr"                           # a candidate with the low-rank branch: "<format>+lr" (autoquant/branch.py)
+BRANCH_BITS = 16                         # the branch's factors are stored in 16 bits
+
+
+def base_format(cand: str) -> str:
+    """The registered format (or "none") of a candidate: a branch candidate's residual format."""
+    return cand[:-len(BRANCH)] if cand.endswith(BRANCH) else cand
+
+
+def has_branch(cand: str) -> bool:
+    """Whether the candidate `cand` carries the low-rank branch."""
+    return cand.endswith(BRANCH)
+
+
+@dataclass
+class Branch:
+    """A layer's low-rank branch (onnxopt.lowrank): W = L1·L2 + R, L1 [K, r] and L2 [r, N] FP16-rounded."""
+    l1: np.ndarray
+    l2: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return int(self.l1.shape[1])
+
+    @property
+    def params(self) -> int:
+        """Parameters of L1 and L2: r·(K + N)."""
+        return int(self.l1.size + self.l2.size)
+
+    def mac_ratio(self) -> float:
+        """Branch MACs per layer MAC: r·(K + N) / (K·N)."""
+        return self.params / float(self.l1.shape[0] * self.l2.shape[1])
 
 
 @dataclass
@@ -33,6 +65,21 @@ class Layer:
     macs: float = 0.0
     error: dict = field(default_factory=dict)   # format -> measured 1 - cosine (only this layer quantized)
     group: str = ""                     # layers of one group take one format (autoquant.groups)
+    branch: dict = field(default_factory=dict)  # "+lr" candidate -> its low-rank Branch
+
+    def weight_bits(self, cand: str) -> float:
+        """Weight bits of the layer in candidate `cand` (the branch's 16-bit factors included)."""
+        b = self.branch.get(cand)
+        return WBITS[base_format(cand)] * self.params + (BRANCH_BITS * b.params if b is not None else 0.0)
+
+    def branch_macs(self, cand: str) -> float:
+        """The 16-bit MACs the branch of `cand` adds (0 without one)."""
+        b = self.branch.get(cand)
+        return self.macs * b.mac_ratio() if b is not None else 0.0
+
+    def activation_bits(self, cand: str) -> float:
+        """Activation bits times MACs of the layer in `cand` (the branch's MACs at 16 bits)."""
+        return ABITS[base_format(cand)] * self.macs + BRANCH_BITS * self.branch_macs(cand)
 
 
 @dataclass
@@ -51,7 +98,7 @@ class Candidates:
         """The AWQ result the writer and the gated graph quantize `layer`'s weight in `fmt` with (None: plain)."""
         if fmt == "none":
             return None
-        if formats.get(fmt).activations == "dynamic":
+        if formats.get(base_format(fmt)).activations == "dynamic":
             return self.block_clips.get((layer, fmt))
         return self.clips.get(layer)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .candidates import ABITS, WBITS, Layer
+from .candidates import ABITS, BRANCH_BITS, Layer, base_format, has_branch
 
 
 # ---------------------------------------------------------------- cost model and choice
@@ -22,13 +22,18 @@ def totals(layers: dict) -> Totals:
 
 
 def bits_of(mix: dict, layers: dict) -> dict:
-    """Weight bits averaged over the parameters of all weighted layers, activation bits over their MACs,
-    and the share of MACs that run in 8 bits."""
+    """Weight bits averaged over the parameters of all weighted layers (low-rank branches' 16-bit factors
+    included), activation bits over their MACs (branch MACs at 16 bits), and the share of MACs (branches'
+    included) that run in 8 bits or fewer; the branches' bytes and MACs on their own."""
     t = totals(layers)
-    w = sum(WBITS[mix[n]] * l.params for n, l in layers.items()) / t.params
-    a = sum(ABITS[mix[n]] * l.macs for n, l in layers.items()) / t.macs
-    eight = sum(l.macs for n, l in layers.items() if ABITS[mix[n]] < ABITS["none"]) / t.macs  # activations quantized
-    return {"weight_bits": w, "activation_bits": a, "macs_8bit": eight}
+    w = sum(l.weight_bits(mix[n]) for n, l in layers.items()) / t.params
+    a = sum(l.activation_bits(mix[n]) for n, l in layers.items()) / t.macs
+    branch_macs = sum(l.branch_macs(mix[n]) for n, l in layers.items())
+    low = sum(l.macs for n, l in layers.items() if ABITS[base_format(mix[n])] < ABITS["none"])  # activations quantized
+    branch_bytes = sum(BRANCH_BITS // 8 * l.branch[mix[n]].params for n, l in layers.items() if mix[n] in l.branch)
+    return {"weight_bits": w, "activation_bits": a, "macs_8bit": low / (t.macs + branch_macs),
+            "branch_layers": sum(has_branch(f) for f in mix.values()), "branch_bytes": int(branch_bytes),
+            "branch_macs": branch_macs}
 
 
 def _lagrange(layers: dict, score, mult: float) -> dict:
@@ -82,7 +87,7 @@ def mix_for_error(layers: dict, budget: float) -> dict:
     t = totals(layers)
 
     def score(l, f, lam):
-        return (WBITS[f] * l.params / t.params + ABITS[f] * l.macs / t.macs + lam * _err(l, f), _err(l, f))
+        return (l.weight_bits(f) / t.params + l.activation_bits(f) / t.macs + lam * _err(l, f), _err(l, f))
     mix = _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
     return _expand(improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget), full)
 
@@ -95,11 +100,11 @@ def mix_for_bits(layers: dict, bits: float) -> dict:
     t = totals(layers)
 
     def score(l, f, mu):
-        w = WBITS[f] * l.params / t.params
-        return (_err(l, f) + mu * (w + 1e-3 * ABITS[f] * l.macs / t.macs), w)
+        w = l.weight_bits(f) / t.params
+        return (_err(l, f) + mu * (w + 1e-3 * l.activation_bits(f) / t.macs), w)
     mix = _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
-    mix = improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * ABITS[f] * l.macs / t.macs,
-                  lambda l, f: WBITS[f] * l.params / t.params, bits + 1e-9)
+    mix = improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * l.activation_bits(f) / t.macs,
+                  lambda l, f: l.weight_bits(f) / t.params, bits + 1e-9)
     return _expand(mix, full)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import formats, modelfile
-from ..rewrite import fold
+from ..rewrite import fold, lowrank
 from ..formats import emulation
 from .. import graph as G
 from ..progress import track
@@ -14,7 +14,7 @@ from ..quant import bias_correction, qdq, rules
 from ..quant import writer
 from ..quant.writer import fake_weight, quantized_weight
 from . import smooth
-from .candidates import GATES, Candidates, Layer
+from .candidates import GATES, Candidates, Layer, base_format, has_branch
 
 
 # ---------------------------------------------------------------- the gated graph
@@ -75,6 +75,8 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     # residual Add's owner is the layer feeding it, as the writer sees it (quant.writer.activation_owner).
     owners = {f: _owners(plan) for f, plan in plans.items()}
     inputs = {name: (node.inputs[0].name, node.inputs[1]) for name, node in nodes.items()}  # before the gates
+    ends = {name: (node.inputs[0], node.outputs[0], fold.effective_shape(node)) for name, node in nodes.items()
+            if cands.layers[name].branch}  # a low-rank branch reads x and is added to y, around the gates
     for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
                             enabled=progress):
         _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
@@ -86,17 +88,39 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
             scale = qdq.activation_scale(amax[f][tname], f, hp)
             for node, idx in uses:
                 owner = owners[f][(id(node), idx)]
-                if owner not in cands.layers or f not in cands.layers[owner].formats:
-                    continue
-                x = node.inputs[idx]
-                node.inputs[idx] = b.branch(owner, f, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
-                                            f"{tname}_{f}")
+                for c in cands.layers[owner].formats if owner in cands.layers else ():
+                    # With the branch the layer's output is the branch's Add: a residual Add after it is not
+                    # fed by the layer, and the rules do not quantize its skip input in the written graph.
+                    if base_format(c) != f or (has_branch(c) and owner != node.name):
+                        continue
+                    x = node.inputs[idx]
+                    node.inputs[idx] = b.branch(owner, c, x, lambda x, into, s=scale, f=f: _qdq(b, x, s, f, into),
+                                                f"{tname}_{c}")
     if cands.smooth:
         _gate_smoothed(b, plans[smooth.BASE], cands, amax, hp, owners[smooth.BASE])
     _gate_block_activations(b, nodes, cands, amax.get(formats.FP8.name, {}), inputs)
+    for name, (x, y, shape) in ends.items():
+        _gate_branch(b, nodes[name], cands.layers[name], x, y, shape)
     graph.inputs.append(b.gates_in)
     b.gates_in.shape = [max(len(b.index), 1)]
     return b.index
+
+
+def _gate_branch(b: _Builder, node: gs.Node, layer: Layer, x: gs.Tensor, y: gs.Tensor, shape: tuple) -> None:
+    """The layer's low-rank branch (lowrank.branch_nodes on its unquantized input `x`) added to its output `y`
+    behind each of its branch candidates' gates."""
+    producer = y.inputs[0]
+    cur = b.var(f"{y.name}_before_branch", shape=y.shape)
+    producer.outputs[producer.outputs.index(y)] = cur
+    for c in (c for c in layer.formats if has_branch(c)):
+        def make(v, into, c=c):
+            branch, low = lowrank.branch_nodes(node, x, layer.branch[c].l1, layer.branch[c].l2, b.names, f"{node.name}_{c}",
+                                                shape)
+            into.extend(branch)
+            return b.node("Add", [v, low], f"{node.name}_{c}_branch_add", shape=y.shape, into=into)
+        cur = b.branch(layer.name, c, cur, make, f"{node.name}_{c}_branch")
+    b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_branch_out", b.names), inputs=[cur],
+                                 outputs=[y]))
 
 
 def _gate_block_activations(b: _Builder, nodes: dict, cands: Candidates, amax: dict, inputs: dict) -> None:
@@ -104,13 +128,13 @@ def _gate_block_activations(b: _Builder, nodes: dict, cands: Candidates, amax: d
     (quant.writer.write_block_activation), lowered to what ONNX Runtime runs (formats.emulation), behind the gate."""
     for name, node in nodes.items():
         for f in cands.layers[name].formats:
-            fmt = formats.get(f) if f != "none" else None
+            fmt = formats.get(base_format(f)) if f != "none" else None
             if fmt is None or fmt.activations != "dynamic":
                 continue
             x = node.inputs[0]
             node.inputs[0] = b.branch(name, f, x, lambda x, into, fmt=fmt, node=node: _lowered(
                 b, lambda g: _block_activation(g, node, x, fmt, amax.get(inputs[name][0]), b.names, inputs[name][1],
-                                               cands.smooth_of(name, fmt.name)),
+                                               cands.smooth_of(name, f)),
                 f"{x.name}_{f}", into),
                 f"{x.name}_{f}")
 
@@ -160,7 +184,7 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
         return
     w = _consumed_weight(node)
     y = node.outputs[0]
-    if any(_bias_shift(node, np.zeros_like(w), means, f) is not None for f in fmts):
+    if any(_bias_shift(node, np.zeros_like(w), means, base_format(f)) is not None for f in fmts):
         node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
     for f in fmts:
         if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
@@ -168,9 +192,11 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
             wc = modelfile.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)
             make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
                                                   shape=list(w.shape)))
-        else:
-            make, wq = _weight_maker(b, node, w, f, hp, block_size, clip, (block_clips or {}).get(f, (None, None)))
-        shift = _bias_shift(node, wq - w, means, f)
+        else:  # a branch candidate quantizes the residual W - L1·L2 in its base format
+            wf = _residual(node, w, layer.branch[f]) if has_branch(f) else w
+            make, wq = _weight_maker(b, node, wf, base_format(f), hp, block_size, clip if not has_branch(f) else None,
+                                     (block_clips or {}).get(f, (None, None)))
+        shift = _bias_shift(node, wq - (wf if has_branch(f) else w), means, base_format(f))
         del wq
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
@@ -181,6 +207,12 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if node.outputs[0] is not y:
         b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
                                      outputs=[y]))
+
+
+def _residual(node: gs.Node, w: np.ndarray, branch) -> np.ndarray:
+    """The layer's weight `w` less its `branch`, in the layout it consumes (what the writer gets after lowrank.attach)."""
+    res = lowrank.residual(fold.weight_matrix(node, w)[0], branch.l1, branch.l2)
+    return lowrank.layer_weight(node, res, w.shape).astype(np.float32)
 
 
 def _smoothing(cands: Candidates, node: gs.Node):

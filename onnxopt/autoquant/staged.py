@@ -19,7 +19,8 @@ their weights fit the memory budget together.
   the half of lower error keeps the probe in that range. (Measured on the tiny SDXL UNet, 4 stages: Spearman
   0.97 against the one-graph sensitivities, median ratio 1.00; pooling the tensors instead gave 0.81.)
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
-  (the stages before it are the reference).
+  (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
+  through all stages with the tensors between them in memory, else stage by stage through disk.
 """
 from __future__ import annotations
 
@@ -54,10 +55,15 @@ QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not f
 SPILL = 1 << 20                                     # boundary arrays above this go to disk
 PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
+# ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
+# (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
+GROUP_INLINE = 64
 # Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
-# relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per
-# candidate (full-size SDXL at 4096 tokens: ~0.2 s) and a chained forward per gain.
-ERROR_BATCHES = 4
+# relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per candidate
+# (full-size SDXL at 4096 tokens: ~0.2 s; the candidates are most of the search) and a chained forward per gain.
+# Tiny SDXL UNet, 583 candidates in 8 stages, against all 6 search batches: the first 2 Spearman 0.9985 (the
+# first 4: 0.9991; 2 spread over the split: 0.9921), candidate time 289 -> 102 s (BENCHMARKS.md).
+ERROR_BATCHES = 2
 GAIN_BATCHES = 2
 
 
@@ -99,8 +105,9 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
 
 
 class _Store:
-    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped;
-    a tensor is dropped once no later stage reads it."""
+    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped
+    for each use (a mapping held for the evaluator's life kept every page read in the process's RSS: the full-size
+    run reached 13.7 GiB at stage 13 of 32); a tensor is dropped once no later stage reads it."""
 
     def __init__(self, root: Path):
         self.dir = Path(tempfile.mkdtemp(prefix="stream-", dir=root))
@@ -115,11 +122,12 @@ class _Store:
                 self.files += 1
                 np.save(p, a)
                 self.paths.setdefault(name, []).append(p)
-                a = np.load(p, mmap_mode="r")
+                a = p
             self.data.setdefault(name, {})[batch] = a
 
     def get(self, batch: int, name: str):
-        return self.data[name][batch]
+        a = self.data[name][batch]
+        return np.load(a, mmap_mode="r") if isinstance(a, Path) else a
 
     def has(self, name: str) -> bool:
         return name in self.data
@@ -133,6 +141,16 @@ class _Store:
     def close(self) -> None:
         self.data.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Batch:
+    """One batch's tensors between stages, in memory (`_Store`'s get for `_chain_by_batch`)."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def get(self, batch: int, name: str):
+        return self.data[name]
 
 
 # ---------------------------------------------------------------- the evaluator
@@ -156,6 +174,7 @@ class StagedEvaluator(Gates):
         self.live = self.peak_live = self.loads = 0
         # Stage sessions stay loaded while their weights fit the budget together (else one at a time).
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
+        self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
         self.stats = {"load_s": 0.0, "stages": {}}
         self.types: dict = {}
         self.refs = _Store(self.root)
@@ -178,6 +197,8 @@ class StagedEvaluator(Gates):
             return self.cached[key][0]
         m = self.plan.proto(s, self.types, errors, only)
         size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+        if keep:
+            self.sizes[key] = size
         while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
@@ -245,16 +266,21 @@ class StagedEvaluator(Gates):
     def _chain(self, gates, batches: list, start: int) -> tuple[dict, float]:
         """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
         outputs of stage `start` against the FP32 ones)."""
-        store, out, num, den = _Store(self.root), {}, {}, {}
         on = {int(i) for i in np.flatnonzero(np.asarray(gates) > 0.5)}
+        only = {}
+        for s in range(start, self.plan.n):
+            here = on & self.plan.stage_gates.get(s, set())
+            # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
+            # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
+            # verifications loading per-mix sessions).
+            few = len(here) <= GROUP and not (self.plan.inline and here)
+            only[s] = here if few else None
+        if len(batches) > 1 and self._fit(only):
+            return self._chain_by_batch(gates, batches, start, only)
+        store, out, num, den = _Store(self.root), {}, {}, {}
         try:
             for s in range(start, self.plan.n):
-                here = on & self.plan.stage_gates.get(s, set())
-                # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
-                # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
-                # verifications loading per-mix sessions).
-                few = len(here) <= GROUP and not (self.plan.inline and here)
-                sess = self._session(s, only=here if few else None)
+                sess = self._session(s, only=only[s])
                 floats = self.plan.float_outputs(s, self.types) if s == start else []
                 for b in batches:
                     got = self._run(sess, s, self._feed(s, b, gates, store, start))
@@ -269,6 +295,41 @@ class StagedEvaluator(Gates):
                 store.drop_dead(self.plan, s)
         finally:
             store.close()
+        return out, _relative(num, den)
+
+    def _fit(self, only: dict) -> bool:
+        """Whether the sessions of stages {s: only} stay cached together within the budget (whole or FP32 stages)."""
+        total = 0
+        for s, o in only.items():
+            if o:  # a few gates' Ifs: a session per mix, not kept
+                return False
+            key = (s, None if o is None else frozenset(o))
+            if key not in self.sizes:
+                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types, False, o)))
+            total += self.sizes[key]
+        return total <= self.budget
+
+    def _chain_by_batch(self, gates, batches: list, start: int, only: dict) -> tuple[dict, float]:
+        """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
+        batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
+        chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
+        out, num, den = {}, {}, {}
+        for b in batches:
+            live = _Batch()
+            for s in range(start, self.plan.n):
+                sess = self._session(s, only=only[s])
+                got = self._run(sess, s, self._feed(s, b, gates, live, start))
+                if self.plan.out in got:
+                    out[b] = self._final(got[self.plan.out])
+                if s == start:
+                    floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
+                    if floats:
+                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
+                del got, sess
+                for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
+                    del live.data[name]
         return out, _relative(num, den)
 
     def metrics(self, gates, split: str = "search") -> dict:
@@ -312,7 +373,8 @@ class StagedEvaluator(Gates):
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
         """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
         differences are summed inside the graph; the inputs stay bound on the device across candidates; each
-        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math)."""
+        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math;
+        inlined gates: GROUP_INLINE)."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"][:ERROR_BATCHES]
         den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
@@ -321,8 +383,11 @@ class StagedEvaluator(Gates):
         bound, out = None, {}
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
-        for g0 in range(0, len(keys), GROUP):
-            group = keys[g0:g0 + GROUP]
+        step = GROUP
+        if self.plan.inline:  # as few sessions, of equal size
+            step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
+        for g0 in range(0, len(keys), step):
+            group = keys[g0:g0 + step]
             sess = self._session(s, errors=True, only={self.index[k] for k in group})
             if bound is None:
                 device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"

@@ -52,7 +52,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
               help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search; the flag alone), or 'none' (off, the default).")
-@click.option("--lowrank", metavar="R|auto|none", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget; 'none' (or 0) turns it off (default: off; --fp8 on a diffusion denoiser with --calib: auto).")
+@click.option("--lowrank", metavar="R|auto|none", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget; 'none' (or 0) turns it off (default: off; --fp8 on a diffusion denoiser with --calib: auto). With --auto: every FP8/INT8/NVFP4/MXFP8 candidate also comes with the branch ('F+lr'), its bytes and MACs in the cost.")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
               "error-feedback rounding (full, default with data), or round-to-nearest (none).")
@@ -67,6 +67,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")
 @click.option("--target-psnr", type=float, help="With --auto and --sampler: mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds (--verify-seeds), e.g. 30; sensitivities stay per layer, the mix is verified and repaired on the samples.")
+@click.option("--psnr-of", type=click.Choice(["mean", "worst"]), help="With --target-psnr: judge the mean PSNR of the held-out seeds (default) or the worst seed's.")
 @click.option("--sampler", type=click.Choice(["euler", "ddim", "dpmpp", "consistency"]), help="With --target-psnr: the denoising loop, as in compare --sampler.")
 @click.option("--steps", type=click.IntRange(1, 1000), help="With --sampler: denoising steps (default 50; consistency 1).")
 @click.option("--guidance", type=float, help="With --sampler euler/ddim/dpmpp: CFG scale (default 5.0; 1 = none).")
@@ -172,10 +173,10 @@ def _sensitivity_note(report: dict, path) -> str:
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
-              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr",
+              "engine_shapes": "--engine-shapes", "auto_stages": "--auto-stages", "target_psnr": "--target-psnr", "psnr_of": "--psnr-of",
               "sampler": "--sampler", "steps": "--steps", "guidance": "--guidance", "verify_seeds": "--verify-seeds",
               "sample_size": "--size"}
-_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant", "lowrank": "--lowrank",
+_NOT_AUTO = {"awq": "--awq", "int8_layers": "--int8-layers", "smoothquant": "--smoothquant",
              "calib_method": "--calib-method", "percentile": "--percentile", "sparsity": "--sparsity"}
 
 
@@ -193,6 +194,8 @@ def _check_auto_options(mode, preset, o: dict) -> None:
     given = [flag for k, flag in _NOT_AUTO.items() if o.get(k) is not None]
     if given:
         raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to a single mode, not --auto; drop {_it(given)}")
+    if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
+        raise OnnxoptError("--lowrank-budget needs --lowrank auto")
     o["formats"] = tuple(f.strip() for f in (o.get("formats") or ",".join(formats.auto_defaults())).split(",") if f.strip())
 
 
@@ -299,7 +302,10 @@ def _describe_quantize(report: dict, mode: str) -> str:
         met = {True: "target met", False: "TARGET MISSED", None: "no accuracy target"}[a.get("met")]
         return (f"auto-quantized {q}/{q + s} layers ({mix or 'none'}; {s} FP16): weight bits {a.get('weight_bits', 0):.2f}, "
                 f"activation bits {a.get('activation_bits', 0):.2f}, {100 * a.get('macs_8bit', 0):.0f}% of MACs 8-bit; "
-                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr', 0):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
+                + (f"low-rank branch on {a['branch_layers']} of them (+{a['branch_bytes']} bytes, "
+                   f"{a['branch_macs'] / max(sum(l['macs'] for l in a['layers'].values()), 1):.1%} more MACs, report: "
+                   "lowrank); " if a.get("lowrank") else "")
+                + (f"written graph's final samples on held-out seeds: PSNR {v.get('psnr_mean', v.get('psnr', 0)):.2f} dB (worst {v.get('psnr_worst', 0):.2f}), "
                    f"kept wide: {', '.join(a.get('kept_wide', [])[:6]) or 'none'} ({met})" if a.get("metric") == "psnr" else
                    f"held-out cosine {v.get('cosine', 0):.5f}, top-1 {v.get('top1', 0):.3f} ({met})") + _engine_rounds(a)
                 + (f"; INT8 broke {len(a['int8_broken'])} layer(s), e.g. {a['int8_broken'][0]['layer']} (report: int8_broken)"

@@ -167,7 +167,7 @@ class NVFP4(Format):
         threads for large weights: numpy releases the GIL)."""
         w = np.asarray(w, np.float32)
         k, n = w.shape
-        s = tensor_scale(float(np.abs(w).max()) if w.size else 0.0)
+        s = tensor_scale(max(float(w.max()), -float(w.min())) if w.size else 0.0)  # max |w| without a |w| copy
         wb = w.reshape(k // BLOCK, BLOCK, n)
         if isinstance(clip, tuple):  # error-feedback rounding's result: keep its codes, recover the FP8 block scales
             codes, eff = clip
@@ -176,13 +176,16 @@ class NVFP4(Format):
         rows = max(1, _CHUNK // max(BLOCK * n, 1))  # block rows per chunk: the temporaries stay in cache
         spans = [slice(i, min(i + rows, k // BLOCK)) for i in range(0, k // BLOCK, rows)]
 
+        codes = np.zeros((k, n), _FP4)  # each chunk writes its rows here: no list of parts to concatenate
+        blocks = codes.reshape(k // BLOCK, BLOCK, n)
+        bs = np.zeros((k // BLOCK, n), FP8_E4M3.np_dtype)
+
         def part(sl):
-            bs = _search_blocks(wb[sl], s) if ratios is None else block_scale_codes(np.abs(wb[sl]).max(1) * ratios[sl], s)
-            eff = (FP8_E4M3.to_float(bs) * s).astype(np.float32)[:, None, :]
-            return self.cast(wb[sl] / np.where(eff > 0, eff, np.float32(1.0))), bs
-        parts = _map(part, spans, w.size)
-        codes = np.concatenate([c for c, _ in parts]).reshape(k, n) if parts else np.zeros((k, n), _FP4)
-        bs = np.concatenate([b for _, b in parts]) if parts else np.zeros((0, n), FP8_E4M3.np_dtype)
+            b = _search_blocks(wb[sl], s) if ratios is None else block_scale_codes(np.abs(wb[sl]).max(1) * ratios[sl], s)
+            eff = (FP8_E4M3.to_float(b) * s).astype(np.float32)[:, None, :]
+            blocks[sl] = self.cast(wb[sl] / np.where(eff > 0, eff, np.float32(1.0)))
+            bs[sl] = b
+        _map(part, spans, w.size)
         return Fp4Weight(codes, bs, s)
 
     def block_scales(self, w_kn: np.ndarray, block_size: int = BLOCK, clip=None, high_precision: str = "fp32") -> np.ndarray:

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import attention_guard, autoquant, einsum, modelfile
-from ..rewrite import awq
+from ..rewrite import awq, lowrank
 from ..cast import precision
 from .. import formats as registry
 from .. import sampler as smp
 from ..sampler import SamplerOptions
+from ..autoquant import branch as aq_branch
 from ..autoquant import engine as aq_engine
+from ..autoquant.candidates import base_format, has_branch
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
 from ..quant import int4, writer
@@ -38,6 +40,7 @@ class AutoQuant(PassBase):
     bits: float | None = None           # weight bits averaged over the parameters of the weighted layers
     target_psnr: float | None = None    # mean PSNR (dB) of the sampler's final samples vs FP32 on held-out seeds
     sampler: SamplerOptions | None = None  # with target_psnr: the denoising loop (and its held-out seeds)
+    psnr_of: str = "mean"               # with target_psnr: the held-out seeds' "mean" PSNR or the "worst" seed's
     sensitivity: str | None = None      # JSON of measured sensitivities: read if there, written as measured
     verify_fraction: float = 0.25       # share of the calibration batches held out to verify the mix
     confidence_k: float = 1.64          # a cosine target is verified with k standard errors of the held-out mean
@@ -58,6 +61,9 @@ class AutoQuant(PassBase):
     engine_shapes: tuple | dict = ()    # rtx: deployment shapes, "name:1x31" or "name:MIN/OPT/MAX" (or {name: (min, opt, max)});
                                         # empty: one calibration sample's shapes
     stages: int = 0                     # staged evaluation: 0 = auto (autoquant.staged.stages_needed), 1 = one graph
+    lowrank: int | str | None = None    # low-rank branch candidates ("<format>+lr"): a rank, "auto", or None (none)
+    lowrank_budget: float = 0.1         # lowrank "auto": the data-free rank choice's bytes / quantized weight bytes
+    lowrank_smooth: bool = True         # W4A4 branch candidates in SVDQuant's order: x ⊘ s, the branch from s ⊙ W
     name = "autoquant"
     quantizes = True
 
@@ -76,6 +82,10 @@ class AutoQuant(PassBase):
         if (self.target_psnr is None) != (self.sampler is None):
             raise OnnxoptError("--target-psnr DB judges the sampler's final samples: give it with --sampler "
                                "euler|ddim|dpmpp|consistency (and --steps), and --sampler only with --target-psnr")
+        if self.psnr_of not in ("mean", "worst"):
+            raise OnnxoptError(f"--psnr-of {self.psnr_of}: use mean or worst")
+        if self.psnr_of != "mean" and self.target_psnr is None:
+            raise OnnxoptError("--psnr-of judges --target-psnr's held-out seeds; add --target-psnr DB --sampler ... or drop it")
         if self.target_psnr is not None and not 0 < self.target_psnr < 200:
             raise OnnxoptError(f"--target-psnr {self.target_psnr}: give a PSNR in dB within (0, 200), e.g. 30")
         if self.bits is not None:
@@ -98,6 +108,12 @@ class AutoQuant(PassBase):
             raise OnnxoptError(f"--auto-stages {self.stages}: use 0 (auto: as memory and candidates need) to "
                                f"{autoquant.staged.MAX_STAGES}")
         int4.check_options("none", self.block_size)
+        if self.lowrank is not None:
+            self.lowrank = lowrank.parse_rank(self.lowrank)
+            lowrank.check_rank(self.lowrank, self.lowrank_budget)
+            if self.cost_model == "rtx" or self.stages > 1:
+                raise OnnxoptError("--lowrank with --auto is measured in one gated graph with the bits cost model; "
+                                   "drop --cost-model rtx / --auto-stages, or drop --lowrank")
         self._check_cost_model()
         self._parse_engine_shapes()
         self.exclude = check_regexes(self.exclude, "--exclude")
@@ -134,6 +150,9 @@ class AutoQuant(PassBase):
         configs = self.configs()
         cands = autoquant.candidates(graph, self.formats, configs, self.block_size)
         groups = tie(graph, cands.layers)
+        no_branch = {} if self.lowrank is None else aq_branch.add_candidates(
+            graph, cands, rank=self.lowrank, budget=self.lowrank_budget, high_precision=ctx.high_precision,
+            progress=ctx.progress)
         if not any(len(l.formats) > 1 for l in cands.layers.values()):
             raise OnnxoptError("nothing to quantize: no layer has a candidate format under the TensorRT rules; "
                                "nothing was written")
@@ -153,13 +172,16 @@ class AutoQuant(PassBase):
             autoquant.block_awq(graph, search, cands, self.formats, high_precision=ctx.high_precision,
                                 provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
                                 smooth=self.block_smooth)
+            aq_branch.block_awq(graph, search, cands, high_precision=ctx.high_precision, provider=ctx.provider,
+                                memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress, smooth=self.lowrank_smooth)
         t1 = time.perf_counter()
         ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify))  # the final mix was verified
         key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
         if roles is not None:  # verification and repair on the sampler's final samples, held-out seeds
-            ev = autoquant.Memo(autoquant.SampledEvaluator(ev, roles, self.sampler, ctx.progress))
+            ev = autoquant.Memo(autoquant.SampledEvaluator(ev, roles, self.sampler, ctx.progress,
+                                                                worst=self.psnr_of == "worst"))
         mix, trials = self._choose(ev, cands, ctx)
         rounds = []
         if self.cost_model == "rtx":
@@ -177,6 +199,7 @@ class AutoQuant(PassBase):
             if fp32 is None:
                 break
             graph = modelfile.import_graph(fp32)
+            aq_branch.split(graph, mix, cands)  # the chosen branches, with the factors the search measured
             inserted = writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
             written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
             gap = final[self.metric] - written[self.metric]
@@ -197,6 +220,7 @@ class AutoQuant(PassBase):
             # without quantizing and spilling every weight a second time.
             ctx.graph = graph
         else:  # no written verification (staged evaluation, --bits) or block formats: the one write as shipped
+            aq_branch.split(ctx.graph, mix, cands)
             inserted = writer.write(ctx.graph, plan, high_precision=ctx.high_precision)
         del fp32
         ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
@@ -207,12 +231,15 @@ class AutoQuant(PassBase):
                             {"calibrate": t1 - t0, "sensitivity": t2 - t1, "choose_verify": t3 - t2,
                              "write_verify": time.perf_counter() - t3}, written)
         rep["written_repairs"] = repairs
+        if self.lowrank is not None:
+            rep["lowrank"] = _branch_report(self, cands, mix, no_branch)
         rep["groups"] = groups
         rep["kept_wide"] = sorted(n for n, f in mix.items() if f == "none")
         rep["kept_wide_why"] = {n: rep["layers"][n]["reason"] for n in rep["kept_wide"] if n in rep["layers"]}
         if self.sampler is not None:
             o = self.sampler
-            rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds)}
+            rep["sampler"] = {"sampler": o.sampler, "steps": o.n_steps, "guidance": o.cfg, "held_out_seeds": list(o.seeds),
+                              "psnr_of": self.psnr_of}
         if staged is not None:
             rep["staged"] = staged
         for name, g in groups.items():
@@ -267,7 +294,8 @@ class AutoQuant(PassBase):
 
     def _plan(self, mix, cands, configs, amax, means) -> writer.QuantPlan:
         """The QuantPlan of a mix, with each layer's reason."""
-        return writer.QuantPlan({n: writer.Choice(f, _reason(cands.layers[n], f)) if n in cands.layers else writer.Choice(f)
+        return writer.QuantPlan({n: writer.Choice(base_format(f), _reason(cands.layers[n], f)) if n in cands.layers
+                                 else writer.Choice(f)
                                  for n, f in mix.items()}, configs=configs, amax=amax, means=means,
                                 block_size=self.block_size, smooth=cands.smooth,
                                 clips={n: c for n, f in mix.items() if (c := cands.clip_of(n, f)) is not None},
@@ -315,6 +343,9 @@ class AutoQuant(PassBase):
         if n > 1 and self.target_psnr is not None:
             raise OnnxoptError(f"--target-psnr runs the sampler on one gated graph, but this model needs {n} stages "
                                "within --memory-budget; raise --memory-budget (or use --target-cosine)")
+        if n > 1 and self.lowrank is not None:
+            raise OnnxoptError(f"--lowrank with --auto runs one gated graph, but this model needs {n} stages within "
+                               "--memory-budget; raise --memory-budget (or drop --lowrank)")
         if n > 1 and modelfile.has_subgraphs(fp32.graph):
             log.warning("auto: the model has subgraphs (If/Loop); evaluating it in one gated graph, not %d stages", n)
             n = 1
@@ -348,6 +379,8 @@ class AutoQuant(PassBase):
                 h.update(k.encode() + np.ascontiguousarray(f[k]).tobytes()[:1 << 20])
         h.update(repr((self.formats, self.block_size, self.awq_clip, self.block_awq, self.block_smooth, self.exclude, self.op_types, self.quantize_mha,
                        self.verify_fraction, self.merge_batch, ctx.high_precision)).encode())
+        if self.lowrank is not None:  # branch candidates: their ranks decide their sensitivities
+            h.update(f"lowrank={self.lowrank},{self.lowrank_budget},{self.lowrank_smooth}".encode())
         if getattr(self, "_stages_used", 1) > 1:
             h.update(f"stages={self._stages_used},{autoquant.staged.ERROR_BATCHES},{autoquant.staged.GAIN_BATCHES}".encode())
         for n in graph.nodes:
@@ -362,7 +395,13 @@ class AutoQuant(PassBase):
             layers[n] = {"op": l.op, "candidates": l.formats, "not_candidates": l.reasons,
                          "sensitivity": {k: float(v) for k, v in l.error.items()}, "choice": f,
                          "reason": _reason(l, f), "params": l.params, "macs": l.macs, **inserted.get(n, {})}
-        counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, "none")}
+            if l.branch:  # what its branch candidates add
+                b = next(iter(l.branch.values()))
+                layers[n]["branch"] = {"rank": b.rank, "bytes": b.params * lowrank.BRANCH_BYTES,
+                                       "macs": l.branch_macs(next(iter(l.branch))), "chosen": has_branch(f),
+                                       "smoothed": [c for c in l.branch if cands.smooth_of(n, c) is not None]}
+        cands_all = list(dict.fromkeys(c for l in cands.layers.values() for c in l.formats if c != "none"))
+        counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, *cands_all, "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}
         broken = int8_broken(cands.layers, mix)
         if broken:
@@ -384,6 +423,19 @@ class AutoQuant(PassBase):
                 "coverage": {"quantized": sum(v != "none" for v in mix.values()),
                              "skipped": sum(v == "none" for v in mix.values()), **counts},
                 "timings_s": timings}
+
+
+def _branch_report(p: AutoQuant, cands, mix: dict, no_branch: dict) -> dict:
+    """The low-rank branch candidates: ranks offered, chosen, their bytes and MACs, and why layers had none."""
+    with_branch = {n: l for n, l in cands.layers.items() if l.branch}
+    chosen = {n: {"choice": mix[n], "rank": l.branch[mix[n]].rank, "bytes": l.branch[mix[n]].params * lowrank.BRANCH_BYTES,
+                  "macs": l.branch_macs(mix[n]), "smoothed": cands.smooth_of(n, mix[n]) is not None}
+              for n, l in with_branch.items() if has_branch(mix[n])}
+    return {"rank": p.lowrank or "auto", "budget": p.lowrank_budget, "smooth": p.lowrank_smooth,
+            "candidate_layers": len(with_branch),
+            "ranks": {n: next(iter(l.branch.values())).rank for n, l in with_branch.items()}, "chosen": chosen,
+            "bytes": int(sum(c["bytes"] for c in chosen.values())), "macs": float(sum(c["macs"] for c in chosen.values())),
+            "no_branch": no_branch}
 
 
 def int8_broken(layers: dict, mix: dict) -> list:
@@ -420,7 +472,7 @@ def _reason(l, f: str) -> str:
     if f == "none":
         return "kept FP16: every format costs more error than the target allows " + \
                f"(least {min(v for k, v in l.error.items() if k != 'none'):.2e})"
-    cheaper = [k for k in l.formats if autoquant.WBITS[k] < autoquant.WBITS[f]]
+    cheaper = [k for k in l.formats if l.weight_bits(k) < l.weight_bits(f)]
     if cheaper:
         return f"{f}: {','.join(cheaper)} cost more error ({', '.join(f'{l.error[k]:.2e}' for k in cheaper)})"
     return f"{f}: error {l.error[f]:.2e} within the budget"

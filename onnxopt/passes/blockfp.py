@@ -42,10 +42,15 @@ class BlockFP(QDQ, BlockQuantizer):
         self._as_fp8(super().__post_init__)  # the FP8 rules and calibration of the QDQ pass plan the rest
 
 
+    def block_reason(self, node) -> str | None:
+        """None when `node` takes this pass's block format, else why not (quant.rules)."""
+        return rules.block_format_reason(node, self.fmt.block_size, self.fmt.name.upper(),
+                                         dynamic_activations=not self.weight_only)
+
     def block_nodes(self, graph) -> list:
         """The layers this pass will write in its block format (what the LowRank pass before it splits)."""
         return [n for n in self._as_fp8(rules.plan, graph, self).nodes
-                if rules.block_format_reason(n, self.fmt.block_size, self.fmt.name.upper()) is None]
+                if self.block_reason(n) is None]
 
     @property
     def needs_data(self) -> bool:
@@ -62,14 +67,14 @@ class BlockFP(QDQ, BlockQuantizer):
         if self.awq != "none" and ctx.data is None:
             log.info("no calibration data: AWQ %s skipped (pass --calib to search the scales and clips)", self.awq)
         elif self.awq != "none":  # AWQ's search with this format's quantizer; scales fold into the graph, so plan again
-            layers = [(n, fmt) for n in plan.nodes if rules.block_format_reason(n, fmt.block_size, fmt.name.upper()) is None]
+            layers = [(n, fmt) for n in plan.nodes if self.block_reason(n) is None]
             awq_report, clips = awq.apply(graph, ctx.require_data(f"--awq {self.awq}"), layers, method=self.awq,
                                           block_size=fmt.block_size, high_precision=ctx.high_precision, provider=ctx.provider,
                                           memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
             plan = self._as_fp8(rules.plan, graph, self)
         block_nodes, fp8_nodes, reasons = [], [], {}
         for n in plan.nodes:
-            why = rules.block_format_reason(n, fmt.block_size, fmt.name.upper())
+            why = self.block_reason(n)
             (fp8_nodes if why else block_nodes).append(n)
             if why:
                 reasons[n.name] = why
@@ -152,7 +157,7 @@ class BlockFP(QDQ, BlockQuantizer):
             trans = bool(node.op == "Gemm" and node.attrs.get("transB", 0))
             key = (const.name, trans)
             if key not in done:
-                w_kn = G.to_kn(node, effective_weight(node, idx))
+                w_kn = G.to_kn(node, effective_weight(node, idx, read_only=True))  # one FP32 copy in memory, not two
                 done[key] = writer(graph, const.name, w_kn, trans, unique, clip=clips.get(node.name))
             out, info = done[key]
             node.inputs[idx] = out

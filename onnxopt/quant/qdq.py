@@ -61,7 +61,23 @@ def weight_codes(f, w: np.ndarray, axis: int, high_precision: str):
     hp = formats.FP32.name if underflow else high_precision
     if type(f).quantize_weight is Format.quantize_weight:  # its numbers, from the amax found above (not twice)
         scale = raw if hp == formats.FP32.name else f.scale_of(amax, hp)
-        q = f.cast(w / scale)
+        q = cast_over(f, w, scale)
     else:
         q, scale = f.quantize_weight(w, axis, hp)
     return q, scale, float(raw.min()) if underflow else None
+
+
+CAST_PART_BYTES = 16 << 20  # weights above this are cast in parts of rows: a writer job's temporaries are one part's
+
+
+def cast_over(f, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """f.cast(w / scale) (scale broadcast over w), in parts of rows: elementwise, so the same codes, without a
+    w / scale copy and the cast's temporaries of the whole weight (quant.writer counts a job's memory by them)."""
+    rows = w.shape[0] if w.ndim else 0
+    if rows < 2 or w.nbytes <= CAST_PART_BYTES or np.ndim(scale) != w.ndim:
+        return f.cast(w / scale)
+    step = max(1, CAST_PART_BYTES // (w.nbytes // rows))
+    out = np.empty(w.shape, dtype=f.np_dtype)
+    for i in range(0, rows, step):
+        out[i:i + step] = f.cast(w[i:i + step] / (scale[i:i + step] if scale.shape[0] == rows else scale))
+    return out

@@ -239,8 +239,9 @@ RULES = (rule_op_type, rule_lowrank_branch, rule_user_exclude, rule_not_shape_su
 MIN_BLOCK_GEMM_DIM = 32  # K or N below this: a few blocks per row, little to gain and the 4-bit error undiluted
 
 
-def block_format_reason(node, block: int, fmt: str = "NVFP4") -> str | None:
-    """None when `node` may take block-format weights (and dynamic activations), else why it keeps FP8/FP16."""
+def block_format_reason(node, block: int, fmt: str = "NVFP4", dynamic_activations: bool = True) -> str | None:
+    """None when `node` may take block-format weights (and dynamic activations, unless weight-only), else why it
+    keeps FP8/FP16."""
     if node.op in ("Conv", "ConvTranspose"):
         return f"conv: TensorRT has no {fmt} convolution (blocks must run along one of the last two axes)"
     if node.op not in ("MatMul", "Gemm"):
@@ -260,7 +261,52 @@ def block_format_reason(node, block: int, fmt: str = "NVFP4") -> str | None:
         return f"K={k} is not a multiple of the {fmt} block ({block})"
     if k < MIN_BLOCK_GEMM_DIM or (n is not None and n < MIN_BLOCK_GEMM_DIM):
         return f"tiny GEMM (K={k}, N={n} < {MIN_BLOCK_GEMM_DIM}): kept at higher precision"
+    if fmt == "NVFP4" and dynamic_activations and _value_projection_shared_across_attention(node):
+        return ("value projection of an input other attention blocks' value projections read (SDXL's cross-attention "
+                "V): TensorRT-RTX 1.7.1 merges such FP4 GEMMs and fails at batch > 1 (Myelin perm.size() check)")
     return None
+
+
+def _value_bmm(gemm):
+    """The P·V MatMul whose V operand `gemm` produces through layout ops (an attention value projection), or None."""
+    t = gemm.outputs[0]
+    for _ in range(6):
+        readers = _data_readers(t)
+        if len(readers) != 1:
+            return None
+        r = readers[0]
+        if r.op == "MatMul" and r.inputs[1] is t:
+            return r if any(pv is r for _, pv in (_attention_bmms(s) for s in _softmax_before(r.inputs[0]))) else None
+        if r.op not in _LAYOUT_OPS + ("Cast",):
+            return None
+        t = r.outputs[0]
+    return None
+
+
+def _softmax_before(t, limit: int = 4):
+    """The Softmax producing `t` through layout ops/Casts, as a list of at most one."""
+    for _ in range(limit):
+        n = G.producer(t)
+        if n is None:
+            return []
+        if n.op == "Softmax":
+            return [n]
+        if n.op not in _LAYOUT_OPS + ("Cast",):
+            return []
+        t = n.inputs[0]
+    return []
+
+
+def _value_projection_shared_across_attention(node) -> bool:
+    """`node` is an attention value projection and its input is read by another block's value projection too.
+    FP4 GEMMs reading one dynamically quantized input are merged horizontally by TensorRT-RTX 1.7.1's Myelin, and
+    for two or more value projections that merge fails to compile at batch > 1 (measured on the tiny SDXL UNet's
+    cross-attention; key projections and one value projection build; BENCHMARKS.md "NVFP4 at batch 2")."""
+    mine = _value_bmm(node)
+    if mine is None:
+        return False
+    return any(r is not node and r.op in ("MatMul", "Gemm") and is_weight(r.inputs[1])
+               and (pv := _value_bmm(r)) is not None and pv is not mine for r in _data_readers(node.inputs[0]))
 
 
 # ---------------------------------------------------------------- planning

@@ -175,8 +175,28 @@ def job_result(job: WeightJob, w: np.ndarray, f, q, scale, fp32_scale) -> tuple:
     """`quantize_job`'s result for weight `w` with these codes: adds the bias-correction output shift."""
     shift = None
     if job.mean is not None:
-        shift = bias_correction.output_shift(job.node, f.dequantize(q, scale) - w, np.asarray(job.mean, dtype=np.float64))
+        shift = _output_shift(job.node, w, f, q, scale, np.asarray(job.mean, dtype=np.float64))
     return job, (q, scale, fp32_scale, shift)
+
+
+def _output_shift(node: gs.Node, w: np.ndarray, f, q: np.ndarray, scale: np.ndarray, mean: np.ndarray):
+    """bias_correction.output_shift of the weight error dequantize(q, scale) - w: computed in place, and for a
+    big ungrouped Conv in parts of output channels (its shift is a sum within each output channel: the same
+    numbers), so a job holds one FP32 temporary of at most a part, not two of the weight."""
+    if type(f).dequantize is not Format.dequantize or np.ndim(scale) != w.ndim:
+        return bias_correction.output_shift(node, f.dequantize(q, scale) - w, mean)
+
+    def error(sl):
+        dw = f.to_float(q[sl])
+        dw *= scale[sl] if scale.shape[0] == w.shape[0] else scale
+        dw -= w[sl]
+        return dw
+    rows = w.shape[0] if w.ndim else 0
+    if node.op != "Conv" or int(node.attrs.get("group", 1)) != 1 or rows < 2 or w.nbytes <= qdq.CAST_PART_BYTES:
+        return bias_correction.output_shift(node, error(slice(None)), mean)
+    step = max(1, qdq.CAST_PART_BYTES // (w.nbytes // rows))
+    parts = [bias_correction.output_shift(node, error(slice(i, i + step)), mean) for i in range(0, rows, step)]
+    return None if any(p is None for p in parts) else np.concatenate(parts)
 
 
 def weight_jobs(graph: gs.Graph, plan: QuantPlan, *, high_precision: str) -> list:
@@ -210,12 +230,18 @@ def quantize_weights(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, t
             ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(_bytes(jobs), threads)))}
 
 
-JOB_FP32_COPIES = 4  # a job's peak, in FP32 copies of its weight: the read weight, w / scale, codes, bias correction's error
+# A job's peak, in FP32 copies of its weight (tracemalloc, the read included): whole, the read weight, w / scale,
+# the cast's temporaries and codes, bias correction's error (FP8/INT8: 3.25-4.0); above qdq.CAST_PART_BYTES, cast
+# and bias-correction error in parts of rows: the read weight, codes, a Conv's error or a part's temporaries (1.8-2.2).
+JOB_FP32_COPIES = 4
+JOB_FP32_COPIES_IN_PARTS = 2.5
 
 
 def _job_bytes(job: WeightJob) -> int:
     """Memory one job holds at its peak (from the weight's shape; nothing is read)."""
-    return JOB_FP32_COPIES * _fp32_bytes(job)
+    b = _fp32_bytes(job)
+    parts = b > qdq.CAST_PART_BYTES and job.hessian is None  # (shared rounding: its own temporaries)
+    return int((JOB_FP32_COPIES_IN_PARTS if parts else JOB_FP32_COPIES) * b)
 
 
 def _fp32_bytes(job: WeightJob) -> int:
@@ -232,22 +258,40 @@ def write_per_layer(graph: gs.Graph, layers: list, block_size: int, clips: dict,
     """(node, format) layers of formats without a static placement, in place: the weight (each once however many
     layers read it) behind a DequantizeLinear; for a format with dynamic activations, also its activation nodes
     (`Format.write_dynamic_activation`) on the layer's input. Returns ({layer: info}, weight bytes before, after)."""
-    done: dict[int, tuple[gs.Variable, dict]] = {}
+    done: dict[tuple, tuple[gs.Variable, dict]] = {}
     out, before, after = {}, 0, 0
     for node, fmt in layers:
-        key = id(node.inputs[1])
+        clip = (clips or {}).get(node.name)
+        # one stored weight per matrix (through Identity/Cast views; ALBERT's layer read at every depth) and format
+        key = (fold.weight_key(node), node.op == "Gemm" and bool(node.attrs.get("transB", 0)), fmt.name,
+               None if clip is None else node.name)
         if key not in done:
             w = G.to_kn(node, fold.effective_weight(node))
             before += w.size * np.dtype(node.inputs[1].dtype or np.float32).itemsize
-            done[key] = write_weight(graph, node, w, fmt, block_size, (clips or {}).get(node.name), hp, names)
+            done[key] = write_weight(graph, node, w, fmt, block_size, clip, hp, names)
             after += done[key][1]["bytes"]
-        node.inputs[1], info = done[key]
+            node.inputs[1], info = done[key]
+        else:
+            node.inputs[1], info = per_use_dequantize(graph, done[key][0], names), done[key][1]
         out[node.name] = dict(info)
         if fmt.activations == "dynamic":
             x = node.inputs[0]
             fmt.write_dynamic_activation(graph, x, [(node, 0)], axis=G.activation_channel_axis(node),
                                          base=G.unique_name(f"{x.name}_{fmt.name}", names))
     return out, before, after
+
+
+def per_use_dequantize(graph: gs.Graph, dq_out: gs.Variable, names: set) -> gs.Variable:
+    """A further reader's DequantizeLinear of a weight already written: the same codes initializer, its own copy of
+    the (small) scales. TensorRT-RTX 1.7.1 cannot build one INT4 DequantizeLinear, or one scale tensor, feeding
+    several GEMMs (Myelin vector::_M_range_check); this form builds, the codes stored once (BENCHMARKS.md
+    "INT4 weights shared by several GEMMs")."""
+    dq = dq_out.inputs[0]
+    copies = [gs.Constant(G.unique_name(f"{t.name}_use", names), np.array(t.values)) for t in dq.inputs[1:]]
+    out = gs.Variable(G.unique_name(f"{dq_out.name}_use", names), dtype=dq_out.dtype, shape=dq_out.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", name=G.unique_name(f"{dq.name}_use", names), inputs=[dq.inputs[0], *copies],
+                               outputs=[out], attrs=dict(dq.attrs)))
+    return out
 
 
 @dataclass

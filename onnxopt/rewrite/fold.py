@@ -10,11 +10,13 @@ arithmetic, so the FP32 graph computes the same function.
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import modelfile
+from .. import threads as threads_
 from ..errors import OnnxoptError
 from ..graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
@@ -66,15 +68,16 @@ def effective_shape(node: gs.Node, index: int = 1) -> tuple[int, ...]:
     return shape
 
 
-def effective_weight(node: gs.Node, index: int = 1) -> np.ndarray:
-    """Values that `node` sees at `index` (the constant with its Transposes applied), as float32."""
-    return chain_values(*weight_chain(node, index))
+def effective_weight(node: gs.Node, index: int = 1, *, read_only: bool = False) -> np.ndarray:
+    """Values that `node` sees at `index` (the constant with its Transposes applied), as float32; `read_only`:
+    a caller that never writes to them gets FP32 values without a copy (possibly the constant's own array)."""
+    return chain_values(*weight_chain(node, index), read_only=read_only)
 
 
-def chain_values(const: gs.Constant, chain: list[gs.Node]) -> np.ndarray:
+def chain_values(const: gs.Constant, chain: list[gs.Node], *, read_only: bool = False) -> np.ndarray:
     """`effective_weight` from a `weight_chain` found earlier: reads no graph edges (worker threads may call it
     while the graph is edited elsewhere)."""
-    return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32)
+    return _apply_chain(np.asarray(read_values(const)), chain).astype(np.float32, copy=not read_only)
 
 
 def weight_matrix(node: gs.Node, w: np.ndarray | None = None) -> np.ndarray:
@@ -124,6 +127,44 @@ def input_channel_absmax(node: gs.Node, w: np.ndarray | None = None) -> np.ndarr
     if node.op == "Gemm" and node.attrs.get("transB", 0):
         return absmax(w, 0)
     return absmax(np.moveaxis(w, -2, 0).reshape(w.shape[-2], -1), 1)
+
+
+def input_channel_absmax_ahead(units: list, threads: int = 0) -> Iterator[list]:
+    """`[input_channel_absmax(n) for n in layers]` for each list of layers in `units`, in order, read and reduced
+    ahead on worker threads (at most threads.IN_FLIGHT_BYTES of weights in flight), while the caller folds. The
+    graph is read here, in the caller's thread; a layer whose weight a fold changed after its read began (another
+    constant, or new values) is reduced again here: the numbers of calling input_channel_absmax at each unit's turn."""
+    def snap(layers):  # the caller's thread: graph edges are read here only
+        out = []
+        for n in layers:
+            try:
+                const, chain = weight_chain(n, 1)
+            except OnnxoptError:
+                const, chain = None, []
+            out.append((n, const, list(chain), None if const is None else const._values))
+        return out
+
+    def work(snaps):
+        return [(sn, None if sn[1] is None else input_channel_absmax(sn[0], _apply_chain(np.asarray(
+            sn[3].load() if isinstance(sn[3], gs.ir.tensor.LazyValues) else sn[3]), sn[2]).astype(np.float32)))
+                for sn in snaps]
+
+    def cost(snaps):
+        return sum(2 * 4 * int(np.prod(c.shape)) for _, c, _, _ in snaps if c is not None and c.shape is not None)
+
+    sizes = [cost(snap(layers)) for layers in units]
+    for done in threads_.ordered_map(work, (snap(layers) for layers in units), threads_.for_bytes(sum(sizes) // 2, threads),
+                                     cost=cost):
+        out = []
+        for (n, const, chain, vals), a in done:
+            try:
+                now, now_chain = weight_chain(n, 1)
+            except OnnxoptError:
+                now, now_chain = None, []
+            if a is None or now is not const or const._values is not vals or [id(c) for c in now_chain] != [id(c) for c in chain]:
+                a = input_channel_absmax(n)  # changed since (or no weight: raises as the direct call would)
+            out.append(a)
+        yield out
 
 
 def input_factor(node: gs.Node, shape, s: np.ndarray) -> np.ndarray:
@@ -194,9 +235,7 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
     for n in chain:
         if n.op == "Transpose":
             f = np.transpose(f, np.argsort(_perm(n, f.ndim)))
-    # The float64 product rounded to the weight's type, computed in buffered chunks (no float64 copy of the weight)
-    new = np.empty(values.shape, dtype=values.dtype)
-    np.multiply(values, f, out=new, dtype=np.float64, casting="unsafe")
+    new = scaled(values, f)
     readers: list = []
     private = _terminal_users(graph, const, readers) and {(id(n), i) for n, i in readers} == {(id(n), i) for n, i in users}
     if private:
@@ -210,6 +249,28 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
         t = out
     for n, i in users:
         n.inputs[i] = t
+
+
+SCALE_ROWS_BYTES = 4 << 20  # a weight of 4 such parts or more is scaled on worker threads, in parts of rows
+
+
+def scaled(values: np.ndarray, f: np.ndarray, threads: int = 0) -> np.ndarray:
+    """values * f (broadcast) as the float64 product rounded to values' type, computed in buffered chunks (no
+    float64 copy of the weight), big weights in parts of rows on worker threads: elementwise, so the same bytes."""
+    new = np.empty(values.shape, dtype=values.dtype)
+    rows = values.shape[0] if values.ndim else 1
+    step = max(1, SCALE_ROWS_BYTES // max(1, values.nbytes // max(rows, 1)))
+    n = threads if threads > 0 else (threads_.count(0) if values.nbytes >= 4 * SCALE_ROWS_BYTES else 1)
+    if values.ndim == 0 or n <= 1 or rows <= step:
+        np.multiply(values, f, out=new, dtype=np.float64, casting="unsafe")
+        return new
+    fb = np.broadcast_to(f, values.shape)
+
+    def part(i: int) -> None:
+        np.multiply(values[i:i + step], fb[i:i + step], out=new[i:i + step], dtype=np.float64, casting="unsafe")
+    for _ in threads_.ordered_map(part, range(0, rows, step), n):
+        pass
+    return new
 
 
 def _const_input(graph: gs.Graph, node: gs.Node) -> int | None:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -29,7 +30,6 @@ from . import fold
 from ..errors import OnnxoptError
 from ..graph import taken_names, unique_name
 from ..progress import track
-import ml_dtypes
 from .. import formats
 from .awq import AWQ
 from ..pass_protocol import BlockQuantizer, PassBase, StaticQuantizer, WeightOnlyQuantizer, after
@@ -42,6 +42,15 @@ RANK_GRID = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LAYER_CAP = 0.5             # one layer's branch never costs more than half its quantized weight bytes
 # Suffixes of the nodes the pass adds; quant.rules keeps these nodes high precision (`is_branch`).
 DOWN, UP, ADD = "/lowrank_down", "/lowrank_up", "/lowrank_add"
+
+
+def act_noise(f) -> float:
+    """Relative noise power (E|ΔX|² / E|X|²) that per-tensor activation quantization in format `f` adds, assumed
+    for the rank choice (no calibration pass here): an integer grid's step² / 12 with max|x| / rms(x) ≈ 16; a
+    float format's relative rounding error (2^-(mantissa bits + 1))² / 3."""
+    if np.dtype(f.np_dtype).kind in "iu":
+        return (16 / f.qmax) ** 2 / 12
+    return (2.0 ** -(ml_dtypes.finfo(f.np_dtype).nmant + 1)) ** 2 / 3
 
 
 def is_branch(node: gs.Node) -> bool:
@@ -148,33 +157,74 @@ def _allocate(layers: list[_Layer], budget_bytes: float) -> None:
             heapq.heappush(heap, (-b[0], i, b[1], b[2]))
 
 
-def _write(graph: gs.Graph, node: gs.Node, l1: np.ndarray, l2: np.ndarray, res: np.ndarray, names: set) -> None:
-    """Rewire `node` to the residual and add the branch: out = node(X; R) + up(down(X))."""
-    const, _ = fold.weight_chain(node)
-    w_shape = fold.effective_shape(node)
-    r = l1.shape[1]
-    base = node.name or const.name
+def residual(w_kn: np.ndarray, l1: np.ndarray, l2: np.ndarray) -> np.ndarray:
+    """R = W - L1·L2 ([K, N], float32) of the FP16-rounded factors: the weight the quantizing pass takes."""
+    return (w_kn.astype(np.float64) - l1 @ l2).astype(np.float32)
+
+
+def factors(node: gs.Node, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L1 [K, r], L2 [r, N]) of `node`'s weight, FP16-rounded, as float32 (one SVD)."""
+    return factors_of(fold.weight_matrix(node)[0], r)
+
+
+def factors_of(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(L1 [K, r], L2 [r, N]) of a [K, N] matrix, FP16-rounded, as float32 (one SVD)."""
+    u, s, vt = _svd(w)
+    l1, l2, _ = _factors(w.astype(np.float64), r, u, s, vt)
+    return l1.astype(np.float32), l2.astype(np.float32)
+
+
+def layer_weight(node: gs.Node, res_kn: np.ndarray, w_shape: tuple | None = None) -> np.ndarray:
+    """A [K, N] matrix in the layout `node` consumes its weight (a Conv's kernel, a transB Gemm's [N, K]);
+    `w_shape`: that weight's shape where the node's weight input is no longer the constant."""
     if node.op == "Conv":
-        o = w_shape[0]
-        r_w = res.T.reshape(w_shape)
+        return res_kn.T.reshape(fold.effective_shape(node) if w_shape is None else w_shape)
+    return res_kn.T if node.op == "Gemm" and node.attrs.get("transB", 0) else res_kn
+
+
+def branch_nodes(node: gs.Node, x: gs.Tensor, l1: np.ndarray, l2: np.ndarray, names: set,
+                 base: str | None = None, w_shape: tuple | None = None) -> tuple[list, gs.Variable]:
+    """The branch's two GEMMs on `x` (L1 then L2, 16-bit weights in float32): (nodes, output). `w_shape`: the
+    layer's weight shape where its weight input is no longer the constant."""
+    w_shape = fold.effective_shape(node) if w_shape is None else w_shape
+    r = l1.shape[1]
+    out = node.outputs[0]
+    base = base or node.name or fold.weight_chain(node)[0].name
+    if node.op == "Conv":
         down_w = l1.T.reshape((r,) + tuple(w_shape[1:]))
-        up_w = l2.T.reshape(o, r, *([1] * (len(w_shape) - 2)))
+        up_w = l2.T.reshape(w_shape[0], r, *([1] * (len(w_shape) - 2)))
         down_attrs = {k: v for k, v in node.attrs.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
         op = "Conv"
     else:
-        r_w = res.T if node.op == "Gemm" and node.attrs.get("transB", 0) else res
         down_w, up_w, down_attrs, op = l1, l2, {}, "MatMul"
+    mid = gs.Variable(unique_name(f"{base}_lowrank_mid", names), dtype=out.dtype)
+    low = gs.Variable(unique_name(f"{base}_lowrank_out", names), dtype=out.dtype, shape=out.shape)
+    nodes = [gs.Node(op, name=unique_name(base + DOWN, names), attrs=down_attrs, inputs=[
+                 x, modelfile.constant(unique_name(f"{base}_lowrank_L1", names), np.ascontiguousarray(down_w, np.float32))],
+                 outputs=[mid]),
+             gs.Node(op, name=unique_name(base + UP, names), inputs=[
+                 mid, modelfile.constant(unique_name(f"{base}_lowrank_L2", names), np.ascontiguousarray(up_w, np.float32))],
+                 outputs=[low])]
+    return nodes, low
+
+
+def attach(graph: gs.Graph, node: gs.Node, l1: np.ndarray, l2: np.ndarray, names: set) -> None:
+    """Rewire `node` to the residual W - L1·L2 and add the branch: out = node(X; R) + up(down(X))."""
+    _write(graph, node, l1, l2, residual(fold.weight_matrix(node)[0], l1, l2), names)
+
+
+def _write(graph: gs.Graph, node: gs.Node, l1: np.ndarray, l2: np.ndarray, res: np.ndarray, names: set) -> None:
+    """Rewire `node` to the residual and add the branch: out = node(X; R) + up(down(X))."""
+    const, _ = fold.weight_chain(node)
+    base = node.name or const.name
+    r_w = layer_weight(node, res)
     node.inputs[1] = modelfile.constant(unique_name(f"{const.name}_residual", names), np.ascontiguousarray(r_w, np.float32))
     x = node.inputs[0]
     out = node.outputs[0]
     main = gs.Variable(unique_name(f"{out.name}_quantized_part", names), dtype=out.dtype, shape=out.shape)
-    mid = gs.Variable(unique_name(f"{base}_lowrank_mid", names), dtype=out.dtype)
-    low = gs.Variable(unique_name(f"{base}_lowrank_out", names), dtype=out.dtype, shape=out.shape)
     node.outputs[0] = main
-    graph.nodes.append(gs.Node(op, name=unique_name(base + DOWN, names), attrs=down_attrs, inputs=[
-        x, modelfile.constant(unique_name(f"{base}_lowrank_L1", names), np.ascontiguousarray(down_w, np.float32))], outputs=[mid]))
-    graph.nodes.append(gs.Node(op, name=unique_name(base + UP, names), inputs=[
-        mid, modelfile.constant(unique_name(f"{base}_lowrank_L2", names), np.ascontiguousarray(up_w, np.float32))], outputs=[low]))
+    nodes, low = branch_nodes(node, x, l1, l2, names, base)
+    graph.nodes.extend(nodes)
     graph.nodes.append(gs.Node("Add", name=unique_name(base + ADD, names), inputs=[main, low], outputs=[out]))
 
 
@@ -200,6 +250,51 @@ def check_rank(rank: int, budget: float) -> None:
         raise OnnxoptError(f"--lowrank-budget {budget}: give a fraction of the quantized weight bytes in (0, 1], e.g. 0.1")
 
 
+def choose_ranks(nodes: list[gs.Node], spec: Callable, *, rank: int = 0, budget: float = 0.1,
+                 progress: bool = True) -> tuple[dict, dict]:
+    """({layer name: rank > 0}, {layer name: why it takes no branch}) for `nodes`. `spec(node)` gives
+    (fake_quant(w_kn), weight bits, activation noise) of the format the layer's residual will take; `rank` > 0
+    fixes the rank, 0 chooses it per layer within `budget` times the quantized weight bytes."""
+    layers, skipped = _choose(nodes, spec, rank, budget, progress)
+    for L in layers:
+        if not L.ranks[L.chosen]:
+            skipped[L.node.name] = "no rank paid for itself within the budget"
+    return {L.node.name: L.ranks[L.chosen] for L in layers if L.ranks[L.chosen]}, skipped
+
+
+def _choose(nodes, spec, rank, budget, progress) -> tuple[list, dict]:
+    skipped, layers = {}, []
+    for n in nodes:
+        why = eligible(n)
+        if why is None:
+            k, nn = gemm_dims(n)
+            if rank and rank >= min(k, nn):
+                why = f"rank {rank} >= min(K, N) = {min(k, nn)}"
+        if why:
+            skipped[n.name] = why
+            continue
+        layers.append(_Layer(n, k, nn, k * nn * spec(n)[1] / 8))
+    budget_bytes = budget * sum(L.qbytes for L in layers)
+    # One weight in memory at a time: SVD, candidate errors. The SVD is done again at the rewrite rather than
+    # keeping every layer's factors.
+    for L in track(layers if not rank else [], total=len(layers), enabled=progress, desc="lowrank: SVD"):
+        fake_quant, _, act_noise = spec(L.node)
+        w = fold.weight_matrix(L.node)[0]
+        u, s, vt = _svd(w)
+        norm = max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
+        cap = min(min(L.k, L.n) // 2, int(LAYER_CAP * L.qbytes / ((L.k + L.n) * BRANCH_BYTES)))
+        L.ranks = [0] + [r for r in RANK_GRID if r <= cap]
+        with _blas_threads(w.shape):
+            L.errors = [_error(w, r, u, s, vt, fake_quant, act_noise, norm) for r in L.ranks]
+        del u, s, vt, w
+    if rank:
+        for L in layers:
+            L.ranks, L.chosen = [0, rank], 1
+    elif layers:
+        _allocate(layers, budget_bytes)
+    return layers, skipped
+
+
 def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.ndarray], np.ndarray], bits: float,
           act_noise: float = 0.0, rank: int = 0, budget: float = 0.1, progress: bool = True) -> dict:
     """Give each of `nodes` (the layers the quantizing pass will take) a low-rank branch, in place.
@@ -208,41 +303,14 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
     t0 = time.perf_counter()
     check_rank(rank, budget)
     report = {"rank": rank or "auto", "budget": budget, "layers": {}, "skipped": {}}
-    layers = []
-    for n in nodes:
-        why = eligible(n)
-        if why is None:
-            k, nn = gemm_dims(n)
-            if rank and rank >= min(k, nn):
-                why = f"rank {rank} >= min(K, N) = {min(k, nn)}"
-        if why:
-            report["skipped"][n.name] = why
-            continue
-        layers.append(_Layer(n, k, nn, k * nn * bits / 8))
+    layers, report["skipped"] = _choose(nodes, lambda n: (fake_quant, bits, act_noise), rank, budget, progress)
     if not layers:
         if rank and report["skipped"]:
             raise OnnxoptError(f"--lowrank {rank}: no layer can take it ({next(iter(report['skipped'].values()))}); "
                                "give a rank below the smallest layer dimension")
         log.info("lowrank: no eligible layer")
         return report
-    budget_bytes = budget * sum(L.qbytes for L in layers)
     names = taken_names(graph)
-    # One weight in memory at a time: SVD, candidate errors, then (fixed rank) the rewrite. With a chosen rank
-    # the SVD is done again at the rewrite rather than keeping every layer's factors.
-    for L in track(layers, total=len(layers), enabled=progress, desc="lowrank: SVD"):
-        w = fold.weight_matrix(L.node)[0]
-        u, s, vt = _svd(w)
-        if rank:
-            L.ranks, L.chosen = [0, rank], 1
-        else:
-            norm = max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
-            cap = min(min(L.k, L.n) // 2, int(LAYER_CAP * L.qbytes / ((L.k + L.n) * BRANCH_BYTES)))
-            L.ranks = [0] + [r for r in RANK_GRID if r <= cap]
-            with _blas_threads(w.shape):
-                L.errors = [_error(w, r, u, s, vt, fake_quant, act_noise, norm) for r in L.ranks]
-        del u, s, vt, w
-    if not rank:
-        _allocate(layers, budget_bytes)
     extra = 0
     for L in track(layers, total=len(layers), enabled=progress, desc="lowrank: write"):
         r = L.ranks[L.chosen]
@@ -269,15 +337,6 @@ def split(graph: gs.Graph, nodes: list[gs.Node], *, fake_quant: Callable[[np.nda
 
 
 # The pass: lowrank's options as a recipe step (onnxopt.pass_protocol.Pass).
-def act_noise(f) -> float:
-    """Relative noise power (E|ΔX|² / E|X|²) that per-tensor activation quantization in format `f` adds, assumed
-    for the rank choice (no calibration pass here): an integer grid's step² / 12 with max|x| / rms(x) ≈ 16; a
-    float format's relative rounding error (2^-(mantissa bits + 1))² / 3."""
-    if np.dtype(f.np_dtype).kind in "iu":
-        return (16 / f.qmax) ** 2 / 12
-    return (2.0 ** -(ml_dtypes.finfo(f.np_dtype).nmant + 1)) ** 2 / 3
-
-
 @dataclass
 class LowRank(PassBase):
     """Before a QDQ (INT8/FP8), BlockFP (NVFP4/MXFP8 layers) or Int4 pass, splits each layer it will quantize into a 16-bit rank-r branch

@@ -239,15 +239,16 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
-    units = tied(groups)
-    for unit in track(sorted(units, key=lambda u: -max(g.order for g in u)), total=len(units), enabled=progress,
-                      desc="smoothquant: alpha search" if batches else "smoothquant"):
-        unit = [g for g in unit if g.absmax.value is not None]
+    units = [[g for g in u if g.absmax.value is not None] for u in sorted(tied(groups), key=lambda u: -max(g.order for g in u))]
+    # weight maxima read ahead on worker threads (recomputed where a fold below changed the weight since)
+    ahead = fold.input_channel_absmax_ahead([[n for g in u for n in g.layers] for u in units])
+    for unit, w_maxes in track(zip(units, ahead), total=len(units), enabled=progress,
+                               desc="smoothquant: alpha search" if batches else "smoothquant"):
         if not unit:
             continue
         act_max = np.max([g.absmax.value for g in unit], axis=0)
         layers_all = [n for g in unit for n in g.layers]
-        w_max = np.max([fold.input_channel_absmax(n) for n in layers_all], axis=0)
+        w_max = np.max(w_maxes, axis=0)
         entry = {"activation": unit[0].activation, "layers": [n.name for n in layers_all]}
         if len(unit) > 1:
             entry["shared_weight_activations"] = [g.activation for g in unit]
