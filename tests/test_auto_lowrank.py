@@ -135,9 +135,9 @@ def test_cli_auto_with_lowrank_candidates(model, tmp_path):
 
 def test_cli_lowrank_auto_refusals(model, tmp_path):
     path, calib, _ = model
-    r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--bits", "8", "--lowrank", "0", "--calib", str(calib),
+    r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--bits", "8", "--lowrank", "1.5", "--calib", str(calib),
                                   "-o", str(tmp_path / "o.onnx")])
-    assert r.exit_code == 2 and "--lowrank 0" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--lowrank 1.5" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["quantize", str(path), "--auto", "--bits", "8", "--lowrank-budget", "0.2",
                                   "--calib", str(calib), "-o", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "--lowrank-budget needs --lowrank auto" in r.output

@@ -424,15 +424,15 @@ def test_one_hessian_for_all_rows_sampled_rows_and_awq_gram():
     np.testing.assert_allclose(g.value, rows.T @ rows, rtol=1e-4)
     assert calib.Gram().value is None   # no rows yet, no size
 
-    # sampled rows: exactly XᵀX (float64) of the rows the same seeded sampler draws; the rows are not kept
+    # sampled rows: XᵀX of the rows the same seeded sampler draws (float32 products, summed in float64); rows not kept
     x2 = [rng.normal(size=(40, 8)).astype(np.float32) for _ in range(2)]
     ref, hs = calib.RowSample(-1, 30, 2), calib.Hessian(8, sample=calib.RowSample(-1, 30, 2))
     for b in x2:
         ref.update(b)
         hs.update(b)
     r = ref.value.astype(np.float64)
-    np.testing.assert_allclose(hs.value, r.T @ r, rtol=1e-12)
-    assert hs.n == len(r) == 30 and not hs.sample.parts
+    np.testing.assert_allclose(hs.value, r.T @ r, rtol=1e-5, atol=1e-5)
+    assert hs.value.dtype == np.float64 and hs.n == len(r) == 30 and not hs.sample.parts
 
     # a Conv input: im2col patches, (kernel position, channel) order
     view = calib.ConvView((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), "NOTSET")
