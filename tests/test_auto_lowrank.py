@@ -23,11 +23,7 @@ RANK = 8
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lr")
-    path = tiny.save(tiny.transformer(opset=17, d=128, heads=2, seq=16), d / "t.onnx")
-    ids = np.random.default_rng(3).integers(0, 50, (16, 16)).astype(np.int64)
-    np.savez(d / "c.npz", ids=ids)
-    return path, d / "c.npz", ids
+    return tiny.transformer_and_ids(tmp_path_factory.mktemp("lr"))
 
 
 def _setup(path, ids, fmts):
@@ -152,22 +148,7 @@ def test_psnr_of_worst_needs_target_psnr(model, tmp_path):
 
 def _resnet(path, c=64):
     """conv0 -> relu -> conv1 (3x3) -> Add(conv1, conv0) -> relu -> conv2 (3x3): a residual block."""
-    from onnx import TensorProto, helper, numpy_helper
-    rng = np.random.default_rng(0)
-    w = [rng.normal(0, c ** -0.5, (c, c, k, k)).astype(np.float32) for k in (1, 3, 3)]
-    b = [rng.normal(0, 0.3, (c,)).astype(np.float32) for _ in range(3)]
-    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="conv0"),
-             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
-             helper.make_node("Conv", ["r0", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["h1", "h0"], ["s"], name="residual"),
-             helper.make_node("Relu", ["s"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
-    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)] + \
-        [numpy_helper.from_array(a, f"b{i}") for i, a in enumerate(b)]
-    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", c, 6, 6])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
-    return [{"x": (rng.normal(size=(1, c, 6, 6)) + 0.5).astype(np.float32)} for _ in range(8)]
+    return tiny.residual_block(path, c, kernels=(1, 3, 3), size=6)
 
 
 def test_conv_branch_gated_equals_written(tmp_path):

@@ -20,11 +20,7 @@ WEIGHTED = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_up", "mlp_down")
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nv")
-    path = tiny.save(tiny.transformer(opset=17, d=128, heads=2, seq=16), d / "t.onnx")
-    ids = np.random.default_rng(3).integers(0, 50, (16, 16)).astype(np.int64)
-    np.savez(d / "c.npz", ids=ids)
-    return path, d / "c.npz", ids
+    return tiny.transformer_and_ids(tmp_path_factory.mktemp("nv"))
 
 
 def _setup(path, ids, fmts):

@@ -4,10 +4,9 @@ graph's own."""
 import json
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+import tiny
 
 from onnxopt import autoquant, metrics, modelfile, ort, pipeline
 from onnxopt.cli import main
@@ -17,21 +16,7 @@ from onnxopt.quant import writer
 
 def _resnet(path, c=256):
     """conv0 -> relu -> conv1(bias) -> Add(conv1, conv0) -> relu -> conv2(bias): a residual block (128 Ki weights a layer)."""
-    rng = np.random.default_rng(0)
-    w = [rng.normal(0, c ** -0.5, (c, c, 1, 1)).astype(np.float32) for _ in range(3)]
-    b = [rng.normal(0, 0.3, (c,)).astype(np.float32) for _ in range(3)]
-    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="conv0"),
-             helper.make_node("Relu", ["h0"], ["r0"], name="relu0"),
-             helper.make_node("Conv", ["r0", "w1", "b1"], ["h1"], name="conv1"),
-             helper.make_node("Add", ["h1", "h0"], ["s"], name="residual"),
-             helper.make_node("Relu", ["s"], ["r1"], name="relu1"),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2")]
-    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)] + \
-        [numpy_helper.from_array(a, f"b{i}") for i, a in enumerate(b)]
-    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", c, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", c, 4, 4])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
-    return [{"x": (rng.normal(size=(1, c, 4, 4)) + 0.5).astype(np.float32)} for _ in range(8)]
+    return tiny.residual_block(path, c)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])

@@ -91,6 +91,36 @@ def save(model: onnx.ModelProto, path) -> str:
     return str(path)
 
 
+def transformer_and_ids(d) -> tuple:
+    """The d=128 tiny transformer saved under folder `d` with 16 seeded token rows as its calibration file:
+    (model path, npz path, ids)."""
+    path = save(transformer(opset=17, d=128, heads=2, seq=16), d / "t.onnx")
+    ids = np.random.default_rng(3).integers(0, 50, (16, 16)).astype(np.int64)
+    np.savez(d / "c.npz", ids=ids)
+    return path, d / "c.npz", ids
+
+
+def residual_block(path, c: int, kernels=(1, 1, 1), size: int = 4) -> list:
+    """conv0 -> relu -> conv1 -> Add(conv1, conv0) -> relu -> conv2 (kernel sizes `kernels`, 'same' padding), saved
+    at `path`; returns 8 seeded feeds."""
+    rng = np.random.default_rng(0)
+    w = [rng.normal(0, c ** -0.5, (c, c, k, k)).astype(np.float32) for k in kernels]
+    b = [rng.normal(0, 0.3, (c,)).astype(np.float32) for _ in range(3)]
+    pads = [{"pads": [k // 2] * 4} if k > 1 else {} for k in kernels]
+    nodes = [h.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="conv0", **pads[0]),
+             h.make_node("Relu", ["h0"], ["r0"], name="relu0"),
+             h.make_node("Conv", ["r0", "w1", "b1"], ["h1"], name="conv1", **pads[1]),
+             h.make_node("Add", ["h1", "h0"], ["s"], name="residual"),
+             h.make_node("Relu", ["s"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", **pads[2])]
+    inits = [nh.from_array(a, f"w{i}") for i, a in enumerate(w)] + \
+        [nh.from_array(a, f"b{i}") for i, a in enumerate(b)]
+    g = h.make_graph(nodes, "res", [h.make_tensor_value_info("x", T.FLOAT, ["B", c, size, size])],
+                          [h.make_tensor_value_info("y", T.FLOAT, ["B", c, size, size])], inits)
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    return [{"x": (rng.normal(size=(1, c, size, size)) + 0.5).astype(np.float32)} for _ in range(8)]
+
+
 def model_and_calib(d, model: onnx.ModelProto, shape: tuple, seed: int = 1) -> tuple:
     """`model` saved under folder `d` with a seeded normal calibration set `x` of `shape`: (model path, npz path)."""
     path, calib = d / f"{model.graph.name}.onnx", d / "calib.npz"
