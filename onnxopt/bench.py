@@ -7,7 +7,7 @@ medians); output fidelity against the baseline over `samples` inputs (cosine, SN
 through `onnxopt.compare.metrics`, per output, with the worst output summarised).
 
 Backends, both driven through Polygraphy runners, with Polygraphy's Comparator gathering the outputs:
-- `trt` (onnxopt/trt/bench.py): a TensorRT engine per model (TrtRunner). An FP32 baseline is first
+- `trt` (onnxopt/trt/runner.py): a TensorRT engine per model (TrtRunner). An FP32 baseline is first
   converted to FP16 (`onnxopt.convert`), because the comparison that matters is against the
   FP16 engine.
 - `onnxrt`: ONNX Runtime (OnnxrtRunner). Latency is measured at ORT's default optimization level
@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from . import modelfile
+from . import atomicfile, modelfile
 from . import ort as ortx
 from .calib import CalibData, InputSpec, input_specs
 from .compare import evaluation_session, metrics
@@ -155,7 +155,7 @@ def make_backend(config: BenchConfig):
         name = "trt" if trt.available() else "onnxrt"
         log.info("backend: %s", name)
     if name == "trt":
-        from .trt.bench import TrtBackend
+        from .trt.runner import TrtBackend
         build = config.build
         if config.profiles and not build.profiles:
             build = dataclasses.replace(build, profiles=config.profiles)
@@ -459,7 +459,7 @@ def _polygraphy_quiet():
 # ---------------------------------------------------------------- output
 def write_report(result: dict, path: str | os.PathLike) -> Path:
     """JSON, written atomically (non-finite numbers as strings: JSON has no inf/nan)."""
-    with modelfile.atomic_path(path) as tmp:
+    with atomicfile.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     return Path(path)
 

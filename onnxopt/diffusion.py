@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import modelfile
+from . import atomicfile
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def save_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise OnnxoptError(f"{path}: calibration data is written as .npz; name the output *.npz")
-    with modelfile.atomic_path(path, suffix=".tmp.npz") as tmp:
+    with atomicfile.atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return path
 

@@ -11,7 +11,7 @@ import logging
 import onnx
 from onnx import TensorProto, helper
 
-from . import modelfile
+from . import opset_upgrade
 from .cast.autocast import fp32_view
 from .formats.emulation import lower_for_ort
 
@@ -26,7 +26,7 @@ EXACT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", 
 
 def low_tensors(model: onnx.ModelProto) -> dict[str, int]:
     """Names of the main graph's FP16/BF16 tensors and their type (after shape inference)."""
-    m = modelfile.infer_shapes(model)
+    m = opset_upgrade.infer_shapes(model)
     out = {}
     for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         t = vi.type.tensor_type.elem_type
@@ -63,4 +63,4 @@ def emulated_view(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(nodes)
     del g.value_info[:]  # stale types (the view relabelled them)
     log.debug("emulating %d low-precision tensors (%d graph outputs)", len(lows), len(outputs & set(lows)))
-    return modelfile.infer_shapes(m)  # typed value_info: ORT resolves a big graph several times faster
+    return opset_upgrade.infer_shapes(m)  # typed value_info: ORT resolves a big graph several times faster

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import modelfile, protowire
+from . import modelfile, opset_upgrade, protowire
 from . import ort as ortx
 from .errors import OnnxoptError
 from .settings import MEMORY_BUDGET_MB
@@ -337,7 +337,7 @@ def _copy(model):
 
 
 def _float_types(m) -> set[str]:
-    inferred = modelfile.infer_shapes(m)
+    inferred = opset_upgrade.infer_shapes(m)
     f = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     return {vi.name for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
             if vi.type.tensor_type.elem_type in f}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import modelfile
+from . import atomicfile
 
 
 def write_png(path, pixels: np.ndarray) -> Path:
@@ -24,7 +24,7 @@ def write_png(path, pixels: np.ndarray) -> Path:
     data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
     path = Path(path)
-    with modelfile.atomic_path(path, suffix=".tmp.png") as tmp:
+    with atomicfile.atomic_path(path, suffix=".tmp.png") as tmp:
         tmp.write_bytes(data)
     return path
 

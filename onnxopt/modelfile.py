@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 
 from .protowire import copy_without, key, split_at, varint
+from .atomicfile import check_output_path, replace, temp_beside
 from .errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -29,73 +30,6 @@ log = logging.getLogger(__name__)
 MAX_IR_VERSION = 13
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map external weights
-
-
-def _umask() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # no /proc: read it the only other way, by setting and restoring it
-    os.umask(mask)
-    return mask
-
-
-def output_mode(path: str | os.PathLike) -> int:
-    """The mode a plain open() would leave `path` with: an existing file keeps its own, a new one gets
-    0666 less the umask (mkstemp creates 0600, which other users and containers cannot read)."""
-    with contextlib.suppress(FileNotFoundError):
-        return os.stat(path).st_mode & 0o7777
-    return 0o666 & ~_umask()
-
-
-def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Move a finished temporary file onto `path`, giving it the mode `output_mode` says."""
-    os.chmod(tmp, output_mode(path))
-    os.replace(tmp, path)
-
-
-def _mkstemp(path: Path, suffix: str = ".tmp", name: str | None = None) -> tuple[int, str]:
-    """A temporary file beside `path` (creating its folder); a place that cannot be written is a user error."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{name or path.name}.", suffix=suffix, dir=path.parent)
-    except (FileExistsError, NotADirectoryError):
-        raise OnnxoptError(f"cannot write {path}: a file is in the way of its folder; choose another location") from None
-    except OSError as e:
-        raise OnnxoptError(f"cannot write {path} ({e.strerror or type(e).__name__}); choose a writable location") from None
-
-
-def check_writable(path: str | os.PathLike, option: str) -> None:
-    """Fail before any work when `path` cannot be written (its nearest existing folder is a file or read-only)."""
-    p = Path(path).absolute().parent
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise OnnxoptError(f"{option} {path}: {p} is a file, not a folder; choose another location")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise OnnxoptError(f"{option} {path}: {p} is not writable; choose another location")
-    try:  # access() says yes to root everywhere: a read-only mount or /proc only shows when one tries
-        fd, probe = tempfile.mkstemp(prefix=".onnxopt-probe.", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise OnnxoptError(f"{option} {path}: cannot create files in {p} ({e.strerror or type(e).__name__}); "
-                           "choose another location") from None
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = _mkstemp(path, suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -417,12 +351,12 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool
     if external_data is None:
         external_data = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    fd, tmp_model = _mkstemp(path)
+    fd, tmp_model = temp_beside(path)
     os.close(fd)
     tmp_data = None
     try:
         if external_data:
-            fd, tmp_data = _mkstemp(path, name=data_name)
+            fd, tmp_data = temp_beside(path, name=data_name)
             with os.fdopen(fd, "wb") as f:
                 for t in all_tensors(model):
                     _move_to_file(t, f, data_name)
@@ -584,79 +518,3 @@ def _point_at(t: onnx.TensorProto, data_name: str, offset: int, length: int) -> 
 
 def _field_for(t: onnx.TensorProto) -> str:
     return helper.tensor_dtype_to_field(t.data_type)
-
-
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
-    """-o is not the input, and its folder can take a file: both before any work."""
-    if Path(output).resolve() == Path(input_path).resolve():
-        raise OnnxoptError(f"output path {output} is the input; choose another -o so that the input stays untouched")
-    if Path(output).is_dir():
-        raise OnnxoptError(f"output path {output} is a folder; give a file name, e.g. -o {Path(output) / 'model.out.onnx'}")
-    check_writable(output, "-o")
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    return 0
-
-
-def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """A model below the oldest opset onnxopt reads, raised to `target` by onnx's version converter, with one
-    warning saying so; what the converter cannot adapt is one error line."""
-    from onnx import version_converter
-    current = opset_of(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    declared = {vi.name for vi in m.graph.input}
-    added = [t.name for t in m.graph.initializer if t.name not in declared]
-    for t in m.graph.initializer:  # IR < 4 lists weights as graph inputs; the converter looks for them there
-        if t.name in added:
-            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    # The converter's broadcast adapters need every shape, as numbers: shapes come from a copy at the oldest
-    # opset that infers them all, with symbolic dims pinned to 1 (restored afterwards).
-    symbolic = {}
-    for vi in list(m.graph.input) + list(m.graph.output):
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if not d.HasField("dim_value"):
-                symbolic[(vi.name, i)] = d.dim_param
-                d.dim_value = 1
-    probe = onnx.ModelProto()
-    probe.CopyFrom(m)
-    for o in probe.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = 7
-    m.graph.value_info.extend(infer_shapes(probe).graph.value_info)
-    try:
-        out = version_converter.convert_version(m, target)
-    except Exception as e:
-        raise OnnxoptError(f"opset {current} is older than onnxopt reads and onnx's version converter cannot raise it to "
-                           f"{target} ({_converter_reason(e)}); re-export the model with opset 17") from None
-    keep = [vi for vi in out.graph.input if vi.name not in added]
-    del out.graph.input[:]
-    out.graph.input.extend(keep)
-    del out.graph.value_info[:]  # pinned shapes; inferred again on load
-    for vi in list(out.graph.input) + list(out.graph.output):
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if (vi.name, i) in symbolic:
-                d.dim_param = symbolic[(vi.name, i)] or f"{vi.name}_{i}"
-    out.ir_version = max(out.ir_version, 7)
-    log.warning("the model's opset %d is older than onnxopt reads: upgraded to opset %d with onnx.version_converter "
-                "(the output uses opset %d or newer)", current, target, target)
-    return out
-
-
-def _converter_reason(e: Exception) -> str:
-    """The converter's assertion without its source path: 'adapt_gemm_6_7: ... failed: <why>' -> '<why>'."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return text.split(" failed: ", 1)[-1][:160]
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference, tolerant of ops it does not know (types matter more than shapes here)."""
-    try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as e:  # a failing inference still leaves the model usable
-        log.warning("shape inference failed (%s); continuing with the types the model declares", str(e).splitlines()[0][:200])
-        return model

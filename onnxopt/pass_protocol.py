@@ -77,7 +77,7 @@ class AwqChoice:
 
 
 class StaticQuantizer(PassBase):
-    """A static Q/DQ pass (passes.qdq.QDQ): `mode` names its format, `plan(graph)` its layers."""
+    """A static Q/DQ pass (passes.static_qdq.QDQ): `mode` names its format, `plan(graph)` its layers."""
     quantizes: ClassVar[bool] = True
 
     def plan(self, graph):
@@ -90,5 +90,5 @@ class BlockQuantizer(StaticQuantizer):
 
 
 class WeightOnlyQuantizer(PassBase):
-    """A weight-only block pass (passes.int4.Int4): `format`, `block_size` and `select(graph)`."""
+    """A weight-only block pass (passes.weight_only.Int4): `format`, `block_size` and `select(graph)`."""
     quantizes: ClassVar[bool] = True

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import calib, finite, modelfile, ort, progress
+from . import atomicfile, calib, finite, modelfile, opset_upgrade, ort, progress
 from .cast import autocast
 from .errors import OnnxoptError
 from .pass_protocol import AwqChoice, Pass
@@ -192,7 +192,7 @@ class Runner:
         """Run the recipe on `model` (path or ModelProto); save to `output` if given."""
         t0 = time.perf_counter()
         if output is not None and not isinstance(model, onnx.ModelProto):
-            modelfile.check_output_path(output, model)
+            atomicfile.check_output_path(output, model)
         # New weights (2:4, SmoothQuant, quantized, FP16) spill to the work directory and stay lazy.
         with tempfile.TemporaryDirectory(prefix="onnxopt-") as work, modelfile.spilling(work):
             return self._run(model, output, Path(work), t0)
@@ -340,23 +340,23 @@ def load(model, min_opset: int = 0, workdir=None) -> onnx.ModelProto:
     m = model if isinstance(model, onnx.ModelProto) else modelfile.load(model)
     if workdir is not None:
         m = modelfile.externalize_if_large(m, workdir, copy=isinstance(model, onnx.ModelProto))
-    opset = modelfile.opset_of(m)
+    opset = opset_upgrade.opset_of(m)
     if 0 < opset < SUPPORTED_OPSETS.start:
-        m = modelfile.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
-        opset = modelfile.opset_of(m)
+        m = opset_upgrade.upgrade_opset(m, max(min_opset, OPSET_UPGRADE))
+        opset = opset_upgrade.opset_of(m)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxoptError(f"opset {opset} is not supported (need {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}); "
                            "re-export the model with opset 17")
     if opset < min_opset:
         m = convert_opset(m, min_opset)
-    return modelfile.infer_shapes(m)
+    return opset_upgrade.infer_shapes(m)
 
 
 def convert_opset(m: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Raise the default-domain opset. When no op of the model changed between the two versions, only the
     import changes (fast on big graphs); otherwise onnx's version converter rewrites the nodes."""
     from onnx import defs, version_converter
-    current = modelfile.opset_of(m)
+    current = opset_upgrade.opset_of(m)
     ops = {n.op_type for n in m.graph.node if n.domain in ("", "ai.onnx")}
     try:
         unchanged = all(defs.get_schema(op, target).since_version <= current for op in ops)
@@ -384,5 +384,5 @@ def fp32_source(m: onnx.ModelProto) -> onnx.ModelProto:
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     if any(t.data_type in low for t in m.graph.initializer) or any(v.type.tensor_type.elem_type in low for v in m.graph.input):
         log.info("low-precision input model: working on its FP32 view")
-        return modelfile.infer_shapes(autocast.fp32_view(m))
+        return opset_upgrade.infer_shapes(autocast.fp32_view(m))
     return m

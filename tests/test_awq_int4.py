@@ -13,7 +13,7 @@ from onnxopt.rewrite import awq
 from onnxopt import graph as G
 from onnxopt.formats import INT4
 from onnxopt.errors import OnnxoptError
-from onnxopt.quant import int4
+from onnxopt.quant import int4_weights
 
 RNG = np.random.default_rng(0)
 
@@ -41,7 +41,7 @@ def _config(**kw):
 
 def _select(graph, **kw):
     c = _config(**kw)
-    return int4.select_layers(graph, exclude=c["exclude"], op_types=c["op_types"], int8_layers=c["int8_layers"])
+    return int4_weights.select_layers(graph, exclude=c["exclude"], op_types=c["op_types"], int8_layers=c["int8_layers"])
 
 
 def _mlp(k=256, n=96, outliers=(), gemm=False, seq=24):
@@ -79,13 +79,13 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
     q_ref, s_ref = INT4.quantize_weight(w, 1, block_size=block)
 
     graph = modelfile.import_graph(m)
-    report = int4.quantize_int4(graph, None, **_config(block_size=block))
+    report = int4_weights.quantize_int4(graph, None, **_config(block_size=block))
     assert report["layers"]["fc1"]["bits"] == 4
     out = modelfile.export_graph(graph, opset=21)
     onnx.checker.check_model(out)
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and "w1" in n.input[0])
     attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-    eff = int4.fusable_block_size(k, block)  # one block along K is written as two (TensorRT fuses only those)
+    eff = int4_weights.fusable_block_size(k, block)  # one block along K is written as two (TensorRT fuses only those)
     assert attrs.get("block_size", 0) == eff and eff and eff < k
     assert attrs["axis"] == ((1 if eff else 0) if gemm else (0 if eff else 1))
     inits = {t.name: t for t in out.graph.initializer}
@@ -110,7 +110,7 @@ def test_int4_weights_round_trip_and_run_in_ort(k, block, gemm):
 def test_int8_layers_keep_per_channel_int8():
     m = _mlp()
     graph = modelfile.import_graph(m)
-    report = int4.quantize_int4(graph, None, **_config(int8_layers="fc2"))
+    report = int4_weights.quantize_int4(graph, None, **_config(int8_layers="fc2"))
     assert report["layers"]["fc2"]["bits"] == 8 and report["layers"]["fc1"]["bits"] == 4
     out = modelfile.export_graph(graph, opset=21)
     inits = {t.name: t for t in out.graph.initializer}
@@ -119,7 +119,7 @@ def test_int8_layers_keep_per_channel_int8():
     assert inits[w2q.input[0]].data_type == TensorProto.INT8
     assert {a.name: helper.get_attribute_value(a) for a in w2q.attribute} == {"axis": 1}
     all4 = modelfile.import_graph(m)
-    int4.quantize_int4(all4, None, **_config())
+    int4_weights.quantize_int4(all4, None, **_config())
     feed = _feed(m)
     ref = _run(m, feed)[0]
     assert _rel(_run(out, feed)[0], ref) < _rel(_run(modelfile.export_graph(all4, opset=21), feed)[0], ref)
@@ -128,13 +128,13 @@ def test_int8_layers_keep_per_channel_int8():
 def test_bad_options_are_user_errors():
     m = _mlp()
     with pytest.raises(OnnxoptError, match="block-size"):
-        int4.quantize_int4(modelfile.import_graph(m), None, **_config(block_size=100))
+        int4_weights.quantize_int4(modelfile.import_graph(m), None, **_config(block_size=100))
     with pytest.raises(OnnxoptError, match="awq"):
-        int4.quantize_int4(modelfile.import_graph(m), None, **_config(awq="best"))
+        int4_weights.quantize_int4(modelfile.import_graph(m), None, **_config(awq="best"))
     with pytest.raises(OnnxoptError, match="calibration data"):
-        int4.quantize_int4(modelfile.import_graph(m), None, **_config(awq="full"))
+        int4_weights.quantize_int4(modelfile.import_graph(m), None, **_config(awq="full"))
     with pytest.raises(OnnxoptError, match="int8-layers"):
-        int4.quantize_int4(modelfile.import_graph(m), None, **_config(int8_layers="("))
+        int4_weights.quantize_int4(modelfile.import_graph(m), None, **_config(int8_layers="("))
 
 
 # ---------------------------------------------------------------- AWQ
@@ -150,7 +150,7 @@ def test_awq_beats_rtn_on_activation_outliers(gemm):
     errs = {}
     for method in ("none", "lite", "clip", "full"):
         graph = modelfile.import_graph(m)
-        report = int4.quantize_int4(graph, _data(m), **_config(awq=method))
+        report = int4_weights.quantize_int4(graph, _data(m), **_config(awq=method))
         errs[method] = _layer_error(modelfile.export_graph(graph, opset=21), feed, ref)
         if method in ("lite", "full"):
             group = next(g for g in report["awq_search"]["groups"] if g["layers"] == ["fc1"])
@@ -257,9 +257,9 @@ def test_awq_falls_back_to_row_samples_under_a_tight_budget():
     for a, b in zip(_run(modelfile.export_graph(graph), feed), _run(m, feed)):
         assert _rel(a, b) <= 1e-5
     rtn = modelfile.import_graph(m)
-    int4.quantize_int4(rtn, None, **_config())
+    int4_weights.quantize_int4(rtn, None, **_config())
     graph2 = modelfile.import_graph(m)
-    int4.quantize_int4(graph2, _data(m), **_config(awq="full", memory_budget_mb=0))
+    int4_weights.quantize_int4(graph2, _data(m), **_config(awq="full", memory_budget_mb=0))
     assert _layer_error(modelfile.export_graph(graph2, opset=21), feed, ref) < _layer_error(modelfile.export_graph(rtn, opset=21), feed, ref)
 
 
@@ -292,7 +292,7 @@ def test_no_module_level_import_circle():
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
         edges[name] = {d for d in deps if d in mods and d != name}
-    assert "onnxopt.quant.int4" not in edges["onnxopt.rewrite.awq"]
+    assert "onnxopt.quant.int4_weights" not in edges["onnxopt.rewrite.awq"]
 
     state = {}
 

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 from onnxopt import api
-from onnxopt import calib, emulate, finite, modelfile, ort
+from onnxopt import calib, emulate, finite, modelfile, opset_upgrade, ort
 from onnxopt.cast import autocast
 from onnxopt.compare import compare, metrics
 from onnxopt.errors import OnnxoptError
@@ -120,7 +120,7 @@ def test_quantized_layers_on_the_overflow_path_stay_fp32(tmp_path, mode, floor):
 
 
 def test_finite_check_repairs_by_widening_fp32(tmp_path):
-    model = modelfile.infer_shapes(overflow_unet())
+    model = opset_upgrade.infer_shapes(overflow_unet())
     g = modelfile.import_graph(model)
     autocast.to_low_precision(g, "fp16")  # no ranges: overflows
     data = calib.CalibData.random(calib.input_specs(model), 4)
@@ -147,7 +147,7 @@ def test_bf16_emulation_matches_numpy():
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 8])],
                      [h.make_tensor_value_info("y", T.FLOAT, [4, 8])], [nh.from_array(w, "w")])
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
-    gg = modelfile.import_graph(modelfile.infer_shapes(m))
+    gg = modelfile.import_graph(opset_upgrade.infer_shapes(m))
     autocast.to_low_precision(gg, "bf16")
     low = modelfile.export_graph(gg)
     x = (rng.standard_normal((4, 8)) * 50).astype(np.float32)

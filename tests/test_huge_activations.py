@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import huge
-from onnxopt import calib, modelfile, api
+from onnxopt import api, calib, modelfile, opset_upgrade
 from onnxopt.cast import precision, prescale
 from onnxopt import ort as ortx
 from onnxopt.quant import qdq
@@ -40,7 +40,7 @@ def _ranges(model):
 
 @pytest.mark.parametrize("batch", ["N", 2])
 def test_prescale_is_exact_in_fp32_and_brings_norm_inputs_into_fp16(batch):
-    model = modelfile.infer_shapes(huge.model(batch))
+    model = opset_upgrade.infer_shapes(huge.model(batch))
     g, ranges = _ranges(model)
     new, plan = prescale.rescale(g, ranges, "fp16")
     scaled = {n for _, names, _ in plan.classes for n in names}
@@ -69,7 +69,7 @@ def test_fp8_on_huge_activations_fails_no_more(tmp_path):
     ac = res.report["autocast"]
     assert ac["prescaled_tensors"] >= 6
     out = onnx.load(tmp_path / "o.onnx")
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in modelfile.infer_shapes(out).graph.value_info}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in opset_upgrade.infer_shapes(out).graph.value_info}
     assert types["hsum"] == onnx.TensorProto.FLOAT16 and types["m1b"] == onnx.TensorProto.FLOAT16
     # SiLU of 1e8: scaled down into FP16; only sigmoid's input x · k truly leaves FP16 and stays FP32
     assert types["se"] == onnx.TensorProto.FLOAT16

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 import tiny
-from onnxopt import modelfile, ort
+from onnxopt import atomicfile, modelfile, ort
 from onnxopt.errors import OnnxoptError
 
 
@@ -135,7 +135,7 @@ def test_overwrite_keeps_the_existing_mode(tmp_path, umask):
     umask(0o077)
     modelfile.save(modelfile.load(src), out, external_data=True)
     assert _mode(out) == 0o640 and _mode(tmp_path / "o.onnx.data") == 0o604
-    with modelfile.atomic_path(out) as tmp:
+    with atomicfile.atomic_path(out) as tmp:
         tmp.write_bytes(b"x")
     assert _mode(out) == 0o640
 
@@ -145,6 +145,6 @@ def test_unwritable_location_is_a_user_error(tmp_path):
     with pytest.raises(OnnxoptError, match="a file is in the way"):
         modelfile.save(modelfile.load(src), tmp_path / "m.onnx" / "o.onnx")
     with pytest.raises(OnnxoptError, match="m.onnx is a file, not a folder"):
-        modelfile.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
-    modelfile.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
+        atomicfile.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
+    atomicfile.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -6,13 +6,12 @@ import tracemalloc
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnx.external_data_helper import uses_external_data
 
-from onnxopt import QDQ, formats, modelfile, threads
+from onnxopt import QDQ, formats, modelfile, opset_upgrade, threads
 from onnxopt.quant import rules, writer
 
 DIM = 1024               # 4 MiB of FP32 per weight: its 1 MiB of FP8 codes is spilled
@@ -60,7 +59,7 @@ def _model(d) -> str:
 
 def _write(path, work, n_threads: int, budget: int) -> tuple[dict, int]:
     """The FP8 writer on the lazily loaded model: ({initializer: bytes}, tracemalloc peak during the write)."""
-    graph = modelfile.import_graph(modelfile.infer_shapes(modelfile.load(path)))
+    graph = modelfile.import_graph(opset_upgrade.infer_shapes(modelfile.load(path)))
     place = rules.plan(graph, QDQ(formats.FP8.name))
     plan = writer.QuantPlan.uniform(formats.FP8.name, place, {a: 4.0 for a in place.activations}, {})
     with modelfile.spilling(work):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt import calib, modelfile, obs
 from onnxopt.rewrite import awq, sparsity
 from onnxopt.formats import INT4
-from onnxopt.quant import int4
+from onnxopt.quant import int4_weights
 
 F = TensorProto.FLOAT
 
@@ -103,7 +103,7 @@ def test_gptq_on_identical_rows_and_a_zero_channel_completes():
     data = _identical_rows(model)
     data = calib.CalibData(data.specs, [lambda: {"x": np.broadcast_to(np.linspace(0.5, 2.0, 32, dtype=np.float32)
                                                                     * (np.arange(32) != 3), (16, 8, 32)).copy()}])
-    rep = int4.quantize_int4(graph, data, **_int4_config())
+    rep = int4_weights.quantize_int4(graph, data, **_int4_config())
     assert "gptq_error" in rep["awq_search"]["layers"]["fc"]
     assert np.isfinite(rep["awq_search"]["layers"]["fc"]["gptq_error"])
 

@@ -8,7 +8,7 @@ from onnx import numpy_helper as nh
 
 import tiny
 import onnxopt
-from onnxopt import QuantConfig, modelfile, ort
+from onnxopt import QuantConfig, modelfile, opset_upgrade, ort
 from onnxopt.errors import OnnxoptError
 from onnxopt.quant import rules
 
@@ -16,7 +16,7 @@ SHAPES = {"cnn": {"x": (2, 3, 16, 16)}, "tr": {"ids": (2, 16)}}
 
 
 def _graph(model):
-    return modelfile.import_graph(modelfile.infer_shapes(model))
+    return modelfile.import_graph(opset_upgrade.infer_shapes(model))
 
 
 def _q(tmp_path, model, mode, **kw):

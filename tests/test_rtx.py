@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from onnxopt import QuantConfig, modelfile, quantize
+from onnxopt import QuantConfig, modelfile, opset_upgrade, quantize
 from onnxopt.api import convert
 from onnxopt.cli import main
 from onnxopt.errors import OnnxoptError
@@ -240,7 +240,7 @@ def _sdpa_spelling(m):
     graph.nodes.append(gs.Node("Shape", name="v2_shape_of", inputs=[v2], outputs=[vshape]))
     graph.outputs.append(vshape)
     graph.cleanup().toposort()
-    return modelfile.infer_shapes(modelfile.export_graph(graph))
+    return opset_upgrade.infer_shapes(modelfile.export_graph(graph))
 
 
 def test_attention_output_scale_folds_into_v_sdpa_spelling():
@@ -389,8 +389,8 @@ def test_int4_one_block_split_keeps_numbers(monkeypatch):
     """A weight with one block along K is written as two half blocks with the same scale: same outputs."""
     import numpy as np
     from onnxopt import ort
-    from onnxopt.quant import int4, writer
-    assert [int4.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
+    from onnxopt.quant import int4_weights, writer
+    assert [int4_weights.fusable_block_size(k, b) for k, b in ((64, 128), (128, 128), (256, 128), (128, 0), (65, 128), (1, 0))] == [32, 64, 128, 64, 128, 0]
     x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
     outs = []
     for split in (True, False):

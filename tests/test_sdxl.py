@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxopt import diffusion, modelfile, presets
+from onnxopt import diffusion, modelfile, opset_upgrade, presets
 from onnxopt import ort as ortx
 from onnxopt.calib import CalibData, input_specs
 from onnxopt.cli import main
@@ -127,7 +127,7 @@ def test_export_matches_torch_with_dynamic_batch(tiny_unet):
     from models import sdxl_unet
     assert sorted(p.name for p in tiny_unet.parent.glob("unet.onnx*")) == ["unet.onnx", "unet.onnx.data"]
     model = modelfile.load(tiny_unet)
-    assert modelfile.opset_of(model) >= 17
+    assert opset_upgrade.opset_of(model) >= 17
     specs = {s.name: s for s in input_specs(model)}
     assert list(specs) == list(sdxl_unet.INPUT_NAMES)
     assert specs["sample"].shape[0] == specs["encoder_hidden_states"].shape[0] == "batch"
@@ -155,7 +155,7 @@ def test_export_attention_is_the_fused_mha_pattern(tiny_unet):
         from diffusers import UNet2DConditionModel
         blocks = sum(isinstance(m, BasicTransformerBlock)
                      for m in UNet2DConditionModel.from_config(sdxl_unet.unet_config("tiny")).modules())
-    graph = gs.import_onnx(modelfile.infer_shapes(modelfile.load(tiny_unet)))
+    graph = gs.import_onnx(opset_upgrade.infer_shapes(modelfile.load(tiny_unet)))
     softmax = [n for n in graph.nodes if n.op == "Softmax"]
     assert len(softmax) == 2 * blocks  # self- and cross-attention per transformer block
     for sm in softmax:

@@ -56,7 +56,7 @@ def test_precision_of(cnn):
 
 
 def test_precision_of_int4_weights():
-    pytest.importorskip("onnxopt.quant.int4")
+    pytest.importorskip("onnxopt.quant.int4_weights")
     q = quantize(tiny.transformer(), config=QuantConfig(mode="int4", awq="none", block_size=32, progress=False),
                  calib_random=2, shapes={"ids": (1, 16)}).model
     p = precision_of(q)

@@ -11,7 +11,7 @@ from .. import calib, formats
 from ..rewrite import fold, smoothquant
 from .. import graph as G
 from ..quant import calibration, rules
-from ..quant import int4 as int4q
+from ..quant import int4_weights as int4q
 from . import smooth
 
 FORMATS = formats.auto_candidates()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import modelfile, metrics, ort
+from .. import atomicfile, metrics, ort
 from ..compare import evaluation_session
 from ..errors import OnnxoptError
 from ..progress import track
@@ -129,7 +129,7 @@ def load_sensitivities(path, key: str) -> dict:
 def save_sensitivities(path, key: str, layers: dict) -> None:
     if path is None:
         return
-    with modelfile.atomic_path(path) as tmp:
+    with atomicfile.atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps({"key": key, "layers": {n: l.error for n, l in layers.items()}}, indent=1))
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from onnx import helper
 
 from .. import calib, formats
 from ..graph import read_values

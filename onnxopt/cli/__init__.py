@@ -1,7 +1,7 @@
 """Command line: parses options and calls the Python API. User errors print one line and exit 2."""
 from __future__ import annotations
 
-from . import analysis, data, engines, quantize, sparsify  # noqa: F401  (each registers its commands on `main`)
+from . import analysis, calib_data, engines, quantize, sparsify  # noqa: F401  (each registers its commands on `main`)
 from .common import verbosity_after_command, main
 
 

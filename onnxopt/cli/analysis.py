@@ -151,7 +151,7 @@ def _check_grid(save_grid) -> None:
     if not save_grid:
         return
     from ..errors import OnnxoptError
-    from ..modelfile import check_writable
+    from ..atomicfile import check_writable
     if not save_grid.endswith(".png"):
         raise OnnxoptError(f"--save-grid {save_grid}: the grid is a PNG; name it *.png")
     check_writable(save_grid, "--save-grid")

@@ -111,7 +111,7 @@ def write_json(path, obj) -> None:
     """Write `obj` as indented JSON to `path`, atomically."""
     import json
 
-    from ..modelfile import atomic_path
+    from ..atomicfile import atomic_path
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
@@ -179,7 +179,7 @@ def check_report(report, *inputs, output=None, option: str = "--report") -> None
     """A JSON file the command writes (--report, --sensitivity) is neither an input nor the output model."""
     from pathlib import Path
 
-    from ..modelfile import check_writable
+    from ..atomicfile import check_writable
     if report and any(Path(report).resolve() == Path(i).resolve() for i in inputs):
         raise OnnxoptError(f"{option} {report} is an input model; choose another file so that the input stays untouched")
     if report and output and Path(report).resolve() == Path(output).resolve():

@@ -9,7 +9,7 @@ numerics), and add it to the `register` loop at the end of `formats/__init__.py`
   format with `activations == "static"` runs through the QDQ pass: TensorRT's placement rules (quant/rules.py)
   decide the layers, activations get calibrated per-tensor Q/DQ (`write_activation`), weights per-channel
   DequantizeLinear (`quantize_weight` + `write_weight`), bias correction if `bias_correction`. Any other mode
-  runs through the per-layer pass (passes/int4.py `Int4(format=name)`): every MatMul/Gemm with a 2-D constant
+  runs through the per-layer pass (passes/weight_only.py `Int4(format=name)`): every MatMul/Gemm with a 2-D constant
   weight gets `quantize_weight(w, axis, block_size=...)` behind a (blocked) DequantizeLinear, and, where
   `activations == "dynamic"` (NVFP4, MXFP8), the nodes of `write_dynamic_activation` on the layer's input.
 - `--auto` offers it per layer if `auto` is true, at `cost_weight_bits` / `cost_activation_bits`; the gated

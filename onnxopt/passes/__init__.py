@@ -14,7 +14,7 @@ from ..rewrite.smoothquant import SmoothQuant
 from ..rewrite.sparsity import Sparsify
 from .autoquant import AutoQuant
 from .blockfp import BlockFP
-from .int4 import Int4
-from .qdq import QDQ
+from .weight_only import Int4
+from .static_qdq import QDQ
 
 __all__ = ["AutoQuant", "Sparsify", "SmoothQuant", "AWQ", "QDQ", "Int4", "BlockFP", "LowRank", "Autocast"]

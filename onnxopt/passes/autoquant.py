@@ -22,9 +22,9 @@ from ..autoquant import engine as aq_engine
 from ..autoquant.candidates import base_format, has_branch
 from ..autoquant.groups import tie
 from ..errors import OnnxoptError
-from ..quant import int4, writer
+from ..quant import int4_weights, writer
 from ..pass_protocol import PassBase, check_regexes, one_quantizer
-from .qdq import QDQ, WEIGHT_OPS
+from .static_qdq import QDQ, WEIGHT_OPS
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class AutoQuant(PassBase):
         if not 0 <= self.stages <= autoquant.staged.MAX_STAGES:
             raise OnnxoptError(f"--auto-stages {self.stages}: use 0 (auto: as memory and candidates need) to "
                                f"{autoquant.staged.MAX_STAGES}")
-        int4.check_options("none", self.block_size)
+        int4_weights.check_options("none", self.block_size)
         if self.lowrank is not None:
             self.lowrank = lowrank.parse_rank(self.lowrank)
             lowrank.check_rank(self.lowrank, self.lowrank_budget)

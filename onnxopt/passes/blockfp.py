@@ -16,7 +16,7 @@ from ..errors import OnnxoptError
 from ..rewrite.fold import effective_shape, effective_weight
 from ..quant import rules
 from ..pass_protocol import BlockQuantizer, check_choice
-from .qdq import QDQ
+from .static_qdq import QDQ
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto
 
-from .. import modelfile
+from .. import atomicfile, modelfile
 from ..errors import OnnxoptError
 from . import import_tensorrt, major_version
 
@@ -182,7 +182,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     """Build a TensorRT engine (plan) from an ONNX file with Polygraphy, and save it atomically."""
     config = config or BuildConfig()
     model, output = Path(model), Path(output)
-    modelfile.check_output_path(output, model)
+    atomicfile.check_output_path(output, model)
     proto = modelfile.load(model)  # checks the file (and its external data) before TensorRT sees it
     check_profiles(proto, config.profiles)
     if config.opt_level is not None and not 0 <= config.opt_level <= 5:
@@ -208,7 +208,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
 
     t0 = time.perf_counter()
     try:
-        with modelfile.atomic_path(output) as tmp:  # the mode a plain open() gives, like every output
+        with atomicfile.atomic_path(output) as tmp:  # the mode a plain open() gives, like every output
             network = network_from_onnx_path(str(model), strongly_typed=strongly)
             builder_config = CreateConfig(fp16=fp16, bf16=bf16, int8=int8, fp8=fp8, sparse_weights=sparse, profiles=profiles,
                                           load_timing_cache=cache, builder_optimization_level=config.opt_level,

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import modelfile
+from .. import atomicfile, modelfile
 from ..errors import OnnxoptError
 from . import import_tensorrt_rtx
 from .build import BuildConfig, builder_settings, check_profiles, precision_of
@@ -66,7 +66,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     """Build a TensorRT-RTX engine from an ONNX file and save the serialized plan atomically."""
     config = config or BuildConfig()
     model, output = Path(model), Path(output)
-    modelfile.check_output_path(output, model)
+    atomicfile.check_output_path(output, model)
     proto = modelfile.load(model)  # checks the file (and its external data) before TensorRT-RTX sees it
     check_profiles(proto, config.profiles)
     if config.strongly_typed is False:
@@ -104,7 +104,7 @@ def build(model: str | os.PathLike, output: str | os.PathLike, *, config: BuildC
     seconds = time.perf_counter() - t0
     if dropped:  # at INFO: the engine report's own line says it, once
         log.info("dropped GPU targets: %s", ", ".join(f"SM {k} ({v})" for k, v in dropped.items()))
-    with modelfile.atomic_path(output) as tmp:
+    with atomicfile.atomic_path(output) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(plan))
     size = output.stat().st_size

@@ -45,7 +45,7 @@ def calib_data_sdxl(output, samples, steps, height, width, seed, pipeline, promp
     if report_path and os.path.abspath(report_path) == os.path.abspath(output):
         raise OnnxoptError(f"--report {report_path} is the -o output too; give the report another file name")
     check_report(report_path)
-    from ..modelfile import check_writable
+    from ..atomicfile import check_writable
     check_writable(output, "-o")
     if not pipeline and (prompts or device):
         raise OnnxoptError(f"{'--prompts' if prompts else '--device'} applies only with --pipeline DIR (recording a real pipeline)")
@@ -98,7 +98,7 @@ def calib_data_trajectory(model, output, sampler, steps, guidance, seeds, sample
     resolution are the pipeline's (or the options given)."""
     from .. import diffusion
     from .. import sampler as S
-    from ..modelfile import check_writable
+    from ..atomicfile import check_writable
     if not output.endswith(".npz"):
         raise OnnxoptError(f"-o {output}: calibration data is written as .npz; name the output *.npz")
     if pipeline or prompts:
@@ -125,7 +125,7 @@ def _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_
     from .. import diffusers_pipeline as P
     from .. import diffusion
     from .. import sampler as S
-    from ..modelfile import check_writable
+    from ..atomicfile import check_writable
     if not pipeline:
         raise OnnxoptError("--prompts applies with --pipeline DIR (a diffusers pipeline folder)")
     unused = [o for o, v in (("--data", data), ("--prediction", prediction != "epsilon"), ("--sigma-max", sigma_max != 80.0),
