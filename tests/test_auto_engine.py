@@ -49,9 +49,12 @@ def test_attention_bmms_tied_in_tiny_transformer():
     p = AutoQuant(("fp8", "int8"), bits=8)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     found = groups.tie(graph, cands.layers)
-    assert list(found) == ["attention:attn_softmax"] and found["attention:attn_softmax"]["members"] == ["attn_qk", "attn_pv"]
-    assert cands.layers["attn_qk"].group == cands.layers["attn_pv"].group == "attention:attn_softmax"
-    assert all(not l.group for n, l in cands.layers.items() if n not in ("attn_qk", "attn_pv"))
+    assert list(found) == ["attention:attn_softmax"]
+    assert found["attention:attn_softmax"]["members"] == ["o_proj", "attn_qk", "attn_pv"]
+    assert found["attention:attn_softmax"]["follow"] == ["attn_qk", "attn_pv"]   # the reader decides the block
+    assert cands.layers["attn_qk"].group == cands.layers["attn_pv"].group == cands.layers["o_proj"].group == "attention:attn_softmax"
+    assert cands.layers["attn_qk"].follows and not cands.layers["o_proj"].follows
+    assert all(not l.group for n, l in cands.layers.items() if n not in ("attn_qk", "attn_pv", "o_proj"))
 
 
 def test_tied_layers_share_a_format_and_budget_holds():
@@ -98,6 +101,7 @@ def test_tied_search_meets_target(tmp_path):
     assert a["met"] is True and a["verified"]["cosine"] >= 0.999
     assert a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert a["layers"]["attn_qk"]["group"] == "attention:attn_softmax" and "both BMMs" in a["groups"]["attention:attn_softmax"]["reason"]
+    assert a["layers"]["attn_qk"]["choice"] in ("none", a["layers"]["o_proj"]["choice"])   # the BMMs follow o_proj
     assert a["cost_model"] == {"name": "bits", "rounds": []}
     q = {l.name: l for l in R.quantized_layers(modelfile.import_graph(modelfile.load(tmp_path / "q.onnx")))}
     assert ("attn_qk" in q) == ("attn_pv" in q) and (not q.get("attn_qk") or q["attn_qk"].dtype == q["attn_pv"].dtype)

@@ -324,7 +324,7 @@ def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
     assert any("attn_softmax (Softmax): quantized attention will not fuse: IsNaN/Where between Softmax" in x for x in issues)
     monkeypatch.setattr(fold, "_fold_attention_output", lambda *a: None)
     # the plan would now keep such attention FP16 (no INT8 projection right after P·V): the lint is what is tested
-    monkeypatch.setattr(rules, "_plan_int8_attention_reader", lambda *a: None)
+    monkeypatch.setattr(rules, "_plan_attention_reader", lambda *a: None)
     modelfile.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
     quantize(tmp_path / "t.onnx", tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
              calib_random=2, shapes={"ids": (1, 64)})
