@@ -173,8 +173,8 @@ def test_rtx_probe_tries_each_attention_format(minilm_shaped, tmp_path):
 @rtx_test
 def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
     """Tiny transformer, 12 heads x 64 tokens, real builds through the engine Writer: INT8 attention before an FP8
-    o_proj does not fuse (FP8 attention does); the INT8 probe of an all-FP8 mix keeps o_proj FP8, so INT8 leaves
-    the BMMs' candidates."""
+    o_proj does not fuse (FP8 attention does); the INT8 probe of an all-FP8 mix sets the whole block (o_proj and
+    both BMMs) INT8, which fuses, so INT8 stays a candidate of the BMMs."""
     model, calib = tmp_path / "t64.onnx", tmp_path / "c.npz"
     tiny.save(tiny.transformer(d=384, heads=12, seq=64), model)
     np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (8, 64)).astype(np.int64))
@@ -195,8 +195,9 @@ def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
     assert seen["int8_before_fp8"]["quantized_in_quantized_kernels"] == seen["int8_before_fp8"]["quantized_layers"] == 8
     assert good["fused_by_precision"] == {"fp8": 1}
     (p,) = seen["probes"]   # the mix is all FP8: only INT8 is probed
-    assert p["probe"] == "int8" and p["counts"]["int8"] == 2 and p["fused_attention"] == {}
-    assert {(x["layer"], x["format"]) for x in p["no_savings"]} == {("attn_qk", "int8"), ("attn_pv", "int8")}
+    # the probe sets the block through its reader: o_proj and both BMMs INT8, and the block fuses as INT8
+    assert p["probe"] == "int8" and p["counts"]["int8"] == 3 and p["fused_attention"] == {"int8": 1}
+    assert p["no_savings"] == [] and p["quantized_in_quantized_kernels"] == p["quantized_layers"] == 8
 
 
 @rtx_test
