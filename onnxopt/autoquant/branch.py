@@ -15,6 +15,7 @@ from ..graph import taken_names
 from ..quant.writer import Smooth
 from .block_helpers import GAIN, block_awq as _base_block_awq, input_samples, smoothing_scales
 from .candidates import BRANCH, Branch, Candidates, Layer, base_format, has_branch
+from .groups import sole_leader
 
 
 def takes_branch(fmt: str) -> bool:
@@ -28,7 +29,7 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
                    progress: bool = True) -> dict:
     """Add "F+lr" candidates (and each layer's Branch) to the layers of `cands` that can take a branch; a rank of 0
     chooses it per layer (lowrank.choose_ranks, data-free, the layer's lowest-bit candidate, within `budget`).
-    Tied layers (a group) take none. Returns {layer: why it takes none} for the layers with a branchable format."""
+    Tied layers (a group) take none, but for a group's sole leader (an attention block's reader). Returns {layer: why it takes none} for the layers with a branchable format."""
     nodes = {n.name: n for n in graph.nodes}
     # A Conv feeding a residual Add: split, it would no longer feed the Add, and the rules would quantize the Add's
     # other input for another layer (or not at all), which no per-layer gate can model.
@@ -41,7 +42,7 @@ def add_candidates(graph: gs.Graph, cands: Candidates, *, rank: int, budget: flo
         if not l.wshape:
             why[name] = "no constant weight (e.g. an attention BMM)"
             continue
-        if l.group:
+        if l.group and not sole_leader(name, cands.layers):  # an attention block's reader decides alone
             why[name] = "tied to other layers (one weight, several readers)"
             continue
         if name in residual:

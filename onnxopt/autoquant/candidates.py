@@ -65,6 +65,7 @@ class Layer:
     macs: float = 0.0
     error: dict = field(default_factory=dict)   # format -> measured 1 - cosine (only this layer quantized)
     group: str = ""                     # layers of one group take one format (autoquant.groups)
+    follows: bool = False               # in its group, takes the group's format where it can, else FP16 (groups.member_format)
     branch: dict = field(default_factory=dict)  # "+lr" candidate -> its low-rank Branch
 
     def weight_bits(self, cand: str) -> float:

@@ -1,13 +1,15 @@
 """Cost model (weight bits over parameters, activation bits over MACs) and the choice of a mix: a Lagrangian
 relaxation of the knapsack and local moves (search.py bisects its error budget against the verified metric).
-Tied layers (`Layer.group`, set by groups.py) are chosen as one unit: the formats all members share, the sum
-of their errors and of their costs; every member gets the unit's format."""
+Tied layers (`Layer.group`, set by groups.py) are chosen as one unit (`groups.unit`): the formats its leaders
+share, the sum of their errors and of their costs; every member gets the unit's format (a follower its
+`groups.member_format`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 from .candidates import ABITS, BRANCH_BITS, Layer, base_format, has_branch
+from .groups import member_format, unit
 
 
 # ---------------------------------------------------------------- cost model and choice
@@ -60,20 +62,13 @@ def collapse(layers: dict) -> tuple[dict, dict]:
     members: dict[str, list] = {}
     for n, l in layers.items():
         members.setdefault(l.group or n, []).append(n)
-    units = {}
-    for key, names in members.items():
-        ls = [layers[n] for n in names]
-        if len(ls) == 1:
-            units[key] = ls[0]
-            continue
-        fmts = [f for f in ls[0].formats if all(f in l.formats for l in ls)]
-        units[key] = Layer(key, "group", fmts, {}, sum(l.params for l in ls), (), False, sum(l.macs for l in ls),
-                           {f: sum(_err(l, f) for l in ls) for f in fmts})
+    units = {key: layers[names[0]] if len(names) == 1 else unit(key, [layers[n] for n in names])
+             for key, names in members.items()}
     return units, members
 
 
 def _expand(mix: dict, layers: dict) -> dict:
-    return {n: mix[l.group or n] for n, l in layers.items()}
+    return {n: member_format(l, mix[l.group or n]) for n, l in layers.items()}
 
 
 def _err(l: Layer, f: str) -> float:

@@ -19,6 +19,7 @@ from ..cast import autocast
 from ..errors import OnnxoptError
 from ..quant import writer as qwriter
 from ..trt.report import attention_blocks
+from .groups import offers, set_format
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,13 @@ def probe(mix: dict, writer: Writer, layers: dict) -> list:
     blocks = [b for b in attention_blocks(writer.graph) if b["qk"] in layers and b["pv"] in layers]
     rows = []
     for f in formats.static():
-        take = [b for b in blocks if f in layers[b["qk"]].formats and f in layers[b["pv"]].formats]
+        take = [b for b in blocks if f in layers[b["qk"]].formats and f in layers[b["pv"]].formats
+                and offers(layers, b["qk"], f)]   # the block's reader decides it (groups.py)
         if not take or all(mix.get(b["qk"]) == f and mix.get(b["pv"]) == f for b in take):
             continue   # nothing to try, or round 0 tries exactly this
         trial = dict(mix)
         for b in take:
-            trial[b["qk"]] = trial[b["pv"]] = f
+            set_format(trial, layers, b["qk"], f)
         rep = writer.engine_report(trial)
         bmms = {n for b in take for n in (b["qk"], b["pv"])}
         found = {k: why for k, why in no_savings(rep, trial, writer.graph).items() if k[0] in bmms and k[1] == f}

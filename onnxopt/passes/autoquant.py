@@ -467,6 +467,8 @@ def _met(p: AutoQuant, final: dict):
 
 
 def _reason(l, f: str) -> str:
+    if l.follows and len(l.formats) > 1:
+        return f"{f}: follows the reader of its block ({l.group}: autoquant/groups.py)"
     if len(l.formats) == 1:
         return "no candidate format: " + "; ".join(f"{k}: {v}" for k, v in l.reasons.items())
     if f == "none":

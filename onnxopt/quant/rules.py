@@ -323,7 +323,7 @@ def plan(graph: gs.Graph, config) -> Plan:
             p.skipped[node.name] = reason
             continue
         p.nodes.append(node)
-    _plan_int8_attention_reader(graph, p, config)
+    _plan_attention_reader(graph, p, config)
     for node in p.nodes:
         for idx in (0, 1):
             t = node.inputs[idx]
@@ -391,13 +391,22 @@ def _attention_bmms(softmax):
     return qk, pv
 
 
-def _plan_int8_attention_reader(graph, p: Plan, config) -> None:
-    """INT8 attention BMMs stay FP16 unless the block's output projection is quantized too: TensorRT(-RTX)
-    fuses INT8 attention into one MHA kernel only when its output feeds an INT8 GEMM/conv (measured: the
-    terrain UNet's 19 INT8 attention blocks before FP16 1x1 projections ran unfused; the same blocks in FP16
-    fuse; tests/test_auto_engine.py shows it on a tiny transformer). Unfused INT8 BMMs are slower than fused
-    FP16 attention, so the Q/DQ would cost speed and accuracy for nothing."""
-    if config.mode != "int8":
+def attention_reader(pv):
+    """The layer reading an attention block's output (softmax·V) through layout ops: its output projection, or None."""
+    return _next_gemm(pv.outputs[0])
+
+
+def _plan_attention_reader(graph, p: Plan, config) -> None:
+    """Rule (TensorRT constraint): quantized attention fuses only into a reader quantized in the same format. The
+    fused MHA kernel ends in its reader's Q: an attention block whose BMMs are quantized while the layer reading
+    its output is not runs as separate quantized kernels, slower than fused FP16 attention, so its BMMs stay FP16.
+    Measured with TensorRT-RTX 1.7.1: INT8, the terrain UNet's 19 INT8 blocks before FP16 1x1 projections ran
+    unfused (the same blocks in FP16 fuse; tests/test_auto_engine.py on a tiny transformer); FP8, the terrain
+    `--auto` mix whose two FP16 `proj_out` convs followed FP8 attention (`node_softmax_25`/`_27` quantized and
+    unfused, the other 26 blocks with FP8 `proj_out` fused; BENCHMARKS.md "`--auto`: attention blocks tied to
+    their output projection"). `--auto` ties the same layers (autoquant/groups.py). Where no reader is found
+    (the output fans out), INT8 BMMs stay FP16 and FP8 ones are kept as before."""
+    if config.mode not in ("int8", "fp8"):
         return
     planned = {id(n) for n in p.nodes}
     drop = {}
@@ -408,12 +417,15 @@ def _plan_int8_attention_reader(graph, p: Plan, config) -> None:
         bmms = [n for n in (qk, pv) if n is not None and id(n) in planned]
         if not bmms or pv is None:
             continue
-        proj = _next_gemm(pv.outputs[0])
+        proj = attention_reader(pv)
         if proj is not None and id(proj) in planned:
             continue
-        why = (f"INT8 attention fuses only into an INT8 output projection ({proj.name} is not quantized: "
+        if proj is None and config.mode != "int8":
+            continue
+        mode = config.mode.upper()
+        why = (f"{mode} attention fuses only into an {mode} output projection ({proj.name} is not quantized: "
                f"{p.skipped.get(proj.name, 'not planned')}); fused FP16 attention instead") if proj is not None else \
-              "INT8 attention fuses only into an INT8 output projection (none found); fused FP16 attention instead"
+              f"{mode} attention fuses only into an {mode} output projection (none found); fused FP16 attention instead"
         for n in bmms:
             drop[id(n)] = why
             p.skipped[n.name] = why
