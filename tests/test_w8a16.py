@@ -14,7 +14,9 @@ from click.testing import CliRunner
 from onnx import numpy_helper as nh
 
 import tiny
-from onnxopt import QuantConfig, formats, modelfile, ort, quantize
+from onnxopt import QuantConfig, api, formats, modelfile, ort, quantize
+from onnxopt.passes import Autocast
+from onnxopt.passes import Int4 as WeightOnly
 from onnxopt.cli import main
 from onnxopt.inspection import engine_findings, inspect_path
 from onnxopt.trt import report as R
@@ -82,8 +84,16 @@ def test_written_graph_equals_numpy_emulation(written):
     assert np.abs(got - plain).max() > 1e-4  # the weights really are quantized
 
 
+def test_recipe_is_the_per_layer_pass_alone():
+    """No AWQ pass for a format without AWQ (QuantConfig's default awq is "full", INT4's)."""
+    passes = api.recipe(QuantConfig(mode="w8a16")).passes
+    assert [type(p) for p in passes] == [WeightOnly, Autocast] and passes[0].format == "w8a16"
+    assert passes[0].min_opset == W8A16.min_opset == 19  # per-axis DequantizeLinear with FP16 scales, not INT4's 21
+
+
 def test_written_graph_structure(written):
     d, src, path, report = written
+    assert [o.version for o in modelfile.load(path).opset_import if o.domain in ("", "ai.onnx")] == [19]
     g = modelfile.import_graph(modelfile.load(path))
     by = {n.name: n for n in g.nodes}
     assert not [n for n in g.nodes if n.op == "QuantizeLinear"]  # no activation Q/DQ
