@@ -108,7 +108,7 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                               exclude=c.exclude, op_types=c.op_types, quantize_mha=c.quantize_mha,
                               bias_correction=c.bias_correction))
     elif registry.get(c.mode).weight_only:
-        if c.awq != "none":
+        if c.awq != "none" and registry.get(c.mode).awq:  # the default "full" means nothing to a format without AWQ
             passes.append(AWQ(c.awq))
         passes += _lowrank(c)
         passes.append(Int4(block_size=c.block_size, int8_layers=c.int8_layers, exclude=c.exclude, op_types=c.op_types,

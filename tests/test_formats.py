@@ -20,10 +20,10 @@ def test_get_unknown_lists_the_names():
 
 
 def test_filters_and_facts():
-    assert formats.modes() == ("fp8", "int8", "int4", "nvfp4", "mxfp8")
+    assert formats.modes() == ("fp8", "int8", "int4", "nvfp4", "mxfp8", "w8a16")
     assert formats.static() == ("fp8", "int8")
-    assert formats.weight_only() == ("int4",)
-    assert formats.auto_candidates() == ("fp8", "int8", "int4", "int8-sq", "nvfp4", "mxfp8")
+    assert formats.weight_only() == ("int4", "w8a16")
+    assert formats.auto_candidates() == ("fp8", "int8", "int4", "int8-sq", "nvfp4", "mxfp8", "w8a16")
     assert formats.low_precision() == ("fp16", "bf16")
     assert (formats.FP8.qmax, formats.INT8.qmax, formats.INT4.qmax) == (448.0, 127.0, 7.0)
     assert (formats.FP8.calib_method, formats.INT8.calib_method) == ("max", "mse")

@@ -143,7 +143,7 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
                 ok = why is None
             else:
                 ok = node.name in int4_ok
-                why = int4_skip.get(node.name, "INT4 is for MatMul/Gemm weights only")
+                why = int4_skip.get(node.name, "weight-only formats are for MatMul/Gemm weights only")
             if ok:
                 fmts.append(f)
             else:

@@ -238,6 +238,13 @@ def _check_mode_options(mode: str, o: dict) -> None:
             given.append("--smoothquant")
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {w8} only; --{mode} is weight-only (no activation ranges)")
+        f = formats.get(mode)  # INT4's options mean nothing to a weight-only format without AWQ or blocks
+        if o.get("awq") is not None and not f.awq:
+            ok = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).awq)
+            raise OnnxoptError(f"--awq applies to {ok} only; drop it with --{mode}")
+        if o.get("block_size") is not None and f.weights != "per-block":
+            ok = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only and formats.get(m).weights == "per-block")
+            raise OnnxoptError(f"--block-size applies to {ok} only; --{mode} has {f.weights} weights, drop it")
     sq = [m for m in formats.modes() if formats.get(m).smoothquant]
     if mode not in sq and o.get("smoothquant") is not None:
         raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")

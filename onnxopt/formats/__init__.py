@@ -81,22 +81,24 @@ def low_precision() -> tuple[str, ...]:
     return tuple(f.name for f in _where(lambda f: not f.quantized and f.bits < 32))
 
 
-def from_storage(stored: str, scale: str = "") -> Format | None:
+def from_storage(stored: str, scale: str = "", *, weight_only: bool = False) -> Format | None:
     """The format a DequantizeLinear holds, from its input's numpy dtype name (and its scale's), or None.
     Later registrations win, so a format sharing storage with an older one (MXFP8's E4M3 codes with E8M0
-    scales) is recognised by its narrower `recognises`."""
-    for f in reversed(list(_REGISTRY.values())):
-        if f.quantized and not f.base and f.recognises(stored, scale):
-            return f
-    return None
+    scales) is recognised by its narrower `recognises`. Where the stored type alone cannot tell (INT8 codes are
+    W8A8's and W8A16's), the layer's role decides: `weight_only` for a weight whose activation has no Q/DQ."""
+    return _by_role([f for f in reversed(list(_REGISTRY.values()))
+                     if f.quantized and not f.base and f.recognises(stored, scale)], weight_only)
 
 
-def from_engine(precision: str) -> Format | None:
-    """The format of a TensorRT kernel datatype string ("Int8", "FP8", "Half"), or None."""
-    for f in reversed(list(_REGISTRY.values())):
-        if precision in f.engine_precisions:
-            return f
-    return None
+def from_engine(precision: str, *, weight_only: bool = False) -> Format | None:
+    """The format of a TensorRT kernel datatype string ("Int8", "FP8", "Half"), or None; `weight_only` for a
+    quantized weight constant in a kernel whose activations are high precision (as `from_storage`)."""
+    return _by_role([f for f in reversed(list(_REGISTRY.values())) if precision in f.engine_precisions], weight_only)
+
+
+def _by_role(found: list, weight_only: bool) -> Format | None:
+    """The first of `found` whose weight-only-ness is `weight_only`, else the first."""
+    return next((f for f in found if f.weight_only == weight_only), found[0] if found else None)
 
 
 def with_weight_only_variant() -> tuple[str, ...]:
@@ -150,7 +152,11 @@ from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + s
 
 NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
 
+from . import w8a16  # noqa: E402  (INT8 weight-only)
+
+W8A16 = register(w8a16.W8A16)
+
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
            "weight_only", "with_weight_only_variant", "dequantize_ops", "from_dequantize_op", "from_dynamic_op",
            "block_format_of", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
-           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8"]
+           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8", "W8A16"]

@@ -32,8 +32,8 @@ class Int4(WeightOnlyQuantizer):
 
     @property
     def min_opset(self) -> int:
-        """Blocked DequantizeLinear and 4-bit tensors need opset 21; a newer format may need more."""
-        return max(21, formats.get(self.format).min_opset)
+        """The format's own (INT4's blocked 4-bit DequantizeLinear: 21; per-channel INT8 with FP16 scales: 19)."""
+        return max(formats.get(self.format).min_opset, formats.INT8.min_opset)
 
     @property
     def name(self) -> str:

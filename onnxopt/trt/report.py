@@ -35,9 +35,10 @@ _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
 
 
-def _engine_format(datatype: str, quantized: bool):
-    """The registered format of a kernel datatype string ("Int8", "FP8", "Half"), if it is (not) quantized."""
-    f = formats.from_engine(datatype)
+def _engine_format(datatype: str, quantized: bool, weight_only: bool = False):
+    """The registered format of a kernel datatype string ("Int8", "FP8", "Half"), if it is (not) quantized;
+    `weight_only` for a weight constant beside high-precision activations (Int8: W8A16, not W8A8)."""
+    f = formats.from_engine(datatype, weight_only=weight_only)
     return f if f is not None and f.quantized == quantized else None
 
 
@@ -80,8 +81,8 @@ class Kernel:
             if _engine_format(dt, True):
                 return _engine_format(dt, True).name
         for dt in self.constants:
-            if _engine_format(dt, True):
-                return _engine_format(dt, True).name + "-weight"
+            if _engine_format(dt, True, True):
+                return _engine_format(dt, True, True).name + "-weight"
         return next((_engine_format(dt, False).name for dt in self.inputs if _engine_format(dt, False)), "other")
 
 
@@ -136,8 +137,9 @@ class QuantLayer:
     attention: bool = False       # a Q·Kᵀ or softmax·V BMM
 
 
-def _dq_dtype(t) -> str | None:
-    """Quantized type behind a DequantizeLinear feeding `t` (looking through Transpose/Cast/Reshape)."""
+def _dq_dtype(t, weight_only: bool = False) -> str | None:
+    """Quantized type behind a DequantizeLinear feeding `t` (looking through Transpose/Cast/Reshape); `weight_only`
+    names it as the weight of a layer whose activation has no Q/DQ (`formats.from_storage`)."""
     for _ in range(4):
         p = G.producer(t)
         if p is None:
@@ -147,7 +149,7 @@ def _dq_dtype(t) -> str | None:
         if p.op == "DequantizeLinear":
             src = p.inputs[0]
             if isinstance(src, gs.Constant):
-                return _np_kind(src.dtype)
+                return _np_kind(src.dtype, weight_only)
             q = G.producer(src)
             if len(p.inputs) > 2 and p.inputs[2] is not None and p.inputs[2].name:
                 return _np_kind(p.inputs[2].dtype)
@@ -160,14 +162,14 @@ def _dq_dtype(t) -> str | None:
     return None
 
 
-def _np_kind(dt) -> str:
+def _np_kind(dt, weight_only: bool = False) -> str:
     if dt is None:
         return "?"
     try:
         s = np.dtype(helper.tensor_dtype_to_np_dtype(dt) if isinstance(dt, int) else dt).name
     except (TypeError, KeyError, ValueError):
         s = TensorProto.DataType.Name(dt).lower() if isinstance(dt, int) else str(dt)
-    f = formats.from_storage(s)
+    f = formats.from_storage(s, weight_only=weight_only)
     return f.name if f is not None else (s or "?")
 
 
@@ -221,8 +223,8 @@ def quantized_layers(graph: gs.Graph) -> list[QuantLayer]:
         kinds = [_dq_dtype(t) for t in n.inputs[:2] if t is not None and t.name]
         if len(kinds) == 2 and all(kinds):
             out.append(QuantLayer(n.name, n.op, "w8a8", kinds[0], n.name in attn))
-        elif len(kinds) == 2 and kinds[1] in formats.weight_only() + formats.with_weight_only_variant():
-            out.append(QuantLayer(n.name, n.op, "weight-only", kinds[1]))
+        elif len(kinds) == 2 and kinds[1] and (w := _dq_dtype(n.inputs[1], True)) in formats.weight_only() + formats.with_weight_only_variant():
+            out.append(QuantLayer(n.name, n.op, "weight-only", w))
     return out
 
 
@@ -272,9 +274,10 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
     quant_blocks = [b for b in blocks if b["quantized"]]
     qfused = sum(v for p, v in fused.items() if _is_quantized(p))
     standalone_dq = [k.name for k in build_log.kernels
-                     if any((f := _engine_format(c, True)) is not None and f.weight_only for c in k.constants) and k.layers and all(n.endswith("DequantizeLinear") or "DequantizeLinear" in n for n in k.layers)]
+                     if any((f := _engine_format(c, True, True)) is not None and f.weight_only for c in k.constants) and k.layers and all(n.endswith("DequantizeLinear") or "DequantizeLinear" in n for n in k.layers)]
     dw = depthwise_convs(graph)
-    padding = [k for k in build_log.kernels if not k.computes and k.quantized_constant_bytes >= PADDING_MIN_BYTES]
+    padding = [k for k in build_log.kernels if not k.computes and k.quantized_constant_bytes >= PADDING_MIN_BYTES
+               and k.name not in standalone_dq]  # a weight-only weight's own dequantize kernel holds the weight
     bloat = sorted({n for k in padding for n in k.layers if n in dw})
     wb = weight_bytes(model)
     branch = [n.name for n in graph.nodes if lowrank.is_branch(n) and n.op in lowrank.OPS]
@@ -340,7 +343,7 @@ def format_report(rep: dict, all_layers: bool = False) -> str:
     lines.append(f"attention blocks: {a['blocks']} ({a['quantized_blocks']} quantized); fused attention kernels: {fused}"
                  + (f"; quantized not fused: {len(a['quantized_unfused'])}" if a["quantized_unfused"] else ""))
     if rep["int4_dq_kernels"]:
-        lines.append(f"INT4 DequantizeLinear as its own kernel: {len(rep['int4_dq_kernels'])}")
+        lines.append(f"weight-only DequantizeLinear as its own kernel: {len(rep['int4_dq_kernels'])}")
     if rep["padding"]["bytes"]:
         lines.append(f"quantized padding constants: {rep['padding']['bytes'] / 1e6:.2f} MB "
                      f"({len(rep['padding']['depthwise_layers'])} INT8 depthwise conv(s) padded to 4 channels)")
