@@ -9,6 +9,10 @@ rounding minimises Σ_uses ||X_u (W - Q)||², the error accumulated over all use
 per-channel scales stay the format's (max |w| per output channel), so the written graph's form is unchanged.
 Only weights with several readers are rounded this way: for a weight read once the same Hessian would need one
 more statistic per layer for a gain the measurements here did not need.
+
+The layers before or at the first use of weights shared along a path (`leading_layers`) stay high precision: an
+error there passes through every later use, so the output is most sensitive to it (the QDQ pass leaves them out
+of its plan, option `shared_lead_high_precision`).
 """
 from __future__ import annotations
 
