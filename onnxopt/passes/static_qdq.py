@@ -68,6 +68,11 @@ class QDQ(StaticQuantizer):
     def check_recipe(self, recipe, index: int) -> None:
         one_quantizer(recipe)
 
+    def smoothing_plan(self, graph) -> rules.Plan:
+        """Every layer the rules place, the shared-weight lead included: smoothing is exact in float, and a weight
+        shared by a lead layer and later ones must get the same scale at every use to stay one tensor."""
+        return rules.plan(graph, self)
+
     def plan(self, graph) -> rules.Plan:
         """Where the rules place this pass's Q/DQ in `graph` (what SmoothQuant and LowRank before it prepare)."""
         place = rules.plan(graph, self)
