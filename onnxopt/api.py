@@ -39,6 +39,7 @@ class QuantConfig:
     keep_fp32_ops: tuple = ()                  # op types autocast leaves in FP32
     bias_correction: bool = True               # fold -ΔW·E[x] of weight quantization into the bias
     shared_rounding: bool = True               # a weight read by several layers: rounded for all its uses
+    shared_lead_high_precision: bool = True    # layers up to a shared weight's first use stay high precision
     weight_rounding: str | None = None         # INT8/FP8 weights: "nearest" | "feedback" (GPTQ); None = the format's
     smoothquant: float | str | None = None     # alpha, "auto", or None
     lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
@@ -119,7 +120,8 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
         passes += _lowrank(c)
         passes.append(QDQ(c.mode, calib_method=c.calib_method, percentile=c.percentile, exclude=c.exclude,
                           op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction,
-                          shared_rounding=c.shared_rounding, weight_rounding=c.weight_rounding))
+                          shared_rounding=c.shared_rounding, weight_rounding=c.weight_rounding,
+                          shared_lead_high_precision=c.shared_lead_high_precision))
     passes.append(Autocast(c.high_precision, io_dtype=c.io_dtype, keep_fp32_ops=c.keep_fp32_ops))
     return pipeline.Recipe(passes, max_batch=c.calib_max_batch)
 

@@ -84,6 +84,10 @@ class StaticQuantizer(PassBase):
         """The quant.rules Plan of the layers this pass will quantize in `graph` as it is now."""
         raise NotImplementedError
 
+    def smoothing_plan(self, graph):
+        """The layers SmoothQuant before this pass smooths: by default those it will quantize."""
+        return self.plan(graph)
+
 
 class BlockQuantizer(StaticQuantizer):
     """A block-format pass (passes.blockfp.BlockFP): `fmt`, `weight_only` and `block_nodes(graph)` besides."""

@@ -143,7 +143,8 @@ def test_shared_weight_rounded_for_all_uses(tmp_path, mode):
     np.savez(tmp_path / "c.npz", x=cal)
     out = {}
     for on in (True, False):
-        cfg = QuantConfig(mode=mode, progress=False, high_precision="fp32", shared_rounding=on)
+        cfg = QuantConfig(mode=mode, progress=False, high_precision="fp32", shared_rounding=on,
+                          shared_lead_high_precision=False)   # every depth quantized: the Hessian of all uses
         out[on] = onnx.load(quantize(str(src), tmp_path / f"q{on}.onnx", config=cfg, data=str(tmp_path / "c.npz")).path)
         assert _stored_weights(out[on]) == {(D, F): 1, (F, D): 1}
     f = formats.get(mode)
@@ -165,6 +166,83 @@ def test_shared_weight_rounded_for_all_uses(tmp_path, mode):
     cos = {on: float((ref * (o := _outputs(out[on], xs))).sum() / np.linalg.norm(ref) / np.linalg.norm(o)) for on in out}
     assert cos[True] >= cos[False] - 1e-4, cos
 
+
+
+def _producer_ops(model: onnx.ModelProto, node_name: str) -> tuple:
+    """(op writing input 0, op writing input 1) of a node ("" for a graph input or initializer)."""
+    made = {o: n.op_type for n in model.graph.node for o in n.output}
+    (node,) = [n for n in model.graph.node if n.name == node_name]
+    return made.get(node.input[0], ""), made.get(node.input[1], "")
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("identity", [False, True], ids=["one-initializer", "identity-per-use"])
+def test_first_use_of_shared_weights_kept_high_precision(tmp_path, mode, identity):
+    """The layers up to the first use of a weight that later depths share stay high precision (their error would
+    pass through every later use): depth 0's GEMMs read the FP32 weight and unquantized inputs, deeper ones the
+    one stored codes through Q/DQ; the report says why; without the option every depth is quantized."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_shared_stack(identity), src)
+    np.savez(tmp_path / "c.npz", x=_data(16, 0))
+    out = {}
+    for on in (True, False):
+        cfg = QuantConfig(mode=mode, progress=False, high_precision="fp32", shared_lead_high_precision=on)
+        res = quantize(str(src), tmp_path / f"q{on}.onnx", config=cfg, data=str(tmp_path / "c.npz"))
+        out[on] = (onnx.load(res.path), res.report)
+    q, rep = out[True]
+    assert _stored_weights(q) == {(D, F): 1, (F, D): 1}
+    for i in range(DEPTH):
+        for fc in (f"fc1_{i}", f"fc2_{i}"):
+            act, wt = _producer_ops(q, fc)
+            if i == 0:
+                assert act != "DequantizeLinear" and wt != "DequantizeLinear", (fc, act, wt)
+            else:
+                assert act == wt == "DequantizeLinear", (fc, act, wt)
+            assert _producer_ops(out[False][0], fc) == ("DequantizeLinear",) * 2
+    skipped = rep["qdq"]["skipped"]
+    assert {n for n, r in skipped.items() if "first use" in r} == {"fc1_0", "fc2_0"}
+    # depth 0 is the FP32 model's: its output (the residual sum x1) equal to the reference's
+    xs = _data(4, 1)
+
+    def x1(model):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        m.graph.output.extend([helper.make_tensor_value_info("x1", TensorProto.FLOAT, None)])
+        sess = ort.session(m, level="disable")
+        return np.stack([sess.run(["x1"], {"x": x})[0] for x in xs])
+    np.testing.assert_allclose(x1(q), x1(_shared_stack(identity)), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_layers_only_where_a_weight_is_shared_along_a_path():
+    """Parallel branches reading one weight (not one after the other) and unshared weights keep every layer
+    quantized; a chain of uses names the layers up to the last first use."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.quant import shared_rounding
+
+    def mm(name, x, w):
+        y = gs.Variable(f"y_{name}", np.float32, (1, T, D))
+        return gs.Node("MatMul", name, inputs=[x, w], outputs=[y])
+
+    def place_of(nodes):
+        g = gs.Graph(nodes=nodes)
+        return g, SimpleNamespace(nodes=nodes, weights=[(n, 1, n.inputs[1], 1) for n in nodes])
+
+    w, v = gs.Constant("W", np.zeros((D, D), np.float32)), gs.Constant("V", np.zeros((D, D), np.float32))
+    x = gs.Variable("x", np.float32, (1, T, D))
+    a, b = mm("a", x, w), mm("b", x, w)                       # two branches, one weight
+    assert shared_rounding.leading_layers(*place_of([a, b])) == []
+    p = mm("p", x, v)
+    c0 = mm("c0", p.outputs[0], w)
+    c1 = mm("c1", c0.outputs[0], w)                            # a chain: c0 then c1 read W
+    others, last = [], c1.outputs[0]
+    for i in range(6):                                         # six unshared layers after the chain
+        others.append(mm(f"o{i}", last, gs.Constant(f"U{i}", np.zeros((D, D), np.float32))))
+        last = others[-1].outputs[0]
+    assert shared_rounding.leading_layers(*place_of([p, c0, c1] + others)) == ["p", "c0"]
+    assert shared_rounding.leading_layers(*place_of([p, c0, c1])) == []   # 2 of 3 layers: more than LEAD_MAX
 
 
 def test_shared_hessians_one_per_input_set_within_the_budget():

@@ -2,7 +2,9 @@
 the bias-correction means in one pass over the data, insert Q/DQ, fold weight-quantization error into biases."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ class QDQ(StaticQuantizer):
     quantize_mha: bool = True          # Q/DQ on attention BMMs (Q·Kᵀ, softmax·V)
     bias_correction: bool = True       # fold -ΔW·E[x] of weight quantization into the bias
     shared_rounding: bool = True       # a weight read by several layers: rounded for all uses (quant.shared_rounding)
+    shared_lead_high_precision: bool = True  # layers up to a shared weight's first use stay high precision (same module)
     weight_rounding: str | None = None  # "nearest" | "feedback" (GPTQ from calibration); None = the format's
     name = "qdq"
     min_opset = 19                     # FP16 scales on Q/DQ need opset 19
@@ -65,9 +68,22 @@ class QDQ(StaticQuantizer):
     def check_recipe(self, recipe, index: int) -> None:
         one_quantizer(recipe)
 
+    def smoothing_plan(self, graph) -> rules.Plan:
+        """Every layer the rules place, the shared-weight lead included: smoothing is exact in float, and a weight
+        shared by a lead layer and later ones must get the same scale at every use to stay one tensor."""
+        return rules.plan(graph, self)
+
     def plan(self, graph) -> rules.Plan:
         """Where the rules place this pass's Q/DQ in `graph` (what SmoothQuant and LowRank before it prepare)."""
-        return rules.plan(graph, self)
+        place = rules.plan(graph, self)
+        lead = shared_rounding.leading_layers(graph, place) if self.shared_lead_high_precision else []
+        if not lead:
+            return place
+        place = rules.plan(graph, dataclasses.replace(self, exclude=self.exclude + tuple(f"^{re.escape(n)}$" for n in lead)))
+        for name in lead:
+            place.skipped[name] = shared_rounding.LEAD_REASON
+        log.info("%d layers before or at the first use of shared weights kept high precision", len(lead))
+        return place
 
     def run(self, ctx) -> dict:
         graph = ctx.graph

@@ -322,6 +322,6 @@ class SmoothQuant(PassBase):
     def run(self, ctx) -> dict:
         data = ctx.require_data("SmoothQuant")
         qdq = ctx.following(StaticQuantizer, self)
-        plan = qdq.plan(ctx.graph) if qdq is not None else None
+        plan = qdq.smoothing_plan(ctx.graph) if qdq is not None else None
         return smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
                                   provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
