@@ -35,9 +35,11 @@ def _embed(model, feeds) -> np.ndarray:
 
 
 def folding(prep) -> list[dict]:
-    from onnxopt import QuantConfig, calib, modelfile
+    from onnxopt import calib, modelfile
+    from onnxopt.api import prepare
+    from onnxopt.passes import QDQ
+    from onnxopt.quant import int4_weights
     from onnxopt.rewrite import awq, smoothquant
-    from onnxopt.quant import int4, prepare, rules
     with np.load(prep.eval) as z:
         feeds = {k: z[k] for k in z.files}
     rows = []
@@ -49,12 +51,11 @@ def folding(prep) -> list[dict]:
         data = calib.CalibData.from_path(prep.calib, calib.input_specs(m))
         t = time.perf_counter()
         if mode == "int8":
-            config = QuantConfig(mode="int8", smoothquant="auto", progress=False)
-            rep = smoothquant.smooth(graph, data, rules.plan(graph, config), alpha="auto", progress=False)
+            # the layers `quantize --int8 --smoothquant auto` smooths: the INT8 pass's plan
+            rep = smoothquant.smooth(graph, data, QDQ(mode="int8").plan(graph), alpha="auto", progress=False)
             groups = rep["groups"]
         else:
-            config = QuantConfig(mode="int4", progress=False)
-            layers, _ = int4.select_layers(graph, exclude=config.exclude, op_types=config.op_types)
+            layers, _ = int4_weights.select_layers(graph)
             rep, _ = awq.apply(graph, data, layers, method="full", block_size=128, progress=False)
             groups = rep["groups"]
         wall = time.perf_counter() - t
