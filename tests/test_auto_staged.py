@@ -342,6 +342,7 @@ def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
     where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    monkeypatch.setattr(staged, "UNIFIED", False)  # error sessions of their own (the unified stage: next test)
     inl = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=True)
     ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
     s = 1
@@ -358,6 +359,37 @@ def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
         assert many[k] == pytest.approx(few[k], rel=1e-6, abs=1e-12)
         assert many[k] == pytest.approx(by_if[k], rel=1e-5, abs=1e-12)
 
+
+
+def test_unified_stage_sessions_load_once_per_stage(setup, monkeypatch):
+    """Inlined gates (CUDA): one session a stage serves the FP32 reference, every candidate's error, the gain
+    probes and the verifications (was an FP32, an error and a whole session a stage: ~1 s a load on the GPU).
+    The same reference outputs, sensitivities and verified metrics as separate sessions and as the Ifs."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64, inline=True)
+    assert one.unified and one.loads == one.plan.n  # the reference loaded each stage once
+    assert all(one.types[o].size == 0 for o in one.types)  # dtype and rank only, no batch kept
+    ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64)
+    monkeypatch.setattr(staged, "UNIFIED", False)
+    sep = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64, inline=True)
+    assert not sep.unified
+    for b in one.refout:
+        np.testing.assert_array_equal(one.refout[b], ifs.refout[b])
+    keys = [k for k in index if len(one.plan.gate_stages[index[k]]) == 1]
+    a, b, c = (dict(e.sensitivities(keys, progress=False)) for e in (one, sep, ifs))
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-12) and a[k] == pytest.approx(c[k], rel=1e-5, abs=1e-12)
+    mix = {n: min(l.error, key=l.error.get) if getattr(l, "error", None) else l.formats[-1]
+           for n, l in cands.layers.items()}
+    assert one.metrics(one.gates(mix), "all")["cosine"] == pytest.approx(ifs.metrics(ifs.gates(mix), "all")["cosine"],
+                                                                         abs=1e-7)
+    assert one.loads == one.plan.n  # errors, gains and the verification loaded nothing more
+    assert sep.loads > 2 * sep.plan.n
 
 
 def test_chains_run_batch_by_batch_in_memory_where_the_stages_stay_loaded(setup):

@@ -124,9 +124,11 @@ class StagePlan:
                 out[k] = int(numpy_helper.to_array(inits[ga.input[1]]))
         return out
 
-    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None) -> onnx.ModelProto:
+    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None,
+              outputs: bool = False) -> onnx.ModelProto:
         """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
-        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs.
+        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs
+        unless `outputs` (the stage's outputs first: one session for chains and errors).
         `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run)."""
         st, m = self.stages[s], onnx.ModelProto()
         m.ir_version = self.model.ir_version
@@ -150,8 +152,9 @@ class StagePlan:
                 a = types[name]
                 m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
                                                                    [None] * a.ndim))
-        if not errors:
+        if not errors or outputs:
             m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in st["outputs"])
+        if not errors:
             return m
         for o in self.float_outputs(s, types):
             ref, d, e, rank = f"{o}__ref", f"{o}__diff", f"{o}__err", types[o].ndim
@@ -197,6 +200,30 @@ class StagePlan:
             out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
             out.append(helper.make_node("Where", [n.input[0], then.output[0].name, src], [n.output[0]],
                                         name=f"{n.name}__where"))
+        return out
+
+    def inferred_types(self, feed: dict) -> dict:
+        """Boundary tensor -> an empty array of its dtype and rank, from ONNX shape inference with `feed`'s shapes
+        ({} where inference fails): an error session can be made before its stage first runs."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)  # external weights: the protos only
+        del m.graph.value_info[:]
+        for vi in m.graph.input:
+            if vi.name in feed and vi.type.HasField("tensor_type"):
+                dims = vi.type.tensor_type.shape.dim
+                del dims[:]
+                for d in np.shape(feed[vi.name]):
+                    dims.add().dim_value = int(d)
+        try:
+            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:  # noqa: BLE001 - a graph inference cannot type: its stages learn types from their runs
+            return {}
+        want = set(self.made_in)
+        out = {}
+        for vi in list(m.graph.value_info) + list(m.graph.output):
+            tt = vi.type.tensor_type
+            if vi.name in want and tt.elem_type and tt.HasField("shape"):
+                out[vi.name] = np.empty((0,) * len(tt.shape.dim), helper.tensor_dtype_to_np_dtype(tt.elem_type))
         return out
 
     def float_outputs(self, s: int, types: dict) -> list:

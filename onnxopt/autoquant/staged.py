@@ -58,6 +58,9 @@ GROUP = 16                                          # candidates per error sessi
 # ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
 # (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
 GROUP_INLINE = 64
+# Inlined gates: one session a stage (`StagedEvaluator._unified`), every gate of the stage in it.
+UNIFIED = True
+REF = "__ref"
 # Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
 # relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per candidate
 # (full-size SDXL at 4096 tokens: ~0.2 s; the candidates are most of the search) and a chained forward per gain.
@@ -176,7 +179,8 @@ class StagedEvaluator(Gates):
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
         self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
         self.stats = {"load_s": 0.0, "stages": {}}
-        self.types: dict = {}
+        self.unified = self.plan.inline and UNIFIED
+        self.types: dict = self.plan.inferred_types(self.feeds[0]) if self.unified else {}
         self.refs = _Store(self.root)
         self.refout: dict[int, np.ndarray] = {}
         self.shapes: dict[str, list] = {}
@@ -189,7 +193,10 @@ class StagedEvaluator(Gates):
     # ------------------------------------------------------------ sessions and feeds
     def _session(self, s: int, errors: bool = False, only=None):
         """Stage `s`'s session: with the Ifs of the gates `only` (None: all); with `errors`, the variant summing
-        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together."""
+        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together.
+        Unified (inlined gates): one session a stage, whatever is asked (`_unified`)."""
+        if self.unified:
+            return self._unified(s)
         key = (s, None if only is None else frozenset(only))
         keep = not errors and (only is None or not only)
         if keep and key in self.cached:
@@ -199,7 +206,28 @@ class StagedEvaluator(Gates):
         size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
         if keep:
             self.sizes[key] = size
-        while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
+        return self._load(m, key if keep else None, size)
+
+    def _unified(self, s: int):
+        """Stage `s` with every gate inlined, its outputs and its squared errors against `t__ref` inputs (zeros
+        where a run wants the outputs only): the FP32 reference (gates off), the candidates' errors, gain probes and
+        verifications all run on it, so a stage loads once instead of 3-4 times (FP32, error, whole: ~1 s each on
+        the GPU). Rebuilt once if its outputs' types were not known when it was made."""
+        key = (s, "unified")
+        sig = tuple((o, self.types[o].dtype.str, self.types[o].ndim) for o in self.plan.stages[s]["outputs"]
+                    if o in self.types)
+        hit = self.cached.get(key)
+        if hit is not None and hit[2] == sig:
+            self.cached.move_to_end(key)
+            return hit[0]
+        self.cached.pop(key, None)
+        m = self.plan.proto(s, self.types, errors=True, outputs=True)
+        self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+        return self._load(m, key, size, sig)
+
+    def _load(self, m, key, size: int, sig=None):
+        """An ORT session of stage model `m`, cached under `key` (None: not kept) while the cache fits the budget."""
+        while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
         sess = ort.session(m, provider=self.provider, level="disable")
@@ -208,8 +236,8 @@ class StagedEvaluator(Gates):
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
         weakref.finalize(sess, self._closed)
-        if keep and size <= self.budget:
-            self.cached[key] = (sess, size)
+        if key is not None and size <= self.budget:
+            self.cached[key] = (sess, size, sig)
         return sess
 
     def _closed(self):
@@ -232,6 +260,9 @@ class StagedEvaluator(Gates):
         names = self.plan.stages[s]["outputs"] or [sess.get_outputs()[0].name]
         wanted = {i.name for i in sess.get_inputs()}
         feed = {k: v for k, v in feed.items() if k in wanted}
+        for i in sess.get_inputs():  # a unified session's error inputs: any zeros (their sums are not fetched)
+            if i.name not in feed and i.name.endswith(REF):
+                feed[i.name] = np.zeros([1] * len(i.shape), np.float32)
         return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph",
                                        options=ort.shrinking(sess))))
 
@@ -246,8 +277,8 @@ class StagedEvaluator(Gates):
             sess = self._session(s, only=())  # the FP32 stage: gates off are their else-branches
             for b in range(len(self.feeds)):
                 got = self._run(sess, s, self._feed(s, b, zeros))
-                for n, a in got.items():
-                    self.types.setdefault(n, a)
+                for n, a in got.items():  # dtype and rank only: a batch's array here stayed in RSS for good
+                    self.types[n] = np.empty((0,) * a.ndim, a.dtype)
                 if self.plan.out in got:
                     self.refout[b] = self._final(got[self.plan.out])
                 if b in search:
@@ -301,6 +332,12 @@ class StagedEvaluator(Gates):
         """Whether the sessions of stages {s: only} stay cached together within the budget (whole or FP32 stages)."""
         total = 0
         for s, o in only.items():
+            if self.unified:
+                if (s, "unified") not in self.sizes:
+                    m = self.plan.proto(s, self.types, errors=True, outputs=True)
+                    self.sizes[(s, "unified")] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+                total += self.sizes[(s, "unified")]
+                continue
             if o:  # a few gates' Ifs: a session per mix, not kept
                 return False
             key = (s, None if o is None else frozenset(o))
@@ -384,7 +421,9 @@ class StagedEvaluator(Gates):
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
         step = GROUP
-        if self.plan.inline:  # as few sessions, of equal size
+        if self.unified:
+            step = max(1, len(keys))
+        elif self.plan.inline:  # as few sessions, of equal size
             step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
         for g0 in range(0, len(keys), step):
             group = keys[g0:g0 + step]
