@@ -303,8 +303,9 @@ class StagedEvaluator(Gates):
             here = on & self.plan.stage_gates.get(s, set())
             # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
             # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
-            # verifications loading per-mix sessions).
-            few = len(here) <= GROUP and not (self.plan.inline and here)
+            # verifications loading per-mix sessions). Ifs too where the whole stage stays loaded: an off If costs
+            # ~0.3 ms a run, a session of the few ~0.4 s to load (tiny SDXL: 3 verifications 28 s -> see BENCHMARKS).
+            few = len(here) <= GROUP and not (here and (self.plan.inline or self._whole_fits(s)))
             only[s] = here if few else None
         if len(batches) > 1 and self._fit(only):
             return self._chain_by_batch(gates, batches, start, only)
@@ -327,6 +328,13 @@ class StagedEvaluator(Gates):
         finally:
             store.close()
         return out, _relative(num, den)
+
+    def _whole_fits(self, s: int) -> bool:
+        """Whether stage `s`'s whole gated session stays cached (within the budget on its own)."""
+        key = (s, None)
+        if key not in self.sizes:
+            self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types)))
+        return self.sizes[key] <= self.budget
 
     def _fit(self, only: dict) -> bool:
         """Whether the sessions of stages {s: only} stay cached together within the budget (whole or FP32 stages)."""
