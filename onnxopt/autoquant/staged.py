@@ -60,6 +60,10 @@ GROUP = 16                                          # candidates per error sessi
 GROUP_INLINE = 64
 # Inlined gates: one session a stage (`StagedEvaluator._unified`), every gate of the stage in it.
 UNIFIED = True
+# Candidate errors on suffixes of their stage (`StagedEvaluator._stage_errors`); unified stages split into at most
+# MAX_SUFFIXES where the measured forward and load times say it pays.
+SUFFIX = True
+MAX_SUFFIXES = 4
 REF = "__ref"
 # Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
 # relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per candidate
@@ -275,6 +279,7 @@ class StagedEvaluator(Gates):
         for s in track(range(self.plan.n), total=self.plan.n, desc="FP32 reference (stages)", unit="stage",
                        enabled=self.progress):
             sess = self._session(s, only=())  # the FP32 stage: gates off are their else-branches
+            t = time.perf_counter()
             for b in range(len(self.feeds)):
                 got = self._run(sess, s, self._feed(s, b, zeros))
                 for n, a in got.items():  # dtype and rank only: a batch's array here stayed in RSS for good
@@ -286,6 +291,8 @@ class StagedEvaluator(Gates):
                         if n in got:
                             self.shapes.setdefault(n, []).append([int(d) for d in got[n]])
                 self.refs.save(b, got)  # every output: the later stages' inputs and the FP32 side of stage errors
+            # seconds a forward of this stage takes (the unified stage's: what a candidate's costs)
+            self.stats.setdefault("forward_s", {})[s] = (time.perf_counter() - t) / max(1, len(self.feeds))
             del sess
 
     # ------------------------------------------------------------ chained runs of mixes
@@ -417,51 +424,106 @@ class StagedEvaluator(Gates):
 
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
         """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
-        differences are summed inside the graph; the inputs stay bound on the device across candidates; each
-        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math;
-        inlined gates: GROUP_INLINE)."""
+        differences are summed inside the graph; the inputs stay bound on the device across candidates. The
+        candidates, in the order their layers run, go in groups (`_groups`); a group's session holds only what its
+        gates can change (`StagePlan.nodes`' suffix), the FP32 tensors it reads from the rest computed once per
+        batch by one prefix run, so a candidate late in the stage no longer runs the stage's FP32 prefix."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"][:ERROR_BATCHES]
         den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
                for b in batches}
-        errs = [f"{n}__err" for n in floats]
-        bound, out = None, {}
+        pos = self.plan.gate_positions(s)
+        keys = sorted(keys, key=lambda k: (pos.get(self.index[k], 0), self.index[k]))
+        groups, suffix = self._groups(s, keys)
+        frontier = {}
+        if suffix:
+            frontier = {g: self.plan.nodes(s, self._group_gates(s, group), self._group_gates(s, group))[1]
+                        for g, group in enumerate(groups)}
+        prefix = self._prefix(s, batches, sorted(set().union(*frontier.values()))) if frontier else None
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
-        step = GROUP
-        if self.unified:
-            step = max(1, len(keys))
-        elif self.plan.inline:  # as few sessions, of equal size
-            step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
-        for g0 in range(0, len(keys), step):
-            group = keys[g0:g0 + step]
-            sess = self._session(s, errors=True, only={self.index[k] for k in group})
-            if bound is None:
-                device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
-                bound = []
-                for b in batches:
-                    feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES}
-                    feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats})
-                    bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
+        out, device = {}, None
+        for g, group in enumerate(groups):
+            gates_here = self._group_gates(s, group)
+            if g in frontier:
+                m = self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here)
+                sess = self._load(m, None, 0)
+            else:
+                sess = self._session(s, errors=True, only=gates_here)
+            device = device or ("cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu")
             names = {i.name for i in sess.get_inputs()}
+            have = {o.name for o in sess.get_outputs()}
+            errs = [(i, f"{n}__err") for i, n in enumerate(floats) if f"{n}__err" in have]
+            bound = []
+            for b in batches:
+                feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES and k in names}
+                feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats if f"{n}__ref" in names})
+                if prefix is not None:
+                    feed.update({n: prefix[b][n] for n in frontier.get(g, ()) if n in names})
+                bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
             for key in group:
                 gates, num = self.gates({key[0]: key[1]}), {}
                 for b, vals in zip(batches, bound):
                     io_ = sess.io_binding()
                     for k, v in vals.items():
-                        if k in names:
-                            io_.bind_ortvalue_input(k, v)
+                        io_.bind_ortvalue_input(k, v)
                     if GATES in names:
                         io_.bind_cpu_input(GATES, gates)
-                    for e in errs:
+                    for _, e in errs:
                         io_.bind_output(e, "cpu")
                     sess.run_with_iobinding(io_, ort.shrinking(sess))
                     k = self.refout[b].shape[0]
-                    num[b] = np.stack([_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu()])
+                    rows = np.zeros((len(floats), k))  # outputs the suffix leaves out are FP32: no error
+                    for (i, _), x in zip(errs, io_.copy_outputs_to_cpu()):
+                        rows[i] = _per_sample(np.asarray(x, np.float64), k)
+                    num[b] = rows
                 out[key] = _relative(num, den)
                 bar.update(1)
-            del sess
+            del sess, bound
         bar.close()
+        return out
+
+    def _group_gates(self, s: int, group: list) -> set:
+        return {self.index[k] for k in group}
+
+    def _groups(self, s: int, keys: list) -> tuple[list, bool]:
+        """(the candidates in groups, one error session each; whether the groups run as suffixes). The If form:
+        GROUP a session, suffixes where there are several groups (their sessions exist anyway; one prefix load
+        more). Unified: the whole stage in one group, unless splitting it into m suffixes saves more candidate
+        forward time (the stage's measured forward, by where the groups start) than m session loads cost."""
+        if not keys:
+            return [], False
+        if not self.unified:
+            step = GROUP
+            if self.plan.inline:  # as few sessions, of equal size
+                step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
+            groups = [keys[i:i + step] for i in range(0, len(keys), step)]
+            return groups, SUFFIX and len(groups) > 1
+        load = self.stats["load_s"] / max(1, self.loads)
+        forward = self.stats.get("forward_s", {}).get(s, 0.0) * ERROR_BATCHES
+        best, m_best = len(keys) * forward, 1
+        for m in range(2, MAX_SUFFIXES + 1) if SUFFIX else ():
+            # group j of m starts about j/m into the stage: it runs (1 - j/m) of it; m loads (m - 1 suffixes, prefix)
+            cost = sum(len(keys[j * len(keys) // m:(j + 1) * len(keys) // m]) * (1 - j / m) for j in range(m)) \
+                * forward + m * load
+            if cost < best:
+                best, m_best = cost, m
+        groups = [keys[j * len(keys) // m_best:(j + 1) * len(keys) // m_best] for j in range(m_best)]
+        return [g for g in groups if g], m_best > 1
+
+    def _prefix(self, s: int, batches: list, names: list) -> dict:
+        """Batch -> {name: FP32 value} of the tensors `names` inside stage `s` (one run of its FP32 nodes a batch)."""
+        m = self.plan.proto(s, self.types, only=set(), extra=tuple(names))
+        sess = self._load(m, None, 0)
+        out = {}
+        for b in batches:
+            feed = self._feed(s, b, self.zeros())
+            wanted = {i.name for i in sess.get_inputs()}
+            got = ort.run(sess, names, {k: v for k, v in feed.items() if k in wanted},
+                          label=f"stage {s} FP32 prefix", options=ort.shrinking(sess))
+            out[b] = dict(zip(names, got))
+            for n, a in out[b].items():
+                self.types.setdefault(n, np.empty((0,) * a.ndim, a.dtype))
         return out
 
     def _gain(self, s: int, rse: dict) -> float:
