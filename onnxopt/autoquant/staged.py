@@ -183,8 +183,11 @@ class StagedEvaluator(Gates):
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
         self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
         self.stats = {"load_s": 0.0, "stages": {}}
+        self.grouped: dict = {}  # stage -> its error sessions (and whether suffixes)
         self.unified = self.plan.inline and UNIFIED
+        t = time.perf_counter()
         self.types: dict = self.plan.inferred_types(self.feeds[0]) if self.unified else {}
+        self.stats["types_s"] = time.perf_counter() - t
         self.refs = _Store(self.root)
         self.refout: dict[int, np.ndarray] = {}
         self.shapes: dict[str, list] = {}
@@ -279,8 +282,9 @@ class StagedEvaluator(Gates):
         for s in track(range(self.plan.n), total=self.plan.n, desc="FP32 reference (stages)", unit="stage",
                        enabled=self.progress):
             sess = self._session(s, only=())  # the FP32 stage: gates off are their else-branches
-            t = time.perf_counter()
+            times = []
             for b in range(len(self.feeds)):
+                t = time.perf_counter()
                 got = self._run(sess, s, self._feed(s, b, zeros))
                 for n, a in got.items():  # dtype and rank only: a batch's array here stayed in RSS for good
                     self.types[n] = np.empty((0,) * a.ndim, a.dtype)
@@ -290,9 +294,12 @@ class StagedEvaluator(Gates):
                     for n in self.shape_names:
                         if n in got:
                             self.shapes.setdefault(n, []).append([int(d) for d in got[n]])
+                times.append(time.perf_counter() - t)
                 self.refs.save(b, got)  # every output: the later stages' inputs and the FP32 side of stage errors
-            # seconds a forward of this stage takes (the unified stage's: what a candidate's costs)
-            self.stats.setdefault("forward_s", {})[s] = (time.perf_counter() - t) / max(1, len(self.feeds))
+            # a forward of this stage (the unified stage's: what a candidate's costs), and what its first run took
+            # more (CUDA: algorithm search, arena growth): a new session's cost besides its load
+            self.stats.setdefault("forward_s", {})[s] = float(np.median(times))
+            self.stats.setdefault("first_run_s", {})[s] = max(0.0, times[0] - float(np.median(times)))
             del sess
 
     # ------------------------------------------------------------ chained runs of mixes
@@ -412,11 +419,14 @@ class StagedEvaluator(Gates):
             t1 = time.perf_counter()
             gain = self._gain(s, rse)
             t2 = time.perf_counter()
+            grp = self.grouped.get(s, {"sessions": 0, "suffixes": False})
             self.stats["stages"][s] = {"candidates": len(by_stage[s]), "candidates_s": t1 - t0, "gain_s": t2 - t1,
-                                       "gain": gain}
-            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each), gain probe %.1f s; sessions: %d loaded, "
-                     "%d alive", s + 1, self.plan.n, len(by_stage[s]), t1 - t0, (t1 - t0) / max(1, len(by_stage[s])),
-                     t2 - t1, self.loads, self.live)
+                                       "gain": gain, "forward_s": self.stats.get("forward_s", {}).get(s, 0.0),
+                                       "error_sessions": grp["sessions"], "suffixes": grp["suffixes"]}
+            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each; %d error session(s)%s; stage forward %.3f s), "
+                     "gain probe %.1f s; sessions: %d loaded, %d alive", s + 1, self.plan.n, len(by_stage[s]), t1 - t0,
+                     (t1 - t0) / max(1, len(by_stage[s])), grp["sessions"], ", suffixes" if grp["suffixes"] else "",
+                     self.stats.get("forward_s", {}).get(s, 0.0), t2 - t1, self.loads, self.live)
             for key in by_stage[s]:
                 yield key, gain * rse[key]
         for key in spanning:
@@ -435,10 +445,12 @@ class StagedEvaluator(Gates):
         pos = self.plan.gate_positions(s)
         keys = sorted(keys, key=lambda k: (pos.get(self.index[k], 0), self.index[k]))
         groups, suffix = self._groups(s, keys)
+        self.grouped[s] = {"sessions": len(groups), "suffixes": suffix}
         frontier = {}
         if suffix:
+            # unified: the first group runs on the stage's own (loaded) session, the later ones on suffixes
             frontier = {g: self.plan.nodes(s, self._group_gates(s, group), self._group_gates(s, group))[1]
-                        for g, group in enumerate(groups)}
+                        for g, group in enumerate(groups) if g or not self.unified}
         prefix = self._prefix(s, batches, sorted(set().union(*frontier.values()))) if frontier else None
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
@@ -499,7 +511,8 @@ class StagedEvaluator(Gates):
                 step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
             groups = [keys[i:i + step] for i in range(0, len(keys), step)]
             return groups, SUFFIX and len(groups) > 1
-        load = self.stats["load_s"] / max(1, self.loads)
+        first = self.stats.get("first_run_s", {})
+        load = self.stats["load_s"] / max(1, self.loads) + sum(first.values()) / max(1, len(first))
         forward = self.stats.get("forward_s", {}).get(s, 0.0) * ERROR_BATCHES
         best, m_best = len(keys) * forward, 1
         for m in range(2, MAX_SUFFIXES + 1) if SUFFIX else ():
