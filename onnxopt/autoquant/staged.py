@@ -429,8 +429,14 @@ class StagedEvaluator(Gates):
                      self.stats.get("forward_s", {}).get(s, 0.0), t2 - t1, self.loads, self.live)
             for key in by_stage[s]:
                 yield key, gain * rse[key]
-        for key in spanning:
-            yield key, max(0.0, 1.0 - self.metrics(self.gates({key[0]: key[1]}))["cosine"])
+        ids = self.ids["search"][:ERROR_BATCHES]  # the batches every other candidate is measured on
+        for key in spanning:  # the model-output error of the chain (a whole search split: 3x the forwards)
+            g = self.gates({key[0]: key[1]})
+            start = self._start(g)
+            out = self._chain(g, ids, start)[0] if start < self.plan.n else {}
+            ref = np.concatenate([self.refout[b] for b in ids])
+            cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
+            yield key, max(0.0, 1.0 - metrics.mean_cosine_score(ref, cand))
 
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
         """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
