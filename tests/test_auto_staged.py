@@ -368,6 +368,7 @@ def test_unified_stage_sessions_load_once_per_stage(setup, monkeypatch):
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
     where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    monkeypatch.setattr(staged, "SUFFIX", False)  # no split by measured times here (the next tests)
     one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
                                  memory_budget_mb=64, inline=True)
     assert one.unified and one.loads == one.plan.n  # the reference loaded each stage once

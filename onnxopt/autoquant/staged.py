@@ -12,7 +12,8 @@ their weights fit the memory budget together.
 - Sensitivity of (layer, format): the relative squared error it causes at its stage's outputs (every tensor
   the stage hands to later stages, and the model output where the stage makes it), per tensor and sample,
   averaged over both, with the stage fed the FP32 inputs; summed inside the graph, inputs bound on the device
-  once per stage, and each session holding the Ifs of GROUP candidates only. Times the stage's gain, measured
+  once per stage, and each session holding the Ifs of GROUP candidates only, and only the nodes they can change
+  (a suffix fed the FP32 tensors it reads, computed once per batch). Times the stage's gain, measured
   once per stage: the stage's less sensitive half of layers quantized together (each in its least harmful
   format), the later stages in FP32, gain = model-output error (1 − cosine) / stage-output error of that mix.
   Small errors propagate about linearly, so one gain per stage puts the layers of all stages on one scale;
@@ -21,12 +22,13 @@ their weights fit the memory budget together.
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
   (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
   through all stages with the tensors between them in memory, else stage by stage through disk.
+- Inlined gates (CUDA): one session a stage for all of these (`_unified`), split into suffix sessions for the
+  candidates only where the measured forward and load times say it pays (`_groups`).
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 import weakref
@@ -42,6 +44,7 @@ from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
 from .evaluate import HELD_OUT, Gates, metrics_of
+from .stage_data import BatchTensors, Store, onnxruntime_value, per_sample, relative, sq_lead
 from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,6 @@ PER_STAGE = 32        # candidates per stage of a large model (a candidate costs
                       # full-size SDXL, H200, 32 stages: 0.04-0.15 s a candidate, fewer stages: longer forwards)
 # bytes per parameter of a gated weight candidate (a variant such as int8-sq gates an FP32 fake weight: not counted)
 QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not formats.get(n).base}
-SPILL = 1 << 20                                     # boundary arrays above this go to disk
-PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
 # ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
 # (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
@@ -111,55 +112,6 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     return where
 
 
-class _Store:
-    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped
-    for each use (a mapping held for the evaluator's life kept every page read in the process's RSS: the full-size
-    run reached 13.7 GiB at stage 13 of 32); a tensor is dropped once no later stage reads it."""
-
-    def __init__(self, root: Path):
-        self.dir = Path(tempfile.mkdtemp(prefix="stream-", dir=root))
-        self.data: dict[str, dict] = {}
-        self.paths: dict[str, list] = {}
-        self.files = 0
-
-    def save(self, batch: int, arrays: dict) -> None:
-        for name, a in arrays.items():
-            if a.nbytes > SPILL:
-                p = self.dir / f"{self.files}.npy"
-                self.files += 1
-                np.save(p, a)
-                self.paths.setdefault(name, []).append(p)
-                a = p
-            self.data.setdefault(name, {})[batch] = a
-
-    def get(self, batch: int, name: str):
-        a = self.data[name][batch]
-        return np.load(a, mmap_mode="r") if isinstance(a, Path) else a
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def drop_dead(self, plan: StagePlan, after: int, keep=()) -> None:
-        for name in [n for n in self.data if plan.last_use.get(n, -1) <= after and n not in keep]:
-            del self.data[name]
-            for p in self.paths.pop(name, ()):
-                p.unlink(missing_ok=True)  # disk holds one stage's boundary per stream, not the whole model's
-
-    def close(self) -> None:
-        self.data.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _Batch:
-    """One batch's tensors between stages, in memory (`_Store`'s get for `_chain_by_batch`)."""
-
-    def __init__(self):
-        self.data: dict = {}
-
-    def get(self, batch: int, name: str):
-        return self.data[name]
-
-
 # ---------------------------------------------------------------- the evaluator
 class StagedEvaluator(Gates):
     """The Evaluator's interface (index, zeros, gates, metrics, ref, shapes, sensitivities) over the gated graph
@@ -188,7 +140,7 @@ class StagedEvaluator(Gates):
         t = time.perf_counter()
         self.types: dict = self.plan.inferred_types(self.feeds[0]) if self.unified else {}
         self.stats["types_s"] = time.perf_counter() - t
-        self.refs = _Store(self.root)
+        self.refs = Store(self.root)
         self.refout: dict[int, np.ndarray] = {}
         self.shapes: dict[str, list] = {}
         t = time.perf_counter()
@@ -250,7 +202,7 @@ class StagedEvaluator(Gates):
     def _closed(self):
         self.live -= 1
 
-    def _feed(self, s: int, b: int, gates, store: _Store | None = None, start: int = 0) -> dict:
+    def _feed(self, s: int, b: int, gates, store: Store | None = None, start: int = 0) -> dict:
         feed = {}
         for name in self.plan.stages[s]["inputs"]:
             if name == GATES:
@@ -323,7 +275,7 @@ class StagedEvaluator(Gates):
             only[s] = here if few else None
         if len(batches) > 1 and self._fit(only):
             return self._chain_by_batch(gates, batches, start, only)
-        store, out, num, den = _Store(self.root), {}, {}, {}
+        store, out, num, den = Store(self.root), {}, {}, {}
         try:
             for s in range(start, self.plan.n):
                 sess = self._session(s, only=only[s])
@@ -334,14 +286,14 @@ class StagedEvaluator(Gates):
                         out[b] = self._final(got[self.plan.out])
                     if floats:
                         k = self.refout[b].shape[0]
-                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                     store.save(b, {n: got[n] for n in self.plan.stages[s]["later"]})
                 del sess
                 store.drop_dead(self.plan, s)
         finally:
             store.close()
-        return out, _relative(num, den)
+        return out, relative(num, den)
 
     def _whole_fits(self, s: int) -> bool:
         """Whether stage `s`'s whole gated session stays cached (within the budget on its own)."""
@@ -374,7 +326,7 @@ class StagedEvaluator(Gates):
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
         out, num, den = {}, {}, {}
         for b in batches:
-            live = _Batch()
+            live = BatchTensors()
             for s in range(start, self.plan.n):
                 sess = self._session(s, only=only[s])
                 got = self._run(sess, s, self._feed(s, b, gates, live, start))
@@ -383,13 +335,13 @@ class StagedEvaluator(Gates):
                 if s == start:
                     floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
                     if floats:
-                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                 live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
                 del got, sess
                 for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
                     del live.data[name]
-        return out, _relative(num, den)
+        return out, relative(num, den)
 
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
@@ -446,7 +398,7 @@ class StagedEvaluator(Gates):
         batch by one prefix run, so a candidate late in the stage no longer runs the stage's FP32 prefix."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"][:ERROR_BATCHES]
-        den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
+        den = {b: np.stack([per_sample(sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
                for b in batches}
         pos = self.plan.gate_positions(s)
         keys = sorted(keys, key=lambda k: (pos.get(self.index[k], 0), self.index[k]))
@@ -493,9 +445,9 @@ class StagedEvaluator(Gates):
                     k = self.refout[b].shape[0]
                     rows = np.zeros((len(floats), k))  # outputs the suffix leaves out are FP32: no error
                     for (i, _), x in zip(errs, io_.copy_outputs_to_cpu()):
-                        rows[i] = _per_sample(np.asarray(x, np.float64), k)
+                        rows[i] = per_sample(np.asarray(x, np.float64), k)
                     num[b] = rows
-                out[key] = _relative(num, den)
+                out[key] = relative(num, den)
                 bar.update(1)
             del sess, bound
         bar.close()
@@ -569,43 +521,3 @@ class StagedEvaluator(Gates):
         self.cached.clear()
         self.refs.close()
         self._tmp.cleanup()
-
-
-def onnxruntime_value(a: np.ndarray, device: str):
-    import onnxruntime
-    # np.ascontiguousarray makes a 0-d array 1-d: a scalar crossing stages (a Shape's Gather) kept its rank
-    # only on the If path; the full-size SDXL run failed on it at a cut inside an attention's shape math.
-    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a).reshape(np.shape(a)), device, 0)
-
-
-def _sq_lead(a) -> np.ndarray:
-    """Sums of squares per leading index (rank 0: the one value), in float64, a few MB at a time."""
-    a = np.asarray(a)
-    if a.ndim < 2:
-        return np.square(a.astype(np.float64))
-    flat, step = a.reshape(a.shape[0], -1), max(1, (1 << 22) // max(1, a[0].size))
-    return np.concatenate([np.einsum("ij,ij->i", c, c) for c in
-                           (flat[i:i + step].astype(np.float64) for i in range(0, len(flat), step))])
-
-
-def _per_sample(v: np.ndarray, k: int) -> np.ndarray:
-    """Per-leading-index sums -> per-sample sums over the `k` samples of a batch (leading dims of k * m are
-    sample-major, as in [B * heads, ...]); anything else is spread evenly."""
-    v = np.asarray(v, np.float64)
-    if v.ndim == 1 and v.size % k == 0:
-        return v.reshape(k, -1).sum(1)
-    return np.full(k, float(v.sum()) / k)
-
-
-def _relative(num: dict, den: dict) -> float:
-    """Relative squared error of each output tensor, averaged over the tensors (each counts alike: a small tensor,
-    say a time-embedding projection, can matter downstream as much as a big one) and over the samples (the metric,
-    1 - cosine, is a mean over samples too). num/den: batch -> [tensors, samples]."""
-    n, d = np.concatenate([num[b] for b in num], axis=1), np.concatenate([den[b] for b in num], axis=1)
-    if not np.all(np.isfinite(n)):
-        return math.inf
-    if not PER_TENSOR:  # pooled over the tensors: the big ones dominate
-        n, d = n.sum(0, keepdims=True), d.sum(0, keepdims=True)
-    ok = d > 0
-    r = np.where(ok, n / np.where(ok, d, 1.0), 0.0)
-    return float(np.mean(r.sum(0) / np.maximum(ok.sum(0), 1))) if ok.any() else 0.0
