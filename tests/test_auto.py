@@ -279,6 +279,7 @@ def test_search_steps_by_the_measured_error(scale, monkeypatch):
         def metrics(self, mix, split):
             m = super().metrics(mix, split)
             return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    monkeypatch.setattr(search, "_used", lambda metric, got, need: 0.0)  # stepping alone (no early exit)
     mix, trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
     monkeypatch.setattr(search, "_step", lambda metric, got, need, ok: 8.0 if ok else 1 / 8)
     old_mix, old_trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
@@ -286,6 +287,34 @@ def test_search_steps_by_the_measured_error(scale, monkeypatch):
     assert scale * sum(layers[n].error[f] for n, f in mix.items()) <= 1e-3     # the chosen mix meets the target
     assert q >= 0.95 * old_q                      # both stop within RATIO of the largest passing budget
     assert len(trials) <= 3 < len(old_trials), (len(trials), len(old_trials))
+
+
+@pytest.mark.parametrize("scale", [0.8, 1.0, 1.3, 3.0])
+def test_search_ends_when_a_passing_mix_uses_the_allowance(scale, monkeypatch):
+    """A passing mix whose measured error is within RATIO of the allowed one ends the search (the next budget,
+    RATIO up at least, is predicted to miss): fewer verifications, the mix still meets the target, and it
+    quantizes as many layers as the search without the early exit (within one RATIO step)."""
+    from onnxopt.autoquant import search
+    from onnxopt.autoquant.candidates import Layer
+    layers = {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
+                             error={"none": 0.0, "int8": 1e-5 * (1 + i % 7)}) for i in range(300)}
+
+    class Scaled(_Stub):
+        def metrics(self, mix, split):
+            m = super().metrics(mix, split)
+            return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    mix, trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
+    used = search._used
+    monkeypatch.setattr(search, "_used", lambda metric, got, need: 0.0)
+    full_mix, full_trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
+    assert len(trials) <= len(full_trials)
+    if trials[-1]["passed"] and used("cosine", trials[-1]["cosine"], 0.999) >= 1 / search.RATIO:
+        assert len(trials) < len(full_trials) or trials == full_trials
+    if scale == 1.0:  # the additive prediction is exact: the first mix uses the allowance, nothing more to try
+        assert len(trials) == 1 < len(full_trials)
+    assert scale * sum(layers[n].error[f] for n, f in mix.items()) <= 1e-3 * (1 + 1e-9)
+    q, full_q = (sum(f != "none" for f in m.values()) for m in (mix, full_mix))
+    assert q >= full_q - 0.15 * 300 / 7 and q <= full_q
 
 
 def test_autocast_ranges_come_from_the_search_calibration(tmp_path, monkeypatch):

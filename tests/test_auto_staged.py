@@ -251,7 +251,7 @@ def test_error_sessions_with_a_few_gates_give_the_same_errors(setup, monkeypatch
     monkeypatch.setattr(staged, "GROUP", 2)
     loads = st.loads
     parts = st._stage_errors(s, mine, False)
-    assert st.loads - loads == -(-len(mine) // 2)
+    assert st.loads - loads == -(-len(mine) // 2) + 1  # + the FP32 prefix run of the suffixes
     pruned = st.plan.proto(s, st.types, True, {st.index[mine[0]]})
     ifs = [n for n in pruned.graph.node if n.op_type == "If"]
     assert 0 < len(ifs) < sum(n.op_type == "If" for n in st.plan.proto(s, st.types, True).graph.node)
@@ -342,6 +342,7 @@ def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
     where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    monkeypatch.setattr(staged, "UNIFIED", False)  # error sessions of their own (the unified stage: next test)
     inl = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=True)
     ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False)
     s = 1
@@ -352,12 +353,44 @@ def test_inlined_error_sessions_hold_many_candidates(setup, monkeypatch):
     assert inl.loads - loads == 1
     monkeypatch.setattr(staged, "GROUP_INLINE", 2)
     few = inl._stage_errors(s, mine, False)
-    assert inl.loads - loads == 1 + -(-len(mine) // 2)
+    assert inl.loads - loads == 1 + -(-len(mine) // 2) + 1  # + the FP32 prefix run of the suffixes
     by_if = ifs._stage_errors(s, mine, False)
     for k in mine:
         assert many[k] == pytest.approx(few[k], rel=1e-6, abs=1e-12)
         assert many[k] == pytest.approx(by_if[k], rel=1e-5, abs=1e-12)
 
+
+
+def test_unified_stage_sessions_load_once_per_stage(setup, monkeypatch):
+    """Inlined gates (CUDA): one session a stage serves the FP32 reference, every candidate's error, the gain
+    probes and the verifications (was an FP32, an error and a whole session a stage: ~1 s a load on the GPU).
+    The same reference outputs, sensitivities and verified metrics as separate sessions and as the Ifs."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    monkeypatch.setattr(staged, "SUFFIX", False)  # no split by measured times here (the next tests)
+    one = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64, inline=True)
+    assert one.unified and one.loads == one.plan.n  # the reference loaded each stage once
+    assert all(one.types[o].size == 0 for o in one.types)  # dtype and rank only, no batch kept
+    ifs = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64)
+    monkeypatch.setattr(staged, "UNIFIED", False)
+    sep = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                 memory_budget_mb=64, inline=True)
+    assert not sep.unified
+    for b in one.refout:
+        np.testing.assert_array_equal(one.refout[b], ifs.refout[b])
+    keys = [k for k in index if len(one.plan.gate_stages[index[k]]) == 1]
+    a, b, c = (dict(e.sensitivities(keys, progress=False)) for e in (one, sep, ifs))
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-12) and a[k] == pytest.approx(c[k], rel=1e-5, abs=1e-12)
+    mix = {n: min(l.error, key=l.error.get) if getattr(l, "error", None) else l.formats[-1]
+           for n, l in cands.layers.items()}
+    assert one.metrics(one.gates(mix), "all")["cosine"] == pytest.approx(ifs.metrics(ifs.gates(mix), "all")["cosine"],
+                                                                         abs=1e-7)
+    assert one.loads == one.plan.n  # errors, gains and the verification loaded nothing more
+    assert sep.loads > 2 * sep.plan.n
 
 
 def test_chains_run_batch_by_batch_in_memory_where_the_stages_stay_loaded(setup):
@@ -384,3 +417,78 @@ def test_chains_run_batch_by_batch_in_memory_where_the_stages_stay_loaded(setup)
     loads = mem.loads
     mem.metrics(mem.gates({n: l.formats[-1] for n, l in cands.layers.items()}), "all")
     assert mem.loads == loads  # every stage stayed loaded
+
+
+def test_if_chains_reuse_the_loaded_whole_stage(setup):
+    """The If form: a mix with a few gates on in a stage runs on that stage's whole session where it stays loaded,
+    not on a session of its own made per mix (each ~0.4 s to load on the CPU): no load after the first, and the
+    same metrics as a session of the few Ifs."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    big = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, memory_budget_mb=64)
+    tiny_budget = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                         memory_budget_mb=0.01)
+    names = list(cands.layers)
+    mixes = [{names[i]: cands.layers[names[i]].formats[-1], names[-1 - i]: cands.layers[names[-1 - i]].formats[0]}
+             for i in range(3)]
+    big.metrics(big.gates(mixes[0]), "all")
+    loads = big.loads
+    for mix in mixes:
+        a, b = big.metrics(big.gates(mix), "all"), tiny_budget.metrics(tiny_budget.gates(mix), "all")
+        assert a["cosine"] == pytest.approx(b["cosine"], abs=1e-7) and a["top1"] == b["top1"]
+    assert big.loads == loads
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["ifs", "inlined"])
+def test_suffix_error_sessions_skip_the_fp32_prefix(setup, monkeypatch, inline):
+    """Candidates in the order their layers run, in groups whose sessions hold only what the group's gates can
+    change (the FP32 tensors they read computed once per batch): the same errors as whole-stage sessions, on
+    sessions of fewer nodes (later groups fewer still)."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 2)
+    monkeypatch.setattr(staged, "UNIFIED", False)
+    ev = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=inline)
+    s = 1
+    mine = [k for k in index if ev.plan.gate_stages[index[k]] == {s}]
+    assert len(mine) >= 9
+    monkeypatch.setattr(staged, "SUFFIX", False)
+    whole = ev._stage_errors(s, mine, False)
+    monkeypatch.setattr(staged, "SUFFIX", True)
+    monkeypatch.setattr(staged, "GROUP", 3)
+    monkeypatch.setattr(staged, "GROUP_INLINE", 3)
+    pos = ev.plan.gate_positions(s)
+    order = sorted(mine, key=lambda k: (pos[index[k]], index[k]))
+    sizes = []
+    for g in range(0, len(order), 3):
+        gates = {index[k] for k in order[g:g + 3]}
+        nodes, frontier = ev.plan.nodes(s, gates, gates)
+        sizes.append(len(nodes))
+        assert frontier or g == 0
+    assert sizes[-1] < sizes[0] < len(ev.plan.nodes(s, {index[k] for k in order})[0])
+    parts = ev._stage_errors(s, mine, False)
+    for k in mine:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-12), k
+
+
+def test_unified_stage_splits_into_suffixes_where_it_pays(setup, monkeypatch):
+    """Unified (CUDA) stages: one group, unless m suffix sessions save more forward time than m loads cost;
+    the errors are the same either way."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 2)
+    ev = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False, inline=True,
+                                memory_budget_mb=64)
+    s = 1
+    mine = [k for k in index if ev.plan.gate_stages[index[k]] == {s}]
+    ev.stats["load_s"], ev.loads = 1.0, 1        # a load costs 1 s
+    ev.stats["forward_s"][s] = 1e-4              # a cheap stage: one group
+    assert len(ev._groups(s, mine)[0]) == 1
+    one = ev._stage_errors(s, mine, False)
+    ev.stats["forward_s"][s] = 1.0               # an expensive one: suffixes
+    groups, suffix = ev._groups(s, mine)
+    assert suffix and 2 <= len(groups) <= staged.MAX_SUFFIXES and sum(map(len, groups)) == len(mine)
+    split = ev._stage_errors(s, mine, False)
+    for k in mine:
+        assert split[k] == pytest.approx(one[k], rel=1e-6, abs=1e-12), k

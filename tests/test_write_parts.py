@@ -8,7 +8,7 @@ import pytest
 
 from onnxopt import formats
 from onnxopt.rewrite import fold
-from onnxopt.autoquant import staged
+from onnxopt.autoquant import stage_data
 from onnxopt.formats.base import Format
 from onnxopt.quant import bias_correction, qdq, writer
 
@@ -96,8 +96,8 @@ def test_absmax_ahead_follows_folds_made_meanwhile():
 
 
 def test_staged_store_maps_spilled_tensors_per_use(tmp_path):
-    store = staged._Store(tmp_path)
-    big = np.arange(staged.SPILL // 4 + 10, dtype=np.float32)
+    store = stage_data.Store(tmp_path)
+    big = np.arange(stage_data.SPILL // 4 + 10, dtype=np.float32)
     small = np.ones(3, np.float32)
     store.save(0, {"big": big, "small": small})
     a = store.get(0, "big")

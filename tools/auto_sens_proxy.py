@@ -39,6 +39,9 @@ def measure(args, work: Path) -> dict:
     from onnxopt.passes.autoquant import split_feeds
     if args.error_batches:  # a what-if for this measurement only (the package's constant is not changed on disk)
         autoquant.staged.ERROR_BATCHES = args.error_batches
+    for flag, name in ((args.no_unified, "UNIFIED"), (args.no_suffix, "SUFFIX")):
+        if flag and hasattr(autoquant.staged, name):  # what-ifs: the layout before these changes
+            setattr(autoquant.staged, name, False)
     p = AutoQuant(tuple(args.formats.split(",")), target_cosine=0.99)
     model, t_load = _t(pipeline.load, str(args.model), p.min_opset, work)
     graph = modelfile.import_graph(model)
@@ -76,7 +79,9 @@ def measure(args, work: Path) -> dict:
            "sessions_loaded": ev.loads, "sessions_loaded_reference": loads_ref, "peak_alive": ev.peak_live,
            "gain_s": round(sum(s["gain_s"] for s in ev.stats["stages"].values()), 1),
            "verified_cosine": verified["cosine"], "error_batches": autoquant.staged.ERROR_BATCHES,
-           "per_stage": {int(k): {a: round(b, 3) for a, b in v.items()} for k, v in ev.stats["stages"].items()},
+           "types_s": round(ev.stats.get("types_s", 0.0), 1),
+           "per_stage": {int(k): {a: round(b, 3) if isinstance(b, float) else b for a, b in v.items()}
+                         for k, v in ev.stats["stages"].items()},
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "sensitivities": sens}
     ev.close()
@@ -108,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-budget", type=int, default=4096)
     ap.add_argument("--inline", action="store_true", help="gates as Where (the CUDA layout) on any provider")
     ap.add_argument("--error-batches", type=int, default=0, help="what-if: batches per candidate error (0: the package's)")
+    ap.add_argument("--no-unified", action="store_true", help="what-if: inlined stages as separate FP32/error/whole sessions")
+    ap.add_argument("--no-suffix", action="store_true", help="what-if: candidate errors on whole-stage sessions")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--same", type=Path, nargs=2, metavar=("A", "B"))
     args = ap.parse_args(argv)

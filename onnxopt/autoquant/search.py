@@ -19,7 +19,8 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
     """Largest error budget whose mix meets `target` + `margin` + `k` standard errors of the mean per-sample
     metric on the held-out batches (k = 1.64: the expected metric is above target with ~95% one-sided confidence),
     found from the additive prediction by steps scaled by the measured error (`_step`), then by narrowing the
-    bracket in log space. A mix that misses is repaired by the smaller budget, which
+    bracket in log space; a passing mix that already uses 1/RATIO of the allowed error ends the search (the
+    next budget would be at least RATIO up, predicted to miss: one verification less, a full chain at full size). A mix that misses is repaired by the smaller budget, which
     promotes its most sensitive layers first. Returns (mix, trials)."""
     everything = sum(max(l.error.values()) for l in layers.values()) or 1e-6
     b = (1.0 - target) if metric == "cosine" else 10 ** (-target / 10) if metric == "psnr" else 1e-3
@@ -36,6 +37,8 @@ def search_target(ev: Evaluator, layers: dict, metric: str, target: float, steps
                        metric: got[metric], "margin": need, "passed": bool(ok), **bits_of(mix, layers)})
         if ok:
             lo, best, at_lo = b, mix, got[metric]
+            if _used(metric, got[metric], target + need) >= 1 / RATIO:
+                break  # within RATIO of the allowance: the next budget, RATIO up at least, is predicted to miss
         else:
             hi, at_hi = b, got[metric]
         if hi is None:
@@ -58,6 +61,14 @@ def _error(metric: str, value: float) -> float | None:
     if metric == "psnr":
         return 10 ** (-value / 10)
     return None
+
+
+def _used(metric: str, got: float, need: float) -> float:
+    """Share of the allowed error (1 - cosine, MSE ratio) a mix measured at `got` uses; 0 for top-1 (steps)."""
+    allowed, err = _error(metric, need), _error(metric, got)
+    if allowed is None or allowed <= 0:
+        return 0.0
+    return err / allowed
 
 
 def _inside(metric: str, at_lo: float, at_hi: float, need: float) -> float:

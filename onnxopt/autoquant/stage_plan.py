@@ -124,24 +124,26 @@ class StagePlan:
                 out[k] = int(numpy_helper.to_array(inits[ga.input[1]]))
         return out
 
-    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None) -> onnx.ModelProto:
+    def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None,
+              outputs: bool = False, extra: tuple = (), suffix: set | None = None) -> onnx.ModelProto:
         """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
-        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs.
-        `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run)."""
+        output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs
+        unless `outputs` (the stage's outputs first: one session for chains and errors); `extra`: more outputs.
+        `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run).
+        `suffix`: only the nodes these gates can change (`nodes`), the FP32 tensors they read from the others
+        as inputs (`frontier`; `types` must hold them); errors of the outputs those nodes make."""
         st, m = self.stages[s], onnx.ModelProto()
         m.ir_version = self.model.ir_version
         m.opset_import.extend(self.model.opset_import)
         m.functions.extend(self.model.functions)
         m.graph.name = f"{self.model.graph.name}_stage{s}"
-        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
-        if self.inline:
-            nodes = self._inlined(nodes)
+        nodes, frontier = self.nodes(s, only, suffix)
         m.graph.node.extend(nodes)
         reads = set().union(*(_reads(n) for n in nodes)) if nodes else set()
         m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
         made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
         m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
-        for name in st["inputs"]:
+        for name in list(st["inputs"]) + frontier:
             if only is not None and name not in reads:
                 continue
             if name in self.graph_inputs:
@@ -150,10 +152,14 @@ class StagePlan:
                 a = types[name]
                 m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
                                                                    [None] * a.ndim))
-        if not errors:
+        if not errors or outputs:
             m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in st["outputs"])
+        m.graph.output.extend(onnx.ValueInfoProto(name=o) for o in extra)
+        if not errors:
             return m
         for o in self.float_outputs(s, types):
+            if o not in made:  # a suffix's FP32 output: no error
+                continue
             ref, d, e, rank = f"{o}__ref", f"{o}__diff", f"{o}__err", types[o].ndim
             m.graph.input.append(helper.make_tensor_value_info(ref, onnx.TensorProto.FLOAT, [None] * rank))
             m.graph.node.extend([helper.make_node("Sub", [o, ref], [d], name=d),
@@ -163,6 +169,56 @@ class StagePlan:
                 m.graph.node.append(helper.make_node("ReduceSum", [d + "2", e + "_axes"], [e], name=e, keepdims=0))
             m.graph.output.append(onnx.ValueInfoProto(name=e))
         return m
+
+    def nodes(self, s: int, only: set | None = None, suffix: set | None = None) -> tuple[list, list]:
+        """(stage `s`'s nodes as `proto` writes them, the frontier: FP32 tensors a `suffix` reads from the
+        nodes it leaves out). A suffix keeps the gates' Ifs (inlined: their Where and then-branch nodes), every
+        node downstream of them and the weight-only chains those read: a candidate of these gates runs only
+        what it can change, fed the rest once per batch (`StagedEvaluator._stage_errors`)."""
+        st = self.stages[s]
+        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
+        seeds: set = set()
+        if suffix is not None:
+            seeds = {id(n) for n in nodes if self.gate_by_node.get(n.name) in suffix}
+        if self.inline:
+            nodes, seeds = self._inlined(nodes, seeds)
+        if suffix is None:
+            return nodes, []
+        consts = {t.name for t in st["inits"]} | set(self.branch_inits) | {GATES}
+        made = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+        reads = [_reads(n) for n in nodes]
+        hit, free = set(), set()
+        for k, n in enumerate(nodes):  # topological order
+            if id(n) in seeds or any(made.get(r) in hit for r in reads[k]):
+                hit.add(k)
+            elif all(r in consts or made.get(r) in free for r in reads[k]):
+                free.add(k)  # gate reads, weight chains, constants: cheap, kept where needed
+        keep, stack = set(hit), list(hit)
+        while stack:
+            for r in reads[stack.pop()]:
+                k = made.get(r)
+                if k in free and k not in keep:
+                    keep.add(k)
+                    stack.append(k)
+        out = [nodes[k] for k in sorted(keep)]
+        produced = {o for n in out for o in n.output}
+        frontier = sorted({r for k in keep for r in reads[k] if r in made and r not in produced})
+        return out, frontier
+
+    def gate_positions(self, s: int) -> dict:
+        """Gate index -> position in stage `s` of the first node reading one of its Ifs (where its layer runs):
+        candidates grouped in this order share long FP32 prefixes."""
+        nodes = self.stages[s]["nodes"]
+        first: dict = {}
+        for k, n in enumerate(nodes):
+            for r in _reads(n):
+                first.setdefault(r, k)
+        out: dict = {}
+        for n in nodes:
+            i = self.gate_by_node.get(n.name)
+            if i is not None:
+                out[i] = min(out.get(i, len(nodes)), first.get(n.output[0], len(nodes)))
+        return out
 
     def _pruned(self, nodes: list, only: set, outputs: list) -> list:
         """`nodes` with the Ifs of gates not in `only` replaced by what their else-branch passes through."""
@@ -183,20 +239,49 @@ class StagePlan:
             dead = {id(n) for n in live}
             keep = [n for n in keep if id(n) not in dead]
 
-    def _inlined(self, nodes: list) -> list:
-        """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input)."""
-        out = []
+    def _inlined(self, nodes: list, seeds: set = frozenset()) -> tuple[list, set]:
+        """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input); the
+        ids of the nodes that stand for the Ifs in `seeds` (their Where and then-branch nodes)."""
+        out, ids = [], set()
         for n in nodes:
             g = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH} if n.op_type == "If" else {}
             then, els = g.get("then_branch"), g.get("else_branch")
             if n.name not in self.gate_by_node or then is None or els is None or len(els.node) != 1 \
                     or els.node[0].op_type != "Identity":
                 out.append(n)
+                ids |= {id(n)} & seeds
                 continue
             src = els.node[0].input[0]  # read here: `_pruned` may have renamed it
-            out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
-            out.append(helper.make_node("Where", [n.input[0], then.output[0].name, src], [n.output[0]],
-                                        name=f"{n.name}__where"))
+            made = list(then.node)  # its weights are the branch's initializers: `proto` adds what is read
+            made.append(helper.make_node("Where", [n.input[0], then.output[0].name, src], [n.output[0]],
+                                         name=f"{n.name}__where"))
+            out.extend(made)
+            if id(n) in seeds:
+                ids |= {id(x) for x in made}
+        return out, ids
+
+    def inferred_types(self, feed: dict) -> dict:
+        """Boundary tensor -> an empty array of its dtype and rank, from ONNX shape inference with `feed`'s shapes
+        ({} where inference fails): an error session can be made before its stage first runs."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)  # external weights: the protos only
+        del m.graph.value_info[:]
+        for vi in m.graph.input:
+            if vi.name in feed and vi.type.HasField("tensor_type"):
+                dims = vi.type.tensor_type.shape.dim
+                del dims[:]
+                for d in np.shape(feed[vi.name]):
+                    dims.add().dim_value = int(d)
+        try:
+            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:  # noqa: BLE001 - a graph inference cannot type: its stages learn types from their runs
+            return {}
+        want = set(self.made_in)
+        out = {}
+        for vi in list(m.graph.value_info) + list(m.graph.output):
+            tt = vi.type.tensor_type
+            if vi.name in want and tt.elem_type and tt.HasField("shape"):
+                out[vi.name] = np.empty((0,) * len(tt.shape.dim), helper.tensor_dtype_to_np_dtype(tt.elem_type))
         return out
 
     def float_outputs(self, s: int, types: dict) -> list:

@@ -12,7 +12,8 @@ their weights fit the memory budget together.
 - Sensitivity of (layer, format): the relative squared error it causes at its stage's outputs (every tensor
   the stage hands to later stages, and the model output where the stage makes it), per tensor and sample,
   averaged over both, with the stage fed the FP32 inputs; summed inside the graph, inputs bound on the device
-  once per stage, and each session holding the Ifs of GROUP candidates only. Times the stage's gain, measured
+  once per stage, and each session holding the Ifs of GROUP candidates only, and only the nodes they can change
+  (a suffix fed the FP32 tensors it reads, computed once per batch). Times the stage's gain, measured
   once per stage: the stage's less sensitive half of layers quantized together (each in its least harmful
   format), the later stages in FP32, gain = model-output error (1 − cosine) / stage-output error of that mix.
   Small errors propagate about linearly, so one gain per stage puts the layers of all stages on one scale;
@@ -21,12 +22,13 @@ their weights fit the memory budget together.
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
   (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
   through all stages with the tensors between them in memory, else stage by stage through disk.
+- Inlined gates (CUDA): one session a stage for all of these (`_unified`), split into suffix sessions for the
+  candidates only where the measured forward and load times say it pays (`_groups`).
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 import weakref
@@ -42,6 +44,7 @@ from ..calib import stages as cstages
 from ..progress import track
 from .candidates import GATES
 from .evaluate import HELD_OUT, Gates, metrics_of
+from .stage_data import BatchTensors, Store, onnxruntime_value, per_sample, relative, sq_lead
 from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,17 @@ PER_STAGE = 32        # candidates per stage of a large model (a candidate costs
                       # full-size SDXL, H200, 32 stages: 0.04-0.15 s a candidate, fewer stages: longer forwards)
 # bytes per parameter of a gated weight candidate (a variant such as int8-sq gates an FP32 fake weight: not counted)
 QBYTES = {n: formats.get(n).bits / 8 for n in formats.auto_candidates() if not formats.get(n).base}
-SPILL = 1 << 20                                     # boundary arrays above this go to disk
-PER_TENSOR = True
 GROUP = 16                                          # candidates per error session (session loads vs If overhead)
 # ... with inlined gates (CUDA): an off gate costs its Q/DQ (no If), so a session holds more of them. Full-size SDXL
 # (32 stages of ~66 candidates): ~1 error session a stage instead of 5 (~1 s each to load on the GPU).
 GROUP_INLINE = 64
+# Inlined gates: one session a stage (`StagedEvaluator._unified`), every gate of the stage in it.
+UNIFIED = True
+# Candidate errors on suffixes of their stage (`StagedEvaluator._stage_errors`); unified stages split into at most
+# MAX_SUFFIXES where the measured forward and load times say it pays.
+SUFFIX = True
+MAX_SUFFIXES = 4
+REF = "__ref"
 # Batches a stage's candidate errors and its gain are measured on (the first search batches): errors are
 # relative MSEs over whole activations, steady from batch to batch; each batch costs a stage forward per candidate
 # (full-size SDXL at 4096 tokens: ~0.2 s; the candidates are most of the search) and a chained forward per gain.
@@ -104,55 +112,6 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
     return where
 
 
-class _Store:
-    """Tensors of one stream of stage runs, per batch: small ones in memory, big ones as .npy read memory-mapped
-    for each use (a mapping held for the evaluator's life kept every page read in the process's RSS: the full-size
-    run reached 13.7 GiB at stage 13 of 32); a tensor is dropped once no later stage reads it."""
-
-    def __init__(self, root: Path):
-        self.dir = Path(tempfile.mkdtemp(prefix="stream-", dir=root))
-        self.data: dict[str, dict] = {}
-        self.paths: dict[str, list] = {}
-        self.files = 0
-
-    def save(self, batch: int, arrays: dict) -> None:
-        for name, a in arrays.items():
-            if a.nbytes > SPILL:
-                p = self.dir / f"{self.files}.npy"
-                self.files += 1
-                np.save(p, a)
-                self.paths.setdefault(name, []).append(p)
-                a = p
-            self.data.setdefault(name, {})[batch] = a
-
-    def get(self, batch: int, name: str):
-        a = self.data[name][batch]
-        return np.load(a, mmap_mode="r") if isinstance(a, Path) else a
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def drop_dead(self, plan: StagePlan, after: int, keep=()) -> None:
-        for name in [n for n in self.data if plan.last_use.get(n, -1) <= after and n not in keep]:
-            del self.data[name]
-            for p in self.paths.pop(name, ()):
-                p.unlink(missing_ok=True)  # disk holds one stage's boundary per stream, not the whole model's
-
-    def close(self) -> None:
-        self.data.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _Batch:
-    """One batch's tensors between stages, in memory (`_Store`'s get for `_chain_by_batch`)."""
-
-    def __init__(self):
-        self.data: dict = {}
-
-    def get(self, batch: int, name: str):
-        return self.data[name]
-
-
 # ---------------------------------------------------------------- the evaluator
 class StagedEvaluator(Gates):
     """The Evaluator's interface (index, zeros, gates, metrics, ref, shapes, sensitivities) over the gated graph
@@ -176,8 +135,12 @@ class StagedEvaluator(Gates):
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
         self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
         self.stats = {"load_s": 0.0, "stages": {}}
-        self.types: dict = {}
-        self.refs = _Store(self.root)
+        self.grouped: dict = {}  # stage -> its error sessions (and whether suffixes)
+        self.unified = self.plan.inline and UNIFIED
+        t = time.perf_counter()
+        self.types: dict = self.plan.inferred_types(self.feeds[0]) if self.unified else {}
+        self.stats["types_s"] = time.perf_counter() - t
+        self.refs = Store(self.root)
         self.refout: dict[int, np.ndarray] = {}
         self.shapes: dict[str, list] = {}
         t = time.perf_counter()
@@ -189,7 +152,10 @@ class StagedEvaluator(Gates):
     # ------------------------------------------------------------ sessions and feeds
     def _session(self, s: int, errors: bool = False, only=None):
         """Stage `s`'s session: with the Ifs of the gates `only` (None: all); with `errors`, the variant summing
-        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together."""
+        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together.
+        Unified (inlined gates): one session a stage, whatever is asked (`_unified`)."""
+        if self.unified:
+            return self._unified(s)
         key = (s, None if only is None else frozenset(only))
         keep = not errors and (only is None or not only)
         if keep and key in self.cached:
@@ -199,7 +165,28 @@ class StagedEvaluator(Gates):
         size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
         if keep:
             self.sizes[key] = size
-        while self.cached and sum(b for _, b in self.cached.values()) + size > self.budget:
+        return self._load(m, key if keep else None, size)
+
+    def _unified(self, s: int):
+        """Stage `s` with every gate inlined, its outputs and its squared errors against `t__ref` inputs (zeros
+        where a run wants the outputs only): the FP32 reference (gates off), the candidates' errors, gain probes and
+        verifications all run on it, so a stage loads once instead of 3-4 times (FP32, error, whole: ~1 s each on
+        the GPU). Rebuilt once if its outputs' types were not known when it was made."""
+        key = (s, "unified")
+        sig = tuple((o, self.types[o].dtype.str, self.types[o].ndim) for o in self.plan.stages[s]["outputs"]
+                    if o in self.types)
+        hit = self.cached.get(key)
+        if hit is not None and hit[2] == sig:
+            self.cached.move_to_end(key)
+            return hit[0]
+        self.cached.pop(key, None)
+        m = self.plan.proto(s, self.types, errors=True, outputs=True)
+        self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+        return self._load(m, key, size, sig)
+
+    def _load(self, m, key, size: int, sig=None):
+        """An ORT session of stage model `m`, cached under `key` (None: not kept) while the cache fits the budget."""
+        while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
         sess = ort.session(m, provider=self.provider, level="disable")
@@ -208,14 +195,14 @@ class StagedEvaluator(Gates):
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
         weakref.finalize(sess, self._closed)
-        if keep and size <= self.budget:
-            self.cached[key] = (sess, size)
+        if key is not None and size <= self.budget:
+            self.cached[key] = (sess, size, sig)
         return sess
 
     def _closed(self):
         self.live -= 1
 
-    def _feed(self, s: int, b: int, gates, store: _Store | None = None, start: int = 0) -> dict:
+    def _feed(self, s: int, b: int, gates, store: Store | None = None, start: int = 0) -> dict:
         feed = {}
         for name in self.plan.stages[s]["inputs"]:
             if name == GATES:
@@ -232,6 +219,9 @@ class StagedEvaluator(Gates):
         names = self.plan.stages[s]["outputs"] or [sess.get_outputs()[0].name]
         wanted = {i.name for i in sess.get_inputs()}
         feed = {k: v for k, v in feed.items() if k in wanted}
+        for i in sess.get_inputs():  # a unified session's error inputs: any zeros (their sums are not fetched)
+            if i.name not in feed and i.name.endswith(REF):
+                feed[i.name] = np.zeros([1] * len(i.shape), np.float32)
         return dict(zip(names, ort.run(sess, names, feed, label=f"stage {s} of the gated graph",
                                        options=ort.shrinking(sess))))
 
@@ -244,17 +234,24 @@ class StagedEvaluator(Gates):
         for s in track(range(self.plan.n), total=self.plan.n, desc="FP32 reference (stages)", unit="stage",
                        enabled=self.progress):
             sess = self._session(s, only=())  # the FP32 stage: gates off are their else-branches
+            times = []
             for b in range(len(self.feeds)):
+                t = time.perf_counter()
                 got = self._run(sess, s, self._feed(s, b, zeros))
-                for n, a in got.items():
-                    self.types.setdefault(n, a)
+                for n, a in got.items():  # dtype and rank only: a batch's array here stayed in RSS for good
+                    self.types[n] = np.empty((0,) * a.ndim, a.dtype)
                 if self.plan.out in got:
                     self.refout[b] = self._final(got[self.plan.out])
                 if b in search:
                     for n in self.shape_names:
                         if n in got:
                             self.shapes.setdefault(n, []).append([int(d) for d in got[n]])
+                times.append(time.perf_counter() - t)
                 self.refs.save(b, got)  # every output: the later stages' inputs and the FP32 side of stage errors
+            # a forward of this stage (the unified stage's: what a candidate's costs), and what its first run took
+            # more (CUDA: algorithm search, arena growth): a new session's cost besides its load
+            self.stats.setdefault("forward_s", {})[s] = float(np.median(times))
+            self.stats.setdefault("first_run_s", {})[s] = max(0.0, times[0] - float(np.median(times)))
             del sess
 
     # ------------------------------------------------------------ chained runs of mixes
@@ -272,12 +269,13 @@ class StagedEvaluator(Gates):
             here = on & self.plan.stage_gates.get(s, set())
             # Few gates on: their Ifs only. Inlined gates cost a Q/DQ each, not an If: the whole stage, whose
             # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
-            # verifications loading per-mix sessions).
-            few = len(here) <= GROUP and not (self.plan.inline and here)
+            # verifications loading per-mix sessions). Ifs too where the whole stage stays loaded: an off If costs
+            # ~0.3 ms a run, a session of the few ~0.4 s to load (tiny SDXL: 3 verifications 28 s -> see BENCHMARKS).
+            few = len(here) <= GROUP and not (here and (self.plan.inline or self._whole_fits(s)))
             only[s] = here if few else None
         if len(batches) > 1 and self._fit(only):
             return self._chain_by_batch(gates, batches, start, only)
-        store, out, num, den = _Store(self.root), {}, {}, {}
+        store, out, num, den = Store(self.root), {}, {}, {}
         try:
             for s in range(start, self.plan.n):
                 sess = self._session(s, only=only[s])
@@ -288,19 +286,32 @@ class StagedEvaluator(Gates):
                         out[b] = self._final(got[self.plan.out])
                     if floats:
                         k = self.refout[b].shape[0]
-                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                     store.save(b, {n: got[n] for n in self.plan.stages[s]["later"]})
                 del sess
                 store.drop_dead(self.plan, s)
         finally:
             store.close()
-        return out, _relative(num, den)
+        return out, relative(num, den)
+
+    def _whole_fits(self, s: int) -> bool:
+        """Whether stage `s`'s whole gated session stays cached (within the budget on its own)."""
+        key = (s, None)
+        if key not in self.sizes:
+            self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types)))
+        return self.sizes[key] <= self.budget
 
     def _fit(self, only: dict) -> bool:
         """Whether the sessions of stages {s: only} stay cached together within the budget (whole or FP32 stages)."""
         total = 0
         for s, o in only.items():
+            if self.unified:
+                if (s, "unified") not in self.sizes:
+                    m = self.plan.proto(s, self.types, errors=True, outputs=True)
+                    self.sizes[(s, "unified")] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+                total += self.sizes[(s, "unified")]
+                continue
             if o:  # a few gates' Ifs: a session per mix, not kept
                 return False
             key = (s, None if o is None else frozenset(o))
@@ -315,7 +326,7 @@ class StagedEvaluator(Gates):
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
         out, num, den = {}, {}, {}
         for b in batches:
-            live = _Batch()
+            live = BatchTensors()
             for s in range(start, self.plan.n):
                 sess = self._session(s, only=only[s])
                 got = self._run(sess, s, self._feed(s, b, gates, live, start))
@@ -324,13 +335,13 @@ class StagedEvaluator(Gates):
                 if s == start:
                     floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
                     if floats:
-                        num[b] = np.stack([_per_sample(_sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                 live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
                 del got, sess
                 for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
                     del live.data[name]
-        return out, _relative(num, den)
+        return out, relative(num, den)
 
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
@@ -360,61 +371,130 @@ class StagedEvaluator(Gates):
             t1 = time.perf_counter()
             gain = self._gain(s, rse)
             t2 = time.perf_counter()
+            grp = self.grouped.get(s, {"sessions": 0, "suffixes": False})
             self.stats["stages"][s] = {"candidates": len(by_stage[s]), "candidates_s": t1 - t0, "gain_s": t2 - t1,
-                                       "gain": gain}
-            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each), gain probe %.1f s; sessions: %d loaded, "
-                     "%d alive", s + 1, self.plan.n, len(by_stage[s]), t1 - t0, (t1 - t0) / max(1, len(by_stage[s])),
-                     t2 - t1, self.loads, self.live)
+                                       "gain": gain, "forward_s": self.stats.get("forward_s", {}).get(s, 0.0),
+                                       "error_sessions": grp["sessions"], "suffixes": grp["suffixes"]}
+            log.info("stage %d/%d: %d candidates in %.1f s (%.3f s each; %d error session(s)%s; stage forward %.3f s), "
+                     "gain probe %.1f s; sessions: %d loaded, %d alive", s + 1, self.plan.n, len(by_stage[s]), t1 - t0,
+                     (t1 - t0) / max(1, len(by_stage[s])), grp["sessions"], ", suffixes" if grp["suffixes"] else "",
+                     self.stats.get("forward_s", {}).get(s, 0.0), t2 - t1, self.loads, self.live)
             for key in by_stage[s]:
                 yield key, gain * rse[key]
-        for key in spanning:
-            yield key, max(0.0, 1.0 - self.metrics(self.gates({key[0]: key[1]}))["cosine"])
+        ids = self.ids["search"][:ERROR_BATCHES]  # the batches every other candidate is measured on
+        for key in spanning:  # the model-output error of the chain (a whole search split: 3x the forwards)
+            g = self.gates({key[0]: key[1]})
+            start = self._start(g)
+            out = self._chain(g, ids, start)[0] if start < self.plan.n else {}
+            ref = np.concatenate([self.refout[b] for b in ids])
+            cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
+            yield key, max(0.0, 1.0 - metrics.mean_cosine_score(ref, cand))
 
     def _stage_errors(self, s: int, keys: list, progress: bool) -> dict:
         """Relative squared error of each candidate at the outputs of stage `s`, fed the FP32 inputs. The squared
-        differences are summed inside the graph; the inputs stay bound on the device across candidates; each
-        session holds the Ifs of GROUP candidates only (the others' Ifs would cost more than the stage's math;
-        inlined gates: GROUP_INLINE)."""
+        differences are summed inside the graph; the inputs stay bound on the device across candidates. The
+        candidates, in the order their layers run, go in groups (`_groups`); a group's session holds only what its
+        gates can change (`StagePlan.nodes`' suffix), the FP32 tensors it reads from the rest computed once per
+        batch by one prefix run, so a candidate late in the stage no longer runs the stage's FP32 prefix."""
         floats = self.plan.float_outputs(s, self.types)
         batches = self.ids["search"][:ERROR_BATCHES]
-        den = {b: np.stack([_per_sample(_sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
+        den = {b: np.stack([per_sample(sq_lead(self.refs.get(b, n)), self.refout[b].shape[0]) for n in floats])
                for b in batches}
-        errs = [f"{n}__err" for n in floats]
-        bound, out = None, {}
+        pos = self.plan.gate_positions(s)
+        keys = sorted(keys, key=lambda k: (pos.get(self.index[k], 0), self.index[k]))
+        groups, suffix = self._groups(s, keys)
+        self.grouped[s] = {"sessions": len(groups), "suffixes": suffix}
+        frontier = {}
+        if suffix:
+            # unified: the first group runs on the stage's own (loaded) session, the later ones on suffixes
+            frontier = {g: self.plan.nodes(s, self._group_gates(s, group), self._group_gates(s, group))[1]
+                        for g, group in enumerate(groups) if g or not self.unified}
+        prefix = self._prefix(s, batches, sorted(set().union(*frontier.values()))) if frontier else None
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
-        step = GROUP
-        if self.plan.inline:  # as few sessions, of equal size
-            step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
-        for g0 in range(0, len(keys), step):
-            group = keys[g0:g0 + step]
-            sess = self._session(s, errors=True, only={self.index[k] for k in group})
-            if bound is None:
-                device = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
-                bound = []
-                for b in batches:
-                    feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES}
-                    feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats})
-                    bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
+        out, device = {}, None
+        for g, group in enumerate(groups):
+            gates_here = self._group_gates(s, group)
+            if g in frontier:
+                m = self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here)
+                sess = self._load(m, None, 0)
+            else:
+                sess = self._session(s, errors=True, only=gates_here)
+            device = device or ("cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu")
             names = {i.name for i in sess.get_inputs()}
+            have = {o.name for o in sess.get_outputs()}
+            errs = [(i, f"{n}__err") for i, n in enumerate(floats) if f"{n}__err" in have]
+            bound = []
+            for b in batches:
+                feed = {k: v for k, v in self._feed(s, b, self.zeros()).items() if k != GATES and k in names}
+                feed.update({f"{n}__ref": self.refs.get(b, n) for n in floats if f"{n}__ref" in names})
+                if prefix is not None:
+                    feed.update({n: prefix[b][n] for n in frontier.get(g, ()) if n in names})
+                bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
             for key in group:
                 gates, num = self.gates({key[0]: key[1]}), {}
                 for b, vals in zip(batches, bound):
                     io_ = sess.io_binding()
                     for k, v in vals.items():
-                        if k in names:
-                            io_.bind_ortvalue_input(k, v)
+                        io_.bind_ortvalue_input(k, v)
                     if GATES in names:
                         io_.bind_cpu_input(GATES, gates)
-                    for e in errs:
+                    for _, e in errs:
                         io_.bind_output(e, "cpu")
                     sess.run_with_iobinding(io_, ort.shrinking(sess))
                     k = self.refout[b].shape[0]
-                    num[b] = np.stack([_per_sample(np.asarray(x, np.float64), k) for x in io_.copy_outputs_to_cpu()])
-                out[key] = _relative(num, den)
+                    rows = np.zeros((len(floats), k))  # outputs the suffix leaves out are FP32: no error
+                    for (i, _), x in zip(errs, io_.copy_outputs_to_cpu()):
+                        rows[i] = per_sample(np.asarray(x, np.float64), k)
+                    num[b] = rows
+                out[key] = relative(num, den)
                 bar.update(1)
-            del sess
+            del sess, bound
         bar.close()
+        return out
+
+    def _group_gates(self, s: int, group: list) -> set:
+        return {self.index[k] for k in group}
+
+    def _groups(self, s: int, keys: list) -> tuple[list, bool]:
+        """(the candidates in groups, one error session each; whether the groups run as suffixes). The If form:
+        GROUP a session, suffixes where there are several groups (their sessions exist anyway; one prefix load
+        more). Unified: the whole stage in one group, unless splitting it into m suffixes saves more candidate
+        forward time (the stage's measured forward, by where the groups start) than m session loads cost."""
+        if not keys:
+            return [], False
+        if not self.unified:
+            step = GROUP
+            if self.plan.inline:  # as few sessions, of equal size
+                step = max(1, -(-len(keys) // -(-len(keys) // GROUP_INLINE)))
+            groups = [keys[i:i + step] for i in range(0, len(keys), step)]
+            return groups, SUFFIX and len(groups) > 1
+        first = self.stats.get("first_run_s", {})
+        load = self.stats["load_s"] / max(1, self.loads) + sum(first.values()) / max(1, len(first))
+        forward = self.stats.get("forward_s", {}).get(s, 0.0) * ERROR_BATCHES
+        best, m_best = len(keys) * forward, 1
+        for m in range(2, MAX_SUFFIXES + 1) if SUFFIX else ():
+            # group j of m starts about j/m into the stage: it runs (1 - j/m) of it; m loads (m - 1 suffixes, prefix)
+            cost = sum(len(keys[j * len(keys) // m:(j + 1) * len(keys) // m]) * (1 - j / m) for j in range(m)) \
+                * forward + m * load
+            if cost < best:
+                best, m_best = cost, m
+        groups = [keys[j * len(keys) // m_best:(j + 1) * len(keys) // m_best] for j in range(m_best)]
+        return [g for g in groups if g], m_best > 1
+
+    def _prefix(self, s: int, batches: list, names: list) -> dict:
+        """Batch -> {name: FP32 value} of the tensors `names` inside stage `s` (one run of its FP32 nodes a batch)."""
+        m = self.plan.proto(s, self.types, only=set(), extra=tuple(names))
+        sess = self._load(m, None, 0)
+        out = {}
+        for b in batches:
+            feed = self._feed(s, b, self.zeros())
+            wanted = {i.name for i in sess.get_inputs()}
+            got = ort.run(sess, names, {k: v for k, v in feed.items() if k in wanted},
+                          label=f"stage {s} FP32 prefix", options=ort.shrinking(sess))
+            out[b] = dict(zip(names, got))
+            for n, a in out[b].items():
+                self.types.setdefault(n, np.empty((0,) * a.ndim, a.dtype))
         return out
 
     def _gain(self, s: int, rse: dict) -> float:
@@ -441,43 +521,3 @@ class StagedEvaluator(Gates):
         self.cached.clear()
         self.refs.close()
         self._tmp.cleanup()
-
-
-def onnxruntime_value(a: np.ndarray, device: str):
-    import onnxruntime
-    # np.ascontiguousarray makes a 0-d array 1-d: a scalar crossing stages (a Shape's Gather) kept its rank
-    # only on the If path; the full-size SDXL run failed on it at a cut inside an attention's shape math.
-    return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a).reshape(np.shape(a)), device, 0)
-
-
-def _sq_lead(a) -> np.ndarray:
-    """Sums of squares per leading index (rank 0: the one value), in float64, a few MB at a time."""
-    a = np.asarray(a)
-    if a.ndim < 2:
-        return np.square(a.astype(np.float64))
-    flat, step = a.reshape(a.shape[0], -1), max(1, (1 << 22) // max(1, a[0].size))
-    return np.concatenate([np.einsum("ij,ij->i", c, c) for c in
-                           (flat[i:i + step].astype(np.float64) for i in range(0, len(flat), step))])
-
-
-def _per_sample(v: np.ndarray, k: int) -> np.ndarray:
-    """Per-leading-index sums -> per-sample sums over the `k` samples of a batch (leading dims of k * m are
-    sample-major, as in [B * heads, ...]); anything else is spread evenly."""
-    v = np.asarray(v, np.float64)
-    if v.ndim == 1 and v.size % k == 0:
-        return v.reshape(k, -1).sum(1)
-    return np.full(k, float(v.sum()) / k)
-
-
-def _relative(num: dict, den: dict) -> float:
-    """Relative squared error of each output tensor, averaged over the tensors (each counts alike: a small tensor,
-    say a time-embedding projection, can matter downstream as much as a big one) and over the samples (the metric,
-    1 - cosine, is a mean over samples too). num/den: batch -> [tensors, samples]."""
-    n, d = np.concatenate([num[b] for b in num], axis=1), np.concatenate([den[b] for b in num], axis=1)
-    if not np.all(np.isfinite(n)):
-        return math.inf
-    if not PER_TENSOR:  # pooled over the tensors: the big ones dominate
-        n, d = n.sum(0, keepdims=True), d.sum(0, keepdims=True)
-    ok = d > 0
-    r = np.where(ok, n / np.where(ok, d, 1.0), 0.0)
-    return float(np.mean(r.sum(0) / np.maximum(ok.sum(0), 1))) if ok.any() else 0.0
