@@ -8,6 +8,8 @@ split into groups and each group gets its own pass.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -71,7 +73,8 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
             provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
-            desc: str = "calibrating", stages: int | None = None, only_needed: bool = False) -> None:
+            desc: str = "calibrating", stages: int | None = None, only_needed: bool = False,
+            prefetch: bool | None = None) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
@@ -80,6 +83,8 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
     Graph inputs are taken from the feeds. `only_needed` runs just the nodes the named tensors depend on.
+    `prefetch` (default: on for `PREFETCH_PROVIDERS`) builds the next stage's (or group's) session on a thread while
+    the current one runs, so two sessions are alive at once; the runs, and so the statistics, are the same.
     """
     if not reducers:
         return
@@ -116,8 +121,12 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
     bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
     reruns = 0
-    with BoundaryCache(len(plan) > 1) as cache:
-        for si, gi, group in passes:
+    overlap = len(passes) > 1 and (provider in PREFETCH_PROVIDERS if prefetch is None else prefetch)
+    with BoundaryCache(len(plan) > 1) as cache, ThreadPoolExecutor(1, thread_name_prefix="onnxopt-session") as ahead:
+
+        def prepare(k: int) -> _StagePass:
+            """Pass k's session and what it fetches (its stage's boundary inputs typed from batch 0 in the cache)."""
+            si, gi, group = passes[k]
             st = plan[si]
             small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
             keep = st.outputs if gi == 0 else []
@@ -129,10 +138,17 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             shared = _histogram_constants({r.pre_reduce.bins for _, r in fed}) if fed else []
             sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared), provider=provider,
                                 level="basic", lean=True)
-            if not names:
-                names = [sess.get_outputs()[0].name]
+            return _StagePass(st, group, small, keep, fed, names or [sess.get_outputs()[0].name], sess)
+
+        following = None  # the next pass's session, built on a thread while this pass runs (`overlap`)
+        for k in range(len(passes)):
+            cur = following.result() if following is not None else prepare(k)
+            following = None
+            st, group, small, keep, fed, names, sess = (cur.stage, cur.group, cur.small, cur.keep, cur.fed,
+                                                        cur.names, cur.session)
+            del cur
             for bi, feed in enumerate(data):
-                feed = {k: v for k, v in feed.items() if k in st.inputs}
+                feed = {k_: v for k_, v in feed.items() if k_ in st.inputs}
                 feed.update(cache.load(bi, [n for n in st.inputs if n not in feed]))
                 feed.update((f, r.feed_scale()) for f, r in fed)
                 got = _run(sess, names, feed, data, bi)
@@ -164,6 +180,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                     cache.save(bi, {n: got[n] for n in keep})
                 del got, feed
                 bar.update(1)
+                if bi == 0 and overlap and k + 1 < len(passes):
+                    # batch 0's boundaries are saved: the next session can be typed and built while this one runs
+                    following = ahead.submit(prepare, k + 1)
             del sess
     if reruns:
         log.info("in-graph histograms ran %d of %d stage batches again to set or grow their ranges", reruns,
@@ -174,6 +193,25 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                 for r in rs:
                     r.update(feed[name])
     bar.close()
+
+
+# Whether a staged pass builds its next session while the current one runs: on CUDA the weights of a session live
+# on the device, so two at once cost GPU memory only, and ORT's session set-up (reading and copying a stage's
+# weights, ~1-3 s each at full SDXL size) overlaps the forwards. On the CPU a session maps its stage's weights into
+# the host's memory, which `memory_budget_mb` bounds for one stage at a time: no overlap there.
+PREFETCH_PROVIDERS = ("cuda",)
+
+
+@dataclass
+class _StagePass:
+    """One pass of `collect` over one stage: its session and what it fetches and reduces."""
+    stage: object
+    group: list
+    small: list
+    keep: list
+    fed: list
+    names: list
+    session: object
 
 
 def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
