@@ -27,8 +27,9 @@ from ..settings import MEMORY_BUDGET_MB
 log = logging.getLogger(__name__)
 
 
-def _inferred(model: onnx.ModelProto, feed: dict) -> dict[str, tuple[int, int]]:
-    """{tensor: (elements, bytes per element)} for one batch, from shape inference with its concrete shapes."""
+def _inferred(model: onnx.ModelProto, feed: dict) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """({tensor: (elements, bytes per element)} for one batch, {tensor: (ONNX element type, rank)}), from shape
+    inference with the batch's concrete shapes (sizes only where every dimension is known)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.value_info[:]
@@ -42,18 +43,20 @@ def _inferred(model: onnx.ModelProto, feed: dict) -> dict[str, tuple[int, int]]:
         m = shape_inference.infer_shapes(m, data_prop=True)
     except Exception:
         pass
-    out = {}
+    out, types = {}, {}
     for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
         tt = vi.type.tensor_type
+        if tt.elem_type and tt.HasField("shape"):
+            types[vi.name] = (tt.elem_type, len(tt.shape.dim))
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
         if tt.elem_type and all(d > 0 for d in dims):
             out[vi.name] = (int(np.prod(dims)), np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize)
-    return out
+    return out, types
 
 
 def estimate_bytes(model: onnx.ModelProto, feed: dict, names: Sequence[str], inferred: dict | None = None) -> dict[str, int]:
     """Activation sizes for one batch, from shape inference with the batch's concrete input shapes."""
-    inferred = _inferred(model, feed) if inferred is None else inferred
+    inferred = _inferred(model, feed)[0] if inferred is None else inferred
     batch = max((int(np.prod(v.shape)) * v.itemsize for v in feed.values()), default=1)
     return {n: inferred[n][0] * inferred[n][1] if n in inferred else 4 * batch for n in names}
 
@@ -74,7 +77,7 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequence[Reducer]], *,
             provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
             desc: str = "calibrating", stages: int | None = None, only_needed: bool = False,
-            prefetch: bool | None = None) -> None:
+            prefetch: int | None = None) -> None:
     """Run `model` over `data` and feed every batch of each named tensor to its reducers.
 
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
@@ -83,8 +86,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
     Graph inputs are taken from the feeds. `only_needed` runs just the nodes the named tensors depend on.
-    `prefetch` (default: on for `PREFETCH_PROVIDERS`) builds the next stage's (or group's) session on a thread while
-    the current one runs, so two sessions are alive at once; the runs, and so the statistics, are the same.
+    `prefetch` (default: `SESSIONS_AHEAD` of the provider) sessions of the following stages (or groups) are built on
+    threads while the current one runs, so up to 1 + prefetch sessions are alive at once; the runs, and so the
+    statistics, are the same.
     """
     if not reducers:
         return
@@ -96,7 +100,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
         raise OnnxoptError(f"{data.describe}: no calibration samples")
     budget = memory_budget_mb * 2**20
     n_batches = len(data)
-    inferred = _inferred(model, first)
+    inferred, types = _inferred(model, first)
     full, reduced, aux_nodes, feeds = _attach(model, reducers, inputs, n_batches)
     if stages is None:
         stages = stage_count(model, budget)
@@ -121,11 +125,14 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                  max(st.weight_bytes for st in plan) / 1e9, memory_budget_mb)
     bar = progress_.bar(total=n_batches * len(passes), desc=desc, unit="batch", enabled=progress)
     reruns = 0
-    overlap = len(passes) > 1 and (provider in PREFETCH_PROVIDERS if prefetch is None else prefetch)
-    with BoundaryCache(len(plan) > 1) as cache, ThreadPoolExecutor(1, thread_name_prefix="onnxopt-session") as ahead:
+    ahead = min(len(passes) - 1, SESSIONS_AHEAD.get(provider, 0) if prefetch is None else int(prefetch))
+    graph_inputs = {vi.name for vi in model.graph.input}
+    # Sessions typed from shape inference can be built before the stages they read from have run.
+    typed = ahead > 0 and all(n in graph_inputs or n in types for st in plan for n in st.inputs)
+    with BoundaryCache(len(plan) > 1) as cache, ThreadPoolExecutor(max(ahead, 1), thread_name_prefix="onnxopt-session") as pool:
 
         def prepare(k: int) -> _StagePass:
-            """Pass k's session and what it fetches (its stage's boundary inputs typed from batch 0 in the cache)."""
+            """Pass k's session and what it fetches."""
             si, gi, group = passes[k]
             st = plan[si]
             small = [(name, outs, r) for name, outs, r in reduced if gi == 0 and where.get(name, 0) == si]
@@ -136,14 +143,23 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             names = list(dict.fromkeys(list(group) + [o for _, outs, _ in small for o in outs] + keep))
             extra = [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f, _ in fed]
             shared = _histogram_constants({r.pre_reduce.bins for _, r in fed}) if fed else []
-            sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared), provider=provider,
-                                level="basic", lean=True)
+            sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared, types if typed else None),
+                                provider=provider, level="basic", lean=True)
             return _StagePass(st, group, small, keep, fed, names or [sess.get_outputs()[0].name], sess)
 
-        following = None  # the next pass's session, built on a thread while this pass runs (`overlap`)
+        building: dict = {}  # pass index -> its session being built on a worker thread
+        started = [0]        # passes before this one are built or being built
+
+        def build_until(last: int) -> None:
+            for j in range(started[0], min(last, len(passes) - 1) + 1):
+                building[j] = pool.submit(prepare, j)
+            started[0] = max(started[0], last + 1)
+
         for k in range(len(passes)):
-            cur = following.result() if following is not None else prepare(k)
-            following = None
+            if typed:
+                build_until(k + ahead)
+            cur = building.pop(k).result() if k in building else prepare(k)
+            started[0] = max(started[0], k + 1)
             st, group, small, keep, fed, names, sess = (cur.stage, cur.group, cur.small, cur.keep, cur.fed,
                                                         cur.names, cur.session)
             del cur
@@ -180,9 +196,9 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
                     cache.save(bi, {n: got[n] for n in keep})
                 del got, feed
                 bar.update(1)
-                if bi == 0 and overlap and k + 1 < len(passes):
+                if bi == 0 and ahead and not typed:
                     # batch 0's boundaries are saved: the next session can be typed and built while this one runs
-                    following = ahead.submit(prepare, k + 1)
+                    build_until(k + 1)
             del sess
     if reruns:
         log.info("in-graph histograms ran %d of %d stage batches again to set or grow their ranges", reruns,
@@ -195,11 +211,11 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-# Whether a staged pass builds its next session while the current one runs: on CUDA the weights of a session live
-# on the device, so two at once cost GPU memory only, and ORT's session set-up (reading and copying a stage's
-# weights, ~1-3 s each at full SDXL size) overlaps the forwards. On the CPU a session maps its stage's weights into
-# the host's memory, which `memory_budget_mb` bounds for one stage at a time: no overlap there.
-PREFETCH_PROVIDERS = ("cuda",)
+# Sessions a staged pass builds ahead, on threads, while the current one runs: on CUDA the weights of a session live
+# on the device, so several at once cost GPU memory only, and ORT's session set-ups (reading and copying a stage's
+# weights, several seconds each at full SDXL size) overlap each other and the forwards. On the CPU a session maps
+# its stage's weights into the host's memory, which `memory_budget_mb` bounds for one stage at a time: none ahead.
+SESSIONS_AHEAD = {"cuda": 2}
 
 
 @dataclass
