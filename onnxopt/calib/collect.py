@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from .. import lazyscale
 from .. import ort as ortx
 from .. import progress as progress_
 from ..errors import OnnxoptError
@@ -373,7 +374,13 @@ def _const(name: str, value: np.ndarray):
 
 
 def collect_graph(graph, data: CalibData, reducers: dict[str, Sequence[Reducer]], **kwargs) -> None:
-    """`collect` over an onnx-graphsurgeon graph (exported without touching lazy weights)."""
+    """`collect` over an onnx-graphsurgeon graph (exported without touching lazy weights; weights a fold scaled
+    lazily are multiplied in the session's graph where `lazyscale.in_graph`, else computed once here)."""
     import onnx_graphsurgeon as gs
-    model = gs.export_onnx(graph, do_type_check=False)
+    if lazyscale.in_graph(kwargs.get("provider", "cpu")):
+        with lazyscale.exported() as found:
+            model = gs.export_onnx(graph, do_type_check=False)
+        model = lazyscale.expand(model, found)
+    else:
+        model = gs.export_onnx(graph, do_type_check=False)
     collect(model, data, reducers, **kwargs)
