@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 
 import numpy as np
 import onnx
@@ -64,7 +65,8 @@ class Scaled(gs.ir.tensor.LazyValues):
 
     def load(self) -> np.ndarray:
         src = self.source.load() if isinstance(self.source, gs.ir.tensor.LazyValues) else np.asarray(self.source)
-        return scaled(src, self.factor)
+        # parts on threads from the main thread only: a worker of another pool (the writer's) keeps to itself
+        return scaled(src, self.factor, threads=0 if threading.current_thread() is threading.main_thread() else 1)
 
     def chain(self) -> tuple:
         """(the unscaled base values, [factors in the order they apply])."""
