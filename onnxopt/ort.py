@@ -205,10 +205,15 @@ def fit_together(models: list, provider: str, host_budget_mb: int) -> bool:
     """Whether sessions of all `models` may live at once: their weights within a third of the GPU's memory on
     CUDA (activations and the arena take the rest), within `host_budget_mb` on the CPU."""
     need = sum(modelfile.model_bytes(m) for m in models)
-    if "CUDAExecutionProvider" in _providers_of(provider):
+    if runs_on_cuda(provider):
         total = device_memory_bytes()
         return total is not None and 3 * need <= total
     return need <= host_budget_mb * 2**20
+
+
+def runs_on_cuda(provider: str) -> bool:
+    """Whether sessions for `provider` run on CUDA (not a CUDA request that fell back to the CPU)."""
+    return "CUDAExecutionProvider" in _providers_of(provider)
 
 
 def _providers_of(provider: str) -> list[str]:

@@ -55,3 +55,10 @@ def test_prefetch_holds_at_most_the_sessions_ahead(tmp_path, ahead):
     assert max(_CountingSessions.seen) >= 2  # a later session was built while a stage ran
     for n, (r,) in red.items():
         assert r.value is not None
+
+
+def test_cpu_weight_budget_is_the_host_budget():
+    """On the CPU ORT maps a session's weights into this process: the stage budget stays --memory-budget (on CUDA it
+    is a third of the GPU's memory, or the budget if larger: not testable here)."""
+    from onnxopt.calib.collect import weight_budget
+    assert weight_budget("cpu", 4096 << 20) == 4096 << 20

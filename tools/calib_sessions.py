@@ -4,8 +4,9 @@ calibration pass, nothing else), sampling the process's RSS (anonymous vs file-b
 
     python3 tools/calib_sessions.py /root/sdxl/unet.onnx /root/sdxl/calib.npz --provider cuda --json $OUT/cs.json
 
-Variants: sessions built ahead (calib.collect's `prefetch`: 0 = one session at a time, the old behaviour; 2 = the
-CUDA default, every stage's session built on threads at once) x stages (the 4096 MB budget's 3, or 1). Before them,
+Variants AHEADxSTAGES: sessions built ahead on threads (calib.collect's `prefetch`; 0 = one session at a time) x
+stages (3: the 4096 MB host budget's count, the old CUDA behaviour; 0: the new default, weight_budget's, one
+session on an 80 GB GPU). 0x3 is the old tree's calibration, 0x0 the new one's. Before them,
 one child reports the RSS of the libraries alone: after `import onnxruntime, onnxopt`, after a one-node CUDA
 session, after a Conv and a MatMul ran on CUDA (cuDNN and cuBLAS loaded). Prints one row per variant: wall, peak
 RSS (ru_maxrss) and RssAnon / RssFile at the sampled peak.
@@ -108,7 +109,7 @@ def main():
     ap.add_argument("calib")
     ap.add_argument("--provider", default="cuda", choices=("cpu", "cuda"))
     ap.add_argument("--batches", type=int, default=4, help="Calibration batches per variant (CFG halves: samples x 2).")
-    ap.add_argument("--variants", default="0x0,2x0,0x1,2x1", help="AHEADxSTAGES, STAGES 0 = the budget's count.")
+    X
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", choices=("libraries", "collect"))
     ap.add_argument("--ahead", type=int, default=0)

@@ -84,7 +84,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     Reducers with an in-graph reduction (max |x|, per-channel max |x|, per-channel mean, top |x|, histogram
     counts) get it added to the graph and fetch only its result, all in one pass. The others fetch whole tensors as extra graph
     outputs, split into groups so that one batch of one group stays within `memory_budget_mb`.
-    Models whose weights exceed the budget run in `stages` (None: as many as the budget needs): each
+    Models whose weights exceed the budget (on CUDA: `weight_budget`) run in `stages` (None: as many as it needs): each
     stage holds only its own weights, and the tensors that cross into later stages wait on disk.
     Graph inputs are taken from the feeds. `only_needed` runs just the nodes the named tensors depend on.
     `prefetch` (default: `SESSIONS_AHEAD` of the provider) sessions of the following stages (or groups) are built on
@@ -104,7 +104,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     inferred, types = _inferred(model, first)
     full, reduced, aux_nodes, feeds = _attach(model, reducers, inputs, n_batches)
     if stages is None:
-        stages = stage_count(model, budget)
+        stages = stage_count(model, weight_budget(provider, budget))
     fetch = [n for n in full if n not in inputs]
     # Bytes per tensor for one batch: to group fetched tensors under the budget and to place stage cuts.
     wanted = fetch + (tensor_names(model) if stages > 1 else [])
@@ -216,7 +216,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
 # on the device, so several at once cost GPU memory only, and ORT's session set-ups (reading and copying a stage's
 # weights, several seconds each at full SDXL size) overlap each other and the forwards. On the CPU a session maps
 # its stage's weights into the host's memory, which `memory_budget_mb` bounds for one stage at a time: none ahead.
-SESSIONS_AHEAD = {"cuda": 2}
+SESSIONS_AHEAD = {"cuda": 1}
 
 
 @dataclass
@@ -229,6 +229,17 @@ class _StagePass:
     fed: list
     names: list
     session: object
+
+
+def weight_budget(provider: str, budget: int) -> int:
+    """Bytes of weights one calibration session may hold: `budget` (the host's, --memory-budget) on the CPU, where
+    ORT maps them into this process; on CUDA, where ORT copies them to the device one tensor at a time and the host
+    holds none, a third of the GPU's memory (the rest: activations, the arena), or `budget` if larger. Full-size SDXL
+    (9.6 GiB) then calibrates in one session on an 80 GB GPU instead of 3 stages with 2.4 GB of boundaries on disk."""
+    if not ortx.runs_on_cuda(provider):
+        return budget
+    total = ortx.device_memory_bytes()
+    return max(budget, total // 3) if total else budget
 
 
 def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
