@@ -109,7 +109,8 @@ def main():
     ap.add_argument("calib")
     ap.add_argument("--provider", default="cuda", choices=("cpu", "cuda"))
     ap.add_argument("--batches", type=int, default=4, help="Calibration batches per variant (CFG halves: samples x 2).")
-    X
+    ap.add_argument("--variants", default="0x3,1x3,2x3,0x0",
+                    help="AHEADxSTAGES; STAGES 0: the default count (calib.collect.weight_budget: 1 on an 80 GB GPU).")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", choices=("libraries", "collect"))
     ap.add_argument("--ahead", type=int, default=0)
