@@ -5,7 +5,8 @@ and the product taken in float64 and rounded to W's type (`scaled`), without com
 - In the graph a calibration session is built from (`exported`, on CUDA), the product is computed by the session
   itself: Cast to float64, Mul by f, Cast back, the same IEEE operations as `scaled`, reading W from the model's
   own file; so a fold writes no new weight file and ORT copies the same bytes it would have read from one.
-  (The factor is an overridable initializer, so ORT's constant folding does not build the products on the host.)
+  (The weight and the factor are overridable initializers, so ORT's constant folding does not build the products,
+  or the float64 copies, on the host when the session is made.)
 - Exported any other way (a save, a check session), the values are computed and spilled once (`Scaled.tensor`).
 """
 from __future__ import annotations
@@ -143,6 +144,8 @@ def expand(model: onnx.ModelProto, found: list) -> onnx.ModelProto:
             continue
         name = t.name
         t.name = f"{name}__unscaled"
+        # overridable (a graph input too): ORT's constant folding would otherwise build every float64 copy on the host
+        g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         _, factors = s.chain()
         nodes, src = [], t.name
         for k, f in enumerate(factors):

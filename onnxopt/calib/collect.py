@@ -7,6 +7,7 @@ split into groups and each group gets its own pass.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
             extra = [helper.make_tensor_value_info(f, onnx.TensorProto.FLOAT, []) for f, _ in fed]
             shared = _histogram_constants({r.pre_reduce.bins for _, r in fed}) if fed else []
             sess = ortx.session(stage_model(model, st, names, aux, cache, extra, shared, types if typed else None),
-                                provider=provider, level="basic", lean=True)
+                                provider=provider, level="basic", lean=True, shared=True)
             return _StagePass(st, group, small, keep, fed, names or [sess.get_outputs()[0].name], sess)
 
         building: dict = {}  # pass index -> its session being built on a worker thread
@@ -153,7 +154,7 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
 
         def build_until(last: int) -> None:
             for j in range(started[0], min(last, len(passes) - 1) + 1):
-                building[j] = pool.submit(prepare, j)
+                building[j] = pool.submit(contextvars.copy_context().run, prepare, j)  # ort.device_weights' context
             started[0] = max(started[0], last + 1)
 
         for k in range(len(passes)):
