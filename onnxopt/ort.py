@@ -105,41 +105,31 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
     into integer kernels. `shared`: inside `device_weights`, big external weights come from its one device copy.
     """
     providers = _providers(provider)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = LEVELS[level]
-    so.log_severity_level = 4  # failures come back as exceptions, which become one error line; no red log lines
-    if threads:
-        so.intra_op_num_threads = threads
-    if level == "disable":
-        # Graph order: a weight's DequantizeLinear runs just before its layer. The default order runs
-        # every DQ first (they have no activation inputs) and holds all the dequantized weights at once.
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if lean:  # memory over speed (calibration of big models)
-        so.add_session_config_entry("session.disable_prepacking", "1")  # packed GEMM weights: a 2nd copy
-        so.enable_cpu_mem_arena = False  # the arena keeps its high-water mark for the session's life
-        so.enable_mem_pattern = False    # planned buffers are sized for the largest shapes seen
-        # Run nodes in graph order, so that a reduction placed after its producer frees that tensor early.
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so = _options(level, threads, lean)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     modelfile.stamp_ir_version(m)
     weights = _SHARED.get()
+    kept = []
     if shared and weights is not None:
-        weights.add_to(m, so)
+        try:
+            kept = weights.add_to(m, so)
+        except _NotShared:
+            so = _options(level, threads, lean)  # some were given before it failed: start over without them
     folders = set()
     for t in modelfile.all_tensors(m):
         if external_data_helper.uses_external_data(t):
             folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
     try:
         if m.ByteSize() > _PROTO_LIMIT:
-            return _session_via_file(m, so, providers)
+            return _keeping(_session_via_file(m, so, providers), kept)
         if folders:
             base = os.path.commonpath(list(folders))
             for t in modelfile.all_tensors(m):
                 if external_data_helper.uses_external_data(t):
                     modelfile.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
-        return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
+        return _keeping(ort.InferenceSession(m.SerializeToString(), so, providers=providers), kept)
     except OnnxoptError:
         raise
     except Exception as e:
@@ -181,13 +171,15 @@ class _DeviceWeights:
         self.broken = False
         self.lock = threading.Lock()  # sessions built on several threads (calib.collect's sessions ahead)
 
-    def add_to(self, m: onnx.ModelProto, so) -> None:
+    def add_to(self, m: onnx.ModelProto, so) -> list:
+        """Give `so` the device copies of `m`'s big external weights (read and copied now where missing); returns
+        them, for the session to keep alive."""
         with self.lock:
-            self._add_to(m, so)
+            return self._add_to(m, so)
 
-    def _add_to(self, m: onnx.ModelProto, so) -> None:
+    def _add_to(self, m: onnx.ModelProto, so) -> list:
         if self.broken:
-            return
+            return []
         wanted = []
         for t in m.graph.initializer:
             if (external_data_helper.uses_external_data(t) and t.data_type in _SHAREABLE
@@ -206,6 +198,8 @@ class _DeviceWeights:
             log.info("weights not shared on the device (%s); each session copies its own", _first_line(e))
             self.broken = True
             self.values.clear()
+            raise _NotShared from None
+        return [self.values[k] for _, k, _ in wanted]
 
     def _upload(self, t: onnx.TensorProto):
         owner = ort.OrtValue.ortvalue_from_numpy(modelfile.to_array(t), self.device, 0)
@@ -214,7 +208,37 @@ class _DeviceWeights:
         return owner, ort.OrtValue(ort.capi._pybind_state.OrtValue.from_dlpack(owner._ortvalue.to_dlpack(), False))
 
 
+class _NotShared(Exception):
+    """Sharing failed after some user initializers were given: the session must be built without them."""
+
+
 _SHAREABLE = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _keeping(sess: ort.InferenceSession, kept: list) -> ort.InferenceSession:
+    if kept:
+        sess.onnxopt_shared_weights = kept  # ORT uses them in place: they live as long as the session
+    return sess
+
+
+def _options(level: str, threads: int, lean: bool) -> ort.SessionOptions:
+    """Session options for `session` (a fresh object each call: user initializers are added to it)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.log_severity_level = 4  # failures come back as exceptions, which become one error line; no red log lines
+    if threads:
+        so.intra_op_num_threads = threads
+    if level == "disable":
+        # Graph order: a weight's DequantizeLinear runs just before its layer. The default order runs
+        # every DQ first (they have no activation inputs) and holds all the dequantized weights at once.
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if lean:  # memory over speed (calibration of big models)
+        so.add_session_config_entry("session.disable_prepacking", "1")  # packed GEMM weights: a 2nd copy
+        so.enable_cpu_mem_arena = False  # the arena keeps its high-water mark for the session's life
+        so.enable_mem_pattern = False    # planned buffers are sized for the largest shapes seen
+        # Run nodes in graph order, so that a reduction placed after its producer frees that tensor early.
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return so
 
 
 def _session_via_file(m: onnx.ModelProto, so, providers: list) -> ort.InferenceSession:
