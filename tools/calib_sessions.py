@@ -8,8 +8,10 @@ Variants AHEADxSTAGES: sessions built ahead on threads (calib.collect's `prefetc
 stages (3: the 4096 MB host budget's count, the old CUDA behaviour; 0: the new default, weight_budget's, one
 session on an 80 GB GPU). 0x3 is the old tree's calibration, 0x0 the new one's. Before them,
 one child reports the RSS of the libraries alone: after `import onnxruntime, onnxopt`, after a one-node CUDA
-session, after a Conv and a MatMul ran on CUDA (cuDNN and cuBLAS loaded). Prints one row per variant: wall, peak
-RSS (ru_maxrss) and RssAnon / RssFile at the sampled peak.
+session, after a Conv and a MatMul ran on CUDA (cuDNN and cuBLAS loaded); another times the whole model's session
+set-up with ORT loading its own weights and twice inside `ort.device_weights` (the second session should find every
+weight on the device; "sharing failed": ORT refused the DLPack views). Prints one row per variant: wall, peak RSS
+(ru_maxrss) and RssAnon / RssFile at the sampled peak.
 """
 from __future__ import annotations
 
@@ -88,6 +90,29 @@ def child_libraries(args) -> dict:
     return {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in rows.items()}
 
 
+def child_sharing(args) -> dict:
+    """Session set-up of the whole model: ORT loading its own weights vs `ort.device_weights` (first session reads
+    and copies on threads, the second finds them on the device)."""
+    from onnxopt import modelfile
+    from onnxopt import ort as ortx
+    model = modelfile.load(args.model)
+    out = {}
+    t = time.perf_counter()
+    s = ortx.session(model, provider=args.provider, level="basic", lean=True)
+    out["own weights: session s"] = round(time.perf_counter() - t, 2)
+    del s
+    with ortx.device_weights(args.provider) as shared:
+        for k in (1, 2):
+            t = time.perf_counter()
+            s = ortx.session(model, provider=args.provider, level="basic", lean=True, shared=True)
+            out[f"shared weights: session {k} s"] = round(time.perf_counter() - t, 2)
+            del s
+        out["uploads"] = shared.uploads if shared else None
+        out["sharing failed"] = shared.broken if shared else None
+    out.update(_status())
+    return out
+
+
 def child_collect(args) -> dict:
     from onnxopt import calib, modelfile
     model = modelfile.load(args.model)
@@ -112,16 +137,16 @@ def main():
     ap.add_argument("--variants", default="0x3,1x3,2x3,0x0",
                     help="AHEADxSTAGES; STAGES 0: the default count (calib.collect.weight_budget: 1 on an 80 GB GPU).")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--child", choices=("libraries", "collect"))
+    ap.add_argument("--child", choices=("libraries", "sharing", "collect"))
     ap.add_argument("--ahead", type=int, default=0)
     ap.add_argument("--stages", type=int, default=0)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child_libraries(args) if args.child == "libraries" else child_collect(args)))
+        print(json.dumps({"libraries": child_libraries, "sharing": child_sharing, "collect": child_collect}[args.child](args)))
         return
     results = {}
     base = [sys.executable, __file__, args.model, args.calib, "--provider", args.provider, "--batches", str(args.batches)]
-    for name, extra in [("libraries", ["--child", "libraries"])] + [
+    for name, extra in [("libraries", ["--child", "libraries"]), ("sharing", ["--child", "sharing"])] + [
             (v, ["--child", "collect", "--ahead", v.split("x")[0], "--stages", v.split("x")[1]])
             for v in args.variants.split(",")]:
         r = subprocess.run(base + extra, capture_output=True, text=True, env=dict(os.environ))
