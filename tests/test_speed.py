@@ -96,7 +96,7 @@ def test_weights_quantized_before_give_the_same_graph(models, mode):
     the graph write() alone gives, and no weight is quantized again."""
     from onnxopt import modelfile, pipeline
     from onnxopt.quant import rules, writer
-    from onnxopt.passes.qdq import QDQ
+    from onnxopt.passes.static_qdq import QDQ
     model, _ = models["cnn"]
 
     def graph_and_plan():

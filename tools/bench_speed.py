@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--auto-formats", default="fp8,int8")
     ap.add_argument("--target-cosine", type=float, default=0.998)
     ap.add_argument("--memory-budget", type=int, default=32000, help="--auto's --memory-budget (MB).")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Pass -v to each job (its log gets per-stage lines).")
     ap.add_argument("--warm", action="store_true", help="Read the model's data file once first (page cache).")
     ap.add_argument("--hash", action="store_true", help="Record a SHA-256 of each written model.")
     ap.add_argument("--keep", action="store_true", help="Keep written models (default: a job's model is deleted "
@@ -247,7 +248,7 @@ def main():
             if job == "compare" and not (out / "unet.fp8.onnx").exists():
                 print(f"{name} compare: no {out / 'unet.fp8.onnx'} (run the fp8 job first with --keep)", flush=True)
                 continue
-            argv = job_argv(job, args.model, out, args)
+            argv = job_argv(job, args.model, out, args) + (["-v"] if args.verbose else [])
             print(f"[{time.strftime('%H:%M:%S')}] {name} {job}: onnxopt {' '.join(argv)}", flush=True)
             r = run_job(tree, argv, args.timeout, out / f"{job}.log")
             r.update(report_extras(out, job))
