@@ -1,6 +1,8 @@
 """Output fidelity of a candidate model against a reference, evaluated with ORT at ORT_DISABLE_ALL."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import gc
 import logging
 import tempfile
@@ -28,9 +30,10 @@ def metrics(ref: np.ndarray, cand: np.ndarray) -> dict:
 
 def evaluation_session(model: onnx.ModelProto, provider: str = "cpu"):
     """ORT_DISABLE_ALL session; FP16/BF16 graphs that the provider cannot run get an exact emulation
-    (FP32 compute, every low-precision tensor rounded to its format: onnxopt.emulate)."""
+    (FP32 compute, every low-precision tensor rounded to its format: onnxopt.emulate). Inside `ort.device_weights`
+    (compare on CUDA) its big weights are read and copied to the device on threads."""
     try:
-        return ortx.session(model, provider=provider, level="disable"), False
+        return ortx.session(model, provider=provider, level="disable", shared=True), False
     except OnnxoptError as e:
         from .emulate import emulated_view
         log.info("evaluating an exact FP16/BF16 emulation (%s)", e)
@@ -82,9 +85,12 @@ def _compare(ref, cand, data, n_random, seed, shapes, provider, max_batch, work:
     # while the reference's is built and run (ORT releases the GIL: the two session set-ups, most of a big
     # UNet's compare, overlap). Otherwise one model at a time, so the peak is the larger model's, not the sum
     # (a full-size SDXL UNet pair would not fit 24 GB of host memory).
-    with ThreadPoolExecutor(1) as pool:
-        pending = (pool.submit(evaluation_session, cand_m, provider)
-                   if ortx.fit_together([ref_m, cand_m], provider, MEMORY_BUDGET_MB) else None)
+    together = ortx.fit_together([ref_m, cand_m], provider, MEMORY_BUDGET_MB)
+    # both at once: their weights read and copied to the device on threads (ort.device_weights; each session keeps
+    # its copies alive, the block's cache lets go at its end)
+    with ThreadPoolExecutor(1) as pool, (ortx.device_weights(provider) if together else contextlib.nullcontext()):
+        pending = (pool.submit(contextvars.copy_context().run, evaluation_session, cand_m, provider)
+                   if together else None)
         rs, _ = evaluation_session(ref_m, provider)
         n = 0
         for i, feed in enumerate(track(data, desc="compare: reference", enabled=progress, unit="batch")):

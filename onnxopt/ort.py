@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
 import re
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +97,132 @@ def _providers(provider: str) -> list:
 
 
 def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disable",
-            threads: int = 0, lean: bool = False) -> ort.InferenceSession:
+            threads: int = 0, lean: bool = False, shared: bool = False) -> ort.InferenceSession:
     """An InferenceSession for a model whose external tensors carry absolute locations (see modelfile.load).
 
     ORT refuses absolute external-data paths, so locations are made relative to their folder, which the
     session is told about. ORT_DISABLE_ALL (the default) simulates Q/DQ exactly; higher levels fuse them
-    into integer kernels.
+    into integer kernels. `shared`: inside `device_weights`, big external weights come from its one device copy.
     """
     providers = _providers(provider)
+    so = _options(level, threads, lean)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    modelfile.stamp_ir_version(m)
+    weights = _SHARED.get()
+    kept = []
+    if shared and weights is not None:
+        try:
+            kept = weights.add_to(m, so)
+        except _NotShared:
+            so = _options(level, threads, lean)  # some were given before it failed: start over without them
+    folders = set()
+    for t in modelfile.all_tensors(m):
+        if external_data_helper.uses_external_data(t):
+            folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
+    try:
+        if m.ByteSize() > _PROTO_LIMIT:
+            return _keeping(_session_via_file(m, so, providers), kept)
+        if folders:
+            base = os.path.commonpath(list(folders))
+            for t in modelfile.all_tensors(m):
+                if external_data_helper.uses_external_data(t):
+                    modelfile.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
+        return _keeping(ort.InferenceSession(m.SerializeToString(), so, providers=providers), kept)
+    except OnnxoptError:
+        raise
+    except Exception as e:
+        raise OnnxoptError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
+
+
+SHARE_BYTES = 1 << 20   # external weights from this size on are shared on the device inside `device_weights`
+UPLOAD_THREADS = 4      # weights read and copied to the device at once (each holds one weight on the host meanwhile)
+_SHARED: contextvars.ContextVar = contextvars.ContextVar("onnxopt_device_weights", default=None)
+
+
+@contextlib.contextmanager
+def device_weights(provider: str, device: str | None = None):
+    """Within this block, calibration sessions (`session(..., shared=True)`) on CUDA take their big external weights
+    from one copy on the device, read and copied once (on threads) and given to ORT as user initializers, which ORT
+    uses in place: SmoothQuant's statistics pass and the Q/DQ calibration read the same bytes of the same file (the
+    fold's products are multiplied in the graph, `lazyscale`), so the second session copies no weight. `device`
+    forces a device ("cpu": tests). Released at the end of the block."""
+    device = device or ("cuda" if runs_on_cuda(provider) else None)
+    if device is None:
+        yield None
+        return
+    cache = _DeviceWeights(device)
+    token = _SHARED.set(cache)
+    try:
+        yield cache
+    finally:
+        _SHARED.reset(token)
+        cache.values.clear()
+
+
+class _DeviceWeights:
+    """{(file, offset, length, type, dims): (the OrtValue owning the device copy, a non-owning view for ORT)}."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.values: dict = {}
+        self.uploads = 0
+        self.broken = False
+        self.lock = threading.Lock()  # sessions built on several threads (calib.collect's sessions ahead)
+
+    def add_to(self, m: onnx.ModelProto, so) -> list:
+        """Give `so` the device copies of `m`'s big external weights (read and copied now where missing); returns
+        them, for the session to keep alive."""
+        with self.lock:
+            return self._add_to(m, so)
+
+    def _add_to(self, m: onnx.ModelProto, so) -> list:
+        if self.broken:
+            return []
+        wanted = []
+        for t in m.graph.initializer:
+            if (external_data_helper.uses_external_data(t) and t.data_type in _SHAREABLE
+                    and modelfile.tensor_bytes(t) >= SHARE_BYTES):
+                info = external_data_helper.ExternalDataInfo(t)
+                wanted.append((t.name, (os.path.abspath(info.location), info.offset or 0, info.length or 0, t.data_type,
+                                        tuple(t.dims)), t))
+        missing = {k: t for _, k, t in wanted if k not in self.values}
+        try:
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="onnxopt-upload") as pool:
+                for k, v in zip(missing, pool.map(self._upload, missing.values())):
+                    self.values[k] = v
+            for name, k, _ in wanted:
+                so.add_initializer(name, self.values[k][1])
+        except Exception as e:  # noqa: BLE001 - an ORT build without DLPack or user initializers: ORT loads them itself
+            log.info("weights not shared on the device (%s); each session copies its own", _first_line(e))
+            self.broken = True
+            self.values.clear()
+            raise _NotShared from None
+        return [self.values[k] for _, k, _ in wanted]
+
+    def _upload(self, t: onnx.TensorProto):
+        owner = ort.OrtValue.ortvalue_from_numpy(modelfile.to_array(t), self.device, 0)
+        self.uploads += 1
+        # ORT takes user initializers only if it does not own their buffer: a DLPack view of the same memory
+        return owner, ort.OrtValue(ort.capi._pybind_state.OrtValue.from_dlpack(owner._ortvalue.to_dlpack(), False))
+
+
+class _NotShared(Exception):
+    """Sharing failed after some user initializers were given: the session must be built without them."""
+
+
+_SHAREABLE = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _keeping(sess: ort.InferenceSession, kept: list) -> ort.InferenceSession:
+    if kept:
+        sess.onnxopt_shared_weights = kept  # ORT uses them in place: they live as long as the session
+    return sess
+
+
+def _options(level: str, threads: int, lean: bool) -> ort.SessionOptions:
+    """Session options for `session` (a fresh object each call: user initializers are added to it)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 4  # failures come back as exceptions, which become one error line; no red log lines
@@ -117,27 +238,7 @@ def session(model: onnx.ModelProto, *, provider: str = "cpu", level: str = "disa
         so.enable_mem_pattern = False    # planned buffers are sized for the largest shapes seen
         # Run nodes in graph order, so that a reduction placed after its producer frees that tensor early.
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    modelfile.stamp_ir_version(m)
-    folders = set()
-    for t in modelfile.all_tensors(m):
-        if external_data_helper.uses_external_data(t):
-            folders.add(os.path.dirname(external_data_helper.ExternalDataInfo(t).location))
-    try:
-        if m.ByteSize() > _PROTO_LIMIT:
-            return _session_via_file(m, so, providers)
-        if folders:
-            base = os.path.commonpath(list(folders))
-            for t in modelfile.all_tensors(m):
-                if external_data_helper.uses_external_data(t):
-                    modelfile.set_location(t, os.path.relpath(external_data_helper.ExternalDataInfo(t).location, base))
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", base)
-        return ort.InferenceSession(m.SerializeToString(), so, providers=providers)
-    except OnnxoptError:
-        raise
-    except Exception as e:
-        raise OnnxoptError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
+    return so
 
 
 def _session_via_file(m: onnx.ModelProto, so, providers: list) -> ort.InferenceSession:
@@ -205,10 +306,15 @@ def fit_together(models: list, provider: str, host_budget_mb: int) -> bool:
     """Whether sessions of all `models` may live at once: their weights within a third of the GPU's memory on
     CUDA (activations and the arena take the rest), within `host_budget_mb` on the CPU."""
     need = sum(modelfile.model_bytes(m) for m in models)
-    if "CUDAExecutionProvider" in _providers_of(provider):
+    if runs_on_cuda(provider):
         total = device_memory_bytes()
         return total is not None and 3 * need <= total
     return need <= host_budget_mb * 2**20
+
+
+def runs_on_cuda(provider: str) -> bool:
+    """Whether sessions for `provider` run on CUDA (not a CUDA request that fell back to the CPU)."""
+    return "CUDAExecutionProvider" in _providers_of(provider)
 
 
 def _providers_of(provider: str) -> list[str]:

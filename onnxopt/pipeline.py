@@ -212,14 +212,16 @@ class Runner:
         del m
         timings = report["timings_s"]
         timings["load"] = time.perf_counter() - t0
-        for p in self.recipe:
-            t = time.perf_counter()
-            log.info("pass %s", p.name)
-            with progress.stage(f"pass {p.name}", self.progress):
-                report[p.name] = section = p.run(ctx)
-            timings[p.name] = time.perf_counter() - t
-            if isinstance(section, dict) and "coverage" in section:
-                report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
+        # on CUDA the passes' calibration sessions share one device copy of the weights (ort.device_weights)
+        with ort.device_weights(self.settings.provider):
+            for p in self.recipe:
+                t = time.perf_counter()
+                log.info("pass %s", p.name)
+                with progress.stage(f"pass {p.name}", self.progress):
+                    report[p.name] = section = p.run(ctx)
+                timings[p.name] = time.perf_counter() - t
+                if isinstance(section, dict) and "coverage" in section:
+                    report["coverage"] = section["coverage"]  # the quantizing pass's layer counts
         t = time.perf_counter()
         out = modelfile.export_graph(ctx.graph, opset=self.min_opset or None)
         ctx.graph = None  # the exported protobuf now owns the weights; keep one copy

@@ -187,10 +187,11 @@ def tensor_names(model) -> list[str]:
 
 def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after: dict, cache: "BoundaryCache",
                 extra_inputs: Sequence[onnx.ValueInfoProto] = (),
-                extra_initializers: Sequence[onnx.TensorProto] = ()) -> onnx.ModelProto:
+                extra_initializers: Sequence[onnx.TensorProto] = (), types: dict | None = None) -> onnx.ModelProto:
     """The sub-model of one stage: its nodes (plus reductions), the initializers they read, its inputs
-    (typed from the model or from the cached arrays of the first batch, plus `extra_inputs`: what the
-    reductions read from the host), `extra_initializers` (the reductions' shared constants) and `outputs`."""
+    (typed from the model, from `types` ({tensor: (ONNX element type, rank)}, shape inference's) or else from the
+    cached arrays of the first batch, plus `extra_inputs`: what the reductions read from the host),
+    `extra_initializers` (the reductions' shared constants) and `outputs`."""
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
     m.opset_import.extend(model.opset_import)
@@ -205,9 +206,13 @@ def stage_model(model: onnx.ModelProto, st: Stage, outputs: Sequence[str], after
         if name in graph_inputs:
             m.graph.input.append(graph_inputs[name])
             continue
-        # A tensor from an earlier stage: type and rank from its cached array, dims left free.
-        a = cache.peek(name)
-        m.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim))
+        # A tensor from an earlier stage: type and rank from shape inference or its cached array, dims left free.
+        if types and name in types:
+            elem, rank = types[name]
+        else:
+            a = cache.peek(name)
+            elem, rank = helper.np_dtype_to_tensor_dtype(a.dtype), a.ndim
+        m.graph.input.append(helper.make_tensor_value_info(name, elem, [None] * rank))
     m.graph.input.extend(extra_inputs)
     m.graph.initializer.extend(extra_initializers)
     m.graph.value_info.extend(vi for n, vi in known.items() if n in st.produces and n not in outputs)

@@ -15,8 +15,9 @@ from typing import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import modelfile
+from .. import lazyscale, modelfile
 from .. import threads as threads_
+from ..lazyscale import SCALE_ROWS_BYTES, scaled  # noqa: F401 - re-exported: the fold's product
 from ..errors import OnnxoptError
 from ..graph import VIEW_OPS, activation_channel_axis, producer, read_values, taken_names, unique_name, weight_of
 
@@ -228,49 +229,30 @@ def _scale_constant_input(graph: gs.Graph, users: list[tuple[gs.Node, int]], fac
     a private scaled copy (with its own Cast/Transpose chain)."""
     node, index = users[0]
     const, chain = weight_chain(node, index)
-    values = np.asarray(read_values(const))
     eff_shape = effective_shape(node, index)
-    f = np.broadcast_to(np.asarray(factor_fn(eff_shape), dtype=np.float64), eff_shape)
+    # the factor as compact as it comes (broadcastable, the weight's rank), in the constant's own layout
+    f = np.asarray(factor_fn(eff_shape), dtype=np.float64)
+    f = f.reshape((1,) * (len(eff_shape) - f.ndim) + f.shape)
     # Undo the chain's transposes, from the node back to the constant.
     for n in chain:
         if n.op == "Transpose":
             f = np.transpose(f, np.argsort(_perm(n, f.ndim)))
-    new = scaled(values, f)
     readers: list = []
     private = _terminal_users(graph, const, readers) and {(id(n), i) for n, i in readers} == {(id(n), i) for n, i in users}
     if private:
-        modelfile.set_values(const, new)
+        # big lazy weights: the product is computed where it is read (lazyscale), not written out here
+        if not lazyscale.scale(const, f):
+            modelfile.set_values(const, scaled(np.asarray(read_values(const)), f))
         return
     # Shared with other readers: clone the constant and its chain for these users only.
-    t = modelfile.constant(names.new(const.name + "_scaled"), new)
+    name = names.new(const.name + "_scaled")
+    t = lazyscale.lazy_copy(name, const, f) or modelfile.constant(name, scaled(np.asarray(read_values(const)), f))
     for n in reversed(chain):
         out = gs.Variable(names.new(n.outputs[0].name + "_scaled"), dtype=n.outputs[0].dtype, shape=n.outputs[0].shape)
         graph.nodes.append(gs.Node(n.op, name=names.new(n.name + "_scaled"), attrs=dict(n.attrs), inputs=[t], outputs=[out]))
         t = out
     for n, i in users:
         n.inputs[i] = t
-
-
-SCALE_ROWS_BYTES = 4 << 20  # a weight of 4 such parts or more is scaled on worker threads, in parts of rows
-
-
-def scaled(values: np.ndarray, f: np.ndarray, threads: int = 0) -> np.ndarray:
-    """values * f (broadcast) as the float64 product rounded to values' type, computed in buffered chunks (no
-    float64 copy of the weight), big weights in parts of rows on worker threads: elementwise, so the same bytes."""
-    new = np.empty(values.shape, dtype=values.dtype)
-    rows = values.shape[0] if values.ndim else 1
-    step = max(1, SCALE_ROWS_BYTES // max(1, values.nbytes // max(rows, 1)))
-    n = threads if threads > 0 else (threads_.count(0) if values.nbytes >= 4 * SCALE_ROWS_BYTES else 1)
-    if values.ndim == 0 or n <= 1 or rows <= step:
-        np.multiply(values, f, out=new, dtype=np.float64, casting="unsafe")
-        return new
-    fb = np.broadcast_to(f, values.shape)
-
-    def part(i: int) -> None:
-        np.multiply(values[i:i + step], fb[i:i + step], out=new[i:i + step], dtype=np.float64, casting="unsafe")
-    for _ in threads_.ordered_map(part, range(0, rows, step), n):
-        pass
-    return new
 
 
 def _const_input(graph: gs.Graph, node: gs.Node) -> int | None:
