@@ -70,7 +70,7 @@ def _emulate(fmt, x, amax=None, opset=19):
     out = gs.Variable("y", dtype=np.float32, shape=list(x.shape))
     g = gs.Graph(inputs=[xv], outputs=[out], opset=opset)
     if fmt == "nvfp4":
-        nvfp4.emulate_dynamic(g, xv, nvfp4.tensor_scale(amax), out, "e")
+        nvfp4.emulate_dynamic(g, xv, nvfp4.activation_scale(amax), out, "e")
     else:
         mxfp8.emulate_dynamic(g, xv, out, "e")
     m = gs.export_onnx(g)
