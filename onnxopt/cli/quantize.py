@@ -170,6 +170,11 @@ def _sensitivity_note(report: dict, path) -> str:
             else f"; sensitivities measured ({now}) and saved to {path}")
 
 
+def _takes(f, key: str) -> bool:
+    """Whether weight-only format `f` takes the INT4-family option `key` (AWQ: formats with it; blocks: blocked)."""
+    return f.weight_only and (f.awq if key == "awq" else f.weights == "per-block")
+
+
 _INT4_ONLY = {"awq": "--awq", "block_size": "--block-size", "int8_layers": "--int8-layers"}
 _AUTO_ONLY = {"formats": "--formats", "target_cosine": "--target-cosine", "target_top1": "--target-top1",
               "bits": "--bits", "sensitivity": "--sensitivity", "cost_model": "--cost-model",
@@ -226,10 +231,12 @@ def _check_mode_options(mode: str, o: dict) -> None:
                                f"drop it with --{mode}")
     if mode == "auto":
         return
-    wo = "/".join(f"--{m}" for m in formats.modes() if formats.get(m).weight_only)
     w8 = "/".join(f"--{m}" for m in formats.modes() if not formats.get(m).weight_only)
     if not _weight_only(mode):
-        given = [flag for k, flag in _INT4_ONLY.items() if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
+        keys = [k for k in _INT4_ONLY if o.get(k) is not None and not (k == "awq" and formats.get(mode).awq)]
+        given = [_INT4_ONLY[k] for k in keys]
+        # the weight-only formats that take one of the given options (W8A16 has neither AWQ nor blocks)
+        wo = "/".join(f"--{m}" for m in formats.modes() if any(_takes(formats.get(m), k) for k in keys))
         if given:
             raise OnnxoptError(f"{', '.join(given)} {_apply(given)} to {wo} only (weight-only); drop {_it(given)} or use {wo}")
     else:
