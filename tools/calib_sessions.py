@@ -5,8 +5,8 @@ calibration pass, nothing else), sampling the process's RSS (anonymous vs file-b
     python3 tools/calib_sessions.py /root/sdxl/unet.onnx /root/sdxl/calib.npz --provider cuda --json $OUT/cs.json
 
 Variants AHEADxSTAGES: sessions built ahead on threads (calib.collect's `prefetch`; 0 = one session at a time) x
-stages (3: the 4096 MB host budget's count, the old CUDA behaviour; 0: the new default, weight_budget's, one
-session on an 80 GB GPU). 0x3 is the old tree's calibration, 0x0 the new one's. Before them,
+stages (3: the 4096 MB host budget's count, today's default on CUDA; 1: one session for the whole model, which
+the default would become if its host RSS allows). 0x3 is the default calibration. Before them,
 one child reports the RSS of the libraries alone: after `import onnxruntime, onnxopt`, after a one-node CUDA
 session, after a Conv and a MatMul ran on CUDA (cuDNN and cuBLAS loaded); another times the whole model's session
 set-up with ORT loading its own weights and twice inside `ort.device_weights` (the second session should find every
@@ -134,8 +134,8 @@ def main():
     ap.add_argument("calib")
     ap.add_argument("--provider", default="cuda", choices=("cpu", "cuda"))
     ap.add_argument("--batches", type=int, default=4, help="Calibration batches per variant (CFG halves: samples x 2).")
-    ap.add_argument("--variants", default="0x3,1x3,2x3,0x0",
-                    help="AHEADxSTAGES; STAGES 0: the default count (calib.collect.weight_budget: 1 on an 80 GB GPU).")
+    ap.add_argument("--variants", default="0x3,1x3,2x3,0x1",
+                    help="AHEADxSTAGES; STAGES 0: the default count (calib.collect.weight_budget: the host budget).")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", choices=("libraries", "sharing", "collect"))
     ap.add_argument("--ahead", type=int, default=0)

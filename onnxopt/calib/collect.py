@@ -213,11 +213,11 @@ def collect(model: onnx.ModelProto, data: CalibData, reducers: dict[str, Sequenc
     bar.close()
 
 
-# Sessions a staged pass builds ahead, on threads, while the current one runs: on CUDA the weights of a session live
-# on the device, so several at once cost GPU memory only, and ORT's session set-ups (reading and copying a stage's
-# weights, several seconds each at full SDXL size) overlap each other and the forwards. On the CPU a session maps
-# its stage's weights into the host's memory, which `memory_budget_mb` bounds for one stage at a time: none ahead.
-SESSIONS_AHEAD = {"cuda": 1}
+# Sessions a staged pass builds ahead, on threads, while the current one runs (`collect(prefetch=N)`): on CUDA the
+# weights of a session should live on the device, so set-ups could overlap the forwards. Off by default on every
+# provider until the host RSS of two live CUDA sessions is measured at full size (tools/calib_sessions.py on the GPU
+# machine): --memory-budget promises the host's memory, and it was measured only one session at a time.
+SESSIONS_AHEAD: dict = {}
 
 
 @dataclass
@@ -233,14 +233,12 @@ class _StagePass:
 
 
 def weight_budget(provider: str, budget: int) -> int:
-    """Bytes of weights one calibration session may hold: `budget` (the host's, --memory-budget) on the CPU, where
-    ORT maps them into this process; on CUDA, where ORT copies them to the device one tensor at a time and the host
-    holds none, a third of the GPU's memory (the rest: activations, the arena), or `budget` if larger. Full-size SDXL
-    (9.6 GiB) then calibrates in one session on an 80 GB GPU instead of 3 stages with 2.4 GB of boundaries on disk."""
-    if not ortx.runs_on_cuda(provider):
-        return budget
-    total = ortx.device_memory_bytes()
-    return max(budget, total // 3) if total else budget
+    """Bytes of weights one calibration session may hold: `budget` (--memory-budget, the host's) on every provider.
+    A CUDA session may need no host copy of its weights (ORT copies them to the device a tensor at a time), which
+    would allow one session for full-size SDXL instead of 3 stages; until tools/calib_sessions.py measures that
+    session's host RSS on the GPU machine, CUDA keeps the budget that was measured (1.47 GiB peak for --fp8)."""
+    del provider   # the same on every provider for now (see above)
+    return budget
 
 
 def _attach(model: onnx.ModelProto, reducers: dict, inputs: set, n_batches: int):
