@@ -26,9 +26,10 @@ from . import threads as threads_
 
 SCALE_ROWS_BYTES = 4 << 20  # a weight of 4 such parts or more is scaled on worker threads, in parts of rows
 LAZY_BYTES = modelfile.SPILL_BYTES  # smaller weights are scaled at once, in memory, as before
-# Calibration sessions that compute folded products in their graph (else the products are written out first).
-# ONNXOPT_SCALE_IN_GRAPH=1 or 0 forces it on or off (a check of the in-graph form on the CPU).
-IN_GRAPH_PROVIDERS = ("cuda",)
+# Calibration sessions that compute folded products in their graph (else the products are computed as read).
+# Meant for CUDA (no product on the host); none until a GPU run measures it (float64 Cast/Mul placement on the CUDA
+# EP, host RSS). ONNXOPT_SCALE_IN_GRAPH=1 or 0 forces it on or off (a check of the in-graph form).
+IN_GRAPH_PROVIDERS: tuple = ()
 
 _EXPORTING: contextvars.ContextVar = contextvars.ContextVar("onnxopt_lazyscale", default=None)
 
