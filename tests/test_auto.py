@@ -266,19 +266,29 @@ def test_conv_gated_equals_final_with_bias_correction(tmp_path, fmt):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _int8_layers(n: int) -> dict:
+    """`n` MatMuls whose INT8 candidates cost 1e-5 .. 7e-5 of the error each."""
+    from onnxopt.autoquant.candidates import Layer
+    return {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
+                           error={"none": 0.0, "int8": 1e-5 * (1 + i % 7)}) for i in range(n)}
+
+
+def _scaled_stub(scale: float):
+    """A _Stub evaluator whose measured error is `scale` x the predicted one."""
+    class Scaled(_Stub):
+        def metrics(self, mix, split):
+            m = super().metrics(mix, split)
+            return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    return Scaled
+
+
 @pytest.mark.parametrize("scale", [0.3, 1.0, 3.0])
 def test_search_steps_by_the_measured_error(scale, monkeypatch):
     """Measured error = `scale` x the predicted one: the budget moves by allowed over measured error, so the
     target is bracketed and met in fewer verifications than stepping by 8, with the same mix."""
     from onnxopt.autoquant import search
-    from onnxopt.autoquant.candidates import Layer
-    layers = {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
-                             error={"none": 0.0, "int8": 1e-5 * (1 + i % 7)}) for i in range(300)}
-
-    class Scaled(_Stub):
-        def metrics(self, mix, split):
-            m = super().metrics(mix, split)
-            return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    layers = _int8_layers(300)
+    Scaled = _scaled_stub(scale)
     monkeypatch.setattr(search, "_used", lambda metric, got, need: 0.0)  # stepping alone (no early exit)
     mix, trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
     monkeypatch.setattr(search, "_step", lambda metric, got, need, ok: 8.0 if ok else 1 / 8)
@@ -295,14 +305,8 @@ def test_search_ends_when_a_passing_mix_uses_the_allowance(scale, monkeypatch):
     RATIO up at least, is predicted to miss): fewer verifications, the mix still meets the target, and it
     quantizes as many layers as the search without the early exit (within one RATIO step)."""
     from onnxopt.autoquant import search
-    from onnxopt.autoquant.candidates import Layer
-    layers = {f"l{i}": Layer(f"l{i}", "MatMul", ["none", "int8"], {}, params=100, macs=1e4,
-                             error={"none": 0.0, "int8": 1e-5 * (1 + i % 7)}) for i in range(300)}
-
-    class Scaled(_Stub):
-        def metrics(self, mix, split):
-            m = super().metrics(mix, split)
-            return {**m, "cosine": 1.0 - scale * (1.0 - m["cosine"])}
+    layers = _int8_layers(300)
+    Scaled = _scaled_stub(scale)
     mix, trials = search.search_target(Scaled(layers, 0.0), layers, "cosine", 0.999, progress=False)
     used = search._used
     monkeypatch.setattr(search, "_used", lambda metric, got, need: 0.0)

@@ -2,13 +2,12 @@
 `prefetch`, on by default on CUDA): the same statistics as one session at a time, at most 1 + prefetch alive."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from onnxopt import calib, modelfile
 
 import tiny
-from test_calib import _stats, _token_npz
+from test_calib import _stats, _token_npz, assert_same_statistics
 
 
 @pytest.mark.parametrize("stages,ahead", [(2, 1), (4, 1), (4, 3)])
@@ -18,14 +17,7 @@ def test_prefetched_stages_give_the_same_statistics(tmp_path, stages, ahead):
     names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "LayerNormalization", "Add") for o in n.output]
     one = _stats(m, data, names, stages=1)
     ahead = _stats(m, data, names, stages=stages, memory_budget_mb=0, prefetch=ahead)
-    for n in names:
-        for a, b in zip(one[n], ahead[n]):
-            if isinstance(a, calib.Histogram):
-                np.testing.assert_array_equal(a.counts, b.counts)
-            elif isinstance(a, calib.TopAbs):
-                assert a.value == b.value and a.count == b.count
-            else:
-                np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+    assert_same_statistics(one, ahead, names)
 
 
 def _alive_sessions() -> int:
