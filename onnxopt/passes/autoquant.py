@@ -64,6 +64,9 @@ class AutoQuant(PassBase):
     lowrank: int | str | None = None    # low-rank branch candidates ("<format>+lr"): a rank, "auto", or None (none)
     lowrank_budget: float = 0.1         # lowrank "auto": the data-free rank choice's bytes / quantized weight bytes
     lowrank_smooth: bool = True         # W4A4 branch candidates in SVDQuant's order: x ⊘ s, the branch from s ⊙ W
+    variants: bool = True               # also offer the registered variants of the asked formats (int8 brings int8-sq:
+                                        # SmoothQuant's INT8, as uniform --int8 --smoothquant auto; the search keeps
+                                        # whichever of the two costs less error per layer)
     name = "autoquant"
     quantizes = True
 
@@ -72,6 +75,8 @@ class AutoQuant(PassBase):
         bad = [f for f in self.formats if f not in autoquant.FORMATS]
         if bad or not self.formats:
             raise OnnxoptError(f"--formats {','.join(self.formats) or '(empty)'}: use some of {','.join(autoquant.FORMATS)}")
+        if self.variants:
+            self.formats = registry.auto_with_variants(self.formats)
         targets = [t for t in (self.target_cosine, self.target_top1, self.bits, self.target_psnr) if t is not None]
         if len(targets) != 1:
             raise OnnxoptError("--auto needs exactly one target: --target-cosine X, --target-top1 X, --target-psnr DB or --bits B"

@@ -1,0 +1,67 @@
+"""--auto on ALBERT-style shared weights (one layer's weights read at every depth, tests/test_shared_weights.py's
+stack): INT8 brings its SmoothQuant variant as a candidate, a shared weight's uses take one smoothing scale (from
+every use), and the written graph stores the smoothed weight once and computes what the gated graph measured."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from test_shared_weights import DEPTH, D, F, _data, _outputs, _shared_stack, _stored_weights
+
+from onnxopt import autoquant, formats, metrics, modelfile, ort, pipeline
+from onnxopt.passes import AutoQuant
+from onnxopt.quant import writer
+
+
+def test_int8_brings_its_smoothquant_variant():
+    """`--formats int8` offers int8-sq too (SmoothQuant's INT8: the search keeps whichever costs less error);
+    `variants=False` offers exactly what was asked."""
+    sq = formats.INT8_SQ.name
+    assert AutoQuant((formats.INT8.name,), bits=8).formats == (formats.INT8.name, sq)
+    assert AutoQuant((formats.FP8.name,), bits=8).formats == (formats.FP8.name,)
+    assert AutoQuant((formats.INT8.name, sq), bits=8).formats == (formats.INT8.name, sq)
+    assert AutoQuant((formats.INT8.name,), bits=8, variants=False).formats == (formats.INT8.name,)
+
+
+def _calibrated(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_shared_stack(True), src)
+    graph = modelfile.import_graph(pipeline.load(str(src), 21))
+    p = AutoQuant((formats.INT8.name, formats.INT8_SQ.name), bits=8)
+    cands = autoquant.candidates(graph, p.formats, p.configs(), p.block_size)
+    feeds = [{"x": x} for x in _data(16, 0)]
+    amax, means = autoquant.calibrate(graph, feeds, cands, provider="cpu", memory_budget_mb=512, progress=False)
+    return src, graph, p, cands, amax, means
+
+
+@pytest.mark.parametrize("smoothed", ["fc1", "fc1+fc2"])
+def test_shared_weight_smoothed_once_gated_equals_written(tmp_path, smoothed):
+    """Every use of the shared W1 (and W2) in int8-sq: one s for all DEPTH activations of a weight, W ⊙ s stored
+    once (before: a smoothed copy per use, DEPTH tensors), and the written graph's output equals the gated graph's
+    for the same mix (ORT, exact fake quantization)."""
+    src, graph, p, cands, amax, means = _calibrated(tmp_path)
+    sq = formats.INT8_SQ.name
+    fc1 = [f"fc1_{i}" for i in range(DEPTH)]
+    fc2 = [f"fc2_{i}" for i in range(DEPTH)]
+    assert all(sq in cands.layers[n].formats for n in fc1)
+    by_layer = {n: sm for sm in cands.smooth.values() for n in sm.layers}
+    s1 = [by_layer[n].s for n in fc1]
+    assert all(np.array_equal(s1[0], s) for s in s1) and s1[0].max() > 2  # one s, the outlier channel moved
+    mix = {n: sq for n in fc1}
+    mix.update({n: sq if smoothed == "fc1+fc2" else formats.INT8.name for n in fc2})
+    gated = modelfile.import_graph(pipeline.load(str(src), 21))
+    index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
+    gsess = ort.session(modelfile.export_graph(gated, opset=21), level="disable")
+    writer.write(graph, writer.QuantPlan.from_mix(mix, configs=p.configs(), amax=amax, means=means, smooth=cands.smooth),
+                 high_precision="fp32")
+    out = modelfile.export_graph(graph, opset=21)
+    assert _stored_weights(out) == {(D, F): 1, (F, D): 1}
+    xs = _data(4, 1)
+    gates = np.zeros(len(index), np.float32)
+    for key in mix.items():
+        gates[index[key]] = 1
+    g = np.stack([gsess.run(None, {"x": x, autoquant.GATES: gates})[0] for x in xs]).astype(np.float64)
+    w = _outputs(out, xs)
+    np.testing.assert_allclose(w, g, rtol=1e-4, atol=1e-4)
+    ref = _outputs(onnx.load(src), xs).reshape(4, -1)
+    assert metrics.mean_cosine_score(ref, w.reshape(4, -1)) > 0.995
