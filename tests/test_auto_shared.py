@@ -14,10 +14,14 @@ from onnxopt.quant import writer
 
 
 def test_int8_brings_its_smoothquant_variant():
-    """`--formats int8` offers int8-sq too (SmoothQuant's INT8: the search keeps whichever costs less error);
+    """`--formats int8` offers int8-sq too (SmoothQuant's INT8: the search keeps whichever costs less error), as
+    does int8 beside formats without static activations; beside FP8 (the default fp8,int8) nothing is added;
     `variants=False` offers exactly what was asked."""
     sq = formats.INT8_SQ.name
     assert AutoQuant((formats.INT8.name,), bits=8).formats == (formats.INT8.name, sq)
+    assert AutoQuant((formats.INT8.name, formats.INT4.name), bits=8).formats == (formats.INT8.name, formats.INT4.name, sq)
+    assert AutoQuant((formats.FP8.name, formats.INT8.name), bits=8).formats == (formats.FP8.name, formats.INT8.name)
+    assert AutoQuant(bits=8).formats == formats.auto_defaults()
     assert AutoQuant((formats.FP8.name,), bits=8).formats == (formats.FP8.name,)
     assert AutoQuant((formats.INT8.name, sq), bits=8).formats == (formats.INT8.name, sq)
     assert AutoQuant((formats.INT8.name,), bits=8, variants=False).formats == (formats.INT8.name,)
