@@ -69,3 +69,35 @@ def test_shared_weight_smoothed_once_gated_equals_written(tmp_path, smoothed):
     np.testing.assert_allclose(w, g, rtol=1e-4, atol=1e-4)
     ref = _outputs(onnx.load(src), xs).reshape(4, -1)
     assert metrics.mean_cosine_score(ref, w.reshape(4, -1)) > 0.995
+
+
+def test_auto_int8_on_shared_stack_meets_target_weights_once(tmp_path):
+    """`quantize --auto --formats int8` on the shared stack (the outlier LayerNorm channel before W1): every reader
+    of a shared weight takes one format, the written file stores each weight once, and ORT on the saved graph meets
+    the target on the held-out calibration quarter."""
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "r.json"
+    onnx.save(_shared_stack(True), src)
+    xs = _data(32, 0)
+    np.savez(tmp_path / "c.npz", x=xs)
+    r = CliRunner().invoke(main, ["quantize", str(src), "--auto", "--formats", formats.INT8.name, "--target-cosine", "0.995",
+                                  "--calib", str(tmp_path / "c.npz"), "-o", str(out), "--report", str(rep),
+                                  "--high-precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    a = json.loads(rep.read_text())["autoquant"]
+    fc1 = {a["layers"][f"fc1_{i}"]["choice"] for i in range(DEPTH)}
+    fc2 = {a["layers"][f"fc2_{i}"]["choice"] for i in range(DEPTH)}
+    sq, i8 = formats.INT8_SQ.name, formats.INT8.name
+    assert fc1 == {sq} and len(fc2) == 1                       # one format per shared weight; W1 smoothed
+    err = a["layers"]["fc1_0"]["sensitivity"]
+    assert err[sq] < 0.5 * err[i8]                             # the outlier channel: SmoothQuant is what INT8 needs
+    q = onnx.load(out)
+    assert _stored_weights(q) == {(D, F): 1, (F, D): 1}        # each weight once (INT8 codes), read by every depth
+    assert a["met"] is True
+    held = xs[-8:]
+    ref, got = _outputs(onnx.load(src), held).reshape(8, -1), _outputs(q, held).reshape(8, -1)
+    assert metrics.mean_cosine_score(ref, got) >= 0.995
