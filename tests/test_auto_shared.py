@@ -101,3 +101,19 @@ def test_auto_int8_on_shared_stack_meets_target_weights_once(tmp_path):
     held = xs[-8:]
     ref, got = _outputs(onnx.load(src), held).reshape(8, -1), _outputs(q, held).reshape(8, -1)
     assert metrics.mean_cosine_score(ref, got) >= 0.995
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["one-initializer", "identity-per-use"])
+def test_excluded_first_use_keeps_the_lead(tmp_path, identity):
+    """`--exclude` of a shared weight's first use (fc1_0) does not move the lead's cut to its first planned use
+    (before: fc1_1, which made the lead 2 of 7 planned layers, over LEAD_MAX, so nothing was kept): depth 0's other
+    layer (fc2_0) stays high precision, depth 1 on is quantized."""
+    from onnxopt.api import QuantConfig, quantize
+    src = tmp_path / "m.onnx"
+    onnx.save(_shared_stack(identity), src)
+    np.savez(tmp_path / "c.npz", x=_data(16, 0))
+    cfg = QuantConfig(mode=formats.INT8.name, progress=False, high_precision="fp32", exclude=("^fc1_0$",))
+    res = quantize(str(src), tmp_path / "q.onnx", config=cfg, data=str(tmp_path / "c.npz"))
+    skipped = res.report["qdq"]["skipped"]
+    assert {n for n, r in skipped.items() if "first use" in r} == {"fc2_0"}
+    assert "fc1_0" in skipped and "fc1_1" not in skipped and "fc2_1" not in skipped
