@@ -73,6 +73,15 @@ REF = "__ref"
 # first 4: 0.9991; 2 spread over the split: 0.9921), candidate time 289 -> 102 s (BENCHMARKS.md).
 ERROR_BATCHES = 2
 GAIN_BATCHES = 2
+# Intra-op threads of a CPU stage session (0: ORT's default, one per core). A stage forward at search batch sizes is
+# ~10-50 ms of small kernels: on the 2-core dev box with other jobs running, ORT's pool waited on its descheduled
+# second thread and one thread ran the same forwards ~2x faster (BENCHMARKS.md). CUDA sessions are unaffected.
+CPU_THREADS = 1
+# A chain over at least this many batches (a verification: every calibration batch) runs the If form's stages with
+# gates on as the mix's own stages (`StagePlan.proto(fixed=True)`: no If, loaded once for the chain): a whole stage's
+# ~250 Ifs cost ~80 ms a run on the dev box, the fixed stage's load ~0.1-0.3 s. Gain probes (2 batches) keep the
+# cached whole stage.
+FIXED_BATCHES = 4
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -110,6 +119,17 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
         for nd in st.nodes:
             where[nd.name or nd.output[0]] = si
     return where
+
+
+class Fixed(frozenset):
+    """Gates on for good in a stage session (`StagePlan.proto(fixed=True)`), as against the gates whose Ifs stay."""
+
+
+def _key(s: int, only) -> tuple:
+    """Cache key of stage `s`'s session with `only` (None: every If; a set: those Ifs; a Fixed: those gates on)."""
+    if isinstance(only, Fixed):
+        return (s, "fixed", frozenset(only))
+    return (s, None if only is None else frozenset(only))
 
 
 # ---------------------------------------------------------------- the evaluator
@@ -151,12 +171,20 @@ class StagedEvaluator(Gates):
 
     # ------------------------------------------------------------ sessions and feeds
     def _session(self, s: int, errors: bool = False, only=None):
-        """Stage `s`'s session: with the Ifs of the gates `only` (None: all); with `errors`, the variant summing
-        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together.
-        Unified (inlined gates): one session a stage, whatever is asked (`_unified`)."""
+        """Stage `s`'s session: with the Ifs of the gates `only` (None: all; a `Fixed`: those gates on for good,
+        no If); with `errors`, the variant summing squared errors. Whole, FP32 (`only` empty) and fixed stages stay
+        cached while they fit the budget together. Unified (inlined gates): one session a stage, whatever is asked
+        (`_unified`)."""
         if self.unified:
             return self._unified(s)
-        key = (s, None if only is None else frozenset(only))
+        key = _key(s, only)
+        if isinstance(only, Fixed):
+            if key not in self.cached:
+                m = self.plan.proto(s, self.types, only=set(only), fixed=True)
+                self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+                return self._load(m, key, size)
+            self.cached.move_to_end(key)
+            return self.cached[key][0]
         keep = not errors and (only is None or not only)
         if keep and key in self.cached:
             self.cached.move_to_end(key)
@@ -189,7 +217,7 @@ class StagedEvaluator(Gates):
         while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
         t = time.perf_counter()
-        sess = ort.session(m, provider=self.provider, level="disable")
+        sess = ort.session(m, provider=self.provider, level="disable", threads=CPU_THREADS if self.provider == "cpu" else 0)
         self.stats["load_s"] += time.perf_counter() - t
         self.live += 1
         self.loads += 1
@@ -273,6 +301,8 @@ class StagedEvaluator(Gates):
             # ~0.3 ms a run, a session of the few ~0.4 s to load (tiny SDXL: 3 verifications 28 s -> see BENCHMARKS).
             few = len(here) <= GROUP and not (here and (self.plan.inline or self._whole_fits(s)))
             only[s] = here if few else None
+            if here and not self.plan.inline and len(batches) >= FIXED_BATCHES:
+                only[s] = Fixed(here)
         if len(batches) > 1 and self._fit(only):
             return self._chain_by_batch(gates, batches, start, only)
         store, out, num, den = Store(self.root), {}, {}, {}
@@ -312,11 +342,12 @@ class StagedEvaluator(Gates):
                     self.sizes[(s, "unified")] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
                 total += self.sizes[(s, "unified")]
                 continue
-            if o:  # a few gates' Ifs: a session per mix, not kept
+            if o and not isinstance(o, Fixed):  # a few gates' Ifs: a session per mix, not kept
                 return False
-            key = (s, None if o is None else frozenset(o))
+            key = _key(s, o)
             if key not in self.sizes:
-                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types, False, o)))
+                m = self.plan.proto(s, self.types, False, None if o is None else set(o), fixed=isinstance(o, Fixed))
+                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
             total += self.sizes[key]
         return total <= self.budget
 
