@@ -34,6 +34,11 @@ def _reads(node) -> set:
     return {i for i in node.input if i} | _subgraph_reads(node)
 
 
+def node_reads(node) -> set:
+    """Every tensor `node` reads, inside its subgraphs too."""
+    return _reads(node)
+
+
 class StagePlan:
     """The gated graph's nodes assigned to stages; per stage: nodes, inputs, outputs."""
 

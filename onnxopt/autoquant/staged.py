@@ -45,6 +45,7 @@ from ..progress import track
 from .candidates import GATES
 from .evaluate import HELD_OUT, Gates, metrics_of
 from .stage_data import BatchTensors, Store, onnxruntime_value, per_sample, relative, sq_lead
+from . import fixed_stage
 from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,10 @@ GAIN_BATCHES = 2
 # ~10-50 ms of small kernels: on the 2-core dev box with other jobs running, ORT's pool waited on its descheduled
 # second thread and one thread ran the same forwards ~2x faster (BENCHMARKS.md). CUDA sessions are unaffected.
 CPU_THREADS = 1
-# A chain over at least this many batches (a verification: every calibration batch) runs the If form's stages with
-# gates on as the mix's own stages (`StagePlan.proto(fixed=True)`: no If, loaded once for the chain): a whole stage's
-# ~250 Ifs cost ~80 ms a run on the dev box, the fixed stage's load ~0.1-0.3 s. Gain probes (2 batches) keep the
-# cached whole stage.
-FIXED_BATCHES = 4
+# Verifications and gain probes run the If form's stages with gates on as the mix's own stages (`fixed_stage`: no
+# If, equal Q/DQ shared, weights dequantized once; kept while they fit the budget): a whole stage's ~250 Ifs cost
+# ~80 ms a run on the dev box, the fixed stage's load ~0.1-0.3 s. Candidates spanning stages keep the whole stage.
+FIXED = True
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -154,6 +154,7 @@ class StagedEvaluator(Gates):
         # Stage sessions stay loaded while their weights fit the budget together (else one at a time).
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
         self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
+        self._fixed_protos: dict = {}  # fixed stages made (and sized) for a chain, until loaded
         self.stats = {"load_s": 0.0, "stages": {}}
         self.grouped: dict = {}  # stage -> its error sessions (and whether suffixes)
         self.unified = self.plan.inline and UNIFIED
@@ -180,9 +181,9 @@ class StagedEvaluator(Gates):
         key = _key(s, only)
         if isinstance(only, Fixed):
             if key not in self.cached:
-                m = self.plan.proto(s, self.types, only=set(only), fixed=True)
-                self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
-                return self._load(m, key, size)
+                m = self._fixed_model(s, only)
+                self._fixed_protos.pop(key, None)
+                return self._load(m, key, self.sizes[key])
             self.cached.move_to_end(key)
             return self.cached[key][0]
         keep = not errors and (only is None or not only)
@@ -194,6 +195,16 @@ class StagedEvaluator(Gates):
         if keep:
             self.sizes[key] = size
         return self._load(m, key if keep else None, size)
+
+    def _fixed_model(self, s: int, only: Fixed) -> onnx.ModelProto:
+        """Stage `s` with the gates `only` on for good, prepared to run fast (`fixed_stage.prepared`)."""
+        key = _key(s, only)
+        if key not in self._fixed_protos:
+            m = fixed_stage.prepared(self.plan.proto(s, self.types, only=set(only), fixed=True), self.provider,
+                                     CPU_THREADS if self.provider == "cpu" else 0)
+            self._fixed_protos[key] = m
+            self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
+        return self._fixed_protos[key]
 
     def _unified(self, s: int):
         """Stage `s` with every gate inlined, its outputs and its squared errors against `t__ref` inputs (zeros
@@ -288,9 +299,9 @@ class StagedEvaluator(Gates):
         stages = [min(self.plan.gate_stages[int(i)]) for i in on if int(i) in self.plan.gate_stages]
         return min(stages, default=self.plan.n)
 
-    def _chain(self, gates, batches: list, start: int) -> tuple[dict, float]:
+    def _chain(self, gates, batches: list, start: int, fixed: bool = False) -> tuple[dict, float]:
         """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
-        outputs of stage `start` against the FP32 ones)."""
+        outputs of stage `start` against the FP32 ones); `fixed`: the If form's stages as the mix's own (`FIXED`)."""
         on = {int(i) for i in np.flatnonzero(np.asarray(gates) > 0.5)}
         only = {}
         for s in range(start, self.plan.n):
@@ -299,10 +310,11 @@ class StagedEvaluator(Gates):
             # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
             # verifications loading per-mix sessions). Ifs too where the whole stage stays loaded: an off If costs
             # ~0.3 ms a run, a session of the few ~0.4 s to load (tiny SDXL: 3 verifications 28 s -> see BENCHMARKS).
+            if here and fixed and FIXED and not self.plan.inline:
+                only[s] = Fixed(here)
+                continue
             few = len(here) <= GROUP and not (here and (self.plan.inline or self._whole_fits(s)))
             only[s] = here if few else None
-            if here and not self.plan.inline and len(batches) >= FIXED_BATCHES:
-                only[s] = Fixed(here)
         if len(batches) > 1 and self._fit(only):
             return self._chain_by_batch(gates, batches, start, only)
         store, out, num, den = Store(self.root), {}, {}, {}
@@ -345,8 +357,10 @@ class StagedEvaluator(Gates):
             if o and not isinstance(o, Fixed):  # a few gates' Ifs: a session per mix, not kept
                 return False
             key = _key(s, o)
+            if isinstance(o, Fixed) and key not in self.cached:
+                self._fixed_model(s, o)  # its size, with its weights dequantized (kept for `_session`)
             if key not in self.sizes:
-                m = self.plan.proto(s, self.types, False, None if o is None else set(o), fixed=isinstance(o, Fixed))
+                m = self.plan.proto(s, self.types, False, o)
                 self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
             total += self.sizes[key]
         return total <= self.budget
@@ -378,7 +392,7 @@ class StagedEvaluator(Gates):
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
         ids = self.ids["all" if split == HELD_OUT else split]
         start = self._start(gates)
-        out = self._chain(gates, ids, start)[0] if start < self.plan.n else {}
+        out = self._chain(gates, ids, start, fixed=True)[0] if start < self.plan.n else {}
         ref = np.concatenate([self.refout[b] for b in ids])
         cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
         held = sum(self.refout[b].shape[0] for b in self.ids["verify"]) if split == HELD_OUT else 0
@@ -540,7 +554,7 @@ class StagedEvaluator(Gates):
         cut = float(np.median([e for _, e in best.values()]))
         mix = {layer: f for layer, (f, e) in best.items() if e <= cut}
         ids = self.ids["search"][:GAIN_BATCHES]
-        out, stage_err = self._chain(self.gates(mix), ids, s)
+        out, stage_err = self._chain(self.gates(mix), ids, s, fixed=True)
         ref = np.concatenate([self.refout[b] for b in ids])
         model_err = max(0.0, 1.0 - metrics.mean_cosine_score(ref, np.concatenate([out.get(b, self.refout[b]) for b in ids])))
         gain = model_err / stage_err if stage_err > 0 else 1.0
