@@ -591,3 +591,20 @@ def test_threads_and_fixed_stages_give_the_reference_sensitivities(setup, monkey
     for k in keys:
         assert got[False][k] == pytest.approx(got[True][k], rel=1e-4, abs=1e-12), k
     assert _spearman([got[True][k] for k in keys], [got[False][k] for k in keys]) == pytest.approx(1.0)
+
+
+def test_concurrent_cpu_runs_give_the_same_bits(setup, monkeypatch):
+    """Candidates of a group and batches of a chain run CPU_STREAMS at a time on the CPU (one intra-op thread
+    each): every sensitivity, gain and verified metric bit for bit those of one at a time."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    got = {}
+    for streams in (1, 2):
+        monkeypatch.setattr(staged, "CPU_STREAMS", streams)
+        st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                    memory_budget_mb=64)
+        sens = dict(st.sensitivities(list(index), progress=False))
+        mets = [st.metrics(st.gates(mix), "held-out") for mix in _mixes(cands, 3, 7)]
+        got[streams] = (sens, [st.stats["stages"][s]["gain"] for s in sorted(st.stats["stages"])], mets)
+    assert got[1] == got[2]

@@ -21,7 +21,8 @@ their weights fit the memory budget together.
   0.97 against the one-graph sensitivities, median ratio 1.00; pooling the tensors instead gave 0.81.)
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
   (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
-  through all stages with the tensors between them in memory, else stage by stage through disk.
+  through all stages with the tensors between them in memory, else stage by stage through disk. In the If form a
+  verification or gain probe runs the mix's own fixed stages (`fixed_stage`: the gates on inlined, no If).
 - Inlined gates (CUDA): one session a stage for all of these (`_unified`), split into suffix sessions for the
   candidates only where the measured forward and load times say it pays (`_groups`).
 """
@@ -29,10 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,9 @@ GAIN_BATCHES = 2
 # ~10-50 ms of small kernels: on the 2-core dev box with other jobs running, ORT's pool waited on its descheduled
 # second thread and one thread ran the same forwards ~2x faster (BENCHMARKS.md). CUDA sessions are unaffected.
 CPU_THREADS = 1
+# ... and that many runs at once (independent candidates, or batches of a chain), each on its own thread: the cores
+# used without the pool's waits (`_map`).
+CPU_STREAMS = min(2, os.cpu_count() or 1)
 # Verifications and gain probes run the If form's stages with gates on as the mix's own stages (`fixed_stage`: no
 # If, equal Q/DQ shared, weights dequantized once; kept while they fit the budget): a whole stage's ~250 Ifs cost
 # ~80 ms a run on the dev box, the fixed stage's load ~0.1-0.3 s. Candidates spanning stages keep the whole stage.
@@ -369,24 +375,37 @@ class StagedEvaluator(Gates):
         """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
         batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
-        out, num, den = {}, {}, {}
-        for b in batches:
-            live = BatchTensors()
+        sessions = {s: self._session(s, only=only[s]) for s in range(start, self.plan.n)}  # all stay loaded (`_fit`)
+
+        def one(b):
+            live, out, num, den = BatchTensors(), None, None, None
             for s in range(start, self.plan.n):
-                sess = self._session(s, only=only[s])
-                got = self._run(sess, s, self._feed(s, b, gates, live, start))
+                got = self._run(sessions[s], s, self._feed(s, b, gates, live, start))
                 if self.plan.out in got:
-                    out[b] = self._final(got[self.plan.out])
+                    out = self._final(got[self.plan.out])
                 if s == start:
                     floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
                     if floats:
-                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                 live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
-                del got, sess
+                del got
                 for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
                     del live.data[name]
+            return out, num, den
+        res = dict(zip(batches, self._map(one, batches)))  # batch by batch in `batches` order, whatever ran first
+        out = {b: r[0] for b, r in res.items() if r[0] is not None}
+        num = {b: r[1] for b, r in res.items() if r[1] is not None}
+        den = {b: r[2] for b, r in res.items() if r[2] is not None}
         return out, relative(num, den)
+
+    def _map(self, fn, items: list) -> list:
+        """[fn(x) for x in items], on CPU_STREAMS threads on the CPU (each ORT run on one intra-op thread: the runs
+        of independent batches or candidates share the cores without ORT's pool waiting on a busy core)."""
+        if self.provider != "cpu" or CPU_STREAMS <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(CPU_STREAMS, len(items))) as pool:
+            return list(pool.map(fn, items))
 
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
@@ -476,7 +495,8 @@ class StagedEvaluator(Gates):
                 if prefix is not None:
                     feed.update({n: prefix[b][n] for n in frontier.get(g, ()) if n in names})
                 bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
-            for key in group:
+
+            def one(key, sess=sess, bound=bound, names=names, errs=errs):
                 gates, num = self.gates({key[0]: key[1]}), {}
                 for b, vals in zip(batches, bound):
                     io_ = sess.io_binding()
@@ -492,8 +512,9 @@ class StagedEvaluator(Gates):
                     for (i, _), x in zip(errs, io_.copy_outputs_to_cpu()):
                         rows[i] = per_sample(np.asarray(x, np.float64), k)
                     num[b] = rows
-                out[key] = relative(num, den)
-                bar.update(1)
+                return relative(num, den)
+            out.update(zip(group, self._map(one, group)))
+            bar.update(len(group))
             del sess, bound
         bar.close()
         return out
