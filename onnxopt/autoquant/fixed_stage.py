@@ -35,7 +35,7 @@ def shared_qdq(m: onnx.ModelProto) -> onnx.ModelProto:
         if t is None:
             return ("t", alias.get(name, name))
         a = numpy_helper.to_array(t)
-        return ("c", a.dtype.str, a.shape, a.tobytes())
+        return ("c", t.data_type, a.shape, a.tobytes())  # the ONNX type: numpy calls every float8 '<V1'
     keep = []
     for n in m.graph.node:
         for i, x in enumerate(n.input):

@@ -177,7 +177,7 @@ class StagedEvaluator(Gates):
         log.info("staged evaluation: %d stages (one session at a time)", self.plan.n)
 
     # ------------------------------------------------------------ sessions and feeds
-    def _session(self, s: int, errors: bool = False, only=None):
+    def _session(self, s: int, errors: bool = False, only=None, built: tuple | None = None):
         """Stage `s`'s session: with the Ifs of the gates `only` (None: all; a `Fixed`: those gates on for good,
         no If); with `errors`, the variant summing squared errors. Whole, FP32 (`only` empty) and fixed stages stay
         cached while they fit the budget together. Unified (inlined gates): one session a stage, whatever is asked
@@ -189,7 +189,7 @@ class StagedEvaluator(Gates):
             if key not in self.cached:
                 m = self._fixed_model(s, only)
                 self._fixed_protos.pop(key, None)
-                return self._load(m, key, self.sizes[key])
+                return self._load(m, key, self.sizes[key], built=built)
             self.cached.move_to_end(key)
             return self.cached[key][0]
         keep = not errors and (only is None or not only)
@@ -229,13 +229,19 @@ class StagedEvaluator(Gates):
         self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
         return self._load(m, key, size, sig)
 
-    def _load(self, m, key, size: int, sig=None):
-        """An ORT session of stage model `m`, cached under `key` (None: not kept) while the cache fits the budget."""
-        while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
-            self.cached.popitem(last=False)
+    def _build(self, m) -> tuple:
+        """(an ORT session of stage model `m`, seconds it took): no bookkeeping, so it may run on another thread."""
         t = time.perf_counter()
         sess = ort.session(m, provider=self.provider, level="disable", threads=CPU_THREADS if self.provider == "cpu" else 0)
-        self.stats["load_s"] += time.perf_counter() - t
+        return sess, time.perf_counter() - t
+
+    def _load(self, m, key, size: int, sig=None, built: tuple | None = None):
+        """An ORT session of stage model `m` (or the one `built` from it by `_build`), cached under `key` (None: not
+        kept) while the cache fits the budget."""
+        while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
+            self.cached.popitem(last=False)
+        sess, seconds = built or self._build(m)
+        self.stats["load_s"] += seconds
         self.live += 1
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
@@ -375,7 +381,12 @@ class StagedEvaluator(Gates):
         """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
         batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
-        sessions = {s: self._session(s, only=only[s]) for s in range(start, self.plan.n)}  # all stay loaded (`_fit`)
+        # the mix's fixed stages not loaded yet load CPU_STREAMS at a time (`_fit` made their models)
+        new = [s for s in range(start, self.plan.n) if isinstance(only[s], Fixed) and _key(s, only[s]) not in self.cached
+               and _key(s, only[s]) in self._fixed_protos]
+        built = dict(zip(new, self._map(lambda s: self._build(self._fixed_protos[_key(s, only[s])]), new)))
+        sessions = {s: self._session(s, only=only[s], built=built.pop(s, None))  # all stay loaded (`_fit`)
+                    for s in range(start, self.plan.n)}
 
         def one(b):
             live, out, num, den = BatchTensors(), None, None, None
@@ -477,13 +488,25 @@ class StagedEvaluator(Gates):
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
         out, device = {}, None
+        protos = []  # each group's error session: a suffix, the stage's unified session (None), or the whole stage
         for g, group in enumerate(groups):
             gates_here = self._group_gates(s, group)
-            if g in frontier:
-                m = self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here)
-                sess = self._load(m, None, 0)
+            protos.append(self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here) if g in frontier
+                          else None if self.unified else self.plan.proto(s, self.types, errors=True, only=gates_here))
+        # On the CPU the next group's session loads on a thread while this group's candidates run (~0.1-0.3 s a load).
+        ahead, loading = ThreadPoolExecutor(1) if self.provider == "cpu" else None, {}
+
+        def load_ahead(g):
+            if ahead is not None and g < len(groups) and protos[g] is not None:
+                loading[g] = ahead.submit(self._build, protos[g])
+        load_ahead(0)
+        for g, group in enumerate(groups):
+            load_ahead(g + 1)
+            if protos[g] is None:
+                sess = self._session(s, errors=True, only=self._group_gates(s, group))
             else:
-                sess = self._session(s, errors=True, only=gates_here)
+                sess = self._load(protos[g], None, 0, built=loading.pop(g).result() if g in loading else None)
+                protos[g] = None
             device = device or ("cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu")
             names = {i.name for i in sess.get_inputs()}
             have = {o.name for o in sess.get_outputs()}
@@ -516,6 +539,8 @@ class StagedEvaluator(Gates):
             out.update(zip(group, self._map(one, group)))
             bar.update(len(group))
             del sess, bound
+        if ahead is not None:
+            ahead.shutdown()
         bar.close()
         return out
 
