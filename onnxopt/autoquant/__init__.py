@@ -25,7 +25,7 @@ from .candidates import (ABITS, FORMATS, GATES, PLANNED, WBITS, Candidates, Laye
                          calibrate, candidates)
 from .block_helpers import block_awq
 from .smooth import SQ
-from .choose import Totals, bits_of, improve, mix_for_bits, mix_for_error, totals
+from .choose import Totals, bits_of, collapse, improve, mix_for_bits, mix_for_error, totals
 from .search import search_target
 from .evaluate import Evaluator, Memo, load_sensitivities, measure, save_sensitivities
 from ..quant.writer import fake_weight
@@ -35,7 +35,7 @@ from .staged import StagedEvaluator
 from .sampled import SampledEvaluator
 
 __all__ = ["ABITS", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
-           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "block_awq", "build_gated", "calibrate", "candidates", "fake_weight",
+           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "block_awq", "build_gated", "calibrate", "candidates", "collapse", "fake_weight",
            "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "staged", "totals"]

@@ -66,19 +66,27 @@ def add_reducers(gs_: list, reducers: dict, batches: int, rows: int = smoothquan
 
 
 def finish(gs_: list) -> dict:
-    """{activation: Smoothing} from the collected statistics (alpha searched per activation)."""
+    """{activation: Smoothing} from the collected statistics (alpha searched per activation). Activations whose
+    layers read one weight constant (ALBERT: one layer's weights at every depth; `smoothquant.tied`) take one s,
+    from the maxima of every use with the error summed over them, as the uniform SmoothQuant does: the writer
+    then scales the shared weight once, so it stays one tensor (a scale per use stored a copy per use: the ALBERT
+    stand-in's --auto file 38.5 MB instead of ~28)."""
     out = {}
-    for g in gs_:
-        act_max = g.absmax.value
-        if act_max is None:
-            continue
-        w_max = np.max([fold.input_channel_absmax(n) for n in g.layers], axis=0)
-        layers = [smoothquant.sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)]
-        alpha, s, _ = smoothquant.search_alpha(layers, act_max, w_max)
+    for unit in smoothquant.tied([g for g in gs_ if g.absmax.value is not None]):
+        act_max = np.max([g.absmax.value for g in unit], axis=0)
+        w_max = np.max([fold.input_channel_absmax(n) for g in unit for n in g.layers], axis=0)
+        uses = [([smoothquant.sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)], g.absmax.value)
+                for g in unit]
+        if len(unit) > 1 and any(fold.is_attention_output(g.layers[0].inputs[0]) for g in unit):
+            # as the uniform pass: 1/s would need a Mul on every attention output (splitting fused attention)
+            alpha, s = None, np.ones_like(act_max)
+        else:
+            alpha, s, _ = smoothquant.search_alpha(uses[0][0], act_max, w_max, uses)
         s = np.asarray(s, np.float64)
-        clip = min(CLIPS, key=lambda c: smoothquant.simulated_error(layers, act_max * c, s))
-        g.samplers.clear()
-        out[g.activation] = Smoothing(s, clip * float(np.max(act_max / s)), alpha, [n.name for n in g.layers], clip)
+        for g, (layers, am) in zip(unit, uses):
+            clip = min(CLIPS, key=lambda c: smoothquant.simulated_error(layers, am * c, s))
+            g.samplers.clear()
+            out[g.activation] = Smoothing(s, clip * float(np.max(am / s)), alpha, [n.name for n in g.layers], clip)
     return out
 
 

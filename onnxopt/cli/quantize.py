@@ -62,7 +62,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--sparsity-method", type=click.Choice(["magnitude", "sparsegpt"]), help="With --sparsity: magnitude (default) or sparsegpt (uses the calibration data).")
 @click.option("--auto", is_flag=True, help="Choose a format per layer (FP16, FP8, INT8, INT4 weight-only) to meet a target: give one of --target-cosine, --target-top1, --bits.")
 @click.option("--formats", help=f"With --auto: comma-separated candidate formats besides FP16, from {','.join(formats.auto_candidates())} "
-              f"(int8-sq: SmoothQuant then INT8; default {','.join(formats.auto_defaults())}).")
+              f"(int8-sq: SmoothQuant then INT8, offered with int8 when fp8 is not; default {','.join(formats.auto_defaults())}).")
 @click.option("--target-cosine", type=float, help="With --auto: mean cosine of the output vs FP32 to keep on held-out calibration batches, e.g. 0.999.")
 @click.option("--target-top1", type=float, help="With --auto (classifiers): argmax agreement with FP32 to keep on the calibration samples, e.g. 0.97.")
 @click.option("--bits", type=float, help="With --auto: weight bits averaged over the parameters of the weighted layers, e.g. 6 (activation bits over MACs are reported).")

@@ -71,6 +71,16 @@ def auto_defaults() -> tuple[str, ...]:
     return tuple(f.name for f in _where(lambda f: f.auto_default))
 
 
+def auto_with_variants(names) -> tuple[str, ...]:
+    """`names` plus the variants `--auto` offers with them (`Format.auto_with_base`: int8 brings int8-sq) where the
+    base is the only candidate with static activations: SmoothQuant is how INT8's per-tensor scale survives outlier
+    channels, while beside FP8 (whose exponent holds them) the search has that choice already (MiniLM `--auto`
+    fp8,int8 with int8-sq offered too came out costlier: 8.56-9.22 weight bits vs 8.44, BENCHMARKS.md)."""
+    names = tuple(names)
+    static_ = [n for n in names if n in _REGISTRY and get(n).activations == "static" and not get(n).base]
+    return names + tuple(f.name for f in _where(lambda f: f.auto_with_base and static_ == [f.base] and f.name not in names))
+
+
 def high_precision() -> tuple[str, ...]:
     """Unquantized float formats (cast, not scaled): fp16, bf16, fp32."""
     return tuple(f.name for f in _where(lambda f: not f.quantized))
@@ -158,5 +168,5 @@ W8A16 = register(w8a16.W8A16)
 
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
            "weight_only", "with_weight_only_variant", "dequantize_ops", "from_dequantize_op", "from_dynamic_op",
-           "block_format_of", "auto_candidates", "auto_defaults", "high_precision", "low_precision", "from_storage", "from_engine",
+           "block_format_of", "auto_candidates", "auto_defaults", "auto_with_variants", "high_precision", "low_precision", "from_storage", "from_engine",
            "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8", "W8A16"]

@@ -92,6 +92,7 @@ class Format:
     auto_default: bool = False      # in `--auto`'s default candidate list
     planned: bool = False           # has a placement plan of its own (quant.rules for static activations)
     base: str = ""                  # a variant of another format (int8-sq is INT8 after SmoothQuant): its name
+    auto_with_base: bool = False    # `--auto` offers this variant with its base (int8 brings int8-sq; formats.auto_with_variants)
     weight_bits: float = 0.0        # --auto cost: bits per weight parameter (0: = bits)
     activation_bits: float = 0.0    # --auto cost: bits per activation element (weight-only: 16)
     min_opset: int = 19             # opset its ONNX form needs (FP16 scales on Q/DQ: 19; blocked DQ: 21)

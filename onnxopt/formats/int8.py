@@ -14,4 +14,5 @@ INT8 = Format(
 
 # SmoothQuant, then INT8 W8A8 (onnxopt.autoquant.smooth): INT8's numbers and plan, its own --auto candidate.
 INT8_SQ = replace(INT8, name="int8-sq", description="SmoothQuant then INT8 W8A8", mode=False, auto_default=False,
-                  planned=False, base="int8", storage_names=(), engine_precisions=())
+                  planned=False, base="int8", storage_names=(), engine_precisions=(),
+                  auto_with_base=True)

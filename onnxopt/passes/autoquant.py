@@ -64,6 +64,9 @@ class AutoQuant(PassBase):
     lowrank: int | str | None = None    # low-rank branch candidates ("<format>+lr"): a rank, "auto", or None (none)
     lowrank_budget: float = 0.1         # lowrank "auto": the data-free rank choice's bytes / quantized weight bytes
     lowrank_smooth: bool = True         # W4A4 branch candidates in SVDQuant's order: x ⊘ s, the branch from s ⊙ W
+    variants: bool = True               # also offer the registered variants of the asked formats (formats.auto_with_variants:
+                                        # int8 alone brings int8-sq, SmoothQuant's INT8 as uniform --int8 --smoothquant auto;
+                                        # the search keeps whichever of the two costs less error per layer)
     name = "autoquant"
     quantizes = True
 
@@ -72,6 +75,8 @@ class AutoQuant(PassBase):
         bad = [f for f in self.formats if f not in autoquant.FORMATS]
         if bad or not self.formats:
             raise OnnxoptError(f"--formats {','.join(self.formats) or '(empty)'}: use some of {','.join(autoquant.FORMATS)}")
+        if self.variants:
+            self.formats = registry.auto_with_variants(self.formats)
         targets = [t for t in (self.target_cosine, self.target_top1, self.bits, self.target_psnr) if t is not None]
         if len(targets) != 1:
             raise OnnxoptError("--auto needs exactly one target: --target-cosine X, --target-top1 X, --target-psnr DB or --bits B"
@@ -400,6 +405,13 @@ class AutoQuant(PassBase):
                 layers[n]["branch"] = {"rank": b.rank, "bytes": b.params * lowrank.BRANCH_BYTES,
                                        "macs": l.branch_macs(next(iter(l.branch))), "chosen": has_branch(f),
                                        "smoothed": [c for c in l.branch if cands.smooth_of(n, c) is not None]}
+        units, _ = autoquant.collapse(cands.layers)
+        for n, l in cands.layers.items():  # a tied layer is kept wide by its group's summed error, not its own
+            u = units.get(l.group)
+            if u is not None and mix[n] == "none" and not l.follows and len(u.formats) > 1:
+                layers[n]["reason"] = (f"kept FP16 with its group {l.group} ({len(u.parts)} layers): every format costs "
+                                       f"more error than the target allows (the group's least "
+                                       f"{min(v for k, v in u.error.items() if k != 'none'):.2e})")
         cands_all = list(dict.fromkeys(c for l in cands.layers.values() for c in l.formats if c != "none"))
         counts = {f: sum(v == f for v in mix.values()) for f in (*autoquant.FORMATS, *cands_all, "none")}
         target = {"cosine": self.target_cosine, "top1": self.target_top1, "bits": self.bits, "psnr": self.target_psnr}

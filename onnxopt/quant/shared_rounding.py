@@ -21,6 +21,7 @@ import logging
 import numpy as np
 
 from .. import calib, obs, threads
+from .. import graph as G
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +136,21 @@ def leading_layers(graph, place) -> list[str]:
     same path (ALBERT's one layer at every depth; not parallel branches reading one weight). An error there passes
     through every later use of the shared weights, so the output is most sensitive to it (ALBERT stand-in: the
     output's gradient energy at the first depth 6x the mean over depths, 60x the last's; keeping these layers
-    high precision took FP8 0.9892 -> 0.9935). Empty where no weight is shared along a path."""
+    high precision took FP8 0.9892 -> 0.9935). The first use is the graph's, planned or not (an `--exclude`d depth 0
+    moved the cut to the first planned use, depth 3, and then nothing was kept). Empty where no weight is shared
+    along a path."""
     order = {id(n): i for i, n in enumerate(graph.nodes)}
+    consts = {c.name: c for _, _, c, _ in place.weights}
+    readers: dict = {}   # every reader in the graph, planned or not: an excluded first use is still the first use
+    for n in graph.nodes:
+        if n.op in OPS and len(n.inputs) > 1:
+            c, _ = G.weight_of(n.inputs[1])
+            if c is not None:
+                readers.setdefault(id(c), []).append(n)
     firsts = []
-    for uses in shared_weights(place).values():
-        nodes = sorted({id(n): n for n, _ in uses}.values(), key=lambda n: order[id(n)])
+    for cname, uses in shared_weights(place).items():
+        every = readers.get(id(consts[cname]), []) + [n for n, _ in uses]
+        nodes = sorted({id(n): n for n in every}.values(), key=lambda n: order[id(n)])
         if len(nodes) > 1 and _downstream(nodes[0], nodes[1], len(graph.nodes)):
             firsts.append(order[id(nodes[0])])
     if not firsts:

@@ -415,10 +415,14 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
     means, done = dict(plan.means), {}
     by_name = {n.name: n for n in graph.nodes}
     taken = G.taken_names(graph)  # once, kept up to date by each fold (not a walk of the graph per layer)
-    for tname, sm in plan.smooth.items():
-        nodes = [by_name[n] for n in sm.layers if n in sq]
-        if not nodes:
-            continue
+    todo = [(t, sm, [by_name[n] for n in sm.layers if n in sq]) for t, sm in plan.smooth.items()]
+    todo = [x for x in todo if x[2]]
+    # Activations whose layers read one weight constant and share one s (autoquant.smooth.finish): each divided on
+    # its own, the weight multiplied once, so it stays one tensor (different s: a scaled copy per activation).
+    units = [u for u in fold.tied([nodes for _, _, nodes in todo])
+             if len(u) > 1 and all(np.array_equal(todo[i][1].s, todo[u[0]][1].s) for i in u)]
+    shared = {i for u in units for i in u}
+    for i, (tname, sm, nodes) in enumerate(todo):
         x = nodes[0].inputs[0]
         p = x.inputs[0] if x.inputs else None
         if not (p is not None and fold.is_norm(p) and len(x.outputs) == len(nodes)):
@@ -427,7 +431,7 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
             graph.nodes.append(gs.Node("Identity", name=xi.name, inputs=[x], outputs=[xi]))
             for n in nodes:
                 n.inputs[0] = xi
-        how = fold.fold_input_scale(graph, nodes, sm.s, taken=taken)
+        how = fold.fold_input_scale(graph, nodes, sm.s, weights=i not in shared, norm_only=i in shared, taken=taken)
         new = nodes[0].inputs[0].name
         base = formats.get(mix[nodes[0].name]).base
         amax.setdefault(base, {})[new] = sm.amax
@@ -435,6 +439,8 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
             means[new] = np.asarray(means[tname], np.float64).reshape(-1) / sm.s
         for n in nodes:
             done[n.name] = how
+    for u in units:
+        fold.scale_weights(graph, [n for i in u for n in todo[i][2]], todo[u[0]][1].s)
     graph.cleanup().toposort()
     view = {n: (formats.get(f).base or f) if f != "none" else f for n, f in mix.items()}
     return view, amax, means, done
