@@ -555,7 +555,10 @@ def test_fixed_stage_has_no_if_and_shares_equal_qdq():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     before = onnx.ModelProto()
     before.CopyFrom(m)
+    estimate = fixed_stage.prepared_bytes(m)  # what the budget check counts, before anything is dequantized
     out = fixed_stage.prepared(m, "cpu", 1)
+    made = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(out))
+    assert abs(estimate - made) <= 0.1 * made  # the float32 weights counted, not their 1-byte codes
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1 and ops.count("MatMul") == 3
     assert not {"q0", "q1", "q2"} & {t.name for t in out.graph.initializer}

@@ -160,7 +160,6 @@ class StagedEvaluator(Gates):
         # Stage sessions stay loaded while their weights fit the budget together (else one at a time).
         self.budget, self.cached = memory_budget_mb * 2**20, OrderedDict()
         self.sizes: dict = {}  # (stage, only) -> weight bytes of that session
-        self._fixed_protos: dict = {}  # fixed stages made (and sized) for a chain, until loaded
         self.stats = {"load_s": 0.0, "stages": {}}
         self.grouped: dict = {}  # stage -> its error sessions (and whether suffixes)
         self.unified = self.plan.inline and UNIFIED
@@ -187,9 +186,8 @@ class StagedEvaluator(Gates):
         key = _key(s, only)
         if isinstance(only, Fixed):
             if key not in self.cached:
-                m = self._fixed_model(s, only)
-                self._fixed_protos.pop(key, None)
-                return self._load(m, key, self.sizes[key], built=built)
+                size = self._fixed_size(s, only)
+                return self._load(None if built else self._fixed_model(s, only), key, size, built=built)
             self.cached.move_to_end(key)
             return self.cached[key][0]
         keep = not errors and (only is None or not only)
@@ -203,14 +201,17 @@ class StagedEvaluator(Gates):
         return self._load(m, key if keep else None, size)
 
     def _fixed_model(self, s: int, only: Fixed) -> onnx.ModelProto:
-        """Stage `s` with the gates `only` on for good, prepared to run fast (`fixed_stage.prepared`)."""
+        """Stage `s` with the gates `only` on for good, prepared to run fast (`fixed_stage.prepared`; no bookkeeping,
+        so it may run on another thread)."""
+        return fixed_stage.prepared(self.plan.proto(s, self.types, only=set(only), fixed=True), self.provider,
+                                    CPU_THREADS if self.provider == "cpu" else 0)
+
+    def _fixed_size(self, s: int, only: Fixed) -> int:
+        """Weight bytes of `_fixed_model(s, only)`, from its unprepared model (nothing dequantized to know it)."""
         key = _key(s, only)
-        if key not in self._fixed_protos:
-            m = fixed_stage.prepared(self.plan.proto(s, self.types, only=set(only), fixed=True), self.provider,
-                                     CPU_THREADS if self.provider == "cpu" else 0)
-            self._fixed_protos[key] = m
-            self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
-        return self._fixed_protos[key]
+        if key not in self.sizes:
+            self.sizes[key] = fixed_stage.prepared_bytes(self.plan.proto(s, self.types, only=set(only), fixed=True))
+        return self.sizes[key]
 
     def _unified(self, s: int):
         """Stage `s` with every gate inlined, its outputs and its squared errors against `t__ref` inputs (zeros
@@ -369,9 +370,9 @@ class StagedEvaluator(Gates):
             if o and not isinstance(o, Fixed):  # a few gates' Ifs: a session per mix, not kept
                 return False
             key = _key(s, o)
-            if isinstance(o, Fixed) and key not in self.cached:
-                self._fixed_model(s, o)  # its size, with its weights dequantized (kept for `_session`)
-            if key not in self.sizes:
+            if isinstance(o, Fixed):
+                self._fixed_size(s, o)
+            elif key not in self.sizes:
                 m = self.plan.proto(s, self.types, False, o)
                 self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
             total += self.sizes[key]
@@ -381,10 +382,9 @@ class StagedEvaluator(Gates):
         """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
         batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
-        # the mix's fixed stages not loaded yet load CPU_STREAMS at a time (`_fit` made their models)
-        new = [s for s in range(start, self.plan.n) if isinstance(only[s], Fixed) and _key(s, only[s]) not in self.cached
-               and _key(s, only[s]) in self._fixed_protos]
-        built = dict(zip(new, self._map(lambda s: self._build(self._fixed_protos[_key(s, only[s])]), new)))
+        # the mix's fixed stages not loaded yet are made and load CPU_STREAMS at a time
+        new = [s for s in range(start, self.plan.n) if isinstance(only[s], Fixed) and _key(s, only[s]) not in self.cached]
+        built = dict(zip(new, self._map(lambda s: self._build(self._fixed_model(s, only[s])), new)))
         sessions = {s: self._session(s, only=only[s], built=built.pop(s, None))  # all stay loaded (`_fit`)
                     for s in range(start, self.plan.n)}
 
