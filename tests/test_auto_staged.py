@@ -419,10 +419,12 @@ def test_chains_run_batch_by_batch_in_memory_where_the_stages_stay_loaded(setup)
     assert mem.loads == loads  # every stage stayed loaded
 
 
-def test_if_chains_reuse_the_loaded_whole_stage(setup):
-    """The If form: a mix with a few gates on in a stage runs on that stage's whole session where it stays loaded,
-    not on a session of its own made per mix (each ~0.4 s to load on the CPU): no load after the first, and the
-    same metrics as a session of the few Ifs."""
+def test_if_chains_reuse_the_loaded_whole_stage(setup, monkeypatch):
+    """The If form without fixed stages (staged.FIXED off; chains of candidates spanning stages run so): a mix with
+    a few gates on in a stage runs on that stage's whole session where it stays loaded, not on a session of its own
+    made per mix (each ~0.4 s to load on the CPU): no load after the first, and the same metrics as a session of the
+    few Ifs."""
+    monkeypatch.setattr(staged, "FIXED", False)
     graph, cands, amax, means, search, verify = setup
     model, index, shapes = _gated(graph, cands, amax, means)
     where = staged.fp32_stages(modelfile.export_graph(graph), 3)
@@ -492,3 +494,120 @@ def test_unified_stage_splits_into_suffixes_where_it_pays(setup, monkeypatch):
     split = ev._stage_errors(s, mine, False)
     for k in mine:
         assert split[k] == pytest.approx(one[k], rel=1e-6, abs=1e-12), k
+
+
+def _mixes(cands, n, seed):
+    rng = np.random.default_rng(seed)
+    return [{name: l.formats[rng.integers(len(l.formats))] for name, l in cands.layers.items()} for _ in range(n)]
+
+
+def test_fixed_stages_give_the_whole_stage_metrics(setup, monkeypatch):
+    """Verifications and gain probes run a mix's own stages (no If; equal Q/DQ shared; weights dequantized once by
+    ORT's kernel): the metrics and the stage errors of the whole-stage If chains, and each mix's stages load once."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+
+    def ev():
+        return staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                      memory_budget_mb=64)
+    fixed, ifs = ev(), ev()
+    for mix in _mixes(cands, 3, 5):
+        g = fixed.gates(mix)
+        start = fixed._start(g)
+        monkeypatch.setattr(staged, "FIXED", False)
+        want = {split: ifs.metrics(g, split) for split in ("search", "all", "held-out")}
+        chain = ifs._chain(g, ifs.ids["search"], start, fixed=True)
+        monkeypatch.setattr(staged, "FIXED", True)
+        for split, w in want.items():
+            got = fixed.metrics(g, split)
+            assert got["top1"] == w["top1"] and got["cosine"] == pytest.approx(w["cosine"], abs=1e-9), (split, got, w)
+        got = fixed._chain(g, fixed.ids["search"], start, fixed=True)
+        assert got[1] == pytest.approx(chain[1], rel=1e-5)
+        for b in got[0]:
+            np.testing.assert_allclose(got[0][b], chain[0][b], rtol=1e-5, atol=1e-6)
+        loads = fixed.loads
+        fixed.metrics(g, "all")                      # the mix's stages stay loaded: no load the second time
+        assert fixed.loads == loads
+    assert any(k[1] == "fixed" for k in fixed.cached)
+
+
+def test_fixed_stage_has_no_if_and_shares_equal_qdq():
+    """fixed_stage.prepared: one Q/DQ pair where several nodes quantize the same tensor with equal scales, weights'
+    DequantizeLinear replaced by their values, and the outputs bit for bit those of the unprepared stage."""
+    from onnxopt.autoquant import fixed_stage
+    rng = np.random.default_rng(0)
+    nodes, inits = [], [numpy_helper.from_array(np.array(0.05, np.float32), "s0"),
+                        numpy_helper.from_array(np.array(0.05, np.float32), "s1"),
+                        numpy_helper.from_array(np.array(0, np.int8), "z0"),
+                        numpy_helper.from_array(np.array(0, np.int8), "z1")]
+    for i in range(3):  # three projections of x, each with its own (equal) activation Q/DQ and a quantized weight
+        si = f"s{min(i, 1)}"
+        zi = f"z{min(i, 1)}"
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (8, 4)).astype(np.int8), f"q{i}"),
+                  numpy_helper.from_array(np.array(0.01 * (i + 1), np.float32), f"ws{i}")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", si, zi], [f"xq{i}"], name=f"Q{i}"),
+                  helper.make_node("DequantizeLinear", [f"xq{i}", si, zi], [f"xd{i}"], name=f"DQ{i}"),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"ws{i}"], [f"w{i}"], name=f"WDQ{i}"),
+                  helper.make_node("MatMul", [f"xd{i}", f"w{i}"], [f"y{i}"], name=f"mm{i}")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 4]) for i in range(3)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    before = onnx.ModelProto()
+    before.CopyFrom(m)
+    estimate = fixed_stage.prepared_bytes(m)  # what the budget check counts, before anything is dequantized
+    out = fixed_stage.prepared(m, "cpu", 1)
+    made = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(out))
+    assert abs(estimate - made) <= 0.1 * made  # the float32 weights counted, not their 1-byte codes
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1 and ops.count("MatMul") == 3
+    assert not {"q0", "q1", "q2"} & {t.name for t in out.graph.initializer}
+    x = {"x": rng.normal(0, 1, (2, 8)).astype(np.float32)}
+    for a, b in zip(ort.session(before).run(None, x), ort.session(out).run(None, x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_threads_and_fixed_stages_give_the_reference_sensitivities(setup, monkeypatch):
+    """The sensitivities with one intra-op thread and fixed gain probes against the path before them (ORT's default
+    threads, whole-stage gain chains): the same up to float rounding, the same order, the same forwards."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    got, runs = {}, {}
+    for ref in (True, False):
+        monkeypatch.setattr(staged, "FIXED", not ref)
+        monkeypatch.setattr(staged, "CPU_THREADS", 0 if ref else 1)
+        st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                    memory_budget_mb=64)
+        count = {"n": 0}
+        real = ort.run
+
+        def counted(*a, **k):  # stage forwards (the fixed stages' one weight dequantization not counted)
+            count["n"] += str(k.get("label", "")).startswith("stage")
+            return real(*a, **k)
+        monkeypatch.setattr(ort, "run", counted)
+        got[ref] = dict(st.sensitivities(list(index), progress=False))
+        monkeypatch.setattr(ort, "run", real)
+        runs[ref] = count["n"]
+    keys = list(index)
+    assert runs[True] == runs[False] > 0  # the same chained stage runs (gain probes, prefixes), fixed or not
+    for k in keys:
+        assert got[False][k] == pytest.approx(got[True][k], rel=1e-4, abs=1e-12), k
+    assert _spearman([got[True][k] for k in keys], [got[False][k] for k in keys]) == pytest.approx(1.0)
+
+
+def test_concurrent_cpu_runs_give_the_same_bits(setup, monkeypatch):
+    """Candidates of a group and batches of a chain run CPU_STREAMS at a time on the CPU (one intra-op thread
+    each): every sensitivity, gain and verified metric bit for bit those of one at a time."""
+    graph, cands, amax, means, search, verify = setup
+    model, index, shapes = _gated(graph, cands, amax, means)
+    where = staged.fp32_stages(modelfile.export_graph(graph), 3)
+    got = {}
+    for streams in (1, 2):
+        monkeypatch.setattr(staged, "CPU_STREAMS", streams)
+        st = staged.StagedEvaluator(model, index, search, verify, "cpu", shapes, where, progress=False,
+                                    memory_budget_mb=64)
+        sens = dict(st.sensitivities(list(index), progress=False))
+        mets = [st.metrics(st.gates(mix), "held-out") for mix in _mixes(cands, 3, 7)]
+        got[streams] = (sens, [st.stats["stages"][s]["gain"] for s in sorted(st.stats["stages"])], mets)
+    assert got[1] == got[2]

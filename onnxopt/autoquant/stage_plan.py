@@ -34,6 +34,11 @@ def _reads(node) -> set:
     return {i for i in node.input if i} | _subgraph_reads(node)
 
 
+def node_reads(node) -> set:
+    """Every tensor `node` reads, inside its subgraphs too."""
+    return _reads(node)
+
+
 class StagePlan:
     """The gated graph's nodes assigned to stages; per stage: nodes, inputs, outputs."""
 
@@ -44,6 +49,12 @@ class StagePlan:
         nodes = list(g.node)
         producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
         reads = [_reads(n) for n in nodes]
+        # A node's reads, by node (If subgraphs walked once: the sessions' bookkeeping asked for them per session)
+        self._known = {id(n): (n, r) for n, r in zip(nodes, reads)}
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    self._known.update((id(x), (x, _reads(x))) for x in a.g.node)
         # Free nodes (not Ifs) read only weights, the gate vector or other free nodes: copied into every stage
         # needing them (the gates' Gather/Greater).
         free = [False] * len(nodes)
@@ -109,6 +120,11 @@ class StagePlan:
         self.last_use = last_use
         self.inline = False  # gates as Where(gate, then-branch, input) instead of If (see the CUDA note above)
 
+    def reads(self, node) -> set:
+        """`_reads(node)`, looked up for the plan's own nodes (and their If branches' nodes)."""
+        hit = self._known.get(id(node))
+        return hit[1] if hit is not None and hit[0] is node else _reads(node)
+
     @staticmethod
     def _gate_of(nodes, producer, inits) -> dict:
         """If node -> the gate index its condition reads (Greater(Gather(gates, i), 0.5))."""
@@ -125,21 +141,23 @@ class StagePlan:
         return out
 
     def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None,
-              outputs: bool = False, extra: tuple = (), suffix: set | None = None) -> onnx.ModelProto:
+              outputs: bool = False, extra: tuple = (), suffix: set | None = None,
+              fixed: bool = False) -> onnx.ModelProto:
         """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
         output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs
         unless `outputs` (the stage's outputs first: one session for chains and errors); `extra`: more outputs.
         `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run).
         `suffix`: only the nodes these gates can change (`nodes`), the FP32 tensors they read from the others
-        as inputs (`frontier`; `types` must hold them); errors of the outputs those nodes make."""
+        as inputs (`frontier`; `types` must hold them); errors of the outputs those nodes make. `fixed`: the gates
+        `only` are on for good: their then-branches inlined, no If and no gate input (one mix's own stage)."""
         st, m = self.stages[s], onnx.ModelProto()
         m.ir_version = self.model.ir_version
         m.opset_import.extend(self.model.opset_import)
         m.functions.extend(self.model.functions)
         m.graph.name = f"{self.model.graph.name}_stage{s}"
-        nodes, frontier = self.nodes(s, only, suffix)
+        nodes, frontier = self.nodes(s, only, suffix, fixed)
         m.graph.node.extend(nodes)
-        reads = set().union(*(_reads(n) for n in nodes)) if nodes else set()
+        reads = set().union(*(self.reads(n) for n in nodes)) if nodes else set()
         m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
         made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
         m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
@@ -170,7 +188,8 @@ class StagePlan:
             m.graph.output.append(onnx.ValueInfoProto(name=e))
         return m
 
-    def nodes(self, s: int, only: set | None = None, suffix: set | None = None) -> tuple[list, list]:
+    def nodes(self, s: int, only: set | None = None, suffix: set | None = None,
+              fixed: bool = False) -> tuple[list, list]:
         """(stage `s`'s nodes as `proto` writes them, the frontier: FP32 tensors a `suffix` reads from the
         nodes it leaves out). A suffix keeps the gates' Ifs (inlined: their Where and then-branch nodes), every
         node downstream of them and the weight-only chains those read: a candidate of these gates runs only
@@ -180,13 +199,15 @@ class StagePlan:
         seeds: set = set()
         if suffix is not None:
             seeds = {id(n) for n in nodes if self.gate_by_node.get(n.name) in suffix}
-        if self.inline:
+        if fixed:
+            nodes = self._fixed(nodes, st["outputs"])
+        elif self.inline:
             nodes, seeds = self._inlined(nodes, seeds)
         if suffix is None:
             return nodes, []
         consts = {t.name for t in st["inits"]} | set(self.branch_inits) | {GATES}
         made = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-        reads = [_reads(n) for n in nodes]
+        reads = [self.reads(n) for n in nodes]
         hit, free = set(), set()
         for k, n in enumerate(nodes):  # topological order
             if id(n) in seeds or any(made.get(r) in hit for r in reads[k]):
@@ -211,7 +232,7 @@ class StagePlan:
         nodes = self.stages[s]["nodes"]
         first: dict = {}
         for k, n in enumerate(nodes):
-            for r in _reads(n):
+            for r in self.reads(n):
                 first.setdefault(r, k)
         out: dict = {}
         for n in nodes:
@@ -229,15 +250,32 @@ class StagePlan:
                 alias[n.output[0]] = alias.get(src, src)
             else:
                 keep.append(n)
-        keep = [_renamed(n, alias) for n in keep]
+        keep = [_renamed(n, alias, self.reads(n)) for n in keep]
         keep += [helper.make_node("Identity", [alias[o]], [o], name=f"{o}__pass") for o in outputs if o in alias]
+        return self._without_dead_gate_reads(keep, outputs)
+
+    def _without_dead_gate_reads(self, keep: list, outputs: list) -> list:
         while True:  # drop the gate reads nobody needs any more
-            used = set(outputs).union(*(_reads(n) for n in keep))
+            used = set(outputs).union(*(self.reads(n) for n in keep))
             live = [n for n in keep if n.op_type in ("Gather", "Greater") and not any(o in used for o in n.output)]
             if not live:
                 return keep
             dead = {id(n) for n in live}
             keep = [n for n in keep if id(n) not in dead]
+
+    def _fixed(self, nodes: list, outputs: list) -> list:
+        """`nodes` (gates pruned to the ones on) with each gate's If replaced by its then-branch's nodes: the same
+        kernels on the same inputs as the If runs, without its per-run cost (~0.3 ms an If on the CPU)."""
+        out = []
+        for n in nodes:
+            g = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH} if n.op_type == "If" else {}
+            then = g.get("then_branch")
+            if n.name not in self.gate_by_node or then is None or len(then.output) != 1:
+                out.append(n)
+                continue
+            out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
+            out.append(helper.make_node("Identity", [then.output[0].name], [n.output[0]], name=f"{n.name}__on"))
+        return self._without_dead_gate_reads(out, outputs)
 
     def _inlined(self, nodes: list, seeds: set = frozenset()) -> tuple[list, set]:
         """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input); the
@@ -288,9 +326,9 @@ class StagePlan:
         return [o for o in self.stages[s]["outputs"] if o in types and types[o].dtype == np.float32]
 
 
-def _renamed(node, alias: dict):
-    """`node` (a copy, where needed) reading alias[x] instead of x, inside its subgraphs too."""
-    if not alias or not (_reads(node) & alias.keys()):
+def _renamed(node, alias: dict, reads: set):
+    """`node` (a copy, where needed) reading alias[x] instead of x, inside its subgraphs too (`reads`: its reads)."""
+    if not alias or not (reads & alias.keys()):
         return node
     m = onnx.NodeProto()
     m.CopyFrom(node)

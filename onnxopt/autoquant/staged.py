@@ -21,7 +21,8 @@ their weights fit the memory budget together.
   0.97 against the one-graph sensitivities, median ratio 1.00; pooling the tensors instead gave 0.81.)
 - Metrics of a mix are exact: the stages chained with the mix's gates, from the first stage with a gate on
   (the stages before it are the reference); where every session of the chain stays loaded, one batch at a time
-  through all stages with the tensors between them in memory, else stage by stage through disk.
+  through all stages with the tensors between them in memory, else stage by stage through disk. In the If form a
+  verification or gain probe runs the mix's own fixed stages (`fixed_stage`: the gates on inlined, no If).
 - Inlined gates (CUDA): one session a stage for all of these (`_unified`), split into suffix sessions for the
   candidates only where the measured forward and load times say it pays (`_groups`).
 """
@@ -29,10 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 import weakref
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,7 @@ from ..progress import track
 from .candidates import GATES
 from .evaluate import HELD_OUT, Gates, metrics_of
 from .stage_data import BatchTensors, Store, onnxruntime_value, per_sample, relative, sq_lead
+from . import fixed_stage
 from .stage_plan import StagePlan
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,17 @@ REF = "__ref"
 # first 4: 0.9991; 2 spread over the split: 0.9921), candidate time 289 -> 102 s (BENCHMARKS.md).
 ERROR_BATCHES = 2
 GAIN_BATCHES = 2
+# Intra-op threads of a CPU stage session (0: ORT's default, one per core). A stage forward at search batch sizes is
+# ~10-50 ms of small kernels: on the 2-core dev box with other jobs running, ORT's pool waited on its descheduled
+# second thread and one thread ran the same forwards ~2x faster (BENCHMARKS.md). CUDA sessions are unaffected.
+CPU_THREADS = 1
+# ... and that many runs at once (independent candidates, or batches of a chain), each on its own thread: the cores
+# used without the pool's waits (`_map`).
+CPU_STREAMS = min(2, os.cpu_count() or 1)
+# Verifications and gain probes run the If form's stages with gates on as the mix's own stages (`fixed_stage`: no
+# If, equal Q/DQ shared, weights dequantized once; kept while they fit the budget): a whole stage's ~250 Ifs cost
+# ~80 ms a run on the dev box, the fixed stage's load ~0.1-0.3 s. Candidates spanning stages keep the whole stage.
+FIXED = True
 
 
 def stages_needed(model: onnx.ModelProto, layers: dict, budget_mb: int) -> int:
@@ -110,6 +125,17 @@ def fp32_stages(model: onnx.ModelProto, n: int, feed: dict | None = None, layers
         for nd in st.nodes:
             where[nd.name or nd.output[0]] = si
     return where
+
+
+class Fixed(frozenset):
+    """Gates on for good in a stage session (`StagePlan.proto(fixed=True)`), as against the gates whose Ifs stay."""
+
+
+def _key(s: int, only) -> tuple:
+    """Cache key of stage `s`'s session with `only` (None: every If; a set: those Ifs; a Fixed: those gates on)."""
+    if isinstance(only, Fixed):
+        return (s, "fixed", frozenset(only))
+    return (s, None if only is None else frozenset(only))
 
 
 # ---------------------------------------------------------------- the evaluator
@@ -150,13 +176,20 @@ class StagedEvaluator(Gates):
         log.info("staged evaluation: %d stages (one session at a time)", self.plan.n)
 
     # ------------------------------------------------------------ sessions and feeds
-    def _session(self, s: int, errors: bool = False, only=None):
-        """Stage `s`'s session: with the Ifs of the gates `only` (None: all); with `errors`, the variant summing
-        squared errors. Whole and FP32 (`only` empty) stages stay cached while they fit the budget together.
-        Unified (inlined gates): one session a stage, whatever is asked (`_unified`)."""
+    def _session(self, s: int, errors: bool = False, only=None, built: tuple | None = None):
+        """Stage `s`'s session: with the Ifs of the gates `only` (None: all; a `Fixed`: those gates on for good,
+        no If); with `errors`, the variant summing squared errors. Whole, FP32 (`only` empty) and fixed stages stay
+        cached while they fit the budget together. Unified (inlined gates): one session a stage, whatever is asked
+        (`_unified`)."""
         if self.unified:
             return self._unified(s)
-        key = (s, None if only is None else frozenset(only))
+        key = _key(s, only)
+        if isinstance(only, Fixed):
+            if key not in self.cached:
+                size = self._fixed_size(s, only)
+                return self._load(None if built else self._fixed_model(s, only), key, size, built=built)
+            self.cached.move_to_end(key)
+            return self.cached[key][0]
         keep = not errors and (only is None or not only)
         if keep and key in self.cached:
             self.cached.move_to_end(key)
@@ -166,6 +199,19 @@ class StagedEvaluator(Gates):
         if keep:
             self.sizes[key] = size
         return self._load(m, key if keep else None, size)
+
+    def _fixed_model(self, s: int, only: Fixed) -> onnx.ModelProto:
+        """Stage `s` with the gates `only` on for good, prepared to run fast (`fixed_stage.prepared`; no bookkeeping,
+        so it may run on another thread)."""
+        return fixed_stage.prepared(self.plan.proto(s, self.types, only=set(only), fixed=True), self.provider,
+                                    CPU_THREADS if self.provider == "cpu" else 0)
+
+    def _fixed_size(self, s: int, only: Fixed) -> int:
+        """Weight bytes of `_fixed_model(s, only)`, from its unprepared model (nothing dequantized to know it)."""
+        key = _key(s, only)
+        if key not in self.sizes:
+            self.sizes[key] = fixed_stage.prepared_bytes(self.plan.proto(s, self.types, only=set(only), fixed=True))
+        return self.sizes[key]
 
     def _unified(self, s: int):
         """Stage `s` with every gate inlined, its outputs and its squared errors against `t__ref` inputs (zeros
@@ -184,13 +230,19 @@ class StagedEvaluator(Gates):
         self.sizes[key] = size = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
         return self._load(m, key, size, sig)
 
-    def _load(self, m, key, size: int, sig=None):
-        """An ORT session of stage model `m`, cached under `key` (None: not kept) while the cache fits the budget."""
+    def _build(self, m) -> tuple:
+        """(an ORT session of stage model `m`, seconds it took): no bookkeeping, so it may run on another thread."""
+        t = time.perf_counter()
+        sess = ort.session(m, provider=self.provider, level="disable", threads=CPU_THREADS if self.provider == "cpu" else 0)
+        return sess, time.perf_counter() - t
+
+    def _load(self, m, key, size: int, sig=None, built: tuple | None = None):
+        """An ORT session of stage model `m` (or the one `built` from it by `_build`), cached under `key` (None: not
+        kept) while the cache fits the budget."""
         while self.cached and sum(v[1] for v in self.cached.values()) + size > self.budget:
             self.cached.popitem(last=False)
-        t = time.perf_counter()
-        sess = ort.session(m, provider=self.provider, level="disable")
-        self.stats["load_s"] += time.perf_counter() - t
+        sess, seconds = built or self._build(m)
+        self.stats["load_s"] += seconds
         self.live += 1
         self.loads += 1
         self.peak_live = max(self.peak_live, self.live)
@@ -260,9 +312,9 @@ class StagedEvaluator(Gates):
         stages = [min(self.plan.gate_stages[int(i)]) for i in on if int(i) in self.plan.gate_stages]
         return min(stages, default=self.plan.n)
 
-    def _chain(self, gates, batches: list, start: int) -> tuple[dict, float]:
+    def _chain(self, gates, batches: list, start: int, fixed: bool = False) -> tuple[dict, float]:
         """Stages `start`.. with `gates` on `batches`: (model output per batch, relative squared error at the
-        outputs of stage `start` against the FP32 ones)."""
+        outputs of stage `start` against the FP32 ones); `fixed`: the If form's stages as the mix's own (`FIXED`)."""
         on = {int(i) for i in np.flatnonzero(np.asarray(gates) > 0.5)}
         only = {}
         for s in range(start, self.plan.n):
@@ -271,6 +323,9 @@ class StagedEvaluator(Gates):
             # session stays loaded for the next mix (the full-size CPU run spent 104 of 110 s of three
             # verifications loading per-mix sessions). Ifs too where the whole stage stays loaded: an off If costs
             # ~0.3 ms a run, a session of the few ~0.4 s to load (tiny SDXL: 3 verifications 28 s -> see BENCHMARKS).
+            if here and fixed and FIXED and not self.plan.inline:
+                only[s] = Fixed(here)
+                continue
             few = len(here) <= GROUP and not (here and (self.plan.inline or self._whole_fits(s)))
             only[s] = here if few else None
         if len(batches) > 1 and self._fit(only):
@@ -312,11 +367,14 @@ class StagedEvaluator(Gates):
                     self.sizes[(s, "unified")] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
                 total += self.sizes[(s, "unified")]
                 continue
-            if o:  # a few gates' Ifs: a session per mix, not kept
+            if o and not isinstance(o, Fixed):  # a few gates' Ifs: a session per mix, not kept
                 return False
-            key = (s, None if o is None else frozenset(o))
-            if key not in self.sizes:
-                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(self.plan.proto(s, self.types, False, o)))
+            key = _key(s, o)
+            if isinstance(o, Fixed):
+                self._fixed_size(s, o)
+            elif key not in self.sizes:
+                m = self.plan.proto(s, self.types, False, o)
+                self.sizes[key] = sum(modelfile.tensor_bytes(t) for t in modelfile.all_tensors(m))
             total += self.sizes[key]
         return total <= self.budget
 
@@ -324,30 +382,47 @@ class StagedEvaluator(Gates):
         """`_chain` one batch at a time through every stage, the tensors between stages kept in memory for that
         batch only, where every stage session stays loaded (`_fit`): no boundary tensor goes to disk (the full-size
         chain wrote ~1.5 GB a batch; gain probes and verifications are chains). The same runs on the same inputs."""
-        out, num, den = {}, {}, {}
-        for b in batches:
-            live = BatchTensors()
+        # the mix's fixed stages not loaded yet are made and load CPU_STREAMS at a time
+        new = [s for s in range(start, self.plan.n) if isinstance(only[s], Fixed) and _key(s, only[s]) not in self.cached]
+        built = dict(zip(new, self._map(lambda s: self._build(self._fixed_model(s, only[s])), new)))
+        sessions = {s: self._session(s, only=only[s], built=built.pop(s, None))  # all stay loaded (`_fit`)
+                    for s in range(start, self.plan.n)}
+
+        def one(b):
+            live, out, num, den = BatchTensors(), None, None, None
             for s in range(start, self.plan.n):
-                sess = self._session(s, only=only[s])
-                got = self._run(sess, s, self._feed(s, b, gates, live, start))
+                got = self._run(sessions[s], s, self._feed(s, b, gates, live, start))
                 if self.plan.out in got:
-                    out[b] = self._final(got[self.plan.out])
+                    out = self._final(got[self.plan.out])
                 if s == start:
                     floats, k = self.plan.float_outputs(s, self.types), self.refout[b].shape[0]
                     if floats:
-                        num[b] = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
-                        den[b] = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
+                        num = np.stack([per_sample(sq_lead(got[n] - self.refs.get(b, n)), k) for n in floats])
+                        den = np.stack([per_sample(sq_lead(self.refs.get(b, n)), k) for n in floats])
                 live.data.update({n: got[n] for n in self.plan.stages[s]["later"]})
-                del got, sess
+                del got
                 for name in [n for n in live.data if self.plan.last_use.get(n, -1) <= s]:
                     del live.data[name]
+            return out, num, den
+        res = dict(zip(batches, self._map(one, batches)))  # batch by batch in `batches` order, whatever ran first
+        out = {b: r[0] for b, r in res.items() if r[0] is not None}
+        num = {b: r[1] for b, r in res.items() if r[1] is not None}
+        den = {b: r[2] for b, r in res.items() if r[2] is not None}
         return out, relative(num, den)
+
+    def _map(self, fn, items: list) -> list:
+        """[fn(x) for x in items], on CPU_STREAMS threads on the CPU (each ORT run on one intra-op thread: the runs
+        of independent batches or candidates share the cores without ORT's pool waiting on a busy core)."""
+        if self.provider != "cpu" or CPU_STREAMS <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(CPU_STREAMS, len(items))) as pool:
+            return list(pool.map(fn, items))
 
     def metrics(self, gates, split: str = "search") -> dict:
         """Cosine and top-1 agreement of the mix on "search", "verify" or "all" batches: exact (the stages chained)."""
         ids = self.ids["all" if split == HELD_OUT else split]
         start = self._start(gates)
-        out = self._chain(gates, ids, start)[0] if start < self.plan.n else {}
+        out = self._chain(gates, ids, start, fixed=True)[0] if start < self.plan.n else {}
         ref = np.concatenate([self.refout[b] for b in ids])
         cand = np.concatenate([out.get(b, self.refout[b]) for b in ids])
         held = sum(self.refout[b].shape[0] for b in self.ids["verify"]) if split == HELD_OUT else 0
@@ -413,13 +488,25 @@ class StagedEvaluator(Gates):
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
         out, device = {}, None
+        protos = []  # each group's error session: a suffix, the stage's unified session (None), or the whole stage
         for g, group in enumerate(groups):
             gates_here = self._group_gates(s, group)
-            if g in frontier:
-                m = self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here)
-                sess = self._load(m, None, 0)
+            protos.append(self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here) if g in frontier
+                          else None if self.unified else self.plan.proto(s, self.types, errors=True, only=gates_here))
+        # On the CPU the next group's session loads on a thread while this group's candidates run (~0.1-0.3 s a load).
+        ahead, loading = ThreadPoolExecutor(1) if self.provider == "cpu" else None, {}
+
+        def load_ahead(g):
+            if ahead is not None and g < len(groups) and protos[g] is not None:
+                loading[g] = ahead.submit(self._build, protos[g])
+        load_ahead(0)
+        for g, group in enumerate(groups):
+            load_ahead(g + 1)
+            if protos[g] is None:
+                sess = self._session(s, errors=True, only=self._group_gates(s, group))
             else:
-                sess = self._session(s, errors=True, only=gates_here)
+                sess = self._load(protos[g], None, 0, built=loading.pop(g).result() if g in loading else None)
+                protos[g] = None
             device = device or ("cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu")
             names = {i.name for i in sess.get_inputs()}
             have = {o.name for o in sess.get_outputs()}
@@ -431,7 +518,8 @@ class StagedEvaluator(Gates):
                 if prefix is not None:
                     feed.update({n: prefix[b][n] for n in frontier.get(g, ()) if n in names})
                 bound.append({k: onnxruntime_value(v, device) for k, v in feed.items()})
-            for key in group:
+
+            def one(key, sess=sess, bound=bound, names=names, errs=errs):
                 gates, num = self.gates({key[0]: key[1]}), {}
                 for b, vals in zip(batches, bound):
                     io_ = sess.io_binding()
@@ -447,9 +535,12 @@ class StagedEvaluator(Gates):
                     for (i, _), x in zip(errs, io_.copy_outputs_to_cpu()):
                         rows[i] = per_sample(np.asarray(x, np.float64), k)
                     num[b] = rows
-                out[key] = relative(num, den)
-                bar.update(1)
+                return relative(num, den)
+            out.update(zip(group, self._map(one, group)))
+            bar.update(len(group))
             del sess, bound
+        if ahead is not None:
+            ahead.shutdown()
         bar.close()
         return out
 
@@ -509,7 +600,7 @@ class StagedEvaluator(Gates):
         cut = float(np.median([e for _, e in best.values()]))
         mix = {layer: f for layer, (f, e) in best.items() if e <= cut}
         ids = self.ids["search"][:GAIN_BATCHES]
-        out, stage_err = self._chain(self.gates(mix), ids, s)
+        out, stage_err = self._chain(self.gates(mix), ids, s, fixed=True)
         ref = np.concatenate([self.refout[b] for b in ids])
         model_err = max(0.0, 1.0 - metrics.mean_cosine_score(ref, np.concatenate([out.get(b, self.refout[b]) for b in ids])))
         gain = model_err / stage_err if stage_err > 0 else 1.0
