@@ -101,11 +101,12 @@ def test_nvfp4_candidate_with_awq_matches_numpy_and_beats_plain(model):
     from onnxopt.formats import nvfp4
     path, _, ids = model
     graph, p, cands, amax, means = _setup(path, ids, ("fp8", "nvfp4"))
-    feeds = [{"ids": ids[i:i + 1]} for i in range(len(ids))]
+    more = np.concatenate([ids, np.random.default_rng(4).integers(0, 50, ids.shape).astype(np.int64)])
+    feeds = [{"ids": more[i:i + 1]} for i in range(len(more))]
     autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
                         progress=False, smooth=True)
     assert {("mlp_up", "nvfp4"), ("q_proj", "nvfp4")} <= set(cands.block_clips)
-    assert isinstance(cands.block_clips[("mlp_up", "nvfp4")], tuple)  # 256 rows >= K = 128: error feedback ran
+    assert isinstance(cands.block_clips[("mlp_up", "nvfp4")], tuple)  # 512 rows >= 4 x K = 4 x 128: error feedback ran
     gated = modelfile.import_graph(pipeline.load(str(path), 23))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
     gated.outputs.append(gated.tensors()["u0"])  # mlp_up's output, behind its weight and activation gates

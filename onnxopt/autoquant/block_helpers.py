@@ -4,7 +4,9 @@ candidate is cheaper in error before the search weighs it:
 - smoothing (opt-in; SmoothQuant-style, per layer): x ⊘ s quantized, s ⊙ W quantized, s = max|x_j|^a / max|W_j|^(1-a); a
   from (none, 0.25, 0.5, 0.75) by the simulated W4A4 output error on sampled input rows (the format's own
   numerics); written as a Mul in front of the layer's dynamic quantizer (quant.writer.Smooth);
-- AWQ's clip search and error-feedback rounding (`awq.apply`, method clip) of the (scaled) weight.
+- AWQ's clip search and error-feedback rounding (`awq.apply`, method clip) of the (scaled) weight; error feedback
+  only with at least FEEDBACK_ROWS_PER_K calibration rows per input channel (FP8's rule, quant.feedback): with fewer it
+  fitted the search split and lost on held-out data (MiniLM, BENCHMARKS.md "NVFP4 candidates on more calibration data").
 
 No scale is folded into the graph: every other candidate sees the FP32 model. The gated graph and the writer
 quantize with these, so the measured sensitivities are those of the helped candidate.
@@ -17,6 +19,7 @@ import onnx_graphsurgeon as gs
 from .. import calib, formats
 from ..rewrite import awq, fold
 from .. import graph as G
+from ..quant.feedback import MIN_ROWS_PER_K as FEEDBACK_ROWS_PER_K
 from ..quant.writer import Smooth
 from .candidates import Candidates
 
@@ -42,7 +45,8 @@ def block_awq(graph: gs.Graph, data, cands: Candidates, fmts_wanted, *, high_pre
         pre = {n: sm.s for (n, g), sm in cands.block_smooth.items() if g == f}
         _, clips = awq.apply(graph, data, [(n, fmt) for n in nodes], method="clip", feedback=True,
                              block_size=fmt.block_size, high_precision=high_precision, provider=provider,
-                             memory_budget_mb=memory_budget_mb, progress=progress, prescale=pre)
+                             memory_budget_mb=memory_budget_mb, progress=progress, prescale=pre,
+                             feedback_rows_per_k=FEEDBACK_ROWS_PER_K)
         cands.block_clips.update({(n, f): c for n, c in clips.items()})
 
 

@@ -2,6 +2,7 @@
 
 - `data`: model input specs and `CalibData` (an .npz, a directory of .npz, an .npy, or generated inputs),
 - `inputs`: the values integer inputs accept (embedding rows, masks), for generated data and checks,
+- `text`: a text encoder's token inputs from a text file, one unpadded sample per line (`calib-data text`),
 - `reducers`: streaming statistics (max |x|, per-channel max and mean, histograms, top |x|, Gram/Hessian, row samples),
 - `im2col`: a Conv input as rows of patches (the one im2col of the package),
 - `methods`: clip ranges from a histogram (max, percentile, entropy, mse),

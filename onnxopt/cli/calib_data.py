@@ -18,7 +18,9 @@ def calib_data():
                 real diffusers pipeline (its text encoders, scheduler, resolution), else with the synthetic
                 SDXL schedule and conditioning from --data or synthesised; the summary says which
     sdxl        synthetic SDXL UNet inputs spread over an Euler schedule (no model run), or recorded
-                from a diffusers pipeline with --pipeline"""
+                from a diffusers pipeline with --pipeline
+    text        token inputs of a text encoder (BERT-style) from a text file, one sample per line,
+                tokenized by the model's own tokenizer, each at its own length (no padding)"""
 
 
 @calib_data.command("sdxl")
@@ -142,3 +144,39 @@ def _trajectory_pipeline(model, output, sampler, steps, guidance, seeds, sample_
     summary_line(diffusion.describe(arrays))
     n = len(next(iter(arrays.values())))
     summary_line(f"wrote {path} ({n} samples: UNet calls {P.describe_source(folder, lines, opts)}, {file_size(path)})")
+
+
+@calib_data.command("text")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(), help="The model's local Hugging Face folder (tokenizer.json or vocab.txt).")
+@click.option("--text", "text_path", required=True, type=click.Path(), help="UTF-8 text file, one sample (sentence or passage) per line.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="New (or empty) folder: one .npz per sample, for quantize --calib FOLDER.")
+@click.option("--samples", type=click.IntRange(min=1), help="Use the first N lines only (default: every line).")
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per sample at most (longer lines are truncated).")
+@handle_errors
+def calib_data_text(model, tokenizer_dir, text_path, output, samples, max_length):
+    """MODEL's token inputs (input_ids, attention_mask, token_type_ids, ...) for every line of --text, written
+    unpadded: padded positions are rows no output reads, which every calibration statistic would count (AWQ's and
+    the W4A4 helpers' fits, activation ranges). Order is kept: --auto holds out the last quarter to verify, so put
+    lines like your deployment's data there too. For --auto with NVFP4 candidates use a few hundred lines
+    (BENCHMARKS.md: MiniLM's W4A4 helpers fitted on 48 sentences lost 1.4-1.6x on unseen ones)."""
+    import os
+
+    import onnx
+
+    from ..calib import input_specs
+    from ..calib import text as T
+    if not os.path.isfile(text_path):
+        raise OnnxoptError(f"--text {text_path}: file not found; write one sample per line")
+    lines = T.read_lines(text_path, samples)
+    out = os.path.abspath(output)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise OnnxoptError(f"-o {output}: exists and is not an empty folder; give a new folder (its .npz files are the samples)")
+    specs = input_specs(onnx.load(model, load_external_data=False))
+    tok = T.load_tokenizer(tokenizer_dir)
+    feeds = T.tokenize(tok, specs, lines, max_length)
+    path = T.write_folder(feeds, output)
+    lengths = [next(iter(f.values())).shape[-1] for f in feeds]
+    how = "padded to the model's static length" if T.static_length(specs) else "unpadded"
+    summary_line(f"wrote {path} ({len(feeds)} samples of {', '.join(s.name for s in specs)}; "
+                 f"{min(lengths)}-{max(lengths)} tokens, {sum(lengths)} in all, {how})")

@@ -186,13 +186,14 @@ def _error_feedback(node, fmt, w, h, clips, block_size, hp, entry: dict) -> None
 
 def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, int]], *, method: str = "full",
           block_size: int = 128, high_precision: str = FP16.name, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB,
-          progress: bool = True, feedback: bool | None = None, prescale: dict | None = None
-          ) -> tuple[dict, dict[str, np.ndarray]]:
+          progress: bool = True, feedback: bool | None = None, prescale: dict | None = None,
+          feedback_rows_per_k: int = 1) -> tuple[dict, dict[str, np.ndarray]]:
     """AWQ on `layers` ((node, format) pairs) of `graph`: scales folded in place, clip ratios returned
     (node name -> [blocks, N]) for the INT4 writer. `full` also rounds each INT4 weight with error feedback
     (`gptq_round`) and returns (q, scale) pairs instead of clip ratios; `feedback` (default: only `full`) asks
     for it with `clip` too (--auto's NVFP4 candidate: no scales folded, the graph stays the FP32 one); `prescale`
-    {layer: s [K]}: that layer will read x ⊘ s with weight s ⊙ W (applied by the caller), its clips are for s ⊙ W.
+    {layer: s [K]}: that layer will read x ⊘ s with weight s ⊙ W (applied by the caller), its clips are for s ⊙ W;
+    error feedback runs only where the calibration rows number at least `feedback_rows_per_k` x K.
     Returns (report, clips)."""
     if method not in ("lite", "clip", "full"):
         raise OnnxoptError(f"unknown AWQ method '{method}'; use lite, clip or full")
@@ -205,7 +206,8 @@ def apply(graph: gs.Graph, data: calib.CalibData, layers: list[tuple[gs.Node, in
     position = {id(n): i for i, n in enumerate(graph.nodes)}
     order = sorted(groups, key=lambda k: -min(position.get(id(n), 0) for n in groups[k]))
     report = {"method": method, "groups": [], "layers": {}, "statistics": "gram" if stats.use_gram else "sampled rows"}
-    run = _Search(groups, order, fmts, stats, block_size, high_precision, progress, report, prescale=dict(prescale or {}))
+    run = _Search(groups, order, fmts, stats, block_size, high_precision, progress, report, prescale=dict(prescale or {}),
+                  feedback_rows_per_k=max(1, int(feedback_rows_per_k)))
     if method in ("lite", "full"):
         run.scales(graph, keep_grams=method == "full")
     if method in ("clip", "full"):
@@ -270,6 +272,7 @@ class _Search:
     x_scale: dict = field(default_factory=dict)   # activation -> folded input-channel scale
     hs: dict = field(default_factory=dict)        # activation -> Gram matrix kept for the clip search
     prescale: dict = field(default_factory=dict)  # layer -> s: it reads x ⊘ s, weight s ⊙ W (applied by the caller)
+    feedback_rows_per_k: int = 1                  # error feedback needs this many calibration rows per input channel
 
     def scales(self, graph: gs.Graph, keep_grams: bool) -> None:
         """lite: one input-channel scale per activation, folded into the graph; with `keep_grams` the Gram
@@ -312,10 +315,13 @@ class _Search:
             fmt = self.formats[id(n)]
             self.clips[n.name], info = search_clip(h, w, self.block_size, self.hp, fmt=fmt)
             self.report["layers"].setdefault(n.name, {})["clip"] = info
-            # Error feedback needs a well-determined H: with fewer calibration rows than input channels it
+            # Error feedback needs a well-determined H: with too few calibration rows per input channel it
             # fits the calibration set, not the layer, and round-to-nearest with the searched clips is kept.
-            if feedback and self.stats.rows(name) >= w.shape[0]:
+            if feedback and self.stats.rows(name) >= self.feedback_rows_per_k * w.shape[0]:
                 _error_feedback(n, fmt, w, h, self.clips, self.block_size, self.hp, self.report["layers"][n.name])
+            elif feedback:
+                self.report["layers"][n.name]["gptq"] = (f"skipped: {self.stats.rows(name)} calibration rows < "
+                                                         f"{self.feedback_rows_per_k} x K = {self.feedback_rows_per_k * w.shape[0]}")
             if j + 1 == len(todo) or todo[j + 1][0] != name:
                 self.hs.pop(name, None)
 
