@@ -30,13 +30,9 @@ def _subgraph_reads(node) -> set:
     return out
 
 
-def _reads(node) -> set:
-    return {i for i in node.input if i} | _subgraph_reads(node)
-
-
 def node_reads(node) -> set:
     """Every tensor `node` reads, inside its subgraphs too."""
-    return _reads(node)
+    return {i for i in node.input if i} | _subgraph_reads(node)
 
 
 class StagePlan:
@@ -48,13 +44,13 @@ class StagePlan:
         inits = {t.name: t for t in g.initializer}
         nodes = list(g.node)
         producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-        reads = [_reads(n) for n in nodes]
+        reads = [node_reads(n) for n in nodes]
         # A node's reads, by node (If subgraphs walked once: the sessions' bookkeeping asked for them per session)
         self._known = {id(n): (n, r) for n, r in zip(nodes, reads)}
         for n in nodes:
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
-                    self._known.update((id(x), (x, _reads(x))) for x in a.g.node)
+                    self._known.update((id(x), (x, node_reads(x))) for x in a.g.node)
         # Free nodes (not Ifs) read only weights, the gate vector or other free nodes: copied into every stage
         # needing them (the gates' Gather/Greater).
         free = [False] * len(nodes)
@@ -121,9 +117,9 @@ class StagePlan:
         self.inline = False  # gates as Where(gate, then-branch, input) instead of If (see the CUDA note above)
 
     def reads(self, node) -> set:
-        """`_reads(node)`, looked up for the plan's own nodes (and their If branches' nodes)."""
+        """`node_reads(node)`, looked up for the plan's own nodes (and their If branches' nodes)."""
         hit = self._known.get(id(node))
-        return hit[1] if hit is not None and hit[0] is node else _reads(node)
+        return hit[1] if hit is not None and hit[0] is node else node_reads(node)
 
     @staticmethod
     def _gate_of(nodes, producer, inits) -> dict:

@@ -82,11 +82,17 @@ def tokenize(tokenizer, specs: list[InputSpec], lines: list[str], max_length: in
     return feeds
 
 
-def write_folder(feeds: list[dict[str, np.ndarray]], folder: str | os.PathLike) -> Path:
-    """Write one .npz per feed (00000.npz, ...) into `folder`, which must be new or empty."""
+def check_output(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path if it is new or an empty folder (checked before any work), else a one-line error."""
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OnnxoptError(f"-o {folder}: exists and is not an empty folder; give a new folder (its .npz files are the samples)")
+    return out
+
+
+def write_folder(feeds: list[dict[str, np.ndarray]], folder: str | os.PathLike) -> Path:
+    """Write one .npz per feed (00000.npz, ...) into `folder`, which must be new or empty."""
+    out = check_output(folder)
     out.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(len(feeds))))
     for i, f in enumerate(feeds):

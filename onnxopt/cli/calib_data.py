@@ -169,9 +169,7 @@ def calib_data_text(model, tokenizer_dir, text_path, output, samples, max_length
     if not os.path.isfile(text_path):
         raise OnnxoptError(f"--text {text_path}: file not found; write one sample per line")
     lines = T.read_lines(text_path, samples)
-    out = os.path.abspath(output)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise OnnxoptError(f"-o {output}: exists and is not an empty folder; give a new folder (its .npz files are the samples)")
+    T.check_output(output)
     specs = input_specs(onnx.load(model, load_external_data=False))
     tok = T.load_tokenizer(tokenizer_dir)
     feeds = T.tokenize(tok, specs, lines, max_length)
