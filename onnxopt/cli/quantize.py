@@ -348,7 +348,7 @@ def _describe_quantize(report: dict, mode: str) -> str:
         text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
         if report.get("smoothquant"):
             sq = report["smoothquant"]
-            text += f"; SmoothQuant on {len(sq.get('groups', []))} activations" + (f" ({sq['shifted']} centred)" if sq.get("shifted") else "")
+            text += f"; SmoothQuant on {len(sq.get('groups', []))} activations" + (f" ({sq['shifted']} inputs centred)" if sq.get("shifted") else "")
     lr = report.get("lowrank")
     if lr and lr.get("layers"):
         text += (f"; low-rank branch on {len(lr['layers'])} layers (+{lr['extra_bytes']} bytes, "
