@@ -22,12 +22,13 @@ from . import formats as registry
 OFF = "--smoothquant none"
 
 
-def apply(config, model: onnx.ModelProto | None, *, given: bool, preset: str | None = None):
+def apply(config, model: onnx.ModelProto | None, *, given: bool, preset: str | None = None, has_data: bool = True):
     """(config, note): `config` (an api.QuantConfig) with SmoothQuant auto on the format's default op types when
-    the user did not give --smoothquant (`given`), and the line the summary adds (None when nothing changed)."""
+    the user did not give --smoothquant (`given`), and the line the summary adds (None when nothing changed). Without
+    calibration data (`has_data`) nothing changes: the quantizer's own error says what is missing."""
     fmt = registry.get(config.mode)
     ops = tuple(o for o in fmt.smoothquant_default if o in config.op_types)
-    if (given or preset or config.auto or not fmt.smoothquant or not ops or config.smoothquant is not None
+    if (given or preset or config.auto or not has_data or not fmt.smoothquant or not ops or config.smoothquant is not None
             or model is None or not any(n.op_type in ops for n in model.graph.node) or denoiser.detect(model) is not None):
         return config, None
     note = f"SmoothQuant auto on {'/'.join(ops)} layers, the --{config.mode} default (off: {OFF})"

@@ -187,3 +187,15 @@ def test_int8_defaults_to_smoothquant_on_matmuls_only(tmp_path):
                   ["y"], [_arr("w", [8, 4, 3, 3]), _arr("wg", [10, 512], 0.05)])
     rep = _cli(tmp_path, conv, "--int8")
     assert "smoothquant" not in rep and "smoothquant_default" not in rep
+
+
+def test_smoothing_default_needs_data_and_int8():
+    from onnxopt import smoothing_defaults
+    m = _ln_mlp()
+    cfg = api.QuantConfig(mode="int8")
+    on, note = smoothing_defaults.apply(cfg, m, given=False)
+    assert on.smoothquant == "auto" and on.smoothquant_op_types == ("MatMul",) and "--smoothquant none" in note
+    for kwargs in ({"given": True}, {"given": False, "has_data": False}, {"given": False, "preset": "sdxl"}):
+        assert smoothing_defaults.apply(cfg, m, **kwargs) == (cfg, None)
+    fp8 = api.QuantConfig(mode="fp8")
+    assert smoothing_defaults.apply(fp8, m, given=False) == (fp8, None)

@@ -105,7 +105,8 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     check_input(model)
     header = None if config.auto else _header(model)
     config, defaults = _denoiser_defaults(ctx, header, config, preset, has_data=calib_path is not None)
-    config, smooth_note = smoothing_defaults.apply(config, header, given=_given(ctx, "smoothquant"), preset=preset)
+    config, smooth_note = smoothing_defaults.apply(config, header, given=_given(ctx, "smoothquant"), preset=preset,
+                                                   has_data=calib_path is not None or calib_random is not None)
     if defaults.switched_on or smooth_note:
         recipe = api.recipe(config)
         pipeline.check_recipe(recipe.passes)

@@ -138,11 +138,12 @@ def sim_layer(node: gs.Node, sample: np.ndarray, shift: np.ndarray | None = None
         kk = 1
     chan = np.arange(g)[:, None] * cg + np.arange(r)[None, :] // kk
     x = sample.reshape(len(sample), g, r).transpose(1, 0, 2)  # [g, m, r]
-    y = np.matmul(x, w3)
-    norm = float(np.sum(y.astype(np.float64) ** 2)) or 1.0
-    if shift is not None:
-        x = x - shift.astype(x.dtype).reshape(g, 1, r)
+    with np.errstate(over="ignore", invalid="ignore"):   # an FP32 overflow: its error is inf, never chosen
         y = np.matmul(x, w3)
+        norm = float(np.sum(y.astype(np.float64) ** 2)) or 1.0
+        if shift is not None:
+            x = x - shift.astype(x.dtype).reshape(g, 1, r)
+            y = np.matmul(x, w3)
     return _Layer(w3, chan, col_group, x, y, norm)
 
 
@@ -179,7 +180,8 @@ def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray, u
     uses = uses or [(layers, act_max)]
 
     def error(s):
-        return sum(simulated_error(ls, am, s) for ls, am in uses)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflowed layers: inf, not chosen
+            return sum(simulated_error(ls, am, s) for ls, am in uses)
     tried = {a: error(scales(act_max, w_max, a)) for a in ALPHAS[::2]}
     best = min(tried, key=tried.get)
     for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
@@ -263,7 +265,9 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
-    units = [[g for g in u if g.absmax.value is not None] for u in sorted(tied(groups), key=lambda u: -max(g.order for g in u))]
+    # an activation that overflowed is left to the quantizer's calibration, whose error names it
+    units = [[g for g in u if g.absmax.value is not None and np.all(np.isfinite(g.absmax.value))]
+             for u in sorted(tied(groups), key=lambda u: -max(g.order for g in u))]
     # weight maxima read ahead on worker threads (recomputed where a fold below changed the weight since)
     ahead = fold.input_channel_absmax_ahead([[n for g in u for n in g.layers] for u in units])
     for unit, w_maxes in track(zip(units, ahead), total=len(units), enabled=progress,
