@@ -42,6 +42,7 @@ class QuantConfig:
     shared_lead_high_precision: bool = True    # layers up to a shared weight's first use stay high precision
     weight_rounding: str | None = None         # INT8/FP8 weights: "nearest" | "feedback" (GPTQ); None = the format's
     smoothquant: float | str | None = None     # alpha, "auto", or None
+    smoothquant_op_types: tuple | None = None  # the layers SmoothQuant smooths; None: op_types (`--int8`'s default: GEMMs)
     lowrank: int | str | None = None           # low-rank branch: rank, "auto", or None (off)
     lowrank_budget: float | None = None        # --lowrank auto: extra bytes / quantized weight bytes (default 0.1)
     awq: str = "full"                          # int4 / nvfp4 weights: "none" | "lite" | "clip" | "full"
@@ -116,7 +117,8 @@ def recipe(config: QuantConfig) -> pipeline.Recipe:
                            format=c.mode))
     else:
         if c.smoothquant is not None:
-            passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=c.op_types))
+            ops = c.op_types if c.smoothquant_op_types is None else tuple(o for o in c.op_types if o in c.smoothquant_op_types)
+            passes.append(SmoothQuant(c.smoothquant, exclude=c.exclude, op_types=ops))
         passes += _lowrank(c)
         passes.append(QDQ(c.mode, calib_method=c.calib_method, percentile=c.percentile, exclude=c.exclude,
                           op_types=c.op_types, quantize_mha=c.quantize_mha, bias_correction=c.bias_correction,

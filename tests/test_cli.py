@@ -139,7 +139,9 @@ def test_int4_and_sparsity_runs_say_what_they_did(tmp_path):
     code, out = run("quantize", src, "--int8", "--sparsity", "2:4", "--calib-random", 2, "--shapes", "ids:2x16",
                     "-o", tmp_path / "s.onnx", quiet=False)
     assert code == 0, out
-    assert "0 skipped; pruned 6 layers to 2:4 (magnitude); wrote " in _last_line(out)
+    line = _last_line(out)   # --int8 smooths the MatMuls by default (onnxopt.smoothing_defaults): said in between
+    assert "0 skipped; SmoothQuant on " in line and "; pruned 6 layers to 2:4 (magnitude); " in line
+    assert "the --int8 default (off: --smoothquant none); wrote " in line
     code, out = run("sparsify", src, "--min-params", 0, quiet=False)
     assert code == 0, out
     assert _last_line(out).startswith("pruned 6 layers to 2:4 (magnitude), 0 skipped")

@@ -74,6 +74,23 @@ class ChannelAbsMax(Reducer):
         self.value = m if self.value is None else np.maximum(self.value, m)
 
 
+class ChannelExtreme(Reducer):
+    """Per-channel max (`lowest=False`) or min (`lowest=True`) of x along `axis`, signed: with its partner,
+    the range each channel spans (the activation shift centres it, rewrite/shift.py)."""
+
+    def __init__(self, axis: int = -1, rank: int | None = None, lowest: bool = False):
+        self.axis, self.lowest = axis, lowest
+        self.value = None
+        self.pre_reduce = PreReduce("ReduceMin" if lowest else "ReduceMax", False, axis, rank)
+
+    def update(self, x):
+        x = np.moveaxis(np.asarray(x), self.axis, -1).reshape(-1, x.shape[self.axis])
+        if not len(x):
+            return
+        m = (x.min(axis=0) if self.lowest else x.max(axis=0)).astype(np.float64)
+        self.value = m if self.value is None else (np.minimum if self.lowest else np.maximum)(self.value, m)
+
+
 class ChannelMean(Reducer):
     """Per-channel mean along `axis` (running sum and count)."""
 

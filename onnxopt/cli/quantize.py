@@ -51,7 +51,7 @@ def _weight_only(mode: str) -> bool:
 @click.option("--high-precision", type=click.Choice(formats.high_precision()), default=formats.FP16.name, show_default=True, help="Precision of everything not quantized.")
 @click.option("--io-dtype", type=click.Choice(formats.low_precision()), help="Also convert graph inputs/outputs (default: keep them).")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|auto]", callback=lambda c, p, v: _sq_alpha(v),
-              help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search; the flag alone), or 'none' (off, the default).")
+              help="SmoothQuant with migration strength ALPHA in [0, 1], or 'auto' (INT8: per-layer search, each activation's channels centred first where that helps; the flag alone), or 'none' (off). Default: off; --int8: auto on MatMul layers (not on a diffusion denoiser, not with --preset).")
 @click.option("--lowrank", metavar="R|auto|none", help="Low-rank branch (SVDQuant): each quantized GEMM/Conv keeps a rank-R part of its (smoothed) weight in 16 bits beside the quantized residual; 'auto' chooses R per layer within --lowrank-budget; 'none' (or 0) turns it off (default: off; --fp8 on a diffusion denoiser with --calib: auto). With --auto: every FP8/INT8/NVFP4/MXFP8 candidate also comes with the branch ('F+lr'), its bytes and MACs in the cost.")
 @click.option("--lowrank-budget", type=float, help="With --lowrank auto: extra 16-bit branch bytes as a fraction of the quantized layers' weight bytes (default 0.1).")
 @click.option("--awq", type=click.Choice(["none", "lite", "clip", "full"]), help=f"{'/'.join('--' + m for m in formats.modes() if formats.get(m).awq)}: AWQ scale search (lite), clip search (clip), both then "
@@ -84,7 +84,7 @@ def _weight_only(mode: str) -> bool:
 def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes, skip_nonfinite, calib_batches,
              max_batch, provider, allow_cpu_fallback, memory_budget, exclude, report_path, old_provider, old_max_batch, **options):
     """Quantize MODEL for TensorRT: calibrate, insert Q/DQ, FP16 elsewhere."""
-    from .. import api, pipeline
+    from .. import api, pipeline, smoothing_defaults
     mode = _given_flag(options, formats.modes(), "quantization modes")
     if str(options.get("lowrank")).strip().lower() in LOWRANK_OFF:
         options["lowrank"] = None  # explicit off (a denoiser's default branch too)
@@ -103,8 +103,11 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     recipe = api.recipe(config)
     pipeline.check_recipe(recipe.passes)  # option conflicts between passes first, then a wrong path, then the data
     check_input(model)
-    config, defaults = _denoiser_defaults(ctx, model, config, preset, has_data=calib_path is not None)
-    if defaults.switched_on:
+    header = None if config.auto else _header(model)
+    config, defaults = _denoiser_defaults(ctx, header, config, preset, has_data=calib_path is not None)
+    config, smooth_note = smoothing_defaults.apply(config, header, given=_given(ctx, "smoothquant"), preset=preset,
+                                                   has_data=calib_path is not None or calib_random is not None)
+    if defaults.switched_on or smooth_note:
         recipe = api.recipe(config)
         pipeline.check_recipe(recipe.passes)
     runner = command_runner(recipe, calib_path=calib_path, calib_random=calib_random, seed=seed, shapes=shapes,
@@ -119,23 +122,28 @@ def quantize(ctx, model, output, preset, calib_path, calib_random, seed, shapes,
     result.report = {"mode": mode, **result.report}
     if defaults.recognised is not None:
         result.report["denoiser"] = defaults.as_dict()
+    if smooth_note:
+        result.report["smoothquant_default"] = smooth_note
     if report_path:
         write_json(report_path, result.report)
-    note = defaults.summary()
+    note = "; ".join(n for n in (defaults.summary(), smooth_note) if n)
     summary_line(_describe_quantize(result.report, mode) + _sensitivity_note(result.report, options.get("sensitivity"))
                  + (f"; {note}" if note else ""), result.path, result.report)
 
 
-def _denoiser_defaults(ctx, model, config, preset, *, has_data: bool):
-    """onnxopt.denoiser's defaults for a denoiser graph (its inputs read, no weights); options the user gave win."""
+def _header(model):
+    """The graph without external weights (0.1 s for full-size SDXL), or None when it does not load."""
     import onnx
-
-    from .. import denoiser
-    if config.auto:
-        return config, denoiser.Defaults(None)
-    try:  # the graph's inputs only (external weights stay on disk; 0.1 s for full-size SDXL)
-        header = onnx.load(str(model), load_external_data=False)
+    try:
+        return onnx.load(str(model), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable model is the run's error to report, in its own words
+        return None
+
+
+def _denoiser_defaults(ctx, header, config, preset, *, has_data: bool):
+    """onnxopt.denoiser's defaults for a denoiser graph (its inputs read, no weights); options the user gave win."""
+    from .. import denoiser
+    if config.auto or header is None:
         return config, denoiser.Defaults(None)
     given = frozenset(f for f, *_ in denoiser.RECIPE if _given(ctx, f))
     return denoiser.apply(config, header, given=given, has_data=has_data, preset=preset)
@@ -340,7 +348,8 @@ def _describe_quantize(report: dict, mode: str) -> str:
         bmm = cov.get("attention_bmms", 0)
         text = f"quantized {q}/{q + s} layers to {mode}" + (f" ({bmm} attention BMMs)" if bmm else "") + f", {s} skipped"
         if report.get("smoothquant"):
-            text += f"; SmoothQuant on {len(report['smoothquant'].get('groups', []))} activations"
+            sq = report["smoothquant"]
+            text += f"; SmoothQuant on {len(sq.get('groups', []))} activations" + (f" ({sq['shifted']} inputs centred)" if sq.get("shifted") else "")
     lr = report.get("lowrank")
     if lr and lr.get("layers"):
         text += (f"; low-rank branch on {len(lr['layers'])} layers (+{lr['extra_bytes']} bytes, "

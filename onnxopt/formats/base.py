@@ -83,6 +83,7 @@ class Format:
     calib_method: str = "max"       # default activation calibration method ("max" | "percentile" | "entropy" | "mse")
     calib_qtype: str = ""           # which quantizer the mse/entropy clip search simulates (a format name; "" = own)
     smoothquant: bool = False       # SmoothQuant (activation outliers folded into weights) helps/applies
+    smoothquant_default: tuple = ()  # op types `quantize` smooths (alpha auto, with the shift) unless told otherwise
     awq: bool = False               # AWQ (activation-aware weight scaling and clipping) applies
     bias_correction: bool = True    # the writer folds −ΔW·E[x] of weight quantization into the bias
     weight_rounding: str = "nearest"  # per-channel weights: "nearest" | "feedback" (GPTQ from calibration, quant.feedback)

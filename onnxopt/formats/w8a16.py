@@ -12,5 +12,5 @@ from .int8 import INT8
 
 W8A16 = replace(
     INT8, name="w8a16", description="INT8 per-channel weight-only (W8A16)", activations="none", calib_method="",
-    smoothquant=False, bias_correction=False, mode=True, auto=True, auto_default=False, planned=False,
+    smoothquant=False, smoothquant_default=(), bias_correction=False, mode=True, auto=True, auto_default=False, planned=False,
     activation_bits=16.0, storage_names=("int8",), engine_precisions=("Int8",))

@@ -4,7 +4,9 @@ Per-input-channel activation maxima are collected in one streaming calibration p
 the same pass keeps a bounded sample of each layer's input rows (Conv: im2col patches) from the first few
 batches, and alpha is chosen per activation by the simulated INT8 Q/DQ error of the layers' outputs
 against FP32 (per-tensor activation scale from the smoothed max, per-channel weight scales). Layers that
-read one activation (Q, K, V) share one s. The scales are folded by `fold.fold_input_scale`.
+read one activation (Q, K, V) share one s. The scales are folded by `fold.fold_input_scale`. With "auto" the
+pass also collects each MatMul/Gemm activation's per-channel min and max and may centre the channels before
+scaling (x - c, c W into the bias: rewrite/shift.py, Outlier Suppression+), searching alpha again on x - c.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import calib, formats
-from . import fold
+from . import fold, shift as shifting
 from .. import graph as G
 from ..calib import PatchSample, RowSample
 from ..errors import OnnxoptError
@@ -32,6 +34,7 @@ ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.05))
 _S_RANGE = (1e-4, 1e4)
 _FLOOR = 1e-5
 SEARCH_BATCHES = 8        # "a few calibration batches" for auto alpha
+SHIFT_RANGE = 0.9         # a shared weight's activation is shifted where its range shrinks to at most this share
 SEARCH_ROWS = 1024        # rows (or patches) kept per layer for the search, fewer under a tight budget
 
 
@@ -45,12 +48,19 @@ class Group:
     order: int = 0
     absmax: calib.ChannelAbsMax | None = None
     samplers: list = field(default_factory=list)  # one per layer, or empty
+    lo: calib.ChannelExtreme | None = None    # per-channel min and max, where a shift may apply (rewrite/shift.py)
+    hi: calib.ChannelExtreme | None = None
+
+    @property
+    def shiftable(self) -> bool:
+        return (self.lo is not None and self.lo.value is not None and self.hi.value is not None
+                and all(shifting.applicable(n) for n in self.layers))
 
 
 def find_groups(graph: gs.Graph, plan=None, exclude: tuple[str, ...] = (),
                 op_types: tuple[str, ...] = fold.CONSUMER_OPS) -> list[Group]:
-    """Groups of weight layers by shared activation, from `plan.activations` (the quantizer's plan) or,
-    without a plan, from every Conv/ConvTranspose/MatMul/Gemm with a constant weight."""
+    """Groups of weight layers of `op_types` by shared activation, from `plan.activations` (the quantizer's plan)
+    or, without a plan, from every Conv/ConvTranspose/MatMul/Gemm with a constant weight."""
     if plan is not None:
         readers = {name: [n for n, i in rs if i == 0] for name, rs in plan.activations.items()}
         weighted = {id(w[0]) for w in getattr(plan, "weights", ()) if w[1] == 1}
@@ -66,7 +76,8 @@ def find_groups(graph: gs.Graph, plan=None, exclude: tuple[str, ...] = (),
     for name, nodes in readers.items():
         layers, seen = [], set()
         for n in nodes:
-            if id(n) in seen or n.op not in fold.CONSUMER_OPS or id(n) not in weighted or n.inputs[0].name != name:
+            if (id(n) in seen or n.op not in fold.CONSUMER_OPS or n.op not in op_types or id(n) not in weighted
+                    or n.inputs[0].name != name):
                 continue
             try:
                 fold.weight_chain(n, 1)
@@ -111,8 +122,10 @@ class _Layer:
     y_norm: float
 
 
-def sim_layer(node: gs.Node, sample: np.ndarray) -> _Layer:
-    """The layer's weight matrix, input samples and FP32 output on them, for the simulated INT8 error."""
+def sim_layer(node: gs.Node, sample: np.ndarray, shift: np.ndarray | None = None) -> _Layer:
+    """The layer's weight matrix, input samples and FP32 output on them, for the simulated INT8 error. With
+    `shift` (rewrite/shift.py) the layer reads sample - shift and its bias restores c W: the error is that of
+    the shifted product, relative to the unshifted output's energy (the one both choices are judged by)."""
     w = fold.effective_weight(node)
     w3 = fold.weight_matrix(node, w)
     g, r, _ = w3.shape
@@ -125,8 +138,13 @@ def sim_layer(node: gs.Node, sample: np.ndarray) -> _Layer:
         kk = 1
     chan = np.arange(g)[:, None] * cg + np.arange(r)[None, :] // kk
     x = sample.reshape(len(sample), g, r).transpose(1, 0, 2)  # [g, m, r]
-    y = np.matmul(x, w3)
-    return _Layer(w3, chan, col_group, x, y, float(np.sum(y.astype(np.float64) ** 2)) or 1.0)
+    with np.errstate(over="ignore", invalid="ignore"):   # an FP32 overflow: its error is inf, never chosen
+        y = np.matmul(x, w3)
+        norm = float(np.sum(y.astype(np.float64) ** 2)) or 1.0
+        if shift is not None:
+            x = x - shift.astype(x.dtype).reshape(g, 1, r)
+            y = np.matmul(x, w3)
+    return _Layer(w3, chan, col_group, x, y, norm)
 
 
 TARGET = formats.INT8   # the format SmoothQuant prepares activations for (its numbers in the simulated error)
@@ -162,7 +180,8 @@ def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray, u
     uses = uses or [(layers, act_max)]
 
     def error(s):
-        return sum(simulated_error(ls, am, s) for ls, am in uses)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflowed layers: inf, not chosen
+            return sum(simulated_error(ls, am, s) for ls, am in uses)
     tried = {a: error(scales(act_max, w_max, a)) for a in ALPHAS[::2]}
     best = min(tried, key=tried.get)
     for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
@@ -190,16 +209,20 @@ def parse_alpha(value) -> float | str:
 
 
 def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: float | str = 0.5, exclude=(),
-           op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True) -> dict:
+           op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
+           shift: bool = True, kept: frozenset = frozenset(), shared_rounding: bool = True) -> dict:
     """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers (`plan`,
     else every weight layer of `op_types` not matching `exclude`), alpha fixed (a float) or searched per
-    activation ('auto'). Returns the report."""
+    activation ('auto'); `kept`: planned layers the quantizer leaves high precision; `shared_rounding`: it rounds
+    shared weights for all uses (quant.shared_rounding). With 'auto' and `shift`, an activation read only by
+    MatMul/Gemm layers is centred per channel first (rewrite/shift.py) where that lowers the simulated error (a
+    shared weight's with `shared_rounding`: where it shrinks the range). Returns the report."""
     t0 = time.perf_counter()
     alpha = parse_alpha(alpha)
     if data is None:
         raise OnnxoptError("SmoothQuant needs calibration data: pass --calib FILE (or --calib-random N)")
     groups = find_groups(graph, plan, exclude, op_types)
-    report = {"alpha": alpha, "groups": [], "alphas": {}, "inserted_muls": 0}
+    report = {"alpha": alpha, "groups": [], "alphas": {}, "inserted_muls": 0, "shifted": 0}
     if not groups:
         log.info("smoothquant: no layer to smooth")
         return report
@@ -231,6 +254,9 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                     continue
                 g.samplers.append(sampler)
                 reducers[g.activation].append(sampler)
+            if shift and all(shifting.applicable(n) for n in g.layers) and not fold.is_attention_output(g.layers[0].inputs[0]):
+                g.lo, g.hi = calib.ChannelExtreme(g.axis, rank, lowest=True), calib.ChannelExtreme(g.axis, rank)
+                reducers[g.activation] += [g.lo, g.hi]
     t1 = time.perf_counter()
     calib.collect_graph(graph, data, reducers, provider=provider, memory_budget_mb=memory_budget_mb, progress=progress,
                         desc="smoothquant: calibrating")
@@ -239,23 +265,48 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
     taken = G.taken_names(graph)  # once: every fold below adds its names to it
     # Downstream groups first: folding into a producer rescales that layer's output channels, which
     # changes its per-input-channel weight maxima; those must be final when its own scale is chosen.
-    units = [[g for g in u if g.absmax.value is not None] for u in sorted(tied(groups), key=lambda u: -max(g.order for g in u))]
+    # an activation that overflowed is left to the quantizer's calibration, whose error names it
+    units = [[g for g in u if g.absmax.value is not None and np.all(np.isfinite(g.absmax.value))]
+             for u in sorted(tied(groups), key=lambda u: -max(g.order for g in u))]
     # weight maxima read ahead on worker threads (recomputed where a fold below changed the weight since)
     ahead = fold.input_channel_absmax_ahead([[n for g in u for n in g.layers] for u in units])
     for unit, w_maxes in track(zip(units, ahead), total=len(units), enabled=progress,
                                desc="smoothquant: alpha search" if batches else "smoothquant"):
         if not unit:
             continue
-        act_max = np.max([g.absmax.value for g in unit], axis=0)
+        # a shared weight's scale serves its quantized uses: a use the quantizer keeps high precision (the layers
+        # before the first use, quant.shared_rounding) is smoothed alike but its statistics do not count
+        judged = [g for g in unit if not all(n.name in kept for n in g.layers)] or unit
+        act_max = np.max([g.absmax.value for g in judged], axis=0)
         layers_all = [n for g in unit for n in g.layers]
         w_max = np.max(w_maxes, axis=0)
         entry = {"activation": unit[0].activation, "layers": [n.name for n in layers_all]}
         if len(unit) > 1:
             entry["shared_weight_activations"] = [g.activation for g in unit]
         if batches:
-            uses = [([sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)], g.absmax.value) for g in unit]
+            uses = [([sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)], g.absmax.value) for g in judged]
             chosen, s, entry["error"] = search_alpha(uses[0][0], act_max, w_max, uses)
             del uses
+            if all(g.shiftable for g in unit):
+                cs = {id(g): shifting.centre(g.lo.value, g.hi.value) for g in unit}   # each use its own centres
+                halves = [shifting.half_range(g.lo.value, g.hi.value, cs[id(g)]) for g in judged]
+                act_c = np.max(halves, axis=0)
+                entry["range_shift"] = [float(np.max(act_max)), float(np.max(act_c))]
+                uses = [([sim_layer(n, smp.value, cs[id(g)]) for n, smp in zip(g.layers, g.samplers)], h)
+                        for g, h in zip(judged, halves)]
+                chosen_c, s_c, entry["error_shifted"] = search_alpha(uses[0][0], act_c, w_max, uses)
+                better = entry["error_shifted"]["smoothed"] < entry["error"]["smoothed"]
+                if shared_rounding and len(unit) > 1:
+                    # the QDQ pass rounds a shared weight with error feedback on the (shifted) inputs of all its uses,
+                    # which removes most of the weight error nearest rounding puts on x - c, so the simulation above
+                    # misjudges it: shift where the range shrinks (ALBERT stand-in: GELU outputs shifted too,
+                    # output cosine 0.9874 -> 0.9899, where the simulation said no)
+                    better = np.max(act_c) <= SHIFT_RANGE * np.max(act_max)
+                del uses
+                if better:
+                    chosen, s = chosen_c, s_c
+                    entry["shift"] = [shifting.shift_input(graph, g.layers, cs[id(g)], taken=taken) for g in unit][0]
+                    report["shifted"] += len(unit)
             for g in unit:
                 g.samplers.clear()
         else:
@@ -297,6 +348,7 @@ class SmoothQuant(PassBase):
     alpha: float | str = "auto"      # migration strength in [0, 1], or "auto" (per-activation search)
     exclude: tuple = ()
     op_types: tuple = fold.CONSUMER_OPS
+    shift: bool = True                # with "auto": shift activations by their channel centres where it helps
     name = "smoothquant"
 
     def __post_init__(self):
@@ -323,5 +375,8 @@ class SmoothQuant(PassBase):
         data = ctx.require_data("SmoothQuant")
         qdq = ctx.following(StaticQuantizer, self)
         plan = qdq.smoothing_plan(ctx.graph) if qdq is not None else None
+        kept = frozenset(n.name for n in plan.nodes) - {n.name for n in qdq.plan(ctx.graph).nodes} if qdq is not None else frozenset()
         return smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
-                                  provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress)
+                                  provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
+                                  shift=self.shift, kept=kept,
+                                  shared_rounding=bool(getattr(qdq, "shared_rounding", False)))
