@@ -40,12 +40,13 @@ def test_block_candidate_gated_equals_written(model, fmt):
     autoquant.block_awq(graph, feeds, cands, p.formats, high_precision="fp32", provider="cpu", memory_budget_mb=512,
                         progress=False, smooth=True)  # NVFP4: its helpers (smoothing, AWQ + error feedback); MXFP8 none
     assert bool(cands.block_clips) == (fmt == "nvfp4")
+    wo = ["nvfp4-wo"] if fmt == "nvfp4" else []  # NVFP4 brings its weight-only form (W4A16)
     for n in WEIGHTED:
-        assert cands.layers[n].formats == ["none", "fp8", fmt], (n, cands.layers[n].formats)
+        assert cands.layers[n].formats == ["none", "fp8", fmt] + wo, (n, cands.layers[n].formats)
     assert fmt not in cands.layers["attn_qk"].formats and "attention BMM" in cands.layers["attn_qk"].reasons[fmt]
     gated = modelfile.import_graph(pipeline.load(str(path), 23))
     index = autoquant.build_gated(gated, cands, amax, means, "fp32", 128)
-    mix = {"q_proj": fmt, "v_proj": "fp8", "o_proj": fmt, "mlp_up": fmt, "mlp_down": fmt}
+    mix = {"q_proj": fmt, "v_proj": "fp8", "o_proj": fmt, "mlp_up": fmt, "mlp_down": fmt, **{"k_proj": f for f in wo}}
     gates = np.zeros(len(index), np.float32)
     for key in mix.items():
         gates[index[key]] = 1
@@ -143,7 +144,9 @@ def test_auto_nvfp4_with_helpers_builds_fp4_kernels(model, tmp_path):
     from onnxopt.trt.build import BuildConfig
     path, calib, _ = model
     rec = recipe(QuantConfig(auto=True, formats=("fp8", "nvfp4"), bits=4.5))
-    next(p for p in rec.passes if p.name == "autoquant").block_smooth = True  # the opt-in helper, on the Python API
+    aq = next(p for p in rec.passes if p.name == "autoquant")
+    aq.block_smooth = True  # the opt-in helper, on the Python API
+    aq.formats = ("fp8", "nvfp4")  # W4A4 alone: under a weight-bit budget its weight-only form (nvfp4-wo) takes the layers
     out = tmp_path / "q.onnx"
     layers = onnxopt.run(rec, str(path), str(out), data=str(calib), progress=False).report["autoquant"]["layers"]
     nv = {n for n, l in layers.items() if l["choice"] == "nvfp4"}

@@ -22,8 +22,10 @@ def test_get_unknown_lists_the_names():
 def test_filters_and_facts():
     assert formats.modes() == ("fp8", "int8", "int4", "nvfp4", "mxfp8", "w8a16")
     assert formats.static() == ("fp8", "int8")
-    assert formats.weight_only() == ("int4", "w8a16")
-    assert formats.auto_candidates() == ("fp8", "int8", "int4", "int8-sq", "nvfp4", "mxfp8", "w8a16")
+    assert formats.weight_only() == ("int4", "nvfp4-wo", "w8a16")  # nvfp4-wo: --auto's candidate; uniform: --nvfp4 --weight-only
+    assert formats.auto_candidates() == ("fp8", "int8", "int4", "int8-sq", "nvfp4", "mxfp8", "nvfp4-wo", "w8a16")
+    assert formats.NVFP4_WO.block_weight and formats.NVFP4.block_weight and formats.MXFP8.block_weight
+    assert not any(formats.get(f).block_weight for f in ("fp8", "int8", "int4", "w8a16"))
     assert formats.low_precision() == ("fp16", "bf16")
     assert (formats.FP8.qmax, formats.INT8.qmax, formats.INT4.qmax) == (448.0, 127.0, 7.0)
     assert (formats.FP8.calib_method, formats.INT8.calib_method) == ("max", "mse")

@@ -31,22 +31,33 @@ GAIN = 0.97          # smoothing is kept only when it lowers the simulated error
 def block_awq(graph: gs.Graph, data, cands: Candidates, fmts_wanted, *, high_precision: str, provider: str,
               memory_budget_mb: int, progress: bool, smooth: bool = False) -> None:
     """Fill `cands.block_smooth` (with `smooth`) and `cands.block_clips` for every candidate of a W4A4 block
-    format with AWQ (NVFP4), from `data` (the search split)."""
+    format with AWQ (NVFP4, and its weight-only form), from `data` (the search split). AWQ's clip search and error
+    feedback minimise the output error of the unquantized input through its Gram matrix, so two formats with the
+    same weight numerics (nvfp4 and nvfp4-wo) and no input scaling get the same result: computed once."""
+    done: dict = {}  # weight numerics -> {layer: clips} of an unscaled search
     for f in fmts_wanted:
         fmt = formats.get(f)
-        if fmt.activations != "dynamic" or not fmt.awq or not fmt.calib_method:
+        if not fmt.block_weight or not fmt.awq:
             continue
         nodes = [n for n in graph.nodes if n.name in cands.layers and f in cands.layers[n.name].formats]
         if not nodes:
             continue
-        if smooth:
+        if smooth and fmt.activations == "dynamic":  # the W4A4 input scaling (weight-only: nothing to balance)
             for n, sm in _smoothing(graph, data, nodes, fmt, provider, memory_budget_mb, progress).items():
                 cands.block_smooth[(n, f)] = sm
         pre = {n: sm.s for (n, g), sm in cands.block_smooth.items() if g == f}
-        _, clips = awq.apply(graph, data, [(n, fmt) for n in nodes], method="clip", feedback=True,
-                             block_size=fmt.block_size, high_precision=high_precision, provider=provider,
-                             memory_budget_mb=memory_budget_mb, progress=progress, prescale=pre,
-                             feedback_rows_per_k=FEEDBACK_ROWS_PER_K)
+        key = (type(fmt), fmt.block_size, fmt.awq_ratios_above)
+        known = done.get(key, {}) if not pre else {}
+        todo = [n for n in nodes if n.name not in known]
+        clips = {}
+        if todo:
+            _, clips = awq.apply(graph, data, [(n, fmt) for n in todo], method="clip", feedback=True,
+                                 block_size=fmt.block_size, high_precision=high_precision, provider=provider,
+                                 memory_budget_mb=memory_budget_mb, progress=progress, prescale=pre,
+                                 feedback_rows_per_k=FEEDBACK_ROWS_PER_K)
+        clips = {**{n.name: known[n.name] for n in nodes if n.name in known}, **clips}
+        if not pre:
+            done.setdefault(key, {}).update(clips)
         cands.block_clips.update({(n, f): c for n, c in clips.items()})
 
 

@@ -99,7 +99,7 @@ class Candidates:
         """The AWQ result the writer and the gated graph quantize `layer`'s weight in `fmt` with (None: plain)."""
         if fmt == "none":
             return None
-        if formats.get(base_format(fmt)).activations == "dynamic":
+        if formats.get(base_format(fmt)).block_weight:
             return self.block_clips.get((layer, fmt))
         return self.clips.get(layer)
 
@@ -119,7 +119,7 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
         sq_groups = smooth.groups(graph, plans[smooth.BASE], in_plan[smooth.BASE])
         in_plan[smooth.SQ] = {n.name for g in sq_groups for n in g.layers}
     int4_ok, int4_skip = set(), {}
-    if any(not formats.get(f).planned and not formats.get(f).base and formats.get(f).activations != "dynamic"
+    if any(not formats.get(f).planned and not formats.get(f).base and not formats.get(f).block_weight
            for f in fmts_wanted):  # chosen layer by layer
         cfg = next(iter(configs.values()))
         sel, int4_skip = int4q.select_layers(graph, exclude=cfg.exclude, op_types=cfg.op_types)
@@ -136,10 +136,11 @@ def candidates(graph: gs.Graph, fmts_wanted, configs: dict, block_size: int) -> 
             elif f in plans:
                 ok = node.name in in_plan[f]
                 why = plans[f].skipped.get(node.name, "not planned")
-            elif formats.get(f).activations == "dynamic":  # block formats: FP8's placement, then their own rules
-                fp8 = formats.FP8.name
+            elif formats.get(f).block_weight:  # block formats: FP8's placement, then their own rules (as BlockFP)
+                fp8, bf = formats.FP8.name, formats.get(f)
                 why = (plans[fp8].skipped.get(node.name, "not planned") if node.name not in in_plan[fp8]
-                       else rules.block_format_reason(node, formats.get(f).block_size, f.upper()))
+                       else rules.block_format_reason(node, bf.block_size, f.upper(),
+                                                      dynamic_activations=bf.activations == "dynamic"))
                 ok = why is None
             else:
                 ok = node.name in int4_ok

@@ -261,7 +261,7 @@ def _weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, fmt: str, hp: str, 
     """(then-branch maker, the weight it gives) of a weight gate: the quantized weight (1 byte/param, INT4 0.5)
     behind a DequantizeLinear, which gives exactly `fake_weight`'s numbers (the same q, float32 scales, one multiply)."""
     base = f"{node.name}_{fmt}_w"
-    if formats.get(fmt).activations == "dynamic":  # block formats: the writer's own weight nodes, lowered (exact)
+    if formats.get(fmt).block_weight:  # block formats (W4A4 or weight-only): the writer's own weight nodes, lowered (exact)
         return _block_weight_maker(b, node, w, formats.get(fmt), *block)
     if not COMPACT_WEIGHTS:
         wq = fake_weight(node, w, fmt, hp, block_size, clip).astype(np.float32)

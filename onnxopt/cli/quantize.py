@@ -265,7 +265,7 @@ def _check_mode_options(mode: str, o: dict) -> None:
         raise OnnxoptError(f"--smoothquant applies to {'/'.join('--' + m for m in sq)} only; drop it or quantize with --{sq[0]}")
     if o.get("weight_only") and not formats.get(mode).weight_only_variant:
         with_wo = "/".join(f"--{m}" for m in formats.with_weight_only_variant())
-        raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only())} is always weight-only)")
+        raise OnnxoptError(f"--weight-only applies to {with_wo} only ({'/'.join('--' + m for m in formats.weight_only() if m in formats.modes())} is always weight-only)")
     if o.get("lowrank_budget") is not None and o.get("lowrank") is None:
         raise OnnxoptError("--lowrank-budget needs --lowrank auto")
     if o.get("sparsity_method") and not o.get("sparsity"):

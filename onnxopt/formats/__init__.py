@@ -75,10 +75,13 @@ def auto_with_variants(names) -> tuple[str, ...]:
     """`names` plus the variants `--auto` offers with them (`Format.auto_with_base`: int8 brings int8-sq) where the
     base is the only candidate with static activations: SmoothQuant is how INT8's per-tensor scale survives outlier
     channels, while beside FP8 (whose exponent holds them) the search has that choice already (MiniLM `--auto`
-    fp8,int8 with int8-sq offered too came out costlier: 8.56-9.22 weight bits vs 8.44, BENCHMARKS.md)."""
+    fp8,int8 with int8-sq offered too came out costlier: 8.56-9.22 weight bits vs 8.44, BENCHMARKS.md). A format
+    with `auto_beside` comes whenever that one is a candidate (nvfp4 brings its weight-only form nvfp4-wo)."""
     names = tuple(names)
     static_ = [n for n in names if n in _REGISTRY and get(n).activations == "static" and not get(n).base]
-    return names + tuple(f.name for f in _where(lambda f: f.auto_with_base and static_ == [f.base] and f.name not in names))
+    return names + tuple(f.name for f in _where(lambda f: ((f.auto_with_base and static_ == [f.base])
+                                                           or (f.auto_beside and f.auto_beside in names))
+                                                and f.name not in names))
 
 
 def high_precision() -> tuple[str, ...]:
@@ -161,6 +164,7 @@ for _f in (FP8, INT8, INT4, INT8_SQ, FP16, BF16, FP32):
 from . import mxfp8, nvfp4  # noqa: E402  (block formats: real TensorRT form + standard-ONNX emulation)
 
 NVFP4, MXFP8 = register(nvfp4.NVFP4_FORMAT), register(mxfp8.MXFP8_FORMAT)
+NVFP4_WO = register(nvfp4.NVFP4_WO)  # W4A16 with NVFP4's weights: an --auto candidate beside nvfp4
 
 from . import w8a16  # noqa: E402  (INT8 weight-only)
 
@@ -169,4 +173,4 @@ W8A16 = register(w8a16.W8A16)
 __all__ = ["Format", "round_scale", "register", "get", "names", "modes", "static", "activation_formats",
            "weight_only", "with_weight_only_variant", "dequantize_ops", "from_dequantize_op", "from_dynamic_op",
            "block_format_of", "auto_candidates", "auto_defaults", "auto_with_variants", "high_precision", "low_precision", "from_storage", "from_engine",
-           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "MXFP8", "W8A16"]
+           "weight_bits", "activation_bits", "INT8", "INT8_SQ", "FP8", "INT4", "FP16", "BF16", "FP32", "NVFP4", "NVFP4_WO", "MXFP8", "W8A16"]

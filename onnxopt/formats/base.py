@@ -94,6 +94,7 @@ class Format:
     planned: bool = False           # has a placement plan of its own (quant.rules for static activations)
     base: str = ""                  # a variant of another format (int8-sq is INT8 after SmoothQuant): its name
     auto_with_base: bool = False    # `--auto` offers this variant with its base (int8 brings int8-sq; formats.auto_with_variants)
+    auto_beside: str = ""           # `--auto` offers this format whenever the named one is a candidate (nvfp4 brings nvfp4-wo)
     weight_bits: float = 0.0        # --auto cost: bits per weight parameter (0: = bits)
     activation_bits: float = 0.0    # --auto cost: bits per activation element (weight-only: 16)
     min_opset: int = 19             # opset its ONNX form needs (FP16 scales on Q/DQ: 19; blocked DQ: 21)
@@ -121,6 +122,13 @@ class Format:
     def weight_only(self) -> bool:
         """Weights quantized, activations left in high precision (INT4 W4A16)."""
         return self.quantized and self.activations == "none"
+
+    @property
+    def block_weight(self) -> bool:
+        """Weights written by the format's own nodes (`write_block_weight`: NVFP4's two-level scales, MXFP8's
+        TensorRT op), placed by FP8's rules and then the block rules (quant.rules.block_format_reason), whether or
+        not the activations are quantized too."""
+        return type(self).write_block_weight is not Format.write_block_weight
 
     @property
     def clip_qtype(self) -> str:
@@ -199,6 +207,12 @@ class Format:
         graph.nodes.append(gs.Node("DequantizeLinear", name=name(f"{base}_DequantizeLinear"), inputs=inputs, outputs=[out],
                                    attrs=attrs))
         return out
+
+    def write_block_weight(self, graph: gs.Graph, base: str, w_kn: np.ndarray, transposed: bool, name, clip=None,
+                           dtype=None) -> tuple[gs.Variable, dict]:
+        """Block formats with their own weight form (NVFP4, MXFP8): the nodes dequantizing weight w_kn [K, N] (or its
+        transpose for Gemm transB), `name` making names unique. Returns (output, report info). Others do not implement it."""
+        raise NotImplementedError(f"{self.name} has no weight form of its own")
 
     # ------------------------------------------------------------ activations
     def write_activation(self, graph: gs.Graph, tensor: gs.Tensor, uses, scale: np.ndarray, base: str | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ml_dtypes
 import numpy as np
@@ -335,3 +335,15 @@ NVFP4_FORMAT = NVFP4(
     weight_bits=4.5, activation_bits=4.5, storage_names=("float4_e2m1fn",), engine_precisions=("FP4E2M1",),
     weight_only_variant=True, dynamic_op=DYNAMIC_OP, awq_ratios_above=(1.1, 1.05),
     extra={"scale_format": "fp8"})
+
+# Weight-only NVFP4 (W4A16) as a per-layer candidate of --auto, offered beside W4A4 (`auto_beside`): the same weight
+# nodes (`write_block_weight`, as `--nvfp4 --weight-only` writes them), FP16 activations, so its error is the
+# weight's rounding alone (MiniLM's W4A4 error is mostly the activations' FP4 rounding, BENCHMARKS.md "NVFP4
+# candidates on more calibration data"). TensorRT-RTX 1.7.1 stores the weights in FP4 and runs an FP16 GEMM after
+# a dequantizing kernel (no W4A16 FP4 GEMM): a storage format, costed as 4.5-bit weights and 16-bit activations.
+# Its own name, so reports, `inspect` and the engine report tell it from W4A4 (a FP4 weight whose layer input has
+# no quantizer: `formats.from_storage(..., weight_only=True)`).
+NVFP4_WO = replace(
+    NVFP4_FORMAT, name="nvfp4-wo", description="NVFP4 weight-only W4A16 (E2M1 weights, FP8 scale per 16; FP16 activations)",
+    activations="none", calib_method="", mode=False, auto=True, auto_default=False, weight_only_variant=False,
+    activation_bits=16.0, dynamic_op="", auto_beside="nvfp4")

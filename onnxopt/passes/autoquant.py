@@ -140,7 +140,7 @@ class AutoQuant(PassBase):
         one_quantizer(recipe)
 
     def configs(self) -> dict:
-        block = any(registry.get(g).activations == "dynamic" for g in self.formats)  # placed by FP8's rules
+        block = any(registry.get(g).block_weight for g in self.formats)  # placed by FP8's rules
         return {f: QDQ(f, exclude=self.exclude, op_types=self.op_types, quantize_mha=self.quantize_mha)
                 for f in autoquant.PLANNED if f in self.formats or any(registry.get(g).base == f for g in self.formats)
                 or (block and f == registry.FP8.name)}
@@ -219,7 +219,7 @@ class AutoQuant(PassBase):
         del ev
         # Block formats (dynamic activations) were checked with FP32 dequantizer outputs; every other layer is
         # written as it ships.
-        blocks = any(registry.get(f).activations == "dynamic" for f in set(plan.mix().values()) if f != "none")
+        blocks = any(registry.get(f).block_weight for f in set(plan.mix().values()) if f != "none")
         if inserted is not None and not blocks:
             # The verified graph is the output: the same writer on a copy of the same graph, so the same bytes,
             # without quantizing and spilling every weight a second time.

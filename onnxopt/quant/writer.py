@@ -126,19 +126,20 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
                 layers.setdefault(node.name, {"format": f})
     per_layer = [(n, formats.get(mix[n.name])) for n in graph.nodes
                  if mix.get(n.name, "none") != "none" and not formats.get(mix[n.name]).planned and n.op in WEIGHT_ONLY_OPS]
-    wo, _, _ = write_per_layer(graph, [(n, f) for n, f in per_layer if f.activations != "dynamic"], plan.block_size,
+    wo, _, _ = write_per_layer(graph, [(n, f) for n, f in per_layer if not f.block_weight], plan.block_size,
                                plan.clips, hp, names)
     layers.update(wo)
     ranges = amax.get(formats.FP8.name, {})  # block formats' per-tensor activation scales: FP8's calibration (max)
     for node, f in per_layer:
-        if f.activations == "dynamic":
+        if f.block_weight:  # the format's own weight nodes; its dynamic quantizer too unless weight-only (nvfp4-wo)
             before = {id(n) for n in graph.nodes}
             sm = plan.block_smooth.get(node.name)
-            write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names, sm, block_dtype)  # K: first
+            if f.activations == "dynamic":
+                write_block_activation(graph, node, f, ranges.get(node.inputs[0].name), names, sm, block_dtype)  # K: first
             layers[node.name] = write_block_weight(graph, node, f, names, plan.clips.get(node.name), sm, block_dtype)[1]
             if sm is not None:
                 layers[node.name]["smoothing"] = {"alpha": sm.alpha, "amax": sm.amax}
-            if f.calib_method:  # NVFP4's FP32 tensor scales (amax / 2688 underflows FP16); MXFP8 has none (as BlockFP)
+            if "tensor_scale" in layers[node.name]:  # NVFP4's FP32 tensor scales (amax / 2688 underflows FP16); MXFP8 has none
                 layers[node.name]["fp32_nodes"] = [n.name for n in graph.nodes if id(n) not in before]
     for name, how in smoothed.items():
         layers.setdefault(name, {})["format"] = plan.layers[name].format

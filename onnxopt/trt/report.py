@@ -288,6 +288,9 @@ def engine_report(model: onnx.ModelProto, build_log: BuildLog, engine_bytes: int
         "quantized_layers": len(rows),
         "quantized_in_quantized_kernels": sum(r["quantized_kernel"] for r in rows),
         "fallbacks": [r["name"] for r in rows if not r["quantized_kernel"]],
+        # per graph form ("nvfp4 w8a8", "nvfp4-wo weight-only"): TensorRT-RTX 1.7.1 runs weight-only NVFP4 as an FP16
+        # GEMM after a dequantizing kernel, which must not hide a W4A4 layer that left its FP4 kernel
+        "fallbacks_by_format": _count(r["graph"] for r in rows if not r["quantized_kernel"]),
         "kernel_precisions": _count(r["engine"] for r in rows if r["quantized_kernel"]),
         "attention": {"blocks": len(blocks), "quantized_blocks": len(quant_blocks), "fused_by_precision": fused,
                       "fused_quantized": qfused, "unfused": [b["softmax"] for b in blocks if b["softmax"] not in fused_blocks],
@@ -332,14 +335,18 @@ def _main_kernel(layer: QuantLayer, kernels: list[Kernel]) -> Kernel | None:
 def format_report(rep: dict, all_layers: bool = False) -> str:
     """A readable table of the report: the layers not in quantized kernels (every layer with `all_layers`)."""
     rows = [r for r in rep["layers"] if all_layers or not r["quantized_kernel"]]
-    lines = [f"{'layer':<40}{'op':<10}{'graph':<18}{'engine kernel':<18}ok"] if rows else []
+    lines = [f"{'layer':<40}{'op':<10}{'graph':<22}{'engine kernel':<18}ok"] if rows else []
     for r in rows:
-        lines.append(f"{r['name'][:39]:<40}{r['op']:<10}{r['graph']:<18}{r['engine']:<18}{'yes' if r['quantized_kernel'] else 'NO'}")
+        lines.append(f"{r['name'][:39]:<40}{r['op']:<10}{r['graph']:<22}{r['engine']:<18}{'yes' if r['quantized_kernel'] else 'NO'}")
     a, w = rep["attention"], rep["weights"]
     fused = ", ".join(f"{v} {p}" for p, v in sorted(a["fused_by_precision"].items())) or "none"
     by = ", ".join(f"{v} {p}" for p, v in sorted(rep.get("kernel_precisions", {}).items()))
     lines.append(f"quantized layers in quantized kernels: {rep['quantized_in_quantized_kernels']}/{rep['quantized_layers']}"
                  + (f" ({by})" if by else ""))
+    if rep.get("fallbacks_by_format"):
+        lines.append("not in quantized kernels: " + ", ".join(
+            f"{v} {g}" + (" (dequantized into high-precision GEMMs)" if g.endswith("weight-only") else "")
+            for g, v in sorted(rep["fallbacks_by_format"].items())))
     lines.append(f"attention blocks: {a['blocks']} ({a['quantized_blocks']} quantized); fused attention kernels: {fused}"
                  + (f"; quantized not fused: {len(a['quantized_unfused'])}" if a["quantized_unfused"] else ""))
     if rep["int4_dq_kernels"]:
