@@ -124,14 +124,22 @@ def test_reports_name_it_apart_from_w4a4(model, tmp_path):
     assert all(rows[n].kind == "weight-only" and rows[n].dtype == WO for n in wo)
 
 
-def test_nvfp4_and_its_weight_only_form_side_by_side(model, tmp_path):
-    """A mix of both: W4A4 layers keep their dynamic quantizer and are named nvfp4, the W4A16 ones are not."""
+MIX = {"q_proj": "nvfp4", "k_proj": WO, "mlp_up": "nvfp4", "mlp_down": WO}
+
+
+def _write_mix(model, tmp_path):
+    """MIX written by the one writer (FP32 elsewhere) at opset 23: (path, mix)."""
     path, _, _ = model
     graph = modelfile.import_graph(pipeline.load(str(path), 23))
-    mix = {"q_proj": "nvfp4", "k_proj": WO, "mlp_up": "nvfp4", "mlp_down": WO}
-    writer.write(graph, writer.QuantPlan.from_mix(mix), high_precision="fp32")
+    writer.write(graph, writer.QuantPlan.from_mix(MIX), high_precision="fp32")
     out = tmp_path / "mix.onnx"
     onnx.save(modelfile.export_graph(graph, opset=23), str(out))
+    return out, MIX
+
+
+def test_nvfp4_and_its_weight_only_form_side_by_side(model, tmp_path):
+    """A mix of both: W4A4 layers keep their dynamic quantizer and are named nvfp4, the W4A16 ones are not."""
+    out, mix = _write_mix(model, tmp_path)
     m = onnx.load(str(out))
     assert sum(n.op_type == nvfp4.DYNAMIC_OP for n in m.graph.node) == 2
     fmt = {l.name: l.format for l in inspect_path(str(out)).layers}
@@ -149,12 +157,7 @@ def test_rtx_runs_w4a4_in_fp4_kernels_and_says_the_weight_only_layers_are_fp16_g
     from onnxopt.trt.build import BuildConfig
     if not rtx_available():
         pytest.skip("tensorrt_rtx is not importable (install the rtx extra)")
-    path, _, _ = model
-    graph = modelfile.import_graph(pipeline.load(str(path), 23))
-    mix = {"q_proj": "nvfp4", "k_proj": WO, "mlp_up": "nvfp4", "mlp_down": WO}
-    writer.write(graph, writer.QuantPlan.from_mix(mix), high_precision="fp32")
-    out = tmp_path / "mix.onnx"
-    onnx.save(modelfile.export_graph(graph, opset=23), str(out))
+    out, mix = _write_mix(model, tmp_path)
     rep = report.engine_report_of(out, config=BuildConfig(profiles={"ids": ((1, 16),) * 3}), targets=["12.0"])
     rows = {r["name"]: r for r in rep["layers"]}
     assert [rows[n]["engine"] for n in ("q_proj", "mlp_up")] == ["nvfp4", "nvfp4"]

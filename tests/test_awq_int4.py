@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import calib, modelfile, ort
+import tiny
+from onnxopt import calib, modelfile
 from onnxopt.rewrite import awq
 from onnxopt import graph as G
 from onnxopt.formats import INT4
@@ -19,17 +20,10 @@ RNG = np.random.default_rng(0)
 
 
 def _model(nodes, inputs, outputs, inits, opset=21):
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], inits)
-    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+    return tiny.graph_model(nodes, inputs, outputs, inits, opset)
 
 
-def _run(model, feed):
-    return ort.session(model, level="disable").run(None, feed)
-
-
-def _rel(a, b):
-    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+_run, _rel = tiny.run, tiny.rel_err
 
 
 def _config(**kw):

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from onnxopt import api, calib, modelfile, ort
+import tiny
+from onnxopt import api, calib, modelfile
 from onnxopt.rewrite import shift, smoothquant
 
 RNG = np.random.default_rng(3)
@@ -19,17 +20,10 @@ def _arr(name, shape, scale=1.0):
 
 
 def _model(nodes, inputs, outputs, inits, opset=20):
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], inits)
-    return onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+    return tiny.graph_model(nodes, inputs, outputs, inits, opset)
 
 
-def _run(model, feed):
-    return ort.session(model, level="disable").run(None, feed)
-
-
-def _rel(a, b):
-    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
+_run, _rel = tiny.run, tiny.rel_err
 
 
 def _offset_block(C=16, N=12, T=8):

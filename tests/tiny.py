@@ -170,3 +170,21 @@ def cross_attention(blocks: int = 2, d: int = 64, e: int = 64, heads: int = 2, s
     m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
     m.ir_version = 8
     return m
+
+
+def graph_model(nodes, inputs, outputs, inits, opset: int = 21) -> onnx.ModelProto:
+    """A shape-inferred model from nodes, [(input, shape)], output names (float, untyped shape) and initializers."""
+    g = h.make_graph(nodes, "t", [h.make_tensor_value_info(n, T.FLOAT, s) for n, s in inputs],
+                     [h.make_tensor_value_info(n, T.FLOAT, None) for n in outputs], inits)
+    return onnx.shape_inference.infer_shapes(h.make_model(g, opset_imports=[h.make_opsetid("", opset)]))
+
+
+def run(model: onnx.ModelProto, feed: dict) -> list:
+    """Outputs of `model` in onnxopt's exact-simulation session (ORT_DISABLE_ALL)."""
+    from onnxopt import ort
+    return ort.session(model, level="disable").run(None, feed)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
