@@ -1,8 +1,11 @@
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import tiny
-from onnxopt import calib, modelfile
+from onnxopt import calib, modelfile, scratch
 from onnxopt.errors import OnnxoptError
 
 
@@ -179,7 +182,10 @@ def test_staged_calibration_matches_one_stage(tmp_path, stages):
     data = calib.CalibData.from_path(_token_npz(tmp_path, m), calib.input_specs(m))
     names = [o for n in m.graph.node if n.op_type in ("MatMul", "Softmax", "LayerNormalization", "Add") for o in n.output]
     one = _stats(m, data, names, stages=1)
+    before = set(Path(tempfile.gettempdir()).glob("onnxopt-stages-*"))
     many = _stats(m, data, names, stages=stages, memory_budget_mb=0)
+    scratch.wait()  # the boundary folder is removed on a background thread
+    assert set(Path(tempfile.gettempdir()).glob("onnxopt-stages-*")) <= before
     plan = calib.split_stages(m, stages)
     assert len(plan) == stages and sum(len(s.nodes) for s in plan) == len(m.graph.node)
     assert any(s.outputs for s in plan[:-1])

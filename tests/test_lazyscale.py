@@ -80,3 +80,32 @@ def test_small_or_in_memory_weights_are_scaled_at_once(tmp_path):
     c = gs.Constant("w", np.ones((4, 4), np.float32))
     assert not lazyscale.scale(c, np.full((4, 1), 2.0)) and isinstance(c._values, np.ndarray)
     assert lazyscale.lazy_copy("w2", c, np.full((4, 1), 2.0)) is None
+
+
+def test_products_computed_on_threads_before_a_session_are_the_eager_bytes(tmp_path):
+    """collect_graph outside the in-graph form: every product is computed at once on worker threads
+    (lazyscale.compute_all) and spilled; the statistics and the exported weights are the eager fold's."""
+    data = _data(tmp_path)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "l").mkdir()
+    with modelfile.spilling(tmp_path / "e"):
+        eager = _graph(tmp_path / "e", eager=True)
+        smoothquant.smooth(eager, data, alpha=0.8, progress=False)
+        ref = _reducers(eager)
+        calib.collect_graph(eager, data, ref, provider="cpu", progress=False)
+    with modelfile.spilling(tmp_path / "l") as spill:
+        lazy = _graph(tmp_path / "l", eager=False)
+        smoothquant.smooth(lazy, data, alpha=0.8, progress=False)
+        scaled = {n: c for n, c in lazy.tensors().items() if isinstance(c, gs.Constant) and isinstance(c._values, lazyscale.Scaled)}
+        assert lazyscale.compute_all(lazy, threads=2) == len(scaled) >= 6
+        assert all(c._values._made is not None for c in scaled.values()) and os.path.getsize(spill) > 0
+        got = _reducers(lazy)
+        calib.collect_graph(lazy, data, got, provider="cpu", progress=False)
+    for name, rs in ref.items():
+        for a, b in zip(rs, got[name]):
+            np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+    eager_consts = {n: c for n, c in eager.tensors().items() if isinstance(c, gs.Constant)}
+    for name, c in scaled.items():
+        want = np.asarray(read_values(eager_consts[name]))
+        got_w = modelfile.to_array(c._values.tensor)
+        assert np.array_equal(got_w, want) and got_w.dtype == want.dtype

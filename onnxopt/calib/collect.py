@@ -392,5 +392,6 @@ def collect_graph(graph, data: CalibData, reducers: dict[str, Sequence[Reducer]]
             model = gs.export_onnx(graph, do_type_check=False)
         model = lazyscale.expand(model, found)
     else:
+        lazyscale.compute_all(graph)
         model = gs.export_onnx(graph, do_type_check=False)
     collect(model, data, reducers, **kwargs)

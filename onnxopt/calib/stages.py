@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .. import modelfile
+from .. import modelfile, scratch
 from ..errors import OnnxoptError
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,13 @@ class BoundaryCache:
 
     def __enter__(self):
         if self.enabled:
-            self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-stages-")
-            self.dir = Path(self._tmp.name)
+            self.dir = Path(tempfile.mkdtemp(prefix="onnxopt-stages-"))
         return self
 
     def __exit__(self, *exc):
         if self.dir is not None:
             log.info("stage boundaries took %.2f GB on disk", self.bytes / 1e9)
-            self._tmp.cleanup()
+            scratch.remove_later(self.dir)  # gigabytes: removed beside the work that follows, not before it
 
     def _path(self, batch: int, name: str) -> Path:
         k = self.index.setdefault(name, len(self.index))
