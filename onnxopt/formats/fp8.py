@@ -60,7 +60,7 @@ def e4m3_codes(x: np.ndarray, out: np.ndarray) -> None:
 
 @dataclass(frozen=True)
 class FP8(Format):
-    """E4M3 numerics: round-to-nearest-even by integer ufuncs (float32 input) or ml_dtypes, in threads;
+    """E4M3 numerics: round-to-nearest-even by numpy ufuncs (float32 input) or ml_dtypes, in threads;
     dequantization by table lookup."""
 
     def cast(self, x_over_scale: np.ndarray) -> np.ndarray:
