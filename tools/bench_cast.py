@@ -5,6 +5,7 @@ N(0, 1) / absmax * 448, so every E4M3 binade, subnormals included, is hit. Old a
 --repeat (wall and process CPU time, each its own minimum); the codes are checked equal.
 
     python tools/bench_cast.py [--sizes 16,64] [--threads 1,2] [--repeat 3] [--json out.json]
+    python tools/bench_cast.py --nested 1,2     # FP8.cast from 1 or 2 outer threads (as the writer's), inner pool or not
 """
 from __future__ import annotations
 
@@ -67,13 +68,41 @@ def row(m: int, threads, n: int, old, new) -> dict:
     return r
 
 
+def nested(outer_counts: list[int], repeat: int) -> list[dict]:
+    """Eight 4 M-element parts (cast_over's 16 MB) cast by `outer` threads, each FP8.cast with its inner pool
+    (CHUNK as shipped) or without (one chunk): wall seconds, best of `repeat`, interleaved."""
+    parts = [weights(4 << 20) for _ in range(8)]
+    chunk, rows = fp8.CHUNK, []
+    try:
+        for outer in outer_counts:
+            best = {}
+            for _ in range(repeat):
+                for inner, c in (("pool", chunk), ("none", 1 << 40)):
+                    fp8.CHUNK = c
+                    with ThreadPoolExecutor(outer) as pool:
+                        wall, _ = timed(lambda: list(pool.map(fp8.FP8_E4M3.cast, parts)))
+                    best[inner] = min(best.get(inner, wall), wall)
+            rows.append({"outer_threads": outer, "inner_pool_s": round(best["pool"], 4),
+                         "no_inner_pool_s": round(best["none"], 4)})
+            print(f"outer threads {outer}: inner pool {best['pool']:.3f} s, none {best['none']:.3f} s (32 M elements)")
+    finally:
+        fp8.CHUNK = chunk
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="16,64", help="millions of elements, comma-separated")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--nested", help="outer thread counts (comma-separated): the nested-pool table instead")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.nested:
+        rows = nested([int(s) for s in args.nested.split(",")], args.repeat)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"nested": rows, "chunk": fp8.CHUNK}, indent=1))
+        return
     rows = []
     for m in (int(s) for s in args.sizes.split(",")):
         x = weights(m << 20)
