@@ -82,3 +82,26 @@ def one_blas_thread(enabled: bool = True):
             from threadpoolctl import threadpool_limits
             return threadpool_limits(1)
     return contextlib.nullcontext()
+
+
+_blas_control = []   # threadpoolctl's controller, made once (its library scan takes ~1 ms, a limit 10 us)
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """A context running numpy's linear algebra on `n` BLAS threads; yields whether it could (threadpoolctl
+    installed). For matmuls on several worker threads at once, which on BLAS's full thread count each would
+    oversubscribe the cores. OpenBLAS's GEMM (numpy's wheels) splits rows and columns over its threads, never a
+    dot product, so its numbers do not depend on `n` (tests/test_smoothquant_search.py checks them)."""
+    if not _blas_control:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_control.append(None)
+        else:
+            _blas_control.append(ThreadpoolController())
+    if _blas_control[0] is None:
+        yield False
+        return
+    with _blas_control[0].limit(limits=max(1, int(n)), user_api="blas"):
+        yield True

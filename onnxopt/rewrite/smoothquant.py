@@ -7,18 +7,21 @@ against FP32 (per-tensor activation scale from the smoothed max, per-channel wei
 read one activation (Q, K, V) share one s. The scales are folded by `fold.fold_input_scale`. With "auto" the
 pass also collects each MatMul/Gemm activation's per-channel min and max and may centre the channels before
 scaling (x - c, c W into the bias: rewrite/shift.py, Outlier Suppression+), searching alpha again on x - c.
+The searches' evaluations (an alpha each, both searches of an activation together) run on worker threads, each
+computed alone as one thread would, so the choices and the file do not depend on the thread count.
 """
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import calib, formats
+from .. import calib, formats, threads as threads_
 from . import fold, shift as shifting
 from .. import graph as G
 from ..calib import PatchSample, RowSample
@@ -122,28 +125,40 @@ class _Layer:
     y_norm: float
 
 
-def sim_layer(node: gs.Node, sample: np.ndarray, shift: np.ndarray | None = None) -> _Layer:
+def sim_layer(node: gs.Node, sample: np.ndarray, shift: np.ndarray | None = None, *, like: _Layer | None = None,
+              inputs: dict | None = None) -> _Layer:
     """The layer's weight matrix, input samples and FP32 output on them, for the simulated INT8 error. With
     `shift` (rewrite/shift.py) the layer reads sample - shift and its bias restores c W: the error is that of
-    the shifted product, relative to the unshifted output's energy (the one both choices are judged by)."""
-    w = fold.effective_weight(node)
-    w3 = fold.weight_matrix(node, w)
-    g, r, _ = w3.shape
-    c = fold.input_channels(node, w.shape)
-    cg = c // g
-    kk = r // cg
-    col_group = 1
-    if node.op == "ConvTranspose":  # columns run over (output channel, kernel position)
-        col_group = int(np.prod(w.shape[2:]))
-        kk = 1
-    chan = np.arange(g)[:, None] * cg + np.arange(r)[None, :] // kk
-    x = sample.reshape(len(sample), g, r).transpose(1, 0, 2)  # [g, m, r]
-    with np.errstate(over="ignore", invalid="ignore"):   # an FP32 overflow: its error is inf, never chosen
-        y = np.matmul(x, w3)
-        norm = float(np.sum(y.astype(np.float64) ** 2)) or 1.0
+    the shifted product, relative to the unshifted output's energy (the one both choices are judged by).
+    `like`: this node's unshifted layer on the same sample, whose weight matrix and energy are taken as they are
+    (the same numbers); `inputs`: a dict shared by the layers reading one `sample` (Q, K, V), which then share one
+    input array, quantized once per alpha by `simulated_error`."""
+    if like is None:
+        w = fold.effective_weight(node)
+        w3 = fold.weight_matrix(node, w)
+        g, r, _ = w3.shape
+        c = fold.input_channels(node, w.shape)
+        cg = c // g
+        kk = r // cg
+        col_group = 1
+        if node.op == "ConvTranspose":  # columns run over (output channel, kernel position)
+            col_group = int(np.prod(w.shape[2:]))
+            kk = 1
+        chan = np.arange(g)[:, None] * cg + np.arange(r)[None, :] // kk
+    else:
+        w3, chan, col_group = like.w3, like.chan, like.col_group
+        g, r, _ = w3.shape
+    key = (id(sample), g, r)
+    x = None if inputs is None else inputs.get(key)
+    if x is None:
+        x = sample.reshape(len(sample), g, r).transpose(1, 0, 2)  # [g, m, r]
         if shift is not None:
             x = x - shift.astype(x.dtype).reshape(g, 1, r)
-            y = np.matmul(x, w3)
+        if inputs is not None:
+            inputs[key] = x
+    with np.errstate(over="ignore", invalid="ignore"):   # an FP32 overflow: its error is inf, never chosen
+        y = np.matmul(x, w3)
+        norm = like.y_norm if like is not None else float(np.sum(y.astype(np.float64) ** 2)) or 1.0
     return _Layer(w3, chan, col_group, x, y, norm)
 
 
@@ -151,47 +166,153 @@ TARGET = formats.INT8   # the format SmoothQuant prepares activations for (its n
 
 
 def _qdq_int8(v: np.ndarray, scale) -> np.ndarray:
-    return np.clip(np.rint(v / scale), TARGET.qmin, TARGET.qmax) * scale
+    """INT8 Q/DQ of `v` (a temporary: overwritten and returned), the numbers of
+    clip(rint(v / scale), qmin, qmax) * scale without their temporaries."""
+    np.divide(v, scale, out=v)
+    np.rint(v, out=v)
+    np.clip(v, TARGET.qmin, TARGET.qmax, out=v)
+    return np.multiply(v, scale, out=v)
 
 
-def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray) -> float:
+def _qdq_weight(L: _Layer, srow: np.ndarray) -> np.ndarray:
+    """(W ⊙ s) Q/DQ to INT8 per output channel (the columns of one ConvTranspose output channel together)."""
+    ws = L.w3 * srow[:, :, None]
+    g, r, o = ws.shape
+    v = ws.reshape(g, r, o // L.col_group, L.col_group)
+    amax = np.maximum(v.max(axis=(1, 3)), -v.min(axis=(1, 3)))   # max |ws|, without an |ws| temporary
+    w_scale = np.repeat(np.maximum(amax, 1e-12) / TARGET.qmax, L.col_group, axis=1)[:, None, :]
+    return _qdq_int8(ws, w_scale)
+
+
+def _term(xq: np.ndarray, wq: np.ndarray, L: _Layer) -> float:
+    """||xq wq - Y_fp32||^2 / ||Y_fp32||^2, summed in float64 as one array (the same sum whatever the thread)."""
+    y = np.matmul(xq, wq)
+    np.subtract(y, L.y_ref, out=y)
+    d = y.astype(np.float64)
+    del y
+    d **= 2
+    return float(np.sum(d)) / L.y_norm
+
+
+def _readers(layers: list[_Layer]) -> list[list[int]]:
+    """The layers' indices grouped by the input they read (one array, one channel map: sim_layer's `inputs`)."""
+    groups: list[list[int]] = []
+    for i, L in enumerate(layers):
+        for idx in groups:
+            F = layers[idx[0]]
+            if F.x is L.x and F.chan.shape == L.chan.shape and np.array_equal(F.chan, L.chan):
+                idx.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def simulated_error(layers: list[_Layer], act_max: np.ndarray, s: np.ndarray, *, shared: dict | None = None,
+                    cache: dict | None = None) -> float:
     """Sum over layers of ||Y_qdq - Y_fp32||^2 / ||Y_fp32||^2 with INT8 activations (per-tensor scale from
-    the smoothed max) and INT8 weights (per output channel) after smoothing by `s`."""
+    the smoothed max) and INT8 weights (per output channel) after smoothing by `s`. Layers that share an input
+    array quantize it once; `shared` ({id(layer): key}, `shared_weights`) names layers holding one weight, which
+    is quantized once into `cache` (a dict for this `s`)."""
     a_scale = max(float(np.max(act_max / s)), 1e-12) / TARGET.qmax
+    terms = [0.0] * len(layers)
+    for idx in _readers(layers):
+        first = layers[idx[0]]
+        srow = s[first.chan].astype(np.float32)  # [g, r]
+        xq = _qdq_int8(np.divide(first.x, srow[:, None, :]), a_scale)
+        for i in idx:
+            L = layers[i]
+            key = shared.get(id(L)) if shared and cache is not None else None
+            wq = None if key is None else cache.get(key)
+            if wq is None:
+                wq = _qdq_weight(L, srow)
+                if key is not None:
+                    cache[key] = wq
+            terms[i] = _term(xq, wq, L)
+        del xq
     err = 0.0
-    for L in layers:
-        srow = s[L.chan].astype(np.float32)  # [g, r]
-        xq = _qdq_int8(L.x / srow[:, None, :], a_scale)
-        ws = L.w3 * srow[:, :, None]
-        g, r, o = ws.shape
-        amax = np.abs(ws).reshape(g, r, o // L.col_group, L.col_group).max(axis=(1, 3))
-        w_scale = np.repeat(np.maximum(amax, 1e-12) / TARGET.qmax, L.col_group, axis=1)[:, None, :]
-        y = np.matmul(xq, _qdq_int8(ws, w_scale))
-        err += float(np.sum((y - L.y_ref).astype(np.float64) ** 2)) / L.y_norm
+    for t in terms:   # in layer order: the sum of one layer after another
+        err += t
     return err
 
 
-def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray, uses=None
+def shared_weights(uses) -> dict:
+    """{id(layer): key} for the layers of `uses` ([(layers, act_max)]) whose weight matrix another of them holds
+    bit for bit (ALBERT: one constant read at every depth): `simulated_error` quantizes it once per s."""
+    if len(uses) < 2:
+        return {}
+    reps: list[_Layer] = []
+    keys = {}
+    for ls, _ in uses:
+        for L in ls:
+            for k, R in enumerate(reps):
+                if (R.w3.shape == L.w3.shape and R.col_group == L.col_group and R.chan.shape == L.chan.shape
+                        and np.array_equal(R.chan, L.chan) and np.array_equal(R.w3.view(np.int32), L.w3.view(np.int32))):
+                    break
+            else:
+                k = len(reps)
+                reps.append(L)
+            keys[id(L)] = k
+    counts = Counter(keys.values())
+    return {i: k for i, k in keys.items() if counts[k] > 1}
+
+
+def search_alpha(layers: list[_Layer], act_max: np.ndarray, w_max: np.ndarray, uses=None, threads: int = 0
                  ) -> tuple[float | None, np.ndarray, dict]:
     """alpha on a 0.1 grid, refined by 0.05 around the best; None (no smoothing) when that is better still.
     `uses` ([(layers, act_max)], default one: (layers, act_max)) are the activations one shared weight reads:
     one s (from `act_max`, their elementwise maximum) for all, the error summed over them, each with its own
-    per-tensor activation scale."""
-    uses = uses or [(layers, act_max)]
+    per-tensor activation scale. `threads`: as `search_alphas`."""
+    return search_alphas([(uses or [(layers, act_max)], act_max, w_max)], threads)[0]
 
-    def error(s):
+
+def search_alphas(searches: list, threads: int = 0) -> list[tuple[float | None, np.ndarray, dict]]:
+    """`search_alpha` for independent searches [(uses, act_max, w_max)] together: the grid's and the unsmoothed
+    evaluations of all, then their refinements, each evaluation one job on `threads` worker threads (0: one per core
+    where the work is big, threads.for_bytes). A job computes its error alone, in the order one thread would, so
+    the errors and the choices do not depend on the thread count."""
+    shared = [shared_weights(uses) for uses, _, _ in searches]
+    work, held = [], []   # bytes an evaluation reads; bytes its temporaries and shared weights hold at once
+    for (uses, _, _), sh in zip(searches, shared):
+        ls = [L for u, _ in uses for L in u]
+        work.append(sum(L.x.nbytes + L.w3.nbytes + L.y_ref.nbytes for L in ls))
+        kept = {sh[id(L)]: L.w3.nbytes for L in ls if id(L) in sh}
+        held.append(max((L.x.nbytes + L.w3.nbytes + 3 * L.y_ref.nbytes for L in ls), default=0) + sum(kept.values()))
+
+    def error(job) -> float:
+        k, alpha = job
+        uses, act_max, w_max = searches[k]
+        s = np.ones_like(act_max) if alpha is None else scales(act_max, w_max, alpha)
+        cache: dict = {}
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflowed layers: inf, not chosen
-            return sum(simulated_error(ls, am, s) for ls, am in uses)
-    tried = {a: error(scales(act_max, w_max, a)) for a in ALPHAS[::2]}
-    best = min(tried, key=tried.get)
-    for a in (round(best - 0.05, 2), round(best + 0.05, 2)):
-        if 0.0 <= a <= 1.0 and a not in tried:
-            tried[a] = error(scales(act_max, w_max, a))
-    best = min(tried, key=tried.get)
-    base = error(np.ones_like(act_max))
-    if base <= tried[best]:
-        return None, np.ones_like(act_max), {"unsmoothed": base, "smoothed": base}
-    return float(best), scales(act_max, w_max, best), {"unsmoothed": base, "smoothed": tried[best]}
+            return sum(simulated_error(ls, am, s, shared=shared[k], cache=cache) for ls, am in uses)
+
+    def run(jobs) -> dict:
+        cores = threads_.count(threads)
+        n = min(threads_.for_bytes(sum(work[k] for k, _ in jobs), threads), len(jobs))
+        # each worker's matmuls on its share of the cores (BLAS on every core in each worker would oversubscribe
+        # them, and its threads spin); where BLAS's threads cannot be set, one worker and BLAS as it is
+        with threads_.blas_threads(cores // len(jobs) if n > 1 else 1) as limited:
+            return dict(zip(jobs, threads_.ordered_map(error, jobs, n if limited else 1, cost=lambda j: held[j[0]])))
+
+    grid = ALPHAS[::2]
+    errs = run([(k, a) for k in range(len(searches)) for a in grid + (None,)])
+    tried = [{a: errs[k, a] for a in grid} for k in range(len(searches))]
+    refine = []
+    for k, t in enumerate(tried):
+        best = min(t, key=t.get)
+        refine += [(k, a) for a in (round(best - 0.05, 2), round(best + 0.05, 2)) if 0.0 <= a <= 1.0 and a not in t]
+    errs.update(run(refine) if refine else {})
+    out = []
+    for k, ((uses, act_max, w_max), t) in enumerate(zip(searches, tried)):
+        t.update({a: errs[j, a] for j, a in refine if j == k})   # in the order the refinements were tried
+        best = min(t, key=t.get)
+        base = errs[k, None]
+        if base <= t[best]:
+            out.append((None, np.ones_like(act_max), {"unsmoothed": base, "smoothed": base}))
+        else:
+            out.append((float(best), scales(act_max, w_max, best), {"unsmoothed": base, "smoothed": t[best]}))
+    return out
 
 
 # ---------------------------------------------------------------- entry point
@@ -210,11 +331,12 @@ def parse_alpha(value) -> float | str:
 
 def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: float | str = 0.5, exclude=(),
            op_types=fold.CONSUMER_OPS, provider: str = "cpu", memory_budget_mb: int = MEMORY_BUDGET_MB, progress: bool = True,
-           shift: bool = True, kept: frozenset = frozenset(), shared_rounding: bool = True) -> dict:
+           shift: bool = True, kept: frozenset = frozenset(), shared_rounding: bool = True, threads: int = 0) -> dict:
     """SmoothQuant on `graph` in place: one scale per activation read by the planned weight layers (`plan`,
     else every weight layer of `op_types` not matching `exclude`), alpha fixed (a float) or searched per
     activation ('auto'); `kept`: planned layers the quantizer leaves high precision; `shared_rounding`: it rounds
-    shared weights for all uses (quant.shared_rounding). With 'auto' and `shift`, an activation read only by
+    shared weights for all uses (quant.shared_rounding); `threads`: the alpha search's worker threads (0: automatic,
+    threads.for_bytes; the choices do not depend on it). With 'auto' and `shift`, an activation read only by
     MatMul/Gemm layers is centred per channel first (rewrite/shift.py) where that lowers the simulated error (a
     shared weight's with `shared_rounding`: where it shrinks the range). Returns the report."""
     t0 = time.perf_counter()
@@ -284,17 +406,29 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
         if len(unit) > 1:
             entry["shared_weight_activations"] = [g.activation for g in unit]
         if batches:
-            uses = [([sim_layer(n, smp.value) for n, smp in zip(g.layers, g.samplers)], g.absmax.value) for g in judged]
-            chosen, s, entry["error"] = search_alpha(uses[0][0], act_max, w_max, uses)
-            del uses
-            if all(g.shiftable for g in unit):
+            samples: dict = {}   # one array per sampler (Q, K and V share theirs): sim_layer's shared inputs
+            for smp in (smp for g in judged for smp in g.samplers):
+                if id(smp) not in samples:
+                    samples[id(smp)] = smp.value
+            inputs: dict = {}
+            uses = [([sim_layer(n, samples[id(smp)], inputs=inputs) for n, smp in zip(g.layers, g.samplers)],
+                     g.absmax.value) for g in judged]
+            searches = [(uses, act_max, w_max)]
+            shiftable = all(g.shiftable for g in unit)
+            if shiftable:   # searched together with the unshifted: independent of it
                 cs = {id(g): shifting.centre(g.lo.value, g.hi.value) for g in unit}   # each use its own centres
                 halves = [shifting.half_range(g.lo.value, g.hi.value, cs[id(g)]) for g in judged]
                 act_c = np.max(halves, axis=0)
                 entry["range_shift"] = [float(np.max(act_max)), float(np.max(act_c))]
-                uses = [([sim_layer(n, smp.value, cs[id(g)]) for n, smp in zip(g.layers, g.samplers)], h)
-                        for g, h in zip(judged, halves)]
-                chosen_c, s_c, entry["error_shifted"] = search_alpha(uses[0][0], act_c, w_max, uses)
+                inputs = {}
+                searches.append(([([sim_layer(n, samples[id(smp)], cs[id(g)], like=L, inputs=inputs)
+                                    for n, smp, L in zip(g.layers, g.samplers, ls)], h)
+                                  for g, h, (ls, _) in zip(judged, halves, uses)], act_c, w_max))
+            found = search_alphas(searches, threads)
+            del uses, searches, samples, inputs
+            chosen, s, entry["error"] = found[0]
+            if shiftable:
+                chosen_c, s_c, entry["error_shifted"] = found[1]
                 better = entry["error_shifted"]["smoothed"] < entry["error"]["smoothed"]
                 if shared_rounding and len(unit) > 1:
                     # the QDQ pass rounds a shared weight with error feedback on the (shifted) inputs of all its uses,
@@ -302,7 +436,6 @@ def smooth(graph: gs.Graph, data: calib.CalibData | None, plan=None, *, alpha: f
                     # misjudges it: shift where the range shrinks (ALBERT stand-in: GELU outputs shifted too,
                     # output cosine 0.9874 -> 0.9899, where the simulation said no)
                     better = np.max(act_c) <= SHIFT_RANGE * np.max(act_max)
-                del uses
                 if better:
                     chosen, s = chosen_c, s_c
                     entry["shift"] = [shifting.shift_input(graph, g.layers, cs[id(g)], taken=taken) for g in unit][0]
@@ -379,4 +512,4 @@ class SmoothQuant(PassBase):
         return smooth(ctx.graph, data, plan, alpha=self.alpha, exclude=self.exclude, op_types=self.op_types,
                                   provider=ctx.provider, memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress,
                                   shift=self.shift, kept=kept,
-                                  shared_rounding=bool(getattr(qdq, "shared_rounding", False)))
+                                  shared_rounding=bool(getattr(qdq, "shared_rounding", False)), threads=ctx.threads)
