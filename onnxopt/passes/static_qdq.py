@@ -103,8 +103,8 @@ class QDQ(StaticQuantizer):
         fb = (feedback.Feedback.plan(plan, len(ctx.data), ctx.memory_budget_mb) if self.rounding == "feedback"
               else None)
         # Error-fed codes need calibration's Hessians; nearest-rounded ones are computed meanwhile (issue 25). Also on
-        # the CPU provider: its sessions leave cores idle often enough (dev box, full-size SDXL: calibrate +11 s,
-        # write -16 s).
+        # the CPU provider: its sessions leave cores idle often enough (dev box, full-size SDXL: calibrate +11-18 s,
+        # write -16-19 s).
         pre = None if fb else prequantize.Prequantized.start(
             graph, self.mode, plan, high_precision=ctx.high_precision, threads=ctx.threads,
             **({} if self.prequantize_bytes is None else {"min_bytes": self.prequantize_bytes}))
