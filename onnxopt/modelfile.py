@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,9 @@ SPILL_BYTES = 1 << 20
 # and full-size SDXL has hundreds of NVFP4 weights of 0.1 to 1 MB packed (0.4 GB held otherwise).
 PACKED_SPILL_BYTES = 64 << 10
 _SPILL: contextvars.ContextVar = contextvars.ContextVar("onnxopt_spill", default=None)
+# Appends (seek to the end, write) from two threads at once: calibration's lazyscale products on the main thread and
+# the weight codes quant.prequantize computes meanwhile.
+_SPILL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -213,9 +217,18 @@ def spilling(workdir: str | os.PathLike):
             _SPILL.reset(token)
 
 
+def spilling_now() -> bool:
+    """Whether `set_values` spills here (inside `spilling`, in this thread's context)."""
+    return _SPILL.get() is not None
+
+
 def set_values(const: gs.Constant, values: np.ndarray) -> None:
     """Give `const` new values: in memory, or inside `spilling`, appended to its file and read on demand.
-    4-bit values (INT4, FP4 E2M1, which graphsurgeon cannot serialize) are kept packed, two a byte."""
+    4-bit values (INT4, FP4 E2M1, which graphsurgeon cannot serialize) are kept packed, two a byte. Lazy values
+    (spilled earlier, e.g. by `spilled`) are taken as they are: not read and written again."""
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        const._values = values
+        return
     spill = _SPILL.get()
     values = np.asarray(values)
     if values.dtype.kind == "V" and helper.np_dtype_to_tensor_dtype(values.dtype) in _PACKED:
@@ -235,11 +248,12 @@ def set_values(const: gs.Constant, values: np.ndarray) -> None:
 def _spill(const: gs.Constant, data_type: int, shape: tuple, payload, spill) -> None:
     """Append `payload` (the tensor's external bytes) to the spill file, page-aligned, and make `const` read it lazily."""
     f, path = spill
-    end = f.seek(0, os.SEEK_END)
-    offset = end + (-end) % _ALIGN  # page-aligned, like io.save
-    f.seek(offset)
-    f.write(payload)
-    f.flush()
+    with _SPILL_LOCK:
+        end = f.seek(0, os.SEEK_END)
+        offset = end + (-end) % _ALIGN  # page-aligned, like io.save
+        f.seek(offset)
+        f.write(payload)
+        f.flush()
     t = onnx.TensorProto(name=const.name, data_type=data_type, dims=shape, data_location=onnx.TensorProto.EXTERNAL)
     for k, v in (("location", path), ("offset", str(offset)), ("length", str(payload.nbytes))):
         t.external_data.add(key=k, value=v)
@@ -251,6 +265,12 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     c = gs.Constant(name, values)
     set_values(c, values)
     return c
+
+
+def spilled(name: str, values: np.ndarray):
+    """`values` as `constant(name, values)` would hold them: spilled (lazy values) or, if small, the array itself.
+    Give the result to `constant`/`set_values` later: it is not written again."""
+    return constant(name, values)._values
 
 
 def export_graph(graph: gs.Graph, opset: int | None = None) -> onnx.ModelProto:

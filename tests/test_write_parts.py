@@ -53,8 +53,8 @@ def test_job_memory_counts_parts():
     big = _conv(np.zeros((1280, 1280, 3, 3), np.float32))
     small = _conv(np.zeros((64, 64, 3, 3), np.float32))
     job = lambda n: writer.WeightJob(n, n.inputs[1], None, 0, "fp8", "fp16", None)  # noqa: E731
-    assert writer._job_bytes(job(big)) == int(writer.JOB_FP32_COPIES_IN_PARTS * 1280 * 1280 * 9 * 4)
-    assert writer._job_bytes(job(small)) == writer.JOB_FP32_COPIES * 64 * 64 * 9 * 4
+    assert writer.job_bytes(job(big)) == int(writer.JOB_FP32_COPIES_IN_PARTS * 1280 * 1280 * 9 * 4)
+    assert writer.job_bytes(job(small)) == writer.JOB_FP32_COPIES * 64 * 64 * 9 * 4
 
 
 def test_scaled_in_parts_equals_one_multiply():

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from .. import attention_guard, calib, einsum, formats
 from ..cast import precision
 from ..errors import OnnxoptError
-from ..quant import calibration, feedback, rules, shared_rounding, writer
+from ..quant import calibration, feedback, prequantize, rules, shared_rounding, writer
 from ..pass_protocol import StaticQuantizer, check_choice, check_regexes, one_quantizer
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ class QDQ(StaticQuantizer):
     shared_lead_high_precision: bool = True  # layers up to a shared weight's first use stay high precision (same module)
     weight_rounding: str | None = None  # "nearest" | "feedback" (GPTQ from calibration); None = the format's
     name = "qdq"
+    # FP32 weight bytes from which weights are quantized during calibration (quant.prequantize); None: its default.
+    # Not a dataclass field (no recipe option, reports unchanged): tests set it on an instance.
+    prequantize_bytes = None
     min_opset = 19                     # FP16 scales on Q/DQ need opset 19
     quantizes = True
 
@@ -99,11 +102,24 @@ class QDQ(StaticQuantizer):
         t0 = time.perf_counter()
         fb = (feedback.Feedback.plan(plan, len(ctx.data), ctx.memory_budget_mb) if self.rounding == "feedback"
               else None)
-        amax, means, hessians = self.calibrate(ctx, plan, fb.reducers if fb else None)
+        # Error-fed codes need calibration's Hessians; nearest-rounded ones are computed meanwhile (issue 25). Also on
+        # the CPU provider: its sessions leave cores idle often enough (dev box, full-size SDXL: calibrate +11-18 s,
+        # write -16-19 s).
+        pre = None if fb else prequantize.Prequantized.start(
+            graph, self.mode, plan, high_precision=ctx.high_precision, threads=ctx.threads,
+            **({} if self.prequantize_bytes is None else {"min_bytes": self.prequantize_bytes}))
+        try:
+            amax, means, hessians = self.calibrate(ctx, plan, fb.reducers if fb else None)
+        except BaseException:
+            if pre is not None:
+                pre.cancel()
+            raise
         t1 = time.perf_counter()
         qplan = writer.QuantPlan.uniform(self.mode, plan, amax, means, hessians=hessians or {})
         quantized, fb_report = (fb.quantize(graph, qplan, high_precision=ctx.high_precision, threads=ctx.threads)
                                 if fb else (None, None))
+        if pre is not None:
+            quantized = pre.finish(graph, qplan, high_precision=ctx.high_precision, threads=ctx.threads)
         layers = writer.write(graph, qplan, high_precision=ctx.high_precision, threads=ctx.threads, quantized=quantized)
         # Layers whose weight scales underflow FP16 keep FP32 scales; autocast leaves them in FP32.
         fp32_scale = [n for n, info in layers.items() if "fp32_scale" in info]

@@ -45,7 +45,7 @@ def write_weight_codes(graph: gs.Graph, const: gs.Constant, axis: int, fmt: str,
     `const`. Returns (DQ output, info)."""
     scale = scale.reshape(-1)
     out = formats.get(fmt).write_weight(graph, const.name, q, scale, {"axis": int(axis)})
-    info = {"axis": int(axis), "channels": int(scale.size), "params": int(q.size)}
+    info = {"axis": int(axis), "channels": int(scale.size), "params": int(np.prod(q.shape))}  # q: an array or spilled (lazy) values
     if fp32_scale is not None:
         info["fp32_scale"] = fp32_scale
     return out, info

@@ -67,7 +67,8 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
     0: one per core; the result does not depend on it; at most `in_flight_bytes` of memory for weights being quantized
     or waiting to be written at once (their work counted as `JOB_FP32_COPIES` copies of the FP32 weight), each
     written (spilled) before the next is taken). `quantized` ({(weight constant name, format): result of
-    `quantize_weights`}) supplies per-channel weights quantized earlier, which are not quantized again.
+    `quantize_weights`}; codes as arrays or as values spilled already, quant.prequantize) supplies per-channel weights
+    quantized earlier, which are not quantized again.
     `block_dtype` np.float32: block formats whose TensorRT dequantizers output FP16 (MXFP8) are cast to it, for a
     graph evaluated before Autocast (--auto's check); None: TensorRT's own types (the file; Autocast follows).
     Returns {layer: info}."""
@@ -102,7 +103,7 @@ def write(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, threads: int
         todo = [j for j in jobs if (j.const.name, f) not in have]
         by_const = {j.const.name: j for j in jobs}
         # Bounded by bytes in flight (threads.IN_FLIGHT_BYTES): each result is spilled below before the next is taken.
-        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(_bytes(todo), threads), cost=_job_bytes,
+        fresh = threads_.ordered_map(quantize_job, todo, threads_.for_bytes(jobs_bytes(todo), threads), cost=job_bytes,
                                      budget=in_flight_bytes)
         done: dict = {}
         for node, idx, const, axis in place.weights:
@@ -163,13 +164,18 @@ class WeightJob:
 def quantize_job(job: WeightJob) -> tuple:
     """(codes, scales, smallest FP32 scale or None, bias-correction output shift or None) of one weight, as
     `write` stores it. Reads the weight (lazily, from its file) and touches no graph: safe in worker threads."""
-    values = fold.chain_values(job.const, job.chain) if job.chain is not None else G.read_values(job.const)
-    w = np.asarray(values, dtype=np.float32)
+    w = job_weight(job)
     f = formats.get(job.format)
     q, scale, fp32_scale = qdq.weight_codes(f, w, job.axis, job.high_precision)
     if job.hessian is not None:
         q = shared_rounding.codes(f, w, job.axis, scale, q, job.hessian, job.const.name)
     return job_result(job, w, f, q, scale, fp32_scale)
+
+
+def job_weight(job: WeightJob) -> np.ndarray:
+    """The job's weight as the layer reads it (FP32), read now (not cached on the graph)."""
+    values = fold.chain_values(job.const, job.chain) if job.chain is not None else G.read_values(job.const)
+    return np.asarray(values, dtype=np.float32)
 
 
 def job_result(job: WeightJob, w: np.ndarray, f, q, scale, fp32_scale) -> tuple:
@@ -228,7 +234,7 @@ def quantize_weights(graph: gs.Graph, plan: QuantPlan, *, high_precision: str, t
     included: their weights change when the writer folds the smoothing."""
     jobs = weight_jobs(graph, plan, high_precision=high_precision)
     return {(j.const.name, j.format): r for j, r in
-            ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(_bytes(jobs), threads)))}
+            ((r[0], r) for r in threads_.ordered_map(quantize_job, jobs, threads_.for_bytes(jobs_bytes(jobs), threads)))}
 
 
 # A job's peak, in FP32 copies of its weight (tracemalloc, the read included): whole, the read weight, w / scale,
@@ -238,7 +244,7 @@ JOB_FP32_COPIES = 4
 JOB_FP32_COPIES_IN_PARTS = 2.5
 
 
-def _job_bytes(job: WeightJob) -> int:
+def job_bytes(job: WeightJob) -> int:
     """Memory one job holds at its peak (from the weight's shape; nothing is read)."""
     b = _fp32_bytes(job)
     parts = b > qdq.CAST_PART_BYTES and job.hessian is None  # (shared rounding: its own temporaries)
@@ -249,7 +255,7 @@ def _fp32_bytes(job: WeightJob) -> int:
     return 4 * int(np.prod(job.const.shape)) if job.const.shape is not None else 0
 
 
-def _bytes(jobs: list) -> int:
+def jobs_bytes(jobs: list) -> int:
     """FP32 bytes of the weights of `jobs` (from their shapes; nothing is read)."""
     return sum(_fp32_bytes(j) for j in jobs)
 
