@@ -36,19 +36,44 @@ def _reducers(g):
     return {n: [calib.AbsMax(), calib.TopAbs(99.0), calib.ChannelAbsMax(-1, 3)] for n in names}
 
 
-def test_lazy_fold_gives_the_eager_weights_graph_and_statistics(tmp_path):
-    data = _data(tmp_path)
+def _eager_reference(tmp_path, data):
+    """The eager fold (weights in memory) and its calibration statistics."""
     (tmp_path / "e").mkdir()
-    (tmp_path / "l").mkdir()
     with modelfile.spilling(tmp_path / "e"):
         eager = _graph(tmp_path / "e", eager=True)
         smoothquant.smooth(eager, data, alpha=0.8, progress=False)
         ref = _reducers(eager)
         calib.collect_graph(eager, data, ref, provider="cpu", progress=False)
+    return eager, ref
+
+
+def _lazy_fold(folder, data):
+    """The lazy fold of the same model (inside `spilling`) and its lazily scaled constants."""
+    lazy = _graph(folder, eager=False)
+    smoothquant.smooth(lazy, data, alpha=0.8, progress=False)
+    return lazy, {n: c for n, c in lazy.tensors().items() if isinstance(c, gs.Constant) and isinstance(c._values, lazyscale.Scaled)}
+
+
+def _assert_as_eager(eager, ref, scaled, got):
+    """The lazy fold's statistics `got` are the eager ones; its products, read or exported (a save: computed once),
+    are the eager fold's bytes."""
+    for name, rs in ref.items():
+        for a, b in zip(rs, got[name]):
+            np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
+    eager_consts = {n: c for n, c in eager.tensors().items() if isinstance(c, gs.Constant)}
+    for name, c in scaled.items():
+        want = np.asarray(read_values(eager_consts[name]))
+        assert np.array_equal(read_values(c), want) and read_values(c).dtype == want.dtype
+        exported = modelfile.to_array(c._values.tensor)
+        assert np.array_equal(exported, want) and exported.dtype == want.dtype
+
+
+def test_lazy_fold_gives_the_eager_weights_graph_and_statistics(tmp_path):
+    data = _data(tmp_path)
+    eager, ref = _eager_reference(tmp_path, data)
+    (tmp_path / "l").mkdir()
     with modelfile.spilling(tmp_path / "l") as spill:
-        lazy = _graph(tmp_path / "l", eager=False)
-        smoothquant.smooth(lazy, data, alpha=0.8, progress=False)
-        scaled = {n: c for n, c in lazy.tensors().items() if isinstance(c, gs.Constant) and isinstance(c._values, lazyscale.Scaled)}
+        lazy, scaled = _lazy_fold(tmp_path / "l", data)
         # q/k/v/o, up and down projections; v (o_proj's scale through attention, then the LN's) and up (down's
         # scale through Relu and the bias Add) carry two factors
         assert len(scaled) >= 6 and sum(len(c._values.chain()[1]) == 2 for c in scaled.values()) >= 2
@@ -65,15 +90,7 @@ def test_lazy_fold_gives_the_eager_weights_graph_and_statistics(tmp_path):
         calib.collect(model, data, got, provider="cpu", progress=False)
         assert all(c._values._made is None for c in scaled.values()) and os.path.getsize(spill) == 0
     assert [n.name for n in lazy.nodes] == [n.name for n in eager.nodes]
-    for name, rs in ref.items():
-        for a, b in zip(rs, got[name]):
-            np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
-    # read: the eager fold's bytes; exported elsewhere (a save): computed once, the same bytes
-    eager_consts = {n: c for n, c in eager.tensors().items() if isinstance(c, gs.Constant)}
-    for name, c in scaled.items():
-        want = np.asarray(read_values(eager_consts[name]))
-        assert np.array_equal(read_values(c), want) and read_values(c).dtype == want.dtype
-        assert np.array_equal(modelfile.to_array(c._values.tensor), want)
+    _assert_as_eager(eager, ref, scaled, got)
 
 
 def test_small_or_in_memory_weights_are_scaled_at_once(tmp_path):
@@ -86,26 +103,12 @@ def test_products_computed_on_threads_before_a_session_are_the_eager_bytes(tmp_p
     """collect_graph outside the in-graph form: every product is computed at once on worker threads
     (lazyscale.compute_all) and spilled; the statistics and the exported weights are the eager fold's."""
     data = _data(tmp_path)
-    (tmp_path / "e").mkdir()
+    eager, ref = _eager_reference(tmp_path, data)
     (tmp_path / "l").mkdir()
-    with modelfile.spilling(tmp_path / "e"):
-        eager = _graph(tmp_path / "e", eager=True)
-        smoothquant.smooth(eager, data, alpha=0.8, progress=False)
-        ref = _reducers(eager)
-        calib.collect_graph(eager, data, ref, provider="cpu", progress=False)
     with modelfile.spilling(tmp_path / "l") as spill:
-        lazy = _graph(tmp_path / "l", eager=False)
-        smoothquant.smooth(lazy, data, alpha=0.8, progress=False)
-        scaled = {n: c for n, c in lazy.tensors().items() if isinstance(c, gs.Constant) and isinstance(c._values, lazyscale.Scaled)}
+        lazy, scaled = _lazy_fold(tmp_path / "l", data)
         assert lazyscale.compute_all(lazy, threads=2) == len(scaled) >= 6
         assert all(c._values._made is not None for c in scaled.values()) and os.path.getsize(spill) > 0
         got = _reducers(lazy)
         calib.collect_graph(lazy, data, got, provider="cpu", progress=False)
-    for name, rs in ref.items():
-        for a, b in zip(rs, got[name]):
-            np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))
-    eager_consts = {n: c for n, c in eager.tensors().items() if isinstance(c, gs.Constant)}
-    for name, c in scaled.items():
-        want = np.asarray(read_values(eager_consts[name]))
-        got_w = modelfile.to_array(c._values.tensor)
-        assert np.array_equal(got_w, want) and got_w.dtype == want.dtype
+    _assert_as_eager(eager, ref, scaled, got)
