@@ -66,6 +66,8 @@ class Scaled(gs.ir.tensor.LazyValues):
         self._made = None
 
     def load(self) -> np.ndarray:
+        if self._made is not None:  # computed for a session already (compute_all): read back, not multiplied again
+            return modelfile.to_array(self._made)
         src = self.source.load() if isinstance(self.source, gs.ir.tensor.LazyValues) else np.asarray(self.source)
         # parts on threads from the main thread only: a worker of another pool (the writer's) keeps to itself
         return scaled(src, self.factor, threads=0 if threading.current_thread() is threading.main_thread() else 1)
