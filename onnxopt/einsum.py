@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .toposort import toposort
 from . import graph as G
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,6 @@ def rewrite(graph: gs.Graph) -> int:
         node.inputs = []
         count += 1
     if count:
-        graph.cleanup().toposort()
+        toposort(graph.cleanup())
         log.info("rewrote %d Einsum matrix products as MatMul", count)
     return count

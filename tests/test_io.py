@@ -148,3 +148,37 @@ def test_unwritable_location_is_a_user_error(tmp_path):
         atomicfile.check_writable(tmp_path / "m.onnx" / "sub" / "r.json", "--report")
     atomicfile.check_writable(tmp_path / "new" / "sub" / "r.json", "--report")  # folders that do not exist yet are fine
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_all_tensors_lists_what_onnx_lists_in_onnx_order():
+    """modelfile.all_tensors walks the graph once; it must give onnx's list, order included (callers take the
+    main graph's initializers as its first entries): initializers of the graph and nested subgraphs, then
+    Constant/attribute tensors everywhere, functions' last."""
+    from onnx import external_data_helper, helper, numpy_helper
+    from onnxopt import modelfile
+
+    def init(name):
+        return numpy_helper.from_array(np.full(2, len(name), np.float32), name)
+
+    def const(name):
+        return helper.make_node("Constant", [], [name], value=init(name + "_v"), name=name)
+
+    inner = helper.make_graph([const("c_in"), helper.make_node("Add", ["c_in", "w_in"], ["y_in"])], "inner", [],
+                              [helper.make_tensor_value_info("y_in", onnx.TensorProto.FLOAT, [2])],
+                              initializer=[init("w_in")])
+    deeper = helper.make_graph([const("c_deep"), helper.make_node("If", ["cond"], ["y_else"], then_branch=inner,
+                                                                   else_branch=inner)], "deeper", [],
+                               [helper.make_tensor_value_info("y_else", onnx.TensorProto.FLOAT, [2])],
+                               initializer=[init("w_deep")])
+    nodes = [const("c0"), helper.make_node("If", ["cond"], ["y"], then_branch=deeper, else_branch=inner),
+             helper.make_node("Constant", [], ["cs"], sparse_value=helper.make_sparse_tensor(
+                 init("sv"), numpy_helper.from_array(np.array([0], np.int64), "si"), [2])), const("c1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+                              initializer=[init("w0"), init("w1")])
+    fn = onnx.FunctionProto(name="f", domain="local", node=[const("c_fn")], output=["c_fn"])
+    model = helper.make_model(graph, functions=[fn])
+    want = [t.name for t in external_data_helper._get_all_tensors(model)]
+    assert [t.name for t in modelfile.all_tensors(model)] == want
+    assert want[:2] == ["w0", "w1"] and want[-1] == "c_fn_v"
+    assert {"w_in", "w_deep", "c_in_v", "c_deep_v", "c0_v", "c1_v"} <= set(want)

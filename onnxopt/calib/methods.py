@@ -27,8 +27,7 @@ def amax_from_histogram(h: Histogram, method: str, qtype: str = formats.INT8.nam
         return float(min(h.edges[min(i + 1, h.bins)], h.amax))
     candidates = _candidates(h)
     if method == "mse":
-        errs = [_quant_mse(centers, h.counts, c, qtype) for c in candidates]
-        return float(candidates[int(np.argmin(errs))])
+        return float(candidates[int(np.argmin(_quant_mse(centers, h.counts, candidates, qtype)))])
     if method == "entropy":
         return _entropy_amax(h, qtype)
     raise OnnxoptError(f"unknown calibration method '{method}'; use one of {', '.join(METHODS)}")
@@ -40,11 +39,22 @@ def _candidates(h: Histogram) -> np.ndarray:
     return np.unique(np.concatenate([np.geomspace(stop * 1e-3, stop, 160), [h.amax]]))
 
 
-def _quant_mse(x: np.ndarray, w: np.ndarray, amax: float, qtype: str) -> float:
+def _quant_mse(x: np.ndarray, w: np.ndarray, amaxes: np.ndarray, qtype: str, rows: int = 32) -> np.ndarray:
+    """Weighted squared error of quantizing the bin centres `x` at each clip range, a block of rows at a time.
+    Terms are computed for the non-empty bins only (about 40% of them on SDXL's activations) and summed over
+    all bins, zeros included: the same pairwise sums, so the same choice, as one 1-D sum per candidate."""
     f = formats.get(formats.get(qtype).clip_qtype)
-    s = amax / f.qmax
-    q = f.to_float(f.cast(x / s)).astype(np.float64) * s
-    return float(np.sum(w * (x - q) ** 2))
+    nz = np.flatnonzero(w)
+    xs, ws = x[nz], w[nz]
+    errs = np.empty(len(amaxes))
+    terms = np.zeros((min(rows, len(amaxes)), x.size))
+    for i in range(0, len(amaxes), rows):
+        s = (np.asarray(amaxes[i:i + rows], np.float64) / f.qmax)[:, None]
+        q = f.to_float(f.cast(xs[None, :] / s)).astype(np.float64) * s
+        t = terms[:s.shape[0]]
+        t[:, nz] = ws * (xs - q) ** 2
+        errs[i:i + rows] = np.sum(t, axis=1)
+    return errs
 
 
 def _entropy_amax(h: Histogram, qtype: str) -> float:

@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
+from ..toposort import toposort
 from .. import graph as G
 from .. import formats, modelfile, threads
 from . import precision, prescale
@@ -45,7 +46,7 @@ def shape_nodes(graph: gs.Graph) -> set[int]:
     nothing but constants otherwise. They stay untouched by quantization and autocast."""
     derived: set[str] = set()
     nodes: set[int] = set()
-    for node in graph.toposort().nodes:  # toposort is stable and needed for the forward walk
+    for node in toposort(graph).nodes:  # toposort is stable and needed for the forward walk
         if node.op in _SHAPE_SOURCES:
             derived.update(o.name for o in node.outputs)
             nodes.add(id(node))
@@ -84,7 +85,7 @@ def to_low_precision(graph: gs.Graph, dtype: str = formats.FP16.name, *, ranges:
         if io_dtype == dtype and _is_f32(t):
             t.dtype = low
     casts += _restore_output_dtypes(graph, orig_outputs, io_dtype == dtype, unique)
-    graph.cleanup().toposort()
+    toposort(graph.cleanup())
     log.info("autocast to %s: %d casts, %d nodes kept in fp32 (%d by measured range)", dtype, casts, len(keep), len(chosen))
     for name, why in chosen.items():
         log.info("kept in fp32: %s (%s): %s", name, why["op"], why["reason"])

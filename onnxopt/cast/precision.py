@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 
+from ..toposort import toposort
 from .. import calib, formats
 from ..graph import read_values
 
@@ -99,7 +100,7 @@ def tensor_ranges(graph: gs.Graph, measured: dict[str, float]) -> dict[str, floa
             r[t.name] = float(np.max(np.abs(v))) if v.size else 0.0
         return r.get(t.name)
 
-    for node in graph.toposort().nodes:
+    for node in toposort(graph).nodes:
         if all(o.name in r for o in node.outputs):
             continue
         if node.op == "DequantizeLinear" and isinstance(node.inputs[1], gs.Constant):

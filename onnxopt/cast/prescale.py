@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..toposort import toposort
 from .. import graph as G
 from .. import modelfile
 from . import precision
@@ -291,7 +292,7 @@ def _apply(graph, k, find, layers, norms, sigmoids, rng) -> dict[str, float]:
             eps = float(norm.attrs.get("epsilon", 1e-5))
             norm.attrs["epsilon"] = max(eps / (f * f), EPS_FLOOR)
     if sigmoids:
-        graph.toposort()
+        toposort(graph)
     return added
 
 

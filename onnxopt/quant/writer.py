@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..toposort import toposort
 from .. import formats
 from ..rewrite import fold
 from .. import threads as threads_
@@ -448,7 +449,7 @@ def _smooth_inputs(graph: gs.Graph, plan: QuantPlan):
             done[n.name] = how
     for u in units:
         fold.scale_weights(graph, [n for i in u for n in todo[i][2]], todo[u[0]][1].s)
-    graph.cleanup().toposort()
+    toposort(graph.cleanup())
     view = {n: (formats.get(f).base or f) if f != "none" else f for n, f in mix.items()}
     return view, amax, means, done
 

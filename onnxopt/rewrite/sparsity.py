@@ -20,6 +20,7 @@ import time
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..toposort import toposort
 from .. import calib
 from .. import graph as G
 from .. import modelfile
@@ -122,7 +123,7 @@ def sparsify(graph: gs.Graph, *, pattern: str = "2:4", method: str = "magnitude"
             regexes.append(re.compile(r))
         except re.error as e:
             raise OnnxoptError(f"bad --exclude regex '{r}': {e}") from None
-    graph.toposort()
+    toposort(graph)
     rows, units = _plan(graph, n, m, regexes, min_params)
     todo = []
     for unit in units:
