@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import calib
+from .. import calib, threads
 from . import bias_correction, rules
 
 
@@ -40,12 +40,18 @@ class CalibrationPlan:
     def amax(self) -> dict:
         """{format: {tensor: clip range}} once the data has run; Concat groups share their largest range where
         rules.share_concat_scales allows."""
+        def one(item):
+            f, r = item
+            return calib.amax_from_histogram(r, self.methods[f], f, self.percentile) if isinstance(r, calib.Histogram) else r.value
+        # the histogram searches (~300 of a few ms on the tiny UNet) on worker threads: numpy releases the GIL
+        items = [(f, name, r) for f in self.placements for name, r in self.ranges[f].items()]
+        values = iter(threads.ordered_map(one, [(f, r) for f, _, r in items],
+                                          threads=0 if any(isinstance(r, calib.Histogram) for *_, r in items) else 1))
         out = {}
         for f, place in self.placements.items():
             a = dict(place.fixed_amax)
-            for name, r in self.ranges[f].items():
-                a[name] = (calib.amax_from_histogram(r, self.methods[f], f, self.percentile)
-                           if isinstance(r, calib.Histogram) else r.value)
+            for name in self.ranges[f]:
+                a[name] = next(values)
             rules.share_concat_scales(place, a)
             out[f] = a
         return out
