@@ -10,9 +10,10 @@ from onnxopt.toposort import toposort
 import tiny
 
 
-def _graph(edges: list[list[int]], outs: list[int], order: list[int]) -> gs.Graph:
+def _graph(edges: list[list[int]], outs: list[int], order: list[int], branches: dict | None = None) -> gs.Graph:
     """Node i reads the outputs of nodes edges[i] (all earlier than i: a DAG) and a graph input; node i has
-    outs[i] outputs; the node list is given in `order`."""
+    outs[i] outputs; the node list is given in `order`. A node i in `branches` is an If whose then-branch reads
+    the outer outputs of the nodes branches[i] (earlier than i) through a nested If of its own."""
     x = gs.Variable("x", np.float32, [1])
     w = gs.Constant("w", np.ones(1, np.float32))
     produced, nodes = [], []
@@ -20,7 +21,19 @@ def _graph(edges: list[list[int]], outs: list[int], order: list[int]) -> gs.Grap
         inputs = [x, w] + [produced[j][k % len(produced[j])] for k, j in enumerate(reads)]
         outputs = [gs.Variable(f"t{i}_{k}", np.float32, [1]) for k in range(outs[i])]
         produced.append(outputs)
-        nodes.append(gs.Node("Sum", f"n{i}", inputs=inputs, outputs=outputs))
+        if branches and i in branches:
+            outer = [produced[j][0] for j in branches[i]] or [x]
+            inner_out = gs.Variable(f"i{i}", np.float32, [1])
+            inner = gs.Graph(nodes=[gs.Node("Sum", f"in{i}", inputs=outer + [w], outputs=[inner_out])],
+                             outputs=[inner_out])
+            then_out = gs.Variable(f"b{i}", np.float32, [1])
+            then = gs.Graph(nodes=[gs.Node("If", f"nested{i}", inputs=[x], outputs=[then_out],
+                                           attrs={"then_branch": inner, "else_branch": inner})], outputs=[then_out])
+            nodes.append(gs.Node("If", f"n{i}", inputs=inputs[:1], outputs=outputs[:1],
+                                 attrs={"then_branch": then, "else_branch": then}))
+            produced[-1] = outputs[:1]
+        else:
+            nodes.append(gs.Node("Sum", f"n{i}", inputs=inputs, outputs=outputs))
     return gs.Graph(nodes=[nodes[i] for i in order], inputs=[x], outputs=produced[-1][:1])
 
 
@@ -30,7 +43,9 @@ def dags(draw):
     edges = [draw(st.lists(st.integers(0, i - 1), max_size=4)) if i else [] for i in range(n)]
     outs = [draw(st.integers(1, 3)) for _ in range(n)]
     order = draw(st.permutations(range(n)))
-    return edges, outs, order
+    ifs = draw(st.sets(st.integers(1, n - 1), max_size=3)) if n > 1 else set()
+    branches = {i: draw(st.lists(st.integers(0, i - 1), max_size=3)) for i in sorted(ifs)}
+    return edges, outs, order, branches
 
 
 @settings(max_examples=300, deadline=None)
@@ -40,6 +55,8 @@ def test_same_order_as_graphsurgeon_on_random_dags(dag):
     toposort(ours)
     theirs.toposort()
     assert [n.name for n in ours.nodes] == [n.name for n in theirs.nodes]
+    for a, b in zip(ours.subgraphs(recursive=True), theirs.subgraphs(recursive=True), strict=True):
+        assert [n.name for n in a.nodes] == [n.name for n in b.nodes]
 
 
 @pytest.mark.parametrize("model", [tiny.transformer(), tiny.cross_attention(), tiny.cnn()], ids=["transformer", "cross_attention", "cnn"])
