@@ -29,29 +29,17 @@ _PROTO_LIMIT = 1_800_000_000
 
 
 def check_valid(model: onnx.ModelProto, provider: str = "cpu"):
-    """onnx checker with full type inference, and an ORT_DISABLE_ALL session (the exact emulation where
+    """onnx checker with full type inference, then an ORT_DISABLE_ALL session (the exact emulation where
     the provider cannot run the low-precision graph). Returns (session, emulated). A failure is a bug."""
     check_data(model)
-    # The checker catches what ORT refuses (mixed float/float16 type parameters) with a clearer message; it
-    # runs while ORT builds the session on another thread (ORT releases the GIL), and its verdict comes first.
-    with ThreadPoolExecutor(1) as pool:
-        loaded = pool.submit(_session_of, model, provider)
-        try:
-            _checker(weightless(model))
-        except BaseException:
-            loaded.cancel()
-            raise
-        return loaded.result()
-
-
-def _session_of(model: onnx.ModelProto, provider: str):
-    """(session, emulated) of the written graph, or of its exact emulation where it holds FP16/BF16: CPU FP16
-    kernels may compute in FP32 and hide a GPU's overflow, and BF16 has no CPU kernels."""
+    _checker(weightless(model))  # catches what ORT refuses (mixed float/float16 type parameters) without a session
     if not _has_low(model):
         try:
             return ortx.session(model, provider=provider, level="disable", lean=True), False
         except OnnxoptError as e:
             raise OnnxoptError(f"internal error: the written graph does not load: {e}; please report it") from None
+    # CPU FP16 kernels may compute in FP32 and hide a GPU's overflow, and BF16 has no CPU kernels:
+    # run the exact emulation instead.
     from .emulate import emulated_view
     try:
         return ortx.session(emulated_view(model), provider=provider, level="disable", lean=True), True
