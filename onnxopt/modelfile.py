@@ -73,8 +73,11 @@ def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def _walk(graph, inits: list | None, attrs: list) -> None:
+    """Append `graph`'s initializers (None: a function, which has none, nor do its subgraphs count) and its
+    attribute tensors, subgraphs included."""
     if inits is not None:
         inits.extend(graph.initializer)
+    sub_inits = inits if inits is not None else []
     for node in graph.node:
         for a in node.attribute:
             t = a.type
@@ -83,10 +86,10 @@ def _walk(graph, inits: list | None, attrs: list) -> None:
             elif t == onnx.AttributeProto.TENSORS:
                 attrs.extend(a.tensors)
             elif t == onnx.AttributeProto.GRAPH:
-                _walk(a.g, inits if inits is not None else [], attrs)
+                _walk(a.g, sub_inits, attrs)
             elif t == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    _walk(g, inits if inits is not None else [], attrs)
+                    _walk(g, sub_inits, attrs)
 
 
 def set_location(t: onnx.TensorProto, location: str) -> None:

@@ -141,8 +141,8 @@ def _key(s: int, only) -> tuple:
 # ---------------------------------------------------------------- the evaluator
 class _Live:
     """The count of live sessions, apart from the evaluator: a session's finalizer holding the evaluator (a bound
-    method) kept it, and through its cache every session it had, alive until the process ended (+300 MB on the
-    tiny SDXL UNet's --auto)."""
+    method) kept it, and through its cache every session it had, alive until the process ended (+250 MB peak on
+    the tiny SDXL UNet's --auto)."""
 
     def __init__(self):
         self.n = 0

@@ -44,9 +44,9 @@ class CalibrationPlan:
             f, r = item
             return calib.amax_from_histogram(r, self.methods[f], f, self.percentile) if isinstance(r, calib.Histogram) else r.value
         # the histogram searches (~300 of a few ms on the tiny UNet) on worker threads: numpy releases the GIL
-        items = [(f, name, r) for f in self.placements for name, r in self.ranges[f].items()]
-        values = iter(threads.ordered_map(one, [(f, r) for f, _, r in items],
-                                          threads=0 if any(isinstance(r, calib.Histogram) for *_, r in items) else 1))
+        items = [(f, r) for f in self.placements for r in self.ranges[f].values()]
+        values = iter(threads.ordered_map(one, items,
+                                          threads=0 if any(isinstance(r, calib.Histogram) for _, r in items) else 1))
         out = {}
         for f, place in self.placements.items():
             a = dict(place.fixed_amax)
