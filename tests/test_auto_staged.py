@@ -631,3 +631,22 @@ def test_a_dropped_evaluator_frees_its_sessions(setup):
     del st
     gc.collect()
     assert gone() is None and all(s() is None for s in sessions)
+
+
+def test_pruned_stages_keep_exactly_the_gate_reads_their_ifs_need(setup):
+    """A stage proto with a few gates on keeps, of the gates' Gather/Greater nodes, exactly those some kept node
+    (an If, another gate read) or a stage output reads: none left dangling, none missing (the session loads)."""
+    from onnxopt.autoquant.stage_plan import node_reads
+    _, st, _ = _both(setup)
+    rng = np.random.default_rng(1)
+    for s in range(st.plan.n):
+        gates = sorted(st.plan.stage_gates.get(s, ()))
+        for only in (set(), set(gates), set(rng.choice(gates, len(gates) // 2, replace=False).tolist()) if gates else set()):
+            for kw in ({}, {"fixed": True}):
+                m = st.plan.proto(s, st.types, only=only, **kw)
+                read = {r for n in m.graph.node for r in node_reads(n)} | {o.name for o in m.graph.output}
+                gate_nodes = [n for n in m.graph.node if n.op_type in ("Gather", "Greater")]
+                assert all(any(o in read for o in n.output) for n in gate_nodes), (s, only, kw)
+                assert {st.plan.gate_by_node[n.name] for n in m.graph.node if n.op_type == "If"} <= (set() if kw else only)
+                assert not kw or not gate_nodes  # fixed: the gates are on for good, nothing reads them
+                ort.session(m)  # every read has its producer

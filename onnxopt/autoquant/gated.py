@@ -2,10 +2,13 @@
 input), so one ORT session measures any mix exactly; plus the MACs of each layer from real feeds."""
 from __future__ import annotations
 
+import contextvars
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import formats, modelfile
+from .. import formats, modelfile, threads
 from ..rewrite import fold, lowrank
 from ..formats import emulation
 from .. import graph as G
@@ -77,11 +80,15 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     inputs = {name: (node.inputs[0].name, node.inputs[1]) for name, node in nodes.items()}  # before the gates
     ends = {name: (node.inputs[0], node.outputs[0], fold.effective_shape(node)) for name, node in nodes.items()
             if cands.layers[name].branch}  # a low-rank branch reads x and is added to y, around the gates
-    for name, node in track(list(nodes.items()), total=len(nodes), desc="gated graph", unit="layer",
-                            enabled=progress):
-        _gate_weight(b, node, cands.layers[name], {} if name in shared else means, hp, block_size, cands.clips.get(name),
-                     _smoothing(cands, node), {f: (cands.block_clips.get((name, f)), cands.smooth_of(name, f))
-                                               for f in cands.layers[name].formats})
+    jobs = [_WeightJob.of(node, cands.layers[name], {} if name in shared else means, hp, block_size,
+                          cands.clips.get(name), _smoothing(cands, node)) for name, node in nodes.items()]
+    # The weights' numbers on worker threads, the graph edits (and so every name) here, in the layers' order.
+    made = threads.ordered_map(_in_context(_weight_numbers), _with_context(jobs),
+                               threads.for_bytes(sum(_fp32_bytes(j) for j in jobs)), cost=lambda it: _job_bytes(it[1]))
+    for job, nums in track(made, total=len(jobs), desc="gated graph", unit="layer", enabled=progress):
+        name = job.node.name
+        _gate_weight(b, job, nums, {f: (cands.block_clips.get((name, f)), cands.smooth_of(name, f))
+                                    for f in cands.layers[name].formats})
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         for tname, uses in plan.activations.items():
@@ -177,27 +184,115 @@ def _qdq(b: _Builder, x: gs.Tensor, scale: np.ndarray, fmt: str, into: list) -> 
     return b.node("DequantizeLinear", [q, s, zp], f"{x.name}_{fmt}_DQ", shape=x.shape, into=into)
 
 
-def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip=None,
-                 sm=None, block_clips: dict | None = None) -> None:
-    fmts = [f for f in layer.formats if f != "none"]
-    if not fmts or not rules.is_weight(node.inputs[1]):
-        return
-    w = _consumed_weight(node)
-    y = node.outputs[0]
-    if any(_bias_shift(node, np.zeros_like(w), means, base_format(f)) is not None for f in fmts):
-        node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
-    for f in fmts:
+@dataclass
+class _WeightJob:
+    """One layer's weight gates: the graph reads they need, made on the main thread before any edit (workers
+    then read no graph edge while the main thread rewires the graph)."""
+    node: gs.Node
+    layer: Layer
+    formats: list       # the layer's weight candidates (empty: no constant weight)
+    const: gs.Constant | None
+    chain: list         # the Transposes/Casts between `const` and the layer (fold.weight_chain)
+    mean: object        # E[x] of the layer's input (bias correction), or None
+    out_shape: list | None
+    hp: str
+    block_size: int
+    clip: object = None
+    sm: object = None
+
+    @classmethod
+    def of(cls, node: gs.Node, layer: Layer, means: dict, hp: str, block_size: int, clip, sm) -> "_WeightJob":
+        fmts = [f for f in layer.formats if f != "none"] if rules.is_weight(node.inputs[1]) else []
+        const, chain = fold.weight_chain(node) if fmts else (None, [])
+        corrects = node.op in bias_correction.OPS and bias_correction.bias_target(_NoGraph, node) is not None
+        mean = means.get(node.inputs[0].name) if corrects else None
+        return cls(node, layer, fmts, const, chain, mean, node.outputs[0].shape, hp, block_size, clip, sm)
+
+
+@dataclass
+class _Numbers:
+    """A weight's numbers for its gates, made off the main thread: per format, the then-branch's constant (codes
+    spilled; named when the graph takes it), the DequantizeLinear's (scale, attrs) (None: an FP32 fake weight) and
+    the bias-correction shift; the FP32 weight where a format is made on the main thread (`_main_thread`)."""
+    made: dict
+    weight: np.ndarray | None = None
+
+
+def _fp32_bytes(job: _WeightJob) -> int:
+    return 4 * int(job.layer.params) if job.formats else 0
+
+
+def _job_bytes(job: _WeightJob) -> int:
+    return 4 * _fp32_bytes(job)  # the weight, its dequantized form, their difference, the codes' temporaries
+
+
+def _with_context(jobs: list):
+    for job in jobs:  # the spill file (modelfile.spilling) is a context variable: each job carries a copy
+        yield contextvars.copy_context(), job
+
+
+def _in_context(fn):
+    return lambda item: item[0].run(fn, item[1])
+
+
+def _main_thread(f: str) -> bool:
+    """Candidates whose weights write graph nodes as they are made: block formats, low-rank branches."""
+    return has_branch(f) or (f != smooth.SQ and formats.get(f).block_weight)
+
+
+def _weight_numbers(job: _WeightJob) -> tuple:
+    """(job, its `_Numbers`): reads the weight and quantizes it in each format; reads no graph edge (worker threads)."""
+    if not job.formats:
+        return job, _Numbers({})
+    node, w = job.node, fold.chain_values(job.const, job.chain)  # as quant.writer reads it
+    made = {}
+    for f in job.formats:
+        if _main_thread(f):
+            continue
         if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
-            wq = smooth.fake_weight(node, w, sm, hp).astype(np.float32)
-            wc = modelfile.constant(G.unique_name(f"{node.name}_{f}_w", b.names), wq)
-            make = (lambda x, into, wc=wc: b.node("Identity", [wc], f"{node.name}_{f}_wq", into=into,  # noqa: E731
-                                                  shape=list(w.shape)))
+            wq = smooth.fake_weight(node, w, job.sm, job.hp).astype(np.float32)
+            made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
+        elif not COMPACT_WEIGHTS:
+            wq = fake_weight(node, w, f, job.hp, job.block_size, job.clip).astype(np.float32)
+            made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
+        else:  # the quantized weight (1 byte/param, INT4 0.5) behind a DequantizeLinear: `fake_weight`'s numbers
+            fmt = formats.get(f)
+            q, scale, axis = quantized_weight(node, w, f, job.hp, job.block_size, job.clip)
+            wq = fmt.dequantize(q, scale, axis, block_size=job.block_size)
+            if fmt.weights == "per-block":
+                attrs = {"axis": 1 - axis, "block_size": int(job.block_size)} if job.block_size else {"axis": axis}
+                if not job.block_size:
+                    scale = scale[:, 0] if axis == 0 else scale[0]
+            else:
+                scale, attrs = scale.reshape(-1), {"axis": axis}
+            made[f] = (fmt.weight_constant(f"{node.name}_{f}_w_q", np.ascontiguousarray(q)),  # spilled: stays lazy
+                       (np.ascontiguousarray(scale, dtype=np.float32), attrs))
+            del q
+        made[f] += (_bias_shift(job, wq - w, f),)
+        del wq
+    return job, _Numbers(made, w if any(_main_thread(f) for f in job.formats) else None)
+
+
+def _gate_weight(b: _Builder, job: _WeightJob, nums: _Numbers, block_clips: dict) -> None:
+    """The layer's weight gates from `nums` (and the main-thread candidates'), names made here in the layers' order."""
+    if not job.formats:
+        return
+    node, layer, w = job.node, job.layer, nums.weight
+    y = node.outputs[0]
+    # whether a shift exists depends on the format, op and shapes only (a zero error tells)
+    if any(nums.made[f][2] is not None if f in nums.made else _bias_shift(job, np.zeros_like(w), f) is not None
+           for f in job.formats):
+        node.outputs[0] = pre = b.var(f"{y.name}_pre_bc", shape=y.shape)  # y becomes the bias-corrected output
+    for f in job.formats:
+        if f in nums.made:
+            const, dq, shift = nums.made[f]
+            make = _taken(b, node, f, const, dq, list(layer.wshape))
         else:  # a branch candidate quantizes the residual W - L1·L2 in its base format
             wf = _residual(node, w, layer.branch[f]) if has_branch(f) else w
-            make, wq = _weight_maker(b, node, wf, base_format(f), hp, block_size, clip if not has_branch(f) else None,
-                                     (block_clips or {}).get(f, (None, None)))
-        shift = _bias_shift(node, wq - (wf if has_branch(f) else w), means, base_format(f))
-        del wq
+            make, wq = _weight_maker(b, node, wf, base_format(f), job.hp, job.block_size,
+                                     job.clip if not has_branch(f) else None, block_clips.get(f, (None, None)))
+            shift = _bias_shift(job, wq - wf, f)
+            del wq
         node.inputs[1] = b.branch(layer.name, f, node.inputs[1], make, f"{node.name}_{f}_w")
         if shift is not None:  # bias correction as the final graph folds it: the output moves by −ΔW·E[x]
             sc = b.const(f"{node.name}_{f}_bc", shift)
@@ -207,6 +302,19 @@ def _gate_weight(b: _Builder, node: gs.Node, layer: Layer, means: dict, hp: str,
     if node.outputs[0] is not y:
         b.graph.nodes.append(gs.Node("Identity", name=G.unique_name(f"{node.name}_bc_out", b.names), inputs=[pre],
                                      outputs=[y]))
+
+
+def _taken(b: _Builder, node: gs.Node, f: str, const: gs.Constant, dq, shape: list):
+    """The then-branch maker of a weight constant made by `_weight_numbers`, named now (as `_weight_maker` names)."""
+    base = f"{node.name}_{f}_w"
+    if dq is None:  # an FP32 fake weight
+        const.name = G.unique_name(base, b.names)
+        return lambda x, into: b.node("Identity", [const], f"{node.name}_{f}_wq", into=into, shape=shape)
+    scale, attrs = dq
+    const.name = G.unique_name(base + "_q", b.names)
+    sc = b.const(base + "_scale", scale)
+    return lambda x, into: b.node("DequantizeLinear", [const, sc], f"{node.name}_{f}_wq", attrs, into=into,
+                                  shape=shape)
 
 
 def _residual(node: gs.Node, w: np.ndarray, branch) -> np.ndarray:
@@ -307,25 +415,20 @@ def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f, clip=None,
     return (lambda x, into: b.node("Identity", [wc], f"{node.name}_{f.name}_wq", into=into, shape=list(w.shape))), wq
 
 
-def _bias_shift(node, dw, means, fmt):
+def _bias_shift(job: _WeightJob, dw, fmt):
     """−ΔW·E[x] shaped to broadcast over the layer output, where the QDQ pass folds bias correction."""
-    if not formats.get(fmt).bias_correction or node.op not in bias_correction.OPS or node.inputs[0].name not in means:
+    if not formats.get(base_format(fmt)).bias_correction or job.mean is None:
         return None
-    if bias_correction.bias_target(_NoGraph, node) is None:
-        return None
-    shift = bias_correction.output_shift(node, dw, np.asarray(means[node.inputs[0].name], np.float64))
+    node = job.node
+    shift = bias_correction.output_shift(node, dw, np.asarray(job.mean, np.float64))
     if shift is None:
         return None
-    shape = [-1] + [1] * (len(node.outputs[0].shape) - 2) if node.op != "Gemm" and node.outputs[0].shape else [-1]
+    shape = [-1] + [1] * (len(job.out_shape) - 2) if node.op != "Gemm" and job.out_shape else [-1]
     return (-shift).astype(np.float32).reshape(shape)
 
 
 class _NoGraph:  # bias_target only reads the node
     pass
-
-
-def _consumed_weight(node: gs.Node) -> np.ndarray:
-    return fold.effective_weight(node)  # as quant.writer reads it: the constant through its Cast/Transpose
 
 
 

@@ -116,10 +116,18 @@ class StagePlan:
         self.last_use = last_use
         self.inline = False  # gates as Where(gate, then-branch, input) instead of If (see the CUDA note above)
 
-    def reads(self, node) -> set:
-        """`node_reads(node)`, looked up for the plan's own nodes (and their If branches' nodes)."""
+    def reads(self, node, memo: dict | None = None) -> set:
+        """`node_reads(node)`, looked up for the plan's own nodes (and their If branches' nodes); other nodes (the
+        copies one `proto` makes) are remembered in `memo` for that call."""
         hit = self._known.get(id(node))
-        return hit[1] if hit is not None and hit[0] is node else node_reads(node)
+        if hit is None and memo is not None:
+            hit = memo.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        r = node_reads(node)
+        if memo is not None:
+            memo[id(node)] = (node, r)  # holds the node: its id stays its own while the memo lives
+        return r
 
     @staticmethod
     def _gate_of(nodes, producer, inits) -> dict:
@@ -138,22 +146,24 @@ class StagePlan:
 
     def proto(self, s: int, types: dict, errors: bool = False, only: set | None = None,
               outputs: bool = False, extra: tuple = (), suffix: set | None = None,
-              fixed: bool = False) -> onnx.ModelProto:
+              fixed: bool = False, picked: tuple | None = None) -> onnx.ModelProto:
         """Stage `s` as a model. `types`: boundary tensor -> an array of it (dtype, rank). With `errors`, each float
         output t also gets an input `t__ref` and the output `t__err` = sum((t - t__ref)^2), the only outputs
         unless `outputs` (the stage's outputs first: one session for chains and errors); `extra`: more outputs.
         `only`: gate indices whose Ifs stay; the others become their else-branch (each If costs ~0.3 ms a run).
         `suffix`: only the nodes these gates can change (`nodes`), the FP32 tensors they read from the others
         as inputs (`frontier`; `types` must hold them); errors of the outputs those nodes make. `fixed`: the gates
-        `only` are on for good: their then-branches inlined, no If and no gate input (one mix's own stage)."""
+        `only` are on for good: their then-branches inlined, no If and no gate input (one mix's own stage).
+        `picked`: what `nodes` returned for these arguments, if the caller asked it already."""
         st, m = self.stages[s], onnx.ModelProto()
         m.ir_version = self.model.ir_version
         m.opset_import.extend(self.model.opset_import)
         m.functions.extend(self.model.functions)
         m.graph.name = f"{self.model.graph.name}_stage{s}"
-        nodes, frontier = self.nodes(s, only, suffix, fixed)
+        memo: dict = {}
+        nodes, frontier = picked or self.nodes(s, only, suffix, fixed, memo)
         m.graph.node.extend(nodes)
-        reads = set().union(*(self.reads(n) for n in nodes)) if nodes else set()
+        reads = set().union(*(self.reads(n, memo) for n in nodes)) if nodes else set()
         m.graph.initializer.extend(t for t in st["inits"] if only is None or t.name in reads)
         made = {o for n in nodes for o in n.output} | {t.name for t in st["inits"]}
         m.graph.initializer.extend(self.branch_inits[r] for r in sorted(reads - made) if r in self.branch_inits)
@@ -185,25 +195,26 @@ class StagePlan:
         return m
 
     def nodes(self, s: int, only: set | None = None, suffix: set | None = None,
-              fixed: bool = False) -> tuple[list, list]:
+              fixed: bool = False, memo: dict | None = None) -> tuple[list, list]:
         """(stage `s`'s nodes as `proto` writes them, the frontier: FP32 tensors a `suffix` reads from the
         nodes it leaves out). A suffix keeps the gates' Ifs (inlined: their Where and then-branch nodes), every
         node downstream of them and the weight-only chains those read: a candidate of these gates runs only
         what it can change, fed the rest once per batch (`StagedEvaluator._stage_errors`)."""
         st = self.stages[s]
-        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"])
+        memo = {} if memo is None else memo
+        nodes = st["nodes"] if only is None else self._pruned(st["nodes"], only, st["outputs"], memo)
         seeds: set = set()
         if suffix is not None:
             seeds = {id(n) for n in nodes if self.gate_by_node.get(n.name) in suffix}
         if fixed:
-            nodes = self._fixed(nodes, st["outputs"])
+            nodes = self._fixed(nodes, st["outputs"], memo)
         elif self.inline:
             nodes, seeds = self._inlined(nodes, seeds)
         if suffix is None:
             return nodes, []
         consts = {t.name for t in st["inits"]} | set(self.branch_inits) | {GATES}
         made = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-        reads = [self.reads(n) for n in nodes]
+        reads = [self.reads(n, memo) for n in nodes]
         hit, free = set(), set()
         for k, n in enumerate(nodes):  # topological order
             if id(n) in seeds or any(made.get(r) in hit for r in reads[k]):
@@ -237,7 +248,7 @@ class StagePlan:
                 out[i] = min(out.get(i, len(nodes)), first.get(n.output[0], len(nodes)))
         return out
 
-    def _pruned(self, nodes: list, only: set, outputs: list) -> list:
+    def _pruned(self, nodes: list, only: set, outputs: list, memo: dict) -> list:
         """`nodes` with the Ifs of gates not in `only` replaced by what their else-branch passes through."""
         alias, keep = {}, []
         for n in nodes:
@@ -248,18 +259,21 @@ class StagePlan:
                 keep.append(n)
         keep = [_renamed(n, alias, self.reads(n)) for n in keep]
         keep += [helper.make_node("Identity", [alias[o]], [o], name=f"{o}__pass") for o in outputs if o in alias]
-        return self._without_dead_gate_reads(keep, outputs)
+        return self._without_dead_gate_reads(keep, outputs, memo)
 
-    def _without_dead_gate_reads(self, keep: list, outputs: list) -> list:
-        while True:  # drop the gate reads nobody needs any more
-            used = set(outputs).union(*(self.reads(n) for n in keep))
-            live = [n for n in keep if n.op_type in ("Gather", "Greater") and not any(o in used for o in n.output)]
-            if not live:
-                return keep
-            dead = {id(n) for n in live}
-            keep = [n for n in keep if id(n) not in dead]
+    def _without_dead_gate_reads(self, keep: list, outputs: list, memo: dict) -> list:
+        """`keep` (in topological order: every reader after what it reads) without the gate reads (Gather, Greater)
+        nothing needs any more: one pass from the end, so a Gather whose only reader was a dropped Greater goes too."""
+        used, out = set(outputs), []
+        for n in reversed(keep):
+            if n.op_type in ("Gather", "Greater") and not any(o in used for o in n.output):
+                continue
+            used |= self.reads(n, memo)
+            out.append(n)
+        out.reverse()
+        return out
 
-    def _fixed(self, nodes: list, outputs: list) -> list:
+    def _fixed(self, nodes: list, outputs: list, memo: dict) -> list:
         """`nodes` (gates pruned to the ones on) with each gate's If replaced by its then-branch's nodes: the same
         kernels on the same inputs as the If runs, without its per-run cost (~0.3 ms an If on the CPU)."""
         out = []
@@ -271,7 +285,7 @@ class StagePlan:
                 continue
             out.extend(then.node)  # its weights are the branch's initializers: `proto` adds what is read
             out.append(helper.make_node("Identity", [then.output[0].name], [n.output[0]], name=f"{n.name}__on"))
-        return self._without_dead_gate_reads(out, outputs)
+        return self._without_dead_gate_reads(out, outputs, memo)
 
     def _inlined(self, nodes: list, seeds: set = frozenset()) -> tuple[list, set]:
         """`nodes` with each gate's If replaced by its then-branch's nodes and Where(gate, then, else-input); the

@@ -494,11 +494,12 @@ class StagedEvaluator(Gates):
         keys = sorted(keys, key=lambda k: (pos.get(self.index[k], 0), self.index[k]))
         groups, suffix = self._groups(s, keys)
         self.grouped[s] = {"sessions": len(groups), "suffixes": suffix}
-        frontier = {}
+        picked = {}  # group -> its suffix's (nodes, frontier)
         if suffix:
             # unified: the first group runs on the stage's own (loaded) session, the later ones on suffixes
-            frontier = {g: self.plan.nodes(s, self._group_gates(s, group), self._group_gates(s, group))[1]
-                        for g, group in enumerate(groups) if g or not self.unified}
+            picked = {g: self.plan.nodes(s, self._group_gates(s, group), self._group_gates(s, group))
+                      for g, group in enumerate(groups) if g or not self.unified}
+        frontier = {g: p[1] for g, p in picked.items()}
         prefix = self._prefix(s, batches, sorted(set().union(*frontier.values()))) if frontier else None
         bar = progress_.bar(total=len(keys), desc=f"stage {s + 1}/{self.plan.n} candidates", unit="candidate",
                             enabled=progress)
@@ -506,7 +507,8 @@ class StagedEvaluator(Gates):
         protos = []  # each group's error session: a suffix, the stage's unified session (None), or the whole stage
         for g, group in enumerate(groups):
             gates_here = self._group_gates(s, group)
-            protos.append(self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here) if g in frontier
+            protos.append(self.plan.proto(s, self.types, errors=True, only=gates_here, suffix=gates_here,
+                                          picked=picked[g]) if g in frontier
                           else None if self.unified else self.plan.proto(s, self.types, errors=True, only=gates_here))
         # On the CPU the next group's session loads on a thread while this group's candidates run (~0.1-0.3 s a load).
         ahead, loading = ThreadPoolExecutor(1) if self.provider == "cpu" else None, {}
