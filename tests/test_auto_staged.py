@@ -650,3 +650,21 @@ def test_pruned_stages_keep_exactly_the_gate_reads_their_ifs_need(setup):
                 assert {st.plan.gate_by_node[n.name] for n in m.graph.node if n.op_type == "If"} <= (set() if kw else only)
                 assert not kw or not gate_nodes  # fixed: the gates are on for good, nothing reads them
                 ort.session(m)  # every read has its producer
+
+
+def test_gated_graph_is_the_same_at_any_thread_count(setup, tmp_path, monkeypatch):
+    """build_gated makes the weights' numbers on worker threads (spilling their codes there) and edits the graph on
+    the caller's: one thread and three give the same gated graph, names, values and order, byte for byte."""
+    graph, cands, amax, means, _, _ = setup
+    monkeypatch.setattr(modelfile, "SPILL_BYTES", 0)  # every new weight spilled, from the worker threads too
+    out = {}
+    for n in (1, 3):
+        with modelfile.spilling(tmp_path):
+            g = modelfile.import_graph(modelfile.export_graph(graph))
+            index = autoquant.build_gated(g, cands, amax, means, "fp16", 32, threads=n)
+            m = modelfile.export_graph(g, opset=21)
+            assert any(t.external_data for t in modelfile.all_tensors(m))  # spilled codes, read back below
+            modelfile.internalize(m)
+        out[n] = (m.SerializeToString(), index)
+    assert {f for _, f in out[3][1]} >= {"fp8", "int8", "int4"}
+    assert out[1] == out[3]

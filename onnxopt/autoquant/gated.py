@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .. import formats, modelfile, threads
+from .. import formats, modelfile
+from .. import threads as threads_
 from ..rewrite import fold, lowrank
 from ..formats import emulation
 from .. import graph as G
@@ -67,8 +68,10 @@ class _Builder:
 
 
 def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int,
-                progress: bool = False):
-    """Rewrite `graph` (a copy) in place into the gated graph; returns {(layer, format): gate index}."""
+                progress: bool = False, threads: int = 0):
+    """Rewrite `graph` (a copy) in place into the gated graph; returns {(layer, format): gate index}. The weights'
+    numbers are made on `threads` worker threads (0: one per core, one for small models); the graph does not
+    depend on it."""
     b = _Builder(graph)
     nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
@@ -83,8 +86,8 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
     jobs = [_WeightJob.of(node, cands.layers[name], {} if name in shared else means, hp, block_size,
                           cands.clips.get(name), _smoothing(cands, node)) for name, node in nodes.items()]
     # The weights' numbers on worker threads, the graph edits (and so every name) here, in the layers' order.
-    made = threads.ordered_map(_in_context(_weight_numbers), _with_context(jobs),
-                               threads.for_bytes(sum(_fp32_bytes(j) for j in jobs)), cost=lambda it: _job_bytes(it[1]))
+    n = threads_.for_bytes(sum(_fp32_bytes(j) for j in jobs), threads)
+    made = threads_.ordered_map(_in_context(_weight_numbers), _with_context(jobs), n, cost=lambda it: _job_bytes(it[1]))
     for job, nums in track(made, total=len(jobs), desc="gated graph", unit="layer", enabled=progress):
         name = job.node.name
         _gate_weight(b, job, nums, {f: (cands.block_clips.get((name, f)), cands.smooth_of(name, f))

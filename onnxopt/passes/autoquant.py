@@ -357,7 +357,8 @@ class AutoQuant(PassBase):
         where = autoquant.staged.fp32_stages(fp32, n, search[0], cands.layers) if n > 1 else {}
         gated = modelfile.import_graph(fp32)
         del fp32
-        index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress)
+        index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress,
+                                      threads=ctx.threads)
         shapes = autoquant.shape_outputs(gated, list(cands.layers))
         model = modelfile.export_graph(gated, opset=self.min_opset)
         del gated
