@@ -295,6 +295,12 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     return c
 
 
+def held_values(const: gs.Constant):
+    """`const`'s values as it holds them, not read: lazy (spilled, external) or an array. `set_values` takes them
+    as they are."""
+    return const._values
+
+
 def spilled(name: str, values: np.ndarray):
     """`values` as `constant(name, values)` would hold them: spilled (lazy values) or, if small, the array itself.
     Give the result to `constant`/`set_values` later: it is not written again."""

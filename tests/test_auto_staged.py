@@ -668,3 +668,34 @@ def test_gated_graph_is_the_same_at_any_thread_count(setup, tmp_path, monkeypatc
         out[n] = (m.SerializeToString(), index)
     assert {f for _, f in out[3][1]} >= {"fp8", "int8", "int4"}
     assert out[1] == out[3]
+
+
+@pytest.mark.parametrize("stages", ["3", "1"])
+def test_final_write_takes_the_gated_codes(deep, tmp_path, monkeypatch, stages):
+    """The final graph's per-channel FP8/INT8 weights are the codes the gated graph made (each weight quantized once
+    per format): the writer quantizes none of them again, and the file is the one it writes when it does (staged:
+    the one write; one graph: the verified written graph)."""
+    from onnxopt.passes import autoquant as aq_pass
+    from onnxopt.quant import writer
+    model, calib = deep
+    made = writer.quantize_job
+    calls = []
+    monkeypatch.setattr(writer, "quantize_job", lambda job: calls.append(job.const.name) or made(job))
+    out = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(aq_pass, "_chosen_codes", lambda codes, mix: {})
+        calls.clear()
+        o, rep = tmp_path / f"o_{reuse}.onnx", tmp_path / f"r_{reuse}.json"
+        r = CliRunner().invoke(main, ["quantize", str(model), "--auto", "--formats", "fp8,int8", "--target-cosine", "0.9",
+                                      "--auto-stages", stages, "--calib", str(calib), "-o", str(o), "--report", str(rep)])
+        assert r.exit_code == 0, r.output
+        layers = json.loads(rep.read_text())["autoquant"]["layers"]
+        written = sum(l["choice"] in ("fp8", "int8") for l in layers.values())
+        out[reuse] = o.read_bytes()
+        if reuse:  # the Gemm and the Conv among them: their bias corrections from the gated graph's shifts too
+            assert written >= 4 and calls == []
+            assert all(layers[n].get("bias_correction") for n in ("gemm", "conv")), layers
+        else:
+            assert len(calls) >= written
+    assert out[True] == out[False]

@@ -29,13 +29,13 @@ from .choose import Totals, bits_of, collapse, improve, mix_for_bits, mix_for_er
 from .search import search_target
 from .evaluate import Evaluator, Memo, load_sensitivities, measure, save_sensitivities
 from ..quant.writer import fake_weight
-from .gated import build_gated, macs_of, shape_outputs
+from .gated import Codes, build_gated, macs_of, shape_outputs
 from . import staged
 from .staged import StagedEvaluator
 from .sampled import SampledEvaluator
 
 __all__ = ["ABITS", "FORMATS", "GATES", "PLANNED", "SQ", "WBITS", "Candidates", "Evaluator", "Layer", "Memo",
-           "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "block_awq", "build_gated", "calibrate", "candidates", "collapse", "fake_weight",
+           "Codes", "SampledEvaluator", "StagedEvaluator", "Totals", "bits_of", "block_awq", "build_gated", "calibrate", "candidates", "collapse", "fake_weight",
            "improve",
            "load_sensitivities", "macs_of", "measure", "mix_for_bits", "mix_for_error", "save_sensitivities",
            "search_target", "shape_outputs", "staged", "totals"]

@@ -3,7 +3,7 @@ input), so one ORT session measures any mix exactly; plus the MACs of each layer
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -68,10 +68,11 @@ class _Builder:
 
 
 def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp: str, block_size: int,
-                progress: bool = False, threads: int = 0):
+                progress: bool = False, threads: int = 0, codes: dict | None = None):
     """Rewrite `graph` (a copy) in place into the gated graph; returns {(layer, format): gate index}. The weights'
     numbers are made on `threads` worker threads (0: one per core, one for small models); the graph does not
-    depend on it."""
+    depend on it. `codes`, if given, receives {(layer, format): `Codes`} of the per-channel weights (read by that
+    layer alone): what the writer would compute for them, so the final graph does not quantize them again."""
     b = _Builder(graph)
     nodes = {n.name: n for n in graph.nodes if n.name in cands.layers}
     plans = {f: rules.plan(graph, c) for f, c in cands.configs.items()}  # the same plans, on this copy's nodes
@@ -92,6 +93,8 @@ def build_gated(graph: gs.Graph, cands: Candidates, amax: dict, means: dict, hp:
         name = job.node.name
         _gate_weight(b, job, nums, {f: (cands.block_clips.get((name, f)), cands.smooth_of(name, f))
                                     for f in cands.layers[name].formats})
+        if codes is not None and name not in shared:
+            codes.update(((name, f), c) for f, c in nums.codes.items())
     # Activations: one gated Q/DQ per (use, format), owned by the layer (a residual Add by its Conv).
     for f, plan in plans.items():
         for tname, uses in plan.activations.items():
@@ -219,6 +222,21 @@ class _Numbers:
     the bias-correction shift; the FP32 weight where a format is made on the main thread (`_main_thread`)."""
     made: dict
     weight: np.ndarray | None = None
+    codes: dict = field(default_factory=dict)  # format -> `Codes` (per-channel formats)
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A per-channel weight as the gated graph quantized it, in the form `quant.writer.write(quantized=)` takes."""
+    const: str                  # the weight constant the layer reads (through its Transposes/Casts)
+    values: object              # the codes as held: spilled (lazy) or an array
+    scale: np.ndarray           # broadcast over the weight
+    fp32_scale: float | None    # qdq.weight_codes': the smallest FP32 scale where FP16 scales would underflow
+    shift: np.ndarray | None    # bias_correction.output_shift of the weight error (None: no correction)
+
+    def written(self) -> tuple:
+        """The writer's (job, (codes, scales, smallest FP32 scale, shift)) entry (the job is the writer's own)."""
+        return None, (self.values, self.scale, self.fp32_scale, self.shift)
 
 
 def _fp32_bytes(job: _WeightJob) -> int:
@@ -248,7 +266,7 @@ def _weight_numbers(job: _WeightJob) -> tuple:
     if not job.formats:
         return job, _Numbers({})
     node, w = job.node, fold.chain_values(job.const, job.chain)  # as quant.writer reads it
-    made = {}
+    made, codes = {}, {}
     for f in job.formats:
         if _main_thread(f):
             continue
@@ -260,20 +278,30 @@ def _weight_numbers(job: _WeightJob) -> tuple:
             made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
         else:  # the quantized weight (1 byte/param, INT4 0.5) behind a DequantizeLinear: `fake_weight`'s numbers
             fmt = formats.get(f)
-            q, scale, axis = quantized_weight(node, w, f, job.hp, job.block_size, job.clip)
+            fp32_scale = None
+            if fmt.weights == "per-channel":  # as quant.writer.quantize_job: the codes the final graph will hold
+                axis = G.weight_output_channel_axis(node) % w.ndim
+                q, scale, fp32_scale = qdq.weight_codes(fmt, w, axis, job.hp)
+            else:
+                q, scale, axis = quantized_weight(node, w, f, job.hp, job.block_size, job.clip)
             wq = fmt.dequantize(q, scale, axis, block_size=job.block_size)
             if fmt.weights == "per-block":
                 attrs = {"axis": 1 - axis, "block_size": int(job.block_size)} if job.block_size else {"axis": axis}
-                if not job.block_size:
-                    scale = scale[:, 0] if axis == 0 else scale[0]
+                dq_scale = (scale[:, 0] if axis == 0 else scale[0]) if not job.block_size else scale
             else:
-                scale, attrs = scale.reshape(-1), {"axis": axis}
-            made[f] = (fmt.weight_constant(f"{node.name}_{f}_w_q", np.ascontiguousarray(q)),  # spilled: stays lazy
-                       (np.ascontiguousarray(scale, dtype=np.float32), attrs))
+                dq_scale, attrs = scale.reshape(-1), {"axis": axis}
+            qc = fmt.weight_constant(f"{node.name}_{f}_w_q", np.ascontiguousarray(q))  # spilled: stays lazy
+            made[f] = (qc, (np.ascontiguousarray(dq_scale, dtype=np.float32), attrs))
+            if fmt.weights == "per-channel":
+                codes[f] = (qc, scale, fp32_scale)
             del q
-        made[f] += (_bias_shift(job, wq - w, f),)
+        raw = _output_shift(job, wq - w, f)
+        made[f] += (_broadcast_shift(job, raw),)
+        if f in codes:
+            qc, scale, fp32_scale = codes[f]
+            codes[f] = Codes(job.const.name, modelfile.held_values(qc), scale, fp32_scale, raw)
         del wq
-    return job, _Numbers(made, w if any(_main_thread(f) for f in job.formats) else None)
+    return job, _Numbers(made, w if any(_main_thread(f) for f in job.formats) else None, codes)
 
 
 def _gate_weight(b: _Builder, job: _WeightJob, nums: _Numbers, block_clips: dict) -> None:
@@ -420,13 +448,20 @@ def _block_weight_maker(b: _Builder, node: gs.Node, w: np.ndarray, f, clip=None,
 
 def _bias_shift(job: _WeightJob, dw, fmt):
     """−ΔW·E[x] shaped to broadcast over the layer output, where the QDQ pass folds bias correction."""
+    return _broadcast_shift(job, _output_shift(job, dw, fmt))
+
+
+def _output_shift(job: _WeightJob, dw, fmt):
+    """bias_correction.output_shift of the weight error `dw` (None where the QDQ pass folds no correction)."""
     if not formats.get(base_format(fmt)).bias_correction or job.mean is None:
         return None
-    node = job.node
-    shift = bias_correction.output_shift(node, dw, np.asarray(job.mean, np.float64))
+    return bias_correction.output_shift(job.node, dw, np.asarray(job.mean, np.float64))
+
+
+def _broadcast_shift(job: _WeightJob, shift):
     if shift is None:
         return None
-    shape = [-1] + [1] * (len(job.out_shape) - 2) if node.op != "Gemm" and job.out_shape else [-1]
+    shape = [-1] + [1] * (len(job.out_shape) - 2) if job.node.op != "Gemm" and job.out_shape else [-1]
     return (-shift).astype(np.float32).reshape(shape)
 
 

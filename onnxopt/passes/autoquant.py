@@ -180,7 +180,8 @@ class AutoQuant(PassBase):
             aq_branch.block_awq(graph, search, cands, high_precision=ctx.high_precision, provider=ctx.provider,
                                 memory_budget_mb=ctx.memory_budget_mb, progress=ctx.progress, smooth=self.lowrank_smooth)
         t1 = time.perf_counter()
-        ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify))  # the final mix was verified
+        codes: dict = {}  # the gated graph's per-channel codes: the final write takes the chosen ones as they are
+        ev = autoquant.Memo(self._evaluator(ctx, cands, amax, means, search, verify, codes))  # the final mix was verified
         key = self._key(ctx, graph, search)
         measured = autoquant.measure(ev, cands.layers, path=self.sensitivity, key=key, progress=ctx.progress)
         t2 = time.perf_counter()
@@ -205,7 +206,8 @@ class AutoQuant(PassBase):
                 break
             graph = modelfile.import_graph(fp32)
             aq_branch.split(graph, mix, cands)  # the chosen branches, with the factors the search measured
-            inserted = writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32)  # checked before Autocast
+            inserted = writer.write(graph, plan, high_precision=ctx.high_precision, block_dtype=np.float32,  # checked before Autocast
+                                    quantized=_chosen_codes(codes, mix))
             written = ev.written_metrics(modelfile.export_graph(graph, opset=self.min_opset), self._split())
             gap = final[self.metric] - written[self.metric]
             repairs.append({"gated": final[self.metric], "written": written[self.metric], **autoquant.bits_of(mix, cands.layers)})
@@ -226,8 +228,8 @@ class AutoQuant(PassBase):
             ctx.graph = graph
         else:  # no written verification (staged evaluation, --bits) or block formats: the one write as shipped
             aq_branch.split(ctx.graph, mix, cands)
-            inserted = writer.write(ctx.graph, plan, high_precision=ctx.high_precision)
-        del fp32
+            inserted = writer.write(ctx.graph, plan, high_precision=ctx.high_precision, quantized=_chosen_codes(codes, mix))
+        del fp32, codes
         ctx.fp32_nodes.extend(n for n, info in inserted.items() if "fp32_scale" in info)  # as the QDQ pass does
         ctx.fp32_nodes.extend(n for info in inserted.values() for n in info.pop("fp32_nodes", ()))  # NVFP4 scales
         if ranges is not None and autoquant.SQ not in mix.values():
@@ -342,7 +344,7 @@ class AutoQuant(PassBase):
         mix, rounds = aq_engine.refine(mix, choose, writer, cands.layers, lambda m: ev.metrics(ev.gates(m), split))
         return mix, last["trials"], rounds
 
-    def _evaluator(self, ctx, cands, amax, means, search, verify):
+    def _evaluator(self, ctx, cands, amax, means, search, verify, codes: dict):
         fp32 = modelfile.export_graph(ctx.graph)
         n = self.stages or autoquant.staged.stages_needed(fp32, cands.layers, ctx.memory_budget_mb)
         if n > 1 and self.target_psnr is not None:
@@ -358,7 +360,7 @@ class AutoQuant(PassBase):
         gated = modelfile.import_graph(fp32)
         del fp32
         index = autoquant.build_gated(gated, cands, amax, means, ctx.high_precision, self.block_size, ctx.progress,
-                                      threads=ctx.threads)
+                                      threads=ctx.threads, codes=codes)
         shapes = autoquant.shape_outputs(gated, list(cands.layers))
         model = modelfile.export_graph(gated, opset=self.min_opset)
         del gated
@@ -494,6 +496,12 @@ def _reason(l, f: str) -> str:
 
 
 # ---------------------------------------------------------------- data
+def _chosen_codes(codes: dict, mix: dict) -> dict:
+    """`writer.write(quantized=)` of the layers whose chosen format the gated graph quantized per channel: the same
+    codes, scales and bias shift the writer would compute (a smoothed or branch candidate is another format)."""
+    return {(c.const, f): c.written() for (layer, f), c in codes.items() if mix.get(layer) == f}
+
+
 def split_feeds(data, verify_fraction: float, merge: int) -> tuple[list, list]:
     """Calibration feeds merged into batches of up to `merge` samples (where every input carries the batch),
     split into (search, verify): the last `verify_fraction` of the samples are held out."""
