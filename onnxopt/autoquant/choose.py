@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .candidates import ABITS, BRANCH_BITS, Layer, base_format, has_branch
 from .groups import member_format, unit
 
@@ -38,22 +40,41 @@ def bits_of(mix: dict, layers: dict) -> dict:
             "branch_macs": branch_macs}
 
 
-def _lagrange(layers: dict, score, mult: float) -> dict:
-    """Each layer's format minimising score(layer, format, multiplier) (a tuple: ties go to its later items)."""
-    return {n: min(l.formats, key=lambda f: score(l, f, mult)) for n, l in layers.items()}
+class _Scores:
+    """A Lagrangian score (base + multiplier · slope, tie) of every (layer, format), as arrays: rows the layers in
+    order, columns each layer's formats in order (padded with +inf). `pick(m)` is each layer's format of least
+    score, ties to the least `tie`, then to the first format: what min(formats, key=score tuple) gives, the same
+    float64 arithmetic for all layers at once (the bisection asks for ~80 multipliers, each over every layer)."""
+
+    def __init__(self, layers: dict, terms):
+        """`terms(layer, format)` -> (base, slope, tie)."""
+        self.names = list(layers)
+        self.formats = [list(layers[n].formats) for n in self.names]
+        width = max((len(f) for f in self.formats), default=1)
+        self.base, self.slope, self.tie = (np.full((len(self.names), width), v) for v in (np.inf, 0.0, np.inf))
+        for i, n in enumerate(self.names):
+            for j, f in enumerate(self.formats[i]):
+                self.base[i, j], self.slope[i, j], self.tie[i, j] = terms(layers[n], f)
+
+    def pick(self, mult: float) -> dict:
+        score = self.base + mult * self.slope
+        least = score == score.min(axis=1, keepdims=True)
+        tie = np.where(least, self.tie, np.inf)
+        first = np.argmax(least & (tie == tie.min(axis=1, keepdims=True)), axis=1)
+        return {n: self.formats[i][first[i]] for i, n in enumerate(self.names)}
 
 
-def _bisect(layers, score, fits, lo=1e-9, hi=1e12, steps=80) -> dict:
+def _bisect(scores: _Scores, fits, lo=1e-9, hi=1e12, steps=80) -> dict:
     """The mix of the smallest multiplier whose mix `fits` (the largest multiplier's mix if none does)."""
-    if fits(_lagrange(layers, score, lo)):
-        return _lagrange(layers, score, lo)
+    if fits(scores.pick(lo)):
+        return scores.pick(lo)
     for _ in range(steps):
         mid = math.sqrt(lo * hi)
-        if fits(_lagrange(layers, score, mid)):
+        if fits(scores.pick(mid)):
             hi = mid
         else:
             lo = mid
-    return _lagrange(layers, score, hi)
+    return scores.pick(hi)
 
 
 def collapse(layers: dict) -> tuple[dict, dict]:
@@ -81,10 +102,11 @@ def mix_for_error(layers: dict, budget: float) -> dict:
     full, (layers, _) = layers, collapse(layers)
     t = totals(layers)
 
-    def score(l, f, lam):
-        return (l.weight_bits(f) / t.params + l.activation_bits(f) / t.macs + lam * _err(l, f), _err(l, f))
-    mix = _bisect(layers, score, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
-    return _expand(improve(layers, mix, lambda l, f: score(l, f, 0.0)[0], _err, budget), full)
+    def cost(l, f):
+        return l.weight_bits(f) / t.params + l.activation_bits(f) / t.macs
+    scores = _Scores(layers, lambda l, f: (cost(l, f), _err(l, f), _err(l, f)))  # cost + λ·error, ties: error
+    mix = _bisect(scores, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
+    return _expand(improve(layers, mix, lambda l, f: cost(l, f) + 0.0 * _err(l, f), _err, budget), full)
 
 
 def mix_for_bits(layers: dict, bits: float) -> dict:
@@ -94,10 +116,10 @@ def mix_for_bits(layers: dict, bits: float) -> dict:
     full, (layers, _) = layers, collapse(layers)
     t = totals(layers)
 
-    def score(l, f, mu):
+    def terms(l, f):
         w = l.weight_bits(f) / t.params
-        return (_err(l, f) + mu * (w + 1e-3 * l.activation_bits(f) / t.macs), w)
-    mix = _bisect(layers, score, lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
+        return _err(l, f), w + 1e-3 * l.activation_bits(f) / t.macs, w  # error + μ·cost, ties: weight bits
+    mix = _bisect(_Scores(layers, terms), lambda m: bits_of(m, layers)["weight_bits"] <= bits + 1e-9)
     mix = improve(layers, mix, lambda l, f: _err(l, f) + 1e-9 * l.activation_bits(f) / t.macs,
                   lambda l, f: l.weight_bits(f) / t.params, bits + 1e-9)
     return _expand(mix, full)
