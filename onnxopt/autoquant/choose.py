@@ -106,6 +106,7 @@ def mix_for_error(layers: dict, budget: float) -> dict:
         return l.weight_bits(f) / t.params + l.activation_bits(f) / t.macs
     scores = _Scores(layers, lambda l, f: (cost(l, f), _err(l, f), _err(l, f)))  # cost + λ·error, ties: error
     mix = _bisect(scores, lambda m: sum(layers[n].error[f] for n, f in m.items()) <= budget)
+    # the objective is the λ = 0 score: NaN for a format never measured (error inf), which no move then takes
     return _expand(improve(layers, mix, lambda l, f: cost(l, f) + 0.0 * _err(l, f), _err, budget), full)
 
 
