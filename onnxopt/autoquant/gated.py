@@ -270,6 +270,7 @@ def _weight_numbers(job: _WeightJob) -> tuple:
     for f in job.formats:
         if _main_thread(f):
             continue
+        held = None  # a per-channel weight's (codes, scales, smallest FP32 scale), kept for the final write
         if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
             wq = smooth.fake_weight(node, w, job.sm, job.hp).astype(np.float32)
             made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
@@ -293,13 +294,12 @@ def _weight_numbers(job: _WeightJob) -> tuple:
             qc = fmt.weight_constant(f"{node.name}_{f}_w_q", np.ascontiguousarray(q))  # spilled: stays lazy
             made[f] = (qc, (np.ascontiguousarray(dq_scale, dtype=np.float32), attrs))
             if fmt.weights == "per-channel":
-                codes[f] = (qc, scale, fp32_scale)
+                held = (modelfile.held_values(qc), scale, fp32_scale)
             del q
         raw = _output_shift(job, wq - w, f)
         made[f] += (_broadcast_shift(job, raw),)
-        if f in codes:
-            qc, scale, fp32_scale = codes[f]
-            codes[f] = Codes(job.const.name, modelfile.held_values(qc), scale, fp32_scale, raw)
+        if held is not None:
+            codes[f] = Codes(job.const.name, *held, raw)
         del wq
     return job, _Numbers(made, w if any(_main_thread(f) for f in job.formats) else None, codes)
 
