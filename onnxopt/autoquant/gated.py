@@ -12,6 +12,7 @@ from .. import formats, modelfile
 from .. import threads as threads_
 from ..rewrite import fold, lowrank
 from ..formats import emulation
+from ..formats.base import Format
 from .. import graph as G
 from ..progress import track
 from ..quant import bias_correction, qdq, rules
@@ -244,7 +245,7 @@ def _fp32_bytes(job: _WeightJob) -> int:
 
 
 def _job_bytes(job: _WeightJob) -> int:
-    return 4 * _fp32_bytes(job)  # the weight, its dequantized form, their difference, the codes' temporaries
+    return 4 * _fp32_bytes(job)  # the weight, its error, the cast's temporaries and codes (an SQ fake weight: +1)
 
 
 def _with_context(jobs: list):
@@ -271,12 +272,15 @@ def _weight_numbers(job: _WeightJob) -> tuple:
         if _main_thread(f):
             continue
         held = None  # a per-channel weight's (codes, scales, smallest FP32 scale), kept for the final write
+        corrects = job.mean is not None and formats.get(base_format(f)).bias_correction
         if f == smooth.SQ:  # SmoothQuant INT8: an FP32 fake weight (s ⊙ W quantized, ⊘ s)
             wq = smooth.fake_weight(node, w, job.sm, job.hp).astype(np.float32)
             made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
+            dw = wq - w if corrects else None
         elif not COMPACT_WEIGHTS:
             wq = fake_weight(node, w, f, job.hp, job.block_size, job.clip).astype(np.float32)
             made[f] = (modelfile.constant(f"{node.name}_{f}_w", wq), None)
+            dw = wq - w if corrects else None
         else:  # the quantized weight (1 byte/param, INT4 0.5) behind a DequantizeLinear: `fake_weight`'s numbers
             fmt = formats.get(f)
             fp32_scale = None
@@ -285,7 +289,7 @@ def _weight_numbers(job: _WeightJob) -> tuple:
                 q, scale, fp32_scale = qdq.weight_codes(fmt, w, axis, job.hp)
             else:
                 q, scale, axis = quantized_weight(node, w, f, job.hp, job.block_size, job.clip)
-            wq = fmt.dequantize(q, scale, axis, block_size=job.block_size)
+            dw = _weight_error(fmt, q, scale, axis, w, job.block_size) if corrects else None  # only for the shift
             if fmt.weights == "per-block":
                 attrs = {"axis": 1 - axis, "block_size": int(job.block_size)} if job.block_size else {"axis": axis}
                 dq_scale = (scale[:, 0] if axis == 0 else scale[0]) if not job.block_size else scale
@@ -296,12 +300,23 @@ def _weight_numbers(job: _WeightJob) -> tuple:
             if fmt.weights == "per-channel":
                 held = (modelfile.held_values(qc), scale, fp32_scale)
             del q
-        raw = _output_shift(job, wq - w, f)
+        raw = _output_shift(job, dw, f) if dw is not None else None
         made[f] += (_broadcast_shift(job, raw),)
         if held is not None:
             codes[f] = Codes(job.const.name, *held, raw)
-        del wq
+        del dw
     return job, _Numbers(made, w if any(_main_thread(f) for f in job.formats) else None, codes)
+
+
+def _weight_error(fmt, q: np.ndarray, scale: np.ndarray, axis: int, w: np.ndarray, block_size: int) -> np.ndarray:
+    """dequantize(q, scale) - w. Where the format dequantizes as to_float(codes) * float32 scales, in place in one
+    array: the same float32 operations as `dequantize` then the subtraction, without their two temporaries."""
+    if type(fmt).dequantize is Format.dequantize and np.asarray(scale).dtype == np.float32:
+        dw = fmt.to_float(q)
+        dw *= scale
+        dw -= w
+        return dw
+    return fmt.dequantize(q, scale, axis, block_size=block_size) - w
 
 
 def _gate_weight(b: _Builder, job: _WeightJob, nums: _Numbers, block_clips: dict) -> None:
